@@ -1,0 +1,1 @@
+//! Benchmarks live in scripts beside this crate; see benches/README.md.

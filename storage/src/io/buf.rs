@@ -1,0 +1,383 @@
+//! I/O buffers that own (or keep alive) their memory for as long as an operation is in flight.
+//!
+//! An [`IoBuf`] is a list of memory segments plus an owner that keeps the memory valid: either an
+//! aligned allocation of our own, or an `Arc` of something external (a VMM's guest memory
+//! mapping). A request moves its `IoBuf` into the queue and gets it back in the completion, so no
+//! raw pointer outlives the memory it points into — the kernel may write into a buffer only while
+//! the queue holds it.
+//!
+//! Formats split one request over several extents with [`IoBuf::view`]: a view keeps its parent
+//! alive through an `Arc` and covers a sub-range of it. All of this crate's raw-pointer handling of
+//! I/O memory lives in this file and in the engines.
+
+use std::alloc::{self, Layout};
+use std::any::Any;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Alignment of buffers that [`IoBuf::new`] allocates: enough for O_DIRECT on any device.
+pub const BUF_ALIGN: usize = 4096;
+
+/// One contiguous piece of an [`IoBuf`]: a start address and a length.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Segment {
+    /// A segment over `len` bytes at `ptr`; the creator keeps the memory valid while it is used.
+    pub(crate) fn from_raw(ptr: *mut u8, len: usize) -> Segment {
+        Segment { ptr, len }
+    }
+
+    /// Start address of the segment.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length of the segment in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segment as a `libc::iovec`, for vectored system calls.
+    pub fn as_iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr.cast(),
+            iov_len: self.len,
+        }
+    }
+}
+
+enum Owner {
+    /// Nothing to keep alive: an empty buffer.
+    Empty,
+    /// Memory this buffer allocated itself, freed on drop.
+    Aligned { ptr: NonNull<u8>, layout: Layout },
+    /// External memory kept alive by an `Arc` (guest memory, or a parent buffer for a view).
+    Shared(#[allow(dead_code)] Arc<dyn Any + Send + Sync>),
+}
+
+/// Memory an I/O operation reads into or writes from. See the module documentation.
+pub struct IoBuf {
+    segments: Segments,
+    len: usize,
+    owner: Owner,
+}
+
+enum Segments {
+    One(Segment),
+    Many(Box<[Segment]>),
+}
+
+impl Segments {
+    fn as_slice(&self) -> &[Segment] {
+        match self {
+            Segments::One(s) => std::slice::from_ref(s),
+            Segments::Many(v) => v,
+        }
+    }
+}
+
+// SAFETY: an IoBuf is the sole owner of its aligned allocation, or holds an `Arc` that keeps
+// external memory alive; the raw pointers are only dereferenced through `&mut self` (writes) or
+// `&self` (reads), or by the kernel while the buffer is held by an I/O queue, so moving the buffer
+// between threads is sound.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared references only allow reading the memory (`copy_to_slice`, `as_slice`); all
+// writes require `&mut self` or exclusive ownership by an I/O queue.
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// Allocates a zero-filled buffer of `len` bytes aligned to [`BUF_ALIGN`].
+    pub fn new(len: usize) -> IoBuf {
+        if len == 0 {
+            return IoBuf::empty();
+        }
+        let layout = match Layout::from_size_align(len, BUF_ALIGN) {
+            Ok(l) => l,
+            Err(_) => alloc::handle_alloc_error(Layout::new::<u8>()),
+        };
+        // SAFETY: the layout has a non-zero size (len > 0 checked above).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        IoBuf {
+            segments: Segments::One(Segment {
+                ptr: ptr.as_ptr(),
+                len,
+            }),
+            len,
+            owner: Owner::Aligned { ptr, layout },
+        }
+    }
+
+    /// An aligned copy of `data`.
+    pub fn from_slice(data: &[u8]) -> IoBuf {
+        let mut buf = IoBuf::new(data.len());
+        buf.copy_from_slice(0, data);
+        buf
+    }
+
+    /// A buffer of length zero.
+    pub fn empty() -> IoBuf {
+        IoBuf {
+            segments: Segments::Many(Box::new([])),
+            len: 0,
+            owner: Owner::Empty,
+        }
+    }
+
+    /// A buffer over external memory, such as a VMM's guest memory.
+    ///
+    /// # Safety
+    /// Each `(ptr, len)` segment must be valid for reads and writes for as long as `keep_alive`
+    /// is alive, and no Rust reference to that memory may be used while the buffer is in flight
+    /// in an I/O queue (the kernel writes into it). Segments must not overlap.
+    pub unsafe fn from_raw_segments(
+        segments: &[(*mut u8, usize)],
+        keep_alive: Arc<dyn Any + Send + Sync>,
+    ) -> IoBuf {
+        let segs: Box<[Segment]> = segments
+            .iter()
+            .map(|&(ptr, len)| Segment { ptr, len })
+            .collect();
+        let len = segs.iter().map(|s| s.len).sum();
+        IoBuf {
+            segments: if segs.len() == 1 {
+                Segments::One(segs[0])
+            } else {
+                Segments::Many(segs)
+            },
+            len,
+            owner: Owner::Shared(keep_alive),
+        }
+    }
+
+    /// A buffer covering `len` bytes at `offset` of `parent`, keeping the parent alive.
+    ///
+    /// Formats use views to split one request over several extents. Views of one parent must not
+    /// overlap while any of them is in flight for a read, and the parent itself must not be
+    /// accessed until every view is dropped (the parent is inside an `Arc`, so it cannot be
+    /// mutated; the rule is that it is not read either).
+    #[allow(dead_code)] // used by the conformance suite now, and by the formats that split requests
+    pub(crate) fn view(parent: &Arc<IoBuf>, offset: usize, len: usize) -> IoBuf {
+        debug_assert!(offset + len <= parent.len);
+        let mut segs = Vec::new();
+        let mut skip = offset;
+        let mut want = len;
+        for seg in parent.segments() {
+            if want == 0 {
+                break;
+            }
+            if skip >= seg.len {
+                skip -= seg.len;
+                continue;
+            }
+            let take = (seg.len - skip).min(want);
+            // The pointer arithmetic stays inside the parent's segment (skip < seg.len).
+            segs.push(Segment {
+                ptr: seg.ptr.wrapping_add(skip),
+                len: take,
+            });
+            want -= take;
+            skip = 0;
+        }
+        let keep: Arc<dyn Any + Send + Sync> = parent.clone();
+        IoBuf {
+            segments: if segs.len() == 1 {
+                Segments::One(segs[0])
+            } else {
+                Segments::Many(segs.into_boxed_slice())
+            },
+            len: len - want,
+            owner: Owner::Shared(keep),
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory segments, in order.
+    pub fn segments(&self) -> &[Segment] {
+        self.segments.as_slice()
+    }
+
+    /// Whether every segment's address and length are multiples of `align`.
+    pub fn is_aligned(&self, align: usize) -> bool {
+        self.segments()
+            .iter()
+            .all(|s| (s.ptr as usize) % align == 0 && s.len % align == 0)
+    }
+
+    /// The contents as one slice, when the buffer is a single allocation of its own.
+    pub fn as_slice(&self) -> Option<&[u8]> {
+        match (&self.owner, &self.segments) {
+            (Owner::Aligned { .. }, Segments::One(s)) => {
+                // SAFETY: the buffer owns this allocation of `s.len` bytes; `&self` guarantees no
+                // concurrent writer (writes need `&mut self` or queue ownership).
+                Some(unsafe { std::slice::from_raw_parts(s.ptr, s.len) })
+            }
+            (Owner::Empty, _) => Some(&[]),
+            _ => None,
+        }
+    }
+
+    /// The contents as one mutable slice, when the buffer is a single allocation of its own.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        match (&self.owner, &self.segments) {
+            (Owner::Aligned { .. }, Segments::One(s)) => {
+                // SAFETY: the buffer owns this allocation and `&mut self` makes the access unique.
+                Some(unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) })
+            }
+            (Owner::Empty, _) => Some(&mut []),
+            _ => None,
+        }
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` out of the buffer.
+    ///
+    /// Panics if the range exceeds the buffer: callers size `dst` from the buffer itself.
+    pub fn copy_to_slice(&self, offset: usize, dst: &mut [u8]) {
+        assert!(offset + dst.len() <= self.len, "copy beyond IoBuf");
+        self.walk(offset, dst.len(), |seg_ptr, pos, n| {
+            // SAFETY: `walk` yields in-bounds sub-ranges of valid segments; `dst` is a distinct
+            // Rust allocation, so the ranges cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(seg_ptr, dst.as_mut_ptr().add(pos), n) };
+        });
+    }
+
+    /// Copies `src` into the buffer starting at `offset`.
+    pub fn copy_from_slice(&mut self, offset: usize, src: &[u8]) {
+        assert!(offset + src.len() <= self.len, "copy beyond IoBuf");
+        self.walk(offset, src.len(), |seg_ptr, pos, n| {
+            // SAFETY: as in `copy_to_slice`, with `&mut self` giving exclusive access.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(pos), seg_ptr, n) };
+        });
+    }
+
+    /// Fills `len` bytes at `offset` with zeros.
+    pub fn fill_zero(&mut self, offset: usize, len: usize) {
+        assert!(offset + len <= self.len, "fill beyond IoBuf");
+        self.walk(offset, len, |seg_ptr, _pos, n| {
+            // SAFETY: `walk` yields in-bounds sub-ranges of valid segments; `&mut self` is exclusive.
+            unsafe { std::ptr::write_bytes(seg_ptr, 0, n) };
+        });
+    }
+
+    /// Whether every byte in `offset..offset+len` is zero.
+    pub fn is_zero_range(&self, offset: usize, len: usize) -> bool {
+        let mut all_zero = true;
+        self.walk(offset, len, |seg_ptr, _pos, n| {
+            if all_zero {
+                // SAFETY: in-bounds range of a valid segment, read-only under `&self`.
+                let s = unsafe { std::slice::from_raw_parts(seg_ptr, n) };
+                all_zero = crate::util::is_zero(s);
+            }
+        });
+        all_zero
+    }
+
+    /// The contents as a `Vec<u8>`.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        self.copy_to_slice(0, &mut v);
+        v
+    }
+
+    /// Calls `f(segment_pointer, position_in_range, length)` for each piece of `offset..offset+len`.
+    fn walk(&self, offset: usize, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+        let mut skip = offset;
+        let mut pos = 0;
+        for seg in self.segments() {
+            if pos == len {
+                break;
+            }
+            if skip >= seg.len {
+                skip -= seg.len;
+                continue;
+            }
+            let n = (seg.len - skip).min(len - pos);
+            f(seg.ptr.wrapping_add(skip), pos, n);
+            pos += n;
+            skip = 0;
+        }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if let Owner::Aligned { ptr, layout } = self.owner {
+            // SAFETY: `ptr` was returned by `alloc_zeroed(layout)` in `IoBuf::new` and is freed once.
+            unsafe { alloc::dealloc(ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .field("segments", &self.segments().len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_buffer_is_aligned_and_zeroed() {
+        let b = IoBuf::new(8192);
+        assert!(b.is_aligned(BUF_ALIGN));
+        assert!(b.as_slice().unwrap().iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn views_cover_sub_ranges_of_the_parent() {
+        let mut parent = IoBuf::new(16);
+        parent.copy_from_slice(0, &(0u8..16).collect::<Vec<_>>());
+        let parent = Arc::new(parent);
+        let v = IoBuf::view(&parent, 4, 8);
+        assert_eq!(v.len(), 8);
+        assert_eq!(v.to_vec(), (4u8..12).collect::<Vec<_>>());
+        let mut w = IoBuf::view(&parent, 12, 4);
+        w.fill_zero(0, 4);
+        drop((v, w));
+        let parent = Arc::try_unwrap(parent).unwrap();
+        assert_eq!(&parent.to_vec()[12..], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn multi_segment_copy_crosses_segments() {
+        let backing = Arc::new(std::sync::Mutex::new(vec![0u8; 10]));
+        let base = backing.lock().unwrap().as_mut_ptr();
+        // SAFETY: both segments lie inside the vector kept alive by `backing`; the test holds no
+        // reference to the vector while the buffer is used.
+        let mut b = unsafe {
+            IoBuf::from_raw_segments(&[(base, 3), (base.wrapping_add(5), 5)], backing.clone())
+        };
+        b.copy_from_slice(1, &[1, 2, 3, 4]);
+        let mut out = [0u8; 8];
+        b.copy_to_slice(0, &mut out);
+        assert_eq!(out, [0, 1, 2, 3, 4, 0, 0, 0]);
+        drop(b);
+        assert_eq!(*backing.lock().unwrap(), vec![0, 1, 2, 0, 0, 3, 4, 0, 0, 0]);
+    }
+}

@@ -1,0 +1,486 @@
+//! The fault-injecting engine (feature `test-utils`): an in-memory device that fails chosen
+//! operations and simulates power loss.
+//!
+//! It keeps two images: `current`, which every read sees, and `durable`, which holds only what a
+//! completed flush covered. Writes, discards and length changes since the last completed flush
+//! are kept in order in an unflushed log. On power loss the device stops (every later operation
+//! fails) and what survives is `durable` plus, depending on [`LossMode`], nothing of the log or a
+//! random subset of its entries, some of them torn at 512-byte sector granularity — the
+//! reordering and tearing a real disk with a volatile cache may do.
+//!
+//! Crash tests run a workload on a [`FaultDevice`], make it lose power (at the Nth flush, say),
+//! then open a new device on [`FaultController::durable_image`] and check the format or volume on
+//! it against a model of what was durable.
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::device::{BlockDevice, Capabilities, Extent, HostFile};
+use crate::error::{Result, StorageError};
+use crate::io::memory::{apply, sparse_status};
+use crate::io::sparse::SparseMem;
+use crate::io::sync_queue::{SyncExecutor, SyncQueue};
+use crate::io::{IoQueue, Op, QueueOptions};
+
+/// What happens to unflushed writes at power loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossMode {
+    /// Every write not covered by a completed flush is lost.
+    DropUnflushed,
+    /// Each unflushed write independently survives or not (so they may land out of order), and a
+    /// surviving write may be torn: only some of its 512-byte sectors land. Seeded for replay.
+    TearAndReorder {
+        /// Seed for the random choices.
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+enum Unflushed {
+    Write { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, len: u64 },
+    SetLen(u64),
+}
+
+#[derive(Debug)]
+struct State {
+    durable: SparseMem,
+    log: Vec<Unflushed>,
+    ops: u64,
+    flushes: u64,
+    fail_op_at: Option<u64>,
+    crash_at_flush: Option<u64>,
+    loss: LossMode,
+    /// Set once power is lost: what survived.
+    crashed: Option<SparseMem>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    current: RwLock<SparseMem>,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts an operation and decides whether it fails. Flushes may trigger power loss.
+    fn begin(&self, state: &mut State, is_flush: bool) -> Result<()> {
+        if state.crashed.is_some() {
+            return Err(StorageError::Unavailable("power was lost".into()));
+        }
+        state.ops += 1;
+        if state.fail_op_at == Some(state.ops) {
+            state.fail_op_at = None;
+            return Err(StorageError::from_errno("Injected fault", libc::EIO));
+        }
+        if is_flush {
+            state.flushes += 1;
+            if state.crash_at_flush == Some(state.flushes) {
+                Self::lose_power(state);
+                return Err(StorageError::Unavailable(
+                    "power was lost during a flush".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn lose_power(state: &mut State) {
+        let mut image = state.durable.clone();
+        if let LossMode::TearAndReorder { seed } = state.loss {
+            let mut rng = fastrand::Rng::with_seed(seed ^ state.flushes.wrapping_mul(0x9e37_79b9));
+            for entry in &state.log {
+                if !rng.bool() {
+                    continue;
+                }
+                match entry {
+                    Unflushed::Write { offset, data } if rng.u8(..4) == 0 => {
+                        for (i, sector) in data.chunks(512).enumerate() {
+                            if rng.bool() {
+                                image.write(offset + (i * 512) as u64, sector);
+                            }
+                        }
+                    }
+                    other => replay(&mut image, other),
+                }
+            }
+        }
+        state.log.clear();
+        state.crashed = Some(image);
+    }
+}
+
+fn replay(image: &mut SparseMem, entry: &Unflushed) {
+    match entry {
+        Unflushed::Write { offset, data } => image.write(*offset, data),
+        Unflushed::Zero { offset, len } => image.zero(*offset, *len),
+        Unflushed::SetLen(len) => image.set_len(*len),
+    }
+}
+
+/// A fault-injecting device. See the module documentation.
+#[derive(Debug)]
+pub struct FaultDevice {
+    shared: Arc<Shared>,
+}
+
+/// Controls a [`FaultDevice`] from the test: inject failures, cut the power, take what survived.
+#[derive(Clone, Debug)]
+pub struct FaultController {
+    shared: Arc<Shared>,
+}
+
+/// The bytes that survived a power loss, from which a new device can be opened.
+#[derive(Clone, Debug)]
+pub struct DurableImage(SparseMem);
+
+impl DurableImage {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// Whether the image is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+
+    /// Reads `len` bytes at `offset` (zeros past the end).
+    pub fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.0.read(offset, &mut v);
+        v
+    }
+}
+
+impl FaultDevice {
+    /// A zero-filled device of `size` bytes, everything durable.
+    pub fn new(size: u64) -> (Arc<FaultDevice>, FaultController) {
+        Self::from_mem(SparseMem::with_len(size))
+    }
+
+    /// A device whose current and durable contents are `image` (a power-cycled disk).
+    pub fn from_durable(image: &DurableImage) -> (Arc<FaultDevice>, FaultController) {
+        Self::from_mem(image.0.clone())
+    }
+
+    fn from_mem(mem: SparseMem) -> (Arc<FaultDevice>, FaultController) {
+        let shared = Arc::new(Shared {
+            current: RwLock::new(mem.clone()),
+            state: Mutex::new(State {
+                durable: mem,
+                log: Vec::new(),
+                ops: 0,
+                flushes: 0,
+                fail_op_at: None,
+                crash_at_flush: None,
+                loss: LossMode::DropUnflushed,
+                crashed: None,
+            }),
+        });
+        (
+            Arc::new(FaultDevice {
+                shared: shared.clone(),
+            }),
+            FaultController { shared },
+        )
+    }
+}
+
+impl FaultController {
+    /// Makes the `n`th operation from now (1 = the next) fail with EIO; later ones succeed.
+    pub fn fail_nth_op(&self, n: u64) {
+        let mut s = self.shared.state();
+        s.fail_op_at = Some(s.ops + n.max(1));
+    }
+
+    /// Makes the `n`th flush from now (1 = the next) lose power instead of completing.
+    pub fn crash_at_flush(&self, n: u64) {
+        let mut s = self.shared.state();
+        s.crash_at_flush = Some(s.flushes + n.max(1));
+    }
+
+    /// Chooses what happens to unflushed writes at power loss (default: all are dropped).
+    pub fn set_loss_mode(&self, mode: LossMode) {
+        self.shared.state().loss = mode;
+    }
+
+    /// Cuts the power now and returns what survived. The device fails every operation afterwards.
+    pub fn power_loss(&self) -> DurableImage {
+        let mut s = self.shared.state();
+        if s.crashed.is_none() {
+            Shared::lose_power(&mut s);
+        }
+        DurableImage(s.crashed.clone().unwrap_or_default())
+    }
+
+    /// What survived, if power was lost.
+    pub fn durable_image(&self) -> Option<DurableImage> {
+        self.shared.state().crashed.clone().map(DurableImage)
+    }
+
+    /// Whether power was lost.
+    pub fn crashed(&self) -> bool {
+        self.shared.state().crashed.is_some()
+    }
+
+    /// Operations seen so far (reads, writes, flushes, discards, resizes).
+    pub fn ops(&self) -> u64 {
+        self.shared.state().ops
+    }
+
+    /// Flushes seen so far (including one that lost power).
+    pub fn flushes(&self) -> u64 {
+        self.shared.state().flushes
+    }
+}
+
+impl Shared {
+    fn run(&self, op: &mut Op) -> Result<u64> {
+        let mut state = self.state();
+        self.begin(&mut state, matches!(op, Op::Flush))?;
+        match op {
+            Op::Flush => {
+                let log = std::mem::take(&mut state.log);
+                for entry in &log {
+                    replay(&mut state.durable, entry);
+                }
+                Ok(0)
+            }
+            Op::Write { offset, buf } => {
+                state.log.push(Unflushed::Write {
+                    offset: *offset,
+                    data: buf.to_vec(),
+                });
+                apply(&self.current, op)
+            }
+            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+                state.log.push(Unflushed::Zero {
+                    offset: *offset,
+                    len: *len,
+                });
+                apply(&self.current, op)
+            }
+            Op::Read { .. } => apply(&self.current, op),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        let mut state = self.state();
+        self.begin(&mut state, false)?;
+        state.log.push(Unflushed::SetLen(len));
+        self.current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_len(len);
+        Ok(())
+    }
+}
+
+impl SyncExecutor for Shared {
+    fn size(&self) -> u64 {
+        self.len()
+    }
+
+    fn execute(&self, op: &mut Op) -> Result<u64> {
+        self.run(op)
+    }
+}
+
+impl BlockDevice for FaultDevice {
+    fn size(&self) -> u64 {
+        self.shared.len()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::WRITE
+            | Capabilities::FLUSH
+            | Capabilities::DISCARD
+            | Capabilities::WRITE_ZEROES
+            | Capabilities::WRITE_ZEROES_UNMAP
+            | Capabilities::RESIZE
+            | Capabilities::BLOCK_STATUS
+    }
+
+    fn alignment(&self) -> usize {
+        1
+    }
+
+    fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
+        Ok(Box::new(SyncQueue::new(self.shared.clone(), opts)))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.shared.run(&mut Op::Flush).map(|_| ())
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.shared.set_len(new_size)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        sparse_status(
+            &self
+                .shared
+                .current
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+            offset,
+            len,
+        )
+    }
+}
+
+impl HostFile for FaultDevice {
+    fn name(&self) -> &str {
+        "fault-injecting device"
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset + buf.len() as u64 > self.shared.len() {
+            return Err(StorageError::corrupt(
+                self.name(),
+                format!("read at {offset} reaches past the end"),
+            ));
+        }
+        let mut state = self.shared.state();
+        self.shared.begin(&mut state, false)?;
+        self.shared
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(offset, buf);
+        Ok(())
+    }
+
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.shared
+            .run(&mut Op::Write {
+                offset,
+                buf: crate::io::IoBuf::from_slice(buf),
+            })
+            .map(|_| ())
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        self.flush()
+    }
+
+    fn len(&self) -> u64 {
+        self.shared.len()
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.shared.set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        self.shared
+            .run(&mut Op::Discard { offset, len })
+            .map(|_| ())
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.shared
+            .run(&mut Op::WriteZeroes {
+                offset,
+                len,
+                unmap: false,
+            })
+            .map(|_| ())
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset + len;
+        if end > self.shared.len() {
+            self.shared.set_len(end)?;
+        }
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        Ok(self
+            .shared
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .allocated_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::blocking::BlockingQueue;
+
+    #[test]
+    fn unflushed_writes_are_lost_and_flushed_ones_survive() {
+        let (dev, ctl) = FaultDevice::new(1 << 20);
+        let mut q = BlockingQueue::open(dev.as_ref(), 8).unwrap();
+        q.write_at(0, &[1u8; 4096]).unwrap();
+        q.flush().unwrap();
+        q.write_at(4096, &[2u8; 4096]).unwrap();
+        // Reads see the unflushed write before the power loss...
+        assert_eq!(q.read_at(4096, 4096).unwrap(), vec![2u8; 4096]);
+        let image = ctl.power_loss();
+        // ...which is gone afterwards, while the flushed one stayed.
+        assert_eq!(image.read(0, 4096), vec![1u8; 4096]);
+        assert_eq!(image.read(4096, 4096), vec![0u8; 4096]);
+        assert!(q.read_at(0, 512).is_err(), "a dead device must fail I/O");
+    }
+
+    #[test]
+    fn crash_at_flush_fails_that_flush_and_keeps_the_previous_state() {
+        let (dev, ctl) = FaultDevice::new(1 << 16);
+        ctl.crash_at_flush(2);
+        dev.write_all_at(0, b"first").unwrap();
+        dev.sync_data().unwrap();
+        dev.write_all_at(0, b"second").unwrap();
+        assert!(dev.sync_data().is_err());
+        let image = ctl.durable_image().unwrap();
+        assert_eq!(image.read(0, 6), b"first\0");
+        let (reopened, _) = FaultDevice::from_durable(&image);
+        let mut out = [0u8; 5];
+        reopened.read_exact_at(0, &mut out).unwrap();
+        assert_eq!(&out, b"first");
+    }
+
+    #[test]
+    fn nth_operation_fails_once() {
+        let (dev, ctl) = FaultDevice::new(1 << 16);
+        ctl.fail_nth_op(2);
+        dev.write_all_at(0, b"a").unwrap();
+        assert!(dev.write_all_at(0, b"b").is_err());
+        dev.write_all_at(0, b"c").unwrap();
+    }
+
+    #[test]
+    fn torn_mode_keeps_only_whole_sectors_of_written_data() {
+        let (dev, ctl) = FaultDevice::new(1 << 20);
+        ctl.set_loss_mode(LossMode::TearAndReorder { seed: 7 });
+        for i in 0..64u64 {
+            dev.write_all_at(i * 4096, &vec![(i + 1) as u8; 4096])
+                .unwrap();
+        }
+        let image = ctl.power_loss();
+        let mut survivors = 0;
+        for i in 0..64u64 {
+            for s in 0..8u64 {
+                let sector = image.read(i * 4096 + s * 512, 512);
+                assert!(sector.iter().all(|&b| b == sector[0]), "a sector was split");
+                assert!(sector[0] == 0 || sector[0] == (i + 1) as u8);
+                survivors += usize::from(sector[0] != 0);
+            }
+        }
+        assert!(
+            survivors > 0 && survivors < 64 * 8,
+            "{survivors} sectors survived"
+        );
+    }
+}

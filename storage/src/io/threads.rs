@@ -1,0 +1,218 @@
+//! The thread-pool engine: worker threads doing positional system calls.
+//!
+//! Each queue owns its workers (as many as its depth, up to 64), a job list and a completion
+//! list. Submitted requests are staged and handed to the workers at commit; a worker runs one
+//! request with `pread`/`pwrite`/`fdatasync`/`fallocate` and posts its completion, signalling the
+//! queue's eventfd. Dropping the queue lets the workers finish what they hold and joins them, so
+//! no buffer is freed while a system call may still use it.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Result, StorageError};
+use crate::io::file::FileHandle;
+use crate::io::{check_range, notify, Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
+
+/// Most worker threads one queue starts.
+pub const MAX_WORKERS: usize = 64;
+
+#[derive(Default)]
+struct Jobs {
+    queue: VecDeque<Request>,
+    shutdown: bool,
+}
+
+struct Shared {
+    file: Arc<FileHandle>,
+    jobs: Mutex<Jobs>,
+    job_ready: Condvar,
+    done: Mutex<Vec<Completion>>,
+    done_ready: Condvar,
+    notifier: Option<Arc<EventFd>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A worker never panics while holding these locks; recover the data if one somehow did.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A queue on the thread-pool engine. See the module documentation.
+pub struct ThreadQueue {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    staged: Vec<Request>,
+    in_flight: usize,
+    depth: usize,
+}
+
+impl fmt::Debug for ThreadQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThreadQueue")
+            .field("file", &self.shared.file.name())
+            .field("depth", &self.depth)
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl ThreadQueue {
+    /// Starts a queue with `min(depth, MAX_WORKERS)` workers on `file`.
+    pub fn new(file: Arc<FileHandle>, opts: &QueueOptions) -> Result<ThreadQueue> {
+        let depth = opts.depth.max(1);
+        let shared = Arc::new(Shared {
+            file,
+            jobs: Mutex::new(Jobs::default()),
+            job_ready: Condvar::new(),
+            done: Mutex::new(Vec::new()),
+            done_ready: Condvar::new(),
+            notifier: opts.notifier.clone(),
+        });
+        let mut workers = Vec::new();
+        for i in 0..depth.min(MAX_WORKERS) {
+            let s = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("strata-io-{i}"))
+                .stack_size(256 * 1024)
+                .spawn(move || worker(&s))
+                .map_err(|e| StorageError::io("Starting an I/O worker thread", e))?;
+            workers.push(h);
+        }
+        Ok(ThreadQueue {
+            shared,
+            workers,
+            staged: Vec::new(),
+            in_flight: 0,
+            depth,
+        })
+    }
+
+    fn post(&self, c: Completion) {
+        lock(&self.shared.done).push(c);
+        notify(self.shared.notifier.as_ref());
+    }
+}
+
+fn worker(s: &Shared) {
+    loop {
+        let mut req = {
+            let mut jobs = lock(&s.jobs);
+            loop {
+                if let Some(r) = jobs.queue.pop_front() {
+                    break r;
+                }
+                if jobs.shutdown {
+                    return;
+                }
+                jobs = s.job_ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let result = s.file.execute(&mut req.op);
+        lock(&s.done).push(Completion::of(req, result));
+        s.done_ready.notify_one();
+        notify(s.notifier.as_ref());
+    }
+}
+
+impl IoQueue for ThreadQueue {
+    fn depth(&self) -> usize {
+        self.depth
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn submit(&mut self, req: Request) -> std::result::Result<(), QueueFull> {
+        if self.in_flight >= self.depth {
+            return Err(QueueFull(req));
+        }
+        self.in_flight += 1;
+        let file = &self.shared.file;
+        let early = if let Err(e) = check_range(&req.op, file.size()) {
+            Some(Err(e))
+        } else if !matches!(req.op, Op::Read { .. } | Op::Flush) && file.is_read_only() {
+            Some(Err(StorageError::ReadOnly(file.name().to_string())))
+        } else if req.op.range().is_some_and(|(_, len)| len == 0) {
+            Some(Ok(0))
+        } else {
+            None
+        };
+        match early {
+            Some(r) => self.post(Completion::of(req, r)),
+            None => self.staged.push(req),
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let n = self.staged.len();
+        lock(&self.shared.jobs).queue.extend(self.staged.drain(..));
+        if n == 1 {
+            self.shared.job_ready.notify_one();
+        } else {
+            self.shared.job_ready.notify_all();
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let mut done = lock(&self.shared.done);
+        let n = done.len();
+        out.append(&mut done);
+        self.in_flight -= n;
+        n
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
+        self.commit()?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut done = lock(&self.shared.done);
+        while done.is_empty() && self.in_flight > self.staged.len() {
+            match deadline {
+                None => {
+                    done = self
+                        .shared
+                        .done_ready
+                        .wait(done)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break;
+                    }
+                    done = self
+                        .shared
+                        .done_ready
+                        .wait_timeout(done, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn notifier(&self) -> Option<&Arc<EventFd>> {
+        self.shared.notifier.as_ref()
+    }
+}
+
+impl Drop for ThreadQueue {
+    fn drop(&mut self) {
+        // Workers finish the jobs already handed to them; staged ones never started.
+        lock(&self.shared.jobs).shutdown = true;
+        self.shared.job_ready.notify_all();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
