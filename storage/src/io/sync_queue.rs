@@ -25,6 +25,7 @@ pub trait SyncExecutor: Send + Sync + fmt::Debug {
 pub struct SyncQueue<E: SyncExecutor + ?Sized> {
     exec: Arc<E>,
     depth: usize,
+    submit_batch: usize,
     staged: Vec<Request>,
     ready: VecDeque<Completion>,
     notifier: Option<Arc<EventFd>>,
@@ -36,6 +37,7 @@ impl<E: SyncExecutor + ?Sized> SyncQueue<E> {
         SyncQueue {
             exec,
             depth: opts.depth.max(1),
+            submit_batch: opts.submit_batch.max(1),
             staged: Vec::new(),
             ready: VecDeque::new(),
             notifier: opts.notifier.clone(),
@@ -57,6 +59,10 @@ impl<E: SyncExecutor + ?Sized + 'static> IoQueue for SyncQueue<E> {
             return Err(QueueFull(req));
         }
         self.staged.push(req);
+        if self.staged.len() >= self.submit_batch {
+            // Running a request never fails the queue itself: errors go into its completion.
+            let _ = self.commit();
+        }
         Ok(())
     }
 

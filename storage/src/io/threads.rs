@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,22 +19,37 @@ use crate::error::{Result, StorageError};
 use crate::io::file::FileHandle;
 use crate::io::{check_range, notify, Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
 
+/// Times an idle worker yields before sleeping on the job list.
+const IDLE_YIELDS: u32 = 20;
+
 /// Most worker threads one queue starts.
 pub const MAX_WORKERS: usize = 64;
 
 #[derive(Default)]
 struct Jobs {
     queue: VecDeque<Request>,
+    /// Workers asleep on `job_ready`: a submission wakes one only when some are (a condvar
+    /// notification is a system call even when nobody waits).
+    idle: usize,
     shutdown: bool,
+}
+
+#[derive(Default)]
+struct Done {
+    list: Vec<Completion>,
+    /// Whether the consumer is asleep in `wait`.
+    waiting: bool,
 }
 
 struct Shared {
     file: Arc<FileHandle>,
     jobs: Mutex<Jobs>,
     job_ready: Condvar,
-    done: Mutex<Vec<Completion>>,
+    done: Mutex<Done>,
     done_ready: Condvar,
     notifier: Option<Arc<EventFd>>,
+    /// Length of the job list, readable without its lock by yielding workers.
+    queued: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -48,6 +64,7 @@ pub struct ThreadQueue {
     staged: Vec<Request>,
     in_flight: usize,
     depth: usize,
+    submit_batch: usize,
 }
 
 impl fmt::Debug for ThreadQueue {
@@ -68,9 +85,10 @@ impl ThreadQueue {
             file,
             jobs: Mutex::new(Jobs::default()),
             job_ready: Condvar::new(),
-            done: Mutex::new(Vec::new()),
+            done: Mutex::new(Done::default()),
             done_ready: Condvar::new(),
             notifier: opts.notifier.clone(),
+            queued: AtomicUsize::new(0),
         });
         let mut workers = Vec::new();
         for i in 0..depth.min(MAX_WORKERS) {
@@ -88,32 +106,51 @@ impl ThreadQueue {
             staged: Vec::new(),
             in_flight: 0,
             depth,
+            submit_batch: opts.submit_batch.max(1),
         })
     }
 
     fn post(&self, c: Completion) {
-        lock(&self.shared.done).push(c);
+        lock(&self.shared.done).list.push(c);
         notify(self.shared.notifier.as_ref());
     }
 }
 
 fn worker(s: &Shared) {
     loop {
+        // A finished worker yields a few times before sleeping: the consumer usually submits the
+        // next request within microseconds, and taking it without a futex sleep and wake-up
+        // measured 10-15% more IOPS on two cores (benches/RESULTS.md).
+        for _ in 0..IDLE_YIELDS {
+            if s.queued.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+            std::thread::yield_now();
+        }
         let mut req = {
             let mut jobs = lock(&s.jobs);
             loop {
                 if let Some(r) = jobs.queue.pop_front() {
+                    s.queued.fetch_sub(1, Ordering::Relaxed);
                     break r;
                 }
                 if jobs.shutdown {
                     return;
                 }
+                jobs.idle += 1;
                 jobs = s.job_ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                jobs.idle -= 1;
             }
         };
         let result = s.file.execute(&mut req.op);
-        lock(&s.done).push(Completion::of(req, result));
-        s.done_ready.notify_one();
+        let wake = {
+            let mut done = lock(&s.done);
+            done.list.push(Completion::of(req, result));
+            done.waiting
+        };
+        if wake {
+            s.done_ready.notify_one();
+        }
         notify(s.notifier.as_ref());
     }
 }
@@ -144,7 +181,13 @@ impl IoQueue for ThreadQueue {
         };
         match early {
             Some(r) => self.post(Completion::of(req, r)),
-            None => self.staged.push(req),
+            None => {
+                self.staged.push(req);
+                if self.staged.len() >= self.submit_batch {
+                    // Committing only hands jobs to the workers; it cannot fail.
+                    let _ = self.commit();
+                }
+            }
         }
         Ok(())
     }
@@ -154,10 +197,15 @@ impl IoQueue for ThreadQueue {
             return Ok(());
         }
         let n = self.staged.len();
-        lock(&self.shared.jobs).queue.extend(self.staged.drain(..));
-        if n == 1 {
+        let idle = {
+            let mut jobs = lock(&self.shared.jobs);
+            jobs.queue.extend(self.staged.drain(..));
+            self.shared.queued.fetch_add(n, Ordering::Relaxed);
+            jobs.idle
+        };
+        if n == 1 && idle > 0 {
             self.shared.job_ready.notify_one();
-        } else {
+        } else if idle > 0 {
             self.shared.job_ready.notify_all();
         }
         Ok(())
@@ -165,8 +213,8 @@ impl IoQueue for ThreadQueue {
 
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut done = lock(&self.shared.done);
-        let n = done.len();
-        out.append(&mut done);
+        let n = done.list.len();
+        out.append(&mut done.list);
         self.in_flight -= n;
         n
     }
@@ -175,7 +223,8 @@ impl IoQueue for ThreadQueue {
         self.commit()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut done = lock(&self.shared.done);
-        while done.is_empty() && self.in_flight > self.staged.len() {
+        done.waiting = true;
+        while done.list.is_empty() && self.in_flight > self.staged.len() {
             match deadline {
                 None => {
                     done = self
@@ -198,6 +247,7 @@ impl IoQueue for ThreadQueue {
                 }
             }
         }
+        done.waiting = false;
         Ok(())
     }
 

@@ -86,6 +86,7 @@ pub struct UringQueue {
     /// Completions produced without the ring (errors, unaligned requests, zero-length requests).
     ready: VecDeque<Completion>,
     depth: usize,
+    submit_batch: usize,
     notifier: Option<Arc<EventFd>>,
 }
 
@@ -125,6 +126,7 @@ impl UringQueue {
             busy: 0,
             ready: VecDeque::new(),
             depth,
+            submit_batch: opts.submit_batch.max(1),
             notifier: opts.notifier.clone(),
         })
     }
@@ -390,7 +392,14 @@ impl IoQueue for UringQueue {
             iov: Vec::new(),
         });
         self.busy += 1;
-        if let Err(e) = self.push(idx) {
+        let pushed = self.push(idx).and_then(|()| {
+            if self.unsubmitted >= self.submit_batch {
+                self.submit_pending()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = pushed {
             if let Some(slot) = self.slots[idx as usize].take() {
                 self.free.push(idx);
                 self.busy -= 1;
