@@ -186,6 +186,42 @@ pub fn open_image_on(file: SharedFile, format: Option<ImageFormat>) -> Result<Ar
     }
 }
 
+/// A sequential writer of compressed units (qcow2 clusters, streamOptimized vmdk grains), used by
+/// `convert -c` and for formats that can only be written as a stream.
+///
+/// The caller creates the image with [`create_compressed`], then calls [`write_unit`] with
+/// strictly increasing, unit-aligned offsets for every unit that holds data (units not written
+/// read as zeros), and finally [`finish`], which writes the remaining metadata and makes the
+/// image durable. Dropping a writer without `finish` leaves an image that the format reports as
+/// incomplete or that reads as zeros past the last unit written — never a silently wrong one.
+///
+/// [`write_unit`]: CompressedWriter::write_unit
+/// [`finish`]: CompressedWriter::finish
+pub trait CompressedWriter: Send {
+    /// The unit of compression in bytes (cluster or grain size).
+    fn unit(&self) -> u64;
+
+    /// Writes one unit at `offset` (a multiple of [`CompressedWriter::unit`]). `data` is one unit
+    /// long, or shorter for the last unit of the image.
+    fn write_unit(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Writes the remaining metadata and syncs the image.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Creates an image written as a stream of compressed units (see [`CompressedWriter`]).
+pub fn create_compressed(
+    path: &Path,
+    format: ImageFormat,
+    size: u64,
+    options: &BTreeMap<String, String>,
+) -> Result<Box<dyn CompressedWriter>> {
+    let _ = (path, size, options);
+    Err(StorageError::Unsupported(format!(
+        "writing compressed {format} images is not implemented yet"
+    )))
+}
+
 /// Parses `-o key=value,key=value` into a map; an empty string gives an empty map.
 pub fn parse_options(text: &str) -> Result<BTreeMap<String, String>> {
     let mut map = BTreeMap::new();
