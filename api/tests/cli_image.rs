@@ -18,10 +18,23 @@ fn stderr(o: &Output) -> String {
 /// Asserts a clean failure: non-zero status, one line on stderr mentioning `needle`, no panic.
 fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic output: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line on stderr, got: {err}");
-    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "stderr {err:?} should mention {needle:?}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic output: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line on stderr, got: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "stderr {err:?} should mention {needle:?}"
+    );
 }
 
 fn path_str(p: &Path) -> &str {
@@ -43,7 +56,18 @@ fn create_info_and_bench_round_trip() {
     assert_eq!(v["virtual-size"], 64 << 20);
 
     for extra in [&["-w"][..], &[][..], &["--engine", "threads", "-w"][..]] {
-        let mut args = vec!["image", "bench", "-c", "2000", "-d", "8", "--pattern", "rand", "--output", "json"];
+        let mut args = vec![
+            "image",
+            "bench",
+            "-c",
+            "2000",
+            "-d",
+            "8",
+            "--pattern",
+            "rand",
+            "--output",
+            "json",
+        ];
         args.extend_from_slice(extra);
         args.push(path_str(&img));
         let o = strata(&args);
@@ -61,7 +85,14 @@ fn create_info_and_bench_round_trip() {
 fn preallocation_full_allocates_everything() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("full.img");
-    let o = strata(&["image", "create", "-o", "preallocation=full", path_str(&img), "8M"]);
+    let o = strata(&[
+        "image",
+        "create",
+        "-o",
+        "preallocation=full",
+        path_str(&img),
+        "8M",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = strata(&["image", "info", "--output", "json", path_str(&img)]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -80,7 +111,12 @@ fn missing_file_is_a_clear_error() {
 fn bad_sizes_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.img");
-    for (size, needle) in [("abc", "invalid size"), ("0", "greater than zero"), ("12Q", "invalid size"), ("99999999999999999999", "invalid size")] {
+    for (size, needle) in [
+        ("abc", "invalid size"),
+        ("0", "greater than zero"),
+        ("12Q", "invalid size"),
+        ("99999999999999999999", "invalid size"),
+    ] {
         let o = strata(&["image", "create", path_str(&img), size]);
         assert_clean_failure(&o, needle);
         assert!(!img.exists(), "a failed create left {}", img.display());
@@ -115,9 +151,18 @@ fn a_read_only_file_opened_for_writing_is_refused() {
     perms.set_readonly(true);
     std::fs::set_permissions(&img, perms).unwrap();
     // Root ignores permission bits; the immutable attribute stops root too.
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
     let immutable = is_root
-        && Command::new("chattr").arg("+i").arg(&img).status().map(|s| s.success()).unwrap_or(false);
+        && Command::new("chattr")
+            .arg("+i")
+            .arg(&img)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
     if is_root && !immutable {
         eprintln!("SKIPPED: running as root and chattr +i is unavailable here, so no file is read-only to us");
         return;
@@ -127,7 +172,10 @@ fn a_read_only_file_opened_for_writing_is_refused() {
         let _ = Command::new("chattr").arg("-i").arg(&img).status();
     }
     assert_clean_failure(&o, "read-only");
-    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0), "a refused write changed the file");
+    assert!(
+        std::fs::read(&img).unwrap().iter().all(|&b| b == 0),
+        "a refused write changed the file"
+    );
     // Reading it is fine.
     let o = strata(&["image", "bench", "-c", "10", path_str(&img)]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -149,7 +197,16 @@ fn bench_refuses_nonsense_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("s.img");
     std::fs::write(&img, vec![0u8; 4096]).unwrap();
-    assert_clean_failure(&strata(&["image", "bench", "-s", "8K", path_str(&img)]), "larger than the image");
-    assert_clean_failure(&strata(&["image", "bench", "-d", "0", path_str(&img)]), "depth");
-    assert_clean_failure(&strata(&["image", "bench", "-s", "0", path_str(&img)]), "buffer size");
+    assert_clean_failure(
+        &strata(&["image", "bench", "-s", "8K", path_str(&img)]),
+        "larger than the image",
+    );
+    assert_clean_failure(
+        &strata(&["image", "bench", "-d", "0", path_str(&img)]),
+        "depth",
+    );
+    assert_clean_failure(
+        &strata(&["image", "bench", "-s", "0", path_str(&img)]),
+        "buffer size",
+    );
 }
