@@ -210,3 +210,46 @@ fn bench_refuses_nonsense_parameters() {
         "buffer size",
     );
 }
+
+#[test]
+fn without_io_uring_the_thread_engine_serves_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "image",
+            "bench",
+            "-c",
+            "100",
+            "--output",
+            "json",
+            path_str(&img),
+        ])
+        .env("STRATA_IO_URING", "off")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["engine"], "threads");
+    assert!(
+        stderr(&o).contains("io_uring is unavailable"),
+        "the fallback must be logged: {}",
+        stderr(&o)
+    );
+    // Asking for io_uring explicitly is then an error naming it.
+    let o = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "image",
+            "bench",
+            "-c",
+            "100",
+            "--engine",
+            "uring",
+            path_str(&img),
+        ])
+        .env("STRATA_IO_URING", "off")
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "io_uring");
+}

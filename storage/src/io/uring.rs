@@ -26,6 +26,7 @@ use crate::io::file::{FileHandle, MAX_IOVECS};
 use crate::io::{check_range, notify, Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
 
 /// Whether io_uring works here with every opcode the engine needs; probed once per process.
+/// `STRATA_IO_URING=off` in the environment makes it unavailable (to test the fallback).
 pub fn available() -> bool {
     static PROBE: OnceLock<bool> = OnceLock::new();
     *PROBE.get_or_init(|| match probe() {
@@ -38,6 +39,9 @@ pub fn available() -> bool {
 }
 
 fn probe() -> std::result::Result<(), String> {
+    if std::env::var_os("STRATA_IO_URING").is_some_and(|v| v == "off") {
+        return Err("disabled by STRATA_IO_URING=off".into());
+    }
     let ring = IoUring::new(2).map_err(|e| format!("io_uring_setup failed: {e}"))?;
     let mut p = io_uring::Probe::new();
     ring.submitter()
