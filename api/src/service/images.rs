@@ -109,7 +109,17 @@ impl Service {
         let size = parse_size(&req.size)?;
         let opts = format::parse_options(&req.options)?;
         format::create_image(&path, fmt, size, &opts)?;
-        self.image_info(&req.name)
+        // Another client may already have removed it again; report what was created anyway.
+        self.image_info(&req.name).or_else(|e| match e {
+            ServiceError::NotFound(_) => Ok(ImageSummary {
+                name: req.name.clone(),
+                format: fmt.to_string(),
+                virtual_size: size,
+                actual_size: 0,
+                details: serde_json::Value::Null,
+            }),
+            other => Err(other),
+        })
     }
 
     /// Removes an image.
