@@ -11,8 +11,10 @@ use strata_storage::format::vmdk::create::{
 use strata_storage::format::vmdk::descriptor::{Access, ExtentLine, ExtentType};
 use strata_storage::format::{self, open_image, open_image_on, ImageFormat, OpenOptions};
 use strata_storage::io::engine::EngineChoice;
-use strata_storage::io::fault::FaultDevice;
 use strata_storage::BlockDevice;
+
+mod vmdk_util;
+use vmdk_util::sparse_on_fault_device;
 
 const CASES: u32 = 24;
 
@@ -66,30 +68,6 @@ fn two_gb_max_extent_sparse() {
 #[test]
 fn two_gb_max_extent_flat() {
     on_files("twoGbMaxExtentFlat", EngineChoice::Threads);
-}
-
-/// A monolithicSparse image laid out on a device.
-pub fn sparse_on_fault_device(
-    size: u64,
-    zeroed: bool,
-) -> (Arc<FaultDevice>, strata_storage::io::fault::FaultController) {
-    let (dev, ctl) = FaultDevice::new(0);
-    let opts = VmdkCreateOptions::default();
-    let line = ExtentLine {
-        access: Access::ReadWrite,
-        sectors: size / 512,
-        kind: ExtentType::Sparse,
-        file: "x.vmdk".into(),
-        offset: 0,
-    };
-    let text = new_descriptor(&opts, size, vec![line]).render();
-    init_sparse_extent(
-        dev.as_ref(),
-        &SparseLayout::new(size, zeroed, false, Some(&text)),
-        Some(&text),
-    )
-    .unwrap();
-    (dev, ctl)
 }
 
 #[test]

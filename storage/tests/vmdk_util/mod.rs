@@ -123,3 +123,33 @@ pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
         .position(|(x, y)| x != y)
         .or((a.len() != b.len()).then_some(a.len().min(b.len())))
 }
+
+/// A fresh monolithicSparse image laid out on a fault-injecting device.
+pub fn sparse_on_fault_device(
+    size: u64,
+    zeroed: bool,
+) -> (
+    std::sync::Arc<strata_storage::io::fault::FaultDevice>,
+    strata_storage::io::fault::FaultController,
+) {
+    use strata_storage::format::vmdk::create::{
+        init_sparse_extent, new_descriptor, SparseLayout, VmdkCreateOptions,
+    };
+    use strata_storage::format::vmdk::descriptor::{Access, ExtentLine, ExtentType};
+    let (dev, ctl) = strata_storage::io::fault::FaultDevice::new(0);
+    let line = ExtentLine {
+        access: Access::ReadWrite,
+        sectors: size / 512,
+        kind: ExtentType::Sparse,
+        file: "x.vmdk".into(),
+        offset: 0,
+    };
+    let text = new_descriptor(&VmdkCreateOptions::default(), size, vec![line]).render();
+    init_sparse_extent(
+        dev.as_ref(),
+        &SparseLayout::new(size, zeroed, false, Some(&text)),
+        Some(&text),
+    )
+    .unwrap();
+    (dev, ctl)
+}

@@ -27,6 +27,8 @@
 
 pub mod create;
 pub mod descriptor;
+#[cfg(feature = "test-utils")]
+pub mod fuzz;
 pub mod header;
 mod image;
 mod queue;
