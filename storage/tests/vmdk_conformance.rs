@@ -5,10 +5,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use strata_storage::conformance::run_all;
-use strata_storage::format::vmdk::create::{
-    init_sparse_extent, new_descriptor, SparseLayout, VmdkCreateOptions,
-};
-use strata_storage::format::vmdk::descriptor::{Access, ExtentLine, ExtentType};
 use strata_storage::format::{self, open_image, open_image_on, ImageFormat, OpenOptions};
 use strata_storage::io::engine::EngineChoice;
 use strata_storage::BlockDevice;
