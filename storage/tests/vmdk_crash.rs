@@ -8,7 +8,6 @@ mod vmdk_util;
 use strata_storage::format::{open_image_on, ImageFormat};
 use strata_storage::io::blocking::BlockingQueue;
 use strata_storage::io::fault::{FaultDevice, LossMode};
-use strata_storage::BlockDevice;
 use vmdk_util::sparse_on_fault_device;
 
 const SIZE: u64 = 8 << 20;
