@@ -19,6 +19,7 @@
 //! | thread-pool job and completion lists | a queue and its workers | one mutex each |
 //! | in-memory test devices | all their queues | a read-write lock on the bytes |
 
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod format;

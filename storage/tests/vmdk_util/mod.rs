@@ -18,9 +18,18 @@ pub fn have_qemu(test: &str) -> bool {
     if ok("qemu-img") && ok("qemu-io") {
         true
     } else {
-        eprintln!("SKIPPED {test}: qemu-img/qemu-io not installed (apt-get install qemu-utils)");
+        loud(&format!(
+            "SKIPPED {test}: qemu-img/qemu-io not installed (apt-get install qemu-utils)"
+        ));
         false
     }
+}
+
+/// Writes straight to the process's stderr, past the test harness's output capture, so that a
+/// skipped part of a test shows in every run.
+pub fn loud(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
 /// Runs a command and returns its stdout; panics with its stderr on failure.
