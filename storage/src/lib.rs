@@ -24,6 +24,7 @@ pub mod device;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod ova;
 pub mod util;
 
 #[cfg(feature = "test-utils")]
