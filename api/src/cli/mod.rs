@@ -3,7 +3,9 @@
 //! should hold.
 
 mod bench;
+mod convert;
 mod image;
+mod import_ova;
 mod serve;
 
 use std::process::ExitCode;
