@@ -24,6 +24,7 @@ pub mod error;
 pub mod format;
 pub mod io;
 pub mod util;
+pub mod volume;
 
 #[cfg(feature = "test-utils")]
 pub mod conformance;
