@@ -9,7 +9,7 @@ use std::sync::Arc;
 use strata_storage::io::memory::MemoryDevice;
 use strata_storage::volume::label::{LABEL_SIZE, MDA_OFFSET, MDA_SLOT_SIZE, PE_START};
 use strata_storage::volume::{PvHandle, Vg, VgOptions, VolumeStore};
-use strata_storage::{BlockDevice, HostFile, SharedFile, StorageError};
+use strata_storage::{HostFile, SharedFile, StorageError};
 use volume_util::*;
 
 fn handles(pvs: &[Arc<MemoryDevice>]) -> Vec<PvHandle> {
@@ -207,7 +207,7 @@ fn the_devices_file_finds_groups_and_a_second_opener_is_refused() {
     store.pv_create(&p1, Some(64 * MIB)).unwrap();
     store.pv_create(&p2, Some(64 * MIB)).unwrap();
     assert!(store.pv_create(&p1, None).is_err(), "already a PV");
-    let vg = store.vg_create("vg0", &[p1.clone()], 0).unwrap();
+    let vg = store.vg_create("vg0", std::slice::from_ref(&p1), 0).unwrap();
     vg.create_pool("pool", 32 * MIB, 0, 0).unwrap();
     vg.create_thin("pool", "t", 8 * MIB).unwrap();
     // The group is locked: another open (as another process would do) is refused clearly.
@@ -218,7 +218,7 @@ fn the_devices_file_finds_groups_and_a_second_opener_is_refused() {
         store.open_vg("vg0", true).is_err(),
         "not even shared while held exclusively"
     );
-    store.vg_extend(&vg, &[p2.clone()]).unwrap();
+    store.vg_extend(&vg, std::slice::from_ref(&p2)).unwrap();
     drop(vg);
     let list = store.vg_list().unwrap();
     assert_eq!(list.len(), 1);
