@@ -207,7 +207,9 @@ fn the_devices_file_finds_groups_and_a_second_opener_is_refused() {
     store.pv_create(&p1, Some(64 * MIB)).unwrap();
     store.pv_create(&p2, Some(64 * MIB)).unwrap();
     assert!(store.pv_create(&p1, None).is_err(), "already a PV");
-    let vg = store.vg_create("vg0", std::slice::from_ref(&p1), 0).unwrap();
+    let vg = store
+        .vg_create("vg0", std::slice::from_ref(&p1), 0)
+        .unwrap();
     vg.create_pool("pool", 32 * MIB, 0, 0).unwrap();
     vg.create_thin("pool", "t", 8 * MIB).unwrap();
     // The group is locked: another open (as another process would do) is refused clearly.

@@ -26,6 +26,9 @@ pub(crate) struct Forest {
     pub(crate) meta: Space,
     /// Data block counts.
     pub(crate) data: Space,
+    /// Metadata blocks tree changes must leave free: the next commit writes the device table
+    /// there.
+    pub(crate) reserve: u64,
 }
 
 fn no_node(b: u64) -> StorageError {
@@ -50,6 +53,7 @@ impl Forest {
             nodes: (0..meta.len()).map(|_| None).collect(),
             meta,
             data,
+            reserve: 1,
         }
     }
 
@@ -100,7 +104,7 @@ impl Forest {
     }
 
     fn ensure_meta(&self, root: u64) -> Result<()> {
-        let need = 2 * self.height(root)? + 3;
+        let need = 2 * self.height(root)? + 3 + self.reserve;
         if self.meta.free() < need {
             return Err(metadata_full());
         }

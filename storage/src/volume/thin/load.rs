@@ -328,6 +328,7 @@ pub fn open(
             dirty = true;
         }
     }
+    forest.reserve = crate::volume::thin::pool::table_reserve(devices.len());
     let state = PoolState {
         forest,
         devices,

@@ -15,8 +15,9 @@ pub mod format;
 pub mod load;
 pub mod pool;
 pub(crate) mod queue;
-pub(crate) mod space;
+pub mod space;
 
 pub use check::PoolCheck;
 pub use device::ThinDevice;
 pub use pool::{PoolUsage, ThinInfo, ThinPool};
+pub use space::AllocPolicy;

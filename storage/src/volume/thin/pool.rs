@@ -46,12 +46,17 @@ use crate::volume::thin::format::{
     block_of, encode_table, pack, DevEntry, Superblock, BLOCK_BITS, FLAG_READ_ONLY,
     MAX_TABLE_CHUNKS, META_BLOCK, TABLE_ENTRIES,
 };
-use crate::volume::thin::space::Epochs;
+use crate::volume::thin::space::{AllocPolicy, Epochs};
 
 /// How long a snapshot waits for in-place writes already in flight on its origin.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most thin devices in a pool.
 pub const MAX_DEVICES: usize = TABLE_ENTRIES * MAX_TABLE_CHUNKS;
+
+/// Metadata blocks the device table of `devices` devices takes.
+pub(crate) fn table_reserve(devices: usize) -> u64 {
+    devices.div_ceil(TABLE_ENTRIES).max(1) as u64
+}
 
 /// A thin device's state in memory.
 #[derive(Debug)]
@@ -518,11 +523,19 @@ impl ThinPool {
                 self.name
             )));
         }
+        let reserve = table_reserve(st.devices.len() + 1);
+        if st.forest.meta.free() < reserve {
+            return Err(StorageError::OutOfSpace(format!(
+                "the metadata volume of thin pool {} is full",
+                self.name
+            )));
+        }
         let id = st.next_id;
         st.next_id = st.next_id.checked_add(1).ok_or_else(|| {
             StorageError::OutOfSpace("thin device identifiers are exhausted".into())
         })?;
         st.forest.share(root);
+        st.forest.reserve = reserve;
         st.devices.insert(
             id,
             Dev {
@@ -617,6 +630,7 @@ impl ThinPool {
             let tag = st.epochs.retire();
             st.forest.drop_ref(root, tag)?;
             st.devices.remove(&id);
+            st.forest.reserve = table_reserve(st.devices.len());
             st.dirty = true;
         }
         self.commit()
@@ -685,6 +699,13 @@ impl ThinPool {
             st.dirty = true;
         }
         self.commit()
+    }
+
+    /// Chooses where new data and metadata blocks are taken from (see [`AllocPolicy`]).
+    pub fn set_allocation_policy(&self, policy: AllocPolicy) {
+        let mut st = self.lock_state();
+        st.forest.data.policy = policy;
+        st.forest.meta.policy = policy;
     }
 
     /// Grows the pool to `blocks` data blocks (its data volume has grown).

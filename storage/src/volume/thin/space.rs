@@ -104,6 +104,17 @@ impl Epochs {
     }
 }
 
+/// Where allocation looks for a free block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AllocPolicy {
+    /// After the last block allocated, wrapping around: sequential layout (the default).
+    #[default]
+    NextFit,
+    /// The lowest free block: reuses freed blocks as soon as the rules allow (tests use it to
+    /// stress those rules).
+    LowestFirst,
+}
+
 /// Reference counts and reuse rules for one kind of block. See the module documentation.
 #[derive(Debug)]
 pub(crate) struct Space {
@@ -121,6 +132,7 @@ pub(crate) struct Space {
     used: u64,
     held_count: u64,
     cursor: u64,
+    pub(crate) policy: AllocPolicy,
     /// Whether blocks are data blocks (which drain) rather than metadata (which only wait for
     /// a commit: no I/O ever targets them outside one).
     drains: bool,
@@ -139,6 +151,7 @@ impl Space {
             used: 0,
             held_count: 0,
             cursor: 0,
+            policy: AllocPolicy::NextFit,
             drains,
         }
     }
@@ -193,6 +206,9 @@ impl Space {
             return None;
         }
         let n = self.len();
+        if self.policy == AllocPolicy::LowestFirst {
+            self.cursor = 0;
+        }
         for i in 0..n {
             let b = (self.cursor + i) % n;
             if self.refs[b as usize] == 0 && !self.held.get(b) {
