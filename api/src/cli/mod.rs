@@ -4,6 +4,9 @@
 
 mod bench;
 mod image;
+mod lv;
+mod pv;
+mod vg;
 
 use std::process::ExitCode;
 
@@ -17,6 +20,10 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// Data directory (devices file, bitmaps); default $STRATA_DATA, else /var/lib/strata.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +33,15 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Physical volumes: create, list, remove.
+    #[command(subcommand)]
+    Pv(pv::PvCommand),
+    /// Volume groups: create, list, show, extend, reduce, remove, check.
+    #[command(subcommand)]
+    Vg(vg::VgCommand),
+    /// Logical volumes: linear, thin pools, thin volumes, snapshots, clones.
+    #[command(subcommand)]
+    Lv(lv::LvCommand),
 }
 
 /// Output format for commands that report.
@@ -55,9 +71,25 @@ pub fn init_logging(verbose: u8) {
         .init();
 }
 
+static DATA_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The data directory chosen on the command line (`--data`, `$STRATA_DATA`, or the default),
+/// for commands that reach volumes through a source name (`lv:VG/NAME`).
+pub fn data_dir() -> std::path::PathBuf {
+    DATA_DIR
+        .get()
+        .cloned()
+        .unwrap_or_else(|| strata_storage::volume::resolve_data_dir(None))
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let data = strata_storage::volume::resolve_data_dir(cli.data.as_deref());
+    let _ = DATA_DIR.set(data.clone());
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Pv(cmd) => pv::run(cmd, &data),
+        Command::Vg(cmd) => vg::run(cmd, &data),
+        Command::Lv(cmd) => lv::run(cmd, &data),
     }
 }

@@ -406,7 +406,16 @@ impl Vg {
     /// Removes a volume. Thin volumes' snapshots and clones stay intact; a pool must be empty.
     pub fn remove_lv(&self, name: &str) -> Result<()> {
         let mut st = self.state();
-        match self.locate(&mut st, name)? {
+        let bitmaps = self.bitmap_file_of(&mut st, name);
+        self.remove_located(&mut st, name)?;
+        if let Some(p) = bitmaps {
+            crate::bitmap::BitmapSet::delete_file(&p)?;
+        }
+        Ok(())
+    }
+
+    fn remove_located(&self, st: &mut VgState, name: &str) -> Result<()> {
+        match self.locate(st, name)? {
             Located::Thin { pool, id, .. } => pool.delete_device(id),
             Located::Linear(lv) => {
                 if st.open_linear.contains_key(&lv.uuid) {
@@ -417,10 +426,10 @@ impl Vg {
                 }
                 let mut meta = st.meta.clone();
                 meta.lvs.retain(|l| l.uuid != lv.uuid);
-                self.commit(&mut st, meta)
+                self.commit(st, meta)
             }
             Located::Pool(lv) => {
-                let pool = self.load_pool(&mut st, &lv)?;
+                let pool = self.load_pool(st, &lv)?;
                 let n = pool.devices().len();
                 if n > 0 {
                     return Err(StorageError::Busy(format!(
@@ -434,7 +443,7 @@ impl Vg {
                 let mut meta = st.meta.clone();
                 meta.lvs
                     .retain(|l| l.uuid != lv.uuid && l.name != *data && l.name != *metadata);
-                self.commit(&mut st, meta)?;
+                self.commit(st, meta)?;
                 st.pools.remove(&lv.uuid);
                 Ok(())
             }
@@ -487,8 +496,15 @@ impl Vg {
     pub fn resize_lv(&self, name: &str, size: u64) -> Result<()> {
         let mut st = self.state();
         match self.locate(&mut st, name)? {
-            Located::Thin { pool, id, .. } => pool.resize_device(id, size),
-            Located::Linear(lv) => self.resize_linear(&mut st, &lv.name, size),
+            Located::Thin { pool, id, .. } => {
+                pool.resize_device(id, size)?;
+                self.resize_bitmaps(&mut st, name, pool.device_size(id))
+            }
+            Located::Linear(lv) => {
+                self.resize_linear(&mut st, &lv.name, size)?;
+                let bytes = st.meta.lv(name).map_or(0, |l| l.extents()) * st.meta.extent_size;
+                self.resize_bitmaps(&mut st, name, bytes)
+            }
             Located::Pool(lv) => {
                 let LvKind::ThinPool {
                     data, block_size, ..
@@ -575,7 +591,7 @@ impl Vg {
                     pool: None,
                     origin: None,
                     template: false,
-                    read_only: self.inner.opts.read_only,
+                    read_only: false,
                     mapped_bytes: None,
                     usage: None,
                     segments: Some(segments.len()),
@@ -592,7 +608,7 @@ impl Vg {
                         pool: None,
                         origin: None,
                         template: false,
-                        read_only: self.inner.opts.read_only,
+                        read_only: false,
                         mapped_bytes: None,
                         usage: Some(usage),
                         segments: None,
@@ -611,7 +627,7 @@ impl Vg {
                             pool: Some(lv.name.clone()),
                             origin: d.origin.clone(),
                             template: d.template,
-                            read_only: d.read_only || self.inner.opts.read_only,
+                            read_only: d.read_only,
                             mapped_bytes: Some(d.mapped_bytes),
                             usage: None,
                             segments: None,
@@ -635,10 +651,23 @@ impl Vg {
 
     /// Opens a volume as a block device (read-only if asked or if it is a snapshot).
     pub fn open_lv(&self, name: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
-        let read_only = read_only || self.inner.opts.read_only;
         let mut st = self.state();
+        let dev = self.open_plain(&mut st, name, read_only)?;
+        let tracked = self.tracked(&mut st, name, dev.clone());
+        // On failure `dev` closes here, after the group's lock is released (closing takes it).
+        drop(st);
+        tracked
+    }
+
+    fn open_plain(
+        &self,
+        st: &mut VgState,
+        name: &str,
+        read_only: bool,
+    ) -> Result<Arc<dyn BlockDevice>> {
+        let read_only = read_only || self.inner.opts.read_only;
         let full = format!("{}/{name}", st.meta.name);
-        match self.locate(&mut st, name)? {
+        match self.locate(st, name)? {
             Located::Pool(_) => Err(StorageError::InvalidInput(format!(
                 "{full} is a thin pool; open its thin volumes instead"
             ))),

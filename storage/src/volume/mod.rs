@@ -34,6 +34,7 @@ pub mod label;
 pub mod linear;
 pub mod lock;
 pub mod lv;
+mod lvbitmap;
 pub mod mda;
 pub mod meta;
 pub mod name;

@@ -84,6 +84,8 @@ struct Surveyed {
 #[derive(Clone, Debug)]
 pub struct VolumeStore {
     data_dir: PathBuf,
+    engine: EngineChoice,
+    cache: CacheMode,
 }
 
 fn open_file(path: &Path, read_only: bool) -> Result<Arc<FileDevice>> {
@@ -103,7 +105,17 @@ impl VolumeStore {
     pub fn new(data_dir: &Path) -> VolumeStore {
         VolumeStore {
             data_dir: data_dir.to_path_buf(),
+            engine: EngineChoice::Auto,
+            cache: CacheMode::None,
         }
+    }
+
+    /// Uses `engine` and `cache` for the PVs of groups this store opens (default: automatic
+    /// engine, O_DIRECT).
+    pub fn with_io(mut self, engine: EngineChoice, cache: CacheMode) -> VolumeStore {
+        self.engine = engine;
+        self.cache = cache;
+        self
     }
 
     /// The data directory.
@@ -288,7 +300,11 @@ impl VolumeStore {
         let mut out = Vec::new();
         for p in paths {
             let lock = try_lock(p, what, !read_only)?;
-            let file: SharedFile = open_file(p, read_only)?;
+            let opts = FileOptions {
+                read_only,
+                cache: self.cache,
+            };
+            let file: SharedFile = FileDevice::open(p, opts, self.engine)?;
             out.push(PvHandle {
                 file,
                 path: Some(p.clone()),

@@ -114,6 +114,8 @@ pub(crate) struct VgState {
     pub(crate) pools: HashMap<String, Arc<ThinPool>>,
     /// Open linear volumes by identifier: handles.
     pub(crate) open_linear: HashMap<String, u32>,
+    /// Live bitmap sets by volume key (see `lvbitmap.rs`).
+    pub(crate) tracked: HashMap<String, std::sync::Weak<crate::bitmap::BitmapSet>>,
     pub(crate) failed: Option<String>,
 }
 
@@ -343,6 +345,7 @@ impl Vg {
                     maps: HashMap::new(),
                     pools: HashMap::new(),
                     open_linear: HashMap::new(),
+                    tracked: HashMap::new(),
                     failed: None,
                 }),
                 opts,

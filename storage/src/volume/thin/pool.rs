@@ -345,6 +345,18 @@ impl PoolState {
     }
 }
 
+impl Drop for ThinPool {
+    /// A clean close commits what is in memory, as a flush would.
+    fn drop(&mut self) {
+        if self.read_only || self.lock_state().failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.commit() {
+            tracing::error!(pool = %self.name, error = %e, "committing the thin pool on close failed");
+        }
+    }
+}
+
 /// What a commit writes, collected under the state lock.
 struct Transaction {
     blocks: Vec<(u64, Vec<u8>)>,
