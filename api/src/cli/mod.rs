@@ -40,8 +40,10 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
-    /// Serve the HTTP API.
+    /// Serve the HTTP API (setting up an empty data directory first).
     Serve(serve::ServeArgs),
+    /// Set up an empty data directory: default volume group, thin pool, first API token.
+    Init(serve::InitArgs),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(serve::TokenCommand),
@@ -103,6 +105,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Serve(a) => serve::serve(a, data),
+        Command::Init(a) => serve::init(a, data),
         Command::Token(cmd) => serve::token(cmd, data),
         Command::Pv(cmd) => pv::run(cmd, &data_path),
         Command::Vg(cmd) => vg::run(cmd, &data_path),

@@ -19,6 +19,7 @@
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
 
+pub mod bootstrap;
 pub mod error;
 pub mod images;
 pub mod jobs;
