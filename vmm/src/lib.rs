@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod memory;
 pub mod ratelimit;
 pub mod transport;
+pub mod vhost_user;
 pub mod vm;
 
 pub use error::{Result, VmmError};

@@ -4,6 +4,8 @@
 
 mod bench;
 mod image;
+mod vhost_user;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -26,6 +28,11 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Run virtual machines under Strata's KVM VMM.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Serve a disk to QEMU or Cloud Hypervisor as a vhost-user-blk back-end.
+    VhostUserBlk(vhost_user::VhostUserArgs),
 }
 
 /// Output format for commands that report.
@@ -59,5 +66,7 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::VhostUserBlk(args) => vhost_user::run(args),
     }
 }
