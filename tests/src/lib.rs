@@ -5,6 +5,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub mod linux_guest;
+
 /// The freestanding virtio-blk test guest, built by build.rs.
 pub fn blkdrv_image() -> anyhow::Result<Vec<u8>> {
     let path = env!("STRATA_BLKDRV_BIN");

@@ -9,82 +9,21 @@
 //! Rows: raw (always), a qcow2 linked clone and a thin volume once those are on main (until
 //! then each says loudly that it was skipped and why).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use strata_storage::format::{open_image, OpenOptions};
+use strata_tests::linux_guest::{
+    check_console, check_image, guest_dir, prepare_raw, tool_or_skip, DISK_TEST_CMDLINE,
+};
 use strata_tests::skip_loudly;
 use strata_vmm::blk::{BlkConfig, DiskOptions};
 
 const SERIAL: &str = "strata-tier2";
-const MIB: usize = 1 << 20;
-
-fn host_pattern() -> Vec<u8> {
-    (0..MIB as u64)
-        .map(|i| ((i.wrapping_mul(13)) ^ (i >> 9) ^ 0x5a) as u8)
-        .collect()
-}
-
-fn guest_pattern() -> Vec<u8> {
-    let line = b"strata guest pattern 0123456789abcdef\n";
-    line.iter().copied().cycle().take(MIB).collect()
-}
-
-fn sha256(data: &[u8]) -> Result<String> {
-    use std::io::Write;
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running sha256sum")?;
-    child.stdin.take().context("stdin")?.write_all(data)?;
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
-}
-
-/// Whether a tool is on PATH. In CI a missing tool is an error, elsewhere a loud skip.
-fn tool_or_skip(tool: &str, package: &str) -> Result<bool> {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()?
-        .success();
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            bail!("{tool} is missing in CI (apt-get install {package})");
-        }
-        skip_loudly(
-            "tier 2 (Linux under QEMU with our vhost-user-blk back-end)",
-            &format!("{tool} is not installed (apt-get install {package})"),
-        );
-    }
-    Ok(found)
-}
-
-/// Builds (or reuses) the Linux test guest; returns its folder.
-pub fn guest_dir() -> Result<PathBuf> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("STRATA_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("build/guest"));
-    if !dir.join("vmlinuz").exists() || !dir.join("initramfs.gz").exists() {
-        let status = Command::new("bash")
-            .arg(repo.join("tests/guest/build.sh"))
-            .arg(&dir)
-            .status()
-            .context("running tests/guest/build.sh")?;
-        ensure!(status.success(), "tests/guest/build.sh failed");
-    }
-    Ok(dir)
-}
+const TIER: &str = "tier 2 (Linux under QEMU with our vhost-user-blk back-end)";
 
 /// Runs QEMU (TCG) with our back-end on `socket`; returns the console output.
 fn run_qemu(guest: &Path, socket: &Path, cmdline: &str) -> Result<String> {
@@ -110,53 +49,47 @@ fn run_qemu(guest: &Path, socket: &Path, cmdline: &str) -> Result<String> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting qemu-system-x86_64")?;
+    // Read the console on a thread so that a chatty guest cannot fill the pipe and stall.
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
     let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output()?;
-            bail!(
-                "QEMU did not finish in 240 s; console:\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
+            let _ = child.wait();
+            let console = reader.join().unwrap_or_default();
+            bail!("QEMU did not finish in 240 s; console:\n{console}");
         }
         std::thread::sleep(Duration::from_millis(200));
+    };
+    let console = reader.join().unwrap_or_default();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        bail!("QEMU failed ({status}): {err}\n{console}");
     }
-    let out = child.wait_with_output()?;
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "QEMU failed: {}\n{console}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     Ok(console)
-}
-
-fn strata_line<'a>(console: &'a str, key: &str) -> Option<&'a str> {
-    console.lines().find_map(|l| {
-        l.split_once(&format!("STRATA {key} "))
-            .map(|(_, v)| v.trim())
-    })
 }
 
 /// Serves `image` to a QEMU guest running the disk test and checks both sides.
 fn run_row(row: &str, image: &Path, format: &str) -> Result<()> {
     let guest = guest_dir()?;
     let disk = open_image(image, &OpenOptions::default())?;
-    let cfg = Arc::new(
-        BlkConfig::new(
-            disk,
-            &DiskOptions {
-                num_queues: 2,
-                serial: SERIAL.into(),
-                ..DiskOptions::default()
-            },
-        )
-        .map_err(anyhow::Error::msg)?,
-    );
+    let options = DiskOptions {
+        num_queues: 2,
+        serial: SERIAL.into(),
+        ..DiskOptions::default()
+    };
+    let cfg = Arc::new(BlkConfig::new(disk, &options).map_err(anyhow::Error::msg)?);
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("vu.sock");
     let server = {
@@ -171,83 +104,25 @@ fn run_row(row: &str, image: &Path, format: &str) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let console = run_qemu(
-        &guest,
-        &socket,
-        "console=ttyS0 panic=-1 quiet strata.test=disk",
-    )?;
+    let console = run_qemu(&guest, &socket, DISK_TEST_CMDLINE)?;
     server
         .join()
         .map_err(|_| anyhow::anyhow!("the back-end thread panicked"))?
         .context("the vhost-user back-end")?;
-    eprintln!("--- guest console ({row}) ---\n{console}\n--- end ---");
-    ensure!(
-        !console.contains("STRATA FAIL"),
-        "{row}: the guest reported a failure"
-    );
-    ensure!(
-        strata_line(&console, "done").is_some() || console.contains("STRATA done"),
-        "{row}: the guest did not finish"
-    );
-    ensure!(
-        console.contains(&format!("serial '{SERIAL}'")),
-        "{row}: the guest did not see the serial (GET_ID)"
-    );
-    let host_data = strata_line(&console, "host-data").context("no host-data line")?;
-    ensure!(
-        host_data == sha256(&host_pattern())?,
-        "{row}: the guest read wrong host data"
-    );
-    let wrote = strata_line(&console, "wrote").context("no wrote line")?;
-    ensure!(
-        wrote == sha256(&guest_pattern())?,
-        "{row}: the guest's pattern differs"
-    );
-
-    // The host finds the guest's data with qemu-img.
-    let flat = dir.path().join("flat.raw");
-    let status = Command::new("qemu-img")
-        .args(["convert", "-f", format, "-O", "raw"])
-        .arg(image)
-        .arg(&flat)
-        .status()
-        .context("running qemu-img convert")?;
-    ensure!(status.success(), "qemu-img convert failed");
-    let data = std::fs::read(&flat)?;
-    ensure!(
-        data[..MIB] == host_pattern()[..],
-        "{row}: the host's data changed"
-    );
-    ensure!(
-        data[MIB..2 * MIB] == guest_pattern()[..],
-        "{row}: the guest's writes are not on the disk"
-    );
-    if strata_line(&console, "discarded").is_some() || console.contains("STRATA discarded") {
-        ensure!(
-            data[2 * MIB..3 * MIB].iter().all(|&b| b == 0),
-            "{row}: the discarded range is not zero"
-        );
-    } else {
-        bail!("{row}: discard was refused by the device");
-    }
-    Ok(())
+    check_console(row, &console, SERIAL)?;
+    check_image(row, image, format)
 }
 
-fn prepare_raw(path: &Path) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(path)?;
-    f.set_len(64 << 20)?;
-    f.write_all_at(&host_pattern(), 0)?;
-    f.write_all_at(&[0xcdu8; MIB], 2 * MIB as u64)?;
-    f.sync_all()?;
-    Ok(())
+fn tools_present() -> Result<bool> {
+    Ok(
+        tool_or_skip(TIER, "qemu-system-x86_64", "qemu-utils qemu-system-x86")?
+            && tool_or_skip(TIER, "qemu-img", "qemu-utils")?,
+    )
 }
 
 #[test]
 fn linux_guest_through_vhost_user_on_a_raw_image() -> Result<()> {
-    if !tool_or_skip("qemu-system-x86_64", "qemu-system-x86 qemu-utils")?
-        || !tool_or_skip("qemu-img", "qemu-utils")?
-    {
+    if !tools_present()? {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
@@ -258,9 +133,7 @@ fn linux_guest_through_vhost_user_on_a_raw_image() -> Result<()> {
 
 #[test]
 fn linux_guest_through_vhost_user_on_a_qcow2_linked_clone() -> Result<()> {
-    if !tool_or_skip("qemu-system-x86_64", "qemu-system-x86 qemu-utils")?
-        || !tool_or_skip("qemu-img", "qemu-utils")?
-    {
+    if !tools_present()? {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
