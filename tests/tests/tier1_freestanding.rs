@@ -13,6 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_storage::BlockDevice;
 use strata_tests::{blkdrv_image, have_kvm, number_after, skip_loudly, Capture};
+use strata_vmm::blk::tracking::{DirtyTracker, TrackedDisk};
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{run, DiskSpec, Payload, VmConfig};
@@ -139,6 +140,17 @@ fn check_disk_contents(row: &str, disk: &dyn BlockDevice) -> Result<()> {
     Ok(())
 }
 
+/// A stand-in for the storage layer's dirty bitmap: the set of 4 KiB blocks marked.
+#[derive(Debug, Default)]
+struct BlockSet(std::sync::Mutex<std::collections::BTreeSet<u64>>);
+
+impl DirtyTracker for BlockSet {
+    fn mark(&self, offset: u64, len: u64) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.extend(offset / 4096..(offset + len).div_ceil(4096));
+    }
+}
+
 #[test]
 fn freestanding_driver_on_a_raw_image() -> Result<()> {
     if !have_kvm() {
@@ -154,9 +166,24 @@ fn freestanding_driver_on_a_raw_image() -> Result<()> {
     std::fs::File::create(&path)?.set_len(DISK_SIZE)?;
     prepare(&path)?;
     let disk = open_image(&path, &OpenOptions::default())?;
-    let (log, report) = boot(disk.clone(), "raw")?;
+    let tracker = Arc::new(BlockSet::default());
+    let tracked = TrackedDisk::new(disk.clone(), tracker.clone());
+    let (log, report) = boot(tracked, "raw")?;
     check_guest_run("raw", &log, &report)?;
     check_disk_contents("raw", disk.as_ref())?;
+    // The guest wrote sectors 64..127, discarded 128..135 and zeroed 136..143: 4 KiB blocks 8
+    // to 17, and nothing else (its reads and flush mark nothing).
+    let dirty: Vec<u64> = tracker
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    ensure!(
+        dirty == (8..=17).collect::<Vec<u64>>(),
+        "the dirty set is not exactly the blocks the guest changed: {dirty:?}"
+    );
     // The host sees the writes through a fresh open too (they reached the file).
     let reopened = open_image(&path, &OpenOptions::default())?;
     check_disk_contents("raw (reopened)", reopened.as_ref())

@@ -19,6 +19,7 @@
 pub mod chain;
 pub mod config;
 pub mod engine;
+pub mod tracking;
 pub mod worker;
 
 pub use config::{BlkConfig, DiskOptions};
