@@ -58,7 +58,12 @@ fn write_request(mem: &GuestMemoryMmap, slot: u16, block: u64) -> Result<()> {
     mem.write_slice(&h, GuestAddress(hdr))?;
     let descs: [(u64, u32, u16, u16); 3] = [
         (hdr, 16, 1, (d + 1) as u16),
-        (DATA + u64::from(slot) * BS, BS as u32, 1 | 2, (d + 2) as u16),
+        (
+            DATA + u64::from(slot) * BS,
+            BS as u32,
+            1 | 2,
+            (d + 2) as u16,
+        ),
         (STATUS + u64::from(slot), 1, 2, 0),
     ];
     for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
@@ -81,7 +86,10 @@ fn strata_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
         ..DiskOptions::default()
     };
     let cfg = Arc::new(BlkConfig::new(disk, &opts).map_err(anyhow::Error::msg)?);
-    let mem: SharedMemory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)])?);
+    let mem: SharedMemory = Arc::new(GuestMemoryMmap::from_ranges(&[(
+        GuestAddress(0),
+        64 << 20,
+    )])?);
     let mut queue = Queue::new(QSIZE)?;
     queue.set_size(QSIZE);
     queue.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -160,7 +168,13 @@ fn strata_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
 
 fn fio_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
     let out = Command::new("fio")
-        .args(["--name=peer", "--direct=1", "--ioengine=io_uring", "--rw=randread", "--bs=4k"])
+        .args([
+            "--name=peer",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--rw=randread",
+            "--bs=4k",
+        ])
         .arg(format!("--filename={}", image.display()))
         .arg(format!("--iodepth={depth}"))
         .arg(format!("--runtime={secs}"))
@@ -200,9 +214,19 @@ fn main() -> Result<()> {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        eprintln!("filling {} with {} MiB of random data", file.display(), size >> 20);
+        eprintln!(
+            "filling {} with {} MiB of random data",
+            file.display(),
+            size >> 20
+        );
         let status = Command::new("fio")
-            .args(["--name=fill", "--rw=write", "--bs=1M", "--direct=1", "--ioengine=io_uring"])
+            .args([
+                "--name=fill",
+                "--rw=write",
+                "--bs=1M",
+                "--direct=1",
+                "--ioengine=io_uring",
+            ])
             .arg(format!("--filename={}", file.display()))
             .arg(format!("--size={size}"))
             .args(["--refill_buffers", "--output=/dev/null"])
@@ -211,7 +235,10 @@ fn main() -> Result<()> {
             bail!("filling the file with fio failed");
         }
     }
-    println!("4k random read, {secs} s runs, {rounds} rounds alternating, file {}", file.display());
+    println!(
+        "4k random read, {secs} s runs, {rounds} rounds alternating, file {}",
+        file.display()
+    );
     println!("| row | strata device IOPS | fio IOPS | ratio |");
     println!("|---|---|---|---|");
     for depth in [1u16, 32] {
@@ -224,7 +251,10 @@ fn main() -> Result<()> {
             peer.push(f);
         }
         let (s, f) = (median(ours), median(peer));
-        println!("| raw 4k randread QD{depth} | {s:.0} | {f:.0} | {:.2}x |", s / f);
+        println!(
+            "| raw 4k randread QD{depth} | {s:.0} | {f:.0} | {:.2}x |",
+            s / f
+        );
     }
     // qcow2 rows run once the format exists on main.
     let qcow2 = file.with_extension("qcow2");
