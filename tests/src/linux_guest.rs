@@ -46,6 +46,9 @@ pub fn sha256(data: &[u8]) -> Result<String> {
 /// Builds (or reuses) the Linux test guest; returns its folder (`$STRATA_GUEST_DIR`, else
 /// build/guest in the repository).
 pub fn guest_dir() -> Result<PathBuf> {
+    // Tests of one binary run in parallel; only one may build the guest.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = std::env::var_os("STRATA_GUEST_DIR")
         .map(PathBuf::from)

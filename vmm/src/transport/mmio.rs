@@ -308,3 +308,85 @@ impl Drop for VirtioMmio {
         self.stop_workers();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_storage::io::memory::MemoryDevice;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use crate::blk::DiskOptions;
+
+    fn device() -> VirtioMmio {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let cfg = BlkConfig::new(MemoryDevice::new(1 << 20), &DiskOptions::default()).unwrap();
+        VirtioMmio::new(
+            "vdt".into(),
+            Arc::new(cfg),
+            mem,
+            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        )
+    }
+
+    fn r(d: &mut VirtioMmio, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(d: &mut VirtioMmio, off: u64, v: u32) {
+        d.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn identifies_as_a_version_2_block_device_with_its_config() {
+        let mut d = device();
+        assert_eq!(r(&mut d, 0), MAGIC);
+        assert_eq!(r(&mut d, 4), 2);
+        assert_eq!(r(&mut d, 8), 2);
+        w(&mut d, 0x14, 1);
+        assert_eq!(r(&mut d, 0x10), 1, "VERSION_1 is bit 32");
+        assert_eq!(r(&mut d, 0x100), 2048, "capacity in sectors");
+        assert_eq!(r(&mut d, 0x34), 256, "QueueNumMax");
+    }
+
+    #[test]
+    fn features_not_offered_are_refused_and_reset_clears_state() {
+        let mut d = device();
+        w(&mut d, 0x70, 1 | 2);
+        w(&mut d, 0x24, 0);
+        w(&mut d, 0x20, 1 << 7); // a feature we do not offer
+        w(&mut d, 0x24, 1);
+        w(&mut d, 0x20, 1);
+        w(&mut d, 0x70, 1 | 2 | 8);
+        assert_eq!(r(&mut d, 0x70) & 8, 0, "FEATURES_OK must not stick");
+        w(&mut d, 0x70, 0);
+        assert_eq!(r(&mut d, 0x70), 0);
+        // Without VERSION_1 the driver is refused too.
+        w(&mut d, 0x70, 1 | 2);
+        w(&mut d, 0x24, 0);
+        w(&mut d, 0x20, 1 << 9);
+        w(&mut d, 0x70, 1 | 2 | 8);
+        assert_eq!(r(&mut d, 0x70) & 8, 0);
+    }
+
+    #[test]
+    fn an_invalid_queue_sets_needs_reset_instead_of_starting() {
+        let mut d = device();
+        w(&mut d, 0x70, 1 | 2);
+        w(&mut d, 0x24, 1);
+        w(&mut d, 0x20, 1);
+        w(&mut d, 0x70, 1 | 2 | 8);
+        w(&mut d, 0x30, 0);
+        w(&mut d, 0x38, 16);
+        // Rings outside the 1 MiB of guest memory.
+        w(&mut d, 0x80, 0x4000_0000);
+        w(&mut d, 0x90, 0x4000_1000);
+        w(&mut d, 0xa0, 0x4000_2000);
+        w(&mut d, 0x44, 1);
+        w(&mut d, 0x70, 1 | 2 | 8 | 4);
+        assert_ne!(r(&mut d, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert!(d.workers.is_empty());
+    }
+}
