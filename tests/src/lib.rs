@@ -83,3 +83,80 @@ pub fn number_after(text: &str, name: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// A thin volume of `size` bytes in a fresh volume group on a file-backed physical volume in
+/// `dir` (Strata's own volume manager: no device-mapper needed). The group must outlive the
+/// device.
+pub fn thin_volume(
+    dir: &Path,
+    size: u64,
+) -> anyhow::Result<(
+    strata_storage::volume::Vg,
+    Arc<dyn strata_storage::BlockDevice>,
+)> {
+    use strata_storage::io::engine::{EngineChoice, FileDevice};
+    use strata_storage::io::file::FileOptions;
+    use strata_storage::volume::label::PE_START;
+    use strata_storage::volume::vg::format_pv;
+    use strata_storage::volume::{PvHandle, Vg, VgOptions};
+    let path = dir.join("pv0.img");
+    std::fs::File::create(&path)?.set_len(PE_START + size + (64 << 20))?;
+    let pv = FileDevice::open(&path, FileOptions::default(), EngineChoice::Auto)?;
+    format_pv(pv.as_ref())?;
+    let vg = Vg::create(
+        "vmtest",
+        vec![PvHandle::new(pv)],
+        4 << 20,
+        VgOptions::default(),
+    )?;
+    vg.create_pool("pool", size + (32 << 20), 0, 0)?;
+    vg.create_thin("pool", "disk", size)?;
+    let dev = vg.open_lv("disk", false)?;
+    Ok((vg, dev))
+}
+
+/// Writes `data` at `offset` of `dev` through one of its queues and flushes.
+pub fn write_device(
+    dev: &dyn strata_storage::BlockDevice,
+    offset: u64,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    use strata_storage::io::{IoBuf, QueueOptions, Request};
+    let mut q = dev.open_queue(&QueueOptions::with_depth(2))?;
+    let mut buf = IoBuf::new(data.len());
+    buf.copy_from_slice(0, data);
+    for req in [Request::write(0, offset, buf), Request::flush(1)] {
+        q.submit(req).map_err(|_| anyhow::anyhow!("queue full"))?;
+        let mut out = Vec::new();
+        while out.is_empty() {
+            q.wait(Some(std::time::Duration::from_secs(10)))?;
+            q.reap(&mut out);
+        }
+        for c in out {
+            c.result?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads `len` bytes at `offset` of `dev` through one of its queues.
+pub fn read_device(
+    dev: &dyn strata_storage::BlockDevice,
+    offset: u64,
+    len: usize,
+) -> anyhow::Result<Vec<u8>> {
+    use strata_storage::io::{IoBuf, QueueOptions, Request};
+    let mut q = dev.open_queue(&QueueOptions::with_depth(1))?;
+    q.submit(Request::read(0, offset, IoBuf::new(len)))
+        .map_err(|_| anyhow::anyhow!("queue full"))?;
+    let mut out = Vec::new();
+    while out.is_empty() {
+        q.wait(Some(std::time::Duration::from_secs(10)))?;
+        q.reap(&mut out);
+    }
+    let c = out.pop().ok_or_else(|| anyhow::anyhow!("no completion"))?;
+    c.result?;
+    c.buf
+        .map(|b| b.to_vec())
+        .ok_or_else(|| anyhow::anyhow!("no buffer"))
+}

@@ -127,7 +127,16 @@ pub fn check_image(row: &str, image: &Path, format: &str) -> Result<()> {
         .status()
         .context("running qemu-img convert")?;
     ensure!(status.success(), "qemu-img convert failed");
-    let data = std::fs::read(&flat)?;
+    check_flat(row, &std::fs::read(&flat)?)
+}
+
+/// Checks a block device (a volume) from the host, as [`check_image`] does an image.
+pub fn check_device(row: &str, dev: &dyn strata_storage::BlockDevice) -> Result<()> {
+    check_flat(row, &crate::read_device(dev, 0, 3 * MIB)?)
+}
+
+fn check_flat(row: &str, data: &[u8]) -> Result<()> {
+    ensure!(data.len() >= 3 * MIB, "{row}: the disk is too small");
     ensure!(
         data[..MIB] == host_pattern()[..],
         "{row}: the host's data changed"

@@ -10,10 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use strata_storage::bitmap::{BitmapSet, TrackedDevice};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_storage::BlockDevice;
-use strata_tests::{blkdrv_image, have_kvm, number_after, skip_loudly, Capture};
-use strata_vmm::blk::tracking::{DirtyTracker, TrackedDisk};
+use strata_tests::{
+    blkdrv_image, have_kvm, number_after, read_device, skip_loudly, thin_volume, write_device,
+    Capture,
+};
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{run, DiskSpec, Payload, VmConfig};
@@ -105,20 +108,7 @@ fn check_guest_run(row: &str, log: &str, report: &strata_vmm::vm::RunReport) -> 
 }
 
 fn check_disk_contents(row: &str, disk: &dyn BlockDevice) -> Result<()> {
-    use strata_storage::io::{IoBuf, QueueOptions, Request};
-    let mut q = disk.open_queue(&QueueOptions::with_depth(1))?;
-    let mut read = |offset: u64, len: usize| -> Result<Vec<u8>> {
-        q.submit(Request::read(0, offset, IoBuf::new(len)))
-            .map_err(|_| anyhow::anyhow!("queue full"))?;
-        let mut out = Vec::new();
-        while out.is_empty() {
-            q.wait(Some(Duration::from_secs(10)))?;
-            q.reap(&mut out);
-        }
-        let c = out.pop().context("completion")?;
-        c.result?;
-        Ok(c.buf.context("buffer")?.to_vec())
-    };
+    let read = |offset: u64, len: usize| read_device(disk, offset, len);
     let written = read(64 * 512, 32768)?;
     let want: Vec<u8> = (64 * 512..64 * 512 + 32768u64).map(guest_pattern).collect();
     ensure!(
@@ -140,17 +130,6 @@ fn check_disk_contents(row: &str, disk: &dyn BlockDevice) -> Result<()> {
     Ok(())
 }
 
-/// A stand-in for the storage layer's dirty bitmap: the set of 4 KiB blocks marked.
-#[derive(Debug, Default)]
-struct BlockSet(std::sync::Mutex<std::collections::BTreeSet<u64>>);
-
-impl DirtyTracker for BlockSet {
-    fn mark(&self, offset: u64, len: u64) {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.extend(offset / 4096..(offset + len).div_ceil(4096));
-    }
-}
-
 #[test]
 fn freestanding_driver_on_a_raw_image() -> Result<()> {
     if !have_kvm() {
@@ -166,23 +145,24 @@ fn freestanding_driver_on_a_raw_image() -> Result<()> {
     std::fs::File::create(&path)?.set_len(DISK_SIZE)?;
     prepare(&path)?;
     let disk = open_image(&path, &OpenOptions::default())?;
-    let tracker = Arc::new(BlockSet::default());
-    let tracked = TrackedDisk::new(disk.clone(), tracker.clone());
+    // The storage layer's changed-block tracking, as `lv:` volumes get it: a dirty bitmap with
+    // 4 KiB granularity, and the tracking wrapper around the disk.
+    let bitmaps = Arc::new(BitmapSet::open(
+        &dir.path().join("disk.raw.bitmaps"),
+        DISK_SIZE,
+    )?);
+    bitmaps.add("cbt", 4096)?;
+    let tracked = Arc::new(TrackedDevice::with_set(disk.clone(), bitmaps.clone())?);
     let (log, report) = boot(tracked, "raw")?;
     check_guest_run("raw", &log, &report)?;
     check_disk_contents("raw", disk.as_ref())?;
-    // The guest wrote sectors 64..127, discarded 128..135 and zeroed 136..143: 4 KiB blocks 8
-    // to 17, and nothing else (its reads and flush mark nothing).
-    let dirty: Vec<u64> = tracker
-        .0
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .copied()
-        .collect();
+    // The guest wrote sectors 64..127, discarded 128..135 and zeroed 136..143: bytes 32 KiB to
+    // 72 KiB, and nothing else (its reads and flush mark nothing).
+    let (dirty, valid) = bitmaps.dirty_ranges("cbt")?;
+    ensure!(valid, "the dirty bitmap is marked invalid");
     ensure!(
-        dirty == (8..=17).collect::<Vec<u64>>(),
-        "the dirty set is not exactly the blocks the guest changed: {dirty:?}"
+        dirty == vec![(32768, 40960)],
+        "the dirty bitmap is not exactly the blocks the guest changed: {dirty:?}"
     );
     // The host sees the writes through a fresh open too (they reached the file).
     let reopened = open_image(&path, &OpenOptions::default())?;
@@ -234,11 +214,17 @@ fn freestanding_driver_on_a_qcow2_linked_clone() -> Result<()> {
 }
 
 #[test]
-fn freestanding_driver_on_a_thin_volume() {
-    // Thin volumes (`lv:VG/NAME`) and their resolver (storage/src/source.rs) are being written
-    // on another branch; this row runs once they are on main.
-    skip_loudly(
-        "tier 1 thin-volume row",
-        "thin volumes (lv:VG/NAME) are not on this branch yet (storage/src/source.rs is missing)",
-    );
+fn freestanding_driver_on_a_thin_volume() -> Result<()> {
+    if !have_kvm() {
+        skip_loudly("tier 1 thin-volume row", "/dev/kvm cannot be opened");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (_vg, lv) = thin_volume(dir.path(), DISK_SIZE)?;
+    let head: Vec<u8> = (0..32768u64).map(host_pattern).collect();
+    write_device(lv.as_ref(), 0, &head)?;
+    write_device(lv.as_ref(), 128 * 512, &[0xabu8; 8192])?;
+    let (log, report) = boot(lv.clone(), "thin volume")?;
+    check_guest_run("thin volume", &log, &report)?;
+    check_disk_contents("thin volume", lv.as_ref())
 }

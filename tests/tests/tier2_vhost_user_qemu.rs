@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_tests::linux_guest::{
-    check_console, check_image, guest_dir, prepare_raw, tool_or_skip, DISK_TEST_CMDLINE,
+    check_console, check_device, check_image, guest_dir, host_pattern, prepare_raw, tool_or_skip,
+    DISK_TEST_CMDLINE, MIB,
 };
-use strata_tests::skip_loudly;
+use strata_tests::{skip_loudly, thin_volume, write_device};
 use strata_vmm::blk::{BlkConfig, DiskOptions};
 
 const SERIAL: &str = "strata-tier2";
@@ -82,8 +83,14 @@ fn run_qemu(guest: &Path, socket: &Path, cmdline: &str) -> Result<String> {
 
 /// Serves `image` to a QEMU guest running the disk test and checks both sides.
 fn run_row(row: &str, image: &Path, format: &str) -> Result<()> {
-    let guest = guest_dir()?;
     let disk = open_image(image, &OpenOptions::default())?;
+    serve_to_guest(row, disk)?;
+    check_image(row, image, format)
+}
+
+/// Serves `disk` to a QEMU guest running the disk test and checks the guest's report.
+fn serve_to_guest(row: &str, disk: Arc<dyn strata_storage::BlockDevice>) -> Result<()> {
+    let guest = guest_dir()?;
     let options = DiskOptions {
         num_queues: 2,
         serial: SERIAL.into(),
@@ -109,8 +116,7 @@ fn run_row(row: &str, image: &Path, format: &str) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the back-end thread panicked"))?
         .context("the vhost-user back-end")?;
-    check_console(row, &console, SERIAL)?;
-    check_image(row, image, format)
+    check_console(row, &console, SERIAL)
 }
 
 fn tools_present() -> Result<bool> {
@@ -166,9 +172,14 @@ fn linux_guest_through_vhost_user_on_a_qcow2_linked_clone() -> Result<()> {
 }
 
 #[test]
-fn linux_guest_through_vhost_user_on_a_thin_volume() {
-    skip_loudly(
-        "tier 2 thin-volume row",
-        "thin volumes (lv:VG/NAME) are not on this branch yet (storage/src/source.rs is missing)",
-    );
+fn linux_guest_through_vhost_user_on_a_thin_volume() -> Result<()> {
+    if !tools_present()? {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (_vg, lv) = thin_volume(dir.path(), 64 << 20)?;
+    write_device(lv.as_ref(), 0, &host_pattern())?;
+    write_device(lv.as_ref(), 2 * MIB as u64, &vec![0xcdu8; MIB])?;
+    serve_to_guest("thin volume", lv.clone())?;
+    check_device("thin volume", lv.as_ref())
 }

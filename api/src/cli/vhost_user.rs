@@ -15,14 +15,15 @@ pub struct VhostUserArgs {
     /// The vhost-user socket to listen on (created; an old one is replaced).
     #[arg(long)]
     socket: PathBuf,
-    /// The disk: PATH[,format=raw|qcow2|vmdk][,readonly=on][,queues=N][,serial=ID].
+    /// The disk: SOURCE[,format=raw|qcow2|vmdk][,readonly=on][,queues=N][,serial=ID], where
+    /// SOURCE is an image file or a volume `lv:VG/NAME`.
     #[arg(long)]
     disk: String,
 }
 
 pub fn run(args: VhostUserArgs) -> anyhow::Result<ExitCode> {
     let disk = DiskArg::parse(&args.disk)?;
-    let spec = disk.open()?;
+    let (spec, _source) = disk.open()?;
     let cfg = BlkConfig::new(spec.device, &spec.options)
         .map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
     strata_vmm::vhost_user::serve(Arc::new(cfg), &args.socket)

@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use strata_storage::format::{self, ImageFormat, OpenOptions};
+use strata_storage::bitmap::{sidecar_path, TrackedDevice};
+use strata_storage::format::{ImageFormat, OpenOptions};
+use strata_storage::source::{open_source, Source};
 use strata_storage::util::parse_size;
+use strata_storage::BlockDevice;
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{DiskSpec, Payload, VmConfig};
@@ -36,8 +39,8 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
-    /// A disk: PATH[,format=raw|qcow2|vmdk][,readonly=on][,queues=N][,serial=ID]. Repeatable;
-    /// the first is /dev/vda.
+    /// A disk: SOURCE[,format=raw|qcow2|vmdk][,readonly=on][,queues=N][,serial=ID], where
+    /// SOURCE is an image file or a volume `lv:VG/NAME`. Repeatable; the first is /dev/vda.
     #[arg(long = "disk")]
     disks: Vec<String>,
     /// Write the serial console here instead of stdout.
@@ -48,7 +51,7 @@ pub struct RunArgs {
 /// A parsed `--disk` argument.
 #[derive(Debug, PartialEq, Eq)]
 pub struct DiskArg {
-    /// The image path.
+    /// The source: an image path or `lv:VG/NAME`.
     pub path: PathBuf,
     /// Its format, probed when absent.
     pub format: Option<ImageFormat>,
@@ -100,19 +103,29 @@ impl DiskArg {
         Ok(arg)
     }
 
-    /// Opens the image and builds the device options.
-    pub fn open(&self) -> anyhow::Result<DiskSpec> {
-        let device = format::open_image(
-            &self.path,
-            &OpenOptions {
-                format: self.format,
-                read_only: self.read_only,
-                ..OpenOptions::default()
-            },
-        )
-        .with_context(|| format!("opening {}", self.path.display()))?;
-        Ok(DiskSpec {
-            name: self.path.display().to_string(),
+    /// Opens the source and builds the device options. Volumes come with their dirty bitmaps
+    /// tracking writes (the storage layer wraps them); an image file is tracked when it has a
+    /// sidecar bitmap file. The returned `Source` keeps a volume's group open and locked.
+    pub fn open(&self) -> anyhow::Result<(DiskSpec, Source)> {
+        let spec = self.path.to_string_lossy();
+        let opts = OpenOptions {
+            format: self.format,
+            read_only: self.read_only,
+            ..OpenOptions::default()
+        };
+        let source = open_source(&spec, &opts, &super::data_dir())
+            .with_context(|| format!("opening {spec}"))?;
+        let mut device = source.device();
+        if let Source::Image(_) = &source {
+            let sidecar = sidecar_path(&self.path);
+            if sidecar.exists() && !device.read_only() {
+                let tracked = TrackedDevice::open(device, &sidecar)
+                    .with_context(|| format!("opening the dirty bitmaps {}", sidecar.display()))?;
+                device = Arc::new(tracked) as Arc<dyn BlockDevice>;
+            }
+        }
+        let disk = DiskSpec {
+            name: source.describe(),
             device,
             options: DiskOptions {
                 read_only: self.read_only,
@@ -120,7 +133,8 @@ impl DiskArg {
                 serial: self.serial.clone(),
                 ..DiskOptions::default()
             },
-        })
+        };
+        Ok((disk, source))
     }
 }
 
@@ -144,7 +158,12 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     // Disks stay open across guest reboots; everything else is built anew each boot.
-    let specs: Vec<DiskSpec> = disks.iter().map(DiskArg::open).collect::<Result<_, _>>()?;
+    let (specs, _sources): (Vec<DiskSpec>, Vec<Source>) = disks
+        .iter()
+        .map(DiskArg::open)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     loop {
         let serial: Box<dyn Write + Send> = match &args.serial {
             Some(p) => Box::new(

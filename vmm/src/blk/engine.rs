@@ -156,13 +156,25 @@ impl QueueEngine {
         if let Err(e) = self.io.commit() {
             self.log(format_args!("committing I/O failed: {e}"));
         }
-        used_any && self.needs_interrupt(queue, mem)
+        let mut interrupt = used_any && self.needs_interrupt(queue, mem);
+        // Requests a device completes while they are submitted (without I/O below it) may not
+        // signal the completion eventfd; take them now rather than wait for a signal.
+        if self.in_flight() > 0 {
+            interrupt |= self.complete_ready(queue, mem, false);
+        }
+        interrupt
     }
 
     /// Reaps finished I/O, writes statuses and used entries, then takes more chains if room was
     /// made. Returns whether the driver must be interrupted.
     pub fn process_completions(&mut self, queue: &mut Queue, mem: &SharedMemory) -> bool {
         let _ = self.notifier.read();
+        self.complete_ready(queue, mem, true)
+    }
+
+    /// Completes what the I/O queue has ready; with `refill`, takes more chains if that made
+    /// room. Returns whether the driver must be interrupted.
+    fn complete_ready(&mut self, queue: &mut Queue, mem: &SharedMemory, refill: bool) -> bool {
         let was_full = self.free.is_empty() || !self.deferred.is_empty();
         let mut done = std::mem::take(&mut self.completions);
         self.io.reap(&mut done);
@@ -189,7 +201,7 @@ impl QueueEngine {
         }
         self.completions = done;
         let mut interrupt = used_any && self.needs_interrupt(queue, mem);
-        if was_full {
+        if was_full && refill {
             interrupt |= self.process_avail(queue, mem);
         }
         interrupt

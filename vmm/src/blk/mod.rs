@@ -19,7 +19,6 @@
 pub mod chain;
 pub mod config;
 pub mod engine;
-pub mod tracking;
 pub mod worker;
 
 pub use config::{BlkConfig, DiskOptions};
