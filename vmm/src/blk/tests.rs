@@ -543,3 +543,84 @@ fn a_full_pool_is_an_io_error_on_that_request_and_unsupported_is_unsupp() {
     let st = h.request(req_type::IN, 0, &[(DATA, 4096, true)]);
     expect_status(&mut h, st, status::OK);
 }
+
+/// A device whose queue completes every request as it is submitted and never signals its
+/// eventfd (as a thin volume does for a discard that only changes metadata).
+#[derive(Debug)]
+struct SilentDevice;
+
+#[derive(Debug, Default)]
+struct SilentQueue(Vec<strata_storage::io::Completion>);
+
+impl strata_storage::io::IoQueue for SilentQueue {
+    fn depth(&self) -> usize {
+        64
+    }
+    fn in_flight(&self) -> usize {
+        self.0.len()
+    }
+    fn submit(
+        &mut self,
+        req: strata_storage::io::Request,
+    ) -> std::result::Result<(), strata_storage::io::QueueFull> {
+        self.0.push(strata_storage::io::Completion::of(req, Ok(0)));
+        Ok(())
+    }
+    fn commit(&mut self) -> strata_storage::Result<()> {
+        Ok(())
+    }
+    fn reap(&mut self, out: &mut Vec<strata_storage::io::Completion>) -> usize {
+        let n = self.0.len();
+        out.append(&mut self.0);
+        n
+    }
+    fn wait(&mut self, _: Option<std::time::Duration>) -> strata_storage::Result<()> {
+        Ok(())
+    }
+    fn notifier(&self) -> Option<&Arc<vmm_sys_util::eventfd::EventFd>> {
+        None
+    }
+}
+
+impl BlockDevice for SilentDevice {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::WRITE | Capabilities::FLUSH | Capabilities::DISCARD
+    }
+    fn alignment(&self) -> usize {
+        512
+    }
+    fn open_queue(
+        &self,
+        _: &QueueOptions,
+    ) -> strata_storage::Result<Box<dyn strata_storage::io::IoQueue>> {
+        Ok(Box::new(SilentQueue::default()))
+    }
+    fn flush(&self) -> strata_storage::Result<()> {
+        Ok(())
+    }
+    fn resize(&self, _: u64) -> strata_storage::Result<()> {
+        Err(StorageError::Unsupported("resize".into()))
+    }
+    fn block_status(&self, offset: u64, len: u64) -> strata_storage::Result<Extent> {
+        Ok(Extent {
+            offset,
+            len,
+            kind: ExtentKind::Data,
+        })
+    }
+}
+
+#[test]
+fn requests_completed_at_submit_without_a_signal_are_not_left_waiting() {
+    let mut h = Harness::new(Arc::new(SilentDevice), DiskOptions::default());
+    h.fill(DATA, &[0u8; 16]);
+    let st = h.request(req_type::DISCARD, 0, &[(DATA, 16, false)]);
+    // Only the avail pass runs: no completion event will ever come for this request.
+    assert!(h.engine.process_avail(&mut h.queue, &h.mem));
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(h.status(st), status::OK);
+    assert_eq!(h.engine.in_flight(), 0);
+}
