@@ -10,6 +10,8 @@ mod lv;
 mod pv;
 mod serve;
 mod vg;
+mod vhost_user;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,11 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Run virtual machines under Strata's KVM VMM.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Serve a disk to QEMU or Cloud Hypervisor as a vhost-user-blk back-end.
+    VhostUserBlk(vhost_user::VhostUserArgs),
     /// Serve the HTTP API (setting up an empty data directory first).
     Serve(serve::ServeArgs),
     /// Set up an empty data directory: default volume group, thin pool, first API token.
@@ -104,6 +111,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data = DataDir::at(&data_path);
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::VhostUserBlk(args) => vhost_user::run(args),
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),
         Command::Token(cmd) => serve::token(cmd, data),
