@@ -75,7 +75,7 @@ pub fn create(
     let chunk_size = store.chunk_size();
     let plan = plan(store, size, opts)?;
     if let Some(reason) = &plan.tracking.fallback_reason {
-        tracing::warn!(%reason, "reading the whole source");
+        tracing::info!(%reason, "reading the whole source");
     }
     let read_bytes: u64 = plan
         .to_read
@@ -121,7 +121,7 @@ pub fn create(
         chunks_reused: result.reused,
         chunks_from_parent: from_parent,
         bytes_stored: result.bytes_stored,
-        dedup_ratio: size as f64 / result.bytes_stored.max(1) as f64,
+        dedup_ratio: dedup_ratio(&index),
         duration_secs: secs,
         throughput_mib_s: size as f64 / (1 << 20) as f64 / secs.max(1e-9),
     };
@@ -147,6 +147,22 @@ pub fn create(
         snapshot: name,
         manifest,
     })
+}
+
+/// Source size over the stored size of the distinct chunks the snapshot references.
+fn dedup_ratio(index: &Index) -> Option<f64> {
+    let mut seen = HashSet::new();
+    let stored: u64 = index
+        .entries()
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Stored { digest, stored_len } if seen.insert(*digest) => {
+                Some(*stored_len as u64)
+            }
+            _ => None,
+        })
+        .sum();
+    (stored > 0).then(|| index.size() as f64 / stored as f64)
 }
 
 fn commit(

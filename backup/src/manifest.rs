@@ -44,8 +44,9 @@ pub struct BackupStats {
     pub chunks_from_parent: u64,
     /// Bytes of blobs written by this run (after compression).
     pub bytes_stored: u64,
-    /// Source size divided by the bytes this snapshot stored anew (∞ shown as 0 stored).
-    pub dedup_ratio: f64,
+    /// Source size divided by the stored size of the distinct chunks the snapshot references
+    /// (null when it references none: an all-zero source).
+    pub dedup_ratio: Option<f64>,
     /// Wall time in seconds.
     pub duration_secs: f64,
     /// Source size per second.

@@ -92,7 +92,7 @@ pub fn run(
     let workers = opts.workers.max(1);
     let depth = opts.read_depth.max(1);
     let cancel = AtomicBool::new(false);
-    let run_set: Mutex<HashMap<Digest, ()>> = Mutex::new(HashMap::new());
+    let run_set: Mutex<HashMap<Digest, u32>> = Mutex::new(HashMap::new());
     let (work_tx, work_rx) = bounded::<Job>(workers * 2);
     let (pool_tx, pool_rx) = unbounded::<IoBuf>();
     let (res_tx, res_rx) = unbounded::<Result<Outcome>>();
@@ -157,9 +157,14 @@ pub fn run(
                             result.new_dirs.push(digest.0[0]);
                             n
                         }
-                        _ => {
+                        Some(Stored::Existing(n)) => {
                             result.reused += 1;
-                            0
+                            n
+                        }
+                        // Stored by another worker in this run; its size is filled in below.
+                        None => {
+                            result.reused += 1;
+                            u32::MAX
                         }
                     };
                     result
@@ -183,6 +188,14 @@ pub fn run(
             result.entries.len(),
             to_read.len()
         )));
+    }
+    let sizes = run_set.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (_, e) in result.entries.iter_mut() {
+        if let Entry::Stored { digest, stored_len } = e {
+            if *stored_len == u32::MAX {
+                *stored_len = sizes.get(digest).copied().unwrap_or(0);
+            }
+        }
     }
     result.entries.sort_by_key(|e| e.0);
     result.new_dirs.sort_unstable();
@@ -287,7 +300,7 @@ fn worker(
     pool_tx: &Sender<IoBuf>,
     res_tx: &Sender<Result<Outcome>>,
     cancel: &AtomicBool,
-    run_set: &Mutex<HashMap<Digest, ()>>,
+    run_set: &Mutex<HashMap<Digest, u32>>,
 ) {
     for job in work_rx.iter() {
         if cancel.load(Ordering::Relaxed) {
@@ -304,7 +317,7 @@ fn process(
     store: &Datastore,
     level: i32,
     job: &Job,
-    run_set: &Mutex<HashMap<Digest, ()>>,
+    run_set: &Mutex<HashMap<Digest, u32>>,
 ) -> Result<Outcome> {
     let data = match job.buf.as_slice() {
         Some(s) => &s[..job.len],
@@ -324,10 +337,18 @@ fn process(
     let first_in_run = run_set
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(digest, ())
+        .insert(digest, 0)
         .is_none();
     let stored = if first_in_run {
-        Some(store.insert_chunk(&digest, data, level)?)
+        let stored = store.insert_chunk(&digest, data, level)?;
+        let len = match stored {
+            Stored::New(n) | Stored::Existing(n) => n,
+        };
+        run_set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest, len);
+        Some(stored)
     } else {
         None
     };

@@ -2,6 +2,7 @@
 //! own module and calls the storage layer; no command keeps logic of its own that a library
 //! should hold.
 
+mod backup;
 mod bench;
 mod image;
 
@@ -26,6 +27,9 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Back up and restore images and volumes: create, restore, list, show, verify, prune, gc.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 /// Output format for commands that report.
@@ -60,5 +64,6 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Backup(cmd) => backup::run(cmd),
     }
 }
