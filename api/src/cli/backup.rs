@@ -52,6 +52,9 @@ pub struct StoreArg {
 pub struct InitArgs {
     #[command(flatten)]
     store: StoreArg,
+    /// Chunk size, a power of two from 64K to 16M.
+    #[arg(long, default_value = "4M")]
+    chunk_size: String,
 }
 
 #[derive(Debug, Args)]
@@ -191,7 +194,10 @@ pub struct GcArgs {
 pub fn run(cmd: BackupCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BackupCommand::Init(a) => {
-            Datastore::create(&a.store.store)?;
+            let cs = strata_storage::util::parse_size(&a.chunk_size)?;
+            let cs =
+                u32::try_from(cs).map_err(|_| anyhow::anyhow!("Chunk size {cs} is too large"))?;
+            Datastore::create_with_chunk_size(&a.store.store, cs)?;
             println!("Created datastore {}", a.store.store.display());
             Ok(ExitCode::SUCCESS)
         }
