@@ -30,7 +30,7 @@ use strata_storage::{Result, StorageError};
 
 use crate::digest::Digest;
 use crate::fsutil::{self, io_err, is_temp_name};
-use crate::lock::{lock_gc, scan_writers};
+use crate::lock::{lock_gc, scan_writers, writer_alive};
 use crate::progress::Progress;
 use crate::store::{Datastore, GC_INFIX};
 
@@ -189,7 +189,8 @@ fn remove_leftover_folders(store: &Datastore, live: &HashSet<String>) -> Result<
             }
             let name = ent.file_name().to_string_lossy().into_owned();
             let stale = if let Some(nonce) = name.strip_prefix(".tmp-") {
-                !live.contains(nonce)
+                // Check again: a backup may have registered after the registry scan.
+                !live.contains(nonce) && !writer_alive(store, nonce)
             } else {
                 name.starts_with(".del-")
             };

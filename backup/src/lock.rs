@@ -116,6 +116,15 @@ pub fn scan_writers(store: &Datastore) -> Result<LiveWriters> {
     Ok(live)
 }
 
+/// Whether the backup with registration `nonce` is still running.
+pub fn writer_alive(store: &Datastore, nonce: &str) -> bool {
+    let path = store.writers_dir().join(format!("{nonce}.lock"));
+    matches!(
+        Flock::acquire(&path, true, false, false, "writer"),
+        Err(StorageError::Busy(_))
+    )
+}
+
 /// Takes the exclusive lock of a snapshot group, creating the group folder.
 pub fn lock_group(store: &Datastore, id: &str) -> Result<(Flock, PathBuf)> {
     let dir = store.snapshots_dir().join(id);

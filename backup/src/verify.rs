@@ -2,7 +2,7 @@
 //! (blob crc, length, digest), each distinct chunk once, on all cores. The report names every
 //! damaged chunk and every snapshot it affects.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -63,12 +63,50 @@ impl VerifyReport {
     }
 }
 
-/// Verifies `names` with `workers` threads.
+/// Snapshots held (one open lock each) and verified together.
+const BATCH: usize = 256;
+
+/// Verifies `names` with `workers` threads, in batches of [`BATCH`] snapshots so that the locks
+/// held stay bounded; a chunk is checked once however many snapshots use it.
 pub fn verify(
     store: &Datastore,
     names: &[SnapshotName],
     workers: usize,
     progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let mut report = VerifyReport {
+        snapshots: Vec::new(),
+        chunks_checked: 0,
+        bytes_checked: 0,
+        bad_chunks: Vec::new(),
+    };
+    // Chunks checked in earlier batches: `Some(error)` when damaged.
+    let mut checked: HashMap<Digest, Option<String>> = HashMap::new();
+    for batch in names.chunks(BATCH) {
+        let r = verify_batch(store, batch, workers, progress, &mut checked)?;
+        report.snapshots.extend(r.snapshots);
+        report.chunks_checked += r.chunks_checked;
+        report.bytes_checked += r.bytes_checked;
+        for bad in r.bad_chunks {
+            match report
+                .bad_chunks
+                .iter_mut()
+                .find(|b| b.digest == bad.digest)
+            {
+                Some(b) => b.snapshots.extend(bad.snapshots),
+                None => report.bad_chunks.push(bad),
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn verify_batch(
+    store: &Datastore,
+    names: &[SnapshotName],
+    workers: usize,
+    progress: &dyn Progress,
+    checked: &mut HashMap<Digest, Option<String>>,
 ) -> Result<VerifyReport> {
     let mut checks = Vec::new();
     // digest -> (length, snapshots using it)
@@ -105,7 +143,10 @@ pub fn verify(
         check.ok = check.errors.is_empty();
         checks.push(check);
     }
-    let list: Vec<(&Digest, &(usize, BTreeSet<usize>))> = chunks.iter().collect();
+    let list: Vec<(&Digest, &(usize, BTreeSet<usize>))> = chunks
+        .iter()
+        .filter(|(d, _)| !checked.contains_key(*d))
+        .collect();
     let total: u64 = list.iter().map(|(_, (l, _))| *l as u64).sum();
     progress.begin("verify", total);
     let next = AtomicUsize::new(0);
@@ -130,11 +171,18 @@ pub fn verify(
         }
     });
     progress.finish();
-    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
-    bad.sort();
+    let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut errors: HashMap<usize, String> = bad.into_iter().collect();
+    for (i, (digest, _)) in list.iter().enumerate() {
+        checked.insert(**digest, errors.remove(&i));
+    }
     let mut bad_chunks = Vec::new();
-    for (i, error) in bad {
-        let (digest, (_, users)) = list[i];
+    // Every damaged chunk this batch uses, checked now or in an earlier batch.
+    for (digest, (_, users)) in &chunks {
+        let Some(Some(error)) = checked.get(digest) else {
+            continue;
+        };
+        let error = error.clone();
         for &si in users {
             checks[si].ok = false;
             checks[si].bad_chunks.push(digest.to_hex());
