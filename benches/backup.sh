@@ -55,7 +55,7 @@ make_image() {
   rm -f "$img"
   head -c $((third << 20)) /dev/urandom > "$img"
   head -c $((third << 20)) /dev/zero >> "$img"
-  yes "Strata backup benchmark: the quick brown fox jumps over the lazy dog 0123456789" |
+  { yes "Strata backup benchmark: the quick brown fox jumps over the lazy dog 0123456789" || true; } |
     head -c $(( (mib - 2 * third) << 20 )) >> "$img"
 }
 
@@ -116,7 +116,7 @@ for round in $(seq 1 "$rounds"); do
   t1=$(now); T[inc_s_full]=$(elapsed "$t0" "$t1")
 
   drop_caches; t0=$(now)
-  "$strata" backup restore image/mixed --store "$dir/strata" "$dir/out-strata.img" -q
+  "$strata" backup restore image/mixed --store "$dir/strata" "$dir/out-strata.img" -q >/dev/null
   t1=$(now); T[res_s]=$(elapsed "$t0" "$t1")
   drop_caches; t0=$(now)
   restic -q -r "$dir/restic" restore latest --target "$dir/out-restic" >/dev/null
@@ -138,7 +138,7 @@ for round in $(seq 1 "$rounds"); do
   echo "Repository sizes: strata $(du -sm "$dir/strata" | cut -f1) MiB, restic $(du -sm "$dir/restic" | cut -f1) MiB, borg $(du -sm "$dir/borg" | cut -f1) MiB (after both backups)"
   echo
   row "row" "strata" "restic" "borg" "vs restic" "vs borg"
-  echo "|----------------------------------------|-------------|-------------|-------------|---------|---------|"
+  echo "|----------------------------------------|-------------|-------------|-------------|-----------|---------|"
   row "full backup" "${T[full_s]}" "${T[full_r]}" "${T[full_b]}" "$(ratio "${T[full_r]}" "${T[full_s]}")" "$(ratio "${T[full_b]}" "${T[full_s]}")"
   row "1% incremental (dirty ranges)" "${T[inc_s]}" "${T[inc_r]}" "${T[inc_b]}" "$(ratio "${T[inc_r]}" "${T[inc_s]}")" "$(ratio "${T[inc_b]}" "${T[inc_s]}")"
   row "1% changed, no bitmap (full re-read)" "${T[inc_s_full]}" "${T[inc_r]}" "${T[inc_b]}" "$(ratio "${T[inc_r]}" "${T[inc_s_full]}")" "$(ratio "${T[inc_b]}" "${T[inc_s_full]}")"
