@@ -19,10 +19,12 @@
 //! | thread-pool job and completion lists | a queue and its workers | one mutex each |
 //! | in-memory test devices | all their queues | a read-write lock on the bytes |
 
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod ova;
 pub mod util;
 
 #[cfg(feature = "test-utils")]

@@ -4,11 +4,18 @@
 
 mod backup;
 mod bench;
+mod convert;
 mod image;
+mod import_ova;
+mod serve;
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::service::DataDir;
 
 /// Strata: storage-centric virtualization. Images, volumes, backups and VMs.
 #[derive(Debug, Parser)]
@@ -17,6 +24,10 @@ pub struct Cli {
     /// Log more (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Strata's data directory (default: $STRATA_DATA, else /var/lib/strata).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -30,6 +41,11 @@ enum Command {
     /// Back up and restore images and volumes: create, restore, list, show, verify, prune, gc.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Serve the HTTP API.
+    Serve(serve::ServeArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(serve::TokenCommand),
 }
 
 /// Output format for commands that report.
@@ -62,8 +78,11 @@ pub fn init_logging(verbose: u8) {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let data = DataDir::resolve(cli.data.as_deref());
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Backup(cmd) => backup::run(cmd),
+        Command::Serve(a) => serve::serve(a, data),
+        Command::Token(cmd) => serve::token(cmd, data),
     }
 }
