@@ -174,11 +174,7 @@ impl Index {
             )));
         }
         let want = (INDEX_HEADER_LEN as u64)
-            .checked_add(
-                count
-                    .checked_mul(INDEX_ENTRY_LEN as u64)
-                    .unwrap_or(u64::MAX),
-            )
+            .checked_add(count.saturating_mul(INDEX_ENTRY_LEN as u64))
             .and_then(|v| v.checked_add(INDEX_TRAILER_LEN as u64))
             .unwrap_or(u64::MAX);
         if want != bytes.len() as u64 {

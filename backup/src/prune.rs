@@ -52,6 +52,9 @@ pub struct PruneDecision {
     pub skipped: Option<String>,
 }
 
+/// Maps a time to its calendar period (day, ISO week, month).
+type Bucket = fn(Epoch) -> i64;
+
 /// Decides, for snapshots of one group sorted oldest first, which to keep and by which rule.
 pub fn select(group: &[SnapshotName], rules: KeepRules) -> Vec<Option<&'static str>> {
     let n = group.len();
@@ -60,7 +63,7 @@ pub fn select(group: &[SnapshotName], rules: KeepRules) -> Vec<Option<&'static s
     for &i in newest_first.iter().take(rules.last) {
         kept[i] = Some("last");
     }
-    let calendar: [(usize, &'static str, fn(Epoch) -> i64); 3] = [
+    let calendar: [(usize, &'static str, Bucket); 3] = [
         (rules.daily, "daily", time::day_bucket),
         (rules.weekly, "weekly", time::iso_week_bucket),
         (rules.monthly, "monthly", time::month_bucket),

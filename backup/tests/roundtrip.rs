@@ -305,6 +305,15 @@ fn round_trip_through_each_image_format() {
                 if let Ok(st) = st {
                     assert!(st.success(), "qemu-img compare raw vs restored {fmt}");
                 }
+                if fmt != "raw" {
+                    let st = std::process::Command::new("qemu-img")
+                        .args(["check", "-f", fmt])
+                        .arg(&target)
+                        .status();
+                    if let Ok(st) = st {
+                        assert!(st.success(), "qemu-img check of the restored {fmt}");
+                    }
+                }
                 ran.push(format!("{fmt} target"));
             }
             Err(e) => skipped.push(format!("{fmt} target: {e}")),
