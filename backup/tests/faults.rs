@@ -307,3 +307,78 @@ fn a_full_disk_fails_cleanly() {
     .unwrap();
     assert!(restore_raw(&store, &out.snapshot, &dir.path().join("rs.img")).unwrap() == small);
 }
+
+/// Backups that reuse old, unreferenced chunks while garbage collection sweeps them in a loop:
+/// every snapshot must still verify (the touch / set-aside / re-check protocol in gc.rs). Each
+/// image is backed up once, so a chunk lost mid-backup cannot be healed by a later backup.
+#[test]
+fn gc_running_alongside_backups_never_removes_a_chunk_they_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Datastore::create_with_chunk_size(&dir.path().join("store"), CHUNK).unwrap();
+    let mut images = Vec::new();
+    for k in 0..8 {
+        let p = dir.path().join(format!("img{k}"));
+        let mut v = vec![0u8; 4 << 20];
+        fastrand::Rng::with_seed(40 + k).fill(&mut v);
+        write_raw(&p, &v);
+        // Half the images were backed up before (their chunks are now old and unreferenced).
+        if k % 2 == 0 {
+            let out = backup(
+                &store,
+                open_ro(&p).unwrap(),
+                "image/old",
+                Changes::Untracked,
+            )
+            .unwrap();
+            strata_backup::prune::remove_snapshot(&store, &out.snapshot).unwrap();
+        }
+        images.push((p, v));
+    }
+    backdate_all_chunks(&store, 7200);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (mut sweeps, mut removed) = (0, 0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for (k, (p, _)) in images.iter().enumerate() {
+                backup(
+                    &store,
+                    open_ro(p).unwrap(),
+                    &format!("image/new{k}"),
+                    Changes::Untracked,
+                )
+                .unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            match gc(&store, 1, &NoProgress) {
+                Ok(st) => {
+                    sweeps += 1;
+                    removed += st.chunks_removed;
+                }
+                Err(e) => panic!("gc failed: {e}"),
+            }
+        }
+    });
+    eprintln!(
+        "{sweeps} gc sweeps ran alongside {} backups and removed {removed} chunks",
+        images.len()
+    );
+    let report = verify(&store, &store.list().unwrap(), 2, &NoProgress).unwrap();
+    assert!(
+        report.ok(),
+        "{} chunks lost, first: {:?}",
+        report.bad_chunks.len(),
+        report.bad_chunks.first()
+    );
+    for (k, (_, want)) in images.iter().enumerate() {
+        let snap = store
+            .list_group(&format!("image/new{k}"))
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert!(
+            restore_raw(&store, &snap, &dir.path().join(format!("r{k}.img"))).unwrap() == *want
+        );
+    }
+}
