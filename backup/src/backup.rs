@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use strata_storage::{BlockDevice, Result, StorageError};
 
-use crate::changes::{dirty_chunks, Changes};
+use crate::changes::{dirty_chunks, ChangeTracker, Changes};
 use crate::fsutil::{self, io_err};
 use crate::index::{chunk_count, Entry, Index};
 use crate::lock::{lock_group, WriterRegistration};
@@ -149,6 +149,75 @@ pub fn create(
     })
 }
 
+/// Backs up `dev` with change tracking from `tracker`: takes its changes since the previous take
+/// (restarting it, so writes during this backup land in the next one), uses them if they are valid
+/// and the group's latest snapshot was the one made at that previous take, and gives them back if
+/// the backup fails. `opts.changes` is ignored.
+pub fn create_tracked(
+    store: &Datastore,
+    dev: Arc<dyn BlockDevice>,
+    opts: &BackupOptions,
+    tracker: &mut dyn ChangeTracker,
+    progress: &dyn Progress,
+) -> Result<BackupOutcome> {
+    check_id(&opts.id)?;
+    let origin = tracker.describe();
+    let taken = tracker.take()?;
+    let changes = match &taken {
+        None => Changes::Invalid {
+            origin: origin.clone(),
+            reason: "change tracking starts with this backup".into(),
+        },
+        Some(t) if !t.valid => Changes::Invalid {
+            origin: origin.clone(),
+            reason: t
+                .invalid_reason
+                .clone()
+                .unwrap_or_else(|| "the bitmap may have missed writes".into()),
+        },
+        Some(t) => match latest_taken_with(store, &opts.id, &origin)? {
+            Ok(base) => Changes::Dirty {
+                origin: origin.clone(),
+                base,
+                ranges: t.ranges.clone(),
+            },
+            Err(reason) => Changes::Invalid {
+                origin: origin.clone(),
+                reason,
+            },
+        },
+    };
+    let opts = BackupOptions {
+        changes,
+        ..opts.clone()
+    };
+    let result = create(store, dev, &opts, progress);
+    if result.is_err() && taken.is_some() {
+        if let Err(e) = tracker.give_back() {
+            tracing::error!(error = %e, tracker = %origin, "could not give back the taken changes; the next backup must read everything");
+        }
+    }
+    result
+}
+
+/// The group's latest snapshot if it was made with tracker `origin`, else why not.
+fn latest_taken_with(
+    store: &Datastore,
+    id: &str,
+    origin: &str,
+) -> Result<std::result::Result<String, String>> {
+    let Some(latest) = store.list_group(id)?.pop() else {
+        return Ok(Err("no previous snapshot in this group".into()));
+    };
+    Ok(match store.read_manifest(&latest) {
+        Ok(m) if m.change_tracking.bitmap.as_deref() == Some(origin) => Ok(latest.to_string()),
+        Ok(_) => Err(format!(
+            "the latest snapshot {latest} was not made with {origin}"
+        )),
+        Err(e) => Err(format!("the latest snapshot is unreadable: {e}")),
+    })
+}
+
 /// Source size over the stored size of the distinct chunks the snapshot references.
 fn dedup_ratio(index: &Index) -> Option<f64> {
     let mut seen = HashSet::new();
@@ -209,11 +278,15 @@ fn plan(store: &Datastore, size: u64, opts: &BackupOptions) -> Result<Plan> {
     let parent = store.list_group(&opts.id)?.pop();
     let mut known: Vec<Option<Entry>> = vec![None; count as usize];
     let Some(parent_name) = parent else {
-        let reason = match &opts.changes {
-            Changes::Untracked => None,
-            _ => Some("no previous snapshot in this group".to_string()),
+        let (reason, origin) = match &opts.changes {
+            Changes::Untracked => (None, None),
+            Changes::Invalid { origin, reason } => (Some(reason.clone()), Some(origin.clone())),
+            Changes::Dirty { origin, .. } => (
+                Some("no previous snapshot in this group".to_string()),
+                Some(origin.clone()),
+            ),
         };
-        let (to_read, tracking) = full(count, reason, None);
+        let (to_read, tracking) = full(count, reason, origin);
         return Ok(Plan {
             parent: None,
             known,

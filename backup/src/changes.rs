@@ -86,6 +86,32 @@ impl Changes {
     }
 }
 
+/// Changes taken from a tracker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TakenChanges {
+    /// Dirty `(offset, length)` ranges since the previous take.
+    pub ranges: Vec<(u64, u64)>,
+    /// False when writes may be missing (an unclean stop while tracking).
+    pub valid: bool,
+    /// Why they are invalid, when known.
+    pub invalid_reason: Option<String>,
+}
+
+/// A source's change tracker: a volume's or image's persistent dirty bitmap, dedicated to one
+/// datastore and group (a bitmap shared by two backup chains would give each only part of the
+/// changes).
+pub trait ChangeTracker {
+    /// A stable description recorded in manifests (`bitmap NAME of lv:VG/NAME`): the next backup
+    /// is incremental only if the group's latest snapshot recorded the same tracker.
+    fn describe(&self) -> String;
+    /// Returns the changes since the previous take and restarts tracking atomically, so writes
+    /// during the backup land in the next take. `None` when there was no previous take (the
+    /// tracker is created now).
+    fn take(&mut self) -> Result<Option<TakenChanges>>;
+    /// Merges the last take back after a failed backup.
+    fn give_back(&mut self) -> Result<()>;
+}
+
 /// Marks the chunks that dirty `ranges` touch, for a source of `size` bytes.
 pub fn dirty_chunks(ranges: &[(u64, u64)], size: u64, chunk_size: u32) -> Result<Vec<bool>> {
     let count = chunk_count(size, chunk_size);

@@ -18,7 +18,10 @@
 //! in flight and hashes/compresses/stores on all cores ([`pipeline`]). With change tracking
 //! ([`changes`]) relative to the group's latest snapshot it reads only the dirty chunks and takes
 //! the rest from the parent's index, after checking that index and that its chunks exist;
-//! otherwise it reads everything and records why.
+//! otherwise it reads everything and records why. [`backup::create_tracked`] drives this from a
+//! [`changes::ChangeTracker`] (a persistent dirty bitmap): it takes the bitmap (restarting it, so
+//! writes during the backup land in the next one), gives the take back if the backup fails, and
+//! trusts it only if the group's latest snapshot was made at the previous take.
 //!
 //! # Locking: who may run with whom
 //! | operation | holds | runs concurrently with |
@@ -47,8 +50,8 @@ pub mod store;
 pub mod time;
 pub mod verify;
 
-pub use backup::{create, BackupOptions, BackupOutcome};
-pub use changes::Changes;
+pub use backup::{create, create_tracked, BackupOptions, BackupOutcome};
+pub use changes::{ChangeTracker, Changes, TakenChanges};
 pub use digest::Digest;
 pub use progress::{NoProgress, Progress};
 pub use snapshot::SnapshotName;
