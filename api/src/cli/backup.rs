@@ -275,6 +275,16 @@ fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     let (dev, source_format) = open_source(&a.source, a.cache)?;
     let changes = match &a.dirty_ranges {
         Some(p) => {
+            const MAX_RANGES_FILE: u64 = 512 << 20;
+            let len = std::fs::metadata(p)
+                .with_context(|| format!("Could not read {}", p.display()))?
+                .len();
+            if len > MAX_RANGES_FILE {
+                bail!(
+                    "{} is {len} bytes; dirty-ranges files are limited to {MAX_RANGES_FILE}",
+                    p.display()
+                );
+            }
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("Could not read {}", p.display()))?;
             Changes::parse_ranges_file(&text, &format!("dirty-ranges {}", p.display()))?
