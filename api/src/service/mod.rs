@@ -19,6 +19,7 @@
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
 
+pub mod bootstrap;
 pub mod error;
 pub mod images;
 pub mod jobs;
@@ -43,11 +44,9 @@ pub struct DataDir {
 impl DataDir {
     /// The data directory chosen by the flag, the environment or the default.
     pub fn resolve(flag: Option<&Path>) -> DataDir {
-        let root = flag
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("STRATA_DATA").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("/var/lib/strata"));
-        DataDir { root }
+        DataDir {
+            root: strata_storage::volume::resolve_data_dir(flag),
+        }
     }
 
     /// A data directory at `root`.
