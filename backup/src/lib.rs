@@ -33,6 +33,7 @@
 //! | list, show | nothing | everything |
 
 pub mod backup;
+pub mod bitmap_tracker;
 pub mod blob;
 pub mod changes;
 pub mod digest;

@@ -1,12 +1,12 @@
 //! `strata backup …`: the deduplicating datastore (strata-backup) from the command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use strata_backup::bitmap_tracker::{bitmap_name, BitmapTracker};
 use strata_backup::gc::DEFAULT_GRACE_SECS;
 use strata_backup::pipeline::PipelineOptions;
 use strata_backup::prune::KeepRules;
@@ -15,8 +15,8 @@ use strata_backup::{snapshot, BackupOptions, Changes, Datastore, Progress};
 use strata_storage::format::{self, ImageFormat, OpenOptions};
 use strata_storage::io::engine::EngineChoice;
 use strata_storage::io::file::CacheMode;
+use strata_storage::source::{open_source, Source};
 use strata_storage::util::format_size;
-use strata_storage::BlockDevice;
 
 use super::image::{CacheArg, FormatArg};
 use super::Output;
@@ -96,7 +96,8 @@ pub struct RestoreArgs {
     snapshot: String,
     #[command(flatten)]
     store: StoreArg,
-    /// The target: a new image file, or an existing image with --existing.
+    /// The target: a new image file, an existing image with --existing, or lv:VG/NAME (an
+    /// existing volume of the snapshot's size).
     target: PathBuf,
     /// Format of the new image.
     #[arg(short = 'O', long = "target-format", value_enum, default_value = "raw")]
@@ -254,25 +255,43 @@ fn open_store(a: &StoreArg) -> anyhow::Result<Datastore> {
     Ok(Datastore::open(&a.store)?)
 }
 
-fn open_source(source: &str, cache: CacheArg) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
-    if source.starts_with("lv:") {
-        bail!("Unsupported: volume sources ({source}) need the volume layer, which this build does not have yet");
-    }
+/// Opens a source or target by name (`FILE` or `lv:VG/NAME`).
+fn open_named(spec: &str, read_only: bool, cache: CacheArg) -> anyhow::Result<Source> {
     let opts = OpenOptions {
         format: None,
-        read_only: true,
+        read_only,
         cache: cache.into(),
         engine: EngineChoice::Auto,
     };
-    let img = format::open_image(Path::new(source), &opts)
-        .with_context(|| format!("Could not open {source}"))?;
-    let fmt = img.format().to_string();
-    Ok((img, fmt))
+    open_source(spec, &opts, &super::data_dir()).with_context(|| format!("Could not open {spec}"))
+}
+
+/// The source's format name and, for a volume, a tracker over its dirty bitmap for this
+/// datastore and group.
+fn tracker_for(
+    source: &Source,
+    store: &Datastore,
+    id: &str,
+) -> anyhow::Result<(String, Option<BitmapTracker>)> {
+    match source {
+        Source::Image(img) => Ok((img.format().to_string(), None)),
+        Source::Volume { vg, name, .. } => {
+            let lv = name.split_once('/').map_or(name.as_str(), |(_, lv)| lv);
+            let set = vg.bitmaps(lv)?;
+            let tracker =
+                BitmapTracker::new(set, bitmap_name(store.root(), id), format!("lv:{name}"));
+            Ok(("volume".into(), Some(tracker)))
+        }
+    }
 }
 
 fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     let store = Datastore::open_or_create(&a.store.store)?;
-    let (dev, source_format) = open_source(&a.source, a.cache)?;
+    let source = open_named(&a.source, true, a.cache)?;
+    let id =
+        a.id.clone()
+            .unwrap_or_else(|| snapshot::default_id(&a.source));
+    let (source_format, tracker) = tracker_for(&source, &store, &id)?;
     let changes = match &a.dirty_ranges {
         Some(p) => {
             const MAX_RANGES_FILE: u64 = 512 << 20;
@@ -299,18 +318,22 @@ fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = a.threads {
         pipeline.workers = t.max(1);
     }
+    let use_tracker = a.dirty_ranges.is_none();
     let opts = BackupOptions {
-        id: a
-            .id
-            .clone()
-            .unwrap_or_else(|| snapshot::default_id(&a.source)),
+        id,
         source_label: a.source.clone(),
         source_format,
         changes,
         pipeline,
     };
     let bar = Bar::new(a.quiet || a.output == Output::Json);
-    let out = strata_backup::create(&store, dev, &opts, &bar)?;
+    let dev = source.device();
+    let out = match tracker {
+        Some(mut t) if use_tracker => {
+            strata_backup::create_tracked(&store, dev, &opts, &mut t, &bar)?
+        }
+        _ => strata_backup::create(&store, dev, &opts, &bar)?,
+    };
     let m = &out.manifest;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(m)?),
@@ -342,33 +365,30 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let name = store.resolve(&a.snapshot)?;
     let manifest = store.read_manifest(&name)?;
     let target_str = a.target.display().to_string();
-    if target_str.starts_with("lv:") {
-        bail!("Unsupported: volume targets ({target_str}) need the volume layer, which this build does not have yet");
-    }
     let fmt: ImageFormat = a.target_format.into();
-    let open = |format: Option<ImageFormat>| {
-        format::open_image(
+    let bar = Bar::new(a.quiet || a.output == Output::Json);
+    let mut opts = RestoreOptions::default();
+    // A volume always exists already: restore onto it.
+    let existing = a.existing || target_str.starts_with("lv:");
+    let result = if existing {
+        opts.fresh_target = false;
+        let target = open_named(&target_str, false, CacheArg::None)?;
+        strata_backup::restore::restore(&store, &name, target.device(), opts, &bar)
+            .with_context(|| format!("Restore failed; {target_str} is partly written"))
+    } else {
+        format::create_image(&a.target, fmt, manifest.size, &Default::default())
+            .with_context(|| format!("Could not create {target_str}"))?;
+        let r = format::open_image(
             &a.target,
             &OpenOptions {
-                format,
+                format: Some(fmt),
                 read_only: false,
                 cache: CacheMode::None,
                 engine: EngineChoice::Auto,
             },
         )
         .with_context(|| format!("Could not open {target_str}"))
-    };
-    let bar = Bar::new(a.quiet || a.output == Output::Json);
-    let mut opts = RestoreOptions::default();
-    let result = if a.existing {
-        opts.fresh_target = false;
-        let dev: Arc<dyn BlockDevice> = open(None)?;
-        strata_backup::restore::restore(&store, &name, dev, opts, &bar)
-            .with_context(|| format!("Restore failed; {target_str} is partly written"))
-    } else {
-        format::create_image(&a.target, fmt, manifest.size, &Default::default())
-            .with_context(|| format!("Could not create {target_str}"))?;
-        let r = open(Some(fmt)).and_then(|dev| {
+        .and_then(|dev| {
             strata_backup::restore::restore(&store, &name, dev, opts, &bar).map_err(Into::into)
         });
         if r.is_err() {
