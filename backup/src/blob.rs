@@ -228,4 +228,17 @@ mod tests {
         let err = decode(&blob, "t").unwrap_err().to_string();
         assert!(err.contains("exceed"), "{err}");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = decode(&data, "fuzz");
+        }
+
+        #[test]
+        fn any_chunk_round_trips(data in proptest::collection::vec(0u8..4, 0..5000), level in 0i32..4) {
+            let blob = encode(&data, level).unwrap();
+            proptest::prop_assert_eq!(decode(&blob, "t").unwrap(), data);
+        }
+    }
 }

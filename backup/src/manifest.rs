@@ -175,4 +175,11 @@ mod tests {
         b[10] ^= 0x20;
         assert!(Manifest::decode(&b, "m").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = Manifest::decode(&data, "fuzz");
+        }
+    }
 }
