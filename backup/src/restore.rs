@@ -33,8 +33,10 @@ impl Default for RestoreOptions {
     fn default() -> Self {
         RestoreOptions {
             fresh_target: true,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            depth: 4,
+            // Mostly waiting for chunk reads and target writes: several per core keep the disk
+            // busy (measured on 2 cores: 2 workers 13.4 s, 8 workers 8.1–10.4 s for 4 GiB).
+            workers: 4 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            depth: 2,
         }
     }
 }

@@ -105,6 +105,10 @@ pub struct RestoreArgs {
     /// Write onto an existing image or volume of the snapshot's size (like qemu-img convert -n).
     #[arg(short = 'n', long)]
     existing: bool,
+    /// Worker threads loading, checking and writing chunks (default: 4 per core; the work is
+    /// mostly waiting for the disk).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -368,6 +372,9 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let fmt: ImageFormat = a.target_format.into();
     let bar = Bar::new(a.quiet || a.output == Output::Json);
     let mut opts = RestoreOptions::default();
+    if let Some(t) = a.threads {
+        opts.workers = t.clamp(1, 256);
+    }
     // A volume always exists already: restore onto it.
     let existing = a.existing || target_str.starts_with("lv:");
     let result = if existing {
@@ -499,7 +506,8 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             .map(|s| store.resolve(s))
             .collect::<Result<Vec<_>, _>>()?
     };
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Reading chunks is mostly waiting for the disk: several workers per core.
+    let workers = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
     let bar = Bar::new(a.quiet || a.output == Output::Json);
     let report = strata_backup::verify::verify(&store, &names, workers, &bar)?;
     match a.output {
