@@ -11,6 +11,8 @@ mod lv;
 mod pv;
 mod serve;
 mod vg;
+mod vhost_user;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -44,6 +46,11 @@ enum Command {
     /// Back up and restore images and volumes: create, restore, list, show, verify, prune, gc.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Run virtual machines under Strata's KVM VMM.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Serve a disk to QEMU or Cloud Hypervisor as a vhost-user-blk back-end.
+    VhostUserBlk(vhost_user::VhostUserArgs),
     /// Serve the HTTP API (setting up an empty data directory first).
     Serve(serve::ServeArgs),
     /// Set up an empty data directory: default volume group, thin pool, first API token.
@@ -109,6 +116,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Backup(cmd) => backup::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::VhostUserBlk(args) => vhost_user::run(args),
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),
         Command::Token(cmd) => serve::token(cmd, data),
