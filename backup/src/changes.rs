@@ -112,11 +112,13 @@ pub trait ChangeTracker {
     fn give_back(&mut self) -> Result<()>;
 }
 
-/// Marks the chunks that dirty `ranges` touch, for a source of `size` bytes.
+/// Marks the chunks that dirty `ranges` touch, for a source of `size` bytes. Linear in the
+/// number of ranges plus chunks, however much the ranges overlap.
 pub fn dirty_chunks(ranges: &[(u64, u64)], size: u64, chunk_size: u32) -> Result<Vec<bool>> {
-    let count = chunk_count(size, chunk_size);
-    let mut dirty = vec![false; count as usize];
+    let count = chunk_count(size, chunk_size) as usize;
     let cs = chunk_size as u64;
+    // +1 where a dirty run of chunks starts, -1 after it ends; a prefix sum marks the runs.
+    let mut edges = vec![0i64; count + 1];
     for &(off, len) in ranges {
         if len == 0 {
             continue;
@@ -126,11 +128,17 @@ pub fn dirty_chunks(ranges: &[(u64, u64)], size: u64, chunk_size: u32) -> Result
                 "Dirty range at {off} of {len} bytes is beyond the source's {size} bytes"
             ))
         })?;
-        for c in off / cs..end.div_ceil(cs) {
-            dirty[c as usize] = true;
-        }
+        edges[(off / cs) as usize] += 1;
+        edges[end.div_ceil(cs) as usize] -= 1;
     }
-    Ok(dirty)
+    let mut depth = 0i64;
+    Ok(edges[..count]
+        .iter()
+        .map(|e| {
+            depth += e;
+            depth > 0
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -164,5 +172,26 @@ mod tests {
         assert!(Changes::parse_ranges_file("0 1\n", "f").is_err());
         assert!(Changes::parse_ranges_file("base a/b\n1 x\n", "f").is_err());
         assert!(Changes::parse_ranges_file("base a/b\n1 2 3\n", "f").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dirty_chunks_match_a_naive_marking(
+            ranges in proptest::collection::vec((0u64..(10 << 20), 0u64..(3 << 20)), 0..30)
+        ) {
+            let size = 13 << 20;
+            let cs = 1u32 << 20;
+            let got = dirty_chunks(&ranges, size, cs).unwrap();
+            let mut want = vec![false; 13];
+            for &(off, len) in &ranges {
+                for byte_chunk in (off..off + len).step_by(4096).map(|b| b / cs as u64) {
+                    want[byte_chunk as usize] = true;
+                }
+                if len > 0 {
+                    want[((off + len - 1) / cs as u64) as usize] = true;
+                }
+            }
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 }
