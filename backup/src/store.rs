@@ -27,6 +27,8 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 pub const INDEX_FILE: &str = "index";
 /// Manifest file name in a snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest";
+/// Largest chunk file read (a bigger one is damaged: refused before reading it into memory).
+const MAX_BLOB_FILE: u64 = (blob::BLOB_HEADER_LEN + blob::MAX_RAW_LEN) as u64;
 /// Infix of a chunk that garbage collection has set aside before deleting it.
 pub const GC_INFIX: &str = ".gc-";
 
@@ -224,29 +226,28 @@ impl Datastore {
     /// with [`GC_INFIX`] while it re-checks the chunk's time) is read from there.
     pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
         let path = self.chunk_path(d);
-        match fs::read(&path) {
+        match read_bounded(&path, MAX_BLOB_FILE) {
             Ok(b) => return Ok(b),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("Reading chunk", &path, e)),
+            Err(StorageError::NotFound(_)) => {}
+            Err(e) => return Err(e),
         }
         let dir = self.chunk_dir(d);
         let prefix = format!("{}{GC_INFIX}", d.to_hex());
         if let Ok(rd) = fs::read_dir(&dir) {
             for ent in rd.flatten() {
                 if ent.file_name().to_string_lossy().starts_with(&prefix) {
-                    if let Ok(b) = fs::read(ent.path()) {
+                    if let Ok(b) = read_bounded(&ent.path(), MAX_BLOB_FILE) {
                         return Ok(b);
                     }
                 }
             }
         }
         // One more look at the real name: garbage collection may just have put it back.
-        fs::read(&path).map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
+        read_bounded(&path, MAX_BLOB_FILE).map_err(|e| match e {
+            StorageError::NotFound(_) => {
                 StorageError::corrupt(format!("chunk {d}"), "missing from the datastore")
-            } else {
-                io_err("Reading chunk", &path, e)
             }
+            e => e,
         })
     }
 
