@@ -2,6 +2,7 @@
 //! own module and calls the storage layer; no command keeps logic of its own that a library
 //! should hold.
 
+mod backup;
 mod bench;
 mod convert;
 mod image;
@@ -42,6 +43,9 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Back up and restore images and volumes: create, restore, list, show, verify, prune, gc.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// Run virtual machines under Strata's KVM VMM.
     #[command(subcommand)]
     Vm(vm::VmCommand),
@@ -111,6 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data = DataDir::at(&data_path);
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Backup(cmd) => backup::run(cmd),
         Command::Vm(cmd) => vm::run(cmd),
         Command::VhostUserBlk(args) => vhost_user::run(args),
         Command::Serve(a) => serve::serve(a, data),
