@@ -6,10 +6,15 @@ mod bench;
 mod convert;
 mod image;
 mod import_ova;
+mod serve;
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::service::DataDir;
 
 /// Strata: storage-centric virtualization. Images, volumes, backups and VMs.
 #[derive(Debug, Parser)]
@@ -18,6 +23,10 @@ pub struct Cli {
     /// Log more (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Strata's data directory (default: $STRATA_DATA, else /var/lib/strata).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -28,6 +37,11 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Serve the HTTP API.
+    Serve(serve::ServeArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(serve::TokenCommand),
 }
 
 /// Output format for commands that report.
@@ -53,13 +67,17 @@ pub fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let data = DataDir::resolve(cli.data.as_deref());
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Serve(a) => serve::serve(a, data),
+        Command::Token(cmd) => serve::token(cmd, data),
     }
 }
