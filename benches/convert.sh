@@ -9,6 +9,9 @@
 # checked with `qemu-img compare` outside the timing. Rows strata cannot run yet (a format not
 # merged in this build) are printed as "pending" with strata's error.
 #
+# Each row runs REPEAT times (default 2), alternating which tool goes first, and keeps each
+# tool's best time: the machine is shared and its load varies.
+#
 # Usage: benches/convert.sh [WORKDIR]   (STRATA=path/to/strata, default target/release/strata)
 set -euo pipefail
 
@@ -16,6 +19,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 STRATA="${STRATA:-${CARGO_TARGET_DIR:-$here/target}/release/strata}"
 WORK="${1:-/var/tmp/strata-bench-convert}"
 SIZE_MIB=4096
+REPEAT="${REPEAT:-2}"
 for tool in qemu-img qemu-io "$STRATA"; do
     command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install qemu-utils; cargo build --release -p strata-api)" >&2; exit 1; }
 done
@@ -29,7 +33,8 @@ if [ ! -f "$WORK/src.qcow2" ]; then
     echo "making the 4 GiB source with ~40% data..." >&2
     # 64 MiB of data: half random, half base64 text (compresses about 4:3).
     head -c $((32 << 20)) /dev/urandom > "$WORK/rand.bin"
-    head -c $((24 << 20)) /dev/urandom | base64 -w 100 | head -c $((32 << 20)) > "$WORK/text.bin"
+    head -c $((24 << 20)) /dev/urandom | base64 -w 100 > "$WORK/text.bin"
+    truncate -s $((32 << 20)) "$WORK/text.bin"
     cat "$WORK/rand.bin" "$WORK/text.bin" > "$WORK/data.bin"
     qemu-img create -q -f raw "$WORK/src.raw" ${SIZE_MIB}M
     # 40% of the 1 MiB blocks, chosen by a fixed linear congruential sequence.
@@ -53,6 +58,7 @@ fi
 
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+best() { if [ -z "$1" ]; then echo "$2"; else awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; fi; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
 printf '%-8s %-18s %10s %10s %7s  %s\n' source target "qemu-img" strata ratio note
@@ -65,16 +71,28 @@ for src in qcow2 raw vmdk; do
             vmdk-stream) qargs=(-O vmdk -o subformat=streamOptimized); sargs=(-O vmdk -c); ext=vmdk; qfmt=vmdk ;;
         esac
         q="$WORK/out/q-$src-$target.$ext"; s="$WORK/out/s-$src-$target.$ext"
-        drop_caches; t0=$(now)
-        qemu-img convert -f $src "${qargs[@]}" "$WORK/src.$src" "$q"
-        t1=$(now); qt=$(secs "$t0" "$t1")
-        drop_caches; t0=$(now)
-        if err=$("$STRATA" image convert -f $src "${sargs[@]}" "$WORK/src.$src" "$s" 2>&1); then
-            t1=$(now); st=$(secs "$t0" "$t1")
-            qemu-img compare -q -f $src -F $qfmt "$WORK/src.$src" "$s" || { echo "MISMATCH: $s" >&2; exit 1; }
+        qt=""; st=""; err=""
+        for ((r = 1; r <= REPEAT; r++)); do
+            # Alternate who goes first; keep each tool's best time (the machine is shared).
+            for who in $( ((r % 2)) && echo "qemu strata" || echo "strata qemu"); do
+                rm -rf "$WORK"/out/*
+                drop_caches; t0=$(now)
+                if [ $who = qemu ]; then
+                    qemu-img convert -f $src "${qargs[@]}" "$WORK/src.$src" "$q"
+                    sync; t=$(secs "$t0" "$(now)")
+                    qt=$(best "$qt" "$t")
+                elif [ -z "$err" ]; then
+                    if err=$("$STRATA" image convert -f $src "${sargs[@]}" "$WORK/src.$src" "$s" 2>&1); then
+                        sync; t=$(secs "$t0" "$(now)")
+                        st=$(best "$st" "$t")
+                        qemu-img compare -q -f $src -F $qfmt "$WORK/src.$src" "$s" || { echo "MISMATCH: $s" >&2; exit 1; }
+                    fi
+                fi
+            done
+        done
+        if [ -n "$st" ]; then
             ratio=$(div "$st" "$qt")
-            note="ok"
-            printf '%-8s %-18s %9.2fs %9.2fs %7.2f  %s\n' $src $target "$qt" "$st" "$ratio" "$note"
+            printf '%-8s %-18s %9.2fs %9.2fs %7.2f  ok\n' $src $target "$qt" "$st" "$ratio"
             results+=("| $src | $target | $(printf %.2f "$qt") s | $(printf %.2f "$st") s | $(printf %.2f "$ratio") |")
         else
             printf '%-8s %-18s %9.2fs %10s %7s  pending: %s\n' $src $target "$qt" "-" "-" "${err##*: }"
