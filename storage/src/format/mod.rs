@@ -6,6 +6,7 @@
 //! file's first bytes unless the caller names it; a format we recognise but do not implement is
 //! refused with an error naming it.
 
+pub mod qcow2;
 pub mod raw;
 
 use std::collections::BTreeMap;
@@ -179,7 +180,8 @@ pub fn open_image_on(file: SharedFile, format: Option<ImageFormat>) -> Result<Ar
     };
     match format {
         ImageFormat::Raw => Ok(Arc::new(raw::RawImage::new(file))),
-        ImageFormat::Qcow2 | ImageFormat::Vmdk => Err(StorageError::Unsupported(format!(
+        ImageFormat::Qcow2 => Ok(qcow2::open(file, &qcow2::Qcow2Options::default())?),
+        ImageFormat::Vmdk => Err(StorageError::Unsupported(format!(
             "{format} images are not implemented yet ({})",
             file.name()
         ))),
@@ -251,7 +253,12 @@ pub fn create_image(
 ) -> Result<()> {
     match format {
         ImageFormat::Raw => raw::create(path, size, &raw::RawCreateOptions::from_map(options)?),
-        ImageFormat::Qcow2 | ImageFormat::Vmdk => Err(StorageError::Unsupported(format!(
+        ImageFormat::Qcow2 => qcow2::create::create(
+            path,
+            size,
+            &qcow2::create::CreateOptions::from_map(options)?,
+        ),
+        ImageFormat::Vmdk => Err(StorageError::Unsupported(format!(
             "creating {format} images is not implemented yet"
         ))),
     }
