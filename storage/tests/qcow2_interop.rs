@@ -260,3 +260,100 @@ fn raw_backing_files_are_read_through() {
     let want = qemu_raw(&top, d);
     assert_same(&read_all(open(&top, false).as_ref()), &want, "raw backing");
 }
+
+/// Random writes, discards and zero-writes through Strata, then qemu-img's verdict.
+fn write_and_verify(path: &Path, dir: &Path, seed: u64, what: &str) {
+    let mut model = qemu_raw(path, dir);
+    {
+        let img = open(path, true);
+        let size = img.size();
+        apply(img.as_ref(), &workload(size, 300, seed), &mut model);
+        img.flush().unwrap();
+        assert_same(
+            &read_all(img.as_ref()),
+            &model,
+            &format!("{what}: read back before close"),
+        );
+    }
+    assert_qemu_check_clean(path);
+    assert_qemu_compare(path, &model, dir);
+    assert_same(
+        &read_all(open(path, false).as_ref()),
+        &model,
+        &format!("{what}: after reopening"),
+    );
+}
+
+#[test]
+fn strata_writes_on_qemu_images_keep_qemu_img_check_clean() {
+    if !have_qemu("strata_writes_on_qemu_images_keep_qemu_img_check_clean") {
+        return;
+    }
+    let dir = tempdir();
+    for (i, c) in CASES.iter().enumerate() {
+        let path = make(dir.path(), c, 100 + i as u64);
+        write_and_verify(&path, dir.path(), 1000 + i as u64, c.name);
+    }
+}
+
+#[test]
+fn strata_writes_over_compressed_clusters_and_backing_chains() {
+    if !have_qemu("strata_writes_over_compressed_clusters_and_backing_chains") {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let raw = d.join("src.raw");
+    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i / 1000) as u8).collect();
+    std::fs::write(&raw, &data).unwrap();
+    for (name, opts) in [
+        ("zlib", "compression_type=zlib"),
+        ("zstd", "compression_type=zstd,extended_l2=on"),
+    ] {
+        let path = d.join(format!("{name}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+                raw.to_str().unwrap(),
+                path.to_str().unwrap(),
+            ],
+        );
+        write_and_verify(&path, d, 7, name);
+    }
+    let base = d.join("base.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"],
+    );
+    qemu_io_fill(&base, SIZE, 31, "qcow2");
+    for (name, opts) in [
+        ("cow", "cluster_size=65536"),
+        ("cow-ext", "extended_l2=on"),
+        ("cow-v2", "compat=0.10"),
+    ] {
+        let top = d.join(format!("{name}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                top.to_str().unwrap(),
+            ],
+        );
+        write_and_verify(&top, d, 8, name);
+    }
+}

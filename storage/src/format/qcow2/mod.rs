@@ -85,6 +85,10 @@ pub(crate) struct Shared {
     pub read_only: bool,
     pub codec: CompressionType,
     pub name: String,
+    /// Whether host requests may span clusters. Not when clusters are smaller than the file's
+    /// direct I/O alignment: then every request stays below a page and takes the buffered path,
+    /// like the metadata in the same pages, so direct and buffered writes never mix in a page.
+    pub merge: bool,
 }
 
 impl Drop for Shared {
@@ -110,12 +114,16 @@ pub fn open(file: SharedFile, opts: &Qcow2Options) -> Result<Arc<Qcow2Image>> {
     open_in_chain(file, opts, &chain)
 }
 
+/// Smallest cluster that never shares a memory page with another cluster.
+const PAGE: u64 = 4096;
+
 pub(crate) fn open_in_chain(
     file: SharedFile,
     opts: &Qcow2Options,
     chain: &[PathBuf],
 ) -> Result<Arc<Qcow2Image>> {
     let writable = file.capabilities().contains(Capabilities::WRITE);
+    let file = buffered_for_small_clusters(file, opts, writable)?;
     let meta = Meta::open(
         file.clone(),
         MetaOptions {
@@ -146,12 +154,44 @@ pub(crate) fn open_in_chain(
         read_only: !writable,
         codec,
         name: file.name().to_string(),
+        merge: geo.cluster_size >= PAGE || file.alignment() <= 1,
         file,
         meta: Mutex::new(meta),
     });
     let img = Qcow2Image { shared, backing };
     img.repair_if_dirty()?;
     Ok(Arc::new(img))
+}
+
+/// With clusters smaller than a page, metadata and data clusters share pages, and guest writes of
+/// any alignment land in them: direct and buffered writes would race on one page (the kernel then
+/// fails fsync with EIO). Such images are served through the page cache, like QEMU does for
+/// requests below its alignment.
+fn buffered_for_small_clusters(
+    file: SharedFile,
+    opts: &Qcow2Options,
+    writable: bool,
+) -> Result<SharedFile> {
+    if file.alignment() <= 1 {
+        return Ok(file);
+    }
+    let h = meta::read_header(file.as_ref())?;
+    let path = std::path::Path::new(file.name());
+    if h.cluster_size() >= PAGE || !path.is_file() {
+        return Ok(file);
+    }
+    tracing::debug!(
+        image = file.name(),
+        "clusters below a page: using buffered I/O"
+    );
+    Ok(crate::io::engine::FileDevice::open(
+        path,
+        crate::io::file::FileOptions {
+            read_only: !writable,
+            cache: CacheMode::Writeback,
+        },
+        opts.engine,
+    )?)
 }
 
 impl Qcow2Image {

@@ -350,9 +350,6 @@ impl Meta {
             }
             _ => false,
         };
-        if reads_zero && mode != ZeroMode::Keep {
-            return Ok(ZeroPlan::Done(Vec::new()));
-        }
         if reads_zero {
             return Ok(ZeroPlan::Done(Vec::new()));
         }
@@ -362,15 +359,16 @@ impl Meta {
                 return Ok(ZeroPlan::Done(vec![(g, len)]));
             }
             let keep = match entry {
-                L2Entry::Normal { host, copied: true } if mode == ZeroMode::Keep => Some(host),
+                _ if mode != ZeroMode::Keep || !self.geo.v3 => None,
+                L2Entry::Normal { host, copied: true } => Some(host),
                 L2Entry::Zero {
                     host: Some(h),
                     copied: true,
-                } if mode == ZeroMode::Keep => Some(h),
+                } => Some(h),
                 _ => None,
             };
             let new_raw = match keep {
-                Some(h) if self.geo.v3 => h | COPIED | ZERO,
+                Some(h) => h | COPIED | ZERO,
                 _ if !hb => 0,
                 _ if self.geo.v3 => ZERO,
                 // Version 2 with a backing file cannot say "zeros" without data.

@@ -368,7 +368,7 @@ impl Qcow2Queue {
             while at < end {
                 match m.map(at, end - at) {
                     Ok((mapping, run)) => {
-                        push_extent(&mut extents, at, run, mapping);
+                        push_extent(&mut extents, at, run, mapping, self.img.merge);
                         at += run;
                     }
                     Err(e) => {
@@ -467,7 +467,9 @@ impl Qcow2Queue {
             let plan = self.lock().plan_write(at, n, Some(self.notifier.clone()));
             match plan {
                 Ok(WritePlan::Direct(h)) => match run {
-                    Some((rh, rg, rn)) if rh + rn == h => run = Some((rh, rg, rn + n)),
+                    Some((rh, rg, rn)) if rh + rn == h && self.img.merge => {
+                        run = Some((rh, rg, rn + n))
+                    }
                     _ => {
                         if let Some((rh, rg, rn)) = run.take() {
                             self.direct_write(r, rh, rg, rn, src, g);
@@ -812,8 +814,8 @@ fn src_at(src: Src, delta: u64) -> Src {
     }
 }
 
-fn push_extent(extents: &mut Vec<(u64, u64, Mapping)>, g: u64, n: u64, m: Mapping) {
-    if let Some(last) = extents.last_mut() {
+fn push_extent(extents: &mut Vec<(u64, u64, Mapping)>, g: u64, n: u64, m: Mapping, merge: bool) {
+    if let Some(last) = extents.last_mut().filter(|_| merge) {
         let merged = match (last.2, m) {
             (Mapping::Allocated(h), Mapping::Allocated(h2)) => h + last.1 == h2,
             (Mapping::Zero, Mapping::Zero) | (Mapping::Unallocated, Mapping::Unallocated) => true,
