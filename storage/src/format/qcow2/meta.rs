@@ -83,6 +83,8 @@ pub struct Meta {
     pub inflight: HashMap<u64, Vec<Option<Arc<EventFd>>>>,
     /// Internal snapshots.
     pub snapshots: Vec<Snapshot>,
+    /// Length of the snapshot table on disk.
+    pub snapshot_table_bytes: u64,
     /// Metadata write unit: whole sectors, or the file's direct I/O alignment.
     pub(super) unit: usize,
     /// The dirty bit is set in the header on disk.
@@ -147,10 +149,10 @@ impl Meta {
             header.refcount_table_offset,
             (rt_bytes / 8) as usize,
         )?;
-        let snapshots = if header.nb_snapshots > 0 {
+        let (snapshots, snapshot_table_bytes) = if header.nb_snapshots > 0 {
             snapshot_table::read_table(file.as_ref(), header.snapshots_offset, header.nb_snapshots)?
         } else {
-            Vec::new()
+            (Vec::new(), 0)
         };
         for s in &snapshots {
             if s.l1_offset % cs != 0 || u64::from(s.l1_size) * 8 > super::header::MAX_L1_BYTES {
@@ -198,6 +200,7 @@ impl Meta {
             exclude: None,
             inflight: HashMap::new(),
             snapshots,
+            snapshot_table_bytes,
             unit,
             dirty_on_disk,
             header,

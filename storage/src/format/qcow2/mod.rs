@@ -30,6 +30,7 @@
 mod alloc;
 pub mod backing;
 pub mod cache;
+pub mod check;
 pub mod codec;
 pub mod create;
 pub mod entry;
@@ -231,11 +232,28 @@ impl Qcow2Image {
             m.writable && m.header.dirty()
         };
         if dirty {
-            return Err(StorageError::Unsupported(
-                "opening a qcow2 image whose dirty bit is set for writing (repair is not available yet)".into(),
-            ));
+            let report = self.lock().repair_dirty()?;
+            tracing::warn!(
+                image = %self.shared.name,
+                leaks_fixed = report.leaks_fixed,
+                corruptions_fixed = report.corruptions_fixed,
+                "the image was not closed cleanly; refcounts were rebuilt"
+            );
         }
         Ok(())
+    }
+
+    /// Checks the image (see [`check`]); repairs need the image open for writing and no
+    /// requests in flight.
+    pub fn check(&self, repair: check::Repair) -> Result<check::CheckReport> {
+        let mut m = self.lock();
+        if repair != check::Repair::None && !m.inflight.is_empty() {
+            return Err(StorageError::Busy(format!(
+                "{} (writes in flight)",
+                self.shared.name
+            )));
+        }
+        m.check(repair)
     }
 
     /// Facts for `info` that are specific to qcow2.

@@ -52,8 +52,8 @@ fn corrupt(detail: impl Into<String>) -> StorageError {
     StorageError::corrupt("qcow2 snapshot table", detail)
 }
 
-/// Reads `count` entries at `offset`.
-pub fn read_table(file: &dyn HostFile, offset: u64, count: u32) -> Result<Vec<Snapshot>> {
+/// Reads `count` entries at `offset`; also returns the table's length in bytes.
+pub fn read_table(file: &dyn HostFile, offset: u64, count: u32) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut at = offset;
     let file_len = file.len();
@@ -119,7 +119,7 @@ pub fn read_table(file: &dyn HostFile, offset: u64, count: u32) -> Result<Vec<Sn
         out.push(s);
         at = (at + 40 + var_len as u64).next_multiple_of(8);
     }
-    Ok(out)
+    Ok((out, at - offset))
 }
 
 /// Serializes `snapshots` as a table (each entry with version 3 extra data).
@@ -186,7 +186,10 @@ mod tests {
         let bytes = serialize(&snaps);
         let dev = MemoryDevice::new(1 << 20);
         dev.write_all_at(4096, &bytes).unwrap();
-        assert_eq!(read_table(dev.as_ref(), 4096, 2).unwrap(), snaps);
+        assert_eq!(
+            read_table(dev.as_ref(), 4096, 2).unwrap(),
+            (snaps, bytes.len() as u64)
+        );
         assert!(read_table(dev.as_ref(), (1 << 20) - 16, 1).is_err());
     }
 }

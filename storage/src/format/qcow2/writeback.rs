@@ -187,16 +187,26 @@ impl Meta {
         self.apply_pending_frees()
     }
 
+    /// Writes every dirty table, refcounts included even with lazy refcounts, and syncs.
+    pub(super) fn write_everything(&mut self) -> Result<()> {
+        self.writeback()?;
+        self.write_refcount_blocks()?;
+        self.file.sync_data()?;
+        self.write_reftable()?;
+        if self.header_dirty {
+            self.write_header()?;
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
     /// Writes everything, refcounts included, clears the dirty bit we set, and trims the file
     /// back to what is allocated: a clean close.
     pub fn close(&mut self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        self.writeback()?;
-        self.write_refcount_blocks()?;
-        self.file.sync_data()?;
-        self.write_reftable()?;
+        self.write_everything()?;
         if self.dirty_on_disk && self.header.dirty() {
             self.header.incompatible_features &= !incompat::DIRTY;
             self.write_header()?;
