@@ -45,7 +45,7 @@ struct Outcome {
 }
 
 /// Runs the workload until it finishes or the device dies.
-fn run_workload(dev: SharedFile, base: &[u8], actions: &[Action]) -> Outcome {
+fn run_workload(dev: SharedFile, base: &[u8], actions: &[Action], snapshots: bool) -> Outcome {
     let img = qcow2::open(dev, &Qcow2Options::default()).unwrap();
     let mut model = base.to_vec();
     let mut out = Outcome {
@@ -55,6 +55,8 @@ fn run_workload(dev: SharedFile, base: &[u8], actions: &[Action]) -> Outcome {
     };
     let mut q = img.open_queue(&QueueOptions::with_depth(16)).unwrap();
     let mut i = 0;
+    let mut flushes = 0u32;
+    let mut snaps: Vec<String> = Vec::new();
     while i < actions.len() {
         // A batch of non-overlapping requests, then a flush if the next action is one.
         let mut batch = Vec::new();
@@ -98,7 +100,8 @@ fn run_workload(dev: SharedFile, base: &[u8], actions: &[Action]) -> Outcome {
                 Action::Flush => unreachable!(),
             };
             out.touched.push((o, l));
-            if c.result.is_err() {
+            if let Err(e) = &c.result {
+                eprintln!("{a:?} failed: {e}");
                 failed = true;
                 continue;
             }
@@ -125,6 +128,20 @@ fn run_workload(dev: SharedFile, base: &[u8], actions: &[Action]) -> Outcome {
             }
             out.flushed = model.clone();
             out.touched.clear();
+            flushes += 1;
+            if snapshots && flushes % 4 == 2 {
+                let name = format!("s{flushes}");
+                if let Err(e) = img.snapshot_create(&name) {
+                    eprintln!("snapshot create failed: {e}");
+                    return out;
+                }
+                snaps.push(name);
+            } else if snapshots && flushes % 4 == 0 && !snaps.is_empty() {
+                if let Err(e) = img.snapshot_delete(&snaps.remove(0)) {
+                    eprintln!("snapshot delete failed: {e}");
+                    return out;
+                }
+            }
         }
     }
     q.submit(Request::flush(99)).unwrap();
@@ -143,7 +160,7 @@ fn run_workload(dev: SharedFile, base: &[u8], actions: &[Action]) -> Outcome {
 
 /// Non-overlapping batches between flushes (overlapping actions are spread out by flushes).
 fn crash_workload(seed: u64) -> Vec<Action> {
-    let raw = workload(SIZE, 90, seed);
+    let raw = workload(SIZE, 70, seed);
     let mut out = Vec::new();
     let mut batch: Vec<(u64, u64)> = Vec::new();
     for a in raw {
@@ -222,7 +239,7 @@ fn verify(image: &DurableImage, outcome: &Outcome, what: &str, dir: &Path, qemu:
     }
 }
 
-fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64) {
+fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64, snapshots: bool) {
     let qemu = have_qemu(name);
     let dir = tempdir();
     let bytes = image_bytes(dir.path(), opts);
@@ -235,7 +252,7 @@ fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64) {
     // Count the flushes of a run without a crash.
     let (dev, ctl) = device_with(&bytes);
     let before = ctl.flushes();
-    let full = run_workload(dev, &base, &actions);
+    let full = run_workload(dev, &base, &actions, snapshots);
     assert!(
         full.completed_all,
         "{name}: the workload failed without a crash"
@@ -254,10 +271,10 @@ fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64) {
             let (dev, ctl) = device_with(&bytes);
             ctl.set_loss_mode(mode);
             ctl.crash_at_flush(k);
-            let outcome = run_workload(dev, &base, &actions);
+            let outcome = run_workload(dev, &base, &actions, snapshots);
             let image = ctl.durable_image().unwrap_or_else(|| ctl.power_loss());
             // qemu-img check on a sample of crash points (lazy images are repaired on open).
-            let ask_qemu = qemu && !lazy && mi == 1 && k % 7 == 1;
+            let ask_qemu = qemu && !lazy && mi == 1 && k % 6 == 1;
             verify(
                 &image,
                 &outcome,
@@ -271,7 +288,7 @@ fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64) {
 
 #[test]
 fn crash_at_every_flush_64k_clusters() {
-    crash_everywhere("crash_64k", &[], 1);
+    crash_everywhere("crash_64k", &[], 1, true);
 }
 
 #[test]
@@ -283,6 +300,7 @@ fn crash_at_every_flush_small_clusters_and_narrow_refcounts() {
             ("refcount_bits", "2".into()),
         ],
         2,
+        true,
     );
 }
 
@@ -295,6 +313,7 @@ fn crash_at_every_flush_extended_l2() {
             ("cluster_size", "32768".into()),
         ],
         3,
+        true,
     );
 }
 
@@ -307,6 +326,7 @@ fn crash_at_every_flush_lazy_refcounts() {
             ("cluster_size", "4096".into()),
         ],
         4,
+        false,
     );
 }
 
@@ -324,5 +344,6 @@ fn crash_at_every_flush_with_copy_on_write_from_a_backing_file() {
             ("cluster_size", "16384".into()),
         ],
         5,
+        true,
     );
 }

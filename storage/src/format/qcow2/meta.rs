@@ -85,6 +85,8 @@ pub struct Meta {
     pub snapshots: Vec<Snapshot>,
     /// Length of the snapshot table on disk.
     pub snapshot_table_bytes: u64,
+    /// The options the metadata was opened with (to reload it).
+    pub(super) opts: MetaOptions,
     /// Metadata write unit: whole sectors, or the file's direct I/O alignment.
     pub(super) unit: usize,
     /// The dirty bit is set in the header on disk.
@@ -201,6 +203,7 @@ impl Meta {
             inflight: HashMap::new(),
             snapshots,
             snapshot_table_bytes,
+            opts,
             unit,
             dirty_on_disk,
             header,

@@ -39,12 +39,13 @@ pub mod meta;
 pub mod plan;
 pub mod queue;
 pub mod refcount;
+mod snapshot;
 pub mod snapshot_table;
 mod writeback;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::json;
@@ -83,6 +84,8 @@ pub(crate) struct Shared {
     pub size: AtomicU64,
     /// Bumped whenever an allocation in flight completes, so waiting pieces retry.
     pub alloc_gen: AtomicU64,
+    /// Guest requests accepted by queues and not yet completed.
+    pub active: AtomicUsize,
     pub read_only: bool,
     pub codec: CompressionType,
     pub name: String,
@@ -152,6 +155,7 @@ pub(crate) fn open_in_chain(
         backing: backing.as_ref().map(|b| b.image.clone()),
         size: AtomicU64::new(size),
         alloc_gen: AtomicU64::new(0),
+        active: AtomicUsize::new(0),
         read_only: !writable,
         codec,
         name: file.name().to_string(),
@@ -254,6 +258,41 @@ impl Qcow2Image {
             )));
         }
         m.check(repair)
+    }
+
+    /// Runs a control-plane operation that rewrites metadata wholesale, refusing while any
+    /// request is in flight.
+    fn exclusive<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
+        let mut m = self.lock();
+        if self.shared.active.load(Ordering::Acquire) > 0 || !m.inflight.is_empty() {
+            return Err(StorageError::Busy(format!(
+                "{} (requests are in flight)",
+                self.shared.name
+            )));
+        }
+        let r = f(&mut m);
+        self.shared.size.store(m.size(), Ordering::Release);
+        r
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> Vec<snapshot_table::Snapshot> {
+        self.lock().snapshots.clone()
+    }
+
+    /// Creates an internal snapshot of the current contents.
+    pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.exclusive(|m| m.snapshot_create(name))
+    }
+
+    /// Reverts to snapshot `key` (ID or name).
+    pub fn snapshot_apply(&self, key: &str) -> Result<()> {
+        self.exclusive(|m| m.snapshot_apply(key))
+    }
+
+    /// Deletes snapshot `key` (ID or name).
+    pub fn snapshot_delete(&self, key: &str) -> Result<()> {
+        self.exclusive(|m| m.snapshot_delete(key))
     }
 
     /// Facts for `info` that are specific to qcow2.

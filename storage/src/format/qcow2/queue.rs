@@ -213,6 +213,7 @@ impl Qcow2Queue {
     }
 
     fn complete_now(&mut self, tag: u64, buf: Option<IoBuf>, result: Result<u64>) {
+        self.img.active.fetch_sub(1, Ordering::AcqRel);
         self.ready.push_back(Completion { tag, result, buf });
         notify(Some(&self.notifier));
     }
@@ -843,6 +844,7 @@ impl IoQueue for Qcow2Queue {
             return Err(QueueFull(req));
         }
         self.accepted += 1;
+        self.img.active.fetch_add(1, Ordering::AcqRel);
         let Request { tag, mut op } = req;
         let size = self.img.size.load(Ordering::Acquire);
         if let Err(e) = check_range(&op, size) {
