@@ -3,7 +3,15 @@
 //! should hold.
 
 mod bench;
+mod check;
+mod commit;
+mod compare;
 mod image;
+mod map;
+mod qcow2_util;
+mod rebase;
+mod resize;
+mod snapshot;
 
 use std::process::ExitCode;
 

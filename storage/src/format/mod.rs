@@ -6,6 +6,7 @@
 //! file's first bytes unless the caller names it; a format we recognise but do not implement is
 //! refused with an error naming it.
 
+pub mod compare;
 pub mod qcow2;
 pub mod raw;
 
@@ -218,10 +219,12 @@ pub fn create_compressed(
     size: u64,
     options: &BTreeMap<String, String>,
 ) -> Result<Box<dyn CompressedWriter>> {
-    let _ = (path, size, options);
-    Err(StorageError::Unsupported(format!(
-        "writing compressed {format} images is not implemented yet"
-    )))
+    match format {
+        ImageFormat::Qcow2 => qcow2::compress::create_compressed(path, size, options),
+        _ => Err(StorageError::Unsupported(format!(
+            "writing compressed {format} images is not implemented yet"
+        ))),
+    }
 }
 
 /// Parses `-o key=value,key=value` into a map; an empty string gives an empty map.

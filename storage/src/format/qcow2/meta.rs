@@ -34,6 +34,8 @@ pub struct MetaOptions {
     pub l2_cache_bytes: Option<u64>,
     /// Refcount block cache size in bytes (default: 8 MiB at most).
     pub rb_cache_bytes: Option<u64>,
+    /// Open for writing even with the corrupt bit set (repair).
+    pub allow_corrupt: bool,
 }
 
 /// See the module documentation.
@@ -165,7 +167,7 @@ impl Meta {
             }
             within(s.l1_offset, u64::from(s.l1_size) * 8, "snapshot L1 table")?;
         }
-        if opts.writable && header.corrupt() {
+        if opts.writable && header.corrupt() && !opts.allow_corrupt {
             return Err(StorageError::corrupt(
                 &name,
                 "the image is marked corrupt; open it read-only or repair it with 'strata image check -r all'",

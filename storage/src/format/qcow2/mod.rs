@@ -32,15 +32,18 @@ pub mod backing;
 pub mod cache;
 pub mod check;
 pub mod codec;
+pub mod compress;
 pub mod create;
 pub mod entry;
 pub mod header;
 pub mod meta;
+mod ops;
 pub mod plan;
 pub mod queue;
 pub mod refcount;
 mod snapshot;
 pub mod snapshot_table;
+pub mod tools;
 mod writeback;
 
 use std::collections::BTreeMap;
@@ -61,6 +64,7 @@ use backing::Backing;
 use entry::{Geometry, Mapping};
 use header::CompressionType;
 use meta::{Meta, MetaOptions};
+pub use ops::MapEntry;
 
 /// How to open a qcow2 image.
 #[derive(Clone, Copy, Debug, Default)]
@@ -71,6 +75,8 @@ pub struct Qcow2Options {
     pub engine: EngineChoice,
     /// Cache mode for backing files.
     pub cache: CacheMode,
+    /// Open an image marked corrupt for writing (to repair it).
+    pub allow_corrupt: bool,
 }
 
 /// State shared by an image and its queues.
@@ -134,6 +140,7 @@ pub(crate) fn open_in_chain(
             writable,
             l2_cache_bytes: opts.l2_cache_bytes,
             rb_cache_bytes: None,
+            allow_corrupt: opts.allow_corrupt,
         },
     )?;
     let backing = match &meta.header.backing_file {
@@ -371,6 +378,7 @@ impl BlockDevice for Qcow2Image {
                 | Capabilities::DISCARD
                 | Capabilities::WRITE_ZEROES
                 | Capabilities::WRITE_ZEROES_UNMAP
+                | Capabilities::RESIZE
                 | Capabilities::BLOCK_STATUS
         }
     }
