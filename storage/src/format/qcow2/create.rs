@@ -217,6 +217,10 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> Result<()> {
     if size == 0 {
         return Err(invalid("Image size must be greater than zero"));
     }
+    // Like qemu-img, whole sectors.
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| invalid(format!("Size {size} is too large")))?;
     let layout = Layout::compute(size, opts)?;
     let mut header = layout.header(size, opts);
     if let Some(f) = backing_format {

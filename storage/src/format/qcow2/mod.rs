@@ -43,6 +43,8 @@ pub mod queue;
 pub mod refcount;
 mod snapshot;
 pub mod snapshot_table;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod tools;
 mod writeback;
 
