@@ -21,7 +21,10 @@ impl Meta {
     fn rb_offset(&self, ti: usize) -> Result<u64> {
         let off = self.reftable.get(ti).copied().unwrap_or(0) & RT_OFFSET_MASK;
         if off != 0
-            && (off % self.geo.cluster_size != 0 || off + self.geo.cluster_size > self.file_len)
+            && (off % self.geo.cluster_size != 0
+                || off
+                    .checked_add(self.geo.cluster_size)
+                    .is_none_or(|e| e > self.file_len))
         {
             return Err(corrupt(
                 self.file.name(),

@@ -8,6 +8,8 @@
 //! references (leaks only, or everything) and fixes copied flags; new refcount blocks that repair
 //! needs never land on a referenced cluster.
 
+use std::collections::{HashMap, HashSet};
+
 use serde::Serialize;
 
 use crate::error::{Result, StorageError};
@@ -85,6 +87,10 @@ struct Counter {
 
 impl Counter {
     fn add(&mut self, r: &mut CheckReport, offset: u64, len: u64, what: &str) {
+        self.add_n(r, offset, len, 1, what);
+    }
+
+    fn add_n(&mut self, r: &mut CheckReport, offset: u64, len: u64, times: u32, what: &str) {
         if len == 0 {
             return;
         }
@@ -95,10 +101,10 @@ impl Counter {
             ));
         }
         let first = offset / self.cs;
-        let last = (offset + len - 1) / self.cs;
+        let last = offset.saturating_add(len - 1) / self.cs;
         for c in first..=last {
             match self.refs.get_mut(c as usize) {
-                Some(n) => *n = n.saturating_add(1),
+                Some(n) => *n = n.saturating_add(times),
                 None => {
                     r.corruptions += 1;
                     r.messages.push(format!(
@@ -143,10 +149,23 @@ impl Meta {
         c.add(&mut r, 0, cs, "header");
         let l1 = self.l1.clone();
         let l1_off = self.header.l1_table_offset;
-        self.count_l1(&mut c, &mut r, l1_off, &l1, true);
+        // L2 tables by how many L1 entries reach them: each is read once however often it is
+        // referenced, so the work is bounded by the file's size.
+        let mut tables: HashMap<u64, u32> = HashMap::new();
+        self.count_l1(&mut c, &mut r, l1_off, &l1, &mut tables);
+        self.active_stats(&mut r, &l1);
+        let mut seen_l1 = HashSet::new();
         for s in self.snapshots.clone() {
+            if !seen_l1.insert((s.l1_offset, s.l1_size)) {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR snapshot '{}' shares its L1 table with another",
+                    s.name
+                ));
+                continue;
+            }
             match read_u64_table(self.file.as_ref(), s.l1_offset, s.l1_size as usize) {
-                Ok(table) => self.count_l1(&mut c, &mut r, s.l1_offset, &table, false),
+                Ok(table) => self.count_l1(&mut c, &mut r, s.l1_offset, &table, &mut tables),
                 Err(e) => {
                     r.check_errors += 1;
                     r.messages.push(format!(
@@ -156,6 +175,7 @@ impl Meta {
                 }
             }
         }
+        self.count_tables(&mut c, &mut r, &tables);
         let rt_off = self.header.refcount_table_offset;
         c.add(
             &mut r,
@@ -163,10 +183,17 @@ impl Meta {
             u64::from(self.header.refcount_table_clusters) * cs,
             "refcount table",
         );
+        let mut blocks = HashSet::new();
         for (i, &e) in self.reftable.clone().iter().enumerate() {
             let off = e & !0x1ff;
             if off != 0 {
                 c.add(&mut r, off, cs, &format!("refcount block {i}"));
+                if !blocks.insert(off) {
+                    r.corruptions += 1;
+                    r.messages.push(format!(
+                        "ERROR refcount block {i} at {off:#x} is also another block"
+                    ));
+                }
             }
         }
         if self.header.nb_snapshots > 0 {
@@ -201,22 +228,27 @@ impl Meta {
         r: &mut CheckReport,
         l1_off: u64,
         l1: &[u64],
-        active: bool,
+        tables: &mut HashMap<u64, u32>,
     ) {
-        let cs = self.geo.cluster_size;
         c.add(r, l1_off, l1.len() as u64 * 8, "L1 table");
-        let mut prev_host: Option<u64> = None;
         for (i, &e) in l1.iter().enumerate() {
-            let l2_off = match l1_entry_offset(e, &self.geo, self.file_len) {
-                Ok(0) => continue,
-                Ok(o) => o,
+            match l1_entry_offset(e, &self.geo, self.file_len) {
+                Ok(0) => {}
+                Ok(o) => *tables.entry(o).or_insert(0) += 1,
                 Err(err) => {
                     r.corruptions += 1;
                     r.messages.push(format!("ERROR L1 entry {i}: {err}"));
-                    continue;
                 }
-            };
-            c.add(r, l2_off, cs, "L2 table");
+            }
+        }
+    }
+
+    fn count_tables(&mut self, c: &mut Counter, r: &mut CheckReport, tables: &HashMap<u64, u32>) {
+        let cs = self.geo.cluster_size;
+        let mut order: Vec<(u64, u32)> = tables.iter().map(|(&t, &n)| (t, n)).collect();
+        order.sort_unstable();
+        for (l2_off, n) in order {
+            c.add_n(r, l2_off, cs, n, "L2 table");
             let slot = match self.l2_slot(l2_off) {
                 Ok(s) => s,
                 Err(err) => {
@@ -231,50 +263,62 @@ impl Meta {
                 if raw == 0 && bitmap == 0 {
                     continue;
                 }
-                let entry = match self.geo.decode(raw, bitmap) {
-                    Ok(e) => e,
+                match self.geo.decode(raw, bitmap) {
+                    Ok(L2Entry::Compressed { offset, len }) => {
+                        let range = self.compressed_clusters(offset, len);
+                        let (first, last) = (*range.start(), *range.end());
+                        c.add_n(
+                            r,
+                            first * cs,
+                            (last - first + 1) * cs,
+                            n,
+                            "compressed cluster",
+                        );
+                    }
+                    Ok(other) => {
+                        if let Some(h) = other.host_cluster() {
+                            c.add_n(r, h, cs, n, "data cluster");
+                        }
+                    }
                     Err(err) => {
                         r.corruptions += 1;
                         r.messages
                             .push(format!("ERROR L2 table at {l2_off:#x}, entry {j}: {err}"));
-                        continue;
                     }
-                };
-                match entry {
-                    L2Entry::Compressed { offset, len } => {
-                        let range = self.compressed_clusters(offset, len);
-                        c.add(
-                            r,
-                            range.start() * cs,
-                            (range.end() - range.start() + 1) * cs,
-                            "compressed cluster",
-                        );
-                        if active {
-                            r.allocated_clusters += 1;
-                            r.compressed_clusters += 1;
-                        }
+                }
+            }
+        }
+    }
+
+    /// Allocation statistics of the active tables (each distinct table once).
+    fn active_stats(&mut self, r: &mut CheckReport, l1: &[u64]) {
+        let cs = self.geo.cluster_size;
+        let mut seen = HashSet::new();
+        let mut prev: Option<u64> = None;
+        for &e in l1 {
+            let Ok(t) = l1_entry_offset(e, &self.geo, self.file_len) else {
+                continue;
+            };
+            if t == 0 || !seen.insert(t) {
+                continue;
+            }
+            let Ok(slot) = self.l2_slot(t) else { continue };
+            for j in 0..self.geo.l2_entries as usize {
+                let (raw, bitmap) = self.l2_raw(slot, j);
+                match self.geo.decode(raw, bitmap) {
+                    Ok(L2Entry::Compressed { .. }) => {
+                        r.allocated_clusters += 1;
+                        r.compressed_clusters += 1;
                     }
-                    other => {
-                        if let Some(h) = other.host_cluster() {
-                            c.add(r, h, cs, "data cluster");
+                    Ok(L2Entry::Normal { host: h, .. })
+                    | Ok(L2Entry::Extended { host: Some(h), .. }) => {
+                        r.allocated_clusters += 1;
+                        if prev.is_some_and(|p| p + cs != h) {
+                            r.fragmented_clusters += 1;
                         }
-                        let data = match other {
-                            L2Entry::Normal { host, .. } => Some(host),
-                            L2Entry::Extended {
-                                host: Some(h),
-                                alloc,
-                                ..
-                            } if alloc != 0 => Some(h),
-                            _ => None,
-                        };
-                        if let (true, Some(h)) = (active, data) {
-                            r.allocated_clusters += 1;
-                            if prev_host.is_some_and(|p| p + cs != h) {
-                                r.fragmented_clusters += 1;
-                            }
-                            prev_host = Some(h);
-                        }
+                        prev = Some(h);
                     }
+                    _ => {}
                 }
             }
         }
@@ -347,13 +391,21 @@ impl Meta {
         let end = covered.max(c.refs.len() as u64);
         let mut fixes: Vec<(u64, u64, bool)> = Vec::new();
         let mut cl = 0u64;
+        let mut seen_blocks = HashSet::new();
         while cl < end {
-            // Skip refcount blocks that do not exist past the end of the file.
+            // Past the end of the file, only refcount blocks that exist (each once) can hold
+            // anything; all-zero ones hold nothing.
             let ti = (cl / self.geo.rb_entries) as usize;
-            let has_block = self.reftable.get(ti).is_some_and(|&e| e & !0x1ff != 0);
-            if !has_block && cl >= c.refs.len() as u64 {
-                cl = (ti as u64 + 1) * self.geo.rb_entries;
-                continue;
+            let block = self.reftable.get(ti).map_or(0, |&e| e & !0x1ff);
+            let has_block = block != 0;
+            if cl >= c.refs.len() as u64 && cl % self.geo.rb_entries == 0 {
+                let skip = !has_block
+                    || !seen_blocks.insert(block)
+                    || self.block_is_zero(block).unwrap_or(false);
+                if skip {
+                    cl = (ti as u64 + 1) * self.geo.rb_entries;
+                    continue;
+                }
             }
             let stored = if has_block {
                 match self.refcount(cl) {
@@ -409,14 +461,34 @@ impl Meta {
         result
     }
 
+    fn block_is_zero(&self, offset: u64) -> Result<bool> {
+        if offset
+            .checked_add(self.geo.cluster_size)
+            .is_none_or(|e| e > self.file_len)
+        {
+            return Ok(false);
+        }
+        let mut b = vec![0u8; self.geo.cluster_size as usize];
+        self.file.read_exact_at(offset, &mut b)?;
+        Ok(crate::util::is_zero(&b))
+    }
+
     fn check_copied(&mut self, r: &mut CheckReport, repair: Repair) -> Result<()> {
         let fix = repair == Repair::All;
+        let mut seen = HashSet::new();
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let Ok(l2_off) = l1_entry_offset(e, &self.geo, self.file_len) else {
                 continue;
             };
             if l2_off == 0 {
+                continue;
+            }
+            if !seen.insert(l2_off) {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR active L1 entries share the L2 table at {l2_off:#x}"
+                ));
                 continue;
             }
             let one = self.refcount(l2_off / self.geo.cluster_size)? == 1;

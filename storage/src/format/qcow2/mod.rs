@@ -79,6 +79,9 @@ pub struct Qcow2Options {
     pub cache: CacheMode,
     /// Open an image marked corrupt for writing (to repair it).
     pub allow_corrupt: bool,
+    /// Do not open the backing file: unallocated clusters read as zeros (for inspecting a single
+    /// layer, and for fuzzing without touching the file system).
+    pub no_backing: bool,
 }
 
 /// State shared by an image and its queues.
@@ -146,6 +149,7 @@ pub(crate) fn open_in_chain(
         },
     )?;
     let backing = match &meta.header.backing_file {
+        Some(_) if opts.no_backing => None,
         Some(name) => Some(backing::open(
             file.name(),
             name,
