@@ -147,7 +147,10 @@ pub struct Qcow2Queue {
     img: Arc<Shared>,
     host: Box<dyn IoQueue>,
     backing: Option<Box<dyn IoQueue>>,
-    notifier: Arc<EventFd>,
+    /// The eventfd the lower queues signal: the consumer's, or one of our own when a backing
+    /// queue has to be waited on together with the host queue; none otherwise (then `wait`
+    /// blocks in the host queue itself, one system call per wake-up).
+    notifier: Option<Arc<EventFd>>,
     external: Option<Arc<EventFd>>,
     depth: usize,
     accepted: usize,
@@ -161,6 +164,9 @@ pub struct Qcow2Queue {
     seen_gen: u64,
     zcache: Option<(u64, Vec<u8>)>,
     scratch: Vec<Completion>,
+    extents: Vec<(u64, u64, Mapping)>,
+    /// Inside `reap`/`wait`: completions go straight to the caller, no eventfd signal needed.
+    reaping: bool,
 }
 
 impl fmt::Debug for Qcow2Queue {
@@ -176,16 +182,18 @@ impl fmt::Debug for Qcow2Queue {
 impl Qcow2Queue {
     pub(super) fn new(img: Arc<Shared>, opts: &QueueOptions) -> Result<Qcow2Queue> {
         let notifier = match &opts.notifier {
-            Some(n) => n.clone(),
-            None => Arc::new(
+            Some(n) => Some(n.clone()),
+            None if img.backing.is_some() => Some(Arc::new(
                 EventFd::new(EFD_NONBLOCK)
                     .map_err(|e| StorageError::io("Creating an eventfd", e))?,
-            ),
+            )),
+            None => None,
         };
         let depth = opts.depth.max(1);
-        let lower = QueueOptions::with_depth(depth * 2 + 32)
-            .batch(opts.submit_batch)
-            .notify(notifier.clone());
+        let mut lower = QueueOptions::with_depth(depth * 2 + 32).batch(opts.submit_batch);
+        if let Some(n) = &notifier {
+            lower = lower.notify(n.clone());
+        }
         let host = img.file.open_queue(&lower)?;
         let backing = match &img.backing {
             Some(b) => Some(b.open_queue(&lower)?),
@@ -209,13 +217,17 @@ impl Qcow2Queue {
             ready: VecDeque::new(),
             zcache: None,
             scratch: Vec::new(),
+            extents: Vec::new(),
+            reaping: false,
         })
     }
 
     fn complete_now(&mut self, tag: u64, buf: Option<IoBuf>, result: Result<u64>) {
         self.img.active.fetch_sub(1, Ordering::AcqRel);
         self.ready.push_back(Completion { tag, result, buf });
-        notify(Some(&self.notifier));
+        if !self.reaping {
+            notify(self.notifier.as_ref());
+        }
     }
 
     fn fail(&mut self, r: usize, e: StorageError) {
@@ -360,7 +372,8 @@ impl Qcow2Queue {
     fn start_read(&mut self, tag: u64, offset: u64, buf: IoBuf) {
         let len = buf.len() as u64;
         let r = self.new_req(tag, Kind::Read, Some(Arc::new(buf)), len);
-        let mut extents: Vec<(u64, u64, Mapping)> = Vec::new();
+        let mut extents = std::mem::take(&mut self.extents);
+        extents.clear();
         let mapped = {
             let mut m = self.lock();
             let mut at = offset;
@@ -383,10 +396,11 @@ impl Qcow2Queue {
         if let Err(e) = mapped {
             self.fail(r, e);
         } else {
-            for (g, n, mapping) in extents {
+            for &(g, n, mapping) in &extents {
                 self.read_extent(r, (g - offset) as usize, g, n, mapping);
             }
         }
+        self.extents = extents;
         self.end_planning(r);
     }
 
@@ -465,7 +479,7 @@ impl Qcow2Queue {
         let mut run: Option<(u64, u64, u64)> = None;
         while at < end {
             let n = (cs - at % cs).min(end - at);
-            let plan = self.lock().plan_write(at, n, Some(self.notifier.clone()));
+            let plan = self.lock().plan_write(at, n, self.notifier.clone());
             match plan {
                 Ok(WritePlan::Direct(h)) => match run {
                     Some((rh, rg, rn)) if rh + rn == h && self.img.merge => {
@@ -660,7 +674,7 @@ impl Qcow2Queue {
         match waiters {
             Ok(ws) => {
                 for w in ws.into_iter().flatten() {
-                    if !Arc::ptr_eq(&w, &self.notifier) {
+                    if !self.notifier.as_ref().is_some_and(|n| Arc::ptr_eq(&w, n)) {
                         let _ = w.write(1);
                     }
                 }
@@ -728,9 +742,7 @@ impl Qcow2Queue {
     }
 
     fn zero_piece(&mut self, r: usize, g: u64, n: u64, mode: ZeroMode) {
-        let plan = self
-            .lock()
-            .plan_zero(g, n, mode, Some(self.notifier.clone()));
+        let plan = self.lock().plan_zero(g, n, mode, self.notifier.clone());
         match plan {
             Ok(ZeroPlan::Wait) => self.block(r, g, n, Src::Zeros, Some(mode)),
             Ok(ZeroPlan::Done(writes)) => {
@@ -891,7 +903,9 @@ impl IoQueue for Qcow2Queue {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.reaping = true;
         self.process();
+        self.reaping = false;
         let n = self.ready.len();
         self.accepted -= n;
         out.extend(self.ready.drain(..));
@@ -902,7 +916,9 @@ impl IoQueue for Qcow2Queue {
         self.commit()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
+            self.reaping = true;
             self.process();
+            self.reaping = false;
             if !self.ready.is_empty() || self.accepted == 0 {
                 return Ok(());
             }
@@ -916,20 +932,31 @@ impl IoQueue for Qcow2Queue {
                 }
                 None => -1,
             };
-            if !self.blocked.is_empty() || !self.host_backlog.is_empty() || !self.lower_busy() {
+            let stalled =
+                !self.blocked.is_empty() || !self.host_backlog.is_empty() || !self.lower_busy();
+            if stalled {
                 // Waiting on another queue's allocation: it signals us, but poll briefly too.
                 ms = if ms < 0 { 1 } else { ms.min(1) };
             }
-            let mut fds = [libc::pollfd {
-                fd: self.notifier.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: `fds` is one valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
-            if r > 0 {
-                // Readable, so this does not block even on a blocking eventfd.
-                let _ = self.notifier.read();
+            match &self.notifier {
+                Some(n) => {
+                    let mut fds = [libc::pollfd {
+                        fd: n.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    }];
+                    // SAFETY: `fds` is one valid pollfd for the duration of the call.
+                    let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+                    if r > 0 {
+                        // Readable, so this does not block even on a blocking eventfd.
+                        let _ = n.read();
+                    }
+                }
+                None if stalled => std::thread::sleep(Duration::from_millis(ms.max(0) as u64)),
+                None => {
+                    let t = (ms >= 0).then(|| Duration::from_millis(ms as u64));
+                    self.host.wait(t)?;
+                }
             }
         }
     }
@@ -952,13 +979,10 @@ impl Drop for Qcow2Queue {
             let _ = self.commit();
             self.process();
             if self.lower_busy() {
-                let mut fds = [libc::pollfd {
-                    fd: self.notifier.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                }];
-                // SAFETY: `fds` is one valid pollfd for the duration of the call.
-                unsafe { libc::poll(fds.as_mut_ptr(), 1, 10) };
+                let _ = self.host.wait(Some(Duration::from_millis(10)));
+                if let Some(b) = self.backing.as_mut() {
+                    let _ = b.wait(Some(Duration::from_millis(1)));
+                }
             }
         }
         let jobs: Vec<usize> = (0..self.jobs.items.len()).collect();
