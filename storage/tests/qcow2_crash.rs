@@ -45,8 +45,19 @@ struct Outcome {
 }
 
 /// Runs the workload until it finishes or the device dies.
-fn run_workload(dev: SharedFile, base: &[u8], actions: &[Action], snapshots: bool) -> Outcome {
-    let img = qcow2::open(dev, &Qcow2Options::default()).unwrap();
+fn run_workload(
+    dev: SharedFile,
+    base: &[u8],
+    actions: &[Action],
+    snapshots: bool,
+    cache: Option<u64>,
+) -> Outcome {
+    let opts = Qcow2Options {
+        l2_cache_bytes: cache,
+        rb_cache_bytes: cache,
+        ..Qcow2Options::default()
+    };
+    let img = qcow2::open(dev, &opts).unwrap();
     let mut model = base.to_vec();
     let mut out = Outcome {
         flushed: base.to_vec(),
@@ -240,6 +251,16 @@ fn verify(image: &DurableImage, outcome: &Outcome, what: &str, dir: &Path, qemu:
 }
 
 fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64, snapshots: bool) {
+    crash_with_cache(name, opts, seed, snapshots, None);
+}
+
+fn crash_with_cache(
+    name: &str,
+    opts: &[(&str, String)],
+    seed: u64,
+    snapshots: bool,
+    cache: Option<u64>,
+) {
     let qemu = have_qemu(name);
     let dir = tempdir();
     let bytes = image_bytes(dir.path(), opts);
@@ -252,7 +273,7 @@ fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64, snapshots: b
     // Count the flushes of a run without a crash.
     let (dev, ctl) = device_with(&bytes);
     let before = ctl.flushes();
-    let full = run_workload(dev, &base, &actions, snapshots);
+    let full = run_workload(dev, &base, &actions, snapshots, cache);
     assert!(
         full.completed_all,
         "{name}: the workload failed without a crash"
@@ -260,7 +281,15 @@ fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64, snapshots: b
     let flushes = ctl.flushes() - before;
     assert!(flushes > 10, "{name}: only {flushes} flushes");
     let lazy = opts.iter().any(|(k, _)| *k == "lazy_refcounts");
-    for k in 1..=flushes {
+    // Every crash point when there are few; an even sample (always with the first and last)
+    // when eviction makes many.
+    let step = (flushes / 48).max(1) as usize;
+    let points: Vec<u64> = (1..=flushes).step_by(step).chain([flushes]).collect();
+    eprintln!(
+        "{name}: {flushes} flush points, crashing at {}",
+        points.len()
+    );
+    for k in points {
         for (mi, mode) in [
             LossMode::DropUnflushed,
             LossMode::TearAndReorder { seed: seed ^ k },
@@ -271,7 +300,7 @@ fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64, snapshots: b
             let (dev, ctl) = device_with(&bytes);
             ctl.set_loss_mode(mode);
             ctl.crash_at_flush(k);
-            let outcome = run_workload(dev, &base, &actions, snapshots);
+            let outcome = run_workload(dev, &base, &actions, snapshots, cache);
             let image = ctl.durable_image().unwrap_or_else(|| ctl.power_loss());
             // qemu-img check on a sample of crash points (lazy images are repaired on open).
             let ask_qemu = qemu && !lazy && mi == 1 && k % 6 == 1;
@@ -345,5 +374,18 @@ fn crash_at_every_flush_with_copy_on_write_from_a_backing_file() {
         ],
         5,
         true,
+    );
+}
+
+#[test]
+fn crash_at_every_flush_with_tiny_metadata_caches() {
+    // Four L2 tables and four refcount blocks: dirty tables are evicted (refcounts, sync, then
+    // the table) between flushes, and those syncs are crash points too.
+    crash_with_cache(
+        "crash_tiny_cache",
+        &[("cluster_size", "512".into())],
+        6,
+        false,
+        Some(2048),
     );
 }

@@ -73,6 +73,8 @@ pub use ops::MapEntry;
 pub struct Qcow2Options {
     /// L2 cache size in bytes (default: the whole image's L2 tables, at most 32 MiB).
     pub l2_cache_bytes: Option<u64>,
+    /// Refcount block cache size in bytes (default: 8 MiB).
+    pub rb_cache_bytes: Option<u64>,
     /// Engine for backing files.
     pub engine: EngineChoice,
     /// Cache mode for backing files.
@@ -144,7 +146,7 @@ pub(crate) fn open_in_chain(
         MetaOptions {
             writable,
             l2_cache_bytes: opts.l2_cache_bytes,
-            rb_cache_bytes: None,
+            rb_cache_bytes: opts.rb_cache_bytes,
             allow_corrupt: opts.allow_corrupt,
         },
     )?;
