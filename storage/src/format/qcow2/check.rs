@@ -491,7 +491,14 @@ impl Meta {
                 ));
                 continue;
             }
-            let one = self.refcount(l2_off / self.geo.cluster_size)? == 1;
+            let one = match self.refcount(l2_off / self.geo.cluster_size) {
+                Ok(n) => n == 1,
+                Err(err) => {
+                    r.check_errors += 1;
+                    r.messages.push(format!("ERROR reading a refcount: {err}"));
+                    continue;
+                }
+            };
             if one != (e & COPIED != 0) {
                 r.messages.push(format!(
                     "{} OFLAG_COPIED L2 cluster: l1_index={i}",
@@ -515,7 +522,14 @@ impl Meta {
                 let Some(h) = entry.host_cluster() else {
                     continue;
                 };
-                let one = self.refcount(h / self.geo.cluster_size)? == 1;
+                let one = match self.refcount(h / self.geo.cluster_size) {
+                    Ok(n) => n == 1,
+                    Err(err) => {
+                        r.check_errors += 1;
+                        r.messages.push(format!("ERROR reading a refcount: {err}"));
+                        continue;
+                    }
+                };
                 if one != entry.copied() {
                     r.messages.push(format!(
                         "{} OFLAG_COPIED data cluster: l2_entry={raw:x}",

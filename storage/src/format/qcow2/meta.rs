@@ -389,6 +389,15 @@ pub fn read_u64_table(
     if count == 0 {
         return Ok(Vec::new());
     }
+    if offset
+        .checked_add(count as u64 * 8)
+        .is_none_or(|e| e > file.len())
+    {
+        return Err(corrupt(
+            file.name(),
+            format!("a table of {count} entries at {offset:#x} lies beyond the end of the file"),
+        ));
+    }
     let mut buf = IoBuf::new(count * 8);
     file.read_exact_at(offset, buf.as_mut_slice().unwrap_or(&mut []))?;
     Ok(buf
