@@ -90,7 +90,7 @@ fn extended_l2_entries() {
 }
 
 #[test]
-fn version_2_with_1_bit_refcounts_is_refused_and_version_2_works() {
+fn version_2() {
     suite("compat=0.10", false, EngineChoice::Uring);
 }
 
