@@ -35,6 +35,10 @@ pub enum ImageCommand {
     Rebase(super::rebase::RebaseArgs),
     /// Write a qcow2 image's data into its backing file.
     Commit(super::commit::CommitArgs),
+    /// Convert an image to another format, like `qemu-img convert`.
+    Convert(super::convert::ConvertArgs),
+    /// Import the disks of an OVA (or OVF folder) as images.
+    ImportOva(super::import_ova::ImportOvaArgs),
 }
 
 /// Image formats on the command line.
@@ -148,6 +152,8 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Compare(a) => super::compare::run(a),
         ImageCommand::Rebase(a) => super::rebase::run(a),
         ImageCommand::Commit(a) => super::commit::run(a),
+        ImageCommand::Convert(a) => super::convert::run(a),
+        ImageCommand::ImportOva(a) => super::import_ova::run(a),
     }
 }
 

@@ -6,16 +6,28 @@ mod bench;
 mod check;
 mod commit;
 mod compare;
+mod convert;
 mod image;
+mod import_ova;
+mod lv;
 mod map;
+mod pv;
 mod qcow2_util;
 mod rebase;
 mod resize;
+mod serve;
 mod snapshot;
+mod vg;
+mod vhost_user;
+mod vm;
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::service::DataDir;
 
 /// Strata: storage-centric virtualization. Images, volumes, backups and VMs.
 #[derive(Debug, Parser)]
@@ -24,6 +36,10 @@ pub struct Cli {
     /// Log more (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Strata's data directory (default: $STRATA_DATA, else /var/lib/strata).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -34,6 +50,27 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Run virtual machines under Strata's KVM VMM.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Serve a disk to QEMU or Cloud Hypervisor as a vhost-user-blk back-end.
+    VhostUserBlk(vhost_user::VhostUserArgs),
+    /// Serve the HTTP API (setting up an empty data directory first).
+    Serve(serve::ServeArgs),
+    /// Set up an empty data directory: default volume group, thin pool, first API token.
+    Init(serve::InitArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(serve::TokenCommand),
+    /// Physical volumes: create, list, remove.
+    #[command(subcommand)]
+    Pv(pv::PvCommand),
+    /// Volume groups: create, list, show, extend, reduce, remove, check.
+    #[command(subcommand)]
+    Vg(vg::VgCommand),
+    /// Logical volumes: linear, thin pools, thin volumes, snapshots, clones.
+    #[command(subcommand)]
+    Lv(lv::LvCommand),
 }
 
 /// Output format for commands that report.
@@ -59,13 +96,36 @@ pub fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
 
+static DATA_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The data directory chosen on the command line (`--data`, `$STRATA_DATA`, or the default),
+/// for commands that reach volumes through a source name (`lv:VG/NAME`).
+pub fn data_dir() -> std::path::PathBuf {
+    DATA_DIR
+        .get()
+        .cloned()
+        .unwrap_or_else(|| strata_storage::volume::resolve_data_dir(None))
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let data_path = strata_storage::volume::resolve_data_dir(cli.data.as_deref());
+    let _ = DATA_DIR.set(data_path.clone());
+    let data = DataDir::at(&data_path);
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::VhostUserBlk(args) => vhost_user::run(args),
+        Command::Serve(a) => serve::serve(a, data),
+        Command::Init(a) => serve::init(a, data),
+        Command::Token(cmd) => serve::token(cmd, data),
+        Command::Pv(cmd) => pv::run(cmd, &data_path),
+        Command::Vg(cmd) => vg::run(cmd, &data_path),
+        Command::Lv(cmd) => lv::run(cmd, &data_path),
     }
 }

@@ -1,0 +1,377 @@
+//! End-to-end tests of the HTTP API over real HTTP on loopback.
+
+mod common;
+
+use common::Server;
+use serde_json::json;
+
+#[test]
+fn health_needs_no_token_and_everything_else_does() {
+    let srv = Server::start();
+    let anon = srv.client_with(None);
+    let r = anon.request("GET", "/api/health", None).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["status"], "ok");
+
+    let doc = srv
+        .client()
+        .request("GET", "/api/openapi.json", None)
+        .unwrap();
+    assert_eq!(doc.status, 200, "{:?}", doc.body);
+    let paths = doc.body["paths"]
+        .as_object()
+        .expect("paths in the OpenAPI document");
+    assert!(paths.len() >= 8, "too few routes documented: {paths:?}");
+    let wrong = srv.client_with(Some("deadbeef.0000"));
+    let mut checked = 0;
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{id}", "x")
+            .replace("{name}", "x")
+            .replace("{vg}", "x");
+        for method in ops.as_object().unwrap().keys() {
+            let m = method.to_uppercase();
+            for client in [&anon, &wrong] {
+                let r = client.request(&m, &concrete, Some(&json!({}))).unwrap();
+                if path == "/api/health" {
+                    assert_eq!(r.status, 200);
+                } else {
+                    assert_eq!(
+                        r.status, 401,
+                        "{m} {concrete} answered {} without a valid token",
+                        r.status
+                    );
+                    assert_eq!(r.body["kind"], "unauthorized");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 16);
+}
+
+#[test]
+fn images_are_created_and_removed_with_validated_names() {
+    let srv = Server::start();
+    let c = srv.client();
+    let r = c
+        .request(
+            "POST",
+            "/api/images",
+            Some(&json!({"name": "disk0.img", "size": "16M"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["virtual_size"], 16 << 20);
+    let r = c
+        .request(
+            "POST",
+            "/api/images",
+            Some(&json!({"name": "disk0.img", "size": "16M"})),
+        )
+        .unwrap();
+    assert_eq!(
+        r.status, 409,
+        "a second create of the same name must conflict: {:?}",
+        r.body
+    );
+    for bad in ["../escape", "a/b", "..", ".hidden", &"x".repeat(200)] {
+        let r = c
+            .request(
+                "POST",
+                "/api/images",
+                Some(&json!({"name": bad, "size": "1M"})),
+            )
+            .unwrap();
+        assert_eq!(r.status, 400, "name {bad:?} accepted: {:?}", r.body);
+    }
+    let r = c
+        .request("GET", "/api/images/..%2F..%2Fetc%2Fpasswd", None)
+        .unwrap();
+    assert!(
+        r.status == 400 || r.status == 404,
+        "traversal through the path: {}",
+        r.status
+    );
+    let r = c
+        .request(
+            "POST",
+            "/api/images",
+            Some(&json!({"name": "z.img", "size": "zero"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let r = c.request("GET", "/api/images", None).unwrap();
+    assert_eq!(r.body.as_array().unwrap().len(), 1);
+    let r = c.request("DELETE", "/api/images/disk0.img", None).unwrap();
+    assert_eq!(r.status, 204);
+    let r = c.request("GET", "/api/images/disk0.img", None).unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn malformed_and_oversized_bodies_are_refused() {
+    let srv = Server::start();
+    let c = srv.client();
+    let r = c
+        .send("POST", "/api/images", b"{not json".to_vec(), true)
+        .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body["kind"], "bad-request");
+    let huge = format!(
+        "{{\"name\": \"{}\", \"size\": \"1M\"}}",
+        "a".repeat(3 << 20)
+    );
+    let r = c
+        .send("POST", "/api/images", huge.into_bytes(), true)
+        .unwrap();
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    let r = c.request("GET", "/api/no/such/route", None).unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn tokens_can_be_created_used_and_revoked() {
+    let srv = Server::start();
+    let c = srv.client();
+    let r = c
+        .request("POST", "/api/tokens", Some(&json!({"name": "ci"})))
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let token = r.body["token"].as_str().unwrap().to_string();
+    let ci = srv.client_with(Some(&token));
+    assert_eq!(ci.request("GET", "/api/images", None).unwrap().status, 200);
+    let listed = c.request("GET", "/api/tokens", None).unwrap();
+    assert!(!String::from_utf8_lossy(&listed.raw).contains(token.split_once('.').unwrap().1));
+    assert_eq!(
+        c.request("DELETE", "/api/tokens/ci", None).unwrap().status,
+        200
+    );
+    assert_eq!(ci.request("GET", "/api/images", None).unwrap().status, 401);
+}
+
+#[test]
+fn concurrent_creates_and_removes_leave_consistent_state() {
+    let srv = Server::start();
+    let url = srv.url.clone();
+    let token = srv.token.clone();
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let c = strata_api::client::Client::new(&url, Some(token)).unwrap();
+                let name = format!("img{}", i % 5);
+                let r = c
+                    .request(
+                        "POST",
+                        "/api/images",
+                        Some(&json!({"name": name, "size": "1M"})),
+                    )
+                    .unwrap();
+                assert!(r.status == 200 || r.status == 409, "{:?}", r.body);
+                if i % 2 == 0 {
+                    let r = c
+                        .request("DELETE", &format!("/api/images/{name}"), None)
+                        .unwrap();
+                    assert!(r.status == 204 || r.status == 404, "{:?}", r.body);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let c = srv.client();
+    let listed = c.request("GET", "/api/images", None).unwrap();
+    let names: Vec<String> = listed
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    let on_disk: std::collections::BTreeSet<String> = std::fs::read_dir(srv.data.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        on_disk
+    );
+    for n in &names {
+        assert_eq!(
+            c.request("GET", &format!("/api/images/{n}"), None)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+}
+
+#[test]
+fn the_embedded_default_serves_volumes_snapshots_and_clones() {
+    let srv = Server::start();
+    let c = srv.client();
+    let st = c.request("GET", "/api/storage", None).unwrap();
+    assert_eq!(st.status, 200, "{:?}", st.body);
+    assert_eq!(st.body[0]["group"]["name"], "strata", "{:?}", st.body);
+    assert_eq!(st.body[0]["pools"][0]["name"], "data");
+
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "vm-100-disk-0", "size": "1G", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["source"], "lv:strata/vm-100-disk-0");
+    // Overcommit is allowed: a volume far larger than the 4 GiB pool.
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "huge", "size": "1T", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes/strata/vm-100-disk-0/snapshot",
+            Some(&json!({"name": "snap1"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes/strata/snap1/clone",
+            Some(&json!({"name": "vm-101-disk-0"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes/strata/vm-101-disk-0/resize",
+            Some(&json!({"size": "2G"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["size"], 2u64 << 30);
+    let r = c.request("GET", "/api/volumes", None).unwrap();
+    let names: Vec<&str> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for n in ["vm-100-disk-0", "huge", "snap1", "vm-101-disk-0"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // Removing the origin leaves the snapshot and the clone.
+    assert_eq!(
+        c.request("DELETE", "/api/volumes/strata/vm-100-disk-0", None)
+            .unwrap()
+            .status,
+        204
+    );
+    assert_eq!(
+        c.request("GET", "/api/volumes/strata/snap1", None)
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        c.request("GET", "/api/volumes/strata/vm-100-disk-0", None)
+            .unwrap()
+            .status,
+        404
+    );
+    // Bad names and unknown groups.
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "../x", "size": "1G", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "nope", "name": "x", "size": "1G"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "snap1", "size": "1G", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 409, "{:?}", r.body);
+}
+
+#[test]
+fn concurrent_volume_creates_snapshots_and_removes_leave_consistent_metadata() {
+    let srv = Server::start();
+    let (url, token) = (srv.url.clone(), srv.token.clone());
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let c = strata_api::client::Client::new(&url, Some(token)).unwrap();
+                let name = format!("v{}", i % 7);
+                let r = c
+                    .request(
+                        "POST",
+                        "/api/volumes",
+                        Some(&json!({"vg": "strata", "name": name, "size": "64M", "pool": "data"})),
+                    )
+                    .unwrap();
+                assert!(r.status == 200 || r.status == 409, "create: {:?}", r.body);
+                let r = c
+                    .request(
+                        "POST",
+                        &format!("/api/volumes/strata/{name}/snapshot"),
+                        Some(&json!({"name": format!("s{i}")})),
+                    )
+                    .unwrap();
+                assert!(r.status == 200 || r.status == 404, "snapshot: {:?}", r.body);
+                if i % 3 == 0 {
+                    let r = c
+                        .request("DELETE", &format!("/api/volumes/strata/{name}"), None)
+                        .unwrap();
+                    assert!(r.status == 204 || r.status == 404, "remove: {:?}", r.body);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let c = srv.client();
+    let check = c
+        .request("POST", "/api/storage/strata/check", None)
+        .unwrap();
+    assert_eq!(check.status, 200, "{:?}", check.body);
+    assert_eq!(check.body["clean"], true, "{:?}", check.body);
+    let listed = c.request("GET", "/api/volumes", None).unwrap();
+    for v in listed.body.as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        assert_eq!(
+            c.request("GET", &format!("/api/volumes/strata/{name}"), None)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+}
