@@ -4,12 +4,20 @@
 
 mod backup;
 mod bench;
+mod check;
+mod commit;
+mod compare;
 mod convert;
 mod image;
 mod import_ova;
 mod lv;
+mod map;
 mod pv;
+mod qcow2_util;
+mod rebase;
+mod resize;
 mod serve;
+mod snapshot;
 mod vg;
 mod vhost_user;
 mod vm;
