@@ -124,7 +124,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Backup(cmd) => backup::run(cmd),
-        Command::Vm(cmd) => vm::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd, data),
         Command::VhostUserBlk(args) => vhost_user::run(args),
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),

@@ -10,6 +10,7 @@ mod error;
 mod images;
 pub mod openapi;
 mod system;
+mod vms;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -73,6 +74,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .merge(images::routes())
         .merge(volumes::routes())
         .merge(backups::routes())
+        .merge(vms::routes())
         .route("/api/openapi.json", get(openapi::serve))
         .route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
     Router::new()
@@ -91,9 +93,11 @@ pub async fn serve(svc: Arc<Service>, addr: SocketAddr) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, "serving the Strata API");
     println!("Strata API listening on http://{local}/api");
-    axum::serve(listener, router(svc))
+    axum::serve(listener, router(svc.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Running VMs end with the server: stop them so that their disks are flushed.
+    tokio::task::spawn_blocking(move || svc.stop_all_vms()).await?;
     Ok(())
 }
 

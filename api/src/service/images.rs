@@ -125,10 +125,13 @@ impl Service {
     /// Removes an image.
     pub fn remove_image(&self, name: &str) -> ServiceResult<()> {
         let path = self.existing_image(name)?;
-        std::fs::remove_file(&path).map_err(|e| match e.kind() {
-            // Another client removed it first.
-            std::io::ErrorKind::NotFound => ServiceError::NotFound(format!("Image {name}")),
-            _ => ServiceError::internal(format!("Removing {}: {e}", path.display())),
+        let source = format!("{}{name}", super::vms::IMAGE_PREFIX);
+        self.vms.unless_in_use(&source, || {
+            std::fs::remove_file(&path).map_err(|e| match e.kind() {
+                // Another client removed it first.
+                std::io::ErrorKind::NotFound => ServiceError::NotFound(format!("Image {name}")),
+                _ => ServiceError::internal(format!("Removing {}: {e}", path.display())),
+            })
         })?;
         strata_storage::format::raw::sync_parent_dir(&path)?;
         Ok(())

@@ -211,11 +211,13 @@ impl Service {
         self.volume_info(vg, &req.name)
     }
 
-    /// Removes a volume (its snapshots and clones stay).
+    /// Removes a volume (its snapshots and clones stay); 409 while a running VM uses it.
     pub fn remove_volume(&self, vg: &str, name: &str) -> ServiceResult<()> {
         let g = self.volumes.get(vg)?;
-        g.remove_lv(name)?;
-        Ok(())
+        self.vms.unless_in_use(
+            &format!("{LV_PREFIX}{vg}/{name}"),
+            || Ok(g.remove_lv(name)?),
+        )
     }
 
     /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in
