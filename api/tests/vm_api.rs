@@ -289,6 +289,19 @@ fn bad_vm_definitions_are_refused_with_the_right_status() {
         .request("GET", "/api/vms/idle/console?offset=abc", None)
         .unwrap();
     assert_eq!(r.status, 400, "{:?}", r.body);
+
+    // Every VM route is in the OpenAPI document, so http_api's 401 check covers it.
+    let doc = c.request("GET", "/api/openapi.json", None).unwrap().body;
+    for path in [
+        "/api/vms",
+        "/api/vms/{name}",
+        "/api/vms/{name}/start",
+        "/api/vms/{name}/stop",
+        "/api/vms/{name}/status",
+        "/api/vms/{name}/console",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is not documented");
+    }
 }
 
 fn kvm_or_skip(what: &str) -> bool {
@@ -299,27 +312,44 @@ fn kvm_or_skip(what: &str) -> bool {
     true
 }
 
-#[test]
-fn a_guest_is_started_watched_and_stopped_through_the_api() {
-    const WHAT: &str = "VM start/console/stop through the HTTP API (freestanding guest)";
-    if !kvm_or_skip(WHAT) {
-        return;
+/// For tests that run guests: a server, its client, and a flat guest file (in the returned
+/// folder); None, after a loud skip notice, where KVM is missing.
+fn guest_setup(what: &str, power_off: bool) -> Option<(Server, Client, tempfile::TempDir, String)> {
+    if !kvm_or_skip(what) {
+        return None;
     }
     let srv = Server::start();
     let c = srv.client();
     let dir = tempfile::tempdir().unwrap();
-    let spinner = write_guest(dir.path(), "spin.bin", false);
+    let guest = write_guest(dir.path(), "guest.bin", power_off);
+    Some((srv, c, dir, guest))
+}
+
+/// Defines a VM (expecting 201) and starts it (expecting 200).
+fn define_and_start(c: &Client, body: Value) {
+    let (st, reply) = define(c, body.clone());
+    assert_eq!(st, 201, "{body}: {reply:?}");
+    let name = body["name"].as_str().unwrap();
+    let r = c
+        .request("POST", &format!("/api/vms/{name}/start"), None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+#[test]
+fn a_guest_is_started_watched_and_stopped_through_the_api() {
+    const WHAT: &str = "VM start/console/stop through the HTTP API (freestanding guest)";
+    let Some((_srv, c, _dir, spinner)) = guest_setup(WHAT, false) else {
+        return;
+    };
     create_volume(&c, "spin-root");
-    let (st, body) = define(
+    define_and_start(
         &c,
         json!({"name": "spin", "memory": "32M", "boot": "flat", "kernel": spinner,
                "disks": [{"source": "lv:strata/spin-root"}]}),
     );
-    assert_eq!(st, 201, "{body:?}");
-    let r = c.request("POST", "/api/vms/spin/start", None).unwrap();
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    assert_eq!(r.body["state"], "running");
-    assert!(r.body["pid"].as_u64().is_some());
+    let s = status(&c, "spin");
+    assert!(s["pid"].as_u64().is_some(), "{s:?}");
 
     // Running: a second start, removing the VM or its disk all conflict.
     let r = c.request("POST", "/api/vms/spin/start", None).unwrap();
@@ -395,13 +425,9 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
 #[test]
 fn a_guest_that_powers_off_is_stopped_and_can_start_again() {
     const WHAT: &str = "VM power-off and restart through the HTTP API (freestanding guest)";
-    if !kvm_or_skip(WHAT) {
+    let Some((srv, c, _dir, guest)) = guest_setup(WHAT, true) else {
         return;
-    }
-    let srv = Server::start();
-    let c = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let guest = write_guest(dir.path(), "off.bin", true);
+    };
     let image = srv.data.join("images/off-disk.raw");
     std::fs::File::create(&image)
         .unwrap()
@@ -474,4 +500,91 @@ fn a_linux_guest_boots_runs_its_disk_test_and_powers_off_through_the_api() {
         serial,
     )
     .unwrap();
+}
+
+fn strata_cli(data: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_sees_and_stops_a_vm_the_server_runs() {
+    const WHAT: &str = "strata vm status/console/stop on a VM run by strata serve";
+    let Some((srv, c, _dir, spinner)) = guest_setup(WHAT, false) else {
+        return;
+    };
+    define_and_start(
+        &c,
+        json!({"name": "shared", "memory": "32M", "boot": "flat", "kernel": spinner}),
+    );
+    wait_for(&c, "shared", Duration::from_secs(60), |s| {
+        s["console_bytes"].as_u64() >= Some(GREETING.len() as u64)
+    });
+
+    let (ok, out, err) = strata_cli(&srv.data, &["vm", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("shared") && l.contains("running")),
+        "{out}"
+    );
+    let (ok, out, err) = strata_cli(&srv.data, &["vm", "console", "shared"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, GREETING);
+    // Starting or removing it from another process is refused while the server runs it.
+    let (ok, _, err) = strata_cli(&srv.data, &["vm", "start", "shared"]);
+    assert!(!ok && err.contains("is running"), "{err}");
+    let (ok, _, err) = strata_cli(&srv.data, &["vm", "remove", "shared"]);
+    assert!(!ok && err.contains("is running"), "{err}");
+
+    let (ok, out, err) = strata_cli(&srv.data, &["vm", "stop", "shared"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("stopped (stopped by request)"), "{out}");
+    let s = status(&c, "shared");
+    assert_eq!(s["state"], "stopped", "{s:?}");
+    assert_eq!(s["exit_reason"], "stopped by request");
+    let (ok, out, err) = strata_cli(&srv.data, &["vm", "status", "shared", "--output", "json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"]["state"], "stopped");
+    let (ok, _, err) = strata_cli(&srv.data, &["vm", "remove", "shared"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        c.request("GET", "/api/vms/shared", None).unwrap().status,
+        404
+    );
+}
+
+#[test]
+fn a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason() {
+    const WHAT: &str = "VM failure reporting through the HTTP API";
+    // A flat image is not a bzImage: the Linux loader refuses it when the VM is built.
+    let Some((_srv, c, dir, not_linux)) = guest_setup(WHAT, false) else {
+        return;
+    };
+    define_and_start(
+        &c,
+        json!({"name": "broken", "memory": "32M", "kernel": not_linux}),
+    );
+    let s = wait_for(&c, "broken", Duration::from_secs(60), |s| {
+        s["state"] != "running"
+    });
+    assert_eq!(s["state"], "failed", "{s:?}");
+    let reason = s["exit_reason"].as_str().unwrap();
+    assert!(reason.contains("bzImage"), "{reason}");
+    // A failed VM can be removed; its kernel file going away is reported at start.
+    std::fs::remove_file(dir.path().join("guest.bin")).unwrap();
+    let r = c.request("POST", "/api/vms/broken/start", None).unwrap();
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = c.request("DELETE", "/api/vms/broken", None).unwrap();
+    assert_eq!(r.status, 204, "{:?}", r.body);
 }

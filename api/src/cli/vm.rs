@@ -344,7 +344,8 @@ pub fn run(cmd: VmCommand, data: DataDir) -> anyhow::Result<ExitCode> {
                 out.write_all(chunk.data.as_bytes())?;
                 out.flush()?;
                 let more = chunk.next_offset < chunk.end;
-                if !more && !(follow && chunk.state == VmState::Running) {
+                let wait_for_more = follow && chunk.state == VmState::Running;
+                if !(more || wait_for_more) {
                     break;
                 }
                 if !more {
@@ -419,6 +420,9 @@ fn print_info(info: &VmInfo, output: Output) -> anyhow::Result<()> {
 /// Starts the VM in this process and stays until it ends, printing its console; Ctrl-C or
 /// SIGTERM stops it.
 fn start_foreground(svc: &Service, name: &str, quiet: bool) -> anyhow::Result<ExitCode> {
+    if svc.vm_definition(name)?.boot == BootKind::Linux {
+        warn_if_pvm();
+    }
     svc.start_vm(name)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -471,6 +475,15 @@ fn start_foreground(svc: &Service, name: &str, quiet: bool) -> anyhow::Result<Ex
     })
 }
 
+fn warn_if_pvm() {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "strata: warning: this host's KVM is PVM (software nested virtualisation); an \
+             unmodified Linux kernel does not finish booting under it"
+        );
+    }
+}
+
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     let memory = parse_size(&args.memory)?;
     let disks: Vec<DiskArg> = args
@@ -478,12 +491,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|d| DiskArg::parse(d))
         .collect::<Result<_, _>>()?;
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        eprintln!(
-            "strata: warning: this host's KVM is PVM (software nested virtualisation); an \
-             unmodified Linux kernel does not finish booting under it"
-        );
-    }
+    warn_if_pvm();
     // Disks stay open across guest reboots; everything else is built anew each boot.
     let (specs, _sources): (Vec<DiskSpec>, Vec<Source>) = disks
         .iter()

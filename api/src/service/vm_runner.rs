@@ -428,7 +428,7 @@ impl Runs {
 
 fn running_elsewhere(name: &str, pid: u32) -> ServiceError {
     ServiceError::Conflict(format!(
-        "VM {name} is running in process {pid}; use that process (e.g. its API with --remote)"
+        "VM {name} is running (in process {pid}); stop it first"
     ))
 }
 
