@@ -17,24 +17,37 @@ use strata_tests::{have_kvm, is_pvm_host, skip_loudly};
 
 const GREETING: &str = "strata flat guest up\n";
 
-/// 64-bit code: print `text` on COM1, then power off through the ACPI sleep register
-/// (`power_off`) or spin forever.
-fn flat_guest(text: &str, power_off: bool) -> Vec<u8> {
+/// What a flat test guest does after printing its greeting.
+#[derive(Clone, Copy)]
+enum Then {
+    Spin,
+    PowerOff,
+    Reboot,
+}
+
+/// 64-bit code: print `text` on COM1, then spin forever, or write the ACPI sleep/reset
+/// register to power off or reboot.
+fn flat_guest(text: &str, then: Then) -> Vec<u8> {
     let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     for b in text.bytes() {
         code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
     }
-    if power_off {
-        // mov dx, 0x3c0; mov al, SLP_EN | S5 << 2; out dx, al
-        code.extend_from_slice(&[0x66, 0xba, 0xc0, 0x03, 0xb0, 0x34, 0xee]);
+    let acpi = match then {
+        Then::Spin => None,
+        Then::PowerOff => Some(0x34), // SLP_EN | S5 << 2
+        Then::Reboot => Some(0x01),   // the FADT's reset value
+    };
+    if let Some(value) = acpi {
+        // mov dx, 0x3c0; mov al, value; out dx, al
+        code.extend_from_slice(&[0x66, 0xba, 0xc0, 0x03, 0xb0, value, 0xee]);
     }
     code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
     code
 }
 
-fn write_guest(dir: &Path, name: &str, power_off: bool) -> String {
+fn write_guest(dir: &Path, name: &str, then: Then) -> String {
     let path = dir.join(name);
-    std::fs::write(&path, flat_guest(GREETING, power_off)).unwrap();
+    std::fs::write(&path, flat_guest(GREETING, then)).unwrap();
     path.to_string_lossy().into_owned()
 }
 
@@ -88,7 +101,7 @@ fn vms_are_defined_listed_shown_and_removed() {
     let data = dir.path().join("data");
     let srv = Server::start_on(&data);
     let c = srv.client();
-    let kernel = write_guest(dir.path(), "guest.bin", false);
+    let kernel = write_guest(dir.path(), "guest.bin", Then::Spin);
     create_volume(&c, "web-root");
     let (st, body) = define(
         &c,
@@ -172,7 +185,7 @@ fn bad_vm_definitions_are_refused_with_the_right_status() {
     let srv = Server::start();
     let c = srv.client();
     let dir = tempfile::tempdir().unwrap();
-    let kernel = write_guest(dir.path(), "guest.bin", false);
+    let kernel = write_guest(dir.path(), "guest.bin", Then::Spin);
     let long = "x".repeat(65);
     let cases = [
         (json!({"name": "../escape", "kernel": kernel}), 400),
@@ -314,14 +327,14 @@ fn kvm_or_skip(what: &str) -> bool {
 
 /// For tests that run guests: a server, its client, and a flat guest file (in the returned
 /// folder); None, after a loud skip notice, where KVM is missing.
-fn guest_setup(what: &str, power_off: bool) -> Option<(Server, Client, tempfile::TempDir, String)> {
+fn guest_setup(what: &str, then: Then) -> Option<(Server, Client, tempfile::TempDir, String)> {
     if !kvm_or_skip(what) {
         return None;
     }
     let srv = Server::start();
     let c = srv.client();
     let dir = tempfile::tempdir().unwrap();
-    let guest = write_guest(dir.path(), "guest.bin", power_off);
+    let guest = write_guest(dir.path(), "guest.bin", then);
     Some((srv, c, dir, guest))
 }
 
@@ -339,7 +352,7 @@ fn define_and_start(c: &Client, body: Value) {
 #[test]
 fn a_guest_is_started_watched_and_stopped_through_the_api() {
     const WHAT: &str = "VM start/console/stop through the HTTP API (freestanding guest)";
-    let Some((_srv, c, _dir, spinner)) = guest_setup(WHAT, false) else {
+    let Some((_srv, c, _dir, spinner)) = guest_setup(WHAT, Then::Spin) else {
         return;
     };
     create_volume(&c, "spin-root");
@@ -425,7 +438,7 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
 #[test]
 fn a_guest_that_powers_off_is_stopped_and_can_start_again() {
     const WHAT: &str = "VM power-off and restart through the HTTP API (freestanding guest)";
-    let Some((srv, c, _dir, guest)) = guest_setup(WHAT, true) else {
+    let Some((srv, c, _dir, guest)) = guest_setup(WHAT, Then::PowerOff) else {
         return;
     };
     let image = srv.data.join("images/off-disk.raw");
@@ -519,7 +532,7 @@ fn strata_cli(data: &Path, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn the_cli_sees_and_stops_a_vm_the_server_runs() {
     const WHAT: &str = "strata vm status/console/stop on a VM run by strata serve";
-    let Some((srv, c, _dir, spinner)) = guest_setup(WHAT, false) else {
+    let Some((srv, c, _dir, spinner)) = guest_setup(WHAT, Then::Spin) else {
         return;
     };
     define_and_start(
@@ -568,7 +581,7 @@ fn the_cli_sees_and_stops_a_vm_the_server_runs() {
 fn a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason() {
     const WHAT: &str = "VM failure reporting through the HTTP API";
     // A flat image is not a bzImage: the Linux loader refuses it when the VM is built.
-    let Some((_srv, c, dir, not_linux)) = guest_setup(WHAT, false) else {
+    let Some((_srv, c, dir, not_linux)) = guest_setup(WHAT, Then::Spin) else {
         return;
     };
     define_and_start(
@@ -587,4 +600,27 @@ fn a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason() {
     assert_eq!(r.status, 404, "{:?}", r.body);
     let r = c.request("DELETE", "/api/vms/broken", None).unwrap();
     assert_eq!(r.status, 204, "{:?}", r.body);
+}
+
+#[test]
+fn a_guest_in_a_reboot_loop_is_rebuilt_then_stopped_as_failed() {
+    const WHAT: &str = "VM reboots and the reboot-loop limit through the HTTP API";
+    let Some((_srv, c, _dir, guest)) = guest_setup(WHAT, Then::Reboot) else {
+        return;
+    };
+    define_and_start(
+        &c,
+        json!({"name": "looper", "memory": "32M", "boot": "flat", "kernel": guest}),
+    );
+    let s = wait_for(&c, "looper", Duration::from_secs(60), |s| {
+        s["state"] != "running"
+    });
+    assert_eq!(s["state"], "failed", "{s:?}");
+    assert!(
+        s["exit_reason"].as_str().unwrap().contains("reboot loop"),
+        "{s:?}"
+    );
+    // Each boot printed the greeting into the one console log of the run.
+    assert_eq!(s["reboots"], 4);
+    assert_eq!(console(&c, "looper", "")["data"], GREETING.repeat(5));
 }

@@ -32,6 +32,8 @@ use super::{write_atomically, Service, ServiceError, ServiceResult};
 
 /// The console log is rotated (to `console.old.log`) when it reaches this size.
 pub const CONSOLE_LOG_LIMIT: u64 = 16 << 20;
+/// The exit reason of a VM stopped through the API or the CLI.
+pub const STOPPED_BY_REQUEST: &str = "stopped by request";
 /// How long a stop request waits for the VM to end.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where a flat image is loaded and entered.
@@ -316,6 +318,8 @@ pub struct Run {
     console: Arc<Mutex<ConsoleLog>>,
     control: Mutex<Option<Arc<VmControl>>>,
     stop_requested: AtomicBool,
+    /// The exit reason a requested stop records.
+    stop_reason: Mutex<&'static str>,
     ended: (Mutex<bool>, Condvar),
 }
 
@@ -342,8 +346,9 @@ impl Run {
         lock(&self.console).read(offset, tail, limit)
     }
 
-    fn request_stop(&self) {
+    fn request_stop(&self, reason: &'static str) {
         let slot = lock(&self.control);
+        *lock(&self.stop_reason) = reason;
         self.stop_requested.store(true, Ordering::SeqCst);
         if let Some(control) = slot.as_ref() {
             control.request(VcpuExitReason::Stopped);
@@ -356,7 +361,7 @@ impl Run {
         while !self.wait_ended(STOP_REQUEST_POLL) {
             if path.exists() {
                 tracing::info!(vm = %self.name, "stop requested by another process");
-                self.request_stop();
+                self.request_stop(STOPPED_BY_REQUEST);
             }
         }
     }
@@ -563,7 +568,7 @@ fn boot_until_end(run: &Run, def: &VmDefinition, boot: &Boot, disks: &[DiskSpec]
         {
             let mut slot = lock(&run.control);
             if run.stop_requested.load(Ordering::SeqCst) {
-                return Outcome::stopped("stopped by request");
+                return Outcome::stopped(*lock(&run.stop_reason));
             }
             *slot = Some(control.clone());
         }
@@ -591,7 +596,7 @@ fn boot_until_end(run: &Run, def: &VmDefinition, boot: &Boot, disks: &[DiskSpec]
         };
         match report.reason {
             VcpuExitReason::Shutdown => return Outcome::stopped("guest powered off"),
-            _ if stop_requested => return Outcome::stopped("stopped by request"),
+            _ if stop_requested => return Outcome::stopped(*lock(&run.stop_reason)),
             VcpuExitReason::Stopped => {
                 return Outcome::failed("The VMM stopped the VM without a request".into())
             }
@@ -682,6 +687,7 @@ impl Service {
             console: Arc::new(Mutex::new(console)),
             control: Mutex::new(None),
             stop_requested: AtomicBool::new(false),
+            stop_reason: Mutex::new(STOPPED_BY_REQUEST),
             ended: (Mutex::new(false), Condvar::new()),
         });
         let thread_run = run.clone();
@@ -734,7 +740,7 @@ impl Service {
             }
             return Err(ServiceError::Conflict(format!("VM {name} is not running")));
         };
-        run.request_stop();
+        run.request_stop(STOPPED_BY_REQUEST);
         if !run.wait_ended(STOP_TIMEOUT) {
             return Err(ServiceError::internal(format!(
                 "VM {name} did not stop within {} s",
@@ -765,7 +771,7 @@ impl Service {
     pub fn stop_all_vms(&self) {
         let runs: Vec<Arc<Run>> = lock(&self.vms.runs.0).values().cloned().collect();
         for run in &runs {
-            run.request_stop();
+            run.request_stop("stopped: the server shut down");
         }
         for run in &runs {
             if !run.wait_ended(STOP_TIMEOUT) {
