@@ -30,6 +30,7 @@ pub mod names;
 pub mod progress;
 pub mod tokens;
 pub mod transfer;
+pub mod vm_console;
 pub mod vm_runner;
 pub mod vms;
 pub mod volumes;

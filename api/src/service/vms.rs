@@ -29,6 +29,7 @@ use strata_storage::source::{SourceSpec, LV_PREFIX};
 use strata_storage::util::parse_size;
 use utoipa::{IntoParams, ToSchema};
 
+use super::vm_console;
 use super::vm_runner::{self, RunRecord};
 use super::{names, Service, ServiceError, ServiceResult};
 
@@ -283,7 +284,7 @@ impl VmManager {
         }
         let dir = self.vm_dir(name)?;
         let record = RunRecord::load(&dir)?;
-        let console_bytes = vm_runner::console_end(&dir, record.as_ref());
+        let console_bytes = vm_console::console_end(&dir, record.as_ref());
         Ok(match record {
             None => VmStatus {
                 name: name.to_string(),
@@ -538,7 +539,7 @@ impl Service {
             None => {
                 let record = RunRecord::load(&dir)?;
                 let base = record.as_ref().map_or(0, |r| r.console_base);
-                vm_runner::read_console_file(&dir, base, q.offset, q.tail, limit)?
+                vm_console::read_console_file(&dir, base, q.offset, q.tail, limit)?
             }
         };
         Ok(ConsoleChunk { state, ..chunk })
