@@ -10,6 +10,7 @@ mod error;
 mod images;
 pub mod openapi;
 mod system;
+mod transfer;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -73,6 +74,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .merge(images::routes())
         .merge(volumes::routes())
         .merge(backups::routes())
+        .merge(transfer::routes())
         .route("/api/openapi.json", get(openapi::serve))
         .route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
     Router::new()
