@@ -10,6 +10,7 @@ mod error;
 mod images;
 pub mod openapi;
 mod system;
+mod transfer;
 mod vms;
 mod volumes;
 
@@ -67,22 +68,38 @@ async fn not_found() -> ApiError {
     ApiError(ServiceError::NotFound("No such API route".into()))
 }
 
-/// The router: every API route, authentication, limits.
-pub fn router(svc: Arc<Service>) -> Router {
-    let protected = Router::new()
+fn resource_routes() -> Router<Arc<Service>> {
+    Router::new()
         .merge(system::routes())
         .merge(images::routes())
         .merge(volumes::routes())
         .merge(backups::routes())
+        .merge(transfer::routes())
         .merge(vms::routes())
         .route("/api/openapi.json", get(openapi::serve))
-        .route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
+}
+
+fn finish(routes: Router<Arc<Service>>, svc: Arc<Service>) -> Router {
     Router::new()
         .route("/api/health", get(system::health))
-        .merge(protected)
+        .merge(routes)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(svc)
+}
+
+/// The router: every API route, authentication, limits.
+pub fn router(svc: Arc<Service>) -> Router {
+    let protected =
+        resource_routes().route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
+    finish(protected, svc)
+}
+
+/// The same routes without authentication, for the CLI to call in-process on a local data
+/// directory (whoever can run it there can read the data directory anyway). Never serve it
+/// on a socket.
+pub fn in_process_router(svc: Arc<Service>) -> Router {
+    finish(resource_routes(), svc)
 }
 
 /// Serves the API on `addr` until Ctrl-C or SIGTERM.
