@@ -530,46 +530,70 @@ fn strata_cli(data: &Path, args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
-fn the_cli_sees_and_stops_a_vm_the_server_runs() {
-    const WHAT: &str = "strata vm status/console/stop on a VM run by strata serve";
+fn the_cli_manages_a_vm_the_server_runs_remotely_and_locally() {
+    const WHAT: &str = "strata vm define/start/list/console/stop/remove with --remote and locally";
     let Some((srv, c, _dir, spinner)) = guest_setup(WHAT, Then::Spin) else {
         return;
     };
-    define_and_start(
-        &c,
-        json!({"name": "shared", "memory": "32M", "boot": "flat", "kernel": spinner}),
-    );
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--remote", srv.url.as_str(), "--token", srv.token.as_str()];
+        all.extend_from_slice(args);
+        strata_cli(&srv.data, &all)
+    };
+    let (ok, out, err) = remote(&[
+        "vm", "define", "shared", "--boot", "flat", "--memory", "32M", "--kernel", &spinner,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("VM shared: defined"), "{out}");
+    // With --remote, start returns at once: the VM runs in the server.
+    let (ok, out, err) = remote(&["vm", "start", "shared"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("shared: running"), "{out}");
     wait_for(&c, "shared", Duration::from_secs(60), |s| {
         s["console_bytes"].as_u64() >= Some(GREETING.len() as u64)
     });
 
-    let (ok, out, err) = strata_cli(&srv.data, &["vm", "list"]);
-    assert!(ok, "{err}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("shared") && l.contains("running")),
-        "{out}"
-    );
-    let (ok, out, err) = strata_cli(&srv.data, &["vm", "console", "shared"]);
-    assert!(ok, "{err}");
-    assert_eq!(out, GREETING);
-    // Starting or removing it from another process is refused while the server runs it.
-    let (ok, _, err) = strata_cli(&srv.data, &["vm", "start", "shared"]);
-    assert!(!ok && err.contains("is running"), "{err}");
-    let (ok, _, err) = strata_cli(&srv.data, &["vm", "remove", "shared"]);
-    assert!(!ok && err.contains("is running"), "{err}");
+    // The local CLI (another process) sees it through the files.
+    for cli in [
+        &remote as &dyn Fn(&[&str]) -> (bool, String, String),
+        &|a: &[&str]| strata_cli(&srv.data, a),
+    ] {
+        let (ok, out, err) = cli(&["vm", "list"]);
+        assert!(ok, "{err}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("shared") && l.contains("running")),
+            "{out}"
+        );
+        let (ok, out, err) = cli(&["vm", "console", "shared"]);
+        assert!(ok, "{err}");
+        assert_eq!(out, GREETING);
+        let (ok, out, err) = cli(&["vm", "console", "shared", "--tail", "3"]);
+        assert!(ok, "{err}");
+        assert_eq!(out, &GREETING[GREETING.len() - 3..]);
+        let (ok, _, err) = cli(&["vm", "start", "shared"]);
+        assert!(!ok && err.contains("is running"), "{err}");
+        let (ok, _, err) = cli(&["vm", "remove", "shared"]);
+        assert!(!ok && err.contains("is running"), "{err}");
+    }
 
+    // A local stop reaches the server's VM (through a request file in the VM's folder).
     let (ok, out, err) = strata_cli(&srv.data, &["vm", "stop", "shared"]);
     assert!(ok, "{err}");
     assert!(out.contains("stopped (stopped by request)"), "{out}");
     let s = status(&c, "shared");
     assert_eq!(s["state"], "stopped", "{s:?}");
     assert_eq!(s["exit_reason"], "stopped by request");
-    let (ok, out, err) = strata_cli(&srv.data, &["vm", "status", "shared", "--output", "json"]);
+    let (ok, out, err) = remote(&["vm", "status", "shared", "--output", "json"]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["status"]["state"], "stopped");
-    let (ok, _, err) = strata_cli(&srv.data, &["vm", "remove", "shared"]);
+    let (ok, _, err) = remote(&["vm", "stop", "shared"]);
+    assert!(!ok && err.contains("not running"), "{err}");
+    // `vm run` works on this machine's files only.
+    let (ok, _, err) = remote(&["vm", "run", "--kernel", &spinner]);
+    assert!(!ok && err.contains("vm run"), "{err}");
+    let (ok, _, err) = remote(&["vm", "remove", "shared"]);
     assert!(ok, "{err}");
     assert_eq!(
         c.request("GET", "/api/vms/shared", None).unwrap().status,

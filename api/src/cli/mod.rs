@@ -22,6 +22,7 @@ mod snapshot;
 mod vg;
 mod vhost_user;
 mod vm;
+mod vm_manage;
 
 use std::process::ExitCode;
 
@@ -173,7 +174,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Jobs(_) => {}
         Command::Image(_) => remote_only_for_appliance("image")?,
         Command::Backup(_) => remote_only_for_appliance("backup")?,
-        Command::Vm(_) => remote_only_for_appliance("vm")?,
+        Command::Vm(vm::VmCommand::Run(_)) => remote_only_for_appliance("vm run")?,
+        Command::Vm(_) => {}
         Command::VhostUserBlk(_) => remote_only_for_appliance("vhost-user-blk")?,
         Command::Serve(_) => remote_only_for_appliance("serve")?,
         Command::Init(_) => remote_only_for_appliance("init")?,
@@ -190,7 +192,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(cmd) => appliance::jobs(cmd, &api()?),
         Command::Image(cmd) => image::run(cmd),
         Command::Backup(cmd) => backup::run(cmd),
-        Command::Vm(cmd) => vm::run(cmd, data),
+        Command::Vm(cmd) => vm::run(cmd, &api),
         Command::VhostUserBlk(args) => vhost_user::run(args),
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),

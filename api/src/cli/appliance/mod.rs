@@ -16,8 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use client::encode;
-pub use client::Api;
+pub use client::{encode, Api};
 use print::{print_list, print_object, Column};
 
 use super::Output;
