@@ -12,8 +12,8 @@
 //! when the pool opens and kept in memory (with every node). That removes a second CoW structure
 //! and a class of bugs: after a crash, space is exactly what the committed trees reach, so no
 //! block can leak. The superblock records how many blocks were in use, and opening checks that
-//! the walk agrees. The price is an open that reads all metadata (about 16 MiB per 64 GiB of
-//! data mapped with 64 KiB blocks) and memory of the same size.
+//! the walk agrees. The price is an open that reads all metadata (16 to 32 MiB per 64 GiB of
+//! data mapped with 64 KiB blocks) and memory of the same size. Details: docs/format-thin.md.
 //!
 //! # Commit order
 //! New data is written before the mapping that points at it exists. A commit then (1) writes
@@ -211,8 +211,8 @@ impl PoolState {
     /// The data block mapped at `vblock` and an I/O epoch for reading it.
     pub(crate) fn lookup_read(&mut self, dev: u32, vblock: u64) -> Result<Option<(u64, u64)>> {
         let root = self.dev(dev)?.entry.root;
-        Ok(match self.forest.lookup(root, vblock)? {
-            Some((v, _)) => Some((block_of(v), self.epochs.begin())),
+        Ok(match self.forest.lookup_value(root, vblock)? {
+            Some(v) => Some((block_of(v), self.epochs.begin())),
             None => None,
         })
     }
