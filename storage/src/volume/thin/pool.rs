@@ -82,7 +82,17 @@ pub(crate) struct PoolState {
     pub(crate) provisioning: HashMap<(u32, u64), u64>,
     pub(crate) epochs: Epochs,
     pub(crate) table_blocks: Vec<u64>,
+    /// Data blocks from here on are zeros on disk, in memory (may be ahead of the disk).
+    pub(crate) zero_from: u64,
+    /// The same, as last committed: a block at or past it may be written only after a commit.
+    pub(crate) zero_from_durable: u64,
+    /// Data blocks known to hold zeros (never written): a partial first write to one need not
+    /// write the rest of the block.
+    pub(crate) known_zero: crate::volume::thin::space::BitSet,
 }
+
+/// Data blocks the never-written frontier moves by when a write reaches it (one commit each).
+const ZERO_FRONTIER_STEP: u64 = 4096;
 
 /// How a write to one block proceeds.
 #[derive(Debug, PartialEq, Eq)]
@@ -103,6 +113,10 @@ pub(crate) enum WritePlan {
         new: u64,
         /// The block mapped before, if any.
         old: Option<u64>,
+        /// `new` holds zeros: a partial write need only write its own bytes.
+        zeroed: bool,
+        /// `new` is past the committed never-written frontier: commit before writing it.
+        commit_first: bool,
     },
     /// The pool is full; a commit may free blocks that wait for one.
     NoSpace {
@@ -228,6 +242,11 @@ impl PoolState {
 
     /// Decides how a write to `vblock` proceeds (see [`WritePlan`]).
     pub(crate) fn prepare_write(&mut self, dev: u32, vblock: u64) -> Result<WritePlan> {
+        if let Some(f) = &self.failed {
+            return Err(StorageError::Unavailable(format!(
+                "the thin pool stopped after a failed metadata commit ({f})"
+            )));
+        }
         if self.provisioning.contains_key(&(dev, vblock)) {
             return Ok(WritePlan::Defer);
         }
@@ -261,9 +280,17 @@ impl PoolState {
                     }
                 };
                 self.provisioning.insert((dev, vblock), new);
+                let zeroed = self.known_zero.get(new);
+                self.known_zero.set(new, false);
+                if new >= self.zero_from {
+                    self.zero_from = (new + ZERO_FRONTIER_STEP).min(self.forest.data.len());
+                    self.dirty = true;
+                }
                 Ok(WritePlan::Provision {
                     new,
                     old: other.map(|(v, _)| block_of(v)),
+                    zeroed,
+                    commit_first: new >= self.zero_from_durable,
                 })
             }
         }
@@ -310,6 +337,11 @@ impl PoolState {
 
     /// Unmaps `lo..hi`; `None` if some block in the range is being provisioned (retry later).
     pub(crate) fn unmap(&mut self, dev: u32, lo: u64, hi: u64) -> Result<Option<u64>> {
+        if let Some(f) = &self.failed {
+            return Err(StorageError::Unavailable(format!(
+                "the thin pool stopped after a failed metadata commit ({f})"
+            )));
+        }
         if self
             .provisioning
             .keys()
@@ -720,8 +752,9 @@ impl ThinPool {
         st.forest.meta.policy = policy;
     }
 
-    /// Grows the pool to `blocks` data blocks (its data volume has grown).
-    pub fn extend_data(&self, blocks: u64) -> Result<()> {
+    /// Grows the pool to `blocks` data blocks (its data volume has grown); `zeroed` says the
+    /// new part reads as zeros.
+    pub fn extend_data(&self, blocks: u64, zeroed: bool) -> Result<()> {
         {
             let mut st = self.lock_state();
             self.check_writable(&st)?;
@@ -733,7 +766,17 @@ impl ThinPool {
                     "{blocks} data blocks is too many"
                 )));
             }
+            let old = st.forest.data.len();
             st.forest.data.grow(blocks);
+            st.known_zero.grow(blocks);
+            if zeroed {
+                for b in old..blocks {
+                    st.known_zero.set(b, true);
+                }
+            } else {
+                // Unknown contents at the end: nothing past the frontier is known to be zero.
+                st.zero_from = blocks;
+            }
             st.dirty = true;
         }
         self.commit()
@@ -826,6 +869,7 @@ impl ThinPool {
         match written {
             Ok(()) => {
                 st.seq = txn.sb.seq;
+                st.zero_from_durable = st.zero_from_durable.max(txn.sb.zero_from);
                 let PoolState { forest, epochs, .. } = &mut *st;
                 forest.data.release(epochs);
                 Ok(())
@@ -883,6 +927,7 @@ impl ThinPool {
             used_meta: st.forest.meta.used(),
             device_count: entries.len() as u32,
             next_id: st.next_id,
+            zero_from: st.zero_from,
             chunks: chunk_blocks,
         };
         st.forest.meta.begin_commit();
