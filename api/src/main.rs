@@ -1,11 +1,10 @@
 //! The `strata` command. Parses the command line, runs the command, and turns any error into
 //! one line on stderr and a non-zero exit status.
 
-mod cli;
-
 use std::process::ExitCode;
 
 use clap::Parser;
+use strata_api::cli;
 
 fn main() -> ExitCode {
     // A bug must still end in one readable line, not a backtrace.

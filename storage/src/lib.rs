@@ -20,10 +20,12 @@
 //! | in-memory test devices | all their queues | a read-write lock on the bytes |
 
 pub mod bitmap;
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod ova;
 pub mod source;
 pub mod util;
 pub mod volume;

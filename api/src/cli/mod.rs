@@ -3,14 +3,21 @@
 //! should hold.
 
 mod bench;
+mod convert;
 mod image;
+mod import_ova;
 mod lv;
 mod pv;
+mod serve;
 mod vg;
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::service::DataDir;
 
 /// Strata: storage-centric virtualization. Images, volumes, backups and VMs.
 #[derive(Debug, Parser)]
@@ -20,9 +27,9 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Data directory (devices file, bitmaps); default $STRATA_DATA, else /var/lib/strata.
+    /// Strata's data directory (default: $STRATA_DATA, else /var/lib/strata).
     #[arg(long, global = true, value_name = "DIR")]
-    pub data: Option<std::path::PathBuf>,
+    pub data: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -33,6 +40,13 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Serve the HTTP API (setting up an empty data directory first).
+    Serve(serve::ServeArgs),
+    /// Set up an empty data directory: default volume group, thin pool, first API token.
+    Init(serve::InitArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(serve::TokenCommand),
     /// Physical volumes: create, list, remove.
     #[command(subcommand)]
     Pv(pv::PvCommand),
@@ -67,6 +81,7 @@ pub fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -84,12 +99,16 @@ pub fn data_dir() -> std::path::PathBuf {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let data = strata_storage::volume::resolve_data_dir(cli.data.as_deref());
-    let _ = DATA_DIR.set(data.clone());
+    let data_path = strata_storage::volume::resolve_data_dir(cli.data.as_deref());
+    let _ = DATA_DIR.set(data_path.clone());
+    let data = DataDir::at(&data_path);
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
-        Command::Pv(cmd) => pv::run(cmd, &data),
-        Command::Vg(cmd) => vg::run(cmd, &data),
-        Command::Lv(cmd) => lv::run(cmd, &data),
+        Command::Serve(a) => serve::serve(a, data),
+        Command::Init(a) => serve::init(a, data),
+        Command::Token(cmd) => serve::token(cmd, data),
+        Command::Pv(cmd) => pv::run(cmd, &data_path),
+        Command::Vg(cmd) => vg::run(cmd, &data_path),
+        Command::Lv(cmd) => lv::run(cmd, &data_path),
     }
 }

@@ -34,14 +34,19 @@ pub enum Engine {
 impl Engine {
     /// Resolves a choice against what this kernel offers.
     pub fn resolve(choice: EngineChoice) -> Result<Engine> {
-        match choice {
-            EngineChoice::Threads => Ok(Engine::Threads),
-            EngineChoice::Uring if uring::available() => Ok(Engine::Uring),
-            EngineChoice::Uring => Err(crate::StorageError::Unsupported(
-                "io_uring engine: io_uring is unavailable on this kernel".into(),
-            )),
-            EngineChoice::Auto if uring::available() => Ok(Engine::Uring),
-            EngineChoice::Auto => Ok(Engine::Threads),
+        match (choice, uring::availability()) {
+            (EngineChoice::Threads, _) => Ok(Engine::Threads),
+            (EngineChoice::Uring | EngineChoice::Auto, Ok(())) => Ok(Engine::Uring),
+            (EngineChoice::Uring, Err(reason)) => Err(crate::StorageError::Unsupported(format!(
+                "io_uring engine: {reason}"
+            ))),
+            (EngineChoice::Auto, Err(reason)) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| {
+                    tracing::warn!(%reason, "io_uring is unavailable; the thread-pool engine will serve I/O");
+                });
+                Ok(Engine::Threads)
+            }
         }
     }
 

@@ -92,7 +92,8 @@ impl FileHandle {
         };
         let open_err = |e: io::Error| match e.raw_os_error() {
             Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) if !opts.read_only => {
-                StorageError::ReadOnly(format!("{name} (no write permission; open it read-only)"))
+                tracing::debug!(file = %name, error = %e, "opening for writing failed");
+                StorageError::ReadOnly(name.clone())
             }
             _ => StorageError::io(format!("Opening {name}"), e),
         };

@@ -25,19 +25,23 @@ use crate::error::{Result, StorageError};
 use crate::io::file::{FileHandle, MAX_IOVECS};
 use crate::io::{check_range, notify, Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
 
-/// Whether io_uring works here with every opcode the engine needs; probed once per process.
+/// Whether io_uring works here with every opcode the engine needs: `Err(reason)` if not.
+/// Probed once per process. `STRATA_IO_URING=off` in the environment makes it unavailable (to
+/// test the fallback).
+pub fn availability() -> &'static std::result::Result<(), String> {
+    static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    PROBE.get_or_init(probe)
+}
+
+/// Whether io_uring is available (see [`availability`]).
 pub fn available() -> bool {
-    static PROBE: OnceLock<bool> = OnceLock::new();
-    *PROBE.get_or_init(|| match probe() {
-        Ok(()) => true,
-        Err(reason) => {
-            tracing::warn!(%reason, "io_uring is unavailable; the thread-pool engine will serve I/O");
-            false
-        }
-    })
+    availability().is_ok()
 }
 
 fn probe() -> std::result::Result<(), String> {
+    if std::env::var_os("STRATA_IO_URING").is_some_and(|v| v == "off") {
+        return Err("disabled by STRATA_IO_URING=off".into());
+    }
     let ring = IoUring::new(2).map_err(|e| format!("io_uring_setup failed: {e}"))?;
     let mut p = io_uring::Probe::new();
     ring.submitter()

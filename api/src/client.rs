@@ -1,0 +1,117 @@
+//! A small HTTP/1.1 client for the Strata API, used by the CLI's `--remote` mode and by tests.
+//!
+//! Written on hyper (already a dependency through axum) rather than a separate HTTP client
+//! crate, to keep the dependency tree lean; it needs only plain-HTTP JSON requests on loopback
+//! or a LAN.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+
+/// A response: status and parsed JSON body (Null when empty or not JSON).
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// Parsed JSON body.
+    pub body: serde_json::Value,
+    /// The raw body.
+    pub raw: Vec<u8>,
+}
+
+/// A client for one server.
+#[derive(Debug)]
+pub struct Client {
+    host: String,
+    port: u16,
+    token: Option<String>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    /// A client for `url` (`http://HOST:PORT`, with or without a trailing `/api`).
+    pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow::anyhow!("Remote URL {url:?} must start with http://"))?;
+        let authority = rest.split('/').next().unwrap_or("");
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse()
+                    .map_err(|_| anyhow::anyhow!("Bad port in {url:?}"))?,
+            ),
+            None => (authority.to_string(), 80),
+        };
+        if host.is_empty() {
+            anyhow::bail!("Remote URL {url:?} has no host");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Client {
+            host,
+            port,
+            token,
+            rt,
+        })
+    }
+
+    /// Sends `method path` with an optional JSON body.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<Response> {
+        let payload = match body {
+            Some(v) => serde_json::to_vec(v)?,
+            None => Vec::new(),
+        };
+        self.send(method, path, payload, body.is_some())
+    }
+
+    /// Sends raw bytes as the body (for uploads or deliberately malformed requests in tests).
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        payload: Vec<u8>,
+        json: bool,
+    ) -> anyhow::Result<Response> {
+        let method = Method::from_bytes(method.as_bytes())?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", format!("{}:{}", self.host, self.port));
+        if json {
+            req = req.header("content-type", "application/json");
+        }
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::from(payload)))?;
+        let addr = format!("{}:{}", self.host, self.port);
+        self.rt.block_on(async move {
+            let stream = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(&addr),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("Connecting to {addr} timed out"))?
+            .map_err(|e| anyhow::anyhow!("Cannot connect to {addr}: {e}"))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let driver = tokio::spawn(conn);
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let raw = resp.into_body().collect().await?.to_bytes().to_vec();
+            driver.abort();
+            let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+            Ok(Response { status, body, raw })
+        })
+    }
+}

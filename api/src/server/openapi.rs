@@ -1,0 +1,46 @@
+//! The OpenAPI document, generated from the handlers' annotations.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{images, system};
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Strata API", description = "Storage, backup and VM operations of a Strata appliance."),
+    paths(
+        system::health,
+        system::list_tokens, system::create_token, system::revoke_token,
+        system::list_jobs, system::job_status, system::cancel_job,
+        images::list_images, images::create_image, images::image_info, images::remove_image,
+        serve,
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("ID.SECRET")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "system",
+    responses((status = 200, description = "The OpenAPI document"), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn serve() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

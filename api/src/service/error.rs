@@ -1,0 +1,81 @@
+//! Errors of the service layer, each with the HTTP status it maps to.
+
+use strata_storage::StorageError;
+
+/// What went wrong in a service call. See [`ServiceError::status`] for the HTTP mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The block layer failed; its kind decides the status.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No or a wrong API token (401).
+    #[error("A valid API token is required (Authorization: Bearer …)")]
+    Unauthorized,
+    /// Nothing by that name (404).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// It exists already, or is in use (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request body is too large (413).
+    #[error("Request body is too large (limit {limit} bytes)")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The job was cancelled.
+    #[error("Cancelled")]
+    Cancelled,
+    /// A bug or an unexpected system failure (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// An internal error with a message.
+    pub fn internal(msg: impl Into<String>) -> ServiceError {
+        ServiceError::Internal(msg.into())
+    }
+
+    /// The HTTP status code for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ServiceError::Storage(e) => match e {
+                StorageError::InvalidInput(_) | StorageError::OutOfRange { .. } => 400,
+                StorageError::NotFound(_) => 404,
+                StorageError::AlreadyExists(_)
+                | StorageError::Busy(_)
+                | StorageError::ReadOnly(_) => 409,
+                StorageError::OutOfSpace(_) => 507,
+                StorageError::Unsupported(_) => 501,
+                StorageError::Corrupt { .. } => 422,
+                StorageError::Io { .. } | StorageError::Unavailable(_) => 500,
+            },
+            ServiceError::BadRequest(_) => 400,
+            ServiceError::Unauthorized => 401,
+            ServiceError::NotFound(_) => 404,
+            ServiceError::Conflict(_) => 409,
+            ServiceError::TooLarge { .. } => 413,
+            ServiceError::Cancelled => 409,
+            ServiceError::Internal(_) => 500,
+        }
+    }
+
+    /// A short machine-readable kind, included in JSON error bodies.
+    pub fn kind(&self) -> &'static str {
+        match self.status() {
+            400 => "bad-request",
+            401 => "unauthorized",
+            404 => "not-found",
+            409 => "conflict",
+            413 => "too-large",
+            422 => "corrupt",
+            501 => "unsupported",
+            507 => "out-of-space",
+            _ => "internal",
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Images managed through the API: files in `DATA/images`, addressed by name.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use strata_storage::format::{self, ImageFormat, OpenOptions};
+use strata_storage::io::file::CacheMode;
+use strata_storage::util::parse_size;
+use utoipa::ToSchema;
+
+use super::{names, Service, ServiceError, ServiceResult};
+
+/// An image as listed.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImageSummary {
+    /// Name (the file name in the image folder).
+    pub name: String,
+    /// Format (raw, qcow2, vmdk).
+    pub format: String,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes allocated on the host.
+    pub actual_size: u64,
+    /// Format-specific facts.
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+/// A request to create an image.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateImage {
+    /// Name of the new image.
+    pub name: String,
+    /// Format: raw, qcow2 or vmdk.
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// Virtual size, bytes or with a suffix ("10G").
+    pub size: String,
+    /// Format options, as with `strata image create -o`.
+    #[serde(default)]
+    pub options: String,
+}
+
+fn default_format() -> String {
+    "raw".into()
+}
+
+impl Service {
+    /// The path of the image called `name`, after validating the name.
+    pub fn image_path(&self, name: &str) -> ServiceResult<PathBuf> {
+        names::validate("image", name)?;
+        Ok(self.data().images_dir().join(name))
+    }
+
+    fn existing_image(&self, name: &str) -> ServiceResult<PathBuf> {
+        let p = self.image_path(name)?;
+        if !p.is_file() {
+            return Err(ServiceError::NotFound(format!("Image {name}")));
+        }
+        Ok(p)
+    }
+
+    /// Facts about one image.
+    pub fn image_info(&self, name: &str) -> ServiceResult<ImageSummary> {
+        let path = self.existing_image(name)?;
+        let opts = OpenOptions {
+            read_only: true,
+            cache: CacheMode::Writeback,
+            ..OpenOptions::default()
+        };
+        let img = format::open_image(&path, &opts)?;
+        let info = img.info()?;
+        Ok(ImageSummary {
+            name: name.to_string(),
+            format: info.format.to_string(),
+            virtual_size: info.virtual_size,
+            actual_size: info.actual_size,
+            details: serde_json::to_value(&info.format_specific).unwrap_or_default(),
+        })
+    }
+
+    /// Every image, by name. Files that fail to open are listed with their error as format.
+    pub fn list_images(&self) -> ServiceResult<Vec<ImageSummary>> {
+        let dir = self.data().images_dir();
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| ServiceError::internal(format!("Listing {}: {e}", dir.display())))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if names::validate("image", &name).is_err() || !entry.path().is_file() {
+                continue;
+            }
+            out.push(self.image_info(&name).unwrap_or_else(|e| ImageSummary {
+                name: name.clone(),
+                format: format!("unreadable: {e}"),
+                virtual_size: 0,
+                actual_size: 0,
+                details: serde_json::Value::Null,
+            }));
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Creates an image.
+    pub fn create_image(&self, req: &CreateImage) -> ServiceResult<ImageSummary> {
+        let path = self.image_path(&req.name)?;
+        let fmt: ImageFormat = req.format.parse()?;
+        let size = parse_size(&req.size)?;
+        let opts = format::parse_options(&req.options)?;
+        format::create_image(&path, fmt, size, &opts)?;
+        // Another client may already have removed it again; report what was created anyway.
+        self.image_info(&req.name).or_else(|e| match e {
+            ServiceError::NotFound(_) => Ok(ImageSummary {
+                name: req.name.clone(),
+                format: fmt.to_string(),
+                virtual_size: size,
+                actual_size: 0,
+                details: serde_json::Value::Null,
+            }),
+            other => Err(other),
+        })
+    }
+
+    /// Removes an image.
+    pub fn remove_image(&self, name: &str) -> ServiceResult<()> {
+        let path = self.existing_image(name)?;
+        std::fs::remove_file(&path).map_err(|e| match e.kind() {
+            // Another client removed it first.
+            std::io::ErrorKind::NotFound => ServiceError::NotFound(format!("Image {name}")),
+            _ => ServiceError::internal(format!("Removing {}: {e}", path.display())),
+        })?;
+        strata_storage::format::raw::sync_parent_dir(&path)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::DataDir;
+
+    #[test]
+    fn images_are_created_listed_and_removed_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = Service::open(DataDir::at(dir.path())).unwrap();
+        let req = CreateImage {
+            name: "a.img".into(),
+            format: "raw".into(),
+            size: "1M".into(),
+            options: String::new(),
+        };
+        let s = svc.create_image(&req).unwrap();
+        assert_eq!(s.virtual_size, 1 << 20);
+        assert!(matches!(
+            svc.create_image(&req),
+            Err(ServiceError::Storage(_))
+        ));
+        assert_eq!(svc.list_images().unwrap().len(), 1);
+        let bad = CreateImage {
+            name: "../escape".into(),
+            ..req.clone()
+        };
+        assert!(matches!(
+            svc.create_image(&bad),
+            Err(ServiceError::BadRequest(_))
+        ));
+        svc.remove_image("a.img").unwrap();
+        assert!(matches!(
+            svc.image_info("a.img"),
+            Err(ServiceError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,425 @@
+//! Long-running operations as jobs: an id, a state, progress in bytes, cancellation, and a kept
+//! result.
+//!
+//! A job runs on a thread of its own, so it goes on when the client that started it disconnects.
+//! Its record is written to `DATA/jobs/ID.json` when it starts and when it ends; a server that
+//! restarts lists finished jobs with their results and reports jobs that were running when it
+//! stopped as failed ("interrupted"). The work function polls [`JobContext::check_cancelled`] and
+//! must remove whatever it half-made before returning [`ServiceError::Cancelled`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{write_atomically, ServiceError, ServiceResult};
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Working.
+    Running,
+    /// Finished with a result.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+    /// Stopped on request; what it had made was removed.
+    Cancelled,
+}
+
+/// A job as reported to clients.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobStatus {
+    /// Job id.
+    pub id: String,
+    /// What kind of operation (convert, import, backup, restore, verify, gc, ...).
+    pub kind: String,
+    /// What it works on, for people.
+    pub description: String,
+    /// Current state.
+    pub state: JobState,
+    /// Bytes processed so far.
+    pub bytes_done: u64,
+    /// Bytes to process in all (0 while unknown).
+    pub bytes_total: u64,
+    /// Progress in percent (0–100).
+    pub progress: f64,
+    /// Start time, seconds since the Unix epoch.
+    pub started: u64,
+    /// End time, once finished.
+    pub finished: Option<u64>,
+    /// The result of a successful job.
+    #[schema(value_type = Object)]
+    pub result: Option<serde_json::Value>,
+    /// The error of a failed job.
+    pub error: Option<String>,
+}
+
+/// A job. See the module documentation.
+#[derive(Debug)]
+pub struct Job {
+    id: String,
+    kind: String,
+    description: String,
+    started: u64,
+    done: AtomicU64,
+    total: AtomicU64,
+    cancel: AtomicBool,
+    end: Mutex<Option<End>>,
+    ended: Condvar,
+}
+
+#[derive(Clone, Debug)]
+struct End {
+    state: JobState,
+    at: u64,
+    result: Option<serde_json::Value>,
+    error: Option<String>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Job {
+    /// The job's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A snapshot of its status.
+    pub fn status(&self) -> JobStatus {
+        let end = self.end.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.status_with(end)
+    }
+
+    fn status_with(&self, end: Option<End>) -> JobStatus {
+        let done = self.done.load(Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        let finished_ok = matches!(end.as_ref().map(|e| e.state), Some(JobState::Succeeded));
+        let progress = if finished_ok {
+            100.0
+        } else if total > 0 {
+            (done as f64 * 100.0 / total as f64).min(100.0)
+        } else {
+            0.0
+        };
+        JobStatus {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            description: self.description.clone(),
+            state: end.as_ref().map_or(JobState::Running, |e| e.state),
+            bytes_done: done,
+            bytes_total: total,
+            progress,
+            started: self.started,
+            finished: end.as_ref().map(|e| e.at),
+            result: end.as_ref().and_then(|e| e.result.clone()),
+            error: end.and_then(|e| e.error),
+        }
+    }
+
+    /// Asks the job to stop; it notices at its next check.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Blocks until the job has ended and returns its final status.
+    pub fn wait(&self) -> JobStatus {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        while end.is_none() {
+            end = self.ended.wait(end).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(end);
+        self.status()
+    }
+
+    /// Records the outcome (through `record`, before anyone waiting can see it) and wakes waiters.
+    fn finish(&self, outcome: ServiceResult<serde_json::Value>, record: impl FnOnce(&JobStatus)) {
+        let end = match outcome {
+            Ok(v) => End {
+                state: JobState::Succeeded,
+                at: now(),
+                result: Some(v),
+                error: None,
+            },
+            Err(ServiceError::Cancelled) => End {
+                state: JobState::Cancelled,
+                at: now(),
+                result: None,
+                error: Some("Cancelled".into()),
+            },
+            Err(e) => End {
+                state: JobState::Failed,
+                at: now(),
+                result: None,
+                error: Some(e.to_string()),
+            },
+        };
+        record(&self.status_with(Some(end.clone())));
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
+        self.ended.notify_all();
+    }
+}
+
+/// What a job's work function sees: progress reporting and cancellation.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    job: Arc<Job>,
+}
+
+impl JobContext {
+    /// Sets the total number of bytes (for the percentage).
+    pub fn set_total(&self, bytes: u64) {
+        self.job.total.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Sets the bytes processed so far.
+    pub fn set_done(&self, bytes: u64) {
+        self.job.done.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Adds to the bytes processed.
+    pub fn add_done(&self, bytes: u64) {
+        self.job.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether cancellation was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.job.cancel.load(Ordering::Relaxed)
+    }
+
+    /// `Err(Cancelled)` once cancellation was requested.
+    pub fn check_cancelled(&self) -> ServiceResult<()> {
+        if self.is_cancelled() {
+            Err(ServiceError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// All jobs of a server (or of one CLI command).
+#[derive(Debug)]
+pub struct JobManager {
+    jobs: Mutex<BTreeMap<String, Arc<Job>>>,
+    /// Records of jobs from earlier runs, loaded at start.
+    past: Mutex<BTreeMap<String, JobStatus>>,
+    dir: Option<PathBuf>,
+    counter: AtomicU64,
+}
+
+impl JobManager {
+    /// A manager that keeps records in `dir` (none: in memory only).
+    pub fn new(dir: Option<PathBuf>) -> JobManager {
+        let mut past = BTreeMap::new();
+        if let Some(d) = &dir {
+            for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                let Ok(text) = std::fs::read(entry.path()) else {
+                    continue;
+                };
+                let Ok(mut st) = serde_json::from_slice::<JobStatus>(&text) else {
+                    continue;
+                };
+                if st.state == JobState::Running {
+                    st.state = JobState::Failed;
+                    st.error = Some("Interrupted: the server stopped while the job ran".into());
+                }
+                past.insert(st.id.clone(), st);
+            }
+        }
+        let counter = past.len() as u64;
+        JobManager {
+            jobs: Mutex::new(BTreeMap::new()),
+            past: Mutex::new(past),
+            dir,
+            counter: AtomicU64::new(counter),
+        }
+    }
+
+    fn record(&self, status: &JobStatus) {
+        if let Some(d) = &self.dir {
+            let path = d.join(format!("{}.json", status.id));
+            match serde_json::to_vec_pretty(status) {
+                Ok(text) => {
+                    if let Err(e) = write_atomically(&path, &text) {
+                        tracing::warn!(job = %status.id, error = %e, "could not record job");
+                    }
+                }
+                Err(e) => tracing::warn!(job = %status.id, error = %e, "could not encode job"),
+            }
+        }
+    }
+
+    /// Starts `work` as a job on its own thread and returns it at once.
+    pub fn spawn<F>(
+        self: &Arc<Self>,
+        kind: &str,
+        description: String,
+        work: F,
+    ) -> ServiceResult<Arc<Job>>
+    where
+        F: FnOnce(&JobContext) -> ServiceResult<serde_json::Value> + Send + 'static,
+    {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut suffix = [0u8; 3];
+        let _ = getrandom::fill(&mut suffix);
+        let id = format!(
+            "job-{n}-{:02x}{:02x}{:02x}",
+            suffix[0], suffix[1], suffix[2]
+        );
+        let job = Arc::new(Job {
+            id: id.clone(),
+            kind: kind.to_string(),
+            description,
+            started: now(),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            cancel: AtomicBool::new(false),
+            end: Mutex::new(None),
+            ended: Condvar::new(),
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), job.clone());
+        self.record(&job.status());
+        let ctx = JobContext { job: job.clone() };
+        let manager = self.clone();
+        std::thread::Builder::new()
+            .name(format!("strata-{kind}"))
+            .spawn(move || {
+                let span = tracing::info_span!("job", id = %ctx.job.id, kind = %ctx.job.kind);
+                let _enter = span.enter();
+                tracing::info!(description = %ctx.job.description, "started");
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&ctx)))
+                    .unwrap_or_else(|_| {
+                        Err(ServiceError::internal(
+                            "The job failed unexpectedly (a bug)",
+                        ))
+                    });
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %e, "ended with an error");
+                } else {
+                    tracing::info!("succeeded");
+                }
+                ctx.job.finish(outcome, |status| manager.record(status));
+            })
+            .map_err(|e| ServiceError::internal(format!("Starting a job thread: {e}")))?;
+        Ok(job)
+    }
+
+    /// A job by id (running or finished in this run).
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// A job's status by id, including jobs of earlier runs.
+    pub fn status(&self, id: &str) -> ServiceResult<JobStatus> {
+        if let Some(j) = self.get(id) {
+            return Ok(j.status());
+        }
+        self.past
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ServiceError::NotFound(format!("Job {id}")))
+    }
+
+    /// Every job's status, oldest first.
+    pub fn list(&self) -> Vec<JobStatus> {
+        let mut all: Vec<JobStatus> = self
+            .past
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.extend(
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|j| j.status()),
+        );
+        all.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+        all
+    }
+
+    /// Requests cancellation of a running job.
+    pub fn cancel(&self, id: &str) -> ServiceResult<JobStatus> {
+        let job = self
+            .get(id)
+            .ok_or_else(|| ServiceError::NotFound(format!("Running job {id}")))?;
+        if job.status().state != JobState::Running {
+            return Err(ServiceError::Conflict(format!(
+                "Job {id} has already finished"
+            )));
+        }
+        job.cancel();
+        Ok(job.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_job_reports_progress_and_keeps_its_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(JobManager::new(Some(dir.path().to_path_buf())));
+        let job = m
+            .spawn("test", "counting".into(), |ctx| {
+                ctx.set_total(100);
+                ctx.add_done(100);
+                Ok(serde_json::json!({"answer": 42}))
+            })
+            .unwrap();
+        let st = job.wait();
+        assert_eq!(st.state, JobState::Succeeded);
+        assert_eq!(st.result.unwrap()["answer"], 42);
+        // A new manager on the same folder still knows it.
+        let again = JobManager::new(Some(dir.path().to_path_buf()));
+        assert_eq!(again.status(job.id()).unwrap().state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn cancellation_is_noticed_and_reported() {
+        let m = Arc::new(JobManager::new(None));
+        let job = m
+            .spawn("test", "waiting".into(), |ctx| loop {
+                ctx.check_cancelled()?;
+                std::thread::sleep(Duration::from_millis(5));
+            })
+            .unwrap();
+        m.cancel(job.id()).unwrap();
+        assert_eq!(job.wait().state, JobState::Cancelled);
+        assert!(
+            m.cancel(job.id()).is_err(),
+            "a finished job cannot be cancelled"
+        );
+    }
+
+    #[test]
+    fn a_panicking_job_fails_instead_of_killing_the_server() {
+        let m = Arc::new(JobManager::new(None));
+        let job = m.spawn("test", "bug".into(), |_| panic!("boom")).unwrap();
+        let st = job.wait();
+        assert_eq!(st.state, JobState::Failed);
+    }
+}

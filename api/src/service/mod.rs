@@ -1,0 +1,133 @@
+//! The service layer: every operation the CLI and the HTTP API offer, in one place.
+//!
+//! HTTP handlers and CLI commands only parse input, call a method here and render the result;
+//! validation, the data-directory layout, jobs and authentication live here. Long operations
+//! run as [`jobs::Job`]s on their own threads so that they survive the client disconnecting.
+//!
+//! # Data directory
+//! ```text
+//! DATA/
+//!   tokens.json   API tokens (hashed)
+//!   images/       image files managed through the API
+//!   jobs/         results of finished jobs, one JSON file each
+//! ```
+//!
+//! # Locking
+//! | state | guarded by |
+//! |---|---|
+//! | token list | a mutex in [`tokens::TokenStore`]; the file is replaced atomically |
+//! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
+//! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
+
+pub mod bootstrap;
+pub mod error;
+pub mod images;
+pub mod jobs;
+pub mod names;
+pub mod tokens;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use error::ServiceError;
+
+/// Result type of the service layer.
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// Where Strata keeps its state: `--data DIR`, else `$STRATA_DATA`, else `/var/lib/strata`.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// The data directory chosen by the flag, the environment or the default.
+    pub fn resolve(flag: Option<&Path>) -> DataDir {
+        DataDir {
+            root: strata_storage::volume::resolve_data_dir(flag),
+        }
+    }
+
+    /// A data directory at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> DataDir {
+        DataDir { root: root.into() }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The token file.
+    pub fn tokens_file(&self) -> PathBuf {
+        self.root.join("tokens.json")
+    }
+
+    /// Images managed through the API.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// Finished jobs' results.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.root.join("jobs")
+    }
+
+    /// Creates the directory tree if missing.
+    pub fn ensure(&self) -> ServiceResult<()> {
+        for d in [self.root.clone(), self.images_dir(), self.jobs_dir()] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| ServiceError::internal(format!("Creating {}: {e}", d.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// The services, shared by the HTTP server's handlers (behind an `Arc`) or used once by a CLI
+/// command.
+#[derive(Debug)]
+pub struct Service {
+    data: DataDir,
+    /// API tokens.
+    pub tokens: tokens::TokenStore,
+    /// Long-running operations.
+    pub jobs: Arc<jobs::JobManager>,
+}
+
+impl Service {
+    /// Opens the services on a data directory, creating its layout if needed.
+    pub fn open(data: DataDir) -> ServiceResult<Service> {
+        data.ensure()?;
+        Ok(Service {
+            tokens: tokens::TokenStore::open(data.tokens_file())?,
+            jobs: Arc::new(jobs::JobManager::new(Some(data.jobs_dir()))),
+            data,
+        })
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> &DataDir {
+        &self.data
+    }
+}
+
+/// Replaces `path` with `contents` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> ServiceResult<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let ctx = |what: &str, e: std::io::Error| {
+        ServiceError::internal(format!("{what} {}: {e}", path.display()))
+    };
+    let mut f = std::fs::File::create(&tmp).map_err(|e| ctx("Creating a temporary file for", e))?;
+    f.write_all(contents).map_err(|e| ctx("Writing", e))?;
+    f.sync_all().map_err(|e| ctx("Syncing", e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| ctx("Replacing", e))?;
+    strata_storage::format::raw::sync_parent_dir(path)?;
+    Ok(())
+}

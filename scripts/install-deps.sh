@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Strata's tests and benchmarks need. Run as root on Debian 12.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+sudo_cmd=""
+[ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
+$sudo_cmd apt-get update -qq
+# qemu-img/qemu-io are the test oracle and QEMU runs guest tests. A newer qemu-utils may be
+# preinstalled from outside Debian 12; pin all QEMU packages to Debian's one version so that apt
+# can resolve them (it downgrades qemu-utils to match qemu-system-x86).
+qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+qemu=(qemu-utils="$qemu_version" qemu-system-x86="$qemu_version" qemu-system-common="$qemu_version"
+      qemu-block-extra="$qemu_version")
+packages=(
+  fio                          # benchmark peer
+  e2fsprogs                    # chattr, for read-only-file tests as root
+  python3                      # benchmark scripts parse JSON
+)
+$sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
+echo "installed: ${qemu[*]} ${packages[*]}"
+qemu-img --version | head -n 1
