@@ -14,7 +14,8 @@
 # separately against a fresh sparse raw file. Snapshot and clone times are wall-clock times of
 # the `strata lv snapshot|clone` command (process start, group open and pool load, the O(1)
 # operation, and its metadata commit) on volumes of 1 GiB and 1 TiB holding the same 256 MiB
-# of data.
+# of data. Finally, random reads on the first and the 32nd generation of a chain of clones of
+# snapshots show whether depth slows reads down.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -77,6 +78,21 @@ for i in $(seq 7); do
 done
 tmed() { tr ' ' '\n' <<<"${T[$1]}" | grep . | median; }
 
+# Reads at snapshot depth: a chain of 32 clone-of-snapshot generations of a fully written
+# volume; random reads on generation 1 and generation 32 (every block shared along the chain).
+S lv create vg0/g0 --size 512M --thin vg0/pool >/dev/null
+S image bench -w -s 1M -d 8 -c 512 lv:vg0/g0 >/dev/null
+for i in $(seq 32); do
+    S lv snapshot vg0/g$((i - 1)) vg0/g$((i - 1))-snap >/dev/null
+    S lv clone vg0/g$((i - 1))-snap vg0/g$i >/dev/null
+done
+declare -A D
+for r in $(seq "$ROUNDS"); do
+    D[depth1]+="$(ops --pattern rand -d 32 --time "$SECS" lv:vg0/g1) "
+    D[depth32]+="$(ops --pattern rand -d 32 --time "$SECS" lv:vg0/g32) "
+done
+dmed() { tr ' ' '\n' <<<"${D[$1]}" | grep . | median; }
+
 tr_=$(med thin_read); rr_=$(med raw_read); tw=$(med thin_write); rw=$(med raw_write)
 cat <<EOF
 
@@ -97,4 +113,8 @@ Per-round ops/s: thin read ${R[thin_read]% }; raw read ${R[raw_read]% }; thin wr
 |---|---|---|---|
 | strata lv snapshot | $(tmed snap_small) | $(tmed snap_huge) | $(ratio "$(tmed snap_huge)" "$(tmed snap_small)") |
 | strata lv clone | $(tmed clone_small) | $(tmed clone_huge) | $(ratio "$(tmed clone_huge)" "$(tmed clone_small)") |
+
+| 4k random read at snapshot depth, ops/s | generation 1 | generation 32 | 32 / 1 |
+|---|---|---|---|
+| clone of a snapshot of a clone ... of a 512 MiB volume | $(dmed depth1) | $(dmed depth32) | $(ratio "$(dmed depth32)" "$(dmed depth1)") |
 EOF

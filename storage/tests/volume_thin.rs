@@ -279,3 +279,40 @@ fn thin_block_size_and_sizes_are_checked() {
         "rounded up to a block"
     );
 }
+
+/// A read of unmapped blocks completes without any I/O below; an eventfd-driven consumer must
+/// still be woken.
+#[test]
+fn completions_without_io_signal_the_eventfd() {
+    use std::os::fd::AsRawFd;
+    use strata_storage::io::{IoBuf, QueueOptions, Request};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let vg = mem_vg("vg", &[32 * MIB], 4 * MIB);
+    vg.create_pool("pool", 16 * MIB, 0, 0).unwrap();
+    vg.create_thin("pool", "t", 8 * MIB).unwrap();
+    let dev = vg.open_lv("t", false).unwrap();
+    let efd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut q = dev
+        .open_queue(&QueueOptions::with_depth(4).notify(efd.clone()))
+        .unwrap();
+    for req in [
+        Request::read(1, 0, IoBuf::new(4096)),
+        Request::discard(2, 0, BLOCK),
+    ] {
+        q.submit(req).unwrap();
+        q.commit().unwrap();
+        let mut fds = [libc::pollfd {
+            fd: efd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
+        assert_eq!(r, 1, "the eventfd was not signalled");
+        let _ = efd.read();
+        let mut done = Vec::new();
+        q.reap(&mut done);
+        assert_eq!(done.len(), 1);
+        done.pop().unwrap().result.unwrap();
+    }
+}

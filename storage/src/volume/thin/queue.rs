@@ -684,7 +684,13 @@ impl IoQueue for ThinQueue {
         if self.in_flight() >= self.depth {
             return Err(QueueFull(req));
         }
+        let before = self.ready.len();
         self.dispatch(req);
+        if self.ready.len() > before {
+            // Completed without I/O below (zeros of an unmapped block, an unmap, an error):
+            // nothing else will wake an eventfd-driven consumer.
+            notify(Some(self.lowers.efd()));
+        }
         Ok(())
     }
 
