@@ -118,6 +118,8 @@ impl Bitmap {
 pub struct BitmapSet {
     path: PathBuf,
     bitmaps: RwLock<Vec<Arc<Bitmap>>>,
+    /// Number of bitmaps, readable without the lock (the write path checks it first).
+    count: std::sync::atomic::AtomicUsize,
     /// Writers tracking changes: while there are any, the file says "in use".
     writers: Mutex<usize>,
     size: Mutex<u64>,
@@ -146,6 +148,7 @@ impl BitmapSet {
         }
         let set = BitmapSet {
             path: path.to_path_buf(),
+            count: std::sync::atomic::AtomicUsize::new(bitmaps.len()),
             bitmaps: RwLock::new(bitmaps.into_iter().map(Arc::new).collect()),
             writers: Mutex::new(0),
             size: Mutex::new(size),
@@ -205,6 +208,9 @@ impl BitmapSet {
 
     /// Marks `len` bytes at `offset` dirty in every bitmap.
     pub fn mark(&self, offset: u64, len: u64) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
         for b in self.list().iter() {
             b.bits.mark(offset, len);
         }
@@ -263,6 +269,7 @@ impl BitmapSet {
                 bits,
                 valid: AtomicBool::new(true),
             }));
+            self.count.store(list.len(), Ordering::Release);
         }
         self.save()
     }
@@ -273,6 +280,7 @@ impl BitmapSet {
             let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
             let before = list.len();
             list.retain(|b| b.name != name);
+            self.count.store(list.len(), Ordering::Release);
             if list.len() == before {
                 return Err(StorageError::NotFound(PathBuf::from(format!(
                     "bitmap {name}"
