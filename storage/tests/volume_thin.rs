@@ -49,6 +49,10 @@ fn snapshots_keep_their_contents_at_any_depth() {
     assert_eq!(info.kind, LvType::Snapshot);
     assert_eq!(info.origin.as_deref(), Some("base"));
     assert!(vg.open_lv("s3", false).unwrap().read_only());
+    assert!(matches!(
+        vg.resize_lv("s3", 64 * MIB),
+        Err(StorageError::ReadOnly(_))
+    ));
     assert!(vg.check().unwrap().is_clean(), "{:?}", vg.check().unwrap());
 }
 
@@ -63,6 +67,10 @@ fn clones_are_independent_and_survive_their_origins() {
     }
     // A writable volume cannot be cloned until it is a template.
     assert!(vg.clone_lv("tmpl", "c0").is_err());
+    assert!(
+        vg.set_template("tmpl", false).is_err(),
+        "not a template yet"
+    );
     vg.set_template("tmpl", true).unwrap();
     assert!(vg.lv_info("tmpl").unwrap().template);
     vg.clone_lv("tmpl", "c1").unwrap();

@@ -408,11 +408,18 @@ impl Vg {
         pool.snapshot(id, new, 0).map(|_| ())
     }
 
-    /// Marks a thin volume as a template (read-only, clones may be made from it) or unmarks it.
+    /// Marks a thin volume as a template (read-only, clones may be made from it) or unmarks a
+    /// template (writable again; its clones keep their own blocks).
     pub fn set_template(&self, name: &str, template: bool) -> Result<()> {
         let mut st = self.state();
         let (pool, id) = self.thin_of(&mut st, name, "templates")?;
         let flags = pool.flags(id)?;
+        if !template && flags & FLAG_TEMPLATE == 0 {
+            return Err(StorageError::InvalidInput(format!(
+                "{}/{name} is not a template",
+                st.meta.name
+            )));
+        }
         let new = if template {
             flags | FLAG_TEMPLATE | FLAG_READ_ONLY
         } else {

@@ -730,7 +730,15 @@ impl ThinPool {
         {
             let mut st = self.lock_state();
             self.check_writable(&st)?;
-            let old = st.dev(id)?.entry.size;
+            let d = st.dev(id)?;
+            if d.entry.flags & FLAG_READ_ONLY != 0 {
+                return Err(StorageError::ReadOnly(format!(
+                    "{}/{} (a snapshot or template keeps its size)",
+                    self.vg_name(),
+                    d.entry.name
+                )));
+            }
+            let old = d.entry.size;
             if size < old {
                 let from = size / self.block_size;
                 if st.unmap(id, from, u64::MAX)?.is_none() {
