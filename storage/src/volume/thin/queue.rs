@@ -26,8 +26,8 @@ use crate::io::{
     check_range, notify, Completion, IoBuf, IoQueue, Op, QueueFull, QueueOptions, Request,
 };
 use crate::volume::stack::{remaining, Lowers, Parents};
+use crate::volume::thin::datapath::WritePlan;
 use crate::volume::thin::device::OpenThin;
-use crate::volume::thin::pool::WritePlan;
 
 /// How long `wait` sleeps between retries of deferred pieces when nothing else is in flight.
 const DEFER_SLEEP: Duration = Duration::from_micros(50);
