@@ -76,7 +76,9 @@ pub enum TokenCommand {
 fn setup(data: &DataDir, args: &SetupArgs) -> anyhow::Result<ApplianceConfig> {
     let (cfg, created) = bootstrap::ensure_default(data, &args.options()?)?;
     if created {
-        if let (Some(vg), Some(pool), Some(pv)) = (&cfg.volume_group, &cfg.thin_pool, &cfg.physical_volume) {
+        if let (Some(vg), Some(pool), Some(pv)) =
+            (&cfg.volume_group, &cfg.thin_pool, &cfg.physical_volume)
+        {
             println!("Set up volume group {vg} with thin pool {vg}/{pool} on {pv}");
         }
     }
@@ -86,7 +88,11 @@ fn setup(data: &DataDir, args: &SetupArgs) -> anyhow::Result<ApplianceConfig> {
 pub fn init(a: InitArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let cfg = setup(&data, &a.setup)?;
     let svc = Service::open(data)?;
-    let token = if svc.tokens.is_empty()? { Some(svc.tokens.create("admin")?.1) } else { None };
+    let token = if svc.tokens.is_empty()? {
+        Some(svc.tokens.create("admin")?.1)
+    } else {
+        None
+    };
     match a.output {
         Output::Json => println!("{}", serde_json::json!({"config": cfg, "token": token})),
         Output::Human => {

@@ -5,10 +5,12 @@
 //! file and block I/O) and render the result. Every route but `/api/health` requires
 //! `Authorization: Bearer ID.SECRET`.
 
+mod backups;
 mod error;
 mod images;
 pub mod openapi;
 mod system;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +33,7 @@ pub const JSON_BODY_LIMIT: usize = 1 << 20;
 pub(crate) async fn blocking<T, F>(svc: &Arc<Service>, f: F) -> ApiResult<T>
 where
     T: Send + 'static,
-    F: FnOnce(&Service) -> ServiceResult<T> + Send + 'static,
+    F: FnOnce(&Arc<Service>) -> ServiceResult<T> + Send + 'static,
 {
     let svc = svc.clone();
     tokio::task::spawn_blocking(move || f(&svc))
@@ -69,6 +71,8 @@ pub fn router(svc: Arc<Service>) -> Router {
     let protected = Router::new()
         .merge(system::routes())
         .merge(images::routes())
+        .merge(volumes::routes())
+        .merge(backups::routes())
         .route("/api/openapi.json", get(openapi::serve))
         .route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
     Router::new()

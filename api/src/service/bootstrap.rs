@@ -51,7 +51,10 @@ pub struct BootstrapOptions {
 
 impl Default for BootstrapOptions {
     fn default() -> Self {
-        BootstrapOptions { pv: None, pv_file_size: 32 << 30 }
+        BootstrapOptions {
+            pv: None,
+            pv_file_size: 32 << 30,
+        }
     }
 }
 
@@ -71,16 +74,25 @@ impl DataDir {
 pub fn load_config(data: &DataDir) -> ServiceResult<Option<ApplianceConfig>> {
     match std::fs::read(data.appliance_file()) {
         Ok(text) => serde_json::from_slice(&text).map(Some).map_err(|e| {
-            ServiceError::internal(format!("{} is damaged: {e}", data.appliance_file().display()))
+            ServiceError::internal(format!(
+                "{} is damaged: {e}",
+                data.appliance_file().display()
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ServiceError::internal(format!("Reading {}: {e}", data.appliance_file().display()))),
+        Err(e) => Err(ServiceError::internal(format!(
+            "Reading {}: {e}",
+            data.appliance_file().display()
+        ))),
     }
 }
 
 /// Sets up the embedded default unless the data directory already has it. Returns the
 /// configuration and whether anything was created now.
-pub fn ensure_default(data: &DataDir, opts: &BootstrapOptions) -> ServiceResult<(ApplianceConfig, bool)> {
+pub fn ensure_default(
+    data: &DataDir,
+    opts: &BootstrapOptions,
+) -> ServiceResult<(ApplianceConfig, bool)> {
     data.ensure()?;
     if let Some(cfg) = load_config(data)? {
         return Ok((cfg, false));
@@ -94,7 +106,12 @@ pub fn ensure_default(data: &DataDir, opts: &BootstrapOptions) -> ServiceResult<
     let cfg = if !groups.is_empty() && !groups.iter().any(|g| g.name == DEFAULT_VG) {
         // Volumes were set up by hand: leave them be.
         tracing::info!("volume groups exist already; not creating the default one");
-        ApplianceConfig { volume_group: None, thin_pool: None, physical_volume: None, datastore: None }
+        ApplianceConfig {
+            volume_group: None,
+            thin_pool: None,
+            physical_volume: None,
+            datastore: None,
+        }
     } else {
         if groups.is_empty() {
             ensure_pv(&store, &pv_path, opts)?;
@@ -106,7 +123,10 @@ pub fn ensure_default(data: &DataDir, opts: &BootstrapOptions) -> ServiceResult<
             let info = vg.info();
             let pool_size = pool_data_size(info.free, info.extent_size);
             vg.create_pool(DEFAULT_POOL, pool_size, 0, 0)?;
-            tracing::info!(size = pool_size, "created thin pool {DEFAULT_VG}/{DEFAULT_POOL}");
+            tracing::info!(
+                size = pool_size,
+                "created thin pool {DEFAULT_VG}/{DEFAULT_POOL}"
+            );
         }
         ApplianceConfig {
             volume_group: Some(DEFAULT_VG.into()),
@@ -115,7 +135,8 @@ pub fn ensure_default(data: &DataDir, opts: &BootstrapOptions) -> ServiceResult<
             datastore: None,
         }
     };
-    let text = serde_json::to_vec_pretty(&cfg).map_err(|e| ServiceError::internal(e.to_string()))?;
+    let text =
+        serde_json::to_vec_pretty(&cfg).map_err(|e| ServiceError::internal(e.to_string()))?;
     write_atomically(&data.appliance_file(), &text)?;
     Ok((cfg, true))
 }
@@ -133,7 +154,11 @@ fn ensure_pv(store: &VolumeStore, path: &Path, opts: &BootstrapOptions) -> Servi
         std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
             .map_err(|e| ServiceError::internal(format!("Creating {}: {e}", path.display())))?;
     }
-    let size = if opts.pv.is_none() { Some(opts.pv_file_size) } else { None };
+    let size = if opts.pv.is_none() {
+        Some(opts.pv_file_size)
+    } else {
+        None
+    };
     match store.pv_create(path, size) {
         Ok(_) => Ok(()),
         Err(StorageError::AlreadyExists(what)) => Err(ServiceError::Conflict(format!(
@@ -159,7 +184,10 @@ mod tests {
     fn the_default_is_created_once_and_finished_after_an_interruption() {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::at(dir.path());
-        let opts = BootstrapOptions { pv: None, pv_file_size: 1 << 30 };
+        let opts = BootstrapOptions {
+            pv: None,
+            pv_file_size: 1 << 30,
+        };
         let (cfg, created) = ensure_default(&data, &opts).unwrap();
         assert!(created);
         assert_eq!(cfg.volume_group.as_deref(), Some(DEFAULT_VG));

@@ -19,12 +19,16 @@
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
 
+pub mod backups;
 pub mod bootstrap;
 pub mod error;
 pub mod images;
 pub mod jobs;
 pub mod names;
+pub mod progress;
 pub mod tokens;
+pub mod transfer;
+pub mod volumes;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -93,6 +97,8 @@ pub struct Service {
     pub tokens: tokens::TokenStore,
     /// Long-running operations.
     pub jobs: Arc<jobs::JobManager>,
+    /// Volume groups, opened on first use and kept open.
+    pub volumes: volumes::VolumeGroups,
 }
 
 impl Service {
@@ -102,6 +108,9 @@ impl Service {
         Ok(Service {
             tokens: tokens::TokenStore::open(data.tokens_file())?,
             jobs: Arc::new(jobs::JobManager::new(Some(data.jobs_dir()))),
+            volumes: volumes::VolumeGroups::new(strata_storage::volume::VolumeStore::new(
+                data.root(),
+            )),
             data,
         })
     }
