@@ -290,3 +290,140 @@ fn the_data_directory_comes_from_the_environment_too() {
     assert!(e.data().join("devices.json").exists());
     assert_eq!(e.json(&["pv", "list"]).as_array().unwrap().len(), 1);
 }
+
+/// A 24 MiB raw file with data at the start, in the middle and at the end, holes between.
+fn pattern_file(path: &Path) -> Vec<u8> {
+    let mut bytes = vec![0u8; 24 << 20];
+    for (at, len, seed) in [
+        (0usize, 1 << 20, 7u32),
+        (9 << 20, 65536, 11),
+        ((24 << 20) - 4096, 4096, 13),
+    ] {
+        for (i, b) in bytes[at..at + len].iter_mut().enumerate() {
+            *b = ((i as u32).wrapping_mul(seed) >> 3) as u8 | 1;
+        }
+    }
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let o = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn convert_reads_and_writes_volumes_and_qemu_img_agrees() {
+    let e = Env::new();
+    let pv = e.path("pv.img");
+    e.ok(&["pv", "create", s(&pv), "--size", "256M"]);
+    e.ok(&["vg", "create", "vg0", s(&pv)]);
+    e.ok(&["lv", "create-pool", "vg0/pool", "--size", "64M"]);
+    e.ok(&[
+        "lv", "create", "vg0/disk", "--size", "24M", "--thin", "vg0/pool",
+    ]);
+    e.ok(&["lv", "create", "vg0/lin", "--size", "24M"]);
+    e.ok(&["lv", "create", "vg0/small", "--size", "8M"]);
+    let src = e.path("src.raw");
+    let bytes = pattern_file(&src);
+
+    // Import into a thin volume, export it as qcow2: qemu-img checks and compares.
+    e.ok(&["image", "convert", "-O", "raw", s(&src), "lv:vg0/disk"]);
+    let qcow2 = e.path("out.qcow2");
+    e.ok(&["image", "convert", "-O", "qcow2", "lv:vg0/disk", s(&qcow2)]);
+    qemu_img(&["check", s(&qcow2)]);
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", s(&src), s(&qcow2)]);
+    let list = e.json(&["lv", "list", "vg0"]);
+    assert_eq!(
+        lv(&list, "disk")["mapped-bytes"],
+        (1 << 20) + 2 * 65536,
+        "the holes stay unprovisioned"
+    );
+
+    // Volume to volume in one group, onto a volume holding other data: zeros are written too.
+    e.ok(&[
+        "image",
+        "bench",
+        "-w",
+        "-c",
+        "384",
+        "-s",
+        "64K",
+        "lv:vg0/lin",
+    ]);
+    e.ok(&["image", "convert", "-O", "raw", "lv:vg0/disk", "lv:vg0/lin"]);
+    let back = e.path("back.raw");
+    e.ok(&["image", "convert", "-O", "raw", "lv:vg0/lin", s(&back)]);
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "lin differs from the source"
+    );
+
+    // An image back into a volume from qcow2 made by qemu-img.
+    let made = e.path("made.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&src), s(&made)]);
+    e.ok(&[
+        "lv",
+        "create",
+        "vg0/disk2",
+        "--size",
+        "24M",
+        "--thin",
+        "vg0/pool",
+    ]);
+    e.ok(&["image", "convert", "-O", "raw", s(&made), "lv:vg0/disk2"]);
+    let back2 = e.path("back2.raw");
+    e.ok(&["image", "convert", "-O", "raw", "lv:vg0/disk2", s(&back2)]);
+    qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&back2)]);
+
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "image",
+                "convert",
+                "-O",
+                "raw",
+                "lv:vg0/disk",
+                "lv:vg0/disk",
+            ],
+            "same volume",
+        ),
+        (
+            &["image", "convert", "-O", "qcow2", s(&src), "lv:vg0/lin"],
+            "-O raw",
+        ),
+        (
+            &["image", "convert", "-c", "-O", "raw", s(&src), "lv:vg0/lin"],
+            "in place",
+        ),
+        (
+            &["image", "convert", "-O", "raw", s(&src), "lv:vg0/small"],
+            "small",
+        ),
+        (
+            &[
+                "image",
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                "lv:vg0/disk",
+                s(&back),
+            ],
+            "-f",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = e.fails(args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let check = e.json(&["vg", "check", "vg0"]);
+    assert_eq!(check["errors"].as_array().unwrap().len(), 0, "{check}");
+}
