@@ -170,8 +170,26 @@ fn the_whole_volume_workflow() {
         e.json(&["lv", "bitmap", "list", "vg0/thin"])[0]["dirty-bytes"],
         65536
     );
+    // Merge into a finer bitmap added later: it gets the coarse bitmap's bits.
+    e.ok(&[
+        "lv",
+        "bitmap",
+        "add",
+        "--granularity",
+        "4K",
+        "vg0/thin",
+        "weekly",
+    ]);
+    e.ok(&["lv", "bitmap", "merge", "vg0/thin", "daily", "weekly"]);
+    let weekly = e.json(&["lv", "bitmap", "show", "vg0/thin", "weekly"]);
+    assert_eq!(weekly["ranges"], bm["ranges"], "{weekly}");
     e.ok(&["lv", "bitmap", "clear", "vg0/thin", "daily"]);
+    let daily = e.json(&["lv", "bitmap", "show", "vg0/thin", "daily"]);
+    assert_eq!(daily["ranges"].as_array().unwrap().len(), 0, "{daily}");
     e.ok(&["lv", "bitmap", "remove", "vg0/thin", "daily"]);
+    let left = e.json(&["lv", "bitmap", "list", "vg0/thin"]);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["granularity"], 4096, "{left}");
 
     let check = e.json(&["vg", "check", "vg0"]);
     assert_eq!(check["errors"].as_array().unwrap().len(), 0, "{check}");
@@ -426,4 +444,88 @@ fn convert_reads_and_writes_volumes_and_qemu_img_agrees() {
     }
     let check = e.json(&["vg", "check", "vg0"]);
     assert_eq!(check["errors"].as_array().unwrap().len(), 0, "{check}");
+}
+
+/// Dirty bitmaps of an image file and of a volume: writes through strata mark them, a second
+/// process is refused while one holds the image or group, and a writer killed with SIGKILL
+/// leaves them invalid (a later backup must read everything).
+#[test]
+fn image_and_volume_bitmaps_track_writes_and_are_invalid_after_a_kill() {
+    let e = Env::new();
+    let img = e.path("disk.qcow2");
+    e.ok(&["image", "create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    let pv = e.path("pv.img");
+    e.ok(&["pv", "create", s(&pv), "--size", "128M"]);
+    e.ok(&["vg", "create", "vg0", s(&pv)]);
+    e.ok(&["lv", "create-pool", "vg0/pool", "--size", "64M"]);
+    e.ok(&[
+        "lv", "create", "vg0/t", "--size", "64M", "--thin", "vg0/pool",
+    ]);
+    let lv_target = "lv:vg0/t".to_string();
+    for (kind, bitmap_target, io_target) in [
+        ("image", s(&img).to_string(), s(&img).to_string()),
+        ("lv", "vg0/t".to_string(), lv_target),
+    ] {
+        let bm = |args: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = vec![kind.into(), "bitmap".into()];
+            v.extend(args.iter().map(|a| a.to_string()));
+            v
+        };
+        let run = |args: Vec<String>| {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            e.json(&a)
+        };
+        let t = bitmap_target.as_str();
+        run(bm(&["add", "--granularity", "4K", t, "daily"]));
+        e.ok(&[
+            "image", "bench", "-w", "-c", "4", "-s", "4K", "-o", "1M", &io_target,
+        ]);
+        let shown = run(bm(&["show", t, "daily"]));
+        assert_eq!(shown["valid"], true, "{kind}: {shown}");
+        assert_eq!(shown["ranges"][0]["offset"], 1 << 20, "{kind}: {shown}");
+        assert_eq!(shown["ranges"][0]["length"], 4 * 4096, "{kind}: {shown}");
+        run(bm(&["add", t, "all"]));
+        run(bm(&["merge", t, "daily", "all"]));
+        let all = run(bm(&["show", t, "all"]));
+        assert_eq!(
+            all["ranges"][0]["length"], 65536,
+            "{kind}: 64K granularity: {all}"
+        );
+        run(bm(&["clear", t, "daily"]));
+        run(bm(&["remove", t, "all"]));
+        let bad = bm(&["show", t, "nope"]);
+        let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+        assert!(e.fails(&bad).contains("nope"));
+        let bad = bm(&["add", "--granularity", "3K", t, "x"]);
+        let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+        e.fails(&bad);
+
+        // A writer holds the image (or group): bitmap commands are refused, not interleaved.
+        let mut writer = e
+            .cmd(&[
+                "image", "bench", "-w", "--time", "20", "-s", "4K", "-o", "8M", &io_target,
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        let busy = bm(&["list", t]);
+        let busy: Vec<&str> = busy.iter().map(String::as_str).collect();
+        let err = e.fails(&busy);
+        assert!(err.contains("busy"), "{kind}: {err}");
+        // An unclean stop: the bitmap can no longer be trusted.
+        writer.kill().unwrap();
+        writer.wait().unwrap();
+        let list = run(bm(&["list", t]));
+        assert_eq!(list[0]["name"], "daily", "{kind}: {list}");
+        assert_eq!(list[0]["valid"], false, "{kind}: {list}");
+        // Clearing makes it valid again from now on.
+        run(bm(&["clear", t, "daily"]));
+        assert_eq!(run(bm(&["list", t]))[0]["valid"], true, "{kind}");
+    }
+    let o = Command::new("qemu-img")
+        .args(["check", s(&img)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }

@@ -4,6 +4,7 @@
 
 mod backup;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;

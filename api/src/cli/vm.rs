@@ -7,11 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use strata_storage::bitmap::{sidecar_path, TrackedDevice};
 use strata_storage::format::{ImageFormat, OpenOptions};
 use strata_storage::source::{open_source, Source};
 use strata_storage::util::parse_size;
-use strata_storage::BlockDevice;
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{DiskSpec, Payload, VmConfig};
@@ -117,12 +115,7 @@ impl DiskArg {
             .with_context(|| format!("opening {spec}"))?;
         let mut device = source.device();
         if let Source::Image(_) = &source {
-            let sidecar = sidecar_path(&self.path);
-            if sidecar.exists() && !device.read_only() {
-                let tracked = TrackedDevice::open(device, &sidecar)
-                    .with_context(|| format!("opening the dirty bitmaps {}", sidecar.display()))?;
-                device = Arc::new(tracked) as Arc<dyn BlockDevice>;
-            }
+            device = super::bitmap::track_image(device, &self.path)?;
         }
         let disk = DiskSpec {
             name: source.describe(),
