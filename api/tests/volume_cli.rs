@@ -529,3 +529,61 @@ fn image_and_volume_bitmaps_track_writes_and_are_invalid_after_a_kill() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// Attaches `file` to a free loop device; `None` where loop devices are not available (not
+/// root, or a container without them).
+fn attach_loop(file: &Path) -> Option<String> {
+    let o = Command::new("losetup")
+        .args(["-f", "--show", s(file)])
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A block device as a PV: the same commands as on a file, and the data read back whole.
+#[test]
+fn a_block_device_is_a_pv() {
+    let e = Env::new();
+    let backing = e.path("loop.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(96 << 20)
+        .unwrap();
+    let Some(dev) = attach_loop(&backing) else {
+        eprintln!("SKIPPED: no loop device could be attached here");
+        return;
+    };
+    let _detach = Loop(dev.clone());
+    let pv = e.json(&["pv", "create", &dev]);
+    assert_eq!(pv["size"], 96 << 20, "{pv}");
+    e.ok(&["vg", "create", "vgb", &dev]);
+    e.ok(&["lv", "create-pool", "vgb/pool", "--size", "48M"]);
+    e.ok(&[
+        "lv", "create", "vgb/t", "--size", "1G", "--thin", "vgb/pool",
+    ]);
+    e.ok(&["lv", "create", "vgb/lin", "--size", "24M"]);
+    let src = e.path("src.raw");
+    let bytes = pattern_file(&src);
+    for lv in ["lv:vgb/t", "lv:vgb/lin"] {
+        e.ok(&["image", "convert", "-O", "raw", s(&src), lv]);
+        let back = e.path("back.raw");
+        let _ = std::fs::remove_file(&back);
+        e.ok(&["image", "convert", "-O", "raw", lv, s(&back)]);
+        let got = std::fs::read(&back).unwrap();
+        assert!(got[..bytes.len()] == bytes[..], "{lv} differs");
+    }
+    let check = e.json(&["vg", "check", "vgb"]);
+    assert_eq!(check["errors"].as_array().unwrap().len(), 0, "{check}");
+    let err = e.fails(&["pv", "remove", &dev]);
+    assert!(err.contains("vgb"), "{err}");
+}
