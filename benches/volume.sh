@@ -28,6 +28,9 @@ if [[ -z "${STRATA:-}" ]]; then
 fi
 rm -rf "$DIR"
 mkdir -p "$DIR"
+# The scratch files (about 7 GiB at the peak) go when the script ends; the results are printed.
+trap 'rm -rf "$DIR"' EXIT
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 export STRATA_DATA="$DIR/data"
 S() { "$STRATA" "$@"; }
 
@@ -119,6 +122,7 @@ cat <<EOF
 
 Run $(date -u +%Y-%m-%d), $ROUNDS alternating rounds of ${SECS} s, medians; 4 KiB random, QD32,
 O_DIRECT, io_uring; thin volume (64 KiB blocks, provisioned) vs raw file on the same disk.
+Host load average (1, 5, 15 min) at the start: $load_start; at the end: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs.
 
 | figure | thin | raw file | thin / raw |
 |---|---|---|---|
