@@ -553,6 +553,17 @@ pub fn convert_files(
         ..req.open
     };
     let src = format::open_image(req.source, &src_opts)?;
+    convert_to_target(src.as_ref(), req, progress)
+}
+
+/// The target half of [`convert_files`]: converts an already open `src` (an image, or a
+/// logical volume opened through [`crate::source::open_source`]) into `req.target`, created (or
+/// with `-n` opened) as `req` says. `req.source` and `req.source_format` are not used.
+pub fn convert_to_target(
+    src: &dyn BlockDevice,
+    req: &ConvertRequest<'_>,
+    progress: &dyn ConvertProgress,
+) -> Result<ConvertReport> {
     let size = src.size();
     let dst_opts = OpenOptions {
         format: Some(req.target_format),
@@ -572,7 +583,7 @@ pub fn convert_files(
         }
         let dst = format::open_image(req.target, &dst_opts)?;
         return convert(
-            src.as_ref(),
+            src,
             ConvertTarget::Device(dst.as_ref()),
             &req.convert,
             progress,
@@ -581,17 +592,12 @@ pub fn convert_files(
     if req.compress {
         let w =
             format::create_compressed(req.target, req.target_format, size, &req.target_options)?;
-        return convert(
-            src.as_ref(),
-            ConvertTarget::Compressed(w),
-            &req.convert,
-            progress,
-        );
+        return convert(src, ConvertTarget::Compressed(w), &req.convert, progress);
     }
     format::create_image(req.target, req.target_format, size, &req.target_options)?;
     let dst = format::open_image(req.target, &dst_opts)?;
     convert(
-        src.as_ref(),
+        src,
         ConvertTarget::Device(dst.as_ref()),
         &req.convert,
         progress,

@@ -92,7 +92,13 @@ fn clear_merge_and_delete() {
     set.clear("a").unwrap();
     assert!(set.dirty_ranges("a").unwrap().0.is_empty());
     set.add("fine", 4096).unwrap();
-    assert!(set.merge("fine", "a").is_err(), "different granularities");
+    bq(&dev).write_at(5 * G + 8192, &[1]).unwrap();
+    set.merge("fine", "a").unwrap();
+    assert_eq!(
+        set.dirty_ranges("a").unwrap().0,
+        vec![(5 * G, G)],
+        "a finer bitmap merges into a coarser one rounded out"
+    );
     set.remove("a").unwrap();
     assert!(matches!(set.remove("a"), Err(StorageError::NotFound(_))));
     assert_eq!(

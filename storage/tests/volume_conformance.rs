@@ -147,3 +147,30 @@ fn clones_of_a_snapshot() {
         CASES,
     );
 }
+
+/// A thin pool whose data volume spans two PVs (the queue keeps lower queues on both).
+#[test]
+fn thin_volumes_on_a_pool_spanning_two_pvs() {
+    run_all(
+        &|size| {
+            // Neither PV holds the data volume alone.
+            let half = size.div_ceil(MIB) * MIB + 2 * MIB;
+            let vg = mem_vg("vg", &[half, half], MIB);
+            vg.create_pool("pool", 2 * half - 2 * MIB, 0, MIB).unwrap();
+            let data = vg
+                .metadata()
+                .lvs
+                .into_iter()
+                .find(|l| l.name == "pool_tdata")
+                .unwrap();
+            assert_eq!(
+                data.segments().len(),
+                2,
+                "the data volume must span both PVs"
+            );
+            vg.create_thin("pool", "thin", size).unwrap();
+            vg.open_lv("thin", false).unwrap()
+        },
+        CASES,
+    );
+}

@@ -532,6 +532,36 @@ fn matches(v: &Vol, data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes a few bytes into every free block a new volume gets (up to 64) and reads it back:
+/// blocks the pool takes for never written (so it skips writing zeros around a first write)
+/// must really hold zeros.
+fn probe_free_blocks(vg: &Vg, context: &str) {
+    let block = vg.pool("pool").unwrap().block_size();
+    let n = 64;
+    vg.create_thin("pool", "probe", n * block).unwrap();
+    let dev = vg.open_lv("probe", false).unwrap();
+    let mut q = BlockingQueue::open(dev.as_ref(), 4).unwrap();
+    let mut written = 0;
+    for i in 0..n {
+        match q.write_at(i * block + 100, &[0xee; 512]) {
+            Ok(()) => written += 1,
+            Err(StorageError::OutOfSpace(_)) => break,
+            Err(e) => panic!("{context}: probe write: {e}"),
+        }
+    }
+    for i in 0..written {
+        let got = q.read_at(i * block, block as usize).unwrap();
+        let mut want = vec![0u8; block as usize];
+        want[100..612].fill(0xee);
+        assert!(
+            got == want,
+            "{context}: a first write into a free block shows old data around it (block {i})"
+        );
+    }
+    drop((q, dev));
+    vg.remove_lv("probe").unwrap();
+}
+
 fn verify(vg: &Vg, m: &Model, context: &str) {
     let check = vg.check().unwrap();
     assert!(check.is_clean(), "{context}: vg check: {check:?}");
@@ -691,6 +721,31 @@ fn a_clean_run_reopens_with_everything() {
         .unwrap();
         verify(&vg, &m, &format!("seed {seed}, clean"));
     }
+}
+
+/// A first write into a never-written block writes only its own bytes; the pool must have
+/// committed that the block is no longer "never written" before the data can reach the disk,
+/// or after a crash the block would be handed out again as zeros while holding data.
+#[test]
+fn never_written_blocks_are_committed_as_used_before_their_data_lands() {
+    let (vg, dev, ctl) = new_group(ROOMY);
+    vg.create_thin("pool", "x", 4 * MIB).unwrap();
+    let x = vg.open_lv("x", false).unwrap();
+    let mut q = BlockingQueue::open(x.as_ref(), 4).unwrap();
+    q.write_at(4096, &[0xaa; 4096]).unwrap();
+    // The disk writes everything out, but the mapping is never committed.
+    strata_storage::HostFile::sync_data(dev.as_ref()).unwrap();
+    let image = ctl.power_loss();
+    drop((q, x, vg));
+    let (d, _) = FaultDevice::from_durable(&image);
+    let vg = Vg::open(
+        vec![PvHandle::new(d as SharedFile)],
+        "vg",
+        VgOptions::default(),
+    )
+    .unwrap();
+    probe_free_blocks(&vg, "after the crash");
+    assert!(vg.check().unwrap().is_clean());
 }
 
 /// A block freed by a discard must not take new data before the discard is committed: if it

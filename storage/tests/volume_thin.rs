@@ -49,6 +49,10 @@ fn snapshots_keep_their_contents_at_any_depth() {
     assert_eq!(info.kind, LvType::Snapshot);
     assert_eq!(info.origin.as_deref(), Some("base"));
     assert!(vg.open_lv("s3", false).unwrap().read_only());
+    assert!(matches!(
+        vg.resize_lv("s3", 64 * MIB),
+        Err(StorageError::ReadOnly(_))
+    ));
     assert!(vg.check().unwrap().is_clean(), "{:?}", vg.check().unwrap());
 }
 
@@ -63,6 +67,10 @@ fn clones_are_independent_and_survive_their_origins() {
     }
     // A writable volume cannot be cloned until it is a template.
     assert!(vg.clone_lv("tmpl", "c0").is_err());
+    assert!(
+        vg.set_template("tmpl", false).is_err(),
+        "not a template yet"
+    );
     vg.set_template("tmpl", true).unwrap();
     assert!(vg.lv_info("tmpl").unwrap().template);
     vg.clone_lv("tmpl", "c1").unwrap();
@@ -278,4 +286,41 @@ fn thin_block_size_and_sizes_are_checked() {
         128 << 10,
         "rounded up to a block"
     );
+}
+
+/// A read of unmapped blocks completes without any I/O below; an eventfd-driven consumer must
+/// still be woken.
+#[test]
+fn completions_without_io_signal_the_eventfd() {
+    use std::os::fd::AsRawFd;
+    use strata_storage::io::{IoBuf, QueueOptions, Request};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let vg = mem_vg("vg", &[32 * MIB], 4 * MIB);
+    vg.create_pool("pool", 16 * MIB, 0, 0).unwrap();
+    vg.create_thin("pool", "t", 8 * MIB).unwrap();
+    let dev = vg.open_lv("t", false).unwrap();
+    let efd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut q = dev
+        .open_queue(&QueueOptions::with_depth(4).notify(efd.clone()))
+        .unwrap();
+    for req in [
+        Request::read(1, 0, IoBuf::new(4096)),
+        Request::discard(2, 0, BLOCK),
+    ] {
+        q.submit(req).unwrap();
+        q.commit().unwrap();
+        let mut fds = [libc::pollfd {
+            fd: efd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
+        assert_eq!(r, 1, "the eventfd was not signalled");
+        let _ = efd.read();
+        let mut done = Vec::new();
+        q.reap(&mut done);
+        assert_eq!(done.len(), 1);
+        done.pop().unwrap().result.unwrap();
+    }
 }

@@ -131,26 +131,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         engine: a.engine.into(),
     };
     let spec = a.file.to_string_lossy();
-    let (img, engine, direct_io): (std::sync::Arc<dyn strata_storage::BlockDevice>, _, _) =
-        if spec.starts_with(strata_storage::source::LV_PREFIX) {
-            // A logical volume (`lv:VG/NAME`): its PVs use the chosen engine and cache mode.
-            let src = strata_storage::source::open_source(&spec, &opts, &super::data_dir())?;
-            let engine = strata_storage::io::engine::Engine::resolve(opts.engine)?.name();
-            (
-                src.device(),
-                engine,
-                opts.cache == strata_storage::io::file::CacheMode::None,
-            )
-        } else {
-            let file = format::open_host_file(&a.file, &opts)?;
-            let engine = file.engine().name();
-            let direct_io = file.handle().is_direct();
-            (
-                format::open_image_on(file, opts.format)? as _,
-                engine,
-                direct_io,
-            )
-        };
+    let (img, engine, direct_io): (std::sync::Arc<dyn strata_storage::BlockDevice>, _, _) = if spec
+        .starts_with(strata_storage::source::LV_PREFIX)
+    {
+        // A logical volume (`lv:VG/NAME`): its PVs use the chosen engine and cache mode.
+        let src = strata_storage::source::open_source(&spec, &opts, &super::data_dir())?;
+        let engine = strata_storage::io::engine::Engine::resolve(opts.engine)?.name();
+        (
+            src.device(),
+            engine,
+            opts.cache == strata_storage::io::file::CacheMode::None,
+        )
+    } else {
+        let file = format::open_host_file(&a.file, &opts)?;
+        let engine = file.engine().name();
+        let direct_io = file.handle().is_direct();
+        // An image with dirty bitmaps: writes mark them, as the VMM's would.
+        let img = super::bitmap::track_image(format::open_image_on(file, opts.format)?, &a.file)?;
+        (img, engine, direct_io)
+    };
     let size = img.size();
     if (buf_size as u64) > size {
         bail!("Buffer size {buf_size} is larger than the image ({size} bytes)");

@@ -6,12 +6,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_storage::convert::{convert_files, ConvertOptions, ConvertProgress, ConvertRequest};
-use strata_storage::format::{self, OpenOptions};
+use strata_storage::convert::{
+    convert, convert_files, convert_to_target, ConvertOptions, ConvertProgress, ConvertReport,
+    ConvertRequest, ConvertTarget,
+};
+use strata_storage::format::{self, ImageFormat, OpenOptions};
+use strata_storage::source::{open_source, SourceSpec, LV_PREFIX};
 use strata_storage::util::{format_size, parse_size};
+use strata_storage::volume::VolumeStore;
 
 use super::image::{CacheArg, EngineArg, FormatArg};
 
@@ -53,9 +58,10 @@ pub struct ConvertArgs {
     /// Print what was copied and skipped.
     #[arg(long)]
     stats: bool,
-    /// The source image.
+    /// The source image, or a logical volume as `lv:VG/NAME`.
     source: PathBuf,
-    /// The target image.
+    /// The target image, or an existing logical volume as `lv:VG/NAME` (written in place, as
+    /// with -n).
     target: PathBuf,
 }
 
@@ -107,7 +113,13 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         Some(b) => b,
         None => &strata_storage::convert::NoProgress,
     };
-    let report = convert_files(&req, progress).with_context(|| {
+    let volumes = is_volume(&a.source) || is_volume(&a.target);
+    let report = if volumes {
+        convert_volumes(&req, progress)
+    } else {
+        convert_files(&req, progress).map_err(Into::into)
+    }
+    .with_context(|| {
         format!(
             "Could not convert {} to {}",
             a.source.display(),
@@ -129,4 +141,72 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn is_volume(p: &std::path::Path) -> bool {
+    p.to_string_lossy().starts_with(LV_PREFIX)
+}
+
+/// A conversion from or into a logical volume (`lv:VG/NAME`, found through the devices file).
+/// A volume source is read as raw; a volume target must exist and is written in place (zeros
+/// included, as with -n). Both sides in one group share one open group (it has one owner).
+fn convert_volumes(
+    req: &ConvertRequest<'_>,
+    progress: &dyn ConvertProgress,
+) -> anyhow::Result<ConvertReport> {
+    let source = SourceSpec::parse(&req.source.to_string_lossy())?;
+    let target = SourceSpec::parse(&req.target.to_string_lossy())?;
+    if matches!(source, SourceSpec::Volume { .. })
+        && req.source_format.is_some_and(|f| f != ImageFormat::Raw)
+    {
+        bail!("-f applies to image files: a volume is read as it is (raw)");
+    }
+    let src_opts = OpenOptions {
+        format: req.source_format,
+        read_only: true,
+        ..req.open
+    };
+    let (tvg, tlv) = match target {
+        SourceSpec::Path(_) => {
+            let src = open_source(&req.source.to_string_lossy(), &src_opts, &super::data_dir())?;
+            return Ok(convert_to_target(src.device().as_ref(), req, progress)?);
+        }
+        SourceSpec::Volume { vg, lv } => (vg, lv),
+    };
+    if req.compress || !req.target_options.is_empty() {
+        bail!("-c and -o apply to new images; a volume target is written in place");
+    }
+    if req.target_format != ImageFormat::Raw {
+        bail!("a volume target holds raw data: use -O raw");
+    }
+    let opts = ConvertOptions {
+        existing_target: true,
+        ..req.convert.clone()
+    };
+    let store = VolumeStore::new(&super::data_dir()).with_io(req.open.engine, req.open.cache);
+    if let SourceSpec::Volume { vg, lv } = &source {
+        if *vg == tvg {
+            if *lv == tlv {
+                bail!("the source and the target are the same volume");
+            }
+            let group = store.open_vg(vg, false)?;
+            let src = group.open_lv(lv, true)?;
+            let dst = group.open_lv(&tlv, false)?;
+            return Ok(convert(
+                src.as_ref(),
+                ConvertTarget::Device(dst.as_ref()),
+                &opts,
+                progress,
+            )?);
+        }
+    }
+    let src = open_source(&req.source.to_string_lossy(), &src_opts, &super::data_dir())?;
+    let group = store.open_vg(&tvg, false)?;
+    let dst = group.open_lv(&tlv, false)?;
+    Ok(convert(
+        src.device().as_ref(),
+        ConvertTarget::Device(dst.as_ref()),
+        &opts,
+        progress,
+    )?)
 }

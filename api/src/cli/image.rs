@@ -39,6 +39,9 @@ pub enum ImageCommand {
     Convert(super::convert::ConvertArgs),
     /// Import the disks of an OVA (or OVF folder) as images.
     ImportOva(super::import_ova::ImportOvaArgs),
+    /// Dirty bitmaps (changed-block tracking) of an image, kept beside it in IMAGE.bitmaps.
+    #[command(subcommand)]
+    Bitmap(super::bitmap::BitmapCommand),
 }
 
 /// Image formats on the command line.
@@ -154,6 +157,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Commit(a) => super::commit::run(a),
         ImageCommand::Convert(a) => super::convert::run(a),
         ImageCommand::ImportOva(a) => super::import_ova::run(a),
+        ImageCommand::Bitmap(c) => super::bitmap::run_image(c),
     }
 }
 

@@ -35,58 +35,7 @@ pub enum LvCommand {
     Template(TemplateArgs),
     /// Dirty bitmaps (changed-block tracking) of a volume.
     #[command(subcommand)]
-    Bitmap(BitmapCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BitmapCommand {
-    /// Add an empty bitmap that records every write from now on.
-    Add(BitmapAddArgs),
-    /// List a volume's bitmaps.
-    List(OneArgs),
-    /// Show a bitmap's dirty ranges.
-    Show(BitmapArgs),
-    /// Clear a bitmap (it is valid again from now on).
-    Clear(BitmapArgs),
-    /// Delete a bitmap.
-    Remove(BitmapArgs),
-    /// Set every bit of SOURCE in TARGET too.
-    Merge(BitmapMergeArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct BitmapAddArgs {
-    /// Bytes per bit (power of two; default 64K).
-    #[arg(long, default_value = "64K")]
-    granularity: String,
-    #[command(flatten)]
-    out: OutputArgs,
-    /// VG/NAME of the volume.
-    path: String,
-    /// Bitmap name.
-    name: String,
-}
-
-#[derive(Debug, Args)]
-pub struct BitmapArgs {
-    #[command(flatten)]
-    out: OutputArgs,
-    /// VG/NAME of the volume.
-    path: String,
-    /// Bitmap name.
-    name: String,
-}
-
-#[derive(Debug, Args)]
-pub struct BitmapMergeArgs {
-    #[command(flatten)]
-    out: OutputArgs,
-    /// VG/NAME of the volume.
-    path: String,
-    /// Bitmap whose bits are added.
-    source: String,
-    /// Bitmap that receives them.
-    target: String,
+    Bitmap(super::bitmap::BitmapCommand),
 }
 
 #[derive(Debug, Args)]
@@ -362,7 +311,10 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
                 Output::Human => println!("Logical volume {} removed", a.path),
             }
         }
-        LvCommand::Bitmap(c) => bitmap(c, &store)?,
+        LvCommand::Bitmap(c) => {
+            let (vg, lv) = open(&store, c.target(), false)?;
+            super::bitmap::run(&c, &*vg.bitmaps(lv)?)?;
+        }
         LvCommand::Template(a) => {
             let (vg, name) = open(&store, &a.path, false)?;
             vg.set_template(name, !a.unset)?;
@@ -378,89 +330,4 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn bitmap(cmd: BitmapCommand, store: &VolumeStore) -> anyhow::Result<()> {
-    let (path, output) = match &cmd {
-        BitmapCommand::Add(a) => (&a.path, a.out.output),
-        BitmapCommand::List(a) => (&a.path, a.out.output),
-        BitmapCommand::Show(a) | BitmapCommand::Clear(a) | BitmapCommand::Remove(a) => {
-            (&a.path, a.out.output)
-        }
-        BitmapCommand::Merge(a) => (&a.path, a.out.output),
-    };
-    let (vg, lv) = open(store, path, false)?;
-    let set = vg.bitmaps(lv)?;
-    let done = |what: String| -> anyhow::Result<()> {
-        match output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&set.infos())?),
-            Output::Human => println!("{what}"),
-        }
-        Ok(())
-    };
-    match cmd {
-        BitmapCommand::Add(a) => {
-            set.add(&a.name, parse_size(&a.granularity)?)?;
-            done(format!("Bitmap {} added to {}", a.name, a.path))?;
-        }
-        BitmapCommand::List(_) => match output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&set.infos())?),
-            Output::Human => {
-                println!(
-                    "{:<24} {:>12} {:>14}  STATE",
-                    "BITMAP", "GRANULARITY", "DIRTY"
-                );
-                for b in set.infos() {
-                    println!(
-                        "{:<24} {:>12} {:>14}  {}",
-                        b.name,
-                        format_size(b.granularity),
-                        format_size(b.dirty_bytes),
-                        if b.valid {
-                            "valid"
-                        } else {
-                            "invalid (unclean stop: back up everything)"
-                        }
-                    );
-                }
-            }
-        },
-        BitmapCommand::Show(a) => {
-            let (ranges, valid) = set.dirty_ranges(&a.name)?;
-            match output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "name": a.name,
-                        "valid": valid,
-                        "ranges": ranges.iter().map(|(o, l)| serde_json::json!({"offset": o, "length": l})).collect::<Vec<_>>(),
-                    }))?
-                ),
-                Output::Human => {
-                    println!(
-                        "bitmap {} of {}: {}",
-                        a.name,
-                        a.path,
-                        if valid { "valid" } else { "INVALID" }
-                    );
-                    for (o, l) in ranges {
-                        println!("  {o:>16} +{l}");
-                    }
-                }
-            }
-        }
-        BitmapCommand::Clear(a) => {
-            set.clear(&a.name)?;
-            done(format!("Bitmap {} of {} cleared", a.name, a.path))?;
-        }
-        BitmapCommand::Remove(a) => {
-            set.remove(&a.name)?;
-            done(format!("Bitmap {} removed from {}", a.name, a.path))?;
-        }
-        BitmapCommand::Merge(a) => {
-            set.merge(&a.source, &a.target)?;
-            done(format!("Bitmap {} merged into {}", a.source, a.target))?;
-        }
-    }
-    Ok(())
 }

@@ -5,6 +5,7 @@
 mod appliance;
 mod backup;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;

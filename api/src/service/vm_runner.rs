@@ -309,7 +309,7 @@ pub fn track_image_writes(
     if !sidecar.exists() || device.read_only() {
         return Ok(device);
     }
-    Ok(Arc::new(TrackedDevice::open(device, &sidecar)?) as Arc<dyn BlockDevice>)
+    Ok(Arc::new(TrackedDevice::open_image(device, image)?) as Arc<dyn BlockDevice>)
 }
 
 /// What a run boots, read once at start.

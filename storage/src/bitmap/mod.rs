@@ -15,7 +15,7 @@
 //! | marking bits | atomic `fetch_or` on words under a read lock (many queues at once) |
 //! | take | atomic `swap` per word: a concurrent mark lands in the taken bits or the live ones |
 //! | resize, adding or removing bitmaps | write locks |
-//! | the sidecar file | one save at a time; the device's owner (one process, see volume locking) |
+//! | the sidecar file | one save at a time; the device's owner (one process: the volume group's lock, or for an image an exclusive `flock` on the image file, see [`ImageBitmaps`]) |
 
 pub mod bits;
 pub mod store;
@@ -23,4 +23,4 @@ pub mod track;
 
 pub use bits::DEFAULT_GRANULARITY;
 pub use store::{BitmapInfo, BitmapSet, TakenBitmap};
-pub use track::{sidecar_path, TrackedDevice};
+pub use track::{sidecar_path, ImageBitmaps, TrackedDevice};

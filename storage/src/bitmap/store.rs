@@ -118,6 +118,8 @@ impl Bitmap {
 pub struct BitmapSet {
     path: PathBuf,
     bitmaps: RwLock<Vec<Arc<Bitmap>>>,
+    /// Number of bitmaps, readable without the lock (the write path checks it first).
+    count: std::sync::atomic::AtomicUsize,
     /// Writers tracking changes: while there are any, the file says "in use".
     writers: Mutex<usize>,
     size: Mutex<u64>,
@@ -146,6 +148,7 @@ impl BitmapSet {
         }
         let set = BitmapSet {
             path: path.to_path_buf(),
+            count: std::sync::atomic::AtomicUsize::new(bitmaps.len()),
             bitmaps: RwLock::new(bitmaps.into_iter().map(Arc::new).collect()),
             writers: Mutex::new(0),
             size: Mutex::new(size),
@@ -205,6 +208,9 @@ impl BitmapSet {
 
     /// Marks `len` bytes at `offset` dirty in every bitmap.
     pub fn mark(&self, offset: u64, len: u64) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
         for b in self.list().iter() {
             b.bits.mark(offset, len);
         }
@@ -263,6 +269,7 @@ impl BitmapSet {
                 bits,
                 valid: AtomicBool::new(true),
             }));
+            self.count.store(list.len(), Ordering::Release);
         }
         self.save()
     }
@@ -273,6 +280,7 @@ impl BitmapSet {
             let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
             let before = list.len();
             list.retain(|b| b.name != name);
+            self.count.store(list.len(), Ordering::Release);
             if list.len() == before {
                 return Err(StorageError::NotFound(PathBuf::from(format!(
                     "bitmap {name}"
@@ -290,17 +298,17 @@ impl BitmapSet {
         self.save()
     }
 
-    /// Sets every bit of `source` in `target` too. An invalid source makes the target invalid.
+    /// Marks every range dirty in `source` in `target` too. An invalid source makes the target
+    /// invalid. Granularities may differ: a coarser target rounds the ranges out to its own.
     pub fn merge(&self, source: &str, target: &str) -> Result<()> {
         let (s, t) = (self.find(source)?, self.find(target)?);
-        if s.bits.granularity() != t.bits.granularity() {
-            return Err(StorageError::InvalidInput(format!(
-                "bitmaps {source} and {target} have different granularities ({} and {})",
-                s.bits.granularity(),
-                t.bits.granularity()
-            )));
+        if s.bits.granularity() == t.bits.granularity() {
+            t.bits.or_words(&s.bits.words());
+        } else {
+            for (offset, len) in ranges(&s.bits.words(), s.bits.granularity(), s.bits.size()) {
+                t.bits.mark(offset, len);
+            }
         }
-        t.bits.or_words(&s.bits.words());
         if !s.valid.load(Ordering::Acquire) {
             t.valid.store(false, Ordering::Release);
         }
@@ -523,5 +531,31 @@ mod tests {
         ));
         std::fs::write(&p, b"short").unwrap();
         assert!(BitmapSet::open(&p, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn merging_across_granularities_rounds_out_to_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BitmapSet::open(&dir.path().join("d.bitmaps"), (1 << 20) + 4096).unwrap();
+        s.add("fine", 4096).unwrap();
+        s.add("coarse", 65536).unwrap();
+        s.add("fine2", 4096).unwrap();
+        s.mark(70_000, 10);
+        s.mark(1 << 20, 4096);
+        s.clear("coarse").unwrap();
+        s.merge("fine", "coarse").unwrap();
+        assert_eq!(
+            s.dirty_ranges("coarse").unwrap(),
+            (vec![(65536, 65536), (1 << 20, 4096)], true),
+            "the coarse target covers every fine range"
+        );
+        s.clear("fine").unwrap();
+        s.merge("coarse", "fine2").unwrap();
+        assert_eq!(
+            s.dirty_ranges("fine2").unwrap().0,
+            vec![(65536, 65536), (1 << 20, 4096)],
+            "a finer target gets exactly the coarse ranges"
+        );
+        assert_eq!(s.dirty_ranges("fine").unwrap().0, vec![]);
     }
 }

@@ -14,6 +14,7 @@ use crate::bitmap::store::BitmapSet;
 use crate::device::{BlockDevice, Capabilities, Extent};
 use crate::error::Result;
 use crate::io::{Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
+use crate::volume::lock::{try_lock_exclusive, FileLock};
 
 /// Keeps a bitmap set tracking (its file marked in use) while a device or queue on it exists.
 #[derive(Debug)]
@@ -36,6 +37,8 @@ impl Drop for Tracking {
 pub struct TrackedDevice {
     inner: Arc<dyn BlockDevice>,
     tracking: Arc<Tracking>,
+    /// For an image: the lock on its file held while its bitmaps are in use.
+    _image_lock: Option<FileLock>,
 }
 
 impl fmt::Debug for TrackedDevice {
@@ -57,12 +60,41 @@ pub fn sidecar_path(image: &Path) -> PathBuf {
     image.with_file_name(name)
 }
 
+/// The dirty bitmaps of an image file (its sidecar, see [`sidecar_path`]), with the image
+/// locked (an exclusive `flock` on the image file) for as long as this lives: one process at a
+/// time tracks writes to an image or changes its bitmaps, as with a volume group.
+#[derive(Debug)]
+pub struct ImageBitmaps {
+    /// The bitmaps.
+    pub set: Arc<BitmapSet>,
+    lock: FileLock,
+}
+
+impl ImageBitmaps {
+    /// Locks `image` (a clear "busy" error if another process holds it) and opens its bitmaps
+    /// for a device of `size` bytes.
+    pub fn open(image: &Path, size: u64) -> Result<ImageBitmaps> {
+        let lock = try_lock_exclusive(image, &format!("the bitmaps of image {}", image.display()))?;
+        let set = Arc::new(BitmapSet::open(&sidecar_path(image), size)?);
+        Ok(ImageBitmaps { set, lock })
+    }
+}
+
 impl TrackedDevice {
     /// Tracks writes to `inner` in the bitmaps stored at `path` (an image's sidecar file, see
-    /// [`sidecar_path`]).
+    /// [`sidecar_path`]). Nothing is locked: see [`TrackedDevice::open_image`].
     pub fn open(inner: Arc<dyn BlockDevice>, path: &Path) -> Result<TrackedDevice> {
         let bitmaps = Arc::new(BitmapSet::open(path, inner.size())?);
         TrackedDevice::with_set(inner, bitmaps)
+    }
+
+    /// Tracks writes to `inner`, the image at `image`, in its sidecar bitmaps, holding the
+    /// image's lock (see [`ImageBitmaps`]) until the device is dropped.
+    pub fn open_image(inner: Arc<dyn BlockDevice>, image: &Path) -> Result<TrackedDevice> {
+        let ImageBitmaps { set, lock } = ImageBitmaps::open(image, inner.size())?;
+        let mut device = TrackedDevice::with_set(inner, set)?;
+        device._image_lock = Some(lock);
+        Ok(device)
     }
 
     /// Tracks writes to `inner` in `bitmaps` (shared with other handles on the same device).
@@ -75,6 +107,7 @@ impl TrackedDevice {
         Ok(TrackedDevice {
             inner,
             tracking: Arc::new(Tracking { bitmaps, writable }),
+            _image_lock: None,
         })
     }
 

@@ -219,12 +219,23 @@ impl Vg {
 
     /// Zeroes new extents so that a new or grown volume never shows an old one's data, and
     /// makes that durable before the metadata that hands them out.
-    fn zero_segments(&self, st: &VgState, segments: &[Segment]) -> Result<()> {
+    ///
+    /// A hole punch is tried first (cheap on files, a zeroing discard on devices that have
+    /// one); unless `cheap_only`, zeros are written where it is not supported.
+    fn zero_segments(&self, st: &VgState, segments: &[Segment], cheap_only: bool) -> Result<()> {
         let files = self.files();
         let es = st.meta.extent_size;
         for s in segments {
             let f = &files[s.pv];
-            f.punch_hole(st.labels[s.pv].pe_start + s.pe * es, s.count * es)?;
+            let (at, len) = (st.labels[s.pv].pe_start + s.pe * es, s.count * es);
+            match f.punch_hole(at, len) {
+                Ok(()) => {}
+                Err(e) if cheap_only => return Err(e),
+                Err(e) => {
+                    tracing::info!(pv = f.name(), error = %e, "no zeroing discard; writing zeros");
+                    f.zero_range(at, len)?;
+                }
+            }
         }
         for s in segments {
             files[s.pv].sync_data()?;
@@ -239,7 +250,7 @@ impl Vg {
         self.check_free_name(&mut st, name)?;
         let count = self.extents_for(&st, size)?;
         let segments = allocate(&st.meta, count, 0, on_pvs, None)?;
-        self.zero_segments(&st, &segments)?;
+        self.zero_segments(&st, &segments, false)?;
         let mut meta = st.meta.clone();
         meta.lvs.push(LvMeta {
             name: name.to_string(),
@@ -320,7 +331,20 @@ impl Vg {
             self.inner.pvs.clone(),
             format!("{}/{meta_name}", meta.name),
         );
-        thin::load::format(&region, &pool_uuid, block_size, data_blocks)?;
+        // Zeroing the data volume (a hole punch; cheap on files) lets first writes skip
+        // writing zeros around them; where the PVs cannot, every first write zero-fills.
+        let tdata_segments = meta
+            .lv(&format!("{name}{POOL_DATA_SUFFIX}"))
+            .map(|l| l.segments().to_vec())
+            .unwrap_or_default();
+        let zeroed = match self.zero_segments(&st, &tdata_segments, true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(pool = name, error = %e, "the pool's data volume could not be zeroed cheaply");
+                false
+            }
+        };
+        thin::load::format(&region, &pool_uuid, block_size, data_blocks, zeroed)?;
         self.commit(&mut st, meta)
     }
 
@@ -384,11 +408,18 @@ impl Vg {
         pool.snapshot(id, new, 0).map(|_| ())
     }
 
-    /// Marks a thin volume as a template (read-only, clones may be made from it) or unmarks it.
+    /// Marks a thin volume as a template (read-only, clones may be made from it) or unmarks a
+    /// template (writable again; its clones keep their own blocks).
     pub fn set_template(&self, name: &str, template: bool) -> Result<()> {
         let mut st = self.state();
         let (pool, id) = self.thin_of(&mut st, name, "templates")?;
         let flags = pool.flags(id)?;
+        if !template && flags & FLAG_TEMPLATE == 0 {
+            return Err(StorageError::InvalidInput(format!(
+                "{}/{name} is not a template",
+                st.meta.name
+            )));
+        }
         let new = if template {
             flags | FLAG_TEMPLATE | FLAG_READ_ONLY
         } else {
@@ -519,7 +550,7 @@ impl Vg {
                 }
                 self.resize_linear(&mut st, &data, size)?;
                 let data_bytes = st.meta.lv(&data).map_or(0, |l| l.extents()) * st.meta.extent_size;
-                pool.extend_data(data_bytes / block_size)
+                pool.extend_data(data_bytes / block_size, true)
             }
         }
     }
@@ -539,7 +570,7 @@ impl Vg {
         if count > have {
             let last = segments.last().map(|s| (s.pv, s.pe + s.count));
             let new = allocate(&st.meta, count - have, have, &[], last)?;
-            self.zero_segments(st, &new)?;
+            self.zero_segments(st, &new, false)?;
             append_merged(&mut segments, new);
         } else {
             truncate(&mut segments, count);

@@ -181,9 +181,11 @@ impl VolumeStore {
             let file = open_file(&path, false)?;
             let l = read_label(file.as_ref())?;
             let slots = mda::read_area(file.as_ref(), &l.label)?;
-            if let Some((_, uuid, _)) = mda::newest(&slots) {
+            if let Some((_, uuid, payload)) = mda::newest(&slots) {
+                let group = VgMeta::decode(payload, &path.display().to_string())
+                    .map_or_else(|_| uuid.to_string(), |m| m.name);
                 return Err(StorageError::InvalidInput(format!(
-                    "{} belongs to volume group {uuid}; reduce or remove the group first",
+                    "{} belongs to volume group {group}; reduce or remove the group first",
                     path.display()
                 )));
             }

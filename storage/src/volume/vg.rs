@@ -670,9 +670,12 @@ pub fn format_pv(file: &dyn crate::HostFile) -> Result<Label> {
 }
 
 fn check_unused(f: &Found) -> Result<()> {
-    if let Some((_, uuid, _)) = mda::newest(&f.slots) {
+    if let Some((_, uuid, payload)) = mda::newest(&f.slots) {
+        let group = VgMeta::decode(payload, &f.handle.display())
+            .map(|m| m.name)
+            .unwrap_or_else(|_| uuid.to_string());
         return Err(StorageError::InvalidInput(format!(
-            "{} already belongs to a volume group ({uuid})",
+            "{} already belongs to volume group {group}",
             f.handle.display()
         )));
     }

@@ -256,6 +256,17 @@ impl ThinPool {
             if d.data[b as usize] > 1 {
                 out.shared_blocks += 1;
             }
+            if want > 0 && st.known_zero.get(b) {
+                out.error(format!(
+                    "data block {b} is in use but taken for never written"
+                ));
+            }
+            if d.data[b as usize] > 0 && b >= st.zero_from_durable {
+                out.error(format!(
+                    "data block {b} is mapped past the committed never-written frontier {}",
+                    st.zero_from_durable
+                ));
+            }
         }
         out.used_blocks = st.forest.data.used();
         out.used_metadata_blocks = st.forest.meta.used();

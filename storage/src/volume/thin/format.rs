@@ -41,7 +41,7 @@ pub const FLAG_READ_ONLY: u32 = 1;
 pub const FLAG_TEMPLATE: u32 = 2;
 
 const SB_CRC_AT: usize = 12;
-const SB_CHUNKS_AT: usize = 104;
+const SB_CHUNKS_AT: usize = 112;
 const BLOCK_CRC_AT: usize = 4;
 const KEYS_AT: usize = 32;
 const VALS_AT: usize = KEYS_AT + NODE_CAPACITY * 8;
@@ -86,6 +86,9 @@ pub struct Superblock {
     pub device_count: u32,
     /// Next device identifier to hand out.
     pub next_id: u32,
+    /// Every data block from this one on holds zeros on disk (never written since the data
+    /// volume was zeroed); the data block count when nothing is known.
+    pub zero_from: u64,
     /// Blocks of the device table chunks, in order.
     pub chunks: Vec<u64>,
 }
@@ -108,6 +111,7 @@ impl Superblock {
         put_u32(&mut b, 84, self.next_id);
         put_u32(&mut b, 88, self.chunks.len() as u32);
         put_u64(&mut b, 96, self.seq % 2);
+        put_u64(&mut b, 104, self.zero_from);
         for (i, c) in self.chunks.iter().enumerate() {
             put_u64(&mut b, SB_CHUNKS_AT + i * 8, *c);
         }
@@ -148,6 +152,7 @@ impl Superblock {
             used_meta: get_u64(b, 72),
             device_count: get_u32(b, 80),
             next_id: get_u32(b, 84),
+            zero_from: get_u64(b, 104),
             chunks: Vec::new(),
         };
         let nchunks = get_u32(b, 88) as usize;
@@ -159,6 +164,7 @@ impl Superblock {
             || sb.data_blocks >= 1 << BLOCK_BITS
             || sb.used_data > sb.data_blocks
             || sb.used_meta > sb.meta_blocks
+            || sb.zero_from > sb.data_blocks
             || sb.device_count as usize > nchunks * TABLE_ENTRIES
         {
             return bad("impossible field values");
@@ -362,6 +368,7 @@ mod tests {
             used_meta: 4,
             device_count: 1,
             next_id: 2,
+            zero_from: 40,
             chunks: vec![5],
         };
         let b = sb.encode();

@@ -13,13 +13,20 @@ use crate::volume::stack::PvSet;
 use crate::volume::thin::btree::Forest;
 use crate::volume::thin::format::{block_of, decode_table, Node, Superblock, META_BLOCK};
 use crate::volume::thin::pool::{Dev, PoolState, ThinPool};
-use crate::volume::thin::space::{Epochs, Space};
+use crate::volume::thin::space::{BitSet, Epochs, Space};
 
 /// Metadata read in chunks of this size while loading (nodes written together sit together).
 const READ_CHUNK: u64 = 1 << 20;
 
 /// Writes the metadata of an empty pool: transaction 1 in superblock slot 1, slot 0 zeroed.
-pub fn format(meta: &Region, uuid: &str, block_size: u64, data_blocks: u64) -> Result<()> {
+/// `data_zeroed` says the data volume reads as zeros throughout.
+pub fn format(
+    meta: &Region,
+    uuid: &str,
+    block_size: u64,
+    data_blocks: u64,
+    data_zeroed: bool,
+) -> Result<()> {
     let meta_blocks = meta.size() / META_BLOCK as u64;
     if meta_blocks < 16 {
         return Err(StorageError::InvalidInput(
@@ -36,6 +43,7 @@ pub fn format(meta: &Region, uuid: &str, block_size: u64, data_blocks: u64) -> R
         used_meta: 2,
         device_count: 0,
         next_id: 1,
+        zero_from: if data_zeroed { 0 } else { data_blocks },
         chunks: Vec::new(),
     };
     meta.write(0, &[0u8; META_BLOCK])?;
@@ -323,12 +331,22 @@ pub fn open(
             dirty = true;
         }
         if data_lv_blocks > sb.data_blocks {
-            // The data volume grew but the crash came before the pool recorded it.
+            // The data volume grew but the crash came before the pool recorded it; whether
+            // the new part was zeroed is not known.
             forest.data.grow(data_lv_blocks);
             dirty = true;
         }
     }
     forest.reserve = crate::volume::thin::pool::table_reserve(devices.len());
+    let mut known_zero = BitSet::new(forest.data.len());
+    for b in sb.zero_from..sb.data_blocks {
+        known_zero.set(b, true);
+    }
+    let zero_from = if forest.data.len() > sb.data_blocks {
+        forest.data.len()
+    } else {
+        sb.zero_from
+    };
     let state = PoolState {
         forest,
         devices,
@@ -339,6 +357,9 @@ pub fn open(
         provisioning: HashMap::new(),
         epochs: Epochs::default(),
         table_blocks: sb.chunks.clone(),
+        zero_from,
+        zero_from_durable: sb.zero_from,
+        known_zero,
     };
     let pool = ThinPool::from_parts(
         name.to_string(),

@@ -3,13 +3,15 @@
 //! - `format.rs`: the on-disk metadata blocks (byte layout in docs/format-thin.md);
 //! - `space.rs`: reference counts and when freed blocks may be reused;
 //! - `btree.rs`: copy-on-write B-trees mapping virtual blocks to data blocks;
-//! - `pool.rs`: the pool — device table, provisioning, commits (design notes there);
+//! - `pool.rs`: the pool — device table, control operations, commits (design notes there);
+//! - `datapath.rs`: what the data path asks of the pool under its lock;
 //! - `load.rs`: formatting and opening a pool;
 //! - `check.rs`: consistency checking;
 //! - `device.rs`, `queue.rs`: a thin device as a block device, and its data path.
 
 pub(crate) mod btree;
 pub mod check;
+pub(crate) mod datapath;
 pub mod device;
 pub mod format;
 pub mod load;

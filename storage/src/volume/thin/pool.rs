@@ -12,8 +12,8 @@
 //! when the pool opens and kept in memory (with every node). That removes a second CoW structure
 //! and a class of bugs: after a crash, space is exactly what the committed trees reach, so no
 //! block can leak. The superblock records how many blocks were in use, and opening checks that
-//! the walk agrees. The price is an open that reads all metadata (about 16 MiB per 64 GiB of
-//! data mapped with 64 KiB blocks) and memory of the same size.
+//! the walk agrees. The price is an open that reads all metadata (16 to 32 MiB per 64 GiB of
+//! data mapped with 64 KiB blocks) and memory of the same size. Details: docs/format-thin.md.
 //!
 //! # Commit order
 //! New data is written before the mapping that points at it exists. A commit then (1) writes
@@ -43,8 +43,8 @@ use crate::volume::region::Region;
 use crate::volume::stack::PvSet;
 use crate::volume::thin::btree::Forest;
 use crate::volume::thin::format::{
-    block_of, encode_table, pack, DevEntry, Superblock, BLOCK_BITS, FLAG_READ_ONLY,
-    MAX_TABLE_CHUNKS, META_BLOCK, TABLE_ENTRIES,
+    encode_table, DevEntry, Superblock, BLOCK_BITS, FLAG_READ_ONLY, MAX_TABLE_CHUNKS, META_BLOCK,
+    TABLE_ENTRIES,
 };
 use crate::volume::thin::space::{AllocPolicy, Epochs};
 
@@ -82,33 +82,13 @@ pub(crate) struct PoolState {
     pub(crate) provisioning: HashMap<(u32, u64), u64>,
     pub(crate) epochs: Epochs,
     pub(crate) table_blocks: Vec<u64>,
-}
-
-/// How a write to one block proceeds.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum WritePlan {
-    /// Another request is provisioning this block, or a snapshot is being taken: retry later.
-    Defer,
-    /// The block is the device's alone: write in place.
-    InPlace {
-        /// Data block.
-        block: u64,
-        /// I/O epoch of the write.
-        epoch: u64,
-    },
-    /// Write the whole block to `new` (after reading `old` for a partial write to a shared
-    /// block), then map it.
-    Provision {
-        /// The new data block.
-        new: u64,
-        /// The block mapped before, if any.
-        old: Option<u64>,
-    },
-    /// The pool is full; a commit may free blocks that wait for one.
-    NoSpace {
-        /// Whether committing could help.
-        commit_may_help: bool,
-    },
+    /// Data blocks from here on are zeros on disk, in memory (may be ahead of the disk).
+    pub(crate) zero_from: u64,
+    /// The same, as last committed: a block at or past it may be written only after a commit.
+    pub(crate) zero_from_durable: u64,
+    /// Data blocks known to hold zeros (never written): a partial first write to one need not
+    /// write the rest of the block.
+    pub(crate) known_zero: crate::volume::thin::space::BitSet,
 }
 
 /// Space use of a pool.
@@ -193,156 +173,6 @@ fn failed_error(name: &str, why: &str) -> StorageError {
     StorageError::Unavailable(format!(
         "thin pool {name} stopped after a failed metadata commit ({why}); reopen it"
     ))
-}
-
-impl PoolState {
-    pub(crate) fn dev(&self, id: u32) -> Result<&Dev> {
-        self.devices
-            .get(&id)
-            .ok_or_else(|| StorageError::NotFound(format!("thin device #{id}").into()))
-    }
-
-    pub(crate) fn dev_mut(&mut self, id: u32) -> Result<&mut Dev> {
-        self.devices
-            .get_mut(&id)
-            .ok_or_else(|| StorageError::NotFound(format!("thin device #{id}").into()))
-    }
-
-    /// The data block mapped at `vblock` and an I/O epoch for reading it.
-    pub(crate) fn lookup_read(&mut self, dev: u32, vblock: u64) -> Result<Option<(u64, u64)>> {
-        let root = self.dev(dev)?.entry.root;
-        Ok(match self.forest.lookup(root, vblock)? {
-            Some((v, _)) => Some((block_of(v), self.epochs.begin())),
-            None => None,
-        })
-    }
-
-    /// Whether `vblock` is mapped, and the block if it is the device's alone.
-    pub(crate) fn lookup(&self, dev: u32, vblock: u64) -> Result<Option<(u64, bool)>> {
-        let root = self.dev(dev)?.entry.root;
-        Ok(self
-            .forest
-            .lookup(root, vblock)?
-            .map(|(v, e)| (block_of(v), e)))
-    }
-
-    /// Decides how a write to `vblock` proceeds (see [`WritePlan`]).
-    pub(crate) fn prepare_write(&mut self, dev: u32, vblock: u64) -> Result<WritePlan> {
-        if self.provisioning.contains_key(&(dev, vblock)) {
-            return Ok(WritePlan::Defer);
-        }
-        let d = self.dev(dev)?;
-        let frozen = d.frozen;
-        match self.forest.lookup(d.entry.root, vblock)? {
-            Some((v, true)) => {
-                if frozen {
-                    return Ok(WritePlan::Defer);
-                }
-                self.dev_mut(dev)?.writes_in_flight += 1;
-                let epoch = self.epochs.begin();
-                Ok(WritePlan::InPlace {
-                    block: block_of(v),
-                    epoch,
-                })
-            }
-            other => {
-                let new = match self.forest.data.alloc() {
-                    Some(b) => b,
-                    None => {
-                        self.forest.data.release(&self.epochs);
-                        match self.forest.data.alloc() {
-                            Some(b) => b,
-                            None => {
-                                return Ok(WritePlan::NoSpace {
-                                    commit_may_help: self.forest.data.has_pending(),
-                                })
-                            }
-                        }
-                    }
-                };
-                self.provisioning.insert((dev, vblock), new);
-                Ok(WritePlan::Provision {
-                    new,
-                    old: other.map(|(v, _)| block_of(v)),
-                })
-            }
-        }
-    }
-
-    /// Maps `vblock` to `new` once its data is written.
-    pub(crate) fn finish_provision(&mut self, dev: u32, vblock: u64, new: u64) -> Result<()> {
-        self.provisioning.remove(&(dev, vblock));
-        let tag = self.epochs.retire();
-        let birth = self.seq + 1;
-        let root = match self.dev(dev) {
-            Ok(d) => d.entry.root,
-            Err(e) => {
-                self.forest.data.dec(new, tag);
-                return Err(e);
-            }
-        };
-        match self.forest.insert(root, vblock, pack(new, birth), tag) {
-            Ok((root, old)) => {
-                let d = self.dev_mut(dev)?;
-                d.entry.root = root;
-                match old {
-                    Some(v) => {
-                        self.forest.data.dec(block_of(v), tag);
-                    }
-                    None => d.entry.mapped += 1,
-                }
-                self.dirty = true;
-                Ok(())
-            }
-            Err(e) => {
-                self.forest.data.dec(new, tag);
-                Err(e)
-            }
-        }
-    }
-
-    /// Gives up a provisioning whose data write failed.
-    pub(crate) fn abort_provision(&mut self, dev: u32, vblock: u64, new: u64) {
-        self.provisioning.remove(&(dev, vblock));
-        let tag = self.epochs.retire();
-        self.forest.data.dec(new, tag);
-    }
-
-    /// Unmaps `lo..hi`; `None` if some block in the range is being provisioned (retry later).
-    pub(crate) fn unmap(&mut self, dev: u32, lo: u64, hi: u64) -> Result<Option<u64>> {
-        if self
-            .provisioning
-            .keys()
-            .any(|&(d, b)| d == dev && b >= lo && b < hi)
-        {
-            return Ok(None);
-        }
-        let root = self.dev(dev)?.entry.root;
-        let tag = self.epochs.retire();
-        let (root, removed) = self.forest.remove_range(root, lo, hi, tag)?;
-        let d = self.dev_mut(dev)?;
-        d.entry.root = root;
-        d.entry.mapped = d.entry.mapped.saturating_sub(removed);
-        if removed > 0 {
-            self.dirty = true;
-        }
-        Ok(Some(removed))
-    }
-
-    /// Ends I/O begun in `epochs`; `writes` in-place writes of `dev` completed.
-    pub(crate) fn end_io(&mut self, dev: u32, epochs: &[u64], writes: u64) {
-        for &e in epochs {
-            self.epochs.end(e);
-        }
-        if writes > 0 {
-            if let Ok(d) = self.dev_mut(dev) {
-                d.writes_in_flight = d.writes_in_flight.saturating_sub(writes);
-            }
-        }
-        if self.forest.data.has_draining() {
-            self.forest.data.release(&self.epochs);
-        }
-    }
 }
 
 impl Drop for ThinPool {
@@ -698,7 +528,15 @@ impl ThinPool {
         {
             let mut st = self.lock_state();
             self.check_writable(&st)?;
-            let old = st.dev(id)?.entry.size;
+            let d = st.dev(id)?;
+            if d.entry.flags & FLAG_READ_ONLY != 0 {
+                return Err(StorageError::ReadOnly(format!(
+                    "{}/{} (a snapshot or template keeps its size)",
+                    self.vg_name(),
+                    d.entry.name
+                )));
+            }
+            let old = d.entry.size;
             if size < old {
                 let from = size / self.block_size;
                 if st.unmap(id, from, u64::MAX)?.is_none() {
@@ -720,8 +558,9 @@ impl ThinPool {
         st.forest.meta.policy = policy;
     }
 
-    /// Grows the pool to `blocks` data blocks (its data volume has grown).
-    pub fn extend_data(&self, blocks: u64) -> Result<()> {
+    /// Grows the pool to `blocks` data blocks (its data volume has grown); `zeroed` says the
+    /// new part reads as zeros.
+    pub fn extend_data(&self, blocks: u64, zeroed: bool) -> Result<()> {
         {
             let mut st = self.lock_state();
             self.check_writable(&st)?;
@@ -733,7 +572,17 @@ impl ThinPool {
                     "{blocks} data blocks is too many"
                 )));
             }
+            let old = st.forest.data.len();
             st.forest.data.grow(blocks);
+            st.known_zero.grow(blocks);
+            if zeroed {
+                for b in old..blocks {
+                    st.known_zero.set(b, true);
+                }
+            } else {
+                // Unknown contents at the end: nothing past the frontier is known to be zero.
+                st.zero_from = blocks;
+            }
             st.dirty = true;
         }
         self.commit()
@@ -826,6 +675,7 @@ impl ThinPool {
         match written {
             Ok(()) => {
                 st.seq = txn.sb.seq;
+                st.zero_from_durable = st.zero_from_durable.max(txn.sb.zero_from);
                 let PoolState { forest, epochs, .. } = &mut *st;
                 forest.data.release(epochs);
                 Ok(())
@@ -883,6 +733,7 @@ impl ThinPool {
             used_meta: st.forest.meta.used(),
             device_count: entries.len() as u32,
             next_id: st.next_id,
+            zero_from: st.zero_from,
             chunks: chunk_blocks,
         };
         st.forest.meta.begin_commit();

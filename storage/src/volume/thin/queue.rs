@@ -26,8 +26,8 @@ use crate::io::{
     check_range, notify, Completion, IoBuf, IoQueue, Op, QueueFull, QueueOptions, Request,
 };
 use crate::volume::stack::{remaining, Lowers, Parents};
+use crate::volume::thin::datapath::WritePlan;
 use crate::volume::thin::device::OpenThin;
-use crate::volume::thin::pool::WritePlan;
 
 /// How long `wait` sleeps between retries of deferred pieces when nothing else is in flight.
 const DEFER_SLEEP: Duration = Duration::from_micros(50);
@@ -444,9 +444,24 @@ impl ThinQueue {
                     self.piece_done(parent, Err(e), slot, synthetic);
                 }
             }
-            WritePlan::Provision { new, old } => {
-                let outcome = if len == bs {
-                    // A whole block: write the request's data straight to the new block.
+            WritePlan::Provision {
+                new,
+                old,
+                zeroed,
+                commit_first,
+            } => {
+                if commit_first {
+                    // The block is past the committed never-written frontier: move the
+                    // frontier on disk first, so that a crash never takes it for zeros.
+                    if let Err(e) = self.open.pool.commit() {
+                        self.open.pool.lock_state().abort_provision(id, vblock, new);
+                        self.piece_done(parent, Err(e), Some(data), synthetic);
+                        return Ok(());
+                    }
+                }
+                let outcome = if len == bs || (zeroed && old.is_none()) {
+                    // A whole block, or part of one that holds zeros: write the request's data
+                    // straight to the new block.
                     let sub = Sub::Provision {
                         parent,
                         vblock,
@@ -455,7 +470,7 @@ impl ThinQueue {
                         synthetic,
                     };
                     let mut slot = Some(data);
-                    self.lower(new, 0, sub, |o| Op::Write {
+                    self.lower(new, within, sub, |o| Op::Write {
                         offset: o,
                         buf: slot.take().unwrap_or_else(IoBuf::empty),
                     })
@@ -672,8 +687,8 @@ impl IoQueue for ThinQueue {
         let before = self.ready.len();
         self.dispatch(req);
         if self.ready.len() > before {
-            // Finished without lower I/O (a metadata-only discard, an error): nothing below will
-            // signal, so wake an eventfd-driven consumer here.
+            // Completed without I/O below (zeros of an unmapped block, an unmap, an error):
+            // nothing else will wake an eventfd-driven consumer.
             notify(Some(self.lowers.efd()));
         }
         Ok(())

@@ -10,7 +10,7 @@
 //!   freed; it is tagged with an I/O epoch and *drains* until every operation begun in that
 //!   epoch or earlier has completed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 /// A fixed-size set of bits.
 #[derive(Clone, Debug, Default)]
@@ -65,26 +65,32 @@ impl BitSet {
 }
 
 /// Counts of operations in flight per I/O epoch. See the module documentation.
+///
+/// Epochs only grow and operations begin in the current one, so the counts form a queue
+/// ordered by epoch; emptied entries leave from the front.
 #[derive(Debug, Default)]
 pub(crate) struct Epochs {
     current: u64,
-    in_flight: BTreeMap<u64, u64>,
+    in_flight: VecDeque<(u64, u64)>,
 }
 
 impl Epochs {
     /// Records an operation starting now; returns its epoch.
     pub(crate) fn begin(&mut self) -> u64 {
-        *self.in_flight.entry(self.current).or_insert(0) += 1;
+        match self.in_flight.back_mut() {
+            Some((e, n)) if *e == self.current => *n += 1,
+            _ => self.in_flight.push_back((self.current, 1)),
+        }
         self.current
     }
 
     /// Records the end of an operation begun in `epoch`.
     pub(crate) fn end(&mut self, epoch: u64) {
-        if let Some(n) = self.in_flight.get_mut(&epoch) {
-            *n -= 1;
-            if *n == 0 {
-                self.in_flight.remove(&epoch);
-            }
+        if let Some(entry) = self.in_flight.iter_mut().find(|(e, _)| *e == epoch) {
+            entry.1 = entry.1.saturating_sub(1);
+        }
+        while self.in_flight.front().is_some_and(|(_, n)| *n == 0) {
+            self.in_flight.pop_front();
         }
     }
 
@@ -98,9 +104,8 @@ impl Epochs {
     /// Whether every operation begun in epoch `tag` or earlier has completed.
     pub(crate) fn drained(&self, tag: u64) -> bool {
         self.in_flight
-            .keys()
-            .next()
-            .is_none_or(|&oldest| oldest > tag)
+            .front()
+            .is_none_or(|&(oldest, _)| oldest > tag)
     }
 }
 
