@@ -1,5 +1,5 @@
-//! `strata image convert`: copies an image into a new (or, with `-n`, an existing) image of
-//! any format, like `qemu-img convert`. The work is `strata_storage::convert`; this module
+//! `strata image convert`: copies an image or a volume (`lv:VG/NAME`) into a new image of any
+//! format or, with `-n`, into an existing image or volume, like `qemu-img convert`. The work is `strata_storage::convert`; this module
 //! parses arguments and draws the progress bar.
 
 use std::path::PathBuf;
@@ -53,9 +53,9 @@ pub struct ConvertArgs {
     /// Print what was copied and skipped.
     #[arg(long)]
     stats: bool,
-    /// The source image.
+    /// The source image, or a volume as lv:VG/NAME.
     source: PathBuf,
-    /// The target image.
+    /// The target image, or (with -n) a volume as lv:VG/NAME.
     target: PathBuf,
 }
 
@@ -70,6 +70,7 @@ impl ConvertProgress for Bar {
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     let sparse_size = parse_size(&a.sparse_size)?;
+    let data_dir = super::data_dir();
     let req = ConvertRequest {
         source: &a.source,
         source_format: a.source_format.map(Into::into),
@@ -89,6 +90,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             existing_target: a.existing,
             ..ConvertOptions::default()
         },
+        volumes: Some(&data_dir),
     };
     let bar = if a.progress {
         let b = ProgressBar::new(0);

@@ -1,8 +1,8 @@
 //! Moving disk contents: conversion between images and volumes, uploads and downloads.
 //!
 //! A conversion runs as a job. Its target is a new image in the image folder (`image:NAME`,
-//! created by the job in the requested format and removed again if the job fails or is
-//! cancelled) or an existing volume (`lv:VG/NAME`, written in place like `convert -n`).
+//! built under a temporary name and moved into place only when complete; removed again if the
+//! job is cancelled after that) or an existing volume (`lv:VG/NAME`, written in place like `convert -n`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,9 +73,6 @@ impl Service {
                     req.compress,
                     ctx,
                 );
-                if result.is_err() {
-                    let _ = std::fs::remove_file(&path);
-                }
                 if let Some(c) = cleanup {
                     let _ = std::fs::remove_file(c);
                 }
@@ -170,30 +167,26 @@ fn convert_to_new(
     compress: bool,
     ctx: &JobContext,
 ) -> ServiceResult<serde_json::Value> {
-    let size = src.size();
-    if compress {
-        let w = format::create_compressed(path, fmt, size, opts)?;
-        return run_convert(
-            src,
-            ConvertTarget::Compressed(w),
-            &ConvertOptions::default(),
-            ctx,
-        );
-    }
-    format::create_image(path, fmt, size, opts)?;
-    let dst = format::open_image(
+    ctx.set_total(src.size());
+    let new = convert::NewImage {
         path,
-        &format::OpenOptions {
-            format: Some(fmt),
-            ..Default::default()
-        },
-    )?;
-    run_convert(
+        format: fmt,
+        options: opts,
+        compress,
+        open: format::OpenOptions::default(),
+    };
+    let report = convert::convert_to_new_image(
         src,
-        ConvertTarget::Device(dst.as_ref()),
+        &new,
         &ConvertOptions::default(),
-        ctx,
-    )
+        &JobProgress::new(ctx),
+    )?;
+    if let Err(e) = ctx.check_cancelled() {
+        // Cancelled just as the image was completed: take back what this job made.
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(serde_json::to_value(report).unwrap_or_default())
 }
 
 fn run_convert(

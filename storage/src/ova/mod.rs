@@ -264,6 +264,7 @@ pub fn import_ova(
                     compress: false,
                     open: opts.open,
                     convert: ConvertOptions::default(),
+                    volumes: None,
                 };
                 let src_size = format::open_image(
                     tmp,
