@@ -203,6 +203,7 @@ fn every_source_into_every_target() {
                         ..ConvertOptions::default()
                     },
                     volumes: None,
+                    source_cache: None,
                 };
                 convert_files(&req, &NoProgress).unwrap_or_else(|e| panic!("{row}: {e}"));
                 let (same, out) = try_run(
@@ -279,6 +280,7 @@ fn existing_targets_and_fully_allocated_output() {
             ..ConvertOptions::default()
         },
         volumes: None,
+        source_cache: None,
     };
     convert_files(&req, &NoProgress).unwrap();
     let (same, out) = try_run(

@@ -41,12 +41,18 @@ pub struct ConvertArgs {
     /// Allow out-of-order writes.
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Bytes per read request (with a suffix: 2M).
+    #[arg(long, default_value = "2M")]
+    chunk: String,
     /// Requests in flight on each side.
     #[arg(short = 'm', default_value_t = 16)]
     in_flight: usize,
-    /// Cache mode for both images: none is O_DIRECT.
+    /// Cache mode for the target (and the source unless -T is given): none is O_DIRECT.
     #[arg(short = 't', long = "cache", value_enum, default_value = "none")]
     cache: CacheArg,
+    /// Cache mode for the source.
+    #[arg(short = 'T', long = "source-cache", value_enum)]
+    source_cache: Option<CacheArg>,
     /// I/O engine.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineArg,
@@ -87,10 +93,12 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             sparse_size,
             out_of_order: a.out_of_order,
             in_flight: a.in_flight.max(1),
+            chunk: parse_size(&a.chunk)?.max(512),
             existing_target: a.existing,
             ..ConvertOptions::default()
         },
         volumes: Some(&data_dir),
+        source_cache: a.source_cache.map(Into::into),
     };
     let bar = if a.progress {
         let b = ProgressBar::new(0);

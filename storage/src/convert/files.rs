@@ -14,6 +14,7 @@ use super::{convert, ConvertOptions, ConvertProgress, ConvertReport, ConvertTarg
 use crate::device::BlockDevice;
 use crate::error::{Result, StorageError};
 use crate::format::{self, ImageFormat, OpenOptions};
+use crate::io::file::CacheMode;
 use crate::source::{open_source, Source, SourceSpec, LV_PREFIX};
 use crate::volume::VolumeStore;
 
@@ -32,8 +33,11 @@ pub struct ConvertRequest<'a> {
     pub target_options: BTreeMap<String, String>,
     /// Write a compressed target (`-c`).
     pub compress: bool,
-    /// Cache mode and engine for both sides.
+    /// Cache mode and engine for both sides (the target's cache mode, and the source's unless
+    /// `source_cache` is given).
     pub open: OpenOptions,
+    /// The source's cache mode (`-T`), when it differs from the target's.
+    pub source_cache: Option<CacheMode>,
     /// The conversion itself.
     pub convert: ConvertOptions,
     /// The data directory whose volumes `lv:VG/NAME` names; `None`: every name is a file.
@@ -84,6 +88,7 @@ fn open_sides(
     let src_opts = OpenOptions {
         format: req.source_format,
         read_only: true,
+        cache: req.source_cache.unwrap_or(req.open.cache),
         ..req.open
     };
     let dst_opts = OpenOptions {

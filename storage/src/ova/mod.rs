@@ -265,6 +265,7 @@ pub fn import_ova(
                     open: opts.open,
                     convert: ConvertOptions::default(),
                     volumes: None,
+                    source_cache: None,
                 };
                 let src_size = format::open_image(
                     tmp,
