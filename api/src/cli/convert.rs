@@ -47,12 +47,13 @@ pub struct ConvertArgs {
     /// Requests in flight on each side.
     #[arg(short = 'm', default_value_t = 16)]
     in_flight: usize,
-    /// Cache mode for the target (and the source unless -T is given): none is O_DIRECT.
-    #[arg(short = 't', long = "cache", value_enum, default_value = "none")]
+    /// Cache mode for the target: writeback goes through the page cache (flushed before the
+    /// command ends, and for a new image before it gets its name), none is O_DIRECT.
+    #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
     cache: CacheArg,
-    /// Cache mode for the source.
-    #[arg(short = 'T', long = "source-cache", value_enum)]
-    source_cache: Option<CacheArg>,
+    /// Cache mode for the source: none is O_DIRECT.
+    #[arg(short = 'T', long = "source-cache", value_enum, default_value = "none")]
+    source_cache: CacheArg,
     /// I/O engine.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineArg,
@@ -95,10 +96,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             in_flight: a.in_flight.max(1),
             chunk: parse_size(&a.chunk)?.max(512),
             existing_target: a.existing,
-            ..ConvertOptions::default()
         },
         volumes: Some(&data_dir),
-        source_cache: a.source_cache.map(Into::into),
+        source_cache: Some(a.source_cache.into()),
     };
     let bar = if a.progress {
         let b = ProgressBar::new(0);
