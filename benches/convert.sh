@@ -12,6 +12,9 @@
 # Each row runs REPEAT times (default 2), alternating which tool goes first, and keeps each
 # tool's best time: the machine is shared and its load varies.
 #
+# ROWS limits the rows run, e.g. ROWS="raw:qcow2 qcow2:vmdk-stream" (default: all nine).
+# The host's load average is printed before and after (the machine is shared).
+#
 # Usage: benches/convert.sh [WORKDIR]   (STRATA=path/to/strata, default target/release/strata)
 set -euo pipefail
 
@@ -61,10 +64,12 @@ secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 best() { if [ -z "$1" ]; then echo "$2"; else awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; fi; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
+echo "load before: $(uptime)"
 printf '%-8s %-18s %10s %10s %7s  %s\n' source target "qemu-img" strata ratio note
 results=()
 for src in qcow2 raw vmdk; do
     for target in raw qcow2 vmdk-stream; do
+        if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $src:$target "* ]]; then continue; fi
         case $target in
             raw) qargs=(-O raw); sargs=(-O raw); ext=raw; qfmt=raw ;;
             qcow2) qargs=(-O qcow2); sargs=(-O qcow2); ext=qcow2; qfmt=qcow2 ;;
@@ -106,3 +111,4 @@ echo "| source | target | qemu-img | strata | strata/qemu-img |"
 echo "|---|---|---|---|---|"
 printf '%s\n' "${results[@]}"
 echo "qemu-img: $(qemu-img --version | head -1); cores: $(nproc); $(date -u +%Y-%m-%d)"
+echo "load after: $(uptime)"

@@ -202,6 +202,8 @@ fn every_source_into_every_target() {
                         out_of_order,
                         ..ConvertOptions::default()
                     },
+                    volumes: None,
+                    source_cache: None,
                 };
                 convert_files(&req, &NoProgress).unwrap_or_else(|e| panic!("{row}: {e}"));
                 let (same, out) = try_run(
@@ -277,6 +279,8 @@ fn existing_targets_and_fully_allocated_output() {
             existing_target: true,
             ..ConvertOptions::default()
         },
+        volumes: None,
+        source_cache: None,
     };
     convert_files(&req, &NoProgress).unwrap();
     let (same, out) = try_run(

@@ -1,22 +1,17 @@
-//! `strata image convert`: copies an image into a new (or, with `-n`, an existing) image of
-//! any format, like `qemu-img convert`. The work is `strata_storage::convert`; this module
+//! `strata image convert`: copies an image or a volume (`lv:VG/NAME`) into a new image of any
+//! format or, with `-n`, into an existing image or volume, like `qemu-img convert`. The work is `strata_storage::convert`; this module
 //! parses arguments and draws the progress bar.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_storage::convert::{
-    convert, convert_files, convert_to_target, ConvertOptions, ConvertProgress, ConvertReport,
-    ConvertRequest, ConvertTarget,
-};
-use strata_storage::format::{self, ImageFormat, OpenOptions};
-use strata_storage::source::{open_source, SourceSpec, LV_PREFIX};
+use strata_storage::convert::{convert_files, ConvertOptions, ConvertProgress, ConvertRequest};
+use strata_storage::format::{self, OpenOptions};
 use strata_storage::util::{format_size, parse_size};
-use strata_storage::volume::VolumeStore;
 
 use super::image::{CacheArg, EngineArg, FormatArg};
 
@@ -46,22 +41,28 @@ pub struct ConvertArgs {
     /// Allow out-of-order writes.
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Bytes per read request (with a suffix: 2M).
+    #[arg(long, default_value = "2M")]
+    chunk: String,
     /// Requests in flight on each side.
     #[arg(short = 'm', default_value_t = 16)]
     in_flight: usize,
-    /// Cache mode for both images: none is O_DIRECT.
-    #[arg(short = 't', long = "cache", value_enum, default_value = "none")]
+    /// Cache mode for the target: writeback goes through the page cache (flushed before the
+    /// command ends, and for a new image before it gets its name), none is O_DIRECT.
+    #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
     cache: CacheArg,
+    /// Cache mode for the source: none is O_DIRECT.
+    #[arg(short = 'T', long = "source-cache", value_enum, default_value = "none")]
+    source_cache: CacheArg,
     /// I/O engine.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineArg,
     /// Print what was copied and skipped.
     #[arg(long)]
     stats: bool,
-    /// The source image, or a logical volume as `lv:VG/NAME`.
+    /// The source image, or a volume as lv:VG/NAME.
     source: PathBuf,
-    /// The target image, or an existing logical volume as `lv:VG/NAME` (written in place, as
-    /// with -n).
+    /// The target image, or (with -n) a volume as lv:VG/NAME.
     target: PathBuf,
 }
 
@@ -76,6 +77,7 @@ impl ConvertProgress for Bar {
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     let sparse_size = parse_size(&a.sparse_size)?;
+    let data_dir = super::data_dir();
     let req = ConvertRequest {
         source: &a.source,
         source_format: a.source_format.map(Into::into),
@@ -92,9 +94,11 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             sparse_size,
             out_of_order: a.out_of_order,
             in_flight: a.in_flight.max(1),
+            chunk: parse_size(&a.chunk)?.max(512),
             existing_target: a.existing,
-            ..ConvertOptions::default()
         },
+        volumes: Some(&data_dir),
+        source_cache: Some(a.source_cache.into()),
     };
     let bar = if a.progress {
         let b = ProgressBar::new(0);
@@ -113,13 +117,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         Some(b) => b,
         None => &strata_storage::convert::NoProgress,
     };
-    let volumes = is_volume(&a.source) || is_volume(&a.target);
-    let report = if volumes {
-        convert_volumes(&req, progress)
-    } else {
-        convert_files(&req, progress).map_err(Into::into)
-    }
-    .with_context(|| {
+    let report = convert_files(&req, progress).with_context(|| {
         format!(
             "Could not convert {} to {}",
             a.source.display(),
@@ -141,72 +139,4 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn is_volume(p: &std::path::Path) -> bool {
-    p.to_string_lossy().starts_with(LV_PREFIX)
-}
-
-/// A conversion from or into a logical volume (`lv:VG/NAME`, found through the devices file).
-/// A volume source is read as raw; a volume target must exist and is written in place (zeros
-/// included, as with -n). Both sides in one group share one open group (it has one owner).
-fn convert_volumes(
-    req: &ConvertRequest<'_>,
-    progress: &dyn ConvertProgress,
-) -> anyhow::Result<ConvertReport> {
-    let source = SourceSpec::parse(&req.source.to_string_lossy())?;
-    let target = SourceSpec::parse(&req.target.to_string_lossy())?;
-    if matches!(source, SourceSpec::Volume { .. })
-        && req.source_format.is_some_and(|f| f != ImageFormat::Raw)
-    {
-        bail!("-f applies to image files: a volume is read as it is (raw)");
-    }
-    let src_opts = OpenOptions {
-        format: req.source_format,
-        read_only: true,
-        ..req.open
-    };
-    let (tvg, tlv) = match target {
-        SourceSpec::Path(_) => {
-            let src = open_source(&req.source.to_string_lossy(), &src_opts, &super::data_dir())?;
-            return Ok(convert_to_target(src.device().as_ref(), req, progress)?);
-        }
-        SourceSpec::Volume { vg, lv } => (vg, lv),
-    };
-    if req.compress || !req.target_options.is_empty() {
-        bail!("-c and -o apply to new images; a volume target is written in place");
-    }
-    if req.target_format != ImageFormat::Raw {
-        bail!("a volume target holds raw data: use -O raw");
-    }
-    let opts = ConvertOptions {
-        existing_target: true,
-        ..req.convert.clone()
-    };
-    let store = VolumeStore::new(&super::data_dir()).with_io(req.open.engine, req.open.cache);
-    if let SourceSpec::Volume { vg, lv } = &source {
-        if *vg == tvg {
-            if *lv == tlv {
-                bail!("the source and the target are the same volume");
-            }
-            let group = store.open_vg(vg, false)?;
-            let src = group.open_lv(lv, true)?;
-            let dst = group.open_lv(&tlv, false)?;
-            return Ok(convert(
-                src.as_ref(),
-                ConvertTarget::Device(dst.as_ref()),
-                &opts,
-                progress,
-            )?);
-        }
-    }
-    let src = open_source(&req.source.to_string_lossy(), &src_opts, &super::data_dir())?;
-    let group = store.open_vg(&tvg, false)?;
-    let dst = group.open_lv(&tlv, false)?;
-    Ok(convert(
-        src.device().as_ref(),
-        ConvertTarget::Device(dst.as_ref()),
-        &opts,
-        progress,
-    )?)
 }

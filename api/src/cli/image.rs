@@ -35,7 +35,7 @@ pub enum ImageCommand {
     Rebase(super::rebase::RebaseArgs),
     /// Write a qcow2 image's data into its backing file.
     Commit(super::commit::CommitArgs),
-    /// Convert an image to another format, like `qemu-img convert`.
+    /// Convert an image or volume to another format or into a volume, like `qemu-img convert`.
     Convert(super::convert::ConvertArgs),
     /// Import the disks of an OVA (or OVF folder) as images.
     ImportOva(super::import_ova::ImportOvaArgs),

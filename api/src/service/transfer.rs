@@ -1,8 +1,8 @@
 //! Moving disk contents: conversion between images and volumes, uploads and downloads.
 //!
 //! A conversion runs as a job. Its target is a new image in the image folder (`image:NAME`,
-//! created by the job in the requested format and removed again if the job fails or is
-//! cancelled) or an existing volume (`lv:VG/NAME`, written in place like `convert -n`).
+//! built under a temporary name and moved into place only when complete; removed again if the
+//! job is cancelled after that) or an existing volume (`lv:VG/NAME`, written in place like `convert -n`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,20 +91,17 @@ impl Service {
             }
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("qcow2").parse()?;
             let opts = format::parse_options(&req.options)?;
-            // The job writes a hidden file (names never start with '.', so listings skip it)
-            // and publishes it under its name only once complete and flushed.
-            let partial = super::images::partial_path(&path);
+            // The conversion builds a hidden file (names never start with '.', so listings skip
+            // it) and moves it to its name only once complete and flushed.
             return self.jobs.clone().spawn("convert", desc, move |ctx| {
                 let result = convert_to_new(
                     source.device().as_ref(),
-                    &partial,
+                    &path,
                     fmt,
                     &opts,
                     req.compress,
                     ctx,
-                )
-                .and_then(|report| super::images::publish(&partial, &path).map(|()| report));
-                let _ = std::fs::remove_file(&partial);
+                );
                 if let Some(c) = cleanup {
                     let _ = std::fs::remove_file(c);
                 }
@@ -303,30 +300,26 @@ fn convert_to_new(
     compress: bool,
     ctx: &JobContext,
 ) -> ServiceResult<serde_json::Value> {
-    let size = src.size();
-    if compress {
-        let w = format::create_compressed(path, fmt, size, opts)?;
-        return run_convert(
-            src,
-            ConvertTarget::Compressed(w),
-            &ConvertOptions::default(),
-            ctx,
-        );
-    }
-    format::create_image(path, fmt, size, opts)?;
-    let dst = format::open_image(
+    ctx.set_total(src.size());
+    let new = convert::NewImage {
         path,
-        &format::OpenOptions {
-            format: Some(fmt),
-            ..Default::default()
-        },
-    )?;
-    run_convert(
+        format: fmt,
+        options: opts,
+        compress,
+        open: format::OpenOptions::default(),
+    };
+    let report = convert::convert_to_new_image(
         src,
-        ConvertTarget::Device(dst.as_ref()),
+        &new,
         &ConvertOptions::default(),
-        ctx,
-    )
+        &JobProgress::new(ctx),
+    )?;
+    if let Err(e) = ctx.check_cancelled() {
+        // Cancelled just as the image was completed: take back what this job made.
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(serde_json::to_value(report).unwrap_or_default())
 }
 
 fn run_convert(

@@ -264,6 +264,8 @@ pub fn import_ova(
                     compress: false,
                     open: opts.open,
                     convert: ConvertOptions::default(),
+                    volumes: None,
+                    source_cache: None,
                 };
                 let src_size = format::open_image(
                     tmp,

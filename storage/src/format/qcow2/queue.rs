@@ -75,6 +75,9 @@ impl<T> Slab<T> {
     }
 }
 
+/// The most clusters one allocating host write covers.
+const MAX_GROUP_CLUSTERS: usize = 512;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Read,
@@ -119,7 +122,9 @@ struct Sub {
 
 struct Job {
     req: usize,
-    plan: AllocPlan,
+    /// One plan, or several for consecutive whole clusters that are contiguous on the host and
+    /// copy nothing in (written with one request).
+    plans: Vec<AllocPlan>,
     /// Guest offset of the data.
     g: u64,
     parts: Vec<Arc<IoBuf>>,
@@ -470,16 +475,36 @@ impl Qcow2Queue {
     }
 
     /// Splits `[g, g+len)` at cluster boundaries and writes each piece, merging direct writes
-    /// that are contiguous on the host.
+    /// that are contiguous on the host, and allocating writes of whole clusters that are
+    /// contiguous on the host and copy nothing in (one host write for the group; each L2 entry
+    /// still changes only after that write completed).
     fn write_range(&mut self, r: usize, g: u64, len: u64, src: Src) {
         let cs = self.img.geo.cluster_size;
         let mut at = g;
         let end = g + len;
         // A run of direct writes: host offset, guest offset, length.
         let mut run: Option<(u64, u64, u64)> = None;
+        // A group of whole-cluster allocations and the guest offset of its first cluster.
+        let mut group: Vec<AllocPlan> = Vec::new();
+        let mut group_at = 0;
         while at < end {
             let n = (cs - at % cs).min(end - at);
             let plan = self.lock().plan_write(at, n, self.notifier.clone());
+            let continues = match &plan {
+                Ok(WritePlan::Alloc(p)) => {
+                    self.groupable(n, p)
+                        && group.len() < MAX_GROUP_CLUSTERS
+                        && group.last().is_none_or(|last| {
+                            last.host + cs == p.host && last.guest_cluster + 1 == p.guest_cluster
+                        })
+                }
+                _ => false,
+            };
+            if !continues && !group.is_empty() {
+                let plans = std::mem::take(&mut group);
+                let glen = plans.len() as u64 * cs;
+                self.start_job(r, plans, group_at, glen, src_at(src, group_at - g));
+            }
             match plan {
                 Ok(WritePlan::Direct(h)) => match run {
                     Some((rh, rg, rn)) if rh + rn == h && self.img.merge => {
@@ -498,8 +523,14 @@ impl Qcow2Queue {
                     }
                     match other {
                         Ok(WritePlan::Wait) => self.block(r, at, n, src_at(src, at - g), None),
+                        Ok(WritePlan::Alloc(plan)) if self.groupable(n, &plan) => {
+                            if group.is_empty() {
+                                group_at = at;
+                            }
+                            group.push(plan);
+                        }
                         Ok(WritePlan::Alloc(plan)) => {
-                            self.start_job(r, plan, at, n, src_at(src, at - g))
+                            self.start_job(r, vec![plan], at, n, src_at(src, at - g))
                         }
                         Ok(WritePlan::Direct(_)) => {}
                         Err(e) => self.fail(r, e),
@@ -511,6 +542,15 @@ impl Qcow2Queue {
         if let Some((rh, rg, rn)) = run {
             self.direct_write(r, rh, rg, rn, src, g);
         }
+        if !group.is_empty() {
+            let glen = group.len() as u64 * cs;
+            self.start_job(r, group, group_at, glen, src_at(src, group_at - g));
+        }
+    }
+
+    /// Whether an allocating write of `n` bytes may join a group (see [`Self::write_range`]).
+    fn groupable(&self, n: u64, plan: &AllocPlan) -> bool {
+        n == self.img.geo.cluster_size && plan.cow.is_empty() && self.img.merge
     }
 
     fn direct_write(&mut self, r: usize, h: u64, at: u64, n: u64, src: Src, g: u64) {
@@ -541,7 +581,9 @@ impl Qcow2Queue {
         });
     }
 
-    fn start_job(&mut self, r: usize, plan: AllocPlan, g: u64, n: u64, src: Src) {
+    /// Starts an allocating write of `plans` (one, or a group without copied-in parts) with the
+    /// `n` bytes of data at guest offset `g`.
+    fn start_job(&mut self, r: usize, plans: Vec<AllocPlan>, g: u64, n: u64, src: Src) {
         let data = match src {
             Src::Guest(off) => match self.view(r, off, n as usize) {
                 Some(v) => v,
@@ -549,18 +591,17 @@ impl Qcow2Queue {
             },
             Src::Zeros => IoBuf::new(n as usize),
         };
-        let parts: Vec<Arc<IoBuf>> = plan
-            .cow
+        let cow = plans.first().map(|p| p.cow.clone()).unwrap_or_default();
+        let parts: Vec<Arc<IoBuf>> = cow
             .iter()
             .map(|p| Arc::new(IoBuf::new(p.len as usize)))
             .collect();
-        let cow = plan.cow.clone();
         if let Some(q) = self.reqs.get_mut(r) {
             q.pending += 1;
         }
         let j = self.jobs.insert(Job {
             req: r,
-            plan,
+            plans,
             g,
             parts,
             data: Some(data),
@@ -632,9 +673,12 @@ impl Qcow2Queue {
         let Some(job) = self.jobs.get_mut(j) else {
             return;
         };
+        let Some(first) = job.plans.first() else {
+            return;
+        };
         let mut pieces = Vec::with_capacity(job.parts.len() + 1);
         let mut data = job.data.take();
-        for (p, buf) in job.plan.cow.iter().zip(&job.parts) {
+        for (p, buf) in first.cow.iter().zip(&job.parts) {
             if p.guest > job.g {
                 if let Some(d) = data.take() {
                     pieces.push(d);
@@ -646,7 +690,7 @@ impl Qcow2Queue {
             pieces.push(d);
         }
         let cs = self.img.geo.cluster_size;
-        let offset = job.plan.host + (job.plan.write_start - job.plan.guest_cluster * cs);
+        let offset = first.host + (first.write_start - first.guest_cluster * cs);
         let r = job.req;
         let buf = IoBuf::chain(pieces);
         self.submit_lower(
@@ -662,25 +706,27 @@ impl Qcow2Queue {
         let Some(job) = self.jobs.remove(j) else {
             return;
         };
-        let waiters = {
-            let mut m = self.lock();
-            match &result {
-                Ok(()) => m.commit_alloc(&job.plan),
-                Err(_) => Ok(m.abort_alloc(&job.plan)),
-            }
-        };
-        self.img.alloc_gen.fetch_add(1, Ordering::AcqRel);
         let mut err = result.err();
-        match waiters {
-            Ok(ws) => {
-                for w in ws.into_iter().flatten() {
-                    if !self.notifier.as_ref().is_some_and(|n| Arc::ptr_eq(&w, n)) {
-                        let _ = w.write(1);
+        let mut waiters = Vec::new();
+        {
+            let mut m = self.lock();
+            for plan in &job.plans {
+                if err.is_some() {
+                    waiters.extend(m.abort_alloc(plan));
+                    continue;
+                }
+                match m.commit_alloc(plan) {
+                    Ok(ws) => waiters.extend(ws),
+                    Err(e) => {
+                        err.get_or_insert(e);
                     }
                 }
             }
-            Err(e) => {
-                err.get_or_insert(e);
+        }
+        self.img.alloc_gen.fetch_add(1, Ordering::AcqRel);
+        for w in waiters.into_iter().flatten() {
+            if !self.notifier.as_ref().is_some_and(|n| Arc::ptr_eq(&w, n)) {
+                let _ = w.write(1);
             }
         }
         drop(job.parts);

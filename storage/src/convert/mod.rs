@@ -8,20 +8,26 @@
 //! writes are issued in guest order (which keeps allocating formats laid out in order), and
 //! with `-W` as soon as their data is read. Progress goes to a [`ConvertProgress`] callback.
 //!
-//! [`convert_files`] is the file-level wrapper: open the source, create (or open, `-n`) the
-//! target in any format, convert, flush. It knows nothing of particular formats: a format that
-//! [`crate::format::create_image`], [`crate::format::open_image`] or
-//! [`crate::format::create_compressed`] supports works here without changes.
+//! [`convert_files`] (in `files.rs`) is the wrapper `strata image convert` uses: open the source
+//! (an image file or a volume), create the target (staged under a temporary name, see
+//! `staging.rs`) or open it (`-n`: an image or a volume), convert, flush. It knows nothing of
+//! particular formats: a format that [`crate::format::create_image`],
+//! [`crate::format::open_image`] or [`crate::format::create_compressed`] supports works here
+//! without changes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::device::{BlockDevice, Capabilities, ExtentKind};
 use crate::error::{Result, StorageError};
-use crate::format::{self, CompressedWriter, ImageFormat, OpenOptions};
+use crate::format::CompressedWriter;
 use crate::io::{Completion, IoBuf, IoQueue, QueueOptions, Request};
+
+mod files;
+mod staging;
+
+pub use files::{convert_files, convert_to_new_image, ConvertRequest, NewImage};
 
 /// How to convert.
 #[derive(Clone, Debug)]
@@ -512,96 +518,6 @@ fn to_device(
     report.read = reader.read_bytes;
     dst.flush()?;
     Ok(report)
-}
-
-/// A file-level conversion (`strata image convert`).
-#[derive(Clone, Debug)]
-pub struct ConvertRequest<'a> {
-    /// The source image.
-    pub source: &'a Path,
-    /// Its format; probed when `None`.
-    pub source_format: Option<ImageFormat>,
-    /// The target image.
-    pub target: &'a Path,
-    /// The target's format.
-    pub target_format: ImageFormat,
-    /// Format options for a new target (`-o`).
-    pub target_options: BTreeMap<String, String>,
-    /// Write a compressed target (`-c`).
-    pub compress: bool,
-    /// Cache mode and engine for both images.
-    pub open: OpenOptions,
-    /// The conversion itself.
-    pub convert: ConvertOptions,
-}
-
-/// Opens the source, creates or opens the target, converts. See the module documentation.
-pub fn convert_files(
-    req: &ConvertRequest<'_>,
-    progress: &dyn ConvertProgress,
-) -> Result<ConvertReport> {
-    if let (Ok(a), Ok(b)) = (req.source.canonicalize(), req.target.canonicalize()) {
-        if a == b {
-            return Err(StorageError::InvalidInput(
-                "the source and the target are the same file".into(),
-            ));
-        }
-    }
-    let src_opts = OpenOptions {
-        format: req.source_format,
-        read_only: true,
-        ..req.open
-    };
-    let src = format::open_image(req.source, &src_opts)?;
-    convert_to_target(src.as_ref(), req, progress)
-}
-
-/// The target half of [`convert_files`]: converts an already open `src` (an image, or a
-/// logical volume opened through [`crate::source::open_source`]) into `req.target`, created (or
-/// with `-n` opened) as `req` says. `req.source` and `req.source_format` are not used.
-pub fn convert_to_target(
-    src: &dyn BlockDevice,
-    req: &ConvertRequest<'_>,
-    progress: &dyn ConvertProgress,
-) -> Result<ConvertReport> {
-    let size = src.size();
-    let dst_opts = OpenOptions {
-        format: Some(req.target_format),
-        read_only: false,
-        ..req.open
-    };
-    if req.convert.existing_target {
-        if req.compress {
-            return Err(StorageError::InvalidInput(
-                "-c writes a new compressed image; it cannot be combined with -n".into(),
-            ));
-        }
-        if !req.target_options.is_empty() {
-            return Err(StorageError::InvalidInput(
-                "-o applies to new targets, not with -n".into(),
-            ));
-        }
-        let dst = format::open_image(req.target, &dst_opts)?;
-        return convert(
-            src,
-            ConvertTarget::Device(dst.as_ref()),
-            &req.convert,
-            progress,
-        );
-    }
-    if req.compress {
-        let w =
-            format::create_compressed(req.target, req.target_format, size, &req.target_options)?;
-        return convert(src, ConvertTarget::Compressed(w), &req.convert, progress);
-    }
-    format::create_image(req.target, req.target_format, size, &req.target_options)?;
-    let dst = format::open_image(req.target, &dst_opts)?;
-    convert(
-        src,
-        ConvertTarget::Device(dst.as_ref()),
-        &req.convert,
-        progress,
-    )
 }
 
 #[cfg(test)]
