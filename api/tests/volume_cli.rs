@@ -352,7 +352,15 @@ fn convert_reads_and_writes_volumes_and_qemu_img_agrees() {
     let bytes = pattern_file(&src);
 
     // Import into a thin volume, export it as qcow2: qemu-img checks and compares.
-    e.ok(&["image", "convert", "-O", "raw", s(&src), "lv:vg0/disk"]);
+    e.ok(&[
+        "image",
+        "convert",
+        "-n",
+        "-O",
+        "raw",
+        s(&src),
+        "lv:vg0/disk",
+    ]);
     let qcow2 = e.path("out.qcow2");
     e.ok(&["image", "convert", "-O", "qcow2", "lv:vg0/disk", s(&qcow2)]);
     qemu_img(&["check", s(&qcow2)]);
@@ -375,7 +383,15 @@ fn convert_reads_and_writes_volumes_and_qemu_img_agrees() {
         "64K",
         "lv:vg0/lin",
     ]);
-    e.ok(&["image", "convert", "-O", "raw", "lv:vg0/disk", "lv:vg0/lin"]);
+    e.ok(&[
+        "image",
+        "convert",
+        "-n",
+        "-O",
+        "raw",
+        "lv:vg0/disk",
+        "lv:vg0/lin",
+    ]);
     let back = e.path("back.raw");
     e.ok(&["image", "convert", "-O", "raw", "lv:vg0/lin", s(&back)]);
     assert!(
@@ -395,7 +411,15 @@ fn convert_reads_and_writes_volumes_and_qemu_img_agrees() {
         "--thin",
         "vg0/pool",
     ]);
-    e.ok(&["image", "convert", "-O", "raw", s(&made), "lv:vg0/disk2"]);
+    e.ok(&[
+        "image",
+        "convert",
+        "-n",
+        "-O",
+        "raw",
+        s(&made),
+        "lv:vg0/disk2",
+    ]);
     let back2 = e.path("back2.raw");
     e.ok(&["image", "convert", "-O", "raw", "lv:vg0/disk2", s(&back2)]);
     qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&back2)]);
@@ -405,23 +429,40 @@ fn convert_reads_and_writes_volumes_and_qemu_img_agrees() {
             &[
                 "image",
                 "convert",
+                "-n",
                 "-O",
                 "raw",
                 "lv:vg0/disk",
                 "lv:vg0/disk",
             ],
-            "same volume",
+            "the same",
         ),
         (
-            &["image", "convert", "-O", "qcow2", s(&src), "lv:vg0/lin"],
-            "-O raw",
+            &[
+                "image",
+                "convert",
+                "-n",
+                "-O",
+                "qcow2",
+                s(&src),
+                "lv:vg0/lin",
+            ],
+            "does not apply to a volume",
         ),
         (
             &["image", "convert", "-c", "-O", "raw", s(&src), "lv:vg0/lin"],
-            "in place",
+            "with -n",
         ),
         (
-            &["image", "convert", "-O", "raw", s(&src), "lv:vg0/small"],
+            &[
+                "image",
+                "convert",
+                "-n",
+                "-O",
+                "raw",
+                s(&src),
+                "lv:vg0/small",
+            ],
             "small",
         ),
         (
@@ -575,7 +616,7 @@ fn a_block_device_is_a_pv() {
     let src = e.path("src.raw");
     let bytes = pattern_file(&src);
     for lv in ["lv:vgb/t", "lv:vgb/lin"] {
-        e.ok(&["image", "convert", "-O", "raw", s(&src), lv]);
+        e.ok(&["image", "convert", "-n", "-O", "raw", s(&src), lv]);
         let back = e.path("back.raw");
         let _ = std::fs::remove_file(&back);
         e.ok(&["image", "convert", "-O", "raw", lv, s(&back)]);
