@@ -4,6 +4,7 @@
 
 mod bench;
 mod image;
+mod install;
 mod serve;
 
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     Image(image::ImageCommand),
     /// Serve the HTTP API.
     Serve(serve::ServeArgs),
+    /// Install the Strata appliance onto a disk (run from the Strata ISO).
+    Install(install::InstallArgs),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(serve::TokenCommand),
@@ -77,5 +80,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(cmd) => image::run(cmd),
         Command::Serve(a) => serve::serve(a, data),
         Command::Token(cmd) => serve::token(cmd, data),
+        Command::Install(a) => install::run(a),
     }
 }

@@ -1,0 +1,376 @@
+//! The appliance installer behind `strata install`, run by the Strata ISO's init.
+//!
+//! It gathers answers (answer file on the medium, kernel command line, or the operator on the
+//! console), chooses and checks the target disk, shows the plan, then:
+//!
+//! 1. partitions the disk (GPT: BIOS boot, boot, root, Strata PV — [`layout`]),
+//! 2. makes the file systems ([`partition`]),
+//! 3. copies the running system onto the root file system and writes its configuration
+//!    ([`system`]), with the kernel and boot initramfs from the medium,
+//! 4. creates the default volume group, thin pool and backup datastore ([`storage_setup`],
+//!    pending the volume and backup commands),
+//! 5. creates the first API token ([`token`]),
+//! 6. installs GRUB for BIOS and UEFI ([`bootloader`]),
+//! 7. unmounts, hands over the token, and tells the init what to do next (reboot by default).
+//!
+//! Nothing is written to any disk before the plan is complete and valid; the disk checks
+//! (too small, holds the installer, mounted, holds Strata data) run first.
+
+pub mod answers;
+pub mod bootloader;
+pub mod disks;
+pub mod error;
+pub mod interactive;
+pub mod layout;
+pub mod partition;
+pub mod run;
+pub mod storage_setup;
+pub mod system;
+pub mod token;
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use strata_storage::util::format_size;
+
+use answers::{AnswerSources, Answers, DiskChoice, Network, RawAnswers, TokenDelivery};
+use disks::{Disk, SysView};
+pub use error::{InstallError, InstallResult};
+use interactive::Prompter;
+use layout::Layout;
+
+/// How the installer gets its answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Unattended when answers are given, else interactive on a terminal.
+    Auto,
+    /// Always ask (given answers become the defaults).
+    Interactive,
+}
+
+/// Where things are and how to run.
+#[derive(Clone, Debug)]
+pub struct InstallOptions {
+    /// The mounted installation medium (kernel, boot initramfs, answer file).
+    pub media: PathBuf,
+    /// The system to copy (the live system's `/`).
+    pub source_root: PathBuf,
+    /// Where to mount the target while installing.
+    pub target_mount: PathBuf,
+    /// Where the token volume is mounted while writing to it.
+    pub token_mount: PathBuf,
+    /// File telling the ISO's init what to do afterwards.
+    pub after_file: Option<PathBuf>,
+    /// Block devices and mounts.
+    pub view: SysView,
+    /// Answer sources.
+    pub answers: AnswerSources,
+    /// Answer mode.
+    pub mode: Mode,
+    /// Whether input is a terminal an operator can answer on.
+    pub terminal: bool,
+    /// Show the plan and stop.
+    pub dry_run: bool,
+}
+
+/// The checked plan: everything needed to install, nothing written yet.
+#[derive(Clone, Debug)]
+struct Plan {
+    answers: Answers,
+    disk: Disk,
+    layout: Layout,
+    /// The token volume's device, for `token-to=vfat:LABEL`.
+    token_dev: Option<PathBuf>,
+}
+
+fn write_out(out: &mut dyn Write, text: &str) -> InstallResult<()> {
+    writeln!(out, "{text}").map_err(|e| InstallError::io("Writing to", "the console", e))
+}
+
+/// Runs the installer. Returns the report of a finished installation, or `None` after a dry
+/// run.
+pub fn install(
+    opts: &InstallOptions,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> InstallResult<Option<token::InstallReport>> {
+    let started = Instant::now();
+    for f in ["boot/vmlinuz", "boot/initrd-disk.img"] {
+        let p = opts.media.join(f);
+        if !p.is_file() {
+            return Err(InstallError::io(
+                "The installation medium lacks",
+                p,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "`strata install` runs from the Strata ISO, which mounts its medium there \
+                     (see --media)",
+                ),
+            ));
+        }
+    }
+    let (raw, sources) = opts.answers.load()?;
+    let interactive = match opts.mode {
+        Mode::Interactive => true,
+        Mode::Auto if raw.is_empty() => true,
+        Mode::Auto => false,
+    };
+    if interactive && !opts.terminal {
+        return Err(InstallError::Aborted(
+            "No answers were given (answer file or strata.* on the kernel command line) and \
+             there is no terminal to ask on"
+                .into(),
+        ));
+    }
+    if sources.is_empty() {
+        write_out(out, "Strata installer: no answers given")?;
+    } else {
+        write_out(out, &format!("Strata installer: answers from {}", sources.join(", ")))?;
+    }
+    let plan = if interactive {
+        plan_interactively(opts, raw, input, out)?
+    } else {
+        let answers = Answers::from_raw(&raw)?;
+        plan(opts, answers)?
+    };
+    show_plan(&plan, out)?;
+    if opts.dry_run {
+        write_out(out, "Dry run: nothing was changed.")?;
+        return Ok(None);
+    }
+    let report = execute(opts, &plan, out, started)?;
+    Ok(Some(report))
+}
+
+/// The disks that hold the installer: the installation medium and the token volume.
+fn exclusions(opts: &InstallOptions, disks: &[Disk], token_dev: Option<&Path>) -> InstallResult<disks::Exclusions> {
+    let mut excl = Vec::new();
+    if let Some(devno) = disks::devno_mounted_at(&opts.view, &opts.media)? {
+        if let Some(d) = disks::disk_holding(disks, &devno) {
+            excl.push((d.name.clone(), "the installation medium".to_string()));
+        }
+    }
+    if let Some(dev) = token_dev {
+        if let Some(d) = disks::disk_holding(disks, &dev.to_string_lossy()) {
+            excl.push((d.name.clone(), format!("the token volume {}", dev.display())));
+        }
+    }
+    Ok(excl)
+}
+
+fn token_device(a: &Answers) -> InstallResult<Option<PathBuf>> {
+    match &a.token_to {
+        TokenDelivery::Console => Ok(None),
+        TokenDelivery::Vfat(label) => token::find_vfat(label).map(Some),
+    }
+}
+
+/// Chooses and checks the disk and lays it out.
+fn plan(opts: &InstallOptions, answers: Answers) -> InstallResult<Plan> {
+    let token_dev = token_device(&answers)?;
+    let all = disks::list_disks(&opts.view)?;
+    let excl = exclusions(opts, &all, token_dev.as_deref())?;
+    let disk = disks::choose(&all, &answers.disk, &excl, layout::MIN_DISK)?.clone();
+    let mounts = disks::mounts(&opts.view)?;
+    disks::check_target(&opts.view, &disk, &mounts, answers.wipe, layout::MIN_DISK)?;
+    let layout = Layout::plan(&format!("/dev/{}", disk.name), disk.size, answers.root_size)?;
+    Ok(Plan {
+        answers,
+        disk,
+        layout,
+        token_dev,
+    })
+}
+
+fn plan_interactively(
+    opts: &InstallOptions,
+    mut raw: RawAnswers,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> InstallResult<Plan> {
+    let mut p = Prompter::new(input, out);
+    p.say("\nStrata appliance installer. Defaults are in brackets; press Enter to take them.\n")?;
+    loop {
+        let all = disks::list_disks(&opts.view)?;
+        let probe = Answers::from_raw(&raw)?;
+        let token_dev = token_device(&probe)?;
+        let excl = exclusions(opts, &all, token_dev.as_deref())?;
+        let mounts = disks::mounts(&opts.view)?;
+        p.say("Disks:")?;
+        for d in &all {
+            let note = match excl.iter().find(|(n, _)| *n == d.name) {
+                Some((_, why)) => format!(" — {why}"),
+                None => match disks::check_target(&opts.view, d, &mounts, false, layout::MIN_DISK) {
+                    Ok(()) => String::new(),
+                    Err(e) => format!(" — {e}"),
+                },
+            };
+            p.say(&format!("  /dev/{}{note}", d.describe()))?;
+        }
+        let default = disks::choose(&all, &DiskChoice::Auto, &excl, layout::MIN_DISK)
+            .map(|d| d.name.clone())
+            .unwrap_or_default();
+        if raw.get("disk").is_none_or(|d| d == "auto") {
+            raw.set("disk", &default);
+        }
+        p.ask_answer(&mut raw, "disk", "Install on disk")?;
+        let answers = Answers::from_raw(&raw)?;
+        let disk = match disks::choose(&all, &answers.disk, &excl, layout::MIN_DISK) {
+            Ok(d) => d.clone(),
+            Err(e) => {
+                p.say(&format!("  {e}"))?;
+                raw.set("disk", "auto");
+                continue;
+            }
+        };
+        if let Some(what) = disks::strata_signature(&opts.view, &disk) {
+            p.say(&format!("/dev/{} holds {what}.", disk.name))?;
+            if !p.confirm("Replace it? Its volumes and backups will be lost.", "wipe")? {
+                raw.set("disk", "auto");
+                continue;
+            }
+            raw.set("wipe", "yes");
+        }
+        let answers = Answers::from_raw(&raw)?;
+        if let Err(e) = disks::check_target(&opts.view, &disk, &mounts, answers.wipe, layout::MIN_DISK) {
+            p.say(&format!("  {e}"))?;
+            raw.set("disk", "auto");
+            continue;
+        }
+        break;
+    }
+    p.ask_answer(&mut raw, "hostname", "Host name")?;
+    p.ask_answer(&mut raw, "listen", "API address and port")?;
+    p.ask_network(&mut raw)?;
+    let answers = Answers::from_raw(&raw)?;
+    let plan = plan(opts, answers)?;
+    show_plan(&plan, p.writer())?;
+    let question = format!(
+        "All data on /dev/{} ({}) will be erased.",
+        plan.disk.name,
+        format_size(plan.disk.size)
+    );
+    if !p.confirm(&question, "yes")? {
+        return Err(InstallError::Aborted("Installation cancelled; nothing was changed".into()));
+    }
+    Ok(plan)
+}
+
+fn show_plan(plan: &Plan, out: &mut dyn Write) -> InstallResult<()> {
+    let a = &plan.answers;
+    let network = match &a.network {
+        Network::Dhcp { interface } => format!("DHCP on {interface}"),
+        Network::Static {
+            interface,
+            address,
+            prefix,
+            gateway,
+            ..
+        } => format!(
+            "{address}/{prefix} on {interface}{}",
+            gateway.map(|g| format!(", gateway {g}")).unwrap_or_default()
+        ),
+        Network::None => "none".into(),
+    };
+    let token_to = match &a.token_to {
+        TokenDelivery::Console => "printed on the console".to_string(),
+        TokenDelivery::Vfat(label) => format!(
+            "written to the FAT volume {label} ({})",
+            plan.token_dev.as_deref().unwrap_or(Path::new("?")).display()
+        ),
+    };
+    let mut lines = vec![format!("Plan: install on /dev/{}", plan.disk.describe())];
+    lines.extend(plan.layout.describe(&plan.disk.name).into_iter().map(|l| format!("  {l}")));
+    lines.push(format!("  host name {}, API on {}, network {network}", a.hostname, a.listen));
+    lines.push(format!(
+        "  default storage: volume group {}, thin pool {}, datastore {}",
+        storage_setup::DEFAULT_VG,
+        storage_setup::DEFAULT_POOL,
+        storage_setup::DEFAULT_DATASTORE
+    ));
+    lines.push(format!("  first API token \"{}\" {token_to}", a.token_name));
+    for l in lines {
+        write_out(out, &l)?;
+    }
+    Ok(())
+}
+
+fn execute(
+    opts: &InstallOptions,
+    plan: &Plan,
+    out: &mut dyn Write,
+    started: Instant,
+) -> InstallResult<token::InstallReport> {
+    let a = &plan.answers;
+    let disk_path = opts.view.dev.join(&plan.disk.name);
+    let steps = 7;
+    let mut n = 0;
+    let mut step = |out: &mut dyn Write, what: &str| {
+        n += 1;
+        write_out(out, &format!("[{n}/{steps}] {what} ({:.1} s)", started.elapsed().as_secs_f64()))
+    };
+
+    step(out, &format!("Partitioning {}", disk_path.display()))?;
+    let paths = partition::partition(&opts.view, &plan.disk.name, &plan.layout)?;
+    step(out, "Making the file systems")?;
+    let ids = partition::FsIds::random()?;
+    partition::make_filesystems(&paths, &ids)?;
+    step(out, "Copying the system")?;
+    let target = system::Mounted::mount(&paths, &opts.target_mount)?;
+    let stats = system::copy_system(&opts.source_root, target.root())?;
+    system::install_kernel(&opts.media, target.root())?;
+    system::write_config(target.root(), a, &ids)?;
+    tracing::info!(entries = stats.entries, bytes = stats.bytes, "system copied");
+    step(out, "Creating the default storage")?;
+    let data_dir = target.root().join("var/lib/strata");
+    let storage = match storage_setup::create_default_storage(&paths.pv, &data_dir)? {
+        storage_setup::StorageOutcome::Created => "created".to_string(),
+        storage_setup::StorageOutcome::Pending(why) => {
+            write_out(out, &format!("  pending: {why}"))?;
+            format!("pending: {why}")
+        }
+    };
+    step(out, "Creating the first API token")?;
+    let token = token::create_first_token(&data_dir, &a.token_name)?;
+    step(out, "Installing the boot loader (BIOS and UEFI)")?;
+    let version = env!("CARGO_PKG_VERSION");
+    let cfg = bootloader::grub_cfg(&ids, &a.console, version);
+    bootloader::install(&disk_path, target.root(), &cfg)?;
+    step(out, "Finishing")?;
+    target.unmount()?;
+    let report = token::InstallReport {
+        hostname: a.hostname.clone(),
+        listen: a.listen.to_string(),
+        disk: format!("/dev/{}", plan.disk.name),
+        version: version.to_string(),
+        install_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        storage,
+        token_name: a.token_name.clone(),
+        token,
+    };
+    match (&a.token_to, &plan.token_dev) {
+        (TokenDelivery::Vfat(label), Some(dev)) => {
+            token::write_to_vfat(dev, &opts.token_mount, &report)?;
+            write_out(
+                out,
+                &format!(
+                    "The first API token and an installation report are on the FAT volume {label} ({}).",
+                    dev.display()
+                ),
+            )?;
+        }
+        _ => write_out(out, &token::console_text(&report))?,
+    }
+    if let Some(f) = &opts.after_file {
+        std::fs::write(f, a.after.as_str()).map_err(|e| InstallError::io("Writing", f, e))?;
+    }
+    write_out(
+        out,
+        &format!(
+            "Installation complete in {:.1} s: Strata {version} on /dev/{}; the API will listen on {}.",
+            report.install_seconds, plan.disk.name, a.listen
+        ),
+    )?;
+    Ok(report)
+}

@@ -1,0 +1,199 @@
+//! Partitioning the target disk and making its file systems.
+//!
+//! Partition tables are written by `sgdisk` (Debian's gdisk package), file systems by
+//! `mkfs.fat` (dosfstools) and `mkfs.ext4` (e2fsprogs). These are the reference tools for
+//! their formats: a GPT needs a protective MBR, primary and backup headers and entry arrays
+//! with CRCs, and the kernel must be told to re-read the table; an ext4 file system has no
+//! maintained Rust writer at all. Their exit status and messages are checked, and the
+//! identifiers (file-system UUIDs) are chosen here and passed in, so that no probing tool
+//! (`blkid`) is needed afterwards.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::disks::{partition_name, SysView};
+use super::error::{InstallError, InstallResult};
+use super::layout::{Layout, BOOT_PART, PV_PART, ROOT_PART};
+use super::run::run;
+
+/// How long to wait for the kernel to create partition device nodes.
+const NODE_WAIT: Duration = Duration::from_secs(15);
+/// Bytes zeroed at the start of the disk and of the PV partition, so that no old signature
+/// (a PV label and its metadata area, a file-system superblock) survives.
+const ZERO_HEAD: u64 = 4 << 20;
+
+/// File-system identifiers chosen for the new system.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsIds {
+    /// The root file system's UUID (ext4), e.g. `0b6c…-…`.
+    pub root_uuid: String,
+    /// The boot file system's volume id (FAT), e.g. `1A2B-3C4D`.
+    pub boot_uuid: String,
+}
+
+impl FsIds {
+    /// Fresh random identifiers.
+    pub fn random() -> InstallResult<FsIds> {
+        let mut b = [0u8; 20];
+        getrandom::fill(&mut b).map_err(|e| InstallError::Token(format!("No randomness: {e}")))?;
+        Ok(FsIds::from_bytes(&b))
+    }
+
+    fn from_bytes(b: &[u8; 20]) -> FsIds {
+        let mut u = [0u8; 16];
+        u.copy_from_slice(&b[..16]);
+        u[6] = (u[6] & 0x0f) | 0x40; // version 4
+        u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
+        let hex: String = u.iter().map(|x| format!("{x:02x}")).collect();
+        let root_uuid = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        );
+        let boot_uuid = format!("{:02X}{:02X}-{:02X}{:02X}", b[16], b[17], b[18], b[19]);
+        FsIds {
+            root_uuid,
+            boot_uuid,
+        }
+    }
+}
+
+/// The partitions' device paths once created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionPaths {
+    /// EFI system partition.
+    pub boot: PathBuf,
+    /// Root.
+    pub root: PathBuf,
+    /// Physical volume.
+    pub pv: PathBuf,
+}
+
+impl PartitionPaths {
+    /// Paths of the layout's partitions of `disk` under the view's `/dev`.
+    pub fn of(view: &SysView, disk: &str) -> PartitionPaths {
+        let p = |n| view.dev.join(partition_name(disk, n));
+        PartitionPaths {
+            boot: p(BOOT_PART),
+            root: p(ROOT_PART),
+            pv: p(PV_PART),
+        }
+    }
+}
+
+fn zero_head(dev: &Path, bytes: u64) -> InstallResult<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .map_err(|e| InstallError::io("Opening", dev, e))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < bytes {
+        f.write_all_at(&zeros, off)
+            .map_err(|e| InstallError::io("Clearing", dev, e))?;
+        off += zeros.len() as u64;
+    }
+    f.sync_all().map_err(|e| InstallError::io("Syncing", dev, e))
+}
+
+/// Replaces the disk's partition table with the layout and waits for the partition devices.
+pub fn partition(view: &SysView, disk: &str, layout: &Layout) -> InstallResult<PartitionPaths> {
+    let dev = view.dev.join(disk);
+    // Clear the old MBR, primary GPT and the first partitions' signatures; `--clear` then
+    // writes a protective MBR and both GPT copies (the backup one over the old backup).
+    zero_head(&dev, ZERO_HEAD)?;
+    let mut args = vec!["--clear".to_string()];
+    args.extend(layout.sgdisk_args());
+    args.push(dev.to_string_lossy().into_owned());
+    run("sgdisk", &args)?;
+    let paths = PartitionPaths::of(view, disk);
+    let deadline = Instant::now() + NODE_WAIT;
+    let mut reread = false;
+    while ![&paths.boot, &paths.root, &paths.pv].iter().all(|p| p.exists()) {
+        if Instant::now() > deadline {
+            return Err(InstallError::Timeout(format!(
+                "The partitions of {} did not appear in {} within {} s",
+                dev.display(),
+                view.dev.display(),
+                NODE_WAIT.as_secs()
+            )));
+        }
+        if !reread && Instant::now() + NODE_WAIT / 2 > deadline {
+            // sgdisk asks the kernel to re-read the table; ask once more if it is slow.
+            let _ = run("blockdev", &[std::ffi::OsStr::new("--rereadpt"), dev.as_os_str()]);
+            reread = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The PV partition must not show an old label to `strata pv create`.
+    zero_head(&paths.pv, ZERO_HEAD)?;
+    Ok(paths)
+}
+
+/// Makes the boot (FAT32) and root (ext4) file systems with the given identifiers.
+pub fn make_filesystems(paths: &PartitionPaths, ids: &FsIds) -> InstallResult<()> {
+    let volume_id = ids.boot_uuid.replace('-', "");
+    run(
+        "mkfs.fat",
+        &[
+            "-F",
+            "32",
+            "-n",
+            "STRATA-BOOT",
+            "-i",
+            &volume_id,
+            &paths.boot.to_string_lossy(),
+        ],
+    )?;
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-L",
+            "strata-root",
+            "-U",
+            &ids.root_uuid,
+            &paths.root.to_string_lossy(),
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_well_formed() {
+        let ids = FsIds::from_bytes(&[0xab; 20]);
+        assert_eq!(ids.root_uuid, "abababab-abab-4bab-abab-abababababab");
+        assert_eq!(ids.boot_uuid, "ABAB-ABAB");
+        let a = FsIds::random().unwrap();
+        let b = FsIds::random().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.root_uuid.len(), 36);
+        assert_eq!(a.boot_uuid.len(), 9);
+    }
+
+    #[test]
+    fn zeroing_clears_old_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("vda4");
+        std::fs::write(&dev, vec![0xffu8; 3 << 20]).unwrap();
+        zero_head(&dev, 2 << 20).unwrap();
+        let data = std::fs::read(&dev).unwrap();
+        assert!(data[..2 << 20].iter().all(|&b| b == 0));
+        assert!(data[2 << 20..].iter().all(|&b| b == 0xff));
+        let view = SysView {
+            dev: dir.path().into(),
+            ..SysView::default()
+        };
+        assert_eq!(PartitionPaths::of(&view, "nvme0n1").pv, dir.path().join("nvme0n1p4"));
+    }
+}
