@@ -17,21 +17,61 @@ use super::error::{InstallError, InstallResult};
 
 /// Every answer key with its default and meaning (the README documents the same table).
 pub const KEYS: &[(&str, &str, &str)] = &[
-    ("disk", "auto", "target disk: /dev/NAME, NAME, or auto (the only eligible disk)"),
-    ("wipe", "no", "yes: replace a Strata volume group or installation found on the disk"),
+    (
+        "disk",
+        "auto",
+        "target disk: /dev/NAME, NAME, or auto (the only eligible disk)",
+    ),
+    (
+        "wipe",
+        "no",
+        "yes: replace a Strata volume group or installation found on the disk",
+    ),
     ("hostname", "strata", "host name of the installed system"),
-    ("listen", "0.0.0.0:8006", "address and port `strata serve` listens on"),
+    (
+        "listen",
+        "0.0.0.0:8006",
+        "address and port `strata serve` listens on",
+    ),
     ("network", "dhcp", "dhcp, static or none"),
-    ("interface", "auto", "network interface (auto: every Ethernet interface, dhcp only)"),
-    ("address", "", "static IPv4 address with prefix length, e.g. 192.168.1.10/24"),
+    (
+        "interface",
+        "auto",
+        "network interface (auto: every Ethernet interface, dhcp only)",
+    ),
+    (
+        "address",
+        "",
+        "static IPv4 address with prefix length, e.g. 192.168.1.10/24",
+    ),
     ("gateway", "", "static default gateway (IPv4)"),
     ("dns", "", "static DNS servers, comma-separated"),
-    ("root-size", "", "size of the root file system (default: a quarter of the disk, 4G to 64G)"),
+    (
+        "root-size",
+        "",
+        "size of the root file system (default: a quarter of the disk, 4G to 64G)",
+    ),
     ("token-name", "admin", "name of the first API token"),
-    ("token-to", "console", "where the first token goes: console, or vfat:LABEL (a FAT volume)"),
-    ("console", "ttyS0,115200", "console of the installed system: ttyNAME[,SPEED]"),
-    ("root-password-hash", "", "crypt hash ($6$/$5$/$1$) for console login; empty: locked"),
-    ("after", "reboot", "what to do when the installation succeeded: reboot, poweroff or shell"),
+    (
+        "token-to",
+        "console",
+        "where the first token goes: console, or vfat:LABEL (a FAT volume)",
+    ),
+    (
+        "console",
+        "ttyS0,115200",
+        "console of the installed system: ttyNAME[,SPEED]",
+    ),
+    (
+        "root-password-hash",
+        "",
+        "crypt hash ($6$/$5$/$1$) for console login; empty: locked",
+    ),
+    (
+        "after",
+        "reboot",
+        "what to do when the installation succeeded: reboot, poweroff or shell",
+    ),
 ];
 
 /// Kernel command-line words for the ISO's init, not answers.
@@ -76,7 +116,11 @@ impl RawAnswers {
             if !known(key) {
                 return Err(err(i + 1, unknown_key(key)));
             }
-            if raw.values.insert(key.to_string(), value.to_string()).is_some() {
+            if raw
+                .values
+                .insert(key.to_string(), value.to_string())
+                .is_some()
+            {
                 return Err(err(i + 1, format!("{key} is given twice")));
             }
         }
@@ -268,7 +312,10 @@ impl Answers {
         let disk = match get("disk").as_str() {
             "" | "auto" => DiskChoice::Auto,
             d => DiskChoice::Named(parse_disk_name(d).ok_or_else(|| {
-                bad("disk", "expected auto, /dev/NAME or NAME (a whole disk such as vda, sda, nvme0n1)")
+                bad(
+                    "disk",
+                    "expected auto, /dev/NAME or NAME (a whole disk such as vda, sda, nvme0n1)",
+                )
             })?),
         };
         let wipe = parse_bool(&get("wipe")).ok_or_else(|| bad("wipe", "expected yes or no"))?;
@@ -279,9 +326,12 @@ impl Answers {
                 "expected letters, digits and '-' in dot-separated labels of 1 to 63 characters",
             ));
         }
-        let listen: SocketAddr = get("listen")
-            .parse()
-            .map_err(|_| bad("listen", "expected ADDRESS:PORT, e.g. 0.0.0.0:8006 or [::]:8006"))?;
+        let listen: SocketAddr = get("listen").parse().map_err(|_| {
+            bad(
+                "listen",
+                "expected ADDRESS:PORT, e.g. 0.0.0.0:8006 or [::]:8006",
+            )
+        })?;
         let network = parse_network(&get)?;
         let root_size = match get("root-size").as_str() {
             "" => None,
@@ -302,8 +352,12 @@ impl Answers {
                 }
             },
         };
-        let console = parse_console(&get("console"))
-            .ok_or_else(|| bad("console", "expected ttyNAME[,SPEED], e.g. ttyS0,115200 or tty0"))?;
+        let console = parse_console(&get("console")).ok_or_else(|| {
+            bad(
+                "console",
+                "expected ttyNAME[,SPEED], e.g. ttyS0,115200 or tty0",
+            )
+        })?;
         let root_password_hash = match get("root-password-hash").as_str() {
             "" => None,
             h if valid_crypt_hash(h) => Some(h.to_string()),
@@ -386,7 +440,8 @@ fn valid_crypt_hash(h: &str) -> bool {
     let scheme_ok = ["$1$", "$5$", "$6$"].iter().any(|p| h.starts_with(p));
     scheme_ok
         && h.len() <= 512
-        && h.chars().all(|c| c.is_ascii_graphic() && c != ':' && c != '\'')
+        && h.chars()
+            .all(|c| c.is_ascii_graphic() && c != ':' && c != '\'')
 }
 
 fn parse_console(text: &str) -> Option<Console> {
@@ -411,7 +466,10 @@ fn parse_network(get: &dyn Fn(&str) -> String) -> InstallResult<Network> {
     match get("network").as_str() {
         "dhcp" => {
             if interface != "auto" && !valid_interface(&interface) {
-                return Err(bad("interface", "expected auto or an interface name such as eth0"));
+                return Err(bad(
+                    "interface",
+                    "expected auto or an interface name such as eth0",
+                ));
             }
             Ok(Network::Dhcp { interface })
         }
@@ -431,11 +489,17 @@ fn parse_network(get: &dyn Fn(&str) -> String) -> InstallResult<Network> {
                 .and_then(|(a, p)| Some((a.parse::<Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
                 .filter(|(_, p)| (1..=32).contains(p))
                 .ok_or_else(|| {
-                    bad("address", "expected an IPv4 address with prefix length, e.g. 192.168.1.10/24")
+                    bad(
+                        "address",
+                        "expected an IPv4 address with prefix length, e.g. 192.168.1.10/24",
+                    )
                 })?;
             let gateway = match get("gateway").as_str() {
                 "" => None,
-                g => Some(g.parse().map_err(|_| bad("gateway", "expected an IPv4 address"))?),
+                g => Some(
+                    g.parse()
+                        .map_err(|_| bad("gateway", "expected an IPv4 address"))?,
+                ),
             };
             let dns = get("dns")
                 .split(',')
@@ -568,7 +632,10 @@ mod tests {
             ("network = wifi", "network"),
             ("network = static\naddress = 10.0.0.1", "address"),
             ("network = static\naddress = 10.0.0.1/33", "address"),
-            ("network = static\naddress = 10.0.0.1/8\ngateway = x", "gateway"),
+            (
+                "network = static\naddress = 10.0.0.1/8\ngateway = x",
+                "gateway",
+            ),
             ("root-size = lots", "root-size"),
             ("token-name = a b", "token-name"),
             ("token-to = usb", "token-to"),

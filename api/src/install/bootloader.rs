@@ -29,7 +29,7 @@ pub fn grub_cfg(ids: &FsIds, console: &Console, version: &str) -> String {
         "set timeout=2\nset default=0\n\
          search --no-floppy --fs-uuid --set=root {boot}\n\
          menuentry \"Strata appliance {version}\" {{\n\
-         \x20 linux /vmlinuz root=UUID={root} rootfstype=ext4 rw {console} panic=10\n\
+         \x20 linux /vmlinuz root=UUID={root} rootfstype=ext4 rw {console} quiet panic=10\n\
          \x20 initrd /initrd.img\n\
          }}\n",
         boot = ids.boot_uuid,
@@ -96,7 +96,7 @@ mod tests {
         assert!(cfg.contains("search --no-floppy --fs-uuid --set=root ABCD-0123"));
         assert!(cfg.contains(
             "linux /vmlinuz root=UUID=11111111-2222-4333-8444-555555555555 rootfstype=ext4 rw \
-             console=tty0 console=ttyS1,9600 panic=10"
+             console=tty0 console=ttyS1,9600 quiet panic=10"
         ));
         let vt = Console {
             tty: "tty0".into(),
@@ -104,6 +104,6 @@ mod tests {
         };
         let cfg = grub_cfg(&ids, &vt, "0.1.0");
         assert!(!cfg.contains("serial"));
-        assert!(cfg.contains(" console=tty0 panic=10"));
+        assert!(cfg.contains(" console=tty0 quiet panic=10"));
     }
 }

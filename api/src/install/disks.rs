@@ -181,19 +181,20 @@ pub fn devno_mounted_at(view: &SysView, mountpoint: &Path) -> InstallResult<Opti
 pub fn disk_holding<'a>(disks: &'a [Disk], name_or_devno: &str) -> Option<&'a Disk> {
     let n = name_or_devno.strip_prefix("/dev/").unwrap_or(name_or_devno);
     disks.iter().find(|d| {
-        d.name == n
-            || d.devno == n
-            || d.partitions.iter().any(|p| p.name == n || p.devno == n)
+        d.name == n || d.devno == n || d.partitions.iter().any(|p| p.name == n || p.devno == n)
     })
 }
 
 /// What Strata left on a disk: a PV label on the disk or one of its partitions, or partitions
 /// named by an earlier installation. `None` for a disk without either.
 pub fn strata_signature(view: &SysView, disk: &Disk) -> Option<String> {
-    let names = std::iter::once(disk.name.as_str()).chain(disk.partitions.iter().map(|p| p.name.as_str()));
+    let names =
+        std::iter::once(disk.name.as_str()).chain(disk.partitions.iter().map(|p| p.name.as_str()));
     for name in names {
         if has_pv_label(&view.dev.join(name)) {
-            return Some(format!("a Strata volume group (physical volume label on {name})"));
+            return Some(format!(
+                "a Strata volume group (physical volume label on {name})"
+            ));
         }
     }
     disk.partitions
@@ -230,7 +231,12 @@ pub fn choose<'a>(
     excluded: &Exclusions,
     min_size: u64,
 ) -> InstallResult<&'a Disk> {
-    let excluded_why = |d: &Disk| excluded.iter().find(|(n, _)| *n == d.name).map(|(_, w)| w.clone());
+    let excluded_why = |d: &Disk| {
+        excluded
+            .iter()
+            .find(|(n, _)| *n == d.name)
+            .map(|(_, w)| w.clone())
+    };
     let listing = || {
         if disks.is_empty() {
             return "the machine reports no disks".to_string();
@@ -264,14 +270,26 @@ pub fn choose<'a>(
                 .iter()
                 .filter(|d| excluded_why(d).is_none() && !d.read_only)
                 .collect();
-            let big: Vec<&Disk> = usable.iter().copied().filter(|d| d.size >= min_size).collect();
+            let big: Vec<&Disk> = usable
+                .iter()
+                .copied()
+                .filter(|d| d.size >= min_size)
+                .collect();
             match (big.as_slice(), usable.as_slice()) {
                 ([one], _) => Ok(one),
                 ([], []) => Err(InstallError::NoDisk(listing())),
                 // All too small: report on the largest.
-                ([], some) => Ok(some.iter().max_by_key(|d| d.size).copied().unwrap_or(some[0])),
+                ([], some) => Ok(some
+                    .iter()
+                    .max_by_key(|d| d.size)
+                    .copied()
+                    .unwrap_or(some[0])),
                 (several, _) => Err(InstallError::SeveralDisks(
-                    several.iter().map(|d| d.describe()).collect::<Vec<_>>().join(", "),
+                    several
+                        .iter()
+                        .map(|d| d.describe())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 )),
             }
         }
@@ -377,7 +395,9 @@ mod tests {
 
         fn mount(&self, devno: &str, at: &str) {
             let mut t = std::fs::read_to_string(&self.view.mountinfo).unwrap();
-            t.push_str(&format!("30 1 {devno} / {at} ro,relatime - iso9660 /dev/x ro\n"));
+            t.push_str(&format!(
+                "30 1 {devno} / {at} ro,relatime - iso9660 /dev/x ro\n"
+            ));
             std::fs::write(&self.view.mountinfo, t).unwrap();
         }
     }
@@ -393,7 +413,10 @@ mod tests {
         let disks = list_disks(&f.view).unwrap();
         assert_eq!(disks.len(), 1);
         let d = &disks[0];
-        assert_eq!((d.name.as_str(), d.size, d.model.as_str()), ("vda", 8 * GIB, "QEMU HARDDISK"));
+        assert_eq!(
+            (d.name.as_str(), d.size, d.model.as_str()),
+            ("vda", 8 * GIB, "QEMU HARDDISK")
+        );
         assert_eq!(d.partitions[0].label.as_deref(), Some("EFI"));
         assert!(d.describe().contains("8 GiB"));
     }
@@ -414,9 +437,18 @@ mod tests {
         let only_vdb = vec![disks[1].clone()];
         let excl = vec![("vdb".to_string(), "the token medium".to_string())];
         let e = choose(&only_vdb, &DiskChoice::Auto, &excl, min).unwrap_err();
-        assert!(e.to_string().contains("vdb (4 MiB QEMU HARDDISK): the token medium"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("vdb (4 MiB QEMU HARDDISK): the token medium"),
+            "{e}"
+        );
         // The small stick is passed over for the large disk.
-        assert_eq!(choose(&disks, &DiskChoice::Auto, &vec![], min).unwrap().name, "vda");
+        assert_eq!(
+            choose(&disks, &DiskChoice::Auto, &vec![], min)
+                .unwrap()
+                .name,
+            "vda"
+        );
         // Two large disks: the operator must name one.
         f.disk("vdc", "253:32", 20 * GIB);
         let disks = list_disks(&f.view).unwrap();
@@ -424,7 +456,12 @@ mod tests {
         assert!(matches!(e, InstallError::SeveralDisks(_)), "{e}");
         // Only small disks: the largest is chosen, so that check_target says it is too small.
         let small = vec![disks[1].clone()];
-        assert_eq!(choose(&small, &DiskChoice::Auto, &vec![], min).unwrap().name, "vdb");
+        assert_eq!(
+            choose(&small, &DiskChoice::Auto, &vec![], min)
+                .unwrap()
+                .name,
+            "vdb"
+        );
     }
 
     #[test]
@@ -463,11 +500,22 @@ mod tests {
         let min = 8 * GIB;
 
         let e = check_target(&f.view, &disks[0], &m, false, min).unwrap_err();
-        assert_eq!(e.to_string(), "Disk /dev/vda is too small: 2 GiB; Strata needs at least 8 GiB");
+        assert_eq!(
+            e.to_string(),
+            "Disk /dev/vda is too small: 2 GiB; Strata needs at least 8 GiB"
+        );
         let e = check_target(&f.view, &disks[1], &m, true, min).unwrap_err();
-        assert!(e.to_string().contains("/dev/vdb1 is mounted at /run/strata/media"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("/dev/vdb1 is mounted at /run/strata/media"),
+            "{e}"
+        );
         let e = check_target(&f.view, &disks[2], &m, false, min).unwrap_err();
-        assert!(e.to_string().contains("a Strata volume group (physical volume label on vdc4)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("a Strata volume group (physical volume label on vdc4)"),
+            "{e}"
+        );
         assert!(e.to_string().contains("wipe=yes"), "{e}");
         check_target(&f.view, &disks[2], &m, true, min).unwrap();
         let e = check_target(&f.view, &disks[3], &m, false, min).unwrap_err();
@@ -477,7 +525,9 @@ mod tests {
         assert_eq!(disk_holding(&disks, "/dev/vdc4").unwrap().name, "vdc");
         assert!(disk_holding(&disks, "sr0").is_none());
         assert_eq!(
-            devno_mounted_at(&f.view, Path::new("/run/strata/media")).unwrap().as_deref(),
+            devno_mounted_at(&f.view, Path::new("/run/strata/media"))
+                .unwrap()
+                .as_deref(),
             Some("253:17")
         );
     }

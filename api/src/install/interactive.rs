@@ -51,7 +51,9 @@ impl<'a, R: BufRead + ?Sized, W: Write + ?Sized> Prompter<'a, R, W> {
             .read_line(&mut line)
             .map_err(|e| InstallError::io("Reading", "the console", e))?;
         if n == 0 {
-            return Err(InstallError::Aborted("Input ended; installation cancelled".into()));
+            return Err(InstallError::Aborted(
+                "Input ended; installation cancelled".into(),
+            ));
         }
         let reply = line.trim();
         Ok(if reply.is_empty() { default } else { reply }.to_string())
@@ -59,11 +61,20 @@ impl<'a, R: BufRead + ?Sized, W: Write + ?Sized> Prompter<'a, R, W> {
 
     /// Asks for answer `key` until the value passes validation; errors about other keys are
     /// left for their own questions.
-    pub fn ask_answer(&mut self, raw: &mut RawAnswers, key: &str, question: &str) -> InstallResult<()> {
+    pub fn ask_answer(
+        &mut self,
+        raw: &mut RawAnswers,
+        key: &str,
+        question: &str,
+    ) -> InstallResult<()> {
         let default = raw
             .get(key)
             .map(str::to_string)
-            .or_else(|| KEYS.iter().find(|(k, _, _)| *k == key).map(|(_, d, _)| d.to_string()))
+            .or_else(|| {
+                KEYS.iter()
+                    .find(|(k, _, _)| *k == key)
+                    .map(|(_, d, _)| d.to_string())
+            })
             .unwrap_or_default();
         for _ in 0..ATTEMPTS {
             let reply = self.ask(question, &default)?;
@@ -75,7 +86,9 @@ impl<'a, R: BufRead + ?Sized, W: Write + ?Sized> Prompter<'a, R, W> {
                 _ => return Ok(()),
             }
         }
-        Err(InstallError::Aborted(format!("No valid answer for {key}; installation cancelled")))
+        Err(InstallError::Aborted(format!(
+            "No valid answer for {key}; installation cancelled"
+        )))
     }
 
     /// Asks the network questions: the kind, then what it needs.
@@ -86,7 +99,11 @@ impl<'a, R: BufRead + ?Sized, W: Write + ?Sized> Prompter<'a, R, W> {
                 raw.set("interface", "eth0");
             }
             self.ask_answer(raw, "interface", "Interface")?;
-            self.ask_answer(raw, "address", "Address with prefix length (e.g. 192.168.1.10/24)")?;
+            self.ask_answer(
+                raw,
+                "address",
+                "Address with prefix length (e.g. 192.168.1.10/24)",
+            )?;
             self.ask_answer(raw, "gateway", "Gateway (empty for none)")?;
             self.ask_answer(raw, "dns", "DNS servers, comma-separated (empty for none)")?;
         }
@@ -110,7 +127,8 @@ mod tests {
 
     #[test]
     fn bad_replies_are_asked_again_and_defaults_apply() {
-        let mut input: &[u8] = b"bad_name\nstore-1\n\nstatic\n\n10.0.0.9\n10.0.0.9/24\n\n1.1.1.1\nyes\n";
+        let mut input: &[u8] =
+            b"bad_name\nstore-1\n\nstatic\n\n10.0.0.9\n10.0.0.9/24\n\n1.1.1.1\nyes\n";
         let mut out = Vec::new();
         let mut raw = RawAnswers::default();
         {

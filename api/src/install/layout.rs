@@ -91,7 +91,10 @@ impl Layout {
                     return Err(InstallError::answer(
                         "root-size",
                         &format_size(r),
-                        format!("the root file system needs at least {}", format_size(MIN_ROOT)),
+                        format!(
+                            "the root file system needs at least {}",
+                            format_size(MIN_ROOT)
+                        ),
                     ));
                 }
                 r
@@ -138,7 +141,10 @@ impl Layout {
         for (n, e, code) in parts {
             args.push(format!("--new={n}:{}M:+{}M", e.start / MIB, e.size / MIB));
             args.push(format!("--typecode={n}:{code}"));
-            args.push(format!("--change-name={n}:{}", PART_NAMES[(n - 1) as usize]));
+            args.push(format!(
+                "--change-name={n}:{}",
+                PART_NAMES[(n - 1) as usize]
+            ));
         }
         args
     }
@@ -171,13 +177,20 @@ mod tests {
         let parts = [l.bios, l.boot, l.root, l.pv];
         assert_eq!(parts[0].start, MIB);
         for w in parts.windows(2) {
-            assert_eq!(w[0].start + w[0].size, w[1].start, "partitions are contiguous");
+            assert_eq!(
+                w[0].start + w[0].size,
+                w[1].start,
+                "partitions are contiguous"
+            );
         }
         for p in parts {
             assert_eq!(p.start % MIB, 0);
             assert_eq!(p.size % MIB, 0);
         }
-        assert!(l.pv.start + l.pv.size + MIB <= disk_size, "backup GPT has room");
+        assert!(
+            l.pv.start + l.pv.size + MIB <= disk_size,
+            "backup GPT has room"
+        );
         assert!(l.pv.size >= MIN_PV);
     }
 
@@ -198,9 +211,16 @@ mod tests {
     #[test]
     fn too_small_disks_and_roots_are_refused() {
         let e = Layout::plan("/dev/vda", 2 * GIB, None).unwrap_err();
-        assert_eq!(e.to_string(), "Disk /dev/vda is too small: 2 GiB; Strata needs at least 8 GiB");
+        assert_eq!(
+            e.to_string(),
+            "Disk /dev/vda is too small: 2 GiB; Strata needs at least 8 GiB"
+        );
         let e = Layout::plan("/dev/vda", 10 * GIB, Some(GIB)).unwrap_err();
-        assert!(e.to_string().contains("root file system needs at least 4 GiB"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("root file system needs at least 4 GiB"),
+            "{e}"
+        );
         let e = Layout::plan("/dev/vda", 10 * GIB, Some(9 * GIB)).unwrap_err();
         assert!(e.to_string().contains("for the physical volume"), "{e}");
         let l = Layout::plan("/dev/vda", 10 * GIB, Some(5 * GIB + 1)).unwrap();

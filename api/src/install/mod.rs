@@ -126,7 +126,10 @@ pub fn install(
     if sources.is_empty() {
         write_out(out, "Strata installer: no answers given")?;
     } else {
-        write_out(out, &format!("Strata installer: answers from {}", sources.join(", ")))?;
+        write_out(
+            out,
+            &format!("Strata installer: answers from {}", sources.join(", ")),
+        )?;
     }
     let plan = if interactive {
         plan_interactively(opts, raw, input, out)?
@@ -134,7 +137,10 @@ pub fn install(
         let answers = Answers::from_raw(&raw)?;
         plan(opts, answers)?
     };
-    show_plan(&plan, out)?;
+    if !interactive {
+        // The interactive installer showed it before asking for confirmation.
+        show_plan(&plan, out)?;
+    }
     if opts.dry_run {
         write_out(out, "Dry run: nothing was changed.")?;
         return Ok(None);
@@ -144,7 +150,11 @@ pub fn install(
 }
 
 /// The disks that hold the installer: the installation medium and the token volume.
-fn exclusions(opts: &InstallOptions, disks: &[Disk], token_dev: Option<&Path>) -> InstallResult<disks::Exclusions> {
+fn exclusions(
+    opts: &InstallOptions,
+    disks: &[Disk],
+    token_dev: Option<&Path>,
+) -> InstallResult<disks::Exclusions> {
     let mut excl = Vec::new();
     if let Some(devno) = disks::devno_mounted_at(&opts.view, &opts.media)? {
         if let Some(d) = disks::disk_holding(disks, &devno) {
@@ -153,7 +163,10 @@ fn exclusions(opts: &InstallOptions, disks: &[Disk], token_dev: Option<&Path>) -
     }
     if let Some(dev) = token_dev {
         if let Some(d) = disks::disk_holding(disks, &dev.to_string_lossy()) {
-            excl.push((d.name.clone(), format!("the token volume {}", dev.display())));
+            excl.push((
+                d.name.clone(),
+                format!("the token volume {}", dev.display()),
+            ));
         }
     }
     Ok(excl)
@@ -200,11 +213,13 @@ fn plan_interactively(
         p.say("Disks:")?;
         for d in &all {
             let note = match excl.iter().find(|(n, _)| *n == d.name) {
-                Some((_, why)) => format!(" — {why}"),
-                None => match disks::check_target(&opts.view, d, &mounts, false, layout::MIN_DISK) {
-                    Ok(()) => String::new(),
-                    Err(e) => format!(" — {e}"),
-                },
+                Some((_, why)) => format!(": {why}"),
+                None => {
+                    match disks::check_target(&opts.view, d, &mounts, false, layout::MIN_DISK) {
+                        Ok(()) => String::new(),
+                        Err(e) => format!(": {e}"),
+                    }
+                }
             };
             p.say(&format!("  /dev/{}{note}", d.describe()))?;
         }
@@ -233,7 +248,9 @@ fn plan_interactively(
             raw.set("wipe", "yes");
         }
         let answers = Answers::from_raw(&raw)?;
-        if let Err(e) = disks::check_target(&opts.view, &disk, &mounts, answers.wipe, layout::MIN_DISK) {
+        if let Err(e) =
+            disks::check_target(&opts.view, &disk, &mounts, answers.wipe, layout::MIN_DISK)
+        {
             p.say(&format!("  {e}"))?;
             raw.set("disk", "auto");
             continue;
@@ -246,13 +263,18 @@ fn plan_interactively(
     let answers = Answers::from_raw(&raw)?;
     let plan = plan(opts, answers)?;
     show_plan(&plan, p.writer())?;
+    if opts.dry_run {
+        return Ok(plan);
+    }
     let question = format!(
         "All data on /dev/{} ({}) will be erased.",
         plan.disk.name,
         format_size(plan.disk.size)
     );
     if !p.confirm(&question, "yes")? {
-        return Err(InstallError::Aborted("Installation cancelled; nothing was changed".into()));
+        return Err(InstallError::Aborted(
+            "Installation cancelled; nothing was changed".into(),
+        ));
     }
     Ok(plan)
 }
@@ -269,7 +291,9 @@ fn show_plan(plan: &Plan, out: &mut dyn Write) -> InstallResult<()> {
             ..
         } => format!(
             "{address}/{prefix} on {interface}{}",
-            gateway.map(|g| format!(", gateway {g}")).unwrap_or_default()
+            gateway
+                .map(|g| format!(", gateway {g}"))
+                .unwrap_or_default()
         ),
         Network::None => "none".into(),
     };
@@ -277,12 +301,23 @@ fn show_plan(plan: &Plan, out: &mut dyn Write) -> InstallResult<()> {
         TokenDelivery::Console => "printed on the console".to_string(),
         TokenDelivery::Vfat(label) => format!(
             "written to the FAT volume {label} ({})",
-            plan.token_dev.as_deref().unwrap_or(Path::new("?")).display()
+            plan.token_dev
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display()
         ),
     };
     let mut lines = vec![format!("Plan: install on /dev/{}", plan.disk.describe())];
-    lines.extend(plan.layout.describe(&plan.disk.name).into_iter().map(|l| format!("  {l}")));
-    lines.push(format!("  host name {}, API on {}, network {network}", a.hostname, a.listen));
+    lines.extend(
+        plan.layout
+            .describe(&plan.disk.name)
+            .into_iter()
+            .map(|l| format!("  {l}")),
+    );
+    lines.push(format!(
+        "  host name {}, API on {}, network {network}",
+        a.hostname, a.listen
+    ));
     lines.push(format!(
         "  default storage: volume group {}, thin pool {}, datastore {}",
         storage_setup::DEFAULT_VG,
@@ -308,11 +343,17 @@ fn execute(
     let mut n = 0;
     let mut step = |out: &mut dyn Write, what: &str| {
         n += 1;
-        write_out(out, &format!("[{n}/{steps}] {what} ({:.1} s)", started.elapsed().as_secs_f64()))
+        write_out(
+            out,
+            &format!(
+                "[{n}/{steps}] {what} ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            ),
+        )
     };
 
     step(out, &format!("Partitioning {}", disk_path.display()))?;
-    let paths = partition::partition(&opts.view, &plan.disk.name, &plan.layout)?;
+    let paths = partition::partition(&opts.view, &plan.disk.name, plan.disk.size, &plan.layout)?;
     step(out, "Making the file systems")?;
     let ids = partition::FsIds::random()?;
     partition::make_filesystems(&paths, &ids)?;
@@ -321,7 +362,11 @@ fn execute(
     let stats = system::copy_system(&opts.source_root, target.root())?;
     system::install_kernel(&opts.media, target.root())?;
     system::write_config(target.root(), a, &ids)?;
-    tracing::info!(entries = stats.entries, bytes = stats.bytes, "system copied");
+    tracing::info!(
+        entries = stats.entries,
+        bytes = stats.bytes,
+        "system copied"
+    );
     step(out, "Creating the default storage")?;
     let data_dir = target.root().join("var/lib/strata");
     let storage = match storage_setup::create_default_storage(&paths.pv, &data_dir)? {

@@ -37,9 +37,16 @@ pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> InstallResult<String> 
         .collect();
     let tail = all[all.len().saturating_sub(ERROR_LINES)..].join(" | ");
     Err(InstallError::ToolFailed {
-        tool: format!("{program} {}", shown.first().map(String::as_str).unwrap_or("")),
+        tool: format!(
+            "{program} {}",
+            shown.first().map(String::as_str).unwrap_or("")
+        ),
         status: out.status.to_string(),
-        output: if tail.is_empty() { "no output".into() } else { tail },
+        output: if tail.is_empty() {
+            "no output".into()
+        } else {
+            tail
+        },
     })
 }
 
@@ -52,7 +59,10 @@ mod tests {
         assert_eq!(run("sh", &["-c", "echo hi"]).unwrap(), "hi\n");
         let e = run("sh", &["-c", "echo out; echo bad >&2; exit 3"]).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("exit status: 3") && msg.contains("bad | out"), "{msg}");
+        assert!(
+            msg.contains("exit status: 3") && msg.contains("bad | out"),
+            "{msg}"
+        );
         let e = run("strata-no-such-tool", &["x"]).unwrap_err();
         assert!(matches!(e, InstallError::ToolMissing { .. }), "{e}");
     }

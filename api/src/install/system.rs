@@ -149,7 +149,10 @@ pub fn copy_system(source: &Path, target: &Path) -> InstallResult<CopyStats> {
 
 /// Copies the kernel and the boot initramfs from the installation medium to `/boot`.
 pub fn install_kernel(media: &Path, target: &Path) -> InstallResult<()> {
-    for (from, to) in [("boot/vmlinuz", "boot/vmlinuz"), ("boot/initrd-disk.img", "boot/initrd.img")] {
+    for (from, to) in [
+        ("boot/vmlinuz", "boot/vmlinuz"),
+        ("boot/initrd-disk.img", "boot/initrd.img"),
+    ] {
         let (src, dst) = (media.join(from), target.join(to));
         std::fs::copy(&src, &dst).map_err(|e| InstallError::io("Copying", &src, e))?;
     }
@@ -160,7 +163,13 @@ pub fn install_kernel(media: &Path, target: &Path) -> InstallResult<()> {
 /// value is single-quoted (answers are validated to contain no quote).
 pub fn appliance_conf(a: &Answers, ids: &FsIds) -> String {
     let (network, interface, address, gateway, dns) = match &a.network {
-        Network::Dhcp { interface } => ("dhcp", interface.clone(), String::new(), String::new(), String::new()),
+        Network::Dhcp { interface } => (
+            "dhcp",
+            interface.clone(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ),
         Network::Static {
             interface,
             address,
@@ -172,11 +181,21 @@ pub fn appliance_conf(a: &Answers, ids: &FsIds) -> String {
             interface.clone(),
             format!("{address}/{prefix}"),
             gateway.map(|g| g.to_string()).unwrap_or_default(),
-            dns.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
+            dns.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         ),
-        Network::None => ("none", String::new(), String::new(), String::new(), String::new()),
+        Network::None => (
+            "none",
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ),
     };
-    let mut s = String::from("# Written by `strata install`; read by /etc/strata/rc.boot and serve.\n");
+    let mut s =
+        String::from("# Written by `strata install`; read by /etc/strata/rc.boot and serve.\n");
     for (k, v) in [
         ("HOSTNAME", a.hostname.clone()),
         ("LISTEN", a.listen.to_string()),
@@ -186,7 +205,10 @@ pub fn appliance_conf(a: &Answers, ids: &FsIds) -> String {
         ("GATEWAY", gateway),
         ("DNS", dns),
         ("CONSOLE_TTY", a.console.tty.clone()),
-        ("CONSOLE_SPEED", a.console.speed.map(|s| s.to_string()).unwrap_or_default()),
+        (
+            "CONSOLE_SPEED",
+            a.console.speed.map(|s| s.to_string()).unwrap_or_default(),
+        ),
         ("BOOT_UUID", ids.boot_uuid.clone()),
         ("ROOT_UUID", ids.root_uuid.clone()),
     ] {
@@ -220,7 +242,10 @@ pub fn write_config(target: &Path, a: &Answers, ids: &FsIds) -> InstallResult<()
     let short = a.hostname.split('.').next().unwrap_or(&a.hostname);
     write(
         "etc/hosts",
-        &format!("127.0.0.1 localhost\n127.0.1.1 {} {short}\n::1 localhost\n", a.hostname),
+        &format!(
+            "127.0.0.1 localhost\n127.0.1.1 {} {short}\n::1 localhost\n",
+            a.hostname
+        ),
         0o644,
     )?;
     let root_hash = a.root_password_hash.as_deref().unwrap_or("*");
@@ -259,23 +284,46 @@ mod tests {
         std::fs::create_dir_all(src.join("usr/bin")).unwrap();
         std::fs::create_dir_all(src.join("etc/strata")).unwrap();
         std::fs::write(src.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(src.join("usr/bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            src.join("usr/bin/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         std::fs::write(src.join("etc/shadow"), b"root:*:1::::::\n").unwrap();
-        std::fs::set_permissions(src.join("etc/shadow"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(
+            src.join("etc/shadow"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         symlink("/bin/busybox", src.join("usr/bin/sh")).unwrap();
         std::os::unix::fs::symlink("tool", src.join("usr/bin/alias")).unwrap();
         let dst = dir.path().join("dst");
         std::fs::create_dir(&dst).unwrap();
         let stats = copy_system(&src, &dst).unwrap();
         assert_eq!(stats.bytes, 10 + 15);
-        let mode = |p: &str| std::fs::symlink_metadata(dst.join(p)).unwrap().permissions().mode() & 0o7777;
+        let mode = |p: &str| {
+            std::fs::symlink_metadata(dst.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
         assert_eq!(mode("usr/bin/tool"), 0o755);
         assert_eq!(mode("etc/shadow"), 0o600);
         assert_eq!(mode("tmp"), 0o1777);
         assert_eq!(mode("var/lib/strata"), 0o700);
-        assert_eq!(std::fs::read_link(dst.join("usr/bin/sh")).unwrap(), Path::new("/bin/busybox"));
-        assert_eq!(std::fs::read(dst.join("usr/bin/alias")).unwrap(), b"#!/bin/sh\n");
-        assert!(!dst.join("lib").exists(), "missing source folders are skipped");
+        assert_eq!(
+            std::fs::read_link(dst.join("usr/bin/sh")).unwrap(),
+            Path::new("/bin/busybox")
+        );
+        assert_eq!(
+            std::fs::read(dst.join("usr/bin/alias")).unwrap(),
+            b"#!/bin/sh\n"
+        );
+        assert!(
+            !dst.join("lib").exists(),
+            "missing source folders are skipped"
+        );
         // The target must be fresh: copying twice fails instead of mixing two systems.
         assert!(copy_system(&src, &dst).is_err());
     }
@@ -300,7 +348,10 @@ mod tests {
             "CONSOLE_SPEED='9600'",
             "BOOT_UUID='ABCD-0123'",
         ] {
-            assert!(conf.lines().any(|l| l == line), "{line} missing from\n{conf}");
+            assert!(
+                conf.lines().any(|l| l == line),
+                "{line} missing from\n{conf}"
+            );
         }
         assert!(fstab(&ids()).contains("UUID=11111111-2222-4333-8444-555555555555 / ext4"));
 
@@ -316,6 +367,9 @@ mod tests {
         assert!(dhcp.contains("NETWORK='dhcp'") && dhcp.contains("INTERFACE='auto'"));
         write_config(dir.path(), &answers(""), &ids()).unwrap();
         let shadow = std::fs::read_to_string(dir.path().join("etc/shadow")).unwrap();
-        assert!(shadow.starts_with("root:*:"), "console login is locked without a hash");
+        assert!(
+            shadow.starts_with("root:*:"),
+            "console login is locked without a hash"
+        );
     }
 }

@@ -41,7 +41,8 @@ pub struct InstallReport {
 
 /// Creates the first token named `name` in the data directory `data_dir`.
 pub fn create_first_token(data_dir: &Path, name: &str) -> InstallResult<String> {
-    let svc = Service::open(DataDir::at(data_dir)).map_err(|e| InstallError::Token(e.to_string()))?;
+    let svc =
+        Service::open(DataDir::at(data_dir)).map_err(|e| InstallError::Token(e.to_string()))?;
     let (_, token) = svc
         .tokens
         .create(name)
@@ -65,7 +66,12 @@ pub fn write_to_vfat(dev: &Path, mount_at: &Path, report: &InstallReport) -> Ins
     std::fs::create_dir_all(mount_at).map_err(|e| InstallError::io("Creating", mount_at, e))?;
     run(
         "mount",
-        &["-t", "vfat", &dev.to_string_lossy(), &mount_at.to_string_lossy()],
+        &[
+            "-t",
+            "vfat",
+            &dev.to_string_lossy(),
+            &mount_at.to_string_lossy(),
+        ],
     )?;
     let written = write_report_files(mount_at, report);
     let _ = run("sync", &[] as &[&str]);
@@ -77,7 +83,10 @@ pub fn write_to_vfat(dev: &Path, mount_at: &Path, report: &InstallReport) -> Ins
 
 fn write_report_files(dir: &Path, report: &InstallReport) -> InstallResult<()> {
     let json = serde_json::to_string_pretty(report).unwrap_or_default() + "\n";
-    for (name, text) in [(REPORT_FILE, json), (TOKEN_FILE, format!("{}\n", report.token))] {
+    for (name, text) in [
+        (REPORT_FILE, json),
+        (TOKEN_FILE, format!("{}\n", report.token)),
+    ] {
         let p = dir.join(name);
         let mut f = std::fs::File::create(&p).map_err(|e| InstallError::io("Creating", &p, e))?;
         f.write_all(text.as_bytes())
@@ -120,9 +129,16 @@ mod tests {
         let token = create_first_token(dir.path(), "admin").unwrap();
         let svc = Service::open(DataDir::at(dir.path())).unwrap();
         assert_eq!(svc.tokens.list().unwrap()[0].name, "admin");
-        assert_eq!(svc.tokens.verify(&token).unwrap().name, "admin", "the token is accepted");
+        assert_eq!(
+            svc.tokens.verify(&token).unwrap().name,
+            "admin",
+            "the token is accepted"
+        );
         assert!(svc.tokens.verify("00000000.00").is_err());
-        assert!(create_first_token(dir.path(), "admin").is_err(), "names are unique");
+        assert!(
+            create_first_token(dir.path(), "admin").is_err(),
+            "names are unique"
+        );
 
         write_report_files(dir.path(), &report(token.clone())).unwrap();
         let json: serde_json::Value =
