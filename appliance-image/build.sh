@@ -21,7 +21,7 @@ work=""
 grub_timeout=5
 
 die() { echo "build.sh: $*" >&2; exit 1; }
-step() { echo "== $*" >&2; }
+step() { echo "== [$(( $(date +%s) - started )) s] $*" >&2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -76,6 +76,7 @@ libs=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts 
 step "downloading $kernel_pkg, ${tools[*]} and $(echo "$libs" | wc -w) libraries"
 (cd "$work/debs" && apt-get download -qq "$kernel_pkg" "${tools[@]}" $libs 2>&1 |
    grep -v 'unsandboxed as root' >&2 || true)
+step "unpacking $(ls "$work"/debs | wc -l) packages"
 for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$pkgs"; done
 kver=${kernel_pkg#linux-image-}
 [ -f "$pkgs/boot/vmlinuz-$kver" ] || die "kernel package $kernel_pkg has no vmlinuz-$kver"
@@ -225,7 +226,10 @@ echo "$media_id" >"$iso/strata/media-id"
 sed -e "s/@TIMEOUT@/$grub_timeout/" -e "s/@VERSION@/$version/" "$here/grub/grub.cfg" \
   >"$iso/boot/grub/grub.cfg"
 rm -f "$out"
+step "grub-mkrescue"
 grub-mkrescue --compress=xz -o "$out" "$iso" -- -volid STRATA_INSTALL 2>"$work/grub-mkrescue.log" ||
   { cat "$work/grub-mkrescue.log" >&2; die "grub-mkrescue failed"; }
 size=$(stat -c %s "$out")
-echo "built $out: $((size / 1024 / 1024)) MiB ($size bytes), kernel $kver, strata $version, $(($(date +%s) - started)) s" >&2
+root_kib=$(du -sk "$rootfs" | cut -f1)
+echo "built $out: $((size / 1024 / 1024)) MiB ($size bytes), root file system $((root_kib / 1024)) MiB" \
+  "unpacked, kernel $kver, strata $version, $(($(date +%s) - started)) s" >&2

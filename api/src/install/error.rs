@@ -107,6 +107,9 @@ pub enum InstallError {
     /// Something expected did not show up in time (a partition device node).
     #[error("{0}")]
     Timeout(String),
+    /// `token-to=vfat:LABEL` but no FAT volume has that label.
+    #[error("No FAT volume labelled {0} is attached for the first API token (token-to=vfat:{0})")]
+    NoTokenVolume(String),
     /// The first API token could not be created.
     #[error("Creating the first API token: {0}")]
     Token(String),

@@ -52,11 +52,8 @@ pub fn create_first_token(data_dir: &Path, name: &str) -> InstallResult<String> 
 
 /// The device holding the FAT volume labelled `label` (busybox `findfs`).
 pub fn find_vfat(label: &str) -> InstallResult<PathBuf> {
-    let out = run("findfs", &[format!("LABEL={label}")]).map_err(|_| {
-        InstallError::NoDisk(format!(
-            "no FAT volume labelled {label} for the token (token-to=vfat:{label}); attach one"
-        ))
-    })?;
+    let out = run("findfs", &[format!("LABEL={label}")])
+        .map_err(|_| InstallError::NoTokenVolume(label.to_string()))?;
     Ok(PathBuf::from(out.trim()))
 }
 
