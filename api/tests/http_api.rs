@@ -210,3 +210,168 @@ fn concurrent_creates_and_removes_leave_consistent_state() {
         );
     }
 }
+
+#[test]
+fn the_embedded_default_serves_volumes_snapshots_and_clones() {
+    let srv = Server::start();
+    let c = srv.client();
+    let st = c.request("GET", "/api/storage", None).unwrap();
+    assert_eq!(st.status, 200, "{:?}", st.body);
+    assert_eq!(st.body[0]["group"]["name"], "strata", "{:?}", st.body);
+    assert_eq!(st.body[0]["pools"][0]["name"], "data");
+
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "vm-100-disk-0", "size": "1G", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["source"], "lv:strata/vm-100-disk-0");
+    // Overcommit is allowed: a volume far larger than the 4 GiB pool.
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "huge", "size": "1T", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes/strata/vm-100-disk-0/snapshot",
+            Some(&json!({"name": "snap1"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes/strata/snap1/clone",
+            Some(&json!({"name": "vm-101-disk-0"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes/strata/vm-101-disk-0/resize",
+            Some(&json!({"size": "2G"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["size"], 2u64 << 30);
+    let r = c.request("GET", "/api/volumes", None).unwrap();
+    let names: Vec<&str> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for n in ["vm-100-disk-0", "huge", "snap1", "vm-101-disk-0"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // Removing the origin leaves the snapshot and the clone.
+    assert_eq!(
+        c.request("DELETE", "/api/volumes/strata/vm-100-disk-0", None)
+            .unwrap()
+            .status,
+        204
+    );
+    assert_eq!(
+        c.request("GET", "/api/volumes/strata/snap1", None)
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        c.request("GET", "/api/volumes/strata/vm-100-disk-0", None)
+            .unwrap()
+            .status,
+        404
+    );
+    // Bad names and unknown groups.
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "../x", "size": "1G", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "nope", "name": "x", "size": "1G"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "snap1", "size": "1G", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 409, "{:?}", r.body);
+}
+
+#[test]
+fn concurrent_volume_creates_snapshots_and_removes_leave_consistent_metadata() {
+    let srv = Server::start();
+    let (url, token) = (srv.url.clone(), srv.token.clone());
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let c = strata_api::client::Client::new(&url, Some(token)).unwrap();
+                let name = format!("v{}", i % 7);
+                let r = c
+                    .request(
+                        "POST",
+                        "/api/volumes",
+                        Some(&json!({"vg": "strata", "name": name, "size": "64M", "pool": "data"})),
+                    )
+                    .unwrap();
+                assert!(r.status == 200 || r.status == 409, "create: {:?}", r.body);
+                let r = c
+                    .request(
+                        "POST",
+                        &format!("/api/volumes/strata/{name}/snapshot"),
+                        Some(&json!({"name": format!("s{i}")})),
+                    )
+                    .unwrap();
+                assert!(r.status == 200 || r.status == 404, "snapshot: {:?}", r.body);
+                if i % 3 == 0 {
+                    let r = c
+                        .request("DELETE", &format!("/api/volumes/strata/{name}"), None)
+                        .unwrap();
+                    assert!(r.status == 204 || r.status == 404, "remove: {:?}", r.body);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let c = srv.client();
+    let check = c
+        .request("POST", "/api/storage/strata/check", None)
+        .unwrap();
+    assert_eq!(check.status, 200, "{:?}", check.body);
+    assert_eq!(check.body["clean"], true, "{:?}", check.body);
+    let listed = c.request("GET", "/api/volumes", None).unwrap();
+    for v in listed.body.as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        assert_eq!(
+            c.request("GET", &format!("/api/volumes/strata/{name}"), None)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+}

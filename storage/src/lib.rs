@@ -19,11 +19,16 @@
 //! | thread-pool job and completion lists | a queue and its workers | one mutex each |
 //! | in-memory test devices | all their queues | a read-write lock on the bytes |
 
+pub mod bitmap;
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod ova;
+pub mod source;
 pub mod util;
+pub mod volume;
 
 #[cfg(feature = "test-utils")]
 pub mod conformance;

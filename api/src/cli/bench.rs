@@ -70,7 +70,7 @@ pub struct BenchArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
-    /// The image file.
+    /// The image file, or a logical volume as lv:VG/NAME.
     file: PathBuf,
 }
 
@@ -130,10 +130,27 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         cache: a.cache.into(),
         engine: a.engine.into(),
     };
-    let file = format::open_host_file(&a.file, &opts)?;
-    let engine = file.engine().name();
-    let direct_io = file.handle().is_direct();
-    let img = format::open_image_on(file, opts.format)?;
+    let spec = a.file.to_string_lossy();
+    let (img, engine, direct_io): (std::sync::Arc<dyn strata_storage::BlockDevice>, _, _) =
+        if spec.starts_with(strata_storage::source::LV_PREFIX) {
+            // A logical volume (`lv:VG/NAME`): its PVs use the chosen engine and cache mode.
+            let src = strata_storage::source::open_source(&spec, &opts, &super::data_dir())?;
+            let engine = strata_storage::io::engine::Engine::resolve(opts.engine)?.name();
+            (
+                src.device(),
+                engine,
+                opts.cache == strata_storage::io::file::CacheMode::None,
+            )
+        } else {
+            let file = format::open_host_file(&a.file, &opts)?;
+            let engine = file.engine().name();
+            let direct_io = file.handle().is_direct();
+            (
+                format::open_image_on(file, opts.format)? as _,
+                engine,
+                direct_io,
+            )
+        };
     let size = img.size();
     if (buf_size as u64) > size {
         bail!("Buffer size {buf_size} is larger than the image ({size} bytes)");

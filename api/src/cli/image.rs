@@ -21,6 +21,10 @@ pub enum ImageCommand {
     Info(InfoArgs),
     /// Measure I/O on an image, like `qemu-img bench`.
     Bench(BenchArgs),
+    /// Convert an image to another format, like `qemu-img convert`.
+    Convert(super::convert::ConvertArgs),
+    /// Import the disks of an OVA (or OVF folder) as images.
+    ImportOva(super::import_ova::ImportOvaArgs),
 }
 
 /// Image formats on the command line.
@@ -119,6 +123,8 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Create(a) => create(a),
         ImageCommand::Info(a) => info(a),
         ImageCommand::Bench(a) => super::bench::run(a),
+        ImageCommand::Convert(a) => super::convert::run(a),
+        ImageCommand::ImportOva(a) => super::import_ova::run(a),
     }
 }
 

@@ -3,9 +3,14 @@
 //! should hold.
 
 mod bench;
+mod convert;
 mod image;
+mod import_ova;
 mod install;
+mod lv;
+mod pv;
 mod serve;
+mod vg;
 
 use std::process::ExitCode;
 
@@ -36,13 +41,24 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
-    /// Serve the HTTP API.
+    /// Serve the HTTP API (setting up an empty data directory first).
     Serve(serve::ServeArgs),
+    /// Set up an empty data directory: default volume group, thin pool, first API token.
+    Init(serve::InitArgs),
     /// Install the Strata appliance onto a disk (run from the Strata ISO).
     Install(install::InstallArgs),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(serve::TokenCommand),
+    /// Physical volumes: create, list, remove.
+    #[command(subcommand)]
+    Pv(pv::PvCommand),
+    /// Volume groups: create, list, show, extend, reduce, remove, check.
+    #[command(subcommand)]
+    Vg(vg::VgCommand),
+    /// Logical volumes: linear, thin pools, thin volumes, snapshots, clones.
+    #[command(subcommand)]
+    Lv(lv::LvCommand),
 }
 
 /// Output format for commands that report.
@@ -73,13 +89,30 @@ pub fn init_logging(verbose: u8) {
         .init();
 }
 
+static DATA_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The data directory chosen on the command line (`--data`, `$STRATA_DATA`, or the default),
+/// for commands that reach volumes through a source name (`lv:VG/NAME`).
+pub fn data_dir() -> std::path::PathBuf {
+    DATA_DIR
+        .get()
+        .cloned()
+        .unwrap_or_else(|| strata_storage::volume::resolve_data_dir(None))
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let data = DataDir::resolve(cli.data.as_deref());
+    let data_path = strata_storage::volume::resolve_data_dir(cli.data.as_deref());
+    let _ = DATA_DIR.set(data_path.clone());
+    let data = DataDir::at(&data_path);
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Serve(a) => serve::serve(a, data),
+        Command::Init(a) => serve::init(a, data),
         Command::Token(cmd) => serve::token(cmd, data),
         Command::Install(a) => install::run(a),
+        Command::Pv(cmd) => pv::run(cmd, &data_path),
+        Command::Vg(cmd) => vg::run(cmd, &data_path),
+        Command::Lv(cmd) => lv::run(cmd, &data_path),
     }
 }

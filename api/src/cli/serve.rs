@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 
 use super::Output;
+use crate::service::bootstrap::{self, ApplianceConfig, BootstrapOptions};
 use crate::service::{DataDir, Service};
 
 #[derive(Debug, Args)]
@@ -14,6 +15,38 @@ pub struct ServeArgs {
     /// Address and port to listen on.
     #[arg(long, default_value = "127.0.0.1:8006")]
     listen: SocketAddr,
+    #[command(flatten)]
+    setup: SetupArgs,
+}
+
+/// How an empty data directory is set up (the embedded default).
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Device or partition for the default volume group (default: a sparse file in the data
+    /// directory).
+    #[arg(long, value_name = "DEVICE")]
+    pv: Option<std::path::PathBuf>,
+    /// Size of the sparse file backing the default volume group.
+    #[arg(long, default_value = "32G", value_name = "SIZE")]
+    pv_size: String,
+}
+
+impl SetupArgs {
+    fn options(&self) -> anyhow::Result<BootstrapOptions> {
+        Ok(BootstrapOptions {
+            pv: self.pv.clone(),
+            pv_file_size: strata_storage::util::parse_size(&self.pv_size)?,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    setup: SetupArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    output: Output,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,7 +72,41 @@ pub enum TokenCommand {
     },
 }
 
+/// Sets up the embedded default if needed and reports what was made.
+fn setup(data: &DataDir, args: &SetupArgs) -> anyhow::Result<ApplianceConfig> {
+    let (cfg, created) = bootstrap::ensure_default(data, &args.options()?)?;
+    if created {
+        if let (Some(vg), Some(pool), Some(pv)) =
+            (&cfg.volume_group, &cfg.thin_pool, &cfg.physical_volume)
+        {
+            println!("Set up volume group {vg} with thin pool {vg}/{pool} on {pv}");
+        }
+    }
+    Ok(cfg)
+}
+
+pub fn init(a: InitArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let cfg = setup(&data, &a.setup)?;
+    let svc = Service::open(data)?;
+    let token = if svc.tokens.is_empty()? {
+        Some(svc.tokens.create("admin")?.1)
+    } else {
+        None
+    };
+    match a.output {
+        Output::Json => println!("{}", serde_json::json!({"config": cfg, "token": token})),
+        Output::Human => {
+            if let Some(t) = token {
+                println!("Created the first API token (shown only now; keep it):");
+                println!("  {t}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    setup(&data, &a.setup)?;
     let svc = Arc::new(Service::open(data.clone())?);
     if svc.tokens.is_empty()? {
         let (_, token) = svc.tokens.create("admin")?;

@@ -9,6 +9,7 @@ mod error;
 mod images;
 pub mod openapi;
 mod system;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +70,7 @@ pub fn router(svc: Arc<Service>) -> Router {
     let protected = Router::new()
         .merge(system::routes())
         .merge(images::routes())
+        .merge(volumes::routes())
         .route("/api/openapi.json", get(openapi::serve))
         .route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
     Router::new()

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{images, system};
+use super::{images, system, volumes};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -14,6 +14,8 @@ use super::{images, system};
         system::list_tokens, system::create_token, system::revoke_token,
         system::list_jobs, system::job_status, system::cancel_job,
         images::list_images, images::create_image, images::image_info, images::remove_image,
+        volumes::storage, volumes::check_group, volumes::list_volumes, volumes::create_volume, volumes::volume_info,
+        volumes::remove_volume, volumes::resize_volume, volumes::snapshot_volume, volumes::clone_volume,
         serve,
     ),
     modifiers(&BearerAuth),

@@ -125,8 +125,11 @@ impl Service {
     /// Removes an image.
     pub fn remove_image(&self, name: &str) -> ServiceResult<()> {
         let path = self.existing_image(name)?;
-        std::fs::remove_file(&path)
-            .map_err(|e| ServiceError::internal(format!("Removing {}: {e}", path.display())))?;
+        std::fs::remove_file(&path).map_err(|e| match e.kind() {
+            // Another client removed it first.
+            std::io::ErrorKind::NotFound => ServiceError::NotFound(format!("Image {name}")),
+            _ => ServiceError::internal(format!("Removing {}: {e}", path.display())),
+        })?;
         strata_storage::format::raw::sync_parent_dir(&path)?;
         Ok(())
     }

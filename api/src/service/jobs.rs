@@ -98,6 +98,10 @@ impl Job {
     /// A snapshot of its status.
     pub fn status(&self) -> JobStatus {
         let end = self.end.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.status_with(end)
+    }
+
+    fn status_with(&self, end: Option<End>) -> JobStatus {
         let done = self.done.load(Ordering::Relaxed);
         let total = self.total.load(Ordering::Relaxed);
         let finished_ok = matches!(end.as_ref().map(|e| e.state), Some(JobState::Succeeded));
@@ -138,7 +142,8 @@ impl Job {
         self.status()
     }
 
-    fn finish(&self, outcome: ServiceResult<serde_json::Value>) {
+    /// Records the outcome (through `record`, before anyone waiting can see it) and wakes waiters.
+    fn finish(&self, outcome: ServiceResult<serde_json::Value>, record: impl FnOnce(&JobStatus)) {
         let end = match outcome {
             Ok(v) => End {
                 state: JobState::Succeeded,
@@ -159,6 +164,7 @@ impl Job {
                 error: Some(e.to_string()),
             },
         };
+        record(&self.status_with(Some(end.clone())));
         *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
         self.ended.notify_all();
     }
@@ -305,8 +311,7 @@ impl JobManager {
                 } else {
                     tracing::info!("succeeded");
                 }
-                ctx.job.finish(outcome);
-                manager.record(&ctx.job.status());
+                ctx.job.finish(outcome, |status| manager.record(status));
             })
             .map_err(|e| ServiceError::internal(format!("Starting a job thread: {e}")))?;
         Ok(job)

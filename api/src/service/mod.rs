@@ -19,11 +19,13 @@
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
 
+pub mod bootstrap;
 pub mod error;
 pub mod images;
 pub mod jobs;
 pub mod names;
 pub mod tokens;
+pub mod volumes;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,11 +45,9 @@ pub struct DataDir {
 impl DataDir {
     /// The data directory chosen by the flag, the environment or the default.
     pub fn resolve(flag: Option<&Path>) -> DataDir {
-        let root = flag
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("STRATA_DATA").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("/var/lib/strata"));
-        DataDir { root }
+        DataDir {
+            root: strata_storage::volume::resolve_data_dir(flag),
+        }
     }
 
     /// A data directory at `root`.
@@ -94,6 +94,8 @@ pub struct Service {
     pub tokens: tokens::TokenStore,
     /// Long-running operations.
     pub jobs: Arc<jobs::JobManager>,
+    /// Volume groups, opened on first use and kept open.
+    pub volumes: volumes::VolumeGroups,
 }
 
 impl Service {
@@ -103,6 +105,9 @@ impl Service {
         Ok(Service {
             tokens: tokens::TokenStore::open(data.tokens_file())?,
             jobs: Arc::new(jobs::JobManager::new(Some(data.jobs_dir()))),
+            volumes: volumes::VolumeGroups::new(strata_storage::volume::VolumeStore::new(
+                data.root(),
+            )),
             data,
         })
     }

@@ -36,6 +36,8 @@ impl Server {
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
+                "--pv-size",
+                "4G",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

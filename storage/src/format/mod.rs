@@ -7,6 +7,7 @@
 //! refused with an error naming it.
 
 pub mod raw;
+pub mod vmdk;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -157,15 +158,30 @@ pub fn open_host_file(path: &Path, opts: &OpenOptions) -> Result<Arc<FileDevice>
     )
 }
 
-/// Opens the image at `path`.
+/// Opens the image at `path`. Formats made of several files (vmdk descriptors with extent
+/// files, delta disks) find their other files relative to `path`, opened with the same options.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
     let file: SharedFile = open_host_file(path, opts)?;
-    open_image_on(file, opts.format)
+    open_image_with(file, Some(path), opts)
 }
 
-/// Opens an image stored in `file`, probing the format unless `format` is given.
+/// Opens an image stored in `file`, probing the format unless `format` is given. Without a
+/// path, images that refer to other files (split or flat vmdks, delta disks) are refused.
 pub fn open_image_on(file: SharedFile, format: Option<ImageFormat>) -> Result<Arc<dyn Image>> {
-    let format = match format {
+    let opts = OpenOptions {
+        format,
+        read_only: file.read_only(),
+        ..OpenOptions::default()
+    };
+    open_image_with(file, None, &opts)
+}
+
+fn open_image_with(
+    file: SharedFile,
+    path: Option<&Path>,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn Image>> {
+    let format = match opts.format {
         Some(f) => f,
         None => match probe(file.as_ref())? {
             Probed::Known(f) => f,
@@ -179,7 +195,8 @@ pub fn open_image_on(file: SharedFile, format: Option<ImageFormat>) -> Result<Ar
     };
     match format {
         ImageFormat::Raw => Ok(Arc::new(raw::RawImage::new(file))),
-        ImageFormat::Qcow2 | ImageFormat::Vmdk => Err(StorageError::Unsupported(format!(
+        ImageFormat::Vmdk => Ok(vmdk::open(file, path, opts)?),
+        ImageFormat::Qcow2 => Err(StorageError::Unsupported(format!(
             "{format} images are not implemented yet ({})",
             file.name()
         ))),
@@ -216,10 +233,26 @@ pub fn create_compressed(
     size: u64,
     options: &BTreeMap<String, String>,
 ) -> Result<Box<dyn CompressedWriter>> {
-    let _ = (path, size, options);
-    Err(StorageError::Unsupported(format!(
-        "writing compressed {format} images is not implemented yet"
-    )))
+    match format {
+        ImageFormat::Vmdk => {
+            let mut opts = options.clone();
+            let sub = opts
+                .entry("subformat".into())
+                .or_insert_with(|| "streamOptimized".into());
+            if !sub.eq_ignore_ascii_case("streamOptimized") {
+                return Err(StorageError::InvalidInput(format!(
+                    "Compressed vmdk images are streamOptimized, not {sub}"
+                )));
+            }
+            let opts = vmdk::create::VmdkCreateOptions::from_map(&opts)?;
+            Ok(Box::new(vmdk::stream::StreamWriter::create(
+                path, size, &opts,
+            )?))
+        }
+        _ => Err(StorageError::Unsupported(format!(
+            "writing compressed {format} images is not implemented yet"
+        ))),
+    }
 }
 
 /// Parses `-o key=value,key=value` into a map; an empty string gives an empty map.
@@ -251,7 +284,12 @@ pub fn create_image(
 ) -> Result<()> {
     match format {
         ImageFormat::Raw => raw::create(path, size, &raw::RawCreateOptions::from_map(options)?),
-        ImageFormat::Qcow2 | ImageFormat::Vmdk => Err(StorageError::Unsupported(format!(
+        ImageFormat::Vmdk => vmdk::create::create(
+            path,
+            size,
+            &vmdk::create::VmdkCreateOptions::from_map(options)?,
+        ),
+        ImageFormat::Qcow2 => Err(StorageError::Unsupported(format!(
             "creating {format} images is not implemented yet"
         ))),
     }

@@ -1,0 +1,143 @@
+//! Storage overview and logical volumes.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::{blocking, ApiJson, ApiResult};
+use crate::service::volumes::{
+    CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup, VolumeSummary,
+};
+use crate::service::Service;
+
+pub(super) fn routes() -> Router<Arc<Service>> {
+    Router::new()
+        .route("/api/storage", get(storage))
+        .route("/api/storage/{vg}/check", post(check_group))
+        .route("/api/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/api/volumes/{vg}/{name}",
+            get(volume_info).delete(remove_volume),
+        )
+        .route("/api/volumes/{vg}/{name}/resize", post(resize_volume))
+        .route("/api/volumes/{vg}/{name}/snapshot", post(snapshot_volume))
+        .route("/api/volumes/{vg}/{name}/clone", post(clone_volume))
+}
+
+/// Volume groups with their size, free space and thin pools' usage (overcommit).
+#[utoipa::path(get, path = "/api/storage", tag = "storage",
+    responses((status = 200, body = Vec<StorageGroup>), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn storage(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<StorageGroup>>> {
+    Ok(Json(blocking(&svc, |s| s.storage_overview()).await?))
+}
+
+/// Check a volume group's metadata and pools: no block leaked or owned twice.
+#[utoipa::path(post, path = "/api/storage/{vg}/check", tag = "storage",
+    params(("vg" = String, Path, description = "Volume group")),
+    responses((status = 200, body = GroupCheck), (status = 401, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody)))]
+pub(super) async fn check_group(
+    State(svc): State<Arc<Service>>,
+    Path(vg): Path<String>,
+) -> ApiResult<Json<GroupCheck>> {
+    Ok(Json(blocking(&svc, move |s| s.check_group(&vg)).await?))
+}
+
+/// List volumes (linear, thin, snapshots, clones).
+#[utoipa::path(get, path = "/api/volumes", tag = "volumes",
+    responses((status = 200, body = Vec<VolumeSummary>), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn list_volumes(
+    State(svc): State<Arc<Service>>,
+) -> ApiResult<Json<Vec<VolumeSummary>>> {
+    Ok(Json(blocking(&svc, |s| s.list_volumes()).await?))
+}
+
+/// Create a linear volume, or a thin volume in a pool.
+#[utoipa::path(post, path = "/api/volumes", tag = "volumes", request_body = CreateVolume,
+    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody), (status = 507, body = super::ErrorBody)))]
+pub(super) async fn create_volume(
+    State(svc): State<Arc<Service>>,
+    ApiJson(req): ApiJson<CreateVolume>,
+) -> ApiResult<Json<VolumeSummary>> {
+    Ok(Json(blocking(&svc, move |s| s.create_volume(&req)).await?))
+}
+
+/// One volume.
+#[utoipa::path(get, path = "/api/volumes/{vg}/{name}", tag = "volumes",
+    params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
+    responses((status = 200, body = VolumeSummary), (status = 401, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody)))]
+pub(super) async fn volume_info(
+    State(svc): State<Arc<Service>>,
+    Path((vg, name)): Path<(String, String)>,
+) -> ApiResult<Json<VolumeSummary>> {
+    Ok(Json(
+        blocking(&svc, move |s| s.volume_info(&vg, &name)).await?,
+    ))
+}
+
+/// Remove a volume; its snapshots and clones stay intact.
+#[utoipa::path(delete, path = "/api/volumes/{vg}/{name}", tag = "volumes",
+    params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
+    responses((status = 204, description = "Removed"), (status = 401, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
+pub(super) async fn remove_volume(
+    State(svc): State<Arc<Service>>,
+    Path((vg, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    blocking(&svc, move |s| s.remove_volume(&vg, &name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Change a volume's size.
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/resize", tag = "volumes", request_body = ResizeVolume,
+    params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
+    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 507, body = super::ErrorBody)))]
+pub(super) async fn resize_volume(
+    State(svc): State<Arc<Service>>,
+    Path((vg, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ResizeVolume>,
+) -> ApiResult<Json<VolumeSummary>> {
+    Ok(Json(
+        blocking(&svc, move |s| s.resize_volume(&vg, &name, &req)).await?,
+    ))
+}
+
+/// Take a read-only snapshot of a thin volume (O(1)).
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/snapshot", tag = "volumes", request_body = NewName,
+    params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
+    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody)))]
+pub(super) async fn snapshot_volume(
+    State(svc): State<Arc<Service>>,
+    Path((vg, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<NewName>,
+) -> ApiResult<Json<VolumeSummary>> {
+    Ok(Json(
+        blocking(&svc, move |s| s.snapshot_volume(&vg, &name, &req)).await?,
+    ))
+}
+
+/// Make a writable linked clone of a snapshot or template (O(1)).
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/clone", tag = "volumes", request_body = NewName,
+    params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Snapshot or template")),
+    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody)))]
+pub(super) async fn clone_volume(
+    State(svc): State<Arc<Service>>,
+    Path((vg, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<NewName>,
+) -> ApiResult<Json<VolumeSummary>> {
+    Ok(Json(
+        blocking(&svc, move |s| s.clone_volume(&vg, &name, &req)).await?,
+    ))
+}

@@ -1,0 +1,250 @@
+//! Volume groups and logical volumes, as the API offers them.
+//!
+//! The server keeps each volume group it touches open (and so locked against other processes,
+//! like LVM) for its lifetime: volumes in use by VMs and jobs stay valid, and the `strata lv`
+//! CLI pointed at the same data directory gets a clear "busy" error and should use `--remote`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use strata_storage::source::{SourceSpec, LV_PREFIX};
+use strata_storage::util::parse_size;
+use strata_storage::volume::{LvType, Vg, VolumeStore};
+use strata_storage::BlockDevice;
+use utoipa::ToSchema;
+
+use super::{Service, ServiceError, ServiceResult};
+
+/// Open volume groups of the server.
+#[derive(Debug)]
+pub struct VolumeGroups {
+    store: VolumeStore,
+    open: Mutex<BTreeMap<String, Arc<Vg>>>,
+}
+
+impl VolumeGroups {
+    /// Volume groups of the data directory `store` works on.
+    pub fn new(store: VolumeStore) -> VolumeGroups {
+        VolumeGroups {
+            store,
+            open: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The group `name`, opened (exclusively) on first use.
+    pub fn get(&self, name: &str) -> ServiceResult<Arc<Vg>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(vg) = open.get(name) {
+            return Ok(vg.clone());
+        }
+        let vg = Arc::new(self.store.open_vg(name, false)?);
+        open.insert(name.to_string(), vg.clone());
+        Ok(vg)
+    }
+
+    /// Names of all groups in the data directory.
+    pub fn names(&self) -> ServiceResult<Vec<String>> {
+        Ok(self.store.vg_list()?.into_iter().map(|g| g.name).collect())
+    }
+}
+
+/// A volume group with its pools' usage, for `GET /api/storage`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StorageGroup {
+    /// Group facts: name, size, free bytes, extent size, PVs.
+    #[schema(value_type = Object)]
+    pub group: strata_storage::volume::VgInfo,
+    /// Thin pools: virtual total vs pool size vs used (overcommit).
+    #[schema(value_type = Vec<Object>)]
+    pub pools: Vec<strata_storage::volume::LvInfo>,
+}
+
+/// The result of checking a group.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupCheck {
+    /// No errors found.
+    pub clean: bool,
+    /// Errors, warnings and per-pool findings.
+    #[schema(value_type = Object)]
+    pub check: strata_storage::volume::VgCheck,
+}
+
+/// A request to create a volume.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateVolume {
+    /// Volume group.
+    pub vg: String,
+    /// Name of the new volume.
+    pub name: String,
+    /// Virtual size ("10G").
+    pub size: String,
+    /// A thin pool in the same group for a thin volume; none: a linear (thick) volume.
+    pub pool: Option<String>,
+}
+
+/// A new size.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ResizeVolume {
+    /// New virtual size ("20G").
+    pub size: String,
+}
+
+/// A name for a snapshot or clone.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct NewName {
+    /// Name of the new volume.
+    pub name: String,
+}
+
+/// A volume as listed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VolumeSummary {
+    /// Facts: name, group, type, size, pool, origin, template, mapped bytes.
+    #[schema(value_type = Object)]
+    #[serde(flatten)]
+    pub info: strata_storage::volume::LvInfo,
+    /// The source name other operations take: `lv:VG/NAME`.
+    pub source: String,
+}
+
+fn summary(info: strata_storage::volume::LvInfo) -> VolumeSummary {
+    let source = format!("{LV_PREFIX}{}/{}", info.vg, info.name);
+    VolumeSummary { info, source }
+}
+
+impl Service {
+    /// Groups and pools.
+    pub fn storage_overview(&self) -> ServiceResult<Vec<StorageGroup>> {
+        let mut out = Vec::new();
+        for name in self.volumes.names()? {
+            let vg = self.volumes.get(&name)?;
+            let pools = vg
+                .list_lvs()?
+                .into_iter()
+                .filter(|l| l.kind == LvType::ThinPool)
+                .collect();
+            out.push(StorageGroup {
+                group: vg.info(),
+                pools,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks a group's metadata and its pools (leaked or doubly owned blocks).
+    pub fn check_group(&self, vg: &str) -> ServiceResult<GroupCheck> {
+        let g = self.volumes.get(vg)?;
+        let check = g.check()?;
+        Ok(GroupCheck {
+            clean: check.is_clean(),
+            check,
+        })
+    }
+
+    /// Every volume in every group.
+    pub fn list_volumes(&self) -> ServiceResult<Vec<VolumeSummary>> {
+        let mut out = Vec::new();
+        for name in self.volumes.names()? {
+            let vg = self.volumes.get(&name)?;
+            out.extend(
+                vg.list_lvs()?
+                    .into_iter()
+                    .filter(|l| l.kind != LvType::ThinPool)
+                    .map(summary),
+            );
+        }
+        Ok(out)
+    }
+
+    /// One volume.
+    pub fn volume_info(&self, vg: &str, name: &str) -> ServiceResult<VolumeSummary> {
+        let g = self.volumes.get(vg)?;
+        Ok(summary(g.lv_info(name)?))
+    }
+
+    /// Creates a linear or thin volume.
+    pub fn create_volume(&self, req: &CreateVolume) -> ServiceResult<VolumeSummary> {
+        let size = parse_size(&req.size)?;
+        let g = self.volumes.get(&req.vg)?;
+        match &req.pool {
+            Some(pool) => g.create_thin(pool, &req.name, size)?,
+            None => g.create_linear(&req.name, size, &[])?,
+        }
+        self.volume_info(&req.vg, &req.name)
+    }
+
+    /// Changes a volume's size.
+    pub fn resize_volume(
+        &self,
+        vg: &str,
+        name: &str,
+        req: &ResizeVolume,
+    ) -> ServiceResult<VolumeSummary> {
+        let size = parse_size(&req.size)?;
+        let g = self.volumes.get(vg)?;
+        g.resize_lv(name, size)?;
+        self.volume_info(vg, name)
+    }
+
+    /// Takes a read-only snapshot of a thin volume.
+    pub fn snapshot_volume(
+        &self,
+        vg: &str,
+        name: &str,
+        req: &NewName,
+    ) -> ServiceResult<VolumeSummary> {
+        let g = self.volumes.get(vg)?;
+        g.snapshot(name, &req.name)?;
+        self.volume_info(vg, &req.name)
+    }
+
+    /// Makes a writable linked clone of a snapshot or template.
+    pub fn clone_volume(
+        &self,
+        vg: &str,
+        name: &str,
+        req: &NewName,
+    ) -> ServiceResult<VolumeSummary> {
+        let g = self.volumes.get(vg)?;
+        g.clone_lv(name, &req.name)?;
+        self.volume_info(vg, &req.name)
+    }
+
+    /// Removes a volume (its snapshots and clones stay).
+    pub fn remove_volume(&self, vg: &str, name: &str) -> ServiceResult<()> {
+        let g = self.volumes.get(vg)?;
+        g.remove_lv(name)?;
+        Ok(())
+    }
+
+    /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in
+    /// the image folder, or an absolute path on the server.
+    pub fn open_source(&self, spec: &str, read_only: bool) -> ServiceResult<Arc<dyn BlockDevice>> {
+        if let Some(name) = spec.strip_prefix("image:") {
+            let path = self.image_path(name)?;
+            let opts = strata_storage::format::OpenOptions {
+                read_only,
+                ..Default::default()
+            };
+            return Ok(strata_storage::format::open_image(&path, &opts)?);
+        }
+        match SourceSpec::parse(spec)? {
+            SourceSpec::Volume { vg, lv } => {
+                let g = self.volumes.get(&vg)?;
+                Ok(g.open_lv(&lv, read_only)?)
+            }
+            SourceSpec::Path(p) if p.is_absolute() => {
+                let opts = strata_storage::format::OpenOptions {
+                    read_only,
+                    ..Default::default()
+                };
+                Ok(strata_storage::format::open_image(&p, &opts)?)
+            }
+            SourceSpec::Path(p) => Err(ServiceError::BadRequest(format!(
+                "Source {:?} must be lv:VG/NAME, image:NAME or an absolute path on the server",
+                p.display()
+            ))),
+        }
+    }
+}

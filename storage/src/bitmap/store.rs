@@ -1,0 +1,527 @@
+//! The dirty bitmaps of one device and their persistence in a sidecar file.
+//!
+//! The file is rewritten whole and replaced atomically (temporary file, fsync, rename, fsync of
+//! the directory). While the device is open for writing, the file carries an *in use* flag,
+//! written before the first write is accepted; a clean close saves the bits and clears it. A
+//! file found with the flag set was not closed cleanly, so every bitmap in it may be missing
+//! changes: all are marked invalid, and a backup from one falls back to reading everything.
+//!
+//! Layout (little-endian; see docs/format-volume.md):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `STRATABM` |
+//! | 8 | 4 | version (1) |
+//! | 12 | 4 | crc32 of the 4096-byte header with this field zeroed |
+//! | 16 | 8 | flags: bit 0 in use |
+//! | 24 | 8 | device size in bytes |
+//! | 32 | 4 | number of bitmaps (at most 31) |
+//! | 40 | 128 × n | entries |
+//!
+//! Entry: name (64 bytes, UTF-8, zero padded), name length (1), flags (1; bit 0 valid), 2
+//! reserved, crc32 of the bit words (4), granularity (8), offset of the words in the file (8),
+//! length of the words in bytes (8), dirty bit count (8), 24 reserved. The words follow the
+//! header, each bitmap's at a 4096-aligned offset, as little-endian u64s (bit `i` of word `w` is
+//! chunk `64 w + i`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use serde::Serialize;
+
+use crate::bitmap::bits::{ranges, Bits};
+use crate::error::{Result, StorageError};
+use crate::volume::codec::{get_u32, get_u64, put_u32, put_u64, seal, sealed};
+use crate::volume::devices::write_atomically;
+use crate::volume::name::{check_name, NameKind};
+
+const MAGIC: &[u8; 8] = b"STRATABM";
+const VERSION: u32 = 1;
+const HEADER: usize = 4096;
+const ENTRY: usize = 128;
+const ENTRIES_AT: usize = 40;
+/// Most bitmaps per device.
+pub const MAX_BITMAPS: usize = (HEADER - ENTRIES_AT) / ENTRY;
+const FLAG_IN_USE: u64 = 1;
+const ENTRY_VALID: u8 = 1;
+const NAME_MAX: usize = 64;
+
+/// One named bitmap.
+#[derive(Debug)]
+pub struct Bitmap {
+    name: String,
+    bits: Bits,
+    /// Whether the bits are known to hold every change since the bitmap was created, cleared
+    /// or last taken.
+    valid: AtomicBool,
+}
+
+/// Facts about a bitmap, for listings.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct BitmapInfo {
+    /// Name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Whether it holds every change (false after an unclean stop).
+    pub valid: bool,
+    /// Dirty bytes (dirty bits times the granularity, clipped to the device).
+    pub dirty_bytes: u64,
+}
+
+/// A bitmap's contents taken for a backup: its dirty ranges at the moment of the take, and
+/// whether they can be trusted. The live bitmap restarts empty (and valid) at that moment.
+#[derive(Clone, Debug)]
+pub struct TakenBitmap {
+    /// Name of the bitmap it was taken from.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Device size at the take.
+    pub size: u64,
+    /// False if changes may be missing: back up everything instead.
+    pub valid: bool,
+    words: Vec<u64>,
+}
+
+impl TakenBitmap {
+    /// Dirty byte ranges `(offset, len)`, merged and in order.
+    pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
+        ranges(&self.words, self.granularity, self.size)
+    }
+
+    /// Dirty bytes.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_ranges().iter().map(|r| r.1).sum()
+    }
+}
+
+impl Bitmap {
+    fn info(&self) -> BitmapInfo {
+        let size = self.bits.size();
+        BitmapInfo {
+            name: self.name.clone(),
+            granularity: self.bits.granularity(),
+            valid: self.valid.load(Ordering::Acquire),
+            dirty_bytes: ranges(&self.bits.words(), self.bits.granularity(), size)
+                .iter()
+                .map(|r| r.1)
+                .sum(),
+        }
+    }
+}
+
+/// The bitmaps of one device. See the module documentation.
+#[derive(Debug)]
+pub struct BitmapSet {
+    path: PathBuf,
+    bitmaps: RwLock<Vec<Arc<Bitmap>>>,
+    /// Writers tracking changes: while there are any, the file says "in use".
+    writers: Mutex<usize>,
+    size: Mutex<u64>,
+    /// Serialises saves.
+    save: Mutex<()>,
+}
+
+fn corrupt(path: &Path, detail: impl Into<String>) -> StorageError {
+    StorageError::corrupt(format!("bitmap file {}", path.display()), detail)
+}
+
+impl BitmapSet {
+    /// Opens the bitmaps of a device of `size` bytes stored at `path` (none if the file does
+    /// not exist).
+    pub fn open(path: &Path, size: u64) -> Result<BitmapSet> {
+        let (bitmaps, was_in_use) = match std::fs::read(path) {
+            Ok(bytes) => decode(path, &bytes, size)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), false),
+            Err(e) => return Err(StorageError::io(format!("Reading {}", path.display()), e)),
+        };
+        if was_in_use && !bitmaps.is_empty() {
+            tracing::warn!(file = %path.display(), "the device was not closed cleanly: its dirty bitmaps are now invalid");
+            for b in &bitmaps {
+                b.valid.store(false, Ordering::Release);
+            }
+        }
+        let set = BitmapSet {
+            path: path.to_path_buf(),
+            bitmaps: RwLock::new(bitmaps.into_iter().map(Arc::new).collect()),
+            writers: Mutex::new(0),
+            size: Mutex::new(size),
+            save: Mutex::new(()),
+        };
+        if was_in_use {
+            set.save()?;
+        }
+        Ok(set)
+    }
+
+    fn writers(&self) -> MutexGuard<'_, usize> {
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A writer starts tracking: the file is marked in use before this returns, so that a
+    /// crash from here on invalidates the bitmaps.
+    pub fn begin_tracking(&self) -> Result<()> {
+        let mut w = self.writers();
+        *w += 1;
+        if *w == 1 {
+            if let Err(e) = self.write(true) {
+                *w -= 1;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A writer stops tracking; when the last one stops, the bits are saved as complete.
+    pub fn end_tracking(&self) -> Result<()> {
+        let mut w = self.writers();
+        *w = w.saturating_sub(1);
+        if *w == 0 {
+            self.write(false)?;
+        }
+        Ok(())
+    }
+
+    /// Where the bitmaps are stored.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn list(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Bitmap>>> {
+        self.bitmaps.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn size(&self) -> MutexGuard<'_, u64> {
+        self.size.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether there are any bitmaps.
+    pub fn is_empty(&self) -> bool {
+        self.list().is_empty()
+    }
+
+    /// Marks `len` bytes at `offset` dirty in every bitmap.
+    pub fn mark(&self, offset: u64, len: u64) {
+        for b in self.list().iter() {
+            b.bits.mark(offset, len);
+        }
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<Bitmap>> {
+        self.list()
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .ok_or_else(|| StorageError::NotFound(PathBuf::from(format!("bitmap {name}"))))
+    }
+
+    /// The bitmaps.
+    pub fn infos(&self) -> Vec<BitmapInfo> {
+        self.list().iter().map(|b| b.info()).collect()
+    }
+
+    /// One bitmap's facts.
+    pub fn info(&self, name: &str) -> Result<BitmapInfo> {
+        Ok(self.find(name)?.info())
+    }
+
+    /// The dirty ranges of a bitmap now (without clearing it), and whether it is valid.
+    pub fn dirty_ranges(&self, name: &str) -> Result<(Vec<(u64, u64)>, bool)> {
+        let b = self.find(name)?;
+        Ok((
+            ranges(&b.bits.words(), b.bits.granularity(), b.bits.size()),
+            b.valid.load(Ordering::Acquire),
+        ))
+    }
+
+    /// Adds an empty, valid bitmap. A bitmap added to a device that is not open for writing is
+    /// still valid: nothing can have changed the device meanwhile except through a tracked open.
+    pub fn add(&self, name: &str, granularity: u64) -> Result<()> {
+        check_name(name, NameKind::Bitmap)?;
+        if name.len() > NAME_MAX {
+            return Err(StorageError::InvalidInput(format!(
+                "Bitmap name '{name}' is longer than {NAME_MAX} bytes"
+            )));
+        }
+        let size = *self.size();
+        let bits = Bits::new(size, granularity)?;
+        {
+            let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+            if list.iter().any(|b| b.name == name) {
+                return Err(StorageError::AlreadyExists(format!("bitmap {name}")));
+            }
+            if list.len() >= MAX_BITMAPS {
+                return Err(StorageError::OutOfSpace(format!(
+                    "a device holds at most {MAX_BITMAPS} bitmaps"
+                )));
+            }
+            list.push(Arc::new(Bitmap {
+                name: name.to_string(),
+                bits,
+                valid: AtomicBool::new(true),
+            }));
+        }
+        self.save()
+    }
+
+    /// Deletes a bitmap.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        {
+            let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+            let before = list.len();
+            list.retain(|b| b.name != name);
+            if list.len() == before {
+                return Err(StorageError::NotFound(PathBuf::from(format!(
+                    "bitmap {name}"
+                ))));
+            }
+        }
+        self.save()
+    }
+
+    /// Clears a bitmap; it is valid from now on.
+    pub fn clear(&self, name: &str) -> Result<()> {
+        let b = self.find(name)?;
+        b.bits.clear();
+        b.valid.store(true, Ordering::Release);
+        self.save()
+    }
+
+    /// Sets every bit of `source` in `target` too. An invalid source makes the target invalid.
+    pub fn merge(&self, source: &str, target: &str) -> Result<()> {
+        let (s, t) = (self.find(source)?, self.find(target)?);
+        if s.bits.granularity() != t.bits.granularity() {
+            return Err(StorageError::InvalidInput(format!(
+                "bitmaps {source} and {target} have different granularities ({} and {})",
+                s.bits.granularity(),
+                t.bits.granularity()
+            )));
+        }
+        t.bits.or_words(&s.bits.words());
+        if !s.valid.load(Ordering::Acquire) {
+            t.valid.store(false, Ordering::Release);
+        }
+        self.save()
+    }
+
+    /// Takes a bitmap for a backup: returns its bits and validity and restarts it empty and
+    /// valid, atomically with respect to writes completing meanwhile. Take it *before*
+    /// snapshotting the device for the backup, so that a write between the two is in the next
+    /// bitmap (copied twice at worst), never in neither.
+    pub fn take(&self, name: &str) -> Result<TakenBitmap> {
+        let b = self.find(name)?;
+        let size = b.bits.size();
+        let valid = b.valid.swap(true, Ordering::AcqRel);
+        let words = b.bits.take();
+        self.save()?;
+        Ok(TakenBitmap {
+            name: name.to_string(),
+            granularity: b.bits.granularity(),
+            size,
+            valid,
+            words,
+        })
+    }
+
+    /// Puts a taken bitmap back after a failed backup: its bits are merged into the live one,
+    /// which becomes invalid if the taken one was.
+    pub fn restore(&self, taken: &TakenBitmap) -> Result<()> {
+        let b = self.find(&taken.name)?;
+        if b.bits.granularity() != taken.granularity {
+            return Err(StorageError::InvalidInput(
+                "the taken bitmap has another granularity".into(),
+            ));
+        }
+        b.bits.or_words(&taken.words);
+        if !taken.valid {
+            b.valid.store(false, Ordering::Release);
+        }
+        self.save()
+    }
+
+    /// Follows a resize of the device (a grown part is dirty).
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        for b in self.list().iter() {
+            b.bits.resize(new_size)?;
+        }
+        *self.size() = new_size;
+        self.save()
+    }
+
+    /// Saves the bitmaps (still marked in use while writers track).
+    pub fn save(&self) -> Result<()> {
+        let in_use = *self.writers() > 0;
+        self.write(in_use)
+    }
+
+    fn write(&self, in_use: bool) -> Result<()> {
+        let _serial = self.save.lock().unwrap_or_else(|p| p.into_inner());
+        let list: Vec<Arc<Bitmap>> = self.list().clone();
+        if list.is_empty() && !self.path.exists() {
+            return Ok(());
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StorageError::io(format!("Creating {}", dir.display()), e))?;
+        }
+        let size = *self.size();
+        let mut header = vec![0u8; HEADER];
+        header[0..8].copy_from_slice(MAGIC);
+        put_u32(&mut header, 8, VERSION);
+        put_u64(&mut header, 16, if in_use { FLAG_IN_USE } else { 0 });
+        put_u64(&mut header, 24, size);
+        put_u32(&mut header, 32, list.len() as u32);
+        let mut body = Vec::new();
+        for (i, b) in list.iter().enumerate() {
+            let words = b.bits.words();
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let offset = HEADER + body.len();
+            let at = ENTRIES_AT + i * ENTRY;
+            let name = b.name.as_bytes();
+            header[at..at + name.len()].copy_from_slice(name);
+            header[at + 64] = name.len() as u8;
+            header[at + 65] = if b.valid.load(Ordering::Acquire) {
+                ENTRY_VALID
+            } else {
+                0
+            };
+            put_u32(&mut header, at + 68, crc32fast::hash(&bytes));
+            put_u64(&mut header, at + 72, b.bits.granularity());
+            put_u64(&mut header, at + 80, offset as u64);
+            put_u64(&mut header, at + 88, bytes.len() as u64);
+            put_u64(&mut header, at + 96, b.bits.count());
+            body.extend_from_slice(&bytes);
+            body.resize(body.len().div_ceil(4096) * 4096, 0);
+        }
+        seal(&mut header, 12);
+        header.extend_from_slice(&body);
+        write_atomically(&self.path, &header)
+    }
+
+    /// Deletes the file of a device's bitmaps (the device was removed).
+    pub fn delete_file(path: &Path) -> Result<()> {
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io(format!("Removing {}", path.display()), e)),
+        }
+    }
+}
+
+/// Decodes a bitmap file; returns the bitmaps and whether it was marked in use.
+fn decode(path: &Path, b: &[u8], size: u64) -> Result<(Vec<Bitmap>, bool)> {
+    if b.len() < HEADER || &b[0..8] != MAGIC {
+        return Err(corrupt(path, "not a bitmap file"));
+    }
+    if !sealed(&b[..HEADER], 12) {
+        return Err(corrupt(path, "header checksum mismatch"));
+    }
+    let version = get_u32(b, 8);
+    if version != VERSION {
+        return Err(StorageError::Unsupported(format!(
+            "bitmap file version {version} ({})",
+            path.display()
+        )));
+    }
+    let in_use = get_u64(b, 16) & FLAG_IN_USE != 0;
+    let saved_size = get_u64(b, 24);
+    let n = get_u32(b, 32) as usize;
+    if n > MAX_BITMAPS {
+        return Err(corrupt(path, format!("{n} bitmaps")));
+    }
+    let mut out = Vec::new();
+    for i in 0..n {
+        let at = ENTRIES_AT + i * ENTRY;
+        let len = b[at + 64] as usize;
+        let name = std::str::from_utf8(&b[at..at + len.min(NAME_MAX)])
+            .map_err(|_| corrupt(path, format!("bitmap {i} has a name that is not UTF-8")))?
+            .to_string();
+        check_name(&name, NameKind::Bitmap).map_err(|e| corrupt(path, e.to_string()))?;
+        let granularity = get_u64(b, at + 72);
+        let (offset, bytes) = (get_u64(b, at + 80) as usize, get_u64(b, at + 88) as usize);
+        let words = b
+            .get(offset..offset.saturating_add(bytes))
+            .filter(|w| w.len() % 8 == 0)
+            .ok_or_else(|| corrupt(path, format!("bitmap {name} points outside the file")))?;
+        if crc32fast::hash(words) != get_u32(b, at + 68) {
+            return Err(corrupt(path, format!("bitmap {name}: checksum mismatch")));
+        }
+        let words: Vec<u64> = words.chunks(8).map(|c| get_u64(c, 0)).collect();
+        let bits = Bits::from_words(saved_size, granularity, &words)
+            .map_err(|e| corrupt(path, e.to_string()))?;
+        if saved_size != size {
+            // The device was resized while closed (a grown part is marked dirty).
+            bits.resize(size)?;
+        }
+        out.push(Bitmap {
+            name,
+            bits,
+            valid: AtomicBool::new(b[at + 65] & ENTRY_VALID != 0),
+        });
+    }
+    Ok((out, in_use))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_persist_across_a_clean_close_and_are_invalid_after_an_unclean_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.bitmaps");
+        {
+            let s = BitmapSet::open(&p, 1 << 20).unwrap();
+            s.begin_tracking().unwrap();
+            s.add("b0", 65536).unwrap();
+            s.mark(70_000, 10);
+            s.end_tracking().unwrap();
+        }
+        {
+            let s = BitmapSet::open(&p, 1 << 20).unwrap();
+            s.begin_tracking().unwrap();
+            assert_eq!(s.dirty_ranges("b0").unwrap(), (vec![(65536, 65536)], true));
+            s.mark(0, 1);
+            // A crash: tracking never ends.
+        }
+        let s = BitmapSet::open(&p, 1 << 20).unwrap();
+        let (r, valid) = s.dirty_ranges("b0").unwrap();
+        assert!(
+            !valid,
+            "after an unclean stop the bitmap must not be trusted"
+        );
+        assert_eq!(
+            r,
+            vec![(65536, 65536)],
+            "bits saved at the last clean close are kept"
+        );
+        // A take hands out the invalid state and restarts valid.
+        let t = s.take("b0").unwrap();
+        assert!(!t.valid);
+        assert!(s.info("b0").unwrap().valid);
+        s.restore(&t).unwrap();
+        assert!(!s.info("b0").unwrap().valid);
+    }
+
+    #[test]
+    fn damaged_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.bitmaps");
+        {
+            let s = BitmapSet::open(&p, 1 << 20).unwrap();
+            s.add("b0", 65536).unwrap();
+        }
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[HEADER] ^= 1;
+        std::fs::write(&p, &bytes).unwrap();
+        assert!(matches!(
+            BitmapSet::open(&p, 1 << 20),
+            Err(StorageError::Corrupt { .. })
+        ));
+        std::fs::write(&p, b"short").unwrap();
+        assert!(BitmapSet::open(&p, 1 << 20).is_err());
+    }
+}
