@@ -13,8 +13,9 @@
 //! 3. reads the token from the FAT volume on the host (mtools);
 //! 4. boots the installed disk alone by BIOS (SeaBIOS), with the guest's port 8006 forwarded
 //!    to a loopback port, and waits for `GET /api/health`; then checks that the token is
-//!    accepted and a wrong or missing token refused;
-//! 5. boots the disk alone again by UEFI and checks the API once more;
+//!    accepted and a wrong or missing token refused, that the default volume group and thin
+//!    pool are on the disk's PV partition, and creates a thin volume;
+//! 5. boots the disk alone again by UEFI, checks the API once more and finds the volume;
 //! 6. runs the installer interactively on the serial console (typing the answers) over the
 //!    installed disk and a 2 GiB disk: it must refuse the small disk and the disk holding
 //!    Strata until told to wipe it, then reinstall.
@@ -303,16 +304,25 @@ impl Drop for Guest {
     }
 }
 
-/// A plain HTTP/1.1 GET; returns the status code and body.
-fn http_get(port: u16, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+/// A plain HTTP/1.1 request with an optional JSON body; returns the status code and body.
+fn http(
+    method: &str,
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let body = body.unwrap_or("");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut response = String::new();
     s.read_to_string(&mut response)?;
@@ -326,6 +336,10 @@ fn http_get(port: u16, path: &str, token: Option<&str>) -> Result<(u16, String)>
         .map(|(_, b)| b)
         .unwrap_or("");
     Ok((status, body.to_string()))
+}
+
+fn http_get(port: u16, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    http("GET", port, path, token, None)
 }
 
 /// QEMU arguments for the ISO as a CD and `disks` as virtio disks, exiting on reboot.
@@ -343,13 +357,15 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Boots the installed disk alone and waits for the API; checks the token. Returns the
-/// seconds from power-on to the first answer of `GET /api/health`.
+/// Boots the installed disk alone and waits for the API; checks the token and the default
+/// storage, and makes (`first_boot`) or finds a thin volume. Returns the seconds from power-on
+/// to the first answer of `GET /api/health`.
 fn boot_installed(
     name: &'static str,
     disk: &Path,
     firmware: &[String],
     token: &str,
+    first_boot: bool,
 ) -> Result<f64> {
     let port = free_port()?;
     let mut args = firmware.to_vec();
@@ -389,6 +405,30 @@ fn boot_installed(
         guest.console().contains("the API listens on 0.0.0.0:8006"),
         "{name}: the boot scripts did not report the API address"
     );
+    // The installer's default storage: group strata on the PV partition, pool strata/data.
+    let (status, body) = http_get(port, "/api/storage", Some(token))?;
+    ensure!(status == 200, "{name}: storage overview {status}: {body}");
+    ensure!(
+        body.contains("\"name\":\"strata\"")
+            && body.contains("\"name\":\"data\"")
+            && body.contains("/dev/vda4"),
+        "{name}: no default group and pool on /dev/vda4: {body}"
+    );
+    // A thin volume made on the first boot is there on the next.
+    if first_boot {
+        let request = r#"{"vg":"strata","name":"kept","size":"1G","pool":"data"}"#;
+        let (status, body) = http("POST", port, "/api/volumes", Some(token), Some(request))?;
+        ensure!(
+            status == 200,
+            "{name}: creating a thin volume: {status}: {body}"
+        );
+    } else {
+        let (status, body) = http_get(port, "/api/volumes/strata/kept", Some(token))?;
+        ensure!(
+            status == 200,
+            "{name}: the volume made on the first boot: {status}: {body}"
+        );
+    }
     Ok(boot_to_api)
 }
 
@@ -504,8 +544,8 @@ fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
     );
 
     // 4. and 5. Boot the disk alone, by BIOS then by UEFI, and use the API with the token.
-    let bios_api = boot_installed("boot-bios", &disk, &[], &token)?;
-    let uefi_api = boot_installed("boot-uefi", &disk, &uefi, &token)?;
+    let bios_api = boot_installed("boot-bios", &disk, &[], &token, true)?;
+    let uefi_api = boot_installed("boot-uefi", &disk, &uefi, &token, false)?;
 
     // 6. The interactive installer on the serial console, over the installed disk and a
     //    small one: refuses the small disk, refuses to overwrite the Strata installation

@@ -110,6 +110,9 @@ pub enum InstallError {
     /// `token-to=vfat:LABEL` but no FAT volume has that label.
     #[error("No FAT volume labelled {0} is attached for the first API token (token-to=vfat:{0})")]
     NoTokenVolume(String),
+    /// The default volume group or thin pool could not be created.
+    #[error("Creating the default storage: {0}")]
+    Storage(String),
     /// The first API token could not be created.
     #[error("Creating the first API token: {0}")]
     Token(String),

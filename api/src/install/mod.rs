@@ -7,8 +7,8 @@
 //! 2. makes the file systems ([`partition`]),
 //! 3. copies the running system onto the root file system and writes its configuration
 //!    ([`system`]), with the kernel and boot initramfs from the medium,
-//! 4. creates the default volume group, thin pool and backup datastore ([`storage_setup`],
-//!    pending the volume and backup commands),
+//! 4. creates the default volume group and thin pool on the PV partition ([`storage_setup`];
+//!    the backup datastore is pending the backup crate),
 //! 5. creates the first API token ([`token`]),
 //! 6. installs GRUB for BIOS and UEFI ([`bootloader`]),
 //! 7. unmounts, hands over the token, and tells the init what to do next (reboot by default).
@@ -319,10 +319,10 @@ fn show_plan(plan: &Plan, out: &mut dyn Write) -> InstallResult<()> {
         a.hostname, a.listen
     ));
     lines.push(format!(
-        "  default storage: volume group {}, thin pool {}, datastore {}",
-        storage_setup::DEFAULT_VG,
-        storage_setup::DEFAULT_POOL,
-        storage_setup::DEFAULT_DATASTORE
+        "  default storage: volume group {vg} on {}, thin pool {vg}/{}",
+        disks::partition_name(&plan.disk.name, layout::PV_PART),
+        crate::service::bootstrap::DEFAULT_POOL,
+        vg = crate::service::bootstrap::DEFAULT_VG,
     ));
     lines.push(format!("  first API token \"{}\" {token_to}", a.token_name));
     for l in lines {
@@ -369,12 +369,14 @@ fn execute(
     );
     step(out, "Creating the default storage")?;
     let data_dir = target.root().join("var/lib/strata");
-    let storage = match storage_setup::create_default_storage(&paths.pv, &data_dir)? {
-        storage_setup::StorageOutcome::Created => "created".to_string(),
-        storage_setup::StorageOutcome::Pending(why) => {
+    let setup = storage_setup::create_default_storage(&paths.pv, &data_dir)?;
+    write_out(out, &format!("  {}", setup.summary))?;
+    let storage = match setup.pending {
+        Some(why) => {
             write_out(out, &format!("  pending: {why}"))?;
-            format!("pending: {why}")
+            format!("{}; pending: {why}", setup.summary)
         }
+        None => setup.summary,
     };
     step(out, "Creating the first API token")?;
     let token = token::create_first_token(&data_dir, &a.token_name)?;

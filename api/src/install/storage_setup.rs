@@ -1,37 +1,82 @@
-//! The default storage of a new appliance: the volume group on the PV partition, its thin pool
-//! and the backup datastore.
+//! The default storage of a new appliance: the volume group `strata` on the disk's PV
+//! partition with the thin pool `strata/data`, made by the same code `strata serve` and
+//! `strata init` use for the embedded default ([`crate::service::bootstrap`]), here with the
+//! partition as the physical volume instead of a sparse file.
 //!
-//! PENDING (issue 9 depends on issues 4 and 6): the `strata pv|vg|lv` commands (branch
-//! `volume`) and the datastore initialisation (branch `backup`) are not in this build yet.
-//! [`create_default_storage`] is the one place that will call them; until they land it creates
-//! nothing and says so, and the PV partition is left zeroed at its start (no stale label).
+//! PENDING: the backup datastore. The bootstrap creates it once the backup crate provides one
+//! (issue 6); until then [`StorageSetup::pending`] says so and the installer reports it.
 
 use std::path::Path;
 
-use super::error::InstallResult;
+use super::error::{InstallError, InstallResult};
+use crate::service::bootstrap::{self, BootstrapOptions};
+use crate::service::DataDir;
 
-/// Names of the default storage objects, shown in the plan.
-pub const DEFAULT_VG: &str = "strata";
-/// The default thin pool's name.
-pub const DEFAULT_POOL: &str = "data";
-/// The default backup datastore's name.
-pub const DEFAULT_DATASTORE: &str = "backup";
-
-/// What the storage step did.
+/// What the storage step made.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StorageOutcome {
-    /// Created the volume group, pool and datastore.
-    Created,
-    /// Not available in this build; nothing created.
-    Pending(&'static str),
+pub struct StorageSetup {
+    /// One line: group, pool, physical volume (and datastore).
+    pub summary: String,
+    /// Parts not available in this build.
+    pub pending: Option<&'static str>,
 }
 
-/// Creates the default volume group `strata` on `pv`, a thin pool `data` filling it and the
-/// backup datastore `backup`, in the installed system's data directory `data_dir`.
-pub fn create_default_storage(pv: &Path, data_dir: &Path) -> InstallResult<StorageOutcome> {
-    let _ = (pv, data_dir);
-    Ok(StorageOutcome::Pending(
-        "volume groups, thin pools and the backup datastore are not in this build of strata \
-         (issues 4 and 6); the physical-volume partition is left empty",
-    ))
+/// Creates the default volume group and thin pool on `pv` for the installed system's data
+/// directory `data_dir` (and the backup datastore, when this build has one).
+pub fn create_default_storage(pv: &Path, data_dir: &Path) -> InstallResult<StorageSetup> {
+    let opts = BootstrapOptions {
+        pv: Some(pv.to_path_buf()),
+        ..BootstrapOptions::default()
+    };
+    let (cfg, _) = bootstrap::ensure_default(&DataDir::at(data_dir), &opts)
+        .map_err(|e| InstallError::Storage(e.to_string()))?;
+    let (Some(vg), Some(pool)) = (cfg.volume_group, cfg.thin_pool) else {
+        return Err(InstallError::Storage(format!(
+            "{} already held volume groups; the default one was not created",
+            data_dir.display()
+        )));
+    };
+    let mut summary = format!(
+        "volume group {vg} on {}, thin pool {vg}/{pool}",
+        cfg.physical_volume.as_deref().unwrap_or("?")
+    );
+    let pending = match cfg.datastore {
+        Some(ds) => {
+            summary.push_str(&format!(", backup datastore {ds}"));
+            None
+        }
+        None => Some("the backup datastore is not in this build of strata (issue 6)"),
+    };
+    Ok(StorageSetup { summary, pending })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_group_and_pool_go_on_the_given_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let pv = dir.path().join("vda4");
+        std::fs::File::create(&pv)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let data = dir.path().join("var/lib/strata");
+        let setup = create_default_storage(&pv, &data).unwrap();
+        assert!(
+            setup.summary.starts_with("volume group strata on ")
+                && setup.summary.contains("vda4, thin pool strata/data"),
+            "{}",
+            setup.summary
+        );
+        let store = strata_storage::volume::VolumeStore::new(&data);
+        assert_eq!(store.vg_list().unwrap()[0].name, "strata");
+        // No sparse file PV in the data directory: the partition is the PV.
+        assert!(!data.join("pv/default.pv").exists());
+        // The installed system's `strata serve` finds it set up and creates nothing.
+        let (_, created) =
+            bootstrap::ensure_default(&DataDir::at(&data), &BootstrapOptions::default()).unwrap();
+        assert!(!created);
+    }
 }
