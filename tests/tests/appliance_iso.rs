@@ -18,7 +18,7 @@
 //! 5. boots the disk alone again by UEFI, checks the API once more and finds the volume;
 //! 6. runs the installer interactively on the serial console (typing the answers) over the
 //!    installed disk and a 2 GiB disk: it must refuse the small disk and the disk holding
-//!    Strata until told to wipe it, then reinstall.
+//!    a Strata volume group until told to wipe it, then reinstall.
 //!
 //! Prints the ISO size, build, install and boot-to-API times (benches/RESULTS.md).
 //! Skips, loudly, only when qemu-system-x86_64 is not installed.
@@ -548,7 +548,7 @@ fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
     let uefi_api = boot_installed("boot-uefi", &disk, &uefi, &token, false)?;
 
     // 6. The interactive installer on the serial console, over the installed disk and a
-    //    small one: refuses the small disk, refuses to overwrite the Strata installation
+    //    small one: refuses the small disk, refuses to overwrite the Strata volume group
     //    until told to wipe, and reinstalls with the token on the console (kernel
     //    command-line answers override the ISO's answer file).
     let small = dir.path().join("small.raw");
@@ -571,7 +571,10 @@ fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
             None,
         ),
         ("Install on disk [vda]: ", Some("vda")),
-        ("/dev/vda holds an earlier Strata installation", None),
+        (
+            "/dev/vda holds a Strata volume group (physical volume label on vda4)",
+            None,
+        ),
         ("Type 'wipe' to go on: ", Some("no")),
         ("Install on disk [vda]: ", Some("vda")),
         ("Type 'wipe' to go on: ", Some("wipe")),

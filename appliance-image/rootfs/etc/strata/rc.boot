@@ -47,4 +47,5 @@ case "$NETWORK" in
     ;;
 esac
 addresses=$(ip -4 -o addr show scope global 2>/dev/null | awk '{print $4}' | tr '\n' ' ')
-echo "strata: $HOSTNAME is up; the API listens on $LISTEN (addresses: ${addresses:-none yet})"
+uptime=$(cut -d' ' -f1 /proc/uptime)
+echo "strata: $HOSTNAME is up after ${uptime} s; the API listens on $LISTEN (addresses: ${addresses:-none yet})"
