@@ -39,7 +39,13 @@ impl FsIds {
     /// Fresh random identifiers.
     pub fn random() -> InstallResult<FsIds> {
         let mut b = [0u8; 20];
-        getrandom::fill(&mut b).map_err(|e| InstallError::Token(format!("No randomness: {e}")))?;
+        getrandom::fill(&mut b).map_err(|e| {
+            InstallError::io(
+                "Reading",
+                "the kernel's random numbers",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
         Ok(FsIds::from_bytes(&b))
     }
 
