@@ -74,8 +74,12 @@ libs=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts 
          --no-replaces --no-enhances "${tools[@]}" libgcc-s1 libc6 |
        awk '/^lib/ {print}' | sort -u)
 step "downloading $kernel_pkg, ${tools[*]} and $(echo "$libs" | wc -w) libraries"
-(cd "$work/debs" && apt-get download -qq "$kernel_pkg" "${tools[@]}" $libs 2>&1 |
-   grep -v 'unsandboxed as root' >&2 || true)
+# (apt warns that root downloads unsandboxed into a folder _apt cannot read: expected here.)
+if ! (cd "$work/debs" && apt-get download -qq "$kernel_pkg" "${tools[@]}" $libs) 2>"$work/apt.log"; then
+  grep -v 'unsandboxed as root' "$work/apt.log" >&2
+  die "apt-get download failed (is the Debian mirror reachable, and apt-get update done?)"
+fi
+grep -v 'unsandboxed as root' "$work/apt.log" >&2 || true
 step "unpacking $(ls "$work"/debs | wc -l) packages"
 for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$pkgs"; done
 kver=${kernel_pkg#linux-image-}
