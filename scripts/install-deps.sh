@@ -15,6 +15,7 @@ packages=(
   fio                          # benchmark peer
   e2fsprogs                    # chattr, for read-only-file tests as root
   python3                      # benchmark scripts parse JSON
+  cpio kmod                    # tests/guest/build.sh: the busybox initramfs for Linux guests
 )
 $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
 echo "installed: ${qemu[*]} ${packages[*]}"

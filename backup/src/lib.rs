@@ -1,4 +1,59 @@
 //! Strata's backup datastore: content-addressed chunks, indexes and manifests, with full and
 //! incremental backups of any block device, restore, verify, prune and garbage collection.
 //!
-//! Nothing is implemented yet; this crate exists so that the workspace has its final shape.
+//! # Design
+//! A datastore is a folder (layout byte by byte in docs/format-datastore.md):
+//! - `chunks/00..ff/DIGEST`: every distinct 4 MiB chunk of every backup, once, named by the
+//!   BLAKE3 digest of its bytes ([`digest`] says why BLAKE3), stored as a [`blob`] (header with
+//!   crc32 checksums, zstd-compressed when that saves at least an eighth). Zero chunks are never
+//!   stored.
+//! - `snapshots/ID/TIME/{index,manifest}`: a snapshot, e.g.
+//!   `snapshots/volume/vg0/vm-100-disk-0/2026-11-27T05:00:00Z/`. The [`index`] lists the digest of
+//!   each chunk of the source in order; the [`manifest`] says what, when, from where, relative to
+//!   which parent and with which change tracking.
+//! - Every file is written atomically (temp file, fsync, rename, fsync folder); a snapshot
+//!   becomes visible only when its complete folder is renamed into place ([`backup`]).
+//!
+//! A backup ([`backup::create`]) reads the source through its I/O queues with several requests
+//! in flight and hashes/compresses/stores on all cores ([`pipeline`]). With change tracking
+//! ([`changes`]) relative to the group's latest snapshot it reads only the dirty chunks and takes
+//! the rest from the parent's index, after checking that index and that its chunks exist;
+//! otherwise it reads everything and records why. [`backup::create_tracked`] drives this from a
+//! [`changes::ChangeTracker`] (a persistent dirty bitmap): it takes the bitmap (restarting it, so
+//! writes during the backup land in the next one), gives the take back if the backup fails, and
+//! trusts it only if the group's latest snapshot was made at the previous take.
+//!
+//! # Locking: who may run with whom
+//! | operation | holds | runs concurrently with |
+//! |---|---|---|
+//! | backup create | writer registration (exclusive, own file); group lock (exclusive) | everything except another create of the same group (that one gets `Busy`) |
+//! | restore, verify | shared lock on each snapshot's manifest | everything; prune skips the snapshots they hold |
+//! | prune | exclusive lock on a snapshot's manifest, without waiting, while removing it | everything; skips snapshots being read |
+//! | gc | `.gc.lock` (exclusive, no waiting) | everything except another gc; safe with running backups through mtimes, see [`gc`] |
+//! | list, show | nothing | everything |
+
+pub mod backup;
+pub mod bitmap_tracker;
+pub mod blob;
+pub mod changes;
+pub mod digest;
+pub mod fsutil;
+pub mod gc;
+pub mod index;
+pub mod lock;
+pub mod manifest;
+pub mod pipeline;
+pub mod progress;
+pub mod prune;
+pub mod restore;
+pub mod snapshot;
+pub mod store;
+pub mod time;
+pub mod verify;
+
+pub use backup::{create, create_tracked, BackupOptions, BackupOutcome};
+pub use changes::{ChangeTracker, Changes, TakenChanges};
+pub use digest::Digest;
+pub use progress::{NoProgress, Progress};
+pub use snapshot::SnapshotName;
+pub use store::Datastore;

@@ -466,31 +466,46 @@ pub fn many_requests_in_flight_complete_once(make: Factory<'_>) {
     }
 }
 
-/// A queue opened with an eventfd signals it when completions are ready.
+/// A queue opened with an eventfd signals it when completions are ready, for every kind of
+/// request — including those a device finishes without lower I/O (a discard of unwritten space,
+/// a zero-length read), which an event-driven consumer would otherwise wait for forever.
 pub fn eventfd_is_signalled(make: Factory<'_>) {
     let dev = make(1 << 20);
     let efd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
     let mut q = dev
         .open_queue(&QueueOptions::with_depth(8).notify(efd.clone()))
         .unwrap();
-    q.submit(Request::write(1, 0, IoBuf::from_slice(&[7u8; 4096])))
-        .unwrap();
-    q.commit().unwrap();
-    let mut done = Vec::new();
     let mut fds = [libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(efd.as_ref()),
         events: libc::POLLIN,
         revents: 0,
     }];
-    while done.is_empty() {
-        // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, 30_000) };
-        assert!(
-            r > 0,
-            "conformance: the eventfd was not signalled within 30 s"
-        );
-        let _ = efd.read();
-        q.reap(&mut done);
+    let ops = [
+        Request::write(1, 0, IoBuf::from_slice(&[7u8; 4096])),
+        Request::read(2, 0, IoBuf::new(4096)),
+        Request::discard(3, 512 << 10, 256 << 10),
+        Request::write_zeroes(4, 256 << 10, 128 << 10, true),
+        Request::flush(5),
+        Request::read(6, 0, IoBuf::empty()),
+    ];
+    for req in ops {
+        let (tag, name) = (req.tag, req.op.name());
+        q.submit(req).unwrap();
+        q.commit().unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, 30_000) };
+            assert!(
+                r > 0,
+                "conformance: the eventfd was not signalled within 30 s after a {name}"
+            );
+            let _ = efd.read();
+            q.reap(&mut done);
+        }
+        let c = done.pop().unwrap();
+        assert_eq!(c.tag, tag);
+        c.result
+            .unwrap_or_else(|e| panic!("conformance: {name} failed: {e}"));
     }
-    done.pop().unwrap().result.unwrap();
 }

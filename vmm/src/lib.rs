@@ -1,4 +1,16 @@
 //! Strata's virtual machine monitor: KVM vCPUs and memory, Linux boot, a serial console and a
 //! virtio-blk device served straight from the block layer's I/O queues.
-//!
-//! Nothing is implemented yet; this crate exists so that the workspace has its final shape.
+
+pub mod blk;
+pub mod boot;
+pub mod bus;
+pub mod devices;
+pub mod error;
+pub mod kvm;
+pub mod memory;
+pub mod ratelimit;
+pub mod transport;
+pub mod vhost_user;
+pub mod vm;
+
+pub use error::{Result, VmmError};

@@ -21,6 +21,20 @@ pub enum ImageCommand {
     Info(InfoArgs),
     /// Measure I/O on an image, like `qemu-img bench`.
     Bench(BenchArgs),
+    /// List, create, apply or delete internal snapshots (qcow2).
+    Snapshot(super::snapshot::SnapshotArgs),
+    /// Check an image's consistency and repair it (qcow2).
+    Check(super::check::CheckArgs),
+    /// Change an image's virtual size.
+    Resize(super::resize::ResizeArgs),
+    /// Show where each range of an image is stored.
+    Map(super::map::MapArgs),
+    /// Compare the contents of two images.
+    Compare(super::compare::CompareArgs),
+    /// Change the backing file of a qcow2 image.
+    Rebase(super::rebase::RebaseArgs),
+    /// Write a qcow2 image's data into its backing file.
+    Commit(super::commit::CommitArgs),
     /// Convert an image to another format, like `qemu-img convert`.
     Convert(super::convert::ConvertArgs),
     /// Import the disks of an OVA (or OVF folder) as images.
@@ -94,16 +108,24 @@ pub struct CreateArgs {
     /// Image format.
     #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
     format: FormatArg,
-    /// Format options, comma-separated key=value pairs (raw: preallocation=off|falloc|full).
+    /// Format options, comma-separated key=value pairs (raw: preallocation=off|falloc|full;
+    /// qcow2: cluster_size, compat, lazy_refcounts, extended_l2, refcount_bits, preallocation,
+    /// compression_type).
     #[arg(short = 'o', long = "options", default_value = "")]
     options: String,
+    /// Backing file (qcow2), relative to the new image's folder unless absolute.
+    #[arg(short = 'b', long = "backing")]
+    backing: Option<String>,
+    /// Format of the backing file (probed when omitted).
+    #[arg(short = 'F', long = "backing-format", value_enum)]
+    backing_format: Option<FormatArg>,
     /// Don't print the summary line.
     #[arg(short = 'q', long)]
     quiet: bool,
     /// The image file to create; an existing file is never overwritten.
     file: PathBuf,
-    /// Virtual size, e.g. 512M, 10G.
-    size: String,
+    /// Virtual size, e.g. 512M, 10G (default with -b: the backing file's).
+    size: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -123,14 +145,31 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Create(a) => create(a),
         ImageCommand::Info(a) => info(a),
         ImageCommand::Bench(a) => super::bench::run(a),
+        ImageCommand::Snapshot(a) => super::snapshot::run(a),
+        ImageCommand::Check(a) => super::check::run(a),
+        ImageCommand::Resize(a) => super::resize::run(a),
+        ImageCommand::Map(a) => super::map::run(a),
+        ImageCommand::Compare(a) => super::compare::run(a),
+        ImageCommand::Rebase(a) => super::rebase::run(a),
+        ImageCommand::Commit(a) => super::commit::run(a),
         ImageCommand::Convert(a) => super::convert::run(a),
         ImageCommand::ImportOva(a) => super::import_ova::run(a),
     }
 }
 
 fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
-    let size = parse_size(&a.size)?;
-    let opts = format::parse_options(&a.options)?;
+    let mut opts = format::parse_options(&a.options)?;
+    if let Some(b) = &a.backing {
+        opts.insert("backing_file".into(), b.clone());
+    }
+    if let Some(f) = a.backing_format {
+        opts.insert("backing_fmt".into(), ImageFormat::from(f).name().into());
+    }
+    let size = match &a.size {
+        Some(s) => parse_size(s)?,
+        None if opts.contains_key("backing_file") => 0,
+        None => anyhow::bail!("An image size is needed (or a backing file to take it from)"),
+    };
     let fmt: ImageFormat = a.format.into();
     format::create_image(&a.file, fmt, size, &opts)
         .with_context(|| format!("Could not create {}", a.file.display()))?;

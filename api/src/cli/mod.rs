@@ -2,15 +2,26 @@
 //! own module and calls the storage layer; no command keeps logic of its own that a library
 //! should hold.
 
+mod backup;
 mod bench;
+mod check;
+mod commit;
+mod compare;
 mod convert;
 mod image;
 mod import_ova;
 mod install;
 mod lv;
+mod map;
 mod pv;
+mod qcow2_util;
+mod rebase;
+mod resize;
 mod serve;
+mod snapshot;
 mod vg;
+mod vhost_user;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -41,6 +52,14 @@ enum Command {
     /// Work with image files: create, info, bench.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Back up and restore images and volumes: create, restore, list, show, verify, prune, gc.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
+    /// Run virtual machines under Strata's KVM VMM.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Serve a disk to QEMU or Cloud Hypervisor as a vhost-user-blk back-end.
+    VhostUserBlk(vhost_user::VhostUserArgs),
     /// Serve the HTTP API (setting up an empty data directory first).
     Serve(serve::ServeArgs),
     /// Set up an empty data directory: default volume group, thin pool, first API token.
@@ -107,6 +126,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data = DataDir::at(&data_path);
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Backup(cmd) => backup::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::VhostUserBlk(args) => vhost_user::run(args),
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),
         Command::Token(cmd) => serve::token(cmd, data),

@@ -6,6 +6,8 @@
 //! file's first bytes unless the caller names it; a format we recognise but do not implement is
 //! refused with an error naming it.
 
+pub mod compare;
+pub mod qcow2;
 pub mod raw;
 pub mod vmdk;
 
@@ -196,10 +198,14 @@ fn open_image_with(
     match format {
         ImageFormat::Raw => Ok(Arc::new(raw::RawImage::new(file))),
         ImageFormat::Vmdk => Ok(vmdk::open(file, path, opts)?),
-        ImageFormat::Qcow2 => Err(StorageError::Unsupported(format!(
-            "{format} images are not implemented yet ({})",
-            file.name()
-        ))),
+        ImageFormat::Qcow2 => {
+            let q = qcow2::Qcow2Options {
+                engine: opts.engine,
+                cache: opts.cache,
+                ..qcow2::Qcow2Options::default()
+            };
+            Ok(qcow2::open(file, &q)?)
+        }
     }
 }
 
@@ -249,6 +255,7 @@ pub fn create_compressed(
                 path, size, &opts,
             )?))
         }
+        ImageFormat::Qcow2 => qcow2::compress::create_compressed(path, size, options),
         _ => Err(StorageError::Unsupported(format!(
             "writing compressed {format} images is not implemented yet"
         ))),
@@ -289,9 +296,11 @@ pub fn create_image(
             size,
             &vmdk::create::VmdkCreateOptions::from_map(options)?,
         ),
-        ImageFormat::Qcow2 => Err(StorageError::Unsupported(format!(
-            "creating {format} images is not implemented yet"
-        ))),
+        ImageFormat::Qcow2 => qcow2::create::create(
+            path,
+            size,
+            &qcow2::create::CreateOptions::from_map(options)?,
+        ),
     }
 }
 

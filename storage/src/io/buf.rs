@@ -168,7 +168,6 @@ impl IoBuf {
     /// overlap while any of them is in flight for a read, and the parent itself must not be
     /// accessed until every view is dropped (the parent is inside an `Arc`, so it cannot be
     /// mutated; the rule is that it is not read either).
-    #[allow(dead_code)] // used by the conformance suite now, and by the formats that split requests
     pub(crate) fn view(parent: &Arc<IoBuf>, offset: usize, len: usize) -> IoBuf {
         debug_assert!(offset + len <= parent.len);
         let mut segs = Vec::new();
@@ -199,6 +198,30 @@ impl IoBuf {
                 Segments::Many(segs.into_boxed_slice())
             },
             len: len - want,
+            owner: Owner::Shared(keep),
+        }
+    }
+
+    /// One buffer over the segments of `parts` in order, keeping every part alive.
+    ///
+    /// Formats use it to write a cluster in one request from pieces: data copied in from elsewhere
+    /// around a view of the caller's buffer. The parts are only reachable through the chain until
+    /// it is dropped.
+    pub(crate) fn chain(parts: Vec<IoBuf>) -> IoBuf {
+        let segs: Vec<Segment> = parts
+            .iter()
+            .flat_map(|p| p.segments().iter().copied())
+            .filter(|s| s.len > 0)
+            .collect();
+        let len = segs.iter().map(|s| s.len).sum();
+        let keep: Arc<dyn Any + Send + Sync> = Arc::new(parts);
+        IoBuf {
+            segments: if segs.len() == 1 {
+                Segments::One(segs[0])
+            } else {
+                Segments::Many(segs.into_boxed_slice())
+            },
+            len,
             owner: Owner::Shared(keep),
         }
     }
@@ -362,6 +385,16 @@ mod tests {
         drop((v, w));
         let parent = Arc::try_unwrap(parent).unwrap();
         assert_eq!(&parent.to_vec()[12..], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn chains_concatenate_their_parts() {
+        let a = IoBuf::from_slice(&[1, 2]);
+        let b = IoBuf::from_slice(&[3]);
+        let c = IoBuf::chain(vec![a, IoBuf::empty(), b]);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.segments().len(), 2);
+        assert_eq!(c.to_vec(), vec![1, 2, 3]);
     }
 
     #[test]

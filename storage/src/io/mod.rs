@@ -35,7 +35,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use buf::IoBuf;
-pub use sync_queue::SyncQueue;
+pub use sync_queue::{SyncExecutor, SyncQueue};
 
 use crate::error::{Result, StorageError};
 

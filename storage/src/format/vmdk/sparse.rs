@@ -259,19 +259,30 @@ impl SparseExtent {
             return Ok((off, false));
         }
         let offset = self.reserve(&mut meta, self.grain())?;
-        let sector = u32::try_from(offset / SECTOR).map_err(|_| {
+        let sector = self.sector_of(offset)?;
+        self.set_entry(&mut meta, gt, i, sector)?;
+        Ok((offset, true))
+    }
+
+    fn sector_of(&self, offset: u64) -> Result<u32> {
+        u32::try_from(offset / SECTOR).map_err(|_| {
             StorageError::OutOfSpace(format!(
                 "{} has reached the 2 TiB limit of a sparse extent",
                 self.file.name()
             ))
-        })?;
+        })
+    }
+
+    fn set_entry(&self, meta: &mut Meta, gt: u32, i: usize, value: u32) -> Result<()> {
         let table = meta
             .tables
             .get_mut(&gt)
             .ok_or_else(|| self.corrupt("grain table vanished from the cache".into()))?;
-        table.entries[i] = sector;
-        table.dirty = true;
-        Ok((offset, true))
+        if table.entries[i] != value {
+            table.entries[i] = value;
+            table.dirty = true;
+        }
+        Ok(())
     }
 
     /// Sets a grain's entry to unallocated (0) or zeroed (1); returns the data offset it had.
@@ -297,15 +308,12 @@ impl SparseExtent {
         new: u32,
         grain_index: u64,
     ) -> Result<Option<u64>> {
-        let table = meta
+        let old = meta
             .tables
-            .get_mut(&gt)
-            .ok_or_else(|| self.corrupt("grain table vanished from the cache".into()))?;
-        let old = table.entries[i];
-        if old != new {
-            table.entries[i] = new;
-            table.dirty = true;
-        }
+            .get(&gt)
+            .ok_or_else(|| self.corrupt("grain table vanished from the cache".into()))?
+            .entries[i];
+        self.set_entry(meta, gt, i, new)?;
         Ok(match self.decode(old, grain_index)? {
             GrainMap::Data(off) => Some(off),
             _ => None,
@@ -328,19 +336,8 @@ impl SparseExtent {
         if self.table(&mut meta, gt)?.is_none() {
             self.add_table(&mut meta, gt)?;
         }
-        let sector = u32::try_from(offset / SECTOR).map_err(|_| {
-            StorageError::OutOfSpace(format!(
-                "{} has reached the 2 TiB limit of a sparse extent",
-                self.file.name()
-            ))
-        })?;
-        let table = meta
-            .tables
-            .get_mut(&gt)
-            .ok_or_else(|| self.corrupt("grain table vanished from the cache".into()))?;
-        table.entries[i] = sector;
-        table.dirty = true;
-        Ok(())
+        let sector = self.sector_of(offset)?;
+        self.set_entry(&mut meta, gt, i, sector)
     }
 
     /// Whether a zeroed grain can be recorded without data (the zeroed-grain flag).
@@ -371,18 +368,10 @@ impl SparseExtent {
     fn add_table(&self, meta: &mut Meta, gt: u32) -> Result<()> {
         let bytes = self.header.gt_sectors() * SECTOR;
         let at = self.reserve(meta, bytes)?;
-        let sector = |off: u64| {
-            u32::try_from(off / SECTOR).map_err(|_| {
-                StorageError::OutOfSpace(format!(
-                    "{} has reached the 2 TiB limit of a sparse extent",
-                    self.file.name()
-                ))
-            })
-        };
-        meta.gd[gt as usize] = sector(at)?;
+        meta.gd[gt as usize] = self.sector_of(at)?;
         if self.header.redundant_gd() {
             let rat = self.reserve(meta, bytes)?;
-            meta.rgd[gt as usize] = sector(rat)?;
+            meta.rgd[gt as usize] = self.sector_of(rat)?;
         }
         meta.gd_dirty = true;
         if meta.tables.len() >= GT_CACHE_TABLES {

@@ -669,7 +669,13 @@ impl IoQueue for ThinQueue {
         if self.in_flight() >= self.depth {
             return Err(QueueFull(req));
         }
+        let before = self.ready.len();
         self.dispatch(req);
+        if self.ready.len() > before {
+            // Finished without lower I/O (a metadata-only discard, an error): nothing below will
+            // signal, so wake an eventfd-driven consumer here.
+            notify(Some(self.lowers.efd()));
+        }
         Ok(())
     }
 

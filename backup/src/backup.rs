@@ -1,0 +1,371 @@
+//! `backup create`: plan what to read (everything, or only the dirty chunks relative to the
+//! group's latest snapshot), run the pipeline, and commit the snapshot atomically.
+//!
+//! Commit order: new chunk files were fdatasync'd before their rename; their fan-out directories
+//! are fsync'd; the index and manifest are written into a hidden staging folder (each file
+//! fsync'd, the folder fsync'd); the staging folder is renamed to `ID/TIME` without replacing
+//! anything; the group folder is fsync'd. A crash before the rename leaves only a staging folder
+//! (invisible, removed by gc) and unreferenced chunks (removed by gc); after it, the snapshot is
+//! complete.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use strata_storage::{BlockDevice, Result, StorageError};
+
+use crate::changes::{dirty_chunks, ChangeTracker, Changes};
+use crate::fsutil::{self, io_err};
+use crate::index::{chunk_count, Entry, Index};
+use crate::lock::{lock_group, WriterRegistration};
+use crate::manifest::{BackupStats, ChangeTracking, Manifest, MANIFEST_FORMAT, MANIFEST_VERSION};
+use crate::pipeline::{self, PipelineOptions};
+use crate::progress::Progress;
+use crate::snapshot::{check_id, SnapshotName};
+use crate::store::{Datastore, INDEX_FILE, MANIFEST_FILE};
+use crate::time;
+
+/// What to back up and how.
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    /// The snapshot group (`volume/vg0/vm-100-disk-0`).
+    pub id: String,
+    /// The source as the user named it (for the manifest).
+    pub source_label: String,
+    /// The source's format (for the manifest).
+    pub source_format: String,
+    /// Change tracking from the source.
+    pub changes: Changes,
+    /// Pipeline settings.
+    pub pipeline: PipelineOptions,
+}
+
+/// A finished backup.
+#[derive(Clone, Debug)]
+pub struct BackupOutcome {
+    /// The new snapshot.
+    pub snapshot: SnapshotName,
+    /// Its manifest (with the run's figures).
+    pub manifest: Manifest,
+}
+
+struct Plan {
+    parent: Option<SnapshotName>,
+    /// Entries known without reading (from the parent), by chunk index.
+    known: Vec<Option<Entry>>,
+    to_read: Vec<u64>,
+    tracking: ChangeTracking,
+}
+
+/// Backs up `dev` into `store`. See the module documentation.
+pub fn create(
+    store: &Datastore,
+    dev: Arc<dyn BlockDevice>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupOutcome> {
+    check_id(&opts.id)?;
+    let started = Instant::now();
+    let writer = WriterRegistration::register(store)?;
+    let (_group_lock, group_dir) = lock_group(store, &opts.id)?;
+    let span = tracing::info_span!("backup", id = %opts.id);
+    let _enter = span.enter();
+
+    let size = dev.size();
+    let chunk_size = store.chunk_size();
+    let plan = plan(store, size, opts)?;
+    if let Some(reason) = &plan.tracking.fallback_reason {
+        tracing::info!(%reason, "reading the whole source");
+    }
+    let read_bytes: u64 = plan
+        .to_read
+        .iter()
+        .map(|&i| crate::index::chunk_range(size, chunk_size, i).1 as u64)
+        .sum();
+    progress.begin("backup", read_bytes);
+    let result = pipeline::run(store, &dev, &plan.to_read, opts.pipeline, progress);
+    progress.finish();
+    let result = result?;
+    store.sync_chunk_dirs(result.new_dirs.iter().copied())?;
+
+    let mut known = plan.known;
+    let from_parent = known.iter().filter(|e| e.is_some()).count() as u64;
+    for (idx, e) in &result.entries {
+        known[*idx as usize] = Some(*e);
+    }
+    let entries: Vec<Entry> = known
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            e.ok_or_else(|| {
+                StorageError::Unavailable(format!("chunk {i} was neither read nor inherited"))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let index = Index::new(size, chunk_size, entries)?;
+    let index_bytes = index.encode();
+
+    let latest = store.list_group(&opts.id)?.pop();
+    let t = latest.map_or(time::now(), |l| time::now().max(l.time() + 1));
+    let name = SnapshotName::new(&opts.id, t)?;
+    let secs = started.elapsed().as_secs_f64();
+    let stats = BackupStats {
+        bytes_read: result.bytes_read,
+        chunks_total: index.entries().len() as u64,
+        chunks_zero: index
+            .entries()
+            .iter()
+            .filter(|e| **e == Entry::Zero)
+            .count() as u64,
+        chunks_new: result.new,
+        chunks_reused: result.reused,
+        chunks_from_parent: from_parent,
+        bytes_stored: result.bytes_stored,
+        dedup_ratio: dedup_ratio(&index),
+        duration_secs: secs,
+        throughput_mib_s: size as f64 / (1 << 20) as f64 / secs.max(1e-9),
+    };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        snapshot: name.to_string(),
+        source: opts.source_label.clone(),
+        source_format: opts.source_format.clone(),
+        size,
+        chunk_size,
+        chunk_count: index.entries().len() as u64,
+        index_len: index_bytes.len() as u64,
+        index_crc32: crc32fast::hash(&index_bytes),
+        parent: plan.parent.map(|p| p.to_string()),
+        change_tracking: plan.tracking,
+        stats,
+    };
+    commit(&group_dir, writer.nonce(), &name, &index_bytes, &manifest)?;
+    tracing::info!(snapshot = %name, "backup finished");
+    drop(writer);
+    Ok(BackupOutcome {
+        snapshot: name,
+        manifest,
+    })
+}
+
+/// Backs up `dev` with change tracking from `tracker`: takes its changes since the previous take
+/// (restarting it, so writes during this backup land in the next one), uses them if they are valid
+/// and the group's latest snapshot was the one made at that previous take, and gives them back if
+/// the backup fails. `opts.changes` is ignored.
+pub fn create_tracked(
+    store: &Datastore,
+    dev: Arc<dyn BlockDevice>,
+    opts: &BackupOptions,
+    tracker: &mut dyn ChangeTracker,
+    progress: &dyn Progress,
+) -> Result<BackupOutcome> {
+    check_id(&opts.id)?;
+    let origin = tracker.describe();
+    let taken = tracker.take()?;
+    let changes = match &taken {
+        None => Changes::Invalid {
+            origin: origin.clone(),
+            reason: "change tracking starts with this backup".into(),
+        },
+        Some(t) if !t.valid => Changes::Invalid {
+            origin: origin.clone(),
+            reason: t
+                .invalid_reason
+                .clone()
+                .unwrap_or_else(|| "the bitmap may have missed writes".into()),
+        },
+        Some(t) => match latest_taken_with(store, &opts.id, &origin)? {
+            Ok(base) => Changes::Dirty {
+                origin: origin.clone(),
+                base,
+                ranges: t.ranges.clone(),
+            },
+            Err(reason) => Changes::Invalid {
+                origin: origin.clone(),
+                reason,
+            },
+        },
+    };
+    let opts = BackupOptions {
+        changes,
+        ..opts.clone()
+    };
+    let result = create(store, dev, &opts, progress);
+    if result.is_err() && taken.is_some() {
+        if let Err(e) = tracker.give_back() {
+            tracing::error!(error = %e, tracker = %origin, "could not give back the taken changes; the next backup must read everything");
+        }
+    }
+    result
+}
+
+/// The group's latest snapshot if it was made with tracker `origin`, else why not.
+fn latest_taken_with(
+    store: &Datastore,
+    id: &str,
+    origin: &str,
+) -> Result<std::result::Result<String, String>> {
+    let Some(latest) = store.list_group(id)?.pop() else {
+        return Ok(Err("no previous snapshot in this group".into()));
+    };
+    Ok(match store.read_manifest(&latest) {
+        Ok(m) if m.change_tracking.bitmap.as_deref() == Some(origin) => Ok(latest.to_string()),
+        Ok(_) => Err(format!(
+            "the latest snapshot {latest} was not made with {origin}"
+        )),
+        Err(e) => Err(format!("the latest snapshot is unreadable: {e}")),
+    })
+}
+
+/// Source size over the stored size of the distinct chunks the snapshot references.
+fn dedup_ratio(index: &Index) -> Option<f64> {
+    let mut seen = HashSet::new();
+    let stored: u64 = index
+        .entries()
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Stored { digest, stored_len } if seen.insert(*digest) => {
+                Some(*stored_len as u64)
+            }
+            _ => None,
+        })
+        .sum();
+    (stored > 0).then(|| index.size() as f64 / stored as f64)
+}
+
+fn commit(
+    group_dir: &std::path::Path,
+    nonce: &str,
+    name: &SnapshotName,
+    index_bytes: &[u8],
+    manifest: &Manifest,
+) -> Result<()> {
+    let staging = group_dir.join(format!(".tmp-{nonce}"));
+    std::fs::create_dir(&staging).map_err(|e| io_err("Creating", &staging, e))?;
+    let r = (|| {
+        fsutil::atomic_write(&staging, INDEX_FILE, index_bytes)?;
+        fsutil::atomic_write(&staging, MANIFEST_FILE, &manifest.encode()?)?;
+        let target = group_dir.join(time::format(name.time()));
+        fsutil::rename_noreplace(&staging, &target)?;
+        fsutil::fsync_dir(group_dir)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    r
+}
+
+fn full(
+    count: u64,
+    mode_reason: Option<String>,
+    bitmap: Option<String>,
+) -> (Vec<u64>, ChangeTracking) {
+    (
+        (0..count).collect(),
+        ChangeTracking {
+            mode: "full".into(),
+            bitmap,
+            fallback_reason: mode_reason,
+            dirty_chunks: None,
+        },
+    )
+}
+
+fn plan(store: &Datastore, size: u64, opts: &BackupOptions) -> Result<Plan> {
+    let chunk_size = store.chunk_size();
+    let count = chunk_count(size, chunk_size);
+    let parent = store.list_group(&opts.id)?.pop();
+    let mut known: Vec<Option<Entry>> = vec![None; count as usize];
+    let Some(parent_name) = parent else {
+        let (reason, origin) = match &opts.changes {
+            Changes::Untracked => (None, None),
+            Changes::Invalid { origin, reason } => (Some(reason.clone()), Some(origin.clone())),
+            Changes::Dirty { origin, .. } => (
+                Some("no previous snapshot in this group".to_string()),
+                Some(origin.clone()),
+            ),
+        };
+        let (to_read, tracking) = full(count, reason, origin);
+        return Ok(Plan {
+            parent: None,
+            known,
+            to_read,
+            tracking,
+        });
+    };
+    let fallback = |reason: String, origin: Option<String>| {
+        let (to_read, tracking) = full(count, Some(reason), origin);
+        Ok(Plan {
+            parent: Some(parent_name.clone()),
+            known: vec![None; count as usize],
+            to_read,
+            tracking,
+        })
+    };
+    let (origin, base, ranges) = match &opts.changes {
+        Changes::Untracked => return fallback("the source has no dirty bitmap".into(), None),
+        Changes::Invalid { origin, reason } => {
+            return fallback(
+                format!("dirty bitmap is invalid: {reason}"),
+                Some(origin.clone()),
+            )
+        }
+        Changes::Dirty {
+            origin,
+            base,
+            ranges,
+        } => (origin, base, ranges),
+    };
+    if *base != parent_name.to_string() {
+        return fallback(
+            format!("dirty bitmap is relative to {base}, the latest snapshot is {parent_name}"),
+            Some(origin.clone()),
+        );
+    }
+    let (pm, pindex) = match store.read_snapshot(&parent_name) {
+        Ok(x) => x,
+        Err(e) => {
+            return fallback(
+                format!("previous index is unusable: {e}"),
+                Some(origin.clone()),
+            )
+        }
+    };
+    if pm.size != size || pm.chunk_size != chunk_size {
+        return fallback(
+            format!("the source size changed from {} to {size} bytes", pm.size),
+            Some(origin.clone()),
+        );
+    }
+    let dirty = dirty_chunks(ranges, size, chunk_size)?;
+    // Every chunk taken from the parent must exist; touching it also protects it from a
+    // concurrent garbage collection (see gc.rs).
+    let mut checked = HashSet::new();
+    for (i, e) in pindex.entries().iter().enumerate() {
+        if dirty[i] {
+            continue;
+        }
+        if let Some(d) = e.digest() {
+            if checked.insert(d) && !store.touch_chunk(&d)? {
+                return fallback(
+                    format!("chunk {d} of the previous snapshot is missing"),
+                    Some(origin.clone()),
+                );
+            }
+        }
+        known[i] = Some(*e);
+    }
+    let to_read: Vec<u64> = (0..count).filter(|&i| dirty[i as usize]).collect();
+    Ok(Plan {
+        parent: Some(parent_name),
+        known,
+        tracking: ChangeTracking {
+            mode: "incremental".into(),
+            bitmap: Some(origin.clone()),
+            fallback_reason: None,
+            dirty_chunks: Some(to_read.len() as u64),
+        },
+        to_read,
+    })
+}

@@ -1,0 +1,464 @@
+//! qcow2 version 2 and 3 images, compatible with QEMU (docs/interop/qcow2.rst).
+//!
+//! Two planes, as everywhere in the block layer. [`Qcow2Image`] is the control plane (size,
+//! flush, resize, snapshots, check, info) and owns the image's metadata ([`meta::Meta`]: header,
+//! L1 table, refcount table, bounded caches of L2 tables and refcount blocks) behind one mutex.
+//! Its queues ([`queue::Qcow2Queue`]) map each request under that mutex — a short lookup that
+//! returns zero / allocated at a host offset / compressed / unallocated per cluster or
+//! subcluster run — and run the data I/O on the host file's own queues (and the backing image's)
+//! outside it, many requests in flight.
+//!
+//! Metadata is written back, not through: an allocating write takes a cluster (refcount raised
+//! in the cache), writes the data with whatever it copies in, and only then updates the cached L2
+//! entry; flush writes refcount blocks, syncs, writes L2 tables, syncs, writes the L1 table and
+//! header, syncs (`writeback.rs`). A crash therefore leaves at worst leaked clusters.
+//! Unsupported features (external data files, encryption, unknown incompatible bits) are refused
+//! at open with an error naming them.
+//!
+//! # Locking
+//! | what | shared by | guarded by |
+//! |---|---|---|
+//! | [`meta::Meta`] (tables, caches, allocations in flight) | the image and all its queues | one mutex, held for lookups, planning and write-back, never across data I/O |
+//! | the host file and the backing images | every queue | their own engines |
+//! | a [`queue::Qcow2Queue`] | one consumer thread | `&mut self` |
+//!
+//! Two writes to one unallocated cluster never allocate twice: the second waits (in its queue)
+//! until the first has pointed the L2 entry at its cluster. Control-plane operations that rewrite
+//! metadata wholesale (snapshots, resize) take the mutex and refuse to run while allocations are
+//! in flight.
+
+mod alloc;
+pub mod backing;
+pub mod cache;
+pub mod check;
+pub mod codec;
+pub mod compress;
+pub mod create;
+pub mod entry;
+pub mod header;
+pub mod meta;
+mod ops;
+pub mod plan;
+pub mod queue;
+pub mod refcount;
+mod snapshot;
+pub mod snapshot_table;
+#[cfg(feature = "test-utils")]
+pub mod testing;
+pub mod tools;
+mod writeback;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::json;
+
+use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind, SharedFile};
+use crate::error::{Result, StorageError};
+use crate::format::{Image, ImageFormat, ImageInfo};
+use crate::io::engine::EngineChoice;
+use crate::io::file::CacheMode;
+use crate::io::{IoQueue, QueueOptions};
+
+use backing::Backing;
+use entry::{Geometry, Mapping};
+use header::CompressionType;
+use meta::{Meta, MetaOptions};
+pub use ops::MapEntry;
+
+/// How to open a qcow2 image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Qcow2Options {
+    /// L2 cache size in bytes (default: the whole image's L2 tables, at most 32 MiB).
+    pub l2_cache_bytes: Option<u64>,
+    /// Refcount block cache size in bytes (default: 8 MiB).
+    pub rb_cache_bytes: Option<u64>,
+    /// Engine for backing files.
+    pub engine: EngineChoice,
+    /// Cache mode for backing files.
+    pub cache: CacheMode,
+    /// Open an image marked corrupt for writing (to repair it).
+    pub allow_corrupt: bool,
+    /// Do not open the backing file: unallocated clusters read as zeros (for inspecting a single
+    /// layer, and for fuzzing without touching the file system).
+    pub no_backing: bool,
+}
+
+/// State shared by an image and its queues.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub meta: Mutex<Meta>,
+    pub file: SharedFile,
+    pub geo: Geometry,
+    pub backing: Option<Arc<dyn Image>>,
+    pub backing_size: u64,
+    pub size: AtomicU64,
+    /// Bumped whenever an allocation in flight completes, so waiting pieces retry.
+    pub alloc_gen: AtomicU64,
+    /// Guest requests accepted by queues and not yet completed.
+    pub active: AtomicUsize,
+    pub read_only: bool,
+    pub codec: CompressionType,
+    pub name: String,
+    /// Whether host requests may span clusters. Not when clusters are smaller than the file's
+    /// direct I/O alignment: then every request stays below a page and takes the buffered path,
+    /// like the metadata in the same pages, so direct and buffered writes never mix in a page.
+    pub merge: bool,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let meta = self.meta.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = meta.close() {
+            tracing::error!(image = %self.name, error = %e, "closing the qcow2 image failed");
+        }
+    }
+}
+
+/// An open qcow2 image. See the module documentation.
+#[derive(Debug)]
+pub struct Qcow2Image {
+    shared: Arc<Shared>,
+    backing: Option<Backing>,
+}
+
+/// Opens the qcow2 image in `file` (read-only unless the file is writable), with its backing
+/// chain.
+pub fn open(file: SharedFile, opts: &Qcow2Options) -> Result<Arc<Qcow2Image>> {
+    let chain: Vec<PathBuf> = backing::canonical(file.name()).into_iter().collect();
+    open_in_chain(file, opts, &chain)
+}
+
+/// Smallest cluster that never shares a memory page with another cluster.
+const PAGE: u64 = 4096;
+
+pub(crate) fn open_in_chain(
+    file: SharedFile,
+    opts: &Qcow2Options,
+    chain: &[PathBuf],
+) -> Result<Arc<Qcow2Image>> {
+    let writable = file.capabilities().contains(Capabilities::WRITE);
+    let file = buffered_for_small_clusters(file, opts, writable)?;
+    let meta = Meta::open(
+        file.clone(),
+        MetaOptions {
+            writable,
+            l2_cache_bytes: opts.l2_cache_bytes,
+            rb_cache_bytes: opts.rb_cache_bytes,
+            allow_corrupt: opts.allow_corrupt,
+        },
+    )?;
+    let backing = match &meta.header.backing_file {
+        Some(_) if opts.no_backing => None,
+        Some(name) => Some(backing::open(
+            file.name(),
+            name,
+            meta.header.backing_format().as_deref(),
+            opts,
+            chain,
+        )?),
+        None => None,
+    };
+    let geo = meta.geo;
+    let size = meta.size();
+    let codec = meta.header.compression_type();
+    let shared = Arc::new(Shared {
+        geo,
+        backing_size: backing.as_ref().map_or(0, |b| b.image.size()),
+        backing: backing.as_ref().map(|b| b.image.clone()),
+        size: AtomicU64::new(size),
+        alloc_gen: AtomicU64::new(0),
+        active: AtomicUsize::new(0),
+        read_only: !writable,
+        codec,
+        name: file.name().to_string(),
+        merge: geo.cluster_size >= PAGE || file.alignment() <= 1,
+        file,
+        meta: Mutex::new(meta),
+    });
+    let img = Qcow2Image { shared, backing };
+    img.repair_if_dirty()?;
+    Ok(Arc::new(img))
+}
+
+/// With clusters smaller than a page, metadata and data clusters share pages, and guest writes of
+/// any alignment land in them: direct and buffered writes would race on one page (the kernel then
+/// fails fsync with EIO). Such images are served through the page cache, like QEMU does for
+/// requests below its alignment.
+fn buffered_for_small_clusters(
+    file: SharedFile,
+    opts: &Qcow2Options,
+    writable: bool,
+) -> Result<SharedFile> {
+    if file.alignment() <= 1 {
+        return Ok(file);
+    }
+    let h = meta::read_header(file.as_ref())?;
+    let path = std::path::Path::new(file.name());
+    if h.cluster_size() >= PAGE || !path.is_file() {
+        return Ok(file);
+    }
+    tracing::debug!(
+        image = file.name(),
+        "clusters below a page: using buffered I/O"
+    );
+    Ok(crate::io::engine::FileDevice::open(
+        path,
+        crate::io::file::FileOptions {
+            read_only: !writable,
+            cache: CacheMode::Writeback,
+        },
+        opts.engine,
+    )?)
+}
+
+impl Qcow2Image {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.shared.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backing image, if any.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// The image file.
+    pub fn file(&self) -> &SharedFile {
+        &self.shared.file
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.shared.geo.cluster_size
+    }
+
+    /// The header as it stands.
+    pub fn header(&self) -> header::Header {
+        self.lock().header.clone()
+    }
+
+    /// How the bytes from `offset` on are stored in this layer (at most `len`, at most one
+    /// cluster or subcluster run).
+    pub fn mapping(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.lock().map(offset, len)
+    }
+
+    fn repair_if_dirty(&self) -> Result<()> {
+        let dirty = {
+            let m = self.lock();
+            m.writable && m.header.dirty()
+        };
+        if dirty {
+            let report = self.lock().repair_dirty()?;
+            tracing::warn!(
+                image = %self.shared.name,
+                leaks_fixed = report.leaks_fixed,
+                corruptions_fixed = report.corruptions_fixed,
+                "the image was not closed cleanly; refcounts were rebuilt"
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the image (see [`check`]); repairs need the image open for writing and no
+    /// requests in flight.
+    pub fn check(&self, repair: check::Repair) -> Result<check::CheckReport> {
+        let mut m = self.lock();
+        if repair != check::Repair::None && !m.inflight.is_empty() {
+            return Err(StorageError::Busy(format!(
+                "{} (writes in flight)",
+                self.shared.name
+            )));
+        }
+        m.check(repair)
+    }
+
+    /// Runs a control-plane operation that rewrites metadata wholesale, refusing while any
+    /// request is in flight.
+    fn exclusive<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
+        let mut m = self.lock();
+        if self.shared.active.load(Ordering::Acquire) > 0 || !m.inflight.is_empty() {
+            return Err(StorageError::Busy(format!(
+                "{} (requests are in flight)",
+                self.shared.name
+            )));
+        }
+        let r = f(&mut m);
+        self.shared.size.store(m.size(), Ordering::Release);
+        r
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> Vec<snapshot_table::Snapshot> {
+        self.lock().snapshots.clone()
+    }
+
+    /// Creates an internal snapshot of the current contents.
+    pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.exclusive(|m| m.snapshot_create(name))
+    }
+
+    /// Reverts to snapshot `key` (ID or name).
+    pub fn snapshot_apply(&self, key: &str) -> Result<()> {
+        self.exclusive(|m| m.snapshot_apply(key))
+    }
+
+    /// Deletes snapshot `key` (ID or name).
+    pub fn snapshot_delete(&self, key: &str) -> Result<()> {
+        self.exclusive(|m| m.snapshot_delete(key))
+    }
+
+    /// Facts for `info` that are specific to qcow2.
+    fn format_specific(&self) -> BTreeMap<String, serde_json::Value> {
+        let m = self.lock();
+        let h = &m.header;
+        let mut f = BTreeMap::new();
+        f.insert(
+            "compat".into(),
+            json!(if h.version >= 3 { "1.1" } else { "0.10" }),
+        );
+        f.insert("cluster-size".into(), json!(h.cluster_size()));
+        f.insert("refcount-bits".into(), json!(1u32 << h.refcount_order));
+        f.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        f.insert("extended-l2".into(), json!(h.extended_l2()));
+        f.insert(
+            "compression-type".into(),
+            json!(h.compression_type().name()),
+        );
+        f.insert("corrupt".into(), json!(h.corrupt()));
+        f.insert("dirty".into(), json!(h.dirty()));
+        if let Some(b) = &h.backing_file {
+            f.insert("backing-filename".into(), json!(b));
+            if let Some(fmt) = h.backing_format() {
+                f.insert("backing-filename-format".into(), json!(fmt));
+            }
+        }
+        let snaps: Vec<serde_json::Value> = m
+            .snapshots
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "vm-state-size": s.vm_state_size,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-nsec": s.vm_clock_nsec,
+                    "disk-size": s.disk_size,
+                })
+            })
+            .collect();
+        if !snaps.is_empty() {
+            f.insert("snapshots".into(), json!(snaps));
+        }
+        drop(m);
+        let mut chain = Vec::new();
+        let mut next = self.backing.clone();
+        while let Some(b) = next {
+            chain.push(json!({
+                "filename": b.path.display().to_string(),
+                "format": b.format.name(),
+                "virtual-size": b.image.size(),
+            }));
+            next = b.qcow2.as_ref().and_then(|q| q.backing.clone());
+        }
+        if let Some(first) = chain.first() {
+            f.insert("full-backing-filename".into(), first["filename"].clone());
+            f.insert("backing-chain".into(), json!(chain));
+        }
+        f
+    }
+}
+
+impl BlockDevice for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        if self.shared.read_only {
+            Capabilities::FLUSH | Capabilities::BLOCK_STATUS
+        } else {
+            Capabilities::WRITE
+                | Capabilities::FLUSH
+                | Capabilities::DISCARD
+                | Capabilities::WRITE_ZEROES
+                | Capabilities::WRITE_ZEROES_UNMAP
+                | Capabilities::RESIZE
+                | Capabilities::BLOCK_STATUS
+        }
+    }
+
+    fn alignment(&self) -> usize {
+        self.shared.file.alignment()
+    }
+
+    fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
+        Ok(Box::new(queue::Qcow2Queue::new(self.shared.clone(), opts)?))
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.shared.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.writeback()?;
+        m.file.sync_data()
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(StorageError::Unsupported(
+            "resizing qcow2 images (not yet)".into(),
+        ))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let size = self.size();
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Err(StorageError::OutOfRange { offset, len, size });
+        }
+        let kind_of = |m: Mapping| match m {
+            Mapping::Zero => ExtentKind::Zero,
+            Mapping::Unallocated => ExtentKind::Unallocated,
+            Mapping::Allocated(_) | Mapping::Compressed { .. } => ExtentKind::Data,
+        };
+        let mut m = self.lock();
+        let (first, run) = m.map(offset, end - offset)?;
+        let kind = kind_of(first);
+        let mut at = offset + run;
+        let mut steps = 0;
+        while at < end && steps < 4096 {
+            let (next, run) = m.map(at, end - at)?;
+            if kind_of(next) != kind {
+                break;
+            }
+            at += run;
+            steps += 1;
+        }
+        Ok(Extent {
+            offset,
+            len: at - offset,
+            kind,
+        })
+    }
+}
+
+impl Image for Qcow2Image {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        Ok(ImageInfo {
+            filename: self.shared.name.clone(),
+            format: ImageFormat::Qcow2,
+            virtual_size: self.size(),
+            actual_size: self.shared.file.allocated_bytes()?,
+            format_specific: self.format_specific(),
+        })
+    }
+}

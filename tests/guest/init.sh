@@ -1,0 +1,58 @@
+#!/bin/sh
+# /init of Strata's Linux test guest (busybox). Loads the virtio modules in dependency order,
+# then runs the test named by strata.test= on the kernel command line against /dev/vda and
+# reports on the console; every line the host checks starts with "STRATA ".
+#   strata.test=disk  read the host's pattern (1 MiB at 0), write ours (1 MiB at 1 MiB), sync,
+#                     discard 1 MiB at 2 MiB, report the serial (GET_ID)
+#   strata.test=fio   run fio on /dev/vda (and /dev/vdb when present) per strata.fio= options
+PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do
+    insmod "/lib/modules/$m" || echo "STRATA insmod-failed $m"
+done
+test_name=$(sed -n 's/.*strata\.test=\([a-z]*\).*/\1/p' /proc/cmdline)
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+if [ ! -b /dev/vda ]; then
+    echo "STRATA FAIL no /dev/vda"
+    poweroff -f
+fi
+echo "STRATA disk $(cat /sys/block/vda/size) sectors, serial '$(cat /sys/block/vda/serial 2>/dev/null)'"
+
+pattern() { # the guest's pattern: 1 MiB of a repeated line
+    yes "strata guest pattern 0123456789abcdef" | head -c 1048576
+}
+
+case "$test_name" in
+disk)
+    echo "STRATA host-data $(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    pattern > /tmp/p
+    dd if=/tmp/p of=/dev/vda bs=65536 seek=16 oflag=direct conv=fsync 2>/dev/null \
+        && echo "STRATA wrote $(sha256sum < /tmp/p | cut -d' ' -f1)" \
+        || echo "STRATA FAIL write"
+    if blkdiscard -o 2097152 -l 1048576 /dev/vda 2>/dev/null; then
+        echo "STRATA discarded"
+    else
+        echo "STRATA discard-unsupported"
+    fi
+    sync
+    echo "STRATA readback $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    ;;
+fio)
+    opts=$(sed -n 's/.*strata\.fio=\([^ ]*\).*/\1/p' /proc/cmdline | tr ':' ' ')
+    for d in vda vdb; do
+        [ -b /dev/$d ] || continue
+        echo "STRATA fio $d $(fio --name=$d --filename=/dev/$d --direct=1 --ioengine=libaio \
+            --rw=randread --bs=4k --runtime=10 --time_based --output-format=terse $opts \
+            | cut -d';' -f8)"
+    done
+    ;;
+*)
+    echo "STRATA FAIL unknown test '$test_name'"
+    ;;
+esac
+echo "STRATA done"
+sync
+poweroff -f

@@ -1,0 +1,174 @@
+//! The Linux test guest (tests/guest/build.sh) and what tiers 2 and 3 check on both sides of a
+//! disk: the host's pattern the guest reads, the guest's pattern the host finds, and the
+//! discarded range.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// One mebibyte.
+pub const MIB: usize = 1 << 20;
+
+/// The kernel command line of the disk test.
+pub const DISK_TEST_CMDLINE: &str = "console=ttyS0 panic=-1 quiet strata.test=disk";
+
+/// The 1 MiB the host writes at offset 0 for the guest to read.
+pub fn host_pattern() -> Vec<u8> {
+    (0..MIB as u64)
+        .map(|i| ((i.wrapping_mul(13)) ^ (i >> 9) ^ 0x5a) as u8)
+        .collect()
+}
+
+/// The 1 MiB the guest writes at 1 MiB (the line init.sh repeats).
+pub fn guest_pattern() -> Vec<u8> {
+    let line = b"strata guest pattern 0123456789abcdef\n";
+    line.iter().copied().cycle().take(MIB).collect()
+}
+
+/// sha256 of `data` as hex, by `sha256sum` (the guest uses busybox's).
+pub fn sha256(data: &[u8]) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running sha256sum")?;
+    child.stdin.take().context("stdin")?.write_all(data)?;
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Builds (or reuses) the Linux test guest; returns its folder (`$STRATA_GUEST_DIR`, else
+/// build/guest in the repository).
+pub fn guest_dir() -> Result<PathBuf> {
+    // Tests of one binary run in parallel; only one may build the guest.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os("STRATA_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("build/guest"));
+    if !dir.join("vmlinuz").exists() || !dir.join("initramfs.gz").exists() {
+        let status = Command::new("bash")
+            .arg(repo.join("tests/guest/build.sh"))
+            .arg(&dir)
+            .status()
+            .context("running tests/guest/build.sh")?;
+        ensure!(status.success(), "tests/guest/build.sh failed");
+    }
+    Ok(dir)
+}
+
+/// A raw image with the host's pattern at 0 and non-zero bytes where the guest discards.
+pub fn prepare_raw(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(64 << 20)?;
+    f.write_all_at(&host_pattern(), 0)?;
+    f.write_all_at(&vec![0xcdu8; MIB], 2 * MIB as u64)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The value of the guest's `STRATA key value` line.
+pub fn strata_line<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("STRATA {key}");
+    console.lines().find_map(|l| {
+        let at = l.find(&prefix)?;
+        Some(l[at + prefix.len()..].trim())
+    })
+}
+
+/// Checks the guest's report of the disk test.
+pub fn check_console(row: &str, console: &str, serial: &str) -> Result<()> {
+    eprintln!("--- guest console ({row}) ---\n{console}\n--- end ---");
+    ensure!(
+        !console.contains("STRATA FAIL"),
+        "{row}: the guest reported a failure"
+    );
+    ensure!(
+        strata_line(console, "done").is_some(),
+        "{row}: the guest did not finish"
+    );
+    ensure!(
+        console.contains(&format!("serial '{serial}'")),
+        "{row}: the guest did not see the serial (GET_ID)"
+    );
+    let host_data = strata_line(console, "host-data").context("no host-data line")?;
+    ensure!(
+        host_data == sha256(&host_pattern())?,
+        "{row}: the guest read wrong host data"
+    );
+    let wrote = strata_line(console, "wrote").context("no wrote line")?;
+    ensure!(
+        wrote == sha256(&guest_pattern())?,
+        "{row}: the guest's pattern differs"
+    );
+    if strata_line(console, "discarded").is_none() {
+        bail!("{row}: discard was refused by the device");
+    }
+    Ok(())
+}
+
+/// Checks the image (any format qemu-img reads) from the host: the host's data unchanged, the
+/// guest's writes present, the discarded range zero.
+pub fn check_image(row: &str, image: &Path, format: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let flat = dir.path().join("flat.raw");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", format, "-O", "raw"])
+        .arg(image)
+        .arg(&flat)
+        .status()
+        .context("running qemu-img convert")?;
+    ensure!(status.success(), "qemu-img convert failed");
+    check_flat(row, &std::fs::read(&flat)?)
+}
+
+/// Checks a block device (a volume) from the host, as [`check_image`] does an image.
+pub fn check_device(row: &str, dev: &dyn strata_storage::BlockDevice) -> Result<()> {
+    check_flat(row, &crate::read_device(dev, 0, 3 * MIB)?)
+}
+
+fn check_flat(row: &str, data: &[u8]) -> Result<()> {
+    ensure!(data.len() >= 3 * MIB, "{row}: the disk is too small");
+    ensure!(
+        data[..MIB] == host_pattern()[..],
+        "{row}: the host's data changed"
+    );
+    ensure!(
+        data[MIB..2 * MIB] == guest_pattern()[..],
+        "{row}: the guest's writes are not on the disk"
+    );
+    ensure!(
+        data[2 * MIB..3 * MIB].iter().all(|&b| b == 0),
+        "{row}: the discarded range is not zero"
+    );
+    Ok(())
+}
+
+/// Whether a tool is on PATH. In CI (`CI` set) a missing tool is an error; elsewhere the tier is
+/// skipped loudly.
+pub fn tool_or_skip(tier: &str, tool: &str, package: &str) -> Result<bool> {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            bail!("{tool} is missing in CI (apt-get install {package})");
+        }
+        crate::skip_loudly(
+            tier,
+            &format!("{tool} is not installed (apt-get install {package})"),
+        );
+    }
+    Ok(found)
+}
