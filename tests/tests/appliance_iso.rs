@@ -542,6 +542,10 @@ fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
         !console.contains(&token),
         "the token leaked onto the console"
     );
+    ensure!(
+        report.contains("thin pool strata/data, backup datastore /var/lib/strata/datastore"),
+        "the installer did not report the default storage: {report}"
+    );
 
     // 4. and 5. Boot the disk alone, by BIOS then by UEFI, and use the API with the token.
     let bios_api = boot_installed("boot-bios", &disk, &[], &token, true)?;

@@ -7,8 +7,8 @@
 //! 2. makes the file systems ([`partition`]),
 //! 3. copies the running system onto the root file system and writes its configuration
 //!    ([`system`]), with the kernel and boot initramfs from the medium,
-//! 4. creates the default volume group and thin pool on the PV partition ([`storage_setup`];
-//!    the backup datastore is pending the backup crate),
+//! 4. creates the default volume group and thin pool on the PV partition and the backup
+//!    datastore ([`storage_setup`]),
 //! 5. creates the first API token ([`token`]),
 //! 6. installs GRUB for BIOS and UEFI ([`bootloader`]),
 //! 7. unmounts, hands over the token, and tells the init what to do next (reboot by default).
@@ -319,7 +319,7 @@ fn show_plan(plan: &Plan, out: &mut dyn Write) -> InstallResult<()> {
         a.hostname, a.listen
     ));
     lines.push(format!(
-        "  default storage: volume group {vg} on {}, thin pool {vg}/{}",
+        "  default storage: volume group {vg} on {}, thin pool {vg}/{}, backup datastore",
         disks::partition_name(&plan.disk.name, layout::PV_PART),
         crate::service::bootstrap::DEFAULT_POOL,
         vg = crate::service::bootstrap::DEFAULT_VG,
@@ -368,16 +368,15 @@ fn execute(
         "system copied"
     );
     step(out, "Creating the default storage")?;
-    let data_dir = target.root().join("var/lib/strata");
-    let setup = storage_setup::create_default_storage(&paths.pv, &data_dir)?;
-    write_out(out, &format!("  {}", setup.summary))?;
-    let storage = match setup.pending {
-        Some(why) => {
-            write_out(out, &format!("  pending: {why}"))?;
-            format!("{}; pending: {why}", setup.summary)
-        }
-        None => setup.summary,
-    };
+    let data_dir = target
+        .root()
+        .join(system::INSTALLED_DATA_DIR.trim_start_matches('/'));
+    let storage = storage_setup::create_default_storage(
+        &paths.pv,
+        &data_dir,
+        Path::new(system::INSTALLED_DATA_DIR),
+    )?;
+    write_out(out, &format!("  {storage}"))?;
     step(out, "Creating the first API token")?;
     let token = token::create_first_token(&data_dir, &a.token_name)?;
     step(out, "Installing the boot loader (BIOS and UEFI)")?;

@@ -1,53 +1,65 @@
-//! The default storage of a new appliance: the volume group `strata` on the disk's PV
-//! partition with the thin pool `strata/data`, made by the same code `strata serve` and
-//! `strata init` use for the embedded default ([`crate::service::bootstrap`]), here with the
-//! partition as the physical volume instead of a sparse file.
+//! The default storage of a new appliance, in the installed system's data directory:
 //!
-//! PENDING: the backup datastore. The bootstrap creates it once the backup crate provides one
-//! (issue 6); until then [`StorageSetup::pending`] says so and the installer reports it.
+//! - the volume group `strata` on the disk's PV partition with the thin pool `strata/data`,
+//!   made by the same code `strata serve` and `strata init` use for the embedded default
+//!   ([`crate::service::bootstrap`]), here with the partition as the physical volume instead
+//!   of a sparse file;
+//! - the backup datastore `DATA/datastore` (what `strata backup init --store` makes, with the
+//!   default chunk size), recorded in `DATA/appliance.json` next to the group and pool — unless
+//!   the bootstrap made and recorded one itself.
 
 use std::path::Path;
 
+use strata_backup::Datastore;
+
 use super::error::{InstallError, InstallResult};
-use crate::service::bootstrap::{self, BootstrapOptions};
-use crate::service::DataDir;
+use crate::service::bootstrap::{self, ApplianceConfig, BootstrapOptions};
+use crate::service::{write_atomically, DataDir};
 
-/// What the storage step made.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StorageSetup {
-    /// One line: group, pool, physical volume (and datastore).
-    pub summary: String,
-    /// Parts not available in this build.
-    pub pending: Option<&'static str>,
-}
+/// Folder of the default backup datastore in the data directory.
+pub const DATASTORE_DIR: &str = "datastore";
 
-/// Creates the default volume group and thin pool on `pv` for the installed system's data
-/// directory `data_dir` (and the backup datastore, when this build has one).
-pub fn create_default_storage(pv: &Path, data_dir: &Path) -> InstallResult<StorageSetup> {
+/// What the storage step made, in one line: group, pool, physical volume and datastore.
+pub type StorageSummary = String;
+
+/// Creates the default volume group and thin pool on `pv` and the backup datastore, for the
+/// installed system's data directory: `data_dir` while installing, `installed_data_dir` (for
+/// the paths recorded) once the system runs.
+pub fn create_default_storage(
+    pv: &Path,
+    data_dir: &Path,
+    installed_data_dir: &Path,
+) -> InstallResult<StorageSummary> {
+    let err = |e: &dyn std::fmt::Display| InstallError::Storage(e.to_string());
+    let data = DataDir::at(data_dir);
     let opts = BootstrapOptions {
         pv: Some(pv.to_path_buf()),
         ..BootstrapOptions::default()
     };
-    let (cfg, _) = bootstrap::ensure_default(&DataDir::at(data_dir), &opts)
-        .map_err(|e| InstallError::Storage(e.to_string()))?;
-    let (Some(vg), Some(pool)) = (cfg.volume_group, cfg.thin_pool) else {
+    let (mut cfg, _) = bootstrap::ensure_default(&data, &opts).map_err(|e| err(&e))?;
+    let (Some(vg), Some(pool)) = (cfg.volume_group.clone(), cfg.thin_pool.clone()) else {
         return Err(InstallError::Storage(format!(
             "{} already held volume groups; the default one was not created",
             data_dir.display()
         )));
     };
-    let mut summary = format!(
-        "volume group {vg} on {}, thin pool {vg}/{pool}",
-        cfg.physical_volume.as_deref().unwrap_or("?")
-    );
-    let pending = match cfg.datastore {
-        Some(ds) => {
-            summary.push_str(&format!(", backup datastore {ds}"));
-            None
-        }
-        None => Some("the backup datastore is not in this build of strata (issue 6)"),
-    };
-    Ok(StorageSetup { summary, pending })
+    if cfg.datastore.is_none() {
+        Datastore::open_or_create(&data_dir.join(DATASTORE_DIR)).map_err(|e| err(&e))?;
+        cfg.datastore = Some(installed_data_dir.join(DATASTORE_DIR).display().to_string());
+        record(&data, &cfg)?;
+    }
+    Ok(format!(
+        "volume group {vg} on {}, thin pool {vg}/{pool}, backup datastore {}",
+        cfg.physical_volume.as_deref().unwrap_or("?"),
+        cfg.datastore.as_deref().unwrap_or("?")
+    ))
+}
+
+/// Rewrites `appliance.json` with the datastore added (atomically, as the bootstrap writes it).
+fn record(data: &DataDir, cfg: &ApplianceConfig) -> InstallResult<()> {
+    let text = serde_json::to_vec_pretty(cfg).map_err(|e| InstallError::Storage(e.to_string()))?;
+    write_atomically(&data.appliance_file(), &text)
+        .map_err(|e| InstallError::Storage(e.to_string()))
 }
 
 #[cfg(test)]
@@ -55,25 +67,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_group_and_pool_go_on_the_given_device() {
+    fn group_pool_and_datastore_go_on_the_given_device_and_folder() {
         let dir = tempfile::tempdir().unwrap();
         let pv = dir.path().join("vda4");
         std::fs::File::create(&pv)
             .unwrap()
             .set_len(1 << 30)
             .unwrap();
-        let data = dir.path().join("var/lib/strata");
-        let setup = create_default_storage(&pv, &data).unwrap();
+        let data = dir.path().join("mnt/target/var/lib/strata");
+        let summary = create_default_storage(&pv, &data, Path::new("/var/lib/strata")).unwrap();
         assert!(
-            setup.summary.starts_with("volume group strata on ")
-                && setup.summary.contains("vda4, thin pool strata/data"),
-            "{}",
-            setup.summary
+            summary.starts_with("volume group strata on ")
+                && summary.contains(
+                    "vda4, thin pool strata/data, backup datastore /var/lib/strata/datastore"
+                ),
+            "{summary}"
         );
         let store = strata_storage::volume::VolumeStore::new(&data);
         assert_eq!(store.vg_list().unwrap()[0].name, "strata");
         // No sparse file PV in the data directory: the partition is the PV.
         assert!(!data.join("pv/default.pv").exists());
+        // The datastore opens, and the configuration records it by its installed path.
+        Datastore::open(&data.join(DATASTORE_DIR)).unwrap();
+        let cfg = bootstrap::load_config(&DataDir::at(&data))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.datastore.as_deref(), Some("/var/lib/strata/datastore"));
         // The installed system's `strata serve` finds it set up and creates nothing.
         let (_, created) =
             bootstrap::ensure_default(&DataDir::at(&data), &BootstrapOptions::default()).unwrap();

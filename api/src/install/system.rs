@@ -14,6 +14,8 @@ use super::error::{InstallError, InstallResult};
 use super::partition::{FsIds, PartitionPaths};
 use super::run::run;
 
+/// The installed system's data directory (`strata serve --data`, see rootfs/etc/strata/serve).
+pub const INSTALLED_DATA_DIR: &str = "/var/lib/strata";
 /// Top-level folders copied from the running system.
 pub const SYSTEM_DIRS: [&str; 6] = ["bin", "sbin", "lib", "lib64", "usr", "etc"];
 /// Folders created empty on the target, with their modes.

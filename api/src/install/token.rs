@@ -31,7 +31,7 @@ pub struct InstallReport {
     pub version: String,
     /// Seconds the installation took.
     pub install_seconds: f64,
-    /// State of the default storage (created, or pending with the reason).
+    /// The default storage made: group, pool, physical volume, datastore.
     pub storage: String,
     /// Name of the first token.
     pub token_name: String,
