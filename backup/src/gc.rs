@@ -91,6 +91,10 @@ pub fn gc(store: &Datastore, grace_secs: u64, progress: &dyn Progress) -> Result
     let pid = std::process::id();
     for b in 0..=255u8 {
         let dir = store.chunks_dir().join(format!("{b:02x}"));
+        if progress.cancelled() {
+            // Sweeping is per chunk and safe to stop anywhere.
+            return Err(StorageError::Cancelled);
+        }
         sweep_dir(&dir, &marked, cutoff, pid, &mut stats)?;
         progress.advance(1);
     }

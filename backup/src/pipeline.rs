@@ -177,6 +177,10 @@ pub fn run(
                     first_err.get_or_insert(e);
                 }
             }
+            if first_err.is_none() && progress.cancelled() {
+                cancel.store(true, Ordering::Relaxed);
+                first_err = Some(StorageError::Cancelled);
+            }
         }
     });
     if let Some(e) = first_err {

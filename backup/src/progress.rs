@@ -8,6 +8,11 @@ pub trait Progress: Sync {
     fn advance(&self, n: u64);
     /// The phase is over.
     fn finish(&self);
+    /// Whether the caller wants the operation to stop. Operations poll this between units and
+    /// end with [`strata_storage::StorageError::Cancelled`], leaving nothing half-made visible.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Progress that goes nowhere.

@@ -153,6 +153,13 @@ fn restore_worker(
         if cancel.load(Ordering::Relaxed) {
             break;
         }
+        if progress.cancelled() {
+            cancel.store(true, Ordering::Relaxed);
+            while in_flight > 0 {
+                reap(&mut queue, &mut in_flight, true)?;
+            }
+            return Err(StorageError::Cancelled);
+        }
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= count {
             break;

@@ -156,6 +156,9 @@ fn verify_batch(
             s.spawn(|| {
                 let mut buf = Vec::new();
                 loop {
+                    if progress.cancelled() {
+                        break;
+                    }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some((digest, (len, _))) = list.get(i) else {
                         break;
@@ -171,6 +174,9 @@ fn verify_batch(
         }
     });
     progress.finish();
+    if progress.cancelled() {
+        return Err(strata_storage::StorageError::Cancelled);
+    }
     let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut errors: HashMap<usize, String> = bad.into_iter().collect();
     for (i, (digest, _)) in list.iter().enumerate() {

@@ -66,6 +66,9 @@ pub enum StorageError {
     /// The I/O queue is shut down or the device is gone (after a simulated power loss, say).
     #[error("Device is unavailable: {0}")]
     Unavailable(String),
+    /// The caller asked a long operation to stop, and it did.
+    #[error("Cancelled")]
+    Cancelled,
 }
 
 impl StorageError {
@@ -101,6 +104,7 @@ impl StorageError {
             StorageError::AlreadyExists(_) => libc::EEXIST,
             StorageError::Busy(_) => libc::EBUSY,
             StorageError::Unavailable(_) => libc::ENODEV,
+            StorageError::Cancelled => libc::ECANCELED,
         }
     }
 
@@ -133,6 +137,7 @@ impl StorageError {
             StorageError::AlreadyExists(s) => StorageError::AlreadyExists(s.clone()),
             StorageError::Busy(s) => StorageError::Busy(s.clone()),
             StorageError::Unavailable(s) => StorageError::Unavailable(s.clone()),
+            StorageError::Cancelled => StorageError::Cancelled,
         }
     }
 

@@ -5,6 +5,7 @@
 //! file and block I/O) and render the result. Every route but `/api/health` requires
 //! `Authorization: Bearer ID.SECRET`.
 
+mod backups;
 mod error;
 mod images;
 pub mod openapi;
@@ -32,7 +33,7 @@ pub const JSON_BODY_LIMIT: usize = 1 << 20;
 pub(crate) async fn blocking<T, F>(svc: &Arc<Service>, f: F) -> ApiResult<T>
 where
     T: Send + 'static,
-    F: FnOnce(&Service) -> ServiceResult<T> + Send + 'static,
+    F: FnOnce(&Arc<Service>) -> ServiceResult<T> + Send + 'static,
 {
     let svc = svc.clone();
     tokio::task::spawn_blocking(move || f(&svc))
@@ -71,6 +72,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .merge(system::routes())
         .merge(images::routes())
         .merge(volumes::routes())
+        .merge(backups::routes())
         .route("/api/openapi.json", get(openapi::serve))
         .route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
     Router::new()

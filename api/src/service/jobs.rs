@@ -151,7 +151,10 @@ impl Job {
                 result: Some(v),
                 error: None,
             },
-            Err(ServiceError::Cancelled) => End {
+            Err(
+                ServiceError::Cancelled
+                | ServiceError::Storage(strata_storage::StorageError::Cancelled),
+            ) => End {
                 state: JobState::Cancelled,
                 at: now(),
                 result: None,

@@ -19,12 +19,15 @@
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
 
+pub mod backups;
 pub mod bootstrap;
 pub mod error;
 pub mod images;
 pub mod jobs;
 pub mod names;
+pub mod progress;
 pub mod tokens;
+pub mod transfer;
 pub mod volumes;
 
 use std::io::Write;

@@ -221,30 +221,76 @@ impl Service {
     /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in
     /// the image folder, or an absolute path on the server.
     pub fn open_source(&self, spec: &str, read_only: bool) -> ServiceResult<Arc<dyn BlockDevice>> {
-        if let Some(name) = spec.strip_prefix("image:") {
-            let path = self.image_path(name)?;
+        Ok(self.resolve_source(spec, read_only)?.device())
+    }
+
+    /// Like [`Service::open_source`], keeping what kind of source it is.
+    pub fn resolve_source(&self, spec: &str, read_only: bool) -> ServiceResult<Resolved> {
+        let open_image = |p: &std::path::Path| -> ServiceResult<Resolved> {
             let opts = strata_storage::format::OpenOptions {
                 read_only,
                 ..Default::default()
             };
-            return Ok(strata_storage::format::open_image(&path, &opts)?);
+            let img = strata_storage::format::open_image(p, &opts)?;
+            let format = img.format().to_string();
+            Ok(Resolved::Image {
+                device: img,
+                format,
+            })
+        };
+        if let Some(name) = spec.strip_prefix("image:") {
+            return open_image(&self.image_path(name)?);
         }
         match SourceSpec::parse(spec)? {
             SourceSpec::Volume { vg, lv } => {
                 let g = self.volumes.get(&vg)?;
-                Ok(g.open_lv(&lv, read_only)?)
+                let device = g.open_lv(&lv, read_only)?;
+                Ok(Resolved::Volume { device, vg: g, lv })
             }
-            SourceSpec::Path(p) if p.is_absolute() => {
-                let opts = strata_storage::format::OpenOptions {
-                    read_only,
-                    ..Default::default()
-                };
-                Ok(strata_storage::format::open_image(&p, &opts)?)
-            }
+            SourceSpec::Path(p) if p.is_absolute() => open_image(&p),
             SourceSpec::Path(p) => Err(ServiceError::BadRequest(format!(
                 "Source {:?} must be lv:VG/NAME, image:NAME or an absolute path on the server",
                 p.display()
             ))),
+        }
+    }
+}
+
+/// An opened source or target.
+#[derive(Debug)]
+pub enum Resolved {
+    /// An image file.
+    Image {
+        /// The image.
+        device: Arc<dyn strata_storage::format::Image>,
+        /// Its format's name.
+        format: String,
+    },
+    /// A logical volume of one of the server's groups.
+    Volume {
+        /// The volume.
+        device: Arc<dyn BlockDevice>,
+        /// Its group.
+        vg: Arc<Vg>,
+        /// Its name in the group.
+        lv: String,
+    },
+}
+
+impl Resolved {
+    /// The block device.
+    pub fn device(&self) -> Arc<dyn BlockDevice> {
+        match self {
+            Resolved::Image { device, .. } => device.clone(),
+            Resolved::Volume { device, .. } => device.clone(),
+        }
+    }
+
+    /// What to record as the source's format.
+    pub fn format_label(&self) -> String {
+        match self {
+            Resolved::Image { format, .. } => format.clone(),
+            Resolved::Volume { .. } => "volume".into(),
         }
     }
 }

@@ -343,7 +343,10 @@ impl HostFile for FaultDevice {
     }
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset + buf.len() as u64 > self.shared.len() {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.shared.len())
+        {
             return Err(StorageError::corrupt(
                 self.name(),
                 format!("read at {offset} reaches past the end"),
@@ -360,6 +363,7 @@ impl HostFile for FaultDevice {
     }
 
     fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        crate::io::memory::check_end(offset, buf.len())?;
         self.shared
             .run(&mut Op::Write {
                 offset,

@@ -94,6 +94,18 @@ pub(crate) fn apply(mem: &RwLock<SparseMem>, op: &mut Op) -> Result<u64> {
     }
 }
 
+/// Refuses byte ranges whose end does not fit in a u64.
+pub(crate) fn check_end(offset: u64, len: usize) -> Result<()> {
+    offset
+        .checked_add(len as u64)
+        .map(|_| ())
+        .ok_or(StorageError::OutOfRange {
+            offset,
+            len: len as u64,
+            size: u64::MAX,
+        })
+}
+
 /// Block status of a sparse array: unwritten chunks read as zeros.
 pub(crate) fn sparse_status(mem: &SparseMem, offset: u64, len: u64) -> Result<Extent> {
     let size = mem.len();
@@ -178,7 +190,10 @@ impl HostFile for MemoryDevice {
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mem = self.inner.mem();
-        if offset + buf.len() as u64 > mem.len() {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > mem.len())
+        {
             return Err(StorageError::corrupt(
                 &self.inner.name,
                 format!("read at {offset} reaches past the end"),
@@ -190,6 +205,7 @@ impl HostFile for MemoryDevice {
 
     fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.inner.check_writable()?;
+        check_end(offset, buf.len())?;
         self.inner.mem_mut().write(offset, buf);
         Ok(())
     }

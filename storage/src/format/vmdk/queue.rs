@@ -610,7 +610,13 @@ impl IoQueue for VmdkQueue {
             return Err(QueueFull(req));
         }
         self.accepted += 1;
+        let before = self.ready.len();
         self.start(req);
+        if self.ready.len() > before {
+            // Some paths finish a request at submit without lower I/O (a discard of unallocated
+            // grains); nothing below will signal, so wake an eventfd-driven consumer here.
+            notify(self.opts.notifier.as_ref());
+        }
         Ok(())
     }
 

@@ -1,0 +1,103 @@
+//! Backups: list, create, restore, verify, prune, garbage collection.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::{blocking, ApiJson, ApiResult};
+use crate::service::backups::{
+    BackupSummary, CreateBackup, PruneBackups, RestoreBackup, VerifyBackups,
+};
+use crate::service::jobs::JobStatus;
+use crate::service::Service;
+
+pub(super) fn routes() -> Router<Arc<Service>> {
+    Router::new()
+        .route("/api/backups", get(list_backups).post(create_backup))
+        .route("/api/backups/restore", post(restore_backup))
+        .route("/api/backups/verify", post(verify_backups))
+        .route("/api/backups/prune", post(prune_backups))
+        .route("/api/backups/gc", post(gc))
+}
+
+/// Filter for the snapshot list.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(super) struct ListQuery {
+    /// Only this group (e.g. `volume/strata/vm-100-disk-0`).
+    id: Option<String>,
+}
+
+/// List backup snapshots with their manifests.
+#[utoipa::path(get, path = "/api/backups", tag = "backups", params(ListQuery),
+    responses((status = 200, body = Vec<BackupSummary>), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn list_backups(
+    State(svc): State<Arc<Service>>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<BackupSummary>>> {
+    Ok(Json(
+        blocking(&svc, move |s| s.list_backups(q.id.as_deref())).await?,
+    ))
+}
+
+/// Back up a volume or image (a job; incremental through the volume's dirty bitmap).
+#[utoipa::path(post, path = "/api/backups", tag = "backups", request_body = CreateBackup,
+    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+pub(super) async fn create_backup(
+    State(svc): State<Arc<Service>>,
+    ApiJson(req): ApiJson<CreateBackup>,
+) -> ApiResult<(StatusCode, Json<JobStatus>)> {
+    let job = blocking(&svc, move |s| s.start_backup(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.status())))
+}
+
+/// Restore a snapshot to a new image or onto a volume (a job).
+#[utoipa::path(post, path = "/api/backups/restore", tag = "backups", request_body = RestoreBackup,
+    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody)))]
+pub(super) async fn restore_backup(
+    State(svc): State<Arc<Service>>,
+    ApiJson(req): ApiJson<RestoreBackup>,
+) -> ApiResult<(StatusCode, Json<JobStatus>)> {
+    let job = blocking(&svc, move |s| s.start_restore(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.status())))
+}
+
+/// Verify one snapshot or all (a job that fails naming damaged chunks and snapshots).
+#[utoipa::path(post, path = "/api/backups/verify", tag = "backups", request_body = VerifyBackups,
+    responses((status = 202, body = JobStatus), (status = 401, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody)))]
+pub(super) async fn verify_backups(
+    State(svc): State<Arc<Service>>,
+    ApiJson(req): ApiJson<VerifyBackups>,
+) -> ApiResult<(StatusCode, Json<JobStatus>)> {
+    let job = blocking(&svc, move |s| s.start_verify(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.status())))
+}
+
+/// Remove snapshots outside the retention rules (or, with dry_run, say which).
+#[utoipa::path(post, path = "/api/backups/prune", tag = "backups", request_body = PruneBackups,
+    responses((status = 200, description = "Decisions per snapshot"), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody)))]
+pub(super) async fn prune_backups(
+    State(svc): State<Arc<Service>>,
+    ApiJson(req): ApiJson<PruneBackups>,
+) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(blocking(&svc, move |s| s.prune_backups(&req)).await?))
+}
+
+/// Remove chunks no snapshot references (a job; safe while backups run).
+#[utoipa::path(post, path = "/api/backups/gc", tag = "backups",
+    responses((status = 202, body = JobStatus), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn gc(
+    State(svc): State<Arc<Service>>,
+) -> ApiResult<(StatusCode, Json<JobStatus>)> {
+    let job = blocking(&svc, move |s| s.start_gc()).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.status())))
+}

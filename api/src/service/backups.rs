@@ -1,0 +1,274 @@
+//! Backups of volumes and images into the appliance's datastore (`DATA/datastore`).
+//!
+//! Creating, restoring, verifying and collecting garbage run as jobs. A volume's backups are
+//! incremental through its dirty bitmap (one per datastore and snapshot group); a restore goes
+//! to a new image (removed again if the restore fails or is cancelled) or onto an existing
+//! volume.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use strata_backup::bitmap_tracker::{bitmap_name, BitmapTracker};
+use strata_backup::prune::KeepRules;
+use strata_backup::restore::RestoreOptions;
+use strata_backup::{snapshot, BackupOptions, Changes, Datastore};
+use strata_storage::format::{self, ImageFormat};
+use utoipa::ToSchema;
+
+use super::jobs::{Job, JobContext};
+use super::progress::JobProgress;
+use super::volumes::Resolved;
+use super::{Service, ServiceError, ServiceResult};
+
+/// A request to back up a source.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateBackup {
+    /// `lv:VG/NAME`, `image:NAME`, or an absolute path on the server.
+    pub source: String,
+    /// Snapshot group, e.g. `volume/strata/vm-100-disk-0` (derived from the source if absent).
+    pub id: Option<String>,
+}
+
+/// A request to restore a snapshot.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RestoreBackup {
+    /// Snapshot name (`ID/TIME`) or a group id (its latest snapshot).
+    pub snapshot: String,
+    /// `image:NAME` (a new image) or `lv:VG/NAME` (an existing volume of the same size).
+    pub target: String,
+    /// Format of a new image (raw, qcow2, vmdk); default raw.
+    pub format: Option<String>,
+}
+
+/// What to verify.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct VerifyBackups {
+    /// One snapshot (name or group id); all snapshots when absent.
+    pub snapshot: Option<String>,
+}
+
+/// Retention rules.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct PruneBackups {
+    /// Groups to prune (all when empty).
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Newest snapshots to keep.
+    #[serde(default)]
+    pub keep_last: usize,
+    /// Days to keep one snapshot of.
+    #[serde(default)]
+    pub keep_daily: usize,
+    /// ISO weeks to keep one snapshot of.
+    #[serde(default)]
+    pub keep_weekly: usize,
+    /// Months to keep one snapshot of.
+    #[serde(default)]
+    pub keep_monthly: usize,
+    /// Only report what would be removed.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackupSummary {
+    /// Snapshot name, `ID/TIME`.
+    pub snapshot: String,
+    /// Its manifest: source, time, size, format, parent, change tracking, figures; or the error
+    /// reading it.
+    #[schema(value_type = Object)]
+    pub manifest: serde_json::Value,
+}
+
+impl Service {
+    fn datastore_path(&self) -> PathBuf {
+        self.data().root().join("datastore")
+    }
+
+    /// The appliance's datastore, created on first use.
+    pub fn datastore(&self) -> ServiceResult<Datastore> {
+        Ok(Datastore::open_or_create(&self.datastore_path())?)
+    }
+
+    /// Snapshots, oldest first (of one group if given).
+    pub fn list_backups(&self, id: Option<&str>) -> ServiceResult<Vec<BackupSummary>> {
+        let store = self.datastore()?;
+        let names = match id {
+            Some(id) => store.list_group(id)?,
+            None => store.list()?,
+        };
+        Ok(names
+            .into_iter()
+            .map(|n| BackupSummary {
+                snapshot: n.to_string(),
+                manifest: match store.read_manifest(&n) {
+                    Ok(m) => serde_json::to_value(&m).unwrap_or_default(),
+                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                },
+            })
+            .collect())
+    }
+
+    /// Starts a backup job.
+    pub fn start_backup(self: &Arc<Self>, req: CreateBackup) -> ServiceResult<Arc<Job>> {
+        let store = self.datastore()?;
+        let id = req
+            .id
+            .clone()
+            .unwrap_or_else(|| snapshot::default_id(&req.source));
+        let resolved = self.resolve_source(&req.source, true)?;
+        let desc = format!("back up {} as {id}", req.source);
+        self.jobs.clone().spawn("backup", desc, move |ctx| {
+            let progress = JobProgress::new(ctx);
+            let opts = BackupOptions {
+                id: id.clone(),
+                source_label: req.source.clone(),
+                source_format: resolved.format_label(),
+                changes: Changes::Untracked,
+                pipeline: Default::default(),
+            };
+            let out = match &resolved {
+                Resolved::Volume { device, vg, lv } => {
+                    let set = vg.bitmaps(lv)?;
+                    let mut tracker =
+                        BitmapTracker::new(set, bitmap_name(store.root(), &id), req.source.clone());
+                    strata_backup::create_tracked(
+                        &store,
+                        device.clone(),
+                        &opts,
+                        &mut tracker,
+                        &progress,
+                    )?
+                }
+                Resolved::Image { device, .. } => {
+                    strata_backup::create(&store, device.clone(), &opts, &progress)?
+                }
+            };
+            Ok(serde_json::json!({
+                "snapshot": out.snapshot.to_string(),
+                "manifest": out.manifest,
+            }))
+        })
+    }
+
+    /// Starts a restore job.
+    pub fn start_restore(self: &Arc<Self>, req: RestoreBackup) -> ServiceResult<Arc<Job>> {
+        let store = self.datastore()?;
+        let name = store.resolve(&req.snapshot)?;
+        let manifest = store.read_manifest(&name)?;
+        let desc = format!("restore {name} to {}", req.target);
+        if let Some(image) = req.target.strip_prefix("image:") {
+            let path = self.image_path(image)?;
+            let fmt: ImageFormat = req.format.as_deref().unwrap_or("raw").parse()?;
+            format::create_image(&path, fmt, manifest.size, &Default::default())?;
+            return self.jobs.clone().spawn("restore", desc, move |ctx| {
+                let result = restore_into_new(&store, &name, &path, fmt, ctx);
+                if result.is_err() {
+                    // Never leave a half-restored image that looks complete.
+                    let _ = std::fs::remove_file(&path);
+                }
+                result
+            });
+        }
+        if !req.target.starts_with("lv:") {
+            return Err(ServiceError::BadRequest(format!(
+                "Restore target {:?} must be image:NAME (a new image) or lv:VG/NAME (an existing volume)",
+                req.target
+            )));
+        }
+        let target = self.resolve_source(&req.target, false)?;
+        self.jobs.clone().spawn("restore", desc, move |ctx| {
+            let opts = RestoreOptions {
+                fresh_target: false,
+                ..Default::default()
+            };
+            let stats = strata_backup::restore::restore(
+                &store,
+                &name,
+                target.device(),
+                opts,
+                &JobProgress::new(ctx),
+            )?;
+            Ok(serde_json::to_value(&stats).unwrap_or_default())
+        })
+    }
+
+    /// Starts a verify job (one snapshot or all).
+    pub fn start_verify(self: &Arc<Self>, req: VerifyBackups) -> ServiceResult<Arc<Job>> {
+        let store = self.datastore()?;
+        let names = match &req.snapshot {
+            Some(s) => vec![store.resolve(s)?],
+            None => store.list()?,
+        };
+        let desc = match &req.snapshot {
+            Some(s) => format!("verify {s}"),
+            None => "verify all snapshots".into(),
+        };
+        self.jobs.clone().spawn("verify", desc, move |ctx| {
+            let workers = std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(2);
+            let report =
+                strata_backup::verify::verify(&store, &names, workers, &JobProgress::new(ctx))?;
+            let value = serde_json::to_value(&report).unwrap_or_default();
+            if report.ok() {
+                Ok(value)
+            } else {
+                Err(ServiceError::Storage(
+                    strata_storage::StorageError::corrupt(
+                        "datastore",
+                        format!("verification found damage: {value}"),
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// Removes snapshots outside the retention rules.
+    pub fn prune_backups(&self, req: &PruneBackups) -> ServiceResult<serde_json::Value> {
+        let store = self.datastore()?;
+        let rules = KeepRules {
+            last: req.keep_last,
+            daily: req.keep_daily,
+            weekly: req.keep_weekly,
+            monthly: req.keep_monthly,
+        };
+        let decisions = strata_backup::prune::prune(&store, &req.ids, rules, req.dry_run)?;
+        Ok(serde_json::to_value(&decisions).unwrap_or_default())
+    }
+
+    /// Starts garbage collection.
+    pub fn start_gc(self: &Arc<Self>) -> ServiceResult<Arc<Job>> {
+        let store = self.datastore()?;
+        self.jobs
+            .clone()
+            .spawn("gc", "collect unreferenced chunks".into(), move |ctx| {
+                let stats = strata_backup::gc::gc(&store, 300, &JobProgress::new(ctx))?;
+                Ok(serde_json::to_value(&stats).unwrap_or_default())
+            })
+    }
+}
+
+fn restore_into_new(
+    store: &Datastore,
+    name: &strata_backup::SnapshotName,
+    path: &std::path::Path,
+    fmt: ImageFormat,
+    ctx: &JobContext,
+) -> ServiceResult<serde_json::Value> {
+    let opts = format::OpenOptions {
+        format: Some(fmt),
+        ..Default::default()
+    };
+    let dev = format::open_image(path, &opts)?;
+    let stats = strata_backup::restore::restore(
+        store,
+        name,
+        dev,
+        RestoreOptions::default(),
+        &JobProgress::new(ctx),
+    )?;
+    Ok(serde_json::to_value(&stats).unwrap_or_default())
+}
