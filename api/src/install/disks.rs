@@ -345,19 +345,19 @@ pub fn partition_name(disk: &str, n: u32) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
 
     /// A fake machine: sysfs entries, device files and a mount table in a temporary folder.
-    struct Fake {
+    pub(crate) struct Fake {
         _dir: tempfile::TempDir,
-        view: SysView,
+        pub(crate) view: SysView,
     }
 
     impl Fake {
-        fn new() -> Fake {
+        pub(crate) fn new() -> Fake {
             let dir = tempfile::tempdir().unwrap();
             let view = SysView {
                 sys_block: dir.path().join("sys/block"),
@@ -370,7 +370,7 @@ mod tests {
             Fake { _dir: dir, view }
         }
 
-        fn disk(&self, name: &str, devno: &str, size: u64) {
+        pub(crate) fn disk(&self, name: &str, devno: &str, size: u64) {
             let d = self.view.sys_block.join(name);
             std::fs::create_dir_all(d.join("device")).unwrap();
             std::fs::write(d.join("size"), format!("{}\n", size / 512)).unwrap();
@@ -380,7 +380,7 @@ mod tests {
             std::fs::write(self.view.dev.join(name), vec![0u8; 8192]).unwrap();
         }
 
-        fn part(&self, disk: &str, name: &str, devno: &str, label: Option<&str>) {
+        pub(crate) fn part(&self, disk: &str, name: &str, devno: &str, label: Option<&str>) {
             let d = self.view.sys_block.join(disk).join(name);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("partition"), "1\n").unwrap();
@@ -393,7 +393,7 @@ mod tests {
             std::fs::write(self.view.dev.join(name), vec![0u8; 8192]).unwrap();
         }
 
-        fn mount(&self, devno: &str, at: &str) {
+        pub(crate) fn mount(&self, devno: &str, at: &str) {
             let mut t = std::fs::read_to_string(&self.view.mountinfo).unwrap();
             t.push_str(&format!(
                 "30 1 {devno} / {at} ro,relatime - iso9660 /dev/x ro\n"

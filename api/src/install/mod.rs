@@ -420,3 +420,175 @@ fn execute(
     )?;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The installer's refusals, through [`install`] on a fake machine: each comes before
+    //! anything is written, with the error the operator sees.
+
+    use super::*;
+    use disks::tests::Fake;
+
+    const GIB: u64 = 1 << 30;
+
+    struct Machine {
+        fake: Fake,
+        media: tempfile::TempDir,
+    }
+
+    impl Machine {
+        fn new() -> Machine {
+            let media = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(media.path().join("boot")).unwrap();
+            for f in ["boot/vmlinuz", "boot/initrd-disk.img"] {
+                std::fs::write(media.path().join(f), b"x").unwrap();
+            }
+            Machine {
+                fake: Fake::new(),
+                media,
+            }
+        }
+
+        /// Runs the installer unattended with `answers` (not a dry run: a refusal must come
+        /// before any step runs).
+        fn install(&self, answers: &str) -> (InstallResult<Option<token::InstallReport>>, String) {
+            let file = self.media.path().join("answers.conf");
+            std::fs::write(&file, answers).unwrap();
+            let opts = plain_options(self, file);
+            let mut out = Vec::new();
+            let result = install(&opts, &mut &b""[..], &mut out);
+            (result, String::from_utf8(out).unwrap())
+        }
+
+        /// Runs the installer's dry run with `answers`, which must succeed; returns its output.
+        fn dry_run(&self, answers: &str) -> String {
+            let file = self.media.path().join("answers.conf");
+            std::fs::write(&file, answers).unwrap();
+            let opts = InstallOptions {
+                dry_run: true,
+                ..plain_options(self, file)
+            };
+            let mut out = Vec::new();
+            assert!(install(&opts, &mut &b""[..], &mut out).unwrap().is_none());
+            String::from_utf8(out).unwrap()
+        }
+
+        /// The bytes of every fake device, to show that nothing was written.
+        fn devices(&self) -> Vec<(String, Vec<u8>)> {
+            let mut all: Vec<_> = std::fs::read_dir(&self.fake.view.dev)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    (name, std::fs::read(e.path()).unwrap())
+                })
+                .collect();
+            all.sort();
+            all
+        }
+    }
+
+    fn refusal(m: &Machine, answers: &str) -> InstallError {
+        let before = m.devices();
+        let (result, out) = m.install(answers);
+        let e = result.expect_err("the installer must refuse");
+        assert!(!out.contains("Plan:"), "a plan was shown: {out}");
+        assert_eq!(m.devices(), before, "a device was written");
+        e
+    }
+
+    #[test]
+    fn refuses_a_machine_without_disks() {
+        let m = Machine::new();
+        m.fake.disk("loop0", "7:0", 20 * GIB); // never a target
+        let e = refusal(&m, "disk = auto\n");
+        assert!(matches!(e, InstallError::NoDisk(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "No disk found to install on (the machine reports no disks)"
+        );
+    }
+
+    #[test]
+    fn refuses_a_disk_too_small() {
+        let m = Machine::new();
+        m.fake.disk("vda", "253:0", 2 * GIB);
+        for answers in ["disk = auto\n", "disk = vda\nwipe = yes\n"] {
+            let e = refusal(&m, answers);
+            assert_eq!(
+                e.to_string(),
+                "Disk /dev/vda is too small: 2 GiB; Strata needs at least 8 GiB",
+                "{answers}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_the_disk_holding_the_installer() {
+        // The ISO written to a USB stick (sdb), its ISO 9660 partition mounted as the medium.
+        let m = Machine::new();
+        m.fake.disk("sdb", "8:16", 32 * GIB);
+        m.fake.part("sdb", "sdb1", "8:17", None);
+        m.fake.mount("8:17", &m.media.path().display().to_string());
+        let e = refusal(&m, "disk = sdb\nwipe = yes\n");
+        assert!(matches!(e, InstallError::InstallerDisk { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "Disk /dev/sdb holds the installer itself (the installation medium); choose another disk"
+        );
+        // Unattended with disk=auto, the stick is never chosen: no disk is left.
+        let e = refusal(&m, "disk = auto\n");
+        assert!(matches!(e, InstallError::NoDisk(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("sdb (32 GiB QEMU HARDDISK): the installation medium"),
+            "{e}"
+        );
+        // With a real disk next to it, auto takes that one.
+        m.fake.disk("sda", "8:0", 32 * GIB);
+        let out = m.dry_run("disk = auto\n");
+        assert!(out.contains("Plan: install on /dev/sda (32 GiB"), "{out}");
+    }
+
+    #[test]
+    fn refuses_an_existing_strata_volume_group_unless_told_to_wipe() {
+        let m = Machine::new();
+        m.fake.disk("vda", "253:0", 10 * GIB);
+        m.fake.part("vda", "vda4", "253:4", None);
+        let mut pv = vec![0u8; 8192];
+        pv[..8].copy_from_slice(disks::PV_LABEL_MAGIC);
+        std::fs::write(m.fake.view.dev.join("vda4"), pv).unwrap();
+        for answers in ["disk = auto\n", "disk = vda\nwipe = no\n"] {
+            let e = refusal(&m, answers);
+            assert!(matches!(e, InstallError::ExistingStrata { .. }), "{e}");
+            assert_eq!(
+                e.to_string(),
+                "Disk /dev/vda holds a Strata volume group (physical volume label on vda4); \
+                 answer wipe=yes to replace it (its data will be lost)"
+            );
+        }
+        // Told to wipe, the plan goes through (a dry run here: nothing is written).
+        let out = m.dry_run("disk = auto\nwipe = yes\n");
+        assert!(out.contains("Plan: install on /dev/vda (10 GiB"), "{out}");
+        assert!(out.contains("Dry run: nothing was changed."), "{out}");
+    }
+
+    fn plain_options(m: &Machine, answers: PathBuf) -> InstallOptions {
+        InstallOptions {
+            media: m.media.path().to_path_buf(),
+            source_root: m.media.path().join("no-root"),
+            target_mount: m.media.path().join("no-target"),
+            token_mount: m.media.path().join("no-token"),
+            after_file: None,
+            view: m.fake.view.clone(),
+            answers: AnswerSources {
+                media_file: None,
+                cmdline: None,
+                explicit_file: Some(answers),
+            },
+            mode: Mode::Auto,
+            terminal: false,
+            dry_run: false,
+        }
+    }
+}
