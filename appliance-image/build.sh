@@ -38,6 +38,10 @@ done
 for tool in apt-get apt-cache dpkg-deb depmod cpio gzip readelf strip grub-mkrescue xorriso mformat; do
   command -v "$tool" >/dev/null || die "$tool is missing; install the packages listed in appliance-image/README.md"
 done
+# grub-mkrescue quietly leaves out a platform whose modules are missing: require both.
+[ -d /usr/lib/grub/i386-pc ] || die "GRUB's BIOS modules are missing (apt-get install grub-pc-bin)"
+[ -d /usr/lib/grub/x86_64-efi ] ||
+  die "GRUB's UEFI modules are missing (apt-get install grub-efi-amd64-bin)"
 [ -z "$answers" ] || [ -f "$answers" ] || die "answer file $answers does not exist"
 case "$grub_timeout" in ''|*[!0-9]*) die "--grub-timeout needs a number of seconds" ;; esac
 
