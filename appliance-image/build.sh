@@ -9,7 +9,7 @@
 # `strata` binary of this workspace. See appliance-image/README.md for the layout and the
 # answer-file format. Needs on the host: apt-get, dpkg-deb, depmod (kmod), cpio, gzip,
 # readelf/strip (binutils), grub-mkrescue (grub-common, grub-pc-bin, grub-efi-amd64-bin),
-# xorriso and mtools.
+# xorriso, mtools and xz-utils (grub-mkrescue --compress=xz runs xz).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-for tool in apt-get apt-cache dpkg-deb depmod cpio gzip readelf strip grub-mkrescue xorriso mformat; do
+for tool in apt-get apt-cache dpkg-deb depmod cpio gzip xz readelf strip grub-mkrescue xorriso mformat; do
   command -v "$tool" >/dev/null || die "$tool is missing; install the packages listed in appliance-image/README.md"
 done
 # grub-mkrescue quietly leaves out a platform whose modules are missing: require both.

@@ -21,6 +21,7 @@ packages=(
                                # needs, strip drops strata's debug information
   xorriso                      # appliance-image/build.sh: grub-mkrescue writes the ISO with it
   grub-common                  # appliance-image/build.sh: grub-mkrescue itself
+  xz-utils                     # grub-mkrescue --compress=xz runs xz on GRUB's modules
   grub-pc-bin                  # grub-mkrescue: the ISO's BIOS boot (i386-pc modules)
   grub-efi-amd64-bin           # grub-mkrescue: the ISO's UEFI boot (x86_64-efi modules)
   mtools                       # grub-mkrescue makes the ISO's EFI FAT image with mformat/mcopy;

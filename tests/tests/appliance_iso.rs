@@ -66,7 +66,7 @@ after = reboot
 
 /// Host tools of `appliance-image/build.sh` and this test, with their Debian packages
 /// (scripts/install-deps.sh installs them).
-const HOST_TOOLS: [(&str, &str); 11] = [
+const HOST_TOOLS: [(&str, &str); 12] = [
     ("apt-get", "apt"),
     ("dpkg-deb", "dpkg"),
     ("depmod", "kmod"),
@@ -78,6 +78,7 @@ const HOST_TOOLS: [(&str, &str); 11] = [
     ("mformat", "mtools"),
     ("mtype", "mtools"),
     ("gzip", "gzip"),
+    ("xz", "xz-utils"),
 ];
 /// GRUB's platform folders: grub-mkrescue quietly leaves out a platform whose folder is
 /// missing, which would make an ISO that cannot boot that way.
