@@ -32,6 +32,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -66,7 +67,7 @@ after = reboot
 
 /// Host tools of `appliance-image/build.sh` and this test, with their Debian packages
 /// (scripts/install-deps.sh installs them).
-const HOST_TOOLS: [(&str, &str); 12] = [
+const HOST_TOOLS: [(&str, &str); 13] = [
     ("apt-get", "apt"),
     ("dpkg-deb", "dpkg"),
     ("depmod", "kmod"),
@@ -79,7 +80,10 @@ const HOST_TOOLS: [(&str, &str); 12] = [
     ("mtype", "mtools"),
     ("gzip", "gzip"),
     ("xz", "xz-utils"),
+    (DEBUGFS, "e2fsprogs"),
 ];
+/// debugfs, by path: /sbin is not on every user's PATH.
+const DEBUGFS: &str = "/sbin/debugfs";
 /// GRUB's platform folders: grub-mkrescue quietly leaves out a platform whose folder is
 /// missing, which would make an ISO that cannot boot that way.
 const GRUB_PLATFORMS: [(&str, &str); 2] = [
@@ -141,6 +145,73 @@ fn check_boot_catalogue(iso: &Path) -> Result<()> {
             "the ISO has no {platform} boot image: {entries:?}"
         );
     }
+    Ok(())
+}
+
+/// The byte offset of the GPT partition named `name` on a raw disk image.
+fn gpt_partition_offset(disk: &Path, name: &str) -> Result<u64> {
+    const SECTOR: u64 = 512;
+    let f = File::open(disk)?;
+    let mut header = [0u8; 92];
+    f.read_exact_at(&mut header, SECTOR)?;
+    ensure!(&header[..8] == b"EFI PART", "no GPT on {}", disk.display());
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let (table, count, size) = (
+        u64_at(&header, 72),
+        u32_at(&header, 80).min(128),
+        u32_at(&header, 84),
+    );
+    ensure!((128..=4096).contains(&size), "odd GPT entry size {size}");
+    let mut entry = vec![0u8; size as usize];
+    for i in 0..u64::from(count) {
+        f.read_exact_at(&mut entry, table * SECTOR + i * u64::from(size))?;
+        let units: Vec<u16> = entry[56..128]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|&u| u != 0)
+            .collect();
+        if String::from_utf16_lossy(&units) == name {
+            return Ok(u64_at(&entry, 32) * SECTOR);
+        }
+    }
+    bail!("no partition named {name} on {}", disk.display())
+}
+
+/// Runs a debugfs request on the ext4 file system at `offset` of `disk` (read-only).
+fn debugfs(disk: &Path, offset: u64, request: &str) -> Result<String> {
+    let device = format!("{}?offset={offset}", disk.display());
+    let out = Command::new(DEBUGFS)
+        .args(["-R", request, &device])
+        .output()
+        .context("running debugfs")?;
+    ensure!(
+        out.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Reads the installed root file system from the host (no guest involved).
+fn check_installed_root(disk: &Path) -> Result<()> {
+    let root = gpt_partition_offset(disk, "strata-root")?;
+    let store = debugfs(disk, root, "ls /var/lib/strata/datastore")?;
+    ensure!(
+        store.contains(".strata-datastore") && store.contains("chunks"),
+        "no backup datastore in the installed /var/lib/strata: {store:?}"
+    );
+    let recorded = debugfs(disk, root, "cat /var/lib/strata/appliance.json")?;
+    ensure!(
+        recorded.contains("\"datastore\": \"/var/lib/strata/datastore\"")
+            && recorded.contains("\"thin_pool\": \"data\""),
+        "appliance.json does not record the default storage: {recorded}"
+    );
+    let conf = debugfs(disk, root, "cat /etc/strata/appliance.conf")?;
+    ensure!(
+        conf.contains(&format!("LISTEN='0.0.0.0:{API_PORT}'")),
+        "appliance.conf: {conf}"
+    );
     Ok(())
 }
 
@@ -655,6 +726,11 @@ fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
         report.contains("thin pool strata/data, backup datastore /var/lib/strata/datastore"),
         "the installer did not report the default storage: {report}"
     );
+
+    // The installed root file system, read from the host: the installer (not the API on
+    // first use) made the datastore and recorded the storage, and the configuration names
+    // the answered API address.
+    check_installed_root(&disk)?;
 
     // 4. and 5. Boot the disk alone, by BIOS then by UEFI, and use the API with the token.
     let bios_api = boot_installed("boot-bios", &disk, &[], &token, true)?;
