@@ -217,6 +217,10 @@ fn plan_interactively(
                 None => {
                     match disks::check_target(&opts.view, d, &mounts, false, layout::MIN_DISK) {
                         Ok(()) => String::new(),
+                        // Choosing it asks whether to wipe (the error's advice is for answers).
+                        Err(InstallError::ExistingStrata { what, .. }) => {
+                            format!(": holds {what}; choosing it asks whether to replace it")
+                        }
                         Err(e) => format!(": {e}"),
                     }
                 }
@@ -449,6 +453,18 @@ mod tests {
             }
         }
 
+        /// A machine with a 10 GiB disk `vda` whose partition 4 holds a Strata PV label at
+        /// `label_at` (0 or 4096, the two copies).
+        fn with_installed_disk(label_at: usize) -> Machine {
+            let m = Machine::new();
+            m.fake.disk("vda", "253:0", 10 * GIB);
+            m.fake.part("vda", "vda4", "253:4", None);
+            let mut pv = vec![0u8; 8192];
+            pv[label_at..label_at + 8].copy_from_slice(disks::PV_LABEL_MAGIC);
+            std::fs::write(m.fake.view.dev.join("vda4"), pv).unwrap();
+            m
+        }
+
         /// Runs the installer unattended with `answers` (not a dry run: a refusal must come
         /// before any step runs).
         fn install(&self, answers: &str) -> (InstallResult<Option<token::InstallReport>>, String) {
@@ -552,12 +568,7 @@ mod tests {
 
     #[test]
     fn refuses_an_existing_strata_volume_group_unless_told_to_wipe() {
-        let m = Machine::new();
-        m.fake.disk("vda", "253:0", 10 * GIB);
-        m.fake.part("vda", "vda4", "253:4", None);
-        let mut pv = vec![0u8; 8192];
-        pv[..8].copy_from_slice(disks::PV_LABEL_MAGIC);
-        std::fs::write(m.fake.view.dev.join("vda4"), pv).unwrap();
+        let m = Machine::with_installed_disk(0);
         for answers in ["disk = auto\n", "disk = vda\nwipe = no\n"] {
             let e = refusal(&m, answers);
             assert!(matches!(e, InstallError::ExistingStrata { .. }), "{e}");
@@ -571,6 +582,38 @@ mod tests {
         let out = m.dry_run("disk = auto\nwipe = yes\n");
         assert!(out.contains("Plan: install on /dev/vda (10 GiB"), "{out}");
         assert!(out.contains("Dry run: nothing was changed."), "{out}");
+    }
+
+    #[test]
+    fn interactive_refuses_small_and_strata_disks_until_told_to_wipe() {
+        let m = Machine::with_installed_disk(4096);
+        m.fake.disk("vdb", "253:16", 2 * GIB);
+        let file = m.media.path().join("answers.conf");
+        std::fs::write(&file, "hostname = store1\n").unwrap();
+        let opts = InstallOptions {
+            mode: Mode::Interactive,
+            terminal: true,
+            dry_run: true,
+            ..plain_options(&m, file)
+        };
+        let typed = "vdb\nvda\nno\nvda\nwipe\n\n\n\n";
+        let mut out = Vec::new();
+        install(&opts, &mut typed.as_bytes(), &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        for shown in [
+            "/dev/vda (10 GiB QEMU HARDDISK): holds a Strata volume group (physical volume \
+             label on vda4); choosing it asks whether to replace it",
+            "Disk /dev/vdb is too small: 2 GiB; Strata needs at least 8 GiB",
+            "Type 'wipe' to go on: ",
+            "Host name [store1]: ",
+            "Plan: install on /dev/vda (10 GiB",
+            "Dry run: nothing was changed.",
+        ] {
+            assert!(out.contains(shown), "{shown:?} not in {out}");
+        }
+        // Asked twice whether to wipe: "no" went back to the disk question.
+        assert_eq!(out.matches("Type 'wipe' to go on: ").count(), 2, "{out}");
+        assert_eq!(out.matches("Install on disk [vda]: ").count(), 3, "{out}");
     }
 
     fn plain_options(m: &Machine, answers: PathBuf) -> InstallOptions {
