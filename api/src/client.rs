@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
@@ -82,36 +83,129 @@ impl Client {
         payload: Vec<u8>,
         json: bool,
     ) -> anyhow::Result<Response> {
+        let req = self
+            .builder(method, path, json)?
+            .body(Full::new(Bytes::from(payload)))?;
+        self.rt.block_on(async move {
+            let resp = self.exchange(req).await?;
+            let status = resp.status().as_u16();
+            let raw = resp.into_body().collect().await?.to_bytes().to_vec();
+            let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+            Ok(Response { status, body, raw })
+        })
+    }
+
+    /// Streams the file `file` as the body of `PUT path` (an upload), without reading it into
+    /// memory.
+    pub fn upload_file(&self, path: &str, file: &std::path::Path) -> anyhow::Result<Response> {
+        let len = std::fs::metadata(file)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+            .len();
+        let opened =
+            std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        self.rt.block_on(async move {
+            let stream = tokio_util::io::ReaderStream::with_capacity(
+                tokio::fs::File::from_std(opened),
+                1 << 20,
+            )
+            .map(|r| r.map(hyper::body::Frame::data));
+            let req = self
+                .builder("PUT", path, false)?
+                .header("content-length", len.to_string())
+                .header("content-type", "application/octet-stream")
+                .body(http_body_util::StreamBody::new(stream))?;
+            let resp = self.exchange(req).await?;
+            let status = resp.status().as_u16();
+            let raw = resp.into_body().collect().await?.to_bytes().to_vec();
+            let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+            Ok(Response { status, body, raw })
+        })
+    }
+
+    /// `GET path`, streaming a successful body into the new file `out`; on an error status the
+    /// body is returned instead and no file is made.
+    pub fn download_to(&self, path: &str, out: &std::path::Path) -> anyhow::Result<Response> {
+        let req = self
+            .builder("GET", path, false)?
+            .body(Full::new(Bytes::new()))?;
+        self.rt.block_on(async move {
+            let resp = self.exchange(req).await?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            if status != 200 {
+                let raw = body.collect().await?.to_bytes().to_vec();
+                let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+                return Ok(Response {
+                    status,
+                    body: json,
+                    raw,
+                });
+            }
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(out)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            use tokio::io::AsyncWriteExt;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    file.write_all(&data).await?;
+                }
+            }
+            file.sync_all().await?;
+            Ok(Response {
+                status,
+                body: serde_json::Value::Null,
+                raw: Vec::new(),
+            })
+        })
+    }
+
+    fn builder(
+        &self,
+        method: &str,
+        path: &str,
+        json: bool,
+    ) -> anyhow::Result<hyper::http::request::Builder> {
         let method = Method::from_bytes(method.as_bytes())?;
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", format!("{}:{}", self.host, self.port));
+            .header("host", format!("{}:{}", self.host, self.port))
+            // One request per connection: the connection task ends with the response.
+            .header("connection", "close");
         if json {
             req = req.header("content-type", "application/json");
         }
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = req.body(Full::new(Bytes::from(payload)))?;
+        Ok(req)
+    }
+
+    /// Connects, sends `req` and returns the response head with its streaming body.
+    async fn exchange<B>(
+        &self,
+        req: Request<B>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let addr = format!("{}:{}", self.host, self.port);
-        self.rt.block_on(async move {
-            let stream = tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio::net::TcpStream::connect(&addr),
-            )
-            .await
-            .map_err(|_| anyhow::anyhow!("Connecting to {addr} timed out"))?
-            .map_err(|e| anyhow::anyhow!("Cannot connect to {addr}: {e}"))?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            let driver = tokio::spawn(conn);
-            let resp = sender.send_request(req).await?;
-            let status = resp.status().as_u16();
-            let raw = resp.into_body().collect().await?.to_bytes().to_vec();
-            driver.abort();
-            let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-            Ok(Response { status, body, raw })
-        })
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("Connecting to {addr} timed out"))?
+        .map_err(|e| anyhow::anyhow!("Cannot connect to {addr}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        // The task ends once the response is read: every request asks to close.
+        tokio::spawn(conn);
+        Ok(sender.send_request(req).await?)
     }
 }

@@ -375,3 +375,30 @@ fn concurrent_volume_creates_snapshots_and_removes_leave_consistent_metadata() {
         );
     }
 }
+
+#[test]
+fn a_volume_larger_than_the_free_space_gets_507() {
+    let srv = Server::start();
+    let c = srv.client();
+    // A linear volume needs its extents now: the 4 GiB group cannot hold 100 GiB.
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "big", "size": "100G"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 507, "{:?}", r.body);
+    assert_eq!(r.body["kind"], "out-of-space", "{:?}", r.body);
+    // Nothing was made, and the group still serves requests.
+    let r = c.request("GET", "/api/volumes/strata/big", None).unwrap();
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes",
+            Some(&json!({"vg": "strata", "name": "small", "size": "64M", "pool": "data"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}

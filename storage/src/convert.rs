@@ -57,6 +57,19 @@ impl Default for ConvertOptions {
 pub trait ConvertProgress {
     /// Called after each chunk.
     fn progress(&self, done: u64, total: u64);
+
+    /// Whether the caller asked to stop; the conversion then ends with
+    /// [`StorageError::Cancelled`] at the next chunk.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+fn check_cancelled(progress: &dyn ConvertProgress) -> Result<()> {
+    if progress.cancelled() {
+        return Err(StorageError::Cancelled);
+    }
+    Ok(())
 }
 
 /// Progress that goes nowhere.
@@ -342,6 +355,7 @@ fn to_compressed(
     };
     let mut done = 0;
     while let Some((job, buf)) = reader.next()? {
+        check_cancelled(progress)?;
         match buf.as_ref().and_then(|b| b.as_slice()) {
             None => report.skipped += job.len,
             Some(data) => {
@@ -423,6 +437,7 @@ fn to_device(
             q.reap(&mut completions);
             settle(&mut completions, &mut chunks, &mut done)?;
         }
+        check_cancelled(progress)?;
         let Some((job, buf)) = reader.next()? else {
             break;
         };

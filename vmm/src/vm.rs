@@ -110,6 +110,14 @@ pub struct RunReport {
 
 /// Builds the VM described by `cfg`, runs it until it powers off, resets or times out.
 pub fn run(cfg: VmConfig) -> Result<RunReport> {
+    run_with_control(cfg, Arc::new(VmControl::default()))
+}
+
+/// Like [`run`], with a [`VmControl`] the caller keeps: `control.request(VcpuExitReason::Stopped)`
+/// from any thread stops the VM (a hard stop: the vCPUs leave KVM_RUN, the disks are flushed)
+/// and this function returns with reason `Stopped`. A request made before the call takes effect
+/// as soon as the VM is built.
+pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunReport> {
     if cfg.cpus == 0 || cfg.cpus > 64 {
         return Err(VmmError::Config(format!(
             "--cpus {} is out of range (1 to 64)",
@@ -128,7 +136,6 @@ pub fn run(cfg: VmConfig) -> Result<RunReport> {
     let mut pio = Bus::with_counter(counters.pio.clone());
     let mut mmio = Bus::with_counter(counters.mmio.clone());
     let counters = Arc::new(counters);
-    let control = Arc::new(VmControl::default());
     let marks = Arc::new(Mutex::new(Vec::new()));
 
     let serial_irq = eventfd()?;

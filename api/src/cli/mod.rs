@@ -2,6 +2,7 @@
 //! own module and calls the storage layer; no command keeps logic of its own that a library
 //! should hold.
 
+mod appliance;
 mod backup;
 mod bench;
 mod check;
@@ -22,6 +23,7 @@ mod snapshot;
 mod vg;
 mod vhost_user;
 mod vm;
+mod vm_manage;
 
 use std::process::ExitCode;
 
@@ -42,6 +44,21 @@ pub struct Cli {
     /// Strata's data directory (default: $STRATA_DATA, else /var/lib/strata).
     #[arg(long, global = true, value_name = "DIR")]
     pub data: Option<PathBuf>,
+
+    /// Send appliance commands (volumes, images, backups, storage, jobs) to a running
+    /// `strata serve` at this URL (http://HOST:PORT) instead of working on --data.
+    #[arg(long, global = true, env = "STRATA_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+
+    /// API token for --remote.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -69,6 +86,21 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(serve::TokenCommand),
+    /// The appliance's volumes (local, or on a server with --remote).
+    #[command(subcommand)]
+    Volumes(appliance::VolumesCommand),
+    /// The appliance's image folder: list, import, export, convert (local or --remote).
+    #[command(subcommand)]
+    Images(appliance::ImagesCommand),
+    /// The appliance's backup datastore (local or --remote).
+    #[command(subcommand)]
+    Backups(appliance::BackupsCommand),
+    /// The appliance's volume groups and pools (local or --remote).
+    #[command(subcommand)]
+    Storage(appliance::StorageCommand),
+    /// Long-running operations (local or --remote).
+    #[command(subcommand)]
+    Jobs(appliance::JobsCommand),
     /// Physical volumes: create, list, remove.
     #[command(subcommand)]
     Pv(pv::PvCommand),
@@ -124,10 +156,46 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_path = strata_storage::volume::resolve_data_dir(cli.data.as_deref());
     let _ = DATA_DIR.set(data_path.clone());
     let data = DataDir::at(&data_path);
+    let api = || match &cli.remote {
+        Some(url) => appliance::Api::remote(url, cli.token.clone()),
+        None => appliance::Api::local(data.clone()),
+    };
+    let remote_only_for_appliance = |what: &str| -> anyhow::Result<()> {
+        if cli.remote.is_some() {
+            anyhow::bail!(
+                "`strata {what}` works on this machine's files and devices; with --remote use \
+                 the appliance commands (volumes, images, backups, storage, jobs)"
+            );
+        }
+        Ok(())
+    };
+    match &cli.command {
+        Command::Volumes(_)
+        | Command::Images(_)
+        | Command::Backups(_)
+        | Command::Storage(_)
+        | Command::Jobs(_) => {}
+        Command::Image(_) => remote_only_for_appliance("image")?,
+        Command::Backup(_) => remote_only_for_appliance("backup")?,
+        Command::Vm(vm::VmCommand::Run(_)) => remote_only_for_appliance("vm run")?,
+        Command::Vm(_) => {}
+        Command::VhostUserBlk(_) => remote_only_for_appliance("vhost-user-blk")?,
+        Command::Serve(_) => remote_only_for_appliance("serve")?,
+        Command::Init(_) => remote_only_for_appliance("init")?,
+        Command::Token(_) => remote_only_for_appliance("token")?,
+        Command::Pv(_) => remote_only_for_appliance("pv")?,
+        Command::Vg(_) => remote_only_for_appliance("vg")?,
+        Command::Lv(_) => remote_only_for_appliance("lv")?,
+    }
     match cli.command {
+        Command::Volumes(cmd) => appliance::volumes(cmd, &api()?),
+        Command::Images(cmd) => appliance::images(cmd, &api()?),
+        Command::Backups(cmd) => appliance::backups(cmd, &api()?),
+        Command::Storage(cmd) => appliance::storage(cmd, &api()?),
+        Command::Jobs(cmd) => appliance::jobs(cmd, &api()?),
         Command::Image(cmd) => image::run(cmd),
         Command::Backup(cmd) => backup::run(cmd),
-        Command::Vm(cmd) => vm::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd, &api),
         Command::VhostUserBlk(args) => vhost_user::run(args),
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),

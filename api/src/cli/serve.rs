@@ -108,6 +108,7 @@ pub fn init(a: InitArgs, data: DataDir) -> anyhow::Result<ExitCode> {
 pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     setup(&data, &a.setup)?;
     let svc = Arc::new(Service::open(data.clone())?);
+    svc.remove_leftovers()?;
     if svc.tokens.is_empty()? {
         let (_, token) = svc.tokens.create("admin")?;
         println!("Created the first API token (shown only now; keep it):");

@@ -1,4 +1,6 @@
-//! `strata vm run`: boot a Linux guest under Strata's VMM with disks served by the block layer.
+//! `strata vm …`: `run` boots a Linux guest from the command line, with disks and kernel given
+//! there; `define`, `list`, `status`, `start`, `stop`, `console` and `remove` manage the
+//! appliance's VMs through the API's routes (see [`super::vm_manage`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,19 +9,23 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use strata_storage::bitmap::{sidecar_path, TrackedDevice};
 use strata_storage::format::{ImageFormat, OpenOptions};
 use strata_storage::source::{open_source, Source};
 use strata_storage::util::parse_size;
-use strata_storage::BlockDevice;
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{DiskSpec, Payload, VmConfig};
+
+use super::appliance::Api;
+use crate::service::vm_runner::track_image_writes;
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Boot a Linux kernel (bzImage) with virtio-blk disks.
     Run(RunArgs),
+    /// Define, list, start, stop, watch and remove the appliance's VMs (local or --remote).
+    #[command(flatten)]
+    Manage(super::vm_manage::ManageCommand),
 }
 
 #[derive(Debug, Args)]
@@ -84,13 +90,7 @@ impl DiskArg {
                 .with_context(|| format!("--disk option '{part}' is not key=value"))?;
             match k {
                 "format" => arg.format = Some(v.parse()?),
-                "readonly" => {
-                    arg.read_only = match v {
-                        "on" | "true" | "yes" => true,
-                        "off" | "false" | "no" => false,
-                        _ => bail!("readonly={v}: expected on or off"),
-                    }
-                }
+                "readonly" => arg.read_only = parse_on_off("readonly", v)?,
                 "queues" => {
                     arg.queues = v
                         .parse()
@@ -117,12 +117,8 @@ impl DiskArg {
             .with_context(|| format!("opening {spec}"))?;
         let mut device = source.device();
         if let Source::Image(_) = &source {
-            let sidecar = sidecar_path(&self.path);
-            if sidecar.exists() && !device.read_only() {
-                let tracked = TrackedDevice::open(device, &sidecar)
-                    .with_context(|| format!("opening the dirty bitmaps {}", sidecar.display()))?;
-                device = Arc::new(tracked) as Arc<dyn BlockDevice>;
-            }
+            device = track_image_writes(device, &self.path)
+                .with_context(|| format!("opening the dirty bitmaps of {spec}"))?;
         }
         let disk = DiskSpec {
             name: source.describe(),
@@ -138,9 +134,27 @@ impl DiskArg {
     }
 }
 
-pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
+pub(super) fn parse_on_off(key: &str, v: &str) -> anyhow::Result<bool> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => bail!("{key}={v}: expected on or off"),
+    }
+}
+
+pub fn run(cmd: VmCommand, api: &dyn Fn() -> anyhow::Result<Api>) -> anyhow::Result<ExitCode> {
     match cmd {
         VmCommand::Run(args) => run_vm(args),
+        VmCommand::Manage(cmd) => super::vm_manage::run(cmd, &api()?),
+    }
+}
+
+pub(super) fn warn_if_pvm() {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "strata: warning: this host's KVM is PVM (software nested virtualisation); an \
+             unmodified Linux kernel does not finish booting under it"
+        );
     }
 }
 
@@ -151,12 +165,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|d| DiskArg::parse(d))
         .collect::<Result<_, _>>()?;
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        eprintln!(
-            "strata: warning: this host's KVM is PVM (software nested virtualisation); an \
-             unmodified Linux kernel does not finish booting under it"
-        );
-    }
+    warn_if_pvm();
     // Disks stay open across guest reboots; everything else is built anew each boot.
     let (specs, _sources): (Vec<DiskSpec>, Vec<Source>) = disks
         .iter()

@@ -10,6 +10,8 @@ mod error;
 mod images;
 pub mod openapi;
 mod system;
+mod transfer;
+mod vms;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -46,6 +48,16 @@ where
         .map_err(ApiError)
 }
 
+/// Runs a service call that only reads state the server holds in memory (open volume groups,
+/// jobs, tokens) directly on the async worker: a round trip through the blocking pool would
+/// cost more than the call (two thread wake-ups per request under load).
+pub(crate) fn quick<T>(
+    svc: &Arc<Service>,
+    f: impl FnOnce(&Arc<Service>) -> ServiceResult<T>,
+) -> ApiResult<T> {
+    f(svc).map_err(ApiError)
+}
+
 async fn require_token(State(svc): State<Arc<Service>>, req: Request, next: Next) -> Response {
     let presented = req
         .headers()
@@ -56,9 +68,11 @@ async fn require_token(State(svc): State<Arc<Service>>, req: Request, next: Next
     let Some(token) = presented else {
         return ApiError(ServiceError::Unauthorized).into_response();
     };
-    match blocking(&svc, move |s| s.tokens.verify(&token)).await {
+    // Verification is a hash, a constant-time scan of the tokens in memory and a stat of the
+    // tokens file: cheaper inline than a trip through the blocking pool.
+    match svc.tokens.verify(&token) {
         Ok(_) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => ApiError(e).into_response(),
     }
 }
 
@@ -66,21 +80,38 @@ async fn not_found() -> ApiError {
     ApiError(ServiceError::NotFound("No such API route".into()))
 }
 
-/// The router: every API route, authentication, limits.
-pub fn router(svc: Arc<Service>) -> Router {
-    let protected = Router::new()
+fn resource_routes() -> Router<Arc<Service>> {
+    Router::new()
         .merge(system::routes())
         .merge(images::routes())
         .merge(volumes::routes())
         .merge(backups::routes())
+        .merge(transfer::routes())
+        .merge(vms::routes())
         .route("/api/openapi.json", get(openapi::serve))
-        .route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
+}
+
+fn finish(routes: Router<Arc<Service>>, svc: Arc<Service>) -> Router {
     Router::new()
         .route("/api/health", get(system::health))
-        .merge(protected)
+        .merge(routes)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(svc)
+}
+
+/// The router: every API route, authentication, limits.
+pub fn router(svc: Arc<Service>) -> Router {
+    let protected =
+        resource_routes().route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
+    finish(protected, svc)
+}
+
+/// The same routes without authentication, for the CLI to call in-process on a local data
+/// directory (whoever can run it there can read the data directory anyway). Never serve it
+/// on a socket.
+pub fn in_process_router(svc: Arc<Service>) -> Router {
+    finish(resource_routes(), svc)
 }
 
 /// Serves the API on `addr` until Ctrl-C or SIGTERM.
@@ -91,9 +122,11 @@ pub async fn serve(svc: Arc<Service>, addr: SocketAddr) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, "serving the Strata API");
     println!("Strata API listening on http://{local}/api");
-    axum::serve(listener, router(svc))
+    axum::serve(listener, router(svc.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Running VMs end with the server: stop them so that their disks are flushed.
+    tokio::task::spawn_blocking(move || svc.stop_all_vms()).await?;
     Ok(())
 }
 

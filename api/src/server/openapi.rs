@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{images, system, volumes};
+use super::{backups, images, system, transfer, vms, volumes};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -16,6 +16,11 @@ use super::{images, system, volumes};
         images::list_images, images::create_image, images::image_info, images::remove_image,
         volumes::storage, volumes::check_group, volumes::list_volumes, volumes::create_volume, volumes::volume_info,
         volumes::remove_volume, volumes::resize_volume, volumes::snapshot_volume, volumes::clone_volume,
+        transfer::convert, transfer::upload, transfer::download,
+        backups::list_backups, backups::create_backup, backups::restore_backup, backups::verify_backups,
+        backups::prune_backups, backups::gc,
+        vms::list_vms, vms::define_vm, vms::vm_info, vms::remove_vm, vms::start_vm, vms::stop_vm,
+        vms::vm_status, vms::vm_console,
         serve,
     ),
     modifiers(&BearerAuth),

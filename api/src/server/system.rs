@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{blocking, ApiJson, ApiResult};
+use super::{blocking, quick, ApiJson, ApiResult};
 use crate::service::jobs::JobStatus;
 use crate::service::tokens::TokenInfo;
 use crate::service::Service;
@@ -94,7 +94,7 @@ pub(super) async fn revoke_token(
 #[utoipa::path(get, path = "/api/jobs", tag = "jobs",
     responses((status = 200, body = Vec<JobStatus>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_jobs(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<JobStatus>>> {
-    Ok(Json(blocking(&svc, |s| Ok(s.jobs.list())).await?))
+    Ok(Json(quick(&svc, |s| Ok(s.jobs.list()))?))
 }
 
 /// A job's state, progress and result.
@@ -106,7 +106,7 @@ pub(super) async fn job_status(
     State(svc): State<Arc<Service>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobStatus>> {
-    Ok(Json(blocking(&svc, move |s| s.jobs.status(&id)).await?))
+    Ok(Json(quick(&svc, move |s| s.jobs.status(&id))?))
 }
 
 /// Cancel a running job; it removes what it half-made.

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{blocking, ApiJson, ApiResult};
+use super::{blocking, quick, ApiJson, ApiResult};
 use crate::service::volumes::{
     CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup, VolumeSummary,
 };
@@ -31,7 +31,7 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 #[utoipa::path(get, path = "/api/storage", tag = "storage",
     responses((status = 200, body = Vec<StorageGroup>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn storage(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<StorageGroup>>> {
-    Ok(Json(blocking(&svc, |s| s.storage_overview()).await?))
+    Ok(Json(quick(&svc, |s| s.storage_overview())?))
 }
 
 /// Check a volume group's metadata and pools: no block leaked or owned twice.
@@ -52,7 +52,7 @@ pub(super) async fn check_group(
 pub(super) async fn list_volumes(
     State(svc): State<Arc<Service>>,
 ) -> ApiResult<Json<Vec<VolumeSummary>>> {
-    Ok(Json(blocking(&svc, |s| s.list_volumes()).await?))
+    Ok(Json(quick(&svc, |s| s.list_volumes())?))
 }
 
 /// Create a linear volume, or a thin volume in a pool.
@@ -76,9 +76,7 @@ pub(super) async fn volume_info(
     State(svc): State<Arc<Service>>,
     Path((vg, name)): Path<(String, String)>,
 ) -> ApiResult<Json<VolumeSummary>> {
-    Ok(Json(
-        blocking(&svc, move |s| s.volume_info(&vg, &name)).await?,
-    ))
+    Ok(Json(quick(&svc, move |s| s.volume_info(&vg, &name))?))
 }
 
 /// Remove a volume; its snapshots and clones stay intact.

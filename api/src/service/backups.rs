@@ -84,7 +84,7 @@ pub struct BackupSummary {
 
 impl Service {
     fn datastore_path(&self) -> PathBuf {
-        self.data().root().join("datastore")
+        self.data().root().join(super::bootstrap::DATASTORE_DIR)
     }
 
     /// The appliance's datastore, created on first use.
@@ -161,14 +161,20 @@ impl Service {
         let desc = format!("restore {name} to {}", req.target);
         if let Some(image) = req.target.strip_prefix("image:") {
             let path = self.image_path(image)?;
+            if path.exists() {
+                return Err(ServiceError::Conflict(format!(
+                    "Image {image} already exists"
+                )));
+            }
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("raw").parse()?;
-            format::create_image(&path, fmt, manifest.size, &Default::default())?;
+            // Restored into a hidden file and published under its name only when complete,
+            // so that a failed or cancelled restore never leaves an image that looks whole.
+            let partial = super::images::partial_path(&path);
+            format::create_image(&partial, fmt, manifest.size, &Default::default())?;
             return self.jobs.clone().spawn("restore", desc, move |ctx| {
-                let result = restore_into_new(&store, &name, &path, fmt, ctx);
-                if result.is_err() {
-                    // Never leave a half-restored image that looks complete.
-                    let _ = std::fs::remove_file(&path);
-                }
+                let result = restore_into_new(&store, &name, &partial, fmt, ctx)
+                    .and_then(|v| super::images::publish(&partial, &path).map(|()| v));
+                let _ = std::fs::remove_file(&partial);
                 result
             });
         }

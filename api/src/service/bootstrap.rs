@@ -5,7 +5,7 @@
 //!   device or partition (the installer passes the disk's Strata partition);
 //! - a volume group `strata` on it, 4 MiB extents;
 //! - a thin pool `strata/data` over most of the group;
-//! - a backup datastore in `DATA/datastore` (once the backup crate provides it);
+//! - a backup datastore in `DATA/datastore`;
 //! - `DATA/appliance.json`, written last, recording the choices.
 //!
 //! Every step checks whether it was already done, so a run interrupted by a crash finishes on
@@ -26,6 +26,8 @@ pub const DEFAULT_VG: &str = "strata";
 pub const DEFAULT_POOL: &str = "data";
 /// Extent size of the default group.
 pub const DEFAULT_EXTENT: u64 = 4 << 20;
+/// Folder of the backup datastore in the data directory.
+pub const DATASTORE_DIR: &str = "datastore";
 
 /// What the data directory was set up with (`DATA/appliance.json`).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -134,6 +136,14 @@ pub fn ensure_default(
             physical_volume: Some(pv_path.display().to_string()),
             datastore: None,
         }
+    };
+    let store_dir = data.root().join(DATASTORE_DIR);
+    strata_backup::Datastore::open_or_create(&store_dir)
+        .map_err(|e| ServiceError::internal(format!("Creating the backup datastore: {e}")))?;
+    tracing::info!(path = %store_dir.display(), "backup datastore ready");
+    let cfg = ApplianceConfig {
+        datastore: Some(store_dir.display().to_string()),
+        ..cfg
     };
     let text =
         serde_json::to_vec_pretty(&cfg).map_err(|e| ServiceError::internal(e.to_string()))?;

@@ -26,6 +26,9 @@ pub enum ServiceError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// An upload without a Content-Length (411).
+    #[error("An upload needs a Content-Length header")]
+    LengthRequired,
     /// The job was cancelled.
     #[error("Cancelled")]
     Cancelled,
@@ -59,6 +62,7 @@ impl ServiceError {
             ServiceError::Unauthorized => 401,
             ServiceError::NotFound(_) => 404,
             ServiceError::Conflict(_) => 409,
+            ServiceError::LengthRequired => 411,
             ServiceError::TooLarge { .. } => 413,
             ServiceError::Cancelled => 409,
             ServiceError::Internal(_) => 500,
@@ -72,6 +76,7 @@ impl ServiceError {
             401 => "unauthorized",
             404 => "not-found",
             409 => "conflict",
+            411 => "length-required",
             413 => "too-large",
             422 => "corrupt",
             501 => "unsupported",

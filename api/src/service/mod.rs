@@ -10,6 +10,7 @@
 //!   tokens.json   API tokens (hashed)
 //!   images/       image files managed through the API
 //!   jobs/         results of finished jobs, one JSON file each
+//!   vms/NAME/     a VM's definition, last run and console log (see [`vms`])
 //! ```
 //!
 //! # Locking
@@ -18,6 +19,7 @@
 //! | token list | a mutex in [`tokens::TokenStore`]; the file is replaced atomically |
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
+//! | VMs | definitions are created with `link`; running VMs in a mutex in [`vms::VmManager`] |
 
 pub mod backups;
 pub mod bootstrap;
@@ -28,6 +30,9 @@ pub mod names;
 pub mod progress;
 pub mod tokens;
 pub mod transfer;
+pub mod vm_console;
+pub mod vm_runner;
+pub mod vms;
 pub mod volumes;
 
 use std::io::Write;
@@ -99,6 +104,8 @@ pub struct Service {
     pub jobs: Arc<jobs::JobManager>,
     /// Volume groups, opened on first use and kept open.
     pub volumes: volumes::VolumeGroups,
+    /// VM definitions and the VMs running in this process.
+    pub vms: vms::VmManager,
 }
 
 impl Service {
@@ -111,6 +118,7 @@ impl Service {
             volumes: volumes::VolumeGroups::new(strata_storage::volume::VolumeStore::new(
                 data.root(),
             )),
+            vms: vms::VmManager::new(data.root().join("vms"))?,
             data,
         })
     }

@@ -39,4 +39,8 @@ impl ConvertProgress for JobProgress<'_> {
         self.ctx.set_total(total);
         self.ctx.set_done(done);
     }
+
+    fn cancelled(&self) -> bool {
+        self.ctx.is_cancelled()
+    }
 }

@@ -42,6 +42,33 @@ impl Service {
         Ok(d)
     }
 
+    /// Removes what jobs of an earlier server process left behind when it died: uploads in the
+    /// scratch folder and hidden partial images. Called by `strata serve` before it listens,
+    /// when no job of this process can be running.
+    pub fn remove_leftovers(&self) -> ServiceResult<usize> {
+        let mut removed = 0;
+        let scratch = self.scratch_dir()?;
+        let images = self.data().images_dir();
+        for (dir, leftover) in [
+            (&scratch, (|_: &str| true) as fn(&str) -> bool),
+            (&images, |n: &str| {
+                n.starts_with('.') && n.contains(".partial-")
+            }),
+        ] {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if leftover(&name) && e.path().is_file() && std::fs::remove_file(e.path()).is_ok() {
+                    tracing::info!(file = %e.path().display(), "removed a leftover of an interrupted job");
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Starts a conversion job.
     pub fn start_convert(self: &Arc<Self>, req: ConvertRequest) -> ServiceResult<Arc<Job>> {
         self.start_convert_then(req, None)
@@ -64,18 +91,20 @@ impl Service {
             }
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("qcow2").parse()?;
             let opts = format::parse_options(&req.options)?;
+            // The job writes a hidden file (names never start with '.', so listings skip it)
+            // and publishes it under its name only once complete and flushed.
+            let partial = super::images::partial_path(&path);
             return self.jobs.clone().spawn("convert", desc, move |ctx| {
                 let result = convert_to_new(
                     source.device().as_ref(),
-                    &path,
+                    &partial,
                     fmt,
                     &opts,
                     req.compress,
                     ctx,
-                );
-                if result.is_err() {
-                    let _ = std::fs::remove_file(&path);
-                }
+                )
+                .and_then(|report| super::images::publish(&partial, &path).map(|()| report));
+                let _ = std::fs::remove_file(&partial);
                 if let Some(c) = cleanup {
                     let _ = std::fs::remove_file(c);
                 }
@@ -112,6 +141,21 @@ impl Service {
         })
     }
 
+    /// Refuses (507) to write `len` bytes at `path` when its file system has less free space.
+    pub fn ensure_space(&self, path: &Path, len: u64) -> ServiceResult<()> {
+        let dir = path.parent().unwrap_or(path);
+        let free = free_bytes(dir)?;
+        if len > free {
+            return Err(ServiceError::Storage(
+                strata_storage::StorageError::OutOfSpace(format!(
+                    "{len} bytes do not fit into the {free} bytes free under {}",
+                    dir.display()
+                )),
+            ));
+        }
+        Ok(())
+    }
+
     /// A file to receive an upload into; the caller streams the body into it.
     pub fn upload_path(&self, name: &str) -> ServiceResult<PathBuf> {
         names::validate("image", name)?;
@@ -120,10 +164,47 @@ impl Service {
                 "Image {name} already exists"
             )));
         }
-        let mut suffix = [0u8; 4];
-        let _ = getrandom::fill(&mut suffix);
-        let tag: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-        Ok(self.scratch_dir()?.join(format!("upload-{name}-{tag}")))
+        Ok(self
+            .scratch_dir()?
+            .join(format!("upload-{name}-{}", super::images::random_tag())))
+    }
+
+    /// Starts converting an uploaded file (already written to `uploaded`, from
+    /// [`Service::upload_path`]) into the new image `name`; the upload is removed when the job
+    /// ends. Uploads must be self-contained: a backing file or an extent in another file would
+    /// let a client read files on the server, so they are refused.
+    pub fn start_import_upload(
+        self: &Arc<Self>,
+        name: &str,
+        uploaded: PathBuf,
+        format: Option<String>,
+    ) -> ServiceResult<Arc<Job>> {
+        let checked = (|| {
+            let img = format::open_image(
+                &uploaded,
+                &format::OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )?;
+            check_self_contained(&img.info()?, &uploaded)
+        })();
+        if let Err(e) = checked {
+            let _ = std::fs::remove_file(&uploaded);
+            return Err(e);
+        }
+        let req = ConvertRequest {
+            source: uploaded.display().to_string(),
+            target: format!("image:{name}"),
+            format,
+            options: String::new(),
+            compress: false,
+        };
+        let cleanup = uploaded.clone();
+        self.start_convert_then(req, Some(cleanup))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&uploaded);
+            })
     }
 
     /// Prepares an image for download in `format`: the image itself when it already has that
@@ -160,6 +241,58 @@ impl Service {
         }
         Ok((out, true))
     }
+}
+
+/// Refuses images that refer to other files (a backing file, a parent disk, extents elsewhere).
+fn check_self_contained(info: &format::ImageInfo, path: &Path) -> ServiceResult<()> {
+    let fs = &info.format_specific;
+    let refuse = |what: &str| {
+        Err(ServiceError::BadRequest(format!(
+            "The uploaded image refers to {what}; upload self-contained images only \
+             (qemu-img convert them first)"
+        )))
+    };
+    if let Some(b) = fs.get("backing-filename") {
+        return refuse(&format!("the backing file {b}"));
+    }
+    if let Some(p) = fs.get("parent") {
+        return refuse(&format!("the parent disk {p}"));
+    }
+    let own = path.file_name().unwrap_or_default().to_string_lossy();
+    if let Some(extents) = fs.get("extents").and_then(|e| e.as_array()) {
+        for e in extents {
+            let file = e.get("file").and_then(|f| f.as_str()).unwrap_or("");
+            let base = Path::new(file)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy();
+            if base != own {
+                return refuse(&format!("the extent file {file:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes available to unprivileged users on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> ServiceResult<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| ServiceError::internal(format!("{} holds a NUL byte", dir.display())))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` points to writable memory of the size
+    // statvfs fills; it is read only after the call reported success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(ServiceError::internal(format!(
+            "statvfs {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: statvfs succeeded, so it initialised the whole structure.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn convert_to_new(

@@ -21,7 +21,14 @@ use super::{Service, ServiceError, ServiceResult};
 pub struct VolumeGroups {
     store: VolumeStore,
     open: Mutex<BTreeMap<String, Arc<Vg>>>,
+    /// Group names from the last survey of the PVs, and when it was made.
+    names: Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
+
+/// How long a survey of the PVs for group names is reused. Groups made by other processes
+/// (the `strata vg` tools) appear within this time; the volumes of known groups are always
+/// current, because the server holds those groups open.
+const NAMES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl VolumeGroups {
     /// Volume groups of the data directory `store` works on.
@@ -29,6 +36,7 @@ impl VolumeGroups {
         VolumeGroups {
             store,
             open: Mutex::new(BTreeMap::new()),
+            names: Mutex::new(None),
         }
     }
 
@@ -45,7 +53,15 @@ impl VolumeGroups {
 
     /// Names of all groups in the data directory.
     pub fn names(&self) -> ServiceResult<Vec<String>> {
-        Ok(self.store.vg_list()?.into_iter().map(|g| g.name).collect())
+        let mut cached = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, names)) = cached.as_ref() {
+            if at.elapsed() < NAMES_TTL {
+                return Ok(names.clone());
+            }
+        }
+        let names: Vec<String> = self.store.vg_list()?.into_iter().map(|g| g.name).collect();
+        *cached = Some((std::time::Instant::now(), names.clone()));
+        Ok(names)
     }
 }
 
@@ -211,11 +227,13 @@ impl Service {
         self.volume_info(vg, &req.name)
     }
 
-    /// Removes a volume (its snapshots and clones stay).
+    /// Removes a volume (its snapshots and clones stay); 409 while a running VM uses it.
     pub fn remove_volume(&self, vg: &str, name: &str) -> ServiceResult<()> {
         let g = self.volumes.get(vg)?;
-        g.remove_lv(name)?;
-        Ok(())
+        self.vms.unless_in_use(
+            &format!("{LV_PREFIX}{vg}/{name}"),
+            || Ok(g.remove_lv(name)?),
+        )
     }
 
     /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in

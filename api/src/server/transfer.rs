@@ -1,0 +1,173 @@
+//! Moving disk contents over HTTP: conversion jobs, uploads into new images, downloads in any
+//! format.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use utoipa::IntoParams;
+
+use super::{blocking, ApiError, ApiJson, ApiResult};
+use crate::service::jobs::JobStatus;
+use crate::service::transfer::ConvertRequest;
+use crate::service::{Service, ServiceError};
+
+pub(super) fn routes() -> Router<Arc<Service>> {
+    Router::new()
+        .route("/api/convert", post(convert))
+        .route(
+            "/api/images/{name}/upload",
+            put(upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/images/{name}/download", get(download))
+}
+
+/// Convert an image or volume into a new image or onto an existing volume (a job).
+#[utoipa::path(post, path = "/api/convert", tag = "images", request_body = ConvertRequest,
+    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody)))]
+pub(super) async fn convert(
+    State(svc): State<Arc<Service>>,
+    ApiJson(req): ApiJson<ConvertRequest>,
+) -> ApiResult<(StatusCode, Json<JobStatus>)> {
+    let job = blocking(&svc, move |s| s.start_convert(req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.status())))
+}
+
+/// Format of a new or downloaded image.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(super) struct FormatQuery {
+    /// raw, qcow2 or vmdk (upload: the new image's format, default qcow2; download: the
+    /// format to send, default the image's own).
+    format: Option<String>,
+}
+
+/// Upload a disk image (raw, qcow2 or vmdk, probed) as the body; it is converted into the new
+/// image `name` by a job. The body must state its length.
+#[utoipa::path(put, path = "/api/images/{name}/upload", tag = "images",
+    params(("name" = String, Path, description = "Name of the new image"), FormatQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+              (status = 411, body = super::ErrorBody), (status = 507, body = super::ErrorBody)))]
+pub(super) async fn upload(
+    State(svc): State<Arc<Service>>,
+    Path(name): Path<String>,
+    Query(q): Query<FormatQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<JobStatus>)> {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or(ApiError(ServiceError::LengthRequired))?;
+    let n = name.clone();
+    let path = blocking(&svc, move |s| {
+        let p = s.upload_path(&n)?;
+        s.ensure_space(&p, length)?;
+        Ok(p)
+    })
+    .await?;
+    if let Err(e) = receive(body, &path, length).await {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Err(e);
+    }
+    let job = blocking(&svc, move |s| s.start_import_upload(&name, path, q.format)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.status())))
+}
+
+/// Streams `body` into a new file at `path`, refusing more or fewer than `length` bytes.
+async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<()> {
+    let io = |e: std::io::Error| {
+        ApiError(ServiceError::internal(format!(
+            "Writing {}: {e}",
+            path.display()
+        )))
+    };
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .await
+        .map_err(io)?;
+    let mut stream = body.into_data_stream();
+    let mut got = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError(ServiceError::BadRequest(format!(
+                "The upload broke off: {e}"
+            )))
+        })?;
+        got += chunk.len() as u64;
+        if got > length {
+            return Err(ApiError(ServiceError::BadRequest(format!(
+                "The upload is longer than its Content-Length of {length} bytes"
+            ))));
+        }
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    if got != length {
+        return Err(ApiError(ServiceError::BadRequest(format!(
+            "The upload ended after {got} of {length} bytes"
+        ))));
+    }
+    file.sync_all().await.map_err(io)?;
+    Ok(())
+}
+
+/// Download an image, converted to `format` when it differs from the image's own.
+#[utoipa::path(get, path = "/api/images/{name}/download", tag = "images",
+    params(("name" = String, Path, description = "Image name"), FormatQuery),
+    responses((status = 200, description = "The image file", content_type = "application/octet-stream"),
+              (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody)))]
+pub(super) async fn download(
+    State(svc): State<Arc<Service>>,
+    Path(name): Path<String>,
+    Query(q): Query<FormatQuery>,
+) -> ApiResult<Response> {
+    let n = name.clone();
+    let (file, len) = blocking(&svc, move |s| {
+        let fmt = match q.format.as_deref() {
+            Some(f) => f.parse()?,
+            None => s.image_info(&n)?.format.parse()?,
+        };
+        let (path, temporary) = s.download_file(&n, fmt)?;
+        let file = std::fs::File::open(&path)
+            .map_err(|e| ServiceError::internal(format!("Opening {}: {e}", path.display())));
+        if temporary {
+            // The open descriptor keeps the converted copy readable until the response ends.
+            let _ = std::fs::remove_file(&path);
+        }
+        let file = file?;
+        let len = file
+            .metadata()
+            .map_err(|e| ServiceError::internal(format!("{}: {e}", path.display())))?
+            .len();
+        Ok((file, len))
+    })
+    .await?;
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 1 << 20);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
