@@ -186,6 +186,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pv(_) => remote_only_for_appliance("pv")?,
         Command::Vg(_) => remote_only_for_appliance("vg")?,
         Command::Lv(_) => remote_only_for_appliance("lv")?,
+        Command::Install(_) => remote_only_for_appliance("install")?,
     }
     match cli.command {
         Command::Volumes(cmd) => appliance::volumes(cmd, &api()?),
