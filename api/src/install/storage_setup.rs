@@ -5,19 +5,17 @@
 //!   ([`crate::service::bootstrap`]), here with the partition as the physical volume instead
 //!   of a sparse file;
 //! - the backup datastore `DATA/datastore` (what `strata backup init --store` makes, with the
-//!   default chunk size), recorded in `DATA/appliance.json` next to the group and pool — unless
-//!   the bootstrap made and recorded one itself.
+//!   default chunk size; the bootstrap makes it too), recorded in `DATA/appliance.json` next to
+//!   the group and pool by its path on the installed system — the bootstrap records the path
+//!   it sees, which while installing is under the target's mount point.
 
 use std::path::Path;
 
 use strata_backup::Datastore;
 
 use super::error::{InstallError, InstallResult};
-use crate::service::bootstrap::{self, ApplianceConfig, BootstrapOptions};
+use crate::service::bootstrap::{self, ApplianceConfig, BootstrapOptions, DATASTORE_DIR};
 use crate::service::{write_atomically, DataDir};
-
-/// Folder of the default backup datastore in the data directory.
-pub const DATASTORE_DIR: &str = "datastore";
 
 /// What the storage step made, in one line: group, pool, physical volume and datastore.
 pub type StorageSummary = String;
@@ -43,9 +41,10 @@ pub fn create_default_storage(
             data_dir.display()
         )));
     };
-    if cfg.datastore.is_none() {
-        Datastore::open_or_create(&data_dir.join(DATASTORE_DIR)).map_err(|e| err(&e))?;
-        cfg.datastore = Some(installed_data_dir.join(DATASTORE_DIR).display().to_string());
+    Datastore::open_or_create(&data_dir.join(DATASTORE_DIR)).map_err(|e| err(&e))?;
+    let installed = installed_data_dir.join(DATASTORE_DIR).display().to_string();
+    if cfg.datastore.as_deref() != Some(installed.as_str()) {
+        cfg.datastore = Some(installed);
         record(&data, &cfg)?;
     }
     Ok(format!(
