@@ -15,7 +15,18 @@ packages=(
   fio                          # benchmark peer
   e2fsprogs                    # chattr, for read-only-file tests as root
   python3                      # benchmark scripts parse JSON
-  cpio kmod                    # tests/guest/build.sh: the busybox initramfs for Linux guests
+  cpio kmod                    # tests/guest/build.sh and appliance-image/build.sh: initramfs
+                               # images (cpio) and module lists for them (depmod)
+  binutils                     # appliance-image/build.sh: readelf finds the libraries each tool
+                               # needs, strip drops strata's debug information
+  xorriso                      # appliance-image/build.sh: grub-mkrescue writes the ISO with it
+  grub-common                  # appliance-image/build.sh: grub-mkrescue itself
+  xz-utils                     # grub-mkrescue --compress=xz runs xz on GRUB's modules
+  grub-pc-bin                  # grub-mkrescue: the ISO's BIOS boot (i386-pc modules)
+  grub-efi-amd64-bin           # grub-mkrescue: the ISO's UEFI boot (x86_64-efi modules)
+  mtools                       # grub-mkrescue makes the ISO's EFI FAT image with mformat/mcopy;
+                               # tests/tests/appliance_iso.rs makes and reads the token stick
+  ovmf                         # tests/tests/appliance_iso.rs: UEFI firmware for QEMU
 )
 $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
 echo "installed: ${qemu[*]} ${packages[*]}"

@@ -3,5 +3,6 @@
 
 pub mod cli;
 pub mod client;
+pub mod install;
 pub mod server;
 pub mod service;

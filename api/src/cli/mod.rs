@@ -12,6 +12,7 @@ mod compare;
 mod convert;
 mod image;
 mod import_ova;
+mod install;
 mod lv;
 mod map;
 mod pv;
@@ -81,6 +82,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Set up an empty data directory: default volume group, thin pool, first API token.
     Init(serve::InitArgs),
+    /// Install the Strata appliance onto a disk (run from the Strata ISO).
+    Install(install::InstallArgs),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(serve::TokenCommand),
@@ -184,6 +187,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pv(_) => remote_only_for_appliance("pv")?,
         Command::Vg(_) => remote_only_for_appliance("vg")?,
         Command::Lv(_) => remote_only_for_appliance("lv")?,
+        Command::Install(_) => remote_only_for_appliance("install")?,
     }
     match cli.command {
         Command::Volumes(cmd) => appliance::volumes(cmd, &api()?),
@@ -198,6 +202,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),
         Command::Token(cmd) => serve::token(cmd, data),
+        Command::Install(a) => install::run(a),
         Command::Pv(cmd) => pv::run(cmd, &data_path),
         Command::Vg(cmd) => vg::run(cmd, &data_path),
         Command::Lv(cmd) => lv::run(cmd, &data_path),
