@@ -122,6 +122,22 @@ fn scenario(prefix: &[&str], dir: &Path) {
         out.to_str().unwrap(),
         src.to_str().unwrap(),
     ]);
+    let vol = dir.join("vol.raw");
+    run_ok(&[
+        "volumes",
+        "export",
+        "strata/vm-300-snap",
+        vol.to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        vol.to_str().unwrap(),
+        src.to_str().unwrap(),
+    ]);
     let jobs = json(&run_ok(&["jobs", "list", "--output", "json"]));
     assert!(jobs.as_array().unwrap().len() >= 4, "{jobs}");
 

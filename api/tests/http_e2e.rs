@@ -207,6 +207,31 @@ fn a_disk_goes_from_upload_to_volume_snapshot_clone_backup_and_restore() {
     std::fs::write(&own, &r.raw).unwrap();
     run(Command::new("qemu-img").args(["check", "-q"]).arg(&own));
     run(Command::new("qemu-img").arg("compare").arg(&own).arg(&src));
+    // The clone's contents, streamed straight from the volume.
+    let r = c
+        .send(
+            "GET",
+            "/api/volumes/strata/vm-201-disk-0/download",
+            Vec::new(),
+            false,
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let vol = dir.path().join("clone.raw");
+    std::fs::write(&vol, &r.raw).unwrap();
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&vol)
+        .arg(&src));
+    let r = c
+        .send(
+            "GET",
+            "/api/volumes/strata/nope/download",
+            Vec::new(),
+            false,
+        )
+        .unwrap();
+    assert_eq!(r.status, 404, "{:?}", r.body);
     assert!(
         files_in(&srv.data.join("scratch")).is_empty(),
         "a download copy was left"

@@ -16,7 +16,7 @@ use super::{backups, images, system, transfer, vms, volumes};
         images::list_images, images::create_image, images::image_info, images::remove_image,
         volumes::storage, volumes::check_group, volumes::list_volumes, volumes::create_volume, volumes::volume_info,
         volumes::remove_volume, volumes::resize_volume, volumes::snapshot_volume, volumes::clone_volume,
-        transfer::convert, transfer::upload, transfer::download,
+        transfer::convert, transfer::upload, transfer::download, transfer::download_volume,
         backups::list_backups, backups::create_backup, backups::restore_backup, backups::verify_backups,
         backups::prune_backups, backups::gc,
         vms::list_vms, vms::define_vm, vms::vm_info, vms::remove_vm, vms::start_vm, vms::stop_vm,

@@ -17,7 +17,9 @@ use utoipa::IntoParams;
 use super::{blocking, ApiError, ApiJson, ApiResult};
 use crate::service::jobs::JobStatus;
 use crate::service::transfer::ConvertRequest;
+use crate::service::volumes::Resolved;
 use crate::service::{Service, ServiceError};
+use strata_storage::format::ImageFormat;
 
 pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
@@ -27,6 +29,7 @@ pub(super) fn routes() -> Router<Arc<Service>> {
             put(upload).layer(DefaultBodyLimit::disable()),
         )
         .route("/api/images/{name}/download", get(download))
+        .route("/api/volumes/{vg}/{name}/download", get(download_volume))
 }
 
 /// Convert an image or volume into a new image or onto an existing volume (a job).
@@ -124,7 +127,8 @@ async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<(
     Ok(())
 }
 
-/// Download an image, converted to `format` when it differs from the image's own.
+/// Download an image: its own file, its contents as raw read straight from the image (for
+/// `format=raw`), or a converted copy (for another format).
 #[utoipa::path(get, path = "/api/images/{name}/download", tag = "images",
     params(("name" = String, Path, description = "Image name"), FormatQuery),
     responses((status = 200, description = "The image file", content_type = "application/octet-stream"),
@@ -136,11 +140,17 @@ pub(super) async fn download(
     Query(q): Query<FormatQuery>,
 ) -> ApiResult<Response> {
     let n = name.clone();
-    let (file, len) = blocking(&svc, move |s| {
-        let fmt = match q.format.as_deref() {
+    let source = blocking(&svc, move |s| {
+        let own: ImageFormat = s.image_info(&n)?.format.parse()?;
+        let fmt: ImageFormat = match q.format.as_deref() {
             Some(f) => f.parse()?,
-            None => s.image_info(&n)?.format.parse()?,
+            None => own,
         };
+        if fmt == ImageFormat::Raw && own != ImageFormat::Raw {
+            return Ok(Download::Device(
+                s.resolve_source(&format!("image:{n}"), true)?,
+            ));
+        }
         let (path, temporary) = s.download_file(&n, fmt)?;
         let file = std::fs::File::open(&path)
             .map_err(|e| ServiceError::internal(format!("Opening {}: {e}", path.display())));
@@ -148,26 +158,112 @@ pub(super) async fn download(
             // The open descriptor keeps the converted copy readable until the response ends.
             let _ = std::fs::remove_file(&path);
         }
-        let file = file?;
-        let len = file
-            .metadata()
-            .map_err(|e| ServiceError::internal(format!("{}: {e}", path.display())))?
-            .len();
-        Ok((file, len))
+        Ok(Download::File(file?))
     })
     .await?;
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 1 << 20);
+    send(source, &name)
+}
+
+/// Download a volume's contents as raw, read straight from the volume.
+#[utoipa::path(get, path = "/api/volumes/{vg}/{name}/download", tag = "volumes",
+    params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
+    responses((status = 200, description = "The volume's bytes", content_type = "application/octet-stream"),
+              (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody)))]
+pub(super) async fn download_volume(
+    State(svc): State<Arc<Service>>,
+    Path((vg, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let spec = format!("lv:{vg}/{name}");
+    let source = blocking(&svc, move |s| {
+        Ok(Download::Device(s.resolve_source(&spec, true)?))
+    })
+    .await?;
+    send(source, &format!("{vg}-{name}.raw"))
+}
+
+/// What a download sends.
+enum Download {
+    /// A file as it is.
+    File(std::fs::File),
+    /// A device's contents, read in order.
+    Device(Resolved),
+}
+
+/// Bytes per read of a device streamed as raw.
+const STREAM_CHUNK: u64 = 1 << 20;
+
+fn send(source: Download, filename: &str) -> ApiResult<Response> {
+    let (len, body) = match source {
+        Download::File(file) => {
+            let len = file
+                .metadata()
+                .map_err(|e| ServiceError::internal(format!("{filename}: {e}")))?
+                .len();
+            let stream = tokio_util::io::ReaderStream::with_capacity(
+                tokio::fs::File::from_std(file),
+                1 << 20,
+            );
+            (len, Body::from_stream(stream))
+        }
+        Download::Device(resolved) => {
+            let len = resolved.device().size();
+            (len, Body::from_stream(device_stream(resolved)))
+        }
+    };
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
             (
                 header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{name}\""),
+                format!("attachment; filename=\"{filename}\""),
             ),
         ],
-        Body::from_stream(stream),
+        body,
     )
         .into_response())
+}
+
+/// Reads `source` front to back on its own thread, one chunk at a time, as the client takes
+/// them (a bounded channel: a slow client slows the reads, memory stays at a few chunks). A
+/// read error ends the body early, so the client sees a short transfer, never wrong bytes.
+fn device_stream(
+    source: Resolved,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
+    let spawned = std::thread::Builder::new()
+        .name("strata-download".into())
+        .spawn(move || {
+            let dev = source.device();
+            let size = dev.size();
+            let fail = |e: strata_storage::StorageError| {
+                tracing::warn!(error = %e, "a download stopped");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            };
+            let mut queue = match strata_storage::io::blocking::BlockingQueue::open(dev.as_ref(), 1)
+            {
+                Ok(q) => q,
+                Err(e) => return fail(e),
+            };
+            let mut offset = 0u64;
+            while offset < size {
+                let n = (size - offset).min(STREAM_CHUNK) as usize;
+                match queue.read_at(offset, n) {
+                    Ok(data) => {
+                        if tx.blocking_send(Ok(axum::body::Bytes::from(data))).is_err() {
+                            return; // The client went away.
+                        }
+                    }
+                    Err(e) => return fail(e),
+                }
+                offset += n as u64;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a download thread");
+    }
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }

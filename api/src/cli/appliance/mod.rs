@@ -98,6 +98,13 @@ pub enum VolumesCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Download a volume's contents into a new local raw file.
+    Export {
+        /// VG/NAME.
+        volume: String,
+        /// The new file.
+        file: PathBuf,
+    },
     /// Make a writable clone of a snapshot.
     Clone {
         /// VG/NAME of the snapshot.
@@ -441,6 +448,11 @@ pub fn volumes(cmd: VolumesCommand, api: &Api) -> anyhow::Result<ExitCode> {
                 common.output,
                 &format!("Snapshot {name} of {volume} taken"),
             );
+        }
+        VolumesCommand::Export { volume, file } => {
+            let (g, n) = split_volume(&volume)?;
+            api.download(&format!("/api/volumes/{g}/{n}/download"), &file)?;
+            println!("Wrote {}", file.display());
         }
         VolumesCommand::Clone {
             volume,
