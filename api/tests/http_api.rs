@@ -402,3 +402,24 @@ fn a_volume_larger_than_the_free_space_gets_507() {
         .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let srv = Server::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "--data",
+            srv.data.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Another strata serve"), "{err}");
+    // The first one is unaffected.
+    let r = srv.client().request("GET", "/api/volumes", None).unwrap();
+    assert_eq!(r.status, 200);
+}

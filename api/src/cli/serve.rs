@@ -105,7 +105,40 @@ pub fn init(a: InitArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Takes the data directory's server lock (`DATA/serve.lock`, flock) for this process's
+/// lifetime: a second server on the same data directory would share its jobs and images and
+/// remove the staging files of the first one's running jobs as leftovers.
+fn lock_data_dir(data: &DataDir) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    data.ensure()?;
+    let path = data.root().join("serve.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("Opening {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        anyhow::bail!(
+            "Another strata serve (process {}) is using the data directory {}",
+            holder.trim(),
+            data.root().display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
+    let _lock = lock_data_dir(&data)?;
     setup(&data, &a.setup)?;
     let svc = Arc::new(Service::open(data.clone())?);
     svc.remove_leftovers()?;
