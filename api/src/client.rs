@@ -86,13 +86,8 @@ impl Client {
         let req = self
             .builder(method, path, json)?
             .body(Full::new(Bytes::from(payload)))?;
-        self.rt.block_on(async move {
-            let resp = self.exchange(req).await?;
-            let status = resp.status().as_u16();
-            let raw = resp.into_body().collect().await?.to_bytes().to_vec();
-            let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-            Ok(Response { status, body, raw })
-        })
+        self.rt
+            .block_on(async move { read_response(self.exchange(req).await?).await })
     }
 
     /// Streams the file `file` as the body of `PUT path` (an upload), without reading it into
@@ -114,11 +109,7 @@ impl Client {
                 .header("content-length", len.to_string())
                 .header("content-type", "application/octet-stream")
                 .body(http_body_util::StreamBody::new(stream))?;
-            let resp = self.exchange(req).await?;
-            let status = resp.status().as_u16();
-            let raw = resp.into_body().collect().await?.to_bytes().to_vec();
-            let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-            Ok(Response { status, body, raw })
+            read_response(self.exchange(req).await?).await
         })
     }
 
@@ -133,13 +124,7 @@ impl Client {
             let status = resp.status().as_u16();
             let mut body = resp.into_body();
             if status != 200 {
-                let raw = body.collect().await?.to_bytes().to_vec();
-                let json = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-                return Ok(Response {
-                    status,
-                    body: json,
-                    raw,
-                });
+                return response_of(status, body).await;
             }
             let mut file = tokio::fs::OpenOptions::new()
                 .write(true)
@@ -208,4 +193,21 @@ impl Client {
         tokio::spawn(conn);
         Ok(sender.send_request(req).await?)
     }
+}
+
+/// Reads a whole response into a [`Response`].
+async fn read_response(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Response> {
+    let status = resp.status().as_u16();
+    response_of(status, resp.into_body()).await
+}
+
+/// Collects `body` and parses it as JSON (Null when it is not).
+pub(crate) async fn response_of<B>(status: u16, body: B) -> anyhow::Result<Response>
+where
+    B: hyper::body::Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let raw = body.collect().await?.to_bytes().to_vec();
+    let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+    Ok(Response { status, body, raw })
 }

@@ -401,3 +401,34 @@ fn progress_moves_and_cancelled_jobs_leave_nothing_behind() {
     assert_eq!(status["state"], "cancelled", "{status}");
     assert!(files_in(&srv.data.join("images")).is_empty());
 }
+
+#[test]
+fn a_streamoptimized_vmdk_named_otherwise_in_its_descriptor_uploads() {
+    // The embedded descriptor names "disk-original.vmdk"; the file is its own only extent.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("disk-original.vmdk");
+    run(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+        ])
+        .arg(&src)
+        .arg("4M"));
+    let srv = Server::start();
+    let c = srv.client();
+    let r = c
+        .send(
+            "PUT",
+            "/api/images/uploaded.qcow2/upload",
+            std::fs::read(&src).unwrap(),
+            false,
+        )
+        .unwrap();
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    succeed(&c, r.body["id"].as_str().unwrap());
+    assert_eq!(image_names(&c), vec!["uploaded.qcow2"]);
+}

@@ -364,16 +364,36 @@ impl Datastore {
     }
 }
 
-/// Reads a whole file, refusing one larger than `max` bytes.
+/// Reads a whole file, refusing one larger than `max` bytes. The file is opened once and the
+/// read itself is capped, so a symlink to a device, a FIFO or a file growing meanwhile cannot
+/// make it allocate past `max`.
 pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let meta = fs::metadata(path).map_err(|e| io_err("Reading", path, e))?;
-    if meta.len() > max {
+    use std::io::Read;
+    let too_big = |len: u64| {
+        StorageError::corrupt(
+            path.display().to_string(),
+            format!("{len} bytes exceeds the limit of {max}"),
+        )
+    };
+    let file = fs::File::open(path).map_err(|e| io_err("Reading", path, e))?;
+    let meta = file.metadata().map_err(|e| io_err("Reading", path, e))?;
+    if !meta.is_file() {
         return Err(StorageError::corrupt(
             path.display().to_string(),
-            format!("{} bytes exceeds the limit of {max}", meta.len()),
+            "not a regular file",
         ));
     }
-    fs::read(path).map_err(|e| io_err("Reading", path, e))
+    if meta.len() > max {
+        return Err(too_big(meta.len()));
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| io_err("Reading", path, e))?;
+    if out.len() as u64 > max {
+        return Err(too_big(out.len() as u64));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

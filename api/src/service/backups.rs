@@ -167,15 +167,15 @@ impl Service {
                 )));
             }
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("raw").parse()?;
-            // Restored into a hidden file and published under its name only when complete,
-            // so that a failed or cancelled restore never leaves an image that looks whole.
-            let partial = super::images::partial_path(&path);
-            format::create_image(&partial, fmt, manifest.size, &Default::default())?;
+            // Restored into a hidden file and moved to its name only when complete (the
+            // conversion's staging), so that a failed or cancelled restore never leaves an
+            // image that looks whole: dropping the staging removes the hidden file.
+            let staged = strata_storage::convert::Staged::new(&path, fmt)?;
+            format::create_image(staged.build_path(), fmt, manifest.size, &Default::default())?;
             return self.jobs.clone().spawn("restore", desc, move |ctx| {
-                let result = restore_into_new(&store, &name, &partial, fmt, ctx)
-                    .and_then(|v| super::images::publish(&partial, &path).map(|()| v));
-                let _ = std::fs::remove_file(&partial);
-                result
+                let v = restore_into_new(&store, &name, staged.build_path(), fmt, ctx)?;
+                staged.commit()?;
+                Ok(v)
             });
         }
         if !req.target.starts_with("lv:") {

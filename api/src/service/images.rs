@@ -1,6 +1,6 @@
 //! Images managed through the API: files in `DATA/images`, addressed by name.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use strata_storage::format::{self, ImageFormat, OpenOptions};
@@ -143,30 +143,6 @@ pub(crate) fn random_tag() -> String {
     let mut suffix = [0u8; 4];
     let _ = getrandom::fill(&mut suffix);
     suffix.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Where a job writes the image that will be called `path` until it is complete: a hidden
-/// file next to it (names never start with '.', so listings skip it).
-pub(crate) fn partial_path(path: &Path) -> PathBuf {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    path.with_file_name(format!(".{name}.partial-{}", random_tag()))
-}
-
-/// Gives the finished file `partial` its public name `path`, refusing to replace an image
-/// that another request created meanwhile (a hard link fails when the name exists), and makes
-/// the new name durable.
-pub(crate) fn publish(partial: &Path, path: &Path) -> ServiceResult<()> {
-    std::fs::hard_link(partial, path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => ServiceError::Conflict(format!(
-            "Image {} was created by another request meanwhile",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        )),
-        _ => ServiceError::internal(format!("Publishing {}: {e}", path.display())),
-    })?;
-    std::fs::remove_file(partial)
-        .map_err(|e| ServiceError::internal(format!("Removing {}: {e}", partial.display())))?;
-    strata_storage::format::raw::sync_parent_dir(path)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -48,20 +48,33 @@ impl Service {
     pub fn remove_leftovers(&self) -> ServiceResult<usize> {
         let mut removed = 0;
         let scratch = self.scratch_dir()?;
-        let images = self.data().images_dir();
-        for (dir, leftover) in [
-            (&scratch, (|_: &str| true) as fn(&str) -> bool),
-            (&images, |n: &str| {
-                n.starts_with('.') && n.contains(".partial-")
-            }),
-        ] {
-            let Ok(entries) = std::fs::read_dir(dir) else {
+        let leftovers = [
+            // Uploads that were never converted.
+            (scratch, None),
+            // Staged images of conversions and restores (files, or folders for vmdk).
+            (self.data().images_dir(), Some(".convert-")),
+        ];
+        for (dir, marker) in leftovers {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if leftover(&name) && e.path().is_file() && std::fs::remove_file(e.path()).is_ok() {
-                    tracing::info!(file = %e.path().display(), "removed a leftover of an interrupted job");
+                let stale = match marker {
+                    None => true,
+                    Some(m) => name.starts_with('.') && name.contains(m),
+                };
+                if !stale {
+                    continue;
+                }
+                let path = e.path();
+                let gone = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if gone.is_ok() {
+                    tracing::info!(file = %path.display(), "removed a leftover of an interrupted job");
                     removed += 1;
                 }
             }
@@ -242,33 +255,13 @@ impl Service {
 
 /// Refuses images that refer to other files (a backing file, a parent disk, extents elsewhere).
 fn check_self_contained(info: &format::ImageInfo, path: &Path) -> ServiceResult<()> {
-    let fs = &info.format_specific;
-    let refuse = |what: &str| {
-        Err(ServiceError::BadRequest(format!(
+    match format::outside_references(path, info)? {
+        Some(what) => Err(ServiceError::BadRequest(format!(
             "The uploaded image refers to {what}; upload self-contained images only \
              (qemu-img convert them first)"
-        )))
-    };
-    if let Some(b) = fs.get("backing-filename") {
-        return refuse(&format!("the backing file {b}"));
+        ))),
+        None => Ok(()),
     }
-    if let Some(p) = fs.get("parent") {
-        return refuse(&format!("the parent disk {p}"));
-    }
-    let own = path.file_name().unwrap_or_default().to_string_lossy();
-    if let Some(extents) = fs.get("extents").and_then(|e| e.as_array()) {
-        for e in extents {
-            let file = e.get("file").and_then(|f| f.as_str()).unwrap_or("");
-            let base = Path::new(file)
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy();
-            if base != own {
-                return refuse(&format!("the extent file {file:?}"));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Bytes available to unprivileged users on the file system holding `dir`.

@@ -26,6 +26,7 @@ use crate::io::{Completion, IoBuf, IoQueue, QueueOptions, Request};
 
 mod files;
 mod staging;
+pub use staging::Staged;
 
 pub use files::{convert_files, convert_to_new_image, ConvertRequest, NewImage};
 

@@ -26,7 +26,7 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 /// A new image under construction (see the module documentation).
 #[derive(Debug)]
-pub(crate) struct Staged {
+pub struct Staged {
     /// The image's final path.
     target: PathBuf,
     /// Where the image is built.
@@ -50,7 +50,7 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> StorageError {
 impl Staged {
     /// Prepares to build an image of `format` that will be named `target`. Fails if `target`
     /// exists.
-    pub(crate) fn new(target: &Path, format: ImageFormat) -> Result<Staged> {
+    pub fn new(target: &Path, format: ImageFormat) -> Result<Staged> {
         let name = target
             .file_name()
             .ok_or_else(|| {
@@ -95,12 +95,12 @@ impl Staged {
     }
 
     /// Where to create the image.
-    pub(crate) fn build_path(&self) -> &Path {
+    pub fn build_path(&self) -> &Path {
         &self.build
     }
 
     /// Moves the finished (flushed and closed) image to its final name(s).
-    pub(crate) fn commit(mut self) -> Result<()> {
+    pub fn commit(mut self) -> Result<()> {
         let folder = folder_of(&self.target);
         let Some(work) = self.work_dir.clone() else {
             place(&self.build, &self.target)?;

@@ -160,6 +160,34 @@ pub fn open_host_file(path: &Path, opts: &OpenOptions) -> Result<Arc<FileDevice>
     )
 }
 
+/// What the opened image `info` (of the file `path`) reads from outside its own file — a
+/// backing file, a parent disk, extents named by a vmdk descriptor — described for an error,
+/// or `None` for a self-contained image. Callers that accept images from untrusted sources
+/// (uploads, OVA archives) refuse those, since the references are resolved on this machine.
+pub fn outside_references(path: &Path, info: &ImageInfo) -> Result<Option<String>> {
+    let fs = &info.format_specific;
+    if let Some(b) = fs.get("backing-filename") {
+        return Ok(Some(format!("the backing file {b}")));
+    }
+    if let Some(p) = fs.get("parent") {
+        return Ok(Some(format!("the parent disk {p}")));
+    }
+    if info.format == ImageFormat::Vmdk {
+        // A hosted sparse file (monolithicSparse, streamOptimized) embeds its descriptor and is
+        // its own only extent, whatever name the descriptor gives it; a text descriptor names
+        // extent files.
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .map_err(|e| StorageError::io(format!("Reading {}", path.display()), e))?;
+        if &magic != b"KDMV" {
+            return Ok(Some("extent files named by its descriptor".into()));
+        }
+    }
+    Ok(None)
+}
+
 /// Opens the image at `path`. Formats made of several files (vmdk descriptors with extent
 /// files, delta disks) find their other files relative to `path`, opened with the same options.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {

@@ -267,14 +267,23 @@ pub fn import_ova(
                     volumes: None,
                     source_cache: None,
                 };
-                let src_size = format::open_image(
+                let src = format::open_image(
                     tmp,
                     &OpenOptions {
                         read_only: true,
                         ..opts.open
                     },
-                )?
-                .size();
+                )?;
+                // The archive is untrusted: a disk that reads other files (a descriptor naming
+                // extents, a parent, a backing file) would copy files of the target folder.
+                if let Some(what) = format::outside_references(tmp, &src.info()?)? {
+                    return Err(StorageError::Unsupported(format!(
+                        "OVA disk {} refers to {what}; only self-contained disks are imported",
+                        disk.disk_id
+                    )));
+                }
+                let src_size = src.size();
+                drop(src);
                 if src_size > disk.capacity {
                     return Err(StorageError::corrupt(
                         ova.display().to_string(),

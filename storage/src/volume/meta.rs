@@ -218,7 +218,13 @@ impl VgMeta {
                     p.uuid.escape_debug()
                 ));
             }
-            if p.pe_count > 1 << 40 {
+            // Bounded in bytes, not only in extents: pe_count × extent_size (and the group's
+            // sum over MAX_PVS PVs) must stay far inside u64 or extent offsets would wrap.
+            if p.pe_count > 1 << 40
+                || p.pe_count
+                    .checked_mul(self.extent_size)
+                    .is_none_or(|bytes| bytes > 1 << 60)
+            {
                 return bad(format!("PV {} claims {} extents", p.uuid, p.pe_count));
             }
         }

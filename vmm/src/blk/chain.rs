@@ -227,7 +227,12 @@ fn build(
             }
             let offset = check_range(sector, len, cfg)?;
             let buf = guest_buf(mem, data).map_err(|r| (status::IOERR, r.to_string()))?;
-            let used = if write { 0 } else { len as u32 };
+            // The used length is a u32: a larger read (segments summing past 4 GiB) is refused
+            // rather than reported with a wrapped length.
+            let Ok(read_len) = u32::try_from(len) else {
+                return ioerr("request larger than 4 GiB");
+            };
+            let used = if write { 0 } else { read_len };
             let op = if write {
                 BlkOp::Write { offset, buf }
             } else {
@@ -344,7 +349,8 @@ fn guest_buf(mem: &SharedMemory, pieces: &[Piece]) -> Result<IoBuf, &'static str
             .map_err(|_| "data buffer is outside guest memory")?;
         segs.push((slice.ptr_guard_mut().as_ptr(), len));
     }
-    if overlapping(&mut segs.clone()) {
+    // One segment (the common case) cannot overlap: no copy of the list for it.
+    if segs.len() > 1 && overlapping(&mut segs.clone()) {
         return Err("data buffers overlap");
     }
     let keep_alive: Arc<dyn std::any::Any + Send + Sync> = mem.clone();

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use tower::ServiceExt;
 
-use crate::client::{Client, Response};
+use crate::client::{response_of, Client, Response};
 use crate::service::{DataDir, Service};
 
 /// The API, remote or in-process.
@@ -70,9 +70,7 @@ impl Api {
                 rt.block_on(async {
                     let resp = router.clone().oneshot(req).await?;
                     let status = resp.status().as_u16();
-                    let raw = resp.into_body().collect().await?.to_bytes().to_vec();
-                    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-                    Ok(Response { status, body, raw })
+                    response_of(status, resp.into_body()).await
                 })
             }
         }
@@ -131,13 +129,7 @@ impl Api {
                     let status = resp.status().as_u16();
                     let mut body = resp.into_body();
                     if status != 200 {
-                        let raw = body.collect().await?.to_bytes().to_vec();
-                        let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-                        return anyhow::Ok(Response {
-                            status,
-                            body: json,
-                            raw,
-                        });
+                        return response_of(status, body).await;
                     }
                     use std::io::Write;
                     let mut f = std::fs::File::create_new(out)

@@ -37,6 +37,8 @@ pub const FLAG_ZEROED_GRAIN: u32 = 1 << 2;
 pub const FLAG_COMPRESSED: u32 = 1 << 16;
 /// Flag: grains and metadata are preceded by markers (streamOptimized).
 pub const FLAG_MARKERS: u32 = 1 << 17;
+/// Largest grain directory read into memory.
+const MAX_GD_BYTES: u64 = 64 << 20;
 const KNOWN_FLAGS: u32 =
     FLAG_NL_DETECT | FLAG_REDUNDANT_GD | FLAG_ZEROED_GRAIN | FLAG_COMPRESSED | FLAG_MARKERS;
 
@@ -170,6 +172,15 @@ impl SparseHeader {
             return Err(bad(format!(
                 "{} entries per grain table (expected 1 to {MAX_GTES_PER_GT})",
                 self.gtes_per_gt
+            )));
+        }
+        // The directory is read whole into memory: bound it by itself, not only by the file's
+        // length (a sparse host file can be long and empty). Real images need at most 8 MiB
+        // (64 TiB in 64 KiB grains, 512 entries per table).
+        if self.gd_bytes() > MAX_GD_BYTES {
+            return Err(StorageError::Unsupported(format!(
+                "vmdk grain directory of {} bytes ({what}; at most {MAX_GD_BYTES} supported)",
+                self.gd_bytes()
             )));
         }
         if self.compressed() && self.compress_algorithm != COMPRESS_DEFLATE {

@@ -237,6 +237,7 @@ fn open_with_descriptor_file(
     let mut paths: Vec<PathBuf> = Vec::new();
     let mut extents = Vec::new();
     let mut start = 0u64;
+    let mut sparse_files: Vec<usize> = Vec::new();
     for line in &descriptor.extents {
         let bytes = line.sectors * SECTOR;
         let backing = if line.kind == ExtentType::Zero {
@@ -276,6 +277,15 @@ fn open_with_descriptor_file(
                     }
                 }
                 _ => {
+                    // Each sparse extent owns its file's directory and allocation; the same
+                    // file on two lines would be read twice and, writable, corrupted.
+                    if sparse_files.contains(&index) {
+                        return Err(StorageError::corrupt(
+                            f.name(),
+                            "a sparse extent file is listed more than once",
+                        ));
+                    }
+                    sparse_files.push(index);
                     let ext = SparseExtent::open(f.clone(), !opts.read_only && !stream)?;
                     if bytes > ext.capacity() {
                         return Err(StorageError::corrupt(
