@@ -53,6 +53,16 @@ impl Bits {
 
     /// Bits loaded from words saved earlier (extra words are ignored, missing ones clear).
     pub fn from_words(size: u64, granularity: u64, saved: &[u64]) -> Result<Bits> {
+        check_granularity(granularity, size)?;
+        // The size comes from a file: the words it stored must match it, so that the file's
+        // own length bounds what is allocated here.
+        if saved.len() != words_for(size, granularity) {
+            return Err(StorageError::InvalidInput(format!(
+                "{} bitmap words saved for a device of {size} bytes at granularity {granularity} (expected {})",
+                saved.len(),
+                words_for(size, granularity)
+            )));
+        }
         let b = Bits::new(size, granularity)?;
         {
             let g = b.read();
