@@ -7,7 +7,8 @@
 //! eventfds, and the storage engine (io_uring, O_DIRECT) on a raw image — only KVM is left out.
 //! The peer is `fio --ioengine=io_uring --direct=1` on the same file, alternating run by run.
 //!
-//! Usage: vmm_datapath [--file PATH] [--seconds S] [--rounds N] [--size BYTES]
+//! Usage: vmm_datapath [--file PATH] [--seconds S] [--rounds N] [--size BYTES] [--stats]
+//!        [--only-strata-depth D]   (one run of our device alone, for profiling)
 //! Prints each run, the medians and the ratio.
 
 use std::num::Wrapping;
@@ -112,6 +113,8 @@ fn strata_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
     let avail_event = GuestAddress(USED + 4 + 8 * u64::from(QSIZE));
     let mut avail_idx = Wrapping(0u16);
     let mut used_seen = Wrapping(0u16);
+    let kicks = std::cell::Cell::new(0u64);
+    let mut sleeps = 0u64;
     let publish = |mem: &GuestMemoryMmap, slot: u16, avail_idx: &mut Wrapping<u16>| -> Result<()> {
         let at = GuestAddress(AVAIL + 4 + 2 * u64::from(avail_idx.0 % QSIZE));
         mem.write_obj(slot * 3, at)?;
@@ -124,6 +127,7 @@ fn strata_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
         fence(Ordering::SeqCst);
         let event: u16 = mem.load(avail_event, Ordering::Acquire)?;
         if vring_need_event(event, new, old) {
+            kicks.set(kicks.get() + 1);
             kick.write(1)?;
         }
         Ok(())
@@ -142,6 +146,7 @@ fn strata_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
         fence(Ordering::SeqCst);
         let mut used_idx: u16 = mem.load(GuestAddress(USED + 2), Ordering::Acquire)?;
         if used_idx == used_seen.0 {
+            sleeps += 1;
             irq.0.read()?;
             used_idx = mem.load(GuestAddress(USED + 2), Ordering::Acquire)?;
         }
@@ -162,8 +167,21 @@ fn strata_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
         flush_avail(&mem, old, avail_idx.0)?;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    worker.stop();
+    let stats = worker.stop();
+    if show_stats() {
+        eprintln!(
+            "requests {} interrupts {} kicks {} sleeps {sleeps}",
+            stats.requests,
+            stats.interrupts,
+            kicks.get()
+        );
+    }
     Ok(done as f64 / elapsed)
+}
+
+/// `--stats`: print the device's counters after each run.
+fn show_stats() -> bool {
+    std::env::args().any(|a| a == "--stats")
 }
 
 fn fio_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
@@ -190,6 +208,21 @@ fn fio_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
         .context("fio's JSON has no read IOPS")
 }
 
+/// One table row: `rounds` alternating runs of our device on `ours` and fio on `peer`, medians.
+fn row(label: &str, ours: &Path, peer: &Path, depth: u16, secs: u64, rounds: usize) -> Result<()> {
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let s = strata_run(ours, depth, secs)?;
+        let f = fio_run(peer, depth, secs)?;
+        eprintln!("{label} round {r}: strata {s:.0}, fio {f:.0}");
+        mine.push(s);
+        theirs.push(f);
+    }
+    let (s, f) = (median(mine), median(theirs));
+    println!("| {label} | {s:.0} | {f:.0} | {:.2}x |", s / f);
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -199,6 +232,7 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut file: Option<PathBuf> = None;
     let (mut secs, mut rounds, mut size) = (5u64, 3usize, 1u64 << 30);
+    let mut only: Option<u16> = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().context("missing value");
         match a.as_str() {
@@ -206,6 +240,9 @@ fn main() -> Result<()> {
             "--seconds" => secs = val()?.parse()?,
             "--rounds" => rounds = val()?.parse()?,
             "--size" => size = val()?.parse()?,
+            "--stats" => {}
+            // Profiling aid: only our device at one depth, no peer, no table.
+            "--only-strata-depth" => only = Some(val()?.parse()?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -235,6 +272,11 @@ fn main() -> Result<()> {
             bail!("filling the file with fio failed");
         }
     }
+    if let Some(depth) = only {
+        let s = strata_run(&file, depth, secs)?;
+        println!("strata QD{depth}: {s:.0} IOPS (no peer run)");
+        return Ok(());
+    }
     println!(
         "4k random read, {secs} s runs, {rounds} rounds alternating, file {}",
         file.display()
@@ -242,21 +284,15 @@ fn main() -> Result<()> {
     println!("| row | strata device IOPS | fio IOPS | ratio |");
     println!("|---|---|---|---|");
     for depth in [1u16, 32] {
-        let (mut ours, mut peer) = (Vec::new(), Vec::new());
-        for r in 0..rounds {
-            let s = strata_run(&file, depth, secs)?;
-            let f = fio_run(&file, depth, secs)?;
-            eprintln!("QD{depth} round {r}: strata {s:.0}, fio {f:.0}");
-            ours.push(s);
-            peer.push(f);
-        }
-        let (s, f) = (median(ours), median(peer));
-        println!(
-            "| raw 4k randread QD{depth} | {s:.0} | {f:.0} | {:.2}x |",
-            s / f
-        );
+        row(
+            &format!("raw 4k randread QD{depth}"),
+            &file,
+            &file,
+            depth,
+            secs,
+            rounds,
+        )?;
     }
-    // qcow2 rows run once the format exists on main.
     let qcow2 = file.with_extension("qcow2");
     let made = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
@@ -266,12 +302,8 @@ fn main() -> Result<()> {
     match (made, open_image(&qcow2, &OpenOptions::default())) {
         (Ok(st), Ok(_)) if st.success() => {
             for depth in [1u16, 32] {
-                let s = strata_run(&qcow2, depth, secs)?;
-                let f = fio_run(&file, depth, secs)?;
-                println!(
-                    "| qcow2 4k randread QD{depth} (fio on the raw file) | {s:.0} | {f:.0} | {:.2}x |",
-                    s / f
-                );
+                let label = format!("qcow2 4k randread QD{depth} (fio on the raw file)");
+                row(&label, &qcow2, &file, depth, secs, rounds)?;
             }
         }
         (_, Err(e)) => println!("| qcow2 rows | SKIPPED: {e} | | |"),
