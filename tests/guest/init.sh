@@ -6,6 +6,7 @@
 #                     discard 1 MiB at 2 MiB, report the serial (GET_ID)
 #   strata.test=fio   run fio on /dev/vda (and /dev/vdb when present) per strata.fio= options
 PATH=/bin
+echo "STRATA init"   # the first sign of /init, for boot-time benchmarks (benches/vmm_kvm.sh)
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
