@@ -15,6 +15,10 @@ fn main() -> ExitCode {
     cli::init_logging(args.verbose);
     match cli::run(args) {
         Ok(code) => code,
+        Err(e) if cli::interrupt::requested() => {
+            eprintln!("strata: interrupted: {e:#}");
+            ExitCode::from(cli::interrupt::EXIT_STATUS)
+        }
         Err(e) => {
             eprintln!("strata: {e:#}");
             ExitCode::FAILURE

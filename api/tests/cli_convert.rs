@@ -544,3 +544,59 @@ fn import_ova_packed_with_tar() {
         "missing.vmdk",
     );
 }
+
+/// Ctrl-C during a conversion stops it at the next chunk, removes the staged (hidden) target,
+/// and exits with 130; nothing is left in the target's folder.
+#[test]
+fn ctrl_c_stops_a_conversion_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // 256 MiB copied in 4 KiB O_DIRECT writes, zeros included (-S 0): seconds of work, so the
+    // signal lands mid-way on any disk this runs on.
+    let src = dir.path().join("src.raw");
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(256 * MIB)
+        .unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let dst = out.join("disk.qcow2");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--data")
+        .arg(&data)
+        .args(["image", "convert", "-f", "raw", "-O", "qcow2", "-S", "0"])
+        .args(["--chunk", "4k", "-m", "1", "-t", "none"])
+        .arg(&src)
+        .arg(&dst)
+        .env_remove("STRATA_DATA")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strata");
+    let started = std::time::Instant::now();
+    let staged = |out: &Path| {
+        std::fs::read_dir(out)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.'))
+    };
+    while !staged(&out) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no staged target appeared"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "convert ended early");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "stderr: {err}");
+    assert!(err.starts_with("strata: interrupted"), "{err}");
+    assert!(err.to_lowercase().contains("cancel"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "the interrupted conversion left {left:?}");
+}

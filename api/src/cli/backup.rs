@@ -220,7 +220,9 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<ExitCode> {
 struct Bar(ProgressBar);
 
 impl Bar {
+    /// Also routes Ctrl-C to the operation (see [`super::interrupt`]).
     fn new(hidden: bool) -> Bar {
+        super::interrupt::install();
         let pb = ProgressBar::with_draw_target(
             Some(0),
             if hidden || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -252,6 +254,9 @@ impl Progress for Bar {
     }
     fn finish(&self) {
         self.0.finish_and_clear();
+    }
+    fn cancelled(&self) -> bool {
+        super::interrupt::requested()
     }
 }
 

@@ -73,6 +73,10 @@ impl ConvertProgress for Bar {
         self.0.set_length(total);
         self.0.set_position(done);
     }
+
+    fn cancelled(&self) -> bool {
+        super::interrupt::requested()
+    }
 }
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
@@ -115,8 +119,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let progress: &dyn ConvertProgress = match &bar {
         Some(b) => b,
-        None => &strata_storage::convert::NoProgress,
+        None => &super::interrupt::Quiet,
     };
+    super::interrupt::install();
     let report = convert_files(&req, progress).with_context(|| {
         format!(
             "Could not convert {} to {}",

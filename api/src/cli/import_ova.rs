@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use strata_storage::convert::NoProgress;
 use strata_storage::format::{self, OpenOptions};
 use strata_storage::ova::{import_ova, ImportOptions};
 use strata_storage::util::format_size;
@@ -43,7 +42,8 @@ pub fn run(a: ImportOvaArgs) -> anyhow::Result<ExitCode> {
             ..OpenOptions::default()
         },
     };
-    let disks = import_ova(&a.ova, &a.dir, &opts, &NoProgress)
+    super::interrupt::install();
+    let disks = import_ova(&a.ova, &a.dir, &opts, &super::interrupt::Quiet)
         .with_context(|| format!("Could not import {}", a.ova.display()))?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&disks)?),

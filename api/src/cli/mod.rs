@@ -13,6 +13,7 @@ mod convert;
 mod image;
 mod import_ova;
 mod install;
+pub mod interrupt;
 mod lv;
 mod map;
 mod pv;
