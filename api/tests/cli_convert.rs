@@ -600,3 +600,67 @@ fn ctrl_c_stops_a_conversion_and_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "the interrupted conversion left {left:?}");
 }
+
+/// A new qcow2 on a backing file (`-o backing_file=`) reads the backing where nothing is
+/// written, so the source's zeros must be written (as zero clusters): the result, read through
+/// its backing file, equals the source.
+#[test]
+fn converting_onto_a_backing_file_keeps_the_sources_zeros() {
+    if !have_qemu("converting_onto_a_backing_file_keeps_the_sources_zeros") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let base_raw = dir.path().join("base.raw");
+    std::fs::write(&base_raw, vec![0xabu8; 4 * MIB as usize]).unwrap();
+    let base = dir.path().join("base.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&base_raw),
+            s(&base),
+        ],
+    );
+    let mut src_bytes = vec![0xcdu8; 4 * MIB as usize];
+    src_bytes[MIB as usize..2 * MIB as usize].fill(0);
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, &src_bytes).unwrap();
+    let out = dir.path().join("out.qcow2");
+    ok(
+        &data,
+        &[
+            "image",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "backing_file=base.qcow2,backing_fmt=qcow2",
+            s(&src),
+            s(&out),
+        ],
+    );
+    run("qemu-img", &["check", s(&out)]);
+    let (same, text) = try_run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", s(&src), s(&out)],
+    );
+    assert!(same, "{text}");
+    // The zeros cost no data clusters.
+    let map = run("qemu-img", &["map", "--output=json", s(&out)]);
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let zeroed = extents
+        .iter()
+        .find(|e| e["start"].as_u64() == Some(MIB))
+        .unwrap_or_else(|| panic!("no extent at 1 MiB: {map}"));
+    assert_eq!(zeroed["length"].as_u64(), Some(MIB), "{map}");
+    assert_eq!(zeroed["zero"].as_bool(), Some(true), "{map}");
+    assert_eq!(zeroed["data"].as_bool(), Some(false), "{map}");
+    assert_eq!(zeroed["depth"].as_u64(), Some(0), "{map}");
+}

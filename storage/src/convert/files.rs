@@ -221,6 +221,17 @@ pub fn convert_to_new_image(
     progress: &dyn ConvertProgress,
 ) -> Result<ConvertReport> {
     let size = src.size();
+    // Where nothing is written, a backed image reads its backing file, not zeros: the source's
+    // zero ranges must be written as zeros there (qcow2 zero clusters), as on an existing target.
+    let backed = ConvertOptions {
+        existing_target: true,
+        ..opts.clone()
+    };
+    let opts = if new.options.contains_key("backing_file") {
+        &backed
+    } else {
+        opts
+    };
     let staged = Staged::new(new.path, new.format)?;
     let build = staged.build_path();
     let report = if new.compress {

@@ -43,8 +43,9 @@ pub struct ConvertOptions {
     pub in_flight: usize,
     /// Bytes per read request.
     pub chunk: u64,
-    /// The target was not created by this conversion (`-n`): ranges that are zero in the
-    /// source are written as zeros rather than skipped.
+    /// The target does not read as zeros where nothing is written — it was not created by this
+    /// conversion (`-n`), or it has a backing file: ranges that are zero in the source are
+    /// written as zeros rather than skipped.
     pub existing_target: bool,
 }
 
