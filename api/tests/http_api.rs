@@ -423,3 +423,104 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     let r = srv.client().request("GET", "/api/volumes", None).unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// Server paths in requests (import sources, kernels) are confined to the import folders, links
+/// included, and nothing made through the API may read another file by a backing file.
+#[test]
+fn server_paths_are_confined_to_the_import_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let extra = dir.path().join("extra");
+    std::fs::create_dir(&extra).unwrap();
+    let srv = Server::start_with(&data, &["--import-dir", extra.to_str().unwrap()]);
+    let c = srv.client();
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5au8; 1 << 20]).unwrap();
+    let import = data.join("import");
+    std::os::unix::fs::symlink(&secret, import.join("link.raw")).unwrap();
+    std::fs::write(import.join("ok.raw"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(extra.join("also-ok.raw"), vec![2u8; 1 << 20]).unwrap();
+    let backed = import.join("backed.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&secret)
+        .arg(&backed)
+        .output();
+    let have_qemu_img = made.is_ok_and(|o| o.status.success());
+
+    let convert = |source: &std::path::Path, target: &str| {
+        c.request(
+            "POST",
+            "/api/convert",
+            Some(&json!({"source": source.to_str().unwrap(), "target": target, "format": "raw"})),
+        )
+        .unwrap()
+    };
+    let mut refused = vec![
+        secret.clone(),
+        import.join("link.raw"),
+        import.join("../../secret.raw"),
+    ];
+    if have_qemu_img {
+        refused.push(backed.clone());
+    } else {
+        eprintln!("SKIPPED (part): qemu-img missing, the backing-file source is not tried");
+    }
+    for (i, path) in refused.iter().enumerate() {
+        let r = convert(path, &format!("image:stolen{i}.raw"));
+        assert_eq!(r.status, 403, "{}: {:?}", path.display(), r.body);
+        assert_eq!(r.body["kind"], "forbidden", "{:?}", r.body);
+    }
+    for (path, target) in [
+        (import.join("ok.raw"), "image:a.raw"),
+        (extra.join("also-ok.raw"), "image:b.raw"),
+    ] {
+        let r = convert(&path, target);
+        assert!(
+            r.status == 200 || r.status == 202,
+            "{}: {:?}",
+            path.display(),
+            r.body
+        );
+    }
+    // Nothing made through the API may name a backing or data file.
+    for (route, body) in [
+        (
+            "/api/images",
+            json!({"name": "x.qcow2", "size": "1M", "format": "qcow2",
+                   "options": format!("backing_file={},backing_fmt=raw", secret.display())}),
+        ),
+        (
+            "/api/convert",
+            json!({"source": import.join("ok.raw").to_str().unwrap(), "target": "image:y.qcow2",
+                   "format": "qcow2",
+                   "options": format!("backing_file={},backing_fmt=raw", secret.display())}),
+        ),
+    ] {
+        let r = c.request("POST", route, Some(&body)).unwrap();
+        assert_eq!(r.status, 403, "{route}: {:?}", r.body);
+    }
+    // A VM kernel outside the import folders is refused too.
+    let r = c
+        .request(
+            "POST",
+            "/api/vms",
+            Some(&json!({"name": "v", "kernel": secret.to_str().unwrap()})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    let listed = c.request("GET", "/api/images", None).unwrap();
+    let names: Vec<&str> = listed
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.starts_with("stolen") && *n != "x.qcow2" && *n != "y.qcow2"),
+        "{names:?}"
+    );
+}

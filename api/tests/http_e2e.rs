@@ -303,9 +303,10 @@ fn uploads_are_checked_before_anything_is_made() {
 
 #[test]
 fn progress_moves_and_cancelled_jobs_leave_nothing_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    // 768 MiB of incompressible data on the server's file system.
-    let src = dir.path().join("big.raw");
+    let srv = Server::start();
+    let c = srv.client();
+    // 768 MiB of incompressible data in the server's import folder.
+    let src = srv.data.join("import/big.raw");
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&src).unwrap();
@@ -321,8 +322,6 @@ fn progress_moves_and_cancelled_jobs_leave_nothing_behind() {
             f.write_all(&block).unwrap();
         }
     }
-    let srv = Server::start();
-    let c = srv.client();
     let src_spec = src.to_str().unwrap();
 
     // Import into a volume; progress is observed moving before the end.

@@ -101,7 +101,7 @@ fn vms_are_defined_listed_shown_and_removed() {
     let data = dir.path().join("data");
     let srv = Server::start_on(&data);
     let c = srv.client();
-    let kernel = write_guest(dir.path(), "guest.bin", Then::Spin);
+    let kernel = write_guest(&srv.data.join("import"), "guest.bin", Then::Spin);
     create_volume(&c, "web-root");
     let (st, body) = define(
         &c,
@@ -184,8 +184,7 @@ fn vms_are_defined_listed_shown_and_removed() {
 fn bad_vm_definitions_are_refused_with_the_right_status() {
     let srv = Server::start();
     let c = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = write_guest(dir.path(), "guest.bin", Then::Spin);
+    let kernel = write_guest(&srv.data.join("import"), "guest.bin", Then::Spin);
     let long = "x".repeat(65);
     let cases = [
         (json!({"name": "../escape", "kernel": kernel}), 400),
@@ -325,8 +324,8 @@ fn kvm_or_skip(what: &str) -> bool {
     true
 }
 
-/// For tests that run guests: a server, its client, and a flat guest file (in the returned
-/// folder); None, after a loud skip notice, where KVM is missing.
+/// For tests that run guests: a server, its client, a scratch folder and a flat guest file (in
+/// the server's import folder); None, after a loud skip notice, where KVM is missing.
 fn guest_setup(what: &str, then: Then) -> Option<(Server, Client, tempfile::TempDir, String)> {
     if !kvm_or_skip(what) {
         return None;
@@ -334,7 +333,7 @@ fn guest_setup(what: &str, then: Then) -> Option<(Server, Client, tempfile::Temp
     let srv = Server::start();
     let c = srv.client();
     let dir = tempfile::tempdir().unwrap();
-    let guest = write_guest(dir.path(), "guest.bin", then);
+    let guest = write_guest(&srv.data.join("import"), "guest.bin", then);
     Some((srv, c, dir, guest))
 }
 
@@ -605,7 +604,7 @@ fn the_cli_manages_a_vm_the_server_runs_remotely_and_locally() {
 fn a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason() {
     const WHAT: &str = "VM failure reporting through the HTTP API";
     // A flat image is not a bzImage: the Linux loader refuses it when the VM is built.
-    let Some((_srv, c, dir, not_linux)) = guest_setup(WHAT, Then::Spin) else {
+    let Some((srv, c, _dir, not_linux)) = guest_setup(WHAT, Then::Spin) else {
         return;
     };
     define_and_start(
@@ -619,7 +618,7 @@ fn a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason() {
     let reason = s["exit_reason"].as_str().unwrap();
     assert!(reason.contains("bzImage"), "{reason}");
     // A failed VM can be removed; its kernel file going away is reported at start.
-    std::fs::remove_file(dir.path().join("guest.bin")).unwrap();
+    std::fs::remove_file(srv.data.join("import/guest.bin")).unwrap();
     let r = c.request("POST", "/api/vms/broken/start", None).unwrap();
     assert_eq!(r.status, 404, "{:?}", r.body);
     let r = c.request("DELETE", "/api/vms/broken", None).unwrap();

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 
 use super::Output;
 use crate::service::bootstrap::{self, ApplianceConfig, BootstrapOptions};
+use crate::service::server_paths::ServerPaths;
 use crate::service::{DataDir, Service};
 
 #[derive(Debug, Args)]
@@ -15,6 +16,10 @@ pub struct ServeArgs {
     /// Address and port to listen on.
     #[arg(long, default_value = "127.0.0.1:8006")]
     listen: SocketAddr,
+    /// A folder whose files API requests may name as import sources, kernels and initrds,
+    /// besides DATA/import (repeatable). Paths elsewhere are refused with 403.
+    #[arg(long = "import-dir", value_name = "DIR")]
+    import_dirs: Vec<std::path::PathBuf>,
     #[command(flatten)]
     setup: SetupArgs,
 }
@@ -140,7 +145,17 @@ fn lock_data_dir(data: &DataDir) -> anyhow::Result<std::fs::File> {
 pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let _lock = lock_data_dir(&data)?;
     setup(&data, &a.setup)?;
-    let svc = Arc::new(Service::open(data.clone())?);
+    let mut import = vec![data.import_dir()];
+    for d in &a.import_dirs {
+        if !d.is_absolute() || !d.is_dir() {
+            anyhow::bail!(
+                "--import-dir {} must be an existing folder given by its absolute path",
+                d.display()
+            );
+        }
+        import.push(d.clone());
+    }
+    let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
     svc.remove_leftovers()?;
     if svc.tokens.is_empty()? {
         let (_, token) = svc.tokens.create("admin")?;

@@ -14,6 +14,9 @@ pub enum ServiceError {
     /// No or a wrong API token (401).
     #[error("A valid API token is required (Authorization: Bearer …)")]
     Unauthorized,
+    /// Authenticated, but the request reaches outside what the API may touch (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// Nothing by that name (404).
     #[error("{0} not found")]
     NotFound(String),
@@ -60,6 +63,7 @@ impl ServiceError {
             },
             ServiceError::BadRequest(_) => 400,
             ServiceError::Unauthorized => 401,
+            ServiceError::Forbidden(_) => 403,
             ServiceError::NotFound(_) => 404,
             ServiceError::Conflict(_) => 409,
             ServiceError::LengthRequired => 411,
@@ -74,6 +78,7 @@ impl ServiceError {
         match self.status() {
             400 => "bad-request",
             401 => "unauthorized",
+            403 => "forbidden",
             404 => "not-found",
             409 => "conflict",
             411 => "length-required",

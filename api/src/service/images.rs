@@ -108,6 +108,7 @@ impl Service {
         let fmt: ImageFormat = req.format.parse()?;
         let size = parse_size(&req.size)?;
         let opts = format::parse_options(&req.options)?;
+        self.server_paths.new_image_options(&opts)?;
         format::create_image(&path, fmt, size, &opts)?;
         // Another client may already have removed it again; report what was created anyway.
         self.image_info(&req.name).or_else(|e| match e {

@@ -28,6 +28,7 @@ pub mod images;
 pub mod jobs;
 pub mod names;
 pub mod progress;
+pub mod server_paths;
 pub mod tokens;
 pub mod transfer;
 pub mod vm_console;
@@ -83,9 +84,19 @@ impl DataDir {
         self.root.join("jobs")
     }
 
+    /// Files the API may import from or boot (see [`server_paths`]).
+    pub fn import_dir(&self) -> PathBuf {
+        self.root.join("import")
+    }
+
     /// Creates the directory tree if missing.
     pub fn ensure(&self) -> ServiceResult<()> {
-        for d in [self.root.clone(), self.images_dir(), self.jobs_dir()] {
+        for d in [
+            self.root.clone(),
+            self.images_dir(),
+            self.jobs_dir(),
+            self.import_dir(),
+        ] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| ServiceError::internal(format!("Creating {}: {e}", d.display())))?;
         }
@@ -106,13 +117,17 @@ pub struct Service {
     pub volumes: volumes::VolumeGroups,
     /// VM definitions and the VMs running in this process.
     pub vms: vms::VmManager,
+    /// Which server files requests may name.
+    pub server_paths: server_paths::ServerPaths,
 }
 
 impl Service {
-    /// Opens the services on a data directory, creating its layout if needed.
+    /// Opens the services on a data directory, creating its layout if needed. Server paths in
+    /// requests are confined to `DATA/import` (see [`Service::with_server_paths`]).
     pub fn open(data: DataDir) -> ServiceResult<Service> {
         data.ensure()?;
         Ok(Service {
+            server_paths: server_paths::ServerPaths::Under(vec![data.import_dir()]),
             tokens: tokens::TokenStore::open(data.tokens_file())?,
             jobs: Arc::new(jobs::JobManager::new(Some(data.jobs_dir()))),
             volumes: volumes::VolumeGroups::new(strata_storage::volume::VolumeStore::new(
@@ -121,6 +136,12 @@ impl Service {
             vms: vms::VmManager::new(data.root().join("vms"))?,
             data,
         })
+    }
+
+    /// Replaces the policy for server paths named in requests.
+    pub fn with_server_paths(mut self, paths: server_paths::ServerPaths) -> Service {
+        self.server_paths = paths;
+        self
     }
 
     /// The data directory.

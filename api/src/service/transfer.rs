@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use super::jobs::{Job, JobContext};
 use super::progress::JobProgress;
+use super::volumes::Resolved;
 use super::{names, Service, ServiceError, ServiceResult};
 
 /// A request to convert (import, export, copy) disk contents.
@@ -84,16 +85,18 @@ impl Service {
 
     /// Starts a conversion job.
     pub fn start_convert(self: &Arc<Self>, req: ConvertRequest) -> ServiceResult<Arc<Job>> {
-        self.start_convert_then(req, None)
+        let source = self.resolve_source(&req.source, true)?;
+        self.start_convert_from(req, source, None)
     }
 
-    /// Starts a conversion job that removes `cleanup` (an uploaded file) when it ends.
-    pub fn start_convert_then(
+    /// Starts a conversion job from the opened `source` (named `req.source` in the job's
+    /// description) that removes `cleanup` (an uploaded file) when it ends.
+    fn start_convert_from(
         self: &Arc<Self>,
         req: ConvertRequest,
+        source: Resolved,
         cleanup: Option<PathBuf>,
     ) -> ServiceResult<Arc<Job>> {
-        let source = self.resolve_source(&req.source, true)?;
         let desc = format!("convert {} to {}", req.source, req.target);
         if let Some(image) = req.target.strip_prefix("image:") {
             let path = self.image_path(image)?;
@@ -104,6 +107,7 @@ impl Service {
             }
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("qcow2").parse()?;
             let opts = format::parse_options(&req.options)?;
+            self.server_paths.new_image_options(&opts)?;
             // The conversion builds a hidden file (names never start with '.', so listings skip
             // it) and moves it to its name only once complete and flushed.
             return self.jobs.clone().spawn("convert", desc, move |ctx| {
@@ -197,21 +201,29 @@ impl Service {
                     ..Default::default()
                 },
             )?;
-            check_self_contained(&img.info()?, &uploaded)
+            let info = img.info()?;
+            check_self_contained(&info, &uploaded)?;
+            Ok::<_, ServiceError>(Resolved::Image {
+                device: img,
+                format: info.format.to_string(),
+            })
         })();
-        if let Err(e) = checked {
-            let _ = std::fs::remove_file(&uploaded);
-            return Err(e);
-        }
+        let source = match checked {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&uploaded);
+                return Err(e);
+            }
+        };
         let req = ConvertRequest {
-            source: uploaded.display().to_string(),
+            source: format!("the upload of {name}"),
             target: format!("image:{name}"),
             format,
             options: String::new(),
             compress: false,
         };
         let cleanup = uploaded.clone();
-        self.start_convert_then(req, Some(cleanup))
+        self.start_convert_from(req, source, Some(cleanup))
             .inspect_err(|_| {
                 let _ = std::fs::remove_file(&uploaded);
             })

@@ -508,6 +508,11 @@ impl Service {
                 )));
             }
         }
+        // The kernel and initrd are checked again: a link may have changed since the definition.
+        self.server_paths.file("kernel", &def.kernel)?;
+        if let Some(initrd) = &def.initrd {
+            self.server_paths.file("initrd", initrd)?;
+        }
         let boot = Boot::load(&def)?;
         let mut holders: Vec<Resolved> = Vec::new();
         let mut disks = Vec::new();

@@ -314,22 +314,6 @@ fn bad(msg: String) -> ServiceError {
     ServiceError::BadRequest(msg)
 }
 
-/// Checks that `path` is an absolute path to an existing file on the server.
-fn check_server_file(what: &str, path: &str) -> ServiceResult<()> {
-    if path.is_empty() || path.len() > 4096 || path.chars().any(char::is_control) {
-        return Err(bad(format!("The {what} path {path:?} is not a valid path")));
-    }
-    if !Path::new(path).is_absolute() {
-        return Err(bad(format!(
-            "The {what} {path:?} must be an absolute path on the server"
-        )));
-    }
-    if !Path::new(path).is_file() {
-        return Err(ServiceError::NotFound(format!("The {what} {path}")));
-    }
-    Ok(())
-}
-
 fn parse_memory(text: &str) -> ServiceResult<u64> {
     let bytes = parse_size(text).map_err(|e| bad(format!("Memory {text:?} is not a size: {e}")))?;
     let min = strata_vmm::memory::MIN_MEMORY;
@@ -407,11 +391,11 @@ impl Service {
                 req.vcpus
             )));
         }
-        check_server_file("kernel", &req.kernel)?;
+        self.server_paths.file("kernel", &req.kernel)?;
         let cmdline = match req.boot {
             BootKind::Linux => {
                 if let Some(initrd) = &req.initrd {
-                    check_server_file("initrd", initrd)?;
+                    self.server_paths.file("initrd", initrd)?;
                 }
                 let cmdline = req.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
                 check_cmdline(cmdline)?;
@@ -580,7 +564,7 @@ mod tests {
     fn service() -> (tempfile::TempDir, Service, String) {
         let dir = tempfile::tempdir().unwrap();
         let svc = Service::open(DataDir::at(dir.path().join("data"))).unwrap();
-        let kernel = dir.path().join("kernel.bin");
+        let kernel = svc.data().import_dir().join("kernel.bin");
         std::fs::write(&kernel, [0xeb, 0xfe]).unwrap();
         (dir, svc, kernel.to_string_lossy().into_owned())
     }

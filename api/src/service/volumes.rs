@@ -265,7 +265,14 @@ impl Service {
                 let device = g.open_lv(&lv, read_only)?;
                 Ok(Resolved::Volume { device, vg: g, lv })
             }
-            SourceSpec::Path(p) if p.is_absolute() => open_image(&p),
+            SourceSpec::Path(p) if p.is_absolute() => {
+                let path = self.server_paths.file("source", &p.to_string_lossy())?;
+                let resolved = open_image(&path)?;
+                if let Resolved::Image { device, .. } = &resolved {
+                    self.server_paths.image(&path, &device.info()?)?;
+                }
+                Ok(resolved)
+            }
             SourceSpec::Path(p) => Err(ServiceError::BadRequest(format!(
                 "Source {:?} must be lv:VG/NAME, image:NAME or an absolute path on the server",
                 p.display()

@@ -29,6 +29,11 @@ impl Server {
 
     /// Starts a server on `data` (which may already hold state).
     pub fn start_on(data: &Path) -> Server {
+        Server::start_with(data, &[])
+    }
+
+    /// `start_on` with more arguments for `strata serve`.
+    pub fn start_with(data: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args([
                 "--data",
@@ -39,6 +44,7 @@ impl Server {
                 "--pv-size",
                 "4G",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

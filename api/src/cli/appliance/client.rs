@@ -16,6 +16,7 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 use crate::client::{response_of, Client, Response};
+use crate::service::server_paths::ServerPaths;
 use crate::service::{DataDir, Service};
 
 /// The API, remote or in-process.
@@ -40,9 +41,10 @@ impl Api {
         Ok(Api::Remote(Client::new(url, token)?))
     }
 
-    /// The service on `data`, in this process.
+    /// The service on `data`, in this process. The caller acts with its own file access, so
+    /// server paths are not confined to the import folders.
     pub fn local(data: DataDir) -> anyhow::Result<Api> {
-        let svc = Arc::new(Service::open(data)?);
+        let svc = Arc::new(Service::open(data)?.with_server_paths(ServerPaths::Anywhere));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
