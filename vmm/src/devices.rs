@@ -111,6 +111,9 @@ impl VmControl {
     }
 }
 
+/// POST marks kept per run (the test guests write a handful).
+pub const MAX_POST_MARKS: usize = 1024;
+
 /// A snapshot taken when the guest writes a POST code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PostMark {
@@ -180,10 +183,12 @@ impl BusDevice for SystemControl {
                     mmio_exits: self.counters.mmio.load(Ordering::Relaxed),
                     pio_exits: self.counters.pio.load(Ordering::Relaxed),
                 };
-                self.marks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(mark);
+                let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+                // Linux's I/O delay writes this port too: keep the first marks only, so a
+                // guest looping on it cannot grow our memory.
+                if marks.len() < MAX_POST_MARKS {
+                    marks.push(mark);
+                }
             }
             _ => {}
         }
@@ -209,6 +214,20 @@ mod tests {
         let mut kbd = SystemControl::new(control.clone(), I8042_PORT, counters, Default::default());
         kbd.write(0, &[0xfe]);
         assert_eq!(control.wait(None), Some(VcpuExitReason::Reboot));
+    }
+
+    #[test]
+    fn post_marks_are_bounded() {
+        let marks = Arc::new(Mutex::new(Vec::new()));
+        let control = Arc::new(VmControl::default());
+        let counters = Arc::new(ExitCounters::default());
+        let mut post = SystemControl::new(control, POST_PORT, counters, marks.clone());
+        for i in 0..(3 * MAX_POST_MARKS) {
+            post.write(0, &[i as u8]);
+        }
+        let marks = marks.lock().unwrap();
+        assert_eq!(marks.len(), MAX_POST_MARKS);
+        assert_eq!(marks[1].code, 1, "the first marks are the ones kept");
     }
 
     #[test]

@@ -101,6 +101,17 @@ impl BlkBackend {
                 warn!("signalling the front-end failed: {e}");
             }
         }
+        if engine.wants_rerun() {
+            // Chains are left in the ring that no kick will announce: come back through our own
+            // kick eventfd once the thread's other events are served.
+            if let Some(kick) = state.get_kick() {
+                let one = 1u64.to_ne_bytes();
+                let fd = std::os::fd::AsRawFd::as_raw_fd(kick);
+                // SAFETY: `fd` is the vring's kick eventfd, kept open by `state` for the call;
+                // `one` is an 8-byte buffer that lives for the call, as eventfd writes require.
+                let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+            }
+        }
     }
 }
 
@@ -177,31 +188,24 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
+        // One queue per thread: the library gives each thread only its own vring and numbers
+        // its kick 0 (an index within the thread; it has read the kick already), while our
+        // completion eventfd was registered on thread i as `num_queues + 1 + i`.
         let n = self.num_queues();
-        let (index, completions) = match usize::from(device_event) {
-            q if q < n => (q, false),
-            e if e > n && e <= 2 * n => (e - n - 1, true),
+        let index = thread_id;
+        let completions = match usize::from(device_event) {
+            0 => false,
+            e if e == n + 1 + thread_id => true,
             other => {
-                warn!("unexpected vhost-user event {other}");
+                warn!("unexpected vhost-user event {other} on thread {thread_id}");
                 return Ok(());
             }
         };
-        // With one queue per thread the library hands each thread only its own vring, at
-        // position 0, while events carry the global queue index; it then consumes the kick only
-        // for queue 0, so consume the others' here.
-        let vring = if vrings.len() == 1 {
-            &vrings[0]
-        } else {
-            match vrings.get(index) {
-                Some(v) => v,
-                None => return Ok(()),
-            }
-        };
-        if !completions && index >= vrings.len() && !vring.read_kick()? {
+        let (Some(vring), true) = (vrings.first(), index < n) else {
             return Ok(());
-        }
+        };
         if let Some(slot) = self
             .vrings
             .lock()
@@ -244,5 +248,91 @@ pub fn serve(cfg: Arc<BlkConfig>, socket: &std::path::Path) -> Result<()> {
             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
         )) => Ok(()),
         Err(e) => Err(VmmError::VhostUser(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_storage::io::memory::MemoryDevice;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    use crate::blk::DiskOptions;
+
+    /// A ring of 16 in guest memory at `base` with one GET_ID chain (header, 20-byte buffer,
+    /// status) available.
+    fn ring_with_get_id(mem: &GuestMemoryAtomic<GuestMemoryMmap>, base: u64) -> Vring {
+        let m = mem.memory();
+        let (desc, avail, used, hdr, buf, status) = (
+            base,
+            base + 0x1000,
+            base + 0x2000,
+            base + 0x3000,
+            base + 0x3100,
+            base + 0x3200,
+        );
+        let mut h = [0u8; 16];
+        h[0] = 8; // GET_ID
+        m.write_slice(&h, GuestAddress(hdr)).unwrap();
+        for (i, (addr, len, flags)) in [(hdr, 16u32, 1u16), (buf, 20, 1 | 2), (status, 1, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let at = GuestAddress(desc + 16 * i as u64);
+            m.write_obj(addr, at).unwrap();
+            m.write_obj(len, at.unchecked_add(8)).unwrap();
+            m.write_obj(flags, at.unchecked_add(12)).unwrap();
+            m.write_obj(i as u16 + 1, at.unchecked_add(14)).unwrap();
+        }
+        m.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        m.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        m.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let vring = Vring::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(desc, avail, used).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    /// Each library thread owns one queue and numbers its kick 0: a kick on thread 1 must run
+    /// queue 1's engine and complete into queue 1's ring.
+    #[test]
+    fn a_kick_on_a_queues_thread_is_served_by_that_queues_engine() {
+        let opts = DiskOptions {
+            num_queues: 2,
+            serial: "mq-serial".into(),
+            ..DiskOptions::default()
+        };
+        let cfg = Arc::new(BlkConfig::new(MemoryDevice::new(1 << 20), &opts).unwrap());
+        let backend = BlkBackend::new(cfg).unwrap();
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap);
+        backend.update_memory(mem.clone()).unwrap();
+        let q1 = ring_with_get_id(&mem, 0x10_000);
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&q1), 1)
+            .unwrap();
+        let requests: Vec<u64> = backend
+            .engines
+            .iter()
+            .map(|e| e.lock().unwrap().stats().requests)
+            .collect();
+        assert_eq!(requests, vec![0, 1], "the request went to the wrong engine");
+        assert_eq!(q1.queue_used_idx().unwrap(), 1);
+        let m = mem.memory();
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x13_200)).unwrap(),
+            0,
+            "status"
+        );
+        let mut id = [0u8; 9];
+        m.read_slice(&mut id, GuestAddress(0x13_100)).unwrap();
+        assert_eq!(&id, b"mq-serial");
+        // An event number that is neither the thread's kick nor its completions is ignored.
+        backend
+            .handle_event(7, EventSet::IN, std::slice::from_ref(&q1), 1)
+            .unwrap();
+        assert_eq!(backend.engines[1].lock().unwrap().stats().requests, 1);
     }
 }

@@ -282,6 +282,11 @@ fn build(
             if flags & !1 != 0 || (discard && unmap) {
                 return unsupp("reserved discard or write-zeroes flags");
             }
+            if sectors > super::config::MAX_DISCARD_SECTORS {
+                // Above the advertised max_discard_sectors / max_write_zeroes_sectors: one such
+                // request could hold the queue for a whole-disk zero fill.
+                return ioerr("discard or write-zeroes longer than the advertised maximum");
+            }
             let len = u64::from(sectors) * SECTOR_SIZE;
             let offset = check_range(start, len, cfg)?;
             let op = if discard {

@@ -11,7 +11,7 @@ use super::{features, ID_BYTES, SECTOR_SIZE};
 pub const CONFIG_SPACE_LEN: usize = 60;
 
 /// Largest discard or write-zeroes request, in sectors (1 GiB), advertised to the driver.
-const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+pub(crate) const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 
 /// How the user asked for a disk to be attached.
 #[derive(Clone, Debug)]

@@ -75,6 +75,8 @@ pub struct QueueEngine {
     completions: Vec<Completion>,
     limiter: LogLimiter,
     stats: QueueStats,
+    /// `process_avail` left chains in the ring with notifications off.
+    stalled: bool,
 }
 
 impl QueueEngine {
@@ -105,6 +107,7 @@ impl QueueEngine {
             completions: Vec::with_capacity(depth),
             limiter: LogLimiter::for_guest_errors(),
             stats: QueueStats::default(),
+            stalled: false,
         })
     }
 
@@ -118,6 +121,13 @@ impl QueueEngine {
         self.stats
     }
 
+    /// Whether chains may be waiting in the avail ring that no kick will announce (the engine
+    /// stopped taking them for lack of room, or at its pass limit) while there is room again:
+    /// the caller must call [`QueueEngine::process_avail`] again without waiting for a kick.
+    pub fn wants_rerun(&self) -> bool {
+        self.stalled && !self.free.is_empty() && self.deferred.is_empty()
+    }
+
     /// Requests in flight in the block layer.
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
@@ -127,11 +137,15 @@ impl QueueEngine {
     /// ones that fail validation. Returns whether the driver must be interrupted.
     pub fn process_avail(&mut self, queue: &mut Queue, mem: &SharedMemory) -> bool {
         let mut used_any = false;
+        // Until the ring is seen empty with notifications on, chains may be waiting that no kick
+        // will announce.
+        self.stalled = true;
         if !self.resubmit_deferred() {
             return false;
         }
         // Bounded: each pass takes at most `slots.len()` chains, and another pass only happens
-        // when the driver added chains while we were re-enabling notifications.
+        // when the driver added chains while we were re-enabling notifications. Leaving after
+        // the last pass keeps `stalled` set, and the caller comes back (see `wants_rerun`).
         for _pass in 0..4 {
             if queue.event_idx_enabled() {
                 let _ = queue.disable_notification(mem.as_ref());
@@ -154,9 +168,14 @@ impl QueueEngine {
             }
             match queue.enable_notification(mem.as_ref()) {
                 Ok(true) => continue,
-                Ok(false) => break,
+                Ok(false) => {
+                    self.stalled = false;
+                    break;
+                }
                 Err(e) => {
+                    // The ring is unusable until the driver resets it: do not spin on it.
                     self.log(format_args!("cannot enable notifications: {e}"));
+                    self.stalled = false;
                     break;
                 }
             }
@@ -183,7 +202,7 @@ impl QueueEngine {
     /// Completes what the I/O queue has ready; with `refill`, takes more chains if that made
     /// room. Returns whether the driver must be interrupted.
     fn complete_ready(&mut self, queue: &mut Queue, mem: &SharedMemory, refill: bool) -> bool {
-        let was_full = self.free.is_empty() || !self.deferred.is_empty();
+        let was_full = self.stalled || self.free.is_empty() || !self.deferred.is_empty();
         let mut done = std::mem::take(&mut self.completions);
         self.io.reap(&mut done);
         let used_any = !done.is_empty();

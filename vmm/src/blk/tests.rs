@@ -624,3 +624,63 @@ fn requests_completed_at_submit_without_a_signal_are_not_left_waiting() {
     assert_eq!(h.status(st), status::OK);
     assert_eq!(h.engine.in_flight(), 0);
 }
+
+/// When the engine runs out of slots it leaves chains in the ring with notifications off, so no
+/// kick will announce them: once room is back it must take them by itself (`wants_rerun`, or on
+/// the next completion), or the queue hangs.
+#[test]
+fn a_full_engine_takes_the_rest_of_the_ring_once_room_is_back() {
+    for via_completion in [false, true] {
+        let disk = MemoryDevice::new(1 << 20);
+        let mut h = Harness::new(disk.clone(), DiskOptions::default());
+        let small = DiskOptions {
+            queue_size: 4,
+            ..DiskOptions::default()
+        };
+        h.engine =
+            QueueEngine::new("small", Arc::new(BlkConfig::new(disk, &small).unwrap())).unwrap();
+        h.queue.set_event_idx(true);
+        let sts: Vec<u64> = (0..6).map(|_| h.request(req_type::FLUSH, 0, &[])).collect();
+        h.engine.process_avail(&mut h.queue, &h.mem);
+        // The memory disk answers at once: four done, their slots free, two chains waiting.
+        assert_eq!(h.used_idx(), 4);
+        assert!(h.engine.wants_rerun());
+        if via_completion {
+            h.engine.process_completions(&mut h.queue, &h.mem);
+        } else {
+            h.engine.process_avail(&mut h.queue, &h.mem);
+        }
+        assert_eq!(h.used_idx(), 6, "the waiting chains were left behind");
+        assert!(sts.iter().all(|&s| h.status(s) == status::OK));
+        assert!(!h.engine.wants_rerun());
+        // Kicks are asked for again from the next chain on.
+        let avail_event: u16 = h
+            .mem
+            .read_obj(GuestAddress(h.used + 4 + 8 * u64::from(QSIZE)))
+            .unwrap();
+        assert_eq!(avail_event, 6);
+    }
+}
+
+#[test]
+fn discard_and_write_zeroes_beyond_the_advertised_maximum_get_ioerr() {
+    // 4 GiB (sparse): the range itself lies on the disk, only the length is too long.
+    let disk = MemoryDevice::new(4 << 30);
+    let mut h = Harness::new(disk, DiskOptions::default());
+    let too_long = crate::blk::config::MAX_DISCARD_SECTORS + 1;
+    for (kind, at) in [
+        (req_type::DISCARD, DATA),
+        (req_type::WRITE_ZEROES, DATA + 64),
+    ] {
+        let mut seg = [0u8; 16];
+        seg[8..12].copy_from_slice(&too_long.to_le_bytes());
+        h.fill(at, &seg);
+        let st = h.request(kind, 0, &[(at, 16, false)]);
+        expect_status(&mut h, st, status::IOERR);
+    }
+    let mut seg = [0u8; 16];
+    seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+    h.fill(DATA + 128, &seg);
+    let st = h.request(req_type::WRITE_ZEROES, 0, &[(DATA + 128, 16, false)]);
+    expect_status(&mut h, st, status::OK);
+}

@@ -105,11 +105,17 @@ fn serve(
     }
     let mut events = [EpollEvent::default(); 3];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        // Chains the engine left in the ring (it ran out of room, or hit its pass limit) are
+        // taken again as soon as no event is pending: no kick will come for them.
+        let rerun = engine.wants_rerun();
+        let n = match epoll.wait(if rerun { 0 } else { -1 }, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        if n == 0 && rerun && engine.process_avail(queue, mem) {
+            signal.signal_used();
+        }
         for ev in &events[..n] {
             let interrupt = match ev.data() {
                 KICK => {

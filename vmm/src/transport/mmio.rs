@@ -154,6 +154,16 @@ impl VirtioMmio {
             self.reset();
             return;
         }
+        if value & self.status != self.status {
+            // A driver must not clear status bits other than by a reset (virtio 1.2, 2.1.2);
+            // honouring it would unlock the queue registers under running workers and start a
+            // second set on the next DRIVER_OK.
+            let status = self.status;
+            self.log(format_args!(
+                "status write {value:#x} clears bits of {status:#x}; ignored (reset with 0)"
+            ));
+            return;
+        }
         let mut value = value;
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let offered = self.cfg.features();
@@ -175,6 +185,9 @@ impl VirtioMmio {
     }
 
     fn activate(&mut self) -> Result<(), String> {
+        if !self.workers.is_empty() {
+            return Err("the device is running already".into());
+        }
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {
             if !q.ready() {
@@ -387,6 +400,36 @@ mod tests {
         w(&mut d, 0x44, 1);
         w(&mut d, 0x70, 1 | 2 | 8 | 4);
         assert_ne!(r(&mut d, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert!(d.workers.is_empty());
+    }
+
+    #[test]
+    fn clearing_driver_ok_without_a_reset_neither_unlocks_nor_restarts_the_queue() {
+        let mut d = device();
+        w(&mut d, 0x70, 1 | 2);
+        w(&mut d, 0x24, 1);
+        w(&mut d, 0x20, 1);
+        w(&mut d, 0x70, 1 | 2 | 8);
+        w(&mut d, 0x30, 0);
+        w(&mut d, 0x38, 16);
+        w(&mut d, 0x80, 0x1000);
+        w(&mut d, 0x90, 0x2000);
+        w(&mut d, 0xa0, 0x3000);
+        w(&mut d, 0x44, 1);
+        w(&mut d, 0x70, 1 | 2 | 8 | 4);
+        assert_eq!(d.workers.len(), 1);
+        for _ in 0..20 {
+            w(&mut d, 0x70, 1 | 2 | 8); // DRIVER_OK cleared: ignored
+            assert_eq!(r(&mut d, 0x70), 1 | 2 | 8 | 4);
+            w(&mut d, 0x80, 0x8000); // the running queue's registers stay locked
+            w(&mut d, 0x70, 1 | 2 | 8 | 4);
+        }
+        assert_eq!(
+            d.workers.len(),
+            1,
+            "one worker per queue, however often DRIVER_OK is written"
+        );
+        w(&mut d, 0x70, 0);
         assert!(d.workers.is_empty());
     }
 }
