@@ -352,6 +352,24 @@ mod tests {
         d.write(off, &v.to_le_bytes());
     }
 
+    /// A device the driver set up with VERSION_1 and queue 0 (16 entries, rings from `rings`
+    /// on, a page each), then DRIVER_OK.
+    fn started(rings: u32) -> VirtioMmio {
+        let mut d = device();
+        w(&mut d, 0x70, 1 | 2);
+        w(&mut d, 0x24, 1);
+        w(&mut d, 0x20, 1);
+        w(&mut d, 0x70, 1 | 2 | 8);
+        w(&mut d, 0x30, 0);
+        w(&mut d, 0x38, 16);
+        w(&mut d, 0x80, rings);
+        w(&mut d, 0x90, rings + 0x1000);
+        w(&mut d, 0xa0, rings + 0x2000);
+        w(&mut d, 0x44, 1);
+        w(&mut d, 0x70, 1 | 2 | 8 | 4);
+        d
+    }
+
     #[test]
     fn identifies_as_a_version_2_block_device_with_its_config() {
         let mut d = device();
@@ -386,37 +404,15 @@ mod tests {
 
     #[test]
     fn an_invalid_queue_sets_needs_reset_instead_of_starting() {
-        let mut d = device();
-        w(&mut d, 0x70, 1 | 2);
-        w(&mut d, 0x24, 1);
-        w(&mut d, 0x20, 1);
-        w(&mut d, 0x70, 1 | 2 | 8);
-        w(&mut d, 0x30, 0);
-        w(&mut d, 0x38, 16);
         // Rings outside the 1 MiB of guest memory.
-        w(&mut d, 0x80, 0x4000_0000);
-        w(&mut d, 0x90, 0x4000_1000);
-        w(&mut d, 0xa0, 0x4000_2000);
-        w(&mut d, 0x44, 1);
-        w(&mut d, 0x70, 1 | 2 | 8 | 4);
+        let mut d = started(0x4000_0000);
         assert_ne!(r(&mut d, 0x70) & STATUS_NEEDS_RESET, 0);
         assert!(d.workers.is_empty());
     }
 
     #[test]
     fn clearing_driver_ok_without_a_reset_neither_unlocks_nor_restarts_the_queue() {
-        let mut d = device();
-        w(&mut d, 0x70, 1 | 2);
-        w(&mut d, 0x24, 1);
-        w(&mut d, 0x20, 1);
-        w(&mut d, 0x70, 1 | 2 | 8);
-        w(&mut d, 0x30, 0);
-        w(&mut d, 0x38, 16);
-        w(&mut d, 0x80, 0x1000);
-        w(&mut d, 0x90, 0x2000);
-        w(&mut d, 0xa0, 0x3000);
-        w(&mut d, 0x44, 1);
-        w(&mut d, 0x70, 1 | 2 | 8 | 4);
+        let mut d = started(0x1000);
         assert_eq!(d.workers.len(), 1);
         for _ in 0..20 {
             w(&mut d, 0x70, 1 | 2 | 8); // DRIVER_OK cleared: ignored
