@@ -1,0 +1,153 @@
+//! The read path of a [`Qcow2Queue`]: maps a guest read under the metadata lock, fills zeros,
+//! sends allocated and unallocated pieces to the host or backing queue, and decompresses
+//! compressed clusters (with a one-cluster cache, also used by allocating writes that copy a
+//! compressed cluster in).
+
+use std::sync::Arc;
+
+use crate::error::{Result, StorageError};
+use crate::format::qcow2::codec;
+use crate::format::qcow2::entry::Mapping;
+use crate::io::{IoBuf, Op};
+
+use super::{Kind, Lower, Qcow2Queue, SubWhat};
+
+impl Qcow2Queue {
+    /// The decompressed cluster whose compressed data is at `offset`.
+    pub(super) fn decompressed(&mut self, offset: u64, len: u64) -> Result<&[u8]> {
+        if self.zcache.as_ref().is_none_or(|(o, _)| *o != offset) {
+            let file_len = self.img.file.len();
+            if offset >= file_len {
+                return Err(StorageError::corrupt(
+                    &self.img.name,
+                    format!("compressed cluster at {offset:#x} lies beyond the end of the file"),
+                ));
+            }
+            let n = len.min(file_len - offset) as usize;
+            let mut raw = vec![0u8; n];
+            self.img.file.read_exact_at(offset, &mut raw)?;
+            let mut out = vec![0u8; self.img.geo.cluster_size as usize];
+            codec::decompress(self.img.codec, &raw, &mut out).map_err(|e| match e {
+                StorageError::Corrupt { detail, .. } => StorageError::corrupt(
+                    &self.img.name,
+                    format!("compressed cluster at {offset:#x}: {detail}"),
+                ),
+                other => other,
+            })?;
+            self.zcache = Some((offset, out));
+        }
+        Ok(self
+            .zcache
+            .as_ref()
+            .map(|(_, d)| d.as_slice())
+            .unwrap_or(&[]))
+    }
+
+    pub(super) fn start_read(&mut self, tag: u64, offset: u64, buf: IoBuf) {
+        let len = buf.len() as u64;
+        let r = self.new_req(tag, Kind::Read, Some(Arc::new(buf)), len);
+        let mut extents = std::mem::take(&mut self.extents);
+        extents.clear();
+        let mapped = {
+            let mut m = self.lock();
+            let mut at = offset;
+            let end = offset + len;
+            let mut res = Ok(());
+            while at < end {
+                match m.map(at, end - at) {
+                    Ok((mapping, run)) => {
+                        push_extent(&mut extents, at, run, mapping, self.img.merge);
+                        at += run;
+                    }
+                    Err(e) => {
+                        res = Err(e);
+                        break;
+                    }
+                }
+            }
+            res
+        };
+        if let Err(e) = mapped {
+            self.fail(r, e);
+        } else {
+            for &(g, n, mapping) in &extents {
+                self.read_extent(r, (g - offset) as usize, g, n, mapping);
+            }
+        }
+        self.extents = extents;
+        self.end_planning(r);
+    }
+
+    fn read_extent(&mut self, r: usize, off: usize, g: u64, n: u64, mapping: Mapping) {
+        let Some(mut view) = self.view(r, off, n as usize) else {
+            return;
+        };
+        match mapping {
+            Mapping::Zero => view.fill_zero(0, n as usize),
+            Mapping::Unallocated => {
+                let bsize = self.img.backing_size;
+                if self.backing.is_none() || g >= bsize {
+                    view.fill_zero(0, n as usize);
+                    return;
+                }
+                let inside = n.min(bsize - g);
+                if inside < n {
+                    view.fill_zero(inside as usize, (n - inside) as usize);
+                }
+                drop(view);
+                let Some(part) = self.view(r, off, inside as usize) else {
+                    return;
+                };
+                self.submit_lower(
+                    Lower::Backing,
+                    r,
+                    SubWhat::Piece,
+                    Op::Read {
+                        offset: g,
+                        buf: part,
+                    },
+                );
+            }
+            Mapping::Allocated(h) => {
+                self.submit_lower(
+                    Lower::Host,
+                    r,
+                    SubWhat::Piece,
+                    Op::Read {
+                        offset: h,
+                        buf: view,
+                    },
+                );
+            }
+            Mapping::Compressed {
+                offset,
+                len,
+                within,
+            } => match self.decompressed(offset, len) {
+                Ok(data) => {
+                    let w = within as usize;
+                    view.copy_from_slice(0, &data[w..w + n as usize]);
+                }
+                Err(e) => {
+                    drop(view);
+                    self.fail(r, e);
+                }
+            },
+        }
+    }
+}
+
+fn push_extent(extents: &mut Vec<(u64, u64, Mapping)>, g: u64, n: u64, m: Mapping, merge: bool) {
+    if let Some(last) = extents.last_mut().filter(|_| merge) {
+        let merged = match (last.2, m) {
+            (Mapping::Allocated(h), Mapping::Allocated(h2)) => h + last.1 == h2,
+            (Mapping::Zero, Mapping::Zero) | (Mapping::Unallocated, Mapping::Unallocated) => true,
+            _ => false,
+        };
+        if merged && last.0 + last.1 == g {
+            last.1 += n;
+            return;
+        }
+    }
+    extents.push((g, n, m));
+}
