@@ -275,6 +275,18 @@ fn full(
 fn plan(store: &Datastore, size: u64, opts: &BackupOptions) -> Result<Plan> {
     let chunk_size = store.chunk_size();
     let count = chunk_count(size, chunk_size);
+    // The plan holds a few words per chunk: a source too large for an index (a huge sparse
+    // image, say) is refused before anything of its size is allocated.
+    let index_len = count
+        .checked_mul(crate::index::INDEX_ENTRY_LEN as u64)
+        .map(|n| n + (crate::index::INDEX_HEADER_LEN + crate::index::INDEX_TRAILER_LEN) as u64);
+    if index_len.is_none_or(|n| n > crate::index::MAX_INDEX_LEN) {
+        return Err(StorageError::InvalidInput(format!(
+            "a source of {size} bytes needs {count} chunks of {chunk_size} bytes, more than a \
+             backup index holds ({} bytes at most)",
+            crate::index::MAX_INDEX_LEN
+        )));
+    }
     let parent = store.list_group(&opts.id)?.pop();
     let mut known: Vec<Option<Entry>> = vec![None; count as usize];
     let Some(parent_name) = parent else {

@@ -325,3 +325,19 @@ fn round_trip_through_each_image_format() {
     eprintln!("ran rows: {}", ran.join(", "));
     assert!(ran.contains(&"raw source".to_string()));
 }
+
+/// A huge sparse source (here 2^60 bytes) is refused before the backup allocates anything
+/// per chunk: the plan of such a backup would need terabytes of memory.
+#[test]
+fn a_source_too_large_for_an_index_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Datastore::create_with_chunk_size(&dir.path().join("store"), CHUNK).unwrap();
+    let huge = strata_storage::io::memory::MemoryDevice::new(1 << 60);
+    let err = backup(&store, huge, "image/huge", Changes::Untracked).unwrap_err();
+    assert!(
+        matches!(err, strata_storage::StorageError::InvalidInput(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("backup index"), "{err}");
+    assert!(store.list_group("image/huge").unwrap().is_empty());
+}
