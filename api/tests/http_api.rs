@@ -138,9 +138,37 @@ fn tokens_can_be_created_used_and_revoked() {
         .request("POST", "/api/tokens", Some(&json!({"name": "ci"})))
         .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["admin"], false, "{:?}", r.body);
     let token = r.body["token"].as_str().unwrap().to_string();
     let ci = srv.client_with(Some(&token));
     assert_eq!(ci.request("GET", "/api/images", None).unwrap().status, 200);
+    // A token that is not an admin token cannot mint tokens, list them or revoke others.
+    for (method, path, body) in [
+        ("POST", "/api/tokens", Some(json!({"name": "spare"}))),
+        (
+            "POST",
+            "/api/tokens",
+            Some(json!({"name": "spare", "admin": true})),
+        ),
+        ("GET", "/api/tokens", None),
+        ("DELETE", "/api/tokens/admin", None),
+    ] {
+        let r = ci.request(method, path, body.as_ref()).unwrap();
+        assert_eq!(r.status, 403, "{method} {path}: {:?}", r.body);
+        assert_eq!(r.body["kind"], "forbidden");
+    }
+    assert_eq!(c.request("GET", "/api/images", None).unwrap().status, 200);
+    // An admin token can make another admin token.
+    let r = c
+        .request(
+            "POST",
+            "/api/tokens",
+            Some(&json!({"name": "ops", "admin": true})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ops = srv.client_with(r.body["token"].as_str());
+    assert_eq!(ops.request("GET", "/api/tokens", None).unwrap().status, 200);
     let listed = c.request("GET", "/api/tokens", None).unwrap();
     assert!(!String::from_utf8_lossy(&listed.raw).contains(token.split_once('.').unwrap().1));
     assert_eq!(

@@ -60,6 +60,9 @@ pub enum TokenCommand {
     Create {
         /// Name of the token.
         name: String,
+        /// The token may manage tokens too (create, list, revoke through the API).
+        #[arg(long)]
+        admin: bool,
         /// Output format.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -94,7 +97,7 @@ pub fn init(a: InitArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let cfg = setup(&data, &a.setup)?;
     let svc = Service::open(data)?;
     let token = if svc.tokens.is_empty()? {
-        Some(svc.tokens.create("admin")?.1)
+        Some(svc.tokens.create("admin", true)?.1)
     } else {
         None
     };
@@ -158,7 +161,7 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
     svc.remove_leftovers()?;
     if svc.tokens.is_empty()? {
-        let (_, token) = svc.tokens.create("admin")?;
+        let (_, token) = svc.tokens.create("admin", true)?;
         println!("Created the first API token (shown only now; keep it):");
         println!("  {token}");
         println!("Use it as: Authorization: Bearer {token}");
@@ -174,8 +177,12 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
 pub fn token(cmd: TokenCommand, data: DataDir) -> anyhow::Result<ExitCode> {
     let svc = Service::open(data)?;
     match cmd {
-        TokenCommand::Create { name, output } => {
-            let (info, token) = svc.tokens.create(&name)?;
+        TokenCommand::Create {
+            name,
+            admin,
+            output,
+        } => {
+            let (info, token) = svc.tokens.create(&name, admin)?;
             match output {
                 Output::Json => println!(
                     "{}",

@@ -45,7 +45,7 @@ pub fn create_first_token(data_dir: &Path, name: &str) -> InstallResult<String> 
         Service::open(DataDir::at(data_dir)).map_err(|e| InstallError::Token(e.to_string()))?;
     let (_, token) = svc
         .tokens
-        .create(name)
+        .create(name, true)
         .map_err(|e| InstallError::Token(e.to_string()))?;
     Ok(token)
 }

@@ -58,6 +58,23 @@ pub(crate) fn quick<T>(
     f(svc).map_err(ApiError)
 }
 
+/// The token a request came with (absent on the in-process router, whose caller is local).
+#[derive(Clone, Debug)]
+pub(super) struct Caller(pub crate::service::tokens::TokenInfo);
+
+/// Refuses (403) callers whose token is not an admin token.
+pub(super) fn require_admin(caller: Option<&axum::Extension<Caller>>) -> ApiResult<()> {
+    match caller {
+        Some(axum::Extension(Caller(info))) if !info.admin => {
+            Err(ApiError(ServiceError::Forbidden(format!(
+                "Token {} may not manage tokens (create it with `strata token create --admin`)",
+                info.name
+            ))))
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn require_token(State(svc): State<Arc<Service>>, req: Request, next: Next) -> Response {
     let presented = req
         .headers()
@@ -71,7 +88,11 @@ async fn require_token(State(svc): State<Arc<Service>>, req: Request, next: Next
     // Verification is a hash, a constant-time scan of the tokens in memory and a stat of the
     // tokens file: cheaper inline than a trip through the blocking pool.
     match svc.tokens.verify(&token) {
-        Ok(_) => next.run(req).await,
+        Ok(info) => {
+            let mut req = req;
+            req.extensions_mut().insert(Caller(info));
+            next.run(req).await
+        }
         Err(e) => ApiError(e).into_response(),
     }
 }

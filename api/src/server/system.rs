@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{blocking, quick, ApiJson, ApiResult};
+use super::{blocking, quick, require_admin, ApiJson, ApiResult, Caller};
 use crate::service::jobs::JobStatus;
 use crate::service::tokens::TokenInfo;
 use crate::service::Service;
@@ -27,6 +27,9 @@ pub struct Health {
 pub struct CreateToken {
     /// Name of the new token.
     pub name: String,
+    /// Whether the new token may manage tokens too (default: no).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// A newly created token: the secret is shown only here.
@@ -62,7 +65,9 @@ pub(super) async fn health() -> Json<Health> {
     responses((status = 200, body = Vec<TokenInfo>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_tokens(
     State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
 ) -> ApiResult<Json<Vec<TokenInfo>>> {
+    require_admin(caller.as_ref())?;
     Ok(Json(blocking(&svc, |s| s.tokens.list()).await?))
 }
 
@@ -72,9 +77,11 @@ pub(super) async fn list_tokens(
               (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
 pub(super) async fn create_token(
     State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> ApiResult<Json<CreatedToken>> {
-    let (info, token) = blocking(&svc, move |s| s.tokens.create(&req.name)).await?;
+    require_admin(caller.as_ref())?;
+    let (info, token) = blocking(&svc, move |s| s.tokens.create(&req.name, req.admin)).await?;
     Ok(Json(CreatedToken { info, token }))
 }
 
@@ -85,8 +92,10 @@ pub(super) async fn create_token(
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn revoke_token(
     State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<TokenInfo>> {
+    require_admin(caller.as_ref())?;
     Ok(Json(blocking(&svc, move |s| s.tokens.revoke(&id)).await?))
 }
 

@@ -25,6 +25,14 @@ pub struct TokenInfo {
     pub name: String,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+    /// May manage tokens (create, list, revoke). Other tokens use everything else. Tokens
+    /// stored before roles existed count as admin tokens.
+    #[serde(default = "admin_by_default")]
+    pub admin: bool,
+}
+
+fn admin_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -128,8 +136,9 @@ impl TokenStore {
         Ok(())
     }
 
-    /// Creates a token named `name`; returns its listing and the full token, shown only now.
-    pub fn create(&self, name: &str) -> ServiceResult<(TokenInfo, String)> {
+    /// Creates a token named `name` (an admin token with `admin`); returns its listing and the
+    /// full token, shown only now.
+    pub fn create(&self, name: &str, admin: bool) -> ServiceResult<(TokenInfo, String)> {
         names::validate("token", name)?;
         self.refresh()?;
         let mut st = self.lock();
@@ -153,6 +162,7 @@ impl TokenStore {
             id: id.clone(),
             name: name.to_string(),
             created,
+            admin,
         };
         st.file.version = 1;
         st.file.tokens.push(TokenRecord {
