@@ -234,7 +234,7 @@ mod tests {
     fn tokens_verify_until_revoked_and_secrets_are_not_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::open(dir.path().join("tokens.json")).unwrap();
-        let (info, token) = store.create("admin").unwrap();
+        let (info, token) = store.create("admin", true).unwrap();
         assert_eq!(store.verify(&token).unwrap().id, info.id);
         let secret = token.split_once('.').unwrap().1;
         let file = std::fs::read_to_string(dir.path().join("tokens.json")).unwrap();
@@ -245,7 +245,7 @@ mod tests {
         assert!(store.verify("garbage").is_err());
         assert!(store.verify("").is_err());
         assert!(
-            store.create("admin").is_err(),
+            store.create("admin", true).is_err(),
             "duplicate names are refused"
         );
         store.revoke(&info.id).unwrap();
@@ -257,7 +257,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = TokenStore::open(dir.path().join("tokens.json")).unwrap();
         let b = TokenStore::open(dir.path().join("tokens.json")).unwrap();
-        let (_, token) = a.create("cli").unwrap();
+        let (_, token) = a.create("cli", false).unwrap();
         assert!(b.verify(&token).is_ok());
     }
 }
