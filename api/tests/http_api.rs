@@ -552,3 +552,28 @@ fn server_paths_are_confined_to_the_import_folders() {
         "{names:?}"
     );
 }
+
+/// A preallocated image larger than the free space is refused before anything is written.
+#[test]
+fn a_preallocated_image_larger_than_the_free_space_gets_507() {
+    let srv = Server::start();
+    let c = srv.client();
+    for prealloc in ["full", "falloc"] {
+        let r = c
+            .request(
+                "POST",
+                "/api/images",
+                Some(&json!({"name": "big.raw", "format": "raw", "size": "900T",
+                             "options": format!("preallocation={prealloc}")})),
+            )
+            .unwrap();
+        assert_eq!(r.status, 507, "{prealloc}: {:?}", r.body);
+    }
+    let listed = c.request("GET", "/api/images", None).unwrap();
+    assert_eq!(
+        listed.body.as_array().map(Vec::len),
+        Some(0),
+        "{:?}",
+        listed.body
+    );
+}

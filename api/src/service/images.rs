@@ -109,6 +109,13 @@ impl Service {
         let size = parse_size(&req.size)?;
         let opts = format::parse_options(&req.options)?;
         self.server_paths.new_image_options(&opts)?;
+        if opts
+            .get("preallocation")
+            .is_some_and(|p| p == "full" || p == "falloc")
+        {
+            // Preallocation writes (or reserves) the whole size at once.
+            self.ensure_space(&path, size)?;
+        }
         format::create_image(&path, fmt, size, &opts)?;
         // Another client may already have removed it again; report what was created anyway.
         self.image_info(&req.name).or_else(|e| match e {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use strata_storage::convert::{self, ConvertOptions, ConvertTarget};
 use strata_storage::format::{self, ImageFormat};
+use strata_storage::{BlockDevice, ExtentKind};
 use utoipa::ToSchema;
 
 use super::jobs::{Job, JobContext};
@@ -108,6 +109,7 @@ impl Service {
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("qcow2").parse()?;
             let opts = format::parse_options(&req.options)?;
             self.server_paths.new_image_options(&opts)?;
+            self.ensure_space_for(&path, source.device().as_ref())?;
             // The conversion builds a hidden file (names never start with '.', so listings skip
             // it) and moves it to its name only once complete and flushed.
             return self.jobs.clone().spawn("convert", desc, move |ctx| {
@@ -168,6 +170,13 @@ impl Service {
             ));
         }
         Ok(())
+    }
+
+    /// Refuses (507) a new image at `path` that would receive `src`'s data when its file
+    /// system has less room than that data: a small compressed upload or image can expand a
+    /// hundredfold, so the upload's own length is no guide.
+    pub fn ensure_space_for(&self, path: &Path, src: &dyn BlockDevice) -> ServiceResult<()> {
+        self.ensure_space(path, data_bytes(src)?)
     }
 
     /// A file to receive an upload into; the caller streams the body into it.
@@ -237,9 +246,17 @@ impl Service {
         if info.format == fmt.to_string() {
             return Ok((path, false));
         }
-        let out = self.scratch_dir()?.join(format!("download-{name}.{fmt}"));
-        let _ = std::fs::remove_file(&out);
+        // A name of its own per download: two downloads of one image must not share a file.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let out = self.scratch_dir()?.join(format!(
+            "download-{name}-{}-{nonce:x}.{fmt}",
+            std::process::id()
+        ));
         let src = self.resolve_source(&format!("image:{name}"), true)?;
+        self.ensure_space_for(&out, src.device().as_ref())?;
         let result = (|| -> ServiceResult<()> {
             format::create_image(&out, fmt, src.device().size(), &Default::default())?;
             let dst = format::open_image(
@@ -263,6 +280,30 @@ impl Service {
         }
         Ok((out, true))
     }
+}
+
+/// Most calls of `block_status` spent measuring a source's data; beyond, its whole size counts.
+const MAX_STATUS_CALLS: u32 = 1 << 20;
+
+/// Bytes of `dev` that hold data (what a conversion may write), from its block status; its
+/// virtual size when the map is too fragmented to walk quickly.
+fn data_bytes(dev: &dyn BlockDevice) -> ServiceResult<u64> {
+    let size = dev.size();
+    let (mut at, mut data) = (0u64, 0u64);
+    for _ in 0..MAX_STATUS_CALLS {
+        if at >= size {
+            return Ok(data);
+        }
+        let e = dev.block_status(at, size - at)?;
+        if e.len == 0 {
+            break;
+        }
+        if e.kind == ExtentKind::Data {
+            data += e.len;
+        }
+        at += e.len;
+    }
+    Ok(if at >= size { data } else { size })
 }
 
 /// Refuses images that refer to other files (a backing file, a parent disk, extents elsewhere).
@@ -337,4 +378,29 @@ fn run_convert(
     let report = convert::convert(src, target, opts, &JobProgress::new(ctx))?;
     ctx.check_cancelled()?;
     Ok(serde_json::to_value(report).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn data_bytes_counts_what_a_conversion_would_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.raw");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&vec![7u8; 1 << 20], 4 << 20).unwrap();
+        f.sync_all().unwrap();
+        let img = format::open_image(
+            &path,
+            &format::OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(data_bytes(img.as_ref()).unwrap(), 1 << 20);
+    }
 }
