@@ -508,10 +508,12 @@ impl Service {
                 )));
             }
         }
-        // The kernel and initrd are checked again: a link may have changed since the definition.
-        self.server_paths.file("kernel", &def.kernel)?;
+        // The kernel and initrd are checked again (a link may have changed since the
+        // definition), and loaded from the resolved paths the check returns.
+        let mut def = def;
+        def.kernel = path_text(self.server_paths.file("kernel", &def.kernel)?);
         if let Some(initrd) = &def.initrd {
-            self.server_paths.file("initrd", initrd)?;
+            def.initrd = Some(path_text(self.server_paths.file("initrd", initrd)?));
         }
         let boot = Boot::load(&def)?;
         let mut holders: Vec<Resolved> = Vec::new();
@@ -687,6 +689,12 @@ fn finish(run: &Run, runs: &Arc<Mutex<BTreeMap<String, Arc<Run>>>>, outcome: Out
     }
     *lock(&run.ended.0) = true;
     run.ended.1.notify_all();
+}
+
+/// A resolved path as the text a definition holds (resolved paths come from `canonicalize`,
+/// so they are the file system's own names).
+fn path_text(p: PathBuf) -> String {
+    p.to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
