@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// An upload without a Content-Length (411).
     #[error("An upload needs a Content-Length header")]
     LengthRequired,
+    /// Too many jobs are running (429).
+    #[error("{0} jobs are running already; wait for one to end")]
+    TooManyJobs(usize),
     /// The job was cancelled.
     #[error("Cancelled")]
     Cancelled,
@@ -68,6 +71,7 @@ impl ServiceError {
             ServiceError::Conflict(_) => 409,
             ServiceError::LengthRequired => 411,
             ServiceError::TooLarge { .. } => 413,
+            ServiceError::TooManyJobs(_) => 429,
             ServiceError::Cancelled => 409,
             ServiceError::Internal(_) => 500,
         }
@@ -84,6 +88,7 @@ impl ServiceError {
             411 => "length-required",
             413 => "too-large",
             422 => "corrupt",
+            429 => "too-many-jobs",
             501 => "unsupported",
             507 => "out-of-space",
             _ => "internal",

@@ -210,6 +210,12 @@ impl JobContext {
     }
 }
 
+/// Jobs that may run at once; each is a thread doing I/O, and the machine has few cores.
+pub const MAX_RUNNING_JOBS: usize = 16;
+
+/// Finished jobs remembered (in memory and in `DATA/jobs`); older ones are forgotten.
+pub const MAX_FINISHED_JOBS: usize = 500;
+
 /// All jobs of a server (or of one CLI command).
 #[derive(Debug)]
 pub struct JobManager {
@@ -262,7 +268,44 @@ impl JobManager {
         }
     }
 
-    /// Starts `work` as a job on its own thread and returns it at once.
+    /// Finished jobs beyond the newest [`MAX_FINISHED_JOBS`] are forgotten, record files too.
+    fn forget_old(&self) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut past = self.past.lock().unwrap_or_else(|p| p.into_inner());
+        // Oldest first: by start time, then by the sequence number in the id (`job-N-…`).
+        let key = |started: u64, id: &str| {
+            let seq = id
+                .split('-')
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            (started, seq, id.to_string())
+        };
+        let mut finished: Vec<(u64, u64, String)> = past
+            .values()
+            .map(|s| key(s.started, &s.id))
+            .chain(
+                jobs.values()
+                    .filter(|j| j.status().state != JobState::Running)
+                    .map(|j| key(j.started, &j.id)),
+            )
+            .collect();
+        if finished.len() <= MAX_FINISHED_JOBS {
+            return;
+        }
+        finished.sort();
+        let excess = finished.len() - MAX_FINISHED_JOBS;
+        for (_, _, id) in finished.into_iter().take(excess) {
+            jobs.remove(&id);
+            past.remove(&id);
+            if let Some(d) = &self.dir {
+                let _ = std::fs::remove_file(d.join(format!("{id}.json")));
+            }
+        }
+    }
+
+    /// Starts `work` as a job on its own thread and returns it at once; refused (429) while
+    /// [`MAX_RUNNING_JOBS`] jobs run.
     pub fn spawn<F>(
         self: &Arc<Self>,
         kind: &str,
@@ -272,6 +315,15 @@ impl JobManager {
     where
         F: FnOnce(&JobContext) -> ServiceResult<serde_json::Value> + Send + 'static,
     {
+        self.forget_old();
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let running = jobs
+            .values()
+            .filter(|j| j.status().state == JobState::Running)
+            .count();
+        if running >= MAX_RUNNING_JOBS {
+            return Err(ServiceError::TooManyJobs(MAX_RUNNING_JOBS));
+        }
         let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
         let mut suffix = [0u8; 3];
         let _ = getrandom::fill(&mut suffix);
@@ -290,10 +342,8 @@ impl JobManager {
             end: Mutex::new(None),
             ended: Condvar::new(),
         });
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), job.clone());
+        jobs.insert(id.clone(), job.clone());
+        drop(jobs);
         self.record(&job.status());
         let ctx = JobContext { job: job.clone() };
         let manager = self.clone();
@@ -399,6 +449,45 @@ mod tests {
         // A new manager on the same folder still knows it.
         let again = JobManager::new(Some(dir.path().to_path_buf()));
         assert_eq!(again.status(job.id()).unwrap().state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn running_jobs_are_capped_and_old_finished_ones_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(JobManager::new(Some(dir.path().to_path_buf())));
+        let waiting: Vec<Arc<Job>> = (0..MAX_RUNNING_JOBS)
+            .map(|_| {
+                m.spawn("test", "waiting".into(), |ctx| loop {
+                    ctx.check_cancelled()?;
+                    std::thread::sleep(Duration::from_millis(2));
+                })
+                .unwrap()
+            })
+            .collect();
+        let refused = m.spawn("test", "one too many".into(), |_| {
+            Ok(serde_json::Value::Null)
+        });
+        assert_eq!(refused.unwrap_err().status(), 429);
+        for j in &waiting {
+            m.cancel(j.id()).unwrap();
+            j.wait();
+        }
+        for _ in 0..MAX_FINISHED_JOBS + 20 {
+            m.spawn("test", "quick".into(), |_| Ok(serde_json::Value::Null))
+                .unwrap()
+                .wait();
+        }
+        m.forget_old();
+        assert_eq!(m.list().len(), MAX_FINISHED_JOBS);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(
+            files, MAX_FINISHED_JOBS,
+            "records of forgotten jobs are removed"
+        );
+        assert!(
+            m.status(waiting[0].id()).is_err(),
+            "the oldest are forgotten first"
+        );
     }
 
     #[test]
