@@ -245,7 +245,12 @@ impl JobManager {
                 past.insert(st.id.clone(), st);
             }
         }
-        let counter = past.len() as u64;
+        // Continue after the highest sequence number kept (older records may be forgotten).
+        let counter = past
+            .keys()
+            .filter_map(|id| id.split('-').nth(1)?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
         JobManager {
             jobs: Mutex::new(BTreeMap::new()),
             past: Mutex::new(past),
