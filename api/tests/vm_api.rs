@@ -647,3 +647,48 @@ fn a_guest_in_a_reboot_loop_is_rebuilt_then_stopped_as_failed() {
     assert_eq!(s["reboots"], 4);
     assert_eq!(console(&c, "looper", "")["data"], GREETING.repeat(5));
 }
+
+#[test]
+fn running_vms_together_may_not_claim_more_than_the_hosts_memory() {
+    const WHAT: &str = "the memory bound on running VMs";
+    let Some((_srv, c, _dir, guest)) = guest_setup(WHAT, Then::Spin) else {
+        return;
+    };
+    let host_mib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    // Each is 60% of the host: one runs (its memory is mapped lazily), two may not.
+    let memory = format!("{}M", host_mib * 6 / 10);
+    define_and_start(
+        &c,
+        json!({"name": "first", "memory": memory, "boot": "flat", "kernel": guest}),
+    );
+    let (st, reply) = define(
+        &c,
+        json!({"name": "second", "memory": memory, "boot": "flat", "kernel": guest}),
+    );
+    assert_eq!(st, 201, "{reply:?}");
+    let r = c.request("POST", "/api/vms/second/start", None).unwrap();
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("host's memory"),
+        "{:?}",
+        r.body
+    );
+    let r = c.request("POST", "/api/vms/first/stop", None).unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_for(&c, "first", Duration::from_secs(60), |s| {
+        s["state"] != "running"
+    });
+    let r = c.request("POST", "/api/vms/second/start", None).unwrap();
+    assert_eq!(r.status, 200, "once the first stopped: {:?}", r.body);
+    let r = c.request("POST", "/api/vms/second/stop", None).unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}

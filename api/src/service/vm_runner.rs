@@ -175,6 +175,8 @@ pub struct Run {
     name: String,
     dir: PathBuf,
     sources: Vec<String>,
+    /// Guest memory, counted against the host's.
+    memory: u64,
     started: Instant,
     record: Arc<Mutex<RunRecord>>,
     console: Arc<Mutex<ConsoleLog>>,
@@ -500,6 +502,21 @@ impl Service {
         if let Some(pid) = foreign_owner(&dir)? {
             return Err(running_elsewhere(name, pid));
         }
+        // Guest memory is mapped lazily: without this bound, VMs each smaller than the host
+        // could together push it into the out-of-memory killer (and the server with them).
+        let running: u64 = table.values().map(|r| r.memory).sum();
+        if let Some(host) = super::vms::host_memory() {
+            let limit = host / 10 * 9;
+            if running.saturating_add(def.memory) > limit {
+                return Err(ServiceError::Conflict(format!(
+                    "VM {name} needs {} MiB, and running VMs hold {} MiB of the {} MiB \
+                     allowed (90% of the host's memory)",
+                    def.memory >> 20,
+                    running >> 20,
+                    limit >> 20
+                )));
+            }
+        }
         for d in &def.disks {
             if let Some(other) = table.values().find(|r| r.sources.contains(&d.source)) {
                 return Err(ServiceError::Conflict(format!(
@@ -551,6 +568,7 @@ impl Service {
             name: name.to_string(),
             dir: dir.clone(),
             sources: def.disks.iter().map(|d| d.source.clone()).collect(),
+            memory: def.memory,
             started: Instant::now(),
             record,
             console: Arc::new(Mutex::new(console)),

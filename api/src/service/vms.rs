@@ -303,7 +303,7 @@ impl VmManager {
 }
 
 /// Host RAM in bytes, from /proc/meminfo.
-fn host_memory() -> Option<u64> {
+pub(super) fn host_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
