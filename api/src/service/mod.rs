@@ -37,6 +37,7 @@ pub mod vms;
 pub mod volumes;
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -100,6 +101,12 @@ impl DataDir {
             std::fs::create_dir_all(&d)
                 .map_err(|e| ServiceError::internal(format!("Creating {}: {e}", d.display())))?;
         }
+        // Disks, tokens and backups are the server's: no other local user reads them.
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+        {
+            tracing::warn!(dir = %self.root.display(), error = %e, "cannot make the data directory owner-only");
+        }
         Ok(())
     }
 }
@@ -161,7 +168,14 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> ServiceResult<()> {
     let ctx = |what: &str, e: std::io::Error| {
         ServiceError::internal(format!("{what} {}: {e}", path.display()))
     };
-    let mut f = std::fs::File::create(&tmp).map_err(|e| ctx("Creating a temporary file for", e))?;
+    // Owner-only: these are the server's records (token hashes, job results, VM definitions).
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ctx("Creating a temporary file for", e))?;
     f.write_all(contents).map_err(|e| ctx("Writing", e))?;
     f.sync_all().map_err(|e| ctx("Syncing", e))?;
     drop(f);

@@ -239,6 +239,12 @@ mod tests {
         let secret = token.split_once('.').unwrap().1;
         let file = std::fs::read_to_string(dir.path().join("tokens.json")).unwrap();
         assert!(!file.contains(secret), "the secret must not be stored");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("tokens.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is the owner's only");
         assert!(store
             .verify(&format!("{}.{}", info.id, "0".repeat(64)))
             .is_err());
