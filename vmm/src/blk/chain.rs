@@ -17,7 +17,10 @@ use std::sync::Arc;
 
 use strata_storage::io::IoBuf;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use super::config::BlkConfig;
 use super::{req_type, status, ID_BYTES, SECTOR_SIZE};
@@ -344,22 +347,36 @@ fn take_bytes(
     Ok(rest)
 }
 
-/// An [`IoBuf`] over guest memory for `pieces`, each of which must lie in one memory region.
+/// An [`IoBuf`] over guest memory for `pieces`. A piece that runs from one memory region into
+/// the next adjacent one (a vhost-user front-end's table may have such regions) becomes one
+/// segment per region; a piece that runs into a gap is refused.
 fn guest_buf(mem: &SharedMemory, pieces: &[Piece]) -> Result<IoBuf, &'static str> {
     let mut segs = Vec::with_capacity(pieces.len());
     for p in pieces {
-        let len = usize::try_from(p.len).map_err(|_| "descriptor too long")?;
-        let slice = mem
-            .get_slice(p.addr, len)
-            .map_err(|_| "data buffer is outside guest memory")?;
-        segs.push((slice.ptr_guard_mut().as_ptr(), len));
+        let mut left = usize::try_from(p.len).map_err(|_| "descriptor too long")?;
+        let mut addr = p.addr;
+        // Bounded: each round ends at a region's end or the piece's, and regions are few.
+        while left > 0 {
+            let region = mem
+                .find_region(addr)
+                .ok_or("data buffer is outside guest memory")?;
+            let offset = addr.0 - region.start_addr().0;
+            let room = usize::try_from(region.len() - offset).unwrap_or(usize::MAX);
+            let n = left.min(room);
+            let slice = region
+                .get_slice(MemoryRegionAddress(offset), n)
+                .map_err(|_| "data buffer is outside guest memory")?;
+            segs.push((slice.ptr_guard_mut().as_ptr(), n));
+            left -= n;
+            addr = GuestAddress(addr.0 + n as u64);
+        }
     }
     // One segment (the common case) cannot overlap: no copy of the list for it.
     if segs.len() > 1 && overlapping(&mut segs.clone()) {
         return Err("data buffers overlap");
     }
     let keep_alive: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
-    // SAFETY: every segment was just checked to lie inside one region of `mem` (`get_slice`
+    // SAFETY: every segment was just cut to lie inside one region of `mem` (`get_slice`
     // refuses ranges that leave a region). The regions are mappings owned by the
     // `GuestMemoryMmap` inside `mem`; `keep_alive` is a clone of that `Arc`, stored in the IoBuf,
     // so the mappings stay mapped until the IoBuf — moved into the I/O queue and handed back in
@@ -377,4 +394,43 @@ fn overlapping(segs: &mut [(*mut u8, usize)]) -> bool {
     segs.sort_unstable_by_key(|s| s.0 as usize);
     segs.windows(2)
         .any(|w| (w[0].0 as usize).saturating_add(w[0].1) > w[1].0 as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_across_adjacent_regions_becomes_one_segment_per_region() {
+        // Two adjacent regions, then a gap, then a third.
+        let mem: SharedMemory = Arc::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0x10_0000),
+                (GuestAddress(0x10_0000), 0x10_0000),
+                (GuestAddress(0x40_0000), 0x10_0000),
+            ])
+            .unwrap(),
+        );
+        let across = Piece {
+            addr: GuestAddress(0x10_0000 - 2048),
+            len: 4096,
+        };
+        let buf = guest_buf(&mem, &[across]).unwrap();
+        let lens: Vec<usize> = buf.segments().iter().map(|s| s.len()).collect();
+        assert_eq!(lens, vec![2048, 2048]);
+        // Writing through the buffer lands in guest memory on both sides of the boundary.
+        for s in buf.segments() {
+            // SAFETY: the segments point into `mem`'s mappings, kept alive by `buf`.
+            unsafe { std::ptr::write_bytes(s.ptr(), 0x5a, s.len()) };
+        }
+        let mut back = vec![0u8; 4096];
+        mem.read_slice(&mut back, GuestAddress(0x10_0000 - 2048)).unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a));
+        // Into the gap after the second region: refused.
+        let into_gap = Piece {
+            addr: GuestAddress(0x20_0000 - 512),
+            len: 1024,
+        };
+        assert!(guest_buf(&mem, &[into_gap]).is_err());
+    }
 }
