@@ -174,7 +174,14 @@ impl VhostUserBackend for BlkBackend {
         let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
         while engine.lock().unwrap_or_else(|p| p.into_inner()).in_flight() > 0 {
             if std::time::Instant::now() > deadline {
-                warn!("queue {queue_index}: in-flight I/O did not finish before the ring stopped");
+                warn!(
+                    "queue {queue_index}: in-flight I/O did not finish before the ring stopped; \
+                     its completions will not be reported"
+                );
+                engine
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .abandon_in_flight();
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));

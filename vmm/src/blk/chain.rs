@@ -424,7 +424,8 @@ mod tests {
             unsafe { std::ptr::write_bytes(s.ptr(), 0x5a, s.len()) };
         }
         let mut back = vec![0u8; 4096];
-        mem.read_slice(&mut back, GuestAddress(0x10_0000 - 2048)).unwrap();
+        mem.read_slice(&mut back, GuestAddress(0x10_0000 - 2048))
+            .unwrap();
         assert!(back.iter().all(|&b| b == 0x5a));
         // Into the gap after the second region: refused.
         let into_gap = Piece {

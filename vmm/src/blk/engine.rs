@@ -60,6 +60,8 @@ struct Slot {
     head: u16,
     status_addr: GuestAddress,
     used_len: u32,
+    /// Given up by [`QueueEngine::abandon_in_flight`]: its completion only frees the slot.
+    abandoned: bool,
 }
 
 /// The virtio-blk engine for one virtqueue. See the module documentation.
@@ -126,6 +128,26 @@ impl QueueEngine {
     /// the caller must call [`QueueEngine::process_avail`] again without waiting for a kick.
     pub fn wants_rerun(&self) -> bool {
         self.stalled && !self.free.is_empty() && self.deferred.is_empty()
+    }
+
+    /// Gives up the requests in flight (their ring is being stopped and they did not finish in
+    /// time): when they complete, their slots are freed but nothing is written to guest memory
+    /// or to the used ring, which may by then belong to a restarted queue. Requests the engine
+    /// has not submitted yet are dropped.
+    pub fn abandon_in_flight(&mut self) {
+        for slot in self.slots.iter_mut().flatten() {
+            slot.abandoned = true;
+        }
+        for req in self.deferred.drain(..) {
+            if let Ok(tag) = usize::try_from(req.tag) {
+                if let Some(s) = self.slots.get_mut(tag) {
+                    if s.take().is_some() {
+                        self.free.push(tag);
+                    }
+                }
+            }
+        }
+        self.stalled = false;
     }
 
     /// Requests in flight in the block layer.
@@ -215,6 +237,9 @@ impl QueueEngine {
                 continue;
             };
             self.free.push(c.tag as usize);
+            if slot.abandoned {
+                continue; // Its ring was given up; the buffer goes back with `c`.
+            }
             let (st, len) = match &c.result {
                 Ok(_) => (status::OK, slot.used_len),
                 Err(e) => {
@@ -292,6 +317,7 @@ impl QueueEngine {
             head,
             status_addr: req.status_addr,
             used_len: req.used_len,
+            abandoned: false,
         });
         if let Err(full) = self.io.submit(io_req) {
             self.deferred.push_back(full.0);

@@ -545,12 +545,18 @@ fn a_full_pool_is_an_io_error_on_that_request_and_unsupported_is_unsupp() {
 }
 
 /// A device whose queue completes every request as it is submitted and never signals its
-/// eventfd (as a thin volume does for a discard that only changes metadata).
-#[derive(Debug)]
-struct SilentDevice;
+/// eventfd (as a thin volume does for a discard that only changes metadata). While `hold` is
+/// set, completions stay in the queue (I/O that takes its time).
+#[derive(Debug, Default)]
+struct SilentDevice {
+    hold: Arc<std::sync::atomic::AtomicBool>,
+}
 
 #[derive(Debug, Default)]
-struct SilentQueue(Vec<strata_storage::io::Completion>);
+struct SilentQueue(
+    Vec<strata_storage::io::Completion>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl strata_storage::io::IoQueue for SilentQueue {
     fn depth(&self) -> usize {
@@ -570,6 +576,9 @@ impl strata_storage::io::IoQueue for SilentQueue {
         Ok(())
     }
     fn reap(&mut self, out: &mut Vec<strata_storage::io::Completion>) -> usize {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
         let n = self.0.len();
         out.append(&mut self.0);
         n
@@ -596,7 +605,7 @@ impl BlockDevice for SilentDevice {
         &self,
         _: &QueueOptions,
     ) -> strata_storage::Result<Box<dyn strata_storage::io::IoQueue>> {
-        Ok(Box::new(SilentQueue::default()))
+        Ok(Box::new(SilentQueue(Vec::new(), self.hold.clone())))
     }
     fn flush(&self) -> strata_storage::Result<()> {
         Ok(())
@@ -615,7 +624,7 @@ impl BlockDevice for SilentDevice {
 
 #[test]
 fn requests_completed_at_submit_without_a_signal_are_not_left_waiting() {
-    let mut h = Harness::new(Arc::new(SilentDevice), DiskOptions::default());
+    let mut h = Harness::new(Arc::new(SilentDevice::default()), DiskOptions::default());
     h.fill(DATA, &[0u8; 16]);
     let st = h.request(req_type::DISCARD, 0, &[(DATA, 16, false)]);
     // Only the avail pass runs: no completion event will ever come for this request.
@@ -683,4 +692,27 @@ fn discard_and_write_zeroes_beyond_the_advertised_maximum_get_ioerr() {
     h.fill(DATA + 128, &seg);
     let st = h.request(req_type::WRITE_ZEROES, 0, &[(DATA + 128, 16, false)]);
     expect_status(&mut h, st, status::OK);
+}
+
+/// Requests given up when their ring stops (vhost-user's drain timeout) complete without a
+/// status byte or a used entry: the ring may belong to a restarted queue by then.
+#[test]
+fn abandoned_requests_complete_without_touching_the_ring() {
+    let dev = Arc::new(SilentDevice::default());
+    dev.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut h = Harness::new(dev.clone(), DiskOptions::default());
+    let st = h.request(req_type::FLUSH, 0, &[]);
+    h.engine.process_avail(&mut h.queue, &h.mem);
+    assert_eq!(h.engine.in_flight(), 1);
+    h.engine.abandon_in_flight();
+    dev.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.engine.process_completions(&mut h.queue, &h.mem);
+    assert_eq!(h.engine.in_flight(), 0, "the slot is free again");
+    assert_eq!(h.used_idx(), 0, "no used entry for an abandoned request");
+    assert_eq!(h.status(st), 0xff, "no status byte either");
+    // New requests are served as usual.
+    let st = h.request(req_type::FLUSH, 0, &[]);
+    h.run();
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(h.status(st), status::OK);
 }
