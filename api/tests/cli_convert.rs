@@ -664,3 +664,53 @@ fn converting_onto_a_backing_file_keeps_the_sources_zeros() {
     assert_eq!(zeroed["data"].as_bool(), Some(false), "{map}");
     assert_eq!(zeroed["depth"].as_u64(), Some(0), "{map}");
 }
+
+/// Converting an overlay (a qcow2 on a backing file) flattens it: the clusters the overlay
+/// does not hold come from the backing file, not as zeros.
+#[test]
+fn converting_an_overlay_reads_its_backing_file() {
+    if !have_qemu("converting_an_overlay_reads_its_backing_file") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let base_raw = dir.path().join("base.raw");
+    std::fs::write(&base_raw, pattern(7, 4 * MIB as usize)).unwrap();
+    let base = dir.path().join("base.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&base_raw),
+            s(&base),
+        ],
+    );
+    let overlay = dir.path().join("overlay.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            s(&base),
+            s(&overlay),
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 0x77 512k 64k", s(&overlay)]);
+    for fmt in ["raw", "qcow2", "vmdk"] {
+        let out = dir.path().join(format!("flat.{fmt}"));
+        ok(
+            &data,
+            &["image", "convert", "-O", fmt, s(&overlay), s(&out)],
+        );
+        let (same, text) = try_run("qemu-img", &["compare", s(&overlay), s(&out)]);
+        assert!(same, "{fmt}: {text}");
+    }
+}

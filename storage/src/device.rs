@@ -44,8 +44,9 @@ pub enum ExtentKind {
     Data,
     /// Reads as zeros, known without reading.
     Zero,
-    /// Not allocated in this layer: reads fall through to a backing image (or read as zeros
-    /// where there is none).
+    /// Not allocated in the image or anywhere in its backing chain: reads as zeros. (For a
+    /// range its top layer does not hold, an image with a backing file reports what the
+    /// backing file has there.)
     Unallocated,
 }
 

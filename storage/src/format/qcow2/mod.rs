@@ -439,6 +439,25 @@ impl BlockDevice for Qcow2Image {
             at += run;
             steps += 1;
         }
+        drop(m);
+        // Clusters this layer does not hold read from the backing file: report what the backing
+        // chain has there (as vmdk does for its parent), so that callers skipping non-data
+        // ranges (conversion, space estimates) do not skip the backing file's data.
+        if kind == ExtentKind::Unallocated {
+            if let Some(b) = self.backing() {
+                let bsize = b.image.size();
+                if offset < bsize {
+                    let e = b
+                        .image
+                        .block_status(offset, (at - offset).min(bsize - offset))?;
+                    return Ok(Extent {
+                        offset,
+                        len: e.len.min(at - offset),
+                        kind: e.kind,
+                    });
+                }
+            }
+        }
         Ok(Extent {
             offset,
             len: at - offset,
