@@ -263,3 +263,48 @@ fn regression_reference_ranges_that_overflow() {
     b[1032..1036].copy_from_slice(&be32(4));
     fuzz_open(&b);
 }
+
+/// Refcounts that claim every cluster the refcount table could cover (all its entries pointing
+/// at one block full of 1s) made the first allocation scan hundreds of millions of clusters:
+/// the scan now stops past the file's end with an error.
+#[test]
+fn refcounts_claiming_clusters_far_past_the_end_fail_an_allocation_fast() {
+    use strata_storage::io::{IoBuf, QueueOptions, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("claims.qcow2");
+    strata_storage::format::create_image(&path, ImageFormat::Qcow2, 64 << 20, &Default::default())
+        .unwrap();
+    let mut b = std::fs::read(&path).unwrap();
+    let h = Header::parse(&b).unwrap();
+    let cs = 1usize << h.cluster_bits;
+    let rt = h.refcount_table_offset as usize;
+    let block = u64::from_be_bytes(b[rt..rt + 8].try_into().unwrap()) as usize;
+    assert!(block > 0 && block + cs <= b.len(), "unexpected layout");
+    let width = 1usize << h.refcount_order; // bits per refcount
+    assert_eq!(width, 16, "the test writes 16-bit refcounts");
+    for e in b[block..block + cs].chunks_mut(2) {
+        e.copy_from_slice(&1u16.to_be_bytes());
+    }
+    let entries = h.refcount_table_clusters as usize * cs / 8;
+    for i in 0..entries {
+        b[rt + 8 * i..rt + 8 * i + 8].copy_from_slice(&be64(block as u64));
+    }
+    std::fs::write(&path, &b).unwrap();
+    let img =
+        strata_storage::format::open_image(&path, &strata_storage::format::OpenOptions::default())
+            .unwrap();
+    let began = Instant::now();
+    let mut q = img.open_queue(&QueueOptions::with_depth(1)).unwrap();
+    let _ = q.submit(Request::write(1, 0, IoBuf::from_slice(&[7u8; 4096])));
+    let mut done = Vec::new();
+    while done.is_empty() {
+        q.wait(Some(Duration::from_secs(1))).unwrap();
+        q.reap(&mut done);
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "the allocation is still scanning"
+        );
+    }
+    let e = done.pop().unwrap().result.unwrap_err();
+    assert!(e.to_string().contains("beyond the end of the file"), "{e}");
+}

@@ -141,10 +141,19 @@ impl Meta {
         let coverage = self.reftable.len() as u64 * self.geo.rb_entries;
         let mut start = self.free_hint.max(1);
         let mut c = start;
+        // Every cluster in use lies below the file's end or the allocation high-water mark (or
+        // is reserved): refcounts that claim clusters far beyond are corrupt, and scanning them
+        // all could take hours.
+        let reserved: u64 = self.reserved.iter().map(|&(_, k)| k).sum();
+        let limit = (self.file_len.max(self.hwm) / self.geo.cluster_size)
+            .saturating_add(reserved)
+            .saturating_add(n)
+            .saturating_add(1);
         loop {
             if c - start == n {
                 return Ok(start);
             }
+
             if c >= coverage {
                 // Past the refcount table everything is free.
                 if !self.is_reserved(c) {
@@ -154,6 +163,14 @@ impl Meta {
             } else if !self.is_reserved(c) && self.refcount(c)? == 0 {
                 c += 1;
                 continue;
+            }
+            // Cluster `c` is in use.
+            if c > limit {
+                return Err(StorageError::corrupt(
+                    self.file.name(),
+                    "refcounts claim clusters beyond the end of the file; repair it with \
+                     'strata image check -r all'",
+                ));
             }
             c += 1;
             start = c;

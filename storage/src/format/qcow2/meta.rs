@@ -166,6 +166,18 @@ impl Meta {
                 ));
             }
             within(s.l1_offset, u64::from(s.l1_size) * 8, "snapshot L1 table")?;
+            // Applying the snapshot sizes the active L1 table from its disk size.
+            if let Some(size) = s.disk_size {
+                let fits =
+                    super::header::l1_entries_for(size, header.cluster_bits, header.extended_l2())
+                        .is_some_and(|n| n * 8 <= super::header::MAX_L1_BYTES);
+                if !fits {
+                    return Err(corrupt(
+                        &name,
+                        format!("snapshot '{}' has an impossible disk size {size}", s.name),
+                    ));
+                }
+            }
         }
         if opts.writable && header.corrupt() && !opts.allow_corrupt {
             return Err(StorageError::corrupt(

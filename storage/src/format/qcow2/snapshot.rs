@@ -449,8 +449,15 @@ impl Meta {
         let path = self.copy_path(&mut sh, &source)?;
         let size = s.disk_size.unwrap_or(self.header.size);
         let needed = super::header::l1_entries_for(size, self.geo.cluster_bits, self.geo.extended)
-            .unwrap_or(0);
-        let l1_size = s.l1_size.max(needed as u32);
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| u64::from(n) * 8 <= super::header::MAX_L1_BYTES)
+            .ok_or_else(|| {
+                StorageError::corrupt(
+                    self.file.name(),
+                    format!("snapshot '{}' has an impossible disk size {size}", s.name),
+                )
+            })?;
+        let l1_size = s.l1_size.max(needed);
         let l1_off = self.finish_path(&mut sh, &path, l1_size as usize)?;
         let snaps = self.snapshots.clone();
         self.commit_shadow(sh, l1_off, l1_size, size, snaps)
