@@ -308,3 +308,67 @@ fn refcounts_claiming_clusters_far_past_the_end_fail_an_allocation_fast() {
     let e = done.pop().unwrap().result.unwrap_err();
     assert!(e.to_string().contains("beyond the end of the file"), "{e}");
 }
+
+/// Writes `data` at guest offset 0 through a queue; returns the completion's result.
+fn write_at_zero(
+    img: &std::sync::Arc<dyn strata_storage::format::Image>,
+    data: &[u8],
+) -> strata_storage::Result<u64> {
+    use strata_storage::io::{IoBuf, QueueOptions, Request};
+    let mut q = img.open_queue(&QueueOptions::with_depth(1)).unwrap();
+    let _ = q.submit(Request::write(1, 0, IoBuf::from_slice(data)));
+    let mut done = Vec::new();
+    let began = Instant::now();
+    while done.is_empty() {
+        q.wait(Some(Duration::from_secs(1))).unwrap();
+        q.reap(&mut done);
+        assert!(began.elapsed() < Duration::from_secs(60), "the write hangs");
+    }
+    done.pop().unwrap().result
+}
+
+/// An L2 entry that names a metadata cluster — the refcount table with the COPIED flag (a
+/// write would go straight over it), or the L1 table without it (copy-on-write would free it) —
+/// fails the guest write and leaves the tables as they were.
+#[test]
+fn l2_entries_naming_metadata_fail_writes_and_leave_the_tables_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("overlap.qcow2");
+    strata_storage::format::create_image(&path, ImageFormat::Qcow2, 64 << 20, &Default::default())
+        .unwrap();
+    let opts = strata_storage::format::OpenOptions::default();
+    {
+        let img = strata_storage::format::open_image(&path, &opts).unwrap();
+        write_at_zero(&img, &[1u8; 4096]).unwrap();
+        img.flush().unwrap();
+    }
+    let clean = std::fs::read(&path).unwrap();
+    let h = Header::parse(&clean).unwrap();
+    let cs = 1u64 << h.cluster_bits;
+    let l1 = h.l1_table_offset as usize;
+    let l2 = (u64::from_be_bytes(clean[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+        as usize;
+    assert!(l2 != 0);
+    let rt = h.refcount_table_offset as usize;
+    for (entry, table, name) in [
+        ((1u64 << 63) | h.refcount_table_offset, rt, "refcount table"),
+        (h.l1_table_offset, l1, "L1 table"),
+    ] {
+        let mut b = clean.clone();
+        b[l2..l2 + 8].copy_from_slice(&be64(entry));
+        std::fs::write(&path, &b).unwrap();
+        let before = b[table..table + cs as usize].to_vec();
+        {
+            let img = strata_storage::format::open_image(&path, &opts).unwrap();
+            let e = write_at_zero(&img, &[0x3fu8; 4096]).unwrap_err();
+            assert!(e.to_string().contains("metadata"), "{name}: {e}");
+            let _ = img.flush();
+        }
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &after[table..table + cs as usize],
+            &before[..],
+            "the {name} was changed"
+        );
+    }
+}

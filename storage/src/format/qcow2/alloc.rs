@@ -206,6 +206,7 @@ impl Meta {
         self.ensure_len(end)?;
         let fresh = off >= self.hwm;
         self.hwm = self.hwm.max(end);
+        self.unmark_allocated(off, n);
         Ok((off, fresh))
     }
 
@@ -233,6 +234,7 @@ impl Meta {
         self.make_room_rb()?;
         self.rb.insert(off, data, true);
         self.reftable[ti] = off;
+        self.mark_metadata(off);
         self.reftable_dirty.insert(ti * 8 / self.unit);
         if !covers_itself {
             self.reserved.push((c, 1));
@@ -281,6 +283,7 @@ impl Meta {
         for c in 0..old_clusters {
             self.pending_free.push(old_off / cs + c);
         }
+        self.rebuild_metadata_map();
         Ok(())
     }
 

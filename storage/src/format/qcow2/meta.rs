@@ -93,6 +93,8 @@ pub struct Meta {
     pub(super) unit: usize,
     /// The dirty bit is set in the header on disk.
     pub(super) dirty_on_disk: bool,
+    /// Host clusters holding metadata (`overlap.rs`).
+    pub(super) metadata: super::overlap::MetadataMap,
 }
 
 pub(super) fn be64(b: &[u8], at: usize) -> u64 {
@@ -221,7 +223,9 @@ impl Meta {
             unit,
             dirty_on_disk,
             header,
+            metadata: Default::default(),
         };
+        meta.rebuild_metadata_map();
         if opts.writable && meta.header.autoclear_features & autoclear::NOT_MAINTAINED != 0 {
             // We do not maintain bitmaps or a raw external data file: the spec asks writers to
             // clear auto-clear bits they do not understand before writing.

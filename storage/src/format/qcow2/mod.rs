@@ -38,6 +38,7 @@ pub mod entry;
 pub mod header;
 pub mod meta;
 mod ops;
+pub mod overlap;
 pub mod plan;
 pub mod queue;
 pub mod refcount;

@@ -103,6 +103,7 @@ impl Meta {
             table.truncate(needed as usize);
             self.l1 = table;
             self.l1_dirty.clear();
+            self.rebuild_metadata_map();
             if old_off != 0 {
                 self.free_later(old_off, old_clusters);
             }
@@ -144,7 +145,7 @@ impl Meta {
             L2Entry::Compressed { offset, len } => self.free_compressed_later(offset, len),
             other => {
                 if let Some(h) = other.host_cluster() {
-                    self.free_later(h, 1);
+                    self.free_data_later(h);
                 }
             }
         }

@@ -114,6 +114,7 @@ impl Meta {
         self.make_room_l2()?;
         let data = copy.unwrap_or_else(|| IoBuf::new(self.geo.cluster_size as usize));
         let slot = self.l2.insert(host, data, true);
+        self.mark_metadata(host);
         self.set_l1(i, host | COPIED);
         if off != 0 {
             self.free_later(off, 1);
@@ -159,15 +160,30 @@ impl Meta {
         let scs = self.geo.subcluster_size();
         let (first_sc, last_sc) = ((within / scs) as u32, ((end - 1) / scs) as u32);
         match entry {
-            L2Entry::Normal { host, copied: true } => return Ok(WritePlan::Direct(host + within)),
+            L2Entry::Normal { host, copied: true } => {
+                self.refuse_metadata(host, "a guest write")?;
+                return Ok(WritePlan::Direct(host + within));
+            }
             L2Entry::Extended {
                 host: Some(h),
                 copied: true,
                 alloc,
                 ..
             } if alloc & bits(first_sc, last_sc) == bits(first_sc, last_sc) => {
+                self.refuse_metadata(h, "a guest write")?;
                 return Ok(WritePlan::Direct(h + within));
             }
+            _ => {}
+        }
+        // The cluster the entry names is written or freed below: never one holding metadata.
+        match entry {
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            }
+            | L2Entry::Extended {
+                host: Some(host), ..
+            } => self.refuse_metadata(host, "a guest write")?,
             _ => {}
         }
         // Everything below allocates or changes the entry.
@@ -430,7 +446,7 @@ impl Meta {
             other => {
                 if let Some(h) = other.host_cluster() {
                     if keep != Some(h) {
-                        self.free_later(h, 1);
+                        self.free_data_later(h);
                     }
                 }
             }
