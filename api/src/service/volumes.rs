@@ -187,7 +187,28 @@ impl Service {
             Some(pool) => g.create_thin(pool, &req.name, size)?,
             None => g.create_linear(&req.name, size, &[])?,
         }
-        self.volume_info(&req.vg, &req.name)
+        match self.volume_info(&req.vg, &req.name) {
+            // Another client removed it again already: report what was created.
+            Err(e) if e.status() == 404 => Ok(summary(strata_storage::volume::LvInfo {
+                name: req.name.clone(),
+                vg: req.vg.clone(),
+                kind: if req.pool.is_some() {
+                    LvType::Thin
+                } else {
+                    LvType::Linear
+                },
+                size,
+                pool: req.pool.clone(),
+                origin: None,
+                template: false,
+                read_only: false,
+                mapped_bytes: req.pool.as_ref().map(|_| 0),
+                usage: None,
+                segments: None,
+                open: false,
+            })),
+            other => other,
+        }
     }
 
     /// Changes a volume's size.
