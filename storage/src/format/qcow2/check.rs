@@ -154,9 +154,23 @@ impl Meta {
         let mut tables: HashMap<u64, u32> = HashMap::new();
         self.count_l1(&mut c, &mut r, l1_off, &l1, &mut tables);
         self.active_stats(&mut r, &l1);
+        // Snapshot L1 tables are read once per offset, and all of them (with the bitmap
+        // tables) within a budget tied to the file's size, so a crafted snapshot table cannot
+        // make the check read terabytes.
+        let mut budget = self.file_len.saturating_mul(4).saturating_add(64 << 20);
         let mut seen_l1 = HashSet::new();
         for s in self.snapshots.clone() {
-            if !seen_l1.insert((s.l1_offset, s.l1_size)) {
+            let bytes = u64::from(s.l1_size) * 8;
+            if bytes > budget {
+                r.check_errors += 1;
+                r.messages.push(format!(
+                    "ERROR the snapshot L1 tables add up to more than the file could hold; \
+                     stopped at snapshot '{}'",
+                    s.name
+                ));
+                break;
+            }
+            if !seen_l1.insert(s.l1_offset) {
                 r.corruptions += 1;
                 r.messages.push(format!(
                     "ERROR snapshot '{}' shares its L1 table with another",
@@ -164,6 +178,7 @@ impl Meta {
                 ));
                 continue;
             }
+            budget -= bytes;
             match read_u64_table(self.file.as_ref(), s.l1_offset, s.l1_size as usize) {
                 Ok(table) => self.count_l1(&mut c, &mut r, s.l1_offset, &table, &mut tables),
                 Err(e) => {
@@ -204,7 +219,7 @@ impl Meta {
                 "snapshot table",
             );
         }
-        self.count_bitmaps(&mut c, &mut r);
+        self.count_bitmaps(&mut c, &mut r, budget);
         r.image_end_offset = c
             .refs
             .iter()
@@ -324,7 +339,7 @@ impl Meta {
         }
     }
 
-    fn count_bitmaps(&mut self, c: &mut Counter, r: &mut CheckReport) {
+    fn count_bitmaps(&mut self, c: &mut Counter, r: &mut CheckReport, mut budget: u64) {
         if self.header.autoclear_features & autoclear::BITMAPS == 0 {
             return;
         }
@@ -368,7 +383,15 @@ impl Meta {
             let extra = u32::from_be_bytes([dir[at + 20], dir[at + 21], dir[at + 22], dir[at + 23]])
                 as usize;
             c.add(r, table_off, u64::from(table_size) * 8, "bitmap table");
-            if u64::from(table_size) * 8 <= 64 << 20 {
+            let bytes = u64::from(table_size) * 8;
+            if bytes > budget {
+                r.check_errors += 1;
+                r.messages
+                    .push("ERROR the bitmap tables add up to more than the file could hold".into());
+                return;
+            }
+            budget -= bytes;
+            if bytes <= 64 << 20 {
                 if let Ok(t) = read_u64_table(self.file.as_ref(), table_off, table_size as usize) {
                     for e in t {
                         if e & OFFSET_MASK != 0 {
