@@ -601,6 +601,18 @@ fn ctrl_c_stops_a_conversion_and_leaves_nothing() {
     assert!(left.is_empty(), "the interrupted conversion left {left:?}");
 }
 
+/// A qcow2 made by qemu-img in `dir` (base.qcow2) holding `bytes`.
+fn qcow2_base(dir: &Path, bytes: &[u8]) -> PathBuf {
+    let raw = dir.join("base.raw");
+    std::fs::write(&raw, bytes).unwrap();
+    let base = dir.join("base.qcow2");
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&base)],
+    );
+    base
+}
+
 /// A new qcow2 on a backing file (`-o backing_file=`) reads the backing where nothing is
 /// written, so the source's zeros must be written (as zero clusters): the result, read through
 /// its backing file, equals the source.
@@ -611,21 +623,7 @@ fn converting_onto_a_backing_file_keeps_the_sources_zeros() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let base_raw = dir.path().join("base.raw");
-    std::fs::write(&base_raw, vec![0xabu8; 4 * MIB as usize]).unwrap();
-    let base = dir.path().join("base.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            s(&base_raw),
-            s(&base),
-        ],
-    );
+    let base = qcow2_base(dir.path(), &vec![0xabu8; 4 * MIB as usize]);
     let mut src_bytes = vec![0xcdu8; 4 * MIB as usize];
     src_bytes[MIB as usize..2 * MIB as usize].fill(0);
     let src = dir.path().join("src.raw");
@@ -674,21 +672,7 @@ fn converting_an_overlay_reads_its_backing_file() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let base_raw = dir.path().join("base.raw");
-    std::fs::write(&base_raw, pattern(7, 4 * MIB as usize)).unwrap();
-    let base = dir.path().join("base.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            s(&base_raw),
-            s(&base),
-        ],
-    );
+    let base = qcow2_base(dir.path(), &pattern(7, 4 * MIB as usize));
     let overlay = dir.path().join("overlay.qcow2");
     run(
         "qemu-img",

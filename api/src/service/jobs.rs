@@ -95,6 +95,11 @@ impl Job {
         &self.id
     }
 
+    /// Whether it has not ended yet (without building its whole status).
+    pub fn is_running(&self) -> bool {
+        self.end.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
     /// A snapshot of its status.
     pub fn status(&self) -> JobStatus {
         let end = self.end.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -291,7 +296,7 @@ impl JobManager {
             .map(|s| key(s.started, &s.id))
             .chain(
                 jobs.values()
-                    .filter(|j| j.status().state != JobState::Running)
+                    .filter(|j| !j.is_running())
                     .map(|j| key(j.started, &j.id)),
             )
             .collect();
@@ -322,10 +327,7 @@ impl JobManager {
     {
         self.forget_old();
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let running = jobs
-            .values()
-            .filter(|j| j.status().state == JobState::Running)
-            .count();
+        let running = jobs.values().filter(|j| j.is_running()).count();
         if running >= MAX_RUNNING_JOBS {
             return Err(ServiceError::TooManyJobs(MAX_RUNNING_JOBS));
         }
@@ -422,7 +424,7 @@ impl JobManager {
         let job = self
             .get(id)
             .ok_or_else(|| ServiceError::NotFound(format!("Running job {id}")))?;
-        if job.status().state != JobState::Running {
+        if !job.is_running() {
             return Err(ServiceError::Conflict(format!(
                 "Job {id} has already finished"
             )));
