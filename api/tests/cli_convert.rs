@@ -623,7 +623,7 @@ fn converting_onto_a_backing_file_keeps_the_sources_zeros() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let base = qcow2_base(dir.path(), &vec![0xabu8; 4 * MIB as usize]);
+    qcow2_base(dir.path(), &vec![0xabu8; 4 * MIB as usize]);
     let mut src_bytes = vec![0xcdu8; 4 * MIB as usize];
     src_bytes[MIB as usize..2 * MIB as usize].fill(0);
     let src = dir.path().join("src.raw");
