@@ -49,21 +49,9 @@ if [ -n "$why" ]; then
 fi
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "$strata" ] && [ "$qemu_only" = 0 ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
-  strata=${CARGO_TARGET_DIR:-$root/target}/release/strata
-fi
-work=$root/benches/work
-mkdir -p "$work"
-file=${file:-$work/vmm-datapath.raw}
-if [ ! -f "$file" ]; then
-  fio --name=fill --rw=write --bs=1M --direct=1 --filename="$file" --size=1G --refill_buffers \
-      --output=/dev/null
-fi
-guest=${STRATA_GUEST_DIR:-$root/build/guest}
-if [ ! -f "$guest/initramfs-fio.gz" ]; then
-  STRATA_GUEST_FIO=1 bash "$root/tests/guest/build.sh" "$guest" >&2
-fi
+need_strata=$((1 - qemu_only))
+# shellcheck source=benches/vmm_guest_setup.sh
+. "$root/benches/vmm_guest_setup.sh"
 cmdline="console=ttyS0 panic=-1 quiet strata.test=fio strata.fio=--iodepth=$depth"
 
 # Runs a command, time-stamps its console lines; prints "BOOT_SECONDS IOPS" or fails.

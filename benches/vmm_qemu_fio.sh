@@ -24,21 +24,9 @@ while [ $# -gt 0 ]; do
 done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "$strata" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
-  strata=${CARGO_TARGET_DIR:-$root/target}/release/strata
-fi
-work=$root/benches/work
-mkdir -p "$work"
-file=${file:-$work/vmm-datapath.raw}
-if [ ! -f "$file" ]; then
-  fio --name=fill --rw=write --bs=1M --direct=1 --filename="$file" --size=1G --refill_buffers \
-      --output=/dev/null
-fi
-guest=$root/build/guest
-if [ ! -f "$guest/initramfs-fio.gz" ]; then
-  STRATA_GUEST_FIO=1 bash "$root/tests/guest/build.sh" "$guest" >&2
-fi
+need_strata=1
+# shellcheck source=benches/vmm_guest_setup.sh
+. "$root/benches/vmm_guest_setup.sh"
 sock=$work/vu.sock
 # Hardware KVM where it can run Linux; TCG on PVM hosts and where /dev/kvm is missing.
 accel=tcg
