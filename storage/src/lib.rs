@@ -27,6 +27,7 @@ pub mod format;
 pub mod io;
 pub mod ova;
 pub mod source;
+pub(crate) mod sync;
 pub mod util;
 pub mod volume;
 

@@ -17,6 +17,7 @@ pub mod blocking;
 pub mod buf;
 pub mod engine;
 pub mod file;
+pub(crate) mod stack;
 mod sync_queue;
 pub mod threads;
 pub mod uring;

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::error::{Result, StorageError};
 use crate::volume::extents::ExtentMap;
-use crate::volume::stack::PvSet;
+use crate::volume::pvs::PvSet;
 
 /// A linear volume seen as bytes. See the module documentation.
 #[derive(Clone, Debug)]

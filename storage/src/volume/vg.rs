@@ -16,7 +16,7 @@ use crate::volume::lock::FileLock;
 use crate::volume::mda::{self, Slot};
 use crate::volume::meta::{LvKind, PvMeta, VgMeta, DEFAULT_EXTENT_SIZE, MAX_PVS, META_FORMAT};
 use crate::volume::name::{check_name, new_uuid, now_secs, NameKind};
-use crate::volume::stack::PvSet;
+use crate::volume::pvs::PvSet;
 use crate::volume::thin::ThinPool;
 
 /// A device offered to a volume group: an open file, where it came from, and its lock.

@@ -10,7 +10,6 @@ use serde_json::json;
 use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind, SharedFile};
 use crate::error::{Result, StorageError};
 use crate::format::vmdk::descriptor::{Descriptor, ExtentType, NO_PARENT_CID};
-use crate::format::vmdk::queue::VmdkQueue;
 use crate::format::vmdk::sparse::{GrainMap, SparseExtent};
 use crate::format::{Image, ImageFormat, ImageInfo};
 use crate::io::{IoQueue, QueueOptions};
@@ -618,7 +617,7 @@ impl BlockDevice for VmdkImage {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(VmdkQueue::new(self.inner.clone(), opts)?))
+        crate::format::vmdk::queue::open_queue(self.inner.clone(), opts)
     }
 
     fn flush(&self) -> Result<()> {

@@ -37,10 +37,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{Result, StorageError};
+use crate::io::stack::wake::{new_eventfd, wait_eventfd, Events};
 use crate::volume::extents::{ExtentMap, Mapped};
 use crate::volume::name::{check_name, now_secs, NameKind};
+use crate::volume::pvs::PvSet;
 use crate::volume::region::Region;
-use crate::volume::stack::PvSet;
 use crate::volume::thin::btree::Forest;
 use crate::volume::thin::format::{
     encode_table, DevEntry, Superblock, BLOCK_BITS, FLAG_READ_ONLY, MAX_TABLE_CHUNKS, META_BLOCK,
@@ -89,6 +90,9 @@ pub(crate) struct PoolState {
     /// Data blocks known to hold zeros (never written): a partial first write to one need not
     /// write the rest of the block.
     pub(crate) known_zero: crate::volume::thin::space::BitSet,
+    /// Fired when a provisioning ends, writes in flight end, or a device thaws: what deferred
+    /// pieces of the queues and a snapshot waiting for in-place writes wait for.
+    pub(crate) events: Events,
 }
 
 /// Space use of a pool.
@@ -167,6 +171,14 @@ impl std::fmt::Debug for ThinPool {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Lets writes to device `id` proceed again after a snapshot of it.
+fn thaw(st: &mut PoolState, id: u32) {
+    if let Ok(d) = st.dev_mut(id) {
+        d.frozen = false;
+    }
+    st.events.fire();
 }
 
 fn failed_error(name: &str, why: &str) -> StorageError {
@@ -421,6 +433,7 @@ impl ThinPool {
             st.dev_mut(origin)?.frozen = true;
         }
         let deadline = Instant::now() + FREEZE_TIMEOUT;
+        let efd = new_eventfd()?;
         let id = loop {
             let mut st = self.lock_state();
             let busy = st
@@ -434,22 +447,21 @@ impl ThinPool {
                     .and_then(|(size, root, mapped)| {
                         self.add_device(&mut st, name, size, root, mapped, Some(origin), flags)
                     });
-                if let Ok(d) = st.dev_mut(origin) {
-                    d.frozen = false;
-                }
+                thaw(&mut st, origin);
                 break result?;
             }
-            if Instant::now() > deadline {
-                if let Ok(d) = st.dev_mut(origin) {
-                    d.frozen = false;
-                }
+            let now = Instant::now();
+            if now > deadline {
+                thaw(&mut st, origin);
                 return Err(StorageError::Busy(format!(
                     "the origin (its writes in flight did not finish within {} s)",
                     FREEZE_TIMEOUT.as_secs()
                 )));
             }
+            // The end of in-place writes fires the pool's events.
+            st.events.wait(&efd);
             drop(st);
-            std::thread::sleep(Duration::from_micros(50));
+            wait_eventfd(&efd, Some(deadline - now))?;
         };
         self.commit()?;
         Ok(id)
