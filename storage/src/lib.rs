@@ -20,6 +20,7 @@
 //! | in-memory test devices | all their queues | a read-write lock on the bytes |
 
 pub mod bitmap;
+pub mod bytes;
 pub mod convert;
 pub mod device;
 pub mod error;

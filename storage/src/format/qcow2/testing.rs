@@ -21,7 +21,7 @@ pub fn bump_refcount(path: &Path, cluster: u64, delta: i64) {
         },
     )
     .expect("open the metadata");
-    m.update_refcount(cluster, delta)
+    m.update_refcount_blocking(cluster, delta)
         .expect("change the refcount");
     m.close().expect("write the refcount back");
 }

@@ -63,11 +63,6 @@ impl Fanin {
         self.slab.len()
     }
 
-    /// Whether request `id` is open.
-    pub(crate) fn contains(&self, id: ReqId) -> bool {
-        self.slab.get(id).is_some()
-    }
-
     /// One more piece of request `id` is outstanding.
     pub(crate) fn hold(&mut self, id: ReqId) {
         if let Some(p) = self.slab.get_mut(id) {
@@ -109,11 +104,6 @@ impl Fanin {
                 p.result = Err(e);
             }
         }
-    }
-
-    /// Whether request `id` has failed already.
-    pub(crate) fn failed(&self, id: ReqId) -> bool {
-        self.slab.get(id).is_some_and(|p| p.result.is_err())
     }
 
     /// Drops one hold of request `id` — a piece finished with `result`, handing back `buf` (the

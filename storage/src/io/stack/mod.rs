@@ -113,11 +113,6 @@ impl<S> Stack<S> {
         self.lowers.submit(lower, Request { tag, op });
     }
 
-    /// Sub-requests not yet finished.
-    pub(crate) fn subs_in_flight(&self) -> usize {
-        self.subs.len()
-    }
-
     /// Hands a completion to the consumer.
     pub(crate) fn complete(&mut self, c: Completion) {
         self.ready.push_back(c);
@@ -157,16 +152,6 @@ impl<S> Stack<S> {
         self.reqs.fail(id, e)
     }
 
-    /// Whether request `id` has failed already.
-    pub(crate) fn failed(&self, id: ReqId) -> bool {
-        self.reqs.failed(id)
-    }
-
-    /// Whether request `id` is still open.
-    pub(crate) fn is_open(&self, id: ReqId) -> bool {
-        self.reqs.contains(id)
-    }
-
     /// A piece of request `id` finished (see [`Fanin::release`]).
     pub(crate) fn release(&mut self, id: ReqId, result: Result<()>, buf: Option<IoBuf>) {
         if let Some(c) = self.reqs.release(id, result, buf) {
@@ -177,11 +162,6 @@ impl<S> Stack<S> {
     /// Request `id` is fully split: drops its opening hold.
     pub(crate) fn close(&mut self, id: ReqId) {
         self.release(id, Ok(()), None)
-    }
-
-    /// Requests opened and not yet complete.
-    pub(crate) fn open_requests(&self) -> usize {
-        self.reqs.len()
     }
 }
 
@@ -245,6 +225,16 @@ impl<L: Layer> StackedQueue<L> {
             accepted: 0,
             parked: false,
         })
+    }
+
+    /// The layer, to finish setting it up.
+    pub(crate) fn layer_mut(&mut self) -> &mut L {
+        &mut self.layer
+    }
+
+    /// The eventfd that wakes this queue (see [`Stack::waker`]).
+    pub(crate) fn waker(&self) -> Option<&Arc<EventFd>> {
+        self.st.waker()
     }
 
     /// Opens lower queue `i` now (so that the stacked queue's open fails if it cannot).

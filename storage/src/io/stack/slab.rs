@@ -45,11 +45,6 @@ impl<T> Slab<T> {
         t
     }
 
-    /// The value in slot `i`.
-    pub(crate) fn get(&self, i: usize) -> Option<&T> {
-        self.items.get(i)?.as_ref()
-    }
-
     /// The value in slot `i`, mutably.
     pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut T> {
         self.items.get_mut(i)?.as_mut()
@@ -58,11 +53,6 @@ impl<T> Slab<T> {
     /// Values stored.
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Whether nothing is stored.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The slots holding a value.
@@ -87,8 +77,7 @@ mod tests {
         assert_eq!(s.remove(a), None);
         let c = s.insert('c');
         assert_eq!(c, a);
-        assert_eq!(s.get(b), Some(&'b'));
+        assert_eq!(s.get_mut(b), Some(&mut 'b'));
         assert_eq!(s.ids(), vec![a, b]);
-        assert!(!s.is_empty());
     }
 }

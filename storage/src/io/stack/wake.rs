@@ -42,6 +42,11 @@ impl Waiters {
         self.0.is_empty()
     }
 
+    /// How many wait.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// Signals every eventfd but `skip` (the caller's own, which needs no wake-up) and empties
     /// the list.
     pub(crate) fn wake(&mut self, skip: Option<&Arc<EventFd>>) {
