@@ -32,6 +32,9 @@
 //! | gc | `.gc.lock` (exclusive, no waiting) | everything except another gc; safe with running backups through mtimes, see [`gc`] |
 //! | list, show | nothing | everything |
 
+// No unwrap or expect outside tests: every failure is an error the caller sees.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod backup;
 pub mod bitmap_tracker;
 pub mod blob;

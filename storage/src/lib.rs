@@ -19,10 +19,15 @@
 //! | thread-pool job and completion lists | a queue and its workers | one mutex each |
 //! | in-memory test devices | all their queues | a read-write lock on the bytes |
 
+// No unwrap or expect outside tests: every failure is an error the caller sees (test helpers
+// that panic by design say so where they allow it).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bitmap;
 pub mod bytes;
 pub mod convert;
 pub mod device;
+pub mod durable;
 pub mod error;
 pub mod format;
 pub mod io;

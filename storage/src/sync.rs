@@ -3,13 +3,16 @@
 //! A lock is poisoned when a thread panicked while holding it. Two kinds of state live behind
 //! this crate's locks, and poisoning means something different for each:
 //! - **state that is whole at every instant** — a job or completion list, a counter, the bytes of
-//!   an in-memory test device, a lock that only serialises (`Mutex<()>`): nothing can be half
-//!   updated, so [`lock`], [`read`] and [`write`] carry on;
-//! - **metadata** — a qcow2 image's tables, a vmdk's grain tables, a volume group's or thin
-//!   pool's state, the bitmaps of a tracked device: a panic may have left it half changed, and
-//!   writing it back would damage the image. [`lock_meta`], [`read_meta`] and [`write_meta`]
-//!   return an error instead, and since a poisoned lock stays poisoned, the object refuses all
-//!   further I/O with that error until it is reopened from disk.
+//!   an in-memory test device, a lock that only serialises (`Mutex<()>`), a list of PV files or an
+//!   extent map that is only ever pushed to or replaced whole, dirty bitmaps (atomic words; the
+//!   lock only guards resizing): nothing can be half updated, so [`lock`], [`read`] and
+//!   [`write`] carry on;
+//! - **metadata** — a qcow2 image's tables, a vmdk's grain tables: a panic may have left it half
+//!   changed, and writing it back would damage the image. [`lock_meta`] and [`read_meta`] return
+//!   an error instead, and since a poisoned lock stays poisoned, the object refuses all further
+//!   I/O with that error until it is reopened from disk. A volume group's and a thin pool's
+//!   state locks do the same through the `failed` state they already have (a failed commit sets
+//!   it too): a poisoned lock marks the group or pool failed.
 
 use std::fmt::Display;
 use std::sync::{
@@ -38,6 +41,18 @@ pub(crate) fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, 
     cv.wait(g).unwrap_or_else(|p| p.into_inner())
 }
 
+/// Waits on `cv` with a guard from [`lock`] for at most `timeout`.
+pub(crate) fn wait_timeout<'a, T>(
+    cv: &Condvar,
+    g: MutexGuard<'a, T>,
+    timeout: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    match cv.wait_timeout(g, timeout) {
+        Ok((g, _)) => g,
+        Err(p) => p.into_inner().0,
+    }
+}
+
 /// The error of an object whose metadata lock is poisoned.
 pub(crate) fn failed(what: impl Display) -> StorageError {
     StorageError::Unavailable(format!(
@@ -61,14 +76,6 @@ pub(crate) fn read_meta<T: ?Sized>(
     what: impl Display,
 ) -> Result<RwLockReadGuard<'_, T>> {
     checked(l.read(), what)
-}
-
-/// Write-locks the metadata of `what`.
-pub(crate) fn write_meta<T: ?Sized>(
-    l: &RwLock<T>,
-    what: impl Display,
-) -> Result<RwLockWriteGuard<'_, T>> {
-    checked(l.write(), what)
 }
 
 #[cfg(test)]

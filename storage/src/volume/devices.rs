@@ -7,11 +7,11 @@
 //! exclusive lock on `DATA/devices.lock`, so concurrent `pv create`s don't lose each other's
 //! entries.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::durable::{write_atomically, Create};
 use crate::error::{Result, StorageError};
 use crate::volume::lock::lock_exclusive_wait;
 
@@ -97,29 +97,9 @@ impl DevicesFile {
             devices: list,
         })
         .map_err(|e| StorageError::InvalidInput(format!("Encoding the devices file: {e}")))?;
-        write_atomically(&self.path(), &text)?;
+        write_atomically(&self.path(), &text, 0o644, Create::OrReplace)?;
         Ok(out)
     }
-}
-
-/// Replaces `path` with `data`: temporary file, fsync, rename, fsync of the directory.
-pub fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let ctx = |what: &str| format!("{what} {}", tmp.display());
-    let mut f = std::fs::File::create(&tmp).map_err(|e| StorageError::io(ctx("Creating"), e))?;
-    f.write_all(data)
-        .map_err(|e| StorageError::io(ctx("Writing"), e))?;
-    f.sync_all()
-        .map_err(|e| StorageError::io(ctx("Syncing"), e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        StorageError::io(
-            format!("Renaming {} to {}", tmp.display(), path.display()),
-            e,
-        )
-    })?;
-    crate::format::raw::sync_parent_dir(path)
 }
 
 #[cfg(test)]

@@ -164,8 +164,18 @@ fn survey(candidates: Vec<PvHandle>, skipped: &mut Vec<String>) -> Vec<Found> {
     out
 }
 
+/// Locks the group's state. A poisoned lock (a thread panicked while changing it) marks the
+/// group failed: it refuses further commits until it is reopened (see `crate::sync`).
 pub(crate) fn lock_state(inner: &VgInner) -> MutexGuard<'_, VgState> {
-    inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    match inner.state.lock() {
+        Ok(g) => g,
+        Err(p) => {
+            let mut g = p.into_inner();
+            g.failed
+                .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
+            g
+        }
+    }
 }
 
 impl Vg {
@@ -385,11 +395,7 @@ impl Vg {
     }
 
     pub(crate) fn files(&self) -> Vec<SharedFile> {
-        self.inner
-            .pvs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::read(&self.inner.pvs).clone()
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, VgState> {
@@ -510,7 +516,7 @@ impl Vg {
         // The new PVs join the set first so that the commit writes to them too.
         let old_len = st.labels.len();
         {
-            let mut files = self.inner.pvs.write().unwrap_or_else(|p| p.into_inner());
+            let mut files = crate::sync::write(&self.inner.pvs);
             for f in &found {
                 files.push(f.handle.file.clone());
             }
@@ -522,11 +528,7 @@ impl Vg {
             st.locks.push(f.handle.lock);
         }
         if let Err(e) = self.commit(&mut st, meta) {
-            self.inner
-                .pvs
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .truncate(old_len);
+            crate::sync::write(&self.inner.pvs).truncate(old_len);
             st.labels.truncate(old_len);
             st.names.truncate(old_len);
             st.problems.truncate(old_len);
@@ -583,22 +585,13 @@ impl Vg {
                 }
             }
         }
-        let file = self
-            .inner
-            .pvs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(idx);
+        let file = crate::sync::write(&self.inner.pvs).remove(idx);
         let label = st.labels.remove(idx);
         let name = st.names.remove(idx);
         let problems = st.problems.remove(idx);
         let lock = st.locks.remove(idx);
         if let Err(e) = self.commit(&mut st, meta) {
-            self.inner
-                .pvs
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(idx, file);
+            crate::sync::write(&self.inner.pvs).insert(idx, file);
             st.labels.insert(idx, label);
             st.names.insert(idx, name);
             st.problems.insert(idx, problems);
@@ -714,7 +707,7 @@ pub(crate) fn refresh_maps(st: &mut VgState) {
             let m = ExtentMap::new(segments, extent_size, &pe_starts);
             keep.insert(lv.uuid.clone());
             match st.maps.get(&lv.uuid) {
-                Some(existing) => *existing.write().unwrap_or_else(|p| p.into_inner()) = m,
+                Some(existing) => *crate::sync::write(existing) = m,
                 None => {
                     st.maps.insert(lv.uuid.clone(), Arc::new(RwLock::new(m)));
                 }

@@ -16,7 +16,7 @@ use crate::error::{Result, StorageError};
 
 use super::entry::{L2Entry, COPIED, OFFSET_MASK};
 use super::header::{autoclear, ext, incompat};
-use crate::bytes::be64;
+use crate::bytes::{be16, be32, be64};
 
 use super::meta::{l1_entry_offset, read_u64_table, Meta};
 
@@ -356,7 +356,7 @@ impl Meta {
                 .push("ERROR the bitmaps extension is truncated".into());
             return;
         }
-        let nb = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+        let nb = be32(&data, 0);
         let dir_size = be64(&data, 8);
         let dir_off = be64(&data, 16);
         if dir_size > 64 << 20
@@ -381,11 +381,9 @@ impl Meta {
                 break;
             }
             let table_off = be64(&dir, at);
-            let table_size =
-                u32::from_be_bytes([dir[at + 8], dir[at + 9], dir[at + 10], dir[at + 11]]);
-            let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-            let extra = u32::from_be_bytes([dir[at + 20], dir[at + 21], dir[at + 22], dir[at + 23]])
-                as usize;
+            let table_size = be32(&dir, at + 8);
+            let name_size = be16(&dir, at + 18) as usize;
+            let extra = be32(&dir, at + 20) as usize;
             c.add(r, table_off, u64::from(table_size) * 8, "bitmap table");
             let bytes = u64::from(table_size) * 8;
             if bytes > budget {

@@ -1,5 +1,8 @@
 //! Helpers for tests (feature `test-utils`): damaging images on purpose.
 
+// Test support (feature `test-utils`): a failed step panics the test, by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use crate::format::{open_host_file, OpenOptions};

@@ -401,7 +401,7 @@ impl Inner {
                             GrainMap::Unallocated if !has_parent => ZeroTarget::Nothing,
                             GrainMap::Unallocated if whole => {
                                 // A fresh grain reads as zeros and hides the parent's data.
-                                let _guard = self.cow.lock().unwrap_or_else(|p| p.into_inner());
+                                let _guard = crate::sync::lock(&self.cow);
                                 ext.allocate(grain)?;
                                 ZeroTarget::Nothing
                             }

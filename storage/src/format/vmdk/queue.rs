@@ -299,7 +299,7 @@ impl VmdkLayer {
         data: &[u8],
     ) -> Result<()> {
         let img = self.img.clone();
-        let _guard = img.cow.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = crate::sync::lock(&img.cow);
         let ext = img.sparse(extent)?;
         let g = ext.grain();
         let grain_len = g.min(img.size - grain_start);

@@ -234,7 +234,7 @@ pub fn open(
             sb.meta_blocks
         )));
     }
-    let data_lv_blocks = data_map.read().unwrap_or_else(|p| p.into_inner()).size() / block_size;
+    let data_lv_blocks = crate::sync::read(&data_map).size() / block_size;
     if sb.data_blocks > data_lv_blocks {
         return Err(bad(format!(
             "{} data blocks on a data volume of {data_lv_blocks}",

@@ -169,10 +169,6 @@ impl std::fmt::Debug for ThinPool {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Lets writes to device `id` proceed again after a snapshot of it.
 fn thaw(st: &mut PoolState, id: u32) {
     if let Ok(d) = st.dev_mut(id) {
@@ -240,15 +236,23 @@ impl ThinPool {
         self.block_size
     }
 
+    /// Locks the pool's state. A poisoned lock (a thread panicked while changing it) marks the
+    /// pool failed: it refuses I/O until it is reopened (see `crate::sync`).
     pub(crate) fn lock_state(&self) -> MutexGuard<'_, PoolState> {
-        lock(&self.state)
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => {
+                let mut g = p.into_inner();
+                g.failed
+                    .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
+                g
+            }
+        }
     }
 
     /// Where data block `block` lives.
     pub(crate) fn data_location(&self, block: u64) -> Result<Mapped> {
-        self.data_map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.data_map)
             .map(block * self.block_size)
             .ok_or_else(|| {
                 StorageError::corrupt(
@@ -636,15 +640,11 @@ impl ThinPool {
     }
 
     fn sync_pvs(&self) -> Result<()> {
-        let mut pvs = self
-            .data_map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .pvs();
+        let mut pvs = crate::sync::read(&self.data_map).pvs();
         pvs.extend(self.meta.pv_indexes());
         pvs.sort_unstable();
         pvs.dedup();
-        let files = self.pvs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let files = crate::sync::read(&self.pvs).clone();
         for i in pvs {
             if let Some(f) = files.get(i) {
                 f.sync_data()?;
@@ -656,7 +656,7 @@ impl ThinPool {
     /// Makes every completed write to every device of the pool durable, and commits the
     /// metadata if it changed (see the module documentation for the order).
     pub fn commit(&self) -> Result<()> {
-        let _serial = lock(&self.commit_lock);
+        let _serial = crate::sync::lock(&self.commit_lock);
         let txn = {
             let mut st = self.lock_state();
             if let Some(f) = &st.failed {
