@@ -104,10 +104,22 @@ impl TableCache {
         self.slots.is_empty()
     }
 
+    /// Tables a write-back would let the cache drop (neither pinned nor kept for a waiting
+    /// operation).
+    fn droppable(&self) -> usize {
+        self.slots.len().saturating_sub(self.pinned + self.fresh)
+    }
+
+    /// Whether the cache holds half its capacity again in tables a write-back would let it
+    /// drop: time to ask for one, before operations have to wait.
+    pub fn wants_writeback(&self) -> bool {
+        self.droppable() >= self.capacity + self.capacity / 2
+    }
+
     /// Whether the cache holds twice its capacity in tables a write-back would let it drop:
     /// operations must wait for one.
     pub fn over_limit(&self) -> bool {
-        self.slots.len().saturating_sub(self.pinned + self.fresh) >= self.capacity * 2
+        self.droppable() >= self.capacity * 2
     }
 
     /// The slot holding the table at `offset`, marking it used.

@@ -156,7 +156,7 @@ pub struct Meta {
     pub(super) worker_error: Option<StorageError>,
     /// Table reads that failed, and how many waiters are still to be told.
     pub(super) failed_loads: Vec<(Table, StorageError, usize)>,
-    /// A cache is above its capacity with nothing it may drop: a write-back would help.
+    /// A cache is well above its capacity with nothing it may drop: a write-back would help.
     pub(super) room_wanted: bool,
     /// The refcount table moves the header's fields reflect.
     pub(super) table_moves_seen: u64,
@@ -482,9 +482,9 @@ impl Meta {
 
     /// Ends a data-path operation: drops clean tables beyond the caches' capacity.
     pub(super) fn end_op(&mut self) {
-        let l2 = self.l2.trim();
+        self.l2.trim();
         let rb = self.refs.trim();
-        if !(l2 && rb) {
+        if rb || self.l2.wants_writeback() {
             self.room_wanted = true;
         }
     }

@@ -684,9 +684,10 @@ impl Refcounts {
         }
     }
 
-    /// Drops refcount blocks beyond the cache's capacity that are clean; returns whether the
-    /// cache is within its capacity.
+    /// Drops refcount blocks beyond the cache's capacity that are clean; returns whether a
+    /// write-back would help the cache shrink (see [`TableCache::wants_writeback`]).
     pub fn trim(&mut self) -> bool {
-        self.blocks.trim()
+        self.blocks.trim();
+        self.blocks.wants_writeback()
     }
 }

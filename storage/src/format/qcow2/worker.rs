@@ -189,12 +189,14 @@ impl Core {
         let mut flushed = Ok(());
         if jobs.writeback || !jobs.replies.is_empty() {
             flushed =
-                writeback_unlocked(&self.meta, self.file.as_ref(), &self.name).and_then(|_| {
-                    if jobs.replies.is_empty() {
+                writeback_unlocked(&self.meta, self.file.as_ref(), &self.name).and_then(|wrote| {
+                    if wrote || jobs.replies.is_empty() {
+                        // A write-back that ran now, after these flushes came in, synced
+                        // everything they cover.
                         Ok(())
                     } else {
-                        // A write-back that ran before these flushes came in covers their
-                        // metadata, not necessarily their data: always sync once.
+                        // Nothing to write: one that ran before covers their metadata, not
+                        // necessarily their data.
                         self.file.sync_data()
                     }
                 });
