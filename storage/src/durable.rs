@@ -86,7 +86,8 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32, create: Create) -> 
     sync_parent_dir(path)
 }
 
-/// Renames `from` to `to`, failing with [`StorageError::AlreadyExists`] instead of replacing it.
+/// Renames `from` to `to`, failing with [`StorageError::AlreadyExists`] instead of replacing it
+/// (and with [`StorageError::NotFound`] if `from` does not exist).
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
@@ -107,8 +108,10 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
         return Ok(());
     }
     let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EEXIST) {
-        return Err(StorageError::AlreadyExists(to.display().to_string()));
+    match e.raw_os_error() {
+        Some(libc::EEXIST) => return Err(StorageError::AlreadyExists(to.display().to_string())),
+        Some(libc::ENOENT) => return Err(StorageError::NotFound(from.to_path_buf())),
+        _ => {}
     }
     Err(StorageError::io(
         format!("Renaming {} to {}", from.display(), to.display()),

@@ -36,6 +36,19 @@ pub(crate) fn write<T: ?Sized>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Locks state that records its own failure (a volume group's or thin pool's `failed`): a
+/// poisoned lock calls `mark` on it, so that it refuses further work.
+pub(crate) fn lock_or_mark<T>(m: &Mutex<T>, mark: impl FnOnce(&mut T)) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => {
+            let mut g = p.into_inner();
+            mark(&mut g);
+            g
+        }
+    }
+}
+
 /// Waits on `cv` with a guard from [`lock`].
 pub(crate) fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     cv.wait(g).unwrap_or_else(|p| p.into_inner())

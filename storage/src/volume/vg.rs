@@ -167,15 +167,10 @@ fn survey(candidates: Vec<PvHandle>, skipped: &mut Vec<String>) -> Vec<Found> {
 /// Locks the group's state. A poisoned lock (a thread panicked while changing it) marks the
 /// group failed: it refuses further commits until it is reopened (see `crate::sync`).
 pub(crate) fn lock_state(inner: &VgInner) -> MutexGuard<'_, VgState> {
-    match inner.state.lock() {
-        Ok(g) => g,
-        Err(p) => {
-            let mut g = p.into_inner();
-            g.failed
-                .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
-            g
-        }
-    }
+    crate::sync::lock_or_mark(&inner.state, |st| {
+        st.failed
+            .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
+    })
 }
 
 impl Vg {

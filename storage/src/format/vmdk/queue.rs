@@ -96,32 +96,22 @@ impl VmdkLayer {
             Err(e) => return st.complete_now(tag, Some(buf), Err(e)),
         };
         if let [p] = pieces.as_slice() {
-            match p.target {
-                ReadTarget::Host { file, offset: host } => {
-                    let id = st.open(tag, Some(buf), len);
-                    let whole = st.lend(id).unwrap_or_else(IoBuf::empty);
-                    self.send(
-                        st,
-                        id,
-                        file,
-                        Op::Read {
-                            offset: host,
-                            buf: whole,
-                        },
-                    );
-                    return st.close(id);
-                }
-                ReadTarget::Zero => {
-                    buf.fill_zero(0, len as usize);
-                    return st.complete_now(tag, Some(buf), Ok(len));
-                }
-                _ => {}
+            if let ReadTarget::Zero = p.target {
+                buf.fill_zero(0, len as usize);
+                return st.complete_now(tag, Some(buf), Ok(len));
             }
         }
         let id = st.open(tag, Some(buf), len);
+        // One piece on a host file: the buffer goes down whole.
+        let whole = matches!(pieces.as_slice(), [p] if matches!(p.target, ReadTarget::Host { .. }));
         let parent_size = self.img.parent.as_ref().map_or(0, |p| p.size());
         for p in pieces {
-            let Some(mut view) = st.view(id, p.pos as usize, p.len as usize) else {
+            let piece = if whole {
+                st.lend(id)
+            } else {
+                st.view(id, p.pos as usize, p.len as usize)
+            };
+            let Some(mut view) = piece else {
                 break;
             };
             let r = match p.target {
@@ -239,23 +229,16 @@ impl VmdkLayer {
             Err(e) => return st.complete_now(tag, Some(buf), Err(e)),
         };
         let id = st.open(tag, Some(buf), len);
-        if let [p] = pieces.as_slice() {
-            if let WriteTarget::Host { file, offset: host } = p.target {
-                let whole = st.lend(id).unwrap_or_else(IoBuf::empty);
-                self.send(
-                    st,
-                    id,
-                    file,
-                    Op::Write {
-                        offset: host,
-                        buf: whole,
-                    },
-                );
-                return st.close(id);
-            }
-        }
+        // One piece on a host file: the buffer goes down whole.
+        let whole =
+            matches!(pieces.as_slice(), [p] if matches!(p.target, WriteTarget::Host { .. }));
         for p in pieces {
-            let Some(view) = st.view(id, p.pos as usize, p.len as usize) else {
+            let piece = if whole {
+                st.lend(id)
+            } else {
+                st.view(id, p.pos as usize, p.len as usize)
+            };
+            let Some(view) = piece else {
                 break;
             };
             let r = match p.target {

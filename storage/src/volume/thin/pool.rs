@@ -239,15 +239,10 @@ impl ThinPool {
     /// Locks the pool's state. A poisoned lock (a thread panicked while changing it) marks the
     /// pool failed: it refuses I/O until it is reopened (see `crate::sync`).
     pub(crate) fn lock_state(&self) -> MutexGuard<'_, PoolState> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => {
-                let mut g = p.into_inner();
-                g.failed
-                    .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
-                g
-            }
-        }
+        crate::sync::lock_or_mark(&self.state, |st| {
+            st.failed
+                .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
+        })
     }
 
     /// Where data block `block` lives.
