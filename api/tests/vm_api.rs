@@ -445,6 +445,15 @@ fn a_guest_that_powers_off_is_stopped_and_can_start_again() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
+    // A file put into the image folder by hand has no recorded format until adopted.
+    let r = c
+        .request(
+            "POST",
+            "/api/images/off-disk.raw/adopt",
+            Some(&json!({"format": "raw"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
     let (st, body) = define(
         &c,
         json!({"name": "off", "memory": "32M", "boot": "flat", "kernel": guest,
@@ -489,6 +498,14 @@ fn a_linux_guest_boots_runs_its_disk_test_and_powers_off_through_the_api() {
     let srv = Server::start();
     let c = srv.client();
     prepare_raw(&srv.data.join("images/linux-disk.raw")).unwrap();
+    let r = c
+        .request(
+            "POST",
+            "/api/images/linux-disk.raw/adopt",
+            Some(&json!({"format": "raw"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
     let serial = "strata-api";
     let (st, body) = define(
         &c,

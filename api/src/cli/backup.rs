@@ -271,6 +271,7 @@ fn open_named(spec: &str, read_only: bool, cache: CacheArg) -> anyhow::Result<So
         read_only,
         cache: cache.into(),
         engine: EngineChoice::Auto,
+        references: Default::default(),
     };
     open_source(spec, &opts, &super::data_dir()).with_context(|| format!("Could not open {spec}"))
 }
@@ -397,6 +398,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
                 read_only: false,
                 cache: CacheMode::None,
                 engine: EngineChoice::Auto,
+                references: Default::default(),
             },
         )
         .with_context(|| format!("Could not open {target_str}"))

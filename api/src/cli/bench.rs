@@ -129,6 +129,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         read_only: !a.write,
         cache: a.cache.into(),
         engine: a.engine.into(),
+        references: Default::default(),
     };
     let spec = a.file.to_string_lossy();
     let (img, engine, direct_io): (std::sync::Arc<dyn strata_storage::BlockDevice>, _, _) = if spec

@@ -193,6 +193,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         read_only: true,
         cache: CacheMode::Writeback,
         engine: EngineChoice::Auto,
+        references: Default::default(),
     };
     let img = format::open_image(&a.file, &opts)?;
     let info = img.info()?;

@@ -3,17 +3,57 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use utoipa::ToSchema;
 
-use super::{blocking, ApiJson, ApiResult};
+use super::{blocking, require_admin, ApiJson, ApiResult, Caller};
 use crate::service::images::{CreateImage, ImageSummary};
-use crate::service::Service;
+use crate::service::{Service, ServiceError};
 
 pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
         .route("/api/images", get(list_images).post(create_image))
         .route("/api/images/{name}", get(image_info).delete(remove_image))
+        .route("/api/images/{name}/adopt", post(adopt_image))
+}
+
+/// The format an admin states for an image put into the image folder by hand.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AdoptImage {
+    /// raw, qcow2 or vmdk.
+    pub format: String,
+}
+
+/// Record the format of an image without one (admin tokens only). The image must open in that
+/// format, name no other file and (qcow2) pass a consistency check.
+#[utoipa::path(post, path = "/api/images/{name}/adopt", tag = "images", request_body = AdoptImage,
+    params(("name" = String, Path, description = "Image name")),
+    responses((status = 200, body = ImageSummary), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 403, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+              (status = 422, body = super::ErrorBody)))]
+pub(super) async fn adopt_image(
+    State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<AdoptImage>,
+) -> ApiResult<Json<ImageSummary>> {
+    require_admin(caller.as_ref(), "adopt images")?;
+    Ok(Json(
+        blocking(&svc, move |s| {
+            let fmt = req
+                .format
+                .parse()
+                .map_err(|e: strata_storage::StorageError| {
+                    ServiceError::BadRequest(e.to_string())
+                })?;
+            s.adopt_image(&name, fmt)?;
+            s.image_info(&name)
+        })
+        .await?,
+    ))
 }
 
 /// List images.

@@ -63,11 +63,11 @@ pub(crate) fn quick<T>(
 pub(super) struct Caller(pub crate::service::tokens::TokenInfo);
 
 /// Refuses (403) callers whose token is not an admin token.
-pub(super) fn require_admin(caller: Option<&axum::Extension<Caller>>) -> ApiResult<()> {
+pub(super) fn require_admin(caller: Option<&axum::Extension<Caller>>, what: &str) -> ApiResult<()> {
     match caller {
         Some(axum::Extension(Caller(info))) if !info.admin => {
             Err(ApiError(ServiceError::Forbidden(format!(
-                "Token {} may not manage tokens (create it with `strata token create --admin`)",
+                "Token {} may not {what}: that needs an admin token (`strata token create --admin`)",
                 info.name
             ))))
         }

@@ -14,6 +14,7 @@ use super::{backups, images, system, transfer, vms, volumes};
         system::list_tokens, system::create_token, system::revoke_token,
         system::list_jobs, system::job_status, system::cancel_job,
         images::list_images, images::create_image, images::image_info, images::remove_image,
+        images::adopt_image,
         volumes::storage, volumes::check_group, volumes::list_volumes, volumes::create_volume, volumes::volume_info,
         volumes::remove_volume, volumes::resize_volume, volumes::snapshot_volume, volumes::clone_volume,
         transfer::convert, transfer::upload, transfer::download, transfer::download_volume,

@@ -67,7 +67,7 @@ pub(super) async fn list_tokens(
     State(svc): State<Arc<Service>>,
     caller: Option<Extension<Caller>>,
 ) -> ApiResult<Json<Vec<TokenInfo>>> {
-    require_admin(caller.as_ref())?;
+    require_admin(caller.as_ref(), "manage tokens")?;
     Ok(Json(blocking(&svc, |s| s.tokens.list()).await?))
 }
 
@@ -80,7 +80,7 @@ pub(super) async fn create_token(
     caller: Option<Extension<Caller>>,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> ApiResult<Json<CreatedToken>> {
-    require_admin(caller.as_ref())?;
+    require_admin(caller.as_ref(), "manage tokens")?;
     let (info, token) = blocking(&svc, move |s| s.tokens.create(&req.name, req.admin)).await?;
     Ok(Json(CreatedToken { info, token }))
 }
@@ -95,7 +95,7 @@ pub(super) async fn revoke_token(
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<TokenInfo>> {
-    require_admin(caller.as_ref())?;
+    require_admin(caller.as_ref(), "manage tokens")?;
     Ok(Json(blocking(&svc, move |s| s.tokens.revoke(&id)).await?))
 }
 

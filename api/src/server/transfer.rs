@@ -51,6 +51,9 @@ pub(super) struct FormatQuery {
     /// raw, qcow2 or vmdk (upload: the new image's format, default qcow2; download: the
     /// format to send, default the image's own).
     format: Option<String>,
+    /// Upload only: the uploaded file's format (raw, qcow2, vmdk); probed when absent. The
+    /// upload may not name other files (backing files, extents) either way.
+    source_format: Option<String>,
 }
 
 /// Upload a disk image (raw, qcow2 or vmdk, probed) as the body; it is converted into the new
@@ -84,7 +87,10 @@ pub(super) async fn upload(
         let _ = tokio::fs::remove_file(&path).await;
         return Err(e);
     }
-    let job = blocking(&svc, move |s| s.start_import_upload(&name, path, q.format)).await?;
+    let job = blocking(&svc, move |s| {
+        s.start_import_upload(&name, path, q.format, q.source_format)
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(job.status())))
 }
 
@@ -141,7 +147,7 @@ pub(super) async fn download(
 ) -> ApiResult<Response> {
     let n = name.clone();
     let source = blocking(&svc, move |s| {
-        let own: ImageFormat = s.image_info(&n)?.format.parse()?;
+        let own = s.image_format(&n)?;
         let fmt: ImageFormat = match q.format.as_deref() {
             Some(f) => f.parse()?,
             None => own,

@@ -16,6 +16,7 @@ use strata_backup::{snapshot, BackupOptions, Changes, Datastore};
 use strata_storage::format::{self, ImageFormat};
 use utoipa::ToSchema;
 
+use super::catalog::{appliance_open_options, Origin};
 use super::jobs::{Job, JobContext};
 use super::progress::JobProgress;
 use super::volumes::Resolved;
@@ -172,9 +173,12 @@ impl Service {
             // image that looks whole: dropping the staging removes the hidden file.
             let staged = strata_storage::convert::Staged::new(&path, fmt)?;
             format::create_image(staged.build_path(), fmt, manifest.size, &Default::default())?;
+            let svc = self.clone();
+            let image = image.to_string();
             return self.jobs.clone().spawn("restore", desc, move |ctx| {
                 let v = restore_into_new(&store, &name, staged.build_path(), fmt, ctx)?;
                 staged.commit()?;
+                svc.record_image(&image, fmt, Origin::Restore)?;
                 Ok(v)
             });
         }
@@ -264,11 +268,7 @@ fn restore_into_new(
     fmt: ImageFormat,
     ctx: &JobContext,
 ) -> ServiceResult<serde_json::Value> {
-    let opts = format::OpenOptions {
-        format: Some(fmt),
-        ..Default::default()
-    };
-    let dev = format::open_image(path, &opts)?;
+    let dev = format::open_image(path, &appliance_open_options(fmt, false))?;
     let stats = strata_backup::restore::restore(
         store,
         name,

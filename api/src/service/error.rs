@@ -62,6 +62,7 @@ impl ServiceError {
                 StorageError::Unsupported(_) => 501,
                 StorageError::Corrupt { .. } => 422,
                 StorageError::Io { .. } | StorageError::Unavailable(_) => 500,
+                StorageError::Forbidden(_) => 403,
                 StorageError::Cancelled => 409,
             },
             ServiceError::BadRequest(_) => 400,

@@ -8,6 +8,7 @@ use strata_storage::io::file::CacheMode;
 use strata_storage::util::parse_size;
 use utoipa::ToSchema;
 
+use super::catalog::Origin;
 use super::{names, Service, ServiceError, ServiceResult};
 
 /// An image as listed.
@@ -41,6 +42,9 @@ pub struct CreateImage {
     pub options: String,
 }
 
+/// The format shown for an image without a record.
+pub const UNKNOWN_FORMAT: &str = "unknown";
+
 fn default_format() -> String {
     "raw".into()
 }
@@ -60,13 +64,28 @@ impl Service {
         Ok(p)
     }
 
-    /// Facts about one image.
+    /// Facts about one image. An image without a recorded format is reported as `unknown`
+    /// with its host size only: it is not opened, since only its format record says how.
     pub fn image_info(&self, name: &str) -> ServiceResult<ImageSummary> {
         let path = self.existing_image(name)?;
+        let Some(record) = self.image_record(name)? else {
+            let allocated = std::fs::metadata(&path)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            return Ok(ImageSummary {
+                name: name.to_string(),
+                format: UNKNOWN_FORMAT.into(),
+                virtual_size: 0,
+                actual_size: allocated,
+                details: serde_json::json!({
+                    "error": super::catalog::unknown_format(name).to_string()
+                }),
+            });
+        };
+        let fmt = record.image_format()?;
         let opts = OpenOptions {
-            read_only: true,
             cache: CacheMode::Writeback,
-            ..OpenOptions::default()
+            ..super::catalog::appliance_open_options(fmt, true)
         };
         let img = format::open_image(&path, &opts)?;
         let info = img.info()?;
@@ -117,6 +136,7 @@ impl Service {
             self.ensure_space(&path, size)?;
         }
         format::create_image(&path, fmt, size, &opts)?;
+        self.record_image(&req.name, fmt, Origin::Create)?;
         // Another client may already have removed it again; report what was created anyway.
         self.image_info(&req.name).or_else(|e| match e {
             ServiceError::NotFound(_) => Ok(ImageSummary {
@@ -135,6 +155,9 @@ impl Service {
         let path = self.existing_image(name)?;
         let source = format!("{}{name}", super::vms::IMAGE_PREFIX);
         self.vms.unless_in_use(&source, || {
+            // The record goes first: a crash in between leaves an unknown image, never a
+            // record without its image.
+            self.forget_image_record(name)?;
             std::fs::remove_file(&path).map_err(|e| match e.kind() {
                 // Another client removed it first.
                 std::io::ErrorKind::NotFound => ServiceError::NotFound(format!("Image {name}")),

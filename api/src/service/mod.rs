@@ -9,6 +9,7 @@
 //! DATA/
 //!   tokens.json   API tokens (hashed)
 //!   images/       image files managed through the API
+//!   catalog/images/NAME.json  each image's recorded format (see [`catalog`])
 //!   jobs/         results of finished jobs, one JSON file each
 //!   vms/NAME/     a VM's definition, last run and console log (see [`vms`])
 //! ```
@@ -23,6 +24,7 @@
 
 pub mod backups;
 pub mod bootstrap;
+pub mod catalog;
 pub mod error;
 pub mod images;
 pub mod jobs;
@@ -80,6 +82,11 @@ impl DataDir {
         self.root.join("images")
     }
 
+    /// The image catalogue: one format record per image (see [`catalog`]).
+    pub fn image_records_dir(&self) -> PathBuf {
+        self.root.join("catalog").join("images")
+    }
+
     /// Finished jobs' results.
     pub fn jobs_dir(&self) -> PathBuf {
         self.root.join("jobs")
@@ -97,6 +104,7 @@ impl DataDir {
             self.images_dir(),
             self.jobs_dir(),
             self.import_dir(),
+            self.image_records_dir(),
         ] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| ServiceError::internal(format!("Creating {}: {e}", d.display())))?;

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use strata_storage::format;
+use strata_storage::format::References;
 
 use super::{ServiceError, ServiceResult};
 
@@ -65,19 +65,13 @@ impl ServerPaths {
         Ok(resolved)
     }
 
-    /// Checks an image opened from a path named in a request: a confined caller may not reach
-    /// other files through it.
-    pub fn image(&self, path: &Path, info: &format::ImageInfo) -> ServiceResult<()> {
-        if let ServerPaths::Anywhere = self {
-            return Ok(());
-        }
-        match format::outside_references(path, info)? {
-            Some(what) => Err(ServiceError::Forbidden(format!(
-                "{} refers to {what}; images named by a server path must be self-contained \
-                 (convert it on the server first)",
-                path.display()
-            ))),
-            None => Ok(()),
+    /// How images named by a server path are opened: a confined caller may not reach other
+    /// files through them, so references (backing files, parents, extent files) are refused
+    /// before anything is opened.
+    pub fn references(&self) -> References {
+        match self {
+            ServerPaths::Anywhere => References::Follow,
+            ServerPaths::Under(_) => References::Refuse,
         }
     }
 

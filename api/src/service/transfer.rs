@@ -13,6 +13,7 @@ use strata_storage::format::{self, ImageFormat};
 use strata_storage::{BlockDevice, ExtentKind};
 use utoipa::ToSchema;
 
+use super::catalog::{appliance_open_options, Origin};
 use super::jobs::{Job, JobContext};
 use super::progress::JobProgress;
 use super::volumes::Resolved;
@@ -33,6 +34,10 @@ pub struct ConvertRequest {
     /// Write a compressed image (qcow2, or streamOptimized vmdk).
     #[serde(default)]
     pub compress: bool,
+    /// Format of a source given as a server path (raw, qcow2, vmdk); probed when absent.
+    /// Appliance images and volumes have a recorded format and take none.
+    #[serde(default)]
+    pub source_format: Option<String>,
 }
 
 impl Service {
@@ -48,7 +53,7 @@ impl Service {
     /// scratch folder and hidden partial images. Called by `strata serve` before it listens,
     /// when no job of this process can be running.
     pub fn remove_leftovers(&self) -> ServiceResult<usize> {
-        let mut removed = 0;
+        let mut removed = self.forget_stale_records()?;
         let scratch = self.scratch_dir()?;
         let leftovers = [
             // Uploads that were never converted.
@@ -86,8 +91,9 @@ impl Service {
 
     /// Starts a conversion job.
     pub fn start_convert(self: &Arc<Self>, req: ConvertRequest) -> ServiceResult<Arc<Job>> {
-        let source = self.resolve_source(&req.source, true)?;
-        self.start_convert_from(req, source, None)
+        let source_format = parse_format(req.source_format.as_deref())?;
+        let source = self.resolve_source_as(&req.source, true, source_format)?;
+        self.start_convert_from(req, source, None, Origin::Convert)
     }
 
     /// Starts a conversion job from the opened `source` (named `req.source` in the job's
@@ -97,6 +103,7 @@ impl Service {
         req: ConvertRequest,
         source: Resolved,
         cleanup: Option<PathBuf>,
+        origin: Origin,
     ) -> ServiceResult<Arc<Job>> {
         let desc = format!("convert {} to {}", req.source, req.target);
         if let Some(image) = req.target.strip_prefix("image:") {
@@ -112,6 +119,8 @@ impl Service {
             self.ensure_space_for(&path, source.device().as_ref())?;
             // The conversion builds a hidden file (names never start with '.', so listings skip
             // it) and moves it to its name only once complete and flushed.
+            let svc = self.clone();
+            let name = image.to_string();
             return self.jobs.clone().spawn("convert", desc, move |ctx| {
                 let result = convert_to_new(
                     source.device().as_ref(),
@@ -120,7 +129,11 @@ impl Service {
                     &opts,
                     req.compress,
                     ctx,
-                );
+                )
+                .and_then(|report| {
+                    svc.record_image(&name, fmt, origin)?;
+                    Ok(report)
+                });
                 if let Some(c) = cleanup {
                     let _ = std::fs::remove_file(c);
                 }
@@ -201,27 +214,31 @@ impl Service {
         name: &str,
         uploaded: PathBuf,
         format: Option<String>,
+        source_format: Option<String>,
     ) -> ServiceResult<Arc<Job>> {
         let checked = (|| {
+            // The uploader wrote every byte of the upload, so its format may be probed like a
+            // file handed to qemu-img; but it may not name other files on the server.
             let img = format::open_image(
                 &uploaded,
                 &format::OpenOptions {
+                    format: parse_format(source_format.as_deref())?,
+                    references: format::References::Refuse,
                     read_only: true,
                     ..Default::default()
                 },
             )?;
-            let info = img.info()?;
-            check_self_contained(&info, &uploaded)?;
+            let fmt = img.format().to_string();
             Ok::<_, ServiceError>(Resolved::Image {
                 device: img,
-                format: info.format.to_string(),
+                format: fmt,
             })
         })();
         let source = match checked {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_file(&uploaded);
-                return Err(e);
+                return Err(upload_error(e, &uploaded));
             }
         };
         let req = ConvertRequest {
@@ -230,9 +247,10 @@ impl Service {
             format,
             options: String::new(),
             compress: false,
+            source_format: None,
         };
         let cleanup = uploaded.clone();
-        self.start_convert_from(req, source, Some(cleanup))
+        self.start_convert_from(req, source, Some(cleanup), Origin::Upload)
             .inspect_err(|_| {
                 let _ = std::fs::remove_file(&uploaded);
             })
@@ -241,9 +259,9 @@ impl Service {
     /// Prepares an image for download in `format`: the image itself when it already has that
     /// format, else a converted copy in the scratch folder (second value: delete it afterwards).
     pub fn download_file(&self, name: &str, fmt: ImageFormat) -> ServiceResult<(PathBuf, bool)> {
-        let info = self.image_info(name)?;
+        let own = self.image_format(name)?;
         let path = self.image_path(name)?;
-        if info.format == fmt.to_string() {
+        if own == fmt {
             return Ok((path, false));
         }
         // A name of its own per download: two downloads of one image must not share a file.
@@ -259,13 +277,7 @@ impl Service {
         self.ensure_space_for(&out, src.device().as_ref())?;
         let result = (|| -> ServiceResult<()> {
             format::create_image(&out, fmt, src.device().size(), &Default::default())?;
-            let dst = format::open_image(
-                &out,
-                &format::OpenOptions {
-                    format: Some(fmt),
-                    ..Default::default()
-                },
-            )?;
+            let dst = format::open_image(&out, &appliance_open_options(fmt, false))?;
             convert::convert(
                 src.device().as_ref(),
                 ConvertTarget::Device(dst.as_ref()),
@@ -280,6 +292,38 @@ impl Service {
         }
         Ok((out, true))
     }
+}
+
+/// An error about the uploaded file as its uploader should see it: the scratch file's path is
+/// the server's business, and an upload naming other files is a bad request (400).
+fn upload_error(e: ServiceError, uploaded: &Path) -> ServiceError {
+    use strata_storage::StorageError as S;
+    let path = uploaded.display().to_string();
+    let clean = |t: &str| t.replace(&path, "the upload");
+    match e {
+        ServiceError::Storage(S::Forbidden(m)) => ServiceError::BadRequest(format!(
+            "{}; upload self-contained images only (qemu-img convert them first)",
+            clean(&m)
+        )),
+        ServiceError::Storage(S::Corrupt { detail, .. }) => {
+            ServiceError::Storage(S::corrupt("upload", clean(&detail)))
+        }
+        ServiceError::Storage(S::Unsupported(m)) => {
+            ServiceError::Storage(S::Unsupported(clean(&m)))
+        }
+        ServiceError::Storage(S::InvalidInput(m)) => ServiceError::BadRequest(clean(&m)),
+        ServiceError::Storage(S::Io { context, source }) => {
+            ServiceError::internal(format!("{}: {source}", clean(&context)))
+        }
+        other => other,
+    }
+}
+
+/// A format named in a request, if any.
+pub(crate) fn parse_format(name: Option<&str>) -> ServiceResult<Option<ImageFormat>> {
+    name.map(str::parse::<ImageFormat>)
+        .transpose()
+        .map_err(|e| ServiceError::BadRequest(e.to_string()))
 }
 
 /// Most calls of `block_status` spent measuring a source's data; beyond, its whole size counts.
@@ -304,17 +348,6 @@ fn data_bytes(dev: &dyn BlockDevice) -> ServiceResult<u64> {
         at += e.len;
     }
     Ok(if at >= size { data } else { size })
-}
-
-/// Refuses images that refer to other files (a backing file, a parent disk, extents elsewhere).
-fn check_self_contained(info: &format::ImageInfo, path: &Path) -> ServiceResult<()> {
-    match format::outside_references(path, info)? {
-        Some(what) => Err(ServiceError::BadRequest(format!(
-            "The uploaded image refers to {what}; upload self-contained images only \
-             (qemu-img convert them first)"
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// Bytes available to unprivileged users on the file system holding `dir`.

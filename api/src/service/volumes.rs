@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use strata_storage::format::ImageFormat;
 use strata_storage::source::{SourceSpec, LV_PREFIX};
 use strata_storage::util::parse_size;
 use strata_storage::volume::{LvType, Vg, VolumeStore};
@@ -263,36 +264,58 @@ impl Service {
         Ok(self.resolve_source(spec, read_only)?.device())
     }
 
-    /// Like [`Service::open_source`], keeping what kind of source it is.
+    /// Like [`Service::open_source`], keeping what kind of source it is. Appliance images
+    /// open with their recorded format and volumes as raw devices: neither is ever probed.
+    /// A server path (an import file) is probed unless `source_format` names its format; either
+    /// way it opens without following references to other files.
     pub fn resolve_source(&self, spec: &str, read_only: bool) -> ServiceResult<Resolved> {
-        let open_image = |p: &std::path::Path| -> ServiceResult<Resolved> {
-            let opts = strata_storage::format::OpenOptions {
-                read_only,
-                ..Default::default()
-            };
-            let img = strata_storage::format::open_image(p, &opts)?;
-            let format = img.format().to_string();
-            Ok(Resolved::Image {
-                device: img,
-                format,
-            })
-        };
+        self.resolve_source_as(spec, read_only, None)
+    }
+
+    /// [`Service::resolve_source`] with the format of a server-path source stated.
+    pub fn resolve_source_as(
+        &self,
+        spec: &str,
+        read_only: bool,
+        source_format: Option<ImageFormat>,
+    ) -> ServiceResult<Resolved> {
         if let Some(name) = spec.strip_prefix("image:") {
-            return open_image(&self.image_path(name)?);
+            if source_format.is_some() {
+                return Err(ServiceError::BadRequest(format!(
+                    "The format of {spec} is recorded; a source format applies to import files only"
+                )));
+            }
+            let (device, fmt) = self.open_appliance_image(name, read_only)?;
+            return Ok(Resolved::Image {
+                device,
+                format: fmt.to_string(),
+            });
         }
         match SourceSpec::parse(spec)? {
             SourceSpec::Volume { vg, lv } => {
+                if source_format.is_some() {
+                    return Err(ServiceError::BadRequest(format!(
+                        "{spec} is a volume, always raw; a source format applies to import files only"
+                    )));
+                }
                 let g = self.volumes.get(&vg)?;
                 let device = g.open_lv(&lv, read_only)?;
                 Ok(Resolved::Volume { device, vg: g, lv })
             }
             SourceSpec::Path(p) if p.is_absolute() => {
                 let path = self.server_paths.file("source", &p.to_string_lossy())?;
-                let resolved = open_image(&path)?;
-                if let Resolved::Image { device, .. } = &resolved {
-                    self.server_paths.image(&path, &device.info()?)?;
-                }
-                Ok(resolved)
+                let opts = strata_storage::format::OpenOptions {
+                    format: source_format,
+                    references: self.server_paths.references(),
+                    read_only,
+                    ..Default::default()
+                };
+                let img = strata_storage::format::open_image(&path, &opts)?;
+                let format = img.format().to_string();
+                Ok(Resolved::Image {
+                    device: img,
+                    format,
+                })
             }
             SourceSpec::Path(p) => Err(ServiceError::BadRequest(format!(
                 "Source {:?} must be lv:VG/NAME, image:NAME or an absolute path on the server",

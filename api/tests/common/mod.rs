@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use strata_api::client::Client;
 
 /// A `strata serve` process on a free loopback port with its own data directory.
@@ -91,4 +92,93 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts a job with `method path body`, expecting 202, and returns its id.
+pub fn start_job(c: &Client, path: &str, body: &Value) -> String {
+    let r = c.request("POST", path, Some(body)).unwrap();
+    assert_eq!(r.status, 202, "{path} {body}: {:?}", r.body);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+/// Polls a job until it ends; returns its last status and every (done, total) seen.
+pub fn wait_job(c: &Client, id: &str) -> (Value, Vec<(u64, u64)>) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut seen = Vec::new();
+    loop {
+        let r = c.request("GET", &format!("/api/jobs/{id}"), None).unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let done = r.body["bytes_done"].as_u64().unwrap();
+        let total = r.body["bytes_total"].as_u64().unwrap();
+        if seen.last() != Some(&(done, total)) {
+            seen.push((done, total));
+        }
+        if r.body["state"] != "running" {
+            return (r.body, seen);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} still running: {:?}",
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn succeed(c: &Client, id: &str) -> Value {
+    let (status, _) = wait_job(c, id);
+    assert_eq!(status["state"], "succeeded", "{status}");
+    status
+}
+
+pub fn image_names(c: &Client) -> Vec<String> {
+    let r = c.request("GET", "/api/images", None).unwrap();
+    assert_eq!(r.status, 200);
+    r.body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Files in a folder, hidden ones included.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `tool` can run. A missing tool fails the test under `CI=1` (CI installs it) and
+/// skips it loudly elsewhere.
+pub fn require_tool(tool: &str, test: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: {tool} is missing, and CI must have it"
+        );
+        eprintln!("SKIPPED {test}: {tool} is not installed");
+    }
+    found
 }

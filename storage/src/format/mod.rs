@@ -109,11 +109,27 @@ fn is_vmdk_descriptor(head: &[u8]) -> bool {
     trimmed.starts_with("# Disk DescriptorFile") || trimmed.starts_with("#Disk DescriptorFile")
 }
 
+/// Whether an image may make the block layer open other files: a backing file, a parent
+/// disk, extent files named by a vmdk descriptor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum References {
+    /// Open what the image names, as `qemu-img` does for files its caller names (the local
+    /// tools).
+    #[default]
+    Follow,
+    /// Refuse an image that names another file, before opening anything but the image itself.
+    /// Appliance images are opened this way: their bytes may have been written by an
+    /// untrusted party (an uploader, a guest), and must not make the server read other files.
+    Refuse,
+}
+
 /// How to open an image.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenOptions {
     /// The format; probed when `None`.
     pub format: Option<ImageFormat>,
+    /// Whether other files the image names are opened or the image is refused.
+    pub references: References,
     /// Open read-only.
     pub read_only: bool,
     /// Page cache use for the image file.
@@ -230,6 +246,7 @@ fn open_image_with(
             let q = qcow2::Qcow2Options {
                 engine: opts.engine,
                 cache: opts.cache,
+                refuse_backing: opts.references == References::Refuse,
                 ..qcow2::Qcow2Options::default()
             };
             Ok(qcow2::open(file, &q)?)
@@ -353,6 +370,44 @@ mod tests {
             let dev = MemoryDevice::read_only_with(head);
             assert_eq!(probe(dev.as_ref()).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn refusing_references_opens_nothing_but_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        create_image(&base, ImageFormat::Raw, 1 << 20, &BTreeMap::new()).unwrap();
+        let overlay = dir.path().join("overlay.qcow2");
+        let opts = parse_options("backing_file=base.raw,backing_fmt=raw").unwrap();
+        create_image(&overlay, ImageFormat::Qcow2, 1 << 20, &opts).unwrap();
+        let split = dir.path().join("split.vmdk");
+        let opts = parse_options("subformat=twoGbMaxExtentSparse").unwrap();
+        create_image(&split, ImageFormat::Vmdk, 1 << 20, &opts).unwrap();
+        for (path, fmt) in [(&overlay, ImageFormat::Qcow2), (&split, ImageFormat::Vmdk)] {
+            let follow = OpenOptions {
+                format: Some(fmt),
+                read_only: true,
+                ..OpenOptions::default()
+            };
+            open_image(path, &follow).unwrap();
+            let refuse = OpenOptions {
+                references: References::Refuse,
+                ..follow
+            };
+            match open_image(path, &refuse) {
+                Err(StorageError::Forbidden(m)) => assert!(m.contains("self-contained"), "{m}"),
+                other => panic!("{}: {other:?}", path.display()),
+            }
+        }
+        // A self-contained image opens either way.
+        let plain = dir.path().join("plain.qcow2");
+        create_image(&plain, ImageFormat::Qcow2, 1 << 20, &BTreeMap::new()).unwrap();
+        let refuse = OpenOptions {
+            format: Some(ImageFormat::Qcow2),
+            references: References::Refuse,
+            ..OpenOptions::default()
+        };
+        open_image(&plain, &refuse).unwrap();
     }
 
     #[test]

@@ -92,12 +92,17 @@ impl Api {
         file: &Path,
         name: &str,
         format: Option<&str>,
+        source_format: &str,
     ) -> anyhow::Result<Value> {
         match self {
             Api::Remote(c) => {
-                let mut path = format!("/api/images/{}/upload", encode(name));
+                let mut path = format!(
+                    "/api/images/{}/upload?source_format={}",
+                    encode(name),
+                    encode(source_format)
+                );
                 if let Some(f) = format {
-                    path.push_str(&format!("?format={}", encode(f)));
+                    path.push_str(&format!("&format={}", encode(f)));
                 }
                 let r = c.upload_file(&path, file)?;
                 check(&r)?;
@@ -109,6 +114,7 @@ impl Api {
                 let mut body = serde_json::json!({
                     "source": abs.display().to_string(),
                     "target": format!("image:{name}"),
+                    "source_format": source_format,
                 });
                 if let Some(f) = format {
                     body["format"] = f.into();

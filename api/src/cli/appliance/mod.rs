@@ -166,6 +166,18 @@ pub enum ImagesCommand {
         /// Image name.
         name: String,
     },
+    /// State the format of an image put into the image folder by hand (or made before formats
+    /// were recorded), after a check; until then it is listed as `unknown` and refused for use.
+    /// Needs an admin token.
+    Adopt {
+        /// Image name.
+        name: String,
+        /// Its format: raw, qcow2 or vmdk.
+        #[arg(short = 'f', long)]
+        format: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Import a disk image file (raw, qcow2 or vmdk) from this machine as a new image (a job;
     /// uploaded when --remote).
     Import {
@@ -176,6 +188,10 @@ pub enum ImagesCommand {
         /// Format of the new image (default qcow2).
         #[arg(short = 'O', long)]
         format: Option<String>,
+        /// Format of the file (default: probed here, from the file's first bytes; the server
+        /// is told the result and never probes).
+        #[arg(short = 'f', long = "source-format")]
+        source_format: Option<String>,
         #[command(flatten)]
         job: JobArgs,
     },
@@ -516,14 +532,35 @@ pub fn images(cmd: ImagesCommand, api: &Api) -> anyhow::Result<ExitCode> {
             api.ok("DELETE", &format!("/api/images/{}", encode(&name)), None)?;
             println!("Removed image {name}");
         }
+        ImagesCommand::Adopt {
+            name,
+            format,
+            common,
+        } => {
+            let v = api.ok(
+                "POST",
+                &format!("/api/images/{}/adopt", encode(&name)),
+                Some(&json!({ "format": format })),
+            )?;
+            print_object(
+                &v,
+                common.output,
+                &format!("Adopted image {name} as {format}"),
+            );
+        }
         ImagesCommand::Import {
             file,
             name,
             format,
+            source_format,
             job,
         } => {
             check_no_wait(api, &job)?;
-            let started = api.import_file(&file, &name, format.as_deref())?;
+            let source_format = match source_format {
+                Some(f) => f,
+                None => probe_local_file(&file)?,
+            };
+            let started = api.import_file(&file, &name, format.as_deref(), &source_format)?;
             return finish_job(api, started, &job);
         }
         ImagesCommand::Export { name, file, format } => {
@@ -551,6 +588,24 @@ pub fn images(cmd: ImagesCommand, api: &Api) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The format of a file of the caller's own, probed from its first bytes as `qemu-img` does.
+fn probe_local_file(file: &std::path::Path) -> anyhow::Result<String> {
+    use strata_storage::format::{self, Probed};
+    let opts = format::OpenOptions {
+        read_only: true,
+        cache: strata_storage::io::file::CacheMode::Writeback,
+        ..Default::default()
+    };
+    let host = format::open_host_file(file, &opts)
+        .with_context(|| format!("Could not open {}", file.display()))?;
+    match format::probe(host.as_ref())? {
+        Probed::Known(f) => Ok(f.to_string()),
+        Probed::Foreign(what) => {
+            anyhow::bail!("{}: {what} images are not supported", file.display())
+        }
+    }
 }
 
 /// Runs a `backups` command.
