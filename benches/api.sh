@@ -42,7 +42,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 port=$((20000 + RANDOM % 20000))
-"$strata" --data "$work/data" serve --listen 127.0.0.1:$port --pv-size 8G >"$work/serve.log" 2>&1 &
+"$strata" --data "$work/data" serve --listen 127.0.0.1:$port --http --pv-size 8G >"$work/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
   grep -q "listening" "$work/serve.log" && break

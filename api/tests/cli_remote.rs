@@ -151,14 +151,26 @@ fn scenario(prefix: &[&str], dir: &Path) {
 fn appliance_commands_work_against_a_remote_server() {
     let srv = Server::start();
     let dir = tempfile::tempdir().unwrap();
-    scenario(&["--remote", &srv.url, "--token", &srv.token], dir.path());
+    let remote = srv.remote_args();
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+    scenario(&remote, dir.path());
+    let fp = srv.fingerprint.as_str();
 
     // No token, a wrong token, and local tools with --remote are refused.
-    let err = fails(&["--remote", &srv.url, "volumes", "list"]);
+    let err = fails(&["--remote", &srv.url, "--fingerprint", fp, "volumes", "list"]);
     assert!(err.contains("token"), "{err}");
-    let err = fails(&["--remote", &srv.url, "--token", "x.y", "volumes", "list"]);
+    let err = fails(&[
+        "--remote",
+        &srv.url,
+        "--fingerprint",
+        fp,
+        "--token",
+        "x.y",
+        "volumes",
+        "list",
+    ]);
     assert!(err.contains("401"), "{err}");
-    let err = fails(&["--remote", &srv.url, "--token", &srv.token, "lv", "list"]);
+    let err = fails(&[&remote[..], &["lv", "list"]].concat());
     assert!(err.contains("--remote"), "{err}");
 }
 

@@ -183,11 +183,12 @@ fn concurrent_creates_and_removes_leave_consistent_state() {
     let srv = Server::start();
     let url = srv.url.clone();
     let token = srv.token.clone();
+    let trust = srv.trust();
     let handles: Vec<_> = (0..20)
         .map(|i| {
-            let (url, token) = (url.clone(), token.clone());
+            let (url, token, trust) = (url.clone(), token.clone(), trust.clone());
             std::thread::spawn(move || {
-                let c = strata_api::client::Client::new(&url, Some(token)).unwrap();
+                let c = strata_api::client::Client::with_trust(&url, Some(token), trust).unwrap();
                 let name = format!("img{}", i % 5);
                 let r = c
                     .request(
@@ -351,12 +352,12 @@ fn the_embedded_default_serves_volumes_snapshots_and_clones() {
 #[test]
 fn concurrent_volume_creates_snapshots_and_removes_leave_consistent_metadata() {
     let srv = Server::start();
-    let (url, token) = (srv.url.clone(), srv.token.clone());
+    let (url, token, trust) = (srv.url.clone(), srv.token.clone(), srv.trust());
     let handles: Vec<_> = (0..20)
         .map(|i| {
-            let (url, token) = (url.clone(), token.clone());
+            let (url, token, trust) = (url.clone(), token.clone(), trust.clone());
             std::thread::spawn(move || {
-                let c = strata_api::client::Client::new(&url, Some(token)).unwrap();
+                let c = strata_api::client::Client::with_trust(&url, Some(token), trust).unwrap();
                 let name = format!("v{}", i % 7);
                 let r = c
                     .request(

@@ -204,10 +204,11 @@ fn bad_vm_definitions_are_refused_with_the_right_status() {
         (json!({"name": "m", "vcpus": 65, "kernel": kernel}), 400),
         (json!({"name": "m", "vcpus": 1000, "kernel": kernel}), 400),
         (json!({"name": "m", "kernel": "guest.bin"}), 400),
-        (json!({"name": "m", "kernel": "/nonexistent/vmlinuz"}), 404),
+        // Outside the import folders: the same 403 whether the file exists or not.
+        (json!({"name": "m", "kernel": "/nonexistent/vmlinuz"}), 403),
         (
             json!({"name": "m", "kernel": kernel, "initrd": "/nonexistent/initrd"}),
-            404,
+            403,
         ),
         (
             json!({"name": "m", "kernel": kernel, "cmdline": "a\u{7}b"}),
@@ -551,8 +552,9 @@ fn the_cli_manages_a_vm_the_server_runs_remotely_and_locally() {
     let Some((srv, c, _dir, spinner)) = guest_setup(WHAT, Then::Spin) else {
         return;
     };
+    let remote_args = srv.remote_args();
     let remote = |args: &[&str]| {
-        let mut all = vec!["--remote", srv.url.as_str(), "--token", srv.token.as_str()];
+        let mut all: Vec<&str> = remote_args.iter().map(String::as_str).collect();
         all.extend_from_slice(args);
         strata_cli(&srv.data, &all)
     };

@@ -83,6 +83,10 @@ impl StorageError {
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => StorageError::OutOfSpace(context),
             Some(libc::EROFS) => StorageError::ReadOnly(context),
+            // A size beyond what the file system can hold is a bad request, not a failure.
+            Some(libc::EFBIG) => {
+                StorageError::InvalidInput(format!("{context}: too large for the file system"))
+            }
             _ => StorageError::Io { context, source },
         }
     }

@@ -110,6 +110,9 @@ pub struct ResizeArgs {
     /// For a thin pool: grow its metadata volume to this size instead.
     #[arg(long)]
     metadata: bool,
+    /// Allow a smaller size: the data past the new end is lost.
+    #[arg(long)]
+    shrink: bool,
     #[command(flatten)]
     out: OutputArgs,
     /// VG/NAME.
@@ -290,7 +293,16 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
                 let current = pool.usage().metadata_blocks * 4096;
                 vg.resize_pool_metadata(name, new_size(&a.size, current)?)?;
             } else {
-                vg.resize_lv(name, new_size(&a.size, info.size)?)?;
+                let size = new_size(&a.size, info.size)?;
+                if size < info.size && !a.shrink {
+                    anyhow::bail!(
+                        "Use --shrink to make {} smaller ({} to {size} bytes): data past the new \
+                         end is lost",
+                        a.path,
+                        info.size
+                    );
+                }
+                vg.resize_lv(name, size)?;
             }
             print_one(&vg.lv_info(name)?, a.out.output, "resized")?;
         }

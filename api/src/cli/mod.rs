@@ -48,7 +48,7 @@ pub struct Cli {
     pub data: Option<PathBuf>,
 
     /// Send appliance commands (volumes, images, backups, storage, jobs) to a running
-    /// `strata serve` at this URL (http://HOST:PORT) instead of working on --data.
+    /// `strata serve` at this URL (https://HOST:PORT) instead of working on --data.
     #[arg(long, global = true, env = "STRATA_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
 
@@ -61,6 +61,22 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub token: Option<String>,
+
+    /// For an https:// --remote: the SHA-256 fingerprint of the server's certificate, as
+    /// `strata serve` prints it (AB:CD:…).
+    #[arg(long, global = true, env = "STRATA_FINGERPRINT", value_name = "SHA256")]
+    pub fingerprint: Option<String>,
+
+    /// For an https:// --remote: trust server certificates issued by the CAs in this PEM file
+    /// (the appliance's own CA is the server's DATA/tls/ca.pem).
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_CA",
+        value_name = "FILE",
+        conflicts_with = "fingerprint"
+    )]
+    pub ca: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -159,7 +175,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let _ = DATA_DIR.set(data_path.clone());
     let data = DataDir::at(&data_path);
     let api = || match &cli.remote {
-        Some(url) => appliance::Api::remote(url, cli.token.clone()),
+        Some(url) => {
+            let trust = match (&cli.fingerprint, &cli.ca) {
+                (Some(fp), _) => Some(crate::client::Trust::Fingerprint(fp.clone())),
+                (None, Some(ca)) => Some(crate::client::Trust::CaFile(ca.clone())),
+                (None, None) => None,
+            };
+            appliance::Api::remote(url, cli.token.clone(), trust)
+        }
         None => appliance::Api::local(data.clone()),
     };
     let remote_only_for_appliance = |what: &str| -> anyhow::Result<()> {

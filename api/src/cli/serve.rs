@@ -4,24 +4,79 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use clap::{Args, Subcommand};
 
 use super::Output;
+use crate::server::limits::parse_duration;
+use crate::server::{HttpLimits, Transport};
 use crate::service::bootstrap::{self, ApplianceConfig, BootstrapOptions};
 use crate::service::server_paths::ServerPaths;
+use crate::service::tls::{file_fingerprint, ApplianceTls, CertificateFiles};
 use crate::service::{DataDir, Service};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address and port to listen on.
+    /// Address and port to listen on (HTTPS).
     #[arg(long, default_value = "127.0.0.1:8006")]
     listen: SocketAddr,
+    /// Serve plain HTTP instead of HTTPS; only on a loopback address.
+    #[arg(long)]
+    http: bool,
+    /// Serve plain HTTP on any address: tokens and data cross the network unencrypted.
+    #[arg(long)]
+    insecure_http: bool,
+    /// PEM certificate chain to present instead of the appliance's own (DATA/tls/server.pem).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// A folder whose files API requests may name as import sources, kernels and initrds,
     /// besides DATA/import (repeatable). Paths elsewhere are refused with 403.
     #[arg(long = "import-dir", value_name = "DIR")]
     import_dirs: Vec<std::path::PathBuf>,
     #[command(flatten)]
     setup: SetupArgs,
+}
+
+/// Bounds on slow and greedy clients.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Time a client has to send a request's headers (and finish the TLS handshake).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    header_timeout: Duration,
+    /// Longest pause allowed in a request body.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    body_idle_timeout: Duration,
+    /// Time a whole upload may take.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    upload_deadline: Duration,
+    /// Largest upload accepted; a larger declared Content-Length gets 413 at once.
+    #[arg(long, default_value = "4T")]
+    max_upload: String,
+    /// Connections served at once.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Time running jobs and open requests get to end when the server stops.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> anyhow::Result<HttpLimits> {
+        Ok(HttpLimits {
+            header_timeout: self.header_timeout,
+            body_idle_timeout: self.body_idle_timeout,
+            upload_deadline: self.upload_deadline,
+            max_upload: strata_storage::util::parse_size(&self.max_upload)?,
+            max_connections: self.max_connections.max(1),
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
 }
 
 /// How an empty data directory is set up (the embedded default).
@@ -158,6 +213,11 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         }
         import.push(d.clone());
     }
+    let limits = a.limits.limits()?;
+    let transport = transport(&a, &data)?;
+    let listener = std::net::TcpListener::bind(a.listen)
+        .map_err(|e| anyhow::anyhow!("Cannot listen on {}: {e}", a.listen))?;
+    listener.set_nonblocking(true)?;
     let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
     svc.remove_leftovers()?;
     if svc.tokens.is_empty()? {
@@ -170,8 +230,63 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(crate::server::serve(svc, a.listen))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        crate::server::serve(svc, listener, transport, limits).await
+    })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// HTTPS with the given or the appliance's own certificate (made on first start), or plain
+/// HTTP where that was asked for and is allowed. Prints what a client needs to trust it.
+fn transport(a: &ServeArgs, data: &DataDir) -> anyhow::Result<Transport> {
+    if a.http || a.insecure_http {
+        if !a.listen.ip().is_loopback() && !a.insecure_http {
+            anyhow::bail!(
+                "--http serves plain HTTP on loopback addresses only; {} is not one (serve \
+                 HTTPS, the default, or pass --insecure-http to send tokens and data \
+                 unencrypted)",
+                a.listen
+            );
+        }
+        if !a.listen.ip().is_loopback() {
+            tracing::warn!(listen = %a.listen, "serving plain HTTP on a network address");
+            eprintln!(
+                "WARNING: plain HTTP on {}: API tokens and disk data cross the network \
+                 unencrypted",
+                a.listen
+            );
+        }
+        return Ok(Transport::Plain);
+    }
+    let files = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => CertificateFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => {
+            let tls = ApplianceTls::in_data_dir(data.root());
+            let names = if a.listen.ip().is_unspecified() {
+                Vec::new()
+            } else {
+                vec![a.listen.ip().to_string()]
+            };
+            if tls.ensure(&names)? {
+                println!(
+                    "Made the appliance's TLS certificate in {}",
+                    tls.dir.display()
+                );
+            }
+            println!("CA certificate: {}", tls.ca_cert().display());
+            tls.server_files()
+        }
+    };
+    let cfg = crate::server::listen::server_config(&files)?;
+    println!(
+        "TLS certificate SHA-256 fingerprint: {}",
+        file_fingerprint(&files.cert)?
+    );
+    Ok(Transport::Tls(cfg))
 }
 
 pub fn token(cmd: TokenCommand, data: DataDir) -> anyhow::Result<ExitCode> {

@@ -383,6 +383,8 @@ fn execute(
     write_out(out, &format!("  {storage}"))?;
     step(out, "Creating the first API token")?;
     let token = token::create_first_token(&data_dir, &a.token_name)?;
+    step(out, "Making the API's TLS certificate")?;
+    let tls_fingerprint = token::create_certificate(&data_dir, &a.hostname)?;
     step(out, "Installing the boot loader (BIOS and UEFI)")?;
     let version = env!("CARGO_PKG_VERSION");
     let cfg = bootloader::grub_cfg(&ids, &a.console, version);
@@ -398,6 +400,7 @@ fn execute(
         storage,
         token_name: a.token_name.clone(),
         token,
+        tls_fingerprint,
     };
     match (&a.token_to, &plan.token_dev) {
         (TokenDelivery::Vfat(label), Some(dev)) => {

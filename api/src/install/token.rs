@@ -17,6 +17,8 @@ use crate::service::{DataDir, Service};
 pub const REPORT_FILE: &str = "strata-install.json";
 /// The token alone, for scripts.
 pub const TOKEN_FILE: &str = "strata-token.txt";
+/// The API's TLS certificate fingerprint alone, for `--fingerprint`.
+pub const FINGERPRINT_FILE: &str = "strata-fingerprint.txt";
 
 /// What the operator learns at the end of an installation.
 #[derive(Clone, Debug, Serialize)]
@@ -37,6 +39,17 @@ pub struct InstallReport {
     pub token_name: String,
     /// The first token: `Authorization: Bearer TOKEN`.
     pub token: String,
+    /// SHA-256 fingerprint of the API's TLS certificate (clients pin it with --fingerprint).
+    pub tls_fingerprint: String,
+}
+
+/// Makes the appliance's TLS certificate in the data directory `data_dir` (for `hostname`)
+/// and returns its SHA-256 fingerprint.
+pub fn create_certificate(data_dir: &Path, hostname: &str) -> InstallResult<String> {
+    let tls = crate::service::tls::ApplianceTls::in_data_dir(data_dir);
+    tls.ensure(&[hostname.to_string()])
+        .and_then(|_| crate::service::tls::file_fingerprint(&tls.server_files().cert))
+        .map_err(|e| InstallError::Token(format!("Making the TLS certificate: {e}")))
 }
 
 /// Creates the first token named `name` in the data directory `data_dir`.
@@ -83,6 +96,7 @@ fn write_report_files(dir: &Path, report: &InstallReport) -> InstallResult<()> {
     for (name, text) in [
         (REPORT_FILE, json),
         (TOKEN_FILE, format!("{}\n", report.token)),
+        (FINGERPRINT_FILE, format!("{}\n", report.tls_fingerprint)),
     ] {
         let p = dir.join(name);
         let mut f = std::fs::File::create(&p).map_err(|e| InstallError::io("Creating", &p, e))?;
@@ -97,9 +111,11 @@ fn write_report_files(dir: &Path, report: &InstallReport) -> InstallResult<()> {
 pub fn console_text(report: &InstallReport) -> String {
     format!(
         "First API token \"{name}\" (shown only now; keep it):\n  {token}\n\
-         Use it as: Authorization: Bearer {token}\n",
+         Use it as: Authorization: Bearer {token}\n\
+         TLS certificate SHA-256 fingerprint: {fp}\n",
         name = report.token_name,
-        token = report.token
+        token = report.token,
+        fp = report.tls_fingerprint
     )
 }
 
@@ -117,6 +133,7 @@ mod tests {
             storage: "pending".into(),
             token_name: "admin".into(),
             token,
+            tls_fingerprint: "AB:CD".into(),
         }
     }
 

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{blocking, require_admin, ApiJson, ApiResult, Caller};
-use crate::service::images::{CreateImage, ImageSummary};
+use crate::service::images::{CreateImage, Created, ImageSummary};
+use crate::service::jobs::JobStatus;
 use crate::service::{Service, ServiceError};
 
 pub(super) fn routes() -> Router<Arc<Service>> {
@@ -65,16 +68,20 @@ pub(super) async fn list_images(
     Ok(Json(blocking(&svc, |s| s.list_images()).await?))
 }
 
-/// Create an image.
+/// Create an image: 200 with the image, or, with preallocation, 202 with the job writing it.
 #[utoipa::path(post, path = "/api/images", tag = "images", request_body = CreateImage,
-    responses((status = 200, body = ImageSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = ImageSummary), (status = 202, body = JobStatus),
+              (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
               (status = 507, body = super::ErrorBody)))]
 pub(super) async fn create_image(
     State(svc): State<Arc<Service>>,
     ApiJson(req): ApiJson<CreateImage>,
-) -> ApiResult<Json<ImageSummary>> {
-    Ok(Json(blocking(&svc, move |s| s.create_image(&req)).await?))
+) -> ApiResult<Response> {
+    Ok(match blocking(&svc, move |s| s.create_image(&req)).await? {
+        Created::Image(summary) => Json(summary).into_response(),
+        Created::Job(job) => (StatusCode::ACCEPTED, Json(job.status())).into_response(),
+    })
 }
 
 /// An image's format, sizes and details.

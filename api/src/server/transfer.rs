@@ -8,15 +8,16 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use utoipa::IntoParams;
 
+use super::limits::{declared_length, HttpLimits};
 use super::{blocking, ApiError, ApiJson, ApiResult};
 use crate::service::jobs::JobStatus;
-use crate::service::transfer::ConvertRequest;
+use crate::service::transfer::{ConvertRequest, Upload};
 use crate::service::volumes::Resolved;
 use crate::service::{Service, ServiceError};
 use strata_storage::format::ImageFormat;
@@ -66,36 +67,39 @@ pub(super) struct FormatQuery {
               (status = 411, body = super::ErrorBody), (status = 507, body = super::ErrorBody)))]
 pub(super) async fn upload(
     State(svc): State<Arc<Service>>,
+    Extension(limits): Extension<HttpLimits>,
     Path(name): Path<String>,
     Query(q): Query<FormatQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<JobStatus>)> {
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or(ApiError(ServiceError::LengthRequired))?;
+    let length = declared_length(&headers)?.ok_or(ApiError(ServiceError::LengthRequired))?;
+    if length > limits.max_upload {
+        return Err(ApiError(ServiceError::TooLarge {
+            limit: limits.max_upload,
+        }));
+    }
     let n = name.clone();
-    let path = blocking(&svc, move |s| {
-        let p = s.upload_path(&n)?;
-        s.ensure_space(&p, length)?;
-        Ok(p)
+    // The upload's file and its reserved space go with this value: dropped (the client went
+    // away, a check failed) they are removed and released.
+    let upload = blocking(&svc, move |s| {
+        let path = s.upload_path(&n)?;
+        let reservation = s.reserve_space(&path, length)?;
+        Ok(Upload { path, reservation })
     })
     .await?;
-    if let Err(e) = receive(body, &path, length).await {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(e);
-    }
+    receive(body, &upload, length, &limits).await?;
     let job = blocking(&svc, move |s| {
-        s.start_import_upload(&name, path, q.format, q.source_format)
+        s.start_import_upload(&name, upload, q.format, q.source_format)
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job.status())))
 }
 
-/// Streams `body` into a new file at `path`, refusing more or fewer than `length` bytes.
-async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<()> {
+/// Streams `body` into the upload's new file, refusing more or fewer than `length` bytes, a
+/// pause longer than the idle timeout and an upload past its deadline.
+async fn receive(body: Body, upload: &Upload, length: u64, limits: &HttpLimits) -> ApiResult<()> {
+    let path = &upload.path;
     let io = |e: std::io::Error| {
         ApiError(ServiceError::internal(format!(
             "Writing {}: {e}",
@@ -110,7 +114,26 @@ async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<(
         .map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut got = 0u64;
-    while let Some(chunk) = stream.next().await {
+    let deadline = tokio::time::Instant::now() + limits.upload_deadline;
+    loop {
+        let idle_until = tokio::time::Instant::now() + limits.body_idle_timeout;
+        let next = tokio::time::timeout_at(idle_until.min(deadline), stream.next())
+            .await
+            .map_err(|_| {
+                let why = if tokio::time::Instant::now() >= deadline {
+                    format!(
+                        "The upload did not finish within {} s",
+                        limits.upload_deadline.as_secs()
+                    )
+                } else {
+                    format!(
+                        "The upload paused for more than {} s",
+                        limits.body_idle_timeout.as_secs()
+                    )
+                };
+                ApiError(ServiceError::Timeout(why))
+            })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             ApiError(ServiceError::BadRequest(format!(
                 "The upload broke off: {e}"
@@ -123,6 +146,7 @@ async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<(
             ))));
         }
         file.write_all(&chunk).await.map_err(io)?;
+        upload.reservation.consumed(got);
     }
     if got != length {
         return Err(ApiError(ServiceError::BadRequest(format!(
@@ -153,9 +177,11 @@ pub(super) async fn download(
             None => own,
         };
         if fmt == ImageFormat::Raw && own != ImageFormat::Raw {
-            return Ok(Download::Device(
-                s.resolve_source(&format!("image:{n}"), true)?,
-            ));
+            return Ok(Download::Device(s.resolve_source(
+                &format!("image:{n}"),
+                true,
+                "a download",
+            )?));
         }
         let (path, temporary) = s.download_file(&n, fmt)?;
         let file = std::fs::File::open(&path)
@@ -182,7 +208,11 @@ pub(super) async fn download_volume(
 ) -> ApiResult<Response> {
     let spec = format!("lv:{vg}/{name}");
     let source = blocking(&svc, move |s| {
-        Ok(Download::Device(s.resolve_source(&spec, true)?))
+        Ok(Download::Device(s.resolve_source(
+            &spec,
+            true,
+            "a download",
+        )?))
     })
     .await?;
     send(source, &format!("{vg}-{name}.raw"))

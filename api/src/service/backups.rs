@@ -119,7 +119,8 @@ impl Service {
             .id
             .clone()
             .unwrap_or_else(|| snapshot::default_id(&req.source));
-        let resolved = self.resolve_source(&req.source, true)?;
+        snapshot::check_id(&id)?;
+        let resolved = self.resolve_source(&req.source, true, "a backup job")?;
         let desc = format!("back up {} as {id}", req.source);
         self.jobs.clone().spawn("backup", desc, move |ctx| {
             let progress = JobProgress::new(ctx);
@@ -131,7 +132,7 @@ impl Service {
                 pipeline: Default::default(),
             };
             let out = match &resolved {
-                Resolved::Volume { device, vg, lv } => {
+                Resolved::Volume { device, vg, lv, .. } => {
                     let set = vg.bitmaps(lv)?;
                     let mut tracker =
                         BitmapTracker::new(set, bitmap_name(store.root(), &id), req.source.clone());
@@ -168,6 +169,7 @@ impl Service {
                 )));
             }
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("raw").parse()?;
+            super::images::check_new_image(fmt, manifest.size, &Default::default(), false)?;
             // Restored into a hidden file and moved to its name only when complete (the
             // conversion's staging), so that a failed or cancelled restore never leaves an
             // image that looks whole: dropping the staging removes the hidden file.
@@ -188,7 +190,20 @@ impl Service {
                 req.target
             )));
         }
-        let target = self.resolve_source(&req.target, false)?;
+        if req.format.is_some() {
+            return Err(ServiceError::BadRequest(
+                "A format applies to a new image, not to a volume".into(),
+            ));
+        }
+        let target = self.resolve_source(&req.target, false, "a restore job")?;
+        if target.device().size() != manifest.size {
+            return Err(ServiceError::BadRequest(format!(
+                "{} holds {} bytes; the snapshot {name} needs a volume of exactly {} bytes",
+                req.target,
+                target.device().size(),
+                manifest.size
+            )));
+        }
         self.jobs.clone().spawn("restore", desc, move |ctx| {
             let opts = RestoreOptions {
                 fresh_target: false,
@@ -238,6 +253,9 @@ impl Service {
 
     /// Removes snapshots outside the retention rules.
     pub fn prune_backups(&self, req: &PruneBackups) -> ServiceResult<serde_json::Value> {
+        for id in &req.ids {
+            snapshot::check_id(id)?;
+        }
         let store = self.datastore()?;
         let rules = KeepRules {
             last: req.keep_last,

@@ -20,6 +20,9 @@ pub enum ServiceError {
     /// Nothing by that name (404).
     #[error("{0} not found")]
     NotFound(String),
+    /// The route exists, but not with this method (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// It exists already, or is in use (409).
     #[error("{0}")]
     Conflict(String),
@@ -27,8 +30,11 @@ pub enum ServiceError {
     #[error("Request body is too large (limit {limit} bytes)")]
     TooLarge {
         /// The limit in bytes.
-        limit: usize,
+        limit: u64,
     },
+    /// The client was too slow: no data for too long, or a request past its deadline (408).
+    #[error("{0}")]
+    Timeout(String),
     /// An upload without a Content-Length (411).
     #[error("An upload needs a Content-Length header")]
     LengthRequired,
@@ -69,9 +75,11 @@ impl ServiceError {
             ServiceError::Unauthorized => 401,
             ServiceError::Forbidden(_) => 403,
             ServiceError::NotFound(_) => 404,
+            ServiceError::MethodNotAllowed(_) => 405,
             ServiceError::Conflict(_) => 409,
             ServiceError::LengthRequired => 411,
             ServiceError::TooLarge { .. } => 413,
+            ServiceError::Timeout(_) => 408,
             ServiceError::TooManyJobs(_) => 429,
             ServiceError::Cancelled => 409,
             ServiceError::Internal(_) => 500,
@@ -85,6 +93,8 @@ impl ServiceError {
             401 => "unauthorized",
             403 => "forbidden",
             404 => "not-found",
+            405 => "method-not-allowed",
+            408 => "timeout",
             409 => "conflict",
             411 => "length-required",
             413 => "too-large",

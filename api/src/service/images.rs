@@ -1,6 +1,7 @@
 //! Images managed through the API: files in `DATA/images`, addressed by name.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use strata_storage::format::{self, ImageFormat, OpenOptions};
@@ -40,6 +41,15 @@ pub struct CreateImage {
     /// Format options, as with `strata image create -o`.
     #[serde(default)]
     pub options: String,
+}
+
+/// What creating an image gave: the image, or the job that writes it.
+#[derive(Debug)]
+pub enum Created {
+    /// Made at once.
+    Image(ImageSummary),
+    /// Being written (preallocation).
+    Job(Arc<super::jobs::Job>),
 }
 
 /// The format shown for an image without a record.
@@ -121,24 +131,59 @@ impl Service {
         Ok(out)
     }
 
-    /// Creates an image.
-    pub fn create_image(&self, req: &CreateImage) -> ServiceResult<ImageSummary> {
+    /// Creates an image. With preallocation (`full`, `falloc`, qcow2 `metadata`) the image is
+    /// written by a cancellable job, built under a hidden name and published when complete, with
+    /// its space reserved; without, it is made at once.
+    pub fn create_image(self: &Arc<Self>, req: &CreateImage) -> ServiceResult<Created> {
         let path = self.image_path(&req.name)?;
         let fmt: ImageFormat = req.format.parse()?;
         let size = parse_size(&req.size)?;
         let opts = format::parse_options(&req.options)?;
-        self.server_paths.new_image_options(&opts)?;
-        if opts
+        check_new_image(fmt, size, &opts, false)?;
+        if path.exists() {
+            return Err(ServiceError::Conflict(format!(
+                "Image {} already exists",
+                req.name
+            )));
+        }
+        let prealloc = opts
             .get("preallocation")
-            .is_some_and(|p| p == "full" || p == "falloc")
-        {
-            // Preallocation writes (or reserves) the whole size at once.
-            self.ensure_space(&path, size)?;
+            .map(String::as_str)
+            .filter(|p| *p != "off");
+        if let Some(mode) = prealloc {
+            // What preallocation writes: the data (full, falloc) and the tables (qcow2).
+            let tables = if fmt == ImageFormat::Qcow2 {
+                size / 8192 + (1 << 20)
+            } else {
+                0
+            };
+            let data = if mode == "metadata" { 0 } else { size };
+            let reservation = self.reserve_space(&path, data.saturating_add(tables))?;
+            let staged = strata_storage::convert::Staged::new(&path, fmt)?;
+            let svc = self.clone();
+            let name = req.name.clone();
+            let desc = format!(
+                "create {} ({fmt}, {size} bytes, preallocation={mode})",
+                req.name
+            );
+            let job = self.jobs.clone().spawn("create", desc, move |ctx| {
+                ctx.set_total(size);
+                format::create_image_cancellable(staged.build_path(), fmt, size, &opts, &|| {
+                    ctx.is_cancelled()
+                })?;
+                ctx.check_cancelled()?;
+                staged.commit()?;
+                svc.record_image(&name, fmt, Origin::Create)?;
+                drop(reservation);
+                ctx.set_done(size);
+                Ok(serde_json::to_value(svc.image_info(&name)?).unwrap_or_default())
+            })?;
+            return Ok(Created::Job(job));
         }
         format::create_image(&path, fmt, size, &opts)?;
         self.record_image(&req.name, fmt, Origin::Create)?;
         // Another client may already have removed it again; report what was created anyway.
-        self.image_info(&req.name).or_else(|e| match e {
+        let summary = self.image_info(&req.name).or_else(|e| match e {
             ServiceError::NotFound(_) => Ok(ImageSummary {
                 name: req.name.clone(),
                 format: fmt.to_string(),
@@ -147,7 +192,8 @@ impl Service {
                 details: serde_json::Value::Null,
             }),
             other => Err(other),
-        })
+        })?;
+        Ok(Created::Image(summary))
     }
 
     /// Removes an image.
@@ -169,6 +215,58 @@ impl Service {
     }
 }
 
+/// Format options that would make an image read another file.
+const FILE_OPTIONS: [&str; 4] = ["backing_file", "backing_fmt", "data_file", "data_file_raw"];
+
+/// Checks a new appliance image before anything is made or a job starts: it must be one
+/// self-contained file (no backing or data file, no vmdk split into extent files), and the
+/// options must suit the format and size. What the job would refuse as bad input is refused
+/// here, as a 400 or 403 instead of a failed job.
+pub fn check_new_image(
+    fmt: ImageFormat,
+    size: u64,
+    options: &std::collections::BTreeMap<String, String>,
+    compress: bool,
+) -> ServiceResult<()> {
+    if let Some(k) = FILE_OPTIONS.iter().find(|k| options.contains_key(**k)) {
+        return Err(ServiceError::Forbidden(format!(
+            "The option {k} makes an image read another file on the server; appliance images \
+             are self-contained (use volume snapshots and clones for linked copies)"
+        )));
+    }
+    if fmt == ImageFormat::Vmdk {
+        let sub = options
+            .get("subformat")
+            .map(String::as_str)
+            .unwrap_or(if compress {
+                "streamOptimized"
+            } else {
+                "monolithicSparse"
+            });
+        if !["monolithicSparse", "streamOptimized"]
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(sub))
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "A vmdk of subformat {sub} is several files; appliance images are single files \
+                 (subformat=monolithicSparse or streamOptimized)"
+            )));
+        }
+        if compress && !sub.eq_ignore_ascii_case("streamOptimized") {
+            return Err(ServiceError::BadRequest(format!(
+                "Compressed vmdk images are streamOptimized, not {sub}"
+            )));
+        }
+    }
+    if compress && fmt == ImageFormat::Raw {
+        return Err(ServiceError::BadRequest(
+            "Raw images cannot be compressed (use qcow2 or vmdk)".into(),
+        ));
+    }
+    format::check_create_options(fmt, size, options)?;
+    Ok(())
+}
+
 /// Eight hex digits for temporary file names.
 pub(crate) fn random_tag() -> String {
     let mut suffix = [0u8; 4];
@@ -184,19 +282,18 @@ mod tests {
     #[test]
     fn images_are_created_listed_and_removed_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let svc = Service::open(DataDir::at(dir.path())).unwrap();
+        let svc = Arc::new(Service::open(DataDir::at(dir.path())).unwrap());
         let req = CreateImage {
             name: "a.img".into(),
             format: "raw".into(),
             size: "1M".into(),
             options: String::new(),
         };
-        let s = svc.create_image(&req).unwrap();
+        let Created::Image(s) = svc.create_image(&req).unwrap() else {
+            panic!("an image without preallocation is made at once")
+        };
         assert_eq!(s.virtual_size, 1 << 20);
-        assert!(matches!(
-            svc.create_image(&req),
-            Err(ServiceError::Storage(_))
-        ));
+        assert_eq!(svc.create_image(&req).unwrap_err().status(), 409);
         assert_eq!(svc.list_images().unwrap().len(), 1);
         let bad = CreateImage {
             name: "../escape".into(),

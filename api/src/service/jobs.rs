@@ -80,6 +80,58 @@ struct End {
     at: u64,
     result: Option<serde_json::Value>,
     error: Option<String>,
+    /// Size of the job's record, for the byte budget of kept jobs.
+    bytes: usize,
+}
+
+/// Longest description kept; longer ones are cut (they quote names from requests).
+pub const MAX_DESCRIPTION_BYTES: usize = 256;
+
+/// Longest error message kept in a job's record.
+pub const MAX_ERROR_BYTES: usize = 512;
+
+/// Largest result kept in a job's record (encoded); a larger one is replaced by a note.
+pub const MAX_RESULT_BYTES: usize = 32 << 10;
+
+/// Bytes that the records of finished jobs may take together (besides [`MAX_FINISHED_JOBS`]).
+pub const MAX_FINISHED_JOB_BYTES: usize = 8 << 20;
+
+/// Largest job record read back from disk.
+const MAX_RECORD_FILE_BYTES: u64 = 1 << 20;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+pub fn cut_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// A result small enough to keep.
+fn bounded_result(v: serde_json::Value) -> serde_json::Value {
+    let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0);
+    if len <= MAX_RESULT_BYTES {
+        v
+    } else {
+        serde_json::json!({
+            "truncated": true,
+            "note": format!("The result ({len} bytes) was too large to keep"),
+        })
+    }
+}
+
+/// The bytes a status takes as a record, roughly.
+fn record_bytes(s: &JobStatus) -> usize {
+    let result = s
+        .result
+        .as_ref()
+        .and_then(|r| serde_json::to_vec(r).ok())
+        .map_or(0, |b| b.len());
+    256 + s.description.len() + s.error.as_ref().map_or(0, String::len) + result
 }
 
 fn now() -> u64 {
@@ -147,14 +199,24 @@ impl Job {
         self.status()
     }
 
+    /// Blocks until the job has ended or `timeout` passed.
+    fn wait_for(&self, timeout: std::time::Duration) {
+        let end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .ended
+            .wait_timeout_while(end, timeout, |e| e.is_none())
+            .map_err(|p| p.into_inner());
+    }
+
     /// Records the outcome (through `record`, before anyone waiting can see it) and wakes waiters.
     fn finish(&self, outcome: ServiceResult<serde_json::Value>, record: impl FnOnce(&JobStatus)) {
-        let end = match outcome {
+        let mut end = match outcome {
             Ok(v) => End {
                 state: JobState::Succeeded,
                 at: now(),
-                result: Some(v),
+                result: Some(bounded_result(v)),
                 error: None,
+                bytes: 0,
             },
             Err(
                 ServiceError::Cancelled
@@ -164,15 +226,19 @@ impl Job {
                 at: now(),
                 result: None,
                 error: Some("Cancelled".into()),
+                bytes: 0,
             },
             Err(e) => End {
                 state: JobState::Failed,
                 at: now(),
                 result: None,
-                error: Some(e.to_string()),
+                error: Some(cut_text(&e.to_string(), MAX_ERROR_BYTES)),
+                bytes: 0,
             },
         };
-        record(&self.status_with(Some(end.clone())));
+        let status = self.status_with(Some(end.clone()));
+        end.bytes = record_bytes(&status);
+        record(&status);
         *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
         self.ended.notify_all();
     }
@@ -237,6 +303,12 @@ impl JobManager {
         let mut past = BTreeMap::new();
         if let Some(d) = &dir {
             for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                if entry
+                    .metadata()
+                    .map_or(true, |m| m.len() > MAX_RECORD_FILE_BYTES)
+                {
+                    continue;
+                }
                 let Ok(text) = std::fs::read(entry.path()) else {
                     continue;
                 };
@@ -278,34 +350,40 @@ impl JobManager {
         }
     }
 
-    /// Finished jobs beyond the newest [`MAX_FINISHED_JOBS`] are forgotten, record files too.
+    /// Finished jobs beyond the newest [`MAX_FINISHED_JOBS`], or beyond
+    /// [`MAX_FINISHED_JOB_BYTES`] of records, are forgotten, record files too.
     fn forget_old(&self) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let mut past = self.past.lock().unwrap_or_else(|p| p.into_inner());
-        // Oldest first: by start time, then by the sequence number in the id (`job-N-…`).
-        let key = |started: u64, id: &str| {
+        // Newest first: by start time, then by the sequence number in the id (`job-N-…`).
+        let key = |started: u64, id: &str, bytes: usize| {
             let seq = id
                 .split('-')
                 .nth(1)
                 .and_then(|n| n.parse::<u64>().ok())
                 .unwrap_or(0);
-            (started, seq, id.to_string())
+            (std::cmp::Reverse((started, seq)), id.to_string(), bytes)
         };
-        let mut finished: Vec<(u64, u64, String)> = past
+        let mut finished: Vec<_> = past
             .values()
-            .map(|s| key(s.started, &s.id))
-            .chain(
-                jobs.values()
-                    .filter(|j| !j.is_running())
-                    .map(|j| key(j.started, &j.id)),
-            )
+            .map(|s| key(s.started, &s.id, record_bytes(s)))
+            .chain(jobs.values().filter_map(|j| {
+                let bytes = j
+                    .end
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()?
+                    .bytes;
+                Some(key(j.started, &j.id, bytes))
+            }))
             .collect();
-        if finished.len() <= MAX_FINISHED_JOBS {
-            return;
-        }
         finished.sort();
-        let excess = finished.len() - MAX_FINISHED_JOBS;
-        for (_, _, id) in finished.into_iter().take(excess) {
+        let mut total = 0usize;
+        for (n, (_, id, bytes)) in finished.into_iter().enumerate() {
+            total = total.saturating_add(bytes);
+            if n < MAX_FINISHED_JOBS && total <= MAX_FINISHED_JOB_BYTES {
+                continue;
+            }
             jobs.remove(&id);
             past.remove(&id);
             if let Some(d) = &self.dir {
@@ -341,7 +419,7 @@ impl JobManager {
         let job = Arc::new(Job {
             id: id.clone(),
             kind: kind.to_string(),
-            description,
+            description: cut_text(&description, MAX_DESCRIPTION_BYTES),
             started: now(),
             done: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -417,6 +495,38 @@ impl JobManager {
         );
         all.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
         all
+    }
+
+    /// Asks every running job to stop (the server is shutting down).
+    pub fn cancel_all(&self) {
+        for j in self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if j.is_running() {
+                j.cancel();
+            }
+        }
+    }
+
+    /// Waits until no job runs, at most `timeout`; whether none runs.
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let running: Vec<Arc<Job>> = self
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|j| j.is_running())
+                .cloned()
+                .collect();
+            let Some(job) = running.first() else {
+                return true;
+            };
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            job.wait_for(deadline - now);
+        }
     }
 
     /// Requests cancellation of a running job.
@@ -495,6 +605,53 @@ mod tests {
             m.status(waiting[0].id()).is_err(),
             "the oldest are forgotten first"
         );
+    }
+
+    #[test]
+    fn records_are_bounded_in_size_and_in_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(JobManager::new(Some(dir.path().to_path_buf())));
+        let long = "é".repeat(10_000);
+        let failing = long.clone();
+        let job = m
+            .spawn("test", long.clone(), move |_| {
+                Err(ServiceError::BadRequest(failing))
+            })
+            .unwrap();
+        let st = job.wait();
+        assert!(st.description.len() <= MAX_DESCRIPTION_BYTES);
+        assert!(st.error.unwrap().len() <= MAX_ERROR_BYTES);
+        let huge = m
+            .spawn("test", "huge".into(), |_| {
+                Ok(serde_json::json!({"x": "y".repeat(MAX_RESULT_BYTES * 4)}))
+            })
+            .unwrap()
+            .wait();
+        assert_eq!(huge.result.unwrap()["truncated"], true);
+        // Results just under the limit: the byte budget, not the count, decides what is kept.
+        let each = MAX_RESULT_BYTES - 1024;
+        let n = MAX_FINISHED_JOB_BYTES / each + 20;
+        for _ in 0..n {
+            m.spawn("test", "big".into(), move |_| {
+                Ok(serde_json::json!({"x": "y".repeat(each)}))
+            })
+            .unwrap()
+            .wait();
+        }
+        m.forget_old();
+        let kept = m.list();
+        assert!(
+            kept.len() < n && kept.len() < MAX_FINISHED_JOBS,
+            "{}",
+            kept.len()
+        );
+        let bytes: usize = kept.iter().map(record_bytes).sum();
+        assert!(bytes <= MAX_FINISHED_JOB_BYTES, "{bytes}");
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(on_disk <= 2 * MAX_FINISHED_JOB_BYTES as u64, "{on_disk}");
     }
 
     #[test]

@@ -26,11 +26,14 @@ pub mod backups;
 pub mod bootstrap;
 pub mod catalog;
 pub mod error;
+pub mod holds;
 pub mod images;
 pub mod jobs;
 pub mod names;
 pub mod progress;
 pub mod server_paths;
+pub mod space;
+pub mod tls;
 pub mod tokens;
 pub mod transfer;
 pub mod vm_console;
@@ -134,6 +137,10 @@ pub struct Service {
     pub vms: vms::VmManager,
     /// Which server files requests may name.
     pub server_paths: server_paths::ServerPaths,
+    /// Volumes held open by VMs, jobs and downloads.
+    pub holds: Arc<holds::Holds>,
+    /// Space reserved by running writers.
+    pub space: Arc<space::Space>,
 }
 
 impl Service {
@@ -149,6 +156,8 @@ impl Service {
                 data.root(),
             )),
             vms: vms::VmManager::new(data.root().join("vms"))?,
+            holds: Arc::new(holds::Holds::default()),
+            space: Arc::new(space::Space::default()),
             data,
         })
     }

@@ -10,15 +10,11 @@
 //! could not name. Commands run in-process on the local machine (`strata images …` without
 //! `--remote`) act with the caller's own file access and are not confined.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use strata_storage::format::References;
 
 use super::{ServiceError, ServiceResult};
-
-/// Format options that make an image read another file.
-const FILE_OPTIONS: [&str; 3] = ["backing_file", "backing_fmt", "data_file"];
 
 /// The policy for server paths named in requests.
 #[derive(Clone, Debug)]
@@ -42,17 +38,16 @@ impl ServerPaths {
                 "The {what} {raw:?} must be an absolute path on the server"
             )));
         }
-        let resolved = path
-            .canonicalize()
-            .map_err(|_| ServiceError::NotFound(format!("The {what} {raw}")))?;
-        if !resolved.is_file() {
-            return Err(ServiceError::NotFound(format!("The {what} {raw}")));
-        }
+        // Confinement is decided before existence: a path outside the import folders gets the
+        // same 403 whether or not it exists, so the answer says nothing about other files.
+        let resolved = path.canonicalize();
         if let ServerPaths::Under(roots) = self {
-            let inside = roots
-                .iter()
-                .filter_map(|r| r.canonicalize().ok())
-                .any(|r| resolved.starts_with(&r));
+            let roots: Vec<PathBuf> = roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
+            let inside = match &resolved {
+                Ok(r) => roots.iter().any(|root| r.starts_with(root)),
+                // Missing: judged by the path as written, `..` folded.
+                Err(_) => roots.iter().any(|root| lexical(path).starts_with(root)),
+            };
             if !inside {
                 let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
                 return Err(ServiceError::Forbidden(format!(
@@ -61,6 +56,10 @@ impl ServerPaths {
                     list.join(", ")
                 )));
             }
+        }
+        let resolved = resolved.map_err(|_| ServiceError::NotFound(format!("The {what} {raw}")))?;
+        if !resolved.is_file() {
+            return Err(ServiceError::NotFound(format!("The {what} {raw}")));
         }
         Ok(resolved)
     }
@@ -74,20 +73,22 @@ impl ServerPaths {
             ServerPaths::Under(_) => References::Refuse,
         }
     }
+}
 
-    /// Checks the format options of a new image made through the API.
-    pub fn new_image_options(&self, options: &BTreeMap<String, String>) -> ServiceResult<()> {
-        if let ServerPaths::Anywhere = self {
-            return Ok(());
-        }
-        match FILE_OPTIONS.iter().find(|k| options.contains_key(**k)) {
-            Some(k) => Err(ServiceError::Forbidden(format!(
-                "The option {k} makes an image read another file on the server and is not \
-                 accepted through the API; use volume snapshots and clones for linked copies"
-            ))),
-            None => Ok(()),
+/// `path` with `.` and `..` folded away, without looking at the file system.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
         }
     }
+    out
 }
 
 fn bad(msg: String) -> ServiceError {
@@ -133,26 +134,26 @@ mod tests {
             p.file("source", &s(&import.join("missing"))),
             Err(ServiceError::NotFound(_))
         ));
+        // Outside, existing or not, the answer is the same.
+        for outside in [
+            s(&outside),
+            s(&dir.path().join("missing")),
+            "/etc/shadow".into(),
+        ] {
+            assert!(
+                matches!(p.file("source", &outside), Err(ServiceError::Forbidden(_))),
+                "{outside}"
+            );
+        }
+        assert!(matches!(
+            p.file("source", &format!("{}/../missing", import.display())),
+            Err(ServiceError::Forbidden(_))
+        ));
         // The directory itself is not a file.
         assert!(p.file("source", &s(&import)).is_err());
         assert_eq!(
             ServerPaths::Anywhere.file("source", &s(&outside)).unwrap(),
             outside.canonicalize().unwrap()
         );
-    }
-
-    #[test]
-    fn confined_new_images_take_no_file_options() {
-        let p = ServerPaths::Under(vec![]);
-        for k in FILE_OPTIONS {
-            let opts = BTreeMap::from([(k.to_string(), "/etc/hostname".to_string())]);
-            assert!(matches!(
-                p.new_image_options(&opts),
-                Err(ServiceError::Forbidden(_))
-            ));
-            assert!(ServerPaths::Anywhere.new_image_options(&opts).is_ok());
-        }
-        let opts = BTreeMap::from([("cluster_size".to_string(), "65536".to_string())]);
-        assert!(p.new_image_options(&opts).is_ok());
     }
 }

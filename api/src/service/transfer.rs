@@ -10,12 +10,14 @@ use std::sync::Arc;
 use serde::Deserialize;
 use strata_storage::convert::{self, ConvertOptions, ConvertTarget};
 use strata_storage::format::{self, ImageFormat};
+use strata_storage::source::SourceSpec;
 use strata_storage::{BlockDevice, ExtentKind};
 use utoipa::ToSchema;
 
 use super::catalog::{appliance_open_options, Origin};
 use super::jobs::{Job, JobContext};
 use super::progress::JobProgress;
+use super::space::Reservation;
 use super::volumes::Resolved;
 use super::{names, Service, ServiceError, ServiceResult};
 
@@ -92,17 +94,19 @@ impl Service {
     /// Starts a conversion job.
     pub fn start_convert(self: &Arc<Self>, req: ConvertRequest) -> ServiceResult<Arc<Job>> {
         let source_format = parse_format(req.source_format.as_deref())?;
-        let source = self.resolve_source_as(&req.source, true, source_format)?;
+        let source =
+            self.resolve_source_as(&req.source, true, source_format, "a conversion job")?;
         self.start_convert_from(req, source, None, Origin::Convert)
     }
 
     /// Starts a conversion job from the opened `source` (named `req.source` in the job's
-    /// description) that removes `cleanup` (an uploaded file) when it ends.
+    /// description) that removes `upload` (an uploaded file) when it ends. The job holds a
+    /// reservation for what it may write.
     fn start_convert_from(
         self: &Arc<Self>,
         req: ConvertRequest,
         source: Resolved,
-        cleanup: Option<PathBuf>,
+        upload: Option<Upload>,
         origin: Origin,
     ) -> ServiceResult<Arc<Job>> {
         let desc = format!("convert {} to {}", req.source, req.target);
@@ -115,8 +119,8 @@ impl Service {
             }
             let fmt: ImageFormat = req.format.as_deref().unwrap_or("qcow2").parse()?;
             let opts = format::parse_options(&req.options)?;
-            self.server_paths.new_image_options(&opts)?;
-            self.ensure_space_for(&path, source.device().as_ref())?;
+            super::images::check_new_image(fmt, source.device().size(), &opts, req.compress)?;
+            let reservation = self.reserve_for(&path, source.device().as_ref())?;
             // The conversion builds a hidden file (names never start with '.', so listings skip
             // it) and moves it to its name only once complete and flushed.
             let svc = self.clone();
@@ -134,9 +138,8 @@ impl Service {
                     svc.record_image(&name, fmt, origin)?;
                     Ok(report)
                 });
-                if let Some(c) = cleanup {
-                    let _ = std::fs::remove_file(c);
-                }
+                drop(upload);
+                drop(reservation);
                 result
             });
         }
@@ -146,12 +149,30 @@ impl Service {
                 req.target
             )));
         }
-        if req.compress || !req.options.is_empty() {
+        if req.compress || !req.options.is_empty() || req.format.is_some() {
             return Err(ServiceError::BadRequest(
-                "compress and options apply to new images, not volumes".into(),
+                "format, options and compress apply to new images, not volumes".into(),
             ));
         }
-        let target = self.resolve_source(&req.target, false)?;
+        if let (Resolved::Volume { vg, lv, .. }, Ok(SourceSpec::Volume { vg: tvg, lv: tlv })) =
+            (&source, SourceSpec::parse(&req.target))
+        {
+            if vg.name() == tvg && *lv == tlv {
+                return Err(ServiceError::Conflict(format!(
+                    "Cannot convert {} onto itself",
+                    req.target
+                )));
+            }
+        }
+        let target = self.resolve_source(&req.target, false, "a conversion job")?;
+        let (have, need) = (target.device().size(), source.device().size());
+        if have < need {
+            return Err(ServiceError::BadRequest(format!(
+                "{} holds {have} bytes, less than the source's {need}; resize it first",
+                req.target
+            )));
+        }
+        let reservation = self.reserve_in_volume(&target, data_bytes(source.device().as_ref())?)?;
         self.jobs.clone().spawn("convert", desc, move |ctx| {
             let opts = ConvertOptions {
                 existing_target: true,
@@ -163,33 +184,45 @@ impl Service {
                 &opts,
                 ctx,
             );
-            if let Some(c) = cleanup {
-                let _ = std::fs::remove_file(c);
-            }
+            drop(upload);
+            drop(reservation);
             result
         })
     }
 
-    /// Refuses (507) to write `len` bytes at `path` when its file system has less free space.
-    pub fn ensure_space(&self, path: &Path, len: u64) -> ServiceResult<()> {
+    /// Reserves `len` bytes on the file system that will hold `path` (507 when they are not
+    /// free after other writers' reservations).
+    pub fn reserve_space(&self, path: &Path, len: u64) -> ServiceResult<Reservation> {
         let dir = path.parent().unwrap_or(path);
-        let free = free_bytes(dir)?;
-        if len > free {
-            return Err(ServiceError::Storage(
-                strata_storage::StorageError::OutOfSpace(format!(
-                    "{len} bytes do not fit into the {free} bytes free under {}",
-                    dir.display()
-                )),
-            ));
-        }
-        Ok(())
+        self.space.on_file_system(dir, len)
     }
 
-    /// Refuses (507) a new image at `path` that would receive `src`'s data when its file
-    /// system has less room than that data: a small compressed upload or image can expand a
-    /// hundredfold, so the upload's own length is no guide.
-    pub fn ensure_space_for(&self, path: &Path, src: &dyn BlockDevice) -> ServiceResult<()> {
-        self.ensure_space(path, data_bytes(src)?)
+    /// Reserves room for a new image at `path` that will receive `src`'s data: a small
+    /// compressed upload or image can expand a hundredfold, so the source's file size is no
+    /// guide; its data, measured by its block status, is.
+    pub fn reserve_for(&self, path: &Path, src: &dyn BlockDevice) -> ServiceResult<Reservation> {
+        self.reserve_space(path, data_bytes(src)?)
+    }
+
+    /// Reserves `bytes` in the thin pool of the volume `target` (none for a linear volume, whose
+    /// extents are its own).
+    pub fn reserve_in_volume(
+        &self,
+        target: &Resolved,
+        bytes: u64,
+    ) -> ServiceResult<Option<Reservation>> {
+        let Resolved::Volume { vg, lv, .. } = target else {
+            return Ok(None);
+        };
+        let Some(pool) = vg.lv_info(lv)?.pool else {
+            return Ok(None);
+        };
+        let usage = vg.pool(&pool)?.usage();
+        let free = usage
+            .data_blocks
+            .saturating_sub(usage.used_blocks)
+            .saturating_mul(usage.block_size);
+        Ok(Some(self.space.in_pool(&vg.name(), &pool, free, bytes)?))
     }
 
     /// A file to receive an upload into; the caller streams the body into it.
@@ -212,10 +245,11 @@ impl Service {
     pub fn start_import_upload(
         self: &Arc<Self>,
         name: &str,
-        uploaded: PathBuf,
+        upload: Upload,
         format: Option<String>,
         source_format: Option<String>,
     ) -> ServiceResult<Arc<Job>> {
+        let uploaded = upload.path.clone();
         let checked = (|| {
             // The uploader wrote every byte of the upload, so its format may be probed like a
             // file handed to qemu-img; but it may not name other files on the server.
@@ -234,13 +268,7 @@ impl Service {
                 format: fmt,
             })
         })();
-        let source = match checked {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(&uploaded);
-                return Err(upload_error(e, &uploaded));
-            }
-        };
+        let source = checked.map_err(|e| upload_error(e, &uploaded))?;
         let req = ConvertRequest {
             source: format!("the upload of {name}"),
             target: format!("image:{name}"),
@@ -249,11 +277,7 @@ impl Service {
             compress: false,
             source_format: None,
         };
-        let cleanup = uploaded.clone();
-        self.start_convert_from(req, source, Some(cleanup), Origin::Upload)
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&uploaded);
-            })
+        self.start_convert_from(req, source, Some(upload), Origin::Upload)
     }
 
     /// Prepares an image for download in `format`: the image itself when it already has that
@@ -273,8 +297,8 @@ impl Service {
             "download-{name}-{}-{nonce:x}.{fmt}",
             std::process::id()
         ));
-        let src = self.resolve_source(&format!("image:{name}"), true)?;
-        self.ensure_space_for(&out, src.device().as_ref())?;
+        let src = self.resolve_source(&format!("image:{name}"), true, "a download")?;
+        let _reservation = self.reserve_for(&out, src.device().as_ref())?;
         let result = (|| -> ServiceResult<()> {
             format::create_image(&out, fmt, src.device().size(), &Default::default())?;
             let dst = format::open_image(&out, &appliance_open_options(fmt, false))?;
@@ -291,6 +315,22 @@ impl Service {
             return Err(e);
         }
         Ok((out, true))
+    }
+}
+
+/// An upload received into the scratch folder: removed, and its reservation released, when
+/// dropped (when its conversion ends, or when the request fails before that).
+#[derive(Debug)]
+pub struct Upload {
+    /// The file.
+    pub path: PathBuf,
+    /// The space it takes.
+    pub reservation: Reservation,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -348,27 +388,6 @@ fn data_bytes(dev: &dyn BlockDevice) -> ServiceResult<u64> {
         at += e.len;
     }
     Ok(if at >= size { data } else { size })
-}
-
-/// Bytes available to unprivileged users on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> ServiceResult<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| ServiceError::internal(format!("{} holds a NUL byte", dir.display())))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a NUL-terminated path and `st` points to writable memory of the size
-    // statvfs fills; it is read only after the call reported success.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(ServiceError::internal(format!(
-            "statvfs {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: statvfs succeeded, so it initialised the whole structure.
-    let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn convert_to_new(

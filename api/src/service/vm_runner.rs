@@ -536,7 +536,8 @@ impl Service {
         let mut holders: Vec<Resolved> = Vec::new();
         let mut disks = Vec::new();
         for d in &def.disks {
-            let resolved = self.resolve_source(&d.source, d.readonly)?;
+            let resolved =
+                self.resolve_source(&d.source, d.readonly, &format!("VM {}", def.name))?;
             let device = match d.source.strip_prefix(IMAGE_PREFIX) {
                 Some(image) => track_image_writes(resolved.device(), &self.image_path(image)?)?,
                 None => resolved.device(),

@@ -369,9 +369,8 @@ impl Service {
             return Ok(format!("{IMAGE_PREFIX}{name}"));
         }
         if source.starts_with(LV_PREFIX) {
+            // The volume layer's one naming rule (checked by the parse) decides, as at create.
             if let SourceSpec::Volume { vg, lv } = SourceSpec::parse(source)? {
-                names::validate("volume group", &vg)?;
-                names::validate("volume", &lv)?;
                 self.volumes.get(&vg)?.lv_info(&lv)?;
                 return Ok(format!("{LV_PREFIX}{vg}/{lv}"));
             }
@@ -635,7 +634,8 @@ mod tests {
                 400,
             ),
             (request("a", "relative/kernel"), 400),
-            (request("a", "/nonexistent/kernel"), 404),
+            // Outside the import folders: 403, whether or not the file exists.
+            (request("a", "/nonexistent/kernel"), 403),
             (
                 DefineVm {
                     cmdline: Some("console=ttyS0".into()),

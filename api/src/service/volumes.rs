@@ -105,6 +105,9 @@ pub struct CreateVolume {
 pub struct ResizeVolume {
     /// New virtual size ("20G").
     pub size: String,
+    /// Allow a smaller size: the data past the new end is lost (as `qemu-img resize --shrink`).
+    #[serde(default)]
+    pub shrink: bool,
 }
 
 /// A name for a snapshot or clone.
@@ -123,14 +126,22 @@ pub struct VolumeSummary {
     pub info: strata_storage::volume::LvInfo,
     /// The source name other operations take: `lv:VG/NAME`.
     pub source: String,
-}
-
-fn summary(info: strata_storage::volume::LvInfo) -> VolumeSummary {
-    let source = format!("{LV_PREFIX}{}/{}", info.vg, info.name);
-    VolumeSummary { info, source }
+    /// What has it open now (VMs, jobs, downloads): it cannot be resized or removed meanwhile.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held_by: Vec<String>,
 }
 
 impl Service {
+    fn summary(&self, info: strata_storage::volume::LvInfo) -> VolumeSummary {
+        let source = format!("{LV_PREFIX}{}/{}", info.vg, info.name);
+        let held_by = self.holds.holders(&format!("{}/{}", info.vg, info.name));
+        VolumeSummary {
+            info,
+            source,
+            held_by,
+        }
+    }
+
     /// Groups and pools.
     pub fn storage_overview(&self) -> ServiceResult<Vec<StorageGroup>> {
         let mut out = Vec::new();
@@ -168,7 +179,7 @@ impl Service {
                 vg.list_lvs()?
                     .into_iter()
                     .filter(|l| l.kind != LvType::ThinPool)
-                    .map(summary),
+                    .map(|l| self.summary(l)),
             );
         }
         Ok(out)
@@ -177,7 +188,7 @@ impl Service {
     /// One volume.
     pub fn volume_info(&self, vg: &str, name: &str) -> ServiceResult<VolumeSummary> {
         let g = self.volumes.get(vg)?;
-        Ok(summary(g.lv_info(name)?))
+        Ok(self.summary(g.lv_info(name)?))
     }
 
     /// Creates a linear or thin volume.
@@ -190,7 +201,7 @@ impl Service {
         }
         match self.volume_info(&req.vg, &req.name) {
             // Another client removed it again already: report what was created.
-            Err(e) if e.status() == 404 => Ok(summary(strata_storage::volume::LvInfo {
+            Err(e) if e.status() == 404 => Ok(self.summary(strata_storage::volume::LvInfo {
                 name: req.name.clone(),
                 vg: req.vg.clone(),
                 kind: if req.pool.is_some() {
@@ -212,7 +223,8 @@ impl Service {
         }
     }
 
-    /// Changes a volume's size.
+    /// Changes a volume's size. Shrinking needs `shrink`; a volume held by a VM, a job or a
+    /// download is not resized (409).
     pub fn resize_volume(
         &self,
         vg: &str,
@@ -221,7 +233,17 @@ impl Service {
     ) -> ServiceResult<VolumeSummary> {
         let size = parse_size(&req.size)?;
         let g = self.volumes.get(vg)?;
-        g.resize_lv(name, size)?;
+        self.holds
+            .unless_held(&format!("{vg}/{name}"), "resize", || {
+                let current = g.lv_info(name)?.size;
+                if size < current && !req.shrink {
+                    return Err(ServiceError::BadRequest(format!(
+                        "Shrinking {vg}/{name} from {current} to {size} bytes loses the data past \
+                     the new end; ask for it explicitly (\"shrink\": true, or --shrink)"
+                    )));
+                }
+                Ok(g.resize_lv(name, size)?)
+            })?;
         self.volume_info(vg, name)
     }
 
@@ -252,24 +274,33 @@ impl Service {
     /// Removes a volume (its snapshots and clones stay); 409 while a running VM uses it.
     pub fn remove_volume(&self, vg: &str, name: &str) -> ServiceResult<()> {
         let g = self.volumes.get(vg)?;
-        self.vms.unless_in_use(
-            &format!("{LV_PREFIX}{vg}/{name}"),
-            || Ok(g.remove_lv(name)?),
-        )
+        self.vms
+            .unless_in_use(&format!("{LV_PREFIX}{vg}/{name}"), || {
+                self.holds
+                    .unless_held(&format!("{vg}/{name}"), "remove", || Ok(g.remove_lv(name)?))
+            })
     }
 
     /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in
     /// the image folder, or an absolute path on the server.
     pub fn open_source(&self, spec: &str, read_only: bool) -> ServiceResult<Arc<dyn BlockDevice>> {
-        Ok(self.resolve_source(spec, read_only)?.device())
+        Ok(self
+            .resolve_source(spec, read_only, "an operation")?
+            .device())
     }
 
     /// Like [`Service::open_source`], keeping what kind of source it is. Appliance images
     /// open with their recorded format and volumes as raw devices: neither is ever probed.
     /// A server path (an import file) is probed unless `source_format` names its format; either
     /// way it opens without following references to other files.
-    pub fn resolve_source(&self, spec: &str, read_only: bool) -> ServiceResult<Resolved> {
-        self.resolve_source_as(spec, read_only, None)
+    /// A volume stays held by `holder` (see [`super::holds`]) while the result lives.
+    pub fn resolve_source(
+        &self,
+        spec: &str,
+        read_only: bool,
+        holder: &str,
+    ) -> ServiceResult<Resolved> {
+        self.resolve_source_as(spec, read_only, None, holder)
     }
 
     /// [`Service::resolve_source`] with the format of a server-path source stated.
@@ -278,6 +309,7 @@ impl Service {
         spec: &str,
         read_only: bool,
         source_format: Option<ImageFormat>,
+        holder: &str,
     ) -> ServiceResult<Resolved> {
         if let Some(name) = spec.strip_prefix("image:") {
             if source_format.is_some() {
@@ -299,8 +331,14 @@ impl Service {
                     )));
                 }
                 let g = self.volumes.get(&vg)?;
+                let hold = self.holds.take(&format!("{vg}/{lv}"), holder);
                 let device = g.open_lv(&lv, read_only)?;
-                Ok(Resolved::Volume { device, vg: g, lv })
+                Ok(Resolved::Volume {
+                    device,
+                    vg: g,
+                    lv,
+                    _hold: hold,
+                })
             }
             SourceSpec::Path(p) if p.is_absolute() => {
                 let path = self.server_paths.file("source", &p.to_string_lossy())?;
@@ -343,6 +381,8 @@ pub enum Resolved {
         vg: Arc<Vg>,
         /// Its name in the group.
         lv: String,
+        /// Keeps it from being resized or removed meanwhile.
+        _hold: super::holds::Hold,
     },
 }
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strata_api::client::Client;
+use strata_api::client::{Client, Trust};
 
 /// A `strata serve` process on a free loopback port with its own data directory.
 pub struct Server {
@@ -15,6 +15,8 @@ pub struct Server {
     pub url: String,
     pub token: String,
     pub data: PathBuf,
+    /// The SHA-256 fingerprint of its TLS certificate (empty with --http).
+    pub fingerprint: String,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -52,7 +54,7 @@ impl Server {
             .expect("start strata serve");
         let out = child.stdout.take().unwrap();
         let mut lines = BufReader::new(out).lines();
-        let (mut url, mut token) = (None, None);
+        let (mut url, mut token, mut fingerprint) = (None, None, String::new());
         let deadline = Instant::now() + Duration::from_secs(60);
         while url.is_none() {
             assert!(Instant::now() < deadline, "strata serve did not start");
@@ -61,6 +63,8 @@ impl Server {
             };
             if let Some(rest) = line.strip_prefix("Strata API listening on ") {
                 url = Some(rest.trim_end_matches("/api").to_string());
+            } else if let Some(fp) = line.strip_prefix("TLS certificate SHA-256 fingerprint: ") {
+                fingerprint = fp.trim().to_string();
             } else if token.is_none() && line.starts_with("  ") && line.trim().contains('.') {
                 token = Some(line.trim().to_string());
             }
@@ -72,18 +76,38 @@ impl Server {
             url: url.unwrap(),
             token: token.unwrap_or_default(),
             data: data.to_path_buf(),
+            fingerprint,
             _dir: None,
         }
     }
 
+    /// How clients trust it: its pinned certificate fingerprint (none over plain HTTP).
+    pub fn trust(&self) -> Option<Trust> {
+        (!self.fingerprint.is_empty()).then(|| Trust::Fingerprint(self.fingerprint.clone()))
+    }
+
     /// A client with the admin token.
     pub fn client(&self) -> Client {
-        Client::new(&self.url, Some(self.token.clone())).unwrap()
+        self.client_with(Some(&self.token))
     }
 
     /// A client with the given token (or none).
     pub fn client_with(&self, token: Option<&str>) -> Client {
-        Client::new(&self.url, token.map(str::to_string)).unwrap()
+        Client::with_trust(&self.url, token.map(str::to_string), self.trust()).unwrap()
+    }
+
+    /// The arguments that point the CLI at this server: --remote, --token, --fingerprint.
+    pub fn remote_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--remote".to_string(),
+            self.url.clone(),
+            "--token".to_string(),
+            self.token.clone(),
+        ];
+        if !self.fingerprint.is_empty() {
+            a.extend(["--fingerprint".to_string(), self.fingerprint.clone()]);
+        }
+        a
     }
 }
 

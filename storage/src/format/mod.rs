@@ -254,6 +254,60 @@ fn open_image_with(
     }
 }
 
+/// [`create_image`], stopping with [`StorageError::Cancelled`] (and no file left) once
+/// `cancelled` says so; preallocation (`full`, `falloc`, qcow2 `metadata`) of a large image
+/// writes for a long time.
+pub fn create_image_cancellable(
+    path: &Path,
+    format: ImageFormat,
+    size: u64,
+    options: &BTreeMap<String, String>,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
+    match format {
+        ImageFormat::Raw => raw::create_cancellable(
+            path,
+            size,
+            &raw::RawCreateOptions::from_map(options)?,
+            cancelled,
+        ),
+        ImageFormat::Qcow2 => qcow2::create::create_cancellable(
+            path,
+            size,
+            &qcow2::create::CreateOptions::from_map(options)?,
+            cancelled,
+        ),
+        ImageFormat::Vmdk => create_image(path, format, size, options),
+    }
+}
+
+/// Checks that a new `format` image of `size` bytes can be made with `options`, without
+/// making anything: what [`create_image`] would refuse as bad input is refused here, so that a
+/// server can answer a bad request before it starts a job.
+pub fn check_create_options(
+    format: ImageFormat,
+    size: u64,
+    options: &BTreeMap<String, String>,
+) -> Result<()> {
+    match format {
+        ImageFormat::Raw => {
+            raw::RawCreateOptions::from_map(options)?;
+            if size == 0 {
+                return Err(StorageError::InvalidInput(
+                    "Image size must be greater than zero".into(),
+                ));
+            }
+            Ok(())
+        }
+        ImageFormat::Vmdk => {
+            vmdk::create::check(size, &vmdk::create::VmdkCreateOptions::from_map(options)?)
+        }
+        ImageFormat::Qcow2 => {
+            qcow2::create::check(size, &qcow2::create::CreateOptions::from_map(options)?)
+        }
+    }
+}
+
 /// A sequential writer of compressed units (qcow2 clusters, streamOptimized vmdk grains), used by
 /// `convert -c` and for formats that can only be written as a stream.
 ///

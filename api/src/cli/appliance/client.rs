@@ -34,11 +34,15 @@ pub enum Api {
 
 impl Api {
     /// A client for `url` with `token`.
-    pub fn remote(url: &str, token: Option<String>) -> anyhow::Result<Api> {
+    pub fn remote(
+        url: &str,
+        token: Option<String>,
+        trust: Option<crate::client::Trust>,
+    ) -> anyhow::Result<Api> {
         if token.is_none() {
             bail!("--remote needs an API token: pass --token or set STRATA_TOKEN");
         }
-        Ok(Api::Remote(Client::new(url, token)?))
+        Ok(Api::Remote(Client::with_trust(url, token, trust)?))
     }
 
     /// The service on `data`, in this process. The caller acts with its own file access, so

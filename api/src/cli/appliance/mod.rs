@@ -84,6 +84,9 @@ pub enum VolumesCommand {
         /// New size, e.g. 64G.
         #[arg(long)]
         size: String,
+        /// Allow a smaller size: the data past the new end is lost.
+        #[arg(long)]
+        shrink: bool,
         /// VG/NAME.
         volume: String,
         #[command(flatten)]
@@ -437,6 +440,7 @@ pub fn volumes(cmd: VolumesCommand, api: &Api) -> anyhow::Result<ExitCode> {
         }
         VolumesCommand::Resize {
             size,
+            shrink,
             volume,
             common,
         } => {
@@ -444,7 +448,7 @@ pub fn volumes(cmd: VolumesCommand, api: &Api) -> anyhow::Result<ExitCode> {
             let v = api.ok(
                 "POST",
                 &format!("/api/volumes/{g}/{n}/resize"),
-                Some(&json!({"size": size})),
+                Some(&json!({"size": size, "shrink": shrink})),
             )?;
             print_object(&v, common.output, &format!("Resized {volume}"));
         }
