@@ -170,6 +170,9 @@ pub(super) async fn download(
     Query(q): Query<FormatQuery>,
 ) -> ApiResult<Response> {
     let n = name.clone();
+    // Set when this request is dropped (the client went away): a conversion for it stops.
+    let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _guard = SetOnDrop(gone.clone());
     let source = blocking(&svc, move |s| {
         let own = s.image_format(&n)?;
         let fmt: ImageFormat = match q.format.as_deref() {
@@ -183,7 +186,8 @@ pub(super) async fn download(
                 "a download",
             )?));
         }
-        let (path, temporary) = s.download_file(&n, fmt)?;
+        let (path, temporary) =
+            s.download_file(&n, fmt, &|| gone.load(std::sync::atomic::Ordering::Relaxed))?;
         let file = std::fs::File::open(&path)
             .map_err(|e| ServiceError::internal(format!("Opening {}: {e}", path.display())));
         if temporary {
@@ -216,6 +220,15 @@ pub(super) async fn download_volume(
     })
     .await?;
     send(source, &format!("{vg}-{name}.raw"))
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What a download sends.

@@ -159,7 +159,13 @@ impl Service {
     pub fn start_restore(self: &Arc<Self>, req: RestoreBackup) -> ServiceResult<Arc<Job>> {
         let store = self.datastore()?;
         let name = store.resolve(&req.snapshot)?;
-        let manifest = store.read_manifest(&name)?;
+        let (manifest, index) = store.read_snapshot(&name)?;
+        // What the restore writes: the chunks that hold data (zero chunks are skipped or
+        // written as zeroes).
+        let data: u64 = (0..index.entries().len() as u64)
+            .filter(|&i| index.entries()[i as usize].digest().is_some())
+            .map(|i| index.chunk_range(i).1 as u64)
+            .sum();
         let desc = format!("restore {name} to {}", req.target);
         if let Some(image) = req.target.strip_prefix("image:") {
             let path = self.image_path(image)?;
@@ -173,6 +179,7 @@ impl Service {
             // Restored into a hidden file and moved to its name only when complete (the
             // conversion's staging), so that a failed or cancelled restore never leaves an
             // image that looks whole: dropping the staging removes the hidden file.
+            let reservation = self.reserve_space(&path, data)?;
             let staged = strata_storage::convert::Staged::new(&path, fmt)?;
             format::create_image(staged.build_path(), fmt, manifest.size, &Default::default())?;
             let svc = self.clone();
@@ -181,6 +188,7 @@ impl Service {
                 let v = restore_into_new(&store, &name, staged.build_path(), fmt, ctx)?;
                 staged.commit()?;
                 svc.record_image(&image, fmt, Origin::Restore)?;
+                drop(reservation);
                 Ok(v)
             });
         }
@@ -204,7 +212,9 @@ impl Service {
                 manifest.size
             )));
         }
+        let reservation = self.reserve_in_volume(&target, data)?;
         self.jobs.clone().spawn("restore", desc, move |ctx| {
+            let _reservation = reservation;
             let opts = RestoreOptions {
                 fresh_target: false,
                 ..Default::default()

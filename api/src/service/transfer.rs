@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use strata_storage::convert::{self, ConvertOptions, ConvertTarget};
+use strata_storage::convert::{self, ConvertOptions, ConvertProgress, ConvertTarget};
 use strata_storage::format::{self, ImageFormat};
 use strata_storage::source::SourceSpec;
 use strata_storage::{BlockDevice, ExtentKind};
@@ -282,7 +282,13 @@ impl Service {
 
     /// Prepares an image for download in `format`: the image itself when it already has that
     /// format, else a converted copy in the scratch folder (second value: delete it afterwards).
-    pub fn download_file(&self, name: &str, fmt: ImageFormat) -> ServiceResult<(PathBuf, bool)> {
+    /// The conversion stops, and its copy is removed, once `gone` says the client went away.
+    pub fn download_file(
+        &self,
+        name: &str,
+        fmt: ImageFormat,
+        gone: &dyn Fn() -> bool,
+    ) -> ServiceResult<(PathBuf, bool)> {
         let own = self.image_format(name)?;
         let path = self.image_path(name)?;
         if own == fmt {
@@ -306,7 +312,7 @@ impl Service {
                 src.device().as_ref(),
                 ConvertTarget::Device(dst.as_ref()),
                 &ConvertOptions::default(),
-                &convert::NoProgress,
+                &UntilGone(gone),
             )?;
             Ok(())
         })();
@@ -315,6 +321,17 @@ impl Service {
             return Err(e);
         }
         Ok((out, true))
+    }
+}
+
+/// A conversion's progress for a download: nowhere, but it stops when the client is gone.
+struct UntilGone<'a>(&'a dyn Fn() -> bool);
+
+impl ConvertProgress for UntilGone<'_> {
+    fn progress(&self, _done: u64, _total: u64) {}
+
+    fn cancelled(&self) -> bool {
+        (self.0)()
     }
 }
 
