@@ -508,3 +508,137 @@ impl<T: HandshakeIo> Session<'_, '_, T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportConfig;
+    use strata_storage::io::memory::MemoryDevice;
+
+    struct Mem {
+        input: Vec<u8>,
+        at: usize,
+        out: Vec<u8>,
+    }
+
+    impl HandshakeIo for Mem {
+        fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+            let end = self.at + buf.len();
+            let src = self
+                .input
+                .get(self.at..end)
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(src);
+            self.at = end;
+            Ok(())
+        }
+        fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+            self.out.extend_from_slice(buf);
+            Ok(())
+        }
+        fn start_tls(&mut self, _: &TlsSettings) -> io::Result<()> {
+            Err(io::Error::other("none"))
+        }
+        fn is_tls(&self) -> bool {
+            false
+        }
+        fn peer_certificate(&self) -> Option<Fingerprint> {
+            None
+        }
+    }
+
+    fn option(o: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = proto::IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&o.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// The reply types in `out` after the 18-byte greeting.
+    fn reply_types(out: &[u8]) -> Vec<u32> {
+        let mut v = Vec::new();
+        let mut at = 18;
+        while at + 20 <= out.len() {
+            v.push(proto::be32(&out[at + 12..at + 16]));
+            at += 20 + proto::be32(&out[at + 16..at + 20]) as usize;
+        }
+        v
+    }
+
+    fn run(mode: TlsMode, options: &[Vec<u8>]) -> (Result<Negotiated, Ended>, Vec<u32>) {
+        let reg = ExportRegistry::new();
+        reg.add(ExportConfig {
+            name: "disk".into(),
+            description: "memory".into(),
+            device: MemoryDevice::new(1 << 20),
+            read_only: false,
+            bitmaps: None,
+            access: Access::Open,
+            keep_alive: None,
+        })
+        .unwrap();
+        let limits = Limits::default();
+        let policy = Policy {
+            registry: &reg,
+            tls: None,
+            mode,
+            limits: &limits,
+        };
+        let mut input = 3u32.to_be_bytes().to_vec();
+        for o in options {
+            input.extend_from_slice(o);
+        }
+        let mut io = Mem {
+            input,
+            at: 0,
+            out: Vec::new(),
+        };
+        let r = negotiate(&mut io, &policy);
+        (r, reply_types(&io.out))
+    }
+
+    fn go(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        option(opt::GO, &d)
+    }
+
+    #[test]
+    fn forced_tls_refuses_everything_but_starttls_and_abort() {
+        let (r, types) = run(TlsMode::Forced, &[go("disk"), option(opt::LIST, &[])]);
+        assert!(matches!(r, Err(Ended::Client)));
+        assert_eq!(types, vec![rep::ERR_TLS_REQD, rep::ERR_TLS_REQD]);
+        let (r, _) = run(TlsMode::Forced, &[option(opt::EXPORT_NAME, b"disk")]);
+        assert!(matches!(r, Err(Ended::Refused(_))));
+    }
+
+    #[test]
+    fn no_tls_mode_refuses_starttls_by_policy_and_goes() {
+        let (r, types) = run(
+            TlsMode::None,
+            &[
+                option(opt::STARTTLS, &[]),
+                option(opt::STRUCTURED_REPLY, &[]),
+                option(99, &[1, 2, 3]),
+                go("nope"),
+                go("disk"),
+            ],
+        );
+        let n = r.unwrap();
+        assert!(n.structured);
+        assert_eq!(
+            types,
+            vec![
+                rep::ERR_POLICY,
+                rep::ACK,
+                rep::ERR_UNSUP,
+                rep::ERR_UNKNOWN,
+                rep::INFO,
+                rep::INFO,
+                rep::ACK
+            ]
+        );
+    }
+}
