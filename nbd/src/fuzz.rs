@@ -103,7 +103,7 @@ pub fn handshake_and_requests(registry: &ExportRegistry, data: &[u8]) -> usize {
 pub fn requests(data: &[u8]) {
     let view = View {
         size: 1 << 30,
-        flags: u16::MAX & !crate::proto::tflag::READ_ONLY,
+        flags: !crate::proto::tflag::READ_ONLY,
         structured: true,
         contexts: 2,
         max_payload: 32 << 20,
