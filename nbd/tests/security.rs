@@ -310,7 +310,22 @@ fn tls_clients_with_certificates_and_allow_lists() {
         list.contains("export=\"open\"") && !list.contains("pinned"),
         "{list}"
     );
+    // nbdcopy both ways over TLS (several connections: the export offers multi-conn).
+    let tls_uri = format!(
+        "nbds://127.0.0.1:{port}/pinned?tls-certificates={}",
+        d("good").display()
+    );
+    let out_file = d("out.raw");
+    ok("nbdcopy", &[&tls_uri, out_file.to_str().unwrap()]);
+    assert!(std::fs::read(&out_file).unwrap() == content);
+    let input = pattern(content.len(), 77);
+    let in_file = d("in.raw");
+    raw_file(&in_file, &input);
+    ok("nbdcopy", &["--flush", in_file.to_str().unwrap(), &tls_uri]);
+    ok("nbdcopy", &[&tls_uri, out_file.to_str().unwrap()]);
+    assert!(std::fs::read(&out_file).unwrap() == input);
     // And after all of that, TLS still works.
+    raw_file(&expected, &input);
     assert!(qemu("good", "pinned").status.success());
 }
 
