@@ -74,7 +74,8 @@ fio_iops() { # rw depth
   fio --name=b --ioengine=nbd --uri="nbd://127.0.0.1:$port/disk" --size=1G --rw="$1" \
       --bs=4k --iodepth="$2" --runtime="$seconds" --time_based --randrepeat=0 \
       --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
+    # fio's nbd engine prints a line before the JSON.
+    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
 }
 
 copy_mib_s() { # from to
