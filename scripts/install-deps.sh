@@ -27,6 +27,9 @@ packages=(
   mtools                       # grub-mkrescue makes the ISO's EFI FAT image with mformat/mcopy;
                                # tests/tests/appliance_iso.rs makes and reads the token stick
   ovmf                         # tests/tests/appliance_iso.rs: UEFI firmware for QEMU
+  libnbd-bin                   # nbd/tests: nbdinfo and nbdcopy, real NBD clients
+  nbdkit                       # NBD peer tooling (benches/nbd.sh checks the export with it)
+  openssl                      # nbd/tests/security.rs: test CA and certificates for NBD TLS
 )
 $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
 echo "installed: ${qemu[*]} ${packages[*]}"

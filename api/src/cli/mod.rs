@@ -16,6 +16,7 @@ mod install;
 pub mod interrupt;
 mod lv;
 mod map;
+mod nbd;
 mod pv;
 mod qcow2_util;
 mod rebase;
@@ -95,6 +96,9 @@ enum Command {
     Vm(vm::VmCommand),
     /// Serve a disk to QEMU or Cloud Hypervisor as a vhost-user-blk back-end.
     VhostUserBlk(vhost_user::VhostUserArgs),
+    /// Serve volumes, snapshots, images and backups over NBD.
+    #[command(subcommand)]
+    Nbd(nbd::NbdCommand),
     /// Serve the HTTP API (setting up an empty data directory first).
     Serve(serve::ServeArgs),
     /// Set up an empty data directory: default volume group, thin pool, first API token.
@@ -205,6 +209,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(vm::VmCommand::Run(_)) => remote_only_for_appliance("vm run")?,
         Command::Vm(_) => {}
         Command::VhostUserBlk(_) => remote_only_for_appliance("vhost-user-blk")?,
+        Command::Nbd(_) => remote_only_for_appliance("nbd")?,
         Command::Serve(_) => remote_only_for_appliance("serve")?,
         Command::Init(_) => remote_only_for_appliance("init")?,
         Command::Token(_) => remote_only_for_appliance("token")?,
@@ -223,6 +228,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(cmd) => backup::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, &api),
         Command::VhostUserBlk(args) => vhost_user::run(args),
+        Command::Nbd(cmd) => nbd::run(cmd),
         Command::Serve(a) => serve::serve(a, data),
         Command::Init(a) => serve::init(a, data),
         Command::Token(cmd) => serve::token(cmd, data),
