@@ -30,6 +30,29 @@ impl Server {
         s
     }
 
+    /// Starts a server on a fresh data directory with more arguments for `strata serve`.
+    pub fn start_with_args(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut s = Server::start_with(&data, extra);
+        s._dir = Some(dir);
+        s
+    }
+
+    /// Sends SIGTERM and waits at most `timeout` for the server to exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) with the pid of our own child process; no memory is passed.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Starts a server on `data` (which may already hold state).
     pub fn start_on(data: &Path) -> Server {
         Server::start_with(data, &[])

@@ -292,12 +292,7 @@ pub fn check_create_options(
     match format {
         ImageFormat::Raw => {
             raw::RawCreateOptions::from_map(options)?;
-            if size == 0 {
-                return Err(StorageError::InvalidInput(
-                    "Image size must be greater than zero".into(),
-                ));
-            }
-            Ok(())
+            raw::RawCreateOptions::check_size(size)
         }
         ImageFormat::Vmdk => {
             vmdk::create::check(size, &vmdk::create::VmdkCreateOptions::from_map(options)?)

@@ -53,6 +53,22 @@ pub struct RawCreateOptions {
 
 impl RawCreateOptions {
     /// Reads `-o` options; unknown keys are refused with their name.
+    /// Checks that a raw image of `size` bytes can be made: above zero, and a file length the
+    /// kernel takes (at most `i64::MAX`).
+    pub fn check_size(size: u64) -> Result<()> {
+        if size == 0 {
+            return Err(StorageError::InvalidInput(
+                "Image size must be greater than zero".into(),
+            ));
+        }
+        if i64::try_from(size).is_err() {
+            return Err(StorageError::InvalidInput(format!(
+                "Size {size} is too large for a raw image"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn from_map(map: &BTreeMap<String, String>) -> Result<RawCreateOptions> {
         let mut opts = RawCreateOptions::default();
         for (k, v) in map {
@@ -83,11 +99,7 @@ pub fn create_cancellable(
     opts: &RawCreateOptions,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<()> {
-    if size == 0 {
-        return Err(StorageError::InvalidInput(
-            "Image size must be greater than zero".into(),
-        ));
-    }
+    RawCreateOptions::check_size(size)?;
     let name = path.display().to_string();
     let file = FsOpenOptions::new()
         .write(true)
