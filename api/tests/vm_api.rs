@@ -373,6 +373,19 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
         .request("DELETE", "/api/volumes/strata/spin-root", None)
         .unwrap();
     assert_eq!(r.status, 409, "removing a running VM's disk: {:?}", r.body);
+    // Nor can it be resized under the guest; the volume says who holds it.
+    let r = c
+        .request(
+            "POST",
+            "/api/volumes/strata/spin-root/resize",
+            Some(&json!({"size": "128M"})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 409, "resizing a running VM's disk: {:?}", r.body);
+    let r = c
+        .request("GET", "/api/volumes/strata/spin-root", None)
+        .unwrap();
+    assert_eq!(r.body["held_by"], json!(["VM spin"]), "{:?}", r.body);
     // Another VM with the same disk cannot start while this one runs.
     let (st, _) = define(
         &c,
