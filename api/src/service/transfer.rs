@@ -204,25 +204,39 @@ impl Service {
         self.reserve_space(path, data_bytes(src)?)
     }
 
-    /// Reserves `bytes` in the thin pool of the volume `target` (none for a linear volume, whose
-    /// extents are its own).
+    /// Reserves what writing `bytes` into the volume `target` may take: room in its thin pool
+    /// (a linear volume's extents are its own), and, when the group's physical volumes are
+    /// sparse files (the embedded default), room on the file systems holding them, which fill
+    /// as the volume is written.
     pub fn reserve_in_volume(
         &self,
         target: &Resolved,
         bytes: u64,
-    ) -> ServiceResult<Option<Reservation>> {
+    ) -> ServiceResult<Vec<Reservation>> {
         let Resolved::Volume { vg, lv, .. } = target else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let Some(pool) = vg.lv_info(lv)?.pool else {
-            return Ok(None);
-        };
-        let usage = vg.pool(&pool)?.usage();
-        let free = usage
-            .data_blocks
-            .saturating_sub(usage.used_blocks)
-            .saturating_mul(usage.block_size);
-        Ok(Some(self.space.in_pool(&vg.name(), &pool, free, bytes)?))
+        let mut held = Vec::new();
+        if let Some(pool) = vg.lv_info(lv)?.pool {
+            let usage = vg.pool(&pool)?.usage();
+            let free = usage
+                .data_blocks
+                .saturating_sub(usage.used_blocks)
+                .saturating_mul(usage.block_size);
+            held.push(self.space.in_pool(&vg.name(), &pool, free, bytes)?);
+        }
+        let mut file_systems = std::collections::BTreeSet::new();
+        for pv in vg.info().pvs {
+            let path = std::path::Path::new(&pv.path);
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            if meta.is_file() && file_systems.insert(meta.dev()) {
+                held.push(self.reserve_space(path, bytes)?);
+            }
+        }
+        Ok(held)
     }
 
     /// A file to receive an upload into; the caller streams the body into it.
