@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 peer=0
 [ "${1:-}" = --peer ] && peer=1
 log=$(mktemp)
-cargo build -j2 -p strata-api --bin strata
+cargo build -j2 -p strata-cli --bin strata
 cargo test -j2 -p strata-tests --test appliance_iso -- --nocapture >"$log" 2>&1 || true
 grep -E '^(== |built |appliance-iso results)' "$log" || true
 grep -q 'test result: ok' "$log" || { echo "appliance test failed; its output is in $log" >&2; exit 1; }

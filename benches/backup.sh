@@ -29,7 +29,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$strata" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
+  (cd "$root" && cargo build -q -j2 --release -p strata-cli)
   strata=${CARGO_TARGET_DIR:-$root/target}/release/strata
 fi
 for tool in restic borg python3; do

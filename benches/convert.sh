@@ -24,7 +24,7 @@ WORK="${1:-/var/tmp/strata-bench-convert}"
 SIZE_MIB=4096
 REPEAT="${REPEAT:-2}"
 for tool in qemu-img qemu-io "$STRATA"; do
-    command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install qemu-utils; cargo build --release -p strata-api)" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install qemu-utils; cargo build --release -p strata-cli)" >&2; exit 1; }
 done
 mkdir -p "$WORK"
 rm -rf "${WORK:?}"/out

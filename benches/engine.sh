@@ -22,7 +22,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$strata" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
+  (cd "$root" && cargo build -q -j2 --release -p strata-cli)
   strata=$root/target/release/strata
 fi
 command -v fio >/dev/null || { echo "fio is required (apt-get install fio)" >&2; exit 1; }

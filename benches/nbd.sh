@@ -23,7 +23,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$strata" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
+  (cd "$root" && cargo build -q -j2 --release -p strata-cli)
   strata=$root/target/release/strata
 fi
 for t in fio qemu-nbd qemu-img nbdcopy nbdinfo python3; do

@@ -265,12 +265,12 @@ where
 
 /// A rustls client configuration that trusts as `trust` says.
 fn tls_config(trust: &Trust) -> anyhow::Result<rustls::ClientConfig> {
-    let provider = crate::service::tls::crypto_provider();
+    let provider = strata_service::tls::crypto_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let mut cfg = match trust {
         Trust::Fingerprint(fp) => {
-            let want = crate::service::tls::parse_fingerprint(fp).map_err(anyhow::Error::msg)?;
+            let want = strata_service::tls::parse_fingerprint(fp).map_err(anyhow::Error::msg)?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinnedCertificate { want, provider }))
@@ -278,7 +278,7 @@ fn tls_config(trust: &Trust) -> anyhow::Result<rustls::ClientConfig> {
         }
         Trust::CaFile(path) => {
             let mut roots = rustls::RootCertStore::empty();
-            for der in crate::service::tls::read_pem_certificates(path)? {
+            for der in strata_service::tls::read_pem_certificates(path)? {
                 roots
                     .add(rustls_pki_types::CertificateDer::from(der))
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -314,7 +314,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
         } else {
             Err(rustls::Error::General(format!(
                 "the server's certificate has the fingerprint {}, not the one given",
-                crate::service::tls::fingerprint(end_entity.as_ref())
+                strata_service::tls::fingerprint(end_entity.as_ref())
             )))
         }
     }
@@ -361,7 +361,7 @@ async fn read_response(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::
 }
 
 /// Collects `body` and parses it as JSON (Null when it is not).
-pub(crate) async fn response_of<B>(status: u16, body: B) -> anyhow::Result<Response>
+pub async fn response_of<B>(status: u16, body: B) -> anyhow::Result<Response>
 where
     B: hyper::body::Body,
     B::Error: std::error::Error + Send + Sync + 'static,

@@ -232,7 +232,7 @@ fn strata_binary() -> Result<PathBuf> {
     let bin = dir.join("strata");
     ensure!(
         bin.is_file(),
-        "{} is missing: build it first (cargo build -p strata-api, or run cargo test --workspace)",
+        "{} is missing: build it first (cargo build -p strata-cli, or run cargo test --workspace)",
         bin.display()
     );
     Ok(bin)

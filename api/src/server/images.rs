@@ -11,9 +11,8 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{blocking, require_admin, ApiJson, ApiResult, Caller};
-use crate::service::images::{CreateImage, Created, ImageSummary};
-use crate::service::jobs::JobStatus;
-use crate::service::{Service, ServiceError};
+use strata_service::images::{CreateImage, Created, ImageSummary};
+use strata_service::{Service, ServiceError};
 
 pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
@@ -33,7 +32,7 @@ pub struct AdoptImage {
 /// format, name no other file and (qcow2) pass a consistency check.
 #[utoipa::path(post, path = "/api/images/{name}/adopt", tag = "images", request_body = AdoptImage,
     params(("name" = String, Path, description = "Image name")),
-    responses((status = 200, body = ImageSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::ImageSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 403, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
               (status = 422, body = super::ErrorBody)))]
@@ -61,7 +60,7 @@ pub(super) async fn adopt_image(
 
 /// List images.
 #[utoipa::path(get, path = "/api/images", tag = "images",
-    responses((status = 200, body = Vec<ImageSummary>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::ImageSummary>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_images(
     State(svc): State<Arc<Service>>,
 ) -> ApiResult<Json<Vec<ImageSummary>>> {
@@ -69,8 +68,8 @@ pub(super) async fn list_images(
 }
 
 /// Create an image: 200 with the image, or, with preallocation, 202 with the job writing it.
-#[utoipa::path(post, path = "/api/images", tag = "images", request_body = CreateImage,
-    responses((status = 200, body = ImageSummary), (status = 202, body = JobStatus),
+#[utoipa::path(post, path = "/api/images", tag = "images", request_body = super::schema::CreateImage,
+    responses((status = 200, body = super::schema::ImageSummary), (status = 202, body = super::schema::JobStatus),
               (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
               (status = 507, body = super::ErrorBody)))]
@@ -87,7 +86,7 @@ pub(super) async fn create_image(
 /// An image's format, sizes and details.
 #[utoipa::path(get, path = "/api/images/{name}", tag = "images",
     params(("name" = String, Path, description = "Image name")),
-    responses((status = 200, body = ImageSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::ImageSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn image_info(
     State(svc): State<Arc<Service>>,

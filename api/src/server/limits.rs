@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::ApiError;
-use crate::service::ServiceError;
+use strata_service::ServiceError;
 
 /// The server's limits; every one is configurable on `strata serve`.
 #[derive(Clone, Copy, Debug)]

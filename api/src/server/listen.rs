@@ -118,7 +118,7 @@ where
 
 /// A rustls server configuration for the PEM certificate chain and key in `files`.
 pub fn server_config(
-    files: &crate::service::tls::CertificateFiles,
+    files: &strata_service::tls::CertificateFiles,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use anyhow::Context;
     use rustls_pki_types::pem::PemObject;
@@ -132,7 +132,7 @@ pub fn server_config(
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("Reading the private key {}", files.key.display()))?;
-    let provider = crate::service::tls::crypto_provider();
+    let provider = strata_service::tls::crypto_provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?

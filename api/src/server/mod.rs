@@ -11,6 +11,7 @@ mod images;
 pub mod limits;
 pub mod listen;
 pub mod openapi;
+pub mod schema;
 mod system;
 mod transfer;
 mod vms;
@@ -29,7 +30,7 @@ pub use error::{ApiError, ApiJson, ApiResult, ErrorBody};
 pub use limits::HttpLimits;
 pub use listen::Transport;
 
-use crate::service::{Service, ServiceError, ServiceResult};
+use strata_service::{Service, ServiceError, ServiceResult};
 
 /// Largest JSON request body accepted.
 pub const JSON_BODY_LIMIT: usize = 1 << 20;
@@ -63,7 +64,7 @@ pub(crate) fn quick<T>(
 
 /// The token a request came with (absent on the in-process router, whose caller is local).
 #[derive(Clone, Debug)]
-pub(super) struct Caller(pub crate::service::tokens::TokenInfo);
+pub(super) struct Caller(pub strata_service::tokens::TokenInfo);
 
 /// Refuses (403) callers whose token is not an admin token.
 pub(super) fn require_admin(caller: Option<&axum::Extension<Caller>>, what: &str) -> ApiResult<()> {

@@ -16,10 +16,10 @@ use utoipa::IntoParams;
 
 use super::limits::{declared_length, HttpLimits};
 use super::{blocking, ApiError, ApiJson, ApiResult};
-use crate::service::jobs::JobStatus;
-use crate::service::transfer::{ConvertRequest, Upload};
-use crate::service::volumes::Resolved;
-use crate::service::{Service, ServiceError};
+use strata_service::jobs::JobStatus;
+use strata_service::transfer::{ConvertRequest, Upload};
+use strata_service::volumes::Resolved;
+use strata_service::{Service, ServiceError};
 use strata_storage::format::ImageFormat;
 
 pub(super) fn routes() -> Router<Arc<Service>> {
@@ -34,8 +34,8 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 }
 
 /// Convert an image or volume into a new image or onto an existing volume (a job).
-#[utoipa::path(post, path = "/api/convert", tag = "images", request_body = ConvertRequest,
-    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/convert", tag = "images", request_body = super::schema::ConvertRequest,
+    responses((status = 202, body = super::schema::JobStatus), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn convert(
@@ -62,7 +62,7 @@ pub(super) struct FormatQuery {
 #[utoipa::path(put, path = "/api/images/{name}/upload", tag = "images",
     params(("name" = String, Path, description = "Name of the new image"), FormatQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+    responses((status = 202, body = super::schema::JobStatus), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
               (status = 411, body = super::ErrorBody), (status = 507, body = super::ErrorBody)))]
 pub(super) async fn upload(

@@ -9,8 +9,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::{blocking, ApiError, ApiJson, ApiResult};
-use crate::service::vms::{ConsoleChunk, ConsoleQuery, DefineVm, VmInfo, VmStatus};
-use crate::service::{Service, ServiceError};
+use strata_service::vms::{ConsoleChunk, ConsoleQuery, DefineVm, VmInfo, VmStatus};
+use strata_service::{Service, ServiceError};
 
 pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
@@ -24,15 +24,15 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 
 /// List VMs with their status.
 #[utoipa::path(get, path = "/api/vms", tag = "vms",
-    responses((status = 200, body = Vec<VmInfo>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::VmInfo>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_vms(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<VmInfo>>> {
     Ok(Json(blocking(&svc, |s| s.list_vms()).await?))
 }
 
 /// Define a VM: memory, vCPUs, a kernel (and initrd, command line) on the server, and disks
 /// (`lv:VG/NAME` or `image:NAME`).
-#[utoipa::path(post, path = "/api/vms", tag = "vms", request_body = DefineVm,
-    responses((status = 201, body = VmInfo), (status = 400, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/vms", tag = "vms", request_body = super::schema::DefineVm,
+    responses((status = 201, body = super::schema::VmInfo), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn define_vm(
@@ -46,7 +46,7 @@ pub(super) async fn define_vm(
 /// One VM: definition and status.
 #[utoipa::path(get, path = "/api/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM")),
-    responses((status = 200, body = VmInfo), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VmInfo), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn vm_info(
     State(svc): State<Arc<Service>>,
@@ -71,7 +71,7 @@ pub(super) async fn remove_vm(
 /// Start a VM on this server (409 if it runs already or a disk is in use; 501 without KVM).
 #[utoipa::path(post, path = "/api/vms/{name}/start", tag = "vms",
     params(("name" = String, Path, description = "VM")),
-    responses((status = 200, body = VmStatus), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VmStatus), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
               (status = 501, body = super::ErrorBody)))]
 pub(super) async fn start_vm(
@@ -85,7 +85,7 @@ pub(super) async fn start_vm(
 /// has ended.
 #[utoipa::path(post, path = "/api/vms/{name}/stop", tag = "vms",
     params(("name" = String, Path, description = "VM")),
-    responses((status = 200, body = VmStatus), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VmStatus), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
 pub(super) async fn stop_vm(
     State(svc): State<Arc<Service>>,
@@ -97,7 +97,7 @@ pub(super) async fn stop_vm(
 /// A VM's state (defined, running, stopped, failed), exit reason and uptime.
 #[utoipa::path(get, path = "/api/vms/{name}/status", tag = "vms",
     params(("name" = String, Path, description = "VM")),
-    responses((status = 200, body = VmStatus), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VmStatus), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn vm_status(
     State(svc): State<Arc<Service>>,
@@ -109,8 +109,8 @@ pub(super) async fn vm_status(
 /// The serial console log of the current or last run, from a byte offset (to poll) or its
 /// tail.
 #[utoipa::path(get, path = "/api/vms/{name}/console", tag = "vms",
-    params(("name" = String, Path, description = "VM"), ConsoleQuery),
-    responses((status = 200, body = ConsoleChunk), (status = 400, body = super::ErrorBody),
+    params(("name" = String, Path, description = "VM"), super::schema::ConsoleQuery),
+    responses((status = 200, body = super::schema::ConsoleChunk), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn vm_console(
     State(svc): State<Arc<Service>>,

@@ -8,10 +8,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::{blocking, quick, ApiJson, ApiResult};
-use crate::service::volumes::{
+use strata_service::volumes::{
     CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup, VolumeSummary,
 };
-use crate::service::Service;
+use strata_service::Service;
 
 pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
@@ -29,7 +29,7 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 
 /// Volume groups with their size, free space and thin pools' usage (overcommit).
 #[utoipa::path(get, path = "/api/storage", tag = "storage",
-    responses((status = 200, body = Vec<StorageGroup>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::StorageGroup>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn storage(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<StorageGroup>>> {
     Ok(Json(quick(&svc, |s| s.storage_overview())?))
 }
@@ -37,7 +37,7 @@ pub(super) async fn storage(State(svc): State<Arc<Service>>) -> ApiResult<Json<V
 /// Check a volume group's metadata and pools: no block leaked or owned twice.
 #[utoipa::path(post, path = "/api/storage/{vg}/check", tag = "storage",
     params(("vg" = String, Path, description = "Volume group")),
-    responses((status = 200, body = GroupCheck), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::GroupCheck), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn check_group(
     State(svc): State<Arc<Service>>,
@@ -48,7 +48,7 @@ pub(super) async fn check_group(
 
 /// List volumes (linear, thin, snapshots, clones).
 #[utoipa::path(get, path = "/api/volumes", tag = "volumes",
-    responses((status = 200, body = Vec<VolumeSummary>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::VolumeSummary>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_volumes(
     State(svc): State<Arc<Service>>,
 ) -> ApiResult<Json<Vec<VolumeSummary>>> {
@@ -56,8 +56,8 @@ pub(super) async fn list_volumes(
 }
 
 /// Create a linear volume, or a thin volume in a pool.
-#[utoipa::path(post, path = "/api/volumes", tag = "volumes", request_body = CreateVolume,
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/volumes", tag = "volumes", request_body = super::schema::CreateVolume,
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody), (status = 507, body = super::ErrorBody)))]
 pub(super) async fn create_volume(
@@ -70,7 +70,7 @@ pub(super) async fn create_volume(
 /// One volume.
 #[utoipa::path(get, path = "/api/volumes/{vg}/{name}", tag = "volumes",
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
-    responses((status = 200, body = VolumeSummary), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn volume_info(
     State(svc): State<Arc<Service>>,
@@ -93,9 +93,9 @@ pub(super) async fn remove_volume(
 }
 
 /// Change a volume's size.
-#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/resize", tag = "volumes", request_body = ResizeVolume,
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/resize", tag = "volumes", request_body = super::schema::ResizeVolume,
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 507, body = super::ErrorBody)))]
 pub(super) async fn resize_volume(
@@ -109,9 +109,9 @@ pub(super) async fn resize_volume(
 }
 
 /// Take a read-only snapshot of a thin volume (O(1)).
-#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/snapshot", tag = "volumes", request_body = NewName,
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/snapshot", tag = "volumes", request_body = super::schema::NewName,
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn snapshot_volume(
@@ -125,9 +125,9 @@ pub(super) async fn snapshot_volume(
 }
 
 /// Make a writable linked clone of a snapshot or template (O(1)).
-#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/clone", tag = "volumes", request_body = NewName,
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/clone", tag = "volumes", request_body = super::schema::NewName,
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Snapshot or template")),
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn clone_volume(
