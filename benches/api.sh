@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# API load benchmark (issue 8): `wrk` against a read endpoint of `strata serve` (release build,
+# API load benchmark: `wrk` against a read endpoint of `strata serve` (release build,
 # embedded default, 20 volumes), 64 connections for 10 s, and in the same run against nginx
 # (2 workers, as many as the host has cores) serving the same JSON bytes as a static file — the
 # peer: an HTTP server that does no work per request but send a file, the ceiling for this

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Appliance ISO figures (issue 9): ISO size and build, install and boot-to-API times, taken
+# Appliance ISO figures: ISO size and build, install and boot-to-API times, taken
 # from the end-to-end test (tests/tests/appliance_iso.rs, QEMU TCG). With --peer, also builds a
 # debootstrap --variant=minbase root on this machine in the same run — the alternative to the
 # busybox root the ISO uses — and prints both sizes and their ratio.

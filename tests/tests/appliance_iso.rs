@@ -1,4 +1,4 @@
-//! End-to-end test of the appliance ISO (issue 9).
+//! End-to-end test of the appliance ISO.
 //!
 //! Builds `strata-appliance.iso` with `appliance-image/build.sh` from Debian's packages and
 //! this workspace's `strata`, then, in QEMU with software emulation (TCG: an unmodified Linux
