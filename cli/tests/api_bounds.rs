@@ -181,10 +181,11 @@ fn bad_requests_are_refused_before_a_job_exists() {
             json!({"vg": "strata", "name": "h", "size": "16E", "pool": "data"}),
             400,
         ),
+        // Larger than the group: no room (507), as for any full group.
         (
             "/api/volumes",
             json!({"vg": "strata", "name": "h", "size": "9E"}),
-            400,
+            507,
         ),
         (
             "/api/volumes/strata/a/resize",

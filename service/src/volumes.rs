@@ -190,9 +190,6 @@ impl Service {
     pub fn create_volume(&self, req: &CreateVolume) -> ServiceResult<VolumeSummary> {
         let size = parse_size(&req.size)?;
         let g = self.volumes.get(&req.vg)?;
-        if req.pool.is_none() {
-            check_fits_group(&g, &req.vg, size)?;
-        }
         match &req.pool {
             Some(pool) => g.create_thin(pool, &req.name, size)?,
             None => g.create_linear(&req.name, size, &[])?,
@@ -235,9 +232,6 @@ impl Service {
             .unless_held(&format!("{vg}/{name}"), "resize", || {
                 let info = g.lv_info(name)?;
                 let current = info.size;
-                if info.kind == LvType::Linear && size > current {
-                    check_fits_group(&g, vg, size - current)?;
-                }
                 if size < current && !req.shrink {
                     return Err(ServiceError::BadRequest(format!(
                         "Shrinking {vg}/{name} from {current} to {size} bytes loses the data past \
@@ -363,18 +357,6 @@ impl Service {
             ))),
         }
     }
-}
-
-/// Refuses (400) a linear volume, or growth, larger than the whole group: no amount of freed
-/// space would make it fit, so it is a bad request rather than a full group (507).
-fn check_fits_group(g: &Vg, vg: &str, bytes: u64) -> ServiceResult<()> {
-    let size = g.info().size;
-    if bytes > size {
-        return Err(ServiceError::BadRequest(format!(
-            "{bytes} bytes is more than volume group {vg} holds in all ({size} bytes)"
-        )));
-    }
-    Ok(())
 }
 
 /// An opened source or target.

@@ -74,6 +74,7 @@ async fn read_small_body(req: Request, limits: HttpLimits) -> Result<Request, Ap
     let limit = super::JSON_BODY_LIMIT as u64;
     let too_large = || ApiError(ServiceError::TooLarge { limit });
     if declared_length(req.headers())?.is_some_and(|n| n > limit) {
+        linger(req.into_body());
         return Err(too_large());
     }
     let (parts, mut body) = req.into_parts();
@@ -101,6 +102,30 @@ async fn read_small_body(req: Request, limits: HttpLimits) -> Result<Request, Ap
         }
     }
     Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+/// Most bytes of a refused request's body read and thrown away after the answer.
+const LINGER_BYTES: u64 = 16 << 20;
+/// Longest time spent doing so.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and discards a refused request's body, up to a bound, while its answer goes out: a
+/// client still sending would otherwise see its connection reset before it reads the answer
+/// (the "lingering close" of other servers). Past the bound the connection is dropped.
+pub fn linger(body: Body) {
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut seen = 0u64;
+        let until = tokio::time::Instant::now() + LINGER_TIME;
+        while seen < LINGER_BYTES {
+            match tokio::time::timeout_at(until, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => break,
+            }
+        }
+    });
 }
 
 /// Parses a duration: a number of seconds, or a number with `s`, `m`, `h` or `d`.

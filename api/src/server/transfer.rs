@@ -75,6 +75,7 @@ pub(super) async fn upload(
 ) -> ApiResult<(StatusCode, Json<JobStatus>)> {
     let length = declared_length(&headers)?.ok_or(ApiError(ServiceError::LengthRequired))?;
     if length > limits.max_upload {
+        super::limits::linger(body);
         return Err(ApiError(ServiceError::TooLarge {
             limit: limits.max_upload,
         }));
