@@ -27,6 +27,10 @@ packages=(
   mtools                       # grub-mkrescue makes the ISO's EFI FAT image with mformat/mcopy;
                                # tests/tests/appliance_iso.rs makes and reads the token stick
   ovmf                         # tests/tests/appliance_iso.rs: UEFI firmware for QEMU
+  ceph-mon ceph-osd ceph-mgr   # scripts/ceph-cluster.sh: the single-node test cluster for RBD
+  ceph-common                  # volume groups (the ceph and rbd tools, librados, librbd)
+  librbd-dev librados-dev      # librbd.so/librados.so, which Strata loads at run time
+  radosgw                      # scripts/ceph-cluster.sh --rgw: S3 for the datastore on S3
 )
 $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
 echo "installed: ${qemu[*]} ${packages[*]}"
