@@ -38,6 +38,8 @@ mod lvbitmap;
 pub mod mda;
 pub mod meta;
 pub mod name;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod region;
 pub(crate) mod stack;
 pub mod store;
