@@ -30,6 +30,7 @@ pub mod alloc;
 pub(crate) mod codec;
 pub mod devices;
 pub mod extents;
+pub mod group;
 pub mod label;
 pub mod linear;
 pub mod lock;
@@ -40,6 +41,7 @@ pub mod meta;
 pub mod name;
 #[cfg(feature = "rbd")]
 pub mod rbd;
+pub mod rbd_groups;
 pub mod region;
 pub(crate) mod stack;
 pub mod store;
@@ -47,6 +49,7 @@ pub mod thin;
 pub mod vg;
 pub mod vgcheck;
 
+pub use group::Group;
 pub use linear::LinearDevice;
 pub use lv::{LvInfo, LvType, DEFAULT_BLOCK_SIZE};
 pub use store::{resolve_data_dir, PvSummary, VgSummary, VolumeStore};

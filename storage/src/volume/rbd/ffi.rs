@@ -225,6 +225,9 @@ api! {
     rbd rbd_diff_iterate2: fn(ImageT, *const c_char, u64, u64, u8, u8, DiffCallbackT,
         *mut c_void) -> c_int;
     rbd rbd_flush: fn(ImageT) -> c_int;
+    rbd rbd_metadata_get: fn(ImageT, *const c_char, *mut c_char, *mut usize) -> c_int;
+    rbd rbd_metadata_set: fn(ImageT, *const c_char, *const c_char) -> c_int;
+    rbd rbd_metadata_remove: fn(ImageT, *const c_char) -> c_int;
     rbd rbd_set_image_notification: fn(ImageT, c_int, c_int) -> c_int;
     rbd rbd_poll_io_events: fn(ImageT, *mut CompletionT, c_int) -> c_int;
     rbd rbd_aio_create_completion: fn(*mut c_void, CallbackT, *mut CompletionT) -> c_int;

@@ -443,6 +443,49 @@ impl Image {
         Ok(Some(out))
     }
 
+    /// The value of image metadata `key` (`rbd image-meta get`), if set.
+    pub fn metadata(&self, key: &str) -> Result<Option<String>> {
+        let k = cstr(key)?;
+        let mut cap = 256usize;
+        loop {
+            let mut buf = vec![0u8; cap];
+            let mut len = cap;
+            // SAFETY: valid image handle, NUL-terminated key, a buffer of `len` bytes.
+            let r = unsafe {
+                (self.api().rbd_metadata_get)(self.raw, k.as_ptr(), buf.as_mut_ptr().cast(), &mut len)
+            };
+            if r == -libc::ENOENT {
+                return Ok(None);
+            }
+            if r == -libc::ERANGE && len > cap && len <= 1 << 20 {
+                cap = len;
+                continue;
+            }
+            check(r, || format!("Metadata {key} of {}", self.what()))?;
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            return Ok(Some(String::from_utf8_lossy(&buf[..end]).into_owned()));
+        }
+    }
+
+    /// Sets image metadata `key` to `value`.
+    pub fn set_metadata(&self, key: &str, value: &str) -> Result<()> {
+        let (k, v) = (cstr(key)?, cstr(value)?);
+        // SAFETY: valid image handle and NUL-terminated strings.
+        let r = unsafe { (self.api().rbd_metadata_set)(self.raw, k.as_ptr(), v.as_ptr()) };
+        check(r, || format!("Setting metadata {key} of {}", self.what())).map(|_| ())
+    }
+
+    /// Removes image metadata `key` (absent is fine).
+    pub fn remove_metadata(&self, key: &str) -> Result<()> {
+        let k = cstr(key)?;
+        // SAFETY: valid image handle and NUL-terminated key.
+        let r = unsafe { (self.api().rbd_metadata_remove)(self.raw, k.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Ok(());
+        }
+        check(r, || format!("Removing metadata {key} of {}", self.what())).map(|_| ())
+    }
+
     /// Reports the extents of `[offset, offset + len)` that changed since snapshot `from` (or,
     /// with `None`, that are allocated) to `f(offset, len, exists)`; `exists` is false for
     /// extents discarded since `from`. With `include_parent`, a clone's parent counts too; with

@@ -9,6 +9,8 @@
 //! | `hub.rs` | librbd's per-image completion eventfd, fanned out to the image's queues |
 //! | `queue.rs` | the data-plane queue: requests as `rbd_aio_*` calls, each buffer owned by its slot |
 //! | `device.rs` | the [`crate::BlockDevice`] |
+//! | `group.rs` | a volume group on a pool: volumes are images marked with the group's name |
+//! | `cbt.rs` | changed-block tracking for incremental backups from RBD snapshots and fast-diff |
 //!
 //! # Locking
 //! | who | may run with | guarded by |
@@ -18,14 +20,17 @@
 //! | pumping completions | several pumpers at once | librbd gives each completion to one poller |
 //! | removing an image and using it | no: librbd refuses while it has watchers (open handles) | Ceph |
 
+pub mod cbt;
 pub mod cluster;
 pub mod device;
 pub mod ffi;
+pub mod group;
 mod hub;
 pub mod image;
 mod queue;
 
 pub use cluster::{Cluster, ClusterSpec, Pool};
 pub use device::RbdDevice;
+pub use group::{RbdGroup, RbdGroupInfo};
 pub use image::{Image, Snapshot};
 pub use queue::RbdQueue;
