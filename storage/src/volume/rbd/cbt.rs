@@ -138,13 +138,20 @@ impl RbdChanges {
                 let size = at.size()?;
                 let mut ranges: Vec<Range> = Vec::new();
                 // Extents discarded since the base changed too (they now read as zeros).
-                at.diff(Some(base), 0, size, false, true, &mut |off, len, _exists| {
-                    match ranges.last_mut() {
-                        Some((o, l)) if *o + *l == off => *l += len,
-                        _ => ranges.push((off, len)),
-                    }
-                    true
-                })?;
+                at.diff(
+                    Some(base),
+                    0,
+                    size,
+                    false,
+                    true,
+                    &mut |off, len, _exists| {
+                        match ranges.last_mut() {
+                            Some((o, l)) if *o + *l == off => *l += len,
+                            _ => ranges.push((off, len)),
+                        }
+                        true
+                    },
+                )?;
                 Some(ranges)
             }
         };

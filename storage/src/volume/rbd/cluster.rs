@@ -4,7 +4,8 @@
 //! by everything in the process that names the same three (a VM with three disks on one cluster
 //! holds one connection). Pool handles are made with `FULL_TRY` set, so a write into a full pool
 //! or a pool over its quota fails with `EDQUOT`/`ENOSPC` (our `OutOfSpace`) instead of waiting,
-//! possibly forever, for space: the same clean error a full thin pool gives.
+//! possibly forever, for space: the same clean error a full thin pool gives. librbd's cache is
+//! off for Strata's connections (see `connect_new`).
 
 use std::collections::HashMap;
 use std::ffi::c_char;
@@ -81,8 +82,11 @@ impl Cluster {
         let cluster_name = cstr("ceph")?;
         let mut handle: RadosT = std::ptr::null_mut();
         // SAFETY: the out-pointer is valid; the names are NUL-terminated and outlive the call.
-        let r = unsafe { (api.rados_create2)(&mut handle, cluster_name.as_ptr(), name.as_ptr(), 0) };
-        check(r, || format!("Creating a Ceph client for client.{}", spec.user))?;
+        let r =
+            unsafe { (api.rados_create2)(&mut handle, cluster_name.as_ptr(), name.as_ptr(), 0) };
+        check(r, || {
+            format!("Creating a Ceph client for client.{}", spec.user)
+        })?;
         // From here on `c` owns the handle and shuts it down on every error path.
         let c = Cluster {
             api,
@@ -92,11 +96,17 @@ impl Cluster {
         let conf = cstr(&spec.conf.to_string_lossy())?;
         // SAFETY: a valid, not yet connected handle and a NUL-terminated path.
         let r = unsafe { (api.rados_conf_read_file)(c.handle, conf.as_ptr()) };
-        check(r, || format!("Reading Ceph configuration {}", spec.conf.display()))?;
+        check(r, || {
+            format!("Reading Ceph configuration {}", spec.conf.display())
+        })?;
         if let Some(k) = &spec.keyring {
             c.set("keyring", &k.to_string_lossy())?;
         }
         c.set("client_mount_timeout", CONNECT_TIMEOUT_SECS)?;
+        // No librbd cache: a write completes when the OSDs have it, as on a local volume opened
+        // with O_DIRECT, and its errors (a full pool) come back with it rather than at a later
+        // flush or never.
+        c.set("rbd_cache", "false")?;
         c.set("rados_mon_op_timeout", MON_OP_TIMEOUT_SECS)?;
         // SAFETY: a configured, not yet connected handle.
         let r = unsafe { (api.rados_connect)(c.handle) };
@@ -144,8 +154,15 @@ impl Cluster {
             )
         };
         // SAFETY: librados returned these buffers with their lengths (or NULL).
-        let (text, message) = unsafe { (take_buffer(self.api, out, out_len), take_buffer(self.api, status, status_len)) };
-        check(r, || format!("Ceph monitor command {json} failed: {message}"))?;
+        let (text, message) = unsafe {
+            (
+                take_buffer(self.api, out, out_len),
+                take_buffer(self.api, status, status_len),
+            )
+        };
+        check(r, || {
+            format!("Ceph monitor command {json} failed: {message}")
+        })?;
         Ok(text)
     }
 

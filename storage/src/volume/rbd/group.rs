@@ -202,7 +202,10 @@ impl RbdGroup {
             )));
         }
         match self.locate(name) {
-            Ok(_) => Err(StorageError::AlreadyExists(format!("{}/{name}", self.name()))),
+            Ok(_) => Err(StorageError::AlreadyExists(format!(
+                "{}/{name}",
+                self.name()
+            ))),
             Err(StorageError::NotFound(_)) => {
                 // An image of the pool outside the group holds the name too.
                 match Image::open(&self.pool, name, None, true) {
@@ -284,7 +287,10 @@ impl RbdGroup {
             }
         }
         if self.locate(name).is_ok() {
-            return Err(StorageError::AlreadyExists(format!("{}/{name}", self.name())));
+            return Err(StorageError::AlreadyExists(format!(
+                "{}/{name}",
+                self.name()
+            )));
         }
         let features = img.features()?;
         if features & image::FEATURES != image::FEATURES {
@@ -317,7 +323,10 @@ impl RbdGroup {
         self.writable()?;
         self.check_free(new)?;
         match self.locate(source)? {
-            Located::Snapshot { image: parent, snap } => {
+            Located::Snapshot {
+                image: parent,
+                snap,
+            } => {
                 image::clone(&self.pool, &parent, &snap, new)?;
                 self.mark_new(new)
             }
@@ -495,7 +504,11 @@ impl RbdGroup {
                 Err(e) => return Err(e),
             };
             out.push(self.image_info(&img)?);
-            for s in img.snapshots()?.into_iter().filter(|s| !is_internal(&s.name)) {
+            for s in img
+                .snapshots()?
+                .into_iter()
+                .filter(|s| !is_internal(&s.name))
+            {
                 out.push(LvInfo {
                     template: img.snap_is_protected(&s.name)?,
                     name: s.name,
@@ -549,10 +562,15 @@ impl RbdGroup {
         }
     }
 
-    /// Opens image `name` of the group for changed-block tracking (see `cbt.rs`).
+    /// Opens image `name` of the group for changed-block tracking (see `cbt.rs`): writable,
+    /// for taking snapshots, even in a group opened read-only (a snapshot leaves the volume's
+    /// data as it is).
     pub fn open_image(&self, name: &str) -> Result<Image> {
         match self.locate(name)? {
-            Located::Image(i) => self.member(&i),
+            Located::Image(i) => {
+                self.member_read_only(&i)?;
+                Image::open(&self.pool, &i, None, false)
+            }
             Located::Snapshot { .. } => Err(StorageError::Unsupported(format!(
                 "changed-block tracking of snapshot {}/{name} (back up its image)",
                 self.name()

@@ -241,7 +241,11 @@ fn pump_loop(hub: Weak<Hub>, event: EventFd, stop: EventFd) {
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        let pump = self.pump.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        let pump = self
+            .pump
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(p) = pump {
             let _ = p.stop.write(1);
             // The pump thread may itself drop the last reference; it must not join itself.

@@ -5,7 +5,9 @@ use std::ffi::{c_int, c_void, CString};
 use std::sync::Arc;
 
 use super::cluster::Pool;
-use super::ffi::{self, check, cstr, string, ImageInfo, ImageT, LinkedImageSpec, SnapInfo, SnapSpec};
+use super::ffi::{
+    self, check, cstr, string, ImageInfo, ImageT, LinkedImageSpec, SnapInfo, SnapSpec,
+};
 use crate::error::{Result, StorageError};
 
 /// The features Strata's images get: layering (clones), exclusive-lock (one writer at a time,
@@ -67,13 +69,17 @@ pub fn clone(pool: &Pool, parent: &str, snap: &str, child: &str) -> Result<()> {
     let (p, s, c) = (cstr(parent)?, cstr(snap)?, cstr(child)?);
     // SAFETY: valid pool and options handles, NUL-terminated names.
     let r = unsafe {
-        (pool.api().rbd_clone3)(pool.raw(), p.as_ptr(), s.as_ptr(), pool.raw(), c.as_ptr(), o.raw)
+        (pool.api().rbd_clone3)(
+            pool.raw(),
+            p.as_ptr(),
+            s.as_ptr(),
+            pool.raw(),
+            c.as_ptr(),
+            o.raw,
+        )
     };
     check(r, || {
-        format!(
-            "Cloning {}@{snap} as {child}",
-            label(pool, parent)
-        )
+        format!("Cloning {}@{snap} as {child}", label(pool, parent))
     })
     .map(|_| ())
 }
@@ -179,7 +185,12 @@ struct DiffSink<'a> {
 /// The value a callback returns to stop the iteration (reported back as this errno).
 const STOP: c_int = -libc::ECANCELED;
 
-unsafe extern "C" fn diff_callback(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+unsafe extern "C" fn diff_callback(
+    offset: u64,
+    len: usize,
+    exists: c_int,
+    arg: *mut c_void,
+) -> c_int {
     // SAFETY: `arg` is the `DiffSink` that `Image::diff` passed, alive for the whole iteration.
     let sink = unsafe { &mut *(arg as *mut DiffSink<'_>) };
     let go = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -197,7 +208,12 @@ unsafe extern "C" fn diff_callback(offset: u64, len: usize, exists: c_int, arg: 
 
 impl Image {
     /// Opens image `name` of `pool`, at snapshot `snap` if given (read-only then).
-    pub fn open(pool: &Arc<Pool>, name: &str, snap: Option<&str>, read_only: bool) -> Result<Image> {
+    pub fn open(
+        pool: &Arc<Pool>,
+        name: &str,
+        snap: Option<&str>,
+        read_only: bool,
+    ) -> Result<Image> {
         let api = pool.api();
         let n = cstr(name)?;
         let s: Option<CString> = snap.map(cstr).transpose()?;
@@ -257,9 +273,8 @@ impl Image {
     pub fn stat(&self) -> Result<ImageInfo> {
         let mut info = ImageInfo::default();
         // SAFETY: valid image handle; `info` is a correctly laid out rbd_image_info_t.
-        let r = unsafe {
-            (self.api().rbd_stat)(self.raw, &mut info, std::mem::size_of::<ImageInfo>())
-        };
+        let r =
+            unsafe { (self.api().rbd_stat)(self.raw, &mut info, std::mem::size_of::<ImageInfo>()) };
         check(r, || format!("Stat of {}", self.what()))?;
         Ok(info)
     }
@@ -276,9 +291,8 @@ impl Image {
     /// Changes the size (shrinking discards what is cut off).
     pub fn resize(&self, size: u64) -> Result<()> {
         // SAFETY: valid image handle; no progress callback.
-        let r = unsafe {
-            (self.api().rbd_resize2)(self.raw, size, true, None, std::ptr::null_mut())
-        };
+        let r =
+            unsafe { (self.api().rbd_resize2)(self.raw, size, true, None, std::ptr::null_mut()) };
         check(r, || format!("Resizing {} to {size} bytes", self.what())).map(|_| ())
     }
 
@@ -362,7 +376,10 @@ impl Image {
         let (o, n) = (cstr(old)?, cstr(new)?);
         // SAFETY: valid image handle and NUL-terminated names.
         let r = unsafe { (self.api().rbd_snap_rename)(self.raw, o.as_ptr(), n.as_ptr()) };
-        check(r, || format!("Renaming snapshot {}@{old} to {new}", self.what())).map(|_| ())
+        check(r, || {
+            format!("Renaming snapshot {}@{old} to {new}", self.what())
+        })
+        .map(|_| ())
     }
 
     /// Whether snapshot `snap` is protected.
@@ -382,7 +399,10 @@ impl Image {
         let sp = s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         // SAFETY: valid image handle; NULL selects the head.
         let r = unsafe { (self.api().rbd_snap_set)(self.raw, sp) };
-        check(r, || format!("Selecting snapshot {snap:?} of {}", self.what())).map(|_| ())
+        check(r, || {
+            format!("Selecting snapshot {snap:?} of {}", self.what())
+        })
+        .map(|_| ())
     }
 
     /// Images cloned from the selected snapshot, as `pool/image` (trash entries included).
@@ -435,7 +455,11 @@ impl Image {
         check(r, || format!("Parent of {}", self.what()))?;
         // SAFETY: librbd filled the structures with valid strings; they are freed once.
         let out = unsafe {
-            let out = (string(img.pool_name), string(img.image_name), string(snap.name));
+            let out = (
+                string(img.pool_name),
+                string(img.image_name),
+                string(snap.name),
+            );
             (api.rbd_linked_image_spec_cleanup)(&mut img);
             (api.rbd_snap_spec_cleanup)(&mut snap);
             out
@@ -452,7 +476,12 @@ impl Image {
             let mut len = cap;
             // SAFETY: valid image handle, NUL-terminated key, a buffer of `len` bytes.
             let r = unsafe {
-                (self.api().rbd_metadata_get)(self.raw, k.as_ptr(), buf.as_mut_ptr().cast(), &mut len)
+                (self.api().rbd_metadata_get)(
+                    self.raw,
+                    k.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    &mut len,
+                )
             };
             if r == -libc::ENOENT {
                 return Ok(None);
@@ -520,7 +549,10 @@ impl Image {
         if sink.stopped && r == STOP {
             return Ok(());
         }
-        check(r, || format!("Changed extents of {} since {from:?}", self.what())).map(|_| ())
+        check(r, || {
+            format!("Changed extents of {} since {from:?}", self.what())
+        })
+        .map(|_| ())
     }
 }
 

@@ -175,7 +175,11 @@ impl RbdQueue {
                     buf
                 };
                 slot.iov = target.segments().iter().map(|s| s.as_iovec()).collect();
-                let call = if write { api.rbd_aio_writev } else { api.rbd_aio_readv };
+                let call = if write {
+                    api.rbd_aio_writev
+                } else {
+                    api.rbd_aio_readv
+                };
                 // SAFETY: the iovecs point into buffers the slot owns until the completion is
                 // reaped (the slot is stored below before librbd can complete); at most
                 // MAX_IOVECS of them.
@@ -191,11 +195,20 @@ impl RbdQueue {
             }
             // SAFETY: valid image and completion.
             Op::Flush => unsafe { (api.rbd_aio_flush)(image, comp) },
-            Op::Discard { offset, len } | Op::WriteZeroes { offset, len, unmap: true } => {
+            Op::Discard { offset, len }
+            | Op::WriteZeroes {
+                offset,
+                len,
+                unmap: true,
+            } => {
                 // SAFETY: valid image and completion; the range was checked.
                 unsafe { (api.rbd_aio_write_zeroes)(image, *offset, *len as usize, comp, 0, 0) }
             }
-            Op::WriteZeroes { offset, len, unmap: false } => {
+            Op::WriteZeroes {
+                offset,
+                len,
+                unmap: false,
+            } => {
                 // SAFETY: valid image and completion; the range was checked.
                 unsafe {
                     (api.rbd_aio_write_zeroes)(
