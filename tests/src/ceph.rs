@@ -50,7 +50,8 @@ fn parse(text: &str) -> anyhow::Result<TestCluster> {
             .find_map(|l| l.strip_prefix(&format!("{key}=")))
             .map(str::to_string)
     };
-    let need = |key: &str| get(key).ok_or_else(|| anyhow::anyhow!("the script printed no {key}: {text}"));
+    let need =
+        |key: &str| get(key).ok_or_else(|| anyhow::anyhow!("the script printed no {key}: {text}"));
     Ok(TestCluster {
         dir: need("dir")?.into(),
         conf: need("conf")?.into(),
@@ -79,7 +80,10 @@ fn start() -> anyhow::Result<TestCluster> {
     }
     let lifeline = child.stdin.take();
     let status = child.wait()?;
-    anyhow::ensure!(status.success(), "scripts/ceph-cluster.sh start failed: {status}");
+    anyhow::ensure!(
+        status.success(),
+        "scripts/ceph-cluster.sh start failed: {status}"
+    );
     let c = parse(&text)?;
     *c._lifeline.lock().unwrap_or_else(|p| p.into_inner()) = lifeline;
     eprintln!("test Ceph cluster running in {}", c.dir.display());
@@ -95,7 +99,9 @@ pub fn cluster(what: &str) -> Option<&'static TestCluster> {
         if std::env::var_os("STRATA_CEPH_DIR").is_none() {
             if let Some(tool) = packages_missing() {
                 if std::env::var_os("CI").is_some() {
-                    panic!("CI is set but {tool} is missing: scripts/install-deps.sh installs Ceph");
+                    panic!(
+                        "CI is set but {tool} is missing: scripts/install-deps.sh installs Ceph"
+                    );
                 }
                 return None;
             }
@@ -106,7 +112,10 @@ pub fn cluster(what: &str) -> Option<&'static TestCluster> {
         }
     });
     if c.is_none() {
-        crate::skip_loudly(what, "the Ceph packages are not installed (scripts/install-deps.sh)");
+        crate::skip_loudly(
+            what,
+            "the Ceph packages are not installed (scripts/install-deps.sh)",
+        );
     }
     c.as_ref()
 }

@@ -16,8 +16,8 @@ use strata_storage::format::{self, ImageFormat, OpenOptions};
 use strata_storage::io::engine::EngineChoice;
 use strata_storage::io::file::CacheMode;
 use strata_storage::source::{open_source, Source};
-use strata_storage::volume::Group;
 use strata_storage::util::format_size;
+use strata_storage::volume::Group;
 
 use super::image::{CacheArg, FormatArg};
 use super::Output;

@@ -252,7 +252,11 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
         LvCommand::Create(a) => {
             let (vg, name) = open(&store, &a.path, false)?;
             let size = parse_size(&a.size)?;
-            let pool = a.thin.as_deref().map(|p| same_vg(p, &vg.name())).transpose()?;
+            let pool = a
+                .thin
+                .as_deref()
+                .map(|p| same_vg(p, &vg.name()))
+                .transpose()?;
             vg.create(name, size, pool)?;
             print_one(&vg.lv_info(name)?, a.out.output, "created")?;
         }
@@ -290,8 +294,7 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
             let names: Vec<String> = match &a.vg {
                 Some(v) => vec![v.clone()],
                 None => {
-                    let mut n: Vec<String> =
-                        store.vg_list()?.into_iter().map(|v| v.name).collect();
+                    let mut n: Vec<String> = store.vg_list()?.into_iter().map(|v| v.name).collect();
                     n.extend(store.rbd_groups().load()?.into_iter().map(|g| g.name));
                     n
                 }
@@ -339,7 +342,11 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
         }
         LvCommand::Bitmap(c) => {
             let (vg, lv) = open(&store, c.target(), false)?;
-            super::bitmap::run(&c, &*vg.local("dirty bitmaps (RBD volumes track changes with Ceph's fast-diff)")?.bitmaps(lv)?)?;
+            super::bitmap::run(
+                &c,
+                &*vg.local("dirty bitmaps (RBD volumes track changes with Ceph's fast-diff)")?
+                    .bitmaps(lv)?,
+            )?;
         }
         LvCommand::Adopt(a) => {
             let (vg, name) = open(&store, &a.path, false)?;

@@ -192,8 +192,9 @@ impl VolumeStore {
     pub fn rbd_group_create(&self, record: &RbdGroupRecord) -> Result<Group> {
         use crate::volume::name::{check_name, NameKind};
         check_name(&record.name, NameKind::VolumeGroup)?;
-        check_name(&record.user, NameKind::VolumeGroup)
-            .map_err(|_| StorageError::InvalidInput(format!("Invalid Ceph user {:?}", record.user)))?;
+        check_name(&record.user, NameKind::VolumeGroup).map_err(|_| {
+            StorageError::InvalidInput(format!("Invalid Ceph user {:?}", record.user))
+        })?;
         if record.pool.is_empty() || record.pool.contains('/') || record.pool.contains('\0') {
             return Err(StorageError::InvalidInput(format!(
                 "Invalid pool name {:?}",
@@ -229,7 +230,9 @@ impl VolumeStore {
     #[cfg(feature = "rbd")]
     pub fn rbd_group_remove(&self, name: &str) -> Result<()> {
         let Some(record) = self.rbd_groups().get(name)? else {
-            return Err(StorageError::NotFound(format!("volume group {name}").into()));
+            return Err(StorageError::NotFound(
+                format!("volume group {name}").into(),
+            ));
         };
         let g = crate::volume::rbd::group::RbdGroup::open(&record, true)?;
         let n = g.images()?.len();

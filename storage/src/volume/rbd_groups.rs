@@ -68,7 +68,10 @@ impl RbdGroupsFile {
             Err(e) => return Err(StorageError::io(format!("Reading {}", path.display()), e)),
         };
         let c: Contents = serde_json::from_slice(&text).map_err(|e| {
-            StorageError::corrupt(path.display().to_string(), format!("not an RBD groups file: {e}"))
+            StorageError::corrupt(
+                path.display().to_string(),
+                format!("not an RBD groups file: {e}"),
+            )
         })?;
         if c.format != 1 {
             return Err(StorageError::Unsupported(format!(
