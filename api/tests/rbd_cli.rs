@@ -14,7 +14,7 @@ use strata_storage::volume::rbd_groups::RbdGroupRecord;
 use strata_tests::ceph::{cluster, unique, TestCluster};
 
 mod common;
-use common::CliEnv;
+use common::{lv, CliEnv};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -37,14 +37,6 @@ fn env_with_group(c: &TestCluster, vg: &str, pool: &str) -> CliEnv {
     e
 }
 
-fn lv<'a>(list: &'a Value, name: &str) -> &'a Value {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
-}
-
 /// A file of `len` bytes of a pattern that differs per `seed`.
 fn pattern_file(path: &Path, len: usize, seed: u8) -> Vec<u8> {
     let data: Vec<u8> = (0..len)
@@ -52,6 +44,13 @@ fn pattern_file(path: &Path, len: usize, seed: u8) -> Vec<u8> {
         .collect();
     std::fs::write(path, &data).unwrap();
     data
+}
+
+/// `strata image convert` arguments writing raw file `file` into volume `spec` (`lv:VG/NAME`).
+fn write_args<'a>(file: &'a str, spec: &'a str) -> [&'a str; 9] {
+    [
+        "image", "convert", "-n", "-f", "raw", "-O", "raw", file, spec,
+    ]
 }
 
 /// Reads volume `spec` (`lv:VG/NAME`) back into a raw file through `strata image convert`.
@@ -103,31 +102,11 @@ fn volumes_snapshots_clones_templates_resize_and_refusals() {
     // Write through lv:, snapshot, overwrite part, clone the snapshot, read back.
     let first = pattern_file(&e.path("first.raw"), 24 << 20, 1);
     let lvspec = format!("lv:{}", p(&disk));
-    e.ok(&[
-        "image",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&e.path("first.raw")),
-        &lvspec,
-    ]);
+    e.ok(&write_args(s(&e.path("first.raw")), &lvspec));
     assert_eq!(read_volume(&e, &lvspec, "r1.raw"), first);
     e.ok(&["lv", "snapshot", &p(&disk), &p(&snap)]);
     let second = pattern_file(&e.path("second.raw"), 24 << 20, 2);
-    e.ok(&[
-        "image",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&e.path("second.raw")),
-        &lvspec,
-    ]);
+    e.ok(&write_args(s(&e.path("second.raw")), &lvspec));
     let err = e.fails(&["lv", "clone", &p(&disk), &p(&clone)]);
     assert!(err.contains("writable"), "{err}");
     e.ok(&["lv", "clone", &p(&snap), &p(&clone)]);
@@ -138,17 +117,10 @@ fn volumes_snapshots_clones_templates_resize_and_refusals() {
     );
     assert_eq!(read_volume(&e, &lvspec, "d.raw"), second);
     // A snapshot is read-only.
-    let err = e.fails(&[
-        "image",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
+    let err = e.fails(&write_args(
         s(&e.path("first.raw")),
         &format!("lv:{}", p(&snap)),
-    ]);
+    ));
     assert!(err.contains("read-only"), "{err}");
 
     let list = e.json(&["lv", "list", &vg]);
@@ -343,17 +315,7 @@ fn incremental_backups_read_only_what_changed() {
     // 64 MiB = 16 objects of 4 MiB = 16 chunks of the default 4 MiB.
     e.ok(&["lv", "create", "--size", "64M", &format!("{vg}/{vol}")]);
     let data = pattern_file(&e.path("fill.raw"), 64 << 20, 7);
-    e.ok(&[
-        "image",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&e.path("fill.raw")),
-        &spec,
-    ]);
+    e.ok(&write_args(s(&e.path("fill.raw")), &spec));
     let store = e.path("store");
     let full = e.json(&["backup", "create", &spec, "--store", s(&store), "--quiet"]);
     assert_eq!(full["change-tracking"]["mode"], "full");
@@ -483,17 +445,7 @@ fn a_pool_over_its_quota_fails_writes_cleanly() {
     pattern_file(&fill, 8 << 20, 3);
     let t = Instant::now();
     let small = format!("lv:{vg}/{vol2}");
-    let into_small = [
-        "image",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&fill),
-        &small,
-    ];
+    let into_small = write_args(s(&fill), &small);
     let err = e.fails(&into_small);
     assert!(
         err.contains("No space left") && err.contains("quota"),
@@ -514,17 +466,7 @@ fn a_pool_over_its_quota_fails_writes_cleanly() {
     let big = format!("lv:{vg}/{vol}");
     let over = e.path("over.raw");
     pattern_file(&over, 1 << 20, 4);
-    e.ok(&[
-        "image",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&over),
-        &big,
-    ]);
+    e.ok(&write_args(s(&over), &big));
     // Nothing else is broken: the group lists, the image reads, the shared pool works.
     assert_eq!(lv(&e.json(&["lv", "list", &vg]), &vol)["size"], 1u64 << 30);
     let head = e.path("head.raw");
@@ -544,17 +486,7 @@ fn a_pool_over_its_quota_fails_writes_cleanly() {
     let other = unique("vg");
     let e2 = env_with_group(c, &other, &c.pool);
     e2.ok(&["lv", "create", "--size", "8M", &format!("{other}/ok")]);
-    e2.ok(&[
-        "image",
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        s(&fill),
-        &format!("lv:{other}/ok"),
-    ]);
+    e2.ok(&write_args(s(&fill), &format!("lv:{other}/ok")));
     e2.ok(&["lv", "remove", &format!("{other}/ok")]);
     // Lifting the quota lets writes through again; removal works.
     c.ceph(&["osd", "pool", "set-quota", &pool, "max_bytes", "0"])
@@ -573,4 +505,5 @@ fn a_pool_over_its_quota_fails_writes_cleanly() {
     }
     e.ok(&["lv", "remove", &format!("{vg}/{vol}")]);
     e.ok(&["lv", "remove", &format!("{vg}/{vol2}")]);
+    c.remove_pool(&pool).unwrap();
 }

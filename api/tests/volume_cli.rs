@@ -7,15 +7,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::CliEnv as Env;
-
-fn lv<'a>(list: &'a Value, name: &str) -> &'a Value {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
-}
+use common::{lv, CliEnv as Env};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -131,40 +131,49 @@ pub fn unique(prefix: &str) -> String {
 }
 
 impl TestCluster {
-    /// Runs the `rbd` tool on this cluster; returns its standard output, failing on an error.
-    pub fn rbd(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("rbd")
+    /// Runs `tool` (`rbd`, `ceph`, `rados`) on this cluster; returns its standard output,
+    /// failing on an error.
+    pub fn tool(&self, tool: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(tool)
             .arg("-c")
             .arg(&self.conf)
             .args(args)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
-            "rbd {args:?} failed: {}",
+            "{tool} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Runs the `ceph` tool on this cluster; returns its standard output, failing on an error.
+    /// Runs the `rbd` tool on this cluster.
+    pub fn rbd(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.tool("rbd", args)
+    }
+
+    /// Runs the `ceph` tool on this cluster.
     pub fn ceph(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("ceph")
-            .arg("-c")
-            .arg(&self.conf)
-            .args(args)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "ceph {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.tool("ceph", args)
     }
 
     /// Makes a new pool for one test (quota tests must not fill the shared pool).
     pub fn new_pool(&self, name: &str) -> anyhow::Result<()> {
         self.ceph(&["osd", "pool", "create", name, "8", "8"])?;
         self.ceph(&["osd", "pool", "application", "enable", name, "rbd"])?;
+        Ok(())
+    }
+
+    /// Removes a pool made with [`TestCluster::new_pool`].
+    pub fn remove_pool(&self, name: &str) -> anyhow::Result<()> {
+        self.ceph(&[
+            "osd",
+            "pool",
+            "rm",
+            name,
+            name,
+            "--yes-i-really-really-mean-it",
+        ])?;
         Ok(())
     }
 

@@ -157,3 +157,12 @@ impl CliEnv {
         err
     }
 }
+
+/// The entry named `name` of a JSON list of volumes.
+pub fn lv<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
+}

@@ -33,6 +33,7 @@ pub mod extents;
 pub mod group;
 pub mod label;
 pub mod linear;
+mod listfile;
 pub mod lock;
 pub mod lv;
 mod lvbitmap;

@@ -10,12 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, StorageError};
-use crate::volume::devices::write_atomically;
-use crate::volume::lock::lock_exclusive_wait;
+use crate::error::Result;
+use crate::volume::listfile::ListFile;
 
 const FILE_NAME: &str = "rbd-groups.json";
-const LOCK_NAME: &str = "devices.lock";
 /// Most groups a file may hold.
 const MAX_GROUPS: usize = 1024;
 
@@ -35,58 +33,29 @@ pub struct RbdGroupRecord {
     pub pool: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Contents {
-    format: u32,
-    groups: Vec<RbdGroupRecord>,
-}
-
 /// The RBD groups file of a data directory. See the module documentation.
 #[derive(Clone, Debug)]
 pub struct RbdGroupsFile {
-    dir: PathBuf,
+    file: ListFile,
 }
 
 impl RbdGroupsFile {
     /// The file in `data_dir`.
     pub fn new(data_dir: &Path) -> RbdGroupsFile {
         RbdGroupsFile {
-            dir: data_dir.to_path_buf(),
+            file: ListFile {
+                dir: data_dir.to_path_buf(),
+                name: FILE_NAME,
+                key: "groups",
+                what: "RBD groups file",
+                max: MAX_GROUPS,
+            },
         }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.join(FILE_NAME)
     }
 
     /// The recorded groups (none if the file does not exist).
     pub fn load(&self) -> Result<Vec<RbdGroupRecord>> {
-        let path = self.path();
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StorageError::io(format!("Reading {}", path.display()), e)),
-        };
-        let c: Contents = serde_json::from_slice(&text).map_err(|e| {
-            StorageError::corrupt(
-                path.display().to_string(),
-                format!("not an RBD groups file: {e}"),
-            )
-        })?;
-        if c.format != 1 {
-            return Err(StorageError::Unsupported(format!(
-                "RBD groups file format {} in {}",
-                c.format,
-                path.display()
-            )));
-        }
-        if c.groups.len() > MAX_GROUPS {
-            return Err(StorageError::corrupt(
-                path.display().to_string(),
-                format!("{} groups (at most {MAX_GROUPS})", c.groups.len()),
-            ));
-        }
-        Ok(c.groups)
+        self.file.load()
     }
 
     /// The group named `name`, if recorded.
@@ -99,19 +68,7 @@ impl RbdGroupsFile {
         &self,
         change: impl FnOnce(&mut Vec<RbdGroupRecord>) -> Result<T>,
     ) -> Result<T> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| {
-            StorageError::io(format!("Creating data directory {}", self.dir.display()), e)
-        })?;
-        let _lock = lock_exclusive_wait(&self.dir.join(LOCK_NAME))?;
-        let mut list = self.load()?;
-        let out = change(&mut list)?;
-        let text = serde_json::to_vec_pretty(&Contents {
-            format: 1,
-            groups: list,
-        })
-        .map_err(|e| StorageError::InvalidInput(format!("Encoding the RBD groups file: {e}")))?;
-        write_atomically(&self.path(), &text)?;
-        Ok(out)
+        self.file.update(change)
     }
 }
 
@@ -138,6 +95,6 @@ mod tests {
         .unwrap();
         assert_eq!(f.get("ceph").unwrap(), Some(rec));
         std::fs::write(dir.path().join(FILE_NAME), b"{").unwrap();
-        assert!(matches!(f.load(), Err(StorageError::Corrupt { .. })));
+        assert!(matches!(f.load(), Err(crate::StorageError::Corrupt { .. })));
     }
 }
