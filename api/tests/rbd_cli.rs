@@ -40,7 +40,7 @@ fn env_with_group(c: &TestCluster, vg: &str, pool: &str) -> CliEnv {
 /// A file of `len` bytes of a pattern that differs per `seed`.
 fn pattern_file(path: &Path, len: usize, seed: u8) -> Vec<u8> {
     let data: Vec<u8> = (0..len)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[(i % 4) as usize] ^ seed)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[i % 4] ^ seed)
         .collect();
     std::fs::write(path, &data).unwrap();
     data

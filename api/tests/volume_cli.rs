@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::Value;
 
 mod common;
 use common::{lv, CliEnv as Env};
