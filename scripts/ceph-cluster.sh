@@ -182,9 +182,9 @@ mon allow pool delete = true
 mon warn on pool no redundancy = false
 mon warn on insecure global id reclaim allowed = false
 paxos propose interval = 0.1
-# The host's disk is shared with other work: only warn when it is nearly full.
-mon data avail warn = 5
-mon data avail crit = 2
+# The host's disk is shared with other work: only warn when it is nearly full (2% left).
+mon data avail warn = 2
+mon data avail crit = 1
 [mon]
 mon data = $DIR/mon/ceph-\$id
 keyring = $DIR/mon/ceph-\$id/keyring

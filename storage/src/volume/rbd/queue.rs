@@ -320,8 +320,9 @@ impl RbdQueue {
                 return Err(StorageError::io("Waiting for RBD completions", e));
             }
         }
-        if fds[0].revents != 0 && !self.external {
-            // Our own eventfd: reset it (the consumer of an external one resets it itself).
+        if fds[0].revents != 0 {
+            // Reset the wake eventfd (a consumer calling `wait` on a queue opened with its own
+            // eventfd is the one waiting on it); anything routed after this signals it again.
             let _ = self.inbox.wake.read();
         }
         Ok(())
