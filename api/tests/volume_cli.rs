@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::process::Command;
 
-
 mod common;
 use common::{lv, CliEnv as Env};
 
