@@ -30,6 +30,10 @@ packages=(
   libnbd-bin                   # nbd/tests: nbdinfo and nbdcopy, real NBD clients
   nbdkit                       # NBD peer tooling (benches/nbd.sh checks the export with it)
   openssl                      # nbd/tests/security.rs: test CA and certificates for NBD TLS
+  ceph-mon ceph-osd ceph-mgr   # scripts/ceph-cluster.sh: the single-node test cluster for RBD
+  ceph-common                  # volume groups (the ceph and rbd tools, librados, librbd)
+  librbd-dev librados-dev      # librbd.so/librados.so, which Strata loads at run time
+  radosgw                      # scripts/ceph-cluster.sh --rgw: S3 for the datastore on S3
 )
 $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
 echo "installed: ${qemu[*]} ${packages[*]}"

@@ -49,6 +49,8 @@ pub mod manifest;
 pub mod pipeline;
 pub mod progress;
 pub mod prune;
+#[cfg(feature = "rbd")]
+pub mod rbd_tracker;
 pub mod restore;
 pub mod snapshot;
 pub mod store;

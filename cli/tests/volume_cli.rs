@@ -1,81 +1,11 @@
 //! End-to-end tests of `strata pv|vg|lv`: the built binary on PV files in a temporary data
 //! directory. Errors must be one line on stderr with a non-zero exit.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-use serde_json::Value;
-
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-        c.arg("--data").arg(self.data()).args(args);
-        c.env_remove("STRATA_DATA");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    /// Runs a command that must succeed; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "strata {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["--output", "json"]);
-        serde_json::from_str(&self.ok(&a)).unwrap()
-    }
-
-    /// Runs a command that must fail with one line on stderr; returns that line.
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(!o.status.success(), "strata {args:?} succeeded");
-        let err = String::from_utf8(o.stderr).unwrap();
-        assert_eq!(
-            err.lines().count(),
-            1,
-            "strata {args:?}: not one line: {err}"
-        );
-        assert!(err.starts_with("strata: "), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
-        err
-    }
-}
-
-fn lv<'a>(list: &'a Value, name: &str) -> &'a Value {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
-}
+mod common;
+use common::{lv, CliEnv as Env};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -88,8 +88,11 @@ pub fn open_export(
             return Err(NbdError::InvalidConfig(format!("{spec} is not a volume")));
         };
         let lv = lv_name.split_once('/').map_or(lv_name.as_str(), |(_, l)| l);
-        // Groups opened without a data directory have no bitmaps: export none then.
-        let bitmaps = vg.bitmaps(lv).ok();
+        // Groups opened without a data directory, and RBD groups, have no bitmaps: none then.
+        let bitmaps = vg
+            .local("export dirty bitmaps of")
+            .and_then(|g| g.bitmaps(lv))
+            .ok();
         return Ok(ExportConfig {
             name: name.to_string(),
             description: source.describe(),

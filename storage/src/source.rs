@@ -10,7 +10,7 @@ use crate::device::BlockDevice;
 use crate::error::Result;
 use crate::format::{open_image, Image, OpenOptions};
 use crate::volume::name::split_lv_path;
-use crate::volume::{Vg, VolumeStore};
+use crate::volume::{Group, VolumeStore};
 
 /// The prefix naming a logical volume.
 pub const LV_PREFIX: &str = "lv:";
@@ -54,8 +54,8 @@ pub enum Source {
     Volume {
         /// The volume.
         device: Arc<dyn BlockDevice>,
-        /// Its group, kept open (and locked) as long as the source lives.
-        vg: Vg,
+        /// Its group, kept open (a local one locked) as long as the source lives.
+        vg: Group,
         /// `VG/NAME`.
         name: String,
     },
@@ -89,7 +89,7 @@ pub fn open_source(spec: &str, opts: &OpenOptions, data_dir: &Path) -> Result<So
         SourceSpec::Path(p) => Ok(Source::Image(open_image(&p, opts)?)),
         SourceSpec::Volume { vg, lv } => {
             let store = VolumeStore::new(data_dir).with_io(opts.engine, opts.cache);
-            let group = store.open_vg(&vg, opts.read_only)?;
+            let group = store.open_group(&vg, opts.read_only)?;
             let device = group.open_lv(&lv, opts.read_only)?;
             Ok(Source::Volume {
                 device,

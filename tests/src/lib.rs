@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub mod ceph;
 pub mod linux_guest;
 
 /// The freestanding virtio-blk test guest, built by build.rs.

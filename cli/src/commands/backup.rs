@@ -11,12 +11,13 @@ use strata_backup::gc::DEFAULT_GRACE_SECS;
 use strata_backup::pipeline::PipelineOptions;
 use strata_backup::prune::KeepRules;
 use strata_backup::restore::RestoreOptions;
-use strata_backup::{snapshot, BackupOptions, Changes, Datastore, Progress};
+use strata_backup::{snapshot, BackupOptions, ChangeTracker, Changes, Datastore, Progress};
 use strata_storage::format::{self, ImageFormat, OpenOptions};
 use strata_storage::io::engine::EngineChoice;
 use strata_storage::io::file::CacheMode;
 use strata_storage::source::{open_source, Source};
 use strata_storage::util::format_size;
+use strata_storage::volume::Group;
 
 use super::image::{CacheArg, FormatArg};
 use super::Output;
@@ -276,20 +277,32 @@ fn open_named(spec: &str, read_only: bool, cache: CacheArg) -> anyhow::Result<So
     open_source(spec, &opts, &super::data_dir()).with_context(|| format!("Could not open {spec}"))
 }
 
-/// The source's format name and, for a volume, a tracker over its dirty bitmap for this
-/// datastore and group.
+/// The source's format name and, for a volume, its change tracker for this datastore and
+/// group: a dirty bitmap for a local volume, RBD snapshots and fast-diff for an RBD volume.
 fn tracker_for(
     source: &Source,
     store: &Datastore,
     id: &str,
-) -> anyhow::Result<(String, Option<BitmapTracker>)> {
+) -> anyhow::Result<(String, Option<Box<dyn ChangeTracker>>)> {
     match source {
         Source::Image(img) => Ok((img.format().to_string(), None)),
         Source::Volume { vg, name, .. } => {
             let lv = name.split_once('/').map_or(name.as_str(), |(_, lv)| lv);
-            let set = vg.bitmaps(lv)?;
-            let tracker =
-                BitmapTracker::new(set, bitmap_name(store.root(), id), format!("lv:{name}"));
+            let tracker: Box<dyn ChangeTracker> = match vg {
+                Group::Local(vg) => Box::new(BitmapTracker::new(
+                    vg.bitmaps(lv)?,
+                    bitmap_name(store.root(), id),
+                    format!("lv:{name}"),
+                )),
+                #[cfg(feature = "rbd")]
+                Group::Rbd(g) => Box::new(strata_backup::rbd_tracker::RbdTracker::new(
+                    g,
+                    lv,
+                    store.root(),
+                    id,
+                    format!("lv:{name}"),
+                )?),
+            };
             Ok(("volume".into(), Some(tracker)))
         }
     }
@@ -340,7 +353,7 @@ fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     let dev = source.device();
     let out = match tracker {
         Some(mut t) if use_tracker => {
-            strata_backup::create_tracked(&store, dev, &opts, &mut t, &bar)?
+            strata_backup::create_tracked(&store, dev, &opts, t.as_mut(), &bar)?
         }
         _ => strata_backup::create(&store, dev, &opts, &bar)?,
     };

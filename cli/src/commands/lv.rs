@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use strata_storage::util::{format_size, parse_size};
 use strata_storage::volume::name::split_lv_path;
-use strata_storage::volume::{LvInfo, LvType, Vg, VolumeStore};
+use strata_storage::volume::{Group, LvInfo, LvType, VolumeStore};
 
 use super::Output;
 
@@ -32,7 +32,10 @@ pub enum LvCommand {
     /// Remove a volume.
     Remove(OneArgs),
     /// Mark a thin volume as a template (read-only; clones may be made from it), or unmark it.
+    /// In an RBD group a template is a protected snapshot.
     Template(TemplateArgs),
+    /// Take in an RBD image made outside Strata (`rbd create`) as a volume of an RBD group.
+    Adopt(OneArgs),
     /// Dirty bitmaps (changed-block tracking) of a volume.
     #[command(subcommand)]
     Bitmap(super::bitmap::BitmapCommand),
@@ -130,14 +133,14 @@ pub struct TemplateArgs {
     path: String,
 }
 
-/// Opens the group of `VG/NAME` for changes; returns it and NAME.
+/// Opens the group (local or RBD) of `VG/NAME` for changes; returns it and NAME.
 pub fn open<'a>(
     store: &VolumeStore,
     path: &'a str,
     read_only: bool,
-) -> anyhow::Result<(Vg, &'a str)> {
+) -> anyhow::Result<(Group, &'a str)> {
     let (vg, lv) = split_lv_path(path)?;
-    Ok((store.open_vg(vg, read_only)?, lv))
+    Ok((store.open_group(vg, read_only)?, lv))
 }
 
 fn same_vg<'a>(path: &'a str, vg: &str) -> anyhow::Result<&'a str> {
@@ -160,6 +163,7 @@ fn kind(l: &LvInfo) -> &'static str {
     match l.kind {
         LvType::Linear => "linear",
         LvType::ThinPool => "thin-pool",
+        LvType::Snapshot if l.template => "template",
         LvType::Snapshot => "snapshot",
         LvType::Thin if l.template => "template",
         LvType::Thin if l.origin.is_some() => "clone",
@@ -215,6 +219,26 @@ fn print_list(lvs: &[LvInfo], output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "rbd")]
+fn adopt(vg: &Group, name: &str) -> anyhow::Result<()> {
+    match vg {
+        Group::Rbd(g) => Ok(g.adopt(name)?),
+        Group::Local(_) => bail!(
+            "volume group {} is local: only RBD groups adopt images (`strata vg create-rbd`)",
+            vg.name()
+        ),
+    }
+}
+
+#[cfg(not(feature = "rbd"))]
+fn adopt(vg: &Group, _name: &str) -> anyhow::Result<()> {
+    bail!(
+        "volume group {} is local: only RBD groups adopt images, and this strata was built \
+         without RBD support",
+        vg.name()
+    )
+}
+
 /// A size argument, absolute or `+N` relative to `current`.
 fn new_size(text: &str, current: u64) -> anyhow::Result<u64> {
     Ok(match text.strip_prefix('+') {
@@ -231,13 +255,12 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
         LvCommand::Create(a) => {
             let (vg, name) = open(&store, &a.path, false)?;
             let size = parse_size(&a.size)?;
-            match &a.thin {
-                Some(pool) => {
-                    let pool = same_vg(pool, &vg.name())?;
-                    vg.create_thin(pool, name, size)?;
-                }
-                None => vg.create_linear(name, size, &[])?,
-            }
+            let pool = a
+                .thin
+                .as_deref()
+                .map(|p| same_vg(p, &vg.name()))
+                .transpose()?;
+            vg.create(name, size, pool)?;
             print_one(&vg.lv_info(name)?, a.out.output, "created")?;
         }
         LvCommand::CreatePool(a) => {
@@ -254,7 +277,8 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
                 .map(parse_size)
                 .transpose()?
                 .unwrap_or(0);
-            vg.create_pool(name, parse_size(&a.size)?, block, meta)?;
+            vg.local("thin pools")?
+                .create_pool(name, parse_size(&a.size)?, block, meta)?;
             print_one(&vg.lv_info(name)?, a.out.output, "created")?;
         }
         LvCommand::Snapshot(a) => {
@@ -272,11 +296,15 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
         LvCommand::List(a) => {
             let names: Vec<String> = match &a.vg {
                 Some(v) => vec![v.clone()],
-                None => store.vg_list()?.into_iter().map(|v| v.name).collect(),
+                None => {
+                    let mut n: Vec<String> = store.vg_list()?.into_iter().map(|v| v.name).collect();
+                    n.extend(store.rbd_groups().load()?.into_iter().map(|g| g.name));
+                    n
+                }
             };
             let mut all = Vec::new();
             for n in names {
-                all.extend(store.open_vg(&n, true)?.list_lvs()?);
+                all.extend(store.open_group(&n, true)?.list_lvs()?);
             }
             print_list(&all, a.out.output)?;
         }
@@ -289,9 +317,10 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
             let (vg, name) = open(&store, &a.path, false)?;
             let info = vg.lv_info(name)?;
             if a.metadata {
-                let pool = vg.pool(name)?;
+                let local = vg.local("thin pool metadata")?;
+                let pool = local.pool(name)?;
                 let current = pool.usage().metadata_blocks * 4096;
-                vg.resize_pool_metadata(name, new_size(&a.size, current)?)?;
+                local.resize_pool_metadata(name, new_size(&a.size, current)?)?;
             } else {
                 let size = new_size(&a.size, info.size)?;
                 if size < info.size && !a.shrink {
@@ -325,7 +354,16 @@ pub fn run(cmd: LvCommand, data: &Path) -> anyhow::Result<ExitCode> {
         }
         LvCommand::Bitmap(c) => {
             let (vg, lv) = open(&store, c.target(), false)?;
-            super::bitmap::run(&c, &*vg.bitmaps(lv)?)?;
+            super::bitmap::run(
+                &c,
+                &*vg.local("dirty bitmaps (RBD volumes track changes with Ceph's fast-diff)")?
+                    .bitmaps(lv)?,
+            )?;
+        }
+        LvCommand::Adopt(a) => {
+            let (vg, name) = open(&store, &a.path, false)?;
+            adopt(&vg, name)?;
+            print_one(&vg.lv_info(name)?, a.out.output, "adopted")?;
         }
         LvCommand::Template(a) => {
             let (vg, name) = open(&store, &a.path, false)?;

@@ -9,10 +9,15 @@ use strata_storage::volume::{VgInfo, VolumeStore};
 
 use super::Output;
 
+#[path = "vg_rbd.rs"]
+mod rbd;
+
 #[derive(Debug, Subcommand)]
 pub enum VgCommand {
     /// Create a volume group on registered PVs.
     Create(CreateArgs),
+    /// Define a volume group on a Ceph RBD pool (its volumes are RBD images).
+    CreateRbd(CreateRbdArgs),
     /// List volume groups.
     List(OutputArgs),
     /// Show a volume group and its PVs.
@@ -46,6 +51,26 @@ pub struct CreateArgs {
     /// Registered PVs.
     #[arg(required = true)]
     pvs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateRbdArgs {
+    /// The Ceph configuration file (monitor addresses; it may name the keyring).
+    #[arg(long)]
+    conf: PathBuf,
+    /// The Ceph user, without "client." (e.g. admin).
+    #[arg(long = "id", default_value = "admin")]
+    user: String,
+    /// The RBD pool.
+    #[arg(long)]
+    pool: String,
+    /// A keyring file, when the configuration does not name one.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    #[command(flatten)]
+    out: OutputArgs,
+    /// Name of the new group.
+    name: String,
 }
 
 #[derive(Debug, Args)]
@@ -117,9 +142,28 @@ fn resolve_pv(pv: &str) -> String {
         .unwrap_or_else(|_| pv.to_string())
 }
 
+/// Commands on an RBD group, when `cmd` names one; `None` for local groups and group-less
+/// commands.
+fn run_rbd(cmd: &VgCommand, store: &VolumeStore) -> anyhow::Result<Option<ExitCode>> {
+    let name = match cmd {
+        VgCommand::Show(a) | VgCommand::Remove(a) | VgCommand::Check(a) => &a.name,
+        VgCommand::Extend(a) => &a.name,
+        VgCommand::Reduce(a) => &a.name,
+        _ => return Ok(None),
+    };
+    if store.rbd_groups().get(name)?.is_none() {
+        return Ok(None);
+    }
+    rbd::run(cmd, name, store).map(Some)
+}
+
 pub fn run(cmd: VgCommand, data: &Path) -> anyhow::Result<ExitCode> {
     let store = VolumeStore::new(data);
+    if let Some(code) = run_rbd(&cmd, &store)? {
+        return Ok(code);
+    }
     match cmd {
+        VgCommand::CreateRbd(a) => rbd::create(a, &store)?,
         VgCommand::Create(a) => {
             let vg = store.vg_create(&a.name, &a.pvs, parse_size(&a.extent_size)?)?;
             match a.out.output {
@@ -130,12 +174,35 @@ pub fn run(cmd: VgCommand, data: &Path) -> anyhow::Result<ExitCode> {
         VgCommand::List(a) => {
             let list = store.vg_list()?;
             match a.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Output::Json => {
+                    // Local groups, then RBD groups (their records, with "type": "rbd").
+                    let mut all = serde_json::to_value(&list)?;
+                    if let Some(arr) = all.as_array_mut() {
+                        for g in store.rbd_groups().load()? {
+                            let mut v = serde_json::to_value(&g)?;
+                            v["type"] = "rbd".into();
+                            arr.push(v);
+                        }
+                    }
+                    println!("{}", serde_json::to_string_pretty(&all)?)
+                }
                 Output::Human => {
                     println!(
                         "{:<16} {:>4} {:>4} {:>12} {:>12}  STATUS",
                         "VG", "PVS", "LVS", "SIZE", "FREE"
                     );
+                    for g in store.rbd_groups().load()? {
+                        println!(
+                            "{:<16} {:>4} {:>4} {:>12} {:>12}  rbd pool {} ({})",
+                            g.name,
+                            "-",
+                            "-",
+                            "-",
+                            "-",
+                            g.pool,
+                            g.conf.display()
+                        );
+                    }
                     for v in list {
                         let status = if v.missing_pvs.is_empty() {
                             "ok".to_string()

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -228,4 +228,77 @@ pub fn require_tool(tool: &str, test: &str) -> bool {
         eprintln!("SKIPPED {test}: {tool} is not installed");
     }
     found
+}
+
+/// A temporary data directory and the `strata` binary run on it.
+pub struct CliEnv {
+    dir: tempfile::TempDir,
+}
+
+impl CliEnv {
+    pub fn new() -> CliEnv {
+        CliEnv {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+        c.arg("--data").arg(self.data()).args(args);
+        c.env_remove("STRATA_DATA");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "strata {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// Runs a command that must fail with one line on stderr; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(!o.status.success(), "strata {args:?} succeeded");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "strata {args:?}: not one line: {err}"
+        );
+        assert!(err.starts_with("strata: "), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    }
+}
+
+/// The entry named `name` of a JSON list of volumes.
+pub fn lv<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed in {list}"))
 }

@@ -99,7 +99,7 @@ fn open_sides(
     if let (Side::Volume { vg, lv }, Side::Volume { vg: dvg, lv: dlv }) = (src, dst) {
         if vg == dvg {
             let store = VolumeStore::new(data_dir).with_io(req.open.engine, req.open.cache);
-            let group = store.open_vg(vg, false)?;
+            let group = store.open_group(vg, false)?;
             let s = Source::Volume {
                 device: group.open_lv(lv, true)?,
                 vg: group.clone(),

@@ -30,14 +30,19 @@ pub mod alloc;
 pub(crate) mod codec;
 pub mod devices;
 pub mod extents;
+pub mod group;
 pub mod label;
 pub mod linear;
+mod listfile;
 pub mod lock;
 pub mod lv;
 mod lvbitmap;
 pub mod mda;
 pub mod meta;
 pub mod name;
+#[cfg(feature = "rbd")]
+pub mod rbd;
+pub mod rbd_groups;
 pub mod region;
 pub(crate) mod stack;
 pub mod store;
@@ -45,6 +50,7 @@ pub mod thin;
 pub mod vg;
 pub mod vgcheck;
 
+pub use group::Group;
 pub use linear::LinearDevice;
 pub use lv::{LvInfo, LvType, DEFAULT_BLOCK_SIZE};
 pub use store::{resolve_data_dir, PvSummary, VgSummary, VolumeStore};
