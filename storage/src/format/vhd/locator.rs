@@ -81,6 +81,11 @@ fn classify(code: &[u8; 4], text: &str) -> Located {
             Located::Relative(path.to_string())
         };
     }
+    classify_windows_path(text)
+}
+
+/// Classifies a Windows-style path (backslashes, maybe a drive letter or a UNC name).
+pub fn classify_windows_path(text: &str) -> Located {
     let unix = text.replace('\\', "/");
     let b = text.as_bytes();
     if b.len() >= 2 && b[1] == b':' || text.starts_with("\\\\") {
