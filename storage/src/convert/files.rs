@@ -220,7 +220,6 @@ pub fn convert_to_new_image(
     opts: &ConvertOptions,
     progress: &dyn ConvertProgress,
 ) -> Result<ConvertReport> {
-    let size = src.size();
     // Where nothing is written, a backed image reads its backing file, not zeros: the source's
     // zero ranges must be written as zeros there (qcow2 zero clusters), as on an existing target.
     let backed = ConvertOptions {
@@ -233,8 +232,35 @@ pub fn convert_to_new_image(
         opts
     };
     let staged = Staged::new(new.path, new.format)?;
+    build_new_image(src, new, opts, progress, &staged)
+        .map_err(|e| staged.scrub(e))
+        .and_then(|report| {
+            staged.commit()?;
+            Ok(report)
+        })
+}
+
+/// Whether the new image can only be written as a compressed stream: `-c`, or a vmdk with
+/// `subformat=streamOptimized` (which qemu-img writes without `-c` too).
+fn streamed(new: &NewImage<'_>) -> bool {
+    new.compress
+        || (new.format == ImageFormat::Vmdk
+            && new
+                .options
+                .get("subformat")
+                .is_some_and(|s| s.eq_ignore_ascii_case("streamOptimized")))
+}
+
+fn build_new_image(
+    src: &dyn BlockDevice,
+    new: &NewImage<'_>,
+    opts: &ConvertOptions,
+    progress: &dyn ConvertProgress,
+    staged: &Staged,
+) -> Result<ConvertReport> {
+    let size = src.size();
     let build = staged.build_path();
-    let report = if new.compress {
+    let report = if streamed(new) {
         let w = format::create_compressed(build, new.format, size, new.options)?;
         convert(src, ConvertTarget::Compressed(w), opts, progress)?
     } else {
@@ -250,6 +276,5 @@ pub fn convert_to_new_image(
         drop(dst);
         report
     };
-    staged.commit()?;
     Ok(report)
 }

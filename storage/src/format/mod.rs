@@ -339,7 +339,7 @@ pub fn create_compressed(
         }
         ImageFormat::Qcow2 => qcow2::compress::create_compressed(path, size, options),
         _ => Err(StorageError::Unsupported(format!(
-            "writing compressed {format} images is not implemented yet"
+            "compressed {format} images (the format has no compression; convert without -c)"
         ))),
     }
 }
