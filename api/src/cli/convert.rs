@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_storage::convert::{convert_files, ConvertOptions, ConvertProgress, ConvertRequest};
+use strata_storage::convert::{
+    convert_files, ConvertOptions, ConvertProgress, ConvertRequest, SnapshotSel,
+};
 use strata_storage::format::{self, OpenOptions};
 use strata_storage::util::{format_size, parse_size};
 
@@ -29,6 +31,10 @@ pub struct ConvertArgs {
     /// Write a compressed target: streamOptimized vmdk or compressed qcow2.
     #[arg(short = 'c')]
     compress: bool,
+    /// Read an internal snapshot of a qcow2 source instead of its current state, without
+    /// applying it: snapshot.name=NAME or snapshot.id=ID (or a bare name).
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
     /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
@@ -125,6 +131,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             existing_target: a.existing,
         },
         volumes: Some(&data_dir),
+        source_snapshot: a.snapshot.as_deref().map(SnapshotSel::parse).transpose()?,
         source_cache: Some(a.source_cache.into()),
     };
     let bar = if a.progress {

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::snapshot::{open_snapshot, SnapshotSel};
 use super::staging::Staged;
 use super::{convert, ConvertOptions, ConvertProgress, ConvertReport, ConvertTarget};
 use crate::device::BlockDevice;
@@ -42,6 +43,8 @@ pub struct ConvertRequest<'a> {
     pub convert: ConvertOptions,
     /// The data directory whose volumes `lv:VG/NAME` names; `None`: every name is a file.
     pub volumes: Option<&'a Path>,
+    /// Read this internal snapshot of a qcow2 source instead of its active state (`-l`).
+    pub source_snapshot: Option<SnapshotSel>,
 }
 
 /// One side of a conversion.
@@ -121,7 +124,29 @@ fn open_sides(
             }
         }
     };
-    let source = open(src, &src_opts)?;
+    let source = match (&req.source_snapshot, src) {
+        (Some(sel), Side::File(p)) => {
+            if req.source_format.is_some_and(|f| f != ImageFormat::Qcow2) {
+                return Err(StorageError::InvalidInput(
+                    "-l reads internal snapshots of qcow2 images only".into(),
+                ));
+            }
+            let host: crate::device::SharedFile = format::open_host_file(p, &src_opts)?;
+            if format::probe(host.as_ref())? != format::Probed::Known(ImageFormat::Qcow2) {
+                return Err(StorageError::InvalidInput(format!(
+                    "-l reads internal snapshots of qcow2 images, and {} is not one",
+                    p.display()
+                )));
+            }
+            Source::Image(open_snapshot(host, sel)?)
+        }
+        (Some(_), Side::Volume { .. }) => {
+            return Err(StorageError::InvalidInput(
+                "-l applies to qcow2 images, not volumes (take a volume snapshot with `strata lv snapshot`)".into(),
+            ))
+        }
+        (None, _) => open(src, &src_opts)?,
+    };
     let target = if req.convert.existing_target {
         Some(open(dst, &dst_opts)?)
     } else {
