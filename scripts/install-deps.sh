@@ -27,8 +27,8 @@ packages=(
   mtools                       # grub-mkrescue makes the ISO's EFI FAT image with mformat/mcopy;
                                # tests/tests/appliance_iso.rs makes and reads the token stick
   ovmf                         # tests/tests/appliance_iso.rs: UEFI firmware for QEMU
-  libvhdi-utils fuse           # storage/tests/vhd_chains.rs: vhdiinfo and vhdimount (FUSE), an
-                               # independent VHD/VHDX reader for differencing chains
+  libvhdi-utils                # storage/tests/vhd_chains.rs: vhdiinfo and vhdimount (FUSE), an
+                               # independent VHD/VHDX reader for differencing chains (unmounted with umount as root)
 )
 $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
 echo "installed: ${qemu[*]} ${packages[*]}"
