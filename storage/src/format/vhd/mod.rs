@@ -27,6 +27,8 @@ pub mod check;
 pub mod create;
 pub mod dynamic;
 pub mod footer;
+#[cfg(feature = "test-utils")]
+pub mod fuzz;
 mod image;
 pub mod locator;
 mod queue;

@@ -32,6 +32,8 @@
 pub mod bat;
 pub mod check;
 pub mod create;
+#[cfg(feature = "test-utils")]
+pub mod fuzz;
 pub mod guid;
 pub mod header;
 mod image;
