@@ -67,7 +67,7 @@ fn dynamic() {
 
 #[test]
 fn dynamic_rounded_to_the_geometry_with_small_blocks() {
-    on_files("block_size=512K", EngineChoice::Auto);
+    on_files("force_size=off,block_size=512K", EngineChoice::Auto);
 }
 
 #[test]

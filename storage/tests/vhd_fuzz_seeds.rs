@@ -57,7 +57,11 @@ fn mutate(rng: &mut fastrand::Rng, seed: &[u8]) -> Vec<u8> {
             2 => {
                 let v = [0u64, 1, 7, u32::MAX as u64, u64::MAX, 1 << 40, 1 << 20][rng.usize(..7)];
                 let end = (at + 8).min(d.len());
-                let bytes = if rng.bool() { v.to_le_bytes() } else { v.to_be_bytes() };
+                let bytes = if rng.bool() {
+                    v.to_le_bytes()
+                } else {
+                    v.to_be_bytes()
+                };
                 d[at..end].copy_from_slice(&bytes[..end - at]);
             }
             3 => d.truncate(at.max(1)),
@@ -80,7 +84,11 @@ fn run(name: &str, per_seed: usize, f: fn(&[u8])) {
             if r.is_err() {
                 let keep = std::env::temp_dir().join(format!("{name}-crash-{i}-{n}"));
                 let _ = std::fs::write(&keep, &m);
-                panic!("{}: mutation {n} panicked (input kept at {})", path.display(), keep.display());
+                panic!(
+                    "{}: mutation {n} panicked (input kept at {})",
+                    path.display(),
+                    keep.display()
+                );
             }
         }
     }

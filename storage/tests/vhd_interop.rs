@@ -102,6 +102,7 @@ fn images_written_here_pass_qemu_img_compare_and_check() {
     let dir = tempfile::tempdir().unwrap();
     let kinds = [
         ("vpc", "", ImageFormat::Vhd),
+        ("vpc", "force_size=off", ImageFormat::Vhd),
         ("vpc", "subformat=fixed", ImageFormat::Vhd),
         ("vpc", "force_size=on,block_size=512K", ImageFormat::Vhd),
         ("vpc", "block_size=4M", ImageFormat::Vhd),
@@ -273,7 +274,7 @@ fn geometry_limits_and_a_2040_gib_dynamic_vhd_agree_with_qemu() {
             let o = if force {
                 "force_size=on"
             } else {
-                "subformat=dynamic"
+                "force_size=off"
             };
             // qemu creates, we read its size and what it wrote near the end.
             let q = dir.path().join(format!("q{i}{force}.vhd"));

@@ -1,9 +1,10 @@
 //! Creating VHDs: fixed, dynamic, and differencing over a parent in the same folder.
 //!
-//! Sizes follow qemu-img: without `force_size` a size is rounded up to the next CHS geometry (so
-//! every reader, whichever size rule it follows, sees the same disk); with `force_size=on`, or
-//! above what CHS can express (about 127 GiB), the geometry is the largest one and `current_size`
-//! holds the exact size. Layout of a dynamic disk: footer copy at 0, dynamic header at 512, BAT at
+//! A new disk has exactly the size asked for (rounded up to whole sectors), so restores, uploads
+//! and `convert -n` find the size they expect: its geometry is the CHS one when that addresses
+//! exactly this size, else the largest one, which makes every reader (qemu, Hyper-V, XenServer)
+//! use `current_size`. `force_size=off` rounds the size up to the next CHS geometry instead, as
+//! qemu-img does by default (Virtual PC, which reads only the geometry, then sees the same disk). Layout of a dynamic disk: footer copy at 0, dynamic header at 512, BAT at
 //! 1,536, parent locator data (differencing), then blocks, then the footer.
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use crate::format::{open_image, resolve_in_folder, ImageFormat, OpenOptions};
 pub struct VhdCreateOptions {
     /// Fixed instead of dynamic.
     pub fixed: bool,
-    /// Keep the exact size (largest geometry) instead of rounding up to a CHS geometry.
+    /// Keep the exact size (the default) instead of rounding up to a CHS geometry.
     pub force_size: bool,
     /// Block size of a dynamic disk.
     pub block_size: u32,
@@ -40,6 +41,7 @@ impl VhdCreateOptions {
     pub fn from_map(map: &BTreeMap<String, String>) -> Result<VhdCreateOptions> {
         let mut o = VhdCreateOptions {
             block_size: DEFAULT_BLOCK,
+            force_size: true,
             ..Default::default()
         };
         for (k, v) in map {
@@ -94,10 +96,9 @@ impl VhdCreateOptions {
 pub fn sized(size: u64, force_size: bool) -> Result<(u64, Geometry)> {
     let sectors = size.div_ceil(SECTOR);
     let (g, n) = if force_size {
-        (Geometry::MAX, sectors)
+        (exact_geometry(sectors * SECTOR), sectors)
     } else {
-        let (g, n) = Geometry::covering(sectors);
-        (g, n)
+        Geometry::covering(sectors)
     };
     let bytes = n * SECTOR;
     if bytes > MAX_SIZE {

@@ -5,7 +5,9 @@
 
 use crate::device::HostFile;
 use crate::format::vhd::fuzz::{exercise, poke};
-use crate::format::vhdx::header::{le32, seal, HEADER_LEN, HEADER_OFFSETS, REGION_OFFSETS, REGION_TABLE_LEN};
+use crate::format::vhdx::header::{
+    le32, seal, HEADER_LEN, HEADER_OFFSETS, REGION_OFFSETS, REGION_TABLE_LEN,
+};
 use crate::format::{open_image_on, ImageFormat};
 use crate::io::memory::MemoryDevice;
 
