@@ -223,7 +223,19 @@ pub fn resolve_in_folder(dir: &Path, name: &str, what: &str) -> Result<PathBuf> 
     {
         return Err(refuse());
     }
-    let joined = dir.join(rel);
+    // `./` components add nothing but noise to the names shown to users.
+    let rel: PathBuf = rel
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    if rel.as_os_str().is_empty() {
+        return Err(refuse());
+    }
+    let joined = if dir == Path::new(".") {
+        rel
+    } else {
+        dir.join(rel)
+    };
     if let (Ok(real), Ok(real_dir)) = (joined.canonicalize(), dir.canonicalize()) {
         if !real.starts_with(&real_dir) {
             return Err(refuse());

@@ -8,7 +8,7 @@
 
 use crate::error::Result;
 use crate::format::qcow2::check::{CheckReport, Repair};
-use crate::format::vhd::footer::SECTOR;
+use crate::format::vhd::footer::{Footer, SECTOR};
 use crate::format::vhd::table::BlockState;
 use crate::format::vhd::VhdImage;
 
@@ -31,22 +31,26 @@ impl VhdImage {
         let mut end = [0u8; SECTOR as usize];
         v.file.read_exact_at(v.file.len() - SECTOR, &mut end)?;
         let footer = v.footer.render();
+        let end_at = v.file.len() - SECTOR;
         for (what, bytes, at) in [
             ("copy at offset 0", copy, 0),
-            ("footer at the end", end, v.file.len() - SECTOR),
+            ("footer at the end", end, end_at),
         ] {
-            if bytes != footer {
-                if repair == Repair::All && v.writable {
-                    v.file.write_all_at(at, &footer)?;
-                    v.file.sync_data()?;
-                    r.corruptions_fixed += 1;
-                    r.messages.push(format!("Repaired the VHD footer {what}"));
-                } else {
-                    r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR the VHD footer {what} differs from the footer in use"
-                    ));
-                }
+            // Compared by what they say: reserved bytes other writers fill do not matter.
+            let same = Footer::parse(&bytes, &v.name).is_ok_and(|f| f == v.footer);
+            if same {
+                continue;
+            }
+            if repair == Repair::All && v.writable {
+                v.file.write_all_at(at, &footer)?;
+                v.file.sync_data()?;
+                r.corruptions_fixed += 1;
+                r.messages.push(format!("Repaired the VHD footer {what}"));
+            } else {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR the VHD footer {what} differs from the footer in use"
+                ));
             }
         }
         let blocks = v.size.div_ceil(t.block_size());

@@ -252,10 +252,9 @@ fn open_parent(
 impl Vhd {
     /// Rewrites the footer at the end of the data (after a damaged end was found).
     fn flush_footer(&self) -> Result<()> {
-        if let Some(t) = &self.table {
-            t.mark_footer_dirty();
-            t.write_back()?;
+        match &self.table {
+            Some(t) => t.repair_end(),
+            None => Ok(()),
         }
-        Ok(())
     }
 }

@@ -300,14 +300,28 @@ impl Table {
         st.next_free = end;
         st.footer_dirty = true;
         if self.differencing {
+            if st.bitmaps.len() >= MAX_CACHED_BITMAPS {
+                self.write_back_locked(&mut st)?;
+                st.bitmaps.clear();
+            }
             st.bitmaps.insert(b, Bitmap { bits, dirty: false });
         }
         Ok(at)
     }
 
-    /// Has the next write-back write the footer after the last block.
-    pub fn mark_footer_dirty(&self) {
-        self.lock().footer_dirty = true;
+    /// Writes the footer after the last block and cuts off whatever follows it (leftovers of an
+    /// interrupted allocation: no BAT entry points there), then syncs. Used when the footer at
+    /// the end was found damaged.
+    pub fn repair_end(&self) -> Result<()> {
+        let mut st = self.lock();
+        st.footer_dirty = true;
+        self.write_back_locked(&mut st)?;
+        let end = st.next_free + SECTOR;
+        if self.file.len() > end {
+            self.file.set_len(end)?;
+            self.file.sync_data()?;
+        }
+        Ok(())
     }
 
     /// Syncs the data, then writes dirty bitmaps, BAT sectors and the footer, and syncs again.
