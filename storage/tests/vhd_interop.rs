@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use strata_storage::convert::{convert_files, ConvertOptions, ConvertRequest};
 use strata_storage::format::{self, open_image, ImageFormat, OpenOptions};
-use strata_storage::BlockDevice;
 
 mod vhd_util;
 use vhd_util::*;

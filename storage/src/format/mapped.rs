@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::SharedFile;
+use crate::device::{Extent, ExtentKind, SharedFile};
 use crate::error::{Result, StorageError};
 use crate::format::Image;
 use crate::io::{
@@ -116,6 +116,76 @@ impl Mergeable for ZeroTarget {
             (ZeroTarget::Nothing, ZeroTarget::Nothing) => true,
             _ => false,
         }
+    }
+}
+
+/// Calls `f(block, offset within block, length)` for each block of `block_size` bytes that
+/// `offset..offset + len` touches.
+pub(crate) fn for_each_block(
+    offset: u64,
+    len: u64,
+    block_size: u64,
+    mut f: impl FnMut(u64, u64, u64) -> Result<()>,
+) -> Result<()> {
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let b = at / block_size;
+        let within = at % block_size;
+        let n = (block_size - within).min(end - at);
+        f(b, within, n)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// How a block of a block-table format answers block status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockClass {
+    /// Holds data in this image.
+    Data,
+    /// Reads as zeros without data.
+    Zero,
+    /// Not in this image: the parent's, or unallocated.
+    Absent,
+}
+
+/// Most blocks one block-status answer walks.
+const STATUS_SCAN_BLOCKS: u64 = 1 << 16;
+
+/// Block status for block-table formats: the run of blocks from `offset` (within `size`) with
+/// the class of the first, at most `len` bytes; absent blocks report the parent's status.
+pub(crate) fn block_table_status(
+    offset: u64,
+    len: u64,
+    size: u64,
+    block_size: u64,
+    class: impl Fn(u64) -> BlockClass,
+    parent: Option<&Arc<dyn Image>>,
+) -> Result<Extent> {
+    let end = offset.saturating_add(len).min(size);
+    if offset >= end {
+        return Err(StorageError::OutOfRange { offset, len, size });
+    }
+    let first = class(offset / block_size);
+    let mut n = (block_size - offset % block_size).min(end - offset);
+    let mut scanned = 1;
+    while offset + n < end
+        && scanned < STATUS_SCAN_BLOCKS
+        && class((offset + n) / block_size) == first
+    {
+        n = (n + block_size).min(end - offset);
+        scanned += 1;
+    }
+    let found = |kind, len| Ok(Extent { offset, len, kind });
+    match (first, parent) {
+        (BlockClass::Data, _) => found(ExtentKind::Data, n),
+        (BlockClass::Zero, _) => found(ExtentKind::Zero, n),
+        (BlockClass::Absent, Some(p)) if offset < p.size() => {
+            let s = p.block_status(offset, n.min(p.size() - offset))?;
+            found(s.kind, s.len)
+        }
+        (BlockClass::Absent, _) => found(ExtentKind::Unallocated, n),
     }
 }
 

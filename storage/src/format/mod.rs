@@ -7,6 +7,8 @@
 //! refused with an error naming it.
 
 pub mod compare;
+#[cfg(feature = "test-utils")]
+pub mod fuzzing;
 mod mapped;
 pub mod qcow2;
 pub mod raw;
@@ -242,6 +244,40 @@ pub fn resolve_in_folder(dir: &Path, name: &str, what: &str) -> Result<PathBuf> 
         }
     }
     Ok(joined)
+}
+
+/// Where a differencing disk `name` (at `path`, `depth` parents below the image opened) looks
+/// for its parent: its folder. Refuses an image opened without a path and chains deeper than
+/// `max_depth` (which also stops loops). `what` names the format.
+pub(crate) fn parent_folder(
+    name: &str,
+    path: Option<&Path>,
+    depth: u32,
+    max_depth: u32,
+    what: &str,
+) -> Result<PathBuf> {
+    let Some(path) = path else {
+        return Err(StorageError::Unsupported(format!(
+            "opening the differencing {what} {name} without its path (its parent is a separate file)"
+        )));
+    };
+    if depth + 1 >= max_depth {
+        return Err(StorageError::Unsupported(format!(
+            "{what} differencing chains deeper than {max_depth} ({name}; a loop?)"
+        )));
+    }
+    Ok(folder_of(path))
+}
+
+/// Parses `subformat=dynamic|fixed` for `what` (VHD, VHDX): whether the disk is fixed.
+pub(crate) fn fixed_subformat(value: &str, what: &str) -> Result<bool> {
+    match value {
+        "dynamic" => Ok(false),
+        "fixed" => Ok(true),
+        other => Err(StorageError::InvalidInput(format!(
+            "Invalid {what} subformat '{other}' (expected dynamic or fixed)"
+        ))),
+    }
 }
 
 /// The folder holding `path` (`.` for a bare file name).

@@ -9,6 +9,11 @@ use std::process::Command;
 use strata_storage::io::blocking::BlockingQueue;
 use strata_storage::BlockDevice;
 
+#[path = "../vmdk_util/mod.rs"]
+mod vmdk_util;
+#[allow(unused_imports)]
+pub use vmdk_util::{first_diff, p, qemu_io_writes, run};
+
 /// Whether `tool` runs (`args` are a harmless invocation). Under `CI` a missing tool fails the
 /// test; otherwise the test says loudly that it is skipped.
 pub fn require(tool: &str, args: &[&str], package: &str, test: &str) -> bool {
@@ -29,26 +34,6 @@ pub fn require(tool: &str, args: &[&str], package: &str, test: &str) -> bool {
 pub fn qemu(test: &str) -> bool {
     require("qemu-img", &["--version"], "qemu-utils", test)
         && require("qemu-io", &["--version"], "qemu-utils", test)
-}
-
-/// Runs a command; panics with its output on failure; returns stdout.
-pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The path as text.
-pub fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
 }
 
 /// The virtual size qemu-img reports for an image.
@@ -116,24 +101,4 @@ pub fn random_writes(
             (off, len, pat)
         })
         .collect()
-}
-
-/// Applies writes with qemu-io.
-pub fn qemu_io_writes(path: &Path, fmt: &str, writes: &[(u64, u64, u8)]) {
-    let mut args = vec!["-f".to_string(), fmt.to_string()];
-    for (o, l, pat) in writes {
-        args.push("-c".into());
-        args.push(format!("write -P {pat} {o} {l}"));
-    }
-    args.push(p(path).to_string());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    run("qemu-io", &refs);
-}
-
-/// First differing byte, for messages.
-pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .or((a.len() != b.len()).then_some(a.len().min(b.len())))
 }

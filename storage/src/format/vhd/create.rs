@@ -46,17 +46,7 @@ impl VhdCreateOptions {
         };
         for (k, v) in map {
             match k.as_str() {
-                "subformat" => {
-                    o.fixed = match v.as_str() {
-                        "dynamic" => false,
-                        "fixed" => true,
-                        other => {
-                            return Err(StorageError::InvalidInput(format!(
-                                "Invalid VHD subformat '{other}' (expected dynamic or fixed)"
-                            )))
-                        }
-                    }
-                }
+                "subformat" => o.fixed = crate::format::fixed_subformat(v, "VHD")?,
                 "force_size" => o.force_size = crate::util::parse_bool(k, v)?,
                 "block_size" => {
                     let n = crate::util::parse_size(v)?;

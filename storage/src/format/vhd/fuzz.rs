@@ -6,8 +6,7 @@
 
 use crate::format::vhd::dynamic::HEADER_LEN;
 use crate::format::vhd::footer::checksum;
-use crate::format::{Image, ImageFormat, OpenOptions};
-use crate::io::blocking::BlockingQueue;
+use crate::format::{ImageFormat, OpenOptions};
 use crate::io::memory::MemoryDevice;
 
 /// Recomputes the footer (at the end and at 0) and dynamic header checksums of `data`.
@@ -52,31 +51,7 @@ pub fn exercise(data: &[u8], format: ImageFormat) {
     let Ok(img) = crate::format::open_image_on(dev, opts.format) else {
         return;
     };
-    poke(img.as_ref());
-}
-
-/// Bounded work on an open image: a few reads and status queries spread over the disk.
-pub fn poke(img: &dyn Image) {
-    let size = img.size();
-    let _ = img.info();
-    let Ok(mut q) = BlockingQueue::open(img, 4) else {
-        return;
-    };
-    for i in 0..8u64 {
-        let at = (size / 8).saturating_mul(i) & !511;
-        let len = (size - at).min(128 << 10) as usize;
-        if len > 0 {
-            if let Ok(buf) = q.read_at(at, len) {
-                assert_eq!(buf.len(), len);
-            }
-            if let Ok(e) = img.block_status(at, len as u64) {
-                assert!(
-                    e.len >= 1 && e.offset == at && e.len <= len as u64,
-                    "bad extent {e:?}"
-                );
-            }
-        }
-    }
+    crate::format::fuzzing::poke(img.as_ref());
 }
 
 /// Decodes parent locator data under every platform code.

@@ -7,16 +7,13 @@ use serde_json::json;
 
 use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind, SharedFile};
 use crate::error::{Result, StorageError};
-use crate::format::mapped::{BlockMap, MappedQueue};
+use crate::format::mapped::{block_table_status, BlockClass, BlockMap, MappedQueue};
 use crate::format::vhd::dynamic::DynamicHeader;
 use crate::format::vhd::footer::Footer;
 use crate::format::vhd::table::{BlockState, Table};
 use crate::format::{Image, ImageFormat, ImageInfo};
 use crate::io::blocking::BlockingQueue;
 use crate::io::{IoQueue, QueueOptions};
-
-/// Most blocks one [`BlockDevice::block_status`] call walks before answering.
-const STATUS_SCAN_BLOCKS: u64 = 1 << 16;
 
 /// The shared state of an open VHD.
 #[derive(Debug)]
@@ -60,51 +57,39 @@ impl VhdImage {
 
     fn status(&self, offset: u64, len: u64) -> Result<Extent> {
         let v = &self.inner;
-        let end = offset.saturating_add(len).min(v.size);
-        if offset >= end {
-            return Err(StorageError::OutOfRange {
-                offset,
-                len,
-                size: v.size,
-            });
-        }
-        let found = |kind, n| {
-            Ok(Extent {
-                offset,
-                len: n,
-                kind,
-            })
-        };
         let Some(t) = &v.table else {
+            let end = offset.saturating_add(len).min(v.size);
+            if offset >= end {
+                return Err(StorageError::OutOfRange {
+                    offset,
+                    len,
+                    size: v.size,
+                });
+            }
             let s = v.file.block_status(offset, end - offset)?;
             let kind = if s.kind == ExtentKind::Data {
                 ExtentKind::Data
             } else {
                 ExtentKind::Zero
             };
-            return found(kind, s.len.min(end - offset));
+            return Ok(Extent {
+                offset,
+                len: s.len.min(end - offset),
+                kind,
+            });
         };
-        let bs = t.block_size();
-        let allocated = |b| matches!(t.lookup(b), BlockState::At(_));
-        let first = allocated(offset / bs);
-        let mut n = (bs - offset % bs).min(end - offset);
-        let mut scanned = 1;
-        while offset + n < end
-            && scanned < STATUS_SCAN_BLOCKS
-            && allocated((offset + n) / bs) == first
-        {
-            n = (n + bs).min(end - offset);
-            scanned += 1;
-        }
-        match (first, &v.parent) {
-            (true, _) => found(ExtentKind::Data, n),
-            (false, None) => found(ExtentKind::Unallocated, n),
-            (false, Some(p)) if offset >= p.size() => found(ExtentKind::Unallocated, n),
-            (false, Some(p)) => {
-                let s = p.block_status(offset, n.min(p.size() - offset))?;
-                found(s.kind, s.len)
-            }
-        }
+        let class = |b| match t.lookup(b) {
+            BlockState::At(_) => BlockClass::Data,
+            BlockState::Unallocated => BlockClass::Absent,
+        };
+        block_table_status(
+            offset,
+            len,
+            v.size,
+            t.block_size(),
+            class,
+            v.parent.as_ref(),
+        )
     }
 
     fn chain(&self) -> Vec<serde_json::Value> {

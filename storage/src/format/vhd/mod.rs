@@ -45,7 +45,7 @@ use crate::format::vhd::dynamic::{DynamicHeader, HEADER_LEN};
 use crate::format::vhd::footer::{DiskType, Footer, SECTOR};
 use crate::format::vhd::image::Vhd;
 use crate::format::vhd::table::Table;
-use crate::format::{folder_of, open_host_file, probe, ImageFormat, OpenOptions, Probed};
+use crate::format::{open_host_file, parent_folder, probe, ImageFormat, OpenOptions, Probed};
 
 /// Longest differencing chain followed (also stops loops).
 pub const MAX_CHAIN_DEPTH: u32 = 32;
@@ -188,17 +188,7 @@ fn open_parent(
     depth: u32,
 ) -> Result<(Arc<dyn crate::format::Image>, String)> {
     let name = file.name();
-    let Some(path) = path else {
-        return Err(StorageError::Unsupported(format!(
-            "opening the differencing VHD {name} without its path (its parent is a separate file)"
-        )));
-    };
-    if depth + 1 >= MAX_CHAIN_DEPTH {
-        return Err(StorageError::Unsupported(format!(
-            "VHD differencing chains deeper than {MAX_CHAIN_DEPTH} ({name}; a loop?)"
-        )));
-    }
-    let dir = folder_of(path);
+    let dir = parent_folder(name, path, depth, MAX_CHAIN_DEPTH, "VHD")?;
     let candidates = locator::parent_candidates(file.as_ref(), header, &dir)?;
     let popts = OpenOptions {
         read_only: true,

@@ -369,23 +369,14 @@ impl Table {
         self.file.sync_data()
     }
 
-    /// Guest offset ranges: calls `f(block, offset within block, length)` per block.
+    /// Calls `f(block, offset within block, length)` per block of a guest range.
     pub fn blocks_of(
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, u64) -> Result<()>,
+        f: impl FnMut(u64, u64, u64) -> Result<()>,
     ) -> Result<()> {
-        let mut at = offset;
-        let end = offset + len;
-        while at < end {
-            let b = at / self.block_size;
-            let within = at % self.block_size;
-            let n = (self.block_size - within).min(end - at);
-            f(b, within, n)?;
-            at += n;
-        }
-        Ok(())
+        crate::format::mapped::for_each_block(offset, len, self.block_size, f)
     }
 
     /// The file the table lives in.

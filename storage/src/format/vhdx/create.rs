@@ -53,17 +53,7 @@ impl VhdxCreateOptions {
         let mut o = VhdxCreateOptions::default();
         for (k, v) in map {
             match k.as_str() {
-                "subformat" => {
-                    o.fixed = match v.as_str() {
-                        "dynamic" => false,
-                        "fixed" => true,
-                        other => {
-                            return Err(StorageError::InvalidInput(format!(
-                                "Invalid VHDX subformat '{other}' (expected dynamic or fixed)"
-                            )))
-                        }
-                    }
-                }
+                "subformat" => o.fixed = crate::format::fixed_subformat(v, "VHDX")?,
                 "block_size" => {
                     let n = parse_size(v)?;
                     if n != 0

@@ -4,7 +4,8 @@
 #![allow(clippy::panic)]
 
 use crate::device::HostFile;
-use crate::format::vhd::fuzz::{exercise, poke};
+use crate::format::fuzzing::poke;
+use crate::format::vhd::fuzz::exercise;
 use crate::format::vhdx::header::{
     le32, seal, HEADER_LEN, HEADER_OFFSETS, REGION_OFFSETS, REGION_TABLE_LEN,
 };

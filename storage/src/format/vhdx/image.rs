@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::json;
 
-use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind, SharedFile};
+use crate::device::{BlockDevice, Capabilities, Extent, SharedFile};
 use crate::error::{Result, StorageError};
-use crate::format::mapped::{BlockMap, MappedQueue};
+use crate::format::mapped::{block_table_status, BlockClass, BlockMap, MappedQueue};
 use crate::format::vhdx::bat::{Bat, Payload};
 use crate::format::vhdx::guid::Guid;
 use crate::format::vhdx::header::{update_header, Header};
@@ -22,9 +22,6 @@ use crate::format::vhdx::log::LogWriter;
 use crate::format::vhdx::metadata::Metadata;
 use crate::format::{Image, ImageFormat, ImageInfo};
 use crate::io::{IoQueue, QueueOptions};
-
-/// Most blocks one [`BlockDevice::block_status`] call walks before answering.
-const STATUS_SCAN_BLOCKS: u64 = 1 << 16;
 
 /// The header and log as a writing session changes them.
 #[derive(Debug)]
@@ -143,49 +140,22 @@ impl VhdxImage {
 
     fn status(&self, offset: u64, len: u64) -> Result<Extent> {
         let v = &self.inner;
-        let end = offset.saturating_add(len).min(v.size);
-        if offset >= end {
-            return Err(StorageError::OutOfRange {
-                offset,
-                len,
-                size: v.size,
-            });
-        }
         let bat = &v.bat;
-        let bs = bat.block_size();
         let diff = bat.differencing();
-        // 0 data, 1 zero, 2 absent (parent or unallocated).
         let class = |b| match bat.lookup(b) {
-            Payload::Full(_) | Payload::Partial(_) => 0u8,
-            Payload::Zero | Payload::Unmapped => 1,
-            Payload::Undefined if !diff => 1,
-            Payload::NotPresent | Payload::Undefined => 2,
+            Payload::Full(_) | Payload::Partial(_) => BlockClass::Data,
+            Payload::Zero | Payload::Unmapped => BlockClass::Zero,
+            Payload::Undefined if !diff => BlockClass::Zero,
+            Payload::NotPresent | Payload::Undefined => BlockClass::Absent,
         };
-        let first = class(offset / bs);
-        let mut n = (bs - offset % bs).min(end - offset);
-        let mut scanned = 1;
-        while offset + n < end && scanned < STATUS_SCAN_BLOCKS && class((offset + n) / bs) == first
-        {
-            n = (n + bs).min(end - offset);
-            scanned += 1;
-        }
-        let found = |kind, n| {
-            Ok(Extent {
-                offset,
-                len: n,
-                kind,
-            })
-        };
-        match (first, &v.parent) {
-            (0, _) => found(ExtentKind::Data, n),
-            (1, _) => found(ExtentKind::Zero, n),
-            (_, None) => found(ExtentKind::Unallocated, n),
-            (_, Some(p)) if offset >= p.size() => found(ExtentKind::Unallocated, n),
-            (_, Some(p)) => {
-                let s = p.block_status(offset, n.min(p.size() - offset))?;
-                found(s.kind, s.len)
-            }
-        }
+        block_table_status(
+            offset,
+            len,
+            v.size,
+            bat.block_size(),
+            class,
+            v.parent.as_ref(),
+        )
     }
 }
 

@@ -55,7 +55,7 @@ use crate::format::vhdx::header::{read_current_header, read_regions, update_head
 use crate::format::vhdx::image::{Session, Vhdx};
 use crate::format::vhdx::log::{find_replay, LogPlace, LogWriter};
 use crate::format::vhdx::metadata::Metadata;
-use crate::format::{folder_of, open_host_file, probe, ImageFormat, OpenOptions, Probed};
+use crate::format::{open_host_file, parent_folder, probe, ImageFormat, OpenOptions, Probed};
 
 /// Longest differencing chain followed (also stops loops).
 pub const MAX_CHAIN_DEPTH: u32 = 32;
@@ -149,16 +149,7 @@ fn open_parent(
     opts: &OpenOptions,
     depth: u32,
 ) -> Result<(Arc<dyn crate::format::Image>, String)> {
-    let Some(path) = path else {
-        return Err(StorageError::Unsupported(format!(
-            "opening the differencing VHDX {name} without its path (its parent is a separate file)"
-        )));
-    };
-    if depth + 1 >= MAX_CHAIN_DEPTH {
-        return Err(StorageError::Unsupported(format!(
-            "VHDX differencing chains deeper than {MAX_CHAIN_DEPTH} ({name}; a loop?)"
-        )));
-    }
+    let dir = parent_folder(name, path, depth, MAX_CHAIN_DEPTH, "VHDX")?;
     let loc = &meta.parent_locator;
     let linkage: Vec<Guid> = ["parent_linkage", "parent_linkage2"]
         .iter()
@@ -170,7 +161,6 @@ fn open_parent(
             "differencing VHDX parent locator has no parent_linkage",
         ));
     }
-    let dir = folder_of(path);
     let mut candidates = Vec::new();
     for key in ["relative_path", "absolute_win32_path", "volume_path"] {
         if let Some(v) = loc.get(key) {
