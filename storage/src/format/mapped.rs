@@ -142,8 +142,9 @@ pub(crate) fn for_each_block(
 /// How a block of a block-table format answers block status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BlockClass {
-    /// Holds data in this image.
-    Data,
+    /// Holds data in this image, all of it at this host offset when known (then holes in the
+    /// host file there read as zeros and are reported so).
+    Data(Option<u64>),
     /// Reads as zeros without data.
     Zero,
     /// Not in this image: the parent's, or unallocated.
@@ -154,7 +155,10 @@ pub(crate) enum BlockClass {
 const STATUS_SCAN_BLOCKS: u64 = 1 << 16;
 
 /// Block status for block-table formats: the run of blocks from `offset` (within `size`) with
-/// the class of the first, at most `len` bytes; absent blocks report the parent's status.
+/// the class of the first, at most `len` bytes; absent blocks report the parent's status. A
+/// block whose data lies at a known host offset reports, within that block, what the host file
+/// has there (a hole is zeros), as qemu's block layer does: converting a dynamic image then
+/// skips the unwritten parts of allocated blocks instead of reading them.
 pub(crate) fn block_table_status(
     offset: u64,
     len: u64,
@@ -162,13 +166,30 @@ pub(crate) fn block_table_status(
     block_size: u64,
     class: impl Fn(u64) -> BlockClass,
     parent: Option<&Arc<dyn Image>>,
+    host: &SharedFile,
 ) -> Result<Extent> {
     let end = offset.saturating_add(len).min(size);
     if offset >= end {
         return Err(StorageError::OutOfRange { offset, len, size });
     }
+    let found = |kind, len| Ok(Extent { offset, len, kind });
     let first = class(offset / block_size);
-    let mut n = (block_size - offset % block_size).min(end - offset);
+    let in_block = (block_size - offset % block_size).min(end - offset);
+    if let BlockClass::Data(Some(at)) = first {
+        let pos = at + offset % block_size;
+        let host_len = host.len();
+        if pos >= host_len {
+            // A block that runs past the end of the file reads zeros there.
+            return found(ExtentKind::Zero, in_block);
+        }
+        let s = host.block_status(pos, in_block.min(host_len - pos))?;
+        let kind = match s.kind {
+            ExtentKind::Data => ExtentKind::Data,
+            _ => ExtentKind::Zero,
+        };
+        return found(kind, s.len.clamp(1, in_block));
+    }
+    let mut n = in_block;
     let mut scanned = 1;
     while offset + n < end
         && scanned < STATUS_SCAN_BLOCKS
@@ -177,9 +198,8 @@ pub(crate) fn block_table_status(
         n = (n + block_size).min(end - offset);
         scanned += 1;
     }
-    let found = |kind, len| Ok(Extent { offset, len, kind });
     match (first, parent) {
-        (BlockClass::Data, _) => found(ExtentKind::Data, n),
+        (BlockClass::Data(_), _) => found(ExtentKind::Data, n),
         (BlockClass::Zero, _) => found(ExtentKind::Zero, n),
         (BlockClass::Absent, Some(p)) if offset < p.size() => {
             let s = p.block_status(offset, n.min(p.size() - offset))?;

@@ -78,8 +78,10 @@ impl VhdImage {
                 kind,
             });
         };
+        // A differencing block's absent sectors come from the parent: no host-hole shortcut.
         let class = |b| match t.lookup(b) {
-            BlockState::At(_) => BlockClass::Data,
+            BlockState::At(_) if t.differencing() => BlockClass::Data(None),
+            BlockState::At(at) => BlockClass::Data(Some(at + t.bitmap_bytes())),
             BlockState::Unallocated => BlockClass::Absent,
         };
         block_table_status(
@@ -89,6 +91,7 @@ impl VhdImage {
             t.block_size(),
             class,
             v.parent.as_ref(),
+            &v.file,
         )
     }
 

@@ -143,7 +143,8 @@ impl VhdxImage {
         let bat = &v.bat;
         let diff = bat.differencing();
         let class = |b| match bat.lookup(b) {
-            Payload::Full(_) | Payload::Partial(_) => BlockClass::Data,
+            Payload::Full(at) => BlockClass::Data(Some(at)),
+            Payload::Partial(_) => BlockClass::Data(None),
             Payload::Zero | Payload::Unmapped => BlockClass::Zero,
             Payload::Undefined if !diff => BlockClass::Zero,
             Payload::NotPresent | Payload::Undefined => BlockClass::Absent,
@@ -155,6 +156,7 @@ impl VhdxImage {
             bat.block_size(),
             class,
             v.parent.as_ref(),
+            &v.file,
         )
     }
 }
