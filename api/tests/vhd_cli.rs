@@ -14,7 +14,6 @@ use strata_storage::format::vhd::dynamic::{DynamicHeader, HEADER_LEN};
 use strata_storage::format::vhd::footer::{Footer, Geometry};
 use strata_storage::format::{self, open_image, ImageFormat, OpenOptions};
 use strata_storage::io::blocking::BlockingQueue;
-use strata_storage::BlockDevice;
 
 fn strata(data: &Path, args: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_strata"))

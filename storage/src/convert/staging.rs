@@ -259,7 +259,7 @@ mod tests {
         let target = dir.path().join("t.vmdk");
         let s = Staged::new(&target, ImageFormat::Vmdk).unwrap();
         let e = StorageError::corrupt(
-            &s.build_path().display().to_string(),
+            s.build_path().display().to_string(),
             format!(
                 "extent {} is short",
                 s.build_path()

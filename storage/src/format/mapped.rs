@@ -523,7 +523,7 @@ impl<M: BlockMap> MappedQueue<M> {
     }
 
     fn maybe_finish(&mut self, id: u64) {
-        if !self.pending.get(&id).is_some_and(|p| p.remaining == 0) {
+        if self.pending.get(&id).is_none_or(|p| p.remaining != 0) {
             return;
         }
         let Some(mut p) = self.pending.remove(&id) else {
