@@ -230,7 +230,66 @@ pub(crate) trait BlockMap: Send + Sync + fmt::Debug + 'static {
     fn write_sync(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Makes completed writes and the metadata describing them durable.
     fn flush(&self) -> Result<()>;
+    /// Whether the image was opened for writing.
+    fn writable(&self) -> bool;
+    /// Block status (see [`crate::BlockDevice::block_status`]).
+    fn status(&self, offset: u64, len: u64) -> Result<Extent>;
 }
+
+/// Implements [`crate::BlockDevice`] for an image type `$ty` whose field `inner` is an
+/// `Arc` of a [`BlockMap`]: queues are [`MappedQueue`]s, and resizing is refused naming `$what`.
+macro_rules! mapped_block_device {
+    ($ty:ty, $what:literal) => {
+        impl $crate::device::BlockDevice for $ty {
+            fn size(&self) -> u64 {
+                $crate::format::mapped::BlockMap::size(self.inner.as_ref())
+            }
+
+            fn capabilities(&self) -> $crate::device::Capabilities {
+                use $crate::device::Capabilities as C;
+                let mut caps = C::FLUSH | C::BLOCK_STATUS;
+                if $crate::format::mapped::BlockMap::writable(self.inner.as_ref()) {
+                    caps |= C::WRITE | C::DISCARD | C::WRITE_ZEROES;
+                }
+                caps
+            }
+
+            fn alignment(&self) -> usize {
+                $crate::format::mapped::BlockMap::host(self.inner.as_ref()).alignment()
+            }
+
+            fn open_queue(
+                &self,
+                opts: &$crate::io::QueueOptions,
+            ) -> $crate::error::Result<Box<dyn $crate::io::IoQueue>> {
+                Ok(Box::new($crate::format::mapped::MappedQueue::new(
+                    self.inner.clone(),
+                    opts,
+                )?))
+            }
+
+            fn flush(&self) -> $crate::error::Result<()> {
+                $crate::format::mapped::BlockMap::flush(self.inner.as_ref())
+            }
+
+            fn resize(&self, _new_size: u64) -> $crate::error::Result<()> {
+                Err($crate::error::StorageError::Unsupported(format!(
+                    "resizing {} images",
+                    $what
+                )))
+            }
+
+            fn block_status(
+                &self,
+                offset: u64,
+                len: u64,
+            ) -> $crate::error::Result<$crate::device::Extent> {
+                $crate::format::mapped::BlockMap::status(self.inner.as_ref(), offset, len)
+            }
+        }
+    };
+}
+pub(crate) use mapped_block_device;
 
 struct Lower {
     queue: Box<dyn IoQueue>,

@@ -5,15 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
-use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind, SharedFile};
+use crate::device::{Extent, ExtentKind, SharedFile};
 use crate::error::{Result, StorageError};
-use crate::format::mapped::{block_table_status, BlockClass, BlockMap, MappedQueue};
+use crate::format::mapped::{block_table_status, BlockClass, BlockMap};
 use crate::format::vhd::dynamic::DynamicHeader;
 use crate::format::vhd::footer::Footer;
 use crate::format::vhd::table::{BlockState, Table};
 use crate::format::{Image, ImageFormat, ImageInfo};
 use crate::io::blocking::BlockingQueue;
-use crate::io::{IoQueue, QueueOptions};
 
 /// The shared state of an open VHD.
 #[derive(Debug)]
@@ -33,30 +32,10 @@ pub(crate) struct Vhd {
     pub cow: Mutex<Option<BlockingQueue>>,
 }
 
-/// An open VHD image. See the module documentation of [`crate::format::vhd`].
-#[derive(Debug)]
-pub struct VhdImage {
-    pub(crate) inner: Arc<Vhd>,
-}
-
-impl VhdImage {
-    /// The footer.
-    pub fn footer(&self) -> &Footer {
-        &self.inner.footer
-    }
-
-    /// The dynamic header of a dynamic or differencing disk.
-    pub fn dynamic_header(&self) -> Option<&DynamicHeader> {
-        self.inner.dynamic.as_ref()
-    }
-
-    /// The parent of a differencing disk.
-    pub fn parent(&self) -> Option<&Arc<dyn Image>> {
-        self.inner.parent.as_ref()
-    }
-
-    fn status(&self, offset: u64, len: u64) -> Result<Extent> {
-        let v = &self.inner;
+impl Vhd {
+    /// Block status: see [`BlockMap::status`].
+    pub(crate) fn block_status_of(&self, offset: u64, len: u64) -> Result<Extent> {
+        let v = self;
         let Some(t) = &v.table else {
             let end = offset.saturating_add(len).min(v.size);
             if offset >= end {
@@ -94,6 +73,29 @@ impl VhdImage {
             &v.file,
         )
     }
+}
+
+/// An open VHD image. See the module documentation of [`crate::format::vhd`].
+#[derive(Debug)]
+pub struct VhdImage {
+    pub(crate) inner: Arc<Vhd>,
+}
+
+impl VhdImage {
+    /// The footer.
+    pub fn footer(&self) -> &Footer {
+        &self.inner.footer
+    }
+
+    /// The dynamic header of a dynamic or differencing disk.
+    pub fn dynamic_header(&self) -> Option<&DynamicHeader> {
+        self.inner.dynamic.as_ref()
+    }
+
+    /// The parent of a differencing disk.
+    pub fn parent(&self) -> Option<&Arc<dyn Image>> {
+        self.inner.parent.as_ref()
+    }
 
     fn chain(&self) -> Vec<serde_json::Value> {
         let v = &self.inner;
@@ -123,39 +125,7 @@ impl Drop for VhdImage {
     }
 }
 
-impl BlockDevice for VhdImage {
-    fn size(&self) -> u64 {
-        self.inner.size
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        let mut caps = Capabilities::FLUSH | Capabilities::BLOCK_STATUS;
-        if self.inner.writable {
-            caps |= Capabilities::WRITE | Capabilities::DISCARD | Capabilities::WRITE_ZEROES;
-        }
-        caps
-    }
-
-    fn alignment(&self) -> usize {
-        self.inner.file.alignment()
-    }
-
-    fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(MappedQueue::new(self.inner.clone(), opts)?))
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-
-    fn resize(&self, _new_size: u64) -> Result<()> {
-        Err(StorageError::Unsupported("resizing VHD images".into()))
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.status(offset, len)
-    }
-}
+crate::format::mapped::mapped_block_device!(VhdImage, "VHD");
 
 impl Image for VhdImage {
     fn format(&self) -> ImageFormat {

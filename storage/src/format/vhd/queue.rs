@@ -279,4 +279,12 @@ impl BlockMap for Vhd {
             None => self.file.sync_data(),
         }
     }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn status(&self, offset: u64, len: u64) -> Result<crate::device::Extent> {
+        self.block_status_of(offset, len)
+    }
 }

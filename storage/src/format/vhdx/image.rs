@@ -12,16 +12,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::json;
 
-use crate::device::{BlockDevice, Capabilities, Extent, SharedFile};
-use crate::error::{Result, StorageError};
-use crate::format::mapped::{block_table_status, BlockClass, BlockMap, MappedQueue};
+use crate::device::{Extent, SharedFile};
+use crate::error::Result;
+use crate::format::mapped::{block_table_status, BlockClass};
 use crate::format::vhdx::bat::{Bat, Payload};
 use crate::format::vhdx::guid::Guid;
 use crate::format::vhdx::header::{update_header, Header};
 use crate::format::vhdx::log::LogWriter;
 use crate::format::vhdx::metadata::Metadata;
 use crate::format::{Image, ImageFormat, ImageInfo};
-use crate::io::{IoQueue, QueueOptions};
 
 /// The header and log as a writing session changes them.
 #[derive(Debug)]
@@ -111,6 +110,31 @@ impl Vhdx {
     }
 }
 
+impl Vhdx {
+    /// Block status: see [`BlockMap::status`].
+    pub(crate) fn block_status_of(&self, offset: u64, len: u64) -> Result<Extent> {
+        let v = self;
+        let bat = &v.bat;
+        let diff = bat.differencing();
+        let class = |b| match bat.lookup(b) {
+            Payload::Full(at) => BlockClass::Data(Some(at)),
+            Payload::Partial(_) => BlockClass::Data(None),
+            Payload::Zero | Payload::Unmapped => BlockClass::Zero,
+            Payload::Undefined if !diff => BlockClass::Zero,
+            Payload::NotPresent | Payload::Undefined => BlockClass::Absent,
+        };
+        block_table_status(
+            offset,
+            len,
+            v.size,
+            bat.block_size(),
+            class,
+            v.parent.as_ref(),
+            &v.file,
+        )
+    }
+}
+
 /// An open VHDX image. See the module documentation of [`crate::format::vhdx`].
 #[derive(Debug)]
 pub struct VhdxImage {
@@ -137,28 +161,6 @@ impl VhdxImage {
     pub fn replayed_entries(&self) -> usize {
         self.inner.replayed
     }
-
-    fn status(&self, offset: u64, len: u64) -> Result<Extent> {
-        let v = &self.inner;
-        let bat = &v.bat;
-        let diff = bat.differencing();
-        let class = |b| match bat.lookup(b) {
-            Payload::Full(at) => BlockClass::Data(Some(at)),
-            Payload::Partial(_) => BlockClass::Data(None),
-            Payload::Zero | Payload::Unmapped => BlockClass::Zero,
-            Payload::Undefined if !diff => BlockClass::Zero,
-            Payload::NotPresent | Payload::Undefined => BlockClass::Absent,
-        };
-        block_table_status(
-            offset,
-            len,
-            v.size,
-            bat.block_size(),
-            class,
-            v.parent.as_ref(),
-            &v.file,
-        )
-    }
 }
 
 impl Drop for VhdxImage {
@@ -171,39 +173,7 @@ impl Drop for VhdxImage {
     }
 }
 
-impl BlockDevice for VhdxImage {
-    fn size(&self) -> u64 {
-        self.inner.size
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        let mut caps = Capabilities::FLUSH | Capabilities::BLOCK_STATUS;
-        if self.inner.writable {
-            caps |= Capabilities::WRITE | Capabilities::DISCARD | Capabilities::WRITE_ZEROES;
-        }
-        caps
-    }
-
-    fn alignment(&self) -> usize {
-        self.inner.file.alignment()
-    }
-
-    fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(MappedQueue::new(self.inner.clone(), opts)?))
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-
-    fn resize(&self, _new_size: u64) -> Result<()> {
-        Err(StorageError::Unsupported("resizing VHDX images".into()))
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.status(offset, len)
-    }
-}
+crate::format::mapped::mapped_block_device!(VhdxImage, "VHDX");
 
 impl Image for VhdxImage {
     fn format(&self) -> ImageFormat {

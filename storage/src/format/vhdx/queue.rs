@@ -137,4 +137,12 @@ impl BlockMap for Vhdx {
     fn flush(&self) -> Result<()> {
         self.flush_metadata()
     }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn status(&self, offset: u64, len: u64) -> Result<crate::device::Extent> {
+        self.block_status_of(offset, len)
+    }
 }
