@@ -148,7 +148,7 @@ pub enum ImagesCommand {
     },
     /// Create an empty image.
     Create {
-        /// raw, qcow2 or vmdk.
+        /// raw, qcow2, vmdk, vhd or vhdx.
         #[arg(short = 'f', long, default_value = "qcow2")]
         format: String,
         /// Format options, as with `strata image create -o`.
@@ -166,7 +166,7 @@ pub enum ImagesCommand {
         /// Image name.
         name: String,
     },
-    /// Import a disk image file (raw, qcow2 or vmdk) from this machine as a new image (a job;
+    /// Import a disk image file (raw, qcow2, vmdk, vhd or vhdx) from this machine as a new image (a job;
     /// uploaded when --remote).
     Import {
         /// The file.
@@ -185,7 +185,7 @@ pub enum ImagesCommand {
         name: String,
         /// The new file.
         file: PathBuf,
-        /// raw, qcow2 or vmdk (default: the image's own).
+        /// raw, qcow2, vmdk, vhd or vhdx (default: the image's own).
         #[arg(short = 'O', long)]
         format: Option<String>,
     },
