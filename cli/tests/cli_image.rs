@@ -184,12 +184,20 @@ fn a_read_only_file_opened_for_writing_is_refused() {
 #[test]
 fn unsupported_formats_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("x.vhdx");
+    // VirtualBox's VDI: recognised by its signature, not supported.
+    let img = dir.path().join("x.img");
+    let mut data = vec![0u8; 1 << 16];
+    data[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+    std::fs::write(&img, data).unwrap();
+    let o = strata(&["image", "info", path_str(&img)]);
+    assert_clean_failure(&o, "vdi");
+    // A truncated VHDX is recognised and refused with a reason.
+    let img = dir.path().join("y.img");
     let mut data = b"vhdxfile".to_vec();
     data.resize(1 << 16, 0);
     std::fs::write(&img, data).unwrap();
     let o = strata(&["image", "info", path_str(&img)]);
-    assert_clean_failure(&o, "vhdx");
+    assert_clean_failure(&o, "VHDX");
 }
 
 #[test]

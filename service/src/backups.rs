@@ -37,7 +37,7 @@ pub struct RestoreBackup {
     pub snapshot: String,
     /// `image:NAME` (a new image) or `lv:VG/NAME` (an existing volume of the same size).
     pub target: String,
-    /// Format of a new image (raw, qcow2, vmdk); default raw.
+    /// Format of a new image (raw, qcow2, vmdk, vhd, vhdx); default raw.
     pub format: Option<String>,
 }
 

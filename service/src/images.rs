@@ -16,7 +16,7 @@ use super::{names, Service, ServiceError, ServiceResult};
 pub struct ImageSummary {
     /// Name (the file name in the image folder).
     pub name: String,
-    /// Format (raw, qcow2, vmdk).
+    /// Format (raw, qcow2, vmdk, vhd, vhdx).
     pub format: String,
     /// Guest-visible size in bytes.
     pub virtual_size: u64,
@@ -31,7 +31,7 @@ pub struct ImageSummary {
 pub struct CreateImage {
     /// Name of the new image.
     pub name: String,
-    /// Format: raw, qcow2 or vmdk.
+    /// Format: raw, qcow2, vmdk, vhd or vhdx.
     #[serde(default = "default_format")]
     pub format: String,
     /// Virtual size, bytes or with a suffix ("10G").

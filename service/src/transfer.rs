@@ -27,7 +27,7 @@ pub struct ConvertRequest {
     pub source: String,
     /// `image:NAME` (a new image) or `lv:VG/NAME` (an existing volume at least as large).
     pub target: String,
-    /// Format of a new image (raw, qcow2, vmdk); default qcow2.
+    /// Format of a new image (raw, qcow2, vmdk, vhd, vhdx); default qcow2.
     pub format: Option<String>,
     /// Format options of a new image, as with `strata image create -o`.
     #[serde(default)]
@@ -35,7 +35,7 @@ pub struct ConvertRequest {
     /// Write a compressed image (qcow2, or streamOptimized vmdk).
     #[serde(default)]
     pub compress: bool,
-    /// Format of a source given as a server path (raw, qcow2, vmdk); probed when absent.
+    /// Format of a source given as a server path (raw, qcow2, vmdk, vhd, vhdx); probed when absent.
     /// Appliance images and volumes have a recorded format and take none.
     #[serde(default)]
     pub source_format: Option<String>,

@@ -24,7 +24,7 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 /// The format an admin states for an image put into the image folder by hand.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AdoptImage {
-    /// raw, qcow2 or vmdk.
+    /// raw, qcow2, vmdk, vhd or vhdx.
     pub format: String,
 }
 

@@ -62,7 +62,7 @@ pub struct JobStatus {
 pub struct ImageSummary {
     /// Name (the file name in the image folder).
     pub name: String,
-    /// Format (raw, qcow2, vmdk).
+    /// Format (raw, qcow2, vmdk, vhd, vhdx).
     pub format: String,
     /// Guest-visible size in bytes.
     pub virtual_size: u64,
@@ -78,7 +78,7 @@ pub struct ImageSummary {
 pub struct CreateImage {
     /// Name of the new image.
     pub name: String,
-    /// Format: raw, qcow2 or vmdk.
+    /// Format: raw, qcow2, vmdk, vhd or vhdx.
     #[serde(default)]
     pub format: String,
     /// Virtual size, bytes or with a suffix ("10G").
@@ -175,7 +175,7 @@ pub struct ConvertRequest {
     pub source: String,
     /// `image:NAME` (a new image) or `lv:VG/NAME` (an existing volume at least as large).
     pub target: String,
-    /// Format of a new image (raw, qcow2, vmdk); default qcow2.
+    /// Format of a new image (raw, qcow2, vmdk, vhd, vhdx); default qcow2.
     pub format: Option<String>,
     /// Format options of a new image, as with `strata image create -o`.
     #[serde(default)]
@@ -183,7 +183,7 @@ pub struct ConvertRequest {
     /// Write a compressed image (qcow2, or streamOptimized vmdk).
     #[serde(default)]
     pub compress: bool,
-    /// Format of a source given as a server path (raw, qcow2, vmdk); probed when absent.
+    /// Format of a source given as a server path (raw, qcow2, vmdk, vhd, vhdx); probed when absent.
     /// Appliance images and volumes have a recorded format and take none.
     #[serde(default)]
     pub source_format: Option<String>,
@@ -205,7 +205,7 @@ pub struct RestoreBackup {
     pub snapshot: String,
     /// `image:NAME` (a new image) or `lv:VG/NAME` (an existing volume of the same size).
     pub target: String,
-    /// Format of a new image (raw, qcow2, vmdk); default raw.
+    /// Format of a new image (raw, qcow2, vmdk, vhd, vhdx); default raw.
     pub format: Option<String>,
 }
 

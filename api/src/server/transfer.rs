@@ -52,7 +52,7 @@ pub(super) struct FormatQuery {
     /// raw, qcow2 or vmdk (upload: the new image's format, default qcow2; download: the
     /// format to send, default the image's own).
     format: Option<String>,
-    /// Upload only: the uploaded file's format (raw, qcow2, vmdk); probed when absent. The
+    /// Upload only: the uploaded file's format (raw, qcow2, vmdk, vhd, vhdx); probed when absent. The
     /// upload may not name other files (backing files, extents) either way.
     source_format: Option<String>,
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use strata_storage::format::qcow2::check::{CheckReport, Repair};
 use strata_storage::format::qcow2::Qcow2Options;
+use strata_storage::format::{self, vhd, vhdx, ImageFormat, OpenOptions, Probed};
 
 use super::qcow2_util::open_qcow2_with;
 use super::Output;
@@ -27,7 +28,10 @@ pub struct CheckArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
-    /// The qcow2 image.
+    /// Image format (probed when omitted; a fixed VHD needs `-f vhd`).
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<super::image::FormatArg>,
+    /// The image (qcow2, vhd or vhdx).
     file: PathBuf,
 }
 
@@ -37,13 +41,7 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
-    let opts = Qcow2Options {
-        allow_corrupt: repair == Repair::All,
-        ..Qcow2Options::default()
-    };
-    let report = match open_qcow2_with(&a.file, repair != Repair::None, opts)
-        .and_then(|img| Ok(img.check(repair)?))
-    {
+    let report = match check_any(&a.file, a.format.map(Into::into), repair) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("strata: {e:#}");
@@ -56,6 +54,48 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
         Output::Human => print_human(&report),
     }
     Ok(ExitCode::from(report.exit_code()))
+}
+
+/// Checks a qcow2, VHD or VHDX image; other formats have nothing to check.
+fn check_any(
+    file: &std::path::Path,
+    format: Option<ImageFormat>,
+    repair: Repair,
+) -> anyhow::Result<CheckReport> {
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let opts = OpenOptions {
+                read_only: true,
+                ..OpenOptions::default()
+            };
+            let host = format::open_host_file(file, &opts)?;
+            match format::probe(host.as_ref())? {
+                Probed::Known(f) => f,
+                Probed::Foreign(name) => anyhow::bail!("Unsupported: checking {name} images"),
+            }
+        }
+    };
+    match format {
+        ImageFormat::Qcow2 => {
+            let opts = Qcow2Options {
+                allow_corrupt: repair == Repair::All,
+                ..Qcow2Options::default()
+            };
+            Ok(open_qcow2_with(file, repair != Repair::None, opts)?.check(repair)?)
+        }
+        ImageFormat::Vhd => {
+            let opts = OpenOptions {
+                format: Some(ImageFormat::Vhd),
+                read_only: repair != Repair::All,
+                ..OpenOptions::default()
+            };
+            let img = vhd::open(format::open_host_file(file, &opts)?, Some(file), &opts)?;
+            Ok(img.check(repair)?)
+        }
+        ImageFormat::Vhdx => Ok(vhdx::check::check_file(file, repair)?),
+        other => anyhow::bail!("This image format ({other}) does not support checks"),
+    }
 }
 
 fn print_human(r: &CheckReport) {

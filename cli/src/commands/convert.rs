@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_storage::convert::{convert_files, ConvertOptions, ConvertProgress, ConvertRequest};
+use strata_storage::convert::{
+    convert_files, ConvertOptions, ConvertProgress, ConvertRequest, SnapshotSel,
+};
 use strata_storage::format::{self, OpenOptions};
 use strata_storage::util::{format_size, parse_size};
 
@@ -29,6 +31,10 @@ pub struct ConvertArgs {
     /// Write a compressed target: streamOptimized vmdk or compressed qcow2.
     #[arg(short = 'c')]
     compress: bool,
+    /// Read an internal snapshot of a qcow2 source instead of its current state, without
+    /// applying it: snapshot.name=NAME or snapshot.id=ID (or a bare name).
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
     /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
@@ -47,10 +53,13 @@ pub struct ConvertArgs {
     /// Requests in flight on each side.
     #[arg(short = 'm', default_value_t = 16)]
     in_flight: usize,
-    /// Cache mode for the target: writeback goes through the page cache (flushed before the
-    /// command ends, and for a new image before it gets its name), none is O_DIRECT.
+    /// Cache mode for the target: writeback goes through the page cache; none is O_DIRECT.
+    /// Strata always flushes the target before the command ends (and a new image before it gets
+    /// its name), so writeback is as durable as qemu-img's `-t writeback`. `unsafe`, qemu-img's
+    /// convert default, which never flushes, is accepted for qemu-img command lines and behaves
+    /// as writeback: Strata's default flushes.
     #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
-    cache: CacheArg,
+    cache: TargetCacheArg,
     /// Cache mode for the source: none is O_DIRECT.
     #[arg(short = 'T', long = "source-cache", value_enum, default_value = "none")]
     source_cache: CacheArg,
@@ -64,6 +73,26 @@ pub struct ConvertArgs {
     source: PathBuf,
     /// The target image, or (with -n) a volume as lv:VG/NAME.
     target: PathBuf,
+}
+
+/// Target cache modes (`-t`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetCacheArg {
+    /// O_DIRECT: bypass the host page cache.
+    None,
+    /// Use the host page cache; flushed at the end.
+    Writeback,
+    /// qemu-img's default; accepted, and flushed at the end like writeback.
+    Unsafe,
+}
+
+impl From<TargetCacheArg> for CacheArg {
+    fn from(c: TargetCacheArg) -> CacheArg {
+        match c {
+            TargetCacheArg::None => CacheArg::None,
+            TargetCacheArg::Writeback | TargetCacheArg::Unsafe => CacheArg::Writeback,
+        }
+    }
 }
 
 struct Bar(ProgressBar);
@@ -90,7 +119,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         target_options: format::parse_options(&a.options)?,
         compress: a.compress,
         open: OpenOptions {
-            cache: a.cache.into(),
+            cache: CacheArg::from(a.cache).into(),
             engine: a.engine.into(),
             ..OpenOptions::default()
         },
@@ -102,6 +131,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             existing_target: a.existing,
         },
         volumes: Some(&data_dir),
+        source_snapshot: a.snapshot.as_deref().map(SnapshotSel::parse).transpose()?,
         source_cache: Some(a.source_cache.into()),
     };
     let bar = if a.progress {

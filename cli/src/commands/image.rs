@@ -53,6 +53,11 @@ pub enum FormatArg {
     Qcow2,
     /// VMware disk.
     Vmdk,
+    /// Microsoft VHD (qemu's "vpc"; `vpc` is accepted too).
+    #[value(alias = "vpc")]
+    Vhd,
+    /// Microsoft VHDX.
+    Vhdx,
 }
 
 impl From<FormatArg> for ImageFormat {
@@ -61,6 +66,8 @@ impl From<FormatArg> for ImageFormat {
             FormatArg::Raw => ImageFormat::Raw,
             FormatArg::Qcow2 => ImageFormat::Qcow2,
             FormatArg::Vmdk => ImageFormat::Vmdk,
+            FormatArg::Vhd => ImageFormat::Vhd,
+            FormatArg::Vhdx => ImageFormat::Vhdx,
         }
     }
 }
@@ -113,10 +120,13 @@ pub struct CreateArgs {
     format: FormatArg,
     /// Format options, comma-separated key=value pairs (raw: preallocation=off|falloc|full;
     /// qcow2: cluster_size, compat, lazy_refcounts, extended_l2, refcount_bits, preallocation,
-    /// compression_type).
+    /// compression_type; vmdk: subformat, adapter_type, hwversion, zeroed_grain; vhd:
+    /// subformat=dynamic|fixed, force_size, block_size; vhdx: subformat=dynamic|fixed,
+    /// block_size, log_size, block_state_zero).
     #[arg(short = 'o', long = "options", default_value = "")]
     options: String,
-    /// Backing file (qcow2), relative to the new image's folder unless absolute.
+    /// Backing file (qcow2; vhd: the parent of a differencing disk, in the same folder),
+    /// relative to the new image's folder unless absolute.
     #[arg(short = 'b', long = "backing")]
     backing: Option<String>,
     /// Format of the backing file (probed when omitted).

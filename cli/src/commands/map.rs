@@ -14,6 +14,9 @@ use super::Output;
 
 #[derive(Debug, Args)]
 pub struct MapArgs {
+    /// Image format (probed when omitted; a fixed VHD needs `-f vhd`).
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<super::image::FormatArg>,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -23,6 +26,7 @@ pub struct MapArgs {
 
 pub fn run(a: MapArgs) -> anyhow::Result<ExitCode> {
     let opts = OpenOptions {
+        format: a.format.map(Into::into),
         read_only: true,
         ..OpenOptions::default()
     };

@@ -15,7 +15,7 @@ pub struct VhostUserArgs {
     /// The vhost-user socket to listen on (created; an old one is replaced).
     #[arg(long)]
     socket: PathBuf,
-    /// The disk: SOURCE[,format=raw|qcow2|vmdk][,readonly=on][,queues=N][,serial=ID], where
+    /// The disk: SOURCE[,format=raw|qcow2|vmdk|vhd|vhdx][,readonly=on][,queues=N][,serial=ID], where
     /// SOURCE is an image file or a volume `lv:VG/NAME`.
     #[arg(long)]
     disk: String,

@@ -45,7 +45,7 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
-    /// A disk: SOURCE[,format=raw|qcow2|vmdk][,readonly=on][,queues=N][,serial=ID], where
+    /// A disk: SOURCE[,format=raw|qcow2|vmdk|vhd|vhdx][,readonly=on][,queues=N][,serial=ID], where
     /// SOURCE is an image file or a volume `lv:VG/NAME`. Repeatable; the first is /dev/vda.
     #[arg(long = "disk")]
     disks: Vec<String>,

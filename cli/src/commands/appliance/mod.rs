@@ -151,7 +151,7 @@ pub enum ImagesCommand {
     },
     /// Create an empty image.
     Create {
-        /// raw, qcow2 or vmdk.
+        /// raw, qcow2, vmdk, vhd or vhdx.
         #[arg(short = 'f', long, default_value = "qcow2")]
         format: String,
         /// Format options, as with `strata image create -o`.
@@ -175,13 +175,13 @@ pub enum ImagesCommand {
     Adopt {
         /// Image name.
         name: String,
-        /// Its format: raw, qcow2 or vmdk.
+        /// Its format: raw, qcow2, vmdk, vhd or vhdx.
         #[arg(short = 'f', long)]
         format: String,
         #[command(flatten)]
         common: Common,
     },
-    /// Import a disk image file (raw, qcow2 or vmdk) from this machine as a new image (a job;
+    /// Import a disk image file (raw, qcow2, vmdk, vhd or vhdx) from this machine as a new image (a job;
     /// uploaded when --remote).
     Import {
         /// The file.
@@ -204,7 +204,7 @@ pub enum ImagesCommand {
         name: String,
         /// The new file.
         file: PathBuf,
-        /// raw, qcow2 or vmdk (default: the image's own).
+        /// raw, qcow2, vmdk, vhd or vhdx (default: the image's own).
         #[arg(short = 'O', long)]
         format: Option<String>,
     },

@@ -63,15 +63,7 @@ impl Default for VmdkCreateOptions {
     }
 }
 
-fn parse_bool(k: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(StorageError::InvalidInput(format!(
-            "Option {k} takes on or off, not '{v}'"
-        ))),
-    }
-}
+use crate::util::parse_bool;
 
 impl VmdkCreateOptions {
     /// Reads `-o` options; unknown keys are refused by name.
