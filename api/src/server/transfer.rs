@@ -49,7 +49,7 @@ pub(super) async fn convert(
 /// Format of a new or downloaded image.
 #[derive(Debug, Deserialize, IntoParams)]
 pub(super) struct FormatQuery {
-    /// raw, qcow2 or vmdk (upload: the new image's format, default qcow2; download: the
+    /// raw, qcow2, vmdk, vhd or vhdx (upload: the new image's format, default qcow2; download: the
     /// format to send, default the image's own).
     format: Option<String>,
     /// Upload only: the uploaded file's format (raw, qcow2, vmdk, vhd, vhdx); probed when absent. The
@@ -57,7 +57,7 @@ pub(super) struct FormatQuery {
     source_format: Option<String>,
 }
 
-/// Upload a disk image (raw, qcow2 or vmdk, probed) as the body; it is converted into the new
+/// Upload a disk image (raw, qcow2, vmdk, vhd or vhdx; probed unless source_format says) as the body; it is converted into the new
 /// image `name` by a job. The body must state its length.
 #[utoipa::path(put, path = "/api/images/{name}/upload", tag = "images",
     params(("name" = String, Path, description = "Name of the new image"), FormatQuery),
