@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use strata_backup::bitmap_tracker::{bitmap_name, BitmapTracker};
 use strata_backup::prune::KeepRules;
 use strata_backup::restore::RestoreOptions;
 use strata_backup::{snapshot, BackupOptions, Changes, Datastore};
@@ -131,14 +130,18 @@ impl Service {
             };
             let out = match &resolved {
                 Resolved::Volume { device, vg, lv, .. } => {
-                    let set = vg.bitmaps(lv)?;
-                    let mut tracker =
-                        BitmapTracker::new(set, bitmap_name(store.root(), &id), req.source.clone());
+                    let mut tracker = strata_backup::changes::volume_tracker(
+                        vg,
+                        lv,
+                        &store,
+                        &id,
+                        req.source.clone(),
+                    )?;
                     strata_backup::create_tracked(
                         &store,
                         device.clone(),
                         &opts,
-                        &mut tracker,
+                        tracker.as_mut(),
                         &progress,
                     )?
                 }

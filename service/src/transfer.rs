@@ -216,6 +216,10 @@ impl Service {
             return Ok(Vec::new());
         };
         let mut held = Vec::new();
+        // RBD groups have no thin pools here; their pool's quota answers for itself.
+        let Ok(vg) = vg.local("reserve space in") else {
+            return Ok(held);
+        };
         if let Some(pool) = vg.lv_info(lv)?.pool {
             let usage = vg.pool(&pool)?.usage();
             let free = usage

@@ -1,4 +1,5 @@
-//! Volume groups and logical volumes, as the API offers them.
+//! Volume groups and logical volumes, as the API offers them: Strata's own groups on local PVs
+//! and groups on Ceph RBD pools, through the storage layer's [`Group`].
 //!
 //! The server keeps each volume group it touches open (and so locked against other processes,
 //! like LVM) for its lifetime: volumes in use by VMs and jobs stay valid, and the `strata lv`
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use strata_storage::format::ImageFormat;
 use strata_storage::source::{SourceSpec, LV_PREFIX};
 use strata_storage::util::parse_size;
-use strata_storage::volume::{LvType, Vg, VolumeStore};
+use strata_storage::volume::{Group, GroupInfo, LvType, VolumeStore};
 use strata_storage::BlockDevice;
 
 use super::{Service, ServiceError, ServiceResult};
@@ -20,7 +21,7 @@ use super::{Service, ServiceError, ServiceResult};
 #[derive(Debug)]
 pub struct VolumeGroups {
     store: VolumeStore,
-    open: Mutex<BTreeMap<String, Arc<Vg>>>,
+    open: Mutex<BTreeMap<String, Arc<Group>>>,
     /// Group names from the last survey of the PVs, and when it was made.
     names: Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
@@ -40,15 +41,29 @@ impl VolumeGroups {
         }
     }
 
-    /// The group `name`, opened (exclusively) on first use.
-    pub fn get(&self, name: &str) -> ServiceResult<Arc<Vg>> {
+    /// The group `name`, local or on RBD, opened (a local one exclusively) on first use.
+    pub fn get(&self, name: &str) -> ServiceResult<Arc<Group>> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(vg) = open.get(name) {
             return Ok(vg.clone());
         }
-        let vg = Arc::new(self.store.open_vg(name, false)?);
+        let vg = Arc::new(self.store.open_group(name, false)?);
         open.insert(name.to_string(), vg.clone());
         Ok(vg)
+    }
+
+    /// Forgets an open group (it was removed).
+    pub fn forget(&self, name: &str) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        *self.names.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The volume store.
+    pub fn store(&self) -> &VolumeStore {
+        &self.store
     }
 
     /// Names of all groups in the data directory.
@@ -59,7 +74,10 @@ impl VolumeGroups {
                 return Ok(names.clone());
             }
         }
-        let names: Vec<String> = self.store.vg_list()?.into_iter().map(|g| g.name).collect();
+        let mut names: Vec<String> = self.store.vg_list()?.into_iter().map(|g| g.name).collect();
+        names.extend(self.store.rbd_groups().load()?.into_iter().map(|g| g.name));
+        names.sort();
+        names.dedup();
         *cached = Some((std::time::Instant::now(), names.clone()));
         Ok(names)
     }
@@ -69,7 +87,7 @@ impl VolumeGroups {
 #[derive(Debug, Serialize)]
 pub struct StorageGroup {
     /// Group facts: name, size, free bytes, extent size, PVs.
-    pub group: strata_storage::volume::VgInfo,
+    pub group: GroupInfo,
     /// Thin pools: virtual total vs pool size vs used (overcommit).
     pub pools: Vec<strata_storage::volume::LvInfo>,
 }
@@ -94,6 +112,34 @@ pub struct CreateVolume {
     pub size: String,
     /// A thin pool in the same group for a thin volume; none: a linear (thick) volume.
     pub pool: Option<String>,
+}
+
+/// A request to add a volume group on a Ceph RBD pool (its volumes are RBD images).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateRbdGroup {
+    /// Name of the new group.
+    pub name: String,
+    /// The Ceph configuration file, a server path in an import folder.
+    pub conf: String,
+    /// The Ceph user, without `client.`.
+    #[serde(default = "default_ceph_user")]
+    pub user: String,
+    /// A keyring file (a server path in an import folder), when the configuration names none.
+    #[serde(default)]
+    pub keyring: Option<String>,
+    /// The RBD pool.
+    pub pool: String,
+}
+
+fn default_ceph_user() -> String {
+    "admin".into()
+}
+
+/// An image made outside Strata, to take in as a volume.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdoptVolume {
+    /// The image's name in the group's pool.
+    pub image: String,
 }
 
 /// A new size.
@@ -141,28 +187,78 @@ impl Service {
     pub fn storage_overview(&self) -> ServiceResult<Vec<StorageGroup>> {
         let mut out = Vec::new();
         for name in self.volumes.names()? {
-            let vg = self.volumes.get(&name)?;
-            let pools = vg
-                .list_lvs()?
-                .into_iter()
-                .filter(|l| l.kind == LvType::ThinPool)
-                .collect();
+            let g = self.volumes.get(&name)?;
+            // Thin pools exist in local groups only.
+            let pools = match g.as_ref() {
+                Group::Local(vg) => vg
+                    .list_lvs()?
+                    .into_iter()
+                    .filter(|l| l.kind == LvType::ThinPool)
+                    .collect(),
+                #[allow(unreachable_patterns)]
+                _ => Vec::new(),
+            };
             out.push(StorageGroup {
-                group: vg.info(),
+                group: g.info()?,
                 pools,
             });
         }
         Ok(out)
     }
 
-    /// Checks a group's metadata and its pools (leaked or doubly owned blocks).
+    /// Checks a local group's metadata and its pools (leaked or doubly owned blocks).
     pub fn check_group(&self, vg: &str) -> ServiceResult<GroupCheck> {
         let g = self.volumes.get(vg)?;
-        let check = g.check()?;
+        let check = g.local("check")?.check()?;
         Ok(GroupCheck {
             clean: check.is_clean(),
             check,
         })
+    }
+
+    /// Adds a volume group on a Ceph RBD pool after checking that the cluster and pool answer.
+    /// The configuration and keyring must be files in an import folder: librados reads them.
+    pub fn create_rbd_group(&self, req: &CreateRbdGroup) -> ServiceResult<StorageGroup> {
+        let conf = self.server_paths.file("Ceph configuration", &req.conf)?;
+        let keyring = match &req.keyring {
+            Some(k) => Some(self.server_paths.file("keyring", k)?),
+            None => None,
+        };
+        let record = strata_storage::volume::rbd_groups::RbdGroupRecord {
+            name: req.name.clone(),
+            conf,
+            user: req.user.clone(),
+            keyring,
+            pool: req.pool.clone(),
+        };
+        let group = self.volumes.store().rbd_group_create(&record)?;
+        self.volumes.forget(&req.name);
+        Ok(StorageGroup {
+            group: group.info()?,
+            pools: Vec::new(),
+        })
+    }
+
+    /// Removes a volume group on RBD once it holds no volumes (its pool stays as it is). Local
+    /// groups are removed with `strata vg remove` on the appliance.
+    pub fn remove_group(&self, name: &str) -> ServiceResult<()> {
+        let g = self.volumes.get(name)?;
+        if g.local("remove").is_ok() {
+            return Err(ServiceError::Storage(strata_storage::StorageError::Unsupported(
+                format!("removing the local volume group {name} through the API (use `strata vg remove` on the appliance)"),
+            )));
+        }
+        drop(g);
+        self.volumes.store().rbd_group_remove(name)?;
+        self.volumes.forget(name);
+        Ok(())
+    }
+
+    /// Takes in an image made outside Strata (an RBD group's pool) as volume `image`.
+    pub fn adopt_volume(&self, vg: &str, req: &AdoptVolume) -> ServiceResult<VolumeSummary> {
+        let g = self.volumes.get(vg)?;
+        g.adopt(&req.image)?;
+        self.volume_info(vg, &req.image)
     }
 
     /// Every volume in every group.
@@ -190,10 +286,7 @@ impl Service {
     pub fn create_volume(&self, req: &CreateVolume) -> ServiceResult<VolumeSummary> {
         let size = parse_size(&req.size)?;
         let g = self.volumes.get(&req.vg)?;
-        match &req.pool {
-            Some(pool) => g.create_thin(pool, &req.name, size)?,
-            None => g.create_linear(&req.name, size, &[])?,
-        }
+        g.create(&req.name, size, req.pool.as_deref())?;
         match self.volume_info(&req.vg, &req.name) {
             // Another client removed it again already: report what was created.
             Err(e) if e.status() == 404 => Ok(self.summary(strata_storage::volume::LvInfo {
@@ -374,7 +467,7 @@ pub enum Resolved {
         /// The volume.
         device: Arc<dyn BlockDevice>,
         /// Its group.
-        vg: Arc<Vg>,
+        vg: Arc<Group>,
         /// Its name in the group.
         lv: String,
         /// Keeps it from being resized or removed meanwhile.

@@ -137,6 +137,30 @@ pub struct CreateVolume {
     pub pool: Option<String>,
 }
 
+/// A request to add a volume group on a Ceph RBD pool (its volumes are RBD images).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreateRbdGroup {
+    /// Name of the new group.
+    pub name: String,
+    /// The Ceph configuration file, a server path in an import folder.
+    pub conf: String,
+    /// The Ceph user, without `client.` (default admin).
+    #[serde(default)]
+    pub user: String,
+    /// A keyring file (a server path in an import folder), when the configuration names none.
+    #[serde(default)]
+    pub keyring: Option<String>,
+    /// The RBD pool.
+    pub pool: String,
+}
+
+/// An image made outside Strata, to take in as a volume.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdoptVolume {
+    /// The image's name in the group's pool.
+    pub image: String,
+}
+
 /// A new size.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ResizeVolume {
@@ -421,12 +445,41 @@ mod drift {
             VmStatus,
         };
         pub use strata_service::volumes::{
-            CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup, VolumeSummary,
+            AdoptVolume, CreateRbdGroup, CreateVolume, GroupCheck, NewName, ResizeVolume,
+            StorageGroup, VolumeSummary,
         };
     }
 
     fn json<T: Serialize>(v: &T) -> serde_json::Value {
         serde_json::to_value(v).unwrap_or_default()
+    }
+
+    impl From<&svc::CreateRbdGroup> for CreateRbdGroup {
+        fn from(v: &svc::CreateRbdGroup) -> Self {
+            let svc::CreateRbdGroup {
+                name,
+                conf,
+                user,
+                keyring,
+                pool,
+            } = v;
+            CreateRbdGroup {
+                name: name.clone(),
+                conf: conf.clone(),
+                user: user.clone(),
+                keyring: keyring.clone(),
+                pool: pool.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::AdoptVolume> for AdoptVolume {
+        fn from(v: &svc::AdoptVolume) -> Self {
+            let svc::AdoptVolume { image } = v;
+            AdoptVolume {
+                image: image.clone(),
+            }
+        }
     }
 
     // CONV

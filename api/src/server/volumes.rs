@@ -4,12 +4,13 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
 
-use super::{blocking, quick, ApiJson, ApiResult};
+use super::{blocking, quick, require_admin, ApiJson, ApiResult, Caller};
 use strata_service::volumes::{
-    CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup, VolumeSummary,
+    AdoptVolume, CreateRbdGroup, CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup,
+    VolumeSummary,
 };
 use strata_service::Service;
 
@@ -17,6 +18,9 @@ pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
         .route("/api/storage", get(storage))
         .route("/api/storage/{vg}/check", post(check_group))
+        .route("/api/storage/rbd", post(create_rbd_group))
+        .route("/api/storage/{vg}", delete(remove_group))
+        .route("/api/volumes/{vg}/adopt", post(adopt_volume))
         .route("/api/volumes", get(list_volumes).post(create_volume))
         .route(
             "/api/volumes/{vg}/{name}",
@@ -31,7 +35,59 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 #[utoipa::path(get, path = "/api/storage", tag = "storage",
     responses((status = 200, body = Vec<super::schema::StorageGroup>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn storage(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<StorageGroup>>> {
-    Ok(Json(quick(&svc, |s| s.storage_overview())?))
+    // RBD groups ask their cluster: not a call for the async workers.
+    Ok(Json(blocking(&svc, |s| s.storage_overview()).await?))
+}
+
+/// Add a volume group on a Ceph RBD pool (admin tokens only). The configuration and keyring
+/// are files in an import folder on the server.
+#[utoipa::path(post, path = "/api/storage/rbd", tag = "storage", request_body = super::schema::CreateRbdGroup,
+    responses((status = 200, body = super::schema::StorageGroup), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 403, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody), (status = 501, body = super::ErrorBody)))]
+pub(super) async fn create_rbd_group(
+    State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
+    ApiJson(req): ApiJson<CreateRbdGroup>,
+) -> ApiResult<Json<StorageGroup>> {
+    require_admin(caller.as_ref(), "add storage")?;
+    Ok(Json(
+        blocking(&svc, move |s| s.create_rbd_group(&req)).await?,
+    ))
+}
+
+/// Remove a volume group on RBD that holds no volumes (admin tokens only).
+#[utoipa::path(delete, path = "/api/storage/{vg}", tag = "storage",
+    params(("vg" = String, Path, description = "Volume group")),
+    responses((status = 204, description = "Removed"), (status = 401, body = super::ErrorBody),
+              (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody), (status = 501, body = super::ErrorBody)))]
+pub(super) async fn remove_group(
+    State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
+    Path(vg): Path<String>,
+) -> ApiResult<StatusCode> {
+    require_admin(caller.as_ref(), "remove storage")?;
+    blocking(&svc, move |s| s.remove_group(&vg)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Take in an image made outside Strata in an RBD group's pool as a volume (admin tokens only).
+#[utoipa::path(post, path = "/api/volumes/{vg}/adopt", tag = "volumes", request_body = super::schema::AdoptVolume,
+    params(("vg" = String, Path, description = "Volume group")),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 401, body = super::ErrorBody),
+              (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 501, body = super::ErrorBody)))]
+pub(super) async fn adopt_volume(
+    State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
+    Path(vg): Path<String>,
+    ApiJson(req): ApiJson<AdoptVolume>,
+) -> ApiResult<Json<VolumeSummary>> {
+    require_admin(caller.as_ref(), "adopt volumes")?;
+    Ok(Json(
+        blocking(&svc, move |s| s.adopt_volume(&vg, &req)).await?,
+    ))
 }
 
 /// Check a volume group's metadata and pools: no block leaked or owned twice.

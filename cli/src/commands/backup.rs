@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use strata_backup::bitmap_tracker::{bitmap_name, BitmapTracker};
 use strata_backup::gc::DEFAULT_GRACE_SECS;
 use strata_backup::pipeline::PipelineOptions;
 use strata_backup::prune::KeepRules;
@@ -17,7 +16,6 @@ use strata_storage::io::engine::EngineChoice;
 use strata_storage::io::file::CacheMode;
 use strata_storage::source::{open_source, Source};
 use strata_storage::util::format_size;
-use strata_storage::volume::Group;
 
 use super::image::{CacheArg, FormatArg};
 use super::Output;
@@ -283,26 +281,13 @@ fn tracker_for(
     source: &Source,
     store: &Datastore,
     id: &str,
-) -> anyhow::Result<(String, Option<Box<dyn ChangeTracker>>)> {
+) -> anyhow::Result<(String, Option<Box<dyn ChangeTracker + Send>>)> {
     match source {
         Source::Image(img) => Ok((img.format().to_string(), None)),
         Source::Volume { vg, name, .. } => {
             let lv = name.split_once('/').map_or(name.as_str(), |(_, lv)| lv);
-            let tracker: Box<dyn ChangeTracker> = match vg {
-                Group::Local(vg) => Box::new(BitmapTracker::new(
-                    vg.bitmaps(lv)?,
-                    bitmap_name(store.root(), id),
-                    format!("lv:{name}"),
-                )),
-                #[cfg(feature = "rbd")]
-                Group::Rbd(g) => Box::new(strata_backup::rbd_tracker::RbdTracker::new(
-                    g,
-                    lv,
-                    store.root(),
-                    id,
-                    format!("lv:{name}"),
-                )?),
-            };
+            let tracker =
+                strata_backup::changes::volume_tracker(vg, lv, store, id, format!("lv:{name}"))?;
             Ok(("volume".into(), Some(tracker)))
         }
     }

@@ -219,24 +219,8 @@ fn print_list(lvs: &[LvInfo], output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "rbd")]
 fn adopt(vg: &Group, name: &str) -> anyhow::Result<()> {
-    match vg {
-        Group::Rbd(g) => Ok(g.adopt(name)?),
-        Group::Local(_) => bail!(
-            "volume group {} is local: only RBD groups adopt images (`strata vg create-rbd`)",
-            vg.name()
-        ),
-    }
-}
-
-#[cfg(not(feature = "rbd"))]
-fn adopt(vg: &Group, _name: &str) -> anyhow::Result<()> {
-    bail!(
-        "volume group {} is local: only RBD groups adopt images, and this strata was built \
-         without RBD support",
-        vg.name()
-    )
+    Ok(vg.adopt(name)?)
 }
 
 /// A size argument, absolute or `+N` relative to `current`.

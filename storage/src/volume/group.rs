@@ -26,7 +26,40 @@ pub enum Group {
     Rbd(crate::volume::rbd::group::RbdGroup),
 }
 
+/// Facts about a group of either kind, for listings.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum GroupInfo {
+    /// A local group: name, size, free bytes, extent size, PVs.
+    Local(crate::volume::vg::VgInfo),
+    /// An RBD group: name, pool, configuration, user, volumes, quota and use.
+    #[cfg(feature = "rbd")]
+    Rbd(crate::volume::rbd::group::RbdGroupInfo),
+}
+
 impl Group {
+    /// Facts about the group.
+    pub fn info(&self) -> Result<GroupInfo> {
+        match self {
+            Group::Local(vg) => Ok(GroupInfo::Local(vg.info())),
+            #[cfg(feature = "rbd")]
+            Group::Rbd(g) => Ok(GroupInfo::Rbd(g.info()?)),
+        }
+    }
+
+    /// Takes in image `name`, made outside Strata in the group's RBD pool, as a volume. Local
+    /// groups have nothing to adopt.
+    pub fn adopt(&self, name: &str) -> Result<()> {
+        match self {
+            Group::Local(vg) => Err(StorageError::Unsupported(format!(
+                "adopting {name} into volume group {}: only RBD groups adopt images",
+                vg.name()
+            ))),
+            #[cfg(feature = "rbd")]
+            Group::Rbd(g) => g.adopt(name),
+        }
+    }
+
     /// The group's name.
     pub fn name(&self) -> String {
         match self {
@@ -245,5 +278,25 @@ impl VolumeStore {
             list.retain(|g| g.name != name);
             Ok(())
         })
+    }
+}
+
+#[cfg(not(feature = "rbd"))]
+impl VolumeStore {
+    /// RBD groups need the `rbd` feature: refused by name without it.
+    pub fn rbd_group_create(&self, record: &RbdGroupRecord) -> Result<Group> {
+        Err(StorageError::Unsupported(format!(
+            "volume group {} on Ceph RBD: this strata was built without RBD support (the `rbd` \
+             feature)",
+            record.name
+        )))
+    }
+
+    /// RBD groups need the `rbd` feature: refused by name without it.
+    pub fn rbd_group_remove(&self, name: &str) -> Result<()> {
+        Err(StorageError::Unsupported(format!(
+            "removing volume group {name} on Ceph RBD: this strata was built without RBD \
+             support (the `rbd` feature)"
+        )))
     }
 }

@@ -50,7 +50,7 @@ pub mod thin;
 pub mod vg;
 pub mod vgcheck;
 
-pub use group::Group;
+pub use group::{Group, GroupInfo};
 pub use linear::LinearDevice;
 pub use lv::{LvInfo, LvType, DEFAULT_BLOCK_SIZE};
 pub use store::{resolve_data_dir, PvSummary, VgSummary, VolumeStore};

@@ -92,6 +92,13 @@ pub enum VolumesCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Take in an image made outside Strata in an RBD group's pool as a volume (admin).
+    Adopt {
+        /// VG/IMAGE.
+        volume: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Take a read-only snapshot.
     Snapshot {
         /// VG/NAME of the volume.
@@ -132,6 +139,30 @@ pub enum StorageCommand {
         vg: String,
         #[command(flatten)]
         common: Common,
+    },
+    /// Add a volume group on a Ceph RBD pool (admin): its volumes are RBD images.
+    CreateRbd {
+        /// Name of the new group.
+        name: String,
+        /// The Ceph configuration file (a server path in an import folder).
+        #[arg(long)]
+        conf: String,
+        /// The Ceph user, without `client.`.
+        #[arg(long = "id", default_value = "admin")]
+        user: String,
+        /// The RBD pool.
+        #[arg(long)]
+        pool: String,
+        /// A keyring file (a server path in an import folder), if the configuration names none.
+        #[arg(long)]
+        keyring: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove a volume group on RBD that holds no volumes (admin; its pool stays).
+    Remove {
+        /// Volume group.
+        vg: String,
     },
 }
 
@@ -452,6 +483,15 @@ pub fn volumes(cmd: VolumesCommand, api: &Api) -> anyhow::Result<ExitCode> {
             )?;
             print_object(&v, common.output, &format!("Resized {volume}"));
         }
+        VolumesCommand::Adopt { volume, common } => {
+            let (g, n) = split_volume(&volume)?;
+            let v = api.ok(
+                "POST",
+                &format!("/api/volumes/{g}/adopt"),
+                Some(&json!({"image": n})),
+            )?;
+            print_object(&v, common.output, &format!("Adopted {volume}"));
+        }
         VolumesCommand::Snapshot {
             volume,
             name,
@@ -501,6 +541,27 @@ pub fn storage(cmd: StorageCommand, api: &Api) -> anyhow::Result<ExitCode> {
         StorageCommand::Check { vg, common } => {
             let v = api.ok("POST", &format!("/api/storage/{}/check", encode(&vg)), None)?;
             print_object(&v, common.output, "");
+        }
+        StorageCommand::CreateRbd {
+            name,
+            conf,
+            user,
+            pool,
+            keyring,
+            common,
+        } => {
+            let body = json!({"name": name, "conf": conf, "user": user, "pool": pool,
+                              "keyring": keyring});
+            let v = api.ok("POST", "/api/storage/rbd", Some(&body))?;
+            print_object(
+                &v,
+                common.output,
+                &format!("Added volume group {name} on RBD"),
+            );
+        }
+        StorageCommand::Remove { vg } => {
+            api.ok("DELETE", &format!("/api/storage/{}", encode(&vg)), None)?;
+            println!("Removed volume group {vg}");
         }
     }
     Ok(ExitCode::SUCCESS)
