@@ -152,6 +152,44 @@ pub fn dirty_chunks(ranges: &[(u64, u64)], size: u64, chunk_size: u32) -> Result
         .collect())
 }
 
+/// The change tracker of volume `lv` of `group` for backup group `id` in `store`: its dirty
+/// bitmap on a local group, RBD snapshots and fast-diff on an RBD group. `label` names the
+/// source in manifests (`lv:VG/NAME`). The one place that choice is made, for the `strata
+/// backup` tool and the appliance's backup jobs alike.
+pub fn volume_tracker(
+    group: &strata_storage::volume::Group,
+    lv: &str,
+    store: &crate::Datastore,
+    id: &str,
+    label: String,
+) -> strata_storage::Result<Box<dyn ChangeTracker + Send>> {
+    use strata_storage::volume::Group;
+    Ok(match group {
+        Group::Local(vg) => Box::new(crate::bitmap_tracker::BitmapTracker::new(
+            vg.bitmaps(lv)?,
+            crate::bitmap_tracker::bitmap_name(store.root(), id),
+            label,
+        )),
+        #[cfg(feature = "rbd")]
+        Group::Rbd(g) => Box::new(crate::rbd_tracker::RbdTracker::new(
+            g,
+            lv,
+            store.root(),
+            id,
+            label,
+        )?),
+        // A kind this crate was built without (its `rbd` feature off while storage's is on).
+        #[allow(unreachable_patterns)]
+        _ => {
+            return Err(strata_storage::StorageError::Unsupported(format!(
+                "change tracking of volumes in group {}",
+                group.name()
+            )))
+        }
+    })
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,41 +243,4 @@ mod tests {
             proptest::prop_assert_eq!(got, want);
         }
     }
-}
-
-/// The change tracker of volume `lv` of `group` for backup group `id` in `store`: its dirty
-/// bitmap on a local group, RBD snapshots and fast-diff on an RBD group. `label` names the
-/// source in manifests (`lv:VG/NAME`). The one place that choice is made, for the `strata
-/// backup` tool and the appliance's backup jobs alike.
-pub fn volume_tracker(
-    group: &strata_storage::volume::Group,
-    lv: &str,
-    store: &crate::Datastore,
-    id: &str,
-    label: String,
-) -> strata_storage::Result<Box<dyn ChangeTracker + Send>> {
-    use strata_storage::volume::Group;
-    Ok(match group {
-        Group::Local(vg) => Box::new(crate::bitmap_tracker::BitmapTracker::new(
-            vg.bitmaps(lv)?,
-            crate::bitmap_tracker::bitmap_name(store.root(), id),
-            label,
-        )),
-        #[cfg(feature = "rbd")]
-        Group::Rbd(g) => Box::new(crate::rbd_tracker::RbdTracker::new(
-            g,
-            lv,
-            store.root(),
-            id,
-            label,
-        )?),
-        // A kind this crate was built without (its `rbd` feature off while storage's is on).
-        #[allow(unreachable_patterns)]
-        _ => {
-            return Err(strata_storage::StorageError::Unsupported(format!(
-                "change tracking of volumes in group {}",
-                group.name()
-            )))
-        }
-    })
 }
