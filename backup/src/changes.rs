@@ -189,7 +189,6 @@ pub fn volume_tracker(
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

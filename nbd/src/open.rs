@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use strata_backup::{Datastore, SnapshotDevice};
-use strata_storage::bitmap::{sidecar_path, ImageBitmaps, TrackedDevice};
+use strata_storage::bitmap::attach_image_bitmaps;
 use strata_storage::format::{open_image, ImageFormat, OpenOptions};
 use strata_storage::source::{open_source, Source, LV_PREFIX};
-use strata_storage::BlockDevice;
 
 use crate::error::{NbdError, Result};
 use crate::export::{Access, ExportConfig};
@@ -109,20 +108,10 @@ pub fn open_export(
         .unwrap_or(path.clone())
         .display()
         .to_string();
-    let mut device: Arc<dyn BlockDevice> = image;
-    let mut bitmaps = None;
-    let mut keep_alive: Option<Box<dyn std::any::Any + Send + Sync>> = None;
-    if sidecar_path(&path).exists() {
-        if device.read_only() {
-            let held = ImageBitmaps::open(&path, device.size())?;
-            bitmaps = Some(held.set.clone());
-            keep_alive = Some(Box::new(held));
-        } else {
-            let tracked = TrackedDevice::open_image(device, &path)?;
-            bitmaps = Some(tracked.bitmaps().clone());
-            device = Arc::new(tracked);
-        }
-    }
+    let tracked = attach_image_bitmaps(image, &path)?;
+    let device = tracked.device().clone();
+    let bitmaps = tracked.bitmaps().cloned();
+    let keep_alive: Option<Box<dyn std::any::Any + Send + Sync>> = Some(Box::new(tracked));
     Ok(ExportConfig {
         name: name.to_string(),
         description,

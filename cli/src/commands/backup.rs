@@ -283,7 +283,7 @@ fn tracker_for(
     id: &str,
 ) -> anyhow::Result<(String, Option<Box<dyn ChangeTracker + Send>>)> {
     match source {
-        Source::Image(img) => Ok((img.format().to_string(), None)),
+        Source::Image { image, .. } => Ok((image.format().to_string(), None)),
         Source::Volume { vg, name, .. } => {
             let lv = name.split_once('/').map_or(name.as_str(), |(_, lv)| lv);
             let tracker =

@@ -148,8 +148,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let engine = file.engine().name();
         let direct_io = file.handle().is_direct();
         // An image with dirty bitmaps: writes mark them, as the VMM's would.
-        let img = super::bitmap::track_image(format::open_image_on(file, opts.format)?, &a.file)?;
-        (img, engine, direct_io)
+        let img = format::open_image_on(file, opts.format)?;
+        let tracked = strata_storage::bitmap::attach_image_bitmaps(img, &a.file)
+            .with_context(|| format!("Could not open the dirty bitmaps of {}", a.file.display()))?;
+        (tracked.device().clone(), engine, direct_io)
     };
     let size = img.size();
     if (buf_size as u64) > size {

@@ -187,17 +187,3 @@ pub fn run_image(cmd: BitmapCommand) -> anyhow::Result<std::process::ExitCode> {
     run(&cmd, &bitmaps.set)?;
     Ok(std::process::ExitCode::SUCCESS)
 }
-
-/// `device`, the image file at `path`, wrapped so that its writes mark the image's bitmaps when
-/// it has any (a sidecar file) and is writable; the image stays locked while it is open.
-pub fn track_image(
-    device: std::sync::Arc<dyn strata_storage::BlockDevice>,
-    path: &std::path::Path,
-) -> anyhow::Result<std::sync::Arc<dyn strata_storage::BlockDevice>> {
-    strata_service::vm_runner::track_image_writes(device, path).with_context(|| {
-        format!(
-            "opening the dirty bitmaps {}",
-            strata_storage::bitmap::sidecar_path(path).display()
-        )
-    })
-}

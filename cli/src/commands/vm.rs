@@ -17,7 +17,6 @@ use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{DiskSpec, Payload, VmConfig};
 
 use super::appliance::Api;
-use strata_service::vm_runner::track_image_writes;
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -115,11 +114,8 @@ impl DiskArg {
         };
         let source = open_source(&spec, &opts, &super::data_dir())
             .with_context(|| format!("opening {spec}"))?;
-        let mut device = source.device();
-        if let Source::Image(_) = &source {
-            device = track_image_writes(device, &self.path)
-                .with_context(|| format!("opening the dirty bitmaps of {spec}"))?;
-        }
+        // Images come with their sidecar bitmaps attached (writes tracked) by open_source.
+        let device = source.device();
         let disk = DiskSpec {
             name: source.describe(),
             device,

@@ -118,7 +118,7 @@ fn open_sides(
     }
     let open = |side: &Side<'_>, opts: &OpenOptions| -> Result<Source> {
         match side {
-            Side::File(p) => Ok(Source::Image(format::open_image(p, opts)?)),
+            Side::File(p) => Ok(Source::image(format::open_image(p, opts)?)),
             Side::Volume { vg, lv } => {
                 open_source(&format!("{LV_PREFIX}{vg}/{lv}"), opts, data_dir)
             }
@@ -138,7 +138,7 @@ fn open_sides(
                     p.display()
                 )));
             }
-            Source::Image(open_snapshot(host, sel)?)
+            Source::image(open_snapshot(host, sel)?)
         }
         (Some(_), Side::Volume { .. }) => {
             return Err(StorageError::InvalidInput(
