@@ -26,6 +26,7 @@ pub mod backups;
 pub mod bootstrap;
 pub mod catalog;
 pub mod error;
+pub mod exports;
 pub mod holds;
 pub mod images;
 pub mod jobs;
@@ -141,6 +142,8 @@ pub struct Service {
     pub holds: Arc<holds::Holds>,
     /// Space reserved by running writers.
     pub space: Arc<space::Space>,
+    /// NBD exports (served by `strata serve` only).
+    pub exports: exports::Exports,
 }
 
 impl Service {
@@ -158,6 +161,7 @@ impl Service {
             vms: vms::VmManager::new(data.root().join("vms"))?,
             holds: Arc::new(holds::Holds::default()),
             space: Arc::new(space::Space::default()),
+            exports: exports::Exports::default(),
             data,
         })
     }

@@ -420,7 +420,24 @@ impl Service {
                     )));
                 }
                 let g = self.volumes.get(&vg)?;
-                let hold = self.holds.take(&format!("{vg}/{lv}"), holder);
+                let key = format!("{vg}/{lv}");
+                if !read_only {
+                    // An exported volume is written by its NBD clients alone.
+                    let exported: Vec<String> = self
+                        .holds
+                        .holders(&key)
+                        .into_iter()
+                        .filter(|h| h.starts_with("NBD export"))
+                        .collect();
+                    if !exported.is_empty() {
+                        return Err(ServiceError::Conflict(format!(
+                            "Cannot open {spec} for writing: it is exported ({}); remove the \
+                             export first",
+                            exported.join(", ")
+                        )));
+                    }
+                }
+                let hold = self.holds.take(&key, holder);
                 let device = g.open_lv(&lv, read_only)?;
                 Ok(Resolved::Volume {
                     device,

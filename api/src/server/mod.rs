@@ -7,6 +7,7 @@
 
 mod backups;
 mod error;
+mod exports;
 mod images;
 pub mod limits;
 pub mod listen;
@@ -163,6 +164,7 @@ fn resource_routes() -> Router<Arc<Service>> {
         .merge(backups::routes())
         .merge(transfer::routes())
         .merge(vms::routes())
+        .merge(exports::routes())
         .route("/api/openapi.json", get(openapi::serve))
 }
 
@@ -222,6 +224,7 @@ pub async fn serve(
         if !svc2.jobs.wait_idle(limits.shutdown_grace) {
             tracing::warn!("jobs still running at shutdown were abandoned");
         }
+        svc2.stop_exports();
         if let Err(e) = svc2.remove_leftovers() {
             tracing::warn!(error = %e, "removing what jobs left behind failed");
         }

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{backups, images, system, transfer, vms, volumes};
+use super::{backups, exports, images, system, transfer, vms, volumes};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -23,6 +23,7 @@ use super::{backups, images, system, transfer, vms, volumes};
         backups::prune_backups, backups::gc,
         vms::list_vms, vms::define_vm, vms::vm_info, vms::remove_vm, vms::start_vm, vms::stop_vm,
         vms::vm_status, vms::vm_console,
+        exports::list_exports, exports::create_export, exports::export_info, exports::remove_export,
         serve,
     ),
     modifiers(&BearerAuth),

@@ -161,6 +161,76 @@ pub struct AdoptVolume {
     pub image: String,
 }
 
+/// Who may use an export.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum ExportAccess {
+    /// Every client that reaches the server (over TLS unless on loopback).
+    Open,
+    /// Only clients that know the export's name: a long random one made by the server, shown
+    /// once and never listed.
+    Secret,
+    /// Only TLS clients presenting one of these certificates (SHA-256 fingerprints), which
+    /// must chain to the client CA given to `strata serve --nbd-client-ca`.
+    Certificates {
+        /// Fingerprints, `AB:CD:…` or plain hex.
+        fingerprints: Vec<String>,
+    },
+}
+
+/// A request to export something over NBD.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreateExport {
+    /// `lv:VG/NAME` (a volume or snapshot), `image:NAME`, or `backup:ID/TIME` (`backup:ID` for
+    /// the group's latest).
+    pub source: String,
+    /// The export's name (default: the source's name); none for a secret export.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Refuse writes (snapshots and backups always do).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Who may connect (default open).
+    #[serde(default)]
+    pub access: ExportAccess,
+}
+
+/// A client connected to an export.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExportClient {
+    /// Its address.
+    pub peer: String,
+    /// Whether it speaks TLS.
+    pub tls: bool,
+    /// Its certificate's fingerprint, if it gave one.
+    pub certificate: Option<String>,
+}
+
+/// An NBD export.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExportSummary {
+    /// Identifier for removal: the name, or `secret-…` for a secret export.
+    pub id: String,
+    /// The name clients ask for; a secret export's only at creation.
+    pub name: Option<String>,
+    /// What is exported.
+    pub source: String,
+    /// Whether writes are refused.
+    pub read_only: bool,
+    /// open, secret or certificates.
+    pub access: String,
+    /// Size in bytes (0 while it could not be opened).
+    pub size: u64,
+    /// Dirty bitmaps exposed as `qemu:dirty-bitmap:NAME`.
+    pub bitmaps: Vec<String>,
+    /// Connected clients.
+    pub clients: Vec<ExportClient>,
+    /// Where clients connect (`nbd://HOST:PORT/NAME`), once the server runs.
+    pub uri: Option<String>,
+    /// Why it is not served (it failed to open when the server started).
+    pub error: Option<String>,
+}
+
 /// A new size.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ResizeVolume {
@@ -478,6 +548,80 @@ mod drift {
             let svc::AdoptVolume { image } = v;
             AdoptVolume {
                 image: image.clone(),
+            }
+        }
+    }
+
+    impl From<&strata_service::exports::ExportAccess> for ExportAccess {
+        fn from(v: &strata_service::exports::ExportAccess) -> Self {
+            use strata_service::exports::ExportAccess as A;
+            match v {
+                A::Open => ExportAccess::Open,
+                A::Secret => ExportAccess::Secret,
+                A::Certificates { fingerprints } => ExportAccess::Certificates {
+                    fingerprints: fingerprints.clone(),
+                },
+            }
+        }
+    }
+
+    impl From<&strata_service::exports::CreateExport> for CreateExport {
+        fn from(v: &strata_service::exports::CreateExport) -> Self {
+            let strata_service::exports::CreateExport {
+                source,
+                name,
+                read_only,
+                access,
+            } = v;
+            CreateExport {
+                source: source.clone(),
+                name: name.clone(),
+                read_only: read_only.clone(),
+                access: ExportAccess::from(access),
+            }
+        }
+    }
+
+    impl From<&strata_service::exports::ExportClient> for ExportClient {
+        fn from(v: &strata_service::exports::ExportClient) -> Self {
+            let strata_service::exports::ExportClient {
+                peer,
+                tls,
+                certificate,
+            } = v;
+            ExportClient {
+                peer: peer.clone(),
+                tls: tls.clone(),
+                certificate: certificate.clone(),
+            }
+        }
+    }
+
+    impl From<&strata_service::exports::ExportSummary> for ExportSummary {
+        fn from(v: &strata_service::exports::ExportSummary) -> Self {
+            let strata_service::exports::ExportSummary {
+                id,
+                name,
+                source,
+                read_only,
+                access,
+                size,
+                bitmaps,
+                clients,
+                uri,
+                error,
+            } = v;
+            ExportSummary {
+                id: id.clone(),
+                name: name.clone(),
+                source: source.clone(),
+                read_only: read_only.clone(),
+                access: access.clone(),
+                size: size.clone(),
+                bitmaps: bitmaps.clone(),
+                clients: clients.iter().map(ExportClient::from).collect(),
+                uri: uri.clone(),
+                error: error.clone(),
             }
         }
     }

@@ -123,6 +123,9 @@ enum Command {
     /// Long-running operations (local or --remote).
     #[command(subcommand)]
     Jobs(appliance::JobsCommand),
+    /// NBD exports of volumes, snapshots, images and backups (served by `strata serve`).
+    #[command(subcommand)]
+    Exports(appliance::ExportsCommand),
     /// Physical volumes: create, list, remove.
     #[command(subcommand)]
     Pv(pv::PvCommand),
@@ -203,7 +206,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Images(_)
         | Command::Backups(_)
         | Command::Storage(_)
-        | Command::Jobs(_) => {}
+        | Command::Jobs(_)
+        | Command::Exports(_) => {}
         Command::Image(_) => remote_only_for_appliance("image")?,
         Command::Backup(_) => remote_only_for_appliance("backup")?,
         Command::Vm(vm::VmCommand::Run(_)) => remote_only_for_appliance("vm run")?,
@@ -224,6 +228,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backups(cmd) => appliance::backups(cmd, &api()?),
         Command::Storage(cmd) => appliance::storage(cmd, &api()?),
         Command::Jobs(cmd) => appliance::jobs(cmd, &api()?),
+        Command::Exports(cmd) => appliance::exports(cmd, &api()?),
         Command::Image(cmd) => image::run(cmd),
         Command::Backup(cmd) => backup::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, &api),

@@ -12,6 +12,7 @@ use super::Output;
 use strata_api::server::limits::parse_duration;
 use strata_api::server::{HttpLimits, Transport};
 use strata_service::bootstrap::{self, ApplianceConfig, BootstrapOptions};
+use strata_service::exports::NbdSettings;
 use strata_service::server_paths::ServerPaths;
 use strata_service::tls::{file_fingerprint, ApplianceTls, CertificateFiles};
 use strata_service::{DataDir, Service};
@@ -35,6 +36,17 @@ pub struct ServeArgs {
     tls_key: Option<std::path::PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Address of the NBD server for exports (repeatable; default 127.0.0.1:10809). It starts
+    /// with the first export; plain NBD only on loopback, TLS with the API's certificate.
+    #[arg(long = "nbd-listen", value_name = "ADDR:PORT")]
+    nbd_listen: Vec<SocketAddr>,
+    /// A Unix socket for the NBD server, besides its TCP addresses.
+    #[arg(long = "nbd-unix", value_name = "PATH")]
+    nbd_unix: Option<std::path::PathBuf>,
+    /// The CA that NBD clients' certificates must chain to (for exports limited to client
+    /// certificates).
+    #[arg(long = "nbd-client-ca", value_name = "FILE")]
+    nbd_client_ca: Option<std::path::PathBuf>,
     /// A folder whose files API requests may name as import sources, kernels and initrds,
     /// besides DATA/import (repeatable). Paths elsewhere are refused with 403.
     #[arg(long = "import-dir", value_name = "DIR")]
@@ -220,6 +232,7 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     listener.set_nonblocking(true)?;
     let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
     svc.remove_leftovers()?;
+    svc.enable_exports(nbd_settings(&a, &data)?)?;
     if svc.tokens.is_empty()? {
         let (_, token) = svc.tokens.create("admin", true)?;
         println!("Created the first API token (shown only now; keep it):");
@@ -235,6 +248,42 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
         strata_api::server::serve(svc, listener, transport, limits).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the NBD server listens and the certificate it presents: the one given for HTTPS, else
+/// the appliance's own.
+fn nbd_settings(a: &ServeArgs, data: &DataDir) -> anyhow::Result<NbdSettings> {
+    let mut listen: Vec<strata_nbd::Listen> = a
+        .nbd_listen
+        .iter()
+        .copied()
+        .map(strata_nbd::Listen::Tcp)
+        .collect();
+    if listen.is_empty() {
+        listen.push(strata_nbd::Listen::Tcp(SocketAddr::from((
+            [127, 0, 0, 1],
+            10809,
+        ))));
+    }
+    if let Some(p) = &a.nbd_unix {
+        listen.push(strata_nbd::Listen::Unix(p.clone()));
+    }
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => CertificateFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => {
+            let tls = ApplianceTls::in_data_dir(data.root());
+            tls.ensure(&[])?;
+            tls.server_files()
+        }
+    };
+    Ok(NbdSettings {
+        listen,
+        tls: Some(tls),
+        client_ca: a.nbd_client_ca.clone(),
+    })
 }
 
 /// HTTPS with the given or the appliance's own certificate (made on first start), or plain

@@ -7,6 +7,7 @@
 //! and datastore, exactly as API clients see them.
 
 mod client;
+mod exports;
 mod print;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 pub use client::{encode, Api};
+pub use exports::{exports, ExportsCommand};
 use print::{print_list, print_object, Column};
 
 use super::Output;
