@@ -64,6 +64,10 @@ fn have_qemu(test: &str) -> bool {
     if have("qemu-img") && have("qemu-io") {
         return true;
     }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: qemu-img/qemu-io are missing, and CI must have them (qemu-utils)"
+    );
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr().lock(),
