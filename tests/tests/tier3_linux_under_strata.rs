@@ -64,6 +64,7 @@ fn linux_guest_under_strata_vmm_on_a_raw_image() -> Result<()> {
         }],
         serial: Box::new(console.clone()),
         timeout: Some(Duration::from_secs(300)),
+        kvm: None,
     })?;
     ensure!(
         report.reason == VcpuExitReason::Shutdown,
