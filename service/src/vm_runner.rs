@@ -284,9 +284,11 @@ impl Run {
     }
 }
 
+type RunTable = BTreeMap<String, Arc<Run>>;
+
 /// The VMs this process supervises, by name.
 #[derive(Debug, Default)]
-pub struct Runs(Arc<Mutex<BTreeMap<String, Arc<Run>>>>);
+pub struct Runs(Arc<Mutex<RunTable>>);
 
 impl Runs {
     /// The run of `name`.
@@ -344,14 +346,15 @@ pub enum StopMode {
 }
 
 impl super::vms::VmManager {
-    /// The VMs running now (in any process): definition, status and run record.
-    pub(super) fn running(&self) -> ServiceResult<Vec<(VmDefinition, VmStatus, Option<RunRecord>)>> {
+    /// The VMs running now (in any process): definition, status and run record. `table` is
+    /// this process's table of runs, which the caller holds.
+    fn running(&self, table: &RunTable) -> ServiceResult<Vec<(VmDefinition, VmStatus, Option<RunRecord>)>> {
         let mut out = Vec::new();
         for name in self.names()? {
             let Ok(def) = self.load(&name) else {
                 continue;
             };
-            let status = self.status(&name)?;
+            let status = self.status_in(&name, table)?;
             if matches!(status.state, VmState::Running | VmState::Paused) {
                 let record = RunRecord::load(&self.vm_dir(&name)?)?;
                 out.push((def, status, record));
@@ -376,7 +379,7 @@ impl super::vms::VmManager {
         if let Some(run) = table.values().find(|r| r.sources.iter().any(|s| s == source)) {
             return Err(in_use(&run.name));
         }
-        for (def, _, _) in self.running()? {
+        for (def, _, _) in self.running(&table)? {
             if def.disks.iter().any(|d| d.source == source) {
                 return Err(in_use(&def.name));
             }
@@ -388,9 +391,15 @@ impl super::vms::VmManager {
 
     /// The status of `name`: from its files, but running while this process still holds it.
     pub(super) fn status(&self, name: &str) -> ServiceResult<VmStatus> {
+        let table = lock(&self.runs.0);
+        self.status_in(name, &table)
+    }
+
+    /// [`VmManager::status`] with the table of runs held by the caller.
+    fn status_in(&self, name: &str, table: &RunTable) -> ServiceResult<VmStatus> {
         let dir = self.vm_dir(name)?;
         let mut s = derive_status(name, &dir)?;
-        if let Some(run) = self.runs.get(name) {
+        if let Some(run) = table.get(name) {
             if !matches!(s.state, VmState::Running | VmState::Paused) {
                 s.state = VmState::Running;
                 s.ended_at = None;
@@ -411,7 +420,7 @@ impl Service {
         f: impl FnOnce() -> ServiceResult<T>,
     ) -> ServiceResult<T> {
         let table = lock(&self.vms.runs.0);
-        let status = self.vms.status(name)?;
+        let status = self.vms.status_in(name, &table)?;
         if table.contains_key(name) || matches!(status.state, VmState::Running | VmState::Paused)
         {
             return Err(ServiceError::Conflict(format!(
@@ -433,7 +442,7 @@ impl Service {
         check_kvm(name)?;
         let runs = self.vms.runs.0.clone();
         let mut table = lock(&runs);
-        let status = self.vms.status(name)?;
+        let status = self.vms.status_in(name, &table)?;
         if table.contains_key(name) || matches!(status.state, VmState::Running | VmState::Paused)
         {
             return Err(ServiceError::Conflict(format!(
@@ -441,7 +450,7 @@ impl Service {
                 status.pid.map(|p| format!(" (in process {p})")).unwrap_or_default()
             )));
         }
-        let running = self.vms.running()?;
+        let running = self.vms.running(&table)?;
         // Guest memory is mapped lazily: without this bound, VMs each smaller than the host
         // could together push it into the out-of-memory killer.
         let claimed: u64 = running.iter().map(|(d, _, _)| d.memory).sum();

@@ -100,6 +100,14 @@ impl VmControl {
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Whether the VM is built (its devices and vCPUs exist) and has not ended.
+    pub fn is_built(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Presses the ACPI power button; false if no VM is built (between reboots, or ended).
     pub fn press_power_button(&self) -> bool {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());

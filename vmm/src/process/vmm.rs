@@ -37,6 +37,8 @@ use crate::vm::{DiskSpec, Payload, VmConfig};
 pub const SECCOMP_PROBE_ENV: &str = "STRATA_VMM_SECCOMP_PROBE";
 /// How long a pause waits for the vCPUs to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request that needs the built VM waits for it to be built.
+const BUILD_WAIT: Duration = Duration::from_secs(10);
 
 /// What the VM boots, read into memory before the sandbox closes.
 enum Boot {
@@ -196,6 +198,21 @@ impl Shared {
             .clone()
     }
 
+    /// The built VM's control, waiting up to [`BUILD_WAIT`] while the VM is being built (right
+    /// after start, or between a guest reboot and the next boot).
+    fn built_control(&self) -> Option<Arc<VmControl>> {
+        let deadline = Instant::now() + BUILD_WAIT;
+        loop {
+            if let Some(c) = self.control().filter(|c| c.is_built()) {
+                return Some(c);
+            }
+            if Instant::now() > deadline || self.stop_reason().is_some() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn stop_reason(&self) -> Option<String> {
         self.stop.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -226,7 +243,7 @@ impl ControlHandler for Shared {
                         .clone(),
                 }))
             }
-            Request::Pause => match self.control() {
+            Request::Pause => match self.built_control() {
                 Some(c) if c.pause(PAUSE_TIMEOUT) => Answer::Ok(Reply::Done),
                 Some(_) => Answer::Error(format!(
                     "The vCPUs did not pause within {} s",
@@ -240,7 +257,7 @@ impl ControlHandler for Shared {
                 }
                 Answer::Ok(Reply::Done)
             }
-            Request::PowerButton => match self.control() {
+            Request::PowerButton => match self.built_control() {
                 Some(c) if c.press_power_button() => {
                     self.presses.fetch_add(1, Ordering::SeqCst);
                     tracing::info!("power button pressed");

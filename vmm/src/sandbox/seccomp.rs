@@ -103,11 +103,16 @@ const COMMON: &[i64] = &[
     libc::SYS_getrandom,
     libc::SYS_write,
     libc::SYS_close,
+    // Descriptor flags of descriptors the thread holds (Rust checks a descriptor is open when
+    // it drops one, in debug builds).
+    libc::SYS_fcntl,
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
     libc::SYS_sched_getaffinity,
+    // Filters only ever narrow: a new thread adds its role's, the SIGSYS handler a last one.
+    libc::SYS_seccomp,
 ];
 
 /// What a thread that creates threads needs besides [`COMMON`].

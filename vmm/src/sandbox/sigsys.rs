@@ -1,10 +1,12 @@
 //! What happens when a thread makes a system call its filter does not allow: the filter's
 //! action is SECCOMP_RET_TRAP, so the kernel sends SIGSYS to the thread with the call's number.
 //! The handler writes one line naming the thread's role, its id and the call to the note
-//! descriptor (a pipe to the monitor process, which records it as the VM's end), then raises
-//! SIGSYS again with the default action (the handler is one-shot), which kills the process.
-//! Everything it does is async-signal-safe: no allocation, no locks, only `write`, `gettid`,
-//! `getpid` and `tgkill`, which every filter allows.
+//! descriptor (a pipe to the monitor process, which records it as the VM's end), then kills
+//! the process with SIGSYS: it adds a last filter to the thread whose only answer is
+//! SECCOMP_RET_KILL_PROCESS and makes one more call. (Raising SIGSYS again would not do: the
+//! VMM is the init of its pid namespace, and init ignores signals it sends itself that have
+//! no handler.) Everything it does is async-signal-safe: no allocation, no locks, only
+//! `write`, `gettid`, `seccomp` and `getpid`, which every filter allows.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -37,7 +39,7 @@ pub(super) fn install_handler() -> std::io::Result<()> {
     let r = unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_sigsys as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_NODEFER;
+        sa.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut())
     };
@@ -113,10 +115,78 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             unsafe { libc::write(fd, line.buf.as_ptr().cast(), line.len) };
         }
     }
-    // SAFETY: the handler was one-shot (SA_RESETHAND) and SIGSYS is not blocked in it
-    // (SA_NODEFER): raising it again takes the default action, which ends the process.
+    kill_process();
+}
+
+/// Ends the process with SIGSYS, whatever its pid namespace: a filter that kills on every call,
+/// then a call.
+fn kill_process() -> ! {
+    // One BPF instruction: return SECCOMP_RET_KILL_PROCESS.
+    let mut program = [libc::sock_filter {
+        code: 0x06, // BPF_RET | BPF_K
+        jt: 0,
+        jf: 0,
+        k: 0x8000_0000, // SECCOMP_RET_KILL_PROCESS
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: seccomp(SECCOMP_SET_MODE_FILTER) with a valid one-instruction program that
+    // lives through the call (no_new_privs is set: a filter is installed already); the next
+    // call is then refused by killing the process.
     unsafe {
-        let pid = libc::getpid();
-        libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGSYS);
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        );
+        libc::syscall(libc::SYS_getpid);
+        // Not reached: the kernel refused the filter, so say so through the exit code.
+        libc::_exit(128 + libc::SIGSYS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trapped_call_is_noted_and_the_process_dies_of_sigsys() {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) into a local array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fork in a test; the child installs a filter, makes a forbidden call and is
+        // killed (or exits).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            set_note_fd(fds[1]);
+            set_thread_role(Role::DeviceWorker);
+            let filters = super::super::seccomp::Filters::compile();
+            let ok = install_handler().is_ok()
+                && filters.is_ok_and(|f| f.apply(Role::DeviceWorker).is_ok());
+            if ok {
+                super::super::seccomp::forbidden_call();
+            }
+            // SAFETY: leaving the forked child (not reached when the filter works).
+            unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+        }
+        // SAFETY: closing our copy of the write end, then waiting for our own child.
+        unsafe { libc::close(fds[1]) };
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let mut note = [0u8; 256];
+        // SAFETY: reading into a local buffer from our pipe.
+        let n = unsafe { libc::read(fds[0], note.as_mut_ptr().cast(), note.len()) };
+        let note = String::from_utf8_lossy(&note[..n.max(0) as usize]).into_owned();
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "status {status:#x}, note {note:?}"
+        );
+        assert!(note.starts_with("seccomp: a device-worker thread"), "{note}");
+        assert!(note.contains(&format!("system call {}", libc::SYS_socket)), "{note}");
     }
 }
