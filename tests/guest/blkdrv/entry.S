@@ -9,6 +9,37 @@ _start:
     jmp 1b
 
     .text
+/* An interrupt stub: save the caller-saved registers, call a C handler, return. */
+    .macro ISR name, handler
+    .global \name
+\name:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    call \handler
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    iretq
+    .endm
+
+#ifdef TICKER
+    ISR isr_ged, on_ged
+    ISR isr_timer, on_timer
+#endif
+
     .global isr_virtio
 isr_virtio:
     push %rax

@@ -70,6 +70,24 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ProcessError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Closes every descriptor above stderr except `keep` (whatever the supervisor let through by
+/// accident must not reach the sandboxed VMM: another VM's disk, a token file).
+fn close_inherited(keep: &[i32]) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2 && !keep.contains(fd))
+        .collect();
+    for fd in fds {
+        // SAFETY: closing a descriptor of this single-threaded process that nothing in it owns
+        // (the directory listing's own descriptor is closed already and fails harmlessly).
+        unsafe { libc::close(fd) };
+    }
+}
+
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count())
 }
@@ -83,6 +101,15 @@ pub fn run(config: &Path, socket: &Path) -> Result<(), ProcessError> {
     if threads > 1 {
         return Err(ProcessError::Threads(threads));
     }
+    let served: Vec<i32> = cfg
+        .disks
+        .iter()
+        .filter_map(|d| match d.source {
+            config::DiskSource::Served { fd, .. } => Some(fd),
+            config::DiskSource::Image { .. } => None,
+        })
+        .collect();
+    close_inherited(&served);
     let (console_r, console_w) = pipe()?;
     let (notes_r, notes_w) = pipe()?;
     // A roomy console pipe, so that a busy monitor seldom holds up a vCPU writing the console.
