@@ -530,6 +530,21 @@ impl Service {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                // The status shows why, as for a VM that fails later.
+                let failed = RunRecord {
+                    state: VmState::Failed,
+                    started_at,
+                    ended_at: Some(now_secs()),
+                    exit_reason: Some(e.to_string()),
+                    reboots: 0,
+                    pid: 0,
+                    run_id,
+                    monitor_pid: child.id(),
+                    uid: Some(id),
+                };
+                if let Err(save) = failed.save(&dir) {
+                    tracing::warn!(vm = %name, error = %save, "recording a failed start failed");
+                }
                 return Err(e);
             }
         };
