@@ -54,7 +54,11 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let blkdrv = build(&out, "blkdrv", &[]);
     println!("cargo:rustc-env=STRATA_BLKDRV_BIN={}", blkdrv.display());
-    let ticker = build(&out, "ticker", &["-DTICKER", "-Wno-unused-function", "-Wno-unused-variable"]);
+    let ticker = build(
+        &out,
+        "ticker",
+        &["-DTICKER", "-Wno-unused-function", "-Wno-unused-variable"],
+    );
     println!("cargo:rustc-env=STRATA_TICKER_BIN={}", ticker.display());
 }
 
@@ -74,7 +78,10 @@ fn build(out: &std::path::Path, name: &str, defines: &[&str]) -> PathBuf {
         .arg(src.join("blkdrv.c"))
         .status()
         .expect("running gcc to build the test guest (is gcc installed?)");
-    assert!(status.success(), "gcc failed to build the test guest {name}");
+    assert!(
+        status.success(),
+        "gcc failed to build the test guest {name}"
+    );
     let dis = Command::new("objdump")
         .arg("-d")
         .arg(&elf)

@@ -309,13 +309,17 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
     let s = status(&c, "spin");
     assert!(s["uptime_seconds"].as_u64() >= Some(1), "{s:?}");
 
-    let r = c.request("POST", "/api/vms/spin/stop?force=true", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/spin/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["state"], "stopped");
     assert_eq!(r.body["exit_reason"], "stopped by request");
     assert!(r.body["ended_at"].as_u64().is_some());
     assert_eq!(r.body["pid"], Value::Null);
-    let r = c.request("POST", "/api/vms/spin/stop?force=true", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/spin/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 409, "{:?}", r.body);
     // The log of the ended run stays readable.
     assert_eq!(console(&c, "spin", "")["data"], GREETING);
@@ -324,7 +328,9 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
     // Stopped: the disk is free for the other VM, and can be removed once that one ends too.
     let r = c.request("POST", "/api/vms/twin/start", None).unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let r = c.request("POST", "/api/vms/twin/stop?force=true", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/twin/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     let r = c
         .request("DELETE", "/api/volumes/strata/spin-root", None)
@@ -605,13 +611,17 @@ fn running_vms_together_may_not_claim_more_than_the_hosts_memory() {
         "{:?}",
         r.body
     );
-    let r = c.request("POST", "/api/vms/first/stop?force=true", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/first/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     wait_for(&c, "first", Duration::from_secs(60), |s| {
         s["state"] != "running"
     });
     let r = c.request("POST", "/api/vms/second/start", None).unwrap();
     assert_eq!(r.status, 200, "once the first stopped: {:?}", r.body);
-    let r = c.request("POST", "/api/vms/second/stop?force=true", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/second/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
 }

@@ -59,8 +59,8 @@ fn last_tick(c: &Client, vm: &str) -> u64 {
         .as_str()
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -266,9 +266,7 @@ fn the_power_button_reaches_the_guest_which_powers_off_cleanly() {
                "disks": [{"source": "image:pb.raw"}]}),
     );
     wait_ticks(&c, "pb", 2);
-    let r = c
-        .request("POST", "/api/vms/pb/power-button", None)
-        .unwrap();
+    let r = c.request("POST", "/api/vms/pb/power-button", None).unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     let s = wait_for(&c, "pb", Duration::from_secs(30), |s| {
         s["state"] != "running"
@@ -286,8 +284,8 @@ fn the_power_button_reaches_the_guest_which_powers_off_cleanly() {
     // It flushed its last counter before powering off.
     let last = log
         .lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.parse::<u64>().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("tick ")?.parse::<u64>().ok())
         .unwrap();
     assert_eq!(ticker_on_disk(&disk), Some(last));
 }
@@ -343,7 +341,10 @@ fn status_field(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -379,7 +380,10 @@ fn the_vmm_runs_confined_without_the_servers_files_or_other_vms_disks() {
         // An unprivileged uid and gid of its own, no groups, no new privileges.
         let uid = status_field(pid, "Uid");
         let ids: Vec<u64> = uid.split_whitespace().map(|v| v.parse().unwrap()).collect();
-        assert!(ids.iter().all(|&u| u >= 1000 && u == ids[0]), "{vm}: Uid {uid}");
+        assert!(
+            ids.iter().all(|&u| u >= 1000 && u == ids[0]),
+            "{vm}: Uid {uid}"
+        );
         assert!(
             status_field(pid, "Gid")
                 .split_whitespace()
@@ -389,7 +393,10 @@ fn the_vmm_runs_confined_without_the_servers_files_or_other_vms_disks() {
         assert_eq!(status_field(pid, "Groups"), "", "{vm}");
         assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{vm}");
         // Every thread under a seccomp filter.
-        for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
             let st = std::fs::read_to_string(t.path().join("status")).unwrap();
             assert!(
                 st.lines().any(|l| l == "Seccomp:\t2"),

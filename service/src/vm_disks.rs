@@ -13,9 +13,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use strata_storage::BlockDevice;
 use strata_nbd::export::{Access, ExportConfig, ExportRegistry};
 use strata_nbd::server::{Limits, Listen, ServerConfig, ServerHandle};
+use strata_storage::BlockDevice;
 use strata_vmm::process::{client_handshake, ExportFacts};
 
 use super::volumes::Resolved;
@@ -53,7 +53,9 @@ impl DiskServerSlot {
                 .recursive(true)
                 .mode(0o700)
                 .create(&run_dir)
-                .map_err(|e| ServiceError::internal(format!("Creating {}: {e}", run_dir.display())))?;
+                .map_err(|e| {
+                    ServiceError::internal(format!("Creating {}: {e}", run_dir.display()))
+                })?;
         }
         let socket = run_dir.join("vm-disks.sock");
         let registry = ExportRegistry::new();

@@ -33,9 +33,9 @@ use strata_storage::{BlockDevice, StorageError};
 pub use strata_vmm::control::ControlError;
 use strata_vmm::control::{ControlClient, Reply, Request, RunState};
 use strata_vmm::process::config::{
-    now_secs, BootSpec, ConsoleState, DiskConfig, DiskSource, EndState, RebootLimit,
-    SandboxSpec, CONFIG_FILE, CONSOLE_FILE, CONSOLE_STATE_FILE, EXIT_FILE, LOG_FILE,
-    OLD_CONSOLE_FILE, SOCKET_FILE,
+    now_secs, BootSpec, ConsoleState, DiskConfig, DiskSource, EndState, RebootLimit, SandboxSpec,
+    CONFIG_FILE, CONSOLE_FILE, CONSOLE_STATE_FILE, EXIT_FILE, LOG_FILE, OLD_CONSOLE_FILE,
+    SOCKET_FILE,
 };
 use strata_vmm::process::{ExitRecord, VmmConfig};
 
@@ -348,7 +348,10 @@ pub enum StopMode {
 impl super::vms::VmManager {
     /// The VMs running now (in any process): definition, status and run record. `table` is
     /// this process's table of runs, which the caller holds.
-    fn running(&self, table: &RunTable) -> ServiceResult<Vec<(VmDefinition, VmStatus, Option<RunRecord>)>> {
+    fn running(
+        &self,
+        table: &RunTable,
+    ) -> ServiceResult<Vec<(VmDefinition, VmStatus, Option<RunRecord>)>> {
         let mut out = Vec::new();
         for name in self.names()? {
             let Ok(def) = self.load(&name) else {
@@ -376,7 +379,10 @@ impl super::vms::VmManager {
                 "{source} is a disk of running VM {name}; stop the VM first"
             ))
         };
-        if let Some(run) = table.values().find(|r| r.sources.iter().any(|s| s == source)) {
+        if let Some(run) = table
+            .values()
+            .find(|r| r.sources.iter().any(|s| s == source))
+        {
             return Err(in_use(&run.name));
         }
         for (def, _, _) in self.running(&table)? {
@@ -421,11 +427,13 @@ impl Service {
     ) -> ServiceResult<T> {
         let table = lock(&self.vms.runs.0);
         let status = self.vms.status_in(name, &table)?;
-        if table.contains_key(name) || matches!(status.state, VmState::Running | VmState::Paused)
-        {
+        if table.contains_key(name) || matches!(status.state, VmState::Running | VmState::Paused) {
             return Err(ServiceError::Conflict(format!(
                 "VM {name} is running{}; stop it first",
-                status.pid.map(|p| format!(" (in process {p})")).unwrap_or_default()
+                status
+                    .pid
+                    .map(|p| format!(" (in process {p})"))
+                    .unwrap_or_default()
             )));
         }
         let out = f();
@@ -443,11 +451,13 @@ impl Service {
         let runs = self.vms.runs.0.clone();
         let mut table = lock(&runs);
         let status = self.vms.status_in(name, &table)?;
-        if table.contains_key(name) || matches!(status.state, VmState::Running | VmState::Paused)
-        {
+        if table.contains_key(name) || matches!(status.state, VmState::Running | VmState::Paused) {
             return Err(ServiceError::Conflict(format!(
                 "VM {name} is running already{}",
-                status.pid.map(|p| format!(" (in process {p})")).unwrap_or_default()
+                status
+                    .pid
+                    .map(|p| format!(" (in process {p})"))
+                    .unwrap_or_default()
             )));
         }
         let running = self.vms.running(&table)?;
@@ -477,7 +487,10 @@ impl Service {
                 )));
             }
         }
-        let used_ids: Vec<u32> = running.iter().filter_map(|(_, _, r)| r.as_ref()?.uid).collect();
+        let used_ids: Vec<u32> = running
+            .iter()
+            .filter_map(|(_, _, r)| r.as_ref()?.uid)
+            .collect();
         let id = (VMM_ID_BASE..VMM_ID_BASE + VMM_ID_SLOTS)
             .find(|i| !used_ids.contains(i))
             .ok_or_else(|| ServiceError::Conflict("Every VMM uid slot is in use".into()))?;
@@ -608,7 +621,10 @@ impl Service {
                 let len = std::fs::metadata(&kernel)
                     .map_err(|e| io_error("Reading", &kernel, e))?
                     .len();
-                let room = def.memory.saturating_sub(FLAT_LOAD_ADDR).min(MAX_FLAT_IMAGE);
+                let room = def
+                    .memory
+                    .saturating_sub(FLAT_LOAD_ADDR)
+                    .min(MAX_FLAT_IMAGE);
                 if len > room {
                     return Err(ServiceError::BadRequest(format!(
                         "The flat image {} ({len} bytes) is larger than the {room} bytes it \
@@ -655,10 +671,7 @@ impl Service {
             Some(image) => track_image_writes(resolved.device(), &self.image_path(image)?)?,
             None => resolved.device(),
         };
-        let server = self
-            .vms
-            .disk_server
-            .get(self.data().root().join("run"))?;
+        let server = self.vms.disk_server.get(self.data().root().join("run"))?;
         let set = served.get_or_insert_with(|| ServedDisks::new(server));
         let description = format!("{} of VM {}", d.source, def.name);
         let disk = set.serve(device, resolved, description, d.readonly)?;
@@ -710,8 +723,7 @@ impl Service {
                 libc::setsid();
                 for fd in &raw {
                     let flags = libc::fcntl(*fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                    {
+                    if flags < 0 || libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }

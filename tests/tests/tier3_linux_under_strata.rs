@@ -21,8 +21,8 @@ use strata_tests::linux_guest::{
 };
 use strata_tests::{have_kvm, is_pvm_host, skip_loudly, Capture};
 use strata_vmm::blk::DiskOptions;
-use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::devices::VmControl;
+use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{run, run_with_control, DiskSpec, Payload, VmConfig};
 
 const SERIAL: &str = "strata-tier3";

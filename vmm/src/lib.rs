@@ -4,8 +4,8 @@
 pub mod blk;
 pub mod boot;
 pub mod bus;
-pub mod devices;
 pub mod control;
+pub mod devices;
 pub mod error;
 pub mod ged;
 pub mod kvm;

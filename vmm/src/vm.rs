@@ -26,9 +26,9 @@ use crate::devices::{
 use crate::error::{Result, VmmError};
 use crate::ged::{Ged, GedDevice, GED_GSI, GED_PORT};
 use crate::kvm::vcpu::{install_kick_handler, kick_until_stopped, VcpuExitReason};
-use crate::sandbox::{self, Role};
 use crate::kvm::{Vcpu, Vm};
 use crate::memory::{self, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::sandbox::{self, Role};
 use crate::transport::mmio::{VirtioMmio, QUEUE_NOTIFY};
 
 /// The first interrupt line given to virtio devices (0-4 are legacy; 4 is the serial port).

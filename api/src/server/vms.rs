@@ -12,9 +12,7 @@ use axum::{Json, Router};
 use super::{blocking, ApiError, ApiJson, ApiResult};
 use serde::Deserialize;
 use strata_service::vm_runner::{ControlError, StopMode, DEFAULT_STOP_TIMEOUT};
-use strata_service::vms::{
-    ConsoleChunk, ConsoleQuery, DefineVm, VmDiskStats, VmInfo, VmStatus,
-};
+use strata_service::vms::{ConsoleChunk, ConsoleQuery, DefineVm, VmDiskStats, VmInfo, VmStatus};
 use strata_service::{Service, ServiceError};
 
 pub(super) fn routes() -> Router<Arc<Service>> {
@@ -184,9 +182,7 @@ pub(super) async fn disk_stats(
     State(svc): State<Arc<Service>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vec<VmDiskStats>>> {
-    Ok(Json(
-        blocking(&svc, move |s| s.vm_disk_stats(&name)).await?,
-    ))
+    Ok(Json(blocking(&svc, move |s| s.vm_disk_stats(&name)).await?))
 }
 
 /// Where a live console stream starts.
@@ -227,10 +223,10 @@ pub(super) async fn vm_console_stream(
         }
     });
     let body = axum::body::Body::from_stream(tokio_stream_of(rx));
-    Ok(axum::response::Response::builder()
+    axum::response::Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(body)
-        .map_err(|e| ApiError(ServiceError::internal(e.to_string())))?)
+        .map_err(|e| ApiError(ServiceError::internal(e.to_string())))
 }
 
 /// A VM's state (defined, running, stopped, failed), exit reason and uptime.

@@ -280,7 +280,10 @@ pub fn run(cmd: ManageCommand, api: &Api) -> anyhow::Result<ExitCode> {
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<32} {:>12} {:>8} {:>16}", "DISK", "REQUESTS", "ERRORS", "BYTES");
+                println!(
+                    "{:<32} {:>12} {:>8} {:>16}",
+                    "DISK", "REQUESTS", "ERRORS", "BYTES"
+                );
                 for d in v {
                     println!(
                         "{:<32} {:>12} {:>8} {:>16}",

@@ -160,7 +160,8 @@ impl Drop for Server {
                 for vm in r.body.as_array().cloned().unwrap_or_default() {
                     if vm["status"]["state"] == "running" || vm["status"]["state"] == "paused" {
                         let name = vm["definition"]["name"].as_str().unwrap_or_default();
-                        let _ = c.request("POST", &format!("/api/vms/{name}/stop?force=true"), None);
+                        let _ =
+                            c.request("POST", &format!("/api/vms/{name}/stop?force=true"), None);
                     }
                 }
             }

@@ -109,7 +109,6 @@ pub fn define_and_start(c: &Client, body: Value) {
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
-
 /// For tests that run guests: a server, its client, a scratch folder and a flat guest file (in
 /// the server's import folder); None, after a loud skip notice, where KVM is missing.
 pub fn guest_setup(what: &str, then: Then) -> Option<(Server, Client, tempfile::TempDir, String)> {
@@ -122,4 +121,3 @@ pub fn guest_setup(what: &str, then: Then) -> Option<(Server, Client, tempfile::
     let guest = write_guest(&srv.data.join("import"), "guest.bin", then);
     Some((srv, c, dir, guest))
 }
-

@@ -21,8 +21,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::{ACPI_RESET_VALUE, ACPI_SLEEP_PORT, S5_SLEEP_TYPE};
-use crate::ged::{EVENT_POWER_BUTTON, GED_GSI, GED_PORT};
 use crate::error::{Result, VmmError};
+use crate::ged::{EVENT_POWER_BUTTON, GED_GSI, GED_PORT};
 use crate::memory::{IOAPIC_ADDR, LAPIC_ADDR, VIRTIO_MMIO_SIZE};
 
 const OEM_ID: [u8; 6] = *b"STRATA";
@@ -287,7 +287,11 @@ mod iasl {
             .arg(&file)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
         for want in [
             "Device (PWRB)",

@@ -191,13 +191,7 @@ mod tests {
     #[test]
     fn requests_and_answers_are_single_json_lines_and_bad_ones_are_refused() {
         let mut buf = Vec::new();
-        write_line(
-            &mut buf,
-            &Request::Stop {
-                reason: "x".into(),
-            },
-        )
-        .unwrap();
+        write_line(&mut buf, &Request::Stop { reason: "x".into() }).unwrap();
         assert_eq!(buf, b"{\"op\":\"stop\",\"reason\":\"x\"}\n");
         let back: Request = read_line(&mut &buf[..]).unwrap().unwrap();
         assert_eq!(back, Request::Stop { reason: "x".into() });
@@ -207,7 +201,11 @@ mod tests {
         assert_eq!(a, Answer::Ok(Reply::Done));
         let none: Option<Request> = read_line(&mut &b""[..]).unwrap();
         assert!(none.is_none());
-        for bad in [&b"{\"op\":\"reboot\"}\n"[..], b"not json\n", b"{\"op\":\"status\"}"] {
+        for bad in [
+            &b"{\"op\":\"reboot\"}\n"[..],
+            b"not json\n",
+            b"{\"op\":\"status\"}",
+        ] {
             assert!(read_line::<_, Request>(&mut &bad[..]).is_err(), "{bad:?}");
         }
         let long = vec![b' '; MAX_LINE + 10];

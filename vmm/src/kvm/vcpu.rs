@@ -87,10 +87,7 @@ impl StopFlag {
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
         while *paused && !self.is_set() {
-            paused = self
-                .changed
-                .wait(paused)
-                .unwrap_or_else(|p| p.into_inner());
+            paused = self.changed.wait(paused).unwrap_or_else(|p| p.into_inner());
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
     }

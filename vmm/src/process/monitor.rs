@@ -238,7 +238,10 @@ mod tests {
         log.append(b"abc").unwrap();
         log.len = CONSOLE_LOG_LIMIT; // pretend it is full
         log.append(b"def").unwrap();
-        assert_eq!(std::fs::read(dir.path().join(CONSOLE_FILE)).unwrap(), b"def");
+        assert_eq!(
+            std::fs::read(dir.path().join(CONSOLE_FILE)).unwrap(),
+            b"def"
+        );
         assert_eq!(ConsoleState::load(dir.path()).base, CONSOLE_LOG_LIMIT);
     }
 }

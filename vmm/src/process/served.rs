@@ -198,7 +198,9 @@ impl Link {
             h.copy_from_slice(&head[8..16]);
             let handle = u64::from_be_bytes(h);
             if magic != REPLY_MAGIC {
-                self.fail(format!("the disk server sent a bad reply (magic {magic:#x})"));
+                self.fail(format!(
+                    "the disk server sent a bad reply (magic {magic:#x})"
+                ));
                 return;
             }
             let Some(piece) = lock(&self.inflight).pieces.remove(&handle) else {
@@ -305,10 +307,7 @@ impl ServedDisk {
         self.target.submit(Request { tag: 0, op }, &inbox);
         let mut done = lock(&inbox.done);
         while done.is_empty() {
-            done = inbox
-                .ready
-                .wait(done)
-                .unwrap_or_else(|p| p.into_inner());
+            done = inbox.ready.wait(done).unwrap_or_else(|p| p.into_inner());
         }
         done.pop().map_or(Ok(0), |c| c.result)
     }

@@ -112,7 +112,10 @@ pub fn enter(role: Role) {
     };
     sigsys::set_thread_role(role);
     if let Err(e) = policy.filters.apply(role) {
-        tracing::error!(role = role.name(), "installing the seccomp filter failed: {e}");
+        tracing::error!(
+            role = role.name(),
+            "installing the seccomp filter failed: {e}"
+        );
         std::process::abort();
     }
     if policy.probe == Some(role) {

@@ -288,8 +288,8 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let filters = Filters::compile().unwrap_or_else(|_| unsafe { libc::_exit(2) });
-            if filters.apply(Role::DeviceWorker).is_err() {
+            let applied = Filters::compile().is_ok_and(|f| f.apply(Role::DeviceWorker).is_ok());
+            if !applied {
                 // SAFETY: leaving the forked child.
                 unsafe { libc::_exit(3) };
             }

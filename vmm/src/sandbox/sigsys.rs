@@ -186,7 +186,13 @@ mod tests {
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
             "status {status:#x}, note {note:?}"
         );
-        assert!(note.starts_with("seccomp: a device-worker thread"), "{note}");
-        assert!(note.contains(&format!("system call {}", libc::SYS_socket)), "{note}");
+        assert!(
+            note.starts_with("seccomp: a device-worker thread"),
+            "{note}"
+        );
+        assert!(
+            note.contains(&format!("system call {}", libc::SYS_socket)),
+            "{note}"
+        );
     }
 }

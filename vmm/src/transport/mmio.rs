@@ -204,11 +204,7 @@ impl VirtioMmio {
                 .map_err(|e| format!("cloning an eventfd: {e}"))?;
             jobs.push((format!("{}-q{i}", self.name), queue, kick));
         }
-        let (cfg, mem, interrupt) = (
-            self.cfg.clone(),
-            self.mem.clone(),
-            self.interrupt.clone(),
-        );
+        let (cfg, mem, interrupt) = (self.cfg.clone(), self.mem.clone(), self.interrupt.clone());
         // Opening I/O queues and starting threads happen on the device thread (when the
         // process has one), so that a vCPU's seccomp filter needs neither.
         let start = move || -> Result<Vec<Worker>, String> {
