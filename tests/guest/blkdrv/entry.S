@@ -40,28 +40,7 @@ _start:
     ISR isr_timer, on_timer
 #endif
 
-    .global isr_virtio
-isr_virtio:
-    push %rax
-    push %rcx
-    push %rdx
-    push %rsi
-    push %rdi
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    call on_irq
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rdi
-    pop %rsi
-    pop %rdx
-    pop %rcx
-    pop %rax
-    iretq
+    ISR isr_virtio, on_irq
 
 /* One stub per exception vector (32 bytes apart): each loads its vector number, saves the
  * faulting rip (at 0(%rsp), or 8(%rsp) for vectors that push an error code) and reports. */
