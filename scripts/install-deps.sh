@@ -34,6 +34,7 @@ packages=(
   ceph-common                  # volume groups (the ceph and rbd tools, librados, librbd)
   librbd-dev librados-dev      # librbd.so/librados.so, which Strata loads at run time
   radosgw                      # scripts/ceph-cluster.sh --rgw: S3 for the datastore on S3
+  acpica-tools                 # vmm/src/boot/acpi.rs: iasl disassembles the DSDT (power button, GED)
   libvhdi-utils                # storage/tests/vhd_chains.rs: vhdiinfo and vhdimount (FUSE), an
                                # independent VHD/VHDX reader for differencing chains (unmounted with umount as root)
 )

@@ -189,6 +189,38 @@ impl Client {
         })
     }
 
+    /// `GET path`, handing each piece of a successful streaming body to `f` as it arrives
+    /// until the body ends or `f` returns false; on an error status the body is returned.
+    pub fn stream_get(
+        &self,
+        path: &str,
+        f: &mut dyn FnMut(&[u8]) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<Response> {
+        let req = self
+            .builder("GET", path, false)?
+            .body(Full::new(Bytes::new()))?;
+        self.rt.block_on(async move {
+            let resp = self.exchange(req).await?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            if status != 200 {
+                return response_of(status, body).await;
+            }
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    if !f(&data)? {
+                        break;
+                    }
+                }
+            }
+            Ok(Response {
+                status,
+                body: serde_json::Value::Null,
+                raw: Vec::new(),
+            })
+        })
+    }
+
     fn builder(
         &self,
         method: &str,

@@ -1,5 +1,7 @@
 //! End-to-end tests of the VM resource of the HTTP API over real HTTP on loopback: definitions,
-//! validation, conflicts, and guests started, watched and stopped through the API.
+//! validation, conflicts, and guests started, watched and stopped through the API. (The VMM
+//! process model itself — restarts, kills, sandbox, power button — is tested in vm_process.rs.)
+//! The spinning guests ignore the ACPI power button, so these tests stop them with `force`.
 //!
 //! Guests: two tiny freestanding images written here (they print a line on the serial port,
 //! then spin or power off), which run on any KVM including PVM; and the Linux test guest of the
@@ -8,92 +10,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::vms::*;
 use common::Server;
 use serde_json::{json, Value};
-use strata_api::client::Client;
-use strata_tests::{have_kvm, is_pvm_host, skip_loudly};
-
-const GREETING: &str = "strata flat guest up\n";
-
-/// What a flat test guest does after printing its greeting.
-#[derive(Clone, Copy)]
-enum Then {
-    Spin,
-    PowerOff,
-    Reboot,
-}
-
-/// 64-bit code: print `text` on COM1, then spin forever, or write the ACPI sleep/reset
-/// register to power off or reboot.
-fn flat_guest(text: &str, then: Then) -> Vec<u8> {
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    for b in text.bytes() {
-        code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
-    }
-    let acpi = match then {
-        Then::Spin => None,
-        Then::PowerOff => Some(0x34), // SLP_EN | S5 << 2
-        Then::Reboot => Some(0x01),   // the FADT's reset value
-    };
-    if let Some(value) = acpi {
-        // mov dx, 0x3c0; mov al, value; out dx, al
-        code.extend_from_slice(&[0x66, 0xba, 0xc0, 0x03, 0xb0, value, 0xee]);
-    }
-    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
-    code
-}
-
-fn write_guest(dir: &Path, name: &str, then: Then) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, flat_guest(GREETING, then)).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-fn create_volume(c: &Client, name: &str) {
-    let r = c
-        .request(
-            "POST",
-            "/api/volumes",
-            Some(&json!({"vg": "strata", "name": name, "size": "16M", "pool": "data"})),
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{:?}", r.body);
-}
-
-fn define(c: &Client, body: Value) -> (u16, Value) {
-    let r = c.request("POST", "/api/vms", Some(&body)).unwrap();
-    (r.status, r.body)
-}
-
-fn status(c: &Client, name: &str) -> Value {
-    let r = c
-        .request("GET", &format!("/api/vms/{name}/status"), None)
-        .unwrap();
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    r.body
-}
-
-fn console(c: &Client, name: &str, query: &str) -> Value {
-    let r = c
-        .request("GET", &format!("/api/vms/{name}/console{query}"), None)
-        .unwrap();
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    r.body
-}
-
-/// Polls until `done(status)` or `timeout`; returns the last status.
-fn wait_for(c: &Client, name: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = status(c, name);
-        if done(&s) || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use strata_tests::{is_pvm_host, skip_loudly};
 
 #[test]
 fn vms_are_defined_listed_shown_and_removed() {
@@ -317,38 +239,6 @@ fn bad_vm_definitions_are_refused_with_the_right_status() {
     }
 }
 
-fn kvm_or_skip(what: &str) -> bool {
-    if !have_kvm() {
-        skip_loudly(what, "/dev/kvm cannot be opened on this host");
-        return false;
-    }
-    true
-}
-
-/// For tests that run guests: a server, its client, a scratch folder and a flat guest file (in
-/// the server's import folder); None, after a loud skip notice, where KVM is missing.
-fn guest_setup(what: &str, then: Then) -> Option<(Server, Client, tempfile::TempDir, String)> {
-    if !kvm_or_skip(what) {
-        return None;
-    }
-    let srv = Server::start();
-    let c = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let guest = write_guest(&srv.data.join("import"), "guest.bin", then);
-    Some((srv, c, dir, guest))
-}
-
-/// Defines a VM (expecting 201) and starts it (expecting 200).
-fn define_and_start(c: &Client, body: Value) {
-    let (st, reply) = define(c, body.clone());
-    assert_eq!(st, 201, "{body}: {reply:?}");
-    let name = body["name"].as_str().unwrap();
-    let r = c
-        .request("POST", &format!("/api/vms/{name}/start"), None)
-        .unwrap();
-    assert_eq!(r.status, 200, "{:?}", r.body);
-}
-
 #[test]
 fn a_guest_is_started_watched_and_stopped_through_the_api() {
     const WHAT: &str = "VM start/console/stop through the HTTP API (freestanding guest)";
@@ -419,13 +309,17 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
     let s = status(&c, "spin");
     assert!(s["uptime_seconds"].as_u64() >= Some(1), "{s:?}");
 
-    let r = c.request("POST", "/api/vms/spin/stop", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/spin/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["state"], "stopped");
     assert_eq!(r.body["exit_reason"], "stopped by request");
     assert!(r.body["ended_at"].as_u64().is_some());
     assert_eq!(r.body["pid"], Value::Null);
-    let r = c.request("POST", "/api/vms/spin/stop", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/spin/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 409, "{:?}", r.body);
     // The log of the ended run stays readable.
     assert_eq!(console(&c, "spin", "")["data"], GREETING);
@@ -434,7 +328,9 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
     // Stopped: the disk is free for the other VM, and can be removed once that one ends too.
     let r = c.request("POST", "/api/vms/twin/start", None).unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let r = c.request("POST", "/api/vms/twin/stop", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/twin/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     let r = c
         .request("DELETE", "/api/volumes/strata/spin-root", None)
@@ -608,8 +504,9 @@ fn the_cli_manages_a_vm_the_server_runs_remotely_and_locally() {
         assert!(!ok && err.contains("is running"), "{err}");
     }
 
-    // A local stop reaches the server's VM (through a request file in the VM's folder).
-    let (ok, out, err) = strata_cli(&srv.data, &["vm", "stop", "shared"]);
+    // A local stop reaches the server's VM (through the VMM's control socket). The spinning
+    // guest does not answer the power button, so it is stopped hard at once.
+    let (ok, out, err) = strata_cli(&srv.data, &["vm", "stop", "shared", "--force"]);
     assert!(ok, "{err}");
     assert!(out.contains("stopped (stopped by request)"), "{out}");
     let s = status(&c, "shared");
@@ -619,7 +516,7 @@ fn the_cli_manages_a_vm_the_server_runs_remotely_and_locally() {
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["status"]["state"], "stopped");
-    let (ok, _, err) = remote(&["vm", "stop", "shared"]);
+    let (ok, _, err) = remote(&["vm", "stop", "shared", "--force"]);
     assert!(!ok && err.contains("not running"), "{err}");
     // `vm run` works on this machine's files only.
     let (ok, _, err) = remote(&["vm", "run", "--kernel", &spinner]);
@@ -714,13 +611,17 @@ fn running_vms_together_may_not_claim_more_than_the_hosts_memory() {
         "{:?}",
         r.body
     );
-    let r = c.request("POST", "/api/vms/first/stop", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/first/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
     wait_for(&c, "first", Duration::from_secs(60), |s| {
         s["state"] != "running"
     });
     let r = c.request("POST", "/api/vms/second/start", None).unwrap();
     assert_eq!(r.status, 200, "once the first stopped: {:?}", r.body);
-    let r = c.request("POST", "/api/vms/second/stop", None).unwrap();
+    let r = c
+        .request("POST", "/api/vms/second/stop?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
 }

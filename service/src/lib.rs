@@ -38,6 +38,7 @@ pub mod tls;
 pub mod tokens;
 pub mod transfer;
 pub mod vm_console;
+mod vm_disks;
 pub mod vm_runner;
 pub mod vms;
 pub mod volumes;

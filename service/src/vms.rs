@@ -1,26 +1,32 @@
-//! Virtual machines: definitions kept in the data directory, runs on Strata's VMM in threads of
-//! the process that starts them, their status and their serial console logs.
+//! Virtual machines: definitions kept in the data directory, each run in a sandboxed VMM
+//! process of its own (see [`super::vm_runner`] and `strata_vmm::process`), their status and
+//! their serial console logs.
 //!
 //! # Layout
 //! ```text
 //! DATA/vms/NAME/
 //!   config.json       the definition (created exclusively; replaced atomically)
-//!   status.json       the last run: state, times, exit reason, owning process
-//!   console.log       the serial console of the current or last run
-//!   console.old.log   the run before (or the part rotated away after CONSOLE_LOG_LIMIT bytes)
+//!   status.json       the last run: state, times, exit reason, VMM and monitor pids, run id
+//!   vmm.json          the VMM process's configuration for the current or last run
+//!   control.sock      the running VMM's control socket
+//!   exit.json         how the VMM process ended (written by its monitor)
+//!   console.log       the serial console of the current or last run (written by the monitor)
+//!   console.old.log   the run before (or the part rotated away after 16 MiB)
+//!   console.json      the stream offset of console.log's first byte
+//!   vmm.log           the VMM's own log
 //! ```
 //!
-//! A VM runs in the process that started it (normally `strata serve`); other processes see its
-//! status and console through the files, and refuse to start, stop or remove it while that
-//! process lives. Stopping is a hard stop (the VMM has no ACPI power button yet): the vCPUs
-//! leave KVM_RUN and every disk is flushed before the run ends.
+//! A VM outlives the process that started it: any process sees its status and console through
+//! the files and reaches it through its control socket (stop, pause, power button). Stopping
+//! presses the ACPI power button and waits for the guest (60 s by default), then stops hard;
+//! a forced stop is hard at once (the vCPUs leave KVM_RUN and every disk is flushed).
 //!
 //! # Locking
 //! | state | guarded by |
 //! |---|---|
-//! | running VMs of this process | a mutex in [`VmManager`]; start, stop and remove decide under it |
+//! | VMs this process supervises | a mutex in [`VmManager`]; start, stop and remove decide under it |
 //! | a definition | created with `link` (fails if present), removed before the other files |
-//! | a run's record and console | mutexes in the run (see [`super::vm_runner`]) |
+//! | a run's records | written by one process each (see [`super::vm_runner`]) |
 
 use std::path::{Path, PathBuf};
 
@@ -29,8 +35,12 @@ use strata_storage::source::{SourceSpec, LV_PREFIX};
 use strata_storage::util::parse_size;
 
 use super::vm_console;
-use super::vm_runner::{self, RunRecord};
+use super::vm_disks::DiskServerSlot;
+use super::vm_runner;
 use super::{names, Service, ServiceError, ServiceResult};
+
+/// A running VM's counters for one disk.
+pub use strata_vmm::control::DiskStats as VmDiskStats;
 
 /// The command line a Linux guest gets when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -140,6 +150,8 @@ pub enum VmState {
     Stopped,
     /// Ended by an error (the VMM failed, or the process running it died).
     Failed,
+    /// Running, with its vCPUs paused.
+    Paused,
 }
 
 /// A VM's state.
@@ -204,11 +216,14 @@ pub struct ConsoleChunk {
     pub state: VmState,
 }
 
-/// The VMs of this process, and where definitions live.
+/// The VMs this process supervises, and where definitions live.
 #[derive(Debug)]
 pub struct VmManager {
     dir: PathBuf,
     pub(super) runs: vm_runner::Runs,
+    /// The `strata` binary that runs VMM processes.
+    pub(super) program: PathBuf,
+    pub(super) disk_server: DiskServerSlot,
 }
 
 impl VmManager {
@@ -219,7 +234,14 @@ impl VmManager {
         Ok(VmManager {
             dir,
             runs: vm_runner::Runs::default(),
+            program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("strata")),
+            disk_server: DiskServerSlot::default(),
         })
+    }
+
+    /// Runs VMM processes with `program` (a `strata` binary) instead of this executable.
+    pub fn set_program(&mut self, program: PathBuf) {
+        self.program = program;
     }
 
     /// The folder of VM `name` (after validating the name).
@@ -232,17 +254,7 @@ impl VmManager {
         Ok(self.vm_dir(name)?.join("config.json"))
     }
 
-    /// Runs `f` (a removal) unless a running VM of this process uses `source` as a disk (409);
-    /// no VM can start meanwhile.
-    pub fn unless_in_use<T>(
-        &self,
-        source: &str,
-        f: impl FnOnce() -> ServiceResult<T>,
-    ) -> ServiceResult<T> {
-        self.runs.unless_in_use(source, f)
-    }
-
-    fn load(&self, name: &str) -> ServiceResult<VmDefinition> {
+    pub(super) fn load(&self, name: &str) -> ServiceResult<VmDefinition> {
         let path = self.config_path(name)?;
         let text = match std::fs::read(&path) {
             Ok(t) => t,
@@ -262,7 +274,7 @@ impl VmManager {
     }
 
     /// Names of all defined VMs, sorted.
-    fn names(&self) -> ServiceResult<Vec<String>> {
+    pub(super) fn names(&self) -> ServiceResult<Vec<String>> {
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| ServiceError::internal(format!("Listing {}: {e}", self.dir.display())))?;
         let mut out: Vec<String> = entries
@@ -273,30 +285,6 @@ impl VmManager {
             .collect();
         out.sort();
         Ok(out)
-    }
-
-    /// The status of `name` from this process's runs or the files.
-    fn status(&self, name: &str) -> ServiceResult<VmStatus> {
-        if let Some(run) = self.runs.get(name) {
-            return Ok(run.status());
-        }
-        let dir = self.vm_dir(name)?;
-        let record = RunRecord::load(&dir)?;
-        let console_bytes = vm_console::console_end(&dir, record.as_ref());
-        Ok(match record {
-            None => VmStatus {
-                name: name.to_string(),
-                state: VmState::Defined,
-                started_at: None,
-                ended_at: None,
-                uptime_seconds: None,
-                exit_reason: None,
-                reboots: 0,
-                pid: None,
-                console_bytes,
-            },
-            Some(r) => r.status_seen_from_outside(name, console_bytes),
-        })
     }
 }
 
@@ -495,7 +483,7 @@ impl Service {
     pub fn remove_vm(&self, name: &str) -> ServiceResult<()> {
         self.vms.load(name)?;
         let dir = self.vms.vm_dir(name)?;
-        self.vms.runs.while_not_running(name, &dir, || {
+        self.while_vm_not_running(name, || {
             let config = dir.join("config.json");
             std::fs::remove_file(&config).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => ServiceError::NotFound(format!("VM {name}")),
@@ -515,14 +503,7 @@ impl Service {
         let dir = self.vms.vm_dir(name)?;
         let state = self.vms.status(name)?.state;
         let limit = q.limit.unwrap_or(MAX_CONSOLE_READ).min(MAX_CONSOLE_READ);
-        let chunk = match self.vms.runs.get(name) {
-            Some(run) => run.read_console(q.offset, q.tail, limit)?,
-            None => {
-                let record = RunRecord::load(&dir)?;
-                let base = record.as_ref().map_or(0, |r| r.console_base);
-                vm_console::read_console_file(&dir, base, q.offset, q.tail, limit)?
-            }
-        };
+        let chunk = vm_console::read_console_file(&dir, q.offset, q.tail, limit)?;
         Ok(ConsoleChunk { state, ..chunk })
     }
 }

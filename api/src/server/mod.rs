@@ -228,7 +228,8 @@ pub async fn serve(
         if let Err(e) = svc2.remove_leftovers() {
             tracing::warn!(error = %e, "removing what jobs left behind failed");
         }
-        svc2.stop_all_vms();
+        // VMs outlive the server, except those whose disks it serves.
+        svc2.release_vms(limits.shutdown_grace);
     })
     .await?;
     Ok(())

@@ -429,6 +429,8 @@ pub enum VmState {
     Stopped,
     /// Ended by an error (the VMM failed, or the process running it died).
     Failed,
+    /// Running, with its vCPUs paused.
+    Paused,
 }
 
 /// A VM's state.
@@ -482,6 +484,38 @@ pub struct ConsoleChunk {
     pub state: VmState,
 }
 
+/// How to stop a VM.
+#[derive(Debug, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StopQuery {
+    /// Stop hard at once instead of pressing the power button first.
+    pub force: Option<bool>,
+    /// Seconds to wait for the guest to power off after the power button (default 60, at
+    /// most 3600); then the VM is stopped hard.
+    pub timeout: Option<u64>,
+}
+
+/// Where a live console stream starts.
+#[derive(Debug, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Stream from this byte offset (default: the current end).
+    pub from: Option<u64>,
+}
+
+/// A running VM's counters for one disk.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmDiskStats {
+    /// The disk's source (`lv:VG/NAME`, `image:NAME`).
+    pub name: String,
+    /// Requests the guest made.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Bytes read and written.
+    pub bytes: u64,
+}
+
 /// Which part of the console log to return.
 #[derive(Debug, Serialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -511,8 +545,8 @@ mod drift {
         pub use strata_service::tokens::TokenInfo;
         pub use strata_service::transfer::ConvertRequest;
         pub use strata_service::vms::{
-            BootKind, ConsoleChunk, ConsoleQuery, DefineVm, VmDefinition, VmDisk, VmInfo, VmState,
-            VmStatus,
+            BootKind, ConsoleChunk, ConsoleQuery, DefineVm, VmDefinition, VmDisk, VmDiskStats,
+            VmInfo, VmState, VmStatus,
         };
         pub use strata_service::volumes::{
             AdoptVolume, CreateRbdGroup, CreateVolume, GroupCheck, NewName, ResizeVolume,
@@ -959,6 +993,7 @@ mod drift {
                 svc::VmState::Running => VmState::Running,
                 svc::VmState::Stopped => VmState::Stopped,
                 svc::VmState::Failed => VmState::Failed,
+                svc::VmState::Paused => VmState::Paused,
             }
         }
     }
@@ -1036,6 +1071,34 @@ mod drift {
                 limit: limit.clone(),
             }
         }
+    }
+
+    impl From<&svc::VmDiskStats> for VmDiskStats {
+        fn from(v: &svc::VmDiskStats) -> Self {
+            let svc::VmDiskStats {
+                name,
+                requests,
+                errors,
+                bytes,
+            } = v;
+            VmDiskStats {
+                name: name.clone(),
+                requests: requests.clone(),
+                errors: errors.clone(),
+                bytes: bytes.clone(),
+            }
+        }
+    }
+
+    #[test]
+    fn disk_stats_serialize_like_their_mirror() {
+        let v = svc::VmDiskStats {
+            name: "lv:strata/a".into(),
+            requests: 3,
+            errors: 1,
+            bytes: 4096,
+        };
+        assert_eq!(json(&v), json(&VmDiskStats::from(&v)));
     }
 
     /// Live service values serialize exactly as their mirrors do: the schema describes what is

@@ -233,6 +233,9 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
     svc.remove_leftovers()?;
     svc.enable_exports(nbd_settings(&a, &data)?)?;
+    for name in svc.adopt_vms()? {
+        println!("Adopted running VM {name}");
+    }
     if svc.tokens.is_empty()? {
         let (_, token) = svc.tokens.create("admin", true)?;
         println!("Created the first API token (shown only now; keep it):");

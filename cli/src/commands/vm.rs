@@ -1,6 +1,8 @@
 //! `strata vm …`: `run` boots a Linux guest from the command line, with disks and kernel given
-//! there; `define`, `list`, `status`, `start`, `stop`, `console` and `remove` manage the
-//! appliance's VMs through the API's routes (see [`super::vm_manage`]).
+//! there (in this process, unsandboxed: the low-level tool), or, with `--config FILE
+//! --api-socket PATH`, is the sandboxed VMM process of an appliance VM (see
+//! `strata_vmm::process`); `define`, `list`, `status`, `start`, `stop`, `console` and `remove`
+//! manage the appliance's VMs through the API's routes (see [`super::vm_manage`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,9 +31,16 @@ pub enum VmCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Run as the VMM process of an appliance VM, as its supervisor configured it in FILE
+    /// (`vmm.json` in the VM's folder; written by `strata serve` or `strata vm start`).
+    #[arg(long, value_name = "FILE", requires = "api_socket", conflicts_with_all = ["kernel", "disks", "serial"])]
+    config: Option<PathBuf>,
+    /// With --config: the control socket to create.
+    #[arg(long, value_name = "PATH", requires = "config")]
+    api_socket: Option<PathBuf>,
     /// The kernel (bzImage, booted through the 64-bit boot protocol).
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
     /// An initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -155,6 +164,13 @@ pub(super) fn warn_if_pvm() {
 }
 
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(config), Some(socket)) = (&args.config, &args.api_socket) {
+        strata_vmm::process::run(config, socket)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(kernel) = args.kernel.clone() else {
+        bail!("vm run needs --kernel (or --config and --api-socket)");
+    };
     let memory = parse_size(&args.memory)?;
     let disks: Vec<DiskArg> = args
         .disks
@@ -184,7 +200,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
             memory,
             cpus: args.cpus,
             payload: Payload::Linux {
-                kernel: args.kernel.clone(),
+                kernel: kernel.clone(),
                 initrd: args.initrd.clone(),
                 cmdline: args.cmdline.clone(),
             },
@@ -198,6 +214,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .collect(),
             serial,
             timeout: None,
+            kvm: None,
         })?;
         match report.reason {
             VcpuExitReason::Reboot => eprintln!("strata: guest rebooted"),

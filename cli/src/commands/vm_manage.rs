@@ -3,10 +3,12 @@
 //! `strata serve` (where the VMs run); without, they run the same router in this process on
 //! the local data directory.
 //!
-//! A VM runs in the process that started it. So without `--remote`, `vm start` stays in the
-//! foreground printing the console until the VM ends (Ctrl-C stops it); `vm stop` from another
-//! shell works too. With `--remote`, `vm start` returns at once unless `--attach` is given
-//! (Ctrl-C then only detaches).
+//! Each VM runs in a VMM process of its own, supervised by the process that started it (it
+//! serves the VM's volumes). So without `--remote`, `vm start` stays in the foreground printing
+//! the console until the VM ends (Ctrl-C stops it: power button, then hard after the timeout);
+//! `vm stop` from another shell works too. With `--remote`, `vm start` returns at once unless
+//! `--attach` is given (Ctrl-C then only detaches). `vm console --attach` follows the live
+//! console stream from the VMM.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -56,10 +58,40 @@ pub enum ManageCommand {
         #[arg(long)]
         quiet: bool,
     },
-    /// Stop a running VM (a hard stop: the vCPUs stop, the disks are flushed).
+    /// Stop a running VM: press its ACPI power button, wait for the guest to power off, then
+    /// stop it hard (the vCPUs stop, the disks are flushed).
     Stop {
         /// The VM.
         name: String,
+        /// Stop hard at once, without the power button.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest after the power button.
+        #[arg(long, default_value_t = 60, conflicts_with = "force")]
+        timeout: u64,
+    },
+    /// Pause a running VM's vCPUs.
+    Pause {
+        /// The VM.
+        name: String,
+    },
+    /// Let a paused VM run again.
+    Resume {
+        /// The VM.
+        name: String,
+    },
+    /// Press a running VM's ACPI power button (and return at once).
+    PowerButton {
+        /// The VM.
+        name: String,
+    },
+    /// Show a running VM's disk counters.
+    DiskStats {
+        /// The VM.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
     },
     /// Print a VM's serial console log (the current or last run).
     Console {
@@ -74,6 +106,10 @@ pub enum ManageCommand {
         /// Keep printing new output while the VM runs.
         #[arg(long, short)]
         follow: bool,
+        /// Follow the live console stream from the VMM (from the current end, or --offset)
+        /// until the VM ends; Ctrl-C detaches.
+        #[arg(long, conflicts_with_all = ["tail", "follow"])]
+        attach: bool,
     },
     /// Remove a VM that is not running (its disks stay).
     Remove {
@@ -209,19 +245,65 @@ pub fn run(cmd: ManageCommand, api: &Api) -> anyhow::Result<ExitCode> {
             attach,
             quiet,
         } => return start(api, &name, attach, quiet),
-        ManageCommand::Stop { name } => {
-            let s: VmStatus = get(api, "POST", &vm_path(&name, "/stop"))?;
+        ManageCommand::Stop {
+            name,
+            force,
+            timeout,
+        } => {
+            let query = if force {
+                "?force=true".to_string()
+            } else {
+                format!("?timeout={timeout}")
+            };
+            let s: VmStatus = get(api, "POST", &vm_path(&name, &format!("/stop{query}")))?;
             println!(
                 "{name}: {} ({})",
                 state_name(s.state),
                 s.exit_reason.unwrap_or_default()
             );
         }
+        ManageCommand::Pause { name } => {
+            let s: VmStatus = get(api, "POST", &vm_path(&name, "/pause"))?;
+            println!("{name}: {}", state_name(s.state));
+        }
+        ManageCommand::Resume { name } => {
+            let s: VmStatus = get(api, "POST", &vm_path(&name, "/resume"))?;
+            println!("{name}: {}", state_name(s.state));
+        }
+        ManageCommand::PowerButton { name } => {
+            let _: VmStatus = get(api, "POST", &vm_path(&name, "/power-button"))?;
+            println!("{name}: power button pressed");
+        }
+        ManageCommand::DiskStats { name, output } => {
+            let v: Vec<strata_vmm::control::DiskStats> =
+                get(api, "GET", &vm_path(&name, "/disk-stats"))?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<32} {:>12} {:>8} {:>16}",
+                    "DISK", "REQUESTS", "ERRORS", "BYTES"
+                );
+                for d in v {
+                    println!(
+                        "{:<32} {:>12} {:>8} {:>16}",
+                        d.name, d.requests, d.errors, d.bytes
+                    );
+                }
+            }
+        }
+        ManageCommand::Console {
+            name,
+            offset,
+            attach: true,
+            ..
+        } => attach_console(api, &name, offset)?,
         ManageCommand::Console {
             name,
             offset,
             tail,
             follow,
+            attach: false,
         } => {
             let mut query = match (offset, tail) {
                 (_, Some(t)) => format!("?tail={t}"),
@@ -232,7 +314,8 @@ pub fn run(cmd: ManageCommand, api: &Api) -> anyhow::Result<ExitCode> {
                 let chunk = console(api, &name, &query)?;
                 print_console(&chunk)?;
                 let more = chunk.next_offset < chunk.end;
-                let wait_for_more = follow && chunk.state == VmState::Running;
+                let wait_for_more =
+                    follow && matches!(chunk.state, VmState::Running | VmState::Paused);
                 if !(more || wait_for_more) {
                     break;
                 }
@@ -250,6 +333,30 @@ pub fn run(cmd: ManageCommand, api: &Api) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints the live console stream until the VM ends.
+fn attach_console(api: &Api, name: &str, from: Option<u64>) -> anyhow::Result<()> {
+    let query = from.map(|o| format!("?from={o}")).unwrap_or_default();
+    let mut pending: Vec<u8> = Vec::new();
+    api.stream(&vm_path(name, &format!("/console/stream{query}")), &mut |bytes| {
+        pending.extend_from_slice(bytes);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let chunk: strata_vmm::control::ConsoleChunk = serde_json::from_slice(&line)
+                .context("reading the console stream")?;
+            if chunk.skipped > 0 {
+                eprintln!(
+                    "strata: {} console bytes are no longer held by the VMM (see `strata vm console`)",
+                    chunk.skipped
+                );
+            }
+            let mut out = std::io::stdout().lock();
+            out.write_all(chunk.data.as_bytes())?;
+            out.flush()?;
+        }
+        Ok(true)
+    })
+}
+
 fn print_console(chunk: &ConsoleChunk) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(chunk.data.as_bytes())?;
@@ -263,6 +370,7 @@ fn state_name(s: VmState) -> &'static str {
         VmState::Running => "running",
         VmState::Stopped => "stopped",
         VmState::Failed => "failed",
+        VmState::Paused => "paused",
     }
 }
 
@@ -365,7 +473,8 @@ fn start(api: &Api, name: &str, attach: bool, quiet: bool) -> anyhow::Result<Exi
             print_console(&chunk)?;
         }
         offset = chunk.next_offset;
-        if chunk.state != VmState::Running && offset >= chunk.end {
+        let live = matches!(chunk.state, VmState::Running | VmState::Paused);
+        if !live && offset >= chunk.end {
             break;
         }
         let signalled = rt.block_on(async {
@@ -380,7 +489,7 @@ fn start(api: &Api, name: &str, attach: bool, quiet: bool) -> anyhow::Result<Exi
             return Ok(ExitCode::SUCCESS);
         }
         if signalled {
-            eprintln!("strata: stopping VM {name}");
+            eprintln!("strata: stopping VM {name} (power button; hard stop after 60 s)");
             api.ok("POST", &vm_path(name, "/stop"), None)?;
         }
     }

@@ -1,6 +1,8 @@
 //! Shared helpers for end-to-end tests of the `strata` binary and its HTTP API.
 #![allow(dead_code)]
 
+pub mod vms;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -60,6 +62,11 @@ impl Server {
 
     /// `start_on` with more arguments for `strata serve`.
     pub fn start_with(data: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(data, extra, &[])
+    }
+
+    /// `start_with` with environment variables for the server (and the VMMs it starts).
+    pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args([
                 "--data",
@@ -71,6 +78,7 @@ impl Server {
                 "4G",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -134,10 +142,58 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
+impl Server {
+    /// Kills the server with SIGKILL (its VMs keep running) and waits for it.
+    pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // VMs outlive their server: stop this server's VMs hard, through the API while it
+        // lives, and kill what is left by the pids recorded in the data directory.
+        if let Ok(None) = self.child.try_wait() {
+            let c = self.client();
+            if let Ok(r) = c.request("GET", "/api/vms", None) {
+                for vm in r.body.as_array().cloned().unwrap_or_default() {
+                    if vm["status"]["state"] == "running" || vm["status"]["state"] == "paused" {
+                        let name = vm["definition"]["name"].as_str().unwrap_or_default();
+                        let _ =
+                            c.request("POST", &format!("/api/vms/{name}/stop?force=true"), None);
+                    }
+                }
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_vms(&self.data);
+    }
+}
+
+/// Kills every VMM process (and its monitor) recorded under `data/vms`.
+pub fn kill_vms(data: &Path) {
+    let Ok(dirs) = std::fs::read_dir(data.join("vms")) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let Ok(text) = std::fs::read(d.path().join("status.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&text) else {
+            continue;
+        };
+        for key in ["pid", "monitor_pid"] {
+            let Some(pid) = v[key].as_u64().filter(|p| *p > 1) else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "strata" {
+                // SAFETY: kill(2) of a strata process this test's server started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
     }
 }
 

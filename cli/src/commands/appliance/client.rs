@@ -128,6 +128,44 @@ impl Api {
         }
     }
 
+    /// `GET path` with a streaming body, handed to `f` piece by piece until it ends or `f`
+    /// returns false.
+    pub fn stream(
+        &self,
+        path: &str,
+        f: &mut dyn FnMut(&[u8]) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let r = match self {
+            Api::Remote(c) => c.stream_get(path, f)?,
+            Api::Local { router, rt } => {
+                let req = axum::http::Request::builder()
+                    .uri(path)
+                    .body(Body::empty())?;
+                rt.block_on(async {
+                    let resp = router.clone().oneshot(req).await?;
+                    let status = resp.status().as_u16();
+                    let mut body = resp.into_body();
+                    if status != 200 {
+                        return response_of(status, body).await;
+                    }
+                    while let Some(frame) = body.frame().await {
+                        if let Ok(data) = frame?.into_data() {
+                            if !f(&data)? {
+                                break;
+                            }
+                        }
+                    }
+                    Ok(Response {
+                        status,
+                        body: Value::Null,
+                        raw: Vec::new(),
+                    })
+                })?
+            }
+        };
+        check(&r)
+    }
+
     /// Streams `GET path` into the new file `out`.
     pub fn download(&self, path: &str, out: &Path) -> anyhow::Result<()> {
         let r = match self {
