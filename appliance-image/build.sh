@@ -49,7 +49,7 @@ started=$(date +%s)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 if [ -z "$strata_bin" ]; then
   step "building strata (release)"
-  (cd "$repo" && cargo build --release -j2 -p strata-api --bin strata)
+  (cd "$repo" && cargo build --release -j2 -p strata-cli --bin strata)
   strata_bin=$target_dir/release/strata
 fi
 [ -x "$strata_bin" ] || die "strata binary $strata_bin not found or not executable"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# API load benchmark (issue 8): `wrk` against a read endpoint of `strata serve` (release build,
+# API load benchmark: `wrk` against a read endpoint of `strata serve` (release build,
 # embedded default, 20 volumes), 64 connections for 10 s, and in the same run against nginx
 # (2 workers, as many as the host has cores) serving the same JSON bytes as a static file — the
 # peer: an HTTP server that does no work per request but send a file, the ceiling for this
@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
 done
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$strata" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
+  (cd "$root" && cargo build -q -j2 --release -p strata-cli)
   strata=${CARGO_TARGET_DIR:-$root/target}/release/strata
 fi
 for tool in wrk curl; do
@@ -42,7 +42,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 port=$((20000 + RANDOM % 20000))
-"$strata" --data "$work/data" serve --listen 127.0.0.1:$port --pv-size 8G >"$work/serve.log" 2>&1 &
+"$strata" --data "$work/data" serve --listen 127.0.0.1:$port --http --pv-size 8G >"$work/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
   grep -q "listening" "$work/serve.log" && break

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Appliance ISO figures (issue 9): ISO size and build, install and boot-to-API times, taken
+# Appliance ISO figures: ISO size and build, install and boot-to-API times, taken
 # from the end-to-end test (tests/tests/appliance_iso.rs, QEMU TCG). With --peer, also builds a
 # debootstrap --variant=minbase root on this machine in the same run — the alternative to the
 # busybox root the ISO uses — and prints both sizes and their ratio.
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 peer=0
 [ "${1:-}" = --peer ] && peer=1
 log=$(mktemp)
-cargo build -j2 -p strata-api --bin strata
+cargo build -j2 -p strata-cli --bin strata
 cargo test -j2 -p strata-tests --test appliance_iso -- --nocapture >"$log" 2>&1 || true
 grep -E '^(== |built |appliance-iso results)' "$log" || true
 grep -q 'test result: ok' "$log" || { echo "appliance test failed; its output is in $log" >&2; exit 1; }

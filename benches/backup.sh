@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Backup benchmark (issue 7): `strata backup` vs `restic` and `borg` on the same image, in the
+# Backup benchmark: `strata backup` vs `restic` and `borg` on the same image, in the
 # same run, with comparable settings (local repository, compression on). Rows:
 #   full backup        a fresh repository each, page cache dropped before each tool
 #   1% incremental     after rewriting 1% of the image (41 random 1 MiB extents per 4 GiB):
@@ -29,7 +29,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$strata" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
+  (cd "$root" && cargo build -q -j2 --release -p strata-cli)
   strata=${CARGO_TARGET_DIR:-$root/target}/release/strata
 fi
 for tool in restic borg python3; do

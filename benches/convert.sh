@@ -3,7 +3,8 @@
 #
 # Source: a 4 GiB image with about 40% data (1 MiB runs of mixed incompressible and text-like
 # data, placed by a fixed pseudo-random pattern), written with dd and qemu-img, in three
-# formats: qcow2 (the brief's source), raw and vmdk (monolithicSparse). Targets: raw, qcow2
+# formats: qcow2 (the brief's source), raw and vmdk (monolithicSparse), plus a dynamic VHD (qemu's
+# vpc, exact size) and a dynamic VHDX for the vhd:raw and vhdx:qcow2 rows. Targets: raw, qcow2
 # and streamOptimized vmdk (`-c` for strata, `-o subformat=streamOptimized` for qemu-img).
 # Page caches are dropped before every run (cold reads for both tools); every output is
 # checked with `qemu-img compare` outside the timing. Rows strata cannot run yet (a format not
@@ -12,7 +13,8 @@
 # Each row runs REPEAT times (default 2), alternating which tool goes first, and keeps each
 # tool's best time: the machine is shared and its load varies.
 #
-# ROWS limits the rows run, e.g. ROWS="raw:qcow2 qcow2:vmdk-stream" (default: all nine).
+# ROWS limits the rows run, e.g. ROWS="raw:qcow2 qcow2:vmdk-stream" (default: the nine of
+# qcow2/raw/vmdk to raw/qcow2/vmdk-stream, and vhd:raw and vhdx:qcow2).
 # The host's load average is printed before and after (the machine is shared).
 #
 # Usage: benches/convert.sh [WORKDIR]   (STRATA=path/to/strata, default target/release/strata)
@@ -24,7 +26,7 @@ WORK="${1:-/var/tmp/strata-bench-convert}"
 SIZE_MIB=4096
 REPEAT="${REPEAT:-2}"
 for tool in qemu-img qemu-io "$STRATA"; do
-    command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install qemu-utils; cargo build --release -p strata-api)" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install qemu-utils; cargo build --release -p strata-cli)" >&2; exit 1; }
 done
 mkdir -p "$WORK"
 rm -rf "${WORK:?}"/out
@@ -59,6 +61,16 @@ if [ ! -f "$WORK/src.qcow2" ]; then
     rm -f "$WORK/rand.bin" "$WORK/text.bin" "$WORK/data.bin"
 fi
 
+if [ ! -f "$WORK/src.vhd" ] || [ ! -f "$WORK/src.vhdx" ]; then
+    echo "making the VHD and VHDX sources from the raw one..." >&2
+    rm -f "$WORK/src.vhd" "$WORK/src.vhdx"
+    qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$WORK/src.raw" "$WORK/src.vhd"
+    qemu-img convert -f raw -O vhdx "$WORK/src.raw" "$WORK/src.vhdx"
+fi
+DEFAULT_ROWS="qcow2:raw qcow2:qcow2 qcow2:vmdk-stream raw:raw raw:qcow2 raw:vmdk-stream vmdk:raw vmdk:qcow2 vmdk:vmdk-stream vhd:raw vhdx:qcow2"
+ROWS="${ROWS:-$DEFAULT_ROWS}"
+qemu_fmt() { if [ "$1" = vhd ]; then echo vpc; else echo "$1"; fi; }
+
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 best() { if [ -z "$1" ]; then echo "$2"; else awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; fi; }
@@ -67,9 +79,10 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 echo "load before: $(uptime)"
 printf '%-8s %-18s %10s %10s %7s  %s\n' source target "qemu-img" strata ratio note
 results=()
-for src in qcow2 raw vmdk; do
+for src in qcow2 raw vmdk vhd vhdx; do
+    qsrc=$(qemu_fmt $src)
     for target in raw qcow2 vmdk-stream; do
-        if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $src:$target "* ]]; then continue; fi
+        if [[ " $ROWS " != *" $src:$target "* ]]; then continue; fi
         case $target in
             raw) qargs=(-O raw); sargs=(-O raw); ext=raw; qfmt=raw ;;
             qcow2) qargs=(-O qcow2); sargs=(-O qcow2); ext=qcow2; qfmt=qcow2 ;;
@@ -83,14 +96,14 @@ for src in qcow2 raw vmdk; do
                 rm -rf "$WORK"/out/*
                 drop_caches; t0=$(now)
                 if [ $who = qemu ]; then
-                    qemu-img convert -f $src "${qargs[@]}" "$WORK/src.$src" "$q"
+                    qemu-img convert -f $qsrc "${qargs[@]}" "$WORK/src.$src" "$q"
                     sync; t=$(secs "$t0" "$(now)")
                     qt=$(best "$qt" "$t")
                 elif [ -z "$err" ]; then
                     if err=$("$STRATA" image convert -f $src "${sargs[@]}" "$WORK/src.$src" "$s" 2>&1); then
                         sync; t=$(secs "$t0" "$(now)")
                         st=$(best "$st" "$t")
-                        qemu-img compare -q -f $src -F $qfmt "$WORK/src.$src" "$s" || { echo "MISMATCH: $s" >&2; exit 1; }
+                        qemu-img compare -q -f $qsrc -F $qfmt "$WORK/src.$src" "$s" || { echo "MISMATCH: $s" >&2; exit 1; }
                     fi
                 fi
             done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Engine benchmark: `strata image bench` vs `fio --ioengine=io_uring --direct=1` on the same
-# 1 GiB file, alternating run by run, for the rows the engine's targets name. Prints each figure, the
+# 1 GiB file, alternating run by run, for the rows the engine targets name. Prints each figure, the
 # median per tool and the ratio (strata / fio). Usage:
 #   benches/engine.sh [--rounds N] [--seconds S] [--file PATH] [--strata BIN]
 # Needs fio and python3. The file is filled with random data first so that reads hit real blocks.
@@ -22,7 +22,7 @@ done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$strata" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
+  (cd "$root" && cargo build -q -j2 --release -p strata-cli)
   strata=$root/target/release/strata
 fi
 command -v fio >/dev/null || { echo "fio is required (apt-get install fio)" >&2; exit 1; }

@@ -22,7 +22,7 @@ mkdir -p "$DIR"
 trap 'rm -f "$DIR"/*.qcow2 "$DIR"/*.raw' EXIT
 
 command -v qemu-img >/dev/null || { echo "qemu-img not found (install qemu-utils)"; exit 1; }
-[ -x "$STRATA" ] || { echo "build strata first: cargo build --release -p strata-api"; exit 1; }
+[ -x "$STRATA" ] || { echo "build strata first: cargo build --release -p strata-cli"; exit 1; }
 
 AIO=io_uring
 qemu-img create -q -f raw "$DIR/probe.raw" 1M

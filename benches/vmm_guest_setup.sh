@@ -3,7 +3,7 @@
 # `strata` is set). Sets `work`, `file` (the 1 GiB random-data image, made once) and `guest`
 # (the Linux test guest with fio, built once).
 if [ "${need_strata:-1}" = 1 ] && [ -z "${strata:-}" ]; then
-  (cd "$root" && cargo build -q -j2 --release -p strata-api)
+  (cd "$root" && cargo build -q -j2 --release -p strata-cli)
   strata=${CARGO_TARGET_DIR:-$root/target}/release/strata
 fi
 work=$root/benches/work

@@ -23,7 +23,7 @@ ROUNDS=${ROUNDS:-5}
 SECS=${SECONDS_PER_RUN:-5}
 DIR=${BENCH_DIR:-/var/tmp/strata-bench-volume}
 if [[ -z "${STRATA:-}" ]]; then
-    cargo build --release -j2 -p strata-api >&2
+    cargo build --release -j2 -p strata-cli >&2
     STRATA="${CARGO_TARGET_DIR:-target}/release/strata"
 fi
 rm -rf "$DIR"

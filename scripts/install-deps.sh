@@ -27,6 +27,16 @@ packages=(
   mtools                       # grub-mkrescue makes the ISO's EFI FAT image with mformat/mcopy;
                                # tests/tests/appliance_iso.rs makes and reads the token stick
   ovmf                         # tests/tests/appliance_iso.rs: UEFI firmware for QEMU
+  libnbd-bin                   # nbd/tests: nbdinfo and nbdcopy, real NBD clients
+  nbdkit                       # NBD peer tooling (benches/nbd.sh checks the export with it)
+  openssl                      # nbd/tests/security.rs: test CA and certificates for NBD TLS
+  ceph-mon ceph-osd ceph-mgr   # scripts/ceph-cluster.sh: the single-node test cluster for RBD
+  ceph-common                  # volume groups (the ceph and rbd tools, librados, librbd)
+  librbd-dev librados-dev      # librbd.so/librados.so, which Strata loads at run time
+  radosgw                      # scripts/ceph-cluster.sh --rgw: S3 for the datastore on S3
+  acpica-tools                 # vmm/src/boot/acpi.rs: iasl disassembles the DSDT (power button, GED)
+  libvhdi-utils                # storage/tests/vhd_chains.rs: vhdiinfo and vhdimount (FUSE), an
+                               # independent VHD/VHDX reader for differencing chains (unmounted with umount as root)
 )
 $sudo_cmd apt-get install -y -qq --no-install-recommends --allow-downgrades "${qemu[@]}" "${packages[@]}" >/dev/null
 echo "installed: ${qemu[*]} ${packages[*]}"

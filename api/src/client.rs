@@ -1,9 +1,12 @@
 //! A small HTTP/1.1 client for the Strata API, used by the CLI's `--remote` mode and by tests.
 //!
-//! Written on hyper (already a dependency through axum) rather than a separate HTTP client
-//! crate, to keep the dependency tree lean; it needs only plain-HTTP JSON requests on loopback
-//! or a LAN.
+//! Written on hyper (already a dependency through axum) and rustls (the server's TLS) rather
+//! than a separate HTTP client crate, to keep the dependency tree lean. An `https://` server is
+//! trusted by its certificate's pinned SHA-256 fingerprint (as `proxmox-backup-client` does) or
+//! by a CA file; there is no fallback to trusting any certificate.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -11,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 
 /// A response: status and parsed JSON body (Null when empty or not JSON).
 #[derive(Debug)]
@@ -29,27 +33,64 @@ pub struct Client {
     host: String,
     port: u16,
     token: Option<String>,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     rt: tokio::runtime::Runtime,
 }
 
+/// How an `https://` server is trusted.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// Its certificate has this SHA-256 fingerprint (`AB:CD:…`, as `strata serve` prints it).
+    Fingerprint(String),
+    /// Its certificate chains to a CA in this PEM file (for the appliance's own:
+    /// `DATA/tls/ca.pem`), for the host name in the URL.
+    CaFile(PathBuf),
+}
+
 impl Client {
-    /// A client for `url` (`http://HOST:PORT`, with or without a trailing `/api`).
+    /// A client for `url` (`http://HOST:PORT`, with or without a trailing `/api`). An
+    /// `https://` URL needs [`Client::with_trust`].
     pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Client> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow::anyhow!("Remote URL {url:?} must start with http://"))?;
+        Client::with_trust(url, token, None)
+    }
+
+    /// A client for `url` (`http://` or `https://HOST:PORT`), trusting an HTTPS server as
+    /// `trust` says.
+    pub fn with_trust(
+        url: &str,
+        token: Option<String>,
+        trust: Option<Trust>,
+    ) -> anyhow::Result<Client> {
+        let (https, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            _ => anyhow::bail!("Remote URL {url:?} must start with https:// or http://"),
+        };
         let authority = rest.split('/').next().unwrap_or("");
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
                 p.parse()
                     .map_err(|_| anyhow::anyhow!("Bad port in {url:?}"))?,
             ),
-            None => (authority.to_string(), 80),
+            _ => (authority.to_string(), if https { 443 } else { 80 }),
         };
         if host.is_empty() {
             anyhow::bail!("Remote URL {url:?} has no host");
         }
+        let tls = match (https, trust) {
+            (false, _) => None,
+            (true, None) => anyhow::bail!(
+                "{url} is HTTPS: pass the server certificate's fingerprint (--fingerprint, \
+                 printed by `strata serve`) or a CA file (--ca, e.g. the server's \
+                 DATA/tls/ca.pem)"
+            ),
+            (true, Some(trust)) => {
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|_| anyhow::anyhow!("{host:?} is not a valid server name"))?;
+                Some((Arc::new(tls_config(&trust)?), name))
+            }
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -57,6 +98,7 @@ impl Client {
             host,
             port,
             token,
+            tls,
             rt,
         })
     }
@@ -147,6 +189,38 @@ impl Client {
         })
     }
 
+    /// `GET path`, handing each piece of a successful streaming body to `f` as it arrives
+    /// until the body ends or `f` returns false; on an error status the body is returned.
+    pub fn stream_get(
+        &self,
+        path: &str,
+        f: &mut dyn FnMut(&[u8]) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<Response> {
+        let req = self
+            .builder("GET", path, false)?
+            .body(Full::new(Bytes::new()))?;
+        self.rt.block_on(async move {
+            let resp = self.exchange(req).await?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            if status != 200 {
+                return response_of(status, body).await;
+            }
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    if !f(&data)? {
+                        break;
+                    }
+                }
+            }
+            Ok(Response {
+                status,
+                body: serde_json::Value::Null,
+                raw: Vec::new(),
+            })
+        })
+    }
+
     fn builder(
         &self,
         method: &str,
@@ -187,11 +261,128 @@ impl Client {
         .await
         .map_err(|_| anyhow::anyhow!("Connecting to {addr} timed out"))?
         .map_err(|e| anyhow::anyhow!("Cannot connect to {addr}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        // The task ends once the response is read: every request asks to close.
-        tokio::spawn(conn);
-        Ok(sender.send_request(req).await?)
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => send_on(stream, req).await,
+            Some((cfg, name)) => {
+                let tls = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio_rustls::TlsConnector::from(cfg.clone()).connect(name.clone(), stream),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("The TLS handshake with {addr} timed out"))?
+                .map_err(|e| anyhow::anyhow!("TLS with {addr} failed: {e}"))?;
+                send_on(tls, req).await
+            }
+        }
+    }
+}
+
+/// Sends `req` on the new connection `io` and returns the response head.
+async fn send_on<I, B>(
+    io: I,
+    req: Request<B>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    // The task ends once the response is read: every request asks to close.
+    tokio::spawn(conn);
+    Ok(sender.send_request(req).await?)
+}
+
+/// A rustls client configuration that trusts as `trust` says.
+fn tls_config(trust: &Trust) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = strata_service::tls::crypto_provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut cfg = match trust {
+        Trust::Fingerprint(fp) => {
+            let want = strata_service::tls::parse_fingerprint(fp).map_err(anyhow::Error::msg)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCertificate { want, provider }))
+                .with_no_client_auth()
+        }
+        Trust::CaFile(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for der in strata_service::tls::read_pem_certificates(path)? {
+                roots
+                    .add(rustls_pki_types::CertificateDer::from(der))
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Accepts exactly the server certificate whose SHA-256 fingerprint was pinned (host names
+/// play no part, as with a pinned key), and checks that the server holds its key.
+#[derive(Debug)]
+struct PinnedCertificate {
+    want: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if subtle::ConstantTimeEq::ct_eq(&got[..], &self.want[..]).into() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate has the fingerprint {}, not the one given",
+                strata_service::tls::fingerprint(end_entity.as_ref())
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -202,7 +393,7 @@ async fn read_response(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::
 }
 
 /// Collects `body` and parses it as JSON (Null when it is not).
-pub(crate) async fn response_of<B>(status: u16, body: B) -> anyhow::Result<Response>
+pub async fn response_of<B>(status: u16, body: B) -> anyhow::Result<Response>
 where
     B: hyper::body::Body,
     B::Error: std::error::Error + Send + Sync + 'static,

@@ -1,8 +1,6 @@
-//! The `strata` command's library: the CLI, the service layer behind both the CLI and the HTTP
-//! API, and the HTTP server.
+//! The HTTP face of a Strata appliance: the axum server over the service layer, its OpenAPI
+//! document, and the HTTP client the CLI and tests use. The service types stay free of HTTP:
+//! `server/schema.rs` maps them to the wire and the schema.
 
-pub mod cli;
 pub mod client;
-pub mod install;
 pub mod server;
-pub mod service;

@@ -151,8 +151,9 @@ pub fn create(
 
 /// Backs up `dev` with change tracking from `tracker`: takes its changes since the previous take
 /// (restarting it, so writes during this backup land in the next one), uses them if they are valid
-/// and the group's latest snapshot was the one made at that previous take, and gives them back if
-/// the backup fails. `opts.changes` is ignored.
+/// and the group's latest snapshot was the one made at that previous take, gives them back if
+/// the backup fails and commits them when it succeeds. A tracker that made a point-in-time copy
+/// (an RBD snapshot) is read instead of `dev`. `opts.changes` is ignored.
 pub fn create_tracked(
     store: &Datastore,
     dev: Arc<dyn BlockDevice>,
@@ -163,13 +164,15 @@ pub fn create_tracked(
     check_id(&opts.id)?;
     let origin = tracker.describe();
     let taken = tracker.take()?;
+    // What this backup records: the next one checks it against its own `origin`.
+    let recorded = tracker.describe();
     let changes = match &taken {
         None => Changes::Invalid {
-            origin: origin.clone(),
+            origin: recorded.clone(),
             reason: "change tracking starts with this backup".into(),
         },
         Some(t) if !t.valid => Changes::Invalid {
-            origin: origin.clone(),
+            origin: recorded.clone(),
             reason: t
                 .invalid_reason
                 .clone()
@@ -177,12 +180,12 @@ pub fn create_tracked(
         },
         Some(t) => match latest_taken_with(store, &opts.id, &origin)? {
             Ok(base) => Changes::Dirty {
-                origin: origin.clone(),
+                origin: recorded.clone(),
                 base,
                 ranges: t.ranges.clone(),
             },
             Err(reason) => Changes::Invalid {
-                origin: origin.clone(),
+                origin: recorded.clone(),
                 reason,
             },
         },
@@ -191,10 +194,18 @@ pub fn create_tracked(
         changes,
         ..opts.clone()
     };
+    let dev = tracker.snapshot().unwrap_or(dev);
     let result = create(store, dev, &opts, progress);
-    if result.is_err() && taken.is_some() {
-        if let Err(e) = tracker.give_back() {
-            tracing::error!(error = %e, tracker = %origin, "could not give back the taken changes; the next backup must read everything");
+    match &result {
+        Err(_) => {
+            if let Err(e) = tracker.give_back() {
+                tracing::error!(error = %e, tracker = %origin, "could not give back the taken changes; the next backup must read everything");
+            }
+        }
+        Ok(_) => {
+            if let Err(e) = tracker.commit() {
+                tracing::error!(error = %e, tracker = %recorded, "could not commit the tracker's take; the next backup reads more than it needs");
+            }
         }
     }
     result

@@ -81,6 +81,15 @@ impl ChangeTracker for BitmapTracker {
             None => Ok(()),
         }
     }
+
+    fn snapshot(&self) -> Option<Arc<dyn strata_storage::BlockDevice>> {
+        None
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.last = None;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

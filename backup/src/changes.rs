@@ -7,7 +7,9 @@
 //! is missing, invalid, or relative to another snapshot than the group's latest, the backup reads
 //! everything and says why.
 
-use strata_storage::{Result, StorageError};
+use std::sync::Arc;
+
+use strata_storage::{BlockDevice, Result, StorageError};
 
 use crate::index::chunk_count;
 
@@ -101,8 +103,10 @@ pub struct TakenChanges {
 /// datastore and group (a bitmap shared by two backup chains would give each only part of the
 /// changes).
 pub trait ChangeTracker {
-    /// A stable description recorded in manifests (`bitmap NAME of lv:VG/NAME`): the next backup
-    /// is incremental only if the group's latest snapshot recorded the same tracker.
+    /// A description recorded in manifests (`bitmap NAME of lv:VG/NAME`): the next backup is
+    /// incremental only if the group's latest snapshot recorded what this returns before its
+    /// take. A bitmap's is constant; a snapshot tracker names its base before a take and the new
+    /// snapshot after it.
     fn describe(&self) -> String;
     /// Returns the changes since the previous take and restarts tracking atomically, so writes
     /// during the backup land in the next take. `None` when there was no previous take (the
@@ -110,6 +114,13 @@ pub trait ChangeTracker {
     fn take(&mut self) -> Result<Option<TakenChanges>>;
     /// Merges the last take back after a failed backup.
     fn give_back(&mut self) -> Result<()>;
+    /// The point-in-time copy the last take describes, when the tracker made one (an RBD
+    /// snapshot): the backup reads it instead of the live source. `None` for trackers that
+    /// only record writes (a bitmap).
+    fn snapshot(&self) -> Option<Arc<dyn BlockDevice>>;
+    /// Called once the backup of the last take is committed to the datastore (a snapshot
+    /// tracker makes that take's snapshot the base of the next one).
+    fn commit(&mut self) -> Result<()>;
 }
 
 /// Marks the chunks that dirty `ranges` touch, for a source of `size` bytes. Linear in the
@@ -139,6 +150,43 @@ pub fn dirty_chunks(ranges: &[(u64, u64)], size: u64, chunk_size: u32) -> Result
             depth > 0
         })
         .collect())
+}
+
+/// The change tracker of volume `lv` of `group` for backup group `id` in `store`: its dirty
+/// bitmap on a local group, RBD snapshots and fast-diff on an RBD group. `label` names the
+/// source in manifests (`lv:VG/NAME`). The one place that choice is made, for the `strata
+/// backup` tool and the appliance's backup jobs alike.
+pub fn volume_tracker(
+    group: &strata_storage::volume::Group,
+    lv: &str,
+    store: &crate::Datastore,
+    id: &str,
+    label: String,
+) -> strata_storage::Result<Box<dyn ChangeTracker + Send>> {
+    use strata_storage::volume::Group;
+    Ok(match group {
+        Group::Local(vg) => Box::new(crate::bitmap_tracker::BitmapTracker::new(
+            vg.bitmaps(lv)?,
+            crate::bitmap_tracker::bitmap_name(store.root(), id),
+            label,
+        )),
+        #[cfg(feature = "rbd")]
+        Group::Rbd(g) => Box::new(crate::rbd_tracker::RbdTracker::new(
+            g,
+            lv,
+            store.root(),
+            id,
+            label,
+        )?),
+        // A kind this crate was built without (its `rbd` feature off while storage's is on).
+        #[allow(unreachable_patterns)]
+        _ => {
+            return Err(strata_storage::StorageError::Unsupported(format!(
+                "change tracking of volumes in group {}",
+                group.name()
+            )))
+        }
+    })
 }
 
 #[cfg(test)]

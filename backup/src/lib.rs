@@ -22,6 +22,8 @@
 //! [`changes::ChangeTracker`] (a persistent dirty bitmap): it takes the bitmap (restarting it, so
 //! writes during the backup land in the next one), gives the take back if the backup fails, and
 //! trusts it only if the group's latest snapshot was made at the previous take.
+//! [`lazy::SnapshotDevice`] serves a snapshot as a read-only block device without restoring it:
+//! each read loads only the chunks it touches, through a bounded cache (NBD exports of backups).
 //!
 //! # Locking: who may run with whom
 //! | operation | holds | runs concurrently with |
@@ -30,6 +32,7 @@
 //! | restore, verify | shared lock on each snapshot's manifest | everything; prune skips the snapshots they hold |
 //! | prune | exclusive lock on a snapshot's manifest, without waiting, while removing it | everything; skips snapshots being read |
 //! | gc | `.gc.lock` (exclusive, no waiting) | everything except another gc; safe with running backups through mtimes, see [`gc`] |
+//! | lazy snapshot device | shared lock on the snapshot's manifest while it lives | everything; prune skips it |
 //! | list, show | nothing | everything |
 
 // No unwrap or expect outside tests: every failure is an error the caller sees.
@@ -43,11 +46,14 @@ pub mod digest;
 pub mod fsutil;
 pub mod gc;
 pub mod index;
+pub mod lazy;
 pub mod lock;
 pub mod manifest;
 pub mod pipeline;
 pub mod progress;
 pub mod prune;
+#[cfg(feature = "rbd")]
+pub mod rbd_tracker;
 pub mod restore;
 pub mod snapshot;
 pub mod store;
@@ -57,6 +63,7 @@ pub mod verify;
 pub use backup::{create, create_tracked, BackupOptions, BackupOutcome};
 pub use changes::{ChangeTracker, Changes, TakenChanges};
 pub use digest::Digest;
+pub use lazy::SnapshotDevice;
 pub use progress::{NoProgress, Progress};
 pub use snapshot::SnapshotName;
 pub use store::Datastore;

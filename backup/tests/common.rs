@@ -55,6 +55,7 @@ pub fn open_ro(path: &Path) -> strata_storage::Result<Arc<dyn BlockDevice>> {
             read_only: true,
             cache: CacheMode::Writeback,
             engine: EngineChoice::Auto,
+            references: Default::default(),
         },
     )?;
     Ok(img)
@@ -72,6 +73,7 @@ pub fn open_rw(
             read_only: false,
             cache: CacheMode::Writeback,
             engine: EngineChoice::Auto,
+            references: Default::default(),
         },
     )?;
     Ok(img)

@@ -262,13 +262,7 @@ fn round_trip_through_each_image_format() {
                 continue;
             }
         }
-        let dev = match open_ro(&src) {
-            Ok(d) => d,
-            Err(e) => {
-                skipped.push(format!("{fmt} source: {e}"));
-                continue;
-            }
-        };
+        let dev = open_ro(&src).unwrap_or_else(|e| panic!("{fmt} source: {e}"));
         let out = backup(&store, dev, &format!("image/{fmt}"), Changes::Untracked).unwrap();
         let restored = restore_raw(
             &store,
@@ -316,12 +310,16 @@ fn round_trip_through_each_image_format() {
                 }
                 ran.push(format!("{fmt} target"));
             }
-            Err(e) => skipped.push(format!("{fmt} target: {e}")),
+            Err(e) => panic!("{fmt} target: {e}"),
         }
     }
     for s in &skipped {
         eprintln!("SKIPPED ROW {s}");
     }
+    assert!(
+        skipped.is_empty() || std::env::var_os("CI").is_none(),
+        "CI has qemu-img: no row may be skipped there ({skipped:?})"
+    );
     eprintln!("ran rows: {}", ran.join(", "));
     assert!(ran.contains(&"raw source".to_string()));
 }

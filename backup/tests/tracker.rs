@@ -49,6 +49,12 @@ impl ChangeTracker for TestBitmap {
         }
         Ok(())
     }
+    fn snapshot(&self) -> Option<std::sync::Arc<dyn strata_storage::BlockDevice>> {
+        None
+    }
+    fn commit(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn opts(id: &str) -> BackupOptions {

@@ -66,6 +66,10 @@ pub enum StorageError {
     /// The I/O queue is shut down or the device is gone (after a simulated power loss, say).
     #[error("Device is unavailable: {0}")]
     Unavailable(String),
+    /// The image or request would reach something the caller may not use: an appliance image
+    /// that names another file (a backing file, a parent disk, extent files).
+    #[error("Refused: {0}")]
+    Forbidden(String),
     /// The caller asked a long operation to stop, and it did.
     #[error("Cancelled")]
     Cancelled,
@@ -79,6 +83,10 @@ impl StorageError {
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => StorageError::OutOfSpace(context),
             Some(libc::EROFS) => StorageError::ReadOnly(context),
+            // A size beyond what the file system can hold is a bad request, not a failure.
+            Some(libc::EFBIG) => {
+                StorageError::InvalidInput(format!("{context}: too large for the file system"))
+            }
             _ => StorageError::Io { context, source },
         }
     }
@@ -104,6 +112,7 @@ impl StorageError {
             StorageError::AlreadyExists(_) => libc::EEXIST,
             StorageError::Busy(_) => libc::EBUSY,
             StorageError::Unavailable(_) => libc::ENODEV,
+            StorageError::Forbidden(_) => libc::EACCES,
             StorageError::Cancelled => libc::ECANCELED,
         }
     }
@@ -137,6 +146,7 @@ impl StorageError {
             StorageError::AlreadyExists(s) => StorageError::AlreadyExists(s.clone()),
             StorageError::Busy(s) => StorageError::Busy(s.clone()),
             StorageError::Unavailable(s) => StorageError::Unavailable(s.clone()),
+            StorageError::Forbidden(s) => StorageError::Forbidden(s.clone()),
             StorageError::Cancelled => StorageError::Cancelled,
         }
     }

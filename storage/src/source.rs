@@ -6,11 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::bitmap::{attach_image_bitmaps, BitmapSet, WithBitmaps};
 use crate::device::BlockDevice;
 use crate::error::Result;
 use crate::format::{open_image, Image, OpenOptions};
 use crate::volume::name::split_lv_path;
-use crate::volume::{Vg, VolumeStore};
+use crate::volume::{Group, VolumeStore};
 
 /// The prefix naming a logical volume.
 pub const LV_PREFIX: &str = "lv:";
@@ -48,32 +49,58 @@ impl SourceSpec {
 /// An opened source.
 #[derive(Debug)]
 pub enum Source {
-    /// An image file.
-    Image(Arc<dyn Image>),
+    /// An image file, with its sidecar dirty bitmaps attached when it has them (writes tracked).
+    Image {
+        /// The image.
+        image: Arc<dyn Image>,
+        /// The device to use, and the bitmaps.
+        tracked: WithBitmaps,
+    },
     /// A logical volume, with its (locked) volume group.
     Volume {
         /// The volume.
         device: Arc<dyn BlockDevice>,
-        /// Its group, kept open (and locked) as long as the source lives.
-        vg: Vg,
+        /// Its group, kept open (a local one locked) as long as the source lives.
+        vg: Group,
         /// `VG/NAME`.
         name: String,
     },
 }
 
 impl Source {
-    /// The block device.
+    /// An image without its bitmaps (a conversion reads it once).
+    pub fn image(image: Arc<dyn Image>) -> Source {
+        Source::Image {
+            tracked: WithBitmaps::none(image.clone()),
+            image,
+        }
+    }
+
+    /// The block device (for an image with bitmaps, the one that tracks writes).
     pub fn device(&self) -> Arc<dyn BlockDevice> {
         match self {
-            Source::Image(i) => i.clone(),
+            Source::Image { tracked, .. } => tracked.device().clone(),
             Source::Volume { device, .. } => device.clone(),
+        }
+    }
+
+    /// The dirty bitmaps: an image's sidecar, a local volume's own; none for RBD volumes.
+    pub fn bitmaps(&self) -> Option<Arc<BitmapSet>> {
+        match self {
+            Source::Image { tracked, .. } => tracked.bitmaps().cloned(),
+            Source::Volume { vg, name, .. } => {
+                let lv = name.split_once('/').map_or(name.as_str(), |(_, lv)| lv);
+                vg.local("track changes of")
+                    .and_then(|g| g.bitmaps(lv))
+                    .ok()
+            }
         }
     }
 
     /// The name to show.
     pub fn describe(&self) -> String {
         match self {
-            Source::Image(i) => i
+            Source::Image { image: i, .. } => i
                 .info()
                 .map(|i| i.filename)
                 .unwrap_or_else(|_| "image".into()),
@@ -86,10 +113,14 @@ impl Source {
 /// volumes are looked up in `data_dir`.
 pub fn open_source(spec: &str, opts: &OpenOptions, data_dir: &Path) -> Result<Source> {
     match SourceSpec::parse(spec)? {
-        SourceSpec::Path(p) => Ok(Source::Image(open_image(&p, opts)?)),
+        SourceSpec::Path(p) => {
+            let image = open_image(&p, opts)?;
+            let tracked = attach_image_bitmaps(image.clone(), &p)?;
+            Ok(Source::Image { image, tracked })
+        }
         SourceSpec::Volume { vg, lv } => {
             let store = VolumeStore::new(data_dir).with_io(opts.engine, opts.cache);
-            let group = store.open_vg(&vg, opts.read_only)?;
+            let group = store.open_group(&vg, opts.read_only)?;
             let device = group.open_lv(&lv, opts.read_only)?;
             Ok(Source::Volume {
                 device,

@@ -12,6 +12,17 @@ pub fn is_zero(data: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// Parses an on/off option value (`on`, `true`, `yes` / `off`, `false`, `no`) for option `key`.
+pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(crate::error::StorageError::InvalidInput(format!(
+            "Option {key} takes on or off, not '{v}'"
+        ))),
+    }
+}
+
 /// Parses a size such as `512`, `4k`, `512M`, `10G`, `1.5T` or `4096B` into bytes.
 ///
 /// Suffixes are binary (K = 1024) as in qemu-img and LVM; a bare number is bytes.

@@ -203,6 +203,7 @@ fn every_source_into_every_target() {
                         ..ConvertOptions::default()
                     },
                     volumes: None,
+                    source_snapshot: None,
                     source_cache: None,
                 };
                 convert_files(&req, &NoProgress).unwrap_or_else(|e| panic!("{row}: {e}"));
@@ -280,6 +281,7 @@ fn existing_targets_and_fully_allocated_output() {
             ..ConvertOptions::default()
         },
         volumes: None,
+        source_snapshot: None,
         source_cache: None,
     };
     convert_files(&req, &NoProgress).unwrap();

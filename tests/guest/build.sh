@@ -67,10 +67,12 @@ make_initramfs() { # name, with_fio
         date true false test [ printf; do
         ln -sf busybox "$stage/bin/$applet"
     done
-    # virtio-pci for QEMU (tier 2), virtio-mmio for Strata's VMM (tier 3), virtio-blk for both.
+    # virtio-pci for QEMU (tier 2), virtio-mmio for Strata's VMM (tier 3), virtio-blk for both;
+    # the ACPI button driver and evdev for the power-button test (built in on some kernels, in
+    # which case modprobe lists nothing to load).
     : > "$stage/modules.order"
     # (one module per call: modprobe takes further words as module parameters)
-    for m in virtio_pci virtio_mmio virtio_blk; do
+    for m in virtio_pci virtio_mmio virtio_blk button evdev; do
         modprobe -d "$root" -S "$kver" --show-depends "$m"
     done | awk '$1 == "insmod" {print $2}' | while read -r ko; do
             if ! grep -qxF "$(basename "$ko")" "$stage/modules.order"; then

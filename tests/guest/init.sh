@@ -5,6 +5,9 @@
 #   strata.test=disk  read the host's pattern (1 MiB at 0), write ours (1 MiB at 1 MiB), sync,
 #                     discard 1 MiB at 2 MiB, report the serial (GET_ID)
 #   strata.test=fio   run fio on /dev/vda (and /dev/vdb when present) per strata.fio= options
+#   strata.test=powerbutton  wait for the ACPI power button (the input device the kernel's
+#                     button driver makes for it, as acpid or systemd-logind would), then say
+#                     so and power off
 PATH=/bin
 echo "STRATA init"   # the first sign of /init, for boot-time benchmarks (benches/vmm_kvm.sh)
 mount -t proc proc /proc
@@ -40,6 +43,24 @@ disk)
     fi
     sync
     echo "STRATA readback $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    ;;
+powerbutton)
+    ev=""
+    n=0
+    while [ -z "$ev" ] && [ $n -lt 100 ]; do
+        for d in /sys/class/input/event*; do
+            [ "$(cat "$d/device/name" 2>/dev/null)" = "Power Button" ] && ev=$(basename "$d")
+        done
+        [ -n "$ev" ] || { sleep 0.1; n=$((n + 1)); }
+    done
+    if [ -z "$ev" ]; then
+        echo "STRATA FAIL no power button input device"
+    else
+        echo "STRATA waiting-for-power-button $ev"
+        # One input event (24 bytes on x86-64) is the key press.
+        dd if=/dev/input/$ev of=/dev/null bs=24 count=1 2>/dev/null
+        echo "STRATA power-button pressed"
+    fi
     ;;
 fio)
     opts=$(sed -n 's/.*strata\.fio=\([^ ]*\).*/\1/p' /proc/cmdline | tr ':' ' ')

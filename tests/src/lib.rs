@@ -5,12 +5,33 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub mod ceph;
 pub mod linux_guest;
 
 /// The freestanding virtio-blk test guest, built by build.rs.
 pub fn blkdrv_image() -> anyhow::Result<Vec<u8>> {
     let path = env!("STRATA_BLKDRV_BIN");
     std::fs::read(path).map_err(|e| anyhow::anyhow!("reading the test guest {path}: {e}"))
+}
+
+/// The ticker test guest, built by build.rs: writes a counter to sector 1024 of its disk
+/// ("TICK" and a little-endian u64) and prints "tick N" about ten times a second; answers the
+/// ACPI power button by printing "ticker: power button pressed, powering off" and powering off.
+pub fn ticker_image() -> anyhow::Result<Vec<u8>> {
+    let path = env!("STRATA_TICKER_BIN");
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("reading the test guest {path}: {e}"))
+}
+
+/// The counter the ticker guest last wrote to the disk image `bytes` (its sector 1024), if any.
+pub fn ticker_counter(bytes: &[u8]) -> Option<u64> {
+    let at = 1024 * 512;
+    let block = bytes.get(at..at + 16)?;
+    if &block[0..4] != b"TICK" {
+        return None;
+    }
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&block[8..16]);
+    Some(u64::from_le_bytes(c))
 }
 
 /// Prints a skip notice that cannot be missed in CI logs.

@@ -64,6 +64,25 @@ pub fn guest_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The test guest with fio in its initramfs (`initramfs-fio.gz`, for `strata.test=fio`), built
+/// once like [`guest_dir`].
+pub fn guest_dir_with_fio() -> Result<PathBuf> {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = guest_dir()?;
+    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    if !dir.join("initramfs-fio.gz").exists() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new("bash")
+            .arg(repo.join("tests/guest/build.sh"))
+            .arg(&dir)
+            .env("STRATA_GUEST_FIO", "1")
+            .status()
+            .context("running tests/guest/build.sh with fio")?;
+        ensure!(status.success(), "tests/guest/build.sh (with fio) failed");
+    }
+    Ok(dir)
+}
+
 /// A raw image with the host's pattern at 0 and non-zero bytes where the guest discards.
 pub fn prepare_raw(path: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
@@ -133,6 +152,11 @@ pub fn check_image(row: &str, image: &Path, format: &str) -> Result<()> {
 /// Checks a block device (a volume) from the host, as [`check_image`] does an image.
 pub fn check_device(row: &str, dev: &dyn strata_storage::BlockDevice) -> Result<()> {
     check_flat(row, &crate::read_device(dev, 0, 3 * MIB)?)
+}
+
+/// Checks a disk's first 3 MiB read some other way (a download), as [`check_image`] does.
+pub fn check_bytes(row: &str, data: &[u8]) -> Result<()> {
+    check_flat(row, data)
 }
 
 fn check_flat(row: &str, data: &[u8]) -> Result<()> {

@@ -1,4 +1,4 @@
-//! End-to-end test of the appliance ISO (issue 9).
+//! End-to-end test of the appliance ISO.
 //!
 //! Builds `strata-appliance.iso` with `appliance-image/build.sh` from Debian's packages and
 //! this workspace's `strata`, then, in QEMU with software emulation (TCG: an unmodified Linux
@@ -31,7 +31,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -232,7 +232,7 @@ fn strata_binary() -> Result<PathBuf> {
     let bin = dir.join("strata");
     ensure!(
         bin.is_file(),
-        "{} is missing: build it first (cargo build -p strata-api, or run cargo test --workspace)",
+        "{} is missing: build it first (cargo build -p strata-cli, or run cargo test --workspace)",
         bin.display()
     );
     Ok(bin)
@@ -471,7 +471,11 @@ impl Drop for Guest {
     }
 }
 
-/// A plain HTTP/1.1 request with an optional JSON body; returns the status code and body.
+/// The fingerprint of the installed API's TLS certificate, read from the stick.
+static FINGERPRINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// An HTTPS request to the installed API (its certificate pinned by the fingerprint the
+/// installer wrote to the stick) with an optional JSON body; returns the status code and body.
 fn http(
     method: &str,
     port: u16,
@@ -479,30 +483,22 @@ fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    use strata_api::client::{Client, Trust};
+    let fp = FINGERPRINT
+        .get()
+        .context("the TLS fingerprint is not known yet")?;
+    let c = Client::with_trust(
+        &format!("https://127.0.0.1:{port}"),
+        token.map(str::to_string),
+        Some(Trust::Fingerprint(fp.clone())),
     )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or("");
-    Ok((status, body.to_string()))
+    let r = c.send(
+        method,
+        path,
+        body.unwrap_or("").as_bytes().to_vec(),
+        body.is_some(),
+    )?;
+    Ok((r.status, String::from_utf8_lossy(&r.raw).into_owned()))
 }
 
 /// The string value of `"key":"..."` in a JSON text (enough for the few fields read here).
@@ -713,7 +709,20 @@ fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
         token.len() > 40 && token.contains('.'),
         "odd token {token:?}"
     );
+    let fingerprint =
+        run(Command::new("mtype").args(["-i", &stick_spec, "::strata-fingerprint.txt"]))?
+            .trim()
+            .to_string();
+    ensure!(
+        fingerprint.len() == 95,
+        "odd TLS fingerprint {fingerprint:?}"
+    );
+    let _ = FINGERPRINT.set(fingerprint.clone());
     let report = run(Command::new("mtype").args(["-i", &stick_spec, "::strata-install.json"]))?;
+    ensure!(
+        report.contains(&fingerprint),
+        "the report lacks the TLS fingerprint: {report}"
+    );
     ensure!(
         report.contains(&token) && report.contains("\"hostname\": \"strata-test\""),
         "report {report}"

@@ -13,7 +13,8 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::kvm::vcpu::{StopFlag, VcpuExitReason};
+use crate::ged::Ged;
+use crate::kvm::vcpu::{kick_signal, StopFlag, VcpuExitReason};
 
 /// COM1.
 pub const SERIAL_PORT: u64 = 0x3f8;
@@ -70,15 +71,89 @@ impl BusDevice for SerialDevice {
     }
 }
 
-/// How the VM ends, shared by devices (which ask) and the VMM (which waits).
+/// How the VM ends, shared by devices (which ask) and the VMM (which waits); also how a
+/// controller pauses, resumes and presses the power button of the running VM.
 #[derive(Debug, Default)]
 pub struct VmControl {
     stop: StopFlag,
     reason: Mutex<Option<VcpuExitReason>>,
     changed: Condvar,
+    running: Mutex<Option<Running>>,
+}
+
+/// What a built VM registers with its control.
+#[derive(Debug)]
+struct Running {
+    ged: Arc<Ged>,
+    vcpus: Vec<libc::pthread_t>,
 }
 
 impl VmControl {
+    /// Registers the built VM's power button and vCPU threads (their handles stay valid until
+    /// [`VmControl::detach`], which comes before they are joined).
+    pub(crate) fn attach(&self, ged: Arc<Ged>, vcpus: Vec<libc::pthread_t>) {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running { ged, vcpus });
+    }
+
+    /// Forgets the VM's threads (before they are joined).
+    pub(crate) fn detach(&self) {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether the VM is built (its devices and vCPUs exist) and has not ended.
+    pub fn is_built(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Presses the ACPI power button; false if no VM is built (between reboots, or ended).
+    pub fn press_power_button(&self) -> bool {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        match running.as_ref() {
+            Some(r) => {
+                r.ged.press_power_button();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pauses the vCPUs (devices finish the I/O in flight); waits up to `timeout` until every
+    /// running vCPU is parked. False if they did not all park, or no VM is built.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = running.as_ref() else {
+            return false;
+        };
+        self.stop.set_paused(true);
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.stop.parked() >= r.vcpus.len() || self.stop.is_set() {
+                return !self.stop.is_set();
+            }
+            for t in &r.vcpus {
+                // SAFETY: the handles are of vCPU threads not yet joined (they are joined only
+                // after `detach`, which needs this lock); pthread_kill on an ended, unjoined
+                // thread is harmless, and the kick signal's handler does nothing.
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.stop.set_paused(false);
+    }
+
+    /// Whether a pause is in force.
+    pub fn is_paused(&self) -> bool {
+        self.stop.is_paused()
+    }
+
     /// Asks the VM to end for `reason`; the first reason wins.
     pub fn request(&self, reason: VcpuExitReason) {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());

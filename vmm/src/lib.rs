@@ -7,11 +7,15 @@
 pub mod blk;
 pub mod boot;
 pub mod bus;
+pub mod control;
 pub mod devices;
 pub mod error;
+pub mod ged;
 pub mod kvm;
 pub mod memory;
+pub mod process;
 pub mod ratelimit;
+pub mod sandbox;
 pub mod transport;
 pub mod vhost_user;
 pub mod vm;

@@ -3,6 +3,7 @@
 //! the vCPU threads; then waiting for power-off, reset or a timeout.
 
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,9 +24,11 @@ use crate::devices::{
     POST_PORT, SERIAL_GSI, SERIAL_PORT,
 };
 use crate::error::{Result, VmmError};
+use crate::ged::{Ged, GedDevice, GED_GSI, GED_PORT};
 use crate::kvm::vcpu::{install_kick_handler, kick_until_stopped, VcpuExitReason};
 use crate::kvm::{Vcpu, Vm};
 use crate::memory::{self, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::sandbox::{self, Role};
 use crate::transport::mmio::{VirtioMmio, QUEUE_NOTIFY};
 
 /// The first interrupt line given to virtio devices (0-4 are legacy; 4 is the serial port).
@@ -42,6 +45,18 @@ pub enum Payload {
         kernel: PathBuf,
         /// An initramfs.
         initrd: Option<PathBuf>,
+        /// The kernel command line.
+        cmdline: String,
+    },
+    /// A Linux bzImage held in memory (read before the VMM gave up its file-system access),
+    /// booted like [`Payload::Linux`].
+    LinuxImage {
+        /// The kernel's name, for errors.
+        name: String,
+        /// The bzImage.
+        kernel: Arc<Vec<u8>>,
+        /// An initramfs.
+        initrd: Option<Arc<Vec<u8>>>,
         /// The kernel command line.
         cmdline: String,
     },
@@ -80,6 +95,8 @@ pub struct VmConfig {
     pub serial: Box<dyn Write + Send>,
     /// Give up after this long (the VM is stopped and the run reports a timeout).
     pub timeout: Option<Duration>,
+    /// An open /dev/kvm to use instead of opening it (a sandboxed VMM cannot open files).
+    pub kvm: Option<Arc<OwnedFd>>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -131,7 +148,10 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
     }
     install_kick_handler()?;
     let mem = memory::create(cfg.memory)?;
-    let vm = Vm::new(mem.clone())?;
+    let vm = match &cfg.kvm {
+        Some(fd) => Vm::with_kvm_fd(fd, mem.clone())?,
+        None => Vm::new(mem.clone())?,
+    };
     let counters = ExitCounters::default();
     let mut pio = Bus::with_counter(counters.pio.clone());
     let mut mmio = Bus::with_counter(counters.mmio.clone());
@@ -145,6 +165,15 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
         SERIAL_PORT,
         8,
         Arc::new(Mutex::new(SerialDevice::new(serial_irq, cfg.serial))),
+    )?;
+    let ged_irq = eventfd()?;
+    vm.register_irqfd(&ged_irq, GED_GSI)?;
+    let ged = Ged::new(ged_irq);
+    insert(
+        &mut pio,
+        GED_PORT,
+        1,
+        Arc::new(Mutex::new(GedDevice(ged.clone()))),
     )?;
     for (port, len) in [(ACPI_SLEEP_PORT, 1), (I8042_PORT, 1), (POST_PORT, 1)] {
         let dev = SystemControl::new(control.clone(), port, counters.clone(), marks.clone());
@@ -194,6 +223,23 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
             )?;
             (e.entry, e.boot_params, 0)
         }
+        Payload::LinuxImage {
+            name,
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let e = boot::linux::load_from(
+                &mem,
+                name,
+                &mut std::io::Cursor::new(kernel.as_slice()),
+                initrd.as_deref().map(Vec::as_slice),
+                cmdline,
+                cfg.cpus,
+                &mmio_windows,
+            )?;
+            (e.entry, e.boot_params, 0)
+        }
         Payload::Flat { image, load_addr } => {
             mem.write_slice(image, GuestAddress(*load_addr))
                 .map_err(|e| VmmError::Boot(format!("the image does not fit in memory: {e}")))?;
@@ -214,19 +260,28 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
             (pio.clone(), mmio.clone(), control.clone(), errors.clone());
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || match vcpu.run(&pio, &mmio, control.stop_flag()) {
-                Ok(VcpuExitReason::Stopped) => {}
-                Ok(reason) => control.request(reason),
-                Err(e) => {
-                    errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
-                    control.request(VcpuExitReason::Stopped);
+            .spawn(move || {
+                // The vCPU's seccomp filter goes on before the guest runs a single instruction.
+                sandbox::enter(Role::Vcpu);
+                match vcpu.run(&pio, &mmio, control.stop_flag()) {
+                    Ok(VcpuExitReason::Stopped) => {}
+                    Ok(reason) => control.request(reason),
+                    Err(e) => {
+                        errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                        control.request(VcpuExitReason::Stopped);
+                    }
                 }
             })
             .map_err(|e| VmmError::io("Starting a vCPU thread", e))?;
         threads.push(t);
     }
+    {
+        use std::os::unix::thread::JoinHandleExt;
+        control.attach(ged, threads.iter().map(|t| t.as_pthread_t()).collect());
+    }
 
     let reason = control.wait(cfg.timeout);
+    control.detach();
     kick_until_stopped(control.stop_flag(), &threads);
     for t in threads {
         let _ = t.join();

@@ -10,11 +10,11 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::{blocking, ApiJson, ApiResult};
-use crate::service::backups::{
+use strata_service::backups::{
     BackupSummary, CreateBackup, PruneBackups, RestoreBackup, VerifyBackups,
 };
-use crate::service::jobs::JobStatus;
-use crate::service::Service;
+use strata_service::jobs::JobStatus;
+use strata_service::Service;
 
 pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
@@ -34,7 +34,7 @@ pub(super) struct ListQuery {
 
 /// List backup snapshots with their manifests.
 #[utoipa::path(get, path = "/api/backups", tag = "backups", params(ListQuery),
-    responses((status = 200, body = Vec<BackupSummary>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::BackupSummary>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_backups(
     State(svc): State<Arc<Service>>,
     Query(q): Query<ListQuery>,
@@ -45,8 +45,8 @@ pub(super) async fn list_backups(
 }
 
 /// Back up a volume or image (a job; incremental through the volume's dirty bitmap).
-#[utoipa::path(post, path = "/api/backups", tag = "backups", request_body = CreateBackup,
-    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/backups", tag = "backups", request_body = super::schema::CreateBackup,
+    responses((status = 202, body = super::schema::JobStatus), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn create_backup(
     State(svc): State<Arc<Service>>,
@@ -57,8 +57,8 @@ pub(super) async fn create_backup(
 }
 
 /// Restore a snapshot to a new image or onto a volume (a job).
-#[utoipa::path(post, path = "/api/backups/restore", tag = "backups", request_body = RestoreBackup,
-    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/backups/restore", tag = "backups", request_body = super::schema::RestoreBackup,
+    responses((status = 202, body = super::schema::JobStatus), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn restore_backup(
@@ -70,8 +70,8 @@ pub(super) async fn restore_backup(
 }
 
 /// Verify one snapshot or all (a job that fails naming damaged chunks and snapshots).
-#[utoipa::path(post, path = "/api/backups/verify", tag = "backups", request_body = VerifyBackups,
-    responses((status = 202, body = JobStatus), (status = 401, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/backups/verify", tag = "backups", request_body = super::schema::VerifyBackups,
+    responses((status = 202, body = super::schema::JobStatus), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn verify_backups(
     State(svc): State<Arc<Service>>,
@@ -82,7 +82,7 @@ pub(super) async fn verify_backups(
 }
 
 /// Remove snapshots outside the retention rules (or, with dry_run, say which).
-#[utoipa::path(post, path = "/api/backups/prune", tag = "backups", request_body = PruneBackups,
+#[utoipa::path(post, path = "/api/backups/prune", tag = "backups", request_body = super::schema::PruneBackups,
     responses((status = 200, description = "Decisions per snapshot"), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody)))]
 pub(super) async fn prune_backups(
@@ -94,7 +94,7 @@ pub(super) async fn prune_backups(
 
 /// Remove chunks no snapshot references (a job; safe while backups run).
 #[utoipa::path(post, path = "/api/backups/gc", tag = "backups",
-    responses((status = 202, body = JobStatus), (status = 401, body = super::ErrorBody)))]
+    responses((status = 202, body = super::schema::JobStatus), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn gc(
     State(svc): State<Arc<Service>>,
 ) -> ApiResult<(StatusCode, Json<JobStatus>)> {

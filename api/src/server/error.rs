@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::service::ServiceError;
+use strata_service::ServiceError;
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -81,7 +81,7 @@ where
 fn rejection(rej: JsonRejection) -> ServiceError {
     if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ServiceError::TooLarge {
-            limit: super::JSON_BODY_LIMIT,
+            limit: super::JSON_BODY_LIMIT as u64,
         };
     }
     ServiceError::BadRequest(format!("Invalid request body: {}", rej.body_text()))

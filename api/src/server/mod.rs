@@ -7,14 +7,17 @@
 
 mod backups;
 mod error;
+mod exports;
 mod images;
+pub mod limits;
+pub mod listen;
 pub mod openapi;
+pub mod schema;
 mod system;
 mod transfer;
 mod vms;
 mod volumes;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -25,8 +28,10 @@ use axum::routing::get;
 use axum::Router;
 
 pub use error::{ApiError, ApiJson, ApiResult, ErrorBody};
+pub use limits::HttpLimits;
+pub use listen::Transport;
 
-use crate::service::{Service, ServiceError, ServiceResult};
+use strata_service::{Service, ServiceError, ServiceResult};
 
 /// Largest JSON request body accepted.
 pub const JSON_BODY_LIMIT: usize = 1 << 20;
@@ -60,14 +65,14 @@ pub(crate) fn quick<T>(
 
 /// The token a request came with (absent on the in-process router, whose caller is local).
 #[derive(Clone, Debug)]
-pub(super) struct Caller(pub crate::service::tokens::TokenInfo);
+pub(super) struct Caller(pub strata_service::tokens::TokenInfo);
 
 /// Refuses (403) callers whose token is not an admin token.
-pub(super) fn require_admin(caller: Option<&axum::Extension<Caller>>) -> ApiResult<()> {
+pub(super) fn require_admin(caller: Option<&axum::Extension<Caller>>, what: &str) -> ApiResult<()> {
     match caller {
         Some(axum::Extension(Caller(info))) if !info.admin => {
             Err(ApiError(ServiceError::Forbidden(format!(
-                "Token {} may not manage tokens (create it with `strata token create --admin`)",
+                "Token {} may not {what}: that needs an admin token (`strata token create --admin`)",
                 info.name
             ))))
         }
@@ -97,8 +102,58 @@ async fn require_token(State(svc): State<Arc<Service>>, req: Request, next: Next
     }
 }
 
-async fn not_found() -> ApiError {
-    ApiError(ServiceError::NotFound("No such API route".into()))
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError(ServiceError::NotFound(format!(
+        "The API route {}",
+        uri.path().escape_debug()
+    )))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(ServiceError::MethodNotAllowed(format!(
+        "The API route {} does not take {method}",
+        uri.path().escape_debug()
+    )))
+}
+
+/// Gives every error response the JSON error body: the framework's own rejections (a malformed
+/// path or query, say) come as plain text.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let body = ErrorBody {
+        status: status.as_u16(),
+        kind: status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+            .replace(' ', "-"),
+        message: if text.is_empty() {
+            status.canonical_reason().unwrap_or("Error").to_string()
+        } else {
+            text
+        },
+    };
+    let mut out = (status, axum::Json(body)).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k, v.clone());
+        }
+    }
+    out
 }
 
 fn resource_routes() -> Router<Arc<Service>> {
@@ -109,45 +164,74 @@ fn resource_routes() -> Router<Arc<Service>> {
         .merge(backups::routes())
         .merge(transfer::routes())
         .merge(vms::routes())
+        .merge(exports::routes())
         .route("/api/openapi.json", get(openapi::serve))
 }
 
-fn finish(routes: Router<Arc<Service>>, svc: Arc<Service>) -> Router {
+fn finish(routes: Router<Arc<Service>>, svc: Arc<Service>, limits: HttpLimits) -> Router {
     Router::new()
         .route("/api/health", get(system::health))
         .merge(routes)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(limits, limits::bounded_body))
+        .layer(axum::Extension(limits))
+        .layer(middleware::from_fn(json_errors))
         .with_state(svc)
 }
 
 /// The router: every API route, authentication, limits.
-pub fn router(svc: Arc<Service>) -> Router {
+pub fn router(svc: Arc<Service>, limits: HttpLimits) -> Router {
     let protected =
         resource_routes().route_layer(middleware::from_fn_with_state(svc.clone(), require_token));
-    finish(protected, svc)
+    finish(protected, svc, limits)
 }
 
 /// The same routes without authentication, for the CLI to call in-process on a local data
 /// directory (whoever can run it there can read the data directory anyway). Never serve it
 /// on a socket.
 pub fn in_process_router(svc: Arc<Service>) -> Router {
-    finish(resource_routes(), svc)
+    finish(resource_routes(), svc, HttpLimits::default())
 }
 
-/// Serves the API on `addr` until Ctrl-C or SIGTERM.
-pub async fn serve(svc: Arc<Service>, addr: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("Cannot listen on {addr}: {e}"))?;
+/// Serves the API on `listener` until Ctrl-C or SIGTERM. Then it stops accepting
+/// connections, cancels running jobs (which remove what they half-made) and waits for them and
+/// for open requests at most the grace period, removes what a job still running leaves behind,
+/// and stops the VMs it runs so that their disks are flushed.
+pub async fn serve(
+    svc: Arc<Service>,
+    listener: tokio::net::TcpListener,
+    transport: Transport,
+    limits: HttpLimits,
+) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
-    tracing::info!(%local, "serving the Strata API");
-    println!("Strata API listening on http://{local}/api");
-    axum::serve(listener, router(svc.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    // Running VMs end with the server: stop them so that their disks are flushed.
-    tokio::task::spawn_blocking(move || svc.stop_all_vms()).await?;
+    tracing::info!(%local, scheme = transport.scheme(), "serving the Strata API");
+    println!(
+        "Strata API listening on {}://{local}/api",
+        transport.scheme()
+    );
+    let app = router(svc.clone(), limits);
+    let jobs = svc.jobs.clone();
+    let stopping = async move {
+        shutdown_signal().await;
+        // Jobs first: they notice at their next chunk and clean up while connections drain.
+        jobs.cancel_all();
+    };
+    listen::run(app, listener, transport, limits, stopping).await;
+    let svc2 = svc.clone();
+    tokio::task::spawn_blocking(move || {
+        if !svc2.jobs.wait_idle(limits.shutdown_grace) {
+            tracing::warn!("jobs still running at shutdown were abandoned");
+        }
+        svc2.stop_exports();
+        if let Err(e) = svc2.remove_leftovers() {
+            tracing::warn!(error = %e, "removing what jobs left behind failed");
+        }
+        // VMs outlive the server, except those whose disks it serves.
+        svc2.release_vms(limits.shutdown_grace);
+    })
+    .await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{backups, images, system, transfer, vms, volumes};
+use super::{backups, exports, images, system, transfer, vms, volumes};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -14,13 +14,17 @@ use super::{backups, images, system, transfer, vms, volumes};
         system::list_tokens, system::create_token, system::revoke_token,
         system::list_jobs, system::job_status, system::cancel_job,
         images::list_images, images::create_image, images::image_info, images::remove_image,
-        volumes::storage, volumes::check_group, volumes::list_volumes, volumes::create_volume, volumes::volume_info,
+        images::adopt_image,
+        volumes::storage, volumes::check_group, volumes::create_rbd_group, volumes::remove_group,
+        volumes::adopt_volume, volumes::list_volumes, volumes::create_volume, volumes::volume_info,
         volumes::remove_volume, volumes::resize_volume, volumes::snapshot_volume, volumes::clone_volume,
         transfer::convert, transfer::upload, transfer::download, transfer::download_volume,
         backups::list_backups, backups::create_backup, backups::restore_backup, backups::verify_backups,
         backups::prune_backups, backups::gc,
         vms::list_vms, vms::define_vm, vms::vm_info, vms::remove_vm, vms::start_vm, vms::stop_vm,
-        vms::vm_status, vms::vm_console,
+        exports::list_exports, exports::create_export, exports::export_info, exports::remove_export,
+        vms::vm_status, vms::vm_console, vms::vm_console_stream, vms::pause_vm, vms::resume_vm,
+        vms::power_button, vms::disk_stats,
         serve,
     ),
     modifiers(&BearerAuth),

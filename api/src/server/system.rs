@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{blocking, quick, require_admin, ApiJson, ApiResult, Caller};
-use crate::service::jobs::JobStatus;
-use crate::service::tokens::TokenInfo;
-use crate::service::Service;
+use strata_service::jobs::JobStatus;
+use strata_service::tokens::TokenInfo;
+use strata_service::Service;
 
 /// Liveness.
 #[derive(Debug, Serialize, ToSchema)]
@@ -37,6 +37,7 @@ pub struct CreateToken {
 pub struct CreatedToken {
     /// The token's listing.
     #[serde(flatten)]
+    #[schema(value_type = super::schema::TokenInfo)]
     pub info: TokenInfo,
     /// The full token to send as `Authorization: Bearer …`.
     pub token: String,
@@ -62,12 +63,12 @@ pub(super) async fn health() -> Json<Health> {
 
 /// List API tokens (without secrets).
 #[utoipa::path(get, path = "/api/tokens", tag = "system",
-    responses((status = 200, body = Vec<TokenInfo>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::TokenInfo>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_tokens(
     State(svc): State<Arc<Service>>,
     caller: Option<Extension<Caller>>,
 ) -> ApiResult<Json<Vec<TokenInfo>>> {
-    require_admin(caller.as_ref())?;
+    require_admin(caller.as_ref(), "manage tokens")?;
     Ok(Json(blocking(&svc, |s| s.tokens.list()).await?))
 }
 
@@ -80,7 +81,7 @@ pub(super) async fn create_token(
     caller: Option<Extension<Caller>>,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> ApiResult<Json<CreatedToken>> {
-    require_admin(caller.as_ref())?;
+    require_admin(caller.as_ref(), "manage tokens")?;
     let (info, token) = blocking(&svc, move |s| s.tokens.create(&req.name, req.admin)).await?;
     Ok(Json(CreatedToken { info, token }))
 }
@@ -88,20 +89,20 @@ pub(super) async fn create_token(
 /// Revoke an API token by id or name.
 #[utoipa::path(delete, path = "/api/tokens/{id}", tag = "system",
     params(("id" = String, Path, description = "Token id or name")),
-    responses((status = 200, body = TokenInfo), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::TokenInfo), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn revoke_token(
     State(svc): State<Arc<Service>>,
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<TokenInfo>> {
-    require_admin(caller.as_ref())?;
+    require_admin(caller.as_ref(), "manage tokens")?;
     Ok(Json(blocking(&svc, move |s| s.tokens.revoke(&id)).await?))
 }
 
 /// List jobs, oldest first.
 #[utoipa::path(get, path = "/api/jobs", tag = "jobs",
-    responses((status = 200, body = Vec<JobStatus>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::JobStatus>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_jobs(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<JobStatus>>> {
     Ok(Json(quick(&svc, |s| Ok(s.jobs.list()))?))
 }
@@ -109,7 +110,7 @@ pub(super) async fn list_jobs(State(svc): State<Arc<Service>>) -> ApiResult<Json
 /// A job's state, progress and result.
 #[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = JobStatus), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::JobStatus), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn job_status(
     State(svc): State<Arc<Service>>,
@@ -121,7 +122,7 @@ pub(super) async fn job_status(
 /// Cancel a running job; it removes what it half-made.
 #[utoipa::path(delete, path = "/api/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, body = JobStatus), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::JobStatus), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
 pub(super) async fn cancel_job(
     State(svc): State<Arc<Service>>,

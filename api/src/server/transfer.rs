@@ -8,17 +8,18 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use utoipa::IntoParams;
 
+use super::limits::{declared_length, HttpLimits};
 use super::{blocking, ApiError, ApiJson, ApiResult};
-use crate::service::jobs::JobStatus;
-use crate::service::transfer::ConvertRequest;
-use crate::service::volumes::Resolved;
-use crate::service::{Service, ServiceError};
+use strata_service::jobs::JobStatus;
+use strata_service::transfer::{ConvertRequest, Upload};
+use strata_service::volumes::Resolved;
+use strata_service::{Service, ServiceError};
 use strata_storage::format::ImageFormat;
 
 pub(super) fn routes() -> Router<Arc<Service>> {
@@ -33,8 +34,8 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 }
 
 /// Convert an image or volume into a new image or onto an existing volume (a job).
-#[utoipa::path(post, path = "/api/convert", tag = "images", request_body = ConvertRequest,
-    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/convert", tag = "images", request_body = super::schema::ConvertRequest,
+    responses((status = 202, body = super::schema::JobStatus), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn convert(
@@ -48,48 +49,58 @@ pub(super) async fn convert(
 /// Format of a new or downloaded image.
 #[derive(Debug, Deserialize, IntoParams)]
 pub(super) struct FormatQuery {
-    /// raw, qcow2 or vmdk (upload: the new image's format, default qcow2; download: the
+    /// raw, qcow2, vmdk, vhd or vhdx (upload: the new image's format, default qcow2; download: the
     /// format to send, default the image's own).
     format: Option<String>,
+    /// Upload only: the uploaded file's format (raw, qcow2, vmdk, vhd, vhdx); probed when absent. The
+    /// upload may not name other files (backing files, extents) either way.
+    source_format: Option<String>,
 }
 
-/// Upload a disk image (raw, qcow2 or vmdk, probed) as the body; it is converted into the new
+/// Upload a disk image (raw, qcow2, vmdk, vhd or vhdx; probed unless source_format says) as the body; it is converted into the new
 /// image `name` by a job. The body must state its length.
 #[utoipa::path(put, path = "/api/images/{name}/upload", tag = "images",
     params(("name" = String, Path, description = "Name of the new image"), FormatQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 202, body = JobStatus), (status = 400, body = super::ErrorBody),
+    responses((status = 202, body = super::schema::JobStatus), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
               (status = 411, body = super::ErrorBody), (status = 507, body = super::ErrorBody)))]
 pub(super) async fn upload(
     State(svc): State<Arc<Service>>,
+    Extension(limits): Extension<HttpLimits>,
     Path(name): Path<String>,
     Query(q): Query<FormatQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<JobStatus>)> {
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or(ApiError(ServiceError::LengthRequired))?;
+    let length = declared_length(&headers)?.ok_or(ApiError(ServiceError::LengthRequired))?;
+    if length > limits.max_upload {
+        super::limits::linger(body);
+        return Err(ApiError(ServiceError::TooLarge {
+            limit: limits.max_upload,
+        }));
+    }
     let n = name.clone();
-    let path = blocking(&svc, move |s| {
-        let p = s.upload_path(&n)?;
-        s.ensure_space(&p, length)?;
-        Ok(p)
+    // The upload's file and its reserved space go with this value: dropped (the client went
+    // away, a check failed) they are removed and released.
+    let upload = blocking(&svc, move |s| {
+        let path = s.upload_path(&n)?;
+        let reservation = s.reserve_space(&path, length)?;
+        Ok(Upload { path, reservation })
     })
     .await?;
-    if let Err(e) = receive(body, &path, length).await {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(e);
-    }
-    let job = blocking(&svc, move |s| s.start_import_upload(&name, path, q.format)).await?;
+    receive(body, &upload, length, &limits).await?;
+    let job = blocking(&svc, move |s| {
+        s.start_import_upload(&name, upload, q.format, q.source_format)
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(job.status())))
 }
 
-/// Streams `body` into a new file at `path`, refusing more or fewer than `length` bytes.
-async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<()> {
+/// Streams `body` into the upload's new file, refusing more or fewer than `length` bytes, a
+/// pause longer than the idle timeout and an upload past its deadline.
+async fn receive(body: Body, upload: &Upload, length: u64, limits: &HttpLimits) -> ApiResult<()> {
+    let path = &upload.path;
     let io = |e: std::io::Error| {
         ApiError(ServiceError::internal(format!(
             "Writing {}: {e}",
@@ -104,7 +115,26 @@ async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<(
         .map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut got = 0u64;
-    while let Some(chunk) = stream.next().await {
+    let deadline = tokio::time::Instant::now() + limits.upload_deadline;
+    loop {
+        let idle_until = tokio::time::Instant::now() + limits.body_idle_timeout;
+        let next = tokio::time::timeout_at(idle_until.min(deadline), stream.next())
+            .await
+            .map_err(|_| {
+                let why = if tokio::time::Instant::now() >= deadline {
+                    format!(
+                        "The upload did not finish within {} s",
+                        limits.upload_deadline.as_secs()
+                    )
+                } else {
+                    format!(
+                        "The upload paused for more than {} s",
+                        limits.body_idle_timeout.as_secs()
+                    )
+                };
+                ApiError(ServiceError::Timeout(why))
+            })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             ApiError(ServiceError::BadRequest(format!(
                 "The upload broke off: {e}"
@@ -117,6 +147,7 @@ async fn receive(body: Body, path: &std::path::Path, length: u64) -> ApiResult<(
             ))));
         }
         file.write_all(&chunk).await.map_err(io)?;
+        upload.reservation.consumed(got);
     }
     if got != length {
         return Err(ApiError(ServiceError::BadRequest(format!(
@@ -140,18 +171,24 @@ pub(super) async fn download(
     Query(q): Query<FormatQuery>,
 ) -> ApiResult<Response> {
     let n = name.clone();
+    // Set when this request is dropped (the client went away): a conversion for it stops.
+    let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _guard = SetOnDrop(gone.clone());
     let source = blocking(&svc, move |s| {
-        let own: ImageFormat = s.image_info(&n)?.format.parse()?;
+        let own = s.image_format(&n)?;
         let fmt: ImageFormat = match q.format.as_deref() {
             Some(f) => f.parse()?,
             None => own,
         };
         if fmt == ImageFormat::Raw && own != ImageFormat::Raw {
-            return Ok(Download::Device(
-                s.resolve_source(&format!("image:{n}"), true)?,
-            ));
+            return Ok(Download::Device(s.resolve_source(
+                &format!("image:{n}"),
+                true,
+                "a download",
+            )?));
         }
-        let (path, temporary) = s.download_file(&n, fmt)?;
+        let (path, temporary) =
+            s.download_file(&n, fmt, &|| gone.load(std::sync::atomic::Ordering::Relaxed))?;
         let file = std::fs::File::open(&path)
             .map_err(|e| ServiceError::internal(format!("Opening {}: {e}", path.display())));
         if temporary {
@@ -176,10 +213,23 @@ pub(super) async fn download_volume(
 ) -> ApiResult<Response> {
     let spec = format!("lv:{vg}/{name}");
     let source = blocking(&svc, move |s| {
-        Ok(Download::Device(s.resolve_source(&spec, true)?))
+        Ok(Download::Device(s.resolve_source(
+            &spec,
+            true,
+            "a download",
+        )?))
     })
     .await?;
     send(source, &format!("{vg}-{name}.raw"))
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What a download sends.

@@ -4,19 +4,23 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
 
-use super::{blocking, quick, ApiJson, ApiResult};
-use crate::service::volumes::{
-    CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup, VolumeSummary,
+use super::{blocking, quick, require_admin, ApiJson, ApiResult, Caller};
+use strata_service::volumes::{
+    AdoptVolume, CreateRbdGroup, CreateVolume, GroupCheck, NewName, ResizeVolume, StorageGroup,
+    VolumeSummary,
 };
-use crate::service::Service;
+use strata_service::Service;
 
 pub(super) fn routes() -> Router<Arc<Service>> {
     Router::new()
         .route("/api/storage", get(storage))
         .route("/api/storage/{vg}/check", post(check_group))
+        .route("/api/storage/rbd", post(create_rbd_group))
+        .route("/api/storage/{vg}", delete(remove_group))
+        .route("/api/volumes/{vg}/adopt", post(adopt_volume))
         .route("/api/volumes", get(list_volumes).post(create_volume))
         .route(
             "/api/volumes/{vg}/{name}",
@@ -29,15 +33,67 @@ pub(super) fn routes() -> Router<Arc<Service>> {
 
 /// Volume groups with their size, free space and thin pools' usage (overcommit).
 #[utoipa::path(get, path = "/api/storage", tag = "storage",
-    responses((status = 200, body = Vec<StorageGroup>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::StorageGroup>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn storage(State(svc): State<Arc<Service>>) -> ApiResult<Json<Vec<StorageGroup>>> {
-    Ok(Json(quick(&svc, |s| s.storage_overview())?))
+    // RBD groups ask their cluster: not a call for the async workers.
+    Ok(Json(blocking(&svc, |s| s.storage_overview()).await?))
+}
+
+/// Add a volume group on a Ceph RBD pool (admin tokens only). The configuration and keyring
+/// are files in an import folder on the server.
+#[utoipa::path(post, path = "/api/storage/rbd", tag = "storage", request_body = super::schema::CreateRbdGroup,
+    responses((status = 200, body = super::schema::StorageGroup), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 403, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody), (status = 501, body = super::ErrorBody)))]
+pub(super) async fn create_rbd_group(
+    State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
+    ApiJson(req): ApiJson<CreateRbdGroup>,
+) -> ApiResult<Json<StorageGroup>> {
+    require_admin(caller.as_ref(), "add storage")?;
+    Ok(Json(
+        blocking(&svc, move |s| s.create_rbd_group(&req)).await?,
+    ))
+}
+
+/// Remove a volume group on RBD that holds no volumes (admin tokens only).
+#[utoipa::path(delete, path = "/api/storage/{vg}", tag = "storage",
+    params(("vg" = String, Path, description = "Volume group")),
+    responses((status = 204, description = "Removed"), (status = 401, body = super::ErrorBody),
+              (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody), (status = 501, body = super::ErrorBody)))]
+pub(super) async fn remove_group(
+    State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
+    Path(vg): Path<String>,
+) -> ApiResult<StatusCode> {
+    require_admin(caller.as_ref(), "remove storage")?;
+    blocking(&svc, move |s| s.remove_group(&vg)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Take in an image made outside Strata in an RBD group's pool as a volume (admin tokens only).
+#[utoipa::path(post, path = "/api/volumes/{vg}/adopt", tag = "volumes", request_body = super::schema::AdoptVolume,
+    params(("vg" = String, Path, description = "Volume group")),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 401, body = super::ErrorBody),
+              (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 501, body = super::ErrorBody)))]
+pub(super) async fn adopt_volume(
+    State(svc): State<Arc<Service>>,
+    caller: Option<Extension<Caller>>,
+    Path(vg): Path<String>,
+    ApiJson(req): ApiJson<AdoptVolume>,
+) -> ApiResult<Json<VolumeSummary>> {
+    require_admin(caller.as_ref(), "adopt volumes")?;
+    Ok(Json(
+        blocking(&svc, move |s| s.adopt_volume(&vg, &req)).await?,
+    ))
 }
 
 /// Check a volume group's metadata and pools: no block leaked or owned twice.
 #[utoipa::path(post, path = "/api/storage/{vg}/check", tag = "storage",
     params(("vg" = String, Path, description = "Volume group")),
-    responses((status = 200, body = GroupCheck), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::GroupCheck), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn check_group(
     State(svc): State<Arc<Service>>,
@@ -48,7 +104,7 @@ pub(super) async fn check_group(
 
 /// List volumes (linear, thin, snapshots, clones).
 #[utoipa::path(get, path = "/api/volumes", tag = "volumes",
-    responses((status = 200, body = Vec<VolumeSummary>), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = Vec<super::schema::VolumeSummary>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn list_volumes(
     State(svc): State<Arc<Service>>,
 ) -> ApiResult<Json<Vec<VolumeSummary>>> {
@@ -56,8 +112,8 @@ pub(super) async fn list_volumes(
 }
 
 /// Create a linear volume, or a thin volume in a pool.
-#[utoipa::path(post, path = "/api/volumes", tag = "volumes", request_body = CreateVolume,
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+#[utoipa::path(post, path = "/api/volumes", tag = "volumes", request_body = super::schema::CreateVolume,
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody), (status = 507, body = super::ErrorBody)))]
 pub(super) async fn create_volume(
@@ -70,7 +126,7 @@ pub(super) async fn create_volume(
 /// One volume.
 #[utoipa::path(get, path = "/api/volumes/{vg}/{name}", tag = "volumes",
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
-    responses((status = 200, body = VolumeSummary), (status = 401, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 401, body = super::ErrorBody),
               (status = 404, body = super::ErrorBody)))]
 pub(super) async fn volume_info(
     State(svc): State<Arc<Service>>,
@@ -93,9 +149,9 @@ pub(super) async fn remove_volume(
 }
 
 /// Change a volume's size.
-#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/resize", tag = "volumes", request_body = ResizeVolume,
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/resize", tag = "volumes", request_body = super::schema::ResizeVolume,
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 507, body = super::ErrorBody)))]
 pub(super) async fn resize_volume(
@@ -109,9 +165,9 @@ pub(super) async fn resize_volume(
 }
 
 /// Take a read-only snapshot of a thin volume (O(1)).
-#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/snapshot", tag = "volumes", request_body = NewName,
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/snapshot", tag = "volumes", request_body = super::schema::NewName,
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn snapshot_volume(
@@ -125,9 +181,9 @@ pub(super) async fn snapshot_volume(
 }
 
 /// Make a writable linked clone of a snapshot or template (O(1)).
-#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/clone", tag = "volumes", request_body = NewName,
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/clone", tag = "volumes", request_body = super::schema::NewName,
     params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Snapshot or template")),
-    responses((status = 200, body = VolumeSummary), (status = 400, body = super::ErrorBody),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
               (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
               (status = 409, body = super::ErrorBody)))]
 pub(super) async fn clone_volume(

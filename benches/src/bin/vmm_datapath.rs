@@ -9,6 +9,8 @@
 //!
 //! Usage: vmm_datapath [--file PATH] [--seconds S] [--rounds N] [--size BYTES] [--stats]
 //!        [--only-strata-depth D]   (one run of our device alone, for profiling)
+//!        [--seccomp]   (the worker runs under the VMM's device-worker seccomp filter, as in a
+//!                       sandboxed VMM process; benches/vmm_process.sh compares with and without)
 //! Prints each run, the medians and the ratio.
 
 use std::num::Wrapping;
@@ -241,6 +243,7 @@ fn main() -> Result<()> {
             "--rounds" => rounds = val()?.parse()?,
             "--size" => size = val()?.parse()?,
             "--stats" => {}
+            "--seccomp" => strata_vmm::sandbox::enable_seccomp(None)?,
             // Profiling aid: only our device at one depth, no peer, no table.
             "--only-strata-depth" => only = Some(val()?.parse()?),
             other => bail!("unknown argument {other}"),

@@ -118,6 +118,41 @@ impl Bits {
         }
     }
 
+    /// Whether the byte at `offset` lies in a dirty chunk, and how many bytes from `offset` on
+    /// (at most `max_len`, clipped to the device) share that state. Looks at no more words than
+    /// the answer spans. `None` when `offset` is at or past the end.
+    pub fn run_at(&self, offset: u64, max_len: u64) -> Option<(bool, u64)> {
+        let g = self.read();
+        let (size, words) = (g.0, &g.1);
+        if offset >= size || max_len == 0 {
+            return None;
+        }
+        let end = offset.saturating_add(max_len).min(size);
+        let bit_of = |b: u64| {
+            words
+                .get((b / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) >> (b % 64) & 1 == 1)
+        };
+        let first = offset / self.granularity;
+        let dirty = bit_of(first);
+        let last = (end - 1) / self.granularity;
+        let mut bit = first + 1;
+        while bit <= last {
+            let w = words
+                .get((bit / 64) as usize)
+                .map_or(0, |w| w.load(Ordering::Relaxed));
+            // Bits that differ from the run's state, from `bit` on within this word.
+            let differ = if dirty { !w } else { w } >> (bit % 64);
+            if differ != 0 {
+                bit += u64::from(differ.trailing_zeros());
+                break;
+            }
+            bit += 64 - bit % 64;
+        }
+        let run_end = bit.saturating_mul(self.granularity).min(end);
+        Some((dirty, run_end - offset))
+    }
+
     /// A copy of the words.
     pub fn words(&self) -> Vec<u64> {
         self.read()
@@ -243,6 +278,23 @@ mod tests {
         assert_eq!(b.count(), 0);
         b.or_words(&taken);
         assert_eq!(b.count(), 51);
+    }
+
+    #[test]
+    fn runs_report_state_and_length_from_an_offset() {
+        let b = Bits::new(1 << 20, 4096).unwrap();
+        b.mark(8192, 4096 * 100);
+        assert_eq!(b.run_at(0, 1 << 20), Some((false, 8192)));
+        assert_eq!(b.run_at(100, 1 << 20), Some((false, 8092)));
+        assert_eq!(b.run_at(8192, 1 << 20), Some((true, 4096 * 100)));
+        assert_eq!(b.run_at(9000, 10), Some((true, 10)));
+        assert_eq!(
+            b.run_at(8192 + 4096 * 100, 1 << 20),
+            Some((false, (1 << 20) - 8192 - 4096 * 100))
+        );
+        assert_eq!(b.run_at(1 << 20, 1), None);
+        b.set_all();
+        assert_eq!(b.run_at(5, u64::MAX), Some((true, (1 << 20) - 5)));
     }
 
     #[test]

@@ -17,10 +17,12 @@
 //! | resize, adding or removing bitmaps | write locks |
 //! | the sidecar file | one save at a time; the device's owner (one process: the volume group's lock, or for an image an exclusive `flock` on the image file, see [`ImageBitmaps`]) |
 
+pub mod attach;
 pub mod bits;
 pub mod store;
 pub mod track;
 
+pub use attach::{attach_image_bitmaps, WithBitmaps};
 pub use bits::DEFAULT_GRANULARITY;
 pub use store::{BitmapInfo, BitmapSet, TakenBitmap};
 pub use track::{sidecar_path, ImageBitmaps, TrackedDevice};

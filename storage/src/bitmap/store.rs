@@ -244,6 +244,18 @@ impl BitmapSet {
         ))
     }
 
+    /// The state of bitmap `name` at `offset`: whether that byte is dirty (always true for a
+    /// bitmap that is not valid, which may miss changes), and for how many bytes from `offset`
+    /// on (at most `max_len`) the state stays the same. `None` at or past the device's end.
+    pub fn dirty_run(&self, name: &str, offset: u64, max_len: u64) -> Result<Option<(bool, u64)>> {
+        let b = self.find(name)?;
+        if !b.valid.load(Ordering::Acquire) {
+            let size = b.bits.size();
+            return Ok((offset < size && max_len > 0).then(|| (true, max_len.min(size - offset))));
+        }
+        Ok(b.bits.run_at(offset, max_len))
+    }
+
     /// Adds an empty, valid bitmap. A bitmap added to a device that is not open for writing is
     /// still valid: nothing can have changed the device meanwhile except through a tracked open.
     pub fn add(&self, name: &str, granularity: u64) -> Result<()> {

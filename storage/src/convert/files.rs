@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::snapshot::{open_snapshot, SnapshotSel};
 use super::staging::Staged;
 use super::{convert, ConvertOptions, ConvertProgress, ConvertReport, ConvertTarget};
 use crate::device::BlockDevice;
@@ -42,6 +43,8 @@ pub struct ConvertRequest<'a> {
     pub convert: ConvertOptions,
     /// The data directory whose volumes `lv:VG/NAME` names; `None`: every name is a file.
     pub volumes: Option<&'a Path>,
+    /// Read this internal snapshot of a qcow2 source instead of its active state (`-l`).
+    pub source_snapshot: Option<SnapshotSel>,
 }
 
 /// One side of a conversion.
@@ -99,7 +102,7 @@ fn open_sides(
     if let (Side::Volume { vg, lv }, Side::Volume { vg: dvg, lv: dlv }) = (src, dst) {
         if vg == dvg {
             let store = VolumeStore::new(data_dir).with_io(req.open.engine, req.open.cache);
-            let group = store.open_vg(vg, false)?;
+            let group = store.open_group(vg, false)?;
             let s = Source::Volume {
                 device: group.open_lv(lv, true)?,
                 vg: group.clone(),
@@ -115,13 +118,35 @@ fn open_sides(
     }
     let open = |side: &Side<'_>, opts: &OpenOptions| -> Result<Source> {
         match side {
-            Side::File(p) => Ok(Source::Image(format::open_image(p, opts)?)),
+            Side::File(p) => Ok(Source::image(format::open_image(p, opts)?)),
             Side::Volume { vg, lv } => {
                 open_source(&format!("{LV_PREFIX}{vg}/{lv}"), opts, data_dir)
             }
         }
     };
-    let source = open(src, &src_opts)?;
+    let source = match (&req.source_snapshot, src) {
+        (Some(sel), Side::File(p)) => {
+            if req.source_format.is_some_and(|f| f != ImageFormat::Qcow2) {
+                return Err(StorageError::InvalidInput(
+                    "-l reads internal snapshots of qcow2 images only".into(),
+                ));
+            }
+            let host: crate::device::SharedFile = format::open_host_file(p, &src_opts)?;
+            if format::probe(host.as_ref())? != format::Probed::Known(ImageFormat::Qcow2) {
+                return Err(StorageError::InvalidInput(format!(
+                    "-l reads internal snapshots of qcow2 images, and {} is not one",
+                    p.display()
+                )));
+            }
+            Source::image(open_snapshot(host, sel)?)
+        }
+        (Some(_), Side::Volume { .. }) => {
+            return Err(StorageError::InvalidInput(
+                "-l applies to qcow2 images, not volumes (take a volume snapshot with `strata lv snapshot`)".into(),
+            ))
+        }
+        (None, _) => open(src, &src_opts)?,
+    };
     let target = if req.convert.existing_target {
         Some(open(dst, &dst_opts)?)
     } else {
@@ -220,7 +245,6 @@ pub fn convert_to_new_image(
     opts: &ConvertOptions,
     progress: &dyn ConvertProgress,
 ) -> Result<ConvertReport> {
-    let size = src.size();
     // Where nothing is written, a backed image reads its backing file, not zeros: the source's
     // zero ranges must be written as zeros there (qcow2 zero clusters), as on an existing target.
     let backed = ConvertOptions {
@@ -233,8 +257,35 @@ pub fn convert_to_new_image(
         opts
     };
     let staged = Staged::new(new.path, new.format)?;
+    build_new_image(src, new, opts, progress, &staged)
+        .map_err(|e| staged.scrub(e))
+        .and_then(|report| {
+            staged.commit()?;
+            Ok(report)
+        })
+}
+
+/// Whether the new image can only be written as a compressed stream: `-c`, or a vmdk with
+/// `subformat=streamOptimized` (which qemu-img writes without `-c` too).
+fn streamed(new: &NewImage<'_>) -> bool {
+    new.compress
+        || (new.format == ImageFormat::Vmdk
+            && new
+                .options
+                .get("subformat")
+                .is_some_and(|s| s.eq_ignore_ascii_case("streamOptimized")))
+}
+
+fn build_new_image(
+    src: &dyn BlockDevice,
+    new: &NewImage<'_>,
+    opts: &ConvertOptions,
+    progress: &dyn ConvertProgress,
+    staged: &Staged,
+) -> Result<ConvertReport> {
+    let size = src.size();
     let build = staged.build_path();
-    let report = if new.compress {
+    let report = if streamed(new) {
         let w = format::create_compressed(build, new.format, size, new.options)?;
         convert(src, ConvertTarget::Compressed(w), opts, progress)?
     } else {
@@ -250,6 +301,5 @@ pub fn convert_to_new_image(
         drop(dst);
         report
     };
-    staged.commit()?;
     Ok(report)
 }

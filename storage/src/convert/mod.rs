@@ -25,7 +25,9 @@ use crate::format::CompressedWriter;
 use crate::io::{Completion, IoBuf, IoQueue, QueueOptions, Request};
 
 mod files;
+mod snapshot;
 mod staging;
+pub use snapshot::{open_snapshot, SnapshotSel};
 pub use staging::Staged;
 
 pub use files::{convert_files, convert_to_new_image, ConvertRequest, NewImage};

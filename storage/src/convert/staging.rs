@@ -99,6 +99,48 @@ impl Staged {
         &self.build
     }
 
+    /// Rewrites an error that names the temporary build path (or work folder) to name the
+    /// target instead: the hidden staging names are an implementation detail the user never
+    /// asked for.
+    pub fn scrub(&self, e: StorageError) -> StorageError {
+        let mut swaps = vec![(
+            self.build.display().to_string(),
+            self.target.display().to_string(),
+        )];
+        if let Some(w) = &self.work_dir {
+            swaps.push((
+                w.display().to_string(),
+                folder_of(&self.target).display().to_string(),
+            ));
+        }
+        let fix = |s: String| {
+            swaps
+                .iter()
+                .fold(s, |acc, (from, to)| acc.replace(from.as_str(), to))
+        };
+        match e {
+            StorageError::Io { context, source } => StorageError::Io {
+                context: fix(context),
+                source,
+            },
+            StorageError::InvalidInput(m) => StorageError::InvalidInput(fix(m)),
+            StorageError::ReadOnly(m) => StorageError::ReadOnly(fix(m)),
+            StorageError::Unsupported(m) => StorageError::Unsupported(fix(m)),
+            StorageError::Corrupt { what, detail } => StorageError::Corrupt {
+                what: fix(what),
+                detail: fix(detail),
+            },
+            StorageError::OutOfSpace(m) => StorageError::OutOfSpace(fix(m)),
+            StorageError::NotFound(p) => {
+                StorageError::NotFound(PathBuf::from(fix(p.display().to_string())))
+            }
+            StorageError::AlreadyExists(m) => StorageError::AlreadyExists(fix(m)),
+            StorageError::Busy(m) => StorageError::Busy(fix(m)),
+            StorageError::Unavailable(m) => StorageError::Unavailable(fix(m)),
+            other => other,
+        }
+    }
+
     /// Moves the finished (flushed and closed) image to its final name(s).
     pub fn commit(mut self) -> Result<()> {
         let folder = folder_of(&self.target);
@@ -209,6 +251,27 @@ mod tests {
         // The name is taken now.
         let e = Staged::new(&target, ImageFormat::Raw).unwrap_err();
         assert!(matches!(e, StorageError::AlreadyExists(_)), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_target_not_the_staging_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("t.vmdk");
+        let s = Staged::new(&target, ImageFormat::Vmdk).unwrap();
+        let e = StorageError::corrupt(
+            s.build_path().display().to_string(),
+            format!(
+                "extent {} is short",
+                s.build_path()
+                    .parent()
+                    .unwrap()
+                    .join("t-flat.vmdk")
+                    .display()
+            ),
+        );
+        let msg = s.scrub(e).to_string();
+        assert!(!msg.contains(".convert-"), "{msg}");
+        assert!(msg.contains(&target.display().to_string()), "{msg}");
     }
 
     #[test]

@@ -7,13 +7,18 @@
 //! refused with an error naming it.
 
 pub mod compare;
+#[cfg(feature = "test-utils")]
+pub mod fuzzing;
+mod mapped;
 pub mod qcow2;
 pub mod raw;
+pub mod vhd;
+pub mod vhdx;
 pub mod vmdk;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -34,6 +39,10 @@ pub enum ImageFormat {
     Qcow2,
     /// VMware virtual disk.
     Vmdk,
+    /// Microsoft Virtual Hard Disk (qemu's "vpc").
+    Vhd,
+    /// Microsoft Hyper-V virtual hard disk v2.
+    Vhdx,
 }
 
 impl ImageFormat {
@@ -43,6 +52,8 @@ impl ImageFormat {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
             ImageFormat::Vmdk => "vmdk",
+            ImageFormat::Vhd => "vhd",
+            ImageFormat::Vhdx => "vhdx",
         }
     }
 }
@@ -61,8 +72,10 @@ impl FromStr for ImageFormat {
             "raw" => Ok(ImageFormat::Raw),
             "qcow2" => Ok(ImageFormat::Qcow2),
             "vmdk" => Ok(ImageFormat::Vmdk),
+            "vhd" | "vpc" => Ok(ImageFormat::Vhd),
+            "vhdx" => Ok(ImageFormat::Vhdx),
             other => Err(StorageError::InvalidInput(format!(
-                "Unknown image format '{other}' (expected raw, qcow2 or vmdk)"
+                "Unknown image format '{other}' (expected raw, qcow2, vmdk, vhd or vhdx)"
             ))),
         }
     }
@@ -93,9 +106,9 @@ pub fn probe(file: &dyn HostFile) -> Result<Probed> {
     } else if starts(b"QFI") {
         Probed::Foreign("qcow version 1")
     } else if starts(b"conectix") {
-        Probed::Foreign("vpc (VHD)")
+        Probed::Known(ImageFormat::Vhd)
     } else if starts(b"vhdxfile") {
-        Probed::Foreign("vhdx")
+        Probed::Known(ImageFormat::Vhdx)
     } else if head.len() >= 68 && head[64..68] == [0x7f, 0x10, 0xda, 0xbe] {
         Probed::Foreign("vdi")
     } else {
@@ -109,11 +122,27 @@ fn is_vmdk_descriptor(head: &[u8]) -> bool {
     trimmed.starts_with("# Disk DescriptorFile") || trimmed.starts_with("#Disk DescriptorFile")
 }
 
+/// Whether an image may make the block layer open other files: a backing file, a parent
+/// disk, extent files named by a vmdk descriptor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum References {
+    /// Open what the image names, as `qemu-img` does for files its caller names (the local
+    /// tools).
+    #[default]
+    Follow,
+    /// Refuse an image that names another file, before opening anything but the image itself.
+    /// Appliance images are opened this way: their bytes may have been written by an
+    /// untrusted party (an uploader, a guest), and must not make the server read other files.
+    Refuse,
+}
+
 /// How to open an image.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenOptions {
     /// The format; probed when `None`.
     pub format: Option<ImageFormat>,
+    /// Whether other files the image names are opened or the image is refused.
+    pub references: References,
     /// Open read-only.
     pub read_only: bool,
     /// Page cache use for the image file.
@@ -188,6 +217,93 @@ pub fn outside_references(path: &Path, info: &ImageInfo) -> Result<Option<String
     Ok(None)
 }
 
+/// Resolves a file name an image gives (a vmdk extent, a VHD parent locator) against the image's
+/// folder `dir`, refusing absolute names, `..` components and (for existing files) symbolic links
+/// that lead out of the folder, so an image cannot make us read arbitrary host files. `what`
+/// names the reference in the error.
+pub fn resolve_in_folder(dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
+    let refuse = || {
+        StorageError::InvalidInput(format!(
+            "{what} '{}' leaves the image's folder {}",
+            name.escape_debug(),
+            dir.display()
+        ))
+    };
+    if name.is_empty() || name.contains('\0') {
+        return Err(StorageError::InvalidInput(format!(
+            "{what} is empty or contains NUL"
+        )));
+    }
+    let rel = Path::new(name);
+    if !rel
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(refuse());
+    }
+    // `./` components add nothing but noise to the names shown to users.
+    let rel: PathBuf = rel
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    if rel.as_os_str().is_empty() {
+        return Err(refuse());
+    }
+    let joined = if dir == Path::new(".") {
+        rel
+    } else {
+        dir.join(rel)
+    };
+    if let (Ok(real), Ok(real_dir)) = (joined.canonicalize(), dir.canonicalize()) {
+        if !real.starts_with(&real_dir) {
+            return Err(refuse());
+        }
+    }
+    Ok(joined)
+}
+
+/// Where a differencing disk `name` (at `path`, `depth` parents below the image opened) looks
+/// for its parent: its folder. Refuses an image opened without a path and chains deeper than
+/// `max_depth` (which also stops loops). `what` names the format.
+pub(crate) fn parent_folder(
+    name: &str,
+    path: Option<&Path>,
+    depth: u32,
+    max_depth: u32,
+    what: &str,
+) -> Result<PathBuf> {
+    let Some(path) = path else {
+        return Err(StorageError::Unsupported(format!(
+            "opening the differencing {what} {name} without its path (its parent is a separate file)"
+        )));
+    };
+    if depth + 1 >= max_depth {
+        return Err(StorageError::Unsupported(format!(
+            "{what} differencing chains deeper than {max_depth} ({name}; a loop?)"
+        )));
+    }
+    Ok(folder_of(path))
+}
+
+/// Parses `subformat=dynamic|fixed` for `what` (VHD, VHDX): whether the disk is fixed.
+pub(crate) fn fixed_subformat(value: &str, what: &str) -> Result<bool> {
+    match value {
+        "dynamic" => Ok(false),
+        "fixed" => Ok(true),
+        other => Err(StorageError::InvalidInput(format!(
+            "Invalid {what} subformat '{other}' (expected dynamic or fixed)"
+        ))),
+    }
+}
+
+/// The folder holding `path` (`.` for a bare file name).
+pub(crate) fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Opens the image at `path`. Formats made of several files (vmdk descriptors with extent
 /// files, delta disks) find their other files relative to `path`, opened with the same options.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
@@ -226,13 +342,74 @@ fn open_image_with(
     match format {
         ImageFormat::Raw => Ok(Arc::new(raw::RawImage::new(file))),
         ImageFormat::Vmdk => Ok(vmdk::open(file, path, opts)?),
+        ImageFormat::Vhd => Ok(vhd::open(file, path, opts)?),
+        ImageFormat::Vhdx => Ok(vhdx::open(file, path, opts)?),
         ImageFormat::Qcow2 => {
             let q = qcow2::Qcow2Options {
                 engine: opts.engine,
                 cache: opts.cache,
+                refuse_backing: opts.references == References::Refuse,
                 ..qcow2::Qcow2Options::default()
             };
             Ok(qcow2::open(file, &q)?)
+        }
+    }
+}
+
+/// [`create_image`], stopping with [`StorageError::Cancelled`] (and no file left) once
+/// `cancelled` says so; preallocation (`full`, `falloc`, qcow2 `metadata`) of a large image
+/// writes for a long time.
+pub fn create_image_cancellable(
+    path: &Path,
+    format: ImageFormat,
+    size: u64,
+    options: &BTreeMap<String, String>,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
+    match format {
+        ImageFormat::Raw => raw::create_cancellable(
+            path,
+            size,
+            &raw::RawCreateOptions::from_map(options)?,
+            cancelled,
+        ),
+        ImageFormat::Qcow2 => qcow2::create::create_cancellable(
+            path,
+            size,
+            &qcow2::create::CreateOptions::from_map(options)?,
+            cancelled,
+        ),
+        ImageFormat::Vmdk | ImageFormat::Vhd | ImageFormat::Vhdx => {
+            create_image(path, format, size, options)
+        }
+    }
+}
+
+/// Checks that a new `format` image of `size` bytes can be made with `options`, without
+/// making anything: what [`create_image`] would refuse as bad input is refused here, so that a
+/// server can answer a bad request before it starts a job.
+pub fn check_create_options(
+    format: ImageFormat,
+    size: u64,
+    options: &BTreeMap<String, String>,
+) -> Result<()> {
+    match format {
+        ImageFormat::Raw => {
+            raw::RawCreateOptions::from_map(options)?;
+            raw::RawCreateOptions::check_size(size)
+        }
+        ImageFormat::Vmdk => {
+            vmdk::create::check(size, &vmdk::create::VmdkCreateOptions::from_map(options)?)
+        }
+        ImageFormat::Qcow2 => {
+            qcow2::create::check(size, &qcow2::create::CreateOptions::from_map(options)?)
+        }
+        ImageFormat::Vhd => {
+            vhd::create::check(size, &vhd::create::VhdCreateOptions::from_map(options)?)
+        }
+        ImageFormat::Vhdx => {
+            vhdx::create::VhdxCreateOptions::from_map(options)?;
+            vhdx::create::check(size)
         }
     }
 }
@@ -285,7 +462,7 @@ pub fn create_compressed(
         }
         ImageFormat::Qcow2 => qcow2::compress::create_compressed(path, size, options),
         _ => Err(StorageError::Unsupported(format!(
-            "writing compressed {format} images is not implemented yet"
+            "compressed {format} images (the format has no compression; convert without -c)"
         ))),
     }
 }
@@ -329,6 +506,16 @@ pub fn create_image(
             size,
             &qcow2::create::CreateOptions::from_map(options)?,
         ),
+        ImageFormat::Vhd => vhd::create::create(
+            path,
+            size,
+            &vhd::create::VhdCreateOptions::from_map(options)?,
+        ),
+        ImageFormat::Vhdx => vhdx::create::create(
+            path,
+            size,
+            &vhdx::create::VhdxCreateOptions::from_map(options)?,
+        ),
     }
 }
 
@@ -346,13 +533,60 @@ mod tests {
                 b"# Disk DescriptorFile\nversion=1\n",
                 Probed::Known(ImageFormat::Vmdk),
             ),
-            (b"vhdxfile", Probed::Foreign("vhdx")),
+            (b"vhdxfile", Probed::Known(ImageFormat::Vhdx)),
             (b"\xeb\x63\x90 boot sector", Probed::Known(ImageFormat::Raw)),
         ];
         for (head, want) in cases {
             let dev = MemoryDevice::read_only_with(head);
             assert_eq!(probe(dev.as_ref()).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn refusing_references_opens_nothing_but_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        create_image(&base, ImageFormat::Raw, 1 << 20, &BTreeMap::new()).unwrap();
+        let overlay = dir.path().join("overlay.qcow2");
+        let opts = parse_options("backing_file=base.raw,backing_fmt=raw").unwrap();
+        create_image(&overlay, ImageFormat::Qcow2, 1 << 20, &opts).unwrap();
+        let split = dir.path().join("split.vmdk");
+        let opts = parse_options("subformat=twoGbMaxExtentSparse").unwrap();
+        create_image(&split, ImageFormat::Vmdk, 1 << 20, &opts).unwrap();
+        let vhd_base = dir.path().join("base.vhd");
+        create_image(&vhd_base, ImageFormat::Vhd, 1 << 20, &BTreeMap::new()).unwrap();
+        let vhd_child = dir.path().join("child.vhd");
+        let opts = parse_options("backing_file=base.vhd").unwrap();
+        create_image(&vhd_child, ImageFormat::Vhd, 0, &opts).unwrap();
+        for (path, fmt) in [
+            (&overlay, ImageFormat::Qcow2),
+            (&split, ImageFormat::Vmdk),
+            (&vhd_child, ImageFormat::Vhd),
+        ] {
+            let follow = OpenOptions {
+                format: Some(fmt),
+                read_only: true,
+                ..OpenOptions::default()
+            };
+            open_image(path, &follow).unwrap();
+            let refuse = OpenOptions {
+                references: References::Refuse,
+                ..follow
+            };
+            match open_image(path, &refuse) {
+                Err(StorageError::Forbidden(m)) => assert!(m.contains("self-contained"), "{m}"),
+                other => panic!("{}: {other:?}", path.display()),
+            }
+        }
+        // A self-contained image opens either way.
+        let plain = dir.path().join("plain.qcow2");
+        create_image(&plain, ImageFormat::Qcow2, 1 << 20, &BTreeMap::new()).unwrap();
+        let refuse = OpenOptions {
+            format: Some(ImageFormat::Qcow2),
+            references: References::Refuse,
+            ..OpenOptions::default()
+        };
+        open_image(&plain, &refuse).unwrap();
     }
 
     #[test]

@@ -53,6 +53,22 @@ pub struct RawCreateOptions {
 
 impl RawCreateOptions {
     /// Reads `-o` options; unknown keys are refused with their name.
+    /// Checks that a raw image of `size` bytes can be made: above zero, and a file length the
+    /// kernel takes (at most `i64::MAX`).
+    pub fn check_size(size: u64) -> Result<()> {
+        if size == 0 {
+            return Err(StorageError::InvalidInput(
+                "Image size must be greater than zero".into(),
+            ));
+        }
+        if i64::try_from(size).is_err() {
+            return Err(StorageError::InvalidInput(format!(
+                "Size {size} is too large for a raw image"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn from_map(map: &BTreeMap<String, String>) -> Result<RawCreateOptions> {
         let mut opts = RawCreateOptions::default();
         for (k, v) in map {
@@ -72,11 +88,18 @@ impl RawCreateOptions {
 /// Creates a raw image of `size` bytes at `path`; refuses to overwrite an existing file. On any
 /// failure the partly created file is removed.
 pub fn create(path: &Path, size: u64, opts: &RawCreateOptions) -> Result<()> {
-    if size == 0 {
-        return Err(StorageError::InvalidInput(
-            "Image size must be greater than zero".into(),
-        ));
-    }
+    create_cancellable(path, size, opts, &|| false)
+}
+
+/// [`create`], stopping with [`StorageError::Cancelled`] (and no file left) once `cancelled`
+/// says so: preallocating a large image writes for a long time.
+pub fn create_cancellable(
+    path: &Path,
+    size: u64,
+    opts: &RawCreateOptions,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
+    RawCreateOptions::check_size(size)?;
     let name = path.display().to_string();
     let file = FsOpenOptions::new()
         .write(true)
@@ -99,17 +122,8 @@ pub fn create(path: &Path, size: u64, opts: &RawCreateOptions) -> Result<()> {
         })?;
         match opts.preallocation {
             Preallocation::Off => {}
-            Preallocation::Falloc => {
-                // SAFETY: fallocate on a descriptor we own; no memory is passed.
-                let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-                if r < 0 {
-                    return Err(StorageError::io(
-                        format!("Preallocating {name}"),
-                        io::Error::last_os_error(),
-                    ));
-                }
-            }
-            Preallocation::Full => write_zeros(&file, size, &name)?,
+            Preallocation::Falloc => fallocate_range(&file, 0, size, &name, cancelled)?,
+            Preallocation::Full => write_zeros(&file, size, &name, cancelled)?,
         }
         file.sync_all()
             .map_err(|e| StorageError::io(format!("Syncing {name}"), e))?;
@@ -120,11 +134,51 @@ pub fn create(path: &Path, size: u64, opts: &RawCreateOptions) -> Result<()> {
     })
 }
 
-fn write_zeros(file: &std::fs::File, size: u64, name: &str) -> Result<()> {
+/// Bytes fallocated per step of [`fallocate_range`], between checks for cancellation.
+const FALLOC_STEP: u64 = 1 << 30;
+
+/// Allocates `len` bytes at `offset` of `file` in steps, stopping when `cancelled` says so.
+pub(crate) fn fallocate_range(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    name: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
+    let mut at = 0u64;
+    while at < len {
+        if cancelled() {
+            return Err(StorageError::Cancelled);
+        }
+        let n = (len - at).min(FALLOC_STEP);
+        let start = i64::try_from(offset + at)
+            .map_err(|_| StorageError::InvalidInput(format!("{name} is too large")))?;
+        // SAFETY: fallocate on a descriptor the caller owns; no memory is passed.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, start, n as libc::off_t) };
+        if r < 0 {
+            return Err(StorageError::io(
+                format!("Preallocating {name}"),
+                io::Error::last_os_error(),
+            ));
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+fn write_zeros(
+    file: &std::fs::File,
+    size: u64,
+    name: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let zeros = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < size {
+        if cancelled() {
+            return Err(StorageError::Cancelled);
+        }
         let n = (size - at).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], at)
             .map_err(|e| StorageError::io(format!("Writing zeros to {name}"), e))?;

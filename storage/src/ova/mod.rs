@@ -265,6 +265,7 @@ pub fn import_ova(
                     open: opts.open,
                     convert: ConvertOptions::default(),
                     volumes: None,
+                    source_snapshot: None,
                     source_cache: None,
                 };
                 let src = format::open_image(

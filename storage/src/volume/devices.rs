@@ -2,21 +2,18 @@
 //! `system.devices`. Volume groups are found by reading the labels and metadata of the devices
 //! listed here, never by scanning every disk.
 //!
-//! `DATA/devices.json` holds `{"format": 1, "devices": [{"path": ..., "pv": ...}]}`. It is
-//! replaced atomically (write a temporary file, fsync, rename, fsync the directory) under an
-//! exclusive lock on `DATA/devices.lock`, so concurrent `pv create`s don't lose each other's
-//! entries.
+//! `DATA/devices.json` holds `{"format": 1, "devices": [{"path": ..., "pv": ...}]}`, a list file
+//! (`listfile.rs`): replaced atomically under an exclusive lock on `DATA/devices.lock`, so
+//! concurrent `pv create`s don't lose each other's entries.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::durable::{write_atomically, Create};
-use crate::error::{Result, StorageError};
-use crate::volume::lock::lock_exclusive_wait;
+use crate::error::Result;
+use crate::volume::listfile::ListFile;
 
 const FILE_NAME: &str = "devices.json";
-const LOCK_NAME: &str = "devices.lock";
 /// Most entries accepted in a devices file.
 pub const MAX_DEVICES: usize = 4096;
 
@@ -29,82 +26,46 @@ pub struct DeviceEntry {
     pub pv: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Contents {
-    format: u32,
-    devices: Vec<DeviceEntry>,
-}
-
 /// The devices file of a data directory. See the module documentation.
 #[derive(Clone, Debug)]
 pub struct DevicesFile {
-    dir: PathBuf,
+    file: ListFile,
 }
 
 impl DevicesFile {
     /// The devices file in `data_dir`.
     pub fn new(data_dir: &Path) -> DevicesFile {
         DevicesFile {
-            dir: data_dir.to_path_buf(),
+            file: ListFile {
+                dir: data_dir.to_path_buf(),
+                name: FILE_NAME,
+                key: "devices",
+                what: "devices file",
+                max: MAX_DEVICES,
+            },
         }
     }
 
     /// Path of the file.
     pub fn path(&self) -> PathBuf {
-        self.dir.join(FILE_NAME)
+        self.file.path()
     }
 
     /// The registered devices (none if the file does not exist yet).
     pub fn load(&self) -> Result<Vec<DeviceEntry>> {
-        let path = self.path();
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StorageError::io(format!("Reading {}", path.display()), e)),
-        };
-        let c: Contents = serde_json::from_slice(&text).map_err(|e| {
-            StorageError::corrupt(
-                path.display().to_string(),
-                format!("not a devices file: {e}"),
-            )
-        })?;
-        if c.format != 1 {
-            return Err(StorageError::Unsupported(format!(
-                "devices file format {} in {}",
-                c.format,
-                path.display()
-            )));
-        }
-        if c.devices.len() > MAX_DEVICES {
-            return Err(StorageError::corrupt(
-                path.display().to_string(),
-                format!("{} entries (at most {MAX_DEVICES})", c.devices.len()),
-            ));
-        }
-        Ok(c.devices)
+        self.file.load()
     }
 
     /// Loads, changes and atomically saves the list under the devices lock.
     pub fn update<T>(&self, change: impl FnOnce(&mut Vec<DeviceEntry>) -> Result<T>) -> Result<T> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| {
-            StorageError::io(format!("Creating data directory {}", self.dir.display()), e)
-        })?;
-        let _lock = lock_exclusive_wait(&self.dir.join(LOCK_NAME))?;
-        let mut list = self.load()?;
-        let out = change(&mut list)?;
-        let text = serde_json::to_vec_pretty(&Contents {
-            format: 1,
-            devices: list,
-        })
-        .map_err(|e| StorageError::InvalidInput(format!("Encoding the devices file: {e}")))?;
-        write_atomically(&self.path(), &text, 0o644, Create::OrReplace)?;
-        Ok(out)
+        self.file.update(change)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::StorageError;
 
     #[test]
     fn entries_persist_and_bad_files_are_refused() {

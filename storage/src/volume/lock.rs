@@ -38,6 +38,11 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// Extra attempts at a busy lock, [`BUSY_RETRY_PAUSE`] apart.
+const BUSY_RETRIES: u32 = 10;
+/// The pause between attempts at a busy lock.
+const BUSY_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Takes an exclusive lock on `path` without waiting; `what` names the locked object in the
 /// error ("volume group vg0").
 pub fn try_lock_exclusive(path: &Path, what: &str) -> Result<FileLock> {
@@ -54,7 +59,20 @@ pub fn try_lock(path: &Path, what: &str, exclusive: bool) -> Result<FileLock> {
     } else {
         libc::LOCK_SH
     };
-    match flock(&file, mode | libc::LOCK_NB) {
+    // A lock released a moment ago can still be held by a child process forked by another
+    // thread of ours and not yet past its exec (descriptors close at exec): a busy lock is
+    // tried again for a short while before it counts as another process's.
+    let mut result = flock(&file, mode | libc::LOCK_NB);
+    for _ in 0..BUSY_RETRIES {
+        match &result {
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                std::thread::sleep(BUSY_RETRY_PAUSE);
+                result = flock(&file, mode | libc::LOCK_NB);
+            }
+            _ => break,
+        }
+    }
+    match result {
         Ok(()) => Ok(FileLock {
             _file: file,
             path: path.to_path_buf(),

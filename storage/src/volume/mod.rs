@@ -31,8 +31,10 @@ pub mod alloc;
 pub(crate) mod codec;
 pub mod devices;
 pub mod extents;
+pub mod group;
 pub mod label;
 pub mod linear;
+mod listfile;
 pub mod lock;
 pub mod lv;
 mod lvbitmap;
@@ -40,12 +42,16 @@ pub mod mda;
 pub mod meta;
 pub mod name;
 pub(crate) mod pvs;
+#[cfg(feature = "rbd")]
+pub mod rbd;
+pub mod rbd_groups;
 pub mod region;
 pub mod store;
 pub mod thin;
 pub mod vg;
 pub mod vgcheck;
 
+pub use group::{Group, GroupInfo};
 pub use linear::LinearDevice;
 pub use lv::{LvInfo, LvType, DEFAULT_BLOCK_SIZE};
 pub use store::{resolve_data_dir, PvSummary, VgSummary, VolumeStore};

@@ -20,6 +20,10 @@ pub fn have_qemu(test: &str) -> bool {
             .is_ok_and(|o| o.status.success())
     });
     if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: qemu-img/qemu-io are missing, and CI must have them (qemu-utils)"
+        );
         eprintln!(
             "\n*** SKIPPED {test}: qemu-img/qemu-io not found (install qemu-utils) — this test did NOT run ***\n"
         );

@@ -18,6 +18,10 @@ pub fn have_qemu(test: &str) -> bool {
     if ok("qemu-img") && ok("qemu-io") {
         true
     } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: qemu-img/qemu-io are missing, and CI must have them (qemu-utils)"
+        );
         loud(&format!(
             "SKIPPED {test}: qemu-img/qemu-io not installed (apt-get install qemu-utils)"
         ));

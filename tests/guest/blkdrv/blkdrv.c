@@ -245,19 +245,15 @@ static int probe(void)
     return -1;
 }
 
-int main(void)
+/* Resets the device at `dev`, negotiates `want`, sets up queue 0 and routes its interrupt
+ * (window `idx`); returns the capacity in sectors. Powers off on failure. */
+static u64 setup_device(int idx, u64 want)
 {
-    puts("blkdrv: start\n");
-    int idx = probe();
-    if (idx < 0) { fail("no virtio-blk device"); poweroff(); }
-    puts("blkdrv: virtio-blk at "); putx(dev); puts("\n");
-
     wr(0x70, 0);                        /* reset */
     wr(0x70, 1);                        /* ACKNOWLEDGE */
     wr(0x70, 1 | 2);                    /* DRIVER */
     wr(0x14, 0); u64 f = rd(0x10);
     wr(0x14, 1); f |= (u64)rd(0x10) << 32;
-    u64 want = F_VERSION_1 | F_EVENT_IDX | F_FLUSH | F_BLK_SIZE | F_SEG_MAX | F_DISCARD | F_WRITE_ZEROES;
     if ((f & want) != want) { fail("device lacks a needed feature"); putx(f); poweroff(); }
     wr(0x24, 0); wr(0x20, (u32)want);
     wr(0x24, 1); wr(0x20, (u32)(want >> 32));
@@ -277,6 +273,18 @@ int main(void)
     setup_interrupts(FIRST_GSI + idx);
     wr(0x70, 1 | 2 | 8 | 4);            /* DRIVER_OK */
     __asm__ volatile("sti");
+    return capacity;
+}
+
+#ifndef TICKER
+int main(void)
+{
+    puts("blkdrv: start\n");
+    int idx = probe();
+    if (idx < 0) { fail("no virtio-blk device"); poweroff(); }
+    puts("blkdrv: virtio-blk at "); putx(dev); puts("\n");
+    u64 want = F_VERSION_1 | F_EVENT_IDX | F_FLUSH | F_BLK_SIZE | F_SEG_MAX | F_DISCARD | F_WRITE_ZEROES;
+    u64 capacity = setup_device(idx, want);
 
     outb(0x80, 1);                      /* data phase starts */
     u64 irq0 = irqs;
@@ -336,3 +344,81 @@ int main(void)
     poweroff();
     return 0;
 }
+#endif
+
+#ifdef TICKER
+/*
+ * The ticker: a guest that keeps running and shows it. Every ~100 ms it writes a counter to
+ * the disk (sector TICK_SECTOR: "TICK", then the counter as a little-endian u64), flushes,
+ * and prints "tick N" on the serial port. The ACPI power button (the VMM's GED, GSI 3, event
+ * register at port 0x3c4) makes it print an acknowledgement, flush and power off through the
+ * ACPI sleep register.
+ */
+#define TICK_SECTOR 1024
+#define GED_GSI 3
+#define GED_PORT 0x3c4
+#define GED_VECTOR 0x41
+#define TIMER_VECTOR 0x42
+
+void isr_ged(void);
+void isr_timer(void);
+
+static volatile u64 ticks;
+static volatile int button;
+
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+void on_ged(void)
+{
+    if (inb(GED_PORT) & 1) button = 1;
+    *(volatile u32 *)(LAPIC + 0xb0) = 0; /* EOI */
+}
+
+void on_timer(void)
+{
+    ticks++;
+    *(volatile u32 *)(LAPIC + 0xb0) = 0; /* EOI */
+}
+
+static void write_counter(u64 counter)
+{
+    u8 *b = bufs[0];
+    for (int i = 0; i < 512; i++) b[i] = 0;
+    b[0] = 'T'; b[1] = 'I'; b[2] = 'C'; b[3] = 'K';
+    for (int i = 0; i < 8; i++) b[8 + i] = (u8)(counter >> (8 * i));
+    queue_req(0, VIRTIO_BLK_T_OUT, TICK_SECTOR, b, 512, 0);
+    queue_req(1, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
+    kick(); wait_all();
+    if (!all_ok(2)) fail("writing the counter");
+}
+
+int main(void)
+{
+    puts("ticker: start\n");
+    int idx = probe();
+    if (idx < 0) { fail("no virtio-blk device"); poweroff(); }
+    setup_device(idx, F_VERSION_1 | F_EVENT_IDX | F_FLUSH);
+    __asm__ volatile("cli");
+    set_gate(GED_VECTOR, isr_ged);
+    set_gate(TIMER_VECTOR, isr_timer);
+    ioapic_route(GED_GSI, GED_VECTOR);
+    /* LAPIC timer: periodic, divide by 16; KVM's APIC bus runs at 1 GHz: 625000 = 10 ms. */
+    *(volatile u32 *)(LAPIC + 0x3e0) = 0x3;
+    *(volatile u32 *)(LAPIC + 0x320) = TIMER_VECTOR | (1 << 17);
+    *(volatile u32 *)(LAPIC + 0x380) = 625000;
+    __asm__ volatile("sti");
+    puts("ticker: running\n");
+    for (u64 counter = 1;; counter++) {
+        write_counter(counter);
+        puts("tick "); putd(counter); puts("\n");
+        u64 until = ticks + 10;
+        while (ticks < until && !button) __asm__ volatile("sti; hlt");
+        if (button) {
+            puts("ticker: power button pressed, powering off\n");
+            write_counter(counter);
+            poweroff();
+        }
+    }
+    return 0;
+}
+#endif

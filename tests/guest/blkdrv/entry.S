@@ -9,8 +9,10 @@ _start:
     jmp 1b
 
     .text
-    .global isr_virtio
-isr_virtio:
+/* An interrupt stub: save the caller-saved registers, call a C handler, return. */
+    .macro ISR name, handler
+    .global \name
+\name:
     push %rax
     push %rcx
     push %rdx
@@ -20,7 +22,7 @@ isr_virtio:
     push %r9
     push %r10
     push %r11
-    call on_irq
+    call \handler
     pop %r11
     pop %r10
     pop %r9
@@ -31,6 +33,14 @@ isr_virtio:
     pop %rcx
     pop %rax
     iretq
+    .endm
+
+#ifdef TICKER
+    ISR isr_ged, on_ged
+    ISR isr_timer, on_timer
+#endif
+
+    ISR isr_virtio, on_irq
 
 /* One stub per exception vector (32 bytes apart): each loads its vector number, saves the
  * faulting rip (at 0(%rsp), or 8(%rsp) for vectors that push an error code) and reports. */

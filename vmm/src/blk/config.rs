@@ -1,5 +1,6 @@
 //! What a virtio-blk device offers for one disk: feature bits and the configuration space.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use strata_storage::{BlockDevice, Capabilities};
@@ -24,6 +25,9 @@ pub struct DiskOptions {
     pub queue_size: u16,
     /// The ID string GET_ID returns (at most 20 bytes).
     pub serial: String,
+    /// Counters shared with whoever reports the disk's statistics (kept across guest reboots
+    /// when the caller passes the same ones each time).
+    pub counters: Option<Arc<DiskCounters>>,
 }
 
 impl Default for DiskOptions {
@@ -33,7 +37,31 @@ impl Default for DiskOptions {
             num_queues: 1,
             queue_size: 256,
             serial: String::new(),
+            counters: None,
         }
+    }
+}
+
+/// A disk's counters, updated by its queues' workers as they go (relaxed atomics: one add per
+/// request, no lock on the data path).
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    /// Requests taken from the virtqueues.
+    pub requests: AtomicU64,
+    /// Requests that completed with an error.
+    pub errors: AtomicU64,
+    /// Bytes read or written by completed requests.
+    pub bytes: AtomicU64,
+}
+
+impl DiskCounters {
+    /// (requests, errors, bytes) now.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -47,6 +75,7 @@ pub struct BlkConfig {
     queue_size: u16,
     serial: [u8; ID_BYTES],
     block_size: u32,
+    counters: Arc<DiskCounters>,
 }
 
 impl BlkConfig {
@@ -86,7 +115,13 @@ impl BlkConfig {
             queue_size: opts.queue_size,
             serial,
             block_size,
+            counters: opts.counters.clone().unwrap_or_default(),
         })
+    }
+
+    /// The disk's live counters.
+    pub fn counters(&self) -> &DiskCounters {
+        &self.counters
     }
 
     /// The disk.

@@ -13,6 +13,7 @@
 //! neither grow our memory nor make us spin.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use strata_storage::io::{Completion, IoQueue, QueueOptions, Request};
@@ -182,6 +183,7 @@ impl QueueEngine {
                 };
                 let head = chain.head_index();
                 self.stats.requests += 1;
+                self.cfg.counters().requests.fetch_add(1, Ordering::Relaxed);
                 let parsed = chain::parse(chain, mem, &self.cfg);
                 used_any |= self.start(queue, mem, head, parsed, tag);
             }
@@ -241,9 +243,13 @@ impl QueueEngine {
                 continue; // Its ring was given up; the buffer goes back with `c`.
             }
             let (st, len) = match &c.result {
-                Ok(_) => (status::OK, slot.used_len),
+                Ok(n) => {
+                    self.cfg.counters().bytes.fetch_add(*n, Ordering::Relaxed);
+                    (status::OK, slot.used_len)
+                }
                 Err(e) => {
                     self.stats.errors += 1;
+                    self.cfg.counters().errors.fetch_add(1, Ordering::Relaxed);
                     self.log(format_args!("request failed: {e}"));
                     (status_of(e), 1)
                 }

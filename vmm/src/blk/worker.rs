@@ -40,6 +40,8 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
+                // The worker's seccomp filter goes on before it reads anything the guest wrote.
+                crate::sandbox::enter(crate::sandbox::Role::DeviceWorker);
                 let _span = info_span!("virtio-blk", queue = %name).entered();
                 if let Err(e) = serve(&mut engine, &mut queue, &mem, &kick, &stop_theirs, &*signal)
                 {

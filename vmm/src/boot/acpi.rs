@@ -4,7 +4,9 @@
 //! itself (Debian's kernel cannot take virtio-mmio devices from the command line).
 //!
 //! Power-off and reset go through the FADT's sleep-control and reset registers, both at port
-//! [`ACPI_SLEEP_PORT`], served by [`crate::devices::SystemControl`].
+//! [`ACPI_SLEEP_PORT`], served by [`crate::devices::SystemControl`]. The power button is a
+//! `PNP0C0C` device notified by a Generic Event Device (see [`crate::ged`]): a hardware-reduced
+//! FADT has no fixed-feature power button.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -20,12 +22,63 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::{ACPI_RESET_VALUE, ACPI_SLEEP_PORT, S5_SLEEP_TYPE};
 use crate::error::{Result, VmmError};
+use crate::ged::{EVENT_POWER_BUTTON, GED_GSI, GED_PORT};
 use crate::memory::{IOAPIC_ADDR, LAPIC_ADDR, VIRTIO_MMIO_SIZE};
 
 const OEM_ID: [u8; 6] = *b"STRATA";
 const OEM_TABLE_ID: [u8; 8] = *b"STRATAVM";
 
-/// The DSDT's AML: \_S5 and one device per virtio-mmio window `(base, gsi)`.
+/// The power button (`PWRB`, `PNP0C0C`) and the GED (`ACPI0013`) whose `_EVT` method reads the
+/// event register and notifies the button (0x80: "pressed").
+fn power_button_aml(bytes: &mut Vec<u8>) {
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    let zero = aml::ZERO;
+    let pwrb_name = aml::Name::new("_HID".into(), &pwrb_hid);
+    let pwrb_uid = aml::Name::new("_UID".into(), &zero);
+    aml::Device::new("PWRB".into(), vec![&pwrb_name, &pwrb_uid]).to_aml_bytes(bytes);
+
+    let ged_hid: aml::AmlStr = "ACPI0013";
+    let irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let port = GED_PORT as u16;
+    let one_byte = 1u8;
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &port,
+        &one_byte,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat: aml::Path = "GDAT".into();
+    let store = aml::Store::new(&aml::Local(0), &gdat);
+    let bit = EVENT_POWER_BUTTON;
+    let masked = aml::And::new(&aml::Local(1), &aml::Local(0), &bit);
+    let pressed = aml::Equal::new(&masked, &bit);
+    let button: aml::Path = "\\_SB_.PWRB".into();
+    let notify_value = 0x80u8;
+    let notify = aml::Notify::new(&button, &notify_value);
+    let on_button = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&store, &on_button]);
+    let names = (
+        aml::Name::new("_HID".into(), &ged_hid),
+        aml::Name::new("_UID".into(), &zero),
+        aml::Name::new("_CRS".into(), &crs),
+    );
+    aml::Device::new(
+        "GED0".into(),
+        vec![&names.0, &names.1, &names.2, &region, &field, &evt],
+    )
+    .to_aml_bytes(bytes);
+}
+
+/// The DSDT's AML: \_S5, the power button with its GED, and one device per virtio-mmio window
+/// `(base, gsi)`.
 pub fn dsdt_aml(virtio_mmio: &[(u64, u32)]) -> Vec<u8> {
     let mut bytes = Vec::new();
     let s5_type = S5_SLEEP_TYPE;
@@ -65,9 +118,22 @@ pub fn dsdt_aml(virtio_mmio: &[(u64, u32)]) -> Vec<u8> {
             aml::Device::new(path.as_str().into(), vec![h, u, c])
         })
         .collect();
-    let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
+    let mut sb = Vec::new();
+    power_button_aml(&mut sb);
+    let power = RawAml(sb);
+    let mut children: Vec<&dyn Aml> = vec![&power];
+    children.extend(devices.iter().map(|d| d as &dyn Aml));
     aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut bytes);
     bytes
+}
+
+/// AML bytes made elsewhere, put into a scope as they are.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 /// Writes the tables at `base` (in the reserved BIOS area) and returns the RSDP's address.
@@ -184,5 +250,62 @@ mod tests {
         assert_eq!(count, 2);
         assert!(aml.windows(4).any(|w| w == b"VR01"));
         assert!(aml.windows(4).any(|w| w == b"_S5_"));
+        // The GED and the power button it notifies.
+        assert!(aml.windows(8).any(|w| w == b"ACPI0013"));
+        assert!(aml.windows(4).any(|w| w == b"PWRB"));
+        assert!(aml.windows(4).any(|w| w == b"_EVT"));
+    }
+}
+#[cfg(test)]
+mod iasl {
+    /// The DSDT as ACPICA's disassembler reads it (the real tool; a missing `iasl` fails under
+    /// CI, which installs acpica-tools, and is skipped loudly elsewhere): the power button,
+    /// the GED with its interrupt, and an `_EVT` that notifies the button.
+    #[test]
+    fn the_dsdt_disassembles_with_the_power_button_and_its_ged() {
+        let present = std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_ok();
+        if !present {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "iasl (acpica-tools) is missing, and CI must have it"
+            );
+            eprintln!("SKIPPED: the DSDT check with iasl: iasl (acpica-tools) is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let aml = super::dsdt_aml(&[(0xd000_0000, 5)]);
+        let mut dsdt =
+            acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, super::OEM_ID, super::OEM_TABLE_ID, 1);
+        dsdt.append_slice(&aml);
+        let file = dir.path().join("dsdt.aml");
+        std::fs::write(&file, dsdt.as_slice()).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+        for want in [
+            "Device (PWRB)",
+            "EisaId (\"PNP0C0C\")",
+            "Device (GED0)",
+            "\"ACPI0013\"",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+            "0x00000003",
+            "OperationRegion (GDST, SystemIO, 0x03C4, One)",
+            "Method (_EVT, 1, Serialized)",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "\"LNRO0005\"",
+        ] {
+            assert!(dsl.contains(want), "{want} is missing from:\n{dsl}");
+        }
     }
 }

@@ -4,13 +4,16 @@
 //! 64-bit entry point (load address + 0x200) in long mode with `rsi` pointing at the zero page.
 
 use std::fs::File;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, CAN_USE_HEAP, KEEP_SEGMENTS, LOADED_HIGH};
 use linux_loader::loader::{bzimage::BzImage, load_cmdline, Cmdline, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
+};
 
 use crate::boot::acpi;
 use crate::error::{Result, VmmError};
@@ -52,13 +55,35 @@ pub fn load(
 ) -> Result<LinuxEntry> {
     let boot_err = |what: &str, e: &dyn std::fmt::Display| VmmError::Boot(format!("{what}: {e}"));
     let mut file = File::open(kernel).map_err(|e| boot_err(&kernel.display().to_string(), &e))?;
-    let loaded =
-        BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
-            boot_err(
-                &format!("{} is not a loadable bzImage", kernel.display()),
-                &e,
-            )
-        })?;
+    let initrd = initrd
+        .map(|p| std::fs::read(p).map_err(|e| boot_err(&p.display().to_string(), &e)))
+        .transpose()?;
+    let name = kernel.display().to_string();
+    load_from(
+        mem,
+        &name,
+        &mut file,
+        initrd.as_deref(),
+        cmdline,
+        cpus,
+        virtio_mmio,
+    )
+}
+
+/// Like [`load`], from a kernel and initrd already open or in memory (`name` names the
+/// kernel in errors).
+pub fn load_from<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    name: &str,
+    kernel: &mut F,
+    initrd: Option<&[u8]>,
+    cmdline: &str,
+    cpus: u8,
+    virtio_mmio: &[(u64, u32)],
+) -> Result<LinuxEntry> {
+    let boot_err = |what: &str, e: &dyn std::fmt::Display| VmmError::Boot(format!("{what}: {e}"));
+    let loaded = BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| boot_err(&format!("{name} is not a loadable bzImage"), &e))?;
     let mut params = boot_params::default();
     let Some(hdr) = loaded.setup_header else {
         return Err(VmmError::Boot("the bzImage has no setup header".into()));
@@ -82,15 +107,14 @@ pub fn load(
         .filter(|&end| end <= MMIO_HOLE_START)
         .max()
         .unwrap_or(0);
-    if let Some(path) = initrd {
-        let data = std::fs::read(path).map_err(|e| boot_err(&path.display().to_string(), &e))?;
+    if let Some(data) = initrd {
         let max = u64::from(params.hdr.initrd_addr_max).min(low_end.saturating_sub(1));
         let addr = (max + 1)
             .checked_sub(data.len() as u64)
             .map(|a| a & !0xfff)
             .filter(|&a| a >= loaded.kernel_end)
             .ok_or_else(|| VmmError::Boot("the initrd does not fit in low memory".into()))?;
-        mem.write_slice(&data, GuestAddress(addr))
+        mem.write_slice(data, GuestAddress(addr))
             .map_err(|e| boot_err("writing the initrd", &e))?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = data.len() as u32;

@@ -2,7 +2,8 @@
 //! (the Linux 64-bit boot protocol's, also used by freestanding test guests), and the run loop
 //! that sends the remaining exits to the buses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -39,19 +40,56 @@ pub enum VcpuExitReason {
     Stopped,
 }
 
-/// Shared by the vCPUs and the VMM: set when the VM must stop.
+/// Shared by the vCPUs and the VMM: set when the VM must stop; also holds vCPUs parked while
+/// the VM is paused.
 #[derive(Debug, Default)]
-pub struct StopFlag(AtomicBool);
+pub struct StopFlag {
+    stop: AtomicBool,
+    paused: Mutex<bool>,
+    changed: Condvar,
+    parked: AtomicUsize,
+}
 
 impl StopFlag {
-    /// Asks every vCPU to stop at its next exit.
+    /// Asks every vCPU to stop at its next exit (parked ones too).
     pub fn set(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        let _p = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
     }
 
     /// Whether a stop was asked for.
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Asks vCPUs to park at their next exit (`true`) or lets them run again (`false`).
+    pub fn set_paused(&self, paused: bool) {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = paused;
+        self.changed.notify_all();
+    }
+
+    /// Whether a pause is asked for.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// vCPUs parked now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    /// Blocks the calling vCPU while a pause is asked for and no stop is.
+    fn park_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if !*paused || self.is_set() {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while *paused && !self.is_set() {
+            paused = self.changed.wait(paused).unwrap_or_else(|p| p.into_inner());
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -161,6 +199,10 @@ impl Vcpu {
     /// with a signal). Port and MMIO exits go to the buses.
     pub fn run(&mut self, pio: &Bus, mmio: &Bus, stop: &StopFlag) -> Result<VcpuExitReason> {
         loop {
+            if stop.is_set() {
+                return Ok(VcpuExitReason::Stopped);
+            }
+            stop.park_while_paused();
             if stop.is_set() {
                 return Ok(VcpuExitReason::Stopped);
             }

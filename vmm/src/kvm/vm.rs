@@ -1,6 +1,8 @@
 //! The VM file descriptor: capability checks, guest memory slots, the in-kernel irqchip and PIT,
 //! and the eventfds that keep notifications and interrupts inside the kernel.
 
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -45,6 +47,22 @@ impl Vm {
     /// irqchip and PIT, and maps `mem`.
     pub fn new(mem: SharedMemory) -> Result<Vm> {
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        Vm::with_kvm(kvm, mem)
+    }
+
+    /// Like [`Vm::new`] on a /dev/kvm descriptor opened earlier (it is duplicated, so the VMM
+    /// can build the VM again after a guest reboot without opening files).
+    pub fn with_kvm_fd(kvm_fd: &OwnedFd, mem: SharedMemory) -> Result<Vm> {
+        let fd = kvm_fd
+            .try_clone()
+            .map_err(|e| VmmError::io("Duplicating the /dev/kvm descriptor", e))?;
+        // SAFETY: `fd` is a fresh duplicate of an open /dev/kvm descriptor that nothing else
+        // owns; `Kvm` takes ownership and closes it.
+        let kvm = unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) };
+        Vm::with_kvm(kvm, mem)
+    }
+
+    fn with_kvm(kvm: Kvm, mem: SharedMemory) -> Result<Vm> {
         if kvm.get_api_version() != 12 {
             return Err(VmmError::MissingCapability("KVM API version 12"));
         }

@@ -189,6 +189,7 @@ impl VirtioMmio {
             return Err("the device is running already".into());
         }
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
+        let mut jobs = Vec::new();
         for (i, q) in self.queues.iter_mut().enumerate() {
             if !q.ready() {
                 continue;
@@ -198,23 +199,27 @@ impl VirtioMmio {
             }
             q.set_event_idx(event_idx);
             let queue = std::mem::replace(q, new_queue(&self.cfg));
-            let name = format!("{}-q{i}", self.name);
-            let engine = QueueEngine::new(name.clone(), self.cfg.clone())
-                .map_err(|e| format!("opening an I/O queue: {e}"))?;
             let kick = self.kicks[i]
                 .try_clone()
                 .map_err(|e| format!("cloning an eventfd: {e}"))?;
-            let worker = Worker::spawn(
-                name,
-                engine,
-                queue,
-                self.mem.clone(),
-                kick,
-                self.interrupt.clone(),
-            )
-            .map_err(|e| format!("starting a worker: {e}"))?;
-            self.workers.push(worker);
+            jobs.push((format!("{}-q{i}", self.name), queue, kick));
         }
+        let (cfg, mem, interrupt) = (self.cfg.clone(), self.mem.clone(), self.interrupt.clone());
+        // Opening I/O queues and starting threads happen on the device thread (when the
+        // process has one), so that a vCPU's seccomp filter needs neither.
+        let start = move || -> Result<Vec<Worker>, String> {
+            let mut workers = Vec::new();
+            for (name, queue, kick) in jobs {
+                let engine = QueueEngine::new(name.clone(), cfg.clone())
+                    .map_err(|e| format!("opening an I/O queue: {e}"))?;
+                let worker =
+                    Worker::spawn(name, engine, queue, mem.clone(), kick, interrupt.clone())
+                        .map_err(|e| format!("starting a worker: {e}"))?;
+                workers.push(worker);
+            }
+            Ok(workers)
+        };
+        self.workers = crate::sandbox::on_device_thread(start)??;
         Ok(())
     }
 

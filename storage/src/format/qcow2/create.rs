@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -188,7 +187,31 @@ impl CreateOptions {
 
 /// Creates the image; refuses to overwrite. `size` 0 with a backing file takes the backing
 /// file's size.
+/// Checks that an image of `size` bytes (no backing file) can be made with `opts`, without
+/// making anything.
+pub fn check(size: u64, opts: &CreateOptions) -> Result<()> {
+    opts.validate()?;
+    if size == 0 && opts.backing_file.is_none() {
+        return Err(invalid("Image size must be greater than zero"));
+    }
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| invalid(format!("Size {size} is too large")))?;
+    Layout::compute(size.max(512), opts).map(|_| ())
+}
+
 pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> Result<()> {
+    create_cancellable(path, size, opts, &|| false)
+}
+
+/// [`create`], stopping with [`StorageError::Cancelled`] (and no file left) once `cancelled`
+/// says so: preallocating a large image writes for a long time.
+pub fn create_cancellable(
+    path: &Path,
+    size: u64,
+    opts: &CreateOptions,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
     opts.validate()?;
     let mut size = size;
     let mut backing_format = opts.backing_format;
@@ -246,7 +269,7 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> Result<()> {
             _ => StorageError::io(format!("Creating {name}"), e),
         })?;
     let r = layout
-        .write(&file, &header, opts.preallocation, &name)
+        .write(&file, &header, opts.preallocation, &name, cancelled)
         .and_then(|()| {
             file.sync_all()
                 .map_err(|e| StorageError::io(format!("Syncing {name}"), e))
@@ -390,8 +413,16 @@ impl Layout {
         header: &Header,
         prealloc: Preallocation,
         name: &str,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<()> {
         let ctx = |e: io::Error| StorageError::io(format!("Writing {name}"), e);
+        let check = || {
+            if cancelled() {
+                Err(StorageError::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
         let cs = self.cs;
         let total = self.total_clusters();
         let mut w = BufWriter::with_capacity(1 << 20, file);
@@ -428,6 +459,9 @@ impl Layout {
         let entry = if self.extended { 16 } else { 8 };
         let per_l2 = cs / entry;
         for t in 0..self.l2_tables {
+            if t % 256 == 0 {
+                check()?;
+            }
             block.fill(0);
             for i in 0..per_l2 {
                 let data = t * per_l2 + i;
@@ -450,16 +484,7 @@ impl Layout {
         match prealloc {
             Preallocation::Off | Preallocation::Metadata => {}
             Preallocation::Falloc => {
-                // SAFETY: fallocate on a descriptor we own; no memory is passed.
-                let r = unsafe {
-                    libc::fallocate(file.as_raw_fd(), 0, data_start as i64, data_len as i64)
-                };
-                if r < 0 {
-                    return Err(StorageError::io(
-                        format!("Preallocating {name}"),
-                        io::Error::last_os_error(),
-                    ));
-                }
+                crate::format::raw::fallocate_range(file, data_start, data_len, name, cancelled)?;
             }
             Preallocation::Full => {
                 let mut f = file;
@@ -467,6 +492,7 @@ impl Layout {
                 let zeros = vec![0u8; 1 << 20];
                 let mut left = data_len;
                 while left > 0 {
+                    check()?;
                     let n = left.min(zeros.len() as u64) as usize;
                     f.write_all(&zeros[..n]).map_err(ctx)?;
                     left -= n as u64;

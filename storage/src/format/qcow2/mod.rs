@@ -95,6 +95,9 @@ pub struct Qcow2Options {
     /// Do not open the backing file: unallocated clusters read as zeros (for inspecting a single
     /// layer, and for fuzzing without touching the file system).
     pub no_backing: bool,
+    /// Refuse an image that names a backing file, without opening it (appliance images, whose
+    /// bytes an untrusted party may have written).
+    pub refuse_backing: bool,
 }
 
 /// State shared by an image and its queues.
@@ -169,6 +172,12 @@ pub(crate) fn open_in_chain(
         },
     )?;
     let backing = match &meta.header.backing_file {
+        Some(name) if opts.refuse_backing => {
+            return Err(StorageError::Forbidden(format!(
+                "{} names the backing file {name:?}; this image must be self-contained",
+                file.name()
+            )))
+        }
         Some(_) if opts.no_backing => None,
         Some(name) => Some(backing::open(
             file.name(),

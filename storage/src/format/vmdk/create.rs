@@ -63,15 +63,7 @@ impl Default for VmdkCreateOptions {
     }
 }
 
-fn parse_bool(k: &str, v: &str) -> Result<bool> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(StorageError::InvalidInput(format!(
-            "Option {k} takes on or off, not '{v}'"
-        ))),
-    }
-}
+use crate::util::parse_bool;
 
 impl VmdkCreateOptions {
     /// Reads `-o` options; unknown keys are refused by name.
@@ -326,13 +318,16 @@ fn open_new_extent(path: &Path) -> Result<crate::device::SharedFile> {
 
 /// Creates a vmdk of `size` bytes at `path` (the descriptor, or the only file). Refuses to
 /// overwrite any file; removes what it made if it fails.
-pub fn create(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<()> {
+/// Checks that an image of `size` bytes can be made with `opts`, without making anything.
+pub fn check(size: u64, opts: &VmdkCreateOptions) -> Result<()> {
     if size == 0 {
         return Err(StorageError::InvalidInput(
             "Image size must be greater than zero".into(),
         ));
     }
-    let size = size.div_ceil(SECTOR) * SECTOR;
+    let size = size.checked_next_multiple_of(SECTOR).ok_or_else(|| {
+        StorageError::InvalidInput(format!("Size {size} is too large for a vmdk image"))
+    })?;
     let sub = opts.subformat;
     if matches!(
         sub,
@@ -355,6 +350,13 @@ pub fn create(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<()> {
             sub.name()
         )));
     }
+    Ok(())
+}
+
+pub fn create(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<()> {
+    check(size, opts)?;
+    let size = size.div_ceil(SECTOR) * SECTOR;
+    let sub = opts.subformat;
     if sub == Subformat::StreamOptimized {
         let w = StreamWriter::create(path, size, opts)?;
         return w.finish_stream();

@@ -7,7 +7,7 @@
 //! refuses names that would leave the descriptor's folder.
 
 use std::fmt::Write as _;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StorageError};
 use crate::format::vmdk::header::{MAX_CAPACITY_BYTES, SECTOR};
@@ -408,30 +408,10 @@ impl Descriptor {
 /// Resolves an extent or parent file name against the descriptor's folder, refusing absolute
 /// names, `..` components and (for existing files) symbolic links that lead out of the folder.
 pub fn resolve_extent_path(dir: &Path, name: &str) -> Result<PathBuf> {
-    let refuse = || {
-        StorageError::InvalidInput(format!(
-            "vmdk extent path '{}' leaves the image's folder {}",
-            name.escape_debug(),
-            dir.display()
-        ))
-    };
     if name.is_empty() || name.contains('\0') {
         return Err(bad("an extent file name is empty or contains NUL"));
     }
-    let rel = Path::new(name);
-    if !rel
-        .components()
-        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(refuse());
-    }
-    let joined = dir.join(rel);
-    if let (Ok(real), Ok(real_dir)) = (joined.canonicalize(), dir.canonicalize()) {
-        if !real.starts_with(&real_dir) {
-            return Err(refuse());
-        }
-    }
-    Ok(joined)
+    crate::format::resolve_in_folder(dir, name, "vmdk extent path")
 }
 
 #[cfg(test)]

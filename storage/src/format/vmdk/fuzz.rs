@@ -3,10 +3,8 @@
 //! if the code under test misbehaves.
 #![allow(clippy::panic)]
 
-use crate::device::BlockDevice;
 use crate::format::vmdk::descriptor::Descriptor;
-use crate::format::{Image, OpenOptions};
-use crate::io::blocking::BlockingQueue;
+use crate::format::OpenOptions;
 use crate::io::memory::MemoryDevice;
 
 /// Parses a descriptor; a parsed one must survive rendering and parsing again.
@@ -33,25 +31,5 @@ pub fn image(data: &[u8]) {
     let Ok(img) = super::open(dev, None, &opts) else {
         return;
     };
-    let size = img.size();
-    let _ = img.info();
-    let Ok(mut q) = BlockingQueue::open(img.as_ref(), 4) else {
-        return;
-    };
-    // Bounded work: a few reads and status queries spread over the disk.
-    for i in 0..8u64 {
-        let at = (size / 8).saturating_mul(i) & !511;
-        let len = (size - at).min(128 << 10) as usize;
-        if len > 0 {
-            if let Ok(buf) = q.read_at(at, len) {
-                assert_eq!(buf.len(), len);
-            }
-            if let Ok(e) = img.block_status(at, len as u64) {
-                assert!(
-                    e.len >= 1 && e.offset == at && e.len <= len as u64,
-                    "bad extent {e:?}"
-                );
-            }
-        }
-    }
+    crate::format::fuzzing::poke(img.as_ref());
 }

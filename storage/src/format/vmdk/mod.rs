@@ -49,7 +49,7 @@ use crate::format::vmdk::descriptor::{
 use crate::format::vmdk::header::{SparseHeader, MAGIC, SECTOR};
 use crate::format::vmdk::image::{Backing, DescriptorPlace, Inner, Placed};
 use crate::format::vmdk::sparse::SparseExtent;
-use crate::format::{open_host_file, probe, ImageFormat, OpenOptions, Probed};
+use crate::format::{open_host_file, probe, ImageFormat, OpenOptions, Probed, References};
 
 /// Longest backing chain followed (also stops loops).
 pub const MAX_CHAIN_DEPTH: u32 = 32;
@@ -83,11 +83,23 @@ fn open_at_depth(
     let n = file.len().min(SECTOR) as usize;
     file.read_exact_at(0, &mut head[..n])?;
     let want_write = !opts.read_only;
+    let refuse = opts.references == References::Refuse;
     let (descriptor, desc_place, files, extents) = if head[..n].starts_with(MAGIC) {
         open_monolithic(&file, &head[..n], &name, want_write)?
+    } else if refuse {
+        return Err(StorageError::Forbidden(format!(
+            "{name} is a vmdk descriptor that names extent files; this image must be a single \
+             self-contained file (monolithicSparse or streamOptimized)"
+        )));
     } else {
         open_with_descriptor_file(&file, path, &name, opts)?
     };
+    if refuse && descriptor.has_parent() {
+        return Err(StorageError::Forbidden(format!(
+            "{name} is a vmdk delta disk that names a parent disk; this image must be \
+             self-contained"
+        )));
+    }
     let stream = descriptor.create_type == Subformat::StreamOptimized;
     if want_write {
         if stream {
