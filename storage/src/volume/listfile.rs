@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::{Result, StorageError};
 use crate::durable::{write_atomically, Create};
+use crate::error::{Result, StorageError};
 use crate::volume::lock::lock_exclusive_wait;
 
 const LOCK_NAME: &str = "devices.lock";

@@ -396,20 +396,6 @@ impl Layer for VmdkLayer {
     }
 
     fn finished(&mut self, st: &mut St, (id, read): Piece, c: Completion) {
-        let mut buf = c.buf;
-        let result = match c.result {
-            Ok(n) => {
-                if let Some(b) = buf.as_mut().filter(|_| read) {
-                    // A read that ended early at the end of a file reads zeros beyond.
-                    let l = b.len();
-                    if (n as usize) < l {
-                        b.fill_zero(n as usize, l - n as usize);
-                    }
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
-        st.release(id, result, buf);
+        st.release_piece(id, read, c);
     }
 }

@@ -159,6 +159,21 @@ impl<S> Stack<S> {
         }
     }
 
+    /// A piece of request `id` finished with completion `c`. A read piece (`read`) that ended
+    /// early, at the end of a host file, reads zeros beyond.
+    pub(crate) fn release_piece(&mut self, id: ReqId, read: bool, c: Completion) {
+        let mut buf = c.buf;
+        let result = c.result.map(|n| {
+            if let Some(b) = buf.as_mut().filter(|_| read) {
+                let l = b.len();
+                if (n as usize) < l {
+                    b.fill_zero(n as usize, l - n as usize);
+                }
+            }
+        });
+        self.release(id, result, buf)
+    }
+
     /// Request `id` is fully split: drops its opening hold.
     pub(crate) fn close(&mut self, id: ReqId) {
         self.release(id, Ok(()), None)
