@@ -159,7 +159,7 @@ pub(crate) fn block_table_status(
     len: u64,
     size: u64,
     block_size: u64,
-    class: impl Fn(u64) -> BlockClass,
+    class: impl Fn(u64) -> Result<BlockClass>,
     parent: Option<&Arc<dyn Image>>,
     host: &SharedFile,
 ) -> Result<Extent> {
@@ -168,7 +168,7 @@ pub(crate) fn block_table_status(
         return Err(StorageError::OutOfRange { offset, len, size });
     }
     let found = |kind, len| Ok(Extent { offset, len, kind });
-    let first = class(offset / block_size);
+    let first = class(offset / block_size)?;
     let in_block = (block_size - offset % block_size).min(end - offset);
     if let BlockClass::Data(Some(at)) = first {
         let pos = at + offset % block_size;
@@ -188,7 +188,7 @@ pub(crate) fn block_table_status(
     let mut scanned = 1;
     while offset + n < end
         && scanned < STATUS_SCAN_BLOCKS
-        && class((offset + n) / block_size) == first
+        && class((offset + n) / block_size)? == first
     {
         n = (n + block_size).min(end - offset);
         scanned += 1;
