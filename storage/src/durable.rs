@@ -41,8 +41,11 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| StorageError::io(format!("Syncing directory {}", dir.display()), e))
 }
 
-/// A temporary name next to `path`, unique within this process (`.tmp-` first, as the
-/// datastore's cleaning expects of temporary files).
+/// A temporary name next to `path` (`.tmp-` first, as the datastore's cleaning expects of
+/// temporary files): unique within this process by a counter, and across processes by the pid
+/// and the time — a process that is its pid namespace's init (the VMM) always has pid 1, and a
+/// leftover of a killed run must not make every later write fail. (The clock, not a random
+/// number: reading it is no system call a sandbox's filter must allow.)
 fn temp_path(path: &Path) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path
@@ -50,7 +53,13 @@ fn temp_path(path: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".tmp-{name}-{}-{n:016x}", std::process::id()))
+    path.with_file_name(format!(
+        ".tmp-{name}-{}-{n:x}-{:016x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    ))
 }
 
 /// Replaces (or creates) `path` with `data`, durably and atomically; the file gets permission
