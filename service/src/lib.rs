@@ -21,6 +21,7 @@
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
 //! | VMs | definitions are created with `link`; running VMs in a mutex in [`vms::VmManager`] |
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backups;
 pub mod bootstrap;
