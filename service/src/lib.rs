@@ -12,6 +12,8 @@
 //!   catalog/images/NAME.json  each image's recorded format (see [`catalog`])
 //!   jobs/         results of finished jobs, one JSON file each
 //!   vms/NAME/     a VM's definition, last run and console log (see [`vms`])
+//!   restores/VG/NAME.json     a volume being restored, and NAME.restored, a live restore's
+//!                 map of restored chunks (see [`restores`])
 //! ```
 //!
 //! # Locking
@@ -31,6 +33,7 @@ pub mod images;
 pub mod jobs;
 pub mod names;
 pub mod progress;
+pub mod restores;
 pub mod server_paths;
 pub mod space;
 pub mod tls;
@@ -141,6 +144,8 @@ pub struct Service {
     pub holds: Arc<holds::Holds>,
     /// Space reserved by running writers.
     pub space: Arc<space::Space>,
+    /// Restores onto volumes: running plain restores, open live restores and their jobs.
+    pub restores: restores::Restores,
 }
 
 impl Service {
@@ -158,6 +163,7 @@ impl Service {
             vms: vms::VmManager::new(data.root().join("vms"))?,
             holds: Arc::new(holds::Holds::default()),
             space: Arc::new(space::Space::default()),
+            restores: restores::Restores::default(),
             data,
         })
     }

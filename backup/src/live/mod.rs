@@ -290,6 +290,17 @@ pub struct LiveRestore {
     inner: Arc<Inner>,
 }
 
+/// A handle that does not keep a [`LiveRestore`] open (for registries of open devices).
+#[derive(Debug, Clone)]
+pub struct WeakLiveRestore(std::sync::Weak<Inner>);
+
+impl WeakLiveRestore {
+    /// The device, if it is still open.
+    pub fn upgrade(&self) -> Option<LiveRestore> {
+        self.0.upgrade().map(|inner| LiveRestore { inner })
+    }
+}
+
 impl LiveRestore {
     /// Starts a live restore of snapshot `name` of `store` onto `target` (the volume named
     /// `target_label`, `lv:VG/NAME`): writes the map and then the record at `paths`, and opens
@@ -421,6 +432,11 @@ impl LiveRestore {
         LiveRestore {
             inner: Arc::new(Inner { shared, workers }),
         }
+    }
+
+    /// A handle that does not keep the device open.
+    pub fn downgrade(&self) -> WeakLiveRestore {
+        WeakLiveRestore(Arc::downgrade(&self.inner))
     }
 
     /// The snapshot restored.
@@ -636,5 +652,23 @@ pub fn wrap_volume(
             rec.snapshot
         ))),
         RestoreMode::Live => Ok(Wrapped::Live(LiveRestore::resume(&paths, device, opts)?)),
+    }
+}
+
+/// [`wrap_volume`] for a source opened by name (`strata_storage::source::open_source`): a
+/// volume under live restore comes back as the live-restore device, an image as it is.
+pub fn wrap_source(
+    source: &strata_storage::source::Source,
+    data_dir: &Path,
+    opts: LiveOptions,
+) -> Result<Wrapped> {
+    match source {
+        strata_storage::source::Source::Volume { name, device, .. } => {
+            let (vg, lv) = name.split_once('/').ok_or_else(|| {
+                StorageError::InvalidInput(format!("Volume name {name:?} is not VG/NAME"))
+            })?;
+            wrap_volume(data_dir, vg, lv, device.clone(), opts)
+        }
+        other => Ok(Wrapped::Plain(other.device())),
     }
 }

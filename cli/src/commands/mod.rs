@@ -173,6 +173,26 @@ pub fn data_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| strata_storage::volume::resolve_data_dir(None))
 }
 
+/// The device to use for `source` (opened from `spec`): a volume under live restore comes back
+/// as the live-restore device, whose workers continue the copy while this command has it open
+/// (see `strata_backup::live`); a volume holding an unfinished plain restore is refused.
+pub fn live_restore_device(
+    source: &strata_storage::source::Source,
+    spec: &str,
+) -> anyhow::Result<std::sync::Arc<dyn strata_storage::BlockDevice>> {
+    use strata_backup::live::{wrap_source, LiveOptions, Wrapped};
+    let wrapped = wrap_source(source, &data_dir(), LiveOptions::default())
+        .map_err(|e| anyhow::anyhow!("Could not open {spec}: {e}"))?;
+    if let Wrapped::Live(live) = &wrapped {
+        let st = live.status();
+        eprintln!(
+            "strata: {spec} is under live restore from {}: {} of {} chunks restored; the rest              is fetched as it is read and copied in the background while it is open",
+            st.snapshot, st.chunks_done, st.chunks_total
+        );
+    }
+    Ok(wrapped.device())
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_path = strata_storage::volume::resolve_data_dir(cli.data.as_deref());

@@ -220,6 +220,9 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     listener.set_nonblocking(true)?;
     let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
     svc.remove_leftovers()?;
+    for volume in svc.resume_restores() {
+        println!("Resumed the live restore of {volume}");
+    }
     if svc.tokens.is_empty()? {
         let (_, token) = svc.tokens.create("admin", true)?;
         println!("Created the first API token (shown only now; keep it):");

@@ -115,7 +115,7 @@ impl DiskArg {
         };
         let source = open_source(&spec, &opts, &super::data_dir())
             .with_context(|| format!("opening {spec}"))?;
-        let mut device = source.device();
+        let mut device = super::live_restore_device(&source, &spec)?;
         if let Source::Image(_) = &source {
             device = track_image_writes(device, &self.path)
                 .with_context(|| format!("opening the dirty bitmaps of {spec}"))?;
