@@ -53,7 +53,10 @@ fn paths(s: &Setup) -> RestorePaths {
 }
 
 fn opts(workers: usize) -> LiveOptions {
-    LiveOptions { workers }
+    LiveOptions {
+        workers,
+        ..Default::default()
+    }
 }
 
 /// A raw image full of junk (so zero chunks must really be zeroed), or a sparse one.

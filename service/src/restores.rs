@@ -323,6 +323,7 @@ impl Service {
         if req.live {
             let opts = LiveOptions {
                 workers: req.workers,
+                ..Default::default()
             };
             let live = LiveRestore::start(&store, &name, target.device(), &label, &paths, opts)?;
             self.restores.set_live(&key, &live);

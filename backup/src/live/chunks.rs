@@ -86,8 +86,9 @@ pub(crate) struct Chunks {
 }
 
 impl Chunks {
-    /// A table of `count` chunks, those set in `done_words` already restored.
-    pub fn new(count: u64, done_words: &[u64]) -> Chunks {
+    /// A table of `count` chunks, those set in `done_words` already restored; `background`:
+    /// whether the background copy runs.
+    pub fn new(count: u64, done_words: &[u64], background: bool) -> Chunks {
         let words = super::map::words_for(count);
         let mut states = Vec::with_capacity(count as usize);
         let mut counts = Counts::default();
@@ -115,7 +116,7 @@ impl Chunks {
                 finish_due: counts.done == count,
                 finished: false,
                 counts,
-                background: true,
+                background,
                 stop: false,
                 waiters: Vec::new(),
             }),
@@ -382,7 +383,7 @@ mod tests {
 
     #[test]
     fn demands_come_first_and_claims_wait_for_busy_chunks() {
-        let c = Chunks::new(8, &[0b1]);
+        let c = Chunks::new(8, &[0b1], true);
         assert_eq!(c.counts().done, 1);
         let w = efd();
         // A read of chunk 5 parks and asks for it: the next job is chunk 5, not chunk 1.

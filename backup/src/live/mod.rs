@@ -66,12 +66,17 @@ pub use record::{RestoreMode, RestorePaths, RestoreRecord};
 pub struct LiveOptions {
     /// Workers fetching and writing chunks (guest demands and the background copy).
     pub workers: usize,
+    /// Whether the background copy runs from the start (otherwise only chunks that guest I/O
+    /// asks for are fetched until [`LiveRestore::set_background`] or
+    /// [`LiveRestore::copy_to_end`]).
+    pub background: bool,
 }
 
 impl Default for LiveOptions {
     fn default() -> Self {
         LiveOptions {
             workers: crate::restore::default_workers(),
+            background: true,
         }
     }
 }
@@ -404,7 +409,7 @@ impl LiveRestore {
     ) -> LiveRestore {
         let count = index.entries().len() as u64;
         let shared = Arc::new(Shared {
-            chunks: Chunks::new(count, &words),
+            chunks: Chunks::new(count, &words, opts.background),
             target,
             fetcher: Arc::new(store.clone()),
             index,

@@ -280,7 +280,10 @@ fn open_named(spec: &str, read_only: bool, cache: CacheArg) -> anyhow::Result<So
     if let strata_backup::live::Wrapped::Live(_) = strata_backup::live::wrap_source(
         &source,
         &super::data_dir(),
-        strata_backup::live::LiveOptions { workers: 1 },
+        strata_backup::live::LiveOptions {
+            workers: 1,
+            ..Default::default()
+        },
     )? {
         bail!("{spec} is under live restore: back it up once the restore has finished");
     }
