@@ -323,7 +323,8 @@ impl Service {
         if req.live {
             let opts = LiveOptions {
                 workers: req.workers,
-                ..Default::default()
+                // Set up only: the copy runs where the volume is opened.
+                background: req.copy,
             };
             let live = LiveRestore::start(&store, &name, target.device(), &label, &paths, opts)?;
             self.restores.set_live(&key, &live);

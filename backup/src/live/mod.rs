@@ -17,8 +17,8 @@
 //!   lost chunks instead of finishing. Never is a lost chunk served as zeros.
 //!
 //! Workers ([`worker`], a pool of [`LiveOptions::workers`]) run while the device is open; the
-//! background copy makes its progress durable every [`worker::PERSIST_EVERY`] (volume flush,
-//! then map). When every chunk is on the volume, the last flush is made and the restore record
+//! background copy makes its progress durable every [`worker::PERSIST_EVERY`] or
+//! [`worker::PERSIST_BYTES`] (volume flush, then map), so a crash repeats at most that much. When every chunk is on the volume, the last flush is made and the restore record
 //! ([`record`]) and map are removed: the volume is an ordinary volume, equal to what a plain
 //! restore writes plus the guest's own writes. A device dropped before that (or a process
 //! killed) leaves record and map; [`LiveRestore::resume`] (or [`wrap_volume`], which every
@@ -158,6 +158,8 @@ pub(crate) struct Shared {
     snapshot: SnapshotName,
     paths: RestorePaths,
     map: Mutex<MapState>,
+    /// Bytes of chunks put on the volume since the map was last written.
+    since_persist: AtomicU64,
     stats: Stats,
     errors: Mutex<Vec<String>>,
     opened: Instant,
@@ -189,6 +191,7 @@ impl Shared {
             .map(|(a, b)| a | b)
             .collect();
         m.at = Instant::now();
+        self.since_persist.store(0, Ordering::Relaxed);
         if merged == m.persisted {
             return Ok(());
         }
@@ -200,13 +203,14 @@ impl Shared {
         Ok(())
     }
 
-    /// Makes progress durable if the last time was [`worker::PERSIST_EVERY`] ago and nobody
-    /// else is doing it.
-    fn maybe_persist(&self) {
+    /// Makes progress durable if the last time was [`worker::PERSIST_EVERY`] or
+    /// [`worker::PERSIST_BYTES`] of copying ago and nobody else is doing it.
+    fn maybe_persist(&self, copied: u64) {
+        let since = self.since_persist.fetch_add(copied, Ordering::Relaxed) + copied;
         let Ok(mut m) = self.map.try_lock() else {
             return;
         };
-        if m.at.elapsed() < worker::PERSIST_EVERY {
+        if m.at.elapsed() < worker::PERSIST_EVERY && since < worker::PERSIST_BYTES {
             return;
         }
         let capture = self.chunks.capture();
@@ -420,6 +424,7 @@ impl LiveRestore {
                 persisted: words,
                 at: Instant::now(),
             }),
+            since_persist: AtomicU64::new(0),
             stats: Stats::default(),
             errors: Mutex::new(Vec::new()),
             opened: Instant::now(),

@@ -150,11 +150,10 @@ impl RestorePaths {
     pub fn remove(&self) -> Result<()> {
         for path in [self.record(), self.map()] {
             match fs::remove_file(&path) {
-                Ok(()) => {}
+                Ok(()) => fsutil::fsync_dir(&self.dir)?,
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("Removing", &path, e)),
             }
-            fsutil::fsync_dir(&self.dir)?;
         }
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! The workers of a live restore: each takes the next chunk from the table (guest demands
-//! first, then the background copy in order), fetches it through the [`ChunkFetcher`] into its
+//! first, then the background copy in order), fetches it through the [`crate::fetch::ChunkFetcher`] into its
 //! own reused I/O buffer, writes it to the volume through its own queue, and marks it done or
-//! lost. Every [`PERSIST_EVERY`] one of them makes progress durable (volume flush, then the
-//! map); when the last chunk is done one of them makes the restore final.
+//! lost. Every [`PERSIST_EVERY`] or [`PERSIST_BYTES`] one of them makes progress durable
+//! (volume flush, then the map); when the last chunk is done one of them makes the restore
+//! final.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,8 @@ use crate::index::Entry;
 
 /// How often the background copy makes its progress durable.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// Bytes of chunks copied after which progress is made durable, whatever the time.
+pub const PERSIST_BYTES: u64 = 64 << 20;
 
 /// Most extents looked at to decide that a chunk of the volume already reads as zeros.
 const MAX_STATUS_EXTENTS: usize = 4096;
@@ -45,8 +48,13 @@ pub(super) fn run(shared: Arc<Shared>) {
             }
             Job::Chunk(i) => {
                 let r = w.copy(i, &mut queue);
+                let copied = if r.is_ok() {
+                    shared.index.chunk_range(i).1 as u64
+                } else {
+                    0
+                };
                 shared.chunks.complete(i, r.err().map(|e| e.to_string()));
-                shared.maybe_persist();
+                shared.maybe_persist(copied);
             }
         }
     }

@@ -274,19 +274,10 @@ fn open_named(spec: &str, read_only: bool, cache: CacheArg) -> anyhow::Result<So
         engine: EngineChoice::Auto,
         references: Default::default(),
     };
+    // A volume under restore is refused (a backup would take a partial restore for whole).
+    super::refuse_volume_under_restore(spec)?;
     let source = open_source(spec, &opts, &super::data_dir())
         .with_context(|| format!("Could not open {spec}"))?;
-    // A volume under restore is refused (a backup would take a partial restore for whole).
-    if let strata_backup::live::Wrapped::Live(_) = strata_backup::live::wrap_source(
-        &source,
-        &super::data_dir(),
-        strata_backup::live::LiveOptions {
-            workers: 1,
-            ..Default::default()
-        },
-    )? {
-        bail!("{spec} is under live restore: back it up once the restore has finished");
-    }
     Ok(source)
 }
 

@@ -193,6 +193,26 @@ pub fn live_restore_device(
     Ok(wrapped.device())
 }
 
+/// Refuses `spec` if it names a volume with an unfinished restore: the tools that open volumes
+/// by themselves (convert) would see it partly restored.
+pub fn refuse_volume_under_restore(spec: &str) -> anyhow::Result<()> {
+    let Some((vg, lv)) = spec
+        .strip_prefix(strata_storage::source::LV_PREFIX)
+        .and_then(|s| s.split_once('/'))
+    else {
+        return Ok(());
+    };
+    let paths = strata_backup::live::RestorePaths::of(&data_dir(), vg, lv);
+    if let Some(rec) = paths.read()? {
+        anyhow::bail!(
+            "{spec} is being restored from {} and is not whole yet; use it through `strata nbd \
+             serve` or `strata vm run` (a live restore), or wait for the restore to end",
+            rec.snapshot
+        );
+    }
+    Ok(())
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_path = strata_storage::volume::resolve_data_dir(cli.data.as_deref());
