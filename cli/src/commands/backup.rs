@@ -110,6 +110,11 @@ pub struct RestoreArgs {
     /// mostly waiting for the disk).
     #[arg(long)]
     threads: Option<usize>,
+    /// For benchmarks (benches/restore.sh): each chunk read into a new vector, decoded into
+    /// another and copied into the write buffer, as restores did before they decoded straight
+    /// into the buffer they write.
+    #[arg(long, hide = true)]
+    copied_chunks: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -396,7 +401,10 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(a.quiet || a.output == Output::Json);
     let mut opts = RestoreOptions::default();
     if let Some(t) = a.threads {
-        opts.workers = t.clamp(1, 256);
+        opts.workers = t.clamp(1, strata_backup::restore::MAX_WORKERS);
+    }
+    if a.copied_chunks {
+        opts.path = strata_backup::restore::ChunkPath::Copied;
     }
     // A volume always exists already: restore onto it.
     let existing = a.existing || target_str.starts_with("lv:");
