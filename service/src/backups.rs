@@ -38,6 +38,16 @@ pub struct RestoreBackup {
     pub target: String,
     /// Format of a new image (raw, qcow2, vmdk, vhd, vhdx); default raw.
     pub format: Option<String>,
+    /// Live restore onto a volume: the volume is usable at once (VMs, NBD exports), chunks
+    /// being fetched as they are read and copied in the background.
+    #[serde(default)]
+    pub live: bool,
+    /// With `live`: whether this job runs the background copy to its end (default). `false`
+    /// only sets the restore up; the copy then runs wherever the volume is opened, or when the
+    /// server starts.
+    pub copy: Option<bool>,
+    /// Workers fetching, checking and writing chunks (default four per core, at most 256).
+    pub workers: Option<usize>,
 }
 
 /// What to verify.
@@ -168,7 +178,29 @@ impl Service {
             .map(|i| index.chunk_range(i).1 as u64)
             .sum();
         let desc = format!("restore {name} to {}", req.target);
+        let workers = match req.workers {
+            None => strata_backup::restore::default_workers(),
+            Some(n) if (1..=strata_backup::restore::MAX_WORKERS).contains(&n) => n,
+            Some(n) => {
+                return Err(ServiceError::BadRequest(format!(
+                    "workers must be 1 to {}, not {n}",
+                    strata_backup::restore::MAX_WORKERS
+                )))
+            }
+        };
+        if req.copy.is_some() && !req.live {
+            return Err(ServiceError::BadRequest(
+                "\"copy\" applies to a live restore".into(),
+            ));
+        }
         if let Some(image) = req.target.strip_prefix("image:") {
+            if req.live {
+                return Err(ServiceError::BadRequest(
+                    "A live restore goes onto a volume (lv:VG/NAME): a new image is published \
+                     only when it is whole"
+                        .into(),
+                ));
+            }
             let path = self.image_path(image)?;
             if path.exists() {
                 return Err(ServiceError::Conflict(format!(
@@ -186,49 +218,38 @@ impl Service {
             let svc = self.clone();
             let image = image.to_string();
             return self.jobs.clone().spawn("restore", desc, move |ctx| {
-                let v = restore_into_new(&store, &name, staged.build_path(), fmt, ctx)?;
+                let v = restore_into_new(&store, &name, staged.build_path(), fmt, workers, ctx)?;
                 staged.commit()?;
                 svc.record_image(&image, fmt, Origin::Restore)?;
                 drop(reservation);
                 Ok(v)
             });
         }
-        if !req.target.starts_with("lv:") {
+        let Some((vg, lv)) = req
+            .target
+            .strip_prefix("lv:")
+            .and_then(|t| t.split_once('/'))
+        else {
             return Err(ServiceError::BadRequest(format!(
                 "Restore target {:?} must be image:NAME (a new image) or lv:VG/NAME (an existing volume)",
                 req.target
             )));
-        }
+        };
         if req.format.is_some() {
             return Err(ServiceError::BadRequest(
                 "A format applies to a new image, not to a volume".into(),
             ));
         }
-        let target = self.resolve_source(&req.target, false, "a restore job")?;
-        if target.device().size() != manifest.size {
-            return Err(ServiceError::BadRequest(format!(
-                "{} holds {} bytes; the snapshot {name} needs a volume of exactly {} bytes",
-                req.target,
-                target.device().size(),
-                manifest.size
-            )));
-        }
-        let reservation = self.reserve_in_volume(&target, data)?;
-        self.jobs.clone().spawn("restore", desc, move |ctx| {
-            let _reservation = reservation;
-            let opts = RestoreOptions {
-                fresh_target: false,
-                ..Default::default()
-            };
-            let stats = strata_backup::restore::restore(
-                &store,
-                &name,
-                target.device(),
-                opts,
-                &JobProgress::new(ctx),
-            )?;
-            Ok(serde_json::to_value(&stats).unwrap_or_default())
-        })
+        super::names::validate("volume group", vg)?;
+        super::names::validate("volume", lv)?;
+        let restore = super::restores::VolumeRestore {
+            vg: vg.to_string(),
+            lv: lv.to_string(),
+            live: req.live,
+            copy: req.copy.unwrap_or(true),
+            workers,
+        };
+        self.start_volume_restore(store, name, data, restore)
     }
 
     /// Starts a verify job (one snapshot or all).
@@ -274,7 +295,13 @@ impl Service {
             weekly: req.keep_weekly,
             monthly: req.keep_monthly,
         };
-        let decisions = strata_backup::prune::prune(&store, &req.ids, rules, req.dry_run)?;
+        let decisions = strata_backup::prune::prune_protecting(
+            &store,
+            &req.ids,
+            rules,
+            req.dry_run,
+            &self.snapshots_in_restore(),
+        )?;
         Ok(serde_json::to_value(&decisions).unwrap_or_default())
     }
 
@@ -295,6 +322,7 @@ fn restore_into_new(
     name: &strata_backup::SnapshotName,
     path: &std::path::Path,
     fmt: ImageFormat,
+    workers: usize,
     ctx: &JobContext,
 ) -> ServiceResult<serde_json::Value> {
     let dev = format::open_image(path, &appliance_open_options(fmt, false))?;
@@ -302,7 +330,10 @@ fn restore_into_new(
         store,
         name,
         dev,
-        RestoreOptions::default(),
+        RestoreOptions {
+            workers,
+            ..Default::default()
+        },
         &JobProgress::new(ctx),
     )?;
     Ok(serde_json::to_value(&stats).unwrap_or_default())

@@ -12,6 +12,8 @@
 //!   catalog/images/NAME.json  each image's recorded format (see [`catalog`])
 //!   jobs/         results of finished jobs, one JSON file each
 //!   vms/NAME/     a VM's definition, last run and console log (see [`vms`])
+//!   restores/VG/NAME.json     a volume being restored, and NAME.restored, a live restore's
+//!                 map of restored chunks (see [`restores`])
 //! ```
 //!
 //! # Locking
@@ -32,6 +34,7 @@ pub mod images;
 pub mod jobs;
 pub mod names;
 pub mod progress;
+pub mod restores;
 pub mod server_paths;
 pub mod space;
 pub mod tls;
@@ -145,6 +148,8 @@ pub struct Service {
     pub space: Arc<space::Space>,
     /// NBD exports (served by `strata serve` only).
     pub exports: exports::Exports,
+    /// Restores onto volumes: running plain restores, open live restores and their jobs.
+    pub restores: restores::Restores,
 }
 
 impl Service {
@@ -163,6 +168,7 @@ impl Service {
             holds: Arc::new(holds::Holds::default()),
             space: Arc::new(space::Space::default()),
             exports: exports::Exports::default(),
+            restores: restores::Restores::default(),
             data,
         })
     }

@@ -170,16 +170,21 @@ pub struct VolumeSummary {
     /// What has it open now (VMs, jobs, downloads): it cannot be resized or removed meanwhile.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub held_by: Vec<String>,
+    /// A restore that has not finished (see [`super::restores`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<super::restores::RestoreInfo>,
 }
 
 impl Service {
     fn summary(&self, info: strata_storage::volume::LvInfo) -> VolumeSummary {
         let source = format!("{LV_PREFIX}{}/{}", info.vg, info.name);
         let held_by = self.holds.holders(&format!("{}/{}", info.vg, info.name));
+        let restore = self.restore_info(&info.vg, &info.name);
         VolumeSummary {
             info,
             source,
             held_by,
+            restore,
         }
     }
 
@@ -287,6 +292,8 @@ impl Service {
         let size = parse_size(&req.size)?;
         let g = self.volumes.get(&req.vg)?;
         g.create(&req.name, size, req.pool.as_deref())?;
+        // A record left by a volume of that name removed behind the server's back is stale.
+        self.forget_restore(&req.vg, &req.name);
         match self.volume_info(&req.vg, &req.name) {
             // Another client removed it again already: report what was created.
             Err(e) if e.status() == 404 => Ok(self.summary(strata_storage::volume::LvInfo {
@@ -367,7 +374,9 @@ impl Service {
             .unless_in_use(&format!("{LV_PREFIX}{vg}/{name}"), || {
                 self.holds
                     .unless_held(&format!("{vg}/{name}"), "remove", || Ok(g.remove_lv(name)?))
-            })
+            })?;
+        self.forget_restore(vg, name);
+        Ok(())
     }
 
     /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in
@@ -439,6 +448,8 @@ impl Service {
                 }
                 let hold = self.holds.take(&key, holder);
                 let device = g.open_lv(&lv, read_only)?;
+                // A volume under restore: refused, or its live-restore device.
+                let device = self.restoring_device(&vg, &lv, device, || g.open_lv(&lv, false))?;
                 Ok(Resolved::Volume {
                     device,
                     vg: g,

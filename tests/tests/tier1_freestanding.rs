@@ -4,8 +4,10 @@
 //! the data path into the block layer, checked from both sides.
 //!
 //! Rows: a raw image (always), a qcow2 linked clone and a thin volume (run once those exist on
-//! main; until then each says loudly that it was skipped and why), and an RBD volume on the
-//! test Ceph cluster (feature `rbd`; skipped loudly without the Ceph packages unless CI is set).
+//! main; until then each says loudly that it was skipped and why), a thin volume under live
+//! restore from a backup (the guest's I/O fetches its chunks on demand), and an RBD volume on
+//! the test Ceph cluster (feature `rbd`; skipped loudly without the Ceph packages unless CI is
+//! set).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -229,6 +231,37 @@ fn freestanding_driver_on_a_thin_volume() -> Result<()> {
     let (log, report) = boot(lv.clone(), "thin volume")?;
     check_guest_run("thin volume", &log, &report)?;
     check_disk_contents("thin volume", lv.as_ref())
+}
+
+#[test]
+fn freestanding_driver_on_a_volume_under_live_restore() -> Result<()> {
+    if !have_kvm() {
+        skip_loudly("tier 1 live-restore row", "/dev/kvm cannot be opened");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("source.raw");
+    std::fs::File::create(&source)?.set_len(DISK_SIZE)?;
+    prepare(&source)?;
+    // 64 KiB chunks: the guest's reads and writes touch the first two, neither restored yet
+    // (the background copy waits), so they are fetched on demand.
+    let lv = strata_tests::live::volume_under_live_restore(dir.path(), &source, 64 << 10)?;
+    let disk: Arc<dyn BlockDevice> = Arc::new(lv.live.clone());
+    let (log, report) = boot(disk.clone(), "live restore")?;
+    check_guest_run("live restore", &log, &report)?;
+    let st = lv.live.status();
+    eprintln!(
+        "tier1 live restore: {} of {} chunks on the volume after the guest ran ({} bytes fetched on demand)",
+        st.chunks_done, st.chunks_total, st.bytes_fetched
+    );
+    ensure!(
+        st.chunks_done > 0 && st.chunks_done < st.chunks_total && st.bytes_fetched > 0,
+        "the guest's I/O was not served by fetching its chunks on demand: {st:?}"
+    );
+    check_disk_contents("live restore", disk.as_ref())?;
+    // Copied to the end, the volume is the backed-up image plus the guest's changes.
+    strata_tests::live::finish_and_compare(&lv, &source, &[(32768, 40960)])?;
+    check_disk_contents("live restore (volume after the copy)", lv.volume.as_ref())
 }
 
 #[cfg(feature = "rbd")]

@@ -108,6 +108,11 @@ pub struct RestoreArgs {
     /// mostly waiting for the disk).
     #[arg(long)]
     threads: Option<usize>,
+    /// For benchmarks (benches/restore.sh): each chunk read into a new vector, decoded into
+    /// another and copied into the write buffer, as restores did before they decoded straight
+    /// into the buffer they write.
+    #[arg(long, hide = true)]
+    copied_chunks: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -272,7 +277,11 @@ fn open_named(spec: &str, read_only: bool, cache: CacheArg) -> anyhow::Result<So
         engine: EngineChoice::Auto,
         references: Default::default(),
     };
-    open_source(spec, &opts, &super::data_dir()).with_context(|| format!("Could not open {spec}"))
+    // A volume under restore is refused (a backup would take a partial restore for whole).
+    super::refuse_volume_under_restore(spec)?;
+    let source = open_source(spec, &opts, &super::data_dir())
+        .with_context(|| format!("Could not open {spec}"))?;
+    Ok(source)
 }
 
 /// The source's format name and, for a volume, its change tracker for this datastore and
@@ -377,7 +386,10 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let bar = Bar::new(a.quiet || a.output == Output::Json);
     let mut opts = RestoreOptions::default();
     if let Some(t) = a.threads {
-        opts.workers = t.clamp(1, 256);
+        opts.workers = t.clamp(1, strata_backup::restore::MAX_WORKERS);
+    }
+    if a.copied_chunks {
+        opts.path = strata_backup::restore::ChunkPath::Copied;
     }
     // A volume always exists already: restore onto it.
     let existing = a.existing || target_str.starts_with("lv:");

@@ -233,6 +233,10 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
     svc.remove_leftovers()?;
     svc.enable_exports(nbd_settings(&a, &data)?)?;
+    // Live restores first: an adopted VM's disks may be volumes under live restore.
+    for volume in svc.resume_restores() {
+        println!("Resumed the live restore of {volume}");
+    }
     for name in svc.adopt_vms()? {
         println!("Adopted running VM {name}");
     }
