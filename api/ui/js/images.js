@@ -70,7 +70,7 @@ function uploadCard(reload) {
     if (!n) return errors.show(new Error('Give the image a name.'));
     const q = new URLSearchParams({ format: fmt.input.value });
     if (srcFmt.input.value) q.set('source_format', srcFmt.input.value);
-    xhr = new XMLHttpRequest();
+    const x = (xhr = new XMLHttpRequest());
     xhr.open('PUT', '/api/images/' + encodeURIComponent(n) + '/upload?' + q);
     xhr.setRequestHeader('X-CSRF-Token', S.session.csrf);
     xhr.setRequestHeader('Content-Type', 'application/octet-stream');
@@ -91,7 +91,7 @@ function uploadCard(reload) {
     xhr.onload = async () => {
       done();
       try {
-        const job = await S.answer(new Response(xhr.responseText, { status: xhr.status }));
+        const job = await S.answer(new Response(x.responseText, { status: x.status }));
         status.textContent = 'Uploaded; storing as ' + fmt.input.value + ' (job ' + job.id + ')…';
         S.followJob(job, 'Storing ' + n);
         const end = await S.waitJob(job.id);

@@ -156,6 +156,7 @@ impl Api {
                         status,
                         body: Value::Null,
                         raw: Vec::new(),
+                        headers: Vec::new(),
                     })
                 })?
             }
