@@ -25,6 +25,8 @@ pub struct Response {
     pub body: serde_json::Value,
     /// The raw body.
     pub raw: Vec<u8>,
+    /// The response headers, names in lower case (filled by [`Client::request_with`]).
+    pub headers: Vec<(String, String)>,
 }
 
 /// A client for one server.
@@ -117,6 +119,37 @@ impl Client {
         self.send(method, path, payload, body.is_some())
     }
 
+    /// Like [`Client::request`] with more request headers (a cookie, an origin: tests of the
+    /// web UI's session checks), returning the response headers too.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<Response> {
+        let payload = match body {
+            Some(v) => serde_json::to_vec(v)?,
+            None => Vec::new(),
+        };
+        let mut req = self.builder(method, path, body.is_some())?;
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(payload)))?;
+        self.rt.block_on(async move {
+            let resp = self.exchange(req).await?;
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            let mut out = read_response(resp).await?;
+            out.headers = headers;
+            Ok(out)
+        })
+    }
+
     /// Sends raw bytes as the body (for uploads or deliberately malformed requests in tests).
     pub fn send(
         &self,
@@ -185,6 +218,7 @@ impl Client {
                 status,
                 body: serde_json::Value::Null,
                 raw: Vec::new(),
+                headers: Vec::new(),
             })
         })
     }
@@ -217,6 +251,7 @@ impl Client {
                 status,
                 body: serde_json::Value::Null,
                 raw: Vec::new(),
+                headers: Vec::new(),
             })
         })
     }
@@ -400,5 +435,10 @@ where
 {
     let raw = body.collect().await?.to_bytes().to_vec();
     let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
-    Ok(Response { status, body, raw })
+    Ok(Response {
+        status,
+        body,
+        raw,
+        headers: Vec::new(),
+    })
 }

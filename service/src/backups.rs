@@ -88,6 +88,8 @@ pub struct BackupSummary {
     /// Its manifest: source, time, size, format, parent, change tracking, figures; or the error
     /// reading it.
     pub manifest: serde_json::Value,
+    /// Its last verification, if it was verified.
+    pub verified: Option<super::backup_state::VerifyState>,
 }
 
 impl Service {
@@ -107,6 +109,7 @@ impl Service {
             Some(id) => store.list_group(id)?,
             None => store.list()?,
         };
+        let verified = self.backup_state.all_verified();
         Ok(names
             .into_iter()
             .map(|n| BackupSummary {
@@ -115,6 +118,7 @@ impl Service {
                     Ok(m) => serde_json::to_value(&m).unwrap_or_default(),
                     Err(e) => serde_json::json!({ "error": e.to_string() }),
                 },
+                verified: verified.get(&n.to_string()).cloned(),
             })
             .collect())
     }
@@ -263,6 +267,7 @@ impl Service {
             Some(s) => format!("verify {s}"),
             None => "verify all snapshots".into(),
         };
+        let svc = self.clone();
         self.jobs.clone().spawn("verify", desc, move |ctx| {
             let workers = std::thread::available_parallelism()
                 .map(|n| n.get() * 2)
@@ -270,6 +275,7 @@ impl Service {
             let report =
                 strata_backup::verify::verify(&store, &names, workers, &JobProgress::new(ctx))?;
             let value = serde_json::to_value(&report).unwrap_or_default();
+            svc.record_verification(&report);
             if report.ok() {
                 Ok(value)
             } else {
@@ -308,11 +314,13 @@ impl Service {
     /// Starts garbage collection.
     pub fn start_gc(self: &Arc<Self>) -> ServiceResult<Arc<Job>> {
         let store = self.datastore()?;
+        let svc = self.clone();
         self.jobs
             .clone()
             .spawn("gc", "collect unreferenced chunks".into(), move |ctx| {
-                let stats = strata_backup::gc::gc(&store, 300, &JobProgress::new(ctx))?;
-                Ok(serde_json::to_value(&stats).unwrap_or_default())
+                let outcome = strata_backup::gc::gc(&store, 300, &JobProgress::new(ctx));
+                svc.record_gc(&outcome);
+                Ok(serde_json::to_value(&outcome?).unwrap_or_default())
             })
     }
 }

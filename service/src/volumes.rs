@@ -152,6 +152,13 @@ pub struct ResizeVolume {
     pub shrink: bool,
 }
 
+/// Whether a volume is a template.
+#[derive(Debug, Deserialize)]
+pub struct SetTemplate {
+    /// Template (true) or not (false).
+    pub template: bool,
+}
+
 /// A name for a snapshot or clone.
 #[derive(Debug, Deserialize)]
 pub struct NewName {
@@ -376,7 +383,27 @@ impl Service {
                     .unless_held(&format!("{vg}/{name}"), "remove", || Ok(g.remove_lv(name)?))
             })?;
         self.forget_restore(vg, name);
+        self.io_stats.forget(&format!("{vg}/{name}"));
         Ok(())
+    }
+
+    /// Marks a snapshot as a template (clones are made from templates) or unmarks it.
+    pub fn set_volume_template(
+        &self,
+        vg: &str,
+        name: &str,
+        req: &SetTemplate,
+    ) -> ServiceResult<VolumeSummary> {
+        let g = self.volumes.get(vg)?;
+        self.vms
+            .unless_in_use(&format!("{LV_PREFIX}{vg}/{name}"), || {
+                self.holds.unless_held(
+                    &format!("{vg}/{name}"),
+                    "change the template mark of",
+                    || Ok(g.set_template(name, req.template)?),
+                )
+            })?;
+        self.volume_info(vg, name)
     }
 
     /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in
@@ -450,6 +477,7 @@ impl Service {
                 let device = g.open_lv(&lv, read_only)?;
                 // A volume under restore: refused, or its live-restore device.
                 let device = self.restoring_device(&vg, &lv, device, || g.open_lv(&lv, false))?;
+                let device = self.io_stats.wrap(&key, device);
                 Ok(Resolved::Volume {
                     device,
                     vg: g,

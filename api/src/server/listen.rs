@@ -46,6 +46,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    // Connections that may upgrade (WebSockets) are not watched by `graceful` (hyper-util's
+    // watcher takes plain connections only): they hold a watcher to be waited for, and end
+    // gracefully when this is cancelled.
+    let closing = tokio_util::sync::CancellationToken::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let acceptor = match &transport {
         Transport::Tls(cfg) => Some(tokio_rustls::TlsAcceptor::from(cfg.clone())),
@@ -75,6 +79,7 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let watcher = graceful.watcher();
+        let closing = closing.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -83,16 +88,17 @@ pub async fn run(
                     // The handshake is bounded like the headers: a client that opens a
                     // connection and says nothing is dropped.
                     match tokio::time::timeout(limits.header_timeout, a.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, app, &limits, watcher).await,
+                        Ok(Ok(tls)) => serve_connection(tls, app, &limits, watcher, closing).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-                None => serve_connection(stream, app, &limits, watcher).await,
+                None => serve_connection(stream, app, &limits, watcher, closing).await,
             }
         });
     }
     drop(listener);
+    closing.cancel();
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(limits.shutdown_grace) => {
@@ -101,8 +107,13 @@ pub async fn run(
     }
 }
 
-async fn serve_connection<I>(io: I, app: Router, limits: &HttpLimits, watcher: Watcher)
-where
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    limits: &HttpLimits,
+    watcher: Watcher,
+    closing: tokio_util::sync::CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper_util::service::TowerToHyperService::new(app);
@@ -110,10 +121,22 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn).await {
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let outcome = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = closing.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(e) = outcome {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+    // Held until here so that a graceful end waits for this connection.
+    drop(watcher);
 }
 
 /// A rustls server configuration for the PEM certificate chain and key in `files`.

@@ -391,7 +391,11 @@ pub struct BackupSummary {
     /// reading it.
     #[schema(value_type = Object)]
     pub manifest: serde_json::Value,
+    /// Its last verification, if it was verified.
+    pub verified: Option<VerifyState>,
 }
+
+pub use super::schema_ui::*;
 
 /// What the VM boots.
 #[derive(Debug, Serialize, ToSchema)]
@@ -996,10 +1000,15 @@ mod drift {
 
     impl From<&svc::BackupSummary> for BackupSummary {
         fn from(v: &svc::BackupSummary) -> Self {
-            let svc::BackupSummary { snapshot, manifest } = v;
+            let svc::BackupSummary {
+                snapshot,
+                manifest,
+                verified,
+            } = v;
             BackupSummary {
                 snapshot: snapshot.clone(),
                 manifest: json(manifest),
+                verified: verified.as_ref().map(VerifyState::from),
             }
         }
     }

@@ -159,6 +159,7 @@ impl Api {
                         status,
                         body: Value::Null,
                         raw: Vec::new(),
+                        headers: Vec::new(),
                     })
                 })?
             }
@@ -194,6 +195,7 @@ impl Api {
                         status,
                         body: Value::Null,
                         raw: Vec::new(),
+                        headers: Vec::new(),
                     })
                 })?
             }
