@@ -48,13 +48,9 @@ fn read_export(uri: &str, out: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
-#[test]
 fn exports_serve_volumes_snapshots_images_and_backups_to_real_clients() {
-    const TEST: &str = "exports_serve_volumes_snapshots_images_and_backups_to_real_clients";
     for t in ["qemu-img", "nbdinfo", "nbdcopy"] {
-        if !require_tool(t, TEST) {
-            return;
-        }
+        require_tool(t);
     }
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
@@ -243,3 +239,5 @@ fn exports_serve_volumes_snapshots_images_and_backups_to_real_clients() {
     let size = ok("nbdinfo", &["--size", &tls_uri]);
     assert_eq!(size.trim(), "8388608", "{size}");
 }
+
+strata_testkit::main!(exports_serve_volumes_snapshots_images_and_backups_to_real_clients,);

@@ -257,16 +257,25 @@ pub fn run(tests: Vec<Trial>) -> ExitCode {
 }
 
 /// The `main` of a test binary built with `harness = false`: lists its test functions (each
-/// returns `()` or `Result<(), E: Debug>`).
+/// returns `()` or `Result<(), E: Debug>`), each optionally behind `#[cfg(...)]`.
 ///
 /// ```text
-/// strata_testkit::main!(boots_and_checks_its_disk, survives_a_reset);
+/// strata_testkit::main!(
+///     boots_and_checks_its_disk,
+///     #[cfg(feature = "rbd")] runs_on_rbd,
+/// );
 /// ```
 #[macro_export]
 macro_rules! main {
-    ($($test:ident),* $(,)?) => {
+    ($($(#[$attr:meta])* $test:ident),* $(,)?) => {
         fn main() -> ::std::process::ExitCode {
-            $crate::run(vec![$($crate::trial(stringify!($test), $test)),*])
+            #[allow(unused_mut)]
+            let mut tests = ::std::vec::Vec::new();
+            $(
+                $(#[$attr])*
+                tests.push($crate::trial(stringify!($test), $test));
+            )*
+            $crate::run(tests)
         }
     };
 }

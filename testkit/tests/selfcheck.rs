@@ -127,12 +127,13 @@ fn no_harnessless_binary_keeps_test_attributes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let targets = harnessless_targets(&root);
     assert!(
-        targets.iter().any(|t| t.ends_with("testkit/tests/selfcheck.rs")),
+        targets
+            .iter()
+            .any(|t| t.ends_with("testkit/tests/selfcheck.rs")),
         "the scan found no harness = false targets: {targets:?}"
     );
     for t in &targets {
-        let text = std::fs::read_to_string(t)
-            .unwrap_or_else(|e| panic!("{}: {e}", t.display()));
+        let text = std::fs::read_to_string(t).unwrap_or_else(|e| panic!("{}: {e}", t.display()));
         assert!(
             !text.lines().any(|l| l.trim() == "#[test]"),
             "{} is built with harness = false, so its #[test] functions never run: list them \
