@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{require_tool, start_job, succeed, wait_job, CliEnv, Server};
 use serde_json::{json, Value};
 use strata_api::client::Client;
-use strata_tests::{blkdrv_image, have_kvm, skip_loudly};
+use strata_tests::blkdrv_image;
 
 const MIB: usize = 1 << 20;
 
@@ -96,13 +96,8 @@ fn blkdrv_disk(len: usize) -> Vec<u8> {
     d
 }
 
-#[test]
 fn a_vm_started_through_the_api_runs_on_a_volume_under_live_restore() {
-    const WHAT: &str = "a VM started through the API on a volume under live restore";
-    if !have_kvm() {
-        skip_loudly(WHAT, "/dev/kvm cannot be opened on this host");
-        return;
-    }
+    strata_testkit::require_kvm();
     let srv = Server::start();
     let c = srv.client();
     let import = srv.data.join("import");
@@ -170,7 +165,6 @@ fn a_vm_started_through_the_api_runs_on_a_volume_under_live_restore() {
     );
 }
 
-#[test]
 fn a_server_killed_during_a_live_restore_resumes_it_when_it_starts_again() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
@@ -239,7 +233,6 @@ fn a_server_killed_during_a_live_restore_resumes_it_when_it_starts_again() {
     assert_eq!(first_difference(&got, &data), None);
 }
 
-#[test]
 fn restores_onto_volumes_are_checked_and_marked() {
     let srv = Server::start();
     let c = srv.client();
@@ -336,12 +329,9 @@ fn restores_onto_volumes_are_checked_and_marked() {
     assert!(!srv.data.join("restores/strata/dst.json").exists());
 }
 
-#[test]
 fn nbd_clients_read_and_write_a_volume_under_live_restore() {
-    const WHAT: &str = "NBD clients on a volume under live restore";
-    if !require_tool("qemu-io", WHAT) || !require_tool("qemu-img", WHAT) {
-        return;
-    }
+    require_tool("qemu-io");
+    require_tool("qemu-img");
     let e = CliEnv::new();
     e.ok(&["init", "--pv-size", "1G"]);
     let mut data = vec![0u8; 64 * MIB];
@@ -484,3 +474,10 @@ fn nbd_clients_read_and_write_a_volume_under_live_restore() {
     let list = e.json(&["volumes", "list"]);
     assert!(common::lv(&list, "dst").get("restore").is_none(), "{list}");
 }
+
+strata_testkit::main!(
+    a_vm_started_through_the_api_runs_on_a_volume_under_live_restore,
+    a_server_killed_during_a_live_restore_resumes_it_when_it_starts_again,
+    restores_onto_volumes_are_checked_and_marked,
+    nbd_clients_read_and_write_a_volume_under_live_restore,
+);

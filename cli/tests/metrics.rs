@@ -23,11 +23,8 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[test]
 fn metrics_pass_promtool_and_count_real_work() {
-    if !require_tool("promtool", "metrics_pass_promtool_and_count_real_work") {
-        return;
-    }
+    require_tool("promtool");
     let srv = Server::start();
     let c = srv.client();
 
@@ -115,3 +112,5 @@ fn metrics_pass_promtool_and_count_real_work() {
         "{text}"
     );
 }
+
+strata_testkit::main!(metrics_pass_promtool_and_count_real_work,);

@@ -48,13 +48,9 @@ fn read_export(uri: &str, out: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
-#[test]
 fn exports_serve_volumes_snapshots_images_and_backups_to_real_clients() {
-    const TEST: &str = "exports_serve_volumes_snapshots_images_and_backups_to_real_clients";
     for t in ["qemu-img", "nbdinfo", "nbdcopy"] {
-        if !require_tool(t, TEST) {
-            return;
-        }
+        require_tool(t);
     }
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
@@ -259,13 +255,9 @@ fn strata(args: &[&str]) -> String {
     text
 }
 
-#[test]
 fn writes_through_an_image_export_are_tracked_in_its_dirty_bitmap() {
-    const TEST: &str = "writes_through_an_image_export_are_tracked_in_its_dirty_bitmap";
     for t in ["qemu-io", "nbdinfo"] {
-        if !require_tool(t, TEST) {
-            return;
-        }
+        require_tool(t);
     }
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start_with(&dir.path().join("data"), &["--nbd-listen", "127.0.0.1:0"]);
@@ -321,3 +313,8 @@ fn writes_through_an_image_export_are_tracked_in_its_dirty_bitmap() {
         "{shown}"
     );
 }
+
+strata_testkit::main!(
+    exports_serve_volumes_snapshots_images_and_backups_to_real_clients,
+    writes_through_an_image_export_are_tracked_in_its_dirty_bitmap,
+);

@@ -174,12 +174,8 @@ fn download(srv: &Server, path: &str) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
-#[test]
 fn the_ui_drives_volumes_images_backups_and_vms_and_signing_out_ends_the_session() {
-    const WHAT: &str = "web UI end to end";
-    let Some(b) = Browser::start(WHAT) else {
-        return;
-    };
+    let b = Browser::start();
     let srv = Server::start_with_args(&["--usage-interval", "1s"]);
     let (shots, _keep) = shots();
     request_json(
@@ -390,8 +386,7 @@ fn the_ui_drives_volumes_images_backups_and_vms_and_signing_out_ends_the_session
     wait_dialog_closed(&b);
 
     // A VM: define it, start it, and see its console output arrive.
-    let kvm = strata_tests::have_kvm();
-    if kvm {
+    if strata_tests::have_kvm() {
         let kernel = srv.data.join("import/guest.bin");
         std::fs::write(&kernel, flat_guest()).unwrap();
         go(&b, "vms");
@@ -428,10 +423,7 @@ fn the_ui_drives_volumes_images_backups_and_vms_and_signing_out_ends_the_session
         go(&b, "vms");
         b.screenshot(&shots.join("vms.png"));
     } else {
-        strata_tests::skip_loudly(
-            "the VM part of the web UI test",
-            "/dev/kvm cannot be opened on this host",
-        );
+        strata_testkit::partial_skip("the VM part of the web UI test: /dev/kvm cannot be opened");
     }
 
     // Settings and the dashboard as they look now, at 1280×800 and on a phone.
@@ -444,6 +436,15 @@ fn the_ui_drives_volumes_images_backups_and_vms_and_signing_out_ends_the_session
         "return document.querySelectorAll('.series svg path.line').length > 0",
         LONG,
     );
+    // Every meter on the dashboard shows figures the API gave it (a field read under the
+    // wrong name shows as "–").
+    let meters = b.exec(
+        "return [...document.querySelectorAll('.usage-line')].map((l) => l.innerText).join('\\n')",
+        serde_json::json!([]),
+    );
+    let meters = meters.as_str().unwrap_or_default().to_string();
+    assert!(meters.contains("Data"), "no thin pool meter: {meters}");
+    assert!(!meters.contains('–'), "a meter without figures: {meters}");
     b.screenshot(&shots.join("dashboard.png"));
     b.set_size(390, 844);
     wait_view(&b, "dashboard");
@@ -473,12 +474,8 @@ fn the_ui_drives_volumes_images_backups_and_vms_and_signing_out_ends_the_session
     assert_eq!(r.status, 303, "the page with the old cookie");
 }
 
-#[test]
 fn an_expired_session_sends_the_user_to_sign_in_again() {
-    const WHAT: &str = "web UI session expiry";
-    let Some(b) = Browser::start(WHAT) else {
-        return;
-    };
+    let b = Browser::start();
     let srv = Server::start_with_args(&["--session-lifetime", "4s"]);
     sign_in_with_token(&b, &srv);
     let session = b
@@ -520,12 +517,8 @@ fn an_expired_session_sends_the_user_to_sign_in_again() {
     b.wait("#form-user", LONG);
 }
 
-#[test]
 fn the_ui_shows_the_apis_errors() {
-    const WHAT: &str = "web UI error display";
-    let Some(b) = Browser::start(WHAT) else {
-        return;
-    };
+    let b = Browser::start();
     let srv = Server::start_with_args(&["--nbd-listen", "127.0.0.1:0"]);
     let (shots, _keep) = shots();
     sign_in_with_token(&b, &srv);
@@ -599,7 +592,6 @@ fn the_ui_shows_the_apis_errors() {
 /// Cross-site request forgery: requests carrying only the session cookie need the session's
 /// CSRF token to change anything and must come from the appliance's own pages; bearer tokens
 /// work as before.
-#[test]
 fn state_changes_with_the_session_cookie_need_the_csrf_token() {
     let srv = Server::start();
     let anon = srv.client_with(None);
@@ -734,3 +726,10 @@ fn state_changes_with_the_session_cookie_need_the_csrf_token() {
         .unwrap();
     assert_eq!(r.status, 401, "signed out: {:?}", r.body);
 }
+
+strata_testkit::main!(
+    the_ui_drives_volumes_images_backups_and_vms_and_signing_out_ends_the_session,
+    an_expired_session_sends_the_user_to_sign_in_again,
+    the_ui_shows_the_apis_errors,
+    state_changes_with_the_session_cookie_need_the_csrf_token,
+);

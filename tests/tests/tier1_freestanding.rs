@@ -16,10 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use strata_storage::bitmap::{BitmapSet, TrackedDevice};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_storage::BlockDevice;
-use strata_tests::{
-    blkdrv_image, have_kvm, number_after, read_device, skip_loudly, thin_volume, write_device,
-    Capture,
-};
+use strata_tests::{blkdrv_image, number_after, read_device, thin_volume, write_device, Capture};
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{run, DiskSpec, Payload, VmConfig};
@@ -134,16 +131,8 @@ fn check_disk_contents(row: &str, disk: &dyn BlockDevice) -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn freestanding_driver_on_a_raw_image() -> Result<()> {
-    if !have_kvm() {
-        // CI runs on KVM hosts; a developer box without /dev/kvm must still say so loudly.
-        skip_loudly(
-            "tier 1 (freestanding guest under Strata's VMM)",
-            "/dev/kvm cannot be opened",
-        );
-        return Ok(());
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("disk.raw");
     std::fs::File::create(&path)?.set_len(DISK_SIZE)?;
@@ -173,17 +162,14 @@ fn freestanding_driver_on_a_raw_image() -> Result<()> {
     check_disk_contents("raw (reopened)", reopened.as_ref())
 }
 
-#[test]
 fn freestanding_driver_on_a_qcow2_linked_clone() -> Result<()> {
-    if !have_kvm() {
-        skip_loudly("tier 1 qcow2 row", "/dev/kvm cannot be opened");
-        return Ok(());
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir()?;
     let base = dir.path().join("base.raw");
     std::fs::File::create(&base)?.set_len(DISK_SIZE)?;
     prepare(&base)?;
     let clone = dir.path().join("clone.qcow2");
+    strata_testkit::require_tool("qemu-img", "qemu-utils");
     let status = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)
@@ -191,17 +177,7 @@ fn freestanding_driver_on_a_qcow2_linked_clone() -> Result<()> {
         .status()
         .context("running qemu-img (install qemu-utils)")?;
     ensure!(status.success(), "qemu-img create failed");
-    let disk = match open_image(&clone, &OpenOptions::default()) {
-        Ok(d) => d,
-        Err(strata_storage::StorageError::Unsupported(why)) => {
-            skip_loudly(
-                "tier 1 qcow2 linked-clone row",
-                &format!("the storage layer says: {why}"),
-            );
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let disk = open_image(&clone, &OpenOptions::default())?;
     let (log, report) = boot(disk.clone(), "qcow2 linked clone")?;
     check_guest_run("qcow2 linked clone", &log, &report)?;
     check_disk_contents("qcow2 linked clone", disk.as_ref())?;
@@ -217,12 +193,8 @@ fn freestanding_driver_on_a_qcow2_linked_clone() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn freestanding_driver_on_a_thin_volume() -> Result<()> {
-    if !have_kvm() {
-        skip_loudly("tier 1 thin-volume row", "/dev/kvm cannot be opened");
-        return Ok(());
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir()?;
     let (_vg, lv) = thin_volume(dir.path(), DISK_SIZE)?;
     let head: Vec<u8> = (0..32768u64).map(host_pattern).collect();
@@ -233,12 +205,8 @@ fn freestanding_driver_on_a_thin_volume() -> Result<()> {
     check_disk_contents("thin volume", lv.as_ref())
 }
 
-#[test]
 fn freestanding_driver_on_a_volume_under_live_restore() -> Result<()> {
-    if !have_kvm() {
-        skip_loudly("tier 1 live-restore row", "/dev/kvm cannot be opened");
-        return Ok(());
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir()?;
     let source = dir.path().join("source.raw");
     std::fs::File::create(&source)?.set_len(DISK_SIZE)?;
@@ -265,16 +233,10 @@ fn freestanding_driver_on_a_volume_under_live_restore() -> Result<()> {
 }
 
 #[cfg(feature = "rbd")]
-#[test]
 fn freestanding_driver_on_an_rbd_volume() -> Result<()> {
     use strata_storage::volume::rbd::{image, Cluster, Image, RbdDevice};
-    if !have_kvm() {
-        skip_loudly("tier 1 RBD row", "/dev/kvm cannot be opened");
-        return Ok(());
-    }
-    let Some(c) = strata_tests::ceph::cluster("tier 1 RBD row") else {
-        return Ok(());
-    };
+    strata_testkit::require_kvm();
+    let c = strata_tests::ceph::cluster();
     let pool = Arc::new(Cluster::connect(&c.spec())?.pool(&c.pool)?);
     let name = strata_tests::ceph::unique("tier1");
     image::create(&pool, &name, DISK_SIZE)?;
@@ -297,3 +259,12 @@ fn freestanding_driver_on_an_rbd_volume() -> Result<()> {
     image::remove(&pool, &name)?;
     Ok(())
 }
+
+strata_testkit::main!(
+    freestanding_driver_on_a_raw_image,
+    freestanding_driver_on_a_qcow2_linked_clone,
+    freestanding_driver_on_a_thin_volume,
+    freestanding_driver_on_a_volume_under_live_restore,
+    #[cfg(feature = "rbd")]
+    freestanding_driver_on_an_rbd_volume,
+);

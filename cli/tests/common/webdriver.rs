@@ -127,16 +127,13 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 }
 
 impl Browser {
-    /// Starts Chromium at 1280×800, or `None` when Chromium or chromedriver is missing (which
-    /// fails the test under `CI=1` and skips it loudly elsewhere).
-    pub fn start(test: &str) -> Option<Browser> {
+    /// Starts Chromium at 1280×800. Without Chromium or chromedriver the test ends (see
+    /// [`strata_testkit::missing`]: a failure under `CI=1`, ignored elsewhere).
+    pub fn start() -> Browser {
         let (Some(driver), Some(chromium)) = (which("chromedriver"), which("chromium")) else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: chromium and chromium-driver are missing, and CI must have them"
+            strata_testkit::missing(
+                "chromium or chromedriver is not installed (apt-get install chromium chromium-driver)",
             );
-            eprintln!("SKIPPED {test}: chromium or chromedriver is not installed (apt-get install chromium chromium-driver)");
-            return None;
         };
         let port = free_port();
         let profile = tempfile::tempdir().unwrap();
@@ -181,7 +178,7 @@ impl Browser {
         assert_eq!(status, 200, "new WebDriver session: {v}");
         b.session = v["value"]["sessionId"].as_str().unwrap().to_string();
         b.set_size(1280, 800);
-        Some(b)
+        b
     }
 
     /// A command of this session; its `value`, or the WebDriver error.
