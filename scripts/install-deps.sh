@@ -35,6 +35,8 @@ packages=(
   librbd-dev librados-dev      # librbd.so/librados.so, which Strata loads at run time
   radosgw                      # scripts/ceph-cluster.sh --rgw: S3 for the datastore on S3
   acpica-tools                 # vmm/src/boot/acpi.rs: iasl disassembles the DSDT (power button, GED)
+  chromium chromium-driver     # cli/tests/ui_browser.rs: the web UI in a real headless browser (WebDriver)
+  prometheus                   # cli/tests/metrics.rs: promtool check metrics on /api/metrics
   libvhdi-utils                # storage/tests/vhd_chains.rs: vhdiinfo and vhdimount (FUSE), an
                                # independent VHD/VHDX reader for differencing chains (unmounted with umount as root)
 )

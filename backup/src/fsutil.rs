@@ -65,9 +65,7 @@ pub fn atomic_write(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
 
 /// Makes a directory's entries durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io_err("Syncing directory", dir, e))
+    durable::sync_dir(dir)
 }
 
 fn cpath(path: &Path) -> io::Result<CString> {

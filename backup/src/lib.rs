@@ -24,6 +24,10 @@
 //! trusts it only if the group's latest snapshot was made at the previous take.
 //! [`lazy::SnapshotDevice`] serves a snapshot as a read-only block device without restoring it:
 //! each read loads only the chunks it touches, through a bounded cache (NBD exports of backups).
+//! Restores ([`restore`]) fetch chunks through [`fetch::ChunkFetcher`], decoding each straight
+//! into the buffer they write, with a bounded pool of workers; [`live::LiveRestore`] is a
+//! volume usable at once while it is restored, copied on read and in the background, resumable
+//! after a crash from its map of restored chunks.
 //!
 //! # Locking: who may run with whom
 //! | operation | holds | runs concurrently with |
@@ -33,6 +37,7 @@
 //! | prune | exclusive lock on a snapshot's manifest, without waiting, while removing it | everything; skips snapshots being read |
 //! | gc | `.gc.lock` (exclusive, no waiting) | everything except another gc; safe with running backups through mtimes, see [`gc`] |
 //! | lazy snapshot device | shared lock on the snapshot's manifest while it lives | everything; prune skips it |
+//! | live restore | shared lock on the snapshot's manifest, exclusive `flock` on its map file, while open | everything; a second opener of the same restore gets `Busy` |
 //! | list, show | nothing | everything |
 
 // No unwrap or expect outside tests: every failure is an error the caller sees.
@@ -43,10 +48,12 @@ pub mod bitmap_tracker;
 pub mod blob;
 pub mod changes;
 pub mod digest;
+pub mod fetch;
 pub mod fsutil;
 pub mod gc;
 pub mod index;
 pub mod lazy;
+pub mod live;
 pub mod lock;
 pub mod manifest;
 pub mod pipeline;
@@ -63,6 +70,7 @@ pub mod verify;
 pub use backup::{create, create_tracked, BackupOptions, BackupOutcome};
 pub use changes::{ChangeTracker, Changes, TakenChanges};
 pub use digest::Digest;
+pub use fetch::ChunkFetcher;
 pub use lazy::SnapshotDevice;
 pub use progress::{NoProgress, Progress};
 pub use snapshot::SnapshotName;

@@ -102,6 +102,18 @@ pub fn prune(
     rules: KeepRules,
     dry_run: bool,
 ) -> Result<Vec<PruneDecision>> {
+    prune_protecting(store, ids, rules, dry_run, &[])
+}
+
+/// [`prune`], never removing the snapshots named in `protected` (`ID/TIME`: those an
+/// unfinished live restore reads; its device, while open, also holds them with a lock).
+pub fn prune_protecting(
+    store: &Datastore,
+    ids: &[String],
+    rules: KeepRules,
+    dry_run: bool,
+    protected: &[String],
+) -> Result<Vec<PruneDecision>> {
     if !rules.any() {
         return Err(StorageError::InvalidInput(
             "Prune needs at least one --keep-last/--keep-daily/--keep-weekly/--keep-monthly".into(),
@@ -124,7 +136,9 @@ pub fn prune(
                 rule: k.unwrap_or("").to_string(),
                 skipped: None,
             };
-            if k.is_none() && !dry_run {
+            if k.is_none() && protected.contains(&d.snapshot) {
+                d.skipped = Some("an unfinished live restore reads it".into());
+            } else if k.is_none() && !dry_run {
                 if let Err(e) = remove_snapshot(store, name) {
                     d.skipped = Some(e.to_string());
                 }

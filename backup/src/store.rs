@@ -222,33 +222,41 @@ impl Datastore {
         Ok(())
     }
 
-    /// Reads a chunk's blob. A chunk that garbage collection set aside at this moment (renamed
-    /// with [`GC_INFIX`] while it re-checks the chunk's time) is read from there.
-    pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
+    /// Opens a chunk's blob file. A chunk that garbage collection set aside at this moment
+    /// (renamed with [`GC_INFIX`] while it re-checks the chunk's time) is opened there.
+    pub fn open_blob(&self, d: &Digest) -> Result<(fs::File, PathBuf)> {
         let path = self.chunk_path(d);
-        match read_bounded(&path, MAX_BLOB_FILE) {
-            Ok(b) => return Ok(b),
-            Err(StorageError::NotFound(_)) => {}
-            Err(e) => return Err(e),
+        match fs::File::open(&path) {
+            Ok(f) => return Ok((f, path)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("Reading", &path, e)),
         }
         let dir = self.chunk_dir(d);
         let prefix = format!("{}{GC_INFIX}", d.to_hex());
         if let Ok(rd) = fs::read_dir(&dir) {
             for ent in rd.flatten() {
                 if ent.file_name().to_string_lossy().starts_with(&prefix) {
-                    if let Ok(b) = read_bounded(&ent.path(), MAX_BLOB_FILE) {
-                        return Ok(b);
+                    if let Ok(f) = fs::File::open(ent.path()) {
+                        return Ok((f, ent.path()));
                     }
                 }
             }
         }
         // One more look at the real name: garbage collection may just have put it back.
-        read_bounded(&path, MAX_BLOB_FILE).map_err(|e| match e {
-            StorageError::NotFound(_) => {
-                StorageError::corrupt(format!("chunk {d}"), "missing from the datastore")
-            }
-            e => e,
-        })
+        match fs::File::open(&path) {
+            Ok(f) => Ok((f, path)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(StorageError::corrupt(
+                format!("chunk {d}"),
+                "missing from the datastore",
+            )),
+            Err(e) => Err(io_err("Reading", &path, e)),
+        }
+    }
+
+    /// Reads a chunk's blob (see [`Datastore::open_blob`]).
+    pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
+        let (file, path) = self.open_blob(d)?;
+        read_bounded_file(file, &path, MAX_BLOB_FILE)
     }
 
     /// Loads chunk `d` into `out`, checking its blob crc, its length and its digest.
@@ -368,6 +376,12 @@ impl Datastore {
 /// read itself is capped, so a symlink to a device, a FIFO or a file growing meanwhile cannot
 /// make it allocate past `max`.
 pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let file = fs::File::open(path).map_err(|e| io_err("Reading", path, e))?;
+    read_bounded_file(file, path, max)
+}
+
+/// [`read_bounded`] on a file already open.
+fn read_bounded_file(file: fs::File, path: &Path, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let too_big = |len: u64| {
         StorageError::corrupt(
@@ -375,7 +389,6 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
             format!("{len} bytes exceeds the limit of {max}"),
         )
     };
-    let file = fs::File::open(path).map_err(|e| io_err("Reading", path, e))?;
     let meta = file.metadata().map_err(|e| io_err("Reading", path, e))?;
     if !meta.is_file() {
         return Err(StorageError::corrupt(

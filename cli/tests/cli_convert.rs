@@ -52,30 +52,6 @@ fn fails(data: &Path, args: &[&str], needle: &str) {
     );
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Whether qemu-img and qemu-io are installed; says so past the harness's capture if not.
-fn have_qemu(test: &str) -> bool {
-    if have("qemu-img") && have("qemu-io") {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: qemu-img/qemu-io are missing, and CI must have them (qemu-utils)"
-    );
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "SKIPPED {test}: qemu-img/qemu-io not installed (apt-get install qemu-utils)"
-    );
-    false
-}
-
 fn run(cmd: &str, args: &[&str]) -> String {
     let o = Command::new(cmd)
         .args(args)
@@ -200,11 +176,8 @@ fn make_sources(dir: &Path) -> Vec<(&'static str, &'static str, PathBuf)> {
         .collect()
 }
 
-#[test]
 fn every_format_pair_through_the_command() {
-    if !have_qemu("every_format_pair_through_the_command") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let sources = make_sources(dir.path());
@@ -250,7 +223,6 @@ fn every_format_pair_through_the_command() {
     }
 }
 
-#[test]
 fn progress_to_a_pipe_and_stats_stay_clean() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -299,7 +271,6 @@ fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
-#[test]
 fn volumes_as_source_and_target() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -369,7 +340,7 @@ fn volumes_as_source_and_target() {
         .unwrap();
     let mapped = b["mapped-bytes"].as_u64().unwrap();
     assert!(mapped < 8 * MIB, "vg0/b maps {mapped} bytes");
-    if have("qemu-img") {
+    if strata_testkit::part_has_tool("qemu-img", "qemu-utils") {
         let q = dir.path().join("from-volume.qcow2");
         ok(
             &data,
@@ -419,11 +390,8 @@ fn broken_qcow2(dir: &Path) -> PathBuf {
     q
 }
 
-#[test]
 fn failed_conversions_leave_no_target() {
-    if !have_qemu("failed_conversions_leave_no_target") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let bad = broken_qcow2(dir.path());
@@ -481,11 +449,9 @@ fn ovf(disk_href: &str, capacity: u64) -> String {
     )
 }
 
-#[test]
 fn import_ova_packed_with_tar() {
-    if !have_qemu("import_ova_packed_with_tar") || !have("tar") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
+    strata_testkit::require_tool("tar", "tar");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let pack = dir.path().join("pack");
@@ -551,7 +517,6 @@ fn import_ova_packed_with_tar() {
 
 /// Ctrl-C during a conversion stops it at the next chunk, removes the staged (hidden) target,
 /// and exits with 130; nothing is left in the target's folder.
-#[test]
 fn ctrl_c_stops_a_conversion_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -620,11 +585,8 @@ fn qcow2_base(dir: &Path, bytes: &[u8]) -> PathBuf {
 /// A new qcow2 on a backing file (`-o backing_file=`) reads the backing where nothing is
 /// written, so the source's zeros must be written (as zero clusters): the result, read through
 /// its backing file, equals the source.
-#[test]
 fn converting_onto_a_backing_file_keeps_the_sources_zeros() {
-    if !have_qemu("converting_onto_a_backing_file_keeps_the_sources_zeros") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     qcow2_base(dir.path(), &vec![0xabu8; 4 * MIB as usize]);
@@ -669,11 +631,8 @@ fn converting_onto_a_backing_file_keeps_the_sources_zeros() {
 
 /// Converting an overlay (a qcow2 on a backing file) flattens it: the clusters the overlay
 /// does not hold come from the backing file, not as zeros.
-#[test]
 fn converting_an_overlay_reads_its_backing_file() {
-    if !have_qemu("converting_an_overlay_reads_its_backing_file") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let base = qcow2_base(dir.path(), &pattern(7, 4 * MIB as usize));
@@ -702,3 +661,14 @@ fn converting_an_overlay_reads_its_backing_file() {
         assert!(same, "{fmt}: {text}");
     }
 }
+
+strata_testkit::main!(
+    every_format_pair_through_the_command,
+    progress_to_a_pipe_and_stats_stay_clean,
+    volumes_as_source_and_target,
+    failed_conversions_leave_no_target,
+    import_ova_packed_with_tar,
+    ctrl_c_stops_a_conversion_and_leaves_nothing,
+    converting_onto_a_backing_file_keeps_the_sources_zeros,
+    converting_an_overlay_reads_its_backing_file,
+);

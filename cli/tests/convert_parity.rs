@@ -22,38 +22,31 @@ fn ok(args: &[&str]) {
     );
 }
 
-/// Runs qemu-img (or qemu-io); `None` when it is not installed (a failure under CI).
-fn qemu(tool: &str, args: &[&str]) -> Option<String> {
-    match Command::new(tool).args(args).output() {
-        Ok(o) => {
-            assert!(
-                o.status.success(),
-                "{tool} {args:?}: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Some(String::from_utf8_lossy(&o.stdout).into_owned())
-        }
-        Err(_) => {
-            assert!(std::env::var_os("CI").is_none(), "{tool} is not installed");
-            eprintln!("\n*** SKIPPED: {tool} not installed (apt-get install qemu-utils) ***\n");
-            None
-        }
-    }
+/// Runs qemu-img (or qemu-io), which must succeed; returns its stdout.
+fn qemu(tool: &str, args: &[&str]) -> String {
+    let o = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert!(
+        o.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
 fn stream_optimized_without_c_and_unsafe_cache() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.qcow2");
-    if qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&src), "16M"]).is_none() {
-        return;
-    }
-    qemu("qemu-io", &["-c", "write -P 0x3c 1M 2M", s(&src)]).unwrap();
+    strata_testkit::require_qemu_utils();
+    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&src), "16M"]);
+    qemu("qemu-io", &["-c", "write -P 0x3c 1M 2M", s(&src)]);
     let out = dir.path().join("out.vmdk");
     ok(&[
         "image",
@@ -67,9 +60,9 @@ fn stream_optimized_without_c_and_unsafe_cache() {
         s(&src),
         s(&out),
     ]);
-    let info = qemu("qemu-img", &["info", "--output=json", s(&out)]).unwrap();
+    let info = qemu("qemu-img", &["info", "--output=json", s(&out)]);
     assert!(info.contains("streamOptimized"), "{info}");
-    qemu("qemu-img", &["compare", s(&src), s(&out)]).unwrap();
+    qemu("qemu-img", &["compare", s(&src), s(&out)]);
     let help =
         String::from_utf8_lossy(&strata(&["image", "convert", "--help"]).stdout).into_owned();
     assert!(
@@ -78,18 +71,16 @@ fn stream_optimized_without_c_and_unsafe_cache() {
     );
 }
 
-#[test]
 fn snapshot_selectors_read_without_applying() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("snap.qcow2");
-    if qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&src), "8M"]).is_none() {
-        return;
-    }
-    qemu("qemu-io", &["-c", "write -P 1 0 1M", s(&src)]).unwrap();
-    qemu("qemu-img", &["snapshot", "-c", "first", s(&src)]).unwrap();
-    qemu("qemu-io", &["-c", "write -P 2 0 2M", s(&src)]).unwrap();
-    qemu("qemu-img", &["snapshot", "-c", "second", s(&src)]).unwrap();
-    qemu("qemu-io", &["-c", "write -P 3 512k 512k", s(&src)]).unwrap();
+    strata_testkit::require_qemu_utils();
+    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&src), "8M"]);
+    qemu("qemu-io", &["-c", "write -P 1 0 1M", s(&src)]);
+    qemu("qemu-img", &["snapshot", "-c", "first", s(&src)]);
+    qemu("qemu-io", &["-c", "write -P 2 0 2M", s(&src)]);
+    qemu("qemu-img", &["snapshot", "-c", "second", s(&src)]);
+    qemu("qemu-io", &["-c", "write -P 3 512k 512k", s(&src)]);
     for (sel, name) in [
         ("snapshot.name=first", "first"),
         ("snapshot.id=2", "second"),
@@ -109,8 +100,7 @@ fn snapshot_selectors_read_without_applying() {
         qemu(
             "qemu-img",
             &["convert", "-O", "raw", "-l", sel, s(&src), s(&theirs)],
-        )
-        .unwrap();
+        );
         assert_eq!(
             std::fs::read(&ours).unwrap(),
             std::fs::read(&theirs).unwrap(),
@@ -127,9 +117,8 @@ fn snapshot_selectors_read_without_applying() {
             "read -P 2 1M 1M",
             s(&src),
         ],
-    )
-    .unwrap();
-    qemu("qemu-img", &["check", s(&src)]).unwrap();
+    );
+    qemu("qemu-img", &["check", s(&src)]);
     let o = strata(&[
         "image",
         "convert",
@@ -144,7 +133,6 @@ fn snapshot_selectors_read_without_applying() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no snapshot named 'nope'"));
 }
 
-#[test]
 fn errors_never_name_the_staging_path() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
@@ -175,3 +163,9 @@ fn errors_never_name_the_staging_path() {
         .collect();
     assert_eq!(left.len(), 1, "{left:?}");
 }
+
+strata_testkit::main!(
+    stream_optimized_without_c_and_unsafe_cache,
+    snapshot_selectors_read_without_applying,
+    errors_never_name_the_staging_path,
+);

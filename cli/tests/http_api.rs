@@ -493,11 +493,7 @@ fn server_paths_are_confined_to_the_import_folders() {
     if have_qemu_img {
         refused.push(backed.clone());
     } else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI has qemu-img: the backing-file source must be tried"
-        );
-        eprintln!("SKIPPED (part): qemu-img missing, the backing-file source is not tried");
+        strata_testkit::partial_skip("qemu-img is missing: the backing-file source is not tried");
     }
     for (i, path) in refused.iter().enumerate() {
         let r = convert(path, &format!("image:stolen{i}.raw"));

@@ -1,29 +1,9 @@
 //! `strata nbd serve` end to end: a volume served over TCP and a Unix socket at once, read by
 //! qemu-img and nbdinfo, stopped by SIGTERM; plain NBD on a non-loopback address is refused.
-//! Needs qemu-utils and libnbd-bin (CI installs them; without CI a missing tool skips loudly).
+//! Needs qemu-utils and libnbd-bin (CI installs them; elsewhere a missing tool shows the test as ignored).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-
-fn have(tool: &str, package: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing in CI (apt-get install {package})"
-        );
-        eprintln!(
-            "{}\nSKIPPED: {tool} is not installed\n{}",
-            "!".repeat(78),
-            "!".repeat(78)
-        );
-    }
-    found
-}
 
 fn ok(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().unwrap();
@@ -35,11 +15,9 @@ fn ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
 fn nbd_serve_exports_a_volume_over_tcp_and_a_unix_socket() {
-    if !(have("qemu-img", "qemu-utils") & have("nbdinfo", "libnbd-bin")) {
-        return;
-    }
+    strata_testkit::require_tool("qemu-img", "qemu-utils");
+    strata_testkit::require_tool("nbdinfo", "libnbd-bin");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -120,3 +98,5 @@ fn nbd_serve_exports_a_volume_over_tcp_and_a_unix_socket() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
+
+strata_testkit::main!(nbd_serve_exports_a_volume_over_tcp_and_a_unix_socket,);

@@ -93,13 +93,9 @@ fn boot(
     console
 }
 
-#[test]
 fn a_linux_guest_runs_on_a_volume_exported_over_nbd_with_tls() {
-    const TEST: &str = "a_linux_guest_runs_on_a_volume_exported_over_nbd_with_tls";
     for t in ["qemu-system-x86_64", "fio"] {
-        if !require_tool(t, TEST) {
-            return;
-        }
+        require_tool(t);
     }
     let guest = guest_dir_with_fio().expect("building the test guest");
     assert_eq!(guest, guest_dir().unwrap());
@@ -183,3 +179,5 @@ fn a_linux_guest_runs_on_a_volume_exported_over_nbd_with_tls() {
     assert_eq!(got.status, 200);
     check_bytes("NBD over TLS", &got.raw).unwrap();
 }
+
+strata_testkit::main!(a_linux_guest_runs_on_a_volume_exported_over_nbd_with_tls,);

@@ -2,7 +2,6 @@
 //! (scripts/ceph-cluster.sh): adding a group (admin only, its files confined to the import
 //! folders), volumes made, written, snapshotted, cloned, backed up incrementally and restored
 //! with the same requests as on a local group, and the group removed once empty.
-#![cfg(feature = "rbd")]
 
 mod common;
 
@@ -22,11 +21,8 @@ fn download(c: &Client, path: &str) -> Vec<u8> {
     r.raw
 }
 
-#[test]
 fn rbd_groups_work_through_the_api_like_local_ones() {
-    let Some(cl) = cluster("RBD groups through the HTTP API") else {
-        return;
-    };
+    let cl = cluster();
     let srv = Server::start_with_args(&["--import-dir", cl.dir.to_str().unwrap()]);
     let c = srv.client();
     let vg = unique("apivg");
@@ -179,3 +175,5 @@ fn rbd_groups_work_through_the_api_like_local_ones() {
     let r = c.request("DELETE", "/api/storage/strata", None).unwrap();
     assert_eq!(r.status, 501, "{:?}", r.body);
 }
+
+strata_testkit::main!(rbd_groups_work_through_the_api_like_local_ones,);

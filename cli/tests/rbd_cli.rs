@@ -2,7 +2,6 @@
 //! (scripts/ceph-cluster.sh, one per test binary): volumes, snapshots, clones, templates,
 //! resize, refusals, `lv:` conversion in and out of qcow2, adopting `rbd create` images, `rbd`
 //! interop, incremental backups from Ceph's change tracking, and a pool over its quota.
-#![cfg(feature = "rbd")]
 
 use std::path::Path;
 use std::process::Command;
@@ -71,11 +70,8 @@ fn tool(name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-#[test]
 fn volumes_snapshots_clones_templates_resize_and_refusals() {
-    let Some(c) = cluster("RBD volume verbs") else {
-        return;
-    };
+    let c = cluster();
     let vg = unique("vg");
     let e = env_with_group(c, &vg, &c.pool);
     let (disk, snap, clone) = (unique("disk"), unique("snap"), unique("clone"));
@@ -185,11 +181,8 @@ fn volumes_snapshots_clones_templates_resize_and_refusals() {
     e.ok(&["vg", "remove", &vg]);
 }
 
-#[test]
 fn qcow2_into_an_rbd_volume_and_back_out() {
-    let Some(c) = cluster("qcow2 through an RBD volume") else {
-        return;
-    };
+    let c = cluster();
     let vg = unique("vg");
     let e = env_with_group(c, &vg, &c.pool);
     let src = e.path("src.qcow2");
@@ -246,11 +239,8 @@ fn qcow2_into_an_rbd_volume_and_back_out() {
     e.ok(&["lv", "remove", &format!("{vg}/{vol}")]);
 }
 
-#[test]
 fn images_made_by_rbd_create_are_adopted_and_opened() {
-    let Some(c) = cluster("adopting rbd create images") else {
-        return;
-    };
+    let c = cluster();
     let vg = unique("vg");
     let e = env_with_group(c, &vg, &c.pool);
     let img = unique("ext");
@@ -303,11 +293,8 @@ fn record(c: &TestCluster, vg: &str, pool: &str) -> RbdGroupRecord {
     }
 }
 
-#[test]
 fn incremental_backups_read_only_what_changed() {
-    let Some(c) = cluster("incremental backups of RBD volumes") else {
-        return;
-    };
+    let c = cluster();
     let vg = unique("vg");
     let e = env_with_group(c, &vg, &c.pool);
     let vol = unique("b");
@@ -390,11 +377,8 @@ fn incremental_backups_read_only_what_changed() {
     e.ok(&["lv", "remove", &format!("{vg}/{vol}")]);
 }
 
-#[test]
 fn a_pool_over_its_quota_fails_writes_cleanly() {
-    let Some(c) = cluster("RBD pool quota") else {
-        return;
-    };
+    let c = cluster();
     let pool = unique("quota");
     c.new_pool(&pool).unwrap();
     c.ceph(&[
@@ -507,3 +491,11 @@ fn a_pool_over_its_quota_fails_writes_cleanly() {
     e.ok(&["lv", "remove", &format!("{vg}/{vol2}")]);
     c.remove_pool(&pool).unwrap();
 }
+
+strata_testkit::main!(
+    volumes_snapshots_clones_templates_resize_and_refusals,
+    qcow2_into_an_rbd_volume_and_back_out,
+    images_made_by_rbd_create_are_adopted_and_opened,
+    incremental_backups_read_only_what_changed,
+    a_pool_over_its_quota_fails_writes_cleanly,
+);

@@ -67,14 +67,8 @@ fn assert_raw_image_holds(c: &Client, name: &str, want: &[u8]) {
 /// The reproduction: a clean qcow2 whose contents are a qcow2 header naming
 /// /etc/passwd, uploaded as a raw image. Before, the raw image was probed, opened as qcow2 and
 /// the download printed /etc/passwd.
-#[test]
 fn an_uploaded_raw_image_holding_a_qcow2_header_stays_raw() {
-    if !require_tool(
-        "qemu-img",
-        "an_uploaded_raw_image_holding_a_qcow2_header_stays_raw",
-    ) {
-        return;
-    }
+    require_tool("qemu-img");
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start();
     let c = srv.client();
@@ -140,12 +134,8 @@ fn an_uploaded_raw_image_holding_a_qcow2_header_stays_raw() {
 
 /// A guest writes a qcow2 header naming a server file into its raw volume. Backup, restore,
 /// conversion and download all treat the volume's bytes as raw data.
-#[test]
 fn a_guest_written_qcow2_header_in_a_volume_stays_data_everywhere() {
-    const TEST: &str = "a_guest_written_qcow2_header_in_a_volume_stays_data_everywhere";
-    if !require_tool("qemu-img", TEST) {
-        return;
-    }
+    require_tool("qemu-img");
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, b"STRATA-SECRET-7f3a".repeat(4096)).unwrap();
@@ -250,12 +240,8 @@ fn a_guest_written_qcow2_header_in_a_volume_stays_data_everywhere() {
 
 /// Files put into the image folder by hand have no recorded format: listed as unknown,
 /// refused for use, until an admin adopts them after a check.
-#[test]
 fn images_without_a_record_are_refused_until_an_admin_adopts_them() {
-    const TEST: &str = "images_without_a_record_are_refused_until_an_admin_adopts_them";
-    if !require_tool("qemu-img", TEST) {
-        return;
-    }
+    require_tool("qemu-img");
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start();
     let c = srv.client();
@@ -407,3 +393,9 @@ fn images_without_a_record_are_refused_until_an_admin_adopts_them() {
     let c = srv.client();
     assert_eq!(info(&c, "dropped.qcow2")["format"], "unknown");
 }
+
+strata_testkit::main!(
+    an_uploaded_raw_image_holding_a_qcow2_header_stays_raw,
+    a_guest_written_qcow2_header_in_a_volume_stays_data_everywhere,
+    images_without_a_record_are_refused_until_an_admin_adopts_them,
+);

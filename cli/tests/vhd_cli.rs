@@ -88,7 +88,6 @@ fn write_patterns(path: &Path, writes: &[(u64, usize, u8)], model: &mut [u8]) {
     q.flush().unwrap();
 }
 
-#[test]
 fn a_xenserver_vhd_chain_imports_into_a_thin_volume() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -212,27 +211,18 @@ fn a_xenserver_vhd_chain_imports_into_a_thin_volume() {
     assert_eq!(again.size(), size);
 }
 
-/// Runs qemu-img; `None` when it is not installed (a failure under CI).
-fn qemu_img(args: &[&str]) -> Option<()> {
-    match Command::new("qemu-img").args(args).output() {
-        Ok(o) => {
-            assert!(
-                o.status.success(),
-                "qemu-img {args:?}: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Some(())
-        }
-        Err(_) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "qemu-img is not installed"
-            );
-            eprintln!("\n*** SKIPPED: qemu-img not installed (apt-get install qemu-utils) ***\n");
-            None
-        }
-    }
+/// Runs qemu-img, which must succeed.
+fn qemu_img(args: &[&str]) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}"));
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn qemu_fmt(f: &str) -> &str {
@@ -243,8 +233,8 @@ fn qemu_fmt(f: &str) -> &str {
     }
 }
 
-#[test]
 fn vhd_and_vhdx_back_up_and_restore_to_every_format() {
+    strata_testkit::require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let data = d.join("data");
@@ -265,7 +255,7 @@ fn vhd_and_vhdx_back_up_and_restore_to_every_format() {
             &data,
             &["image", "convert", "-O", fmt, "-o", opts, s(&raw), s(&src)],
         );
-        if qemu_img(&[
+        qemu_img(&[
             "compare",
             "-f",
             "raw",
@@ -273,11 +263,7 @@ fn vhd_and_vhdx_back_up_and_restore_to_every_format() {
             qemu_fmt(fmt),
             s(&raw),
             s(&src),
-        ])
-        .is_none()
-        {
-            return;
-        }
+        ]);
         strata(
             &data,
             &["backup", "create", "--store", s(&store), "--quiet", s(&src)],
@@ -360,3 +346,8 @@ fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
         x
     }
 }
+
+strata_testkit::main!(
+    a_xenserver_vhd_chain_imports_into_a_thin_volume,
+    vhd_and_vhdx_back_up_and_restore_to_every_format,
+);

@@ -15,9 +15,7 @@ use std::time::Duration;
 use common::vms::*;
 use common::Server;
 use serde_json::{json, Value};
-use strata_tests::{is_pvm_host, skip_loudly};
 
-#[test]
 fn vms_are_defined_listed_shown_and_removed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -102,7 +100,6 @@ fn vms_are_defined_listed_shown_and_removed() {
     assert_eq!(r.status, 200);
 }
 
-#[test]
 fn bad_vm_definitions_are_refused_with_the_right_status() {
     let srv = Server::start();
     let c = srv.client();
@@ -239,12 +236,8 @@ fn bad_vm_definitions_are_refused_with_the_right_status() {
     }
 }
 
-#[test]
 fn a_guest_is_started_watched_and_stopped_through_the_api() {
-    const WHAT: &str = "VM start/console/stop through the HTTP API (freestanding guest)";
-    let Some((_srv, c, _dir, spinner)) = guest_setup(WHAT, Then::Spin) else {
-        return;
-    };
+    let (_srv, c, _dir, spinner) = guest_setup(Then::Spin);
     create_volume(&c, "spin-root");
     define_and_start(
         &c,
@@ -344,12 +337,8 @@ fn a_guest_is_started_watched_and_stopped_through_the_api() {
     }
 }
 
-#[test]
 fn a_guest_that_powers_off_is_stopped_and_can_start_again() {
-    const WHAT: &str = "VM power-off and restart through the HTTP API (freestanding guest)";
-    let Some((srv, c, _dir, guest)) = guest_setup(WHAT, Then::PowerOff) else {
-        return;
-    };
+    let (srv, c, _dir, guest) = guest_setup(Then::PowerOff);
     let image = srv.data.join("images/off-disk.raw");
     std::fs::File::create(&image)
         .unwrap()
@@ -387,23 +376,10 @@ fn a_guest_that_powers_off_is_stopped_and_can_start_again() {
     assert_eq!(r.status, 204, "{:?}", r.body);
 }
 
-#[test]
 fn a_linux_guest_boots_runs_its_disk_test_and_powers_off_through_the_api() {
     use strata_tests::linux_guest::{check_console, guest_dir, prepare_raw, DISK_TEST_CMDLINE};
-    const WHAT: &str = "Linux guest started through the HTTP API (kernel boot, console, \
-                        virtio-blk disk test, power-off)";
-    if is_pvm_host() {
-        skip_loudly(
-            WHAT,
-            "this host's /dev/kvm is PVM (/sys/module/kvm_pvm exists): an unmodified Linux \
-             kernel does not finish booting; the freestanding-guest tests cover start, console \
-             and stop here, and this test needs hardware KVM",
-        );
-        return;
-    }
-    if !kvm_or_skip(WHAT) {
-        return;
-    }
+    // On PVM the freestanding-guest tests cover start, console and stop.
+    strata_testkit::require_hardware_kvm();
     let guest: PathBuf = guest_dir().expect("building the Linux test guest");
     let srv = Server::start();
     let c = srv.client();
@@ -455,12 +431,8 @@ fn strata_cli(data: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-#[test]
 fn the_cli_manages_a_vm_the_server_runs_remotely_and_locally() {
-    const WHAT: &str = "strata vm define/start/list/console/stop/remove with --remote and locally";
-    let Some((srv, c, _dir, spinner)) = guest_setup(WHAT, Then::Spin) else {
-        return;
-    };
+    let (srv, c, _dir, spinner) = guest_setup(Then::Spin);
     let remote_args = srv.remote_args();
     let remote = |args: &[&str]| {
         let mut all: Vec<&str> = remote_args.iter().map(String::as_str).collect();
@@ -529,13 +501,9 @@ fn the_cli_manages_a_vm_the_server_runs_remotely_and_locally() {
     );
 }
 
-#[test]
 fn a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason() {
-    const WHAT: &str = "VM failure reporting through the HTTP API";
     // A flat image is not a bzImage: the Linux loader refuses it when the VM is built.
-    let Some((srv, c, _dir, not_linux)) = guest_setup(WHAT, Then::Spin) else {
-        return;
-    };
+    let (srv, c, _dir, not_linux) = guest_setup(Then::Spin);
     define_and_start(
         &c,
         json!({"name": "broken", "memory": "32M", "kernel": not_linux}),
@@ -554,12 +522,8 @@ fn a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason() {
     assert_eq!(r.status, 204, "{:?}", r.body);
 }
 
-#[test]
 fn a_guest_in_a_reboot_loop_is_rebuilt_then_stopped_as_failed() {
-    const WHAT: &str = "VM reboots and the reboot-loop limit through the HTTP API";
-    let Some((_srv, c, _dir, guest)) = guest_setup(WHAT, Then::Reboot) else {
-        return;
-    };
+    let (_srv, c, _dir, guest) = guest_setup(Then::Reboot);
     define_and_start(
         &c,
         json!({"name": "looper", "memory": "32M", "boot": "flat", "kernel": guest}),
@@ -577,12 +541,8 @@ fn a_guest_in_a_reboot_loop_is_rebuilt_then_stopped_as_failed() {
     assert_eq!(console(&c, "looper", "")["data"], GREETING.repeat(5));
 }
 
-#[test]
 fn running_vms_together_may_not_claim_more_than_the_hosts_memory() {
-    const WHAT: &str = "the memory bound on running VMs";
-    let Some((_srv, c, _dir, guest)) = guest_setup(WHAT, Then::Spin) else {
-        return;
-    };
+    let (_srv, c, _dir, guest) = guest_setup(Then::Spin);
     let host_mib = std::fs::read_to_string("/proc/meminfo")
         .unwrap()
         .lines()
@@ -625,3 +585,15 @@ fn running_vms_together_may_not_claim_more_than_the_hosts_memory() {
         .unwrap();
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
+
+strata_testkit::main!(
+    vms_are_defined_listed_shown_and_removed,
+    bad_vm_definitions_are_refused_with_the_right_status,
+    a_guest_is_started_watched_and_stopped_through_the_api,
+    a_guest_that_powers_off_is_stopped_and_can_start_again,
+    a_linux_guest_boots_runs_its_disk_test_and_powers_off_through_the_api,
+    the_cli_manages_a_vm_the_server_runs_remotely_and_locally,
+    a_kernel_the_vmm_cannot_load_leaves_the_vm_failed_with_the_reason,
+    a_guest_in_a_reboot_loop_is_rebuilt_then_stopped_as_failed,
+    running_vms_together_may_not_claim_more_than_the_hosts_memory,
+);

@@ -99,12 +99,8 @@ fn ticker_on_disk(path: &Path) -> Option<u64> {
     ticker_counter(&std::fs::read(path).unwrap())
 }
 
-#[test]
 fn a_vm_outlives_a_killed_server_and_a_new_server_adopts_it() {
-    const WHAT: &str = "VM surviving kill -9 of strata serve, adopted by a new server";
-    if !kvm_or_skip(WHAT) {
-        return;
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut srv = Server::start_on(&data);
@@ -182,12 +178,8 @@ fn a_vm_outlives_a_killed_server_and_a_new_server_adopts_it() {
     assert!(!alive(pid));
 }
 
-#[test]
 fn a_killed_vmm_is_failed_at_once_and_its_volume_is_consistent_and_usable() {
-    const WHAT: &str = "kill -9 of one VMM process";
-    let Some((srv, c, dir, spinner)) = guest_setup(WHAT, Then::Spin) else {
-        return;
-    };
+    let (srv, c, dir, spinner) = guest_setup(Then::Spin);
     let ticker = write_ticker(&srv);
     create_volume(&c, "v1");
     define_and_start(
@@ -250,12 +242,8 @@ fn a_killed_vmm_is_failed_at_once_and_its_volume_is_consistent_and_usable() {
     }
 }
 
-#[test]
 fn the_power_button_reaches_the_guest_which_powers_off_cleanly() {
-    const WHAT: &str = "the ACPI power button (freestanding guest)";
-    if !kvm_or_skip(WHAT) {
-        return;
-    }
+    strata_testkit::require_kvm();
     let srv = Server::start();
     let c = srv.client();
     let ticker = write_ticker(&srv);
@@ -290,12 +278,8 @@ fn the_power_button_reaches_the_guest_which_powers_off_cleanly() {
     assert_eq!(ticker_on_disk(&disk), Some(last));
 }
 
-#[test]
 fn a_vmm_thread_outside_its_seccomp_filter_dies_of_sigsys_and_the_reason_is_recorded() {
-    const WHAT: &str = "seccomp filters of the VMM's threads";
-    if !kvm_or_skip(WHAT) {
-        return;
-    }
+    strata_testkit::require_kvm();
     for (role, kind) in [("vcpu", "vcpu"), ("control", "control")] {
         let dir = tempfile::tempdir().unwrap();
         let srv = Server::start_with_env(
@@ -348,12 +332,8 @@ fn status_field(pid: u32, field: &str) -> String {
         .unwrap_or_default()
 }
 
-#[test]
 fn the_vmm_runs_confined_without_the_servers_files_or_other_vms_disks() {
-    const WHAT: &str = "the VMM process's uid, namespaces and descriptors";
-    if !kvm_or_skip(WHAT) {
-        return;
-    }
+    strata_testkit::require_kvm();
     let srv = Server::start();
     let c = srv.client();
     let ticker = write_ticker(&srv);
@@ -442,3 +422,11 @@ fn the_vmm_runs_confined_without_the_servers_files_or_other_vms_disks() {
         assert_eq!(r.status, 200, "{:?}", r.body);
     }
 }
+
+strata_testkit::main!(
+    a_vm_outlives_a_killed_server_and_a_new_server_adopts_it,
+    a_killed_vmm_is_failed_at_once_and_its_volume_is_consistent_and_usable,
+    the_power_button_reaches_the_guest_which_powers_off_cleanly,
+    a_vmm_thread_outside_its_seccomp_filter_dies_of_sigsys_and_the_reason_is_recorded,
+    the_vmm_runs_confined_without_the_servers_files_or_other_vms_disks,
+);

@@ -79,14 +79,20 @@ pub fn open_export(
     if spec.starts_with(LV_PREFIX) {
         let source = open_source(spec, &opts, &settings.data_dir)?;
         let Source::Volume {
-            device,
-            vg,
-            name: lv_name,
+            vg, name: lv_name, ..
         } = &source
         else {
             return Err(NbdError::InvalidConfig(format!("{spec} is not a volume")));
         };
         let lv = lv_name.split_once('/').map_or(lv_name.as_str(), |(_, l)| l);
+        // A volume under live restore is served through the live-restore device (its workers
+        // continue the copy while the export is open).
+        let device = strata_backup::live::wrap_source(
+            &source,
+            &settings.data_dir,
+            strata_backup::live::LiveOptions::default(),
+        )?
+        .device();
         // Groups opened without a data directory, and RBD groups, have no bitmaps: none then.
         let bitmaps = vg
             .local("export dirty bitmaps of")
@@ -95,7 +101,7 @@ pub fn open_export(
         return Ok(ExportConfig {
             name: name.to_string(),
             description: source.describe(),
-            device: device.clone(),
+            device,
             read_only: settings.read_only,
             bitmaps,
             access,

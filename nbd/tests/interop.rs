@@ -63,11 +63,8 @@ fn ranges_of(map: &[(u64, u64, u32)], kind: u32) -> Vec<(u64, u64)> {
     out
 }
 
-#[test]
 fn volume_snapshot_and_backup_exports_match_their_sources() {
-    if !have_clients() {
-        return;
-    }
+    require_clients();
     let f = Fixture::new();
     let reg = ExportRegistry::new();
     reg.add(volume_export(&f, "vm1", "vm1", false)).unwrap();
@@ -181,11 +178,8 @@ fn volume_snapshot_and_backup_exports_match_their_sources() {
     assert!(server.stop(std::time::Duration::from_secs(10)));
 }
 
-#[test]
 fn maps_show_allocation_and_dirty_extents() {
-    if !have_clients() {
-        return;
-    }
+    require_clients();
     let f = Fixture::new();
     let reg = ExportRegistry::new();
     reg.add(volume_export(&f, "vm1", "vm1", false)).unwrap();
@@ -222,11 +216,8 @@ fn maps_show_allocation_and_dirty_extents() {
     .success());
 }
 
-#[test]
 fn qemu_io_writes_and_nbdcopy_in_both_directions() {
-    if !have_clients() {
-        return;
-    }
+    require_clients();
     let f = Fixture::new();
     let reg = ExportRegistry::new();
     reg.add(volume_export(&f, "vm1", "vm1", false)).unwrap();
@@ -307,11 +298,8 @@ fn qemu_io_writes_and_nbdcopy_in_both_directions() {
     assert!(c.buf.unwrap().to_vec() == input);
 }
 
-#[test]
 fn an_image_file_export_with_a_sidecar_bitmap() {
-    if !have_clients() {
-        return;
-    }
+    require_clients();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
     ok(
@@ -363,3 +351,10 @@ fn an_image_file_export_with_a_sidecar_bitmap() {
     );
     assert!(!out.contains("failed"), "{out}");
 }
+
+strata_testkit::main!(
+    volume_snapshot_and_backup_exports_match_their_sources,
+    maps_show_allocation_and_dirty_extents,
+    qemu_io_writes_and_nbdcopy_in_both_directions,
+    an_image_file_export_with_a_sidecar_bitmap,
+);

@@ -109,7 +109,6 @@ impl Raw {
     }
 }
 
-#[test]
 fn malformed_requests_and_unknown_names_close_only_their_own_connection() {
     let content = pattern(MIB as usize, 3);
     let reg = ExportRegistry::new();
@@ -164,7 +163,7 @@ fn malformed_requests_and_unknown_names_close_only_their_own_connection() {
     assert_eq!(good.reply(4096), (0, content[..4096].to_vec()));
     good.request(cmd::DISC, 0, 0, &[]);
     assert!(good.closed());
-    if have("nbdinfo", "libnbd-bin") {
+    if strata_testkit::part_has_tool("nbdinfo", "libnbd-bin") {
         assert!(!run("nbdinfo", &[&uri(&server, "nope")]).status.success());
         ok("nbdinfo", &[&uri(&server, "disk")]);
     }
@@ -216,11 +215,9 @@ make wrongca ca client.ext client ca2
     );
 }
 
-#[test]
 fn tls_clients_with_certificates_and_allow_lists() {
-    if !(have("openssl", "openssl") & have_clients()) {
-        return;
-    }
+    strata_testkit::require_tool("openssl", "openssl");
+    require_clients();
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
     let d = |p: &str| dir.path().join(p);
@@ -329,7 +326,6 @@ fn tls_clients_with_certificates_and_allow_lists() {
     assert!(qemu("good", "pinned").status.success());
 }
 
-#[test]
 fn plain_listeners_must_be_local() {
     let reg = ExportRegistry::new();
     let e = strata_nbd::start(
@@ -343,3 +339,9 @@ fn plain_listeners_must_be_local() {
     .unwrap_err();
     assert!(e.to_string().contains("loopback"), "{e}");
 }
+
+strata_testkit::main!(
+    malformed_requests_and_unknown_names_close_only_their_own_connection,
+    tls_clients_with_certificates_and_allow_lists,
+    plain_listeners_must_be_local,
+);

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use strata_backup::prune::KeepRules;
 use strata_backup::restore::RestoreOptions;
 use strata_backup::{snapshot, BackupOptions, Changes, Datastore};
-use strata_storage::format::{self, ImageFormat};
+use strata_storage::format::ImageFormat;
 
 use super::catalog::{appliance_open_options, Origin};
 use super::jobs::{Job, JobContext};
@@ -38,6 +38,16 @@ pub struct RestoreBackup {
     pub target: String,
     /// Format of a new image (raw, qcow2, vmdk, vhd, vhdx); default raw.
     pub format: Option<String>,
+    /// Live restore onto a volume: the volume is usable at once (VMs, NBD exports), chunks
+    /// being fetched as they are read and copied in the background.
+    #[serde(default)]
+    pub live: bool,
+    /// With `live`: whether this job runs the background copy to its end (default). `false`
+    /// only sets the restore up; the copy then runs wherever the volume is opened, or when the
+    /// server starts.
+    pub copy: Option<bool>,
+    /// Workers fetching, checking and writing chunks (default four per core, at most 256).
+    pub workers: Option<usize>,
 }
 
 /// What to verify.
@@ -78,6 +88,8 @@ pub struct BackupSummary {
     /// Its manifest: source, time, size, format, parent, change tracking, figures; or the error
     /// reading it.
     pub manifest: serde_json::Value,
+    /// Its last verification, if it was verified.
+    pub verified: Option<super::backup_state::VerifyState>,
 }
 
 impl Service {
@@ -97,6 +109,7 @@ impl Service {
             Some(id) => store.list_group(id)?,
             None => store.list()?,
         };
+        let verified = self.backup_state.all_verified();
         Ok(names
             .into_iter()
             .map(|n| BackupSummary {
@@ -105,6 +118,7 @@ impl Service {
                     Ok(m) => serde_json::to_value(&m).unwrap_or_default(),
                     Err(e) => serde_json::json!({ "error": e.to_string() }),
                 },
+                verified: verified.get(&n.to_string()).cloned(),
             })
             .collect())
     }
@@ -168,7 +182,29 @@ impl Service {
             .map(|i| index.chunk_range(i).1 as u64)
             .sum();
         let desc = format!("restore {name} to {}", req.target);
+        let workers = match req.workers {
+            None => strata_backup::restore::default_workers(),
+            Some(n) if (1..=strata_backup::restore::MAX_WORKERS).contains(&n) => n,
+            Some(n) => {
+                return Err(ServiceError::BadRequest(format!(
+                    "workers must be 1 to {}, not {n}",
+                    strata_backup::restore::MAX_WORKERS
+                )))
+            }
+        };
+        if req.copy.is_some() && !req.live {
+            return Err(ServiceError::BadRequest(
+                "\"copy\" applies to a live restore".into(),
+            ));
+        }
         if let Some(image) = req.target.strip_prefix("image:") {
+            if req.live {
+                return Err(ServiceError::BadRequest(
+                    "A live restore goes onto a volume (lv:VG/NAME): a new image is published \
+                     only when it is whole"
+                        .into(),
+                ));
+            }
             let path = self.image_path(image)?;
             if path.exists() {
                 return Err(ServiceError::Conflict(format!(
@@ -182,53 +218,41 @@ impl Service {
             // image that looks whole: dropping the staging removes the hidden file.
             let reservation = self.reserve_space(&path, data)?;
             let staged = strata_storage::convert::Staged::new(&path, fmt)?;
-            format::create_image(staged.build_path(), fmt, manifest.size, &Default::default())?;
             let svc = self.clone();
             let image = image.to_string();
             return self.jobs.clone().spawn("restore", desc, move |ctx| {
-                let v = restore_into_new(&store, &name, staged.build_path(), fmt, ctx)?;
+                let v = restore_into_new(&store, &name, staged.build_path(), fmt, workers, ctx)?;
                 staged.commit()?;
                 svc.record_image(&image, fmt, Origin::Restore)?;
                 drop(reservation);
                 Ok(v)
             });
         }
-        if !req.target.starts_with("lv:") {
+        let Some((vg, lv)) = req
+            .target
+            .strip_prefix("lv:")
+            .and_then(|t| t.split_once('/'))
+        else {
             return Err(ServiceError::BadRequest(format!(
                 "Restore target {:?} must be image:NAME (a new image) or lv:VG/NAME (an existing volume)",
                 req.target
             )));
-        }
+        };
         if req.format.is_some() {
             return Err(ServiceError::BadRequest(
                 "A format applies to a new image, not to a volume".into(),
             ));
         }
-        let target = self.resolve_source(&req.target, false, "a restore job")?;
-        if target.device().size() != manifest.size {
-            return Err(ServiceError::BadRequest(format!(
-                "{} holds {} bytes; the snapshot {name} needs a volume of exactly {} bytes",
-                req.target,
-                target.device().size(),
-                manifest.size
-            )));
-        }
-        let reservation = self.reserve_in_volume(&target, data)?;
-        self.jobs.clone().spawn("restore", desc, move |ctx| {
-            let _reservation = reservation;
-            let opts = RestoreOptions {
-                fresh_target: false,
-                ..Default::default()
-            };
-            let stats = strata_backup::restore::restore(
-                &store,
-                &name,
-                target.device(),
-                opts,
-                &JobProgress::new(ctx),
-            )?;
-            Ok(serde_json::to_value(&stats).unwrap_or_default())
-        })
+        super::names::validate("volume group", vg)?;
+        super::names::validate("volume", lv)?;
+        let restore = super::restores::VolumeRestore {
+            vg: vg.to_string(),
+            lv: lv.to_string(),
+            live: req.live,
+            copy: req.copy.unwrap_or(true),
+            workers,
+        };
+        self.start_volume_restore(store, name, data, restore)
     }
 
     /// Starts a verify job (one snapshot or all).
@@ -242,6 +266,7 @@ impl Service {
             Some(s) => format!("verify {s}"),
             None => "verify all snapshots".into(),
         };
+        let svc = self.clone();
         self.jobs.clone().spawn("verify", desc, move |ctx| {
             let workers = std::thread::available_parallelism()
                 .map(|n| n.get() * 2)
@@ -249,6 +274,7 @@ impl Service {
             let report =
                 strata_backup::verify::verify(&store, &names, workers, &JobProgress::new(ctx))?;
             let value = serde_json::to_value(&report).unwrap_or_default();
+            svc.record_verification(&report);
             if report.ok() {
                 Ok(value)
             } else {
@@ -274,18 +300,26 @@ impl Service {
             weekly: req.keep_weekly,
             monthly: req.keep_monthly,
         };
-        let decisions = strata_backup::prune::prune(&store, &req.ids, rules, req.dry_run)?;
+        let decisions = strata_backup::prune::prune_protecting(
+            &store,
+            &req.ids,
+            rules,
+            req.dry_run,
+            &self.snapshots_in_restore(),
+        )?;
         Ok(serde_json::to_value(&decisions).unwrap_or_default())
     }
 
     /// Starts garbage collection.
     pub fn start_gc(self: &Arc<Self>) -> ServiceResult<Arc<Job>> {
         let store = self.datastore()?;
+        let svc = self.clone();
         self.jobs
             .clone()
             .spawn("gc", "collect unreferenced chunks".into(), move |ctx| {
-                let stats = strata_backup::gc::gc(&store, 300, &JobProgress::new(ctx))?;
-                Ok(serde_json::to_value(&stats).unwrap_or_default())
+                let outcome = strata_backup::gc::gc(&store, 300, &JobProgress::new(ctx));
+                svc.record_gc(&outcome);
+                Ok(serde_json::to_value(&outcome?).unwrap_or_default())
             })
     }
 }
@@ -295,14 +329,18 @@ fn restore_into_new(
     name: &strata_backup::SnapshotName,
     path: &std::path::Path,
     fmt: ImageFormat,
+    workers: usize,
     ctx: &JobContext,
 ) -> ServiceResult<serde_json::Value> {
-    let dev = format::open_image(path, &appliance_open_options(fmt, false))?;
-    let stats = strata_backup::restore::restore(
+    let stats = strata_backup::restore::restore_into_new_image(
         store,
         name,
-        dev,
-        RestoreOptions::default(),
+        path,
+        &appliance_open_options(fmt, false),
+        RestoreOptions {
+            workers,
+            ..Default::default()
+        },
         &JobProgress::new(ctx),
     )?;
     Ok(serde_json::to_value(&stats).unwrap_or_default())

@@ -15,6 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::job_log::{JobLog, LogLine};
+use super::metrics::jobs::JobStats;
 use super::{write_atomically, ServiceError, ServiceResult};
 
 /// Where a job is in its life.
@@ -70,6 +72,9 @@ pub struct Job {
     cancel: AtomicBool,
     end: Mutex<Option<End>>,
     ended: Condvar,
+    /// For the duration figures (the start time above has whole seconds).
+    started_at: std::time::Instant,
+    log: JobLog,
 }
 
 #[derive(Clone, Debug)]
@@ -234,12 +239,26 @@ impl Job {
                 bytes: 0,
             },
         };
+        self.log.push(&match (&end.state, &end.error) {
+            (JobState::Succeeded, _) => "Succeeded".to_string(),
+            (_, Some(e)) => format!("{:?}: {e}", end.state),
+            (state, None) => format!("{state:?}"),
+        });
         let status = self.status_with(Some(end.clone()));
         end.bytes = record_bytes(&status);
         record(&status);
         *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
         self.ended.notify_all();
     }
+}
+
+/// A job's record file: its status and its log.
+#[derive(Debug, Serialize, Deserialize)]
+struct JobRecord {
+    #[serde(flatten)]
+    status: JobStatus,
+    #[serde(default)]
+    log: Vec<LogLine>,
 }
 
 /// What a job's work function sees: progress reporting and cancellation.
@@ -257,11 +276,22 @@ impl JobContext {
     /// Sets the bytes processed so far.
     pub fn set_done(&self, bytes: u64) {
         self.job.done.store(bytes, Ordering::Relaxed);
+        self.job
+            .log
+            .progress(bytes, self.job.total.load(Ordering::Relaxed));
     }
 
     /// Adds to the bytes processed.
     pub fn add_done(&self, bytes: u64) {
-        self.job.done.fetch_add(bytes, Ordering::Relaxed);
+        let done = self.job.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.job
+            .log
+            .progress(done, self.job.total.load(Ordering::Relaxed));
+    }
+
+    /// Adds a line to the job's log.
+    pub fn log(&self, message: &str) {
+        self.job.log.push(message);
     }
 
     /// Whether cancellation was requested.
@@ -293,6 +323,8 @@ pub struct JobManager {
     past: Mutex<BTreeMap<String, JobStatus>>,
     dir: Option<PathBuf>,
     counter: AtomicU64,
+    /// Jobs finished since the start, and how long they took (for metrics).
+    pub stats: JobStats,
 }
 
 impl JobManager {
@@ -331,13 +363,18 @@ impl JobManager {
             past: Mutex::new(past),
             dir,
             counter: AtomicU64::new(counter),
+            stats: JobStats::default(),
         }
     }
 
-    fn record(&self, status: &JobStatus) {
+    fn record(&self, status: &JobStatus, log: &JobLog) {
         if let Some(d) = &self.dir {
             let path = d.join(format!("{}.json", status.id));
-            match serde_json::to_vec_pretty(status) {
+            let record = JobRecord {
+                status: status.clone(),
+                log: log.lines(),
+            };
+            match serde_json::to_vec_pretty(&record) {
                 Ok(text) => {
                     if let Err(e) = write_atomically(&path, &text) {
                         tracing::warn!(job = %status.id, error = %e, "could not record job");
@@ -424,10 +461,13 @@ impl JobManager {
             cancel: AtomicBool::new(false),
             end: Mutex::new(None),
             ended: Condvar::new(),
+            started_at: std::time::Instant::now(),
+            log: JobLog::default(),
         });
+        job.log.push(&format!("Started: {}", job.description));
         jobs.insert(id.clone(), job.clone());
         drop(jobs);
-        self.record(&job.status());
+        self.record(&job.status(), &job.log);
         let ctx = JobContext { job: job.clone() };
         let manager = self.clone();
         std::thread::Builder::new()
@@ -447,7 +487,11 @@ impl JobManager {
                 } else {
                     tracing::info!("succeeded");
                 }
-                ctx.job.finish(outcome, |status| manager.record(status));
+                let took = ctx.job.started_at.elapsed();
+                ctx.job.finish(outcome, |status| {
+                    manager.record(status, &ctx.job.log);
+                    manager.stats.observe(&status.kind, status.state, took);
+                });
             })
             .map_err(|e| ServiceError::internal(format!("Starting a job thread: {e}")))?;
         Ok(job)
@@ -473,6 +517,34 @@ impl JobManager {
             .get(id)
             .cloned()
             .ok_or_else(|| ServiceError::NotFound(format!("Job {id}")))
+    }
+
+    /// A job's log, including jobs of earlier runs.
+    pub fn log(&self, id: &str) -> ServiceResult<Vec<LogLine>> {
+        if let Some(j) = self.get(id) {
+            return Ok(j.log.lines());
+        }
+        let known = self
+            .past
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id);
+        let (true, Some(dir)) = (known, &self.dir) else {
+            return Err(ServiceError::NotFound(format!("Job {id}")));
+        };
+        // Only ids of records read at start get here: no path comes from the request.
+        let path = dir.join(format!("{id}.json"));
+        let text = std::fs::File::open(&path)
+            .and_then(|f| {
+                use std::io::Read;
+                let mut text = Vec::new();
+                f.take(MAX_RECORD_FILE_BYTES).read_to_end(&mut text)?;
+                Ok(text)
+            })
+            .map_err(|e| ServiceError::internal(format!("Reading {}: {e}", path.display())))?;
+        Ok(serde_json::from_slice::<JobRecord>(&text)
+            .map(|r| r.log)
+            .unwrap_or_default())
     }
 
     /// Every job's status, oldest first.

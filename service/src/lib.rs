@@ -12,6 +12,11 @@
 //!   catalog/images/NAME.json  each image's recorded format (see [`catalog`])
 //!   jobs/         results of finished jobs, one JSON file each
 //!   vms/NAME/     a VM's definition, last run and console log (see [`vms`])
+//!   restores/VG/NAME.json     a volume being restored, and NAME.restored, a live restore's
+//!                 map of restored chunks (see [`restores`])
+//!   users.json    local users of the web UI (Argon2id hashes, see [`users`])
+//!   usage-history.json  storage usage samples (see [`usage_history`])
+//!   backup-state.json   last verification per snapshot, last GC and verify (see [`backup_state`])
 //! ```
 //!
 //! # Locking
@@ -21,28 +26,41 @@
 //! | job table | a mutex in [`jobs::JobManager`]; each job's progress is atomic |
 //! | images | the file system: creation uses `O_EXCL`, so two creators cannot both win |
 //! | VMs | definitions are created with `link`; running VMs in a mutex in [`vms::VmManager`] |
+//! | users, backup state | a mutex each ([`watched_json::WatchedJson`]); files replaced atomically |
+//! | web UI sessions | a mutex in [`sessions::Sessions`] (memory only) |
+//! | usage history | a mutex in [`usage_history::UsageHistory`]; one sampler thread writes |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod backup_state;
 pub mod backups;
 pub mod bootstrap;
 pub mod catalog;
+pub mod datastore_usage;
 pub mod error;
 pub mod exports;
 pub mod holds;
 pub mod images;
+pub mod io_stats;
+pub mod job_log;
 pub mod jobs;
+pub mod metrics;
 pub mod names;
 pub mod progress;
+pub mod restores;
 pub mod server_paths;
+pub mod sessions;
 pub mod space;
 pub mod tls;
 pub mod tokens;
 pub mod transfer;
+pub mod usage_history;
+pub mod users;
 pub mod vm_console;
 mod vm_disks;
 pub mod vm_runner;
 pub mod vms;
 pub mod volumes;
+pub mod watched_json;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -144,6 +162,18 @@ pub struct Service {
     pub space: Arc<space::Space>,
     /// NBD exports (served by `strata serve` only).
     pub exports: exports::Exports,
+    /// Restores onto volumes: running plain restores, open live restores and their jobs.
+    pub restores: restores::Restores,
+    /// Local users of the web UI.
+    pub users: users::UserStore,
+    /// Web UI sessions.
+    pub sessions: sessions::Sessions,
+    /// Storage usage samples.
+    pub usage: usage_history::UsageHistory,
+    /// I/O counters of the volumes opened.
+    pub io_stats: io_stats::IoStats,
+    /// Verification outcomes and the datastore's last upkeep.
+    pub backup_state: backup_state::BackupState,
 }
 
 impl Service {
@@ -162,8 +192,20 @@ impl Service {
             holds: Arc::new(holds::Holds::default()),
             space: Arc::new(space::Space::default()),
             exports: exports::Exports::default(),
+            restores: restores::Restores::default(),
+            users: users::UserStore::open(data.root().join("users.json"))?,
+            sessions: sessions::Sessions::new(sessions::SessionSettings::default()),
+            usage: usage_history::UsageHistory::open(data.root().join("usage-history.json")),
+            io_stats: io_stats::IoStats::default(),
+            backup_state: backup_state::BackupState::open(data.root().join("backup-state.json"))?,
             data,
         })
+    }
+
+    /// Replaces how long web UI sessions last (dropping any made so far).
+    pub fn with_sessions(mut self, settings: sessions::SessionSettings) -> Service {
+        self.sessions = sessions::Sessions::new(settings);
+        self
     }
 
     /// Replaces the policy for server paths named in requests.

@@ -157,11 +157,25 @@ impl Space {
 /// The device number and the bytes available to unprivileged users of the file system
 /// holding `dir`.
 fn file_system(dir: &Path) -> ServiceResult<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(dir)
         .map_err(|e| ServiceError::internal(format!("{}: {e}", dir.display())))?
         .dev();
+    Ok((dev, file_system_usage(dir)?.available))
+}
+
+/// The size of a file system and what unprivileged users may still write to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FsUsage {
+    /// Bytes in all.
+    pub size: u64,
+    /// Bytes available to unprivileged users.
+    pub available: u64,
+}
+
+/// The usage of the file system holding `dir`.
+pub fn file_system_usage(dir: &Path) -> ServiceResult<FsUsage> {
+    use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| ServiceError::internal(format!("{} holds a NUL byte", dir.display())))?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -177,7 +191,10 @@ fn file_system(dir: &Path) -> ServiceResult<(u64, u64)> {
     }
     // SAFETY: statvfs succeeded, so it initialised the whole structure.
     let st = unsafe { st.assume_init() };
-    Ok((dev, st.f_bavail.saturating_mul(st.f_frsize)))
+    Ok(FsUsage {
+        size: st.f_blocks.saturating_mul(st.f_frsize),
+        available: st.f_bavail.saturating_mul(st.f_frsize),
+    })
 }
 
 #[cfg(test)]

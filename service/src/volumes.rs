@@ -152,6 +152,13 @@ pub struct ResizeVolume {
     pub shrink: bool,
 }
 
+/// Whether a volume is a template.
+#[derive(Debug, Deserialize)]
+pub struct SetTemplate {
+    /// Template (true) or not (false).
+    pub template: bool,
+}
+
 /// A name for a snapshot or clone.
 #[derive(Debug, Deserialize)]
 pub struct NewName {
@@ -170,16 +177,21 @@ pub struct VolumeSummary {
     /// What has it open now (VMs, jobs, downloads): it cannot be resized or removed meanwhile.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub held_by: Vec<String>,
+    /// A restore that has not finished (see [`super::restores`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<super::restores::RestoreInfo>,
 }
 
 impl Service {
     fn summary(&self, info: strata_storage::volume::LvInfo) -> VolumeSummary {
         let source = format!("{LV_PREFIX}{}/{}", info.vg, info.name);
         let held_by = self.holds.holders(&format!("{}/{}", info.vg, info.name));
+        let restore = self.restore_info(&info.vg, &info.name);
         VolumeSummary {
             info,
             source,
             held_by,
+            restore,
         }
     }
 
@@ -287,6 +299,8 @@ impl Service {
         let size = parse_size(&req.size)?;
         let g = self.volumes.get(&req.vg)?;
         g.create(&req.name, size, req.pool.as_deref())?;
+        // A record left by a volume of that name removed behind the server's back is stale.
+        self.forget_restore(&req.vg, &req.name);
         match self.volume_info(&req.vg, &req.name) {
             // Another client removed it again already: report what was created.
             Err(e) if e.status() == 404 => Ok(self.summary(strata_storage::volume::LvInfo {
@@ -367,7 +381,29 @@ impl Service {
             .unless_in_use(&format!("{LV_PREFIX}{vg}/{name}"), || {
                 self.holds
                     .unless_held(&format!("{vg}/{name}"), "remove", || Ok(g.remove_lv(name)?))
-            })
+            })?;
+        self.forget_restore(vg, name);
+        self.io_stats.forget(&format!("{vg}/{name}"));
+        Ok(())
+    }
+
+    /// Marks a snapshot as a template (clones are made from templates) or unmarks it.
+    pub fn set_volume_template(
+        &self,
+        vg: &str,
+        name: &str,
+        req: &SetTemplate,
+    ) -> ServiceResult<VolumeSummary> {
+        let g = self.volumes.get(vg)?;
+        self.vms
+            .unless_in_use(&format!("{LV_PREFIX}{vg}/{name}"), || {
+                self.holds.unless_held(
+                    &format!("{vg}/{name}"),
+                    "change the template mark of",
+                    || Ok(g.set_template(name, req.template)?),
+                )
+            })?;
+        self.volume_info(vg, name)
     }
 
     /// Opens a source by name: `lv:VG/NAME` through the server's open groups, `image:NAME` in
@@ -407,8 +443,14 @@ impl Service {
                 )));
             }
             let (device, fmt) = self.open_appliance_image(name, read_only)?;
+            // Writes are tracked in the image's sidecar dirty bitmaps when it has them.
+            let tracked = strata_storage::bitmap::attach_image_bitmaps(
+                device.clone(),
+                &self.image_path(name)?,
+            )?;
             return Ok(Resolved::Image {
                 device,
+                tracked: Arc::new(tracked),
                 format: fmt.to_string(),
             });
         }
@@ -439,6 +481,9 @@ impl Service {
                 }
                 let hold = self.holds.take(&key, holder);
                 let device = g.open_lv(&lv, read_only)?;
+                // A volume under restore: refused, or its live-restore device.
+                let device = self.restoring_device(&vg, &lv, device, || g.open_lv(&lv, false))?;
+                let device = self.io_stats.wrap(&key, device);
                 Ok(Resolved::Volume {
                     device,
                     vg: g,
@@ -456,10 +501,7 @@ impl Service {
                 };
                 let img = strata_storage::format::open_image(&path, &opts)?;
                 let format = img.format().to_string();
-                Ok(Resolved::Image {
-                    device: img,
-                    format,
-                })
+                Ok(Resolved::image_untracked(img, format))
             }
             SourceSpec::Path(p) => Err(ServiceError::BadRequest(format!(
                 "Source {:?} must be lv:VG/NAME, image:NAME or an absolute path on the server",
@@ -476,6 +518,9 @@ pub enum Resolved {
     Image {
         /// The image.
         device: Arc<dyn strata_storage::format::Image>,
+        /// The image with its sidecar dirty bitmaps attached, when it has them: the device
+        /// to write through, so that writes are tracked.
+        tracked: Arc<strata_storage::bitmap::WithBitmaps>,
         /// Its format's name.
         format: String,
     },
@@ -493,10 +538,20 @@ pub enum Resolved {
 }
 
 impl Resolved {
-    /// The block device.
+    /// An image file whose writes are not tracked (a file outside the appliance's images).
+    pub fn image_untracked(device: Arc<dyn strata_storage::format::Image>, format: String) -> Self {
+        let tracked = strata_storage::bitmap::WithBitmaps::none(device.clone());
+        Resolved::Image {
+            device,
+            tracked: Arc::new(tracked),
+            format,
+        }
+    }
+
+    /// The block device (an image's writes tracked in its dirty bitmaps).
     pub fn device(&self) -> Arc<dyn BlockDevice> {
         match self {
-            Resolved::Image { device, .. } => device.clone(),
+            Resolved::Image { tracked, .. } => tracked.device().clone(),
             Resolved::Volume { device, .. } => device.clone(),
         }
     }

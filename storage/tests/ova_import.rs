@@ -81,11 +81,8 @@ fn opts(format: ImageFormat) -> ImportOptions {
     }
 }
 
-#[test]
 fn an_ova_imports_into_images_equal_to_its_disk() {
-    if !have_qemu("an_ova_imports_into_images_equal_to_its_disk") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let work = tempfile::tempdir().unwrap();
     let (raw, vmdk) = source_disk(work.path());
     let ova = work.path().join("vm.ova");
@@ -147,7 +144,6 @@ fn an_ova_imports_into_images_equal_to_its_disk() {
     }
 }
 
-#[test]
 fn hostile_and_broken_ovas_are_refused() {
     let work = tempfile::tempdir().unwrap();
     let disk = b"not used".to_vec();
@@ -230,3 +226,8 @@ fn hostile_and_broken_ovas_are_refused() {
     std::fs::write(&garbage, vec![0x42u8; 4096]).unwrap();
     assert!(import_ova(&garbage, &out, &opts(ImageFormat::Raw), &NoProgress).is_err());
 }
+
+strata_testkit::main!(
+    an_ova_imports_into_images_equal_to_its_disk,
+    hostile_and_broken_ovas_are_refused,
+);

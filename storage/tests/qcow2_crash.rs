@@ -261,7 +261,7 @@ fn crash_with_cache(
     snapshots: bool,
     cache: Option<u64>,
 ) {
-    let qemu = have_qemu(name);
+    let qemu = strata_testkit::part_has_tool("qemu-img", "qemu-utils");
     let dir = tempdir();
     let bytes = image_bytes(dir.path(), opts);
     let actions = crash_workload(seed);

@@ -105,11 +105,8 @@ fn make(dir: &Path, c: &Case, seed: u64) -> std::path::PathBuf {
     path
 }
 
-#[test]
 fn images_made_by_qemu_img_read_back_exactly() {
-    if !have_qemu("images_made_by_qemu_img_read_back_exactly") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     for (i, c) in CASES.iter().enumerate() {
         let path = make(dir.path(), c, i as u64 + 1);
@@ -124,11 +121,8 @@ fn images_made_by_qemu_img_read_back_exactly() {
     }
 }
 
-#[test]
 fn compressed_images_read_back_exactly() {
-    if !have_qemu("compressed_images_read_back_exactly") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let raw = dir.path().join("src.raw");
     let mut data = vec![0u8; SIZE as usize];
@@ -170,11 +164,8 @@ fn compressed_images_read_back_exactly() {
     }
 }
 
-#[test]
 fn three_deep_backing_chains_read_back_exactly() {
-    if !have_qemu("three_deep_backing_chains_read_back_exactly") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let d = dir.path();
     let base = d.join("base.qcow2");
@@ -230,11 +221,8 @@ fn three_deep_backing_chains_read_back_exactly() {
     assert_eq!(chain, 2);
 }
 
-#[test]
 fn raw_backing_files_are_read_through() {
-    if !have_qemu("raw_backing_files_are_read_through") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let d = dir.path();
     let base = d.join("base.raw");
@@ -284,11 +272,8 @@ fn write_and_verify(path: &Path, dir: &Path, seed: u64, what: &str) {
     );
 }
 
-#[test]
 fn strata_writes_on_qemu_images_keep_qemu_img_check_clean() {
-    if !have_qemu("strata_writes_on_qemu_images_keep_qemu_img_check_clean") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     for (i, c) in CASES.iter().enumerate() {
         let path = make(dir.path(), c, 100 + i as u64);
@@ -296,11 +281,8 @@ fn strata_writes_on_qemu_images_keep_qemu_img_check_clean() {
     }
 }
 
-#[test]
 fn strata_writes_over_compressed_clusters_and_backing_chains() {
-    if !have_qemu("strata_writes_over_compressed_clusters_and_backing_chains") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let d = dir.path();
     let raw = d.join("src.raw");
@@ -357,3 +339,12 @@ fn strata_writes_over_compressed_clusters_and_backing_chains() {
         write_and_verify(&top, d, 8, name);
     }
 }
+
+strata_testkit::main!(
+    images_made_by_qemu_img_read_back_exactly,
+    compressed_images_read_back_exactly,
+    three_deep_backing_chains_read_back_exactly,
+    raw_backing_files_are_read_through,
+    strata_writes_on_qemu_images_keep_qemu_img_check_clean,
+    strata_writes_over_compressed_clusters_and_backing_chains,
+);

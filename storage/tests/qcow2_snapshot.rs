@@ -138,32 +138,23 @@ fn lifecycle(opts: &str, seed: u64) {
     assert_qemu_compare(&path, &model, d);
 }
 
-#[test]
 fn snapshot_lifecycle_64k() {
-    if have_qemu("snapshot_lifecycle_64k") {
-        lifecycle("cluster_size=65536", 1);
-    }
+    strata_testkit::require_qemu_utils();
+    lifecycle("cluster_size=65536", 1);
 }
 
-#[test]
 fn snapshot_lifecycle_small_clusters_v2() {
-    if have_qemu("snapshot_lifecycle_small_clusters_v2") {
-        lifecycle("cluster_size=4096,compat=0.10", 10);
-    }
+    strata_testkit::require_qemu_utils();
+    lifecycle("cluster_size=4096,compat=0.10", 10);
 }
 
-#[test]
 fn snapshot_lifecycle_extended_l2() {
-    if have_qemu("snapshot_lifecycle_extended_l2") {
-        lifecycle("extended_l2=on", 20);
-    }
+    strata_testkit::require_qemu_utils();
+    lifecycle("extended_l2=on", 20);
 }
 
-#[test]
 fn one_bit_refcounts_refuse_snapshots_cleanly() {
-    if !have_qemu("one_bit_refcounts_refuse_snapshots_cleanly") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let path = dir.path().join("r1.qcow2");
     run(
@@ -193,3 +184,10 @@ fn one_bit_refcounts_refuse_snapshots_cleanly() {
         "contents after a refused snapshot",
     );
 }
+
+strata_testkit::main!(
+    snapshot_lifecycle_64k,
+    snapshot_lifecycle_small_clusters_v2,
+    snapshot_lifecycle_extended_l2,
+    one_bit_refcounts_refuse_snapshots_cleanly,
+);

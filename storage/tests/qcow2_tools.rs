@@ -41,11 +41,8 @@ fn mixed_data(size: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-#[test]
 fn compressed_images_we_write_pass_qemu_img() {
-    if !have_qemu("compressed_images_we_write_pass_qemu_img") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let data = mixed_data(SIZE as usize - 12288 - 512, 1);
     for (name, opts) in [
@@ -77,11 +74,8 @@ fn compressed_images_we_write_pass_qemu_img() {
     }
 }
 
-#[test]
 fn resize_grows_moves_the_l1_table_and_shrinks() {
-    if !have_qemu("resize_grows_moves_the_l1_table_and_shrinks") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let path = dir.path().join("r.qcow2");
     run(
@@ -120,11 +114,8 @@ fn resize_grows_moves_the_l1_table_and_shrinks() {
     assert_qemu_compare(&path, &model, dir.path());
 }
 
-#[test]
 fn map_agrees_with_qemu_img_map() {
-    if !have_qemu("map_agrees_with_qemu_img_map") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let d = dir.path();
     let base = d.join("base.qcow2");
@@ -183,11 +174,8 @@ fn map_agrees_with_qemu_img_map() {
     }
 }
 
-#[test]
 fn rebase_keeps_contents_and_commit_moves_data_down() {
-    if !have_qemu("rebase_keeps_contents_and_commit_moves_data_down") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let d = dir.path();
     let (b1, b2, top) = (d.join("b1.qcow2"), d.join("b2.qcow2"), d.join("top.qcow2"));
@@ -240,11 +228,8 @@ fn rebase_keeps_contents_and_commit_moves_data_down() {
     assert_same(&qemu_raw(&top, d), &before, "after rebasing onto nothing");
 }
 
-#[test]
 fn check_finds_and_repairs_leaks_and_corruptions_like_qemu_img() {
-    if !have_qemu("check_finds_and_repairs_leaks_and_corruptions_like_qemu_img") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempdir();
     let path = dir.path().join("c.qcow2");
     run(
@@ -294,3 +279,11 @@ fn check_finds_and_repairs_leaks_and_corruptions_like_qemu_img() {
         "contents after repairs",
     );
 }
+
+strata_testkit::main!(
+    compressed_images_we_write_pass_qemu_img,
+    resize_grows_moves_the_l1_table_and_shrinks,
+    map_agrees_with_qemu_img_map,
+    rebase_keeps_contents_and_commit_moves_data_down,
+    check_finds_and_repairs_leaks_and_corruptions_like_qemu_img,
+);

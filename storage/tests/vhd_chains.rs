@@ -55,17 +55,13 @@ impl Drop for Mount {
     }
 }
 
-fn libvhdi(test: &str) -> bool {
-    require("vhdiinfo", &["-V"], "libvhdi-utils", test)
-        && require("vhdimount", &["-V"], "libvhdi-utils", test)
-        && {
-            let fuse = Path::new("/dev/fuse").exists();
-            assert!(
-                fuse || std::env::var_os("CI").is_none(),
-                "{test}: no /dev/fuse"
-            );
-            fuse
-        }
+/// libvhdi's tools and FUSE to mount with; see [`strata_testkit::missing`].
+fn require_libvhdi() {
+    strata_testkit::require_tool("vhdiinfo", "libvhdi-utils");
+    strata_testkit::require_tool("vhdimount", "libvhdi-utils");
+    if !Path::new("/dev/fuse").exists() {
+        strata_testkit::missing("/dev/fuse (FUSE, for vhdimount)");
+    }
 }
 
 fn opts(text: &str) -> std::collections::BTreeMap<String, String> {
@@ -121,17 +117,13 @@ fn vhd_chain(d: &Path, page_aligned: bool) -> Vec<u8> {
     model
 }
 
-#[test]
 fn a_vhd_chain_with_byte_granular_writes_reads_back_through_every_level() {
     let dir = tempfile::tempdir().unwrap();
     vhd_chain(dir.path(), false);
 }
 
-#[test]
 fn a_vhd_chain_written_here_reads_the_same_in_libvhdi() {
-    if !libvhdi("a_vhd_chain_written_here_reads_the_same_in_libvhdi") {
-        return;
-    }
+    require_libvhdi();
     // libvhdi 20210425 reads zeros for absent sectors that follow present ones within one
     // bitmap byte (8 sectors), where the specification says the parent's data; so the chain it
     // is compared on is written in whole 4 KiB pages (the byte-granular chain is checked above
@@ -243,11 +235,8 @@ fn differencing_vhdx(
     child
 }
 
-#[test]
 fn a_differencing_vhdx_reads_the_same_here_and_in_libvhdi() {
-    if !libvhdi("a_differencing_vhdx_reads_the_same_here_and_in_libvhdi") {
-        return;
-    }
+    require_libvhdi();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("base.vhdx");
@@ -308,3 +297,9 @@ fn a_differencing_vhdx_reads_the_same_here_and_in_libvhdi() {
     .to_string();
     assert!(e.contains("data-write GUID"), "{e}");
 }
+
+strata_testkit::main!(
+    a_vhd_chain_with_byte_granular_writes_reads_back_through_every_level,
+    a_vhd_chain_written_here_reads_the_same_in_libvhdi,
+    a_differencing_vhdx_reads_the_same_here_and_in_libvhdi,
+);

@@ -35,11 +35,8 @@ fn open_ro(path: &Path, f: ImageFormat) -> std::sync::Arc<dyn format::Image> {
 
 const SIZES: [u64; 4] = [1000, (3 << 20) + 3584, (37 << 20) + 512, 67 << 20];
 
-#[test]
 fn images_qemu_writes_read_the_same_here() {
-    if !qemu("images_qemu_writes_read_the_same_here") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let kinds = [
         ("vpc", "subformat=dynamic", ImageFormat::Vhd),
@@ -93,11 +90,8 @@ fn images_qemu_writes_read_the_same_here() {
     }
 }
 
-#[test]
 fn images_written_here_pass_qemu_img_compare_and_check() {
-    if !qemu("images_written_here_pass_qemu_img_compare_and_check") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let kinds = [
         ("vpc", "", ImageFormat::Vhd),
@@ -186,11 +180,8 @@ fn qemu_name(f: ImageFormat) -> &'static str {
     }
 }
 
-#[test]
 fn conversions_in_every_direction_compare_equal() {
-    if !qemu("conversions_in_every_direction_compare_equal") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     // Sizes qemu keeps exactly in every format (a CHS-exact size for VHD).
     let size = 1004 * 12 * 17 * 512;
@@ -253,11 +244,8 @@ fn conversions_in_every_direction_compare_equal() {
     }
 }
 
-#[test]
 fn geometry_limits_and_a_2040_gib_dynamic_vhd_agree_with_qemu() {
-    if !qemu("geometry_limits_and_a_2040_gib_dynamic_vhd_agree_with_qemu") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let max_chs = 65535u64 * 16 * 255 * 512;
     let sizes = [
@@ -338,13 +326,10 @@ fn geometry_limits_and_a_2040_gib_dynamic_vhd_agree_with_qemu() {
     assert!(format::create_image(&big, ImageFormat::Vhd, 2041 << 30, &opts("")).is_err());
 }
 
-#[test]
 fn a_hyper_v_or_xenserver_footer_means_current_size() {
     // A "tap" (XenServer) footer whose geometry rounds below current_size: the size is
     // current_size for qemu and for us.
-    if !qemu("a_hyper_v_or_xenserver_footer_means_current_size") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     use strata_storage::format::vhd::footer::{Footer, SECTOR};
     let dir = tempfile::tempdir().unwrap();
     for app in [b"tap\0", b"win ", b"vpc "] {
@@ -372,3 +357,11 @@ fn a_hyper_v_or_xenserver_footer_means_current_size() {
         assert_eq!(qemu_size(&path, "vpc"), want, "{app:?}: qemu");
     }
 }
+
+strata_testkit::main!(
+    images_qemu_writes_read_the_same_here,
+    images_written_here_pass_qemu_img_compare_and_check,
+    conversions_in_every_direction_compare_equal,
+    geometry_limits_and_a_2040_gib_dynamic_vhd_agree_with_qemu,
+    a_hyper_v_or_xenserver_footer_means_current_size,
+);

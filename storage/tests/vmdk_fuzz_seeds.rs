@@ -93,7 +93,7 @@ fn sparse_image_seeds_and_mutations() {
 
 /// Regenerates the binary seeds: `cargo test --test vmdk_fuzz_seeds -- --ignored`.
 #[test]
-#[ignore]
+#[ignore = "regenerates the committed seeds: run by hand"]
 fn regenerate_sparse_seeds() {
     use strata_storage::format::{self, open_image, ImageFormat, OpenOptions};
     use strata_storage::io::blocking::BlockingQueue;

@@ -43,11 +43,8 @@ fn assert_reads_like_qemu(path: &Path, dir: &Path) {
     );
 }
 
-#[test]
 fn qemu_made_images_of_every_subformat_read_exactly() {
-    if !have_qemu("qemu_made_images_of_every_subformat_read_exactly") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     for (i, sub) in SUBFORMATS.iter().enumerate() {
         let path = dir.path().join(format!("{sub}.vmdk"));
@@ -72,11 +69,8 @@ fn qemu_made_images_of_every_subformat_read_exactly() {
     }
 }
 
-#[test]
 fn split_images_read_across_extent_boundaries() {
-    if !have_qemu("split_images_read_across_extent_boundaries") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let size: u64 = (4 << 30) + (512 << 20);
     for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
@@ -121,11 +115,8 @@ fn split_images_read_across_extent_boundaries() {
     }
 }
 
-#[test]
 fn stream_optimized_from_qemu_reads_exactly() {
-    if !have_qemu("stream_optimized_from_qemu_reads_exactly") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("src.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", p(&raw), "40M"]);
@@ -172,11 +163,8 @@ fn stream_optimized_from_qemu_reads_exactly() {
     assert_reads_like_qemu(&empty, dir.path());
 }
 
-#[test]
 fn delta_disks_read_through_their_parent() {
-    if !have_qemu("delta_disks_read_through_their_parent") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.vmdk");
     let mid = dir.path().join("mid.vmdk");
@@ -225,11 +213,8 @@ fn delta_disks_read_through_their_parent() {
     assert_eq!(info.format_specific["parent"], "mid.vmdk");
 }
 
-#[test]
 fn zeroed_grain_images_from_qemu_read_exactly() {
-    if !have_qemu("zeroed_grain_images_from_qemu_read_exactly") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zg.vmdk");
     run(
@@ -282,11 +267,8 @@ fn write_both(img: &dyn BlockDevice, raw: &Path, seed: u64) {
     q.flush().unwrap();
 }
 
-#[test]
 fn strata_made_images_pass_qemu_check_and_compare() {
-    if !have_qemu("strata_made_images_pass_qemu_check_and_compare") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     for (i, sub) in SUBFORMATS.iter().enumerate() {
         for extra in ["", ",zeroed_grain=on", ",adapter_type=lsilogic,compat6=on"] {
@@ -327,11 +309,8 @@ fn strata_made_images_pass_qemu_check_and_compare() {
     }
 }
 
-#[test]
 fn strata_made_stream_optimized_passes_qemu_check_and_compare() {
-    if !have_qemu("strata_made_stream_optimized_passes_qemu_check_and_compare") {
-        return;
-    }
+    strata_testkit::require_qemu_utils();
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("src.raw");
     let size = (24u64 << 20) + 12345 * 512;
@@ -377,3 +356,13 @@ fn strata_made_stream_optimized_passes_qemu_check_and_compare() {
     assert!(ok, "qemu-img check of an empty stream: {out}");
     assert_reads_like_qemu(&empty, dir.path());
 }
+
+strata_testkit::main!(
+    qemu_made_images_of_every_subformat_read_exactly,
+    split_images_read_across_extent_boundaries,
+    stream_optimized_from_qemu_reads_exactly,
+    delta_disks_read_through_their_parent,
+    zeroed_grain_images_from_qemu_read_exactly,
+    strata_made_images_pass_qemu_check_and_compare,
+    strata_made_stream_optimized_passes_qemu_check_and_compare,
+);

@@ -90,34 +90,28 @@ fn start() -> anyhow::Result<TestCluster> {
     Ok(c)
 }
 
-/// The test binary's cluster, started on first use; `None` (after a loud skip notice naming
-/// `what`) where the Ceph packages are missing and `CI` is unset. Panics under `CI`, or when
-/// the packages are there and the cluster does not start.
-pub fn cluster(what: &str) -> Option<&'static TestCluster> {
-    static CLUSTER: OnceLock<Option<TestCluster>> = OnceLock::new();
+/// The test binary's cluster, started on first use. Where the Ceph packages are missing the
+/// test ends through [`strata_testkit::missing`] (a failure under `CI`); panics when the
+/// packages are there and the cluster does not start.
+pub fn cluster() -> &'static TestCluster {
+    static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
     let c = CLUSTER.get_or_init(|| {
         if std::env::var_os("STRATA_CEPH_DIR").is_none() {
             if let Some(tool) = packages_missing() {
-                if std::env::var_os("CI").is_some() {
-                    panic!(
-                        "CI is set but {tool} is missing: scripts/install-deps.sh installs Ceph"
-                    );
-                }
-                return None;
+                return Err(tool.to_string());
             }
         }
         match start() {
-            Ok(c) => Some(c),
+            Ok(c) => Ok(c),
             Err(e) => panic!("the test Ceph cluster did not start: {e:#}"),
         }
     });
-    if c.is_none() {
-        crate::skip_loudly(
-            what,
-            "the Ceph packages are not installed (scripts/install-deps.sh)",
-        );
+    match c {
+        Ok(c) => c,
+        Err(tool) => strata_testkit::missing(&format!(
+            "{tool} is missing: the Ceph packages are not installed (scripts/install-deps.sh)"
+        )),
     }
-    c.as_ref()
 }
 
 /// A name no other test of this run uses: `PREFIX-PID-N`.

@@ -1,5 +1,6 @@
 //! Helpers for Strata's end-to-end tests: locating the `strata` binary and external tools,
-//! the freestanding test guest, and the loud skip messages tiers use when a row cannot run.
+//! the freestanding test guest. A row that cannot run here ends through `strata_testkit`
+//! (a failure under `CI`, an ignored test with its reason elsewhere).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod ceph;
 pub mod linux_guest;
+pub mod live;
 
 /// The freestanding virtio-blk test guest, built by build.rs.
 pub fn blkdrv_image() -> anyhow::Result<Vec<u8>> {
@@ -34,26 +36,7 @@ pub fn ticker_counter(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(c))
 }
 
-/// Prints a skip notice that cannot be missed in CI logs.
-pub fn skip_loudly(what: &str, why: &str) {
-    let line = "!".repeat(78);
-    eprintln!("{line}\nSKIPPED: {what}\n  reason: {why}\n{line}");
-}
-
-/// Whether this host's KVM is PVM (software nested virtualisation), where a Linux guest cannot
-/// run under our VMM.
-pub fn is_pvm_host() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
-/// Whether /dev/kvm can be opened.
-pub fn have_kvm() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
+pub use strata_testkit::{have_kvm, is_pvm_host};
 
 /// The `strata` binary built from this workspace (cargo builds it for the tests of the api
 /// crate; here we look in the shared target directory).

@@ -175,24 +175,3 @@ fn check_flat(row: &str, data: &[u8]) -> Result<()> {
     );
     Ok(())
 }
-
-/// Whether a tool is on PATH. In CI (`CI` set) a missing tool is an error; elsewhere the tier is
-/// skipped loudly.
-pub fn tool_or_skip(tier: &str, tool: &str, package: &str) -> Result<bool> {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()?
-        .success();
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            bail!("{tool} is missing in CI (apt-get install {package})");
-        }
-        crate::skip_loudly(
-            tier,
-            &format!("{tool} is not installed (apt-get install {package})"),
-        );
-    }
-    Ok(found)
-}

@@ -26,7 +26,7 @@
 //!    group until told to wipe it, then reinstall.
 //!
 //! Prints the ISO size, build, install and boot-to-API times (benches/RESULTS.md).
-//! Skips, loudly, only when qemu-system-x86_64 is not installed and `CI` is not set; any
+//! Shows as ignored only when qemu-system-x86_64 is not installed and `CI` is not set; any
 //! other missing host tool (xorriso, GRUB's BIOS or UEFI modules, mtools, OVMF...) fails it.
 
 use std::fs::File;
@@ -39,7 +39,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use strata_tests::linux_guest::tool_or_skip;
 
 const GIB: u64 = 1 << 30;
 /// Console lines that mean the guest failed and will not get further.
@@ -622,17 +621,10 @@ fn boot_installed(
     Ok(boot_to_api)
 }
 
-#[test]
 fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
-    // Only a host without QEMU at all skips (loudly; never in CI, where CI is set). Every
-    // other tool the build and the test need must be there: a missing one fails the test.
-    if !tool_or_skip(
-        "appliance_iso (build, install and boot the appliance ISO)",
-        "qemu-system-x86_64",
-        "qemu-system-x86",
-    )? {
-        return Ok(());
-    }
+    // Only a host without QEMU at all skips (shown as ignored; never in CI, where CI is set).
+    // Every other tool the build and the test need must be there: a missing one fails the test.
+    strata_testkit::require_tool("qemu-system-x86_64", "qemu-system-x86");
     check_host_tools()?;
     let dir = tempfile::tempdir()?;
     let iso = dir.path().join("strata-appliance.iso");
@@ -824,3 +816,5 @@ fn appliance_iso_installs_unattended_and_serves_the_api() -> Result<()> {
     );
     Ok(())
 }
+
+strata_testkit::main!(appliance_iso_installs_unattended_and_serves_the_api,);

@@ -1,7 +1,6 @@
 //! The RBD device against a real single-node Ceph cluster (scripts/ceph-cluster.sh): the
 //! storage conformance suite, reads and writes across objects, flush, resize, allocation status,
 //! snapshots opened read-only, and completions delivered to a consumer's eventfd.
-#![cfg(feature = "rbd")]
 
 use std::sync::Arc;
 
@@ -22,12 +21,11 @@ fn fresh(pool: &Arc<Pool>, size: u64) -> Arc<dyn BlockDevice> {
     Arc::new(RbdDevice::new(&name, img, false, None).unwrap())
 }
 
-#[test]
 fn conformance() {
-    let Some(c) = cluster("RBD device conformance") else {
-        return;
-    };
+    let c = cluster();
     let pool = pool(c);
     let make = |size: u64| fresh(&pool, size);
     run_all(&make, 24);
 }
+
+strata_testkit::main!(conformance,);

@@ -4,8 +4,10 @@
 //! the data path into the block layer, checked from both sides.
 //!
 //! Rows: a raw image (always), a qcow2 linked clone and a thin volume (run once those exist on
-//! main; until then each says loudly that it was skipped and why), and an RBD volume on the
-//! test Ceph cluster (feature `rbd`; skipped loudly without the Ceph packages unless CI is set).
+//! main; until then each says loudly that it was skipped and why), a thin volume under live
+//! restore from a backup (the guest's I/O fetches its chunks on demand), and an RBD volume on
+//! the test Ceph cluster (feature `rbd`; skipped loudly without the Ceph packages unless CI is
+//! set).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use strata_storage::bitmap::{BitmapSet, TrackedDevice};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_storage::BlockDevice;
-use strata_tests::{
-    blkdrv_image, have_kvm, number_after, read_device, skip_loudly, thin_volume, write_device,
-    Capture,
-};
+use strata_tests::{blkdrv_image, number_after, read_device, thin_volume, write_device, Capture};
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{run, DiskSpec, Payload, VmConfig};
@@ -132,16 +131,8 @@ fn check_disk_contents(row: &str, disk: &dyn BlockDevice) -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn freestanding_driver_on_a_raw_image() -> Result<()> {
-    if !have_kvm() {
-        // CI runs on KVM hosts; a developer box without /dev/kvm must still say so loudly.
-        skip_loudly(
-            "tier 1 (freestanding guest under Strata's VMM)",
-            "/dev/kvm cannot be opened",
-        );
-        return Ok(());
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("disk.raw");
     std::fs::File::create(&path)?.set_len(DISK_SIZE)?;
@@ -171,17 +162,14 @@ fn freestanding_driver_on_a_raw_image() -> Result<()> {
     check_disk_contents("raw (reopened)", reopened.as_ref())
 }
 
-#[test]
 fn freestanding_driver_on_a_qcow2_linked_clone() -> Result<()> {
-    if !have_kvm() {
-        skip_loudly("tier 1 qcow2 row", "/dev/kvm cannot be opened");
-        return Ok(());
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir()?;
     let base = dir.path().join("base.raw");
     std::fs::File::create(&base)?.set_len(DISK_SIZE)?;
     prepare(&base)?;
     let clone = dir.path().join("clone.qcow2");
+    strata_testkit::require_tool("qemu-img", "qemu-utils");
     let status = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&base)
@@ -189,17 +177,7 @@ fn freestanding_driver_on_a_qcow2_linked_clone() -> Result<()> {
         .status()
         .context("running qemu-img (install qemu-utils)")?;
     ensure!(status.success(), "qemu-img create failed");
-    let disk = match open_image(&clone, &OpenOptions::default()) {
-        Ok(d) => d,
-        Err(strata_storage::StorageError::Unsupported(why)) => {
-            skip_loudly(
-                "tier 1 qcow2 linked-clone row",
-                &format!("the storage layer says: {why}"),
-            );
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let disk = open_image(&clone, &OpenOptions::default())?;
     let (log, report) = boot(disk.clone(), "qcow2 linked clone")?;
     check_guest_run("qcow2 linked clone", &log, &report)?;
     check_disk_contents("qcow2 linked clone", disk.as_ref())?;
@@ -215,12 +193,8 @@ fn freestanding_driver_on_a_qcow2_linked_clone() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn freestanding_driver_on_a_thin_volume() -> Result<()> {
-    if !have_kvm() {
-        skip_loudly("tier 1 thin-volume row", "/dev/kvm cannot be opened");
-        return Ok(());
-    }
+    strata_testkit::require_kvm();
     let dir = tempfile::tempdir()?;
     let (_vg, lv) = thin_volume(dir.path(), DISK_SIZE)?;
     let head: Vec<u8> = (0..32768u64).map(host_pattern).collect();
@@ -231,17 +205,38 @@ fn freestanding_driver_on_a_thin_volume() -> Result<()> {
     check_disk_contents("thin volume", lv.as_ref())
 }
 
+fn freestanding_driver_on_a_volume_under_live_restore() -> Result<()> {
+    strata_testkit::require_kvm();
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("source.raw");
+    std::fs::File::create(&source)?.set_len(DISK_SIZE)?;
+    prepare(&source)?;
+    // 64 KiB chunks: the guest's reads and writes touch the first two, neither restored yet
+    // (the background copy waits), so they are fetched on demand.
+    let lv = strata_tests::live::volume_under_live_restore(dir.path(), &source, 64 << 10)?;
+    let disk: Arc<dyn BlockDevice> = Arc::new(lv.live.clone());
+    let (log, report) = boot(disk.clone(), "live restore")?;
+    check_guest_run("live restore", &log, &report)?;
+    let st = lv.live.status();
+    eprintln!(
+        "tier1 live restore: {} of {} chunks on the volume after the guest ran ({} bytes fetched on demand)",
+        st.chunks_done, st.chunks_total, st.bytes_fetched
+    );
+    ensure!(
+        st.chunks_done > 0 && st.chunks_done < st.chunks_total && st.bytes_fetched > 0,
+        "the guest's I/O was not served by fetching its chunks on demand: {st:?}"
+    );
+    check_disk_contents("live restore", disk.as_ref())?;
+    // Copied to the end, the volume is the backed-up image plus the guest's changes.
+    strata_tests::live::finish_and_compare(&lv, &source, &[(32768, 40960)])?;
+    check_disk_contents("live restore (volume after the copy)", lv.volume.as_ref())
+}
+
 #[cfg(feature = "rbd")]
-#[test]
 fn freestanding_driver_on_an_rbd_volume() -> Result<()> {
     use strata_storage::volume::rbd::{image, Cluster, Image, RbdDevice};
-    if !have_kvm() {
-        skip_loudly("tier 1 RBD row", "/dev/kvm cannot be opened");
-        return Ok(());
-    }
-    let Some(c) = strata_tests::ceph::cluster("tier 1 RBD row") else {
-        return Ok(());
-    };
+    strata_testkit::require_kvm();
+    let c = strata_tests::ceph::cluster();
     let pool = Arc::new(Cluster::connect(&c.spec())?.pool(&c.pool)?);
     let name = strata_tests::ceph::unique("tier1");
     image::create(&pool, &name, DISK_SIZE)?;
@@ -264,3 +259,12 @@ fn freestanding_driver_on_an_rbd_volume() -> Result<()> {
     image::remove(&pool, &name)?;
     Ok(())
 }
+
+strata_testkit::main!(
+    freestanding_driver_on_a_raw_image,
+    freestanding_driver_on_a_qcow2_linked_clone,
+    freestanding_driver_on_a_thin_volume,
+    freestanding_driver_on_a_volume_under_live_restore,
+    #[cfg(feature = "rbd")]
+    freestanding_driver_on_an_rbd_volume,
+);

@@ -8,7 +8,7 @@
 //!
 //! On a PVM host (/sys/module/kvm_pvm exists) an unmodified Linux kernel does not finish booting
 //! under KVM (ring 0 is emulated instruction by instruction and several instructions are not),
-//! so the tests are skipped there with a loud message naming that reason (under CI too); on
+//! so the tests show as ignored there, with that reason, under CI too (never as passed); on
 //! hardware KVM they must pass.
 
 use std::sync::Arc;
@@ -17,39 +17,25 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_tests::linux_guest::{
-    check_console, check_image, guest_dir, prepare_raw, tool_or_skip, DISK_TEST_CMDLINE,
+    check_console, check_image, guest_dir, prepare_raw, DISK_TEST_CMDLINE,
 };
-use strata_tests::{have_kvm, is_pvm_host, skip_loudly, Capture};
+use strata_tests::Capture;
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::devices::VmControl;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{run, run_with_control, DiskSpec, Payload, VmConfig};
 
 const SERIAL: &str = "strata-tier3";
-const TIER: &str = "tier 3 (Debian's Linux under Strata's own VMM)";
 
-/// Whether this host can run the tier; says loudly why not.
-fn can_run(what: &str) -> Result<bool> {
-    if is_pvm_host() {
-        skip_loudly(
-            what,
-            "this host's /dev/kvm is PVM (/sys/module/kvm_pvm exists): guest ring 0 is emulated \
-             and an unmodified Linux kernel does not finish booting; this tier needs hardware KVM",
-        );
-        return Ok(false);
-    }
-    if !have_kvm() {
-        skip_loudly(what, "/dev/kvm cannot be opened");
-        return Ok(false);
-    }
-    tool_or_skip(what, "qemu-img", "qemu-utils")
+/// Returns when this host can run the tier: hardware KVM (on PVM the tier is ignored, under
+/// `CI` too) and qemu-img.
+fn require_tier3_host() {
+    strata_testkit::require_hardware_kvm();
+    strata_testkit::require_tool("qemu-img", "qemu-utils");
 }
 
-#[test]
 fn linux_guest_under_strata_vmm_on_a_raw_image() -> Result<()> {
-    if !can_run(TIER)? {
-        return Ok(());
-    }
+    require_tier3_host();
     let guest = guest_dir()?;
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("disk.raw");
@@ -88,12 +74,8 @@ fn linux_guest_under_strata_vmm_on_a_raw_image() -> Result<()> {
     check_image("tier 3 raw", &image, "raw")
 }
 
-#[test]
 fn linux_guest_answers_the_acpi_power_button() -> Result<()> {
-    const WHAT: &str = "tier 3 power button (Debian's Linux under Strata's own VMM)";
-    if !can_run(WHAT)? {
-        return Ok(());
-    }
+    require_tier3_host();
     let guest = guest_dir()?;
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("disk.raw");
@@ -149,3 +131,8 @@ fn linux_guest_answers_the_acpi_power_button() -> Result<()> {
     );
     Ok(())
 }
+
+strata_testkit::main!(
+    linux_guest_under_strata_vmm_on_a_raw_image,
+    linux_guest_answers_the_acpi_power_button,
+);

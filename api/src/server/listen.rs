@@ -46,6 +46,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    // Connections that may upgrade (WebSockets) are not watched by `graceful` (hyper-util's
+    // watcher takes plain connections only): they hold a watcher to be waited for, and end
+    // gracefully when this is cancelled.
+    let closing = tokio_util::sync::CancellationToken::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let acceptor = match &transport {
         Transport::Tls(cfg) => Some(tokio_rustls::TlsAcceptor::from(cfg.clone())),
@@ -75,6 +79,7 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let watcher = graceful.watcher();
+        let closing = closing.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -83,16 +88,17 @@ pub async fn run(
                     // The handshake is bounded like the headers: a client that opens a
                     // connection and says nothing is dropped.
                     match tokio::time::timeout(limits.header_timeout, a.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, app, &limits, watcher).await,
+                        Ok(Ok(tls)) => serve_connection(tls, app, &limits, watcher, closing).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-                None => serve_connection(stream, app, &limits, watcher).await,
+                None => serve_connection(stream, app, &limits, watcher, closing).await,
             }
         });
     }
     drop(listener);
+    closing.cancel();
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(limits.shutdown_grace) => {
@@ -101,8 +107,13 @@ pub async fn run(
     }
 }
 
-async fn serve_connection<I>(io: I, app: Router, limits: &HttpLimits, watcher: Watcher)
-where
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    limits: &HttpLimits,
+    watcher: Watcher,
+    closing: tokio_util::sync::CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper_util::service::TowerToHyperService::new(app);
@@ -110,40 +121,62 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn).await {
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let outcome = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = closing.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(e) = outcome {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+    // Held until here so that a graceful end waits for this connection.
+    drop(watcher);
 }
+
+/// Why the server's TLS configuration could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsSetupError(String);
 
 /// A rustls server configuration for the PEM certificate chain and key in `files`.
 pub fn server_config(
     files: &strata_service::tls::CertificateFiles,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use anyhow::Context;
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let reading = |what: &std::path::Path| {
+        let what = what.display().to_string();
+        move |e: rustls_pki_types::pem::Error| TlsSetupError(format!("Reading {what}: {e}"))
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("Reading {}", files.cert.display()))?
+        .map_err(reading(&files.cert))?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("Reading {}", files.cert.display()))?;
+        .map_err(reading(&files.cert))?;
     if certs.is_empty() {
-        anyhow::bail!("{} holds no certificate", files.cert.display());
+        return Err(TlsSetupError(format!(
+            "{} holds no certificate",
+            files.cert.display()
+        )));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("Reading the private key {}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(reading(&files.key))?;
     let provider = strata_service::tls::crypto_provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
+        .map_err(|e| TlsSetupError(format!("TLS protocol versions: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a usable certificate and key",
+        .map_err(|e| {
+            TlsSetupError(format!(
+                "{} and {} do not make a usable certificate and key: {e}",
                 files.cert.display(),
                 files.key.display()
-            )
+            ))
         })?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))

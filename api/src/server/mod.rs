@@ -3,7 +3,8 @@
 //!
 //! Handlers parse the request, call one service method on a blocking thread (the service does
 //! file and block I/O) and render the result. Every route but `/api/health` requires
-//! `Authorization: Bearer ID.SECRET`.
+//! `Authorization: Bearer ID.SECRET`, or the web UI's session cookie (with its CSRF header on
+//! state-changing requests, see [`crate::ui::session`]).
 
 mod backups;
 mod error;
@@ -11,10 +12,14 @@ mod exports;
 mod images;
 pub mod limits;
 pub mod listen;
+pub mod metrics;
 pub mod openapi;
 pub mod schema;
+mod schema_ui;
 mod system;
 mod transfer;
+mod usage;
+mod users;
 mod vms;
 mod volumes;
 
@@ -63,17 +68,51 @@ pub(crate) fn quick<T>(
     f(svc).map_err(ApiError)
 }
 
-/// The token a request came with (absent on the in-process router, whose caller is local).
+/// Who made a request (absent on the in-process router, whose caller is local).
 #[derive(Clone, Debug)]
-pub(super) struct Caller(pub strata_service::tokens::TokenInfo);
+pub(crate) struct Caller {
+    /// The token's or the user's name.
+    pub name: String,
+    /// Admin rights.
+    pub admin: bool,
+    /// How the caller signed in: checked again by long-lived streams.
+    pub credential: Credential,
+}
 
-/// Refuses (403) callers whose token is not an admin token.
+/// What a request was authenticated with.
+#[derive(Clone, Debug)]
+pub(crate) enum Credential {
+    /// A bearer token, by id.
+    Token(String),
+    /// A web UI session, by its (secret) id.
+    Session(String),
+}
+
+impl Caller {
+    /// Whether the credential still holds (the token exists, the session lives), without
+    /// counting as use.
+    pub(crate) fn still_valid(&self, svc: &Service) -> bool {
+        match &self.credential {
+            Credential::Token(id) => svc
+                .tokens
+                .list()
+                .is_ok_and(|l| l.iter().any(|t| &t.id == id)),
+            Credential::Session(id) => svc.peek_session(id).is_ok(),
+        }
+    }
+}
+
+/// Refuses (403) callers without admin rights.
 pub(super) fn require_admin(caller: Option<&axum::Extension<Caller>>, what: &str) -> ApiResult<()> {
     match caller {
-        Some(axum::Extension(Caller(info))) if !info.admin => {
+        Some(axum::Extension(c)) if !c.admin => {
+            let who = match c.credential {
+                Credential::Token(_) => "Token",
+                Credential::Session(_) => "Signed in as",
+            };
             Err(ApiError(ServiceError::Forbidden(format!(
-                "Token {} may not {what}: that needs an admin token (`strata token create --admin`)",
-                info.name
+                "{who} {} may not {what}: that needs an admin token (`strata token create --admin`) or an admin user",
+                c.name
             ))))
         }
         _ => Ok(()),
@@ -87,19 +126,26 @@ async fn require_token(State(svc): State<Arc<Service>>, req: Request, next: Next
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_string());
-    let Some(token) = presented else {
-        return ApiError(ServiceError::Unauthorized).into_response();
+    let caller = match presented {
+        // Verification is a hash, a constant-time scan of the tokens in memory and a stat of
+        // the tokens file: cheaper inline than a trip through the blocking pool.
+        Some(token) => match svc.tokens.verify(&token) {
+            Ok(info) => Caller {
+                name: info.name,
+                admin: info.admin,
+                credential: Credential::Token(info.id),
+            },
+            Err(e) => return ApiError(e).into_response(),
+        },
+        // No bearer token: the web UI's session cookie, with its CSRF checks.
+        None => match crate::ui::session::caller(&svc, &req) {
+            Ok(c) => c,
+            Err(e) => return e.into_response(),
+        },
     };
-    // Verification is a hash, a constant-time scan of the tokens in memory and a stat of the
-    // tokens file: cheaper inline than a trip through the blocking pool.
-    match svc.tokens.verify(&token) {
-        Ok(info) => {
-            let mut req = req;
-            req.extensions_mut().insert(Caller(info));
-            next.run(req).await
-        }
-        Err(e) => ApiError(e).into_response(),
-    }
+    let mut req = req;
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -165,6 +211,9 @@ fn resource_routes() -> Router<Arc<Service>> {
         .merge(transfer::routes())
         .merge(vms::routes())
         .merge(exports::routes())
+        .merge(users::routes())
+        .merge(usage::routes())
+        .merge(crate::ui::api_routes())
         .route("/api/openapi.json", get(openapi::serve))
 }
 
@@ -172,12 +221,14 @@ fn finish(routes: Router<Arc<Service>>, svc: Arc<Service>, limits: HttpLimits) -
     Router::new()
         .route("/api/health", get(system::health))
         .merge(routes)
+        .merge(crate::ui::page_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(limits, limits::bounded_body))
         .layer(axum::Extension(limits))
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(metrics::observe))
         .with_state(svc)
 }
 
@@ -204,19 +255,25 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     transport: Transport,
     limits: HttpLimits,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, scheme = transport.scheme(), "serving the Strata API");
     println!(
         "Strata API listening on {}://{local}/api",
         transport.scheme()
     );
-    let app = router(svc.clone(), limits);
+    // Streams (job events, consoles) end when the server stops.
+    let streams_end = tokio_util::sync::CancellationToken::new();
+    let app = router(svc.clone(), limits).layer(axum::Extension(crate::ui::ServerFacts {
+        tls: matches!(transport, Transport::Tls(_)),
+        stopping: streams_end.clone(),
+    }));
     let jobs = svc.jobs.clone();
     let stopping = async move {
         shutdown_signal().await;
         // Jobs first: they notice at their next chunk and clean up while connections drain.
         jobs.cancel_all();
+        streams_end.cancel();
     };
     listen::run(app, listener, transport, limits, stopping).await;
     let svc2 = svc.clone();
@@ -231,8 +288,8 @@ pub async fn serve(
         // VMs outlive the server, except those whose disks it serves.
         svc2.release_vms(limits.shutdown_grace);
     })
-    .await?;
-    Ok(())
+    .await
+    .map_err(std::io::Error::other)
 }
 
 async fn shutdown_signal() {

@@ -260,6 +260,45 @@ pub struct VolumeSummary {
     /// What has it open now (VMs, jobs, downloads): it cannot be resized or removed meanwhile.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub held_by: Vec<String>,
+    /// A restore that has not finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreInfo>,
+}
+
+/// How a volume is being restored.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMode {
+    /// A plain restore: the volume is not usable until it ends.
+    Full,
+    /// A live restore: the volume is usable meanwhile.
+    Live,
+}
+
+/// A volume's restore that has not finished.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RestoreInfo {
+    /// `live` or `full`.
+    pub mode: RestoreMode,
+    /// The snapshot being restored.
+    pub snapshot: String,
+    /// Start, seconds since the Unix epoch.
+    pub started: u64,
+    /// `running` (a job or an open device works on it) or `stopped` (a plain restore that
+    /// failed or was interrupted: restore again; a live one continues when the volume is
+    /// opened or the server starts).
+    pub state: String,
+    /// Chunks in the snapshot.
+    pub chunks_total: u64,
+    /// Chunks on the volume (a live restore open in this server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks_done: Option<u64>,
+    /// Chunks the datastore could not give (a live restore open in this server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks_lost: Option<u64>,
+    /// The job working on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// A request to convert (import, export, copy) disk contents.
@@ -301,6 +340,16 @@ pub struct RestoreBackup {
     pub target: String,
     /// Format of a new image (raw, qcow2, vmdk, vhd, vhdx); default raw.
     pub format: Option<String>,
+    /// Live restore onto a volume: the volume is usable at once (VMs, NBD exports), chunks
+    /// being fetched as they are read and copied in the background.
+    #[serde(default)]
+    pub live: bool,
+    /// With `live`: whether this job runs the background copy to its end (default). `false`
+    /// only sets the restore up; the copy then runs wherever the volume is opened, or when the
+    /// server starts.
+    pub copy: Option<bool>,
+    /// Workers fetching, checking and writing chunks (default four per core, at most 256).
+    pub workers: Option<usize>,
 }
 
 /// What to verify.
@@ -342,7 +391,11 @@ pub struct BackupSummary {
     /// reading it.
     #[schema(value_type = Object)]
     pub manifest: serde_json::Value,
+    /// Its last verification, if it was verified.
+    pub verified: Option<VerifyState>,
 }
+
+pub use super::schema_ui::*;
 
 /// What the VM boots.
 #[derive(Debug, Serialize, ToSchema)]
@@ -542,6 +595,7 @@ mod drift {
         };
         pub use strata_service::images::{CreateImage, ImageSummary};
         pub use strata_service::jobs::{JobState, JobStatus};
+        pub use strata_service::restores::{RestoreInfo, RestoreMode};
         pub use strata_service::tokens::TokenInfo;
         pub use strata_service::transfer::ConvertRequest;
         pub use strata_service::vms::{
@@ -817,11 +871,47 @@ mod drift {
                 info,
                 source,
                 held_by,
+                restore,
             } = v;
             VolumeSummary {
                 info: json(info),
                 source: source.clone(),
                 held_by: held_by.clone(),
+                restore: restore.as_ref().map(RestoreInfo::from),
+            }
+        }
+    }
+
+    impl From<&svc::RestoreMode> for RestoreMode {
+        fn from(v: &svc::RestoreMode) -> Self {
+            match v {
+                svc::RestoreMode::Full => RestoreMode::Full,
+                svc::RestoreMode::Live => RestoreMode::Live,
+            }
+        }
+    }
+
+    impl From<&svc::RestoreInfo> for RestoreInfo {
+        fn from(v: &svc::RestoreInfo) -> Self {
+            let svc::RestoreInfo {
+                mode,
+                snapshot,
+                started,
+                state,
+                chunks_total,
+                chunks_done,
+                chunks_lost,
+                job,
+            } = v;
+            RestoreInfo {
+                mode: mode.into(),
+                snapshot: snapshot.clone(),
+                started: *started,
+                state: state.clone(),
+                chunks_total: *chunks_total,
+                chunks_done: *chunks_done,
+                chunks_lost: *chunks_lost,
+                job: job.clone(),
             }
         }
     }
@@ -863,11 +953,17 @@ mod drift {
                 snapshot,
                 target,
                 format,
+                live,
+                copy,
+                workers,
             } = v;
             RestoreBackup {
                 snapshot: snapshot.clone(),
                 target: target.clone(),
                 format: format.clone(),
+                live: *live,
+                copy: *copy,
+                workers: *workers,
             }
         }
     }
@@ -904,10 +1000,15 @@ mod drift {
 
     impl From<&svc::BackupSummary> for BackupSummary {
         fn from(v: &svc::BackupSummary) -> Self {
-            let svc::BackupSummary { snapshot, manifest } = v;
+            let svc::BackupSummary {
+                snapshot,
+                manifest,
+                verified,
+            } = v;
             BackupSummary {
                 snapshot: snapshot.clone(),
                 manifest: json(manifest),
+                verified: verified.as_ref().map(VerifyState::from),
             }
         }
     }
@@ -1165,6 +1266,19 @@ mod drift {
         for b in svc.list_backups(None).unwrap() {
             same("backup", &b, &BackupSummary::from(&b));
         }
+        // A volume under restore lists its restore.
+        let mut vol = svc.volume_info("strata", "v").unwrap();
+        vol.restore = Some(svc::RestoreInfo {
+            mode: svc::RestoreMode::Live,
+            snapshot: "volume/strata/v/2026-12-01T00:00:00Z".into(),
+            started: 1,
+            state: "running".into(),
+            chunks_total: 3,
+            chunks_done: Some(1),
+            chunks_lost: None,
+            job: Some("job-1".into()),
+        });
+        same("volume under restore", &vol, &VolumeSummary::from(&vol));
         let kernel = dir.path().join("import/flat.bin");
         std::fs::write(&kernel, [0xf4u8; 16]).unwrap();
         let vm = svc

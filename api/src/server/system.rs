@@ -49,6 +49,7 @@ pub(super) fn routes() -> Router<Arc<Service>> {
         .route("/api/tokens/{id}", delete(revoke_token))
         .route("/api/jobs", get(list_jobs))
         .route("/api/jobs/{id}", get(job_status).delete(cancel_job))
+        .route("/api/jobs/{id}/log", get(job_log))
 }
 
 /// Is the server up? (No token needed.)
@@ -129,4 +130,16 @@ pub(super) async fn cancel_job(
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobStatus>> {
     Ok(Json(blocking(&svc, move |s| s.jobs.cancel(&id)).await?))
+}
+
+/// A job's log: when it started, its progress every 10%, what it reported, how it ended.
+#[utoipa::path(get, path = "/api/jobs/{id}/log", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = Vec<super::schema::LogLine>), (status = 401, body = super::ErrorBody),
+              (status = 404, body = super::ErrorBody)))]
+pub(super) async fn job_log(
+    State(svc): State<Arc<Service>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<strata_service::job_log::LogLine>>> {
+    Ok(Json(blocking(&svc, move |s| s.jobs.log(&id)).await?))
 }

@@ -29,6 +29,7 @@ pub(super) fn routes() -> Router<Arc<Service>> {
         .route("/api/volumes/{vg}/{name}/resize", post(resize_volume))
         .route("/api/volumes/{vg}/{name}/snapshot", post(snapshot_volume))
         .route("/api/volumes/{vg}/{name}/clone", post(clone_volume))
+        .route("/api/volumes/{vg}/{name}/template", post(set_template))
 }
 
 /// Volume groups with their size, free space and thin pools' usage (overcommit).
@@ -193,5 +194,22 @@ pub(super) async fn clone_volume(
 ) -> ApiResult<Json<VolumeSummary>> {
     Ok(Json(
         blocking(&svc, move |s| s.clone_volume(&vg, &name, &req)).await?,
+    ))
+}
+
+/// Mark a thin volume or snapshot as a template (read-only; clones are made from it) or
+/// unmark it (409 while it is open or held).
+#[utoipa::path(post, path = "/api/volumes/{vg}/{name}/template", tag = "volumes", request_body = super::schema::SetTemplate,
+    params(("vg" = String, Path, description = "Volume group"), ("name" = String, Path, description = "Volume")),
+    responses((status = 200, body = super::schema::VolumeSummary), (status = 400, body = super::ErrorBody),
+              (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+              (status = 409, body = super::ErrorBody)))]
+pub(super) async fn set_template(
+    State(svc): State<Arc<Service>>,
+    Path((vg, name)): Path<(String, String)>,
+    ApiJson(req): ApiJson<strata_service::volumes::SetTemplate>,
+) -> ApiResult<Json<VolumeSummary>> {
+    Ok(Json(
+        blocking(&svc, move |s| s.set_volume_template(&vg, &name, &req)).await?,
     ))
 }

@@ -11,7 +11,7 @@ use strata_backup::pipeline::PipelineOptions;
 use strata_backup::prune::KeepRules;
 use strata_backup::restore::RestoreOptions;
 use strata_backup::{snapshot, BackupOptions, ChangeTracker, Changes, Datastore, Progress};
-use strata_storage::format::{self, ImageFormat, OpenOptions};
+use strata_storage::format::{ImageFormat, OpenOptions};
 use strata_storage::io::engine::EngineChoice;
 use strata_storage::io::file::CacheMode;
 use strata_storage::source::{open_source, Source};
@@ -108,6 +108,11 @@ pub struct RestoreArgs {
     /// mostly waiting for the disk).
     #[arg(long)]
     threads: Option<usize>,
+    /// For benchmarks (benches/restore.sh): each chunk read into a new vector, decoded into
+    /// another and copied into the write buffer, as restores did before they decoded straight
+    /// into the buffer they write.
+    #[arg(long, hide = true)]
+    copied_chunks: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -272,7 +277,11 @@ fn open_named(spec: &str, read_only: bool, cache: CacheArg) -> anyhow::Result<So
         engine: EngineChoice::Auto,
         references: Default::default(),
     };
-    open_source(spec, &opts, &super::data_dir()).with_context(|| format!("Could not open {spec}"))
+    // A volume under restore is refused (a backup would take a partial restore for whole).
+    super::refuse_volume_under_restore(spec)?;
+    let source = open_source(spec, &opts, &super::data_dir())
+        .with_context(|| format!("Could not open {spec}"))?;
+    Ok(source)
 }
 
 /// The source's format name and, for a volume, its change tracker for this datastore and
@@ -371,13 +380,15 @@ fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let name = store.resolve(&a.snapshot)?;
-    let manifest = store.read_manifest(&name)?;
     let target_str = a.target.display().to_string();
     let fmt: ImageFormat = a.target_format.into();
     let bar = Bar::new(a.quiet || a.output == Output::Json);
     let mut opts = RestoreOptions::default();
     if let Some(t) = a.threads {
-        opts.workers = t.clamp(1, 256);
+        opts.workers = t.clamp(1, strata_backup::restore::MAX_WORKERS);
+    }
+    if a.copied_chunks {
+        opts.path = strata_backup::restore::ChunkPath::Copied;
     }
     // A volume always exists already: restore onto it.
     let existing = a.existing || target_str.starts_with("lv:");
@@ -387,27 +398,18 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         strata_backup::restore::restore(&store, &name, target.device(), opts, &bar)
             .with_context(|| format!("Restore failed; {target_str} is partly written"))
     } else {
-        format::create_image(&a.target, fmt, manifest.size, &Default::default())
-            .with_context(|| format!("Could not create {target_str}"))?;
-        let r = format::open_image(
-            &a.target,
-            &OpenOptions {
-                format: Some(fmt),
-                read_only: false,
-                cache: CacheMode::None,
-                engine: EngineChoice::Auto,
-                references: Default::default(),
-            },
+        let open = OpenOptions {
+            format: Some(fmt),
+            read_only: false,
+            cache: CacheMode::None,
+            engine: EngineChoice::Auto,
+            references: Default::default(),
+        };
+        let r = strata_backup::restore::restore_into_new_image(
+            &store, &name, &a.target, &open, opts, &bar,
         )
-        .with_context(|| format!("Could not open {target_str}"))
-        .and_then(|dev| {
-            strata_backup::restore::restore(&store, &name, dev, opts, &bar).map_err(Into::into)
-        });
-        if r.is_err() {
-            // Never leave a half-restored image that looks complete.
-            let _ = std::fs::remove_file(&a.target);
-        }
-        r.context("Restore failed; the new image was removed")
+        .with_context(|| format!("Could not restore into {target_str}"));
+        r
     };
     let stats = result?;
     match a.output {

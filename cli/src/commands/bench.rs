@@ -136,6 +136,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         .starts_with(strata_storage::source::LV_PREFIX)
     {
         // A logical volume (`lv:VG/NAME`): its PVs use the chosen engine and cache mode.
+        super::refuse_volume_under_restore(&spec)?;
         let src = strata_storage::source::open_source(&spec, &opts, &super::data_dir())?;
         let engine = strata_storage::io::engine::Engine::resolve(opts.engine)?.name();
         (

@@ -111,6 +111,9 @@ impl ConvertProgress for Bar {
 pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     let sparse_size = parse_size(&a.sparse_size)?;
     let data_dir = super::data_dir();
+    for spec in [&a.source, &a.target] {
+        super::refuse_volume_under_restore(&spec.to_string_lossy())?;
+    }
     let req = ConvertRequest {
         source: &a.source,
         source_format: a.source_format.map(Into::into),

@@ -176,6 +176,46 @@ pub fn data_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| strata_storage::volume::resolve_data_dir(None))
 }
 
+/// The device to use for `source` (opened from `spec`): a volume under live restore comes back
+/// as the live-restore device, whose workers continue the copy while this command has it open
+/// (see `strata_backup::live`); a volume holding an unfinished plain restore is refused.
+pub fn live_restore_device(
+    source: &strata_storage::source::Source,
+    spec: &str,
+) -> anyhow::Result<std::sync::Arc<dyn strata_storage::BlockDevice>> {
+    use strata_backup::live::{wrap_source, LiveOptions, Wrapped};
+    let wrapped = wrap_source(source, &data_dir(), LiveOptions::default())
+        .map_err(|e| anyhow::anyhow!("Could not open {spec}: {e}"))?;
+    if let Wrapped::Live(live) = &wrapped {
+        let st = live.status();
+        eprintln!(
+            "strata: {spec} is under live restore from {}: {} of {} chunks restored; the rest              is fetched as it is read and copied in the background while it is open",
+            st.snapshot, st.chunks_done, st.chunks_total
+        );
+    }
+    Ok(wrapped.device())
+}
+
+/// Refuses `spec` if it names a volume with an unfinished restore: the tools that open volumes
+/// by themselves (convert) would see it partly restored.
+pub fn refuse_volume_under_restore(spec: &str) -> anyhow::Result<()> {
+    let Some((vg, lv)) = spec
+        .strip_prefix(strata_storage::source::LV_PREFIX)
+        .and_then(|s| s.split_once('/'))
+    else {
+        return Ok(());
+    };
+    let paths = strata_backup::live::RestorePaths::of(&data_dir(), vg, lv);
+    if let Some(rec) = paths.read()? {
+        anyhow::bail!(
+            "{spec} is being restored from {} and is not whole yet; use it through `strata nbd \
+             serve` or `strata vm run` (a live restore), or wait for the restore to end",
+            rec.snapshot
+        );
+    }
+    Ok(())
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let data_path = strata_storage::volume::resolve_data_dir(cli.data.as_deref());

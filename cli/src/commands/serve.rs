@@ -14,6 +14,7 @@ use strata_api::server::{HttpLimits, Transport};
 use strata_service::bootstrap::{self, ApplianceConfig, BootstrapOptions};
 use strata_service::exports::NbdSettings;
 use strata_service::server_paths::ServerPaths;
+use strata_service::sessions::SessionSettings;
 use strata_service::tls::{file_fingerprint, ApplianceTls, CertificateFiles};
 use strata_service::{DataDir, Service};
 
@@ -53,6 +54,22 @@ pub struct ServeArgs {
     import_dirs: Vec<std::path::PathBuf>,
     #[command(flatten)]
     setup: SetupArgs,
+    #[command(flatten)]
+    ui: UiArgs,
+}
+
+/// The web UI's sessions and the dashboard's usage history.
+#[derive(Debug, Args)]
+pub struct UiArgs {
+    /// How long a web UI session lasts at most after signing in.
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    session_lifetime: Duration,
+    /// A web UI session ends after this long without a request.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    session_idle: Duration,
+    /// Time between samples of storage usage (the dashboard's graphs and "estimated full").
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    usage_interval: Duration,
 }
 
 /// Bounds on slow and greedy clients.
@@ -230,9 +247,21 @@ pub fn serve(a: ServeArgs, data: DataDir) -> anyhow::Result<ExitCode> {
     let listener = std::net::TcpListener::bind(a.listen)
         .map_err(|e| anyhow::anyhow!("Cannot listen on {}: {e}", a.listen))?;
     listener.set_nonblocking(true)?;
-    let svc = Arc::new(Service::open(data.clone())?.with_server_paths(ServerPaths::Under(import)));
+    let svc = Arc::new(
+        Service::open(data.clone())?
+            .with_server_paths(ServerPaths::Under(import))
+            .with_sessions(SessionSettings {
+                lifetime: a.ui.session_lifetime,
+                idle: a.ui.session_idle,
+            }),
+    );
     svc.remove_leftovers()?;
+    svc.start_usage_sampler(a.ui.usage_interval.max(Duration::from_secs(1)))?;
     svc.enable_exports(nbd_settings(&a, &data)?)?;
+    // Live restores first: an adopted VM's disks may be volumes under live restore.
+    for volume in svc.resume_restores() {
+        println!("Resumed the live restore of {volume}");
+    }
     for name in svc.adopt_vms()? {
         println!("Adopted running VM {name}");
     }

@@ -123,8 +123,9 @@ impl DiskArg {
         };
         let source = open_source(&spec, &opts, &super::data_dir())
             .with_context(|| format!("opening {spec}"))?;
-        // Images come with their sidecar bitmaps attached (writes tracked) by open_source.
-        let device = source.device();
+        // Images come with their sidecar bitmaps attached (writes tracked) by open_source;
+        // a volume under live restore is wrapped in its live-restore device.
+        let device = super::live_restore_device(&source, &spec)?;
         let disk = DiskSpec {
             name: source.describe(),
             device,

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use strata_api::client::Client;
-use strata_tests::{have_kvm, skip_loudly};
 
 use super::Server;
 
@@ -90,14 +89,6 @@ pub fn wait_for(c: &Client, name: &str, timeout: Duration, done: impl Fn(&Value)
     }
 }
 
-pub fn kvm_or_skip(what: &str) -> bool {
-    if !have_kvm() {
-        skip_loudly(what, "/dev/kvm cannot be opened on this host");
-        return false;
-    }
-    true
-}
-
 /// Defines a VM (expecting 201) and starts it (expecting 200).
 pub fn define_and_start(c: &Client, body: Value) {
     let (st, reply) = define(c, body.clone());
@@ -110,14 +101,12 @@ pub fn define_and_start(c: &Client, body: Value) {
 }
 
 /// For tests that run guests: a server, its client, a scratch folder and a flat guest file (in
-/// the server's import folder); None, after a loud skip notice, where KVM is missing.
-pub fn guest_setup(what: &str, then: Then) -> Option<(Server, Client, tempfile::TempDir, String)> {
-    if !kvm_or_skip(what) {
-        return None;
-    }
+/// the server's import folder). Without KVM see [`strata_testkit::require_kvm`].
+pub fn guest_setup(then: Then) -> (Server, Client, tempfile::TempDir, String) {
+    strata_testkit::require_kvm();
     let srv = Server::start();
     let c = srv.client();
     let dir = tempfile::tempdir().unwrap();
     let guest = write_guest(&srv.data.join("import"), "guest.bin", then);
-    Some((srv, c, dir, guest))
+    (srv, c, dir, guest)
 }

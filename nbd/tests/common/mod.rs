@@ -14,31 +14,11 @@ use strata_storage::BlockDevice;
 
 pub const MIB: u64 = 1 << 20;
 
-/// Whether `tool` is installed. Under `CI` a missing tool fails the test; elsewhere the test
-/// is skipped loudly.
-pub fn have(tool: &str, package: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing in CI (apt-get install {package}; scripts/install-deps.sh)"
-        );
-        let line = "!".repeat(78);
-        eprintln!("{line}\nSKIPPED: {tool} is not installed (apt-get install {package})\n{line}");
-    }
-    found
-}
-
-/// Whether every client tool the tests use is installed (see [`have`]).
-pub fn have_clients() -> bool {
-    have("qemu-img", "qemu-utils")
-        & have("qemu-io", "qemu-utils")
-        & have("nbdinfo", "libnbd-bin")
-        & have("nbdcopy", "libnbd-bin")
+/// Every client tool the tests use (see [`strata_testkit::missing`]).
+pub fn require_clients() {
+    strata_testkit::require_qemu_utils();
+    strata_testkit::require_tool("nbdinfo", "libnbd-bin");
+    strata_testkit::require_tool("nbdcopy", "libnbd-bin");
 }
 
 /// Runs a command; returns its output (success not checked).

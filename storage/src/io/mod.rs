@@ -15,6 +15,7 @@
 
 pub mod blocking;
 pub mod buf;
+pub mod counted;
 pub mod engine;
 pub mod file;
 pub(crate) mod stack;

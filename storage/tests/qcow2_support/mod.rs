@@ -11,26 +11,6 @@ use strata_storage::format::{open_image, Image, OpenOptions};
 use strata_storage::io::{Completion, IoBuf, IoQueue, QueueOptions, Request};
 use strata_storage::BlockDevice;
 
-/// Whether qemu-img and qemu-io are installed; prints a loud notice when they are not.
-pub fn have_qemu(test: &str) -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: qemu-img/qemu-io are missing, and CI must have them (qemu-utils)"
-        );
-        eprintln!(
-            "\n*** SKIPPED {test}: qemu-img/qemu-io not found (install qemu-utils) — this test did NOT run ***\n"
-        );
-    }
-    ok
-}
-
 /// Runs a command, panicking with its output on failure; returns stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)

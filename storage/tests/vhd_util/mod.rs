@@ -1,10 +1,8 @@
-//! Helpers shared by the VHD and VHDX tests: finding the real tools (a missing tool fails the
-//! test under `CI`, and is skipped loudly otherwise), writing patterns through queues, reading
-//! whole devices.
+//! Helpers shared by the VHD and VHDX tests: writing patterns through queues, reading whole
+//! devices. The tests find the real tools with `strata_testkit`.
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::Command;
 
 use strata_storage::io::blocking::BlockingQueue;
 use strata_storage::BlockDevice;
@@ -13,28 +11,6 @@ use strata_storage::BlockDevice;
 mod vmdk_util;
 #[allow(unused_imports)]
 pub use vmdk_util::{first_diff, p, qemu_io_writes, run};
-
-/// Whether `tool` runs (`args` are a harmless invocation). Under `CI` a missing tool fails the
-/// test; otherwise the test says loudly that it is skipped.
-pub fn require(tool: &str, args: &[&str], package: &str, test: &str) -> bool {
-    let ok = Command::new(tool).args(args).output().is_ok();
-    if !ok {
-        let msg = format!("{test}: {tool} is not installed (apt-get install {package})");
-        assert!(std::env::var_os("CI").is_none(), "FAILED {msg}");
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** SKIPPED {msg} — this test did NOT run ***\n"
-        );
-    }
-    ok
-}
-
-/// qemu-img and qemu-io (see [`require`]).
-pub fn qemu(test: &str) -> bool {
-    require("qemu-img", &["--version"], "qemu-utils", test)
-        && require("qemu-io", &["--version"], "qemu-utils", test)
-}
 
 /// The virtual size qemu-img reports for an image.
 pub fn qemu_size(path: &Path, fmt: &str) -> u64 {

@@ -7,35 +7,6 @@ use std::process::Command;
 use strata_storage::io::blocking::BlockingQueue;
 use strata_storage::BlockDevice;
 
-/// Whether qemu-img and qemu-io are installed; says loudly when they are not.
-pub fn have_qemu(test: &str) -> bool {
-    let ok = |tool: &str| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if ok("qemu-img") && ok("qemu-io") {
-        true
-    } else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: qemu-img/qemu-io are missing, and CI must have them (qemu-utils)"
-        );
-        loud(&format!(
-            "SKIPPED {test}: qemu-img/qemu-io not installed (apt-get install qemu-utils)"
-        ));
-        false
-    }
-}
-
-/// Writes straight to the process's stderr, past the test harness's output capture, so that a
-/// skipped part of a test shows in every run.
-pub fn loud(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
-}
-
 /// Runs a command and returns its stdout; panics with its stderr on failure.
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)

@@ -293,6 +293,15 @@ pub enum BackupsCommand {
         /// Format of a new image (default raw).
         #[arg(short = 'O', long)]
         format: Option<String>,
+        /// Live restore onto a volume: usable at once (VMs, `strata vm run`, `strata nbd
+        /// serve`), chunks fetched as they are read and the rest copied in the background.
+        /// Without --remote, --no-wait only sets it up and the copy runs wherever the volume
+        /// is opened next.
+        #[arg(long)]
+        live: bool,
+        /// Workers fetching, checking and writing chunks (default four per core).
+        #[arg(long)]
+        workers: Option<usize>,
         #[command(flatten)]
         job: JobArgs,
     },
@@ -702,9 +711,29 @@ pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
             snapshot,
             target,
             format,
+            live,
+            workers,
             job,
         } => {
-            let body = json!({"snapshot": snapshot, "target": target, "format": format});
+            let mut body = json!({"snapshot": snapshot, "target": target, "format": format,
+                                  "workers": workers});
+            if live {
+                body["live"] = true.into();
+                if job.no_wait && matches!(api, Api::Local { .. }) {
+                    // A job run here ends with this command: set the restore up only; the
+                    // volume's next opener runs the copy.
+                    body["copy"] = false.into();
+                    let started = api.ok("POST", "/api/backups/restore", Some(&body))?;
+                    let local = JobArgs {
+                        no_wait: false,
+                        quiet: true,
+                        common: Common {
+                            output: job.common.output,
+                        },
+                    };
+                    return finish_job(api, started, &local);
+                }
+            }
             return run_job(api, "/api/backups/restore", &body, &job);
         }
         BackupsCommand::Verify { snapshot, job } => {
