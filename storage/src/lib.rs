@@ -20,7 +20,7 @@
 //! | [`io::file::FileHandle`] | every queue of a file | nothing mutable but its size (atomic) |
 //! | an [`io::IoQueue`] (stacked or engine) | one thread at a time (`Send`, not `Sync`) | `&mut self` |
 //! | thread-pool job and completion lists | a queue and its workers | one mutex each |
-//! | a qcow2 image's metadata | the image, its queues, its metadata worker | one mutex held for lookups in memory, planning and copying dirty state — no data path makes a system call under it; write-backs and file growth run on the worker, serialised with control-plane rewrites by a second lock that no data path takes |
+//! | a qcow2 image's metadata | the image, its queues, its metadata worker | one mutex held for lookups in memory, planning and copying dirty state — no data path makes a system call under it; write-backs and file growth run on the worker's two threads, each serialised with control-plane rewrites by a lock of its own that no data path takes |
 //! | a vmdk extent's grain tables | the image and its queues | one mutex per extent |
 //! | a volume group's state | the group's handles and devices | one mutex, control operations only |
 //! | a thin pool's state | the pool, its devices and queues | one mutex held for lookups and provisioning decisions; parked pieces wake on the pool's events |

@@ -20,6 +20,13 @@
 //! operation) reach twice its capacity, operations stop and ask for one
 //! ([`TableCache::over_limit`]).
 //! Tables are kept in aligned [`IoBuf`]s so that writing one back can go through O_DIRECT.
+//!
+//! A dirty table also records which of its granules changed (4 KiB, or 1/64 of a table of more
+//! than 256 KiB; a table of at most 4 KiB is one granule): a write-back copies and writes only
+//! those. A guest write that allocates one cluster changes one 8-byte L2 entry, and writing
+//! the whole 64 KiB table back for it made flushes write sixteen times the data they covered.
+//! Each entry lies within one granule, so on disk every entry is either old or new, as with
+//! whole-table writes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +42,8 @@ struct Slot {
     data: IoBuf,
     /// The generation of the last change not yet written back.
     dirty: Option<u64>,
+    /// Granules changed since the table was last written back (bit *i*: granule *i*).
+    granules: u64,
     last_used: u64,
     pins: u32,
     /// Read for a waiting operation and not looked up since: kept until it is.
@@ -51,12 +60,50 @@ struct Loading {
 /// A dirty table copied for a write-back.
 #[derive(Debug)]
 pub struct DirtyTable {
-    /// Host offset.
+    /// Host offset of the table.
     pub offset: u64,
-    /// Contents as copied.
-    pub data: IoBuf,
+    /// The changed parts as copied: runs of changed granules, by host offset.
+    pub pieces: Vec<(u64, IoBuf)>,
     /// The change generation copied.
     pub gen: u64,
+}
+
+/// Bytes per dirty granule of a table of `len` bytes (see the module documentation).
+fn granule(len: usize) -> usize {
+    if len <= 4096 {
+        len.max(1)
+    } else {
+        (len / 64).max(4096)
+    }
+}
+
+/// The granule bits covering `len` bytes at `at` of a table of `table_len` bytes.
+fn granule_bits(table_len: usize, at: usize, len: usize) -> u64 {
+    let g = granule(table_len);
+    let first = at / g;
+    let last = (at + len.max(1) - 1) / g;
+    (first..=last.min(63)).fold(0, |m, i| m | 1 << i)
+}
+
+/// Copies the runs of granules set in `bits` of `data`, a table at host offset `offset`.
+fn dirty_runs(offset: u64, data: &[u8], bits: u64) -> Vec<(u64, IoBuf)> {
+    let g = granule(data.len());
+    let count = data.len().div_ceil(g).min(64);
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < count {
+        if bits >> i & 1 == 0 {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < count && bits >> i & 1 == 1 {
+            i += 1;
+        }
+        let (from, to) = (start * g, (i * g).min(data.len()));
+        runs.push((offset + from as u64, IoBuf::from_slice(&data[from..to])));
+    }
+    runs
 }
 
 /// See the module documentation.
@@ -156,6 +203,7 @@ impl TableCache {
             offset,
             data,
             fresh: dirty.is_none(),
+            granules: if dirty.is_some() { u64::MAX } else { 0 },
             dirty,
             last_used: self.clock,
             pins: 0,
@@ -175,6 +223,7 @@ impl TableCache {
             self.slots[slot].data = data;
             self.changes += 1;
             self.slots[slot].dirty = Some(self.changes);
+            self.slots[slot].granules = u64::MAX;
             return slot;
         }
         self.changes += 1;
@@ -251,11 +300,13 @@ impl TableCache {
         self.slots[slot].data.as_slice().unwrap_or(&[])
     }
 
-    /// Mutable contents of the table in `slot`, which becomes dirty.
-    pub fn bytes_mut(&mut self, slot: usize) -> &mut [u8] {
+    /// Mutable contents of the table in `slot`, which becomes dirty; the caller changes only
+    /// the `len` bytes at `at`.
+    pub fn bytes_mut(&mut self, slot: usize, at: usize, len: usize) -> &mut [u8] {
         self.changes += 1;
         let s = &mut self.slots[slot];
         s.dirty = Some(self.changes);
+        s.granules |= granule_bits(s.data.len(), at, len);
         s.data.as_mut_slice().unwrap_or(&mut [])
     }
 
@@ -272,7 +323,7 @@ impl TableCache {
             .filter_map(|s| {
                 s.dirty.map(|gen| DirtyTable {
                     offset: s.offset,
-                    data: IoBuf::from_slice(s.data.as_slice().unwrap_or(&[])),
+                    pieces: dirty_runs(s.offset, s.data.as_slice().unwrap_or(&[]), s.granules),
                     gen,
                 })
             })
@@ -288,6 +339,7 @@ impl TableCache {
             let s = &mut self.slots[slot];
             if s.dirty == Some(gen) {
                 s.dirty = None;
+                s.granules = 0;
             }
         }
     }
@@ -373,7 +425,7 @@ mod tests {
         assert!(c.trim());
         assert!(c.contains(100) && c.contains(300) && !c.contains(200));
         let s = c.lookup(300).unwrap();
-        c.bytes_mut(s)[0] = 1;
+        c.bytes_mut(s, 0, 1)[0] = 1;
         c.pin(100);
         c.insert_new(400, IoBuf::new(512));
         assert!(!c.trim(), "all held tables are dirty or pinned");
@@ -387,15 +439,58 @@ mod tests {
     fn a_write_back_cleans_only_the_version_it_copied() {
         let mut c = TableCache::new(4);
         let s = c.insert_new(100, IoBuf::new(512));
-        c.bytes_mut(s)[0] = 1;
+        c.bytes_mut(s, 0, 1)[0] = 1;
         let copy = c.dirty_tables();
         assert_eq!(copy.len(), 1);
-        c.bytes_mut(s)[0] = 2;
+        c.bytes_mut(s, 0, 1)[0] = 2;
         c.mark_clean(100, copy[0].gen);
         assert!(c.any_dirty());
         let copy = c.dirty_tables();
         c.mark_clean(100, copy[0].gen);
         assert!(!c.any_dirty());
+    }
+
+    #[test]
+    fn a_write_back_copies_only_the_changed_granules() {
+        let mut c = TableCache::new(4);
+        let s = c.insert_loaded(1 << 20, IoBuf::new(64 << 10));
+        assert!(c.dirty_tables().is_empty());
+        c.bytes_mut(s, 8, 8)[8] = 1;
+        c.bytes_mut(s, 4096 * 3 + 4088, 16)[4096 * 3 + 4088] = 2;
+        c.bytes_mut(s, 4096 * 15, 8)[4096 * 15] = 3;
+        let copy = c.dirty_tables();
+        let runs: Vec<(u64, usize)> = copy[0].pieces.iter().map(|(o, b)| (*o, b.len())).collect();
+        let base = 1u64 << 20;
+        assert_eq!(
+            runs,
+            vec![
+                (base, 4096),
+                (base + 3 * 4096, 2 * 4096),
+                (base + 15 * 4096, 4096)
+            ],
+            "entries 8 bytes into granule 0, across granules 3 and 4, and in granule 15"
+        );
+        assert_eq!(copy[0].pieces[1].1.as_slice().unwrap()[4088], 2);
+        c.mark_clean(1 << 20, copy[0].gen);
+        assert!(!c.any_dirty());
+        c.bytes_mut(s, 100, 8);
+        assert_eq!(
+            c.dirty_tables()[0].pieces.len(),
+            1,
+            "cleaning forgot the old granules"
+        );
+
+        // A new table, and a table of one granule, are written whole.
+        c.insert_new(2 << 20, IoBuf::new(64 << 10));
+        let s = c.insert_loaded(3 << 20, IoBuf::new(2048));
+        c.bytes_mut(s, 1000, 8);
+        let lens: Vec<usize> = c
+            .dirty_tables()
+            .iter()
+            .filter(|t| t.offset != 1 << 20)
+            .map(|t| t.pieces.iter().map(|p| p.1.len()).sum())
+            .collect();
+        assert_eq!(lens, vec![64 << 10, 2048]);
     }
 
     #[test]

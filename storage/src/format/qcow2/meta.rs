@@ -152,8 +152,10 @@ pub struct Meta {
     pub(super) writeback_running: bool,
     /// Queues waiting for the worker's next job to end.
     pub(super) worker_waiters: Waiters,
-    /// The worker's last job failed with this (cleared by one that succeeds).
+    /// The worker's last write-back failed with this (cleared by one that succeeds).
     pub(super) worker_error: Option<StorageError>,
+    /// The worker's last growth of the file failed with this (cleared by one that succeeds).
+    pub(super) grow_error: Option<StorageError>,
     /// Table reads that failed, and how many waiters are still to be told.
     pub(super) failed_loads: Vec<(Table, StorageError, usize)>,
     /// A cache is well above its capacity with nothing it may drop: a write-back would help.
@@ -315,6 +317,7 @@ impl Meta {
             writeback_running: false,
             worker_waiters: Waiters::default(),
             worker_error: None,
+            grow_error: None,
             failed_loads: Vec::new(),
             room_wanted: false,
             table_moves_seen: 0,
@@ -392,7 +395,7 @@ impl Meta {
     pub(super) fn set_l2_raw(&mut self, slot: usize, index: usize, raw: u64, bitmap: u64) {
         let at = self.geo.l2_entry_offset(index);
         let extended = self.geo.extended;
-        let b = self.l2.bytes_mut(slot);
+        let b = self.l2.bytes_mut(slot, at, if extended { 16 } else { 8 });
         crate::bytes::put_be64(b, at, raw);
         if extended {
             crate::bytes::put_be64(b, at + 8, bitmap);
@@ -491,12 +494,19 @@ impl Meta {
 
     /// Work to ask of the worker ahead of need (each once): a file length to grow to, and
     /// whether a write-back would let a full cache shrink.
+    /// Growth is asked for while a write-back runs too (the worker grows the file on a thread
+    /// of its own); room is not (the write-back running makes it).
     pub(crate) fn take_hints(&mut self) -> (Option<u64>, bool) {
-        if self.worker_error.is_some() || self.writeback_running {
+        if self.worker_failed().is_some() {
             return (None, false);
         }
-        let room = std::mem::take(&mut self.room_wanted);
+        let room = !self.writeback_running && std::mem::take(&mut self.room_wanted);
         (self.refs.take_grow_hint(), room)
+    }
+
+    /// The error of the worker's last write-back or growth, if it failed.
+    fn worker_failed(&self) -> Option<&StorageError> {
+        self.worker_error.as_ref().or(self.grow_error.as_ref())
     }
 
     /// Decides, under the lock that saw it, what a queue does about `stall`, registering
@@ -528,7 +538,7 @@ impl Meta {
                 }
             }
             Stall::Worker(job) => {
-                if let Some(e) = &self.worker_error {
+                if let Some(e) = self.worker_failed() {
                     return Await::Fail(e.duplicate());
                 }
                 if let Some(w) = waker {

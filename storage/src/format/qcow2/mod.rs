@@ -17,16 +17,18 @@
 //!
 //! No data path makes a system call under the metadata mutex. A table missing from the cache is
 //! read on the queue's host queue; write-backs (for guest flushes, or to make room in full caches)
-//! and growing the file run on the image's metadata worker (`worker.rs`), which holds the mutex
-//! only to copy dirty state and to record the outcome. One queue's flush therefore never stalls
-//! another queue's mapping.
+//! and growing the file run on the image's metadata worker (`worker.rs`, a thread for each),
+//! which holds the mutex only to copy dirty state and to record the outcome. One queue's flush
+//! therefore never stalls another queue's mapping, nor its allocations waiting for the file to
+//! grow.
 //!
 //! # Locking
 //! | what | shared by | guarded by |
 //! |---|---|---|
 //! | [`meta::Meta`] (tables, caches, allocations in flight) | the image, its queues, its worker | one mutex, held for lookups, planning and copying dirty state — never across I/O on a data path; a poisoned one fails the image |
-//! | write-backs and file growth | the worker, control-plane flushes and rewrites | the write-back lock (worker and control plane only), taken before the mutex |
-//! | control-plane rewrites (snapshots, resize, check and repair, rebase) | nothing else: they refuse while requests are in flight | both locks, with their I/O done under them |
+//! | write-backs | the worker, control-plane flushes and rewrites | the write-back lock (worker and control plane only), taken before the mutex |
+//! | file growth | the worker, control-plane rewrites | the growth lock (worker and control plane only), taken after the write-back lock and before the mutex |
+//! | control-plane rewrites (snapshots, resize, check and repair, rebase) | nothing else: they refuse while requests are in flight | all three locks, with their I/O done under them |
 //! | the host file and the backing images | every queue | their own engines |
 //! | a qcow2 queue | one consumer thread | `&mut self` |
 //!
@@ -77,7 +79,7 @@ use entry::{Geometry, Mapping};
 use header::CompressionType;
 use meta::{Meta, MetaOptions, Stall};
 pub use ops::MapEntry;
-use worker::{Core, Worker};
+use worker::{ControlGuard, Core, Worker};
 
 /// How to open a qcow2 image.
 #[derive(Clone, Copy, Debug, Default)]
@@ -249,9 +251,9 @@ impl Qcow2Image {
         self.shared.core.meta()
     }
 
-    /// The write-back lock and the metadata, for control-plane operations that do metadata
-    /// I/O (see the module's locking table).
-    pub(crate) fn control(&self) -> Result<(MutexGuard<'_, ()>, MutexGuard<'_, Meta>)> {
+    /// The write-back and growth locks and the metadata, for control-plane operations that do
+    /// metadata I/O (see the module's locking table).
+    pub(crate) fn control(&self) -> Result<(ControlGuard<'_>, MutexGuard<'_, Meta>)> {
         self.shared.core.control()
     }
 

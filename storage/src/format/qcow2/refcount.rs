@@ -20,6 +20,12 @@ pub fn get(block: &[u8], order: u32, index: usize) -> u64 {
     }
 }
 
+/// The bytes entry `index` of width `1 << order` bits lies in: offset and length.
+pub fn span(order: u32, index: usize) -> (usize, usize) {
+    let bits = 1usize << order.min(6);
+    (index * bits / 8, bits.div_ceil(8))
+}
+
 /// Writes `value` (which must fit the width) into entry `index`.
 pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) {
     match order {
@@ -67,6 +73,25 @@ mod tests {
             assert_eq!(get(&block, order, 5), max);
             assert_eq!(get(&block, order, 4), (4 * 7 + 1) & max);
             assert_eq!(get(&block, order, 6), (6 * 7 + 1) & max);
+        }
+    }
+
+    #[test]
+    fn an_entry_changes_only_the_bytes_of_its_span() {
+        for order in 0..=6u32 {
+            let n = (512 * 8) >> order;
+            for i in [0, 1, 7, n / 2 + 3, n - 1] {
+                let mut block = vec![0u8; 512];
+                set(&mut block, order, i, 1);
+                let (at, len) = span(order, i);
+                assert!(at + len <= 512);
+                for (b, &v) in block.iter().enumerate() {
+                    assert!(
+                        v == 0 || (at..at + len).contains(&b),
+                        "order {order} index {i}"
+                    );
+                }
+            }
         }
     }
 

@@ -295,7 +295,8 @@ impl Refcounts {
             match u {
                 Undo::Count { block, idx, old } => {
                     if let Some(slot) = self.blocks.lookup(block) {
-                        refcount::set(self.blocks.bytes_mut(slot), order, idx, old);
+                        let (at, len) = refcount::span(order, idx);
+                        refcount::set(self.blocks.bytes_mut(slot, at, len), order, idx, old);
                     }
                 }
                 Undo::NewBlock(off) => self.blocks.forget(off),
@@ -396,7 +397,8 @@ impl Refcounts {
             idx,
             old,
         });
-        refcount::set(self.blocks.bytes_mut(slot), order, idx, new);
+        let (at, len) = refcount::span(order, idx);
+        refcount::set(self.blocks.bytes_mut(slot, at, len), order, idx, new);
         if new == 0 {
             self.free_hint = self.free_hint.min(cluster.max(1));
         }

@@ -1,15 +1,21 @@
-//! The per-image metadata worker: a thread that does the metadata I/O queues must not do under
-//! the metadata lock — write-backs for guest flushes, write-backs that make room in full caches,
-//! and growing the file ahead of allocations. It starts with the first job.
+//! The per-image metadata worker: the metadata I/O queues must not do under the metadata lock
+//! — write-backs for guest flushes, write-backs that make room in full caches, and growing the
+//! file ahead of allocations. It has two threads, each started by its first job: one writes
+//! back, the other grows the file, so that allocations never wait for a write-back to end
+//! before the file has room for them (with a guest flushing often, a write-back is nearly
+//! always running).
 //!
 //! Queues post jobs ([`Worker::post`]) and park the pieces waiting for them; flush requests get
-//! their completion through the queue's [`Mailbox`]. After every batch of jobs the worker bumps
+//! their completion through the queue's [`Mailbox`]. After every batch of jobs a thread bumps
 //! the image's generation and signals the queues that registered with the metadata
 //! ([`Meta::wait_for`](super::meta::Meta::wait_for)), which then retry their parked work.
 //!
-//! Write-backs and file growth of one image never overlap: whoever runs them — this worker, a
-//! control-plane flush, a control-plane operation that rewrites metadata — holds the image's
-//! write-back lock ([`Core::control`]); no data path ever takes it.
+//! Write-backs of one image never overlap, nor does file growth with itself: whoever runs them
+//! — these threads, a control-plane flush, a control-plane operation that rewrites metadata —
+//! holds the image's write-back lock, or its growth lock; a control-plane operation takes both
+//! ([`Core::control`]); no data path ever takes either. A write-back and file growth may run
+//! at once: growth only lengthens the file past everything allocated, and a write-back only
+//! writes inside it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,7 +24,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::SharedFile;
-use crate::error::{Result, StorageError};
+use crate::error::Result;
 use crate::io::stack::wake::Generation;
 use crate::sync::{lock, lock_meta};
 
@@ -91,6 +97,15 @@ pub(crate) enum Post {
     Grow(u64),
 }
 
+/// Which of the worker's threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    /// Write-backs and flushes.
+    Writeback = 0,
+    /// File growth.
+    Growth = 1,
+}
+
 #[derive(Debug, Default)]
 struct Jobs {
     writeback: bool,
@@ -100,9 +115,34 @@ struct Jobs {
 }
 
 impl Jobs {
-    fn any(&self) -> bool {
-        self.writeback || !self.replies.is_empty() || self.grow > 0
+    fn due(&self, lane: Lane) -> bool {
+        match lane {
+            Lane::Writeback => self.writeback || !self.replies.is_empty(),
+            Lane::Growth => self.grow > 0,
+        }
     }
+
+    /// Takes the jobs of `lane`.
+    fn take(&mut self, lane: Lane) -> Jobs {
+        match lane {
+            Lane::Writeback => Jobs {
+                writeback: std::mem::take(&mut self.writeback),
+                replies: std::mem::take(&mut self.replies),
+                ..Jobs::default()
+            },
+            Lane::Growth => Jobs {
+                grow: std::mem::take(&mut self.grow),
+                ..Jobs::default()
+            },
+        }
+    }
+}
+
+/// The locks a control-plane operation holds besides the metadata (see [`Core::control`]).
+#[derive(Debug)]
+pub(crate) struct ControlGuard<'a> {
+    _writeback: MutexGuard<'a, ()>,
+    _growth: MutexGuard<'a, ()>,
 }
 
 /// What the worker shares with the image and its queues.
@@ -116,8 +156,10 @@ pub(crate) struct Core {
     pub name: String,
     /// Bumped whenever parked work may proceed (an allocation, a table read or a job ended).
     pub gen: Generation,
-    /// Serialises write-backs, file growth and control-plane rewrites of the metadata.
+    /// Serialises write-backs and control-plane rewrites of the metadata.
     writeback: Mutex<()>,
+    /// Serialises file growth and control-plane rewrites of the metadata.
+    growth: Mutex<()>,
     jobs: Mutex<Jobs>,
     job_ready: Condvar,
 }
@@ -131,6 +173,7 @@ impl Core {
             name,
             gen: Generation::default(),
             writeback: Mutex::new(()),
+            growth: Mutex::new(()),
             jobs: Mutex::new(Jobs::default()),
             job_ready: Condvar::new(),
         }
@@ -141,11 +184,15 @@ impl Core {
         lock_meta(&self.meta, format_args!("qcow2 image {}", self.name))
     }
 
-    /// Takes the write-back lock, then the metadata lock: for control-plane operations.
-    pub(crate) fn control(&self) -> Result<(MutexGuard<'_, ()>, MutexGuard<'_, Meta>)> {
-        let wb = lock(&self.writeback);
+    /// Takes the write-back lock, the growth lock, then the metadata lock: for control-plane
+    /// operations.
+    pub(crate) fn control(&self) -> Result<(ControlGuard<'_>, MutexGuard<'_, Meta>)> {
+        let guard = ControlGuard {
+            _writeback: lock(&self.writeback),
+            _growth: lock(&self.growth),
+        };
         let m = self.meta()?;
-        Ok((wb, m))
+        Ok((guard, m))
     }
 
     /// Writes everything dirty back and syncs, holding no lock across I/O but the write-back
@@ -156,7 +203,7 @@ impl Core {
         self.file.sync_data()
     }
 
-    /// Grows the file to `len` if it is shorter (write-back lock held by the caller).
+    /// Grows the file to `len` if it is shorter (growth lock held by the caller).
     fn grow(&self, len: u64) -> Result<()> {
         let current = self.meta()?.file_len();
         if len <= current {
@@ -176,46 +223,57 @@ impl Core {
         }
     }
 
-    /// Runs one batch of jobs.
+    /// Runs one batch of jobs of one lane.
     fn run(&self, jobs: Jobs) {
-        let mut failure: Option<StorageError> = None;
-        let wb = lock(&self.writeback);
         if jobs.grow > 0 {
-            if let Err(e) = self.grow(jobs.grow) {
+            let failure = {
+                let _growth = lock(&self.growth);
+                self.grow(jobs.grow).err()
+            };
+            if let Some(e) = &failure {
                 tracing::warn!(image = %self.name, error = %e, "growing the qcow2 file failed");
-                failure = Some(e);
             }
+            self.wake(|m| m.grow_error = failure);
         }
-        let mut flushed = Ok(());
         if jobs.writeback || !jobs.replies.is_empty() {
-            flushed =
-                writeback_unlocked(&self.meta, self.file.as_ref(), &self.name).and_then(|wrote| {
-                    if wrote || jobs.replies.is_empty() {
-                        // A write-back that ran now, after these flushes came in, synced
-                        // everything they cover.
-                        Ok(())
-                    } else {
-                        // Nothing to write: one that ran before covers their metadata, not
-                        // necessarily their data.
-                        self.file.sync_data()
-                    }
-                });
-            if let Err(e) = &flushed {
-                tracing::warn!(image = %self.name, error = %e, "writing qcow2 metadata back failed");
-                failure.get_or_insert(e.duplicate());
-            }
+            self.run_writeback(jobs.replies);
         }
-        drop(wb);
-        for r in jobs.replies {
+    }
+
+    /// Writes everything dirty back, then completes `replies`.
+    fn run_writeback(&self, replies: Vec<Reply>) {
+        let flushed = {
+            let _wb = lock(&self.writeback);
+            writeback_unlocked(&self.meta, self.file.as_ref(), &self.name).and_then(|wrote| {
+                if wrote || replies.is_empty() {
+                    // A write-back that ran now, after these flushes came in, synced
+                    // everything they cover.
+                    Ok(())
+                } else {
+                    // Nothing to write: one that ran before covers their metadata, not
+                    // necessarily their data.
+                    self.file.sync_data()
+                }
+            })
+        };
+        if let Err(e) = &flushed {
+            tracing::warn!(image = %self.name, error = %e, "writing qcow2 metadata back failed");
+        }
+        for r in replies {
             let result = match &flushed {
                 Ok(()) => Ok(()),
                 Err(e) => Err(e.duplicate()),
             };
             r.mailbox.deliver(r.tag, result);
         }
+        self.wake(|m| m.worker_error = flushed.err());
+    }
+
+    /// Records a lane's outcome in the metadata and wakes the queues waiting for the worker.
+    fn wake(&self, record: impl FnOnce(&mut Meta)) {
         let mut waiters = match self.meta() {
             Ok(mut m) => {
-                m.worker_error = failure;
+                record(&mut m);
                 m.worker_waiters.take()
             }
             Err(_) => Default::default(),
@@ -225,11 +283,11 @@ impl Core {
     }
 }
 
-/// The worker thread of one image. See the module documentation.
+/// The worker threads of one image. See the module documentation.
 #[derive(Debug)]
 pub(crate) struct Worker {
     core: Arc<Core>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<[Option<JoinHandle<()>>; 2]>,
 }
 
 impl Worker {
@@ -237,40 +295,54 @@ impl Worker {
     pub(crate) fn new(core: Arc<Core>) -> Worker {
         Worker {
             core,
-            thread: Mutex::new(None),
+            threads: Mutex::new([None, None]),
         }
     }
 
     /// Posts a job.
     pub(crate) fn post(&self, job: Post) {
-        {
+        let lane = {
             let mut j = lock(&self.core.jobs);
             match job {
-                Post::Writeback => j.writeback = true,
-                Post::Flush(r) => j.replies.push(r),
-                Post::Grow(len) => j.grow = j.grow.max(len),
+                Post::Writeback => {
+                    j.writeback = true;
+                    Lane::Writeback
+                }
+                Post::Flush(r) => {
+                    j.replies.push(r);
+                    Lane::Writeback
+                }
+                Post::Grow(len) => {
+                    j.grow = j.grow.max(len);
+                    Lane::Growth
+                }
             }
-        }
-        self.start();
-        self.core.job_ready.notify_one();
+        };
+        self.start(lane);
+        self.core.job_ready.notify_all();
     }
 
-    fn start(&self) {
-        let mut t = lock(&self.thread);
-        if t.is_some() {
+    fn start(&self, lane: Lane) {
+        let mut threads = lock(&self.threads);
+        let slot = &mut threads[lane as usize];
+        if slot.is_some() {
             return;
         }
         let core = self.core.clone();
+        let name = match lane {
+            Lane::Writeback => "strata-qcow2-meta",
+            Lane::Growth => "strata-qcow2-grow",
+        };
         match std::thread::Builder::new()
-            .name("strata-qcow2-meta".into())
-            .spawn(move || worker(&core))
+            .name(name.into())
+            .spawn(move || worker(&core, lane))
         {
-            Ok(h) => *t = Some(h),
+            Ok(h) => *slot = Some(h),
             Err(e) => {
                 // Run the jobs here instead: slower for this caller, but nothing waits forever.
-                tracing::error!(image = %self.core.name, error = %e, "starting the qcow2 metadata worker failed");
-                drop(t);
-                let jobs = std::mem::take(&mut *lock(&self.core.jobs));
+                tracing::error!(image = %self.core.name, error = %e, "starting a qcow2 metadata worker thread failed");
+                drop(threads);
+                let jobs = lock(&self.core.jobs).take(lane);
                 self.core.run(jobs);
             }
         }
@@ -281,25 +353,26 @@ impl Worker {
     pub(crate) fn stop(&self) {
         lock(&self.core.jobs).stop = true;
         self.core.job_ready.notify_all();
-        if let Some(h) = lock(&self.thread).take() {
+        let handles = std::mem::take(&mut *lock(&self.threads));
+        for h in handles.into_iter().flatten() {
             if h.join().is_err() {
-                tracing::error!(image = %self.core.name, "the qcow2 metadata worker panicked");
+                tracing::error!(image = %self.core.name, "a qcow2 metadata worker thread panicked");
             }
         }
     }
 }
 
-fn worker(core: &Core) {
+fn worker(core: &Core, lane: Lane) {
     loop {
         let jobs = {
             let mut j = lock(&core.jobs);
-            while !j.stop && !j.any() {
+            while !j.stop && !j.due(lane) {
                 j = crate::sync::wait(&core.job_ready, j);
             }
             if j.stop {
                 return;
             }
-            std::mem::take(&mut *j)
+            j.take(lane)
         };
         core.run(jobs);
     }
