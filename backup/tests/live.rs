@@ -288,20 +288,26 @@ fn a_power_cut_mid_restore_resumes_to_restore_plus_flushed_writes() {
         }
         ctl.set_loss_mode(mode);
         let target: Arc<dyn BlockDevice> = fault.clone();
-        let dev =
-            LiveRestore::start(&s.store, &s.snap, target, "lv:vg0/disk", &p, opts(1)).unwrap();
+        // The background copy waits until the power cut is armed: on its own it could finish
+        // the restore before this thread sees a quarter of the chunks there.
+        let paused = LiveOptions {
+            background: false,
+            ..opts(1)
+        };
+        let dev = LiveRestore::start(&s.store, &s.snap, target, "lv:vg0/disk", &p, paused).unwrap();
         let total = dev.status().chunks_total;
         let c2 = ctl.clone();
         let crashed: Crashed = Arc::new(move || c2.crashed());
         let (_, logs) = with_guests(&dev, &s.data, 100_000, crashed, || {
             // Cut the power at the first flush (the guests' or the copy's) once a quarter of
-            // the chunks are there.
+            // the chunks are there (the guests' reads ask for them).
             while dev.status().chunks_done < total / 4 {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             // One flush from the host makes sure some progress was recorded before.
             dev.flush().unwrap();
             ctl.crash_at_flush(1);
+            dev.set_background(true);
             while !ctl.crashed() {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
