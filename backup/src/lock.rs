@@ -177,6 +177,18 @@ pub fn lock_snapshot_exclusive(store: &Datastore, name: &SnapshotName) -> Result
     )
 }
 
+/// Holds off garbage collection of a pack datastore for a backup's run (waits for a running
+/// one to end).
+pub fn lock_gc_shared(store: &Datastore) -> Result<Flock> {
+    Flock::acquire(
+        &store.root().join(".gc.lock"),
+        false,
+        true,
+        true,
+        "Garbage collection lock",
+    )
+}
+
 /// Takes the garbage-collection lock without waiting.
 pub fn lock_gc(store: &Datastore) -> Result<Flock> {
     Flock::acquire(

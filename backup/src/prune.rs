@@ -152,6 +152,11 @@ pub fn prune_protecting(
 /// Removes one snapshot: hidden rename (atomic disappearance), fsync, then delete.
 pub fn remove_snapshot(store: &Datastore, name: &SnapshotName) -> Result<()> {
     let _excl = lock_snapshot_exclusive(store, name)?;
+    if let Some(r) = store.remote() {
+        // The bucket first: the snapshot disappears with its manifest there.
+        r.remove_snapshot(name)?;
+        return crate::mirror::remove_local(store, name);
+    }
     let dir = store.snapshot_dir(name);
     let group = dir
         .parent()
