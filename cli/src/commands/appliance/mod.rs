@@ -6,6 +6,7 @@
 //! files you name; these plural ones work on the appliance's own volume groups, image folder
 //! and datastore, exactly as API clients see them.
 
+mod backup_stores;
 mod client;
 mod exports;
 mod print;
@@ -271,6 +272,8 @@ pub enum BackupsCommand {
         #[arg(long)]
         id: Option<String>,
         #[command(flatten)]
+        store: StoreName,
+        #[command(flatten)]
         common: Common,
     },
     /// Back up a volume (lv:VG/NAME) or image (image:NAME) (a job).
@@ -280,6 +283,8 @@ pub enum BackupsCommand {
         /// Snapshot group (default derived from the source).
         #[arg(long)]
         id: Option<String>,
+        #[command(flatten)]
+        store: StoreName,
         #[command(flatten)]
         job: JobArgs,
     },
@@ -303,12 +308,16 @@ pub enum BackupsCommand {
         #[arg(long)]
         workers: Option<usize>,
         #[command(flatten)]
+        store: StoreName,
+        #[command(flatten)]
         job: JobArgs,
     },
     /// Verify one snapshot, or all (a job).
     Verify {
         /// Snapshot or group; all when absent.
         snapshot: Option<String>,
+        #[command(flatten)]
+        store: StoreName,
         #[command(flatten)]
         job: JobArgs,
     },
@@ -332,13 +341,45 @@ pub enum BackupsCommand {
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
+        store: StoreName,
+        #[command(flatten)]
         common: Common,
     },
     /// Remove chunks no snapshot references (a job).
     Gc {
         #[command(flatten)]
+        store: StoreName,
+        #[command(flatten)]
         job: JobArgs,
     },
+    /// The datastores: the appliance's own (`local`), local folders, S3 buckets.
+    #[command(subcommand)]
+    Store(backup_stores::StoreCommand),
+    /// Encryption keys.
+    #[command(subcommand)]
+    Key(backup_stores::KeyCommand),
+    /// Copy snapshots from one datastore to another, transferring only missing chunks (a job).
+    Sync {
+        /// Source datastore.
+        #[arg(long)]
+        from: String,
+        /// Target datastore.
+        #[arg(long)]
+        to: String,
+        /// Only these snapshots: ID/TIME, a group ID, or a group prefix ending in '/'.
+        #[arg(long)]
+        snapshots: Vec<String>,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+}
+
+/// Which backup datastore.
+#[derive(Debug, Args)]
+pub struct StoreName {
+    /// The datastore (default: the appliance's own, `local`).
+    #[arg(long = "store")]
+    store: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -687,10 +728,18 @@ fn probe_local_file(file: &std::path::Path) -> anyhow::Result<String> {
 /// Runs a `backups` command.
 pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
     match cmd {
-        BackupsCommand::List { id, common } => {
-            let path = match id {
-                Some(id) => format!("/api/backups?id={}", encode(&id)),
-                None => "/api/backups".into(),
+        BackupsCommand::List { id, store, common } => {
+            let mut q = Vec::new();
+            if let Some(id) = id {
+                q.push(format!("id={}", encode(&id)));
+            }
+            if let Some(s) = &store.store {
+                q.push(format!("store={}", encode(s)));
+            }
+            let path = if q.is_empty() {
+                "/api/backups".to_string()
+            } else {
+                format!("/api/backups?{}", q.join("&"))
             };
             let v = api.ok("GET", &path, None)?;
             print_list(
@@ -699,11 +748,16 @@ pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
                 BACKUP_COLUMNS,
             );
         }
-        BackupsCommand::Create { source, id, job } => {
+        BackupsCommand::Create {
+            source,
+            id,
+            store,
+            job,
+        } => {
             return run_job(
                 api,
                 "/api/backups",
-                &json!({"source": source, "id": id}),
+                &json!({"source": source, "id": id, "store": store.store}),
                 &job,
             );
         }
@@ -713,10 +767,11 @@ pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
             format,
             live,
             workers,
+            store,
             job,
         } => {
             let mut body = json!({"snapshot": snapshot, "target": target, "format": format,
-                                  "workers": workers});
+                                  "workers": workers, "store": store.store});
             if live {
                 body["live"] = true.into();
                 if job.no_wait && matches!(api, Api::Local { .. }) {
@@ -736,11 +791,15 @@ pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
             }
             return run_job(api, "/api/backups/restore", &body, &job);
         }
-        BackupsCommand::Verify { snapshot, job } => {
+        BackupsCommand::Verify {
+            snapshot,
+            store,
+            job,
+        } => {
             return run_job(
                 api,
                 "/api/backups/verify",
-                &json!({"snapshot": snapshot}),
+                &json!({"snapshot": snapshot, "store": store.store}),
                 &job,
             );
         }
@@ -751,15 +810,26 @@ pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
             keep_weekly,
             keep_monthly,
             dry_run,
+            store,
             common,
         } => {
             let body = json!({"ids": ids, "keep_last": keep_last, "keep_daily": keep_daily,
                               "keep_weekly": keep_weekly, "keep_monthly": keep_monthly,
-                              "dry_run": dry_run});
+                              "dry_run": dry_run, "store": store.store});
             let v = api.ok("POST", "/api/backups/prune", Some(&body))?;
             print_object(&v, common.output, "");
         }
-        BackupsCommand::Gc { job } => return run_job(api, "/api/backups/gc", &json!({}), &job),
+        BackupsCommand::Gc { store, job } => {
+            return run_job(api, "/api/backups/gc", &json!({"store": store.store}), &job)
+        }
+        BackupsCommand::Store(cmd) => return backup_stores::store(cmd, api),
+        BackupsCommand::Key(cmd) => return backup_stores::key(cmd),
+        BackupsCommand::Sync {
+            from,
+            to,
+            snapshots,
+            job,
+        } => return backup_stores::sync(api, from, to, snapshots, &job),
     }
     Ok(ExitCode::SUCCESS)
 }
