@@ -262,7 +262,7 @@ mod tests {
         let key = crate::crypt::CryptKey::from_master(&[5u8; 32]);
         let mut m = sample();
         m.stats.duration_secs = 0.1 + 0.2;
-        m.stats.throughput_mib_s = 1234.567_890_123_456_7;
+        m.stats.throughput_mib_s = 1_234.567_890_123_456_7;
         m.sign(&key, b"index bytes").unwrap();
         let back = Manifest::decode(&m.encode().unwrap(), "m").unwrap();
         back.check_signature(&key, b"index bytes", "m").unwrap();

@@ -655,7 +655,7 @@ impl Datastore {
             manifest.check_signature(key, bytes, &format!("manifest of {name}"))?;
         }
         if bytes.len() as u64 != manifest.index_len
-            || crc32fast::hash(&bytes) != manifest.index_crc32
+            || crc32fast::hash(bytes) != manifest.index_crc32
         {
             return Err(StorageError::corrupt(
                 what,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::print::{print_list, print_object, Column};
@@ -15,55 +15,7 @@ use super::{run_job, Api, Common, JobArgs};
 pub enum StoreCommand {
     /// Add a datastore: a local folder on the server (--path), or an S3 bucket (--s3 …),
     /// encrypted with --key (mandatory for S3 unless --insecure-plaintext).
-    Add {
-        /// Its name.
-        name: String,
-        /// A folder on the server.
-        #[arg(long, conflicts_with = "s3")]
-        path: Option<String>,
-        /// S3 endpoint URL (https://…).
-        #[arg(long, value_name = "URL")]
-        s3: Option<String>,
-        /// Bucket.
-        #[arg(long, requires = "s3")]
-        bucket: Option<String>,
-        /// Key prefix in the bucket.
-        #[arg(long, requires = "s3")]
-        prefix: Option<String>,
-        /// Access key id.
-        #[arg(long, requires = "s3")]
-        access_key: Option<String>,
-        /// File holding the secret access key (first line); sent to the server, kept there
-        /// owner-only.
-        #[arg(long, requires = "s3", value_name = "FILE")]
-        secret_file: Option<PathBuf>,
-        /// Region.
-        #[arg(long, requires = "s3")]
-        region: Option<String>,
-        /// Path-style requests (endpoint/bucket/key).
-        #[arg(long, requires = "s3")]
-        path_style: bool,
-        /// Key file (`strata backups key create`); the server keeps an unprotected copy.
-        #[arg(long, value_name = "FILE")]
-        key: Option<PathBuf>,
-        /// The key file's passphrase (first line of this file).
-        #[arg(long, value_name = "FILE", requires = "key")]
-        passphrase_file: Option<PathBuf>,
-        /// Allow an S3 datastore without encryption.
-        #[arg(long, requires = "s3")]
-        insecure_plaintext: bool,
-        /// Chunk size of a new datastore (default 4M local, 1M S3).
-        #[arg(long)]
-        chunk_size: Option<String>,
-        /// Pack size target (S3; default 16M).
-        #[arg(long, requires = "s3")]
-        pack_size: Option<String>,
-        /// Bound of the local chunk cache (S3; default 1G).
-        #[arg(long, requires = "s3")]
-        cache_size: Option<String>,
-        #[command(flatten)]
-        common: Common,
-    },
+    Add(Box<AddArgs>),
     /// List the datastores.
     List {
         #[command(flatten)]
@@ -74,6 +26,58 @@ pub enum StoreCommand {
         /// Its name.
         name: String,
     },
+}
+
+/// `backups store add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Its name.
+    pub name: String,
+    /// A folder on the server.
+    #[arg(long, conflicts_with = "s3")]
+    pub path: Option<String>,
+    /// S3 endpoint URL (https://…).
+    #[arg(long, value_name = "URL")]
+    pub s3: Option<String>,
+    /// Bucket.
+    #[arg(long, requires = "s3")]
+    pub bucket: Option<String>,
+    /// Key prefix in the bucket.
+    #[arg(long, requires = "s3")]
+    pub prefix: Option<String>,
+    /// Access key id.
+    #[arg(long, requires = "s3")]
+    pub access_key: Option<String>,
+    /// File holding the secret access key (first line); sent to the server, kept there
+    /// owner-only.
+    #[arg(long, requires = "s3", value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Region.
+    #[arg(long, requires = "s3")]
+    pub region: Option<String>,
+    /// Path-style requests (endpoint/bucket/key).
+    #[arg(long, requires = "s3")]
+    pub path_style: bool,
+    /// Key file (`strata backups key create`); the server keeps an unprotected copy.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The key file's passphrase (first line of this file).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Allow an S3 datastore without encryption.
+    #[arg(long, requires = "s3")]
+    pub insecure_plaintext: bool,
+    /// Chunk size of a new datastore (default 4M local, 1M S3).
+    #[arg(long)]
+    pub chunk_size: Option<String>,
+    /// Pack size target (S3; default 16M).
+    #[arg(long, requires = "s3")]
+    pub pack_size: Option<String>,
+    /// Bound of the local chunk cache (S3; default 1G).
+    #[arg(long, requires = "s3")]
+    pub cache_size: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,24 +108,25 @@ fn first_line(p: &PathBuf) -> anyhow::Result<String> {
 
 pub fn store(cmd: StoreCommand, api: &Api) -> anyhow::Result<ExitCode> {
     match cmd {
-        StoreCommand::Add {
-            name,
-            path,
-            s3,
-            bucket,
-            prefix,
-            access_key,
-            secret_file,
-            region,
-            path_style,
-            key,
-            passphrase_file,
-            insecure_plaintext,
-            chunk_size,
-            pack_size,
-            cache_size,
-            common,
-        } => {
+        StoreCommand::Add(add) => {
+            let AddArgs {
+                name,
+                path,
+                s3,
+                bucket,
+                prefix,
+                access_key,
+                secret_file,
+                region,
+                path_style,
+                key,
+                passphrase_file,
+                insecure_plaintext,
+                chunk_size,
+                pack_size,
+                cache_size,
+                common,
+            } = *add;
             if path.is_none() && s3.is_none() {
                 bail!("Give --path DIR or --s3 URL");
             }
