@@ -57,7 +57,7 @@ pub struct GcStats {
     pub leftovers_removed: u64,
     /// In a pack datastore: what happened to the packs.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub packs: Option<crate::remote::PackGcStats>,
+    pub packs: Option<crate::pack_gc::PackGcStats>,
 }
 
 /// Runs garbage collection with the given grace period.
@@ -149,7 +149,7 @@ fn gc_packs(
         marked.extend(index.1.entries().iter().filter_map(|e| e.digest()));
     }
     stats.chunks_referenced = marked.len() as u64;
-    let packs = crate::remote::collect(remote, &marked, repack_below, progress)?;
+    let packs = crate::pack_gc::collect(remote, &marked, repack_below, progress)?;
     stats.bytes_removed = packs.bytes_removed;
     stats.packs = Some(packs);
     Ok(stats)

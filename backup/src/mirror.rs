@@ -11,7 +11,7 @@ use strata_storage::{Result, StorageError};
 
 use crate::fsutil::{self, io_err};
 use crate::lock::{create_dirs_durably, lock_snapshot_exclusive};
-use crate::remote::{snapshot_key, Remote};
+use crate::remote::Remote;
 use crate::snapshot::SnapshotName;
 use crate::store::{Datastore, INDEX_FILE, MANIFEST_FILE};
 
@@ -39,20 +39,9 @@ pub fn refresh(store: &Datastore, remote: &Remote) -> Result<()> {
 }
 
 fn download(store: &Datastore, remote: &Remote, name: &SnapshotName) -> Result<()> {
-    let objects = remote.objects();
-    let Some(manifest) = objects.get(
-        &snapshot_key(name, MANIFEST_FILE),
-        crate::manifest::MAX_MANIFEST_LEN,
-    )?
-    else {
+    // Gone since the listing (pruned meanwhile): nothing to copy.
+    let Some((manifest, index)) = remote.read_snapshot_objects(name)? else {
         return Ok(());
-    };
-    let Some(index) = objects.get(&snapshot_key(name, INDEX_FILE), crate::index::MAX_INDEX_LEN)?
-    else {
-        return Err(StorageError::corrupt(
-            format!("snapshot {name} in {}", objects.describe()),
-            "has a manifest but no index",
-        ));
     };
     let group = store.snapshots_dir().join(name.id());
     create_dirs_durably(&store.snapshots_dir(), std::path::Path::new(name.id()))?;

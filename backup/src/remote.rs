@@ -34,20 +34,21 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use strata_storage::{Result, StorageError};
 
 use crate::blob::BLOB_HEADER_LEN;
+use crate::chunk_cache::ChunkCache;
 use crate::digest::Digest;
 use crate::fsutil::{self, io_err};
 use crate::objects::{DirObjects, Objects};
-use crate::pack::{self, PackBuilder, PackEntry};
+use crate::pack::{self, PackEntry};
+use crate::pack_writer::PackWriter;
 use crate::s3::{S3Config, S3Objects};
 use crate::snapshot::SnapshotName;
-use crate::store::Stored;
 
 /// Default pack size target.
 pub const DEFAULT_PACK_SIZE: u64 = 16 << 20;
@@ -131,11 +132,12 @@ pub struct BucketMarker {
     pub encryption: Option<crate::manifest::Encryption>,
 }
 
+/// Where a chunk is: its pack and its blob's place in it.
 #[derive(Clone, Debug)]
-struct Location {
-    pack: Arc<str>,
-    offset: u64,
-    len: u32,
+pub(crate) struct Location {
+    pub(crate) pack: Arc<str>,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
 }
 
 /// Figures of the object traffic of one [`Remote`].
@@ -178,7 +180,7 @@ pub fn snapshot_key(name: &SnapshotName, file: &str) -> String {
     format!("snapshots/{name}/{file}")
 }
 
-fn new_pack_id() -> Result<String> {
+pub(crate) fn new_pack_id() -> Result<String> {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b)
         .map_err(|e| StorageError::Unavailable(format!("No random numbers: {e}")))?;
@@ -219,7 +221,7 @@ impl Remote {
         }
     }
 
-    fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
+    pub(crate) fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
         let n = data.len() as u64;
         self.objects.put(key, data)?;
         self.puts.fetch_add(1, Ordering::Relaxed);
@@ -249,7 +251,7 @@ impl Remote {
         Ok(Some(m))
     }
 
-    fn idx_path(&self, id: &str) -> PathBuf {
+    pub(crate) fn idx_path(&self, id: &str) -> PathBuf {
         self.root
             .join("packs")
             .join(id.get(..2).unwrap_or("00"))
@@ -257,7 +259,7 @@ impl Remote {
     }
 
     /// Every pack whose index is held locally: id → (pack size, entries).
-    fn local_packs(&self) -> Result<BTreeMap<String, (u64, Vec<PackEntry>)>> {
+    pub(crate) fn local_packs(&self) -> Result<BTreeMap<String, (u64, Vec<PackEntry>)>> {
         let mut out = BTreeMap::new();
         let dir = self.root.join("packs");
         for sub in fs::read_dir(&dir)
@@ -293,7 +295,7 @@ impl Remote {
         Ok(out)
     }
 
-    fn save_idx(&self, id: &str, size: u64, tail: &[u8]) -> Result<()> {
+    pub(crate) fn save_idx(&self, id: &str, size: u64, tail: &[u8]) -> Result<()> {
         let path = self.idx_path(id);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| io_err("Creating", &dir, e))?;
@@ -302,7 +304,7 @@ impl Remote {
         fsutil::atomic_write(&dir, &format!("{id}.idx"), &bytes)
     }
 
-    fn add_to_catalog(&self, id: &str, entries: &[PackEntry]) {
+    pub(crate) fn add_to_catalog(&self, id: &str, entries: &[PackEntry]) {
         let pack: Arc<str> = Arc::from(id);
         let mut cat = self.catalog.write().unwrap_or_else(|p| p.into_inner());
         for e in entries {
@@ -375,6 +377,27 @@ impl Remote {
         }
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = cat;
         Ok(())
+    }
+
+    /// The pack size target.
+    pub(crate) fn pack_size(&self) -> u64 {
+        self.pack_size
+    }
+
+    /// A copy of the chunk catalog.
+    pub(crate) fn catalog_snapshot(&self) -> HashMap<Digest, Location> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forgets where chunk `d` is (garbage collection moves it into a new pack).
+    pub(crate) fn forget(&self, d: &Digest) {
+        self.catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(d);
     }
 
     /// Whether the bucket holds chunk `d` (as far as the catalog knows).
@@ -476,6 +499,34 @@ impl Remote {
         Ok(())
     }
 
+    /// A snapshot's manifest and index objects as the bucket holds them; `None` if it has no
+    /// manifest (no such snapshot), an error if it has a manifest but no index.
+    pub fn read_snapshot_objects(&self, name: &SnapshotName) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let Some(manifest) = self.objects.get(
+            &snapshot_key(name, crate::store::MANIFEST_FILE),
+            crate::manifest::MAX_MANIFEST_LEN,
+        )?
+        else {
+            return Ok(None);
+        };
+        let index = self
+            .objects
+            .get(
+                &snapshot_key(name, crate::store::INDEX_FILE),
+                crate::index::MAX_INDEX_LEN,
+            )?
+            .ok_or_else(|| {
+                StorageError::corrupt(
+                    format!("snapshot {name} in {}", self.objects.describe()),
+                    "has a manifest but no index",
+                )
+            })?;
+        self.gets.fetch_add(2, Ordering::Relaxed);
+        self.bytes_got
+            .fetch_add((manifest.len() + index.len()) as u64, Ordering::Relaxed);
+        Ok(Some((manifest, index)))
+    }
+
     /// Removes a snapshot from the bucket: manifest first (it disappears), then its index.
     pub fn remove_snapshot(&self, name: &SnapshotName) -> Result<()> {
         self.objects
@@ -509,461 +560,5 @@ impl Remote {
     /// A new pack writer for one backup (or repack, or sync).
     pub fn writer(self: &Arc<Self>) -> PackWriter {
         PackWriter::new(self.clone())
-    }
-}
-
-/// Puts chunks into packs and uploads them. See the module documentation.
-#[derive(Debug)]
-pub struct PackWriter {
-    remote: Arc<Remote>,
-    open: Mutex<PackBuilder>,
-    /// Chunks in this writer's packs not yet uploaded: payload lengths.
-    pending: Mutex<HashMap<Digest, u32>>,
-    tx: Option<crossbeam_channel::Sender<PackBuilder>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    failed: Arc<AtomicBool>,
-    first_err: Arc<Mutex<Option<StorageError>>>,
-}
-
-impl PackWriter {
-    fn new(remote: Arc<Remote>) -> PackWriter {
-        let (tx, rx) = crossbeam_channel::bounded::<PackBuilder>(2);
-        let failed = Arc::new(AtomicBool::new(false));
-        let first_err = Arc::new(Mutex::new(None));
-        let threads = (0..UPLOADERS)
-            .map(|_| {
-                let (rx, remote, failed, first_err) = (
-                    rx.clone(),
-                    remote.clone(),
-                    failed.clone(),
-                    first_err.clone(),
-                );
-                std::thread::spawn(move || {
-                    for builder in rx.iter() {
-                        if failed.load(Ordering::Relaxed) {
-                            continue;
-                        }
-                        if let Err(e) = upload_pack(&remote, builder) {
-                            failed.store(true, Ordering::Relaxed);
-                            first_err
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                        }
-                    }
-                })
-            })
-            .collect();
-        PackWriter {
-            remote,
-            open: Mutex::new(PackBuilder::new()),
-            pending: Mutex::new(HashMap::new()),
-            tx: Some(tx),
-            threads,
-            failed,
-            first_err,
-        }
-    }
-
-    fn check_failed(&self) -> Result<()> {
-        if self.failed.load(Ordering::Relaxed) {
-            let e = self
-                .first_err
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            return Err(StorageError::Unavailable(format!(
-                "Uploading a pack failed: {e}"
-            )));
-        }
-        Ok(())
-    }
-
-    /// What is known of chunk `d` without storing it: `Some(payload length)` if the bucket or
-    /// this writer holds it.
-    pub fn known(&self, d: &Digest) -> Option<u32> {
-        if let Some(n) = self.remote.payload_len(d) {
-            return Some(n);
-        }
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(d)
-            .copied()
-    }
-
-    /// Adds an encoded blob for chunk `d` of `raw_len` bytes unless it is stored already.
-    pub fn insert_blob(&self, d: &Digest, blob: &[u8], raw_len: u32) -> Result<Stored> {
-        self.check_failed()?;
-        if let Some(n) = self.known(d) {
-            return Ok(Stored::Existing(n));
-        }
-        let payload = (blob.len() - BLOB_HEADER_LEN) as u32;
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*d, payload);
-        let full = {
-            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            open.push(*d, blob, raw_len);
-            (open.len() as u64 >= self.remote.pack_size
-                || open.count() >= pack::MAX_ENTRIES as usize)
-                .then(|| std::mem::take(&mut *open))
-        };
-        if let Some(b) = full {
-            self.send(b)?;
-        }
-        Ok(Stored::New(payload))
-    }
-
-    fn send(&self, b: PackBuilder) -> Result<()> {
-        let tx = self
-            .tx
-            .as_ref()
-            .ok_or_else(|| StorageError::Unavailable("pack writer closed".into()))?;
-        tx.send(b)
-            .map_err(|_| StorageError::Unavailable("pack uploaders ended".into()))
-    }
-
-    /// Uploads the last pack and waits for every upload; the first failure is returned.
-    pub fn finish(mut self) -> Result<()> {
-        let last = std::mem::take(&mut *self.open.lock().unwrap_or_else(|p| p.into_inner()));
-        let sent = if last.is_empty() {
-            Ok(())
-        } else {
-            self.send(last)
-        };
-        self.close();
-        sent?;
-        if let Some(e) = self
-            .first_err
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    fn close(&mut self) {
-        self.tx = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for PackWriter {
-    fn drop(&mut self) {
-        // An abandoned writer uploads nothing more: its packs would be garbage.
-        self.failed.store(true, Ordering::Relaxed);
-        self.close();
-    }
-}
-
-fn upload_pack(remote: &Remote, builder: PackBuilder) -> Result<()> {
-    let id = new_pack_id()?;
-    let (bytes, entries) = builder.finish();
-    let size = bytes.len() as u64;
-    let tail = bytes[bytes.len() - pack::tail_len(entries.len() as u32) as usize..].to_vec();
-    remote.put(&pack_key(&id), bytes)?;
-    remote.save_idx(&id, size, &tail)?;
-    remote.add_to_catalog(&id, &entries);
-    Ok(())
-}
-
-/// Figures of a pack datastore's garbage collection.
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct PackGcStats {
-    /// Packs before.
-    pub packs: u64,
-    /// Packs deleted without a live chunk.
-    pub packs_removed: u64,
-    /// Packs rewritten because their live fraction was below the threshold.
-    pub packs_repacked: u64,
-    /// Chunks copied into new packs.
-    pub chunks_moved: u64,
-    /// Bytes of deleted packs.
-    pub bytes_removed: u64,
-    /// Index objects without a manifest removed (interrupted backups or removals).
-    pub orphan_indexes_removed: u64,
-}
-
-/// Garbage collection of a pack datastore (the caller holds `.gc.lock` exclusively and has
-/// refreshed the snapshots). `marked` is every chunk a snapshot references.
-pub fn collect(
-    remote: &Arc<Remote>,
-    marked: &HashSet<Digest>,
-    repack_below: f64,
-    progress: &dyn crate::Progress,
-) -> Result<PackGcStats> {
-    let mut stats = PackGcStats::default();
-    let (_, orphans) = remote.list_snapshots()?;
-    for key in orphans {
-        remote.objects.delete(&key)?;
-        stats.orphan_indexes_removed += 1;
-    }
-    remote.refresh_packs()?;
-    let packs = remote.local_packs()?;
-    stats.packs = packs.len() as u64;
-    // Each chunk counts as live in one pack only: the catalog's (the first in id order).
-    let catalog = remote
-        .catalog
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let mut doomed: Vec<(String, u64)> = Vec::new();
-    let mut rewrite: Vec<(String, Vec<PackEntry>)> = Vec::new();
-    progress.begin("gc", packs.len() as u64);
-    for (id, (size, entries)) in &packs {
-        let live: Vec<PackEntry> = entries
-            .iter()
-            .filter(|e| {
-                marked.contains(&e.digest)
-                    && catalog
-                        .get(&e.digest)
-                        .is_some_and(|l| &*l.pack == id.as_str())
-            })
-            .copied()
-            .collect();
-        let live_bytes: u64 = live.iter().map(|e| e.len as u64).sum();
-        if live.is_empty() {
-            doomed.push((id.clone(), *size));
-        } else if (live_bytes as f64) < repack_below * (*size as f64) {
-            rewrite.push((id.clone(), live));
-            doomed.push((id.clone(), *size));
-        }
-    }
-    if !rewrite.is_empty() {
-        let writer = remote.writer();
-        // The rewritten chunks must go into new packs even though the catalog knows them.
-        for (_, live) in &rewrite {
-            for e in live {
-                let blob = remote.fetch_blob(&e.digest)?;
-                remote
-                    .catalog
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&e.digest);
-                writer.insert_blob(&e.digest, &blob, e.raw_len)?;
-                stats.chunks_moved += 1;
-            }
-        }
-        writer.finish()?;
-        stats.packs_repacked = rewrite.len() as u64;
-    }
-    // New packs are durable before an old one goes.
-    for (id, size) in doomed {
-        if progress.cancelled() {
-            return Err(StorageError::Cancelled);
-        }
-        remote.objects.delete(&pack_key(&id))?;
-        let _ = fs::remove_file(remote.idx_path(&id));
-        if !rewrite.iter().any(|(r, _)| *r == id) {
-            stats.packs_removed += 1;
-        }
-        stats.bytes_removed += size;
-        progress.advance(1);
-    }
-    progress.finish();
-    remote.refresh_packs()?;
-    Ok(stats)
-}
-
-/// The local chunk cache: blob files under `cache/XX/DIGEST`, at most `limit` bytes, least
-/// recently used evicted first. Entries are checked like any blob when used; one that fails is
-/// evicted and fetched again.
-#[derive(Debug)]
-struct ChunkCache {
-    dir: PathBuf,
-    limit: u64,
-    state: Mutex<Lru>,
-    hits: AtomicU64,
-}
-
-#[derive(Debug, Default)]
-struct Lru {
-    entries: HashMap<Digest, (u64, u64)>,
-    order: BTreeMap<u64, Digest>,
-    total: u64,
-    tick: u64,
-}
-
-impl Lru {
-    fn bump(&mut self, d: &Digest) -> bool {
-        let Some((size, tick)) = self.entries.get(d).copied() else {
-            return false;
-        };
-        self.order.remove(&tick);
-        self.tick += 1;
-        self.order.insert(self.tick, *d);
-        self.entries.insert(*d, (size, self.tick));
-        true
-    }
-
-    fn insert(&mut self, d: Digest, size: u64) {
-        if self.bump(&d) {
-            return;
-        }
-        self.tick += 1;
-        self.order.insert(self.tick, d);
-        self.entries.insert(d, (size, self.tick));
-        self.total += size;
-    }
-
-    fn remove(&mut self, d: &Digest) -> bool {
-        match self.entries.remove(d) {
-            Some((size, tick)) => {
-                self.order.remove(&tick);
-                self.total -= size;
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-impl ChunkCache {
-    fn open(dir: &Path, limit: u64) -> Result<ChunkCache> {
-        fs::create_dir_all(dir).map_err(|e| io_err("Creating", dir, e))?;
-        let mut found: Vec<(i128, Digest, u64)> = Vec::new();
-        for sub in fs::read_dir(dir)
-            .map_err(|e| io_err("Listing", dir, e))?
-            .flatten()
-        {
-            let Ok(rd) = fs::read_dir(sub.path()) else {
-                continue;
-            };
-            for ent in rd.flatten() {
-                let name = ent.file_name().to_string_lossy().into_owned();
-                let Ok(meta) = ent.metadata() else { continue };
-                match Digest::from_hex(&name) {
-                    Ok(d) => found.push((fsutil::mtime_ns(&meta), d, meta.len())),
-                    Err(_) => {
-                        let _ = fs::remove_file(ent.path());
-                    }
-                }
-            }
-        }
-        found.sort();
-        let mut lru = Lru::default();
-        for (_, d, size) in found {
-            lru.insert(d, size);
-        }
-        let cache = ChunkCache {
-            dir: dir.to_path_buf(),
-            limit,
-            state: Mutex::new(lru),
-            hits: AtomicU64::new(0),
-        };
-        cache.evict_over_limit();
-        Ok(cache)
-    }
-
-    fn path(&self, d: &Digest) -> PathBuf {
-        self.dir.join(format!("{:02x}", d.0[0])).join(d.to_hex())
-    }
-
-    fn get(&self, d: &Digest) -> Option<Vec<u8>> {
-        if !self.state.lock().unwrap_or_else(|p| p.into_inner()).bump(d) {
-            return None;
-        }
-        let path = self.path(d);
-        match crate::store::read_bounded(&path, crate::store::MAX_BLOB_FILE) {
-            Ok(b) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                // The order survives a restart through the file times.
-                let _ = fsutil::touch(&path);
-                Some(b)
-            }
-            Err(_) => {
-                self.remove(d);
-                None
-            }
-        }
-    }
-
-    fn put(&self, d: &Digest, blob: &[u8]) {
-        if self.limit == 0 || blob.len() as u64 > self.limit {
-            return;
-        }
-        let path = self.path(d);
-        let Some(dir) = path.parent() else { return };
-        // A cache needs no fsync: an entry lost or torn by a crash fails its checks and is
-        // fetched again.
-        let written = fs::create_dir_all(dir).is_ok() && {
-            let tmp = dir.join(fsutil::temp_name(&d.to_hex()));
-            fs::write(&tmp, blob).is_ok() && fs::rename(&tmp, &path).is_ok() || {
-                let _ = fs::remove_file(&tmp);
-                false
-            }
-        };
-        if written {
-            self.state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(*d, blob.len() as u64);
-            self.evict_over_limit();
-        }
-    }
-
-    fn remove(&self, d: &Digest) {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(d);
-        let _ = fs::remove_file(self.path(d));
-    }
-
-    fn evict_over_limit(&self) {
-        loop {
-            let victim = {
-                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                if s.total <= self.limit {
-                    return;
-                }
-                let Some((_, d)) = s.order.iter().next().map(|(t, d)| (*t, *d)) else {
-                    return;
-                };
-                s.remove(&d);
-                d
-            };
-            let _ = fs::remove_file(self.path(&victim));
-        }
-    }
-
-    #[cfg(test)]
-    fn total(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).total
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_evicts_least_recently_used_within_its_bound() {
-        let d = tempfile::tempdir().unwrap();
-        let c = ChunkCache::open(d.path(), 3000).unwrap();
-        let ids: Vec<Digest> = (0..4u8).map(|i| Digest::of(&[i])).collect();
-        for id in &ids[..3] {
-            c.put(id, &[1u8; 1000]);
-        }
-        assert!(c.get(&ids[0]).is_some());
-        c.put(&ids[3], &[2u8; 1000]);
-        // ids[1] was least recently used.
-        assert!(c.get(&ids[1]).is_none());
-        assert!(c.get(&ids[0]).is_some());
-        assert!(c.get(&ids[3]).is_some());
-        assert!(c.total() <= 3000);
-        drop(c);
-        // Reopened with a smaller bound, it shrinks.
-        let c = ChunkCache::open(d.path(), 1000).unwrap();
-        assert!(c.total() <= 1000);
     }
 }

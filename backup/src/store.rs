@@ -545,6 +545,28 @@ impl Datastore {
         self.decode_checked(d, &bytes, expected_len, out)
     }
 
+    /// [`Datastore::load_chunk`] for verification: in a pack datastore the chunk is read from
+    /// the bucket, never from the local cache (which is refreshed with what was read), so that
+    /// a verify checks what a restore on another machine would get.
+    pub fn load_chunk_from_source(
+        &self,
+        d: &Digest,
+        expected_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        match &self.remote {
+            Some(r) => {
+                let bytes = r.fetch_blob(d)?;
+                let checked = self.decode_checked(d, &bytes, expected_len, out);
+                if checked.is_err() {
+                    r.evict(d);
+                }
+                checked
+            }
+            None => self.load_chunk(d, expected_len, out),
+        }
+    }
+
     /// Checks and decodes blob `bytes` of chunk `d` into `out`.
     fn decode_checked(
         &self,
@@ -704,6 +726,35 @@ impl Datastore {
     pub fn read_snapshot(&self, name: &SnapshotName) -> Result<(Manifest, Index)> {
         let m = self.read_manifest(name)?;
         let i = self.read_index(name, &m)?;
+        Ok((m, i))
+    }
+
+    /// [`Datastore::read_snapshot`] for verification: in a pack datastore, the manifest and
+    /// index objects in the bucket (which must equal the local copies), not the local copies.
+    pub fn read_snapshot_from_source(&self, name: &SnapshotName) -> Result<(Manifest, Index)> {
+        let Some(r) = &self.remote else {
+            return self.read_snapshot(name);
+        };
+        let (manifest_bytes, index_bytes) = r.read_snapshot_objects(name)?.ok_or_else(|| {
+            StorageError::corrupt(
+                format!("snapshot {name}"),
+                format!("its manifest is gone from {}", r.objects().describe()),
+            )
+        })?;
+        let m = Manifest::decode(
+            &manifest_bytes,
+            &format!("manifest of {name} in the bucket"),
+        )?;
+        let i = self.check_index_bytes(name, &m, &index_bytes)?;
+        let dir = self.snapshot_dir(name);
+        let local_index = read_bounded(&dir.join(INDEX_FILE), crate::index::MAX_INDEX_LEN)?;
+        let local_manifest = read_bounded(&dir.join(MANIFEST_FILE), MAX_MANIFEST_LEN)?;
+        if local_index != index_bytes || local_manifest != manifest_bytes {
+            return Err(StorageError::corrupt(
+                format!("snapshot {name}"),
+                "the local copy differs from the bucket's",
+            ));
+        }
         Ok((m, i))
     }
 }

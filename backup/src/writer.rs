@@ -10,7 +10,7 @@ use strata_storage::{Result, StorageError};
 
 use crate::blob;
 use crate::digest::Digest;
-use crate::remote::PackWriter;
+use crate::pack_writer::PackWriter;
 use crate::store::{Datastore, Stored};
 
 /// Stores chunks for one run. See the module documentation.
