@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::blob;
 use crate::crypt::CryptKey;
 use crate::digest::Digest;
+pub use crate::fsutil::read_bounded;
 use crate::fsutil::{self, io_err};
 use crate::index::Index;
 use crate::manifest::{self, Manifest, MAX_MANIFEST_LEN};
@@ -525,7 +526,7 @@ impl Datastore {
             return Ok(r.read_blob(d)?.0);
         }
         let (file, path) = self.open_blob(d)?;
-        read_bounded_file(file, &path, MAX_BLOB_FILE)
+        fsutil::read_bounded_file(file, &path, MAX_BLOB_FILE)
     }
 
     /// Loads chunk `d` into `out`, checking its blob crc, its length and its digest.
@@ -774,43 +775,6 @@ pub fn check_sealed_as_store(bytes: &[u8], encrypted: bool, what: &str) -> Resul
         ));
     }
     Ok(())
-}
-
-/// Reads a whole file, refusing one larger than `max` bytes. The file is opened once and the
-/// read itself is capped, so a symlink to a device, a FIFO or a file growing meanwhile cannot
-/// make it allocate past `max`.
-pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let file = fs::File::open(path).map_err(|e| io_err("Reading", path, e))?;
-    read_bounded_file(file, path, max)
-}
-
-/// [`read_bounded`] on a file already open.
-fn read_bounded_file(file: fs::File, path: &Path, max: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let too_big = |len: u64| {
-        StorageError::corrupt(
-            path.display().to_string(),
-            format!("{len} bytes exceeds the limit of {max}"),
-        )
-    };
-    let meta = file.metadata().map_err(|e| io_err("Reading", path, e))?;
-    if !meta.is_file() {
-        return Err(StorageError::corrupt(
-            path.display().to_string(),
-            "not a regular file",
-        ));
-    }
-    if meta.len() > max {
-        return Err(too_big(meta.len()));
-    }
-    let mut out = Vec::with_capacity(meta.len() as usize);
-    file.take(max + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| io_err("Reading", path, e))?;
-    if out.len() as u64 > max {
-        return Err(too_big(out.len() as u64));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::print::{print_list, print_object, Column};
 use super::{run_job, Api, Common, JobArgs};
+use crate::commands::backup_stores::read_first_line;
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
@@ -100,12 +101,6 @@ const STORE_COLUMNS: &[Column] = &[
     Column::text("LOCATION", "location"),
 ];
 
-fn first_line(p: &PathBuf) -> anyhow::Result<String> {
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("Could not read {}", p.display()))?;
-    Ok(text.lines().next().unwrap_or("").trim().to_string())
-}
-
 pub fn store(cmd: StoreCommand, api: &Api) -> anyhow::Result<ExitCode> {
     match cmd {
         StoreCommand::Add(add) => {
@@ -130,7 +125,11 @@ pub fn store(cmd: StoreCommand, api: &Api) -> anyhow::Result<ExitCode> {
             if path.is_none() && s3.is_none() {
                 bail!("Give --path DIR or --s3 URL");
             }
-            let secret_key = secret_file.as_ref().map(first_line).transpose()?;
+            let secret_key = secret_file
+                .as_deref()
+                .map(read_first_line)
+                .transpose()?
+                .map(|s| s.trim().to_string());
             if s3.is_some() && secret_key.is_none() {
                 bail!("--s3 needs --secret-file");
             }
@@ -141,7 +140,11 @@ pub fn store(cmd: StoreCommand, api: &Api) -> anyhow::Result<ExitCode> {
                 ),
                 None => None,
             };
-            let passphrase = passphrase_file.as_ref().map(first_line).transpose()?;
+            // Read as `strata backup key create` reads it (the line as it is).
+            let passphrase = passphrase_file
+                .as_deref()
+                .map(read_first_line)
+                .transpose()?;
             let body = json!({
                 "name": name, "path": path, "s3": s3, "bucket": bucket, "prefix": prefix,
                 "access_key": access_key, "secret_key": secret_key, "region": region,
@@ -176,7 +179,7 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
         KeyCommand::Create {
             file,
             passphrase_file,
-        } => crate::commands::backup::create_key_file(&file, passphrase_file.as_deref()),
+        } => crate::commands::backup_stores::create_key_file(&file, passphrase_file.as_deref()),
     }
 }
 
