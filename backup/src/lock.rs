@@ -196,7 +196,12 @@ pub fn lock_gc(store: &Datastore) -> Result<Flock> {
         true,
         false,
         true,
-        "Garbage collection (another one is running)",
+        if store.remote().is_some() {
+            // Backups of a pack datastore hold the lock shared.
+            "Garbage collection (a backup or another gc is running)"
+        } else {
+            "Garbage collection (another one is running)"
+        },
     )
 }
 
