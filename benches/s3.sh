@@ -172,7 +172,7 @@ s_all=$((s_puts2 - s_puts0)); r_all=$((r_puts2 - r_puts0))
 echo
 echo "S3 backup benchmark: $mib MiB mixed image, radosgw on 127.0.0.1, $(nproc) cores, $(date -u +%F)"
 echo "(the machine is shared with other builds and tests: load average $(cut -d' ' -f1-3 /proc/loadavg) at the end)"
-echo "strata $("$strata" --version 2>/dev/null | head -n 1), $(restic version | head -n 1)"
+echo "$("$strata" --version 2>/dev/null | head -n 1), $(restic version | head -n 1)"
 printf '%-28s %12s %12s %8s\n' "" "strata" "restic" "ratio"
 printf '%-28s %11ss %11ss %8s\n' "full backup" "$s_full" "$r_full" "$(ratio "$r_full" "$s_full")"
 printf '%-28s %11ss %11ss %8s\n' "1% incremental" "$s_inc" "$r_inc" "$(ratio "$r_inc" "$s_inc")"

@@ -62,7 +62,8 @@ fn download(store: &Datastore, remote: &Remote, name: &SnapshotName) -> Result<(
     r
 }
 
-/// Removes a snapshot's local folder (the caller holds its exclusive lock).
+/// Removes a snapshot's local folder (the caller holds its exclusive lock): hidden rename (an
+/// atomic disappearance), fsync of the group folder, then delete.
 pub fn remove_local(store: &Datastore, name: &SnapshotName) -> Result<()> {
     let dir = store.snapshot_dir(name);
     let group = dir

@@ -3,7 +3,7 @@
 //! folder ([`DirObjects`], for tests and for a datastore on a mounted remote file system) and any
 //! S3-compatible store ([`crate::s3::S3Objects`]).
 //!
-//! Keys are `/`-separated paths of ASCII letters, digits and `-_.:`; no component is empty or
+//! Keys are `/`-separated paths of ASCII letters, digits and `-_.:+` (what snapshot names use); no component is empty or
 //! starts with a dot. Every put is atomic (a reader sees the whole object or none) and durable
 //! when it returns.
 
@@ -50,8 +50,9 @@ pub fn check_key(key: &str) -> Result<()> {
         && key.split('/').all(|c| {
             !c.is_empty()
                 && !c.starts_with('.')
-                && c.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+                && c.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+')
+                })
         });
     if ok {
         Ok(())
@@ -210,29 +211,61 @@ impl Objects for DirObjects {
     }
 }
 
+/// The behaviour every [`Objects`] implementation shows, checked on an empty store (panics on
+/// a difference): put, create-if-absent, whole and ranged gets with their bounds, listing by
+/// prefix with sizes, idempotent delete, key checks. `big` is the size of one object that must
+/// round-trip (past [`crate::s3::MULTIPART_THRESHOLD`] it tests multipart uploads on S3).
+#[cfg(any(test, feature = "test-utils"))]
+pub fn check_conformance(o: &dyn Objects, big: usize) {
+    o.put("a/b/c", b"hello".to_vec()).unwrap();
+    assert!(o.put_new("a/b/d", b"x".to_vec()).unwrap());
+    assert!(!o.put_new("a/b/d", b"y".to_vec()).unwrap());
+    assert_eq!(o.get("a/b/d", 10).unwrap().unwrap(), b"x");
+    assert!(o.get("a/b/e", 10).unwrap().is_none());
+    assert!(o.get("a/b/c", 2).is_err());
+    assert_eq!(o.get_range("a/b/c", 1, 3).unwrap(), b"ell");
+    assert!(o.get_range("a/b/c", 3, 3).is_err());
+    let data: Vec<u8> = (0..big).map(|i| (i % 251) as u8).collect();
+    o.put("big", data.clone()).unwrap();
+    let at = big.saturating_sub(5000);
+    let len = (big - at).min(4000);
+    assert_eq!(
+        o.get_range("big", at as u64, len as u64).unwrap(),
+        &data[at..at + len]
+    );
+    // Snapshot names may hold `+` and `:`.
+    o.put("s/image/a+b/2026-12-07T10:00:00Z/index", vec![1])
+        .unwrap();
+    let listed = o.list("").unwrap();
+    let keys: Vec<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "a/b/c",
+            "a/b/d",
+            "big",
+            "s/image/a+b/2026-12-07T10:00:00Z/index"
+        ]
+    );
+    assert_eq!(listed[2].size, big as u64);
+    assert_eq!(o.list("a/").unwrap().len(), 2);
+    assert!(o.list("zz/").unwrap().is_empty());
+    o.delete("big").unwrap();
+    o.delete("big").unwrap();
+    o.delete("a/b/c").unwrap();
+    assert_eq!(o.list("").unwrap().len(), 2);
+    for bad in ["../x", "a//x", "a/b c", ".hidden", ""] {
+        assert!(o.put(bad, vec![]).is_err(), "{bad:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn dir_objects_put_get_list_delete() {
+    fn dir_objects_conform() {
         let d = tempfile::tempdir().unwrap();
-        let o = DirObjects::new(d.path()).unwrap();
-        o.put("a/b/c", b"hello".to_vec()).unwrap();
-        assert!(o.put_new("a/b/d", b"x".to_vec()).unwrap());
-        assert!(!o.put_new("a/b/d", b"y".to_vec()).unwrap());
-        assert_eq!(o.get("a/b/d", 10).unwrap().unwrap(), b"x");
-        assert!(o.get("a/b/e", 10).unwrap().is_none());
-        assert!(o.get("a/b/c", 2).is_err());
-        assert_eq!(o.get_range("a/b/c", 1, 3).unwrap(), b"ell");
-        assert!(o.get_range("a/b/c", 3, 3).is_err());
-        let keys: Vec<String> = o.list("a/").unwrap().into_iter().map(|l| l.key).collect();
-        assert_eq!(keys, ["a/b/c", "a/b/d"]);
-        assert!(o.list("zz/").unwrap().is_empty());
-        o.delete("a/b/c").unwrap();
-        o.delete("a/b/c").unwrap();
-        assert_eq!(o.list("").unwrap().len(), 1);
-        assert!(o.put("../x", vec![]).is_err());
-        assert!(o.put("a//x", vec![]).is_err());
+        check_conformance(&DirObjects::new(d.path()).unwrap(), 300_000);
     }
 }

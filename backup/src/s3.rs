@@ -19,9 +19,11 @@
 //! Objects larger than [`MULTIPART_THRESHOLD`] go up as multipart uploads in parts of
 //! [`PART_SIZE`]; a failed upload is aborted (S3 keeps the parts of an upload nobody aborts
 //! until a bucket lifecycle rule removes them: set `AbortIncompleteMultipartUpload`).
-//! `put_new` uses a conditional put; on a store that answers that it does not implement one,
-//! it falls back to "look, then put", which is safe for a single writer per datastore (what a
-//! datastore's local locks ensure on one appliance).
+//! `put_new` uses a conditional put (`If-None-Match: *`, honoured by AWS S3, Ceph radosgw and
+//! MinIO; the tests check radosgw's). A store that ignored the header would let a second writer
+//! of the same snapshot replace its manifest; one writer per bucket (what a datastore's local
+//! locks ensure on one appliance) keeps that from happening. Should the client refuse
+//! conditional puts (`NotImplemented`), `put_new` looks before it puts.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -183,6 +185,15 @@ impl S3Objects {
             prefix,
             conditional: AtomicU8::new(COND_UNKNOWN),
         })
+    }
+
+    /// Whether the store honours conditional puts: `None` until a `put_new` found out.
+    pub fn conditional_puts(&self) -> Option<bool> {
+        match self.conditional.load(Ordering::Relaxed) {
+            COND_YES => Some(true),
+            COND_NO => Some(false),
+            _ => None,
+        }
     }
 
     fn full(&self, key: &str) -> Result<ObjPath> {

@@ -122,22 +122,7 @@ impl Datastore {
         let chunk_size = opts.chunk_size;
         Index::new(0, chunk_size, Vec::new())?;
         fs::create_dir_all(root).map_err(|e| io_err("Creating", root, e))?;
-        if root.join(MARKER).exists() {
-            return Err(StorageError::AlreadyExists(format!(
-                "A datastore in {}",
-                root.display()
-            )));
-        }
-        let non_empty = fs::read_dir(root)
-            .map_err(|e| io_err("Listing", root, e))?
-            .next()
-            .is_some();
-        if non_empty {
-            return Err(StorageError::InvalidInput(format!(
-                "{} is not empty and not a datastore",
-                root.display()
-            )));
-        }
+        require_new_folder(root)?;
         let chunks = root.join("chunks");
         for i in 0..=255u8 {
             let d = chunks.join(format!("{i:02x}"));
@@ -248,12 +233,8 @@ impl Datastore {
         opts: &CreateOptions,
         insecure_plaintext: bool,
     ) -> Result<Datastore> {
-        if root.join(MARKER).exists() {
-            return Err(StorageError::AlreadyExists(format!(
-                "A datastore in {}",
-                root.display()
-            )));
-        }
+        // Checked before the bucket is touched (and again once the folder exists).
+        require_new_folder(root)?;
         let objects = spec.connect()?;
         let existing = Remote::read_bucket_marker(objects.as_ref())?;
         let bucket = match existing {
@@ -300,16 +281,7 @@ impl Datastore {
         };
         drop(objects);
         fs::create_dir_all(root).map_err(|e| io_err("Creating", root, e))?;
-        let non_empty = fs::read_dir(root)
-            .map_err(|e| io_err("Listing", root, e))?
-            .next()
-            .is_some();
-        if non_empty {
-            return Err(StorageError::InvalidInput(format!(
-                "{} is not empty and not a datastore",
-                root.display()
-            )));
-        }
+        require_new_folder(root)?;
         for d in ["snapshots", "writers", "packs", "cache"] {
             fs::create_dir_all(root.join(d)).map_err(|e| io_err("Creating", &root.join(d), e))?;
         }
@@ -758,6 +730,29 @@ impl Datastore {
         }
         Ok((m, i))
     }
+}
+
+/// Refuses a folder that holds a datastore, or anything else: a new datastore goes into a
+/// missing or empty folder.
+fn require_new_folder(root: &Path) -> Result<()> {
+    if root.join(MARKER).exists() {
+        return Err(StorageError::AlreadyExists(format!(
+            "A datastore in {}",
+            root.display()
+        )));
+    }
+    let non_empty = match fs::read_dir(root) {
+        Ok(mut rd) => rd.next().is_some(),
+        Err(e) if e.kind() == ErrorKind::NotFound => false,
+        Err(e) => return Err(io_err("Listing", root, e)),
+    };
+    if non_empty {
+        return Err(StorageError::InvalidInput(format!(
+            "{} is not empty and not a datastore",
+            root.display()
+        )));
+    }
+    Ok(())
 }
 
 /// In an encrypted datastore every blob must be sealed (an unsealed one was not written by the

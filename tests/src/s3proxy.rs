@@ -157,10 +157,7 @@ fn relay_requests(client: &TcpStream, mut server: TcpStream, sh: &Shared) {
         Ok(c) => c,
         Err(_) => return,
     };
-    loop {
-        let Some(head) = read_head(&mut reader) else {
-            break;
-        };
+    while let Some(head) = read_head(&mut reader) {
         let text = String::from_utf8_lossy(&head).to_string();
         let method = text.split(' ').next().unwrap_or("").to_string();
         let header = |name: &str| {

@@ -1,5 +1,6 @@
-//! `strata backups store …`, `strata backups key …` and `strata backups sync`: the appliance's
-//! backup datastores (local folders, S3 buckets), their keys, and copies between them.
+//! `strata backups store …` and `strata backups sync`: the appliance's backup datastores (local
+//! folders, S3 buckets) and copies between them. (`strata backups key …` is `strata backup key
+//! …`: keys are made and read on this machine.)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,18 +82,6 @@ pub struct AddArgs {
     pub common: Common,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum KeyCommand {
-    /// Make a new key file on this machine (see `strata backup key create`).
-    Create {
-        /// The new key file.
-        file: PathBuf,
-        /// Protect it with the passphrase in this file (Argon2id).
-        #[arg(long, value_name = "FILE")]
-        passphrase_file: Option<PathBuf>,
-    },
-}
-
 const STORE_COLUMNS: &[Column] = &[
     Column::text("NAME", "name"),
     Column::text("KIND", "kind"),
@@ -172,15 +161,6 @@ pub fn store(cmd: StoreCommand, api: &Api) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
-    match cmd {
-        KeyCommand::Create {
-            file,
-            passphrase_file,
-        } => crate::commands::backup_stores::create_key_file(&file, passphrase_file.as_deref()),
-    }
 }
 
 pub fn sync(

@@ -103,7 +103,7 @@ pub enum BackupsCommand {
     Store(backup_stores::StoreCommand),
     /// Encryption keys.
     #[command(subcommand)]
-    Key(backup_stores::KeyCommand),
+    Key(crate::commands::backup_stores::KeyCommand),
     /// Copy snapshots from one datastore to another, transferring only missing chunks (a job).
     Sync {
         /// Source datastore.
@@ -232,7 +232,7 @@ pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
             return run_job(api, "/api/backups/gc", &json!({"store": store.store}), &job)
         }
         BackupsCommand::Store(cmd) => return backup_stores::store(cmd, api),
-        BackupsCommand::Key(cmd) => return backup_stores::key(cmd),
+        BackupsCommand::Key(cmd) => return crate::commands::backup_stores::key_command(cmd),
         BackupsCommand::Sync {
             from,
             to,
