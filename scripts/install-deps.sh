@@ -34,6 +34,8 @@ packages=(
   ceph-common                  # volume groups (the ceph and rbd tools, librados, librbd)
   librbd-dev librados-dev      # librbd.so/librados.so, which Strata loads at run time
   radosgw                      # scripts/ceph-cluster.sh --rgw: S3 for the datastore on S3
+  curl                         # cli/tests/s3_datastore.rs, benches/s3.sh: create buckets (SigV4)
+  restic                       # benches/s3.sh: the peer of the S3 datastore
   acpica-tools                 # vmm/src/boot/acpi.rs: iasl disassembles the DSDT (power button, GED)
   chromium chromium-driver     # cli/tests/ui_browser.rs: the web UI in a real headless browser (WebDriver)
   prometheus                   # cli/tests/metrics.rs: promtool check metrics on /api/metrics

@@ -31,6 +31,7 @@
 //! | usage history | a mutex in [`usage_history::UsageHistory`]; one sampler thread writes |
 
 pub mod backup_state;
+pub mod backup_stores;
 pub mod backups;
 pub mod bootstrap;
 pub mod catalog;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 pub mod ceph;
 pub mod linux_guest;
 pub mod live;
+pub mod s3proxy;
 
 /// The freestanding virtio-blk test guest, built by build.rs.
 pub fn blkdrv_image() -> anyhow::Result<Vec<u8>> {

@@ -329,6 +329,8 @@ pub struct CreateBackup {
     pub source: String,
     /// Snapshot group, e.g. `volume/strata/vm-100-disk-0` (derived from the source if absent).
     pub id: Option<String>,
+    /// The datastore (default `local`; see `backups store add`).
+    pub store: Option<String>,
 }
 
 /// A request to restore a snapshot.
@@ -350,6 +352,8 @@ pub struct RestoreBackup {
     pub copy: Option<bool>,
     /// Workers fetching, checking and writing chunks (default four per core, at most 256).
     pub workers: Option<usize>,
+    /// The datastore (default `local`).
+    pub store: Option<String>,
 }
 
 /// What to verify.
@@ -357,6 +361,79 @@ pub struct RestoreBackup {
 pub struct VerifyBackups {
     /// One snapshot (name or group id); all snapshots when absent.
     pub snapshot: Option<String>,
+    /// The datastore (default `local`).
+    pub store: Option<String>,
+}
+
+/// What to collect garbage in.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GcBackups {
+    /// The datastore (default `local`).
+    pub store: Option<String>,
+}
+
+/// A request to add a backup datastore: a local folder (`path`) or an S3 bucket.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AddStore {
+    /// Its name.
+    pub name: String,
+    /// A local folder on the server.
+    pub path: Option<String>,
+    /// S3 endpoint URL.
+    pub s3: Option<String>,
+    /// Bucket.
+    pub bucket: Option<String>,
+    /// Key prefix in the bucket.
+    pub prefix: Option<String>,
+    /// Region (default us-east-1).
+    pub region: Option<String>,
+    /// Path-style requests.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Access key id.
+    pub access_key: Option<String>,
+    /// Secret access key (kept owner-only on the server, never returned).
+    pub secret_key: Option<String>,
+    /// The key file's contents (`strata backups key create`).
+    pub key: Option<String>,
+    /// The key file's passphrase, if it has one.
+    pub passphrase: Option<String>,
+    /// Allow an S3 datastore without encryption.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Chunk size of a new datastore.
+    pub chunk_size: Option<String>,
+    /// Pack size target (S3).
+    pub pack_size: Option<String>,
+    /// Bound of the local chunk cache (S3).
+    pub cache_size: Option<String>,
+}
+
+/// A backup datastore as listed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoreSummary {
+    /// Its name.
+    pub name: String,
+    /// `local` or `s3`.
+    pub kind: String,
+    /// Its folder, or its bucket and cache folder.
+    pub location: String,
+    /// The key fingerprint when encrypted.
+    pub encryption: Option<String>,
+    /// Snapshots in it.
+    pub snapshots: usize,
+}
+
+/// A request to copy snapshots between datastores.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SyncBackups {
+    /// Source datastore.
+    pub from: String,
+    /// Target datastore.
+    pub to: String,
+    /// Only these snapshots (`ID/TIME`, a group id, or a group prefix ending in `/`).
+    #[serde(default)]
+    pub snapshots: Vec<String>,
 }
 
 /// Retention rules.
@@ -380,6 +457,8 @@ pub struct PruneBackups {
     /// Only report what would be removed.
     #[serde(default)]
     pub dry_run: bool,
+    /// The datastore (default `local`).
+    pub store: Option<String>,
 }
 
 /// A snapshot as listed.
@@ -590,8 +669,9 @@ mod drift {
     use super::*;
 
     mod svc {
+        pub use strata_service::backup_stores::{AddStore, StoreSummary, SyncBackups};
         pub use strata_service::backups::{
-            BackupSummary, CreateBackup, PruneBackups, RestoreBackup, VerifyBackups,
+            BackupSummary, CreateBackup, GcBackups, PruneBackups, RestoreBackup, VerifyBackups,
         };
         pub use strata_service::images::{CreateImage, ImageSummary};
         pub use strata_service::jobs::{JobState, JobStatus};
@@ -939,10 +1019,11 @@ mod drift {
 
     impl From<&svc::CreateBackup> for CreateBackup {
         fn from(v: &svc::CreateBackup) -> Self {
-            let svc::CreateBackup { source, id } = v;
+            let svc::CreateBackup { source, id, store } = v;
             CreateBackup {
                 source: source.clone(),
                 id: id.clone(),
+                store: store.clone(),
             }
         }
     }
@@ -956,8 +1037,10 @@ mod drift {
                 live,
                 copy,
                 workers,
+                store,
             } = v;
             RestoreBackup {
+                store: store.clone(),
                 snapshot: snapshot.clone(),
                 target: target.clone(),
                 format: format.clone(),
@@ -970,9 +1053,92 @@ mod drift {
 
     impl From<&svc::VerifyBackups> for VerifyBackups {
         fn from(v: &svc::VerifyBackups) -> Self {
-            let svc::VerifyBackups { snapshot } = v;
+            let svc::VerifyBackups { snapshot, store } = v;
             VerifyBackups {
                 snapshot: snapshot.clone(),
+                store: store.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::GcBackups> for GcBackups {
+        fn from(v: &svc::GcBackups) -> Self {
+            let svc::GcBackups { store } = v;
+            GcBackups {
+                store: store.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::SyncBackups> for SyncBackups {
+        fn from(v: &svc::SyncBackups) -> Self {
+            let svc::SyncBackups {
+                from,
+                to,
+                snapshots,
+            } = v;
+            SyncBackups {
+                from: from.clone(),
+                to: to.clone(),
+                snapshots: snapshots.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::StoreSummary> for StoreSummary {
+        fn from(v: &svc::StoreSummary) -> Self {
+            let svc::StoreSummary {
+                name,
+                kind,
+                location,
+                encryption,
+                snapshots,
+            } = v;
+            StoreSummary {
+                name: name.clone(),
+                kind: kind.clone(),
+                location: location.clone(),
+                encryption: encryption.clone(),
+                snapshots: *snapshots,
+            }
+        }
+    }
+
+    impl From<&svc::AddStore> for AddStore {
+        fn from(v: &svc::AddStore) -> Self {
+            let svc::AddStore {
+                name,
+                path,
+                s3,
+                bucket,
+                prefix,
+                region,
+                path_style,
+                access_key,
+                secret_key,
+                key,
+                passphrase,
+                insecure_plaintext,
+                chunk_size,
+                pack_size,
+                cache_size,
+            } = v;
+            AddStore {
+                name: name.clone(),
+                path: path.clone(),
+                s3: s3.clone(),
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                region: region.clone(),
+                path_style: *path_style,
+                access_key: access_key.clone(),
+                secret_key: secret_key.clone(),
+                key: key.clone(),
+                passphrase: passphrase.clone(),
+                insecure_plaintext: *insecure_plaintext,
+                chunk_size: chunk_size.clone(),
+                pack_size: pack_size.clone(),
+                cache_size: cache_size.clone(),
             }
         }
     }
@@ -986,8 +1152,10 @@ mod drift {
                 keep_weekly,
                 keep_monthly,
                 dry_run,
+                store,
             } = v;
             PruneBackups {
+                store: store.clone(),
                 ids: ids.clone(),
                 keep_last: keep_last.clone(),
                 keep_daily: keep_daily.clone(),
@@ -1254,6 +1422,7 @@ mod drift {
             .start_backup(svc::CreateBackup {
                 source: "lv:strata/v".into(),
                 id: None,
+                store: None,
             })
             .unwrap();
         let st = job.wait();
@@ -1265,6 +1434,9 @@ mod drift {
         same("job", &st, &JobStatus::from(&st));
         for b in svc.list_backups(None).unwrap() {
             same("backup", &b, &BackupSummary::from(&b));
+        }
+        for st in svc.list_stores().unwrap() {
+            same("store", &st, &StoreSummary::from(&st));
         }
         // A volume under restore lists its restore.
         let mut vol = svc.volume_info("strata", "v").unwrap();

@@ -4,6 +4,7 @@
 
 mod appliance;
 mod backup;
+mod backup_stores;
 mod bench;
 mod bitmap;
 mod check;
