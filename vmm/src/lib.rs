@@ -10,6 +10,7 @@ pub mod error;
 pub mod ged;
 pub mod kvm;
 pub mod memory;
+pub mod net;
 pub mod process;
 pub mod ratelimit;
 pub mod sandbox;

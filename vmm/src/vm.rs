@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::engine::QueueStats;
-use crate::blk::{BlkConfig, DiskOptions};
+use crate::blk::{BlkConfig, BlkDevice, DiskOptions};
 use crate::boot;
 use crate::bus::{Bus, SharedDevice};
 use crate::devices::{
@@ -195,9 +195,10 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
         }
         let irq = eventfd()?;
         vm.register_irqfd(&irq, gsi)?;
+        let name = format!("vd{}", (b'a' + i as u8) as char);
         let dev = Arc::new(Mutex::new(VirtioMmio::new(
-            format!("vd{}", (b'a' + i as u8) as char),
-            Arc::new(blk),
+            name.clone(),
+            BlkDevice::new(name, Arc::new(blk)),
             mem.clone(),
             kicks,
             irq,
@@ -289,9 +290,10 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
     let mut queue_stats = Vec::new();
     for (dev, name) in &devices {
         let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
-        d.stop_workers();
-        queue_stats.push(d.stats().lock().unwrap_or_else(|p| p.into_inner()).clone());
-        if let Err(e) = d.flush_disk() {
+        d.stop();
+        let stats = d.device().stats();
+        queue_stats.push(stats.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        if let Err(e) = d.device().flush_disk() {
             warn!("flushing {name} at the end of the VM failed: {e}");
         }
     }
