@@ -28,8 +28,13 @@ pub mod filter;
 pub mod hdr;
 pub mod rx;
 pub mod tap;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod tx;
 pub mod worker;
+
+#[cfg(test)]
+mod tests;
 
 pub use config::{NetConfig, NetOptions};
 pub use device::NetDevice;

@@ -192,6 +192,12 @@ impl RxEngine {
                 Err(reason) => {
                     self.log(format_args!("bad receive chain (head {head}): {reason}"));
                     self.add_used(queue, mem, head, 0, used);
+                    if !self.chains.is_empty() {
+                        // The good chains before it cannot go back to the ring (the bad one
+                        // is used now, behind them): return them empty and drop the frame.
+                        self.give_back_empty(queue, mem, used);
+                        return Delivery::Dropped;
+                    }
                 }
             }
         }
