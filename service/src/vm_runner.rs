@@ -519,6 +519,7 @@ impl Service {
             vcpus: def.vcpus,
             boot,
             disks,
+            nics: Vec::new(),
             dir: dir.clone(),
             sandbox: SandboxSpec {
                 uid_gid: Some((id, id)),

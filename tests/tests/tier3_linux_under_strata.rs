@@ -73,6 +73,7 @@ fn linux_guest_under_strata_vmm_on_a_raw_image() -> Result<()> {
                 ..DiskOptions::default()
             },
         }],
+        nets: Vec::new(),
         serial: Box::new(console.clone()),
         timeout: Some(Duration::from_secs(300)),
         kvm: None,
@@ -129,6 +130,7 @@ fn linux_guest_answers_the_acpi_power_button() -> Result<()> {
                 device: Arc::clone(&disk) as _,
                 options: DiskOptions::default(),
             }],
+            nets: Vec::new(),
             serial: Box::new(console.clone()),
             timeout: Some(Duration::from_secs(300)),
             kvm: None,

@@ -23,7 +23,9 @@ impl TokenBucket {
     /// A full bucket for `rate` bytes per second (`rate` > 0).
     pub fn new(rate: u64, now: Instant) -> TokenBucket {
         let rate = rate.max(1);
-        let capacity = (rate / 10).max((MAX_FRAME + HDR_LEN) as u64).min(i64::MAX as u64) as i64;
+        let capacity = (rate / 10)
+            .max((MAX_FRAME + HDR_LEN) as u64)
+            .min(i64::MAX as u64) as i64;
         TokenBucket {
             rate,
             capacity,
@@ -38,7 +40,8 @@ impl TokenBucket {
         if add > 0 {
             self.tokens = self.tokens.saturating_add(add).min(self.capacity);
             // Advance by the time the added tokens stand for, keeping the remainder.
-            let used = Duration::from_nanos((add as u128 * 1_000_000_000 / u128::from(self.rate)) as u64);
+            let used =
+                Duration::from_nanos((add as u128 * 1_000_000_000 / u128::from(self.rate)) as u64);
             self.last += used;
         }
     }
@@ -56,7 +59,9 @@ impl TokenBucket {
 
     /// Takes `bytes` for a frame that went.
     pub fn take(&mut self, bytes: u64) {
-        self.tokens = self.tokens.saturating_sub(bytes.min(i64::MAX as u64) as i64);
+        self.tokens = self
+            .tokens
+            .saturating_sub(bytes.min(i64::MAX as u64) as i64);
     }
 }
 
@@ -90,7 +95,10 @@ mod tests {
         let mut b = TokenBucket::new(1_000_000, t0);
         b.take(b.capacity as u64 + 1000);
         let wait = b.check(t0).unwrap_err();
-        assert!(wait >= Duration::from_micros(1000) && wait < Duration::from_millis(2), "{wait:?}");
+        assert!(
+            wait >= Duration::from_micros(1000) && wait < Duration::from_millis(2),
+            "{wait:?}"
+        );
         assert!(b.check(t0 + wait).is_ok());
     }
 }

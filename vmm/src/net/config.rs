@@ -110,10 +110,7 @@ pub struct NetConfig {
 /// Checks a MAC address: unicast and not all zeros.
 pub fn check_mac(mac: &[u8; 6]) -> Result<(), String> {
     if mac[0] & 1 != 0 || mac == &[0; 6] {
-        return Err(format!(
-            "MAC {} is not a unicast address",
-            format_mac(mac)
-        ));
+        return Err(format!("MAC {} is not a unicast address", format_mac(mac)));
     }
     Ok(())
 }
@@ -131,7 +128,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = text.split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return Err(format!("{text:?} is not a MAC address (six hex bytes with colons)"));
+        return Err(format!(
+            "{text:?} is not a MAC address (six hex bytes with colons)"
+        ));
     }
     for (b, p) in mac.iter_mut().zip(parts) {
         if p.len() != 2 {

@@ -226,12 +226,15 @@ mod tests {
         let s = state();
         let big = 1000u32.to_le_bytes();
         for (cmd, feats) in [
-            (vec![CLASS_RX, RX_PROMISC, 0], 0),                      // not negotiated
-            (vec![CLASS_RX, RX_PROMISC], ALL),                       // no data
-            (vec![CLASS_MQ, MQ_VQ_PAIRS_SET, 9, 0], ALL),            // more than offered
-            (vec![CLASS_MQ, MQ_VQ_PAIRS_SET, 0, 0], ALL),            // zero
-            (vec![CLASS_MAC, MAC_ADDR_SET, 1, 0, 0, 0, 0, 1], ALL),  // multicast MAC
-            (vec![CLASS_MAC, MAC_TABLE_SET, big[0], big[1], big[2], big[3]], ALL),
+            (vec![CLASS_RX, RX_PROMISC, 0], 0),           // not negotiated
+            (vec![CLASS_RX, RX_PROMISC], ALL),            // no data
+            (vec![CLASS_MQ, MQ_VQ_PAIRS_SET, 9, 0], ALL), // more than offered
+            (vec![CLASS_MQ, MQ_VQ_PAIRS_SET, 0, 0], ALL), // zero
+            (vec![CLASS_MAC, MAC_ADDR_SET, 1, 0, 0, 0, 0, 1], ALL), // multicast MAC
+            (
+                vec![CLASS_MAC, MAC_TABLE_SET, big[0], big[1], big[2], big[3]],
+                ALL,
+            ),
             (vec![9, 9], ALL),
             (vec![], ALL),
         ] {

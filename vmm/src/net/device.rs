@@ -45,7 +45,11 @@ pub struct NetDevice {
 
 impl NetDevice {
     /// A device named `name` for `cfg` on `taps`, one tap queue per queue pair.
-    pub fn new(name: String, cfg: Arc<NetConfig>, taps: Vec<Arc<dyn TapIo>>) -> Result<NetDevice, String> {
+    pub fn new(
+        name: String,
+        cfg: Arc<NetConfig>,
+        taps: Vec<Arc<dyn TapIo>>,
+    ) -> Result<NetDevice, String> {
         if taps.len() != usize::from(cfg.queue_pairs()) {
             return Err(format!(
                 "{} queue pairs need as many tap queues, not {}",
@@ -143,60 +147,73 @@ impl VirtioDevice for NetDevice {
                 *s = Some((q, kick));
             }
         }
-        self.taps[0]
-            .set_offload(tap_offloads(feats))
-            .map_err(|e| format!("setting the tap's offloads: {e}"))?;
-        // Queues of pairs the driver cannot use (no MQ) are detached for good.
-        for t in &self.taps[usize::from(pairs)..] {
-            t.set_enabled(false)
-                .map_err(|e| format!("detaching a tap queue: {e}"))?;
-        }
         let state = Arc::new(CtrlState {
             filter: SharedFilter::new(self.cfg.mac()),
             active_pairs: AtomicU16::new(1),
             max_pairs: pairs,
         });
-        let mut wakes = Vec::new();
-        for _ in 0..pairs {
-            wakes.push(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?);
-        }
         let mut jobs = Vec::new();
         for p in 0..pairs {
             let i = usize::from(p);
-            let wake_others = if p == 0 {
-                wakes[1..]
-                    .iter()
-                    .map(EventFd::try_clone)
-                    .collect::<std::io::Result<Vec<_>>>()
-                    .map_err(|e| format!("cloning an eventfd: {e}"))?
+            let ctrl = if p == 0 {
+                ctrl_index.and_then(|c| slots.get_mut(c).and_then(Option::take))
             } else {
-                Vec::new()
+                None
             };
-            jobs.push(PairJob {
-                index: p,
-                rx: slots[2 * i].take(),
-                tx: slots[2 * i + 1].take(),
-                ctrl: if p == 0 {
-                    ctrl_index.and_then(|c| slots.get_mut(c).and_then(Option::take))
-                } else {
-                    None
-                },
-                tap: self.taps[i].clone(),
-                features: feats,
-                rate: self.cfg.rate(),
-                state: state.clone(),
-                wake: wakes[i].try_clone().map_err(|e| format!("cloning an eventfd: {e}"))?,
-                wake_others,
-                counters: self.cfg.counters().clone(),
-            });
+            jobs.push((p, slots[2 * i].take(), slots[2 * i + 1].take(), ctrl));
         }
         let (name, mem, interrupt) = (self.name.clone(), act.mem, act.interrupt);
-        // Threads start on the device thread (when the process has one), so that a vCPU's
-        // seccomp filter need not allow it.
+        let (taps, rate, counters) = (
+            self.taps.clone(),
+            self.cfg.rate(),
+            self.cfg.counters().clone(),
+        );
+        let shared = state.clone();
+        // Tap set-up, eventfds, timers and threads happen on the device thread (when the
+        // process has one), so that a vCPU's seccomp filter needs none of them.
         let start = move || -> Result<Vec<PairWorker>, String> {
+            taps[0]
+                .set_offload(tap_offloads(feats))
+                .map_err(|e| format!("setting the tap's offloads: {e}"))?;
+            // Queues of pairs the driver cannot use (no MQ) are detached for good.
+            for t in &taps[usize::from(pairs)..] {
+                t.set_enabled(false)
+                    .map_err(|e| format!("detaching a tap queue: {e}"))?;
+            }
+            let ev = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"));
+            let mut wakes = Vec::new();
+            for _ in 0..pairs {
+                wakes.push(ev()?);
+            }
+            let clone = |e: &EventFd| {
+                e.try_clone()
+                    .map_err(|e| format!("cloning an eventfd: {e}"))
+            };
             let mut workers = Vec::new();
-            for job in jobs {
-                let thread = format!("{name}-p{}", job.index);
+            for (p, rx, tx, ctrl) in jobs {
+                let i = usize::from(p);
+                let wake_others = if p == 0 {
+                    wakes[1..]
+                        .iter()
+                        .map(clone)
+                        .collect::<Result<Vec<_>, _>>()?
+                } else {
+                    Vec::new()
+                };
+                let job = PairJob {
+                    index: p,
+                    rx,
+                    tx,
+                    ctrl,
+                    tap: taps[i].clone(),
+                    features: feats,
+                    rate,
+                    state: shared.clone(),
+                    wake: clone(&wakes[i])?,
+                    wake_others,
+                    counters: counters.clone(),
+                };
+                let thread = format!("{name}-p{p}");
                 workers.push(
                     PairWorker::spawn(thread, job, mem.clone(), interrupt.clone())
                         .map_err(|e| format!("starting a worker: {e}"))?,

@@ -91,7 +91,10 @@ impl SharedFilter {
 
     /// A copy of the filter now.
     pub fn snapshot(&self) -> RxFilter {
-        self.filter.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -41,7 +41,11 @@ fn le16(b: &[u8], at: usize) -> u16 {
 impl TxHeader {
     /// Checks the guest's header `raw` for a frame of `frame_len` bytes under the negotiated
     /// `features`.
-    pub fn parse(raw: &[u8; HDR_LEN], frame_len: usize, features: u64) -> Result<TxHeader, &'static str> {
+    pub fn parse(
+        raw: &[u8; HDR_LEN],
+        frame_len: usize,
+        features: u64,
+    ) -> Result<TxHeader, &'static str> {
         let h = TxHeader {
             flags: raw[0],
             gso_type: raw[1],
@@ -150,9 +154,15 @@ mod tests {
         let all = features::CSUM | features::HOST_TSO4 | features::HOST_TSO6 | features::HOST_ECN;
         assert!(TxHeader::parse(&raw(0, 0, 0, 0, 0, 0), 60, 0).is_ok());
         let csum = raw(F_NEEDS_CSUM, 0, 0, 0, 34, 16);
-        assert!(TxHeader::parse(&csum, 60, 0).is_err(), "CSUM not negotiated");
+        assert!(
+            TxHeader::parse(&csum, 60, 0).is_err(),
+            "CSUM not negotiated"
+        );
         assert!(TxHeader::parse(&csum, 60, features::CSUM).is_ok());
-        assert!(TxHeader::parse(&csum, 51, features::CSUM).is_err(), "field past the end");
+        assert!(
+            TxHeader::parse(&csum, 51, features::CSUM).is_err(),
+            "field past the end"
+        );
         let tso = raw(F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16);
         assert!(TxHeader::parse(&tso, 9000, features::CSUM).is_err());
         assert!(TxHeader::parse(&tso, 9000, all).is_ok());

@@ -99,7 +99,13 @@ impl RxEngine {
         (interrupt, outcome)
     }
 
-    fn run(&mut self, queue: &mut Queue, mem: &SharedMemory, tap: &dyn TapIo, used: &mut bool) -> Outcome {
+    fn run(
+        &mut self,
+        queue: &mut Queue,
+        mem: &SharedMemory,
+        tap: &dyn TapIo,
+        used: &mut bool,
+    ) -> Outcome {
         if queue.event_idx_enabled() {
             let _ = queue.disable_notification(mem.as_ref());
         }
@@ -159,7 +165,13 @@ impl RxEngine {
     }
 
     /// Copies the frame of `len` bytes in `buf` into guest buffers.
-    fn deliver(&mut self, queue: &mut Queue, mem: &SharedMemory, len: usize, used: &mut bool) -> Delivery {
+    fn deliver(
+        &mut self,
+        queue: &mut Queue,
+        mem: &SharedMemory,
+        len: usize,
+        used: &mut bool,
+    ) -> Delivery {
         let merge = self.features & features::MRG_RXBUF != 0;
         let max_chains = if merge { MAX_MERGED } else { 1 };
         self.chains.clear();
@@ -170,7 +182,9 @@ impl RxEngine {
                 // Not enough room in as many buffers as a frame may take: give them back empty
                 // and drop the frame.
                 self.give_back_empty(queue, mem, used);
-                self.log(format_args!("receive buffers too small for a {len}-byte frame"));
+                self.log(format_args!(
+                    "receive buffers too small for a {len}-byte frame"
+                ));
                 return Delivery::Dropped;
             }
             let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) else {
@@ -240,7 +254,14 @@ impl RxEngine {
         self.chains.clear();
     }
 
-    fn add_used(&mut self, queue: &mut Queue, mem: &SharedMemory, head: u16, len: u32, used: &mut bool) {
+    fn add_used(
+        &mut self,
+        queue: &mut Queue,
+        mem: &SharedMemory,
+        head: u16,
+        len: u32,
+        used: &mut bool,
+    ) {
         if let Err(e) = queue.add_used(mem.as_ref(), head, len) {
             self.log(format_args!("cannot add used entry {head}: {e}"));
         }

@@ -72,7 +72,12 @@ impl Ring {
     /// Adds a chain of (address, length, device-writable) on free descriptors and publishes
     /// it; `looped` makes the last descriptor point back at the first. None when the table has
     /// too few free descriptors.
-    pub fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)], looped: bool) -> Option<u16> {
+    pub fn add(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[(u64, u32, bool)],
+        looped: bool,
+    ) -> Option<u16> {
         if bufs.is_empty() || bufs.len() > self.free.len() {
             return None;
         }
@@ -116,7 +121,10 @@ impl Ring {
             let id: u32 = mem.read_obj(GuestAddress(at)).unwrap_or(0);
             let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap_or(0);
             let head = id as u16;
-            let descs = self.chains.remove(&head).expect("the device used a chain it was not given");
+            let descs = self
+                .chains
+                .remove(&head)
+                .expect("the device used a chain it was not given");
             self.free.extend(descs);
             out.push((head, len));
             self.used_seen = self.used_seen.wrapping_add(1);
@@ -189,7 +197,9 @@ impl Harness {
 
 /// A frame of `len` bytes (no header) whose bytes come from `seed`.
 pub fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
     if len >= 6 {
         f[0..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
     }
@@ -233,7 +243,9 @@ pub fn run_ops(data: &[u8]) {
         None => return,
     };
     let mut h = Harness::new(feats, 16, None);
-    let _ = h.mem.write_slice(&vec![0xaau8; (DATA - GUARD) as usize], GuestAddress(GUARD));
+    let _ = h
+        .mem
+        .write_slice(&vec![0xaau8; (DATA - GUARD) as usize], GuestAddress(GUARD));
     let mut offered: std::collections::HashMap<u16, u64> = Default::default();
     for _ in 0..256 {
         let Some(op) = input.byte() else { break };
@@ -252,7 +264,11 @@ pub fn run_ops(data: &[u8]) {
                     let len = u32::from(input.u16().unwrap_or(1514));
                     let flags = input.byte().unwrap_or(0);
                     // Mostly inside guest memory, sometimes straddling its end.
-                    let addr = if flags & 0x80 != 0 { MEM_SIZE - 8 } else { DATA + at };
+                    let addr = if flags & 0x80 != 0 {
+                        MEM_SIZE - 8
+                    } else {
+                        DATA + at
+                    };
                     bufs.push((addr, len, flags & 1 == 0));
                 }
                 let total: u64 = bufs.iter().map(|b| u64::from(b.1)).sum();
@@ -286,7 +302,10 @@ pub fn run_ops(data: &[u8]) {
                 let _ = h.run_rx();
                 for (head, len) in h.rx.take_used(&h.mem) {
                     let room = offered.remove(&head).unwrap_or(0);
-                    assert!(u64::from(len) <= room, "used length {len} beyond the chain's {room}");
+                    assert!(
+                        u64::from(len) <= room,
+                        "used length {len} beyond the chain's {room}"
+                    );
                 }
             }
             _ => {
@@ -311,7 +330,10 @@ pub fn run_ops(data: &[u8]) {
     assert!(h.tap.inbound_len() <= super::tap::MEMORY_TAP_FRAMES);
     let mut guard = vec![0u8; (DATA - GUARD) as usize];
     let _ = h.mem.read_slice(&mut guard, GuestAddress(GUARD));
-    assert!(guard.iter().all(|&b| b == 0xaa), "the device wrote outside the buffers");
+    assert!(
+        guard.iter().all(|&b| b == 0xaa),
+        "the device wrote outside the buffers"
+    );
 }
 
 /// For tests: reads what the tap got, header stripped.

@@ -26,12 +26,18 @@ fn a_guest_frame_reaches_the_tap_with_a_rebuilt_header() {
     hdr[6] = 34; // csum_start
     hdr[8] = 16; // csum_offset
     hdr[10] = 0xee; // num_buffers: meaningless on TX, must not reach the tap
-    h.mem.write_slice(&hdr, vm_memory::GuestAddress(DATA)).unwrap();
+    h.mem
+        .write_slice(&hdr, vm_memory::GuestAddress(DATA))
+        .unwrap();
     use vm_memory::Bytes;
     h.mem
         .write_slice(&body, vm_memory::GuestAddress(DATA + 0x1000))
         .unwrap();
-    h.tx.add(&h.mem, &[(DATA, 12, false), (DATA + 0x1000, 1000, false)], false);
+    h.tx.add(
+        &h.mem,
+        &[(DATA, 12, false), (DATA + 0x1000, 1000, false)],
+        false,
+    );
     assert_eq!(h.run_tx(), tx::Outcome::Idle);
     let out = h.tap.take_outbound();
     assert_eq!(out.len(), 1);
@@ -54,11 +60,11 @@ fn malformed_transmit_chains_are_returned_unsent() {
         .write_slice(&gso_udp, vm_memory::GuestAddress(DATA + 0x8000))
         .unwrap();
     let cases: Vec<Vec<(u64, u32, bool)>> = vec![
-        vec![(DATA, 12 + 60, true)],                                  // device-writable
-        vec![(DATA, 12 + 10, false)],                                 // shorter than Ethernet
-        vec![(DATA, (HDR_LEN + MAX_FRAME + 1) as u32, false)],        // too long
-        vec![(0x3ff_fff0, 100, false)],                               // leaves guest memory
-        vec![(DATA + 0x8000, 12 + 100, false)],                       // GSO type not offered
+        vec![(DATA, 12 + 60, true)],                           // device-writable
+        vec![(DATA, 12 + 10, false)],                          // shorter than Ethernet
+        vec![(DATA, (HDR_LEN + MAX_FRAME + 1) as u32, false)], // too long
+        vec![(0x3ff_fff0, 100, false)],                        // leaves guest memory
+        vec![(DATA + 0x8000, 12 + 100, false)],                // GSO type not offered
     ];
     for c in &cases {
         h.tx.add(&h.mem, c, false);
@@ -105,7 +111,11 @@ fn merged_receive_buffers_carry_a_large_frame() {
     }
     assert_eq!(&got[10..12], &[3, 0], "num_buffers");
     assert_eq!(&got[HDR_LEN..], &body[..]);
-    assert_eq!(h.rx.outstanding(), 1, "the fourth buffer stays with the device");
+    assert_eq!(
+        h.rx.outstanding(),
+        1,
+        "the fourth buffer stays with the device"
+    );
 }
 
 #[test]
@@ -151,7 +161,9 @@ fn the_rate_limit_holds_frames_back() {
     // 67 go at once (the last one into debt).
     let mut h = Harness::new(BASE, 256, Some(1_000_000));
     let body = with_header(&frame(1500, 4));
-    h.mem.write_slice(&body, vm_memory::GuestAddress(DATA)).unwrap();
+    h.mem
+        .write_slice(&body, vm_memory::GuestAddress(DATA))
+        .unwrap();
     for _ in 0..100 {
         h.tx.add(&h.mem, &[(DATA, body.len() as u32, false)], false);
     }
@@ -164,8 +176,8 @@ fn the_rate_limit_holds_frames_back() {
 fn a_fixed_scenario_runs_clean() {
     // Frames both ways, merged buffers, a looped chain.
     let ops: Vec<u8> = vec![
-        7, 0, 0xdc, 0x05, 1, 1, 0, 0, 0, 8, 0, 3, 2, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-        100, 0, 1, 4, 5, 0, 1, 0, 0, 0, 0, 3,
+        7, 0, 0xdc, 0x05, 1, 1, 0, 0, 0, 8, 0, 3, 2, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 100, 0,
+        1, 4, 5, 0, 1, 0, 0, 0, 0, 3,
     ];
     super::testing::run_ops(&ops);
 }
@@ -193,6 +205,9 @@ fn a_bad_chain_behind_good_ones_is_not_taken_twice() {
     assert!(used.iter().all(|u| u.1 == 0));
     h.rx.add(&h.mem, &[(DATA, 4096, true)], false);
     h.run_rx();
-    assert!(h.rx.take_used(&h.mem).is_empty(), "no frame left, nothing used again");
+    assert!(
+        h.rx.take_used(&h.mem).is_empty(),
+        "no frame left, nothing used again"
+    );
     assert_eq!(h.counters.snapshot().rx_dropped, 1);
 }

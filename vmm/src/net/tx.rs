@@ -69,14 +69,25 @@ impl TxEngine {
     }
 
     /// Sends what the guest queued; returns whether to interrupt the driver, and why it stopped.
-    pub fn process(&mut self, queue: &mut Queue, mem: &SharedMemory, tap: &dyn TapIo) -> (bool, Outcome) {
+    pub fn process(
+        &mut self,
+        queue: &mut Queue,
+        mem: &SharedMemory,
+        tap: &dyn TapIo,
+    ) -> (bool, Outcome) {
         let mut used = false;
         let outcome = self.run(queue, mem, tap, &mut used);
         let interrupt = used && queue.needs_notification(mem.as_ref()).unwrap_or(true);
         (interrupt, outcome)
     }
 
-    fn run(&mut self, queue: &mut Queue, mem: &SharedMemory, tap: &dyn TapIo, used: &mut bool) -> Outcome {
+    fn run(
+        &mut self,
+        queue: &mut Queue,
+        mem: &SharedMemory,
+        tap: &dyn TapIo,
+        used: &mut bool,
+    ) -> Outcome {
         if let Some((head, len)) = self.pending {
             match self.send(tap, len) {
                 Err(Outcome::Blocked) => return Outcome::Blocked,
@@ -116,7 +127,9 @@ impl TxEngine {
                 },
                 Err(reason) => {
                     NetCounters::add(&self.counters.tx_errors, 1);
-                    self.log(format_args!("dropped a transmit chain (head {head}): {reason}"));
+                    self.log(format_args!(
+                        "dropped a transmit chain (head {head}): {reason}"
+                    ));
                     self.complete(queue, mem, head, used);
                 }
             }

@@ -118,7 +118,11 @@ impl Drop for PairWorker {
 fn apply_pairs(job: &PairJob) {
     let active = job.index < job.state.active_pairs.load(Ordering::SeqCst);
     if let Err(e) = job.tap.set_enabled(active) {
-        warn!("cannot {} tap queue {}: {e}", if active { "attach" } else { "detach" }, job.index);
+        warn!(
+            "cannot {} tap queue {}: {e}",
+            if active { "attach" } else { "detach" },
+            job.index
+        );
     }
 }
 

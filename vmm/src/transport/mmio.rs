@@ -157,8 +157,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         let mut value = value;
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let offered = self.device.features();
-            let ok = self.driver_features & !offered == 0
-                && self.driver_features & VERSION_1 != 0;
+            let ok = self.driver_features & !offered == 0 && self.driver_features & VERSION_1 != 0;
             if !ok {
                 value &= !STATUS_FEATURES_OK; // The driver reads it back and gives up.
             }
