@@ -8,10 +8,17 @@ use std::sync::{Arc, Mutex};
 pub mod ceph;
 pub mod linux_guest;
 pub mod live;
+pub mod netns;
 
 /// The freestanding virtio-blk test guest, built by build.rs.
 pub fn blkdrv_image() -> anyhow::Result<Vec<u8>> {
     let path = env!("STRATA_BLKDRV_BIN");
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("reading the test guest {path}: {e}"))
+}
+
+/// The freestanding virtio-net test guest, built by build.rs (see tests/guest/netdrv/netdrv.c).
+pub fn netdrv_image() -> anyhow::Result<Vec<u8>> {
+    let path = env!("STRATA_NETDRV_BIN");
     std::fs::read(path).map_err(|e| anyhow::anyhow!("reading the test guest {path}: {e}"))
 }
 
@@ -45,6 +52,12 @@ pub fn skip_loudly(what: &str, why: &str) {
 /// run under our VMM.
 pub fn is_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Whether /dev/kvm can be opened.
