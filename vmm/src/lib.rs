@@ -8,6 +8,7 @@ pub mod control;
 pub mod devices;
 pub mod error;
 pub mod ged;
+pub mod hostnet;
 pub mod kvm;
 pub mod memory;
 pub mod net;
