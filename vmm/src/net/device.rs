@@ -22,7 +22,8 @@ use crate::transport::{Activation, VirtioDevice};
 static VHOST_NOTICE: Once = Once::new();
 
 /// Says once per process that the user-space data path serves every NIC (vhost-net is not
-/// implemented), and whether the host has `/dev/vhost-net` at all.
+/// implemented), and whether the host has `/dev/vhost-net` at all. A sandboxed VMM calls it
+/// before its sandbox closes (it looks at a file).
 pub fn vhost_net_notice() {
     VHOST_NOTICE.call_once(|| {
         let present = std::path::Path::new("/dev/vhost-net").exists();

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::HDR_LEN;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
@@ -127,6 +128,12 @@ impl TapQueue {
     }
 }
 
+impl From<TapQueue> for OwnedFd {
+    fn from(q: TapQueue) -> OwnedFd {
+        q.fd
+    }
+}
+
 impl AsRawFd for TapQueue {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -183,6 +190,16 @@ impl TapIo for TapQueue {
 /// Opens (creating if needed) tap `name` with `queues` queues. The device is not persistent:
 /// it goes away when the last descriptor is closed.
 pub fn open_queues(name: &str, queues: usize) -> io::Result<Vec<TapQueue>> {
+    open_queues_owned(name, queues, None)
+}
+
+/// Like [`open_queues`], and makes `owner` the tap's owner (`TUNSETOWNER`): then only that
+/// uid (and CAP_NET_ADMIN) may attach more queues to it.
+pub fn open_queues_owned(
+    name: &str,
+    queues: usize,
+    owner: Option<u32>,
+) -> io::Result<Vec<TapQueue>> {
     if queues == 0 || queues > 256 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -214,6 +231,13 @@ pub fn open_queues(name: &str, queues: usize) -> io::Result<Vec<TapQueue>> {
             unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &size) },
             "TUNSETVNETHDRSZ",
         )?;
+        if let (Some(uid), true) = (owner, out.is_empty()) {
+            // SAFETY: TUNSETOWNER takes the uid by value.
+            check(
+                unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) },
+                "TUNSETOWNER",
+            )?;
+        }
         out.push(TapQueue { fd });
     }
     Ok(out)

@@ -398,6 +398,10 @@ pub fn run_vmm(
             Err(e) => return fail(&mut notes, e),
         }
     }
+    if !cfg.nics.is_empty() {
+        // Looks at /dev/vhost-net once, now that files can still be seen.
+        crate::net::device::vhost_net_notice();
+    }
     let mut nics = Vec::new();
     for n in &cfg.nics {
         match open_nic(n) {

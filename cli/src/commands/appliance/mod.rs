@@ -8,6 +8,7 @@
 
 mod client;
 mod exports;
+mod networks;
 mod print;
 
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use serde_json::{json, Value};
 
 pub use client::{encode, Api};
 pub use exports::{exports, ExportsCommand};
+pub use networks::{networks, NetworksCommand};
 use print::{print_list, print_object, Column};
 
 use super::Output;
