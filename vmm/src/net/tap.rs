@@ -46,7 +46,7 @@ pub mod offload {
 }
 
 /// The ioctl numbers the VMM's worker threads issue on a tap (for the seccomp filter).
-pub const WORKER_IOCTLS: [u64; 2] = [TUNSETOFFLOAD as u64, TUNSETQUEUE as u64];
+pub const WORKER_IOCTLS: [u64; 2] = [TUNSETOFFLOAD, TUNSETQUEUE];
 
 /// Longest interface name (IFNAMSIZ less the NUL).
 pub const MAX_NAME: usize = 15;
@@ -119,10 +119,8 @@ impl TapQueue {
             _pad: [0; 22],
         };
         // SAFETY: TUNGETIFF writes an ifreq into the local struct, which is large enough.
-        check(
-            unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNGETIFF, &mut r) },
-            "TUNGETIFF",
-        )?;
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNGETIFF, &mut r) };
+        check(rc, "TUNGETIFF")?;
         let end = r.name.iter().position(|&b| b == 0).unwrap_or(16);
         Ok(String::from_utf8_lossy(&r.name[..end]).into_owned())
     }
@@ -221,22 +219,16 @@ pub fn open_queues_owned(
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut req = ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE)?;
         // SAFETY: TUNSETIFF reads (and updates) the local ifreq.
-        check(
-            unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) },
-            &format!("creating tap {name} (TUNSETIFF)"),
-        )?;
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) };
+        check(rc, &format!("creating tap {name} (TUNSETIFF)"))?;
         let size: libc::c_int = HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int from the local.
-        check(
-            unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &size) },
-            "TUNSETVNETHDRSZ",
-        )?;
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &size) };
+        check(rc, "TUNSETVNETHDRSZ")?;
         if let (Some(uid), true) = (owner, out.is_empty()) {
             // SAFETY: TUNSETOWNER takes the uid by value.
-            check(
-                unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) },
-                "TUNSETOWNER",
-            )?;
+            let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) };
+            check(rc, "TUNSETOWNER")?;
         }
         out.push(TapQueue { fd });
     }
