@@ -9,6 +9,7 @@ pub mod ceph;
 pub mod linux_guest;
 pub mod live;
 pub mod netns;
+pub mod peer_net;
 
 /// The freestanding virtio-blk test guest, built by build.rs.
 pub fn blkdrv_image() -> anyhow::Result<Vec<u8>> {

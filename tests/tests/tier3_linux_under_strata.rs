@@ -6,6 +6,10 @@
 //! the guest waits for it on the button driver's input device, as acpid or systemd-logind
 //! would, and checks that the guest answers it and powers off.
 //!
+//! A third runs the network test: the guest's virtio-net (two queue pairs, one per vCPU) on a tap
+//! on a bridge Strata made, with a peer namespace across it ([`strata_tests::peer_net`]); the
+//! guest gives itself its address, pings the peer and runs iperf3 both ways.
+//!
 //! On a PVM host (/sys/module/kvm_pvm exists) an unmodified Linux kernel does not finish booting
 //! under KVM (ring 0 is emulated instruction by instruction and several instructions are not),
 //! so the tests are skipped there with a loud message naming that reason (under CI too); on
@@ -17,13 +21,19 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_tests::linux_guest::{
-    check_console, check_image, guest_dir, prepare_raw, tool_or_skip, DISK_TEST_CMDLINE,
+    check_console, check_image, guest_dir, guest_dir_with_net, prepare_raw, tool_or_skip,
+    DISK_TEST_CMDLINE,
 };
+use strata_tests::netns::netns_unavailable;
+use strata_tests::peer_net::{check_net_report, net_test_cmdline, PeerNet};
 use strata_tests::{have_kvm, is_pvm_host, skip_loudly, Capture};
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::devices::VmControl;
 use strata_vmm::kvm::VcpuExitReason;
-use strata_vmm::vm::{run, run_with_control, DiskSpec, Payload, VmConfig};
+use strata_vmm::net::config::format_mac;
+use strata_vmm::net::tap::TapIo;
+use strata_vmm::net::NetOptions;
+use strata_vmm::vm::{run, run_with_control, DiskSpec, NetSpec, Payload, VmConfig};
 
 const SERIAL: &str = "strata-tier3";
 const TIER: &str = "tier 3 (Debian's Linux under Strata's own VMM)";
@@ -149,5 +159,63 @@ fn linux_guest_answers_the_acpi_power_button() -> Result<()> {
         log.contains("STRATA power-button pressed"),
         "the guest did not see the power button; console:\n{log}"
     );
+    Ok(())
+}
+
+#[test]
+fn linux_guest_under_strata_vmm_gets_an_address_and_runs_iperf3() -> Result<()> {
+    const WHAT: &str = "tier 3 networking (Debian's Linux under Strata's own VMM)";
+    if !can_run(WHAT)? || !tool_or_skip(WHAT, "iperf3", "iperf3")? {
+        return Ok(());
+    }
+    if let Some(why) = netns_unavailable() {
+        anyhow::ensure!(
+            std::env::var_os("CI").is_none(),
+            "{WHAT} cannot run under CI: {why}"
+        );
+        skip_loudly(WHAT, &why);
+        return Ok(());
+    }
+    let guest = guest_dir_with_net()?;
+    let mut net = PeerNet::new("t3", "sttap3", 2)?;
+    let mac = [0x52, 0x54, 0x00, 0x78, 0x00, 0x03];
+    let taps: Vec<Arc<dyn TapIo>> = net
+        .take_tap()
+        .into_iter()
+        .map(|q| Arc::new(q) as _)
+        .collect();
+    let console = Capture::default();
+    let report = run(VmConfig {
+        memory: 512 << 20,
+        cpus: 2,
+        payload: Payload::Linux {
+            kernel: guest.join("vmlinuz"),
+            initrd: Some(guest.join("initramfs-net.gz")),
+            cmdline: net_test_cmdline(5),
+        },
+        disks: Vec::new(),
+        nets: vec![NetSpec {
+            name: "sttap3".into(),
+            taps,
+            options: NetOptions {
+                mac,
+                queue_pairs: 2,
+                ..NetOptions::default()
+            },
+        }],
+        serial: Box::new(console.clone()),
+        timeout: Some(Duration::from_secs(300)),
+        kvm: None,
+    })?;
+    ensure!(
+        report.reason == VcpuExitReason::Shutdown,
+        "the guest did not power off ({:?}); console:\n{}",
+        report.reason,
+        console.text()
+    );
+    let figures = check_net_report(&mut net, &console.text(), &format_mac(&mac))?;
+    let stats = report.net_stats[0];
+    eprintln!("tier3 net: {figures}; device counters {stats:?}");
+    ensure!(stats.tx_errors == 0, "transmit errors: {stats:?}");
     Ok(())
 }
