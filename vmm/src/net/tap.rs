@@ -48,6 +48,10 @@ pub mod offload {
 /// The ioctl numbers the VMM's worker threads issue on a tap (for the seccomp filter).
 pub const WORKER_IOCTLS: [u64; 2] = [TUNSETOFFLOAD, TUNSETQUEUE];
 
+/// Most guest-memory pieces [`TapIo::write_frame_parts`] takes (a frame in more is copied
+/// first; Linux's own TX chains have at most 19).
+pub const MAX_WRITE_PIECES: usize = 64;
+
 /// Longest interface name (IFNAMSIZ less the NUL).
 pub const MAX_NAME: usize = 15;
 
@@ -57,6 +61,19 @@ pub trait TapIo: AsRawFd + Send + Sync + std::fmt::Debug {
     fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one frame (header included); `WouldBlock` when the device cannot take it now.
     fn write_frame(&self, frame: &[u8]) -> io::Result<usize>;
+    /// Writes one frame given as `header` (the virtio header, host memory) followed by `pieces`
+    /// of guest memory, each (host address, length), at most [`MAX_WRITE_PIECES`] of them: no
+    /// copy on the way for a real tap (`writev`). `WouldBlock` as for [`TapIo::write_frame`].
+    ///
+    /// # Safety
+    /// Every piece must be mapped, readable memory for the duration of the call. (The guest may
+    /// change those bytes meanwhile: the frame then carries the guest's own garbage, which is
+    /// no hazard to the host, as the header is the device's checked copy.)
+    unsafe fn write_frame_parts(
+        &self,
+        header: &[u8],
+        pieces: &[(usize, usize)],
+    ) -> io::Result<usize>;
     /// Sets the offloads the device may hand us (`offload::*`), for every queue.
     fn set_offload(&self, flags: u32) -> io::Result<()>;
     /// Attaches (receives traffic) or detaches this queue.
@@ -151,6 +168,47 @@ impl TapIo for TapQueue {
     fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
         // SAFETY: write(2) from the caller's buffer, at most its length.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    unsafe fn write_frame_parts(
+        &self,
+        header: &[u8],
+        pieces: &[(usize, usize)],
+    ) -> io::Result<usize> {
+        if pieces.len() > MAX_WRITE_PIECES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a frame in too many pieces",
+            ));
+        }
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iov = [empty; MAX_WRITE_PIECES + 1];
+        iov[0] = libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        };
+        for (v, &(addr, len)) in iov[1..].iter_mut().zip(pieces) {
+            *v = libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            };
+        }
+        // SAFETY: writev(2) only reads the buffers: the header borrowed for the call and the
+        // guest pieces the caller guarantees readable (this function's contract).
+        let n = unsafe {
+            libc::writev(
+                self.fd.as_raw_fd(),
+                iov.as_ptr(),
+                (pieces.len() + 1) as libc::c_int,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -331,6 +389,22 @@ impl TapIo for MemoryTap {
         }
         q.push(frame.to_vec());
         Ok(frame.len())
+    }
+
+    unsafe fn write_frame_parts(
+        &self,
+        header: &[u8],
+        pieces: &[(usize, usize)],
+    ) -> io::Result<usize> {
+        let mut frame = header.to_vec();
+        for &(addr, len) in pieces {
+            let at = frame.len();
+            frame.resize(at + len, 0);
+            // SAFETY: the caller guarantees `len` readable bytes at `addr` (the contract);
+            // the destination was just sized for them.
+            unsafe { std::ptr::copy(addr as *const u8, frame[at..].as_mut_ptr(), len) };
+        }
+        self.write_frame(&frame)
     }
 
     fn set_offload(&self, flags: u32) -> io::Result<()> {

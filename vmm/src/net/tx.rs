@@ -1,5 +1,8 @@
-//! The transmit virtqueue: chains from the guest, checked and copied into a frame buffer, then
-//! written to the tap with a rebuilt virtio header.
+//! The transmit virtqueue: chains from the guest, checked, then written to the tap with a
+//! rebuilt virtio header. The header is read once into the device's own buffer; the frame goes
+//! from guest memory straight to the tap (`writev`), except for a frame in more than
+//! [`MAX_WRITE_PIECES`] pieces or one the tap cannot take now, which is copied into a bounce
+//! buffer first.
 //!
 //! Bounds: a chain has at most [`MAX_CHAIN_DESCRIPTORS`] descriptors and at most
 //! [`HDR_LEN`] + [`MAX_FRAME`] bytes, all device-readable; anything else is returned unsent
@@ -10,13 +13,13 @@ use std::time::Instant;
 
 use tracing::warn;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::bucket::TokenBucket;
 use super::chain::{collect, Piece};
 use super::config::NetCounters;
 use super::hdr::TxHeader;
-use super::tap::TapIo;
+use super::tap::{TapIo, MAX_WRITE_PIECES};
 use super::{HDR_LEN, MAX_CHAIN_DESCRIPTORS, MAX_FRAME, MIN_FRAME};
 use crate::blk::chain::SharedMemory;
 use crate::ratelimit::LogLimiter;
@@ -41,8 +44,16 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct TxEngine {
     features: u64,
+    /// The bounce buffer: header and frame, for frames that cannot go from guest memory.
     buf: Vec<u8>,
     pieces: Vec<Piece>,
+    /// The checked header of the frame at hand.
+    hdr: [u8; HDR_LEN],
+    /// The frame at hand after its header, in guest memory.
+    frame: Vec<Piece>,
+    /// The same as host (address, length) pieces within `mem`'s regions; empty when the frame
+    /// is in `buf`.
+    host: Vec<(usize, usize)>,
     /// A frame in `buf` the tap refused with EAGAIN: (head, length).
     pending: Option<(u16, usize)>,
     bucket: Option<TokenBucket>,
@@ -61,6 +72,9 @@ impl TxEngine {
             features,
             buf: vec![0; HDR_LEN + MAX_FRAME],
             pieces: Vec::with_capacity(MAX_CHAIN_DESCRIPTORS),
+            hdr: [0; HDR_LEN],
+            frame: Vec::with_capacity(MAX_CHAIN_DESCRIPTORS),
+            host: Vec::with_capacity(MAX_WRITE_PIECES),
             pending: None,
             bucket: rate.map(|r| TokenBucket::new(r, Instant::now())),
             counters,
@@ -89,7 +103,7 @@ impl TxEngine {
         used: &mut bool,
     ) -> Outcome {
         if let Some((head, len)) = self.pending {
-            match self.send(tap, len) {
+            match self.send(tap, mem, len) {
                 Err(Outcome::Blocked) => return Outcome::Blocked,
                 _ => {
                     self.pending = None;
@@ -118,8 +132,15 @@ impl TxEngine {
             };
             let head = chain.head_index();
             match self.gather(chain, mem) {
-                Ok(len) => match self.send(tap, len) {
+                Ok(len) => match self.send(tap, mem, len) {
                     Err(Outcome::Blocked) => {
+                        // The retry comes in a later call: the frame moves to `buf`.
+                        if let Err(reason) = self.bounce(mem) {
+                            NetCounters::add(&self.counters.tx_errors, 1);
+                            self.log(format_args!("dropped a transmit chain: {reason}"));
+                            self.complete(queue, mem, head, used);
+                            continue;
+                        }
                         self.pending = Some((head, len));
                         return Outcome::Blocked;
                     }
@@ -137,7 +158,9 @@ impl TxEngine {
         Outcome::More
     }
 
-    /// Copies a chain's frame into `buf` with a checked header; returns its length.
+    /// Checks a chain: the total length, the header (read into `hdr`, checked and rebuilt)
+    /// and where the frame lies (`frame`, and `host` when it can go from guest memory as it
+    /// is; else it is copied into `buf`). Returns the length with the header.
     fn gather<I>(&mut self, chain: I, mem: &SharedMemory) -> Result<usize, &'static str>
     where
         I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
@@ -150,24 +173,98 @@ impl TxEngine {
         if total < HDR_LEN + MIN_FRAME {
             return Err("frame shorter than a header and an Ethernet header");
         }
-        let mut at = 0;
+        let mut raw = [0u8; HDR_LEN];
+        let mut filled = 0;
+        self.frame.clear();
         for p in &self.pieces {
+            let mut piece = *p;
+            if filled < HDR_LEN {
+                let n = (piece.len as usize).min(HDR_LEN - filled);
+                mem.read_slice(&mut raw[filled..filled + n], piece.addr)
+                    .map_err(|_| "transmit buffer outside guest memory")?;
+                filled += n;
+                piece.len -= n as u32;
+                piece.addr = GuestAddress(
+                    piece
+                        .addr
+                        .0
+                        .checked_add(n as u64)
+                        .ok_or("transmit buffer wraps around")?,
+                );
+            }
+            if piece.len > 0 {
+                self.frame.push(piece);
+            }
+        }
+        let hdr = TxHeader::parse(&raw, total - HDR_LEN, self.features)?;
+        self.hdr = hdr.to_bytes();
+        self.map_host(mem)?;
+        if self.host.is_empty() && !self.frame.is_empty() {
+            self.bounce(mem)?;
+        }
+        Ok(total)
+    }
+
+    /// Fills `host` with the frame's pieces as host addresses, split at memory region ends;
+    /// leaves it empty when there would be more than [`MAX_WRITE_PIECES`].
+    fn map_host(&mut self, mem: &SharedMemory) -> Result<(), &'static str> {
+        self.host.clear();
+        for p in &self.frame {
+            let mut left = p.len as usize;
+            let mut addr = p.addr;
+            // Bounded: each round ends at a region's end or the piece's, and regions are few.
+            while left > 0 {
+                let region = mem
+                    .find_region(addr)
+                    .ok_or("transmit buffer outside guest memory")?;
+                let offset = addr.0 - region.start_addr().0;
+                let room = usize::try_from(region.len() - offset).unwrap_or(usize::MAX);
+                let n = left.min(room);
+                let slice = region
+                    .get_slice(MemoryRegionAddress(offset), n)
+                    .map_err(|_| "transmit buffer outside guest memory")?;
+                if self.host.len() == MAX_WRITE_PIECES {
+                    self.host.clear();
+                    return Ok(());
+                }
+                self.host.push((slice.ptr_guard().as_ptr() as usize, n));
+                left -= n;
+                addr = GuestAddress(addr.0 + n as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the frame at hand (header and `frame`) into `buf`; `host` is emptied.
+    fn bounce(&mut self, mem: &SharedMemory) -> Result<(), &'static str> {
+        self.host.clear();
+        self.buf[..HDR_LEN].copy_from_slice(&self.hdr);
+        let mut at = HDR_LEN;
+        for p in &self.frame {
             let n = p.len as usize;
             mem.read_slice(&mut self.buf[at..at + n], p.addr)
                 .map_err(|_| "transmit buffer outside guest memory")?;
             at += n;
         }
-        let mut raw = [0u8; HDR_LEN];
-        raw.copy_from_slice(&self.buf[..HDR_LEN]);
-        let hdr = TxHeader::parse(&raw, total - HDR_LEN, self.features)?;
-        self.buf[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
-        Ok(total)
+        Ok(())
     }
 
-    /// Writes `buf[..len]` to the tap: Ok when it went or was dropped for good, Err(Blocked)
-    /// when it should be tried again.
-    fn send(&mut self, tap: &dyn TapIo, len: usize) -> Result<(), Outcome> {
-        match tap.write_frame(&self.buf[..len]) {
+    /// Writes the frame at hand (`len` bytes with the header) to the tap, from guest memory
+    /// (`host`) or from `buf`: Ok when it went or was dropped for good, Err(Blocked) when it
+    /// should be tried again.
+    fn send(&mut self, tap: &dyn TapIo, mem: &SharedMemory, len: usize) -> Result<(), Outcome> {
+        let result = if self.host.is_empty() {
+            tap.write_frame(&self.buf[..len])
+        } else {
+            // `mem` is borrowed for the call: the regions `host` points into stay mapped.
+            let _alive = mem;
+            // SAFETY: every piece in `host` was cut by `map_host` to lie within one region of
+            // `mem` (`get_slice` refuses ranges that leave a region), and those mappings live
+            // as long as `mem`, which outlives this call. The guest may write those bytes
+            // meanwhile; that only garbles its own frame (the header is our checked copy).
+            unsafe { tap.write_frame_parts(&self.hdr, &self.host) }
+        };
+        match result {
             Ok(_) => {
                 let bytes = (len - HDR_LEN) as u64;
                 NetCounters::add(&self.counters.tx_frames, 1);
