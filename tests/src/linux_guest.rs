@@ -96,6 +96,26 @@ fn guest_variant(file: &str, env: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// QEMU (TCG) booting the test guest in `guest` with initramfs `initramfs` and kernel command
+/// line `cmdline` on a q35 machine, console on stdout, no default devices, no reboot; the
+/// caller adds memory and devices.
+pub fn qemu_linux_command(guest: &Path, initramfs: &str, cmdline: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(guest.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(guest.join(initramfs))
+    .args(["-append", cmdline]);
+    cmd
+}
+
 /// Runs QEMU as `cmd` sets it up (its console on stdout), for at most `timeout`; returns the
 /// console output once QEMU exits successfully.
 pub fn run_qemu_console(mut cmd: Command, timeout: std::time::Duration) -> Result<String> {

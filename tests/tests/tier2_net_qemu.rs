@@ -18,11 +18,12 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use strata_tests::linux_guest::{guest_dir_with_net, run_qemu_console, tool_or_skip};
+use strata_tests::linux_guest::{
+    guest_dir_with_net, qemu_linux_command, run_qemu_console, tool_or_skip,
+};
 use strata_tests::netns::netns_unavailable;
 use strata_tests::peer_net::{check_net_report, net_test_cmdline, PeerNet};
 use strata_tests::skip_loudly;
@@ -53,29 +54,22 @@ fn linux_under_qemu_on_a_strata_bridge_pings_and_runs_iperf3() -> Result<()> {
     let mut net = PeerNet::new("t2", "sttap2", 1)?;
     let tap = OwnedFd::from(net.take_tap().pop().context("no tap queue")?);
 
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = qemu_linux_command(&guest, "initramfs-net.gz", &net_test_cmdline(3));
     cmd.args(["-M", "q35", "-m", "512M", "-smp", "1"])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs-net.gz"))
-        .arg("-append")
-        .arg(net_test_cmdline(3))
         .args(["-netdev", "tap,id=n0,fd=3,vhost=off"])
         .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")]);
     let raw = tap.as_raw_fd();
-    // SAFETY: between fork and exec only dup2 runs (async-signal-safe); it puts the tap on
+    // SAFETY: between fork and exec only dup2 or fcntl run (async-signal-safe); it puts the tap on
     // descriptor 3 without CLOEXEC for QEMU's `fd=3`.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(raw, 3) < 0 {
+            // dup2 onto itself keeps CLOEXEC: clear it then.
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -19,7 +19,7 @@ use anyhow::{ensure, Context, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_tests::linux_guest::{
     check_console, check_device, check_image, guest_dir, host_pattern, prepare_raw,
-    run_qemu_console, tool_or_skip, DISK_TEST_CMDLINE, MIB,
+    qemu_linux_command, run_qemu_console, tool_or_skip, DISK_TEST_CMDLINE, MIB,
 };
 use strata_tests::{skip_loudly, thin_volume, write_device};
 use strata_vmm::blk::{BlkConfig, DiskOptions};
@@ -29,21 +29,9 @@ const TIER: &str = "tier 2 (Linux under QEMU with our vhost-user-blk back-end)";
 
 /// Runs QEMU (TCG) with our back-end on `socket`; returns the console output.
 fn run_qemu(guest: &Path, socket: &Path, cmdline: &str) -> Result<String> {
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = qemu_linux_command(guest, "initramfs.gz", cmdline);
     cmd.args(["-M", "q35,memory-backend=mem", "-m", "512M"])
         .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs.gz"))
-        .args(["-append", cmdline])
         .arg("-chardev")
         .arg(format!("socket,id=vu0,path={}", socket.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2"]);
