@@ -9,7 +9,11 @@
 //! capabilities, split queues.
 //!
 //! The qtest protocol is line based: a command such as `writel 0xe0003000 0x1` is answered by
-//! `OK` (or `OK 0x...` with a value) or `FAIL ...`.
+//! `OK` (or `OK 0x...` with a value) or `FAIL ...`. `QTEST_DEBUG=1` prints every exchange.
+//!
+//! QEMU's vCPU may still run beside qtest (this QEMU has no separate qtest accelerator), so the
+//! caller gives it firmware that halts at once: SeaBIOS would enumerate PCI through the same
+//! ports.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
