@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tracing::warn;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::bucket::TokenBucket;
 use super::chain::{collect, Piece};
@@ -21,7 +21,7 @@ use super::config::NetCounters;
 use super::hdr::TxHeader;
 use super::tap::{TapIo, MAX_WRITE_PIECES};
 use super::{HDR_LEN, MAX_CHAIN_DESCRIPTORS, MAX_FRAME, MIN_FRAME};
-use crate::blk::chain::SharedMemory;
+use crate::blk::chain::{host_segments, SharedMemory};
 use crate::ratelimit::LogLimiter;
 
 /// Most chains one call takes.
@@ -210,27 +210,14 @@ impl TxEngine {
     fn map_host(&mut self, mem: &SharedMemory) -> Result<(), &'static str> {
         self.host.clear();
         for p in &self.frame {
-            let mut left = p.len as usize;
-            let mut addr = p.addr;
-            // Bounded: each round ends at a region's end or the piece's, and regions are few.
-            while left > 0 {
-                let region = mem
-                    .find_region(addr)
-                    .ok_or("transmit buffer outside guest memory")?;
-                let offset = addr.0 - region.start_addr().0;
-                let room = usize::try_from(region.len() - offset).unwrap_or(usize::MAX);
-                let n = left.min(room);
-                let slice = region
-                    .get_slice(MemoryRegionAddress(offset), n)
-                    .map_err(|_| "transmit buffer outside guest memory")?;
-                if self.host.len() == MAX_WRITE_PIECES {
-                    self.host.clear();
-                    return Ok(());
-                }
-                self.host.push((slice.ptr_guard().as_ptr() as usize, n));
-                left -= n;
-                addr = GuestAddress(addr.0 + n as u64);
-            }
+            let host = &mut self.host;
+            host_segments(mem, p.addr, p.len as usize, |ptr, n| {
+                host.push((ptr as usize, n))
+            })
+            .map_err(|_| "transmit buffer outside guest memory")?;
+        }
+        if self.host.len() > MAX_WRITE_PIECES {
+            self.host.clear();
         }
         Ok(())
     }
