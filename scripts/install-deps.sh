@@ -39,6 +39,9 @@ packages=(
   acpica-tools                 # vmm/src/boot/acpi.rs: iasl disassembles the DSDT (power button, GED)
   chromium chromium-driver     # cli/tests/ui_browser.rs: the web UI in a real headless browser (WebDriver)
   prometheus                   # cli/tests/metrics.rs: promtool check metrics on /api/metrics
+  iperf3                       # tests/tests/tier2_net_qemu.rs: iperf3 in the Linux guest (its
+                               # initramfs-net.gz) and the server in the peer namespace
+  iproute2                     # network tests: ip netns/link/addr, ss
   libvhdi-utils                # storage/tests/vhd_chains.rs: vhdiinfo and vhdimount (FUSE), an
                                # independent VHD/VHDX reader for differencing chains (unmounted with umount as root)
 )

@@ -501,6 +501,78 @@ pub struct VmDisk {
     pub serial: String,
 }
 
+/// A NIC as a definition request gives it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NicSpec {
+    /// The network.
+    pub network: String,
+    /// The MAC address (`52:54:00:12:34:56`); generated, and then kept, when not given.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// A VLAN (1 to 4094) on a VLAN-aware network: the NIC's bridge port carries it untagged.
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// A rate limit in MB/s (10^6 bytes per second), each way.
+    #[serde(default)]
+    pub rate: Option<f64>,
+}
+
+/// A NIC of a VM as stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmNic {
+    /// The network.
+    pub network: String,
+    /// The MAC address.
+    pub mac: String,
+    /// The VLAN, if any.
+    pub vlan: Option<u16>,
+    /// The rate limit in bytes per second each way, if any.
+    pub rate_bytes_per_sec: Option<u64>,
+}
+
+/// A request to create a network.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreateNetwork {
+    /// Name of the network.
+    pub name: String,
+    /// The bridge (created if missing, adopted if it exists).
+    pub bridge: String,
+    /// Make a new bridge VLAN-aware (NICs may then name a VLAN).
+    #[serde(default)]
+    pub vlan_aware: bool,
+    /// An interface to make a port of the bridge (the physical uplink).
+    #[serde(default)]
+    pub uplink: Option<String>,
+}
+
+/// A network as stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NetworkDefinition {
+    /// Name of the network.
+    pub name: String,
+    /// The bridge.
+    pub bridge: String,
+    /// Whether the bridge is VLAN-aware.
+    pub vlan_aware: bool,
+    /// The uplink port, if any.
+    pub uplink: Option<String>,
+    /// Whether Strata created the bridge (and deletes it with the network).
+    pub managed: bool,
+}
+
+/// A network and its bridge's state now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NetworkInfo {
+    /// The definition.
+    pub definition: NetworkDefinition,
+    /// Whether the bridge exists now.
+    pub present: bool,
+    /// Whether it is up.
+    pub up: bool,
+    /// Its ports now (uplink and taps).
+    pub ports: Vec<String>,
+}
+
 /// A request to define a VM.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DefineVm {
@@ -526,6 +598,9 @@ pub struct DefineVm {
     /// Disks in order; the first is /dev/vda in Linux.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// NICs in order.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
 }
 
 /// A VM's definition as stored.
@@ -547,6 +622,8 @@ pub struct VmDefinition {
     pub cmdline: String,
     /// Disks in order.
     pub disks: Vec<VmDisk>,
+    /// NICs in order.
+    pub nics: Vec<VmNic>,
 }
 
 /// Where a VM is in its life.
@@ -675,12 +752,13 @@ mod drift {
         };
         pub use strata_service::images::{CreateImage, ImageSummary};
         pub use strata_service::jobs::{JobState, JobStatus};
+        pub use strata_service::networks::{CreateNetwork, NetworkDefinition, NetworkInfo};
         pub use strata_service::restores::{RestoreInfo, RestoreMode};
         pub use strata_service::tokens::TokenInfo;
         pub use strata_service::transfer::ConvertRequest;
         pub use strata_service::vms::{
-            BootKind, ConsoleChunk, ConsoleQuery, DefineVm, VmDefinition, VmDisk, VmDiskStats,
-            VmInfo, VmState, VmStatus,
+            BootKind, ConsoleChunk, ConsoleQuery, DefineVm, NicSpec, VmDefinition, VmDisk,
+            VmDiskStats, VmInfo, VmNic, VmState, VmStatus,
         };
         pub use strata_service::volumes::{
             AdoptVolume, CreateRbdGroup, CreateVolume, GroupCheck, NewName, ResizeVolume,
@@ -1216,6 +1294,7 @@ mod drift {
                 initrd,
                 cmdline,
                 disks,
+                nics,
             } = v;
             DefineVm {
                 name: name.clone(),
@@ -1226,6 +1305,94 @@ mod drift {
                 initrd: initrd.clone(),
                 cmdline: cmdline.clone(),
                 disks: disks.iter().map(VmDisk::from).collect(),
+                nics: nics.iter().map(NicSpec::from).collect(),
+            }
+        }
+    }
+
+    impl From<&svc::NicSpec> for NicSpec {
+        fn from(v: &svc::NicSpec) -> Self {
+            let svc::NicSpec {
+                network,
+                mac,
+                vlan,
+                rate,
+            } = v;
+            NicSpec {
+                network: network.clone(),
+                mac: mac.clone(),
+                vlan: vlan.clone(),
+                rate: rate.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::VmNic> for VmNic {
+        fn from(v: &svc::VmNic) -> Self {
+            let svc::VmNic {
+                network,
+                mac,
+                vlan,
+                rate_bytes_per_sec,
+            } = v;
+            VmNic {
+                network: network.clone(),
+                mac: mac.clone(),
+                vlan: vlan.clone(),
+                rate_bytes_per_sec: rate_bytes_per_sec.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::CreateNetwork> for CreateNetwork {
+        fn from(v: &svc::CreateNetwork) -> Self {
+            let svc::CreateNetwork {
+                name,
+                bridge,
+                vlan_aware,
+                uplink,
+            } = v;
+            CreateNetwork {
+                name: name.clone(),
+                bridge: bridge.clone(),
+                vlan_aware: vlan_aware.clone(),
+                uplink: uplink.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::NetworkDefinition> for NetworkDefinition {
+        fn from(v: &svc::NetworkDefinition) -> Self {
+            let svc::NetworkDefinition {
+                name,
+                bridge,
+                vlan_aware,
+                uplink,
+                managed,
+            } = v;
+            NetworkDefinition {
+                name: name.clone(),
+                bridge: bridge.clone(),
+                vlan_aware: vlan_aware.clone(),
+                uplink: uplink.clone(),
+                managed: managed.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::NetworkInfo> for NetworkInfo {
+        fn from(v: &svc::NetworkInfo) -> Self {
+            let svc::NetworkInfo {
+                definition,
+                present,
+                up,
+                ports,
+            } = v;
+            NetworkInfo {
+                definition: NetworkDefinition::from(definition),
+                present: present.clone(),
+                up: up.clone(),
+                ports: ports.clone(),
             }
         }
     }
@@ -1241,6 +1408,7 @@ mod drift {
                 initrd,
                 cmdline,
                 disks,
+                nics,
             } = v;
             VmDefinition {
                 name: name.clone(),
@@ -1251,6 +1419,7 @@ mod drift {
                 initrd: initrd.clone(),
                 cmdline: cmdline.clone(),
                 disks: disks.iter().map(VmDisk::from).collect(),
+                nics: nics.iter().map(VmNic::from).collect(),
             }
         }
     }
@@ -1467,8 +1636,37 @@ mod drift {
                     readonly: true,
                     serial: "s".into(),
                 }],
+                nics: Vec::new(),
             })
             .unwrap();
         same("vm", &vm, &VmInfo::from(&vm));
+        // Networks need root and netlink; their values are built by hand here.
+        let net = svc::NetworkInfo {
+            definition: svc::NetworkDefinition {
+                name: "lan".into(),
+                bridge: "br0".into(),
+                vlan_aware: true,
+                uplink: Some("eth0".into()),
+                managed: false,
+            },
+            present: true,
+            up: false,
+            ports: vec!["eth0".into()],
+        };
+        same("network", &net, &NetworkInfo::from(&net));
+        let nic = svc::VmNic {
+            network: "lan".into(),
+            mac: "52:54:00:00:00:01".into(),
+            vlan: Some(5),
+            rate_bytes_per_sec: Some(1_000_000),
+        };
+        same("nic", &nic, &VmNic::from(&nic));
+        let spec = svc::NicSpec {
+            network: "lan".into(),
+            mac: None,
+            vlan: None,
+            rate: Some(12.5),
+        };
+        same("nic spec", &spec, &NicSpec::from(&spec));
     }
 }

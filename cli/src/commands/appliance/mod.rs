@@ -10,6 +10,7 @@ mod backup_stores;
 mod backups;
 mod client;
 mod exports;
+mod networks;
 mod print;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use serde_json::{json, Value};
 pub use backups::{backups, BackupsCommand};
 pub use client::{encode, Api};
 pub use exports::{exports, ExportsCommand};
+pub use networks::{networks, NetworksCommand};
 use print::{print_list, print_object, Column};
 
 use super::Output;
