@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::CliEnv;
-use strata_tests::netns::{netns_unavailable, ping, NetNs};
 use strata_tests::netdrv_image;
+use strata_tests::netns::{netns_unavailable, ping, NetNs};
 
 fn strata(ns: &NetNs, env: &CliEnv, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
