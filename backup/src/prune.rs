@@ -12,7 +12,6 @@ use std::collections::HashSet;
 use serde::Serialize;
 use strata_storage::{Result, StorageError};
 
-use crate::fsutil::{self, io_err};
 use crate::lock::lock_snapshot_exclusive;
 use crate::snapshot::SnapshotName;
 use crate::store::Datastore;
@@ -152,19 +151,11 @@ pub fn prune_protecting(
 /// Removes one snapshot: hidden rename (atomic disappearance), fsync, then delete.
 pub fn remove_snapshot(store: &Datastore, name: &SnapshotName) -> Result<()> {
     let _excl = lock_snapshot_exclusive(store, name)?;
-    let dir = store.snapshot_dir(name);
-    let group = dir
-        .parent()
-        .ok_or_else(|| StorageError::InvalidInput(format!("Bad snapshot path for {name}")))?
-        .to_path_buf();
-    let hidden = group.join(format!(
-        ".del-{}-{:016x}",
-        time::format(name.time()),
-        fastrand::u64(..)
-    ));
-    std::fs::rename(&dir, &hidden).map_err(|e| io_err("Removing", &dir, e))?;
-    fsutil::fsync_dir(&group)?;
-    std::fs::remove_dir_all(&hidden).map_err(|e| io_err("Deleting", &hidden, e))
+    if let Some(r) = store.remote() {
+        // The bucket first: the snapshot disappears with its manifest there.
+        r.remove_snapshot(name)?;
+    }
+    crate::mirror::remove_local(store, name)
 }
 
 #[cfg(test)]

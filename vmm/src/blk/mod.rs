@@ -18,10 +18,12 @@
 
 pub mod chain;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod worker;
 
 pub use config::{BlkConfig, DiskOptions};
+pub use device::BlkDevice;
 pub use engine::{QueueEngine, Signal};
 
 /// Bytes in a virtio-blk sector, the unit of request offsets and lengths.
