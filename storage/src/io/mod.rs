@@ -18,7 +18,7 @@ pub mod buf;
 pub mod counted;
 pub mod engine;
 pub mod file;
-pub mod stack;
+pub(crate) mod stack;
 mod sync_queue;
 pub mod threads;
 pub mod uring;
