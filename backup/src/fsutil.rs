@@ -9,6 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use strata_storage::durable;
 use strata_storage::{Result, StorageError};
 
 /// Wraps an `io::Error` about `path`: ENOENT becomes [`StorageError::NotFound`], ENOSPC
@@ -56,22 +57,15 @@ pub fn write_temp(dir: &Path, final_name: &str, data: &[u8]) -> Result<PathBuf> 
     }
 }
 
-/// Replaces (or creates) `dir/name` atomically with `data`: temp file, fsync, rename, fsync dir.
+/// Replaces (or creates) `dir/name` atomically with `data`: temp file, fsync, rename, fsync dir
+/// (the block layer's one helper for it, [`strata_storage::durable::write_atomically`]).
 pub fn atomic_write(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
-    let tmp = write_temp(dir, name, data)?;
-    let target = dir.join(name);
-    if let Err(e) = std::fs::rename(&tmp, &target) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err("Renaming into", &target, e));
-    }
-    fsync_dir(dir)
+    durable::write_atomically(&dir.join(name), data, 0o644, durable::Create::OrReplace)
 }
 
 /// Makes a directory's entries durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io_err("Syncing directory", dir, e))
+    durable::sync_dir(dir)
 }
 
 fn cpath(path: &Path) -> io::Result<CString> {
@@ -80,30 +74,7 @@ fn cpath(path: &Path) -> io::Result<CString> {
 }
 
 /// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing `to`.
-pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
-    let (f, t) = (
-        cpath(from).map_err(|e| io_err("Renaming", from, e))?,
-        cpath(to).map_err(|e| io_err("Renaming to", to, e))?,
-    );
-    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EEXIST) {
-        return Err(StorageError::AlreadyExists(to.display().to_string()));
-    }
-    Err(io_err("Renaming", from, e))
-}
+pub use strata_storage::durable::rename_noreplace;
 
 /// Sets a file's modification time to now. `Ok(false)` when the file does not exist.
 pub fn touch(path: &Path) -> Result<bool> {

@@ -62,7 +62,7 @@ struct Shared {
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Counts an operation and decides whether it fails. Flushes may trigger power loss.
@@ -268,17 +268,14 @@ impl Shared {
     }
 
     fn len(&self) -> u64 {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::read(&self.current).len()
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
         let mut state = self.state();
         self.begin(&mut state, false)?;
         state.log.push(Unflushed::SetLen(len));
-        self.current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_len(len);
+        crate::sync::write(&self.current).set_len(len);
         Ok(())
     }
 }
@@ -325,15 +322,7 @@ impl BlockDevice for FaultDevice {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        sparse_status(
-            &self
-                .shared
-                .current
-                .read()
-                .unwrap_or_else(|p| p.into_inner()),
-            offset,
-            len,
-        )
+        sparse_status(&crate::sync::read(&self.shared.current), offset, len)
     }
 }
 
@@ -354,11 +343,7 @@ impl HostFile for FaultDevice {
         }
         let mut state = self.shared.state();
         self.shared.begin(&mut state, false)?;
-        self.shared
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .read(offset, buf);
+        crate::sync::read(&self.shared.current).read(offset, buf);
         Ok(())
     }
 
@@ -409,12 +394,7 @@ impl HostFile for FaultDevice {
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
-        Ok(self
-            .shared
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .allocated_bytes())
+        Ok(crate::sync::read(&self.shared.current).allocated_bytes())
     }
 }
 

@@ -16,7 +16,9 @@ use crate::error::{Result, StorageError};
 
 use super::entry::{L2Entry, COPIED, OFFSET_MASK};
 use super::header::{autoclear, ext, incompat};
-use super::meta::{be64, l1_entry_offset, read_u64_table, Meta};
+use crate::bytes::{be16, be32, be64};
+
+use super::meta::{l1_entry_offset, read_u64_table, Meta};
 
 /// Most clusters a check counts (4 GiB of reference counters at most).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 30;
@@ -134,7 +136,7 @@ impl Meta {
             total_clusters: self.header.size.div_ceil(cs),
             ..CheckReport::default()
         };
-        let nb = self.file_len.max(self.hwm).div_ceil(cs);
+        let nb = self.file_len().max(self.refs.hwm()).div_ceil(cs);
         if nb > MAX_CHECK_CLUSTERS {
             r.check_errors += 1;
             r.messages.push(format!(
@@ -147,7 +149,7 @@ impl Meta {
             cs,
         };
         c.add(&mut r, 0, cs, "header");
-        let l1 = self.l1.clone();
+        let l1 = self.l1.entries().to_vec();
         let l1_off = self.header.l1_table_offset;
         // L2 tables by how many L1 entries reach them: each is read once however often it is
         // referenced, so the work is bounded by the file's size.
@@ -157,7 +159,7 @@ impl Meta {
         // Snapshot L1 tables are read once per offset, and all of them (with the bitmap
         // tables) within a budget tied to the file's size, so a crafted snapshot table cannot
         // make the check read terabytes.
-        let mut budget = self.file_len.saturating_mul(4).saturating_add(64 << 20);
+        let mut budget = self.file_len().saturating_mul(4).saturating_add(64 << 20);
         let mut seen_l1 = HashSet::new();
         for s in self.snapshots.clone() {
             let bytes = u64::from(s.l1_size) * 8;
@@ -199,7 +201,7 @@ impl Meta {
             "refcount table",
         );
         let mut blocks = HashSet::new();
-        for (i, &e) in self.reftable.clone().iter().enumerate() {
+        for (i, &e) in self.refs.table().to_vec().iter().enumerate() {
             let off = e & !0x1ff;
             if off != 0 {
                 c.add(&mut r, off, cs, &format!("refcount block {i}"));
@@ -247,7 +249,7 @@ impl Meta {
     ) {
         c.add(r, l1_off, l1.len() as u64 * 8, "L1 table");
         for (i, &e) in l1.iter().enumerate() {
-            match l1_entry_offset(e, &self.geo, self.file_len) {
+            match l1_entry_offset(e, &self.geo, self.file_len()) {
                 Ok(0) => {}
                 Ok(o) => *tables.entry(o).or_insert(0) += 1,
                 Err(err) => {
@@ -264,7 +266,7 @@ impl Meta {
         order.sort_unstable();
         for (l2_off, n) in order {
             c.add_n(r, l2_off, cs, n, "L2 table");
-            let slot = match self.l2_slot(l2_off) {
+            let slot = match self.l2_slot_blocking(l2_off) {
                 Ok(s) => s,
                 Err(err) => {
                     r.check_errors += 1;
@@ -311,13 +313,15 @@ impl Meta {
         let mut seen = HashSet::new();
         let mut prev: Option<u64> = None;
         for &e in l1 {
-            let Ok(t) = l1_entry_offset(e, &self.geo, self.file_len) else {
+            let Ok(t) = l1_entry_offset(e, &self.geo, self.file_len()) else {
                 continue;
             };
             if t == 0 || !seen.insert(t) {
                 continue;
             }
-            let Ok(slot) = self.l2_slot(t) else { continue };
+            let Ok(slot) = self.l2_slot_blocking(t) else {
+                continue;
+            };
             for j in 0..self.geo.l2_entries as usize {
                 let (raw, bitmap) = self.l2_raw(slot, j);
                 match self.geo.decode(raw, bitmap) {
@@ -352,13 +356,13 @@ impl Meta {
                 .push("ERROR the bitmaps extension is truncated".into());
             return;
         }
-        let nb = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+        let nb = be32(&data, 0);
         let dir_size = be64(&data, 8);
         let dir_off = be64(&data, 16);
         if dir_size > 64 << 20
             || dir_off
                 .checked_add(dir_size)
-                .is_none_or(|e| e > self.file_len)
+                .is_none_or(|e| e > self.file_len())
         {
             r.corruptions += 1;
             r.messages
@@ -377,11 +381,9 @@ impl Meta {
                 break;
             }
             let table_off = be64(&dir, at);
-            let table_size =
-                u32::from_be_bytes([dir[at + 8], dir[at + 9], dir[at + 10], dir[at + 11]]);
-            let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-            let extra = u32::from_be_bytes([dir[at + 20], dir[at + 21], dir[at + 22], dir[at + 23]])
-                as usize;
+            let table_size = be32(&dir, at + 8);
+            let name_size = be16(&dir, at + 18) as usize;
+            let extra = be32(&dir, at + 20) as usize;
             c.add(r, table_off, u64::from(table_size) * 8, "bitmap table");
             let bytes = u64::from(table_size) * 8;
             if bytes > budget {
@@ -410,7 +412,7 @@ impl Meta {
         r: &mut CheckReport,
         repair: Repair,
     ) -> Result<()> {
-        let covered = self.reftable.len() as u64 * self.geo.rb_entries;
+        let covered = self.refs.table().len() as u64 * self.geo.rb_entries;
         let end = covered.max(c.refs.len() as u64);
         let mut fixes: Vec<(u64, u64, bool)> = Vec::new();
         let mut cl = 0u64;
@@ -419,7 +421,7 @@ impl Meta {
             // Past the end of the file, only refcount blocks that exist (each once) can hold
             // anything; all-zero ones hold nothing.
             let ti = (cl / self.geo.rb_entries) as usize;
-            let block = self.reftable.get(ti).map_or(0, |&e| e & !0x1ff);
+            let block = self.refs.table().get(ti).map_or(0, |&e| e & !0x1ff);
             let has_block = block != 0;
             if cl >= c.refs.len() as u64 && cl % self.geo.rb_entries == 0 {
                 let skip = !has_block
@@ -431,7 +433,7 @@ impl Meta {
                 }
             }
             let stored = if has_block {
-                match self.refcount(cl) {
+                match self.refcount_blocking(cl) {
                     Ok(v) => v,
                     Err(e) => {
                         r.check_errors += 1;
@@ -459,7 +461,7 @@ impl Meta {
             cl += 1;
         }
         let exclude: Vec<bool> = c.refs.iter().map(|&n| n > 0).collect();
-        self.exclude = Some(exclude);
+        self.refs.set_exclude(Some(exclude));
         let mut result = Ok(());
         for (cl, refs, leak) in fixes {
             let fix = match repair {
@@ -468,7 +470,7 @@ impl Meta {
                 Repair::All => true,
             };
             if fix {
-                if let Err(e) = self.set_refcount(cl, refs) {
+                if let Err(e) = self.set_refcount_blocking(cl, refs) {
                     result = Err(e);
                     break;
                 }
@@ -480,14 +482,14 @@ impl Meta {
                 (false, false) => r.corruptions += 1,
             }
         }
-        self.exclude = None;
+        self.refs.set_exclude(None);
         result
     }
 
     fn block_is_zero(&self, offset: u64) -> Result<bool> {
         if offset
             .checked_add(self.geo.cluster_size)
-            .is_none_or(|e| e > self.file_len)
+            .is_none_or(|e| e > self.file_len())
         {
             return Ok(false);
         }
@@ -500,8 +502,8 @@ impl Meta {
         let fix = repair == Repair::All;
         let mut seen = HashSet::new();
         for i in 0..self.l1.len() {
-            let e = self.l1[i];
-            let Ok(l2_off) = l1_entry_offset(e, &self.geo, self.file_len) else {
+            let e = self.l1.get(i);
+            let Ok(l2_off) = l1_entry_offset(e, &self.geo, self.file_len()) else {
                 continue;
             };
             if l2_off == 0 {
@@ -514,7 +516,7 @@ impl Meta {
                 ));
                 continue;
             }
-            let one = match self.refcount(l2_off / self.geo.cluster_size) {
+            let one = match self.refcount_blocking(l2_off / self.geo.cluster_size) {
                 Ok(n) => n == 1,
                 Err(err) => {
                     r.check_errors += 1;
@@ -534,7 +536,7 @@ impl Meta {
                     r.corruptions += 1;
                 }
             }
-            let Ok(slot) = self.l2_slot(l2_off) else {
+            let Ok(slot) = self.l2_slot_blocking(l2_off) else {
                 continue;
             };
             for j in 0..self.geo.l2_entries as usize {
@@ -545,7 +547,7 @@ impl Meta {
                 let Some(h) = entry.host_cluster() else {
                     continue;
                 };
-                let one = match self.refcount(h / self.geo.cluster_size) {
+                let one = match self.refcount_blocking(h / self.geo.cluster_size) {
                     Ok(n) => n == 1,
                     Err(err) => {
                         r.check_errors += 1;
@@ -560,7 +562,7 @@ impl Meta {
                     ));
                     if fix {
                         // Look the table up again: refcount lookups may have moved cache slots.
-                        let slot = self.l2_slot(l2_off)?;
+                        let slot = self.l2_slot_blocking(l2_off)?;
                         self.set_l2_raw(
                             slot,
                             j,
