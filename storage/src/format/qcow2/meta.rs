@@ -128,6 +128,9 @@ pub struct Meta {
     pub(super) dirty_on_disk: bool,
     /// The image file.
     pub file: SharedFile,
+    /// The external data file, when the image has one (guest data lives there; see
+    /// [`Geometry::external`]). Synced before any L2 table is written.
+    pub data_file: Option<SharedFile>,
     /// Opened for writing.
     pub writable: bool,
     /// Whether the image has a backing file (unallocated clusters read from it).
@@ -305,6 +308,7 @@ impl Meta {
             has_backing: header.backing_file.is_some(),
             header,
             file,
+            data_file: None,
             writable: opts.writable,
             l1: L1Table::new(l1, unit),
             l2: TableCache::new(cap(l2_bytes)),
@@ -423,6 +427,18 @@ impl Meta {
             ),
             other => other,
         })?;
+        if self.geo.external {
+            let base = g & !(self.geo.cluster_size - 1);
+            if let Some(h) = e.host_cluster().filter(|&h| h != base) {
+                return Err(Stall::Failed(corrupt(
+                    self.file.name(),
+                    format!(
+                        "L2 table at {l2_off:#x}, entry {l2i}: guest cluster {base:#x} is mapped \
+                         to {h:#x} of the external data file (it must be at the guest offset)"
+                    ),
+                )));
+            }
+        }
         Ok((e, Some((slot, l2i))))
     }
 

@@ -12,8 +12,15 @@
 //! in the cache), writes the data with whatever it copies in, and only then updates the cached L2
 //! entry; flush writes refcount blocks, syncs, writes L2 tables, syncs, writes the L1 table and
 //! header, syncs (`writeback.rs`). A crash therefore leaves at worst leaked clusters.
-//! Unsupported features (external data files, encryption, unknown incompatible bits) are refused
-//! at open with an error naming them.
+//! Unsupported features (encryption, unknown incompatible bits) are refused at open with an error
+//! naming them.
+//!
+//! With an external data file (`data_file`) guest clusters live in that file at their guest
+//! offsets and are not refcounted; the queues send data I/O to the data file and metadata I/O to
+//! the image file, and every write-back syncs the data file before it writes an L2 table. With
+//! `data_file_raw` write-zeroes and discards write zeros to the data file, so that it stays a
+//! raw image of the disk. An image opened with [`Qcow2Options::refuse_references`] that names a
+//! data file is refused before the data file is opened, as one naming a backing file is.
 //!
 //! No data path makes a system call under the metadata mutex. A table missing from the cache is
 //! read on the queue's host queue; write-backs (for guest flushes, or to make room in full caches)
@@ -97,9 +104,9 @@ pub struct Qcow2Options {
     /// Do not open the backing file: unallocated clusters read as zeros (for inspecting a single
     /// layer, and for fuzzing without touching the file system).
     pub no_backing: bool,
-    /// Refuse an image that names a backing file, without opening it (appliance images, whose
-    /// bytes an untrusted party may have written).
-    pub refuse_backing: bool,
+    /// Refuse an image that names another file — a backing file or an external data file —
+    /// without opening it (appliance images, whose bytes an untrusted party may have written).
+    pub refuse_references: bool,
 }
 
 /// State shared by an image and its queues.
@@ -109,6 +116,8 @@ pub(crate) struct Shared {
     pub core: Arc<Core>,
     pub worker: Worker,
     pub file: SharedFile,
+    /// The external data file, when guest data lives there rather than in `file`.
+    pub data_file: Option<SharedFile>,
     pub geo: Geometry,
     pub backing: Option<Arc<dyn Image>>,
     pub backing_size: u64,
@@ -174,7 +183,7 @@ pub(crate) fn open_in_chain(
         },
     )?;
     let backing = match &meta.header.backing_file {
-        Some(name) if opts.refuse_backing => {
+        Some(name) if opts.refuse_references => {
             return Err(StorageError::Forbidden(format!(
                 "{} names the backing file {name:?}; this image must be self-contained",
                 file.name()
@@ -190,6 +199,19 @@ pub(crate) fn open_in_chain(
         )?),
         None => None,
     };
+    let data_file = match meta.header.data_file() {
+        Some(name) if opts.refuse_references => {
+            return Err(StorageError::Forbidden(format!(
+                "{} keeps its data in the external data file {name:?} (qcow2 data_file); this \
+                 image must be self-contained",
+                file.name()
+            )))
+        }
+        Some(name) => Some(open_data_file(file.name(), &name, opts, writable)?),
+        None => None,
+    };
+    let mut meta = meta;
+    meta.data_file = data_file.clone();
     let geo = meta.geo;
     let size = meta.size();
     let codec = meta.header.compression_type();
@@ -208,10 +230,33 @@ pub(crate) fn open_in_chain(
         core,
         name,
         file,
+        data_file,
     });
     let img = Qcow2Image { shared, backing };
     img.repair_if_dirty()?;
     Ok(Arc::new(img))
+}
+
+/// Opens the external data file `name` of the image called `image_name` (relative names are
+/// resolved against the image's folder, as backing files are).
+fn open_data_file(
+    image_name: &str,
+    name: &str,
+    opts: &Qcow2Options,
+    writable: bool,
+) -> Result<SharedFile> {
+    let path = backing::resolve(image_name, name)?;
+    if !path.exists() {
+        return Err(StorageError::NotFound(path));
+    }
+    Ok(crate::io::engine::FileDevice::open(
+        &path,
+        crate::io::file::FileOptions {
+            read_only: !writable,
+            cache: opts.cache,
+        },
+        opts.engine,
+    )?)
 }
 
 /// With clusters smaller than a page, metadata and data clusters share pages, and guest writes of
@@ -391,6 +436,10 @@ impl Qcow2Image {
             "compression-type".into(),
             json!(h.compression_type().name()),
         );
+        if let Some(d) = h.data_file() {
+            f.insert("data-file".into(), json!(d));
+            f.insert("data-file-raw".into(), json!(h.data_file_raw()));
+        }
         f.insert("corrupt".into(), json!(h.corrupt()));
         f.insert("dirty".into(), json!(h.dirty()));
         if let Some(b) = &h.backing_file {
