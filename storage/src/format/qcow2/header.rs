@@ -55,8 +55,9 @@ pub mod autoclear {
     pub const RAW_DATA: u64 = 1 << 1;
     /// Bits a writer must clear because this implementation does not maintain what they
     /// vouch for: every bit but the raw data file's (writes go through to the data file at
-    /// the guest offset, so it stays a raw image).
-    pub const NOT_MAINTAINED: u64 = !RAW_DATA;
+    /// the guest offset, so it stays a raw image) and the bitmaps' (enabled bitmaps are flagged
+    /// in use when the image is opened for writing, see `bitmaps.rs`).
+    pub const NOT_MAINTAINED: u64 = !(RAW_DATA | BITMAPS);
 }
 
 /// Header extension types.

@@ -43,6 +43,7 @@
 //! queue) until the first has pointed the L2 entry at its cluster.
 
 pub mod backing;
+pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod codec;
@@ -404,6 +405,47 @@ impl Qcow2Image {
         crate::sync::lock(&self.shared.core.meta).snapshots.clone()
     }
 
+    /// The persistent dirty bitmaps in the image's bitmaps extension, validated (empty when the
+    /// image has none, or when auto-clear bit 0 says the extension is not consistent). See
+    /// [`bitmaps`].
+    pub fn bitmaps(&self) -> Result<Vec<bitmaps::Qcow2Bitmap>> {
+        let (data, cs) = {
+            let m = self.lock()?;
+            let consistent = m.header.autoclear_features & header::autoclear::BITMAPS != 0;
+            match m.header.extension(header::ext::BITMAPS) {
+                Some(d) if consistent => (d.to_vec(), m.geo.cluster_size),
+                _ => return Ok(Vec::new()),
+            }
+        };
+        let file = self.shared.file.as_ref();
+        let ext = bitmaps::parse_extension(&data, file.len(), cs)?;
+        let mut dir = vec![0u8; ext.directory_size as usize];
+        file.read_exact_at(ext.directory_offset, &mut dir)?;
+        bitmaps::parse_directory(&dir, ext.nb_bitmaps, self.size(), file.len(), cs)
+    }
+
+    /// The bitmap `name` and its bits (see [`bitmaps::read_words`]); one flagged in use is an
+    /// error: it was not saved consistently.
+    pub fn bitmap_words(&self, name: &str) -> Result<(bitmaps::Qcow2Bitmap, Vec<u64>)> {
+        let b = self
+            .bitmaps()?
+            .into_iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| {
+                StorageError::InvalidInput(format!(
+                    "{} has no bitmap named '{name}'",
+                    self.shared.name
+                ))
+            })?;
+        let words = bitmaps::read_words(
+            self.shared.file.as_ref(),
+            &b,
+            self.size(),
+            self.shared.geo.cluster_size,
+        )?;
+        Ok((b, words))
+    }
+
     /// Creates an internal snapshot of the current contents.
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         self.exclusive(|m| m.snapshot_create(name))
@@ -467,6 +509,25 @@ impl Qcow2Image {
             f.insert("snapshots".into(), json!(snaps));
         }
         drop(m);
+        match self.bitmaps() {
+            Ok(list) if list.is_empty() => {}
+            Ok(list) => {
+                let list: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "name": b.name,
+                            "granularity": b.granularity,
+                            "flags": b.flag_names(),
+                        })
+                    })
+                    .collect();
+                f.insert("bitmaps".into(), json!(list));
+            }
+            Err(e) => {
+                f.insert("bitmaps-error".into(), json!(e.to_string()));
+            }
+        }
         let mut chain = Vec::new();
         let mut next = self.backing.clone();
         while let Some(b) = next {
