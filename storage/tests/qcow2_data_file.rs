@@ -265,15 +265,13 @@ fn refusals_name_the_feature() {
             ..OpenOptions::default()
         },
     )
-    .err()
-    .expect("an image naming a data file is refused");
+    .expect_err("an image naming a data file is refused");
     assert!(matches!(e, StorageError::Forbidden(_)), "{e}");
     assert!(e.to_string().contains("data file"), "{e}");
     // A missing data file is named.
     std::fs::remove_file(&a_data).unwrap();
     let e = format::open_image(&path, &OpenOptions::default())
-        .err()
-        .expect("a missing data file is an error");
+        .expect_err("a missing data file is an error");
     assert!(e.to_string().contains("a.data"), "{e}");
     // Internal snapshots are not allowed with a data file.
     let b = strata_create(d, "b.qcow2", &[("data_file", "b.data")]);
