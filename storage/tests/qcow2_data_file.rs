@@ -52,30 +52,6 @@ fn qemu_info(path: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-/// Strata writes a random workload; the result reads back in Strata and in qemu-img, and
-/// `qemu-img check` is clean.
-fn write_and_verify(path: &Path, dir: &Path, seed: u64, what: &str) -> Vec<u8> {
-    let mut model = qemu_raw(path, dir);
-    {
-        let img = open(path, true);
-        apply(img.as_ref(), &workload(SIZE, 300, seed), &mut model);
-        img.flush().unwrap();
-        assert_same(
-            &read_all(img.as_ref()),
-            &model,
-            &format!("{what}: before close"),
-        );
-    }
-    assert_qemu_check_clean(path);
-    assert_qemu_compare(path, &model, dir);
-    assert_same(
-        &read_all(open(path, false).as_ref()),
-        &model,
-        &format!("{what}: after reopening"),
-    );
-    model
-}
-
 fn images_qemu_img_makes_read_and_write() {
     strata_testkit::require_qemu_utils();
     let dir = tempdir();
