@@ -138,7 +138,7 @@ fn open_sides(
                     p.display()
                 )));
             }
-            Source::image(open_snapshot(host, sel)?)
+            Source::image(open_snapshot(host, sel, src_opts.references)?)
         }
         (Some(_), Side::Volume { .. }) => {
             return Err(StorageError::InvalidInput(

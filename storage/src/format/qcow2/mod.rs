@@ -103,7 +103,8 @@ pub struct Qcow2Options {
     /// Open an image marked corrupt for writing (to repair it).
     pub allow_corrupt: bool,
     /// Do not open the backing file: unallocated clusters read as zeros (for inspecting a single
-    /// layer, and for fuzzing without touching the file system).
+    /// layer, and for fuzzing without touching the file system). An image whose data is in an
+    /// external data file is refused: it cannot be read without that file.
     pub no_backing: bool,
     /// Refuse an image that names another file — a backing file or an external data file —
     /// without opening it (appliance images, whose bytes an untrusted party may have written).
@@ -205,6 +206,13 @@ pub(crate) fn open_in_chain(
             return Err(StorageError::Forbidden(format!(
                 "{} keeps its data in the external data file {name:?} (qcow2 data_file); this \
                  image must be self-contained",
+                file.name()
+            )))
+        }
+        Some(name) if opts.no_backing => {
+            return Err(StorageError::Unsupported(format!(
+                "opening {} without the files it names: its guest data is in the external data \
+                 file {name:?}",
                 file.name()
             )))
         }
