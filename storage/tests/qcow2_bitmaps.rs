@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use qcow2_support::*;
 use strata_storage::bitmap::bits::ranges;
+use strata_storage::format::qcow2::bitmap_store::NewBitmap;
 use strata_storage::format::qcow2::{self, Qcow2Image, Qcow2Options};
 use strata_storage::format::{open_host_file, OpenOptions};
 
@@ -167,7 +168,73 @@ fn strata_writes_flag_enabled_bitmaps_in_use() {
     assert_qemu_check_clean(&path);
 }
 
+fn bitmaps_strata_writes_are_qemus() {
+    strata_testkit::require_qemu_utils();
+    let dir = tempdir();
+    let path = make(dir.path());
+    let p = path.to_str().unwrap();
+    // Bits of a 128 KiB-granularity bitmap: granules 0..8, 100 and the last one.
+    let granules = SIZE / (128 << 10);
+    let mut words = vec![0u64; granules.div_ceil(64) as usize];
+    for g in (0..8).chain([100, granules - 1]) {
+        words[(g / 64) as usize] |= 1 << (g % 64);
+    }
+    {
+        let img = open_q(&path, true);
+        img.bitmap_add(&NewBitmap {
+            name: "strata",
+            granularity: 128 << 10,
+            words: &words,
+        })
+        .unwrap();
+        let e = img
+            .bitmap_add(&NewBitmap {
+                name: "strata",
+                granularity: 65536,
+                words: &words,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("strata"), "{e}");
+    }
+    assert_qemu_check_clean(&path);
+    let info = run("qemu-img", &["info", "--output=json", p]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let b = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let ours = b.iter().find(|x| x["name"] == "strata").expect("listed");
+    assert_eq!(ours["granularity"], 128 << 10, "{info}");
+    assert_eq!(ours["flags"].as_array().map(Vec::len), Some(0), "{info}");
+    // QEMU's own bitmaps were kept (flagged in use by the writable open, as they went stale).
+    assert!(b.iter().any(|x| x["name"] == "b0"), "{info}");
+    // QEMU reads our bits: merging them into a fresh bitmap of its own and reading that back.
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "131072", "--disable", p, "copy"],
+    );
+    run("qemu-img", &["bitmap", "--merge", "strata", p, "copy"]);
+    run("qemu-img", &["bitmap", "--enable", p, "strata"]);
+    run("qemu-img", &["bitmap", "--disable", p, "strata"]);
+    assert_qemu_check_clean(&path);
+    let img = open_q(&path, false);
+    let (_, got) = img.bitmap_words("copy").unwrap();
+    assert_eq!(got, words, "qemu's copy of Strata's bitmap");
+    let (_, got) = img.bitmap_words("strata").unwrap();
+    assert_eq!(got, words);
+    drop(img);
+    // Removing ours leaves the file clean, and qemu's bitmaps as they were.
+    open_q(&path, true).bitmap_remove("strata").unwrap();
+    assert_qemu_check_clean(&path);
+    let img = open_q(&path, false);
+    let names: Vec<String> = img.bitmaps().unwrap().into_iter().map(|b| b.name).collect();
+    assert_eq!(names, vec!["b0", "coarse", "copy"]);
+    let (_, got) = img.bitmap_words("copy").unwrap();
+    assert_eq!(got, words);
+}
+
 strata_testkit::main!(
+    bitmaps_strata_writes_are_qemus,
     bitmaps_qemu_made_read_back,
     a_bitmap_left_in_use_is_not_trusted,
     strata_writes_flag_enabled_bitmaps_in_use,

@@ -16,8 +16,9 @@
 //! referenced (`qemu-img check` clean). An extension that does not parse has its auto-clear bit
 //! cleared instead.
 //!
-//! Strata's change tracking still keeps its own bitmaps in a sidecar file for every format
-//! (`crate::bitmap`); writing tracked bits into the qcow2 bitmaps extension is not implemented.
+//! Adding and removing bitmaps is in `bitmap_store.rs`. Strata's change tracking still keeps its
+//! own bitmaps in a sidecar file for every format (`crate::bitmap`): tracked writes are not
+//! recorded in qcow2 bitmaps.
 
 use serde::Serialize;
 

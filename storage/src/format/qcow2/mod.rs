@@ -43,6 +43,7 @@
 //! queue) until the first has pointed the L2 entry at its cluster.
 
 pub mod backing;
+pub mod bitmap_store;
 pub mod bitmaps;
 pub mod cache;
 pub mod check;
@@ -452,6 +453,17 @@ impl Qcow2Image {
             self.shared.geo.cluster_size,
         )?;
         Ok((b, words))
+    }
+
+    /// Adds a persistent bitmap (disabled) with the given bits to the image's bitmaps extension;
+    /// needs the image open for writing and idle. See [`bitmap_store`].
+    pub fn bitmap_add(&self, b: &bitmap_store::NewBitmap<'_>) -> Result<()> {
+        self.exclusive(|m| m.add_bitmap(b))
+    }
+
+    /// Removes the persistent bitmap `name` with its clusters.
+    pub fn bitmap_remove(&self, name: &str) -> Result<()> {
+        self.exclusive(|m| m.remove_bitmap(name))
     }
 
     /// Creates an internal snapshot of the current contents.
