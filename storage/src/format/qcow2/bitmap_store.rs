@@ -28,13 +28,25 @@ pub struct NewBitmap<'a> {
     pub words: &'a [u64],
 }
 
+/// The bitmap directory as it stands.
+struct Directory {
+    bytes: Vec<u8>,
+    list: Vec<Qcow2Bitmap>,
+    /// Offset and size in the file, when there is one.
+    at: Option<(u64, u64)>,
+}
+
 impl Meta {
     /// The directory as it stands (bytes and parsed entries); empty without a consistent
     /// bitmaps extension.
-    fn bitmap_directory(&self) -> Result<(Vec<u8>, Vec<Qcow2Bitmap>, Option<(u64, u64)>)> {
+    fn bitmap_directory(&self) -> Result<Directory> {
         let consistent = self.header.autoclear_features & autoclear::BITMAPS != 0;
         let Some(data) = self.header.extension(ext::BITMAPS).filter(|_| consistent) else {
-            return Ok((Vec::new(), Vec::new(), None));
+            return Ok(Directory {
+                bytes: Vec::new(),
+                list: Vec::new(),
+                at: None,
+            });
         };
         let cs = self.geo.cluster_size;
         let file_len = self.file.len();
@@ -42,7 +54,11 @@ impl Meta {
         let mut dir = vec![0u8; e.directory_size as usize];
         self.file.read_exact_at(e.directory_offset, &mut dir)?;
         let list = bitmaps::parse_directory(&dir, e.nb_bitmaps, self.header.size, file_len, cs)?;
-        Ok((dir, list, Some((e.directory_offset, e.directory_size))))
+        Ok(Directory {
+            bytes: dir,
+            list,
+            at: Some((e.directory_offset, e.directory_size)),
+        })
     }
 
     /// Allocates clusters for `bytes`, writes them (padded to whole clusters) and returns where.
@@ -123,7 +139,11 @@ impl Meta {
                 b.granularity
             )));
         }
-        let (mut dir, list, dir_at) = self.bitmap_directory()?;
+        let Directory {
+            bytes: mut dir,
+            list,
+            at: dir_at,
+        } = self.bitmap_directory()?;
         if list.iter().any(|x| x.name == b.name) {
             return Err(StorageError::AlreadyExists(format!("Bitmap '{}'", b.name)));
         }
@@ -179,7 +199,11 @@ impl Meta {
         if !self.writable {
             return Err(StorageError::ReadOnly(self.file.name().to_string()));
         }
-        let (dir, list, dir_at) = self.bitmap_directory()?;
+        let Directory {
+            bytes: dir,
+            list,
+            at: dir_at,
+        } = self.bitmap_directory()?;
         let Some(i) = list.iter().position(|x| x.name == name) else {
             return Err(StorageError::InvalidInput(format!(
                 "{} has no bitmap named '{name}'",
