@@ -223,7 +223,7 @@ impl Service {
             let q = format::qcow2::open(
                 file,
                 &format::qcow2::Qcow2Options {
-                    refuse_backing: true,
+                    refuse_references: true,
                     ..Default::default()
                 },
             )?;

@@ -249,29 +249,6 @@ fn raw_backing_files_are_read_through() {
     assert_same(&read_all(open(&top, false).as_ref()), &want, "raw backing");
 }
 
-/// Random writes, discards and zero-writes through Strata, then qemu-img's verdict.
-fn write_and_verify(path: &Path, dir: &Path, seed: u64, what: &str) {
-    let mut model = qemu_raw(path, dir);
-    {
-        let img = open(path, true);
-        let size = img.size();
-        apply(img.as_ref(), &workload(size, 300, seed), &mut model);
-        img.flush().unwrap();
-        assert_same(
-            &read_all(img.as_ref()),
-            &model,
-            &format!("{what}: read back before close"),
-        );
-    }
-    assert_qemu_check_clean(path);
-    assert_qemu_compare(path, &model, dir);
-    assert_same(
-        &read_all(open(path, false).as_ref()),
-        &model,
-        &format!("{what}: after reopening"),
-    );
-}
-
 fn strata_writes_on_qemu_images_keep_qemu_img_check_clean() {
     strata_testkit::require_qemu_utils();
     let dir = tempdir();

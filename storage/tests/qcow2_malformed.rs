@@ -66,6 +66,101 @@ fn seed(name: &str) -> Vec<u8> {
         .1
 }
 
+/// The `c512` seed with a bitmaps extension (auto-clear bit 0 set) whose directory of `dir`
+/// bytes is appended at the end of the file, or placed at `dir_at` when given.
+fn with_bitmaps(nb: u32, dir: &[u8], dir_at: Option<u64>) -> Vec<u8> {
+    use strata_storage::format::qcow2::header::ext;
+    let mut bytes = seed("c512");
+    let mut h = Header::parse(&bytes).unwrap();
+    let at = dir_at.unwrap_or(bytes.len() as u64);
+    let mut e = Vec::new();
+    e.extend_from_slice(&be32(nb));
+    e.extend_from_slice(&be32(0));
+    e.extend_from_slice(&be64(dir.len() as u64));
+    e.extend_from_slice(&be64(at));
+    h.set_extension(ext::BITMAPS, Some(e));
+    h.autoclear_features |= 1;
+    let head = h.serialize().unwrap();
+    bytes[..head.len()].copy_from_slice(&head);
+    if dir_at.is_none() {
+        let mut d = dir.to_vec();
+        d.resize(d.len().next_multiple_of(512), 0);
+        bytes.extend_from_slice(&d);
+    }
+    bytes
+}
+
+/// A bitmap directory entry (type 1) for a table at `table` of `size` entries.
+fn bitmap_entry(table: u64, size: u32, gbits: u8, name_size: u16, name: &[u8]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&be64(table));
+    d.extend_from_slice(&be32(size));
+    d.extend_from_slice(&be32(2));
+    d.push(1);
+    d.push(gbits);
+    d.extend_from_slice(&name_size.to_be_bytes());
+    d.extend_from_slice(&be32(0));
+    d.extend_from_slice(name);
+    d.resize(d.len().next_multiple_of(8), 0);
+    d
+}
+
+/// Malformed bitmaps extensions: `bitmaps()` fails with a clear error, fast, `info` still works
+/// (naming the problem), and nothing panics or allocates what the bytes ask for.
+#[test]
+fn malformed_bitmap_extensions_get_clear_errors() {
+    use strata_storage::format::qcow2::{self, Qcow2Options};
+    use strata_storage::format::Image;
+    let size = Header::parse(&seed("c512")).unwrap().size;
+    let table_entries = size.div_ceil(65536).div_ceil(512 * 8) as u32;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (with_bitmaps(1, &[0; 64], Some(1 << 40)), "outside the file"),
+        (with_bitmaps(1, &[0; 64], Some(777)), "cluster boundary"),
+        (with_bitmaps(u32::MAX, &[0; 64], None), "bitmaps (1 to"),
+        (
+            with_bitmaps(1, &bitmap_entry(512, u32::MAX, 16, 1, b"b"), None),
+            "bitmap table of",
+        ),
+        (
+            with_bitmaps(1, &bitmap_entry(1 << 40, table_entries, 16, 1, b"b"), None),
+            "outside the file",
+        ),
+        (
+            with_bitmaps(1, &bitmap_entry(512, table_entries, 16, 0, b""), None),
+            "name of 0 bytes",
+        ),
+        (
+            with_bitmaps(1, &bitmap_entry(512, table_entries, 16, 60000, b"b"), None),
+            "name of 60000 bytes",
+        ),
+        (
+            with_bitmaps(1, &bitmap_entry(512, table_entries, 16, 1000, b"b"), None),
+            "runs past",
+        ),
+        (
+            with_bitmaps(3, &bitmap_entry(512, table_entries, 16, 1, b"b"), None),
+            "runs past",
+        ),
+        (
+            with_bitmaps(1, &bitmap_entry(512, table_entries, 63, 1, b"b"), None),
+            "granularity",
+        ),
+    ];
+    for (bytes, what) in cases {
+        let began = Instant::now();
+        let dev = MemoryDevice::read_only_with(&bytes);
+        let img = qcow2::open(dev, &Qcow2Options::default()).unwrap();
+        let e = img.bitmaps().unwrap_err().to_string();
+        assert!(e.contains(what), "expected '{what}', got: {e}");
+        let info = img.info().unwrap();
+        assert!(
+            info.format_specific.contains_key("bitmaps-error"),
+            "{what}: info names the problem"
+        );
+        assert!(began.elapsed() < Duration::from_secs(5), "{what}");
+    }
+}
+
 #[test]
 fn malformed_headers_get_clear_errors() {
     let base = seed("c512");

@@ -138,7 +138,7 @@ fn open_sides(
                     p.display()
                 )));
             }
-            Source::image(open_snapshot(host, sel)?)
+            Source::image(open_snapshot(host, sel, src_opts.references)?)
         }
         (Some(_), Side::Volume { .. }) => {
             return Err(StorageError::InvalidInput(
@@ -257,7 +257,23 @@ pub fn convert_to_new_image(
         opts
     };
     let staged = Staged::new(new.path, new.format)?;
+    // A qcow2 data file is created under its own name (the image names it); a failed conversion
+    // removes it with the staged image.
+    let data_file = match new.options.get("data_file") {
+        Some(d) if new.format == ImageFormat::Qcow2 => Some(format::qcow2::backing::resolve(
+            &new.path.display().to_string(),
+            d,
+        )?),
+        _ => None,
+    }
+    // One that exists already is refused by the creation, and must stay.
+    .filter(|d| !d.exists());
     build_new_image(src, new, opts, progress, &staged)
+        .inspect_err(|_| {
+            if let Some(d) = &data_file {
+                let _ = std::fs::remove_file(d);
+            }
+        })
         .map_err(|e| staged.scrub(e))
         .and_then(|report| {
             staged.commit()?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::device::{BlockDevice, Capabilities, Extent, HostFile, SharedFile};
 use crate::error::{Result, StorageError};
 use crate::format::qcow2::{self, Qcow2Options};
-use crate::format::Image;
+use crate::format::{Image, References};
 use crate::io::{IoQueue, QueueOptions};
 
 /// Which snapshot `-l` names.
@@ -53,9 +53,17 @@ impl SnapshotSel {
     }
 }
 
-/// Opens the internal snapshot `sel` of the qcow2 image in `file` read-only.
-pub fn open_snapshot(file: SharedFile, sel: &SnapshotSel) -> Result<Arc<dyn Image>> {
-    let opts = Qcow2Options::default();
+/// Opens the internal snapshot `sel` of the qcow2 image in `file` read-only, following the
+/// files the image names (backing file, data file) only if `references` allows it.
+pub fn open_snapshot(
+    file: SharedFile,
+    sel: &SnapshotSel,
+    references: References,
+) -> Result<Arc<dyn Image>> {
+    let opts = Qcow2Options {
+        refuse_references: references == References::Refuse,
+        ..Qcow2Options::default()
+    };
     let active = qcow2::open(file.clone(), &opts)?;
     let snaps = active.snapshots();
     let found = snaps.iter().find(|s| match sel {

@@ -348,7 +348,7 @@ fn open_image_with(
             let q = qcow2::Qcow2Options {
                 engine: opts.engine,
                 cache: opts.cache,
-                refuse_backing: opts.references == References::Refuse,
+                refuse_references: opts.references == References::Refuse,
                 ..qcow2::Qcow2Options::default()
             };
             Ok(qcow2::open(file, &q)?)

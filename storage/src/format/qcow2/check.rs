@@ -292,6 +292,8 @@ impl Meta {
                             "compressed cluster",
                         );
                     }
+                    // Clusters in an external data file are not refcounted.
+                    Ok(_) if self.geo.external => {}
                     Ok(other) => {
                         if let Some(h) = other.host_cluster() {
                             c.add_n(r, h, cs, n, "data cluster");
@@ -547,7 +549,13 @@ impl Meta {
                 let Some(h) = entry.host_cluster() else {
                     continue;
                 };
-                let one = match self.refcount_blocking(h / self.geo.cluster_size) {
+                // Data file clusters always count as referenced once.
+                let count = if self.geo.external {
+                    Ok(1)
+                } else {
+                    self.refcount_blocking(h / self.geo.cluster_size)
+                };
+                let one = match count {
                     Ok(n) => n == 1,
                     Err(err) => {
                         r.check_errors += 1;

@@ -52,6 +52,11 @@ pub fn create_compressed(
             "Compressed images are written without a backing file".into(),
         ));
     }
+    if opts.data_file.is_some() {
+        return Err(StorageError::InvalidInput(
+            "Compressed clusters are not possible with an external data file (data_file)".into(),
+        ));
+    }
     create(path, size, &opts)?;
     let file = FileDevice::open(
         path,

@@ -1,6 +1,12 @@
 //! Creating qcow2 images with qemu-img's options: `cluster_size`, `compat`, `lazy_refcounts`,
 //! `extended_l2`, `refcount_bits`, `preallocation=off|metadata|falloc|full`,
-//! `compression_type`, `backing_file`, `backing_fmt`.
+//! `compression_type`, `backing_file`, `backing_fmt`, `data_file`, `data_file_raw`.
+//!
+//! With `data_file`, guest data goes to that file (created here, at the virtual size; an existing
+//! file is refused rather than truncated as qemu-img does) and the qcow2 file holds only
+//! metadata. With `data_file_raw` every cluster is mapped at creation (as qemu-img does), so that
+//! the data file is a raw image of the disk from the start; preallocation `falloc`/`full` then
+//! reserve or zero the data file.
 //!
 //! The whole layout is computed up front — header, refcount table, refcount blocks, L1 table,
 //! and with preallocation the L2 tables and data clusters — and written in one pass to a new file,
@@ -59,6 +65,10 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// Backing file format (probed when not given).
     pub backing_format: Option<ImageFormat>,
+    /// External data file name as stored in the header (relative to the image's folder).
+    pub data_file: Option<String>,
+    /// The data file is kept a consistent raw image.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -73,6 +83,8 @@ impl Default for CreateOptions {
             compression: CompressionType::Deflate,
             backing_file: None,
             backing_format: None,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -134,11 +146,13 @@ impl CreateOptions {
                 }
                 "backing_file" => o.backing_file = Some(v.clone()),
                 "backing_fmt" => o.backing_format = Some(v.parse()?),
+                "data_file" => o.data_file = Some(v.clone()),
+                "data_file_raw" => o.data_file_raw = on_off(k, v)?,
                 other => {
                     return Err(invalid(format!(
                         "Unknown option '{other}' for qcow2 images (supported: cluster_size, compat, \
                          lazy_refcounts, extended_l2, refcount_bits, preallocation, compression_type, \
-                         backing_file, backing_fmt)"
+                         backing_file, backing_fmt, data_file, data_file_raw)"
                     )))
                 }
             }
@@ -180,6 +194,21 @@ impl CreateOptions {
         }
         if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
             return Err(invalid("Preallocation is not possible with a backing file"));
+        }
+        if let Some(d) = &self.data_file {
+            if self.version < 3 {
+                return Err(invalid("data_file needs compat=1.1"));
+            }
+            super::header::check_data_file_name(d.as_bytes())
+                .map_err(|_| invalid("data_file must be a UTF-8 name of 1 to 1023 bytes"))?;
+            if self.data_file_raw && self.backing_file.is_some() {
+                return Err(invalid(
+                    "data_file_raw cannot be used with a backing file (the data file must be \
+                     the whole disk)",
+                ));
+            }
+        } else if self.data_file_raw {
+            return Err(invalid("data_file_raw needs data_file"));
         }
         Ok(())
     }
@@ -268,16 +297,52 @@ pub fn create_cancellable(
             }
             _ => StorageError::io(format!("Creating {name}"), e),
         })?;
-    let r = layout
-        .write(&file, &header, opts.preallocation, &name, cancelled)
-        .and_then(|()| {
-            file.sync_all()
-                .map_err(|e| StorageError::io(format!("Syncing {name}"), e))
-        })
-        .and_then(|()| sync_parent_dir(path));
+    let data_path = match &opts.data_file {
+        Some(d) => Some(super::backing::resolve(&name, d)?),
+        None => None,
+    };
+    let mut data_made = false;
+    let r = (|| {
+        if let Some(dp) = &data_path {
+            create_data_file(dp, size, opts.preallocation, cancelled)?;
+            data_made = true;
+        }
+        layout.write(&file, &header, opts.preallocation, &name, cancelled)?;
+        file.sync_all()
+            .map_err(|e| StorageError::io(format!("Syncing {name}"), e))?;
+        sync_parent_dir(path)
+    })();
     r.inspect_err(|_| {
         let _ = std::fs::remove_file(path);
+        if let (Some(dp), true) = (&data_path, data_made) {
+            let _ = std::fs::remove_file(dp);
+        }
     })
+}
+
+/// Creates the external data file at `path`: a raw file of the virtual size, with the space
+/// reservation asked for the image (a file that exists is refused, never truncated).
+fn create_data_file(
+    path: &Path,
+    size: u64,
+    prealloc: Preallocation,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
+    use crate::format::raw::{self, RawCreateOptions};
+    let preallocation = match prealloc {
+        Preallocation::Off | Preallocation::Metadata => raw::Preallocation::Off,
+        Preallocation::Falloc => raw::Preallocation::Falloc,
+        Preallocation::Full => raw::Preallocation::Full,
+    };
+    raw::create_cancellable(path, size, &RawCreateOptions { preallocation }, cancelled).map_err(
+        |e| match e {
+            StorageError::AlreadyExists(_) => invalid(format!(
+                "The data file {} exists already; Strata does not truncate it (remove it first)",
+                path.display()
+            )),
+            other => other,
+        },
+    )
 }
 
 /// Where everything goes, in clusters.
@@ -297,6 +362,8 @@ struct Layout {
     l2_tables: u64,
     data_at: u64,
     data_clusters: u64,
+    /// Data clusters live in an external data file, at their guest offsets.
+    external: bool,
 }
 
 impl Layout {
@@ -307,7 +374,9 @@ impl Layout {
             .filter(|&n| n * 8 <= MAX_L1_BYTES)
             .ok_or_else(|| invalid(format!("Size {size} is too large for {cs}-byte clusters")))?;
         let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
-        let (l2_tables, data_clusters) = if o.preallocation == Preallocation::Off {
+        let external = o.data_file.is_some();
+        let mapped = o.preallocation != Preallocation::Off || o.data_file_raw;
+        let (l2_tables, data_clusters) = if !mapped {
             (0, 0)
         } else {
             let per_l2 = cs / if o.extended_l2 { 16 } else { 8 };
@@ -316,7 +385,8 @@ impl Layout {
         };
         let refcount_order = o.refcount_bits.trailing_zeros();
         let rb_entries = (cs * 8) >> refcount_order;
-        let fixed = 1 + l1_clusters + l2_tables + data_clusters;
+        let in_file = if external { 0 } else { data_clusters };
+        let fixed = 1 + l1_clusters + l2_tables + in_file;
         let (mut rt, mut rb) = (1u64, 1u64);
         loop {
             let total = fixed + rt + rb;
@@ -354,11 +424,12 @@ impl Layout {
             l2_tables,
             data_at,
             data_clusters,
+            external,
         })
     }
 
     fn total_clusters(&self) -> u64 {
-        self.data_at + self.data_clusters
+        self.data_at + if self.external { 0 } else { self.data_clusters }
     }
 
     fn header(&self, size: u64, o: &CreateOptions) -> Header {
@@ -368,6 +439,18 @@ impl Layout {
         }
         if o.compression == CompressionType::Zstd {
             incompatible |= incompat::COMPRESSION;
+        }
+        let mut extensions = Vec::new();
+        let mut autoclear_features = 0;
+        if let Some(d) = &o.data_file {
+            incompatible |= incompat::DATA_FILE;
+            extensions.push(Extension {
+                kind: ext::DATA_FILE,
+                data: d.as_bytes().to_vec(),
+            });
+            if o.data_file_raw {
+                autoclear_features |= super::header::autoclear::RAW_DATA;
+            }
         }
         let v3 = o.version >= 3;
         let mut additional = Vec::new();
@@ -391,15 +474,16 @@ impl Layout {
             } else {
                 0
             },
-            autoclear_features: 0,
+            autoclear_features,
             refcount_order: self.refcount_order,
             header_length: if v3 { 112 } else { 72 },
             additional,
             extensions: if v3 {
-                vec![Extension {
+                extensions.push(Extension {
                     kind: ext::FEATURE_TABLE,
                     data: default_feature_table(),
-                }]
+                });
+                extensions
             } else {
                 Vec::new()
             },
@@ -469,7 +553,12 @@ impl Layout {
                     break;
                 }
                 let at = (i * entry) as usize;
-                let off = ((self.data_at + data) * cs) | COPIED;
+                let host = if self.external {
+                    data
+                } else {
+                    self.data_at + data
+                };
+                let off = (host * cs) | COPIED;
                 block[at..at + 8].copy_from_slice(&off.to_be_bytes());
                 if self.extended {
                     block[at + 8..at + 16].copy_from_slice(&u64::from(u32::MAX).to_be_bytes());
@@ -479,6 +568,11 @@ impl Layout {
         }
         w.flush().map_err(ctx)?;
         drop(w);
+        if self.external {
+            return file
+                .set_len(total * cs)
+                .map_err(|e| StorageError::io(format!("Sizing {name}"), e));
+        }
         let data_start = self.data_at * cs;
         let data_len = self.data_clusters * cs;
         match prealloc {

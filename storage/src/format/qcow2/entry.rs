@@ -37,6 +37,10 @@ pub struct Geometry {
     pub rb_entries: u64,
     /// Version 3 (zero clusters exist).
     pub v3: bool,
+    /// Guest data lives in an external data file: host offsets are data file offsets equal to
+    /// the guest offset, offset 0 with the copied flag is guest cluster 0, and compressed
+    /// clusters are not allowed.
+    pub external: bool,
 }
 
 impl Geometry {
@@ -52,6 +56,7 @@ impl Geometry {
             refcount_order: h.refcount_order,
             rb_entries: (cluster_size * 8) >> h.refcount_order,
             v3: h.version >= 3,
+            external: h.has_data_file(),
         }
     }
 
@@ -105,6 +110,12 @@ impl Geometry {
     /// Decodes the L2 entry `raw` (with bitmap `bitmap` when extended) at guest cluster start.
     pub fn decode(&self, raw: u64, bitmap: u64) -> Result<L2Entry> {
         if raw & COMPRESSED != 0 {
+            if self.external {
+                return Err(StorageError::corrupt(
+                    "qcow2 L2 table",
+                    "a compressed cluster in an image with an external data file",
+                ));
+            }
             let shift = self.csize_shift();
             let offset = raw & ((1u64 << shift) - 1);
             let sectors = ((raw >> shift) & self.csize_mask()) + 1;
@@ -119,6 +130,9 @@ impl Geometry {
             ));
         }
         let copied = raw & COPIED != 0;
+        // In a data file offset 0 is guest cluster 0; data file clusters always have the copied
+        // flag, which tells them from unallocated entries (the spec's "Cluster mapping").
+        let present = host != 0 || (self.external && copied);
         if self.extended {
             let alloc = bitmap as u32;
             let zero = (bitmap >> 32) as u32;
@@ -131,14 +145,14 @@ impl Geometry {
                     ),
                 ));
             }
-            if alloc != 0 && host == 0 {
+            if alloc != 0 && !present {
                 return Err(StorageError::corrupt(
                     "qcow2 L2 table",
                     "allocated subclusters without a host cluster",
                 ));
             }
             return Ok(L2Entry::Extended {
-                host: (host != 0).then_some(host),
+                host: present.then_some(host),
                 copied,
                 alloc,
                 zero,
@@ -146,11 +160,11 @@ impl Geometry {
         }
         if self.v3 && raw & ZERO != 0 {
             return Ok(L2Entry::Zero {
-                host: (host != 0).then_some(host),
+                host: present.then_some(host),
                 copied,
             });
         }
-        if host == 0 {
+        if !present {
             return Ok(L2Entry::Unallocated);
         }
         Ok(L2Entry::Normal { host, copied })
@@ -284,6 +298,7 @@ mod tests {
             refcount_order: 4,
             rb_entries: cs * 8 / 16,
             v3: true,
+            external: false,
         }
     }
 

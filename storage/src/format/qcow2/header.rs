@@ -54,8 +54,10 @@ pub mod autoclear {
     /// The external data file is a consistent raw image.
     pub const RAW_DATA: u64 = 1 << 1;
     /// Bits a writer must clear because this implementation does not maintain what they
-    /// vouch for: all of them.
-    pub const NOT_MAINTAINED: u64 = u64::MAX;
+    /// vouch for: every bit but the raw data file's (writes go through to the data file at
+    /// the guest offset, so it stays a raw image) and the bitmaps' (enabled bitmaps are flagged
+    /// in use when the image is opened for writing, see `bitmaps.rs`).
+    pub const NOT_MAINTAINED: u64 = !(RAW_DATA | BITMAPS);
 }
 
 /// Header extension types.
@@ -279,10 +281,22 @@ impl Header {
                 "qcow2 incompatible feature bit {bit}{name}"
             )));
         }
-        if self.incompatible_features & incompat::DATA_FILE != 0
-            || self.extension(ext::DATA_FILE).is_some()
-        {
-            return Err(StorageError::Unsupported("qcow2 external data file".into()));
+        if self.has_data_file() {
+            match self.extension(ext::DATA_FILE) {
+                None => {
+                    return Err(StorageError::Unsupported(
+                        "qcow2 external data file without a name in the header (the name \
+                         must be given at open, which Strata does not support)"
+                            .into(),
+                    ))
+                }
+                Some(name) => check_data_file_name(name)?,
+            }
+            if self.nb_snapshots > 0 {
+                return Err(corrupt(
+                    "internal snapshots in an image with an external data file",
+                ));
+            }
         }
         if self.extension(ext::CRYPTO).is_some() {
             return Err(StorageError::Unsupported(
@@ -390,6 +404,25 @@ impl Header {
         self.incompatible_features & incompat::CORRUPT != 0
     }
 
+    /// Whether guest data lives in an external data file (incompatible bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+
+    /// The external data file's name from its header extension, when the image uses one.
+    pub fn data_file(&self) -> Option<String> {
+        if !self.has_data_file() {
+            return None;
+        }
+        self.extension(ext::DATA_FILE)
+            .map(|d| String::from_utf8_lossy(d).into_owned())
+    }
+
+    /// Whether the external data file is a consistent raw image (auto-clear bit 1).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & autoclear::RAW_DATA != 0
+    }
+
     /// The compression type.
     pub fn compression_type(&self) -> CompressionType {
         match self.additional.first() {
@@ -491,6 +524,20 @@ impl Header {
         }
         Ok(out)
     }
+}
+
+/// Validates an external data file name (from the header, or for a new image).
+pub fn check_data_file_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+        return Err(corrupt(format!(
+            "external data file name of {} bytes (1 to 1023)",
+            name.len()
+        )));
+    }
+    if std::str::from_utf8(name).is_err() || name.contains(&0) {
+        return Err(corrupt("the external data file name is not UTF-8 text"));
+    }
+    Ok(())
 }
 
 fn parse_extensions(bytes: &[u8], start: usize, end: usize) -> Result<Vec<Extension>> {
@@ -608,7 +655,14 @@ mod tests {
         assert!(e.contains("incompatible feature bit 9"), "{e}");
         h.incompatible_features = incompat::DATA_FILE;
         let e = Header::parse(&padded(&h)).unwrap_err().to_string();
-        assert!(e.contains("external data file"), "{e}");
+        assert!(e.contains("external data file without a name"), "{e}");
+        h.set_extension(ext::DATA_FILE, Some(b"data.raw".to_vec()));
+        let back = Header::parse(&padded(&h)).unwrap();
+        assert_eq!(back.data_file().as_deref(), Some("data.raw"));
+        h.set_extension(ext::DATA_FILE, Some(vec![0xff, 0xfe]));
+        let e = Header::parse(&padded(&h)).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+        h.set_extension(ext::DATA_FILE, None);
         let mut b = padded(&sample(3));
         b[35] = 2;
         let e = Header::parse(&b).unwrap_err().to_string();

@@ -128,6 +128,9 @@ pub struct Meta {
     pub(super) dirty_on_disk: bool,
     /// The image file.
     pub file: SharedFile,
+    /// The external data file, when the image has one (guest data lives there; see
+    /// [`Geometry::external`]). Synced before any L2 table is written.
+    pub data_file: Option<SharedFile>,
     /// Opened for writing.
     pub writable: bool,
     /// Whether the image has a backing file (unallocated clusters read from it).
@@ -305,6 +308,7 @@ impl Meta {
             has_backing: header.backing_file.is_some(),
             header,
             file,
+            data_file: None,
             writable: opts.writable,
             l1: L1Table::new(l1, unit),
             l2: TableCache::new(cap(l2_bytes)),
@@ -323,14 +327,61 @@ impl Meta {
             table_moves_seen: 0,
         };
         meta.rebuild_metadata_map();
+        if opts.writable {
+            meta.flag_bitmaps_in_use()?;
+        }
         if opts.writable && meta.header.autoclear_features & autoclear::NOT_MAINTAINED != 0 {
-            // We do not maintain bitmaps or a raw external data file: the spec asks writers to
-            // clear auto-clear bits they do not understand before writing.
-            meta.header.autoclear_features = 0;
+            // The spec asks writers to clear auto-clear bits they do not understand before
+            // writing.
+            meta.header.autoclear_features &= !autoclear::NOT_MAINTAINED;
             meta.write_header()?;
             meta.file.sync_data()?;
         }
         Ok(meta)
+    }
+
+    /// Before the first write: flags every enabled persistent bitmap in use (we do not record
+    /// writes in them), or clears the bitmaps' auto-clear bit when their directory does not
+    /// parse or cannot be rewritten. See `bitmaps.rs`.
+    fn flag_bitmaps_in_use(&mut self) -> Result<()> {
+        use super::bitmaps;
+        if self.header.autoclear_features & autoclear::BITMAPS == 0 {
+            return Ok(());
+        }
+        let Some(data) = self.header.extension(super::header::ext::BITMAPS) else {
+            return Ok(());
+        };
+        let cs = self.geo.cluster_size;
+        let file_len = self.file.len();
+        let flagged = (|| -> Result<()> {
+            let ext = bitmaps::parse_extension(data, file_len, cs)?;
+            // Whole write units, from the cluster-aligned directory on.
+            let span = ext
+                .directory_size
+                .next_multiple_of(self.unit as u64)
+                .min(file_len - ext.directory_offset);
+            let mut buf = IoBuf::new(span as usize);
+            let bytes = buf.as_mut_slice().unwrap_or(&mut []);
+            self.file.read_exact_at(ext.directory_offset, bytes)?;
+            let dir = &mut bytes[..ext.directory_size as usize];
+            let list =
+                bitmaps::parse_directory(dir, ext.nb_bitmaps, self.header.size, file_len, cs)?;
+            if bitmaps::mark_enabled_in_use(dir, &list) {
+                self.file
+                    .write_all_at(ext.directory_offset, buf.as_slice().unwrap_or(&[]))?;
+                self.file.sync_data()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = flagged {
+            tracing::warn!(
+                image = self.file.name(),
+                error = %e,
+                "the qcow2 bitmaps extension is unusable; it is marked inconsistent"
+            );
+            self.header.autoclear_features &= !autoclear::BITMAPS;
+        }
+        Ok(())
     }
 
     /// Virtual size.
@@ -423,6 +474,18 @@ impl Meta {
             ),
             other => other,
         })?;
+        if self.geo.external {
+            let base = g & !(self.geo.cluster_size - 1);
+            if let Some(h) = e.host_cluster().filter(|&h| h != base) {
+                return Err(Stall::Failed(corrupt(
+                    self.file.name(),
+                    format!(
+                        "L2 table at {l2_off:#x}, entry {l2i}: guest cluster {base:#x} is mapped \
+                         to {h:#x} of the external data file (it must be at the guest offset)"
+                    ),
+                )));
+            }
+        }
         Ok((e, Some((slot, l2i))))
     }
 

@@ -12,8 +12,15 @@
 //! in the cache), writes the data with whatever it copies in, and only then updates the cached L2
 //! entry; flush writes refcount blocks, syncs, writes L2 tables, syncs, writes the L1 table and
 //! header, syncs (`writeback.rs`). A crash therefore leaves at worst leaked clusters.
-//! Unsupported features (external data files, encryption, unknown incompatible bits) are refused
-//! at open with an error naming them.
+//! Unsupported features (encryption, unknown incompatible bits) are refused at open with an error
+//! naming them.
+//!
+//! With an external data file (`data_file`) guest clusters live in that file at their guest
+//! offsets and are not refcounted; the queues send data I/O to the data file and metadata I/O to
+//! the image file, and every write-back syncs the data file before it writes an L2 table. With
+//! `data_file_raw` write-zeroes and discards write zeros to the data file, so that it stays a
+//! raw image of the disk. An image opened with [`Qcow2Options::refuse_references`] that names a
+//! data file is refused before the data file is opened, as one naming a backing file is.
 //!
 //! No data path makes a system call under the metadata mutex. A table missing from the cache is
 //! read on the queue's host queue; write-backs (for guest flushes, or to make room in full caches)
@@ -36,6 +43,8 @@
 //! queue) until the first has pointed the L2 entry at its cluster.
 
 pub mod backing;
+pub mod bitmap_store;
+pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod codec;
@@ -95,11 +104,12 @@ pub struct Qcow2Options {
     /// Open an image marked corrupt for writing (to repair it).
     pub allow_corrupt: bool,
     /// Do not open the backing file: unallocated clusters read as zeros (for inspecting a single
-    /// layer, and for fuzzing without touching the file system).
+    /// layer, and for fuzzing without touching the file system). An image whose data is in an
+    /// external data file is refused: it cannot be read without that file.
     pub no_backing: bool,
-    /// Refuse an image that names a backing file, without opening it (appliance images, whose
-    /// bytes an untrusted party may have written).
-    pub refuse_backing: bool,
+    /// Refuse an image that names another file — a backing file or an external data file —
+    /// without opening it (appliance images, whose bytes an untrusted party may have written).
+    pub refuse_references: bool,
 }
 
 /// State shared by an image and its queues.
@@ -109,6 +119,8 @@ pub(crate) struct Shared {
     pub core: Arc<Core>,
     pub worker: Worker,
     pub file: SharedFile,
+    /// The external data file, when guest data lives there rather than in `file`.
+    pub data_file: Option<SharedFile>,
     pub geo: Geometry,
     pub backing: Option<Arc<dyn Image>>,
     pub backing_size: u64,
@@ -174,7 +186,7 @@ pub(crate) fn open_in_chain(
         },
     )?;
     let backing = match &meta.header.backing_file {
-        Some(name) if opts.refuse_backing => {
+        Some(name) if opts.refuse_references => {
             return Err(StorageError::Forbidden(format!(
                 "{} names the backing file {name:?}; this image must be self-contained",
                 file.name()
@@ -190,6 +202,26 @@ pub(crate) fn open_in_chain(
         )?),
         None => None,
     };
+    let data_file = match meta.header.data_file() {
+        Some(name) if opts.refuse_references => {
+            return Err(StorageError::Forbidden(format!(
+                "{} keeps its data in the external data file {name:?} (qcow2 data_file); this \
+                 image must be self-contained",
+                file.name()
+            )))
+        }
+        Some(name) if opts.no_backing => {
+            return Err(StorageError::Unsupported(format!(
+                "opening {} without the files it names: its guest data is in the external data \
+                 file {name:?}",
+                file.name()
+            )))
+        }
+        Some(name) => Some(open_data_file(file.name(), &name, opts, writable)?),
+        None => None,
+    };
+    let mut meta = meta;
+    meta.data_file = data_file.clone();
     let geo = meta.geo;
     let size = meta.size();
     let codec = meta.header.compression_type();
@@ -208,10 +240,33 @@ pub(crate) fn open_in_chain(
         core,
         name,
         file,
+        data_file,
     });
     let img = Qcow2Image { shared, backing };
     img.repair_if_dirty()?;
     Ok(Arc::new(img))
+}
+
+/// Opens the external data file `name` of the image called `image_name` (relative names are
+/// resolved against the image's folder, as backing files are).
+fn open_data_file(
+    image_name: &str,
+    name: &str,
+    opts: &Qcow2Options,
+    writable: bool,
+) -> Result<SharedFile> {
+    let path = backing::resolve(image_name, name)?;
+    if !path.exists() {
+        return Err(StorageError::NotFound(path));
+    }
+    Ok(crate::io::engine::FileDevice::open(
+        &path,
+        crate::io::file::FileOptions {
+            read_only: !writable,
+            cache: opts.cache,
+        },
+        opts.engine,
+    )?)
 }
 
 /// With clusters smaller than a page, metadata and data clusters share pages, and guest writes of
@@ -359,6 +414,58 @@ impl Qcow2Image {
         crate::sync::lock(&self.shared.core.meta).snapshots.clone()
     }
 
+    /// The persistent dirty bitmaps in the image's bitmaps extension, validated (empty when the
+    /// image has none, or when auto-clear bit 0 says the extension is not consistent). See
+    /// [`bitmaps`].
+    pub fn bitmaps(&self) -> Result<Vec<bitmaps::Qcow2Bitmap>> {
+        let (data, cs) = {
+            let m = self.lock()?;
+            let consistent = m.header.autoclear_features & header::autoclear::BITMAPS != 0;
+            match m.header.extension(header::ext::BITMAPS) {
+                Some(d) if consistent => (d.to_vec(), m.geo.cluster_size),
+                _ => return Ok(Vec::new()),
+            }
+        };
+        let file = self.shared.file.as_ref();
+        let ext = bitmaps::parse_extension(&data, file.len(), cs)?;
+        let mut dir = vec![0u8; ext.directory_size as usize];
+        file.read_exact_at(ext.directory_offset, &mut dir)?;
+        bitmaps::parse_directory(&dir, ext.nb_bitmaps, self.size(), file.len(), cs)
+    }
+
+    /// The bitmap `name` and its bits (see [`bitmaps::read_words`]); one flagged in use is an
+    /// error: it was not saved consistently.
+    pub fn bitmap_words(&self, name: &str) -> Result<(bitmaps::Qcow2Bitmap, Vec<u64>)> {
+        let b = self
+            .bitmaps()?
+            .into_iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| {
+                StorageError::InvalidInput(format!(
+                    "{} has no bitmap named '{name}'",
+                    self.shared.name
+                ))
+            })?;
+        let words = bitmaps::read_words(
+            self.shared.file.as_ref(),
+            &b,
+            self.size(),
+            self.shared.geo.cluster_size,
+        )?;
+        Ok((b, words))
+    }
+
+    /// Adds a persistent bitmap (disabled) with the given bits to the image's bitmaps extension;
+    /// needs the image open for writing and idle. See [`bitmap_store`].
+    pub fn bitmap_add(&self, b: &bitmap_store::NewBitmap<'_>) -> Result<()> {
+        self.exclusive(|m| m.add_bitmap(b))
+    }
+
+    /// Removes the persistent bitmap `name` with its clusters.
+    pub fn bitmap_remove(&self, name: &str) -> Result<()> {
+        self.exclusive(|m| m.remove_bitmap(name))
+    }
+
     /// Creates an internal snapshot of the current contents.
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         self.exclusive(|m| m.snapshot_create(name))
@@ -391,6 +498,10 @@ impl Qcow2Image {
             "compression-type".into(),
             json!(h.compression_type().name()),
         );
+        if let Some(d) = h.data_file() {
+            f.insert("data-file".into(), json!(d));
+            f.insert("data-file-raw".into(), json!(h.data_file_raw()));
+        }
         f.insert("corrupt".into(), json!(h.corrupt()));
         f.insert("dirty".into(), json!(h.dirty()));
         if let Some(b) = &h.backing_file {
@@ -418,6 +529,25 @@ impl Qcow2Image {
             f.insert("snapshots".into(), json!(snaps));
         }
         drop(m);
+        match self.bitmaps() {
+            Ok(list) if list.is_empty() => {}
+            Ok(list) => {
+                let list: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "name": b.name,
+                            "granularity": b.granularity,
+                            "flags": b.flag_names(),
+                        })
+                    })
+                    .collect();
+                f.insert("bitmaps".into(), json!(list));
+            }
+            Err(e) => {
+                f.insert("bitmaps-error".into(), json!(e.to_string()));
+            }
+        }
         let mut chain = Vec::new();
         let mut next = self.backing.clone();
         while let Some(b) = next {

@@ -105,6 +105,10 @@ impl Meta {
     /// Drops the reference an L2 entry held to data cluster `host` once durable — unless the
     /// entry (corrupt) named a metadata cluster, which is then left alone.
     pub(super) fn free_data_later(&mut self, host: u64) {
+        if self.geo.external {
+            // Clusters in an external data file are not refcounted.
+            return;
+        }
         if self.refs.holds_metadata(host / self.geo.cluster_size) {
             tracing::warn!(
                 file = self.file.name(),
@@ -119,7 +123,7 @@ impl Meta {
     /// Refuses a data cluster (from an L2 entry) that holds metadata.
     pub(super) fn refuse_metadata(&self, host: u64, what: &str) -> Result<()> {
         let cs = self.geo.cluster_size;
-        if self.refs.holds_metadata(host / cs) {
+        if !self.geo.external && self.refs.holds_metadata(host / cs) {
             return Err(corrupt(
                 self.file.name(),
                 format!(

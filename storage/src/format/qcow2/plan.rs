@@ -228,6 +228,10 @@ impl Meta {
                 }
             }
         }
+        if self.geo.external {
+            // Data file clusters are not refcounted: nothing to release.
+            old = OldRef::None;
+        }
         let mut cow = Vec::new();
         let (head_from, tail_to) = if whole {
             (base, base + cs)
@@ -252,6 +256,8 @@ impl Meta {
         self.cow_parts(g + len, tail_to, &mut cow)?;
         let (host, new_cluster, fresh) = match reuse {
             Some(h) => (h, false, false),
+            // The data file holds guest cluster n at offset n, with whatever it held before.
+            None if self.geo.external => (base, false, false),
             None => {
                 let (h, fresh) = self.refs.alloc(1)?;
                 (h, true, fresh)
@@ -376,6 +382,10 @@ impl Meta {
             }
             _ => false,
         };
+        if self.header.data_file_raw() {
+            // A raw data file must read as the guest does: the zeros are written there.
+            return Ok(vec![(g, len)]);
+        }
         if reads_zero {
             return Ok(Vec::new());
         }

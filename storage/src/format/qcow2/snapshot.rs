@@ -398,6 +398,13 @@ impl Meta {
 
     /// Creates a snapshot of the current contents named `name`.
     pub fn snapshot_create(&mut self, name: &str) -> Result<()> {
+        if self.geo.external {
+            return Err(StorageError::Unsupported(
+                "internal snapshots of a qcow2 image with an external data file (the spec \
+                 does not allow them)"
+                    .into(),
+            ));
+        }
         if name.is_empty() || name.len() > MAX_NAME {
             return Err(StorageError::InvalidInput(format!(
                 "Snapshot names must be 1 to {MAX_NAME} bytes long"

@@ -60,6 +60,11 @@ pub fn fuzz_open(data: &[u8]) {
     }
     let _ = img.check(super::check::Repair::None);
     let _ = img.info();
+    if let Ok(list) = img.bitmaps() {
+        for b in list.iter().take(4) {
+            let _ = img.bitmap_words(&b.name);
+        }
+    }
 }
 
 /// The body of the `qcow2_header` fuzz target: a header that parses serializes to bytes that

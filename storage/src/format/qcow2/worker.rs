@@ -200,7 +200,18 @@ impl Core {
     pub(crate) fn flush(&self) -> Result<()> {
         let _wb = lock(&self.writeback);
         writeback_unlocked(&self.meta, self.file.as_ref(), &self.name)?;
+        self.sync_data_file()?;
         self.file.sync_data()
+    }
+
+    /// Syncs the external data file, if the image has one (flushes that had no metadata to
+    /// write still make the guest's data durable).
+    fn sync_data_file(&self) -> Result<()> {
+        let data = self.meta()?.data_file.clone();
+        match data {
+            Some(d) => d.sync_data(),
+            None => Ok(()),
+        }
     }
 
     /// Grows the file to `len` if it is shorter (growth lock held by the caller).
@@ -252,6 +263,7 @@ impl Core {
                 } else {
                     // Nothing to write: one that ran before covers their metadata, not
                     // necessarily their data.
+                    self.sync_data_file()?;
                     self.file.sync_data()
                 }
             })

@@ -1,5 +1,7 @@
 //! Writing dirty metadata back in an order that survives power loss at any point:
 //!
+//! 0. with an external data file, a sync of the data file (every L2 entry in the copy points at
+//!    data whose write completed; this makes it durable before the entry is written);
 //! 1. refcount blocks (increments only ever run ahead of the pointers that use them);
 //! 2. sync — this also makes every completed data write durable;
 //! 3. a moved refcount table, sync, the header that points at it, sync (or changed refcount
@@ -28,7 +30,7 @@
 
 use std::sync::Mutex;
 
-use crate::device::HostFile;
+use crate::device::{HostFile, SharedFile};
 use crate::error::{Result, StorageError};
 use crate::io::blocking::BlockingQueue;
 use crate::io::IoBuf;
@@ -55,6 +57,8 @@ pub struct Writeback {
     l1_offset: u64,
     header: Option<IoBuf>,
     frees: Vec<u64>,
+    /// The external data file, synced first.
+    data_file: Option<SharedFile>,
 }
 
 fn write_aligned(file: &dyn HostFile, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -85,6 +89,9 @@ pub(super) fn write_tables(file: &dyn HostFile, tables: &mut [DirtyTable]) -> Re
 impl Writeback {
     /// Writes the copy in the order of the module documentation. No lock is held.
     pub fn run(&mut self, file: &dyn HostFile) -> Result<()> {
+        if let Some(d) = &self.data_file {
+            d.sync_data()?;
+        }
         if let Some(h) = &self.dirty_bit {
             write_aligned(file, 0, h.as_slice().unwrap_or(&[]))?;
             file.sync_data()?;
@@ -237,6 +244,7 @@ impl Meta {
             l1_offset: self.header.l1_table_offset,
             header,
             frees: self.refs.take_frees(),
+            data_file: self.data_file.clone(),
         }))
     }
 

@@ -45,6 +45,8 @@ use super::entry::Mapping;
 const HOST: usize = 0;
 /// Lower queue of the backing image.
 const BACKING: usize = 1;
+/// Lower queue of the external data file.
+const DATA: usize = 2;
 
 type St = Stack<Sub>;
 
@@ -151,11 +153,14 @@ pub(crate) fn open_queue(img: Arc<Shared>, opts: &QueueOptions) -> Result<Box<dy
     let file = img.file.clone();
     let backing = img.backing.clone();
     let has_backing = backing.is_some();
+    let data_file = img.data_file.clone();
+    let has_data_file = data_file.is_some();
     let lower = Lower {
-        opener: Box::new(move |i, o| match (i, &backing) {
-            (HOST, _) => file.open_queue(o),
-            (_, Some(b)) => b.open_queue(o),
-            (_, None) => Err(StorageError::Unavailable("no backing image".into())),
+        opener: Box::new(move |i, o| match (i, &backing, &data_file) {
+            (HOST, _, _) => file.open_queue(o),
+            (DATA, _, Some(d)) => d.open_queue(o),
+            (BACKING, Some(b), _) => b.open_queue(o),
+            _ => Err(StorageError::Unavailable(format!("no lower queue {i}"))),
         }),
         depth: opts.depth.max(1) * 2 + 32,
         own_eventfd: true,
@@ -174,12 +179,24 @@ pub(crate) fn open_queue(img: Arc<Shared>, opts: &QueueOptions) -> Result<Box<dy
     if has_backing {
         q.open_lower(BACKING)?;
     }
+    if has_data_file {
+        q.open_lower(DATA)?;
+    }
     let waker = q.waker().cloned();
     q.layer_mut().mailbox = Arc::new(Mailbox::new(waker));
     Ok(Box::new(q))
 }
 
 impl Qcow2Layer {
+    /// The lower queue guest data lives on: the external data file's, else the host file's.
+    fn data_lower(&self) -> usize {
+        if self.img.data_file.is_some() {
+            DATA
+        } else {
+            HOST
+        }
+    }
+
     /// Acts on a stall decided under the lock (see [`Await`]); returns whether the piece must
     /// be parked.
     fn after_stall(&mut self, st: &mut St, r: ReqId, aw: Await) -> bool {
@@ -256,6 +273,10 @@ impl Qcow2Layer {
         let r = st.open(tag, None, 0);
         st.hold(r);
         st.send(HOST, Sub::Piece(r), Op::Flush);
+        if self.img.data_file.is_some() {
+            st.hold(r);
+            st.send(DATA, Sub::Piece(r), Op::Flush);
+        }
         st.close(r);
     }
 

@@ -10,7 +10,7 @@ use crate::format::qcow2::entry::Mapping;
 use crate::io::stack::ReqId;
 use crate::io::{IoBuf, Op};
 
-use super::{Blocked, Qcow2Layer, St, Sub, BACKING, HOST};
+use super::{Blocked, Qcow2Layer, St, Sub, BACKING};
 
 impl Qcow2Layer {
     /// The decompressed cluster whose compressed data is at `offset`.
@@ -87,7 +87,11 @@ impl Qcow2Layer {
             [(eg, n, Mapping::Allocated(h))] if *eg == base && *n == len && g == base => {
                 if let Some(buf) = st.lend(r) {
                     st.hold(r);
-                    st.send(HOST, Sub::Piece(r), Op::Read { offset: *h, buf });
+                    st.send(
+                        self.data_lower(),
+                        Sub::Piece(r),
+                        Op::Read { offset: *h, buf },
+                    );
                 }
             }
             _ => {
@@ -145,7 +149,7 @@ impl Qcow2Layer {
             Mapping::Allocated(h) => {
                 st.hold(r);
                 st.send(
-                    HOST,
+                    self.data_lower(),
                     Sub::Piece(r),
                     Op::Read {
                         offset: h,

@@ -14,7 +14,7 @@ use crate::io::stack::wake::Waiters;
 use crate::io::stack::ReqId;
 use crate::io::{IoBuf, Op};
 
-use super::{Blocked, Group, Job, Qcow2Layer, Src, St, Sub, BACKING, HOST};
+use super::{Blocked, Group, Job, Qcow2Layer, Src, St, Sub, BACKING};
 
 /// The most clusters one allocating host write covers.
 const MAX_GROUP_CLUSTERS: usize = 512;
@@ -192,7 +192,7 @@ impl Qcow2Layer {
             },
         };
         st.hold(r);
-        st.send(HOST, Sub::Piece(r), op);
+        st.send(self.data_lower(), Sub::Piece(r), op);
     }
 
     /// Starts an allocating write of `plans` (one, or a group without copied-in parts) with the
@@ -255,7 +255,8 @@ impl Qcow2Layer {
                 }
                 Mapping::Allocated(h) => {
                     let view = IoBuf::view(&part, 0, p.len as usize);
-                    self.job_read(st, j, HOST, h, view);
+                    let lower = self.data_lower();
+                    self.job_read(st, j, lower, h, view);
                 }
                 Mapping::Compressed {
                     offset,
@@ -314,7 +315,11 @@ impl Qcow2Layer {
         let cs = self.img.geo.cluster_size;
         let offset = first.host + (first.write_start - first.guest_cluster * cs);
         let buf = IoBuf::chain(pieces);
-        st.send(HOST, Sub::JobWrite(j), Op::Write { offset, buf });
+        st.send(
+            self.data_lower(),
+            Sub::JobWrite(j),
+            Op::Write { offset, buf },
+        );
     }
 
     /// Commits (or on failure rolls back) an allocating write and wakes the pieces waiting on it.
