@@ -25,9 +25,11 @@ use crate::format::CompressedWriter;
 use crate::io::{Completion, IoBuf, IoQueue, QueueOptions, Request};
 
 mod files;
+mod residency;
 mod snapshot;
 mod staging;
 mod writeout;
+pub use residency::auto_source_cache;
 pub use snapshot::{open_snapshot, SnapshotSel};
 pub use staging::Staged;
 
@@ -300,7 +302,8 @@ impl Reader<'_> {
             // The view the read filled is dropped here, so the chunk's buffer may be read.
             drop(c.buf);
             let len = job.len as usize;
-            self.done.insert(job.offset, (job, Some(Chunk { buf, len })));
+            self.done
+                .insert(job.offset, (job, Some(Chunk { buf, len })));
         }
         Ok(())
     }

@@ -66,8 +66,7 @@ impl EarlyWriteout {
     fn nudge(&self) {
         if let Some(tx) = &self.nudge {
             // Full: one is asked for already; disconnected: the thread gave up (a hint only).
-            if let Err(TrySendError::Full(()) | TrySendError::Disconnected(())) = tx.try_send(()) {
-            }
+            if let Err(TrySendError::Full(()) | TrySendError::Disconnected(())) = tx.try_send(()) {}
         }
     }
 }
