@@ -93,10 +93,10 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 # Runs one tool, timed; sets `wall` and `cpu` (user + system seconds). Returns its status.
 timed() {
-    local tf="$WORK/out/time"
+    local tf="$WORK/out/time" user sys
     if /usr/bin/time -f "%e %U %S" -o "$tf" "$@" > "$WORK/out/log" 2>&1; then
-        read -r wall u s < "$tf"
-        cpu=$(awk -v a="$u" -v b="$s" 'BEGIN { printf "%.2f", a + b }')
+        read -r wall user sys < "$tf"
+        cpu=$(awk -v a="$user" -v b="$sys" 'BEGIN { printf "%.2f", a + b }')
         return 0
     fi
     return 1
