@@ -10,9 +10,10 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use strata_storage::convert::{
-    convert_files, ConvertOptions, ConvertProgress, ConvertRequest, SnapshotSel,
+    auto_source_cache, convert_files, ConvertOptions, ConvertProgress, ConvertRequest, SnapshotSel,
 };
 use strata_storage::format::{self, OpenOptions};
+use strata_storage::io::file::CacheMode;
 use strata_storage::util::{format_size, parse_size};
 
 use super::image::{CacheArg, EngineArg, FormatArg};
@@ -60,9 +61,11 @@ pub struct ConvertArgs {
     /// as writeback: Strata's default flushes.
     #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
     cache: TargetCacheArg,
-    /// Cache mode for the source: none is O_DIRECT.
-    #[arg(short = 'T', long = "source-cache", value_enum, default_value = "none")]
-    source_cache: CacheArg,
+    /// Cache mode for the source: none is O_DIRECT, writeback reads through the page cache, auto
+    /// (the default) reads through the page cache when most of the source file's data is in it
+    /// already, else with O_DIRECT.
+    #[arg(short = 'T', long = "source-cache", value_enum, default_value = "auto")]
+    source_cache: SourceCacheArg,
     /// I/O engine.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineArg,
@@ -91,6 +94,27 @@ impl From<TargetCacheArg> for CacheArg {
         match c {
             TargetCacheArg::None => CacheArg::None,
             TargetCacheArg::Writeback | TargetCacheArg::Unsafe => CacheArg::Writeback,
+        }
+    }
+}
+
+/// Source cache modes (`-T`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceCacheArg {
+    /// The page cache when most of the source's data is cached, else O_DIRECT.
+    Auto,
+    /// O_DIRECT: bypass the host page cache.
+    None,
+    /// Use the host page cache.
+    Writeback,
+}
+
+impl SourceCacheArg {
+    fn resolve(self, source: &std::path::Path) -> CacheMode {
+        match self {
+            SourceCacheArg::Auto => auto_source_cache(source),
+            SourceCacheArg::None => CacheMode::None,
+            SourceCacheArg::Writeback => CacheMode::Writeback,
         }
     }
 }
@@ -135,7 +159,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         },
         volumes: Some(&data_dir),
         source_snapshot: a.snapshot.as_deref().map(SnapshotSel::parse).transpose()?,
-        source_cache: Some(a.source_cache.into()),
+        source_cache: Some(a.source_cache.resolve(&a.source)),
     };
     let bar = if a.progress {
         let b = ProgressBar::new(0);

@@ -6,11 +6,13 @@
 //! image or volume, written in place; an error there is reported and the target is left as the
 //! failure left it. A volume holds raw guest data, so it pairs with the raw format only.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::snapshot::{open_snapshot, SnapshotSel};
 use super::staging::Staged;
+use super::writeout::{EarlyWriteout, WriteoutProgress};
 use super::{convert, ConvertOptions, ConvertProgress, ConvertReport, ConvertTarget};
 use crate::device::BlockDevice;
 use crate::error::{Result, StorageError};
@@ -312,7 +314,12 @@ fn build_new_image(
             ..new.open
         };
         let dst = format::open_image(build, &dst_opts)?;
-        let report = convert(src, ConvertTarget::Device(dst.as_ref()), opts, progress)?;
+        let progress = WriteoutProgress {
+            inner: progress,
+            writeout: EarlyWriteout::start(build),
+            last: Cell::new(0),
+        };
+        let report = convert(src, ConvertTarget::Device(dst.as_ref()), opts, &progress)?;
         // Close every file of the image before it moves.
         drop(dst);
         report
