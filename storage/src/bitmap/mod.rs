@@ -19,10 +19,12 @@
 
 pub mod attach;
 pub mod bits;
+pub mod persistent;
 pub mod store;
 pub mod track;
 
 pub use attach::{attach_image_bitmaps, WithBitmaps};
 pub use bits::DEFAULT_GRANULARITY;
+pub use persistent::{BitmapBits, PersistentBitmaps, StoredBitmap};
 pub use store::{BitmapInfo, BitmapSet, TakenBitmap};
 pub use track::{sidecar_path, ImageBitmaps, TrackedDevice};

@@ -245,18 +245,18 @@ pub fn parse_directory(
 }
 
 /// Sets the in-use flag of every enabled (`auto`) bitmap in the directory `dir` (parsed into
-/// `list`); returns whether any changed. A writer that does not record its writes in those
-/// bitmaps leaves them flagged: QEMU and Strata then know them to be inconsistent, while disabled
-/// bitmaps, which no write changes, stay valid.
-pub fn mark_enabled_in_use(dir: &mut [u8], list: &[Qcow2Bitmap]) -> bool {
-    let mut changed = false;
+/// `list`); returns the names of those it flagged (they were consistent until now). A writer
+/// that does not record its writes in those bitmaps leaves them flagged: QEMU and Strata then
+/// know them to be inconsistent, while disabled bitmaps, which no write changes, stay valid.
+pub fn mark_enabled_in_use(dir: &mut [u8], list: &[Qcow2Bitmap]) -> Vec<String> {
+    let mut flagged = Vec::new();
     for b in list.iter().filter(|b| b.auto && !b.in_use) {
         let at = b.entry_at + 12;
         let flags = be32(dir, at) | FLAG_IN_USE;
         dir[at..at + 4].copy_from_slice(&flags.to_be_bytes());
-        changed = true;
+        flagged.push(b.name.clone());
     }
-    changed
+    flagged
 }
 
 /// Reads the bits of `b` (of an image of `disk_size` bytes) as little-endian u64 words: bit `i`
