@@ -279,7 +279,10 @@ fn open_tracked(path: &Path) -> strata_storage::bitmap::WithBitmaps {
 }
 
 fn bitmap_flags(path: &Path, name: &str) -> Vec<String> {
-    let info = run("qemu-img", &["info", "--output=json", path.to_str().unwrap()]);
+    let info = run(
+        "qemu-img",
+        &["info", "--output=json", path.to_str().unwrap()],
+    );
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     let list = v["format-specific"]["data"]["bitmaps"]
         .as_array()
@@ -305,7 +308,10 @@ fn strata_tracks_writes_in_its_own_qcow2_bitmap() {
     let dir = tempdir();
     let path = dir.path().join("t.qcow2");
     let p = path.to_str().unwrap();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p, &SIZE.to_string()]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p, &SIZE.to_string()],
+    );
     {
         // Added as `strata image bitmap add` does: an enabled bitmap in the image.
         let img = open_q(&path, true);
@@ -423,14 +429,12 @@ fn a_killed_strata_writer_leaves_its_bitmap_untrusted() {
     // close does not make it trusted again.
     {
         let img = open_q(&path, true);
-        let set = Arc::new(
-            strata_storage::bitmap::BitmapSet::open_in_image(img.clone(), &path).unwrap(),
-        );
+        let set =
+            Arc::new(strata_storage::bitmap::BitmapSet::open_in_image(img.clone(), &path).unwrap());
         assert!(!set.info("b0").unwrap().valid);
         assert!(!set.info("coarse").unwrap().valid);
-        let t: Arc<dyn strata_storage::BlockDevice> = Arc::new(
-            strata_storage::bitmap::TrackedDevice::with_set(img, set.clone()).unwrap(),
-        );
+        let t: Arc<dyn strata_storage::BlockDevice> =
+            Arc::new(strata_storage::bitmap::TrackedDevice::with_set(img, set.clone()).unwrap());
         let mut q = BlockingQueue::open(t.as_ref(), 8).unwrap();
         q.write_at(0, &[1u8; 512]).unwrap();
     }

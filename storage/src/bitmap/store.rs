@@ -34,8 +34,8 @@ use serde::Serialize;
 
 use crate::bitmap::bits::{ranges, Bits};
 use crate::bitmap::persistent::{BitmapBits, PersistentBitmaps};
-use crate::device::BlockDevice;
 use crate::bytes::{le32, le64, put_le32, put_le64};
+use crate::device::BlockDevice;
 use crate::durable::{write_atomically, Create};
 use crate::error::{Result, StorageError};
 use crate::volume::codec::{seal, sealed};
@@ -523,7 +523,7 @@ impl BitmapSet {
 /// except an invalid one, which keeps the flag (the one way the image can say "do not trust").
 fn write_in_image(img: &InImage, list: &[Arc<Bitmap>], in_use: bool) -> Result<()> {
     let mut flagged = crate::sync::lock(&img.flagged);
-    if in_use && *flagged {
+    if (in_use && *flagged) || list.is_empty() {
         return Ok(());
     }
     let words: Vec<Vec<u64>> = list.iter().map(|b| b.bits.words()).collect();

@@ -10,15 +10,13 @@
 //! bitmap enabled and clears it on a clean close): it is reported as inconsistent and its bits are
 //! never used. The extension is considered only while auto-clear bit 0 ("bitmaps extension is
 //! consistent") is set. Opening an image for writing with Strata flags every enabled bitmap in
-//! use before the first write ([`mark_enabled_in_use`], `meta.rs`) and never clears the flag,
-//! because Strata does not record its writes there: QEMU then reports those bitmaps as
-//! inconsistent instead of trusting stale bits, disabled bitmaps stay valid, and the clusters stay
-//! referenced (`qemu-img check` clean). An extension that does not parse has its auto-clear bit
-//! cleared instead.
+//! use before the first write ([`mark_enabled_in_use`], `meta.rs`); only change tracking clears
+//! the flag again, on a clean close with the bits written (`bitmap_track.rs`). A writer without
+//! tracking leaves it set, so QEMU reports those bitmaps as inconsistent instead of trusting
+//! stale bits; disabled bitmaps stay valid, and the clusters stay referenced (`qemu-img check`
+//! clean). An extension that does not parse has its auto-clear bit cleared instead.
 //!
-//! Adding and removing bitmaps is in `bitmap_store.rs`. Strata's change tracking still keeps its
-//! own bitmaps in a sidecar file for every format (`crate::bitmap`): tracked writes are not
-//! recorded in qcow2 bitmaps.
+//! Adding, removing and storing bitmaps is in `bitmap_store.rs`.
 
 use serde::Serialize;
 
