@@ -301,7 +301,7 @@ fn writes_through_an_image_export_are_tracked_in_its_dirty_bitmap() {
         .unwrap();
     assert_eq!(r.status, 204, "{:?}", r.body);
 
-    // The sidecar file kept it after the export closed.
+    // The image (qcow2: in its bitmaps extension) kept it after the export closed.
     let shown: Value = serde_json::from_str(&strata(&[
         "image", "bitmap", "show", "--output", "json", image, "cbt",
     ]))
