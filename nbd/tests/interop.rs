@@ -300,6 +300,7 @@ fn qemu_io_writes_and_nbdcopy_in_both_directions() {
 
 fn an_image_file_export_with_a_dirty_bitmap() {
     require_clients();
+    strata_testkit::require_tool("qemu-nbd", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
     ok(
@@ -352,20 +353,10 @@ fn an_image_file_export_with_a_dirty_bitmap() {
         info.contains("\"name\": \"inc\"") && info.contains("\"auto\"") && !info.contains("in-use"),
         "{info}"
     );
-    let dirty = map(&[
-        "--map=qemu:dirty-bitmap:inc",
-        "--",
-        "[",
-        "qemu-nbd",
-        "-r",
-        "-f",
-        "qcow2",
-        "-B",
-        "inc",
-        img.to_str().unwrap(),
-        "]",
-    ]);
-    assert_eq!(ranges_of(&dirty, 1), vec![(8 * MIB, 65536)], "{dirty:?}");
+    assert_eq!(
+        strata_testkit::qemu_dirty_ranges(&img, "inc"),
+        vec![(8 * MIB, 65536)]
+    );
     let out = ok(
         "qemu-io",
         &[

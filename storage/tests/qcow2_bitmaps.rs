@@ -241,35 +241,7 @@ fn bitmaps_strata_writes_are_qemus() {
 
 /// The dirty ranges of bitmap `name` as QEMU exports them (`qemu-nbd -B`, `nbdinfo --map`).
 fn qemu_dirty(path: &Path, name: &str) -> Vec<(u64, u64)> {
-    let out = run(
-        "nbdinfo",
-        &[
-            &format!("--map=qemu:dirty-bitmap:{name}"),
-            "--",
-            "[",
-            "qemu-nbd",
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            name,
-            path.to_str().unwrap(),
-            "]",
-        ],
-    );
-    let mut dirty: Vec<(u64, u64)> = Vec::new();
-    for line in out.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 3 || f[2] != "1" {
-            continue;
-        }
-        let (o, l): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
-        match dirty.last_mut() {
-            Some(last) if last.0 + last.1 == o => last.1 += l,
-            _ => dirty.push((o, l)),
-        }
-    }
-    dirty
+    strata_testkit::qemu_dirty_ranges(path, name)
 }
 
 /// Opens `path` for writing as the VMM and NBD server do: with its bitmaps attached.
@@ -305,6 +277,7 @@ const G: u64 = 64 << 10;
 fn strata_tracks_writes_in_its_own_qcow2_bitmap() {
     strata_testkit::require_qemu_utils();
     strata_testkit::require_tool("nbdinfo", "libnbd-bin");
+    strata_testkit::require_tool("qemu-nbd", "qemu-utils");
     let dir = tempdir();
     let path = dir.path().join("t.qcow2");
     let p = path.to_str().unwrap();
@@ -375,6 +348,7 @@ fn strata_tracks_writes_in_its_own_qcow2_bitmap() {
 fn qemus_enabled_bitmap_stays_valid_across_a_strata_session() {
     strata_testkit::require_qemu_utils();
     strata_testkit::require_tool("nbdinfo", "libnbd-bin");
+    strata_testkit::require_tool("qemu-nbd", "qemu-utils");
     let dir = tempdir();
     let path = make(dir.path());
     let p = path.to_str().unwrap();
