@@ -334,6 +334,13 @@ fn strata_tracks_writes_in_its_own_qcow2_bitmap() {
         assert_eq!(taken.dirty_ranges(), want2);
     }
     assert_eq!(qemu_dirty(&path, "backup"), vec![]);
+    // A resize would leave the bitmap's table the wrong size: refused while it exists.
+    {
+        let img = open_q(&path, true);
+        let e = img.resize_image(2 * SIZE, false).unwrap_err();
+        assert!(e.to_string().contains("persistent dirty bitmaps"), "{e}");
+    }
+    assert_qemu_check_clean(&path);
     // Removed: gone from the image, file clean.
     {
         let img = open_q(&path, true);
@@ -342,6 +349,8 @@ fn strata_tracks_writes_in_its_own_qcow2_bitmap() {
     }
     let info = run("qemu-img", &["info", "--output=json", p]);
     assert!(!info.contains("\"backup\""), "{info}");
+    assert_qemu_check_clean(&path);
+    open_q(&path, true).resize_image(2 * SIZE, false).unwrap();
     assert_qemu_check_clean(&path);
 }
 

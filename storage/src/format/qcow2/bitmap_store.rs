@@ -65,6 +65,11 @@ impl Meta {
         })
     }
 
+    /// Whether the image holds persistent bitmaps (in a consistent extension).
+    pub(super) fn has_bitmaps(&self) -> Result<bool> {
+        Ok(!self.bitmap_directory()?.list.is_empty())
+    }
+
     /// Allocates clusters for `bytes`, writes them (padded to whole clusters) and returns where.
     fn write_new(&mut self, bytes: &[u8]) -> Result<u64> {
         let cs = self.geo.cluster_size;
