@@ -334,23 +334,18 @@ impl BitmapSet {
         }
         let size = *self.size();
         let bits = Bits::new(size, granularity)?;
+        // In the image: written there first (enabled, flagged in use while writers track), with
+        // saves held off (taken before the list, the order `write` takes them in) and the list
+        // only read, so that no tracked write waits on the image's metadata.
+        let _serial = self.image.as_ref().map(|_| crate::sync::lock(&self.save));
+        if let Some(img) = &self.image {
+            check_room(&self.list(), name)?;
+            let flagged = *crate::sync::lock(&img.flagged);
+            img.store()?.add_enabled(name, granularity, flagged)?;
+        }
         {
-            // Saves first, then the list: the order `write` takes them in.
-            let _serial = self.image.as_ref().map(|_| crate::sync::lock(&self.save));
             let mut list = crate::sync::write(&self.bitmaps);
-            if list.iter().any(|b| b.name == name) {
-                return Err(StorageError::AlreadyExists(format!("bitmap {name}")));
-            }
-            if list.len() >= MAX_BITMAPS {
-                return Err(StorageError::OutOfSpace(format!(
-                    "a device holds at most {MAX_BITMAPS} bitmaps"
-                )));
-            }
-            if let Some(img) = &self.image {
-                // Written to the image now, enabled, flagged in use while writers track.
-                let flagged = *crate::sync::lock(&img.flagged);
-                img.store()?.add_enabled(name, granularity, flagged)?;
-            }
+            check_room(&list, name)?;
             list.push(Arc::new(Bitmap {
                 name: name.to_string(),
                 bits,
@@ -366,16 +361,18 @@ impl BitmapSet {
 
     /// Deletes a bitmap.
     pub fn remove(&self, name: &str) -> Result<()> {
+        // In the image: removed there first, as `add` does it.
+        let _serial = self.image.as_ref().map(|_| crate::sync::lock(&self.save));
+        if let Some(img) = &self.image {
+            self.find(name)?;
+            img.store()?.remove(name)?;
+        }
         {
-            let _serial = self.image.as_ref().map(|_| crate::sync::lock(&self.save));
             let mut list = crate::sync::write(&self.bitmaps);
             if !list.iter().any(|b| b.name == name) {
                 return Err(StorageError::NotFound(PathBuf::from(format!(
                     "bitmap {name}"
                 ))));
-            }
-            if let Some(img) = &self.image {
-                img.store()?.remove(name)?;
             }
             list.retain(|b| b.name != name);
             self.count.store(list.len(), Ordering::Release);
@@ -516,6 +513,19 @@ impl BitmapSet {
             Err(e) => Err(StorageError::io(format!("Removing {}", path.display()), e)),
         }
     }
+}
+
+/// Refuses a new bitmap `name` in `list` that exists already or would be one too many.
+fn check_room(list: &[Arc<Bitmap>], name: &str) -> Result<()> {
+    if list.iter().any(|b| b.name == name) {
+        return Err(StorageError::AlreadyExists(format!("bitmap {name}")));
+    }
+    if list.len() >= MAX_BITMAPS {
+        return Err(StorageError::OutOfSpace(format!(
+            "a device holds at most {MAX_BITMAPS} bitmaps"
+        )));
+    }
+    Ok(())
 }
 
 /// Saves `list` into the image: while tracking (`in_use`) only the flags matter, and a writable
