@@ -274,6 +274,12 @@ fn writes_through_an_image_export_are_tracked_in_its_dirty_bitmap() {
     let image = srv.data.join("images/disk.qcow2");
     let image = image.to_str().unwrap();
     strata(&["image", "bitmap", "add", image, "cbt"]);
+    // A qcow2 image keeps it inside, enabled, where QEMU sees it.
+    let info = ok("qemu-img", &["info", "--output=json", image]);
+    assert!(
+        info.contains("\"cbt\"") && info.contains("\"auto\""),
+        "{info}"
+    );
 
     let e = export(&c, json!({"source": "image:disk.qcow2"}));
     let uri = e["uri"].as_str().unwrap().to_string();
@@ -301,12 +307,17 @@ fn writes_through_an_image_export_are_tracked_in_its_dirty_bitmap() {
         .unwrap();
     assert_eq!(r.status, 204, "{:?}", r.body);
 
-    // The sidecar file kept it after the export closed.
+    // The image (qcow2: in its bitmaps extension) kept it after the export closed.
     let shown: Value = serde_json::from_str(&strata(&[
         "image", "bitmap", "show", "--output", "json", image, "cbt",
     ]))
     .unwrap();
     assert_eq!(shown["valid"], true, "{shown}");
+    let info = ok("qemu-img", &["info", "--output=json", image]);
+    assert!(
+        !info.contains("in-use"),
+        "saved consistently on close: {info}"
+    );
     assert_eq!(
         shown["ranges"],
         json!([{"offset": 1 << 20, "length": 64 << 10}]),

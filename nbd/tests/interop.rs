@@ -298,8 +298,9 @@ fn qemu_io_writes_and_nbdcopy_in_both_directions() {
     assert!(c.buf.unwrap().to_vec() == input);
 }
 
-fn an_image_file_export_with_a_sidecar_bitmap() {
+fn an_image_file_export_with_a_dirty_bitmap() {
     require_clients();
+    strata_testkit::require_tool("qemu-nbd", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
     ok(
@@ -317,7 +318,11 @@ fn an_image_file_export_with_a_sidecar_bitmap() {
         ],
     );
     {
-        let set = strata_storage::bitmap::ImageBitmaps::open(&img, 16 * MIB).unwrap();
+        // An enabled bitmap inside the image (what `strata image bitmap add` makes for qcow2).
+        let dev: std::sync::Arc<dyn strata_storage::BlockDevice> =
+            strata_storage::format::open_image(&img, &Default::default()).unwrap();
+        let set = strata_storage::bitmap::ImageBitmaps::open_on(&dev, &img).unwrap();
+        assert!(set.set.in_image());
         set.set.add("inc", 65536).unwrap();
         set.set.save().unwrap();
     }
@@ -339,6 +344,19 @@ fn an_image_file_export_with_a_sidecar_bitmap() {
     drop(e);
     drop(reg);
     ok("qemu-img", &["check", img.to_str().unwrap()]);
+    // The export's close wrote the bits back into the image: QEMU sees them, consistent.
+    let info = ok(
+        "qemu-img",
+        &["info", "--output=json", img.to_str().unwrap()],
+    );
+    assert!(
+        info.contains("\"name\": \"inc\"") && info.contains("\"auto\"") && !info.contains("in-use"),
+        "{info}"
+    );
+    assert_eq!(
+        strata_testkit::qemu_dirty_ranges(&img, "inc"),
+        vec![(8 * MIB, 65536)]
+    );
     let out = ok(
         "qemu-io",
         &[
@@ -356,5 +374,5 @@ strata_testkit::main!(
     volume_snapshot_and_backup_exports_match_their_sources,
     maps_show_allocation_and_dirty_extents,
     qemu_io_writes_and_nbdcopy_in_both_directions,
-    an_image_file_export_with_a_sidecar_bitmap,
+    an_image_file_export_with_a_dirty_bitmap,
 );

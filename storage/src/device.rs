@@ -90,6 +90,12 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     fn read_only(&self) -> bool {
         !self.capabilities().contains(Capabilities::WRITE)
     }
+
+    /// The dirty bitmaps the device keeps itself (a qcow2 image's bitmaps extension), if any:
+    /// change tracking then lives there instead of in a sidecar file.
+    fn persistent_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
+        None
+    }
 }
 
 /// A byte container that formats store their data and metadata in. See the module documentation.

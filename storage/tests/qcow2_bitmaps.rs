@@ -1,8 +1,11 @@
 //! Persistent dirty bitmaps in the qcow2 bitmaps extension, made by qemu-img and qemu-io and read
 //! by Strata: names, granularities and flags as `qemu-img info` shows them, the bits as QEMU
 //! tracked them, a bitmap left in use by a killed QEMU reported as untrustworthy, and an image
-//! Strata writes to flagging its enabled bitmaps in use (Strata does not record writes there)
-//! while disabled ones stay valid and `qemu-img check` stays clean.
+//! Strata writes to without tracking flagging its enabled bitmaps in use while disabled ones stay
+//! valid and `qemu-img check` stays clean. Change tracking in the image: bitmaps Strata adds and
+//! bitmaps QEMU added record writes through Strata's tracked device, and after a clean close
+//! QEMU's own NBD export (`qemu-nbd -B`, read by `nbdinfo --map`) reports exactly those regions
+//! dirty; a writer that never closes leaves them in use and untrusted.
 
 mod qcow2_support;
 
@@ -14,6 +17,7 @@ use strata_storage::bitmap::bits::ranges;
 use strata_storage::format::qcow2::bitmap_store::NewBitmap;
 use strata_storage::format::qcow2::{self, Qcow2Image, Qcow2Options};
 use strata_storage::format::{open_host_file, OpenOptions};
+use strata_storage::io::blocking::BlockingQueue;
 
 const SIZE: u64 = 64 << 20;
 
@@ -185,6 +189,7 @@ fn bitmaps_strata_writes_are_qemus() {
             name: "strata",
             granularity: 128 << 10,
             words: &words,
+            flags: 0,
         })
         .unwrap();
         let e = img
@@ -192,6 +197,7 @@ fn bitmaps_strata_writes_are_qemus() {
                 name: "strata",
                 granularity: 65536,
                 words: &words,
+                flags: 0,
             })
             .unwrap_err();
         assert!(e.to_string().contains("strata"), "{e}");
@@ -233,7 +239,196 @@ fn bitmaps_strata_writes_are_qemus() {
     assert_eq!(got, words);
 }
 
+/// The dirty ranges of bitmap `name` as QEMU exports them (`qemu-nbd -B`, `nbdinfo --map`).
+fn qemu_dirty(path: &Path, name: &str) -> Vec<(u64, u64)> {
+    strata_testkit::qemu_dirty_ranges(path, name)
+}
+
+/// Opens `path` for writing as the VMM and NBD server do: with its bitmaps attached.
+fn open_tracked(path: &Path) -> strata_storage::bitmap::WithBitmaps {
+    let img = strata_storage::format::open_image(path, &OpenOptions::default()).unwrap();
+    strata_storage::bitmap::attach_image_bitmaps(img, path).unwrap()
+}
+
+fn bitmap_flags(path: &Path, name: &str) -> Vec<String> {
+    let info = run(
+        "qemu-img",
+        &["info", "--output=json", path.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let list = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let b = list
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no bitmap {name}: {info}"));
+    b["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
+const G: u64 = 64 << 10;
+
+fn strata_tracks_writes_in_its_own_qcow2_bitmap() {
+    strata_testkit::require_qemu_utils();
+    strata_testkit::require_tool("nbdinfo", "libnbd-bin");
+    strata_testkit::require_tool("qemu-nbd", "qemu-utils");
+    let dir = tempdir();
+    let path = dir.path().join("t.qcow2");
+    let p = path.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p, &SIZE.to_string()],
+    );
+    {
+        // Added as `strata image bitmap add` does: an enabled bitmap in the image.
+        let img = open_q(&path, true);
+        let set = strata_storage::bitmap::BitmapSet::open_in_image(img, &path).unwrap();
+        set.add("backup", G).unwrap();
+        set.save().unwrap();
+    }
+    assert_eq!(bitmap_flags(&path, "backup"), vec!["auto"]);
+    assert!(
+        !strata_storage::bitmap::sidecar_path(&path).exists(),
+        "no sidecar for a qcow2 image"
+    );
+    assert_eq!(qemu_dirty(&path, "backup"), vec![]);
+    {
+        let t = open_tracked(&path);
+        assert!(t.bitmaps().is_some());
+        // Flagged in use before the first write.
+        assert_eq!(bitmap_flags(&path, "backup"), vec!["in-use", "auto"]);
+        let mut q = BlockingQueue::open(t.device().as_ref(), 8).unwrap();
+        q.write_at(G + 10, &[1u8; 10]).unwrap();
+        q.write_at(5 * G - 1, &[1u8; 2]).unwrap();
+        q.discard(10 * G, 2 * G).unwrap();
+        q.write_at(SIZE - 4096, &[7u8; 4096]).unwrap();
+        q.read_at(20 * G, 4096).unwrap();
+        q.flush().unwrap();
+    }
+    // A clean close: consistent, exactly the written granules dirty, and the file clean.
+    assert_eq!(bitmap_flags(&path, "backup"), vec!["auto"]);
+    assert_qemu_check_clean(&path);
+    let want = vec![(G, G), (4 * G, 2 * G), (10 * G, 2 * G), (SIZE - G, G)];
+    assert_eq!(qemu_dirty(&path, "backup"), want);
+    // A second session adds to the bits.
+    {
+        let t = open_tracked(&path);
+        let mut q = BlockingQueue::open(t.device().as_ref(), 8).unwrap();
+        q.write_at(30 * G, &[2u8; 512]).unwrap();
+    }
+    let mut want2 = want.clone();
+    want2.insert(3, (30 * G, G));
+    assert_eq!(qemu_dirty(&path, "backup"), want2);
+    assert_qemu_check_clean(&path);
+    // Taken for a backup (read and restarted): the image's bitmap is empty again.
+    {
+        let t = open_tracked(&path);
+        let taken = t.bitmaps().unwrap().take("backup").unwrap();
+        assert!(taken.valid);
+        assert_eq!(taken.dirty_ranges(), want2);
+    }
+    assert_eq!(qemu_dirty(&path, "backup"), vec![]);
+    // A resize would leave the bitmap's table the wrong size: refused while it exists.
+    {
+        let img = open_q(&path, true);
+        let e = img.resize_image(2 * SIZE, false).unwrap_err();
+        assert!(e.to_string().contains("persistent dirty bitmaps"), "{e}");
+    }
+    assert_qemu_check_clean(&path);
+    // Removed: gone from the image, file clean.
+    {
+        let img = open_q(&path, true);
+        let set = strata_storage::bitmap::BitmapSet::open_in_image(img, &path).unwrap();
+        set.remove("backup").unwrap();
+    }
+    let info = run("qemu-img", &["info", "--output=json", p]);
+    assert!(!info.contains("\"backup\""), "{info}");
+    assert_qemu_check_clean(&path);
+    open_q(&path, true).resize_image(2 * SIZE, false).unwrap();
+    assert_qemu_check_clean(&path);
+}
+
+fn qemus_enabled_bitmap_stays_valid_across_a_strata_session() {
+    strata_testkit::require_qemu_utils();
+    strata_testkit::require_tool("nbdinfo", "libnbd-bin");
+    strata_testkit::require_tool("qemu-nbd", "qemu-utils");
+    let dir = tempdir();
+    let path = make(dir.path());
+    let p = path.to_str().unwrap();
+    run("qemu-img", &["bitmap", "--disable", p, "coarse"]);
+    {
+        let t = open_tracked(&path);
+        let mut q = BlockingQueue::open(t.device().as_ref(), 8).unwrap();
+        q.write_at(20 << 20, &[3u8; 4096]).unwrap();
+        q.write_at((50 << 20) + 100, &[3u8; 100]).unwrap();
+    }
+    assert_eq!(bitmap_flags(&path, "b0"), vec!["auto"]);
+    assert!(bitmap_flags(&path, "coarse").is_empty());
+    assert_qemu_check_clean(&path);
+    // QEMU's writes from before, and Strata's now.
+    assert_eq!(
+        qemu_dirty(&path, "b0"),
+        vec![
+            (0, 1 << 20),
+            (10 << 20, G),
+            (20 << 20, G),
+            (40 << 20, 640 << 10),
+            (50 << 20, G)
+        ]
+    );
+    // The disabled bitmap is QEMU's, untouched.
+    assert_eq!(
+        qemu_dirty(&path, "coarse"),
+        vec![(0, 1 << 20), (10 << 20, 512 << 10), (40 << 20, 1 << 20)]
+    );
+}
+
+fn a_killed_strata_writer_leaves_its_bitmap_untrusted() {
+    strata_testkit::require_qemu_utils();
+    let dir = tempdir();
+    let path = make(dir.path());
+    {
+        let t = open_tracked(&path);
+        let mut q = BlockingQueue::open(t.device().as_ref(), 8).unwrap();
+        q.write_at(20 << 20, &[3u8; 4096]).unwrap();
+        q.flush().unwrap();
+        drop(q);
+        // The process dies with the image open: no close runs.
+        std::mem::forget(t);
+    }
+    assert_eq!(bitmap_flags(&path, "b0"), vec!["in-use", "auto"]);
+    let img = open_q(&path, false);
+    let e = img.bitmap_words("b0").unwrap_err();
+    assert!(e.to_string().contains("in use"), "{e}");
+    drop(img);
+    // Through the tracking layer (the forgotten writer still holds the image's lock in this
+    // process, so without it): invalid, so a backup from it must copy everything, and a clean
+    // close does not make it trusted again.
+    {
+        let img = open_q(&path, true);
+        let set =
+            Arc::new(strata_storage::bitmap::BitmapSet::open_in_image(img.clone(), &path).unwrap());
+        assert!(!set.info("b0").unwrap().valid);
+        assert!(!set.info("coarse").unwrap().valid);
+        let t: Arc<dyn strata_storage::BlockDevice> =
+            Arc::new(strata_storage::bitmap::TrackedDevice::with_set(img, set.clone()).unwrap());
+        let mut q = BlockingQueue::open(t.as_ref(), 8).unwrap();
+        q.write_at(0, &[1u8; 512]).unwrap();
+    }
+    assert_eq!(bitmap_flags(&path, "b0"), vec!["in-use", "auto"]);
+    assert_qemu_check_clean(&path);
+}
+
 strata_testkit::main!(
+    strata_tracks_writes_in_its_own_qcow2_bitmap,
+    qemus_enabled_bitmap_stays_valid_across_a_strata_session,
+    a_killed_strata_writer_leaves_its_bitmap_untrusted,
     bitmaps_strata_writes_are_qemus,
     bitmaps_qemu_made_read_back,
     a_bitmap_left_in_use_is_not_trusted,

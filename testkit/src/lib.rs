@@ -279,3 +279,34 @@ macro_rules! main {
         }
     };
 }
+
+/// The dirty ranges `(offset, length)`, merged, of persistent bitmap `name` of the qcow2 image
+/// at `path` as QEMU itself exports them: `qemu-nbd -r -B NAME` read by
+/// `nbdinfo --map=qemu:dirty-bitmap:NAME` (qemu-utils and libnbd-bin; panics when they fail).
+pub fn qemu_dirty_ranges(path: &std::path::Path, name: &str) -> Vec<(u64, u64)> {
+    let out = Command::new("nbdinfo")
+        .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+        .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+        .arg(path)
+        .arg("]")
+        .output()
+        .expect("running nbdinfo");
+    assert!(
+        out.status.success(),
+        "nbdinfo over qemu-nbd -B {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dirty: Vec<(u64, u64)> = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 || f[2] != "1" {
+            continue;
+        }
+        let (o, l): (u64, u64) = (f[0].parse().expect("offset"), f[1].parse().expect("length"));
+        match dirty.last_mut() {
+            Some(last) if last.0 + last.1 == o => last.1 += l,
+            _ => dirty.push((o, l)),
+        }
+    }
+    dirty
+}

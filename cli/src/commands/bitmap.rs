@@ -2,9 +2,12 @@
 //! of a volume or an image file — add, list, show, clear, remove, merge. The caller opens the
 //! bitmap set (under the volume group's lock, or the image's) and hands it to [`run`].
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use strata_storage::bitmap::BitmapSet;
+use strata_storage::device::BlockDevice;
 use strata_storage::util::{format_size, parse_size};
 
 use super::lv::OutputArgs;
@@ -171,19 +174,33 @@ pub fn run(cmd: &BitmapCommand, set: &BitmapSet) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `strata image bitmap …`: the bitmaps of an image file, kept in its sidecar `IMAGE.bitmaps`
-/// and updated by the VMM while it runs the image (`strata vm run`). Writes by other tools
-/// (convert -n, bench -w, qemu) are not recorded.
+/// `strata image bitmap …`: the bitmaps of an image file — inside a qcow2 (version 3) image,
+/// as enabled persistent bitmaps QEMU sees too, else in its sidecar `IMAGE.bitmaps` — updated
+/// by whatever opens the image through Strata with its bitmaps (`strata vm run`, NBD exports,
+/// the appliance). Writes by other tools (convert -n, bench -w, or qemu to a sidecar) are not
+/// recorded.
 pub fn run_image(cmd: BitmapCommand) -> anyhow::Result<std::process::ExitCode> {
     let path = std::path::PathBuf::from(cmd.target());
-    let opts = strata_storage::format::OpenOptions {
-        read_only: true,
-        ..Default::default()
+    let open = |read_only: bool| {
+        let opts = strata_storage::format::OpenOptions {
+            read_only,
+            ..Default::default()
+        };
+        strata_storage::format::open_image(&path, &opts)
+            .with_context(|| format!("Could not open {}", path.display()))
     };
-    let size = strata_storage::format::open_image(&path, &opts)
-        .with_context(|| format!("Could not open {}", path.display()))?
-        .size();
-    let bitmaps = strata_storage::bitmap::ImageBitmaps::open(&path, size)?;
+    let mut device: Arc<dyn BlockDevice> = open(true)?;
+    let changes = !matches!(cmd, BitmapCommand::List(_) | BitmapCommand::Show(_));
+    if changes && device.persistent_bitmaps().is_some() {
+        // The bitmaps are changed inside the image: it is opened for writing.
+        drop(device);
+        device = open(false)?;
+    }
+    let bitmaps = strata_storage::bitmap::ImageBitmaps::open_on(&device, &path)?;
     run(&cmd, &bitmaps.set)?;
+    if bitmaps.set.in_image() && changes {
+        // Writes the bits back and clears the in-use flags the writable open set.
+        bitmaps.set.save()?;
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }

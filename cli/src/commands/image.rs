@@ -39,7 +39,8 @@ pub enum ImageCommand {
     Convert(super::convert::ConvertArgs),
     /// Import the disks of an OVA (or OVF folder) as images.
     ImportOva(super::import_ova::ImportOvaArgs),
-    /// Dirty bitmaps (changed-block tracking) of an image, kept beside it in IMAGE.bitmaps.
+    /// Dirty bitmaps (changed-block tracking) of an image: inside a qcow2 v3 image (shared with
+    /// QEMU), else beside it in IMAGE.bitmaps.
     #[command(subcommand)]
     Bitmap(super::bitmap::BitmapCommand),
 }

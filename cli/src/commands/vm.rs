@@ -112,8 +112,9 @@ impl DiskArg {
     }
 
     /// Opens the source and builds the device options. Volumes come with their dirty bitmaps
-    /// tracking writes (the storage layer wraps them); an image file is tracked when it has a
-    /// sidecar bitmap file. The returned `Source` keeps a volume's group open and locked.
+    /// tracking writes (the storage layer wraps them); an image file is tracked when it has
+    /// bitmaps (inside a qcow2 v3 image, else a sidecar file). The returned `Source` keeps a
+    /// volume's group open and locked.
     pub fn open(&self) -> anyhow::Result<(DiskSpec, Source)> {
         let spec = self.path.to_string_lossy();
         let opts = OpenOptions {
@@ -123,7 +124,7 @@ impl DiskArg {
         };
         let source = open_source(&spec, &opts, &super::data_dir())
             .with_context(|| format!("opening {spec}"))?;
-        // Images come with their sidecar bitmaps attached (writes tracked) by open_source;
+        // Images come with their bitmaps attached (writes tracked) by open_source;
         // a volume under live restore is wrapped in its live-restore device.
         let device = super::live_restore_device(&source, &spec)?;
         let disk = DiskSpec {

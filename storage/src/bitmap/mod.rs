@@ -6,8 +6,8 @@
 //!   (read and restart atomically) for incremental backups;
 //! - `track.rs`: [`TrackedDevice`], a wrapper whose queues mark completed writes, discards and
 //!   write-zeroes — the same for volumes (bitmaps under `DATA/bitmaps/VG-UUID/`) and image
-//!   files (`IMAGE.bitmaps` beside them). A qcow2 bitmap extension can later store the same
-//!   bits inside the image.
+//!   files (`IMAGE.bitmaps` beside them, or inside a qcow2 v3 image's bitmaps extension);
+//! - `persistent.rs`: the interface to bitmaps an image keeps itself (qcow2).
 //!
 //! # Locking
 //! | what | guarded by |
@@ -19,10 +19,12 @@
 
 pub mod attach;
 pub mod bits;
+pub mod persistent;
 pub mod store;
 pub mod track;
 
 pub use attach::{attach_image_bitmaps, WithBitmaps};
 pub use bits::DEFAULT_GRANULARITY;
+pub use persistent::{BitmapBits, PersistentBitmaps, StoredBitmap};
 pub use store::{BitmapInfo, BitmapSet, TakenBitmap};
 pub use track::{sidecar_path, ImageBitmaps, TrackedDevice};

@@ -1,4 +1,6 @@
-//! The dirty bitmaps of one device and their persistence in a sidecar file.
+//! The dirty bitmaps of one device and their persistence: in a sidecar file, or inside the
+//! image itself when its format keeps bitmaps (a qcow2 image's bitmaps extension, see
+//! [`BitmapSet::open_in_image`] and `crate::bitmap::persistent`).
 //!
 //! The file is rewritten whole and replaced atomically (temporary file, fsync, rename, fsync of
 //! the directory). While the device is open for writing, the file carries an *in use* flag,
@@ -31,7 +33,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use serde::Serialize;
 
 use crate::bitmap::bits::{ranges, Bits};
+use crate::bitmap::persistent::{BitmapBits, PersistentBitmaps};
 use crate::bytes::{le32, le64, put_le32, put_le64};
+use crate::device::BlockDevice;
 use crate::durable::{write_atomically, Create};
 use crate::error::{Result, StorageError};
 use crate::volume::codec::{seal, sealed};
@@ -126,6 +130,24 @@ pub struct BitmapSet {
     size: Mutex<u64>,
     /// Serialises saves.
     save: Mutex<()>,
+    /// When the bitmaps live in the image: the image, and whether they are flagged in use on
+    /// disk.
+    image: Option<InImage>,
+}
+
+/// Bitmaps kept inside the image (see [`BitmapSet::open_in_image`]).
+#[derive(Debug)]
+struct InImage {
+    device: Arc<dyn BlockDevice>,
+    flagged: Mutex<bool>,
+}
+
+impl InImage {
+    fn store(&self) -> Result<&dyn PersistentBitmaps> {
+        self.device.persistent_bitmaps().ok_or_else(|| {
+            StorageError::Unsupported("dirty bitmaps inside this image's format".into())
+        })
+    }
 }
 
 fn corrupt(path: &Path, detail: impl Into<String>) -> StorageError {
@@ -154,11 +176,56 @@ impl BitmapSet {
             writers: Mutex::new(0),
             size: Mutex::new(size),
             save: Mutex::new(()),
+            image: None,
         };
         if was_in_use {
             set.save()?;
         }
         Ok(set)
+    }
+
+    /// Opens the bitmaps `device` (the image at `path`) keeps itself: its enabled bitmaps
+    /// (see `crate::bitmap::persistent`). A writable open has flagged them in use already; one
+    /// the image says was not saved consistently is invalid. Bitmaps whose granularity this
+    /// module cannot hold are left alone (and stay flagged in use by a writable open).
+    pub fn open_in_image(device: Arc<dyn BlockDevice>, path: &Path) -> Result<BitmapSet> {
+        let image = InImage {
+            flagged: Mutex::new(!device.read_only()),
+            device,
+        };
+        let size = image.device.size();
+        let mut bitmaps = Vec::new();
+        for b in image.store()?.load_enabled()? {
+            let valid = b.words.is_some();
+            let bits = match &b.words {
+                Some(w) => Bits::from_words(size, b.granularity, w),
+                None => Bits::new(size, b.granularity),
+            };
+            match bits {
+                Ok(bits) => bitmaps.push(Arc::new(Bitmap {
+                    name: b.name,
+                    bits,
+                    valid: AtomicBool::new(valid),
+                })),
+                Err(e) => {
+                    tracing::warn!(image = %path.display(), bitmap = b.name, error = %e, "bitmap not tracked")
+                }
+            }
+        }
+        Ok(BitmapSet {
+            path: path.to_path_buf(),
+            count: std::sync::atomic::AtomicUsize::new(bitmaps.len()),
+            bitmaps: RwLock::new(bitmaps),
+            writers: Mutex::new(0),
+            size: Mutex::new(size),
+            save: Mutex::new(()),
+            image: Some(image),
+        })
+    }
+
+    /// Whether the bitmaps live inside the image rather than in a sidecar file.
+    pub fn in_image(&self) -> bool {
+        self.image.is_some()
     }
 
     fn writers(&self) -> MutexGuard<'_, usize> {
@@ -189,7 +256,7 @@ impl BitmapSet {
         Ok(())
     }
 
-    /// Where the bitmaps are stored.
+    /// Where the bitmaps are stored (the image itself for [`BitmapSet::open_in_image`]).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -267,16 +334,18 @@ impl BitmapSet {
         }
         let size = *self.size();
         let bits = Bits::new(size, granularity)?;
+        // In the image: written there first (enabled, flagged in use while writers track), with
+        // saves held off (taken before the list, the order `write` takes them in) and the list
+        // only read, so that no tracked write waits on the image's metadata.
+        let _serial = self.image.as_ref().map(|_| crate::sync::lock(&self.save));
+        if let Some(img) = &self.image {
+            check_room(&self.list(), name)?;
+            let flagged = *crate::sync::lock(&img.flagged);
+            img.store()?.add_enabled(name, granularity, flagged)?;
+        }
         {
             let mut list = crate::sync::write(&self.bitmaps);
-            if list.iter().any(|b| b.name == name) {
-                return Err(StorageError::AlreadyExists(format!("bitmap {name}")));
-            }
-            if list.len() >= MAX_BITMAPS {
-                return Err(StorageError::OutOfSpace(format!(
-                    "a device holds at most {MAX_BITMAPS} bitmaps"
-                )));
-            }
+            check_room(&list, name)?;
             list.push(Arc::new(Bitmap {
                 name: name.to_string(),
                 bits,
@@ -284,21 +353,32 @@ impl BitmapSet {
             }));
             self.count.store(list.len(), Ordering::Release);
         }
+        if self.image.is_some() {
+            return Ok(());
+        }
         self.save()
     }
 
     /// Deletes a bitmap.
     pub fn remove(&self, name: &str) -> Result<()> {
+        // In the image: removed there first, as `add` does it.
+        let _serial = self.image.as_ref().map(|_| crate::sync::lock(&self.save));
+        if let Some(img) = &self.image {
+            self.find(name)?;
+            img.store()?.remove(name)?;
+        }
         {
             let mut list = crate::sync::write(&self.bitmaps);
-            let before = list.len();
-            list.retain(|b| b.name != name);
-            self.count.store(list.len(), Ordering::Release);
-            if list.len() == before {
+            if !list.iter().any(|b| b.name == name) {
                 return Err(StorageError::NotFound(PathBuf::from(format!(
                     "bitmap {name}"
                 ))));
             }
+            list.retain(|b| b.name != name);
+            self.count.store(list.len(), Ordering::Release);
+        }
+        if self.image.is_some() {
+            return Ok(());
         }
         self.save()
     }
@@ -381,6 +461,9 @@ impl BitmapSet {
     fn write(&self, in_use: bool) -> Result<()> {
         let _serial = crate::sync::lock(&self.save);
         let list: Vec<Arc<Bitmap>> = self.list().clone();
+        if let Some(img) = &self.image {
+            return write_in_image(img, &list, in_use);
+        }
         if list.is_empty() && !self.path.exists() {
             return Ok(());
         }
@@ -430,6 +513,42 @@ impl BitmapSet {
             Err(e) => Err(StorageError::io(format!("Removing {}", path.display()), e)),
         }
     }
+}
+
+/// Refuses a new bitmap `name` in `list` that exists already or would be one too many.
+fn check_room(list: &[Arc<Bitmap>], name: &str) -> Result<()> {
+    if list.iter().any(|b| b.name == name) {
+        return Err(StorageError::AlreadyExists(format!("bitmap {name}")));
+    }
+    if list.len() >= MAX_BITMAPS {
+        return Err(StorageError::OutOfSpace(format!(
+            "a device holds at most {MAX_BITMAPS} bitmaps"
+        )));
+    }
+    Ok(())
+}
+
+/// Saves `list` into the image: while tracking (`in_use`) only the flags matter, and a writable
+/// open has set them already; otherwise every bitmap gets its bits written and its flag cleared,
+/// except an invalid one, which keeps the flag (the one way the image can say "do not trust").
+fn write_in_image(img: &InImage, list: &[Arc<Bitmap>], in_use: bool) -> Result<()> {
+    let mut flagged = crate::sync::lock(&img.flagged);
+    if (in_use && *flagged) || list.is_empty() {
+        return Ok(());
+    }
+    let words: Vec<Vec<u64>> = list.iter().map(|b| b.bits.words()).collect();
+    let bits: Vec<BitmapBits<'_>> = list
+        .iter()
+        .zip(&words)
+        .map(|(b, w)| BitmapBits {
+            name: &b.name,
+            words: w,
+            in_use: in_use || !b.valid.load(Ordering::Acquire),
+        })
+        .collect();
+    img.store()?.store(&bits)?;
+    *flagged = in_use;
+    Ok(())
 }
 
 /// Decodes a bitmap file; returns the bitmaps and whether it was marked in use.

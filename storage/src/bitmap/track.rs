@@ -69,13 +69,32 @@ pub struct ImageBitmaps {
 }
 
 impl ImageBitmaps {
-    /// Locks `image` (a clear "busy" error if another process holds it) and opens its bitmaps
-    /// for a device of `size` bytes.
+    /// Locks `image` (a clear "busy" error if another process holds it) and opens its sidecar
+    /// bitmaps for a device of `size` bytes.
     pub fn open(image: &Path, size: u64) -> Result<ImageBitmaps> {
-        let lock = try_lock_exclusive(image, &format!("the bitmaps of image {}", image.display()))?;
+        let lock = lock_image(image)?;
         let set = Arc::new(BitmapSet::open(&sidecar_path(image), size)?);
         Ok(ImageBitmaps { set, lock })
     }
+
+    /// Locks `image`, opened as `device`, and opens its bitmaps: inside the image when its
+    /// format keeps them ([`BitmapSet::open_in_image`]; a sidecar left beside it is ignored),
+    /// else its sidecar.
+    pub fn open_on(device: &Arc<dyn BlockDevice>, image: &Path) -> Result<ImageBitmaps> {
+        if device.persistent_bitmaps().is_none() {
+            return ImageBitmaps::open(image, device.size());
+        }
+        let lock = lock_image(image)?;
+        if sidecar_path(image).exists() {
+            tracing::warn!(image = %image.display(), "the image keeps its dirty bitmaps itself; the sidecar beside it is ignored");
+        }
+        let set = Arc::new(BitmapSet::open_in_image(device.clone(), image)?);
+        Ok(ImageBitmaps { set, lock })
+    }
+}
+
+fn lock_image(image: &Path) -> Result<FileLock> {
+    try_lock_exclusive(image, &format!("the bitmaps of image {}", image.display()))
 }
 
 impl TrackedDevice {
@@ -86,10 +105,19 @@ impl TrackedDevice {
         TrackedDevice::with_set(inner, bitmaps)
     }
 
-    /// Tracks writes to `inner`, the image at `image`, in its sidecar bitmaps, holding the
-    /// image's lock (see [`ImageBitmaps`]) until the device is dropped.
+    /// Tracks writes to `inner`, the image at `image`, in its bitmaps (see
+    /// [`ImageBitmaps::open_on`]), holding the image's lock until the device is dropped.
     pub fn open_image(inner: Arc<dyn BlockDevice>, image: &Path) -> Result<TrackedDevice> {
-        let ImageBitmaps { set, lock } = ImageBitmaps::open(image, inner.size())?;
+        let held = ImageBitmaps::open_on(&inner, image)?;
+        TrackedDevice::from_image_bitmaps(inner, held)
+    }
+
+    /// Tracks writes to `inner` in `held`, the bitmaps of its image, keeping the image locked.
+    pub fn from_image_bitmaps(
+        inner: Arc<dyn BlockDevice>,
+        held: ImageBitmaps,
+    ) -> Result<TrackedDevice> {
+        let ImageBitmaps { set, lock } = held;
         let mut device = TrackedDevice::with_set(inner, set)?;
         device._image_lock = Some(lock);
         Ok(device)

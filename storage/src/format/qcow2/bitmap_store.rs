@@ -1,7 +1,7 @@
 //! Writing persistent dirty bitmaps into the qcow2 bitmaps extension (the reading side and the
-//! layout are in `bitmaps.rs`): adding a bitmap with given bits, and removing one. Bitmaps are
-//! added disabled: Strata does not record its own writes in them (its change tracking keeps a
-//! sidecar), so an enabled one would go stale; QEMU enables one with `qemu-img bitmap --enable`.
+//! layout are in `bitmaps.rs`): adding a bitmap with given bits and flags, removing one, and
+//! storing new bits for existing bitmaps (what change tracking does on a clean close, see
+//! `bitmap_track.rs`).
 //!
 //! Both run on the control plane with the image idle. A change never rewrites a structure in
 //! place: the new bitmap's data clusters, its table and a new directory (the old entries copied
@@ -11,6 +11,7 @@
 //! more lose their references. A crash at any point leaves the old or the new directory whole,
 //! at worst with leaked clusters.
 
+use crate::bitmap::BitmapBits;
 use crate::error::{Result, StorageError};
 
 use super::bitmaps::{self, Qcow2Bitmap, MAX_BITMAPS, MAX_NAME_BYTES};
@@ -26,6 +27,9 @@ pub struct NewBitmap<'a> {
     pub granularity: u64,
     /// The bits, as `crate::bitmap` lays them out (bit `i` of word `w` is granule `64 w + i`).
     pub words: &'a [u64],
+    /// Its flags: 0 (disabled), or [`bitmaps::FLAG_AUTO`] (enabled) with
+    /// [`bitmaps::FLAG_IN_USE`] while a writer tracks it.
+    pub flags: u32,
 }
 
 /// The bitmap directory as it stands.
@@ -59,6 +63,11 @@ impl Meta {
             list,
             at: Some((e.directory_offset, e.directory_size)),
         })
+    }
+
+    /// Whether the image holds persistent bitmaps (in a consistent extension).
+    pub(super) fn has_bitmaps(&self) -> Result<bool> {
+        Ok(!self.bitmap_directory()?.list.is_empty())
     }
 
     /// Allocates clusters for `bytes`, writes them (padded to whole clusters) and returns where.
@@ -117,6 +126,94 @@ impl Meta {
         }
     }
 
+    /// Writes `words` (a bitmap of `granularity` over the disk) to new data clusters and a new
+    /// table; returns the table's offset and entries. All-zero clusters are left unallocated.
+    fn write_bitmap_table(
+        &mut self,
+        name: &str,
+        granularity: u64,
+        words: &[u64],
+    ) -> Result<(u64, u64)> {
+        let cs = self.geo.cluster_size;
+        let size = self.header.size;
+        let bits = size.div_ceil(granularity);
+        let bytes_len = bits.div_ceil(8);
+        if (words.len() as u64) * 8 < bytes_len {
+            return Err(StorageError::InvalidInput(format!(
+                "Bitmap '{name}' holds {} words, fewer than the disk needs",
+                words.len()
+            )));
+        }
+        let mut data: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        data.truncate(bytes_len as usize);
+        let entries = bitmaps::table_entries(size, granularity, cs);
+        let mut table = Vec::with_capacity(entries as usize * 8);
+        for i in 0..entries {
+            let start = (i * cs) as usize;
+            let chunk = &data[start..(start + cs as usize).min(data.len())];
+            let entry = if chunk.iter().all(|&x| x == 0) {
+                0
+            } else {
+                self.write_new(chunk)?
+            };
+            table.extend_from_slice(&entry.to_be_bytes());
+        }
+        Ok((self.write_new(&table)?, entries))
+    }
+
+    /// The host clusters of bitmap `b`: its table's and its data's.
+    fn bitmap_clusters(&self, b: &Qcow2Bitmap) -> Result<Vec<u64>> {
+        let cs = self.geo.cluster_size;
+        let table = read_u64_table(self.file.as_ref(), b.table_offset, b.table_size as usize)?;
+        let mut out: Vec<u64> = table
+            .iter()
+            .map(|e| e & super::entry::OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        let table_clusters = (u64::from(b.table_size) * 8).div_ceil(cs);
+        out.extend((0..table_clusters).map(|k| b.table_offset + k * cs));
+        Ok(out)
+    }
+
+    /// Gives the bitmaps named in `updates` new tables holding the given bits and sets their
+    /// in-use flags as given (their other flags and every other bitmap stay as they were),
+    /// crash-ordered as the module documentation says.
+    pub fn store_bitmaps(&mut self, updates: &[BitmapBits<'_>]) -> Result<()> {
+        if !self.writable {
+            return Err(StorageError::ReadOnly(self.file.name().to_string()));
+        }
+        let Directory {
+            bytes: mut dir,
+            list,
+            at: dir_at,
+        } = self.bitmap_directory()?;
+        let mut release = self.directory_clusters(dir_at);
+        for &BitmapBits {
+            name,
+            words,
+            in_use,
+        } in updates
+        {
+            let Some(b) = list.iter().find(|x| x.name == name) else {
+                return Err(StorageError::InvalidInput(format!(
+                    "{} has no bitmap named '{name}'",
+                    self.file.name()
+                )));
+            };
+            release.extend(self.bitmap_clusters(b)?);
+            let (table_at, entries) = self.write_bitmap_table(name, b.granularity, words)?;
+            let at = b.entry_at;
+            let mut flags = crate::bytes::be32(&dir, at + 12) & !bitmaps::FLAG_IN_USE;
+            if in_use {
+                flags |= bitmaps::FLAG_IN_USE;
+            }
+            dir[at..at + 8].copy_from_slice(&table_at.to_be_bytes());
+            dir[at + 8..at + 12].copy_from_slice(&(entries as u32).to_be_bytes());
+            dir[at + 12..at + 16].copy_from_slice(&flags.to_be_bytes());
+        }
+        self.switch_directory(list.len(), &dir, release)
+    }
+
     /// Adds the bitmap `b` (see the module documentation).
     pub fn add_bitmap(&mut self, b: &NewBitmap<'_>) -> Result<()> {
         if !self.writable {
@@ -131,6 +228,12 @@ impl Meta {
             return Err(StorageError::InvalidInput(
                 "Bitmap names must be 1 to 1023 bytes long".into(),
             ));
+        }
+        if b.flags & !(bitmaps::FLAG_AUTO | bitmaps::FLAG_IN_USE) != 0 {
+            return Err(StorageError::InvalidInput(format!(
+                "Bitmap flags {:#x} (only auto and in-use)",
+                b.flags
+            )));
         }
         let gbits = b.granularity.trailing_zeros();
         if !b.granularity.is_power_of_two() || !(9..=31).contains(&gbits) {
@@ -152,38 +255,10 @@ impl Meta {
                 "An image holds at most {MAX_BITMAPS} bitmaps"
             )));
         }
-        let cs = self.geo.cluster_size;
-        let size = self.header.size;
-        let bits = size.div_ceil(b.granularity);
-        let bytes_len = bits.div_ceil(8);
-        if (b.words.len() as u64) * 8 < bytes_len {
-            return Err(StorageError::InvalidInput(format!(
-                "Bitmap '{}' holds {} words, fewer than the disk needs",
-                b.name,
-                b.words.len()
-            )));
-        }
-        let mut data: Vec<u8> = b.words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        data.truncate(bytes_len as usize);
-        let entries = bitmaps::table_entries(size, b.granularity, cs);
-        let mut table = Vec::with_capacity(entries as usize * 8);
-        for i in 0..entries {
-            let start = (i * cs) as usize;
-            let chunk = &data[start..(start + cs as usize).min(data.len())];
-            let entry = if chunk.iter().all(|&x| x == 0) {
-                0
-            } else {
-                self.write_new(chunk)?
-            };
-            table.extend_from_slice(&entry.to_be_bytes());
-        }
-        let table_at = self.write_new(&table)?;
-        // Disabled: Strata does not record its own writes in qcow2 bitmaps, so an enabled one
-        // would go stale the moment Strata wrote (`qemu-img bitmap --enable` enables it).
-        let flags = 0u32;
+        let (table_at, entries) = self.write_bitmap_table(b.name, b.granularity, b.words)?;
         dir.extend_from_slice(&table_at.to_be_bytes());
         dir.extend_from_slice(&(entries as u32).to_be_bytes());
-        dir.extend_from_slice(&flags.to_be_bytes());
+        dir.extend_from_slice(&b.flags.to_be_bytes());
         dir.push(1);
         dir.push(gbits as u8);
         dir.extend_from_slice(&(b.name.len() as u16).to_be_bytes());
@@ -214,21 +289,8 @@ impl Meta {
         let end = list.get(i + 1).map_or(dir.len(), |n| n.entry_at);
         let mut new_dir = dir[..gone.entry_at].to_vec();
         new_dir.extend_from_slice(&dir[end..]);
-        let cs = self.geo.cluster_size;
         let mut release = self.directory_clusters(dir_at);
-        let table = read_u64_table(
-            self.file.as_ref(),
-            gone.table_offset,
-            gone.table_size as usize,
-        )?;
-        release.extend(
-            table
-                .iter()
-                .map(|e| e & super::entry::OFFSET_MASK)
-                .filter(|&o| o != 0),
-        );
-        let table_clusters = (u64::from(gone.table_size) * 8).div_ceil(cs);
-        release.extend((0..table_clusters).map(|k| gone.table_offset + k * cs));
+        release.extend(self.bitmap_clusters(gone)?);
         self.switch_directory(list.len() - 1, &new_dir, release)
     }
 }

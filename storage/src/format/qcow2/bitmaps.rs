@@ -10,15 +10,13 @@
 //! bitmap enabled and clears it on a clean close): it is reported as inconsistent and its bits are
 //! never used. The extension is considered only while auto-clear bit 0 ("bitmaps extension is
 //! consistent") is set. Opening an image for writing with Strata flags every enabled bitmap in
-//! use before the first write ([`mark_enabled_in_use`], `meta.rs`) and never clears the flag,
-//! because Strata does not record its writes there: QEMU then reports those bitmaps as
-//! inconsistent instead of trusting stale bits, disabled bitmaps stay valid, and the clusters stay
-//! referenced (`qemu-img check` clean). An extension that does not parse has its auto-clear bit
-//! cleared instead.
+//! use before the first write ([`mark_enabled_in_use`], `meta.rs`); only change tracking clears
+//! the flag again, on a clean close with the bits written (`bitmap_track.rs`). A writer without
+//! tracking leaves it set, so QEMU reports those bitmaps as inconsistent instead of trusting
+//! stale bits; disabled bitmaps stay valid, and the clusters stay referenced (`qemu-img check`
+//! clean). An extension that does not parse has its auto-clear bit cleared instead.
 //!
-//! Adding and removing bitmaps is in `bitmap_store.rs`. Strata's change tracking still keeps its
-//! own bitmaps in a sidecar file for every format (`crate::bitmap`): tracked writes are not
-//! recorded in qcow2 bitmaps.
+//! Adding, removing and storing bitmaps is in `bitmap_store.rs`.
 
 use serde::Serialize;
 
@@ -245,18 +243,18 @@ pub fn parse_directory(
 }
 
 /// Sets the in-use flag of every enabled (`auto`) bitmap in the directory `dir` (parsed into
-/// `list`); returns whether any changed. A writer that does not record its writes in those
-/// bitmaps leaves them flagged: QEMU and Strata then know them to be inconsistent, while disabled
-/// bitmaps, which no write changes, stay valid.
-pub fn mark_enabled_in_use(dir: &mut [u8], list: &[Qcow2Bitmap]) -> bool {
-    let mut changed = false;
+/// `list`); returns the names of those it flagged (they were consistent until now). A writer
+/// that does not record its writes in those bitmaps leaves them flagged: QEMU and Strata then
+/// know them to be inconsistent, while disabled bitmaps, which no write changes, stay valid.
+pub fn mark_enabled_in_use(dir: &mut [u8], list: &[Qcow2Bitmap]) -> Vec<String> {
+    let mut flagged = Vec::new();
     for b in list.iter().filter(|b| b.auto && !b.in_use) {
         let at = b.entry_at + 12;
         let flags = be32(dir, at) | FLAG_IN_USE;
         dir[at..at + 4].copy_from_slice(&flags.to_be_bytes());
-        changed = true;
+        flagged.push(b.name.clone());
     }
-    changed
+    flagged
 }
 
 /// Reads the bits of `b` (of an image of `disk_size` bytes) as little-endian u64 words: bit `i`

@@ -161,6 +161,9 @@ pub struct Meta {
     pub(super) grow_error: Option<StorageError>,
     /// Table reads that failed, and how many waiters are still to be told.
     pub(super) failed_loads: Vec<(Table, StorageError, usize)>,
+    /// Enabled persistent bitmaps this open flagged in use (consistent until then: whoever
+    /// tracks them from now on may trust their bits). See `bitmaps.rs`.
+    pub(super) bitmaps_flagged: Vec<String>,
     /// A cache is well above its capacity with nothing it may drop: a write-back would help.
     pub(super) room_wanted: bool,
     /// The refcount table moves the header's fields reflect.
@@ -323,6 +326,7 @@ impl Meta {
             worker_error: None,
             grow_error: None,
             failed_loads: Vec::new(),
+            bitmaps_flagged: Vec::new(),
             room_wanted: false,
             table_moves_seen: 0,
         };
@@ -340,8 +344,8 @@ impl Meta {
         Ok(meta)
     }
 
-    /// Before the first write: flags every enabled persistent bitmap in use (we do not record
-    /// writes in them), or clears the bitmaps' auto-clear bit when their directory does not
+    /// Before the first write: flags every enabled persistent bitmap in use (until a tracker
+    /// writes their bits back, see `bitmap_store.rs`), or clears the bitmaps' auto-clear bit when their directory does not
     /// parse or cannot be rewritten. See `bitmaps.rs`.
     fn flag_bitmaps_in_use(&mut self) -> Result<()> {
         use super::bitmaps;
@@ -366,11 +370,13 @@ impl Meta {
             let dir = &mut bytes[..ext.directory_size as usize];
             let list =
                 bitmaps::parse_directory(dir, ext.nb_bitmaps, self.header.size, file_len, cs)?;
-            if bitmaps::mark_enabled_in_use(dir, &list) {
+            let flagged = bitmaps::mark_enabled_in_use(dir, &list);
+            if !flagged.is_empty() {
                 self.file
                     .write_all_at(ext.directory_offset, buf.as_slice().unwrap_or(&[]))?;
                 self.file.sync_data()?;
             }
+            self.bitmaps_flagged = flagged;
             Ok(())
         })();
         if let Err(e) = flagged {

@@ -44,6 +44,7 @@
 
 pub mod backing;
 pub mod bitmap_store;
+mod bitmap_track;
 pub mod bitmaps;
 pub mod cache;
 pub mod check;
@@ -569,6 +570,12 @@ impl Qcow2Image {
 impl BlockDevice for Qcow2Image {
     fn size(&self) -> u64 {
         self.shared.size.load(Ordering::Acquire)
+    }
+
+    /// Version 3 images keep change tracking in their bitmaps extension (`bitmap_track.rs`);
+    /// version 2 has none, so theirs stays in a sidecar.
+    fn persistent_bitmaps(&self) -> Option<&dyn crate::bitmap::PersistentBitmaps> {
+        self.shared.geo.v3.then_some(self as _)
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -50,6 +50,14 @@ impl Meta {
             ));
         }
         let old = self.header.size;
+        if new_size != old && self.has_bitmaps()? {
+            // Their tables are sized for the disk: a resize would leave them invalid.
+            return Err(StorageError::Unsupported(
+                "resizing a qcow2 image that has persistent dirty bitmaps (remove them first: \
+                 strata image bitmap remove, or qemu-img bitmap --remove)"
+                    .into(),
+            ));
+        }
         if new_size < old {
             if !shrink {
                 return Err(StorageError::InvalidInput(format!(
