@@ -140,7 +140,14 @@ pub fn create(
         change_tracking: plan.tracking,
         stats,
     };
-    commit(&group_dir, writer.nonce(), &name, &index_bytes, &manifest)?;
+    commit(
+        store,
+        &group_dir,
+        writer.nonce(),
+        &name,
+        &index_bytes,
+        &manifest,
+    )?;
     tracing::info!(snapshot = %name, "backup finished");
     drop(writer);
     Ok(BackupOutcome {
@@ -246,6 +253,7 @@ fn dedup_ratio(index: &Index) -> Option<f64> {
 }
 
 fn commit(
+    store: &Datastore,
     group_dir: &std::path::Path,
     nonce: &str,
     name: &SnapshotName,
@@ -253,16 +261,18 @@ fn commit(
     manifest: &Manifest,
 ) -> Result<()> {
     let staging = group_dir.join(format!(".tmp-{nonce}"));
-    std::fs::create_dir(&staging).map_err(|e| io_err("Creating", &staging, e))?;
+    let sfs = store.fs();
+    sfs.create_dir(&staging)
+        .map_err(|e| io_err("Creating", &staging, e))?;
     let r = (|| {
-        fsutil::atomic_write(&staging, INDEX_FILE, index_bytes)?;
-        fsutil::atomic_write(&staging, MANIFEST_FILE, &manifest.encode()?)?;
+        fsutil::atomic_write(sfs, &staging, INDEX_FILE, index_bytes)?;
+        fsutil::atomic_write(sfs, &staging, MANIFEST_FILE, &manifest.encode()?)?;
         let target = group_dir.join(time::format(name.time()));
-        fsutil::rename_noreplace(&staging, &target)?;
-        fsutil::fsync_dir(group_dir)
+        fsutil::rename_noreplace(sfs, &staging, &target)?;
+        fsutil::fsync_dir(sfs, group_dir)
     })();
     if r.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = sfs.remove_dir_all(&staging);
     }
     r
 }

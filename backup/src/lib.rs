@@ -45,6 +45,8 @@ pub mod bitmap_tracker;
 pub mod blob;
 pub mod changes;
 pub mod digest;
+#[cfg(feature = "test-utils")]
+pub mod faultfs;
 pub mod fetch;
 pub mod fsutil;
 pub mod gc;
@@ -61,6 +63,7 @@ pub mod rbd_tracker;
 pub mod restore;
 pub mod snapshot;
 pub mod store;
+pub mod storefs;
 pub mod time;
 pub mod verify;
 

@@ -162,9 +162,12 @@ pub fn remove_snapshot(store: &Datastore, name: &SnapshotName) -> Result<()> {
         time::format(name.time()),
         fastrand::u64(..)
     ));
-    std::fs::rename(&dir, &hidden).map_err(|e| io_err("Removing", &dir, e))?;
-    fsutil::fsync_dir(&group)?;
-    std::fs::remove_dir_all(&hidden).map_err(|e| io_err("Deleting", &hidden, e))
+    let sfs = store.fs();
+    sfs.rename(&dir, &hidden)
+        .map_err(|e| io_err("Removing", &dir, e))?;
+    fsutil::fsync_dir(sfs, &group)?;
+    sfs.remove_dir_all(&hidden)
+        .map_err(|e| io_err("Deleting", &hidden, e))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use strata_storage::{Result, StorageError};
@@ -14,6 +15,7 @@ use crate::fsutil::{self, io_err};
 use crate::index::Index;
 use crate::manifest::{self, Manifest, MAX_MANIFEST_LEN};
 use crate::snapshot::{self, SnapshotName};
+use crate::storefs::{self, StoreFs};
 
 /// Name of the marker file that identifies a datastore.
 pub const MARKER: &str = ".strata-datastore";
@@ -54,6 +56,7 @@ pub enum Stored {
 pub struct Datastore {
     root: PathBuf,
     chunk_size: u32,
+    fs: Arc<dyn StoreFs>,
 }
 
 impl Datastore {
@@ -66,8 +69,14 @@ impl Datastore {
     /// Creates a datastore whose snapshots use chunks of `chunk_size` bytes (a power of two from
     /// 64 KiB to 16 MiB; 4 MiB suits block devices).
     pub fn create_with_chunk_size(root: &Path, chunk_size: u32) -> Result<Datastore> {
+        Datastore::create_on(root, chunk_size, storefs::real())
+    }
+
+    /// [`Datastore::create_with_chunk_size`], changing the disk through `sfs`.
+    pub fn create_on(root: &Path, chunk_size: u32, sfs: Arc<dyn StoreFs>) -> Result<Datastore> {
         Index::new(0, chunk_size, Vec::new())?;
-        fs::create_dir_all(root).map_err(|e| io_err("Creating", root, e))?;
+        sfs.create_dir_all(root)
+            .map_err(|e| io_err("Creating", root, e))?;
         if root.join(MARKER).exists() {
             return Err(StorageError::AlreadyExists(format!(
                 "A datastore in {}",
@@ -87,24 +96,32 @@ impl Datastore {
         let chunks = root.join("chunks");
         for i in 0..=255u8 {
             let d = chunks.join(format!("{i:02x}"));
-            fs::create_dir_all(&d).map_err(|e| io_err("Creating", &d, e))?;
+            sfs.create_dir_all(&d)
+                .map_err(|e| io_err("Creating", &d, e))?;
         }
         for d in ["snapshots", "writers"] {
-            fs::create_dir_all(root.join(d)).map_err(|e| io_err("Creating", &root.join(d), e))?;
+            sfs.create_dir_all(&root.join(d))
+                .map_err(|e| io_err("Creating", &root.join(d), e))?;
         }
-        fsutil::fsync_dir(&chunks)?;
+        fsutil::fsync_dir(sfs.as_ref(), &chunks)?;
+        fsutil::fsync_dir(sfs.as_ref(), root)?;
         let marker = manifest::frame_json(&Marker {
             format: STORE_FORMAT.into(),
             version: STORE_VERSION,
             chunk_size,
         })?;
         // The marker goes last: a datastore whose creation was interrupted has none.
-        fsutil::atomic_write(root, MARKER, &marker)?;
-        Datastore::open(root)
+        fsutil::atomic_write(sfs.as_ref(), root, MARKER, &marker)?;
+        Datastore::open_on(root, sfs)
     }
 
     /// Opens the datastore in `root`.
     pub fn open(root: &Path) -> Result<Datastore> {
+        Datastore::open_on(root, storefs::real())
+    }
+
+    /// [`Datastore::open`], changing the disk through `sfs`.
+    pub fn open_on(root: &Path, sfs: Arc<dyn StoreFs>) -> Result<Datastore> {
         let path = root.join(MARKER);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -136,7 +153,13 @@ impl Datastore {
         Ok(Datastore {
             root: root.to_path_buf(),
             chunk_size,
+            fs: sfs,
         })
+    }
+
+    /// The seam through which this datastore changes the disk.
+    pub fn fs(&self) -> &dyn StoreFs {
+        self.fs.as_ref()
     }
 
     /// Opens the datastore in `root`, creating it if the folder is missing or empty.
@@ -186,7 +209,7 @@ impl Datastore {
     /// Refreshes a chunk's modification time, which tells garbage collection it is in use.
     /// `Ok(false)` when the chunk is not stored.
     pub fn touch_chunk(&self, d: &Digest) -> Result<bool> {
-        fsutil::touch(&self.chunk_path(d))
+        fsutil::touch(self.fs(), &self.chunk_path(d))
     }
 
     /// Stores `data` under `d` unless it is already there: blob, temp file, fdatasync, rename.
@@ -205,10 +228,10 @@ impl Datastore {
         let encoded = blob::encode(data, level)?;
         let dir = self.chunk_dir(d);
         let name = d.to_hex();
-        let tmp = fsutil::write_temp(&dir, &name, &encoded)?;
+        let tmp = fsutil::write_temp(self.fs(), &dir, &name, &encoded)?;
         let target = dir.join(&name);
-        if let Err(e) = fs::rename(&tmp, &target) {
-            let _ = fs::remove_file(&tmp);
+        if let Err(e) = self.fs.rename(&tmp, &target) {
+            let _ = self.fs.remove_file(&tmp);
             return Err(io_err("Renaming into", &target, e));
         }
         Ok(Stored::New((encoded.len() - blob::BLOB_HEADER_LEN) as u32))
@@ -217,7 +240,7 @@ impl Datastore {
     /// fsyncs the fan-out directories with the given first digest bytes.
     pub fn sync_chunk_dirs(&self, first_bytes: impl IntoIterator<Item = u8>) -> Result<()> {
         for b in first_bytes {
-            fsutil::fsync_dir(&self.chunks_dir().join(format!("{b:02x}")))?;
+            fsutil::fsync_dir(self.fs(), &self.chunks_dir().join(format!("{b:02x}")))?;
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use strata_storage::{Result, StorageError};
 
+use crate::storefs::RealFs;
 use crate::fsutil::{self, io_err, Flock};
 
 /// Magic of a map file.
@@ -85,7 +86,7 @@ impl RestoredMap {
             seq: 0,
         };
         map.write(&vec![0u64; words_for(count)])?;
-        fsutil::fsync_dir(dir)?;
+        fsutil::fsync_dir(&RealFs, dir)?;
         Ok(map)
     }
 
