@@ -5,7 +5,7 @@
 //! trusted by its certificate's pinned SHA-256 fingerprint (as `proxmox-backup-client` does) or
 //! by a CA file; there is no fallback to trusting any certificate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,56 @@ use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+
+/// What can go wrong talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL or the trust settings are unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The server could not be reached, or the TLS handshake failed.
+    #[error("{0}")]
+    Connect(String),
+    /// A local file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The request could not be built.
+    #[error("HTTP request: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// The exchange failed midway.
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    /// A local I/O error (the client's runtime, a body stream).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A JSON body could not be made.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A response body could not be read.
+    #[error("Reading the response: {0}")]
+    Body(String),
+    /// The caller's body consumer failed.
+    #[error("{0}")]
+    Consumer(ConsumerError),
+}
+
+/// An error of a caller's body consumer ([`Client::stream_get`]).
+pub type ConsumerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Results of the client.
+pub type ClientResult<T> = Result<T, ClientError>;
+
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// A response: status and parsed JSON body (Null when empty or not JSON).
 #[derive(Debug)]
@@ -52,7 +102,7 @@ pub enum Trust {
 impl Client {
     /// A client for `url` (`http://HOST:PORT`, with or without a trailing `/api`). An
     /// `https://` URL needs [`Client::with_trust`].
-    pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Client> {
+    pub fn new(url: &str, token: Option<String>) -> ClientResult<Client> {
         Client::with_trust(url, token, None)
     }
 
@@ -62,34 +112,43 @@ impl Client {
         url: &str,
         token: Option<String>,
         trust: Option<Trust>,
-    ) -> anyhow::Result<Client> {
+    ) -> ClientResult<Client> {
         let (https, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
             (Some(rest), _) => (true, rest),
             (None, Some(rest)) => (false, rest),
-            _ => anyhow::bail!("Remote URL {url:?} must start with https:// or http://"),
+            _ => {
+                return Err(ClientError::Config(format!(
+                    "Remote URL {url:?} must start with https:// or http://"
+                )))
+            }
         };
         let authority = rest.split('/').next().unwrap_or("");
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
                 h.trim_start_matches('[').trim_end_matches(']').to_string(),
                 p.parse()
-                    .map_err(|_| anyhow::anyhow!("Bad port in {url:?}"))?,
+                    .map_err(|_| ClientError::Config(format!("Bad port in {url:?}")))?,
             ),
             _ => (authority.to_string(), if https { 443 } else { 80 }),
         };
         if host.is_empty() {
-            anyhow::bail!("Remote URL {url:?} has no host");
+            return Err(ClientError::Config(format!(
+                "Remote URL {url:?} has no host"
+            )));
         }
         let tls = match (https, trust) {
             (false, _) => None,
-            (true, None) => anyhow::bail!(
-                "{url} is HTTPS: pass the server certificate's fingerprint (--fingerprint, \
-                 printed by `strata serve`) or a CA file (--ca, e.g. the server's \
-                 DATA/tls/ca.pem)"
-            ),
+            (true, None) => {
+                return Err(ClientError::Config(format!(
+                    "{url} is HTTPS: pass the server certificate's fingerprint (--fingerprint, \
+                     printed by `strata serve`) or a CA file (--ca, e.g. the server's \
+                     DATA/tls/ca.pem)"
+                )))
+            }
             (true, Some(trust)) => {
-                let name = ServerName::try_from(host.clone())
-                    .map_err(|_| anyhow::anyhow!("{host:?} is not a valid server name"))?;
+                let name = ServerName::try_from(host.clone()).map_err(|_| {
+                    ClientError::Config(format!("{host:?} is not a valid server name"))
+                })?;
                 Some((Arc::new(tls_config(&trust)?), name))
             }
         };
@@ -111,7 +170,7 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&serde_json::Value>,
-    ) -> anyhow::Result<Response> {
+    ) -> ClientResult<Response> {
         let payload = match body {
             Some(v) => serde_json::to_vec(v)?,
             None => Vec::new(),
@@ -127,7 +186,7 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
         body: Option<&serde_json::Value>,
-    ) -> anyhow::Result<Response> {
+    ) -> ClientResult<Response> {
         let payload = match body {
             Some(v) => serde_json::to_vec(v)?,
             None => Vec::new(),
@@ -157,7 +216,7 @@ impl Client {
         path: &str,
         payload: Vec<u8>,
         json: bool,
-    ) -> anyhow::Result<Response> {
+    ) -> ClientResult<Response> {
         let req = self
             .builder(method, path, json)?
             .body(Full::new(Bytes::from(payload)))?;
@@ -167,12 +226,9 @@ impl Client {
 
     /// Streams the file `file` as the body of `PUT path` (an upload), without reading it into
     /// memory.
-    pub fn upload_file(&self, path: &str, file: &std::path::Path) -> anyhow::Result<Response> {
-        let len = std::fs::metadata(file)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
-            .len();
-        let opened =
-            std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    pub fn upload_file(&self, path: &str, file: &std::path::Path) -> ClientResult<Response> {
+        let len = std::fs::metadata(file).map_err(file_error(file))?.len();
+        let opened = std::fs::File::open(file).map_err(file_error(file))?;
         self.rt.block_on(async move {
             let stream = tokio_util::io::ReaderStream::with_capacity(
                 tokio::fs::File::from_std(opened),
@@ -190,7 +246,7 @@ impl Client {
 
     /// `GET path`, streaming a successful body into the new file `out`; on an error status the
     /// body is returned instead and no file is made.
-    pub fn download_to(&self, path: &str, out: &std::path::Path) -> anyhow::Result<Response> {
+    pub fn download_to(&self, path: &str, out: &std::path::Path) -> ClientResult<Response> {
         let req = self
             .builder("GET", path, false)?
             .body(Full::new(Bytes::new()))?;
@@ -206,14 +262,14 @@ impl Client {
                 .create_new(true)
                 .open(out)
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+                .map_err(file_error(out))?;
             use tokio::io::AsyncWriteExt;
             while let Some(frame) = body.frame().await {
                 if let Ok(data) = frame?.into_data() {
-                    file.write_all(&data).await?;
+                    file.write_all(&data).await.map_err(file_error(out))?;
                 }
             }
-            file.sync_all().await?;
+            file.sync_all().await.map_err(file_error(out))?;
             Ok(Response {
                 status,
                 body: serde_json::Value::Null,
@@ -228,8 +284,8 @@ impl Client {
     pub fn stream_get(
         &self,
         path: &str,
-        f: &mut dyn FnMut(&[u8]) -> anyhow::Result<bool>,
-    ) -> anyhow::Result<Response> {
+        f: &mut dyn FnMut(&[u8]) -> Result<bool, ConsumerError>,
+    ) -> ClientResult<Response> {
         let req = self
             .builder("GET", path, false)?
             .body(Full::new(Bytes::new()))?;
@@ -242,7 +298,7 @@ impl Client {
             }
             while let Some(frame) = body.frame().await {
                 if let Ok(data) = frame?.into_data() {
-                    if !f(&data)? {
+                    if !f(&data).map_err(ClientError::Consumer)? {
                         break;
                     }
                 }
@@ -261,8 +317,9 @@ impl Client {
         method: &str,
         path: &str,
         json: bool,
-    ) -> anyhow::Result<hyper::http::request::Builder> {
-        let method = Method::from_bytes(method.as_bytes())?;
+    ) -> ClientResult<hyper::http::request::Builder> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| ClientError::Config(format!("{method:?} is not an HTTP method")))?;
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -282,7 +339,7 @@ impl Client {
     async fn exchange<B>(
         &self,
         req: Request<B>,
-    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+    ) -> ClientResult<hyper::Response<hyper::body::Incoming>>
     where
         B: hyper::body::Body + Send + 'static,
         B::Data: Send,
@@ -294,8 +351,8 @@ impl Client {
             tokio::net::TcpStream::connect(&addr),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("Connecting to {addr} timed out"))?
-        .map_err(|e| anyhow::anyhow!("Cannot connect to {addr}: {e}"))?;
+        .map_err(|_| ClientError::Connect(format!("Connecting to {addr} timed out")))?
+        .map_err(|e| ClientError::Connect(format!("Cannot connect to {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         match &self.tls {
             None => send_on(stream, req).await,
@@ -305,8 +362,10 @@ impl Client {
                     tokio_rustls::TlsConnector::from(cfg.clone()).connect(name.clone(), stream),
                 )
                 .await
-                .map_err(|_| anyhow::anyhow!("The TLS handshake with {addr} timed out"))?
-                .map_err(|e| anyhow::anyhow!("TLS with {addr} failed: {e}"))?;
+                .map_err(|_| {
+                    ClientError::Connect(format!("The TLS handshake with {addr} timed out"))
+                })?
+                .map_err(|e| ClientError::Connect(format!("TLS with {addr} failed: {e}")))?;
                 send_on(tls, req).await
             }
         }
@@ -317,7 +376,7 @@ impl Client {
 async fn send_on<I, B>(
     io: I,
     req: Request<B>,
-) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
+) -> ClientResult<hyper::Response<hyper::body::Incoming>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     B: hyper::body::Body + Send + 'static,
@@ -331,13 +390,14 @@ where
 }
 
 /// A rustls client configuration that trusts as `trust` says.
-fn tls_config(trust: &Trust) -> anyhow::Result<rustls::ClientConfig> {
+fn tls_config(trust: &Trust) -> ClientResult<rustls::ClientConfig> {
     let provider = strata_service::tls::crypto_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
     let mut cfg = match trust {
         Trust::Fingerprint(fp) => {
-            let want = strata_service::tls::parse_fingerprint(fp).map_err(anyhow::Error::msg)?;
+            let want = strata_service::tls::parse_fingerprint(fp).map_err(ClientError::Config)?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinnedCertificate { want, provider }))
@@ -345,10 +405,12 @@ fn tls_config(trust: &Trust) -> anyhow::Result<rustls::ClientConfig> {
         }
         Trust::CaFile(path) => {
             let mut roots = rustls::RootCertStore::empty();
-            for der in strata_service::tls::read_pem_certificates(path)? {
+            for der in strata_service::tls::read_pem_certificates(path)
+                .map_err(|e| ClientError::Config(e.to_string()))?
+            {
                 roots
                     .add(rustls_pki_types::CertificateDer::from(der))
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
@@ -422,18 +484,23 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
 }
 
 /// Reads a whole response into a [`Response`].
-async fn read_response(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Response> {
+async fn read_response(resp: hyper::Response<hyper::body::Incoming>) -> ClientResult<Response> {
     let status = resp.status().as_u16();
     response_of(status, resp.into_body()).await
 }
 
 /// Collects `body` and parses it as JSON (Null when it is not).
-pub async fn response_of<B>(status: u16, body: B) -> anyhow::Result<Response>
+pub async fn response_of<B>(status: u16, body: B) -> ClientResult<Response>
 where
     B: hyper::body::Body,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let raw = body.collect().await?.to_bytes().to_vec();
+    let raw = body
+        .collect()
+        .await
+        .map_err(|e| ClientError::Body(e.to_string()))?
+        .to_bytes()
+        .to_vec();
     let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
     Ok(Response {
         status,

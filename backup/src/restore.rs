@@ -90,6 +90,33 @@ pub struct RestoreStats {
     pub throughput_mib_s: f64,
 }
 
+/// Restores snapshot `name` into a new image file at `path`, made here with the snapshot's
+/// size in the format `open.format` states (the image is opened with that format, never
+/// probed). If the restore fails the file is removed, so that a half-restored image never
+/// looks whole; if it cannot be made (it exists already), nothing is touched.
+pub fn restore_into_new_image(
+    store: &Datastore,
+    name: &SnapshotName,
+    path: &std::path::Path,
+    open: &strata_storage::format::OpenOptions,
+    opts: RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreStats> {
+    let Some(fmt) = open.format else {
+        return Err(StorageError::InvalidInput(
+            "The format of a new image must be stated".into(),
+        ));
+    };
+    let manifest = store.read_manifest(name)?;
+    strata_storage::format::create_image(path, fmt, manifest.size, &Default::default())?;
+    let result = strata_storage::format::open_image(path, open)
+        .and_then(|dev| restore(store, name, dev, opts, progress));
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
 /// Restores snapshot `name` onto `target`, whose size must equal the snapshot's.
 pub fn restore(
     store: &Datastore,

@@ -240,4 +240,81 @@ fn exports_serve_volumes_snapshots_images_and_backups_to_real_clients() {
     assert_eq!(size.trim(), "8388608", "{size}");
 }
 
-strata_testkit::main!(exports_serve_volumes_snapshots_images_and_backups_to_real_clients,);
+/// Runs the local `strata` tool.
+fn strata(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "strata {args:?}: {text}");
+    text
+}
+
+fn writes_through_an_image_export_are_tracked_in_its_dirty_bitmap() {
+    for t in ["qemu-io", "nbdinfo"] {
+        require_tool(t);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start_with(&dir.path().join("data"), &["--nbd-listen", "127.0.0.1:0"]);
+    let c = srv.client();
+    let (st, body) = post(
+        &c,
+        "/api/images",
+        json!({"name": "disk.qcow2", "format": "qcow2", "size": "8M"}),
+    );
+    assert!(st == 200 || st == 202, "{st} {body}");
+    if st == 202 {
+        succeed(&c, body["id"].as_str().unwrap());
+    }
+    let image = srv.data.join("images/disk.qcow2");
+    let image = image.to_str().unwrap();
+    strata(&["image", "bitmap", "add", image, "cbt"]);
+
+    let e = export(&c, json!({"source": "image:disk.qcow2"}));
+    let uri = e["uri"].as_str().unwrap().to_string();
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 1M 64K", &uri],
+    );
+    // The bitmap is exported to NBD clients, and shows the write.
+    let map = ok("nbdinfo", &["--map=qemu:dirty-bitmap:cbt", "--json", &uri]);
+    let map: Value = serde_json::from_str(&map).unwrap();
+    let dirty: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"].as_u64() == Some(1))
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dirty, vec![(1 << 20, 64 << 10)], "{map}");
+    let r = c
+        .request(
+            "DELETE",
+            &format!("/api/exports/{}", e["id"].as_str().unwrap()),
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.status, 204, "{:?}", r.body);
+
+    // The sidecar file kept it after the export closed.
+    let shown: Value = serde_json::from_str(&strata(&[
+        "image", "bitmap", "show", "--output", "json", image, "cbt",
+    ]))
+    .unwrap();
+    assert_eq!(shown["valid"], true, "{shown}");
+    assert_eq!(
+        shown["ranges"],
+        json!([{"offset": 1 << 20, "length": 64 << 10}]),
+        "{shown}"
+    );
+}
+
+strata_testkit::main!(
+    exports_serve_volumes_snapshots_images_and_backups_to_real_clients,
+    writes_through_an_image_export_are_tracked_in_its_dirty_bitmap,
+);

@@ -436,6 +436,15 @@ fn the_ui_drives_volumes_images_backups_and_vms_and_signing_out_ends_the_session
         "return document.querySelectorAll('.series svg path.line').length > 0",
         LONG,
     );
+    // Every meter on the dashboard shows figures the API gave it (a field read under the
+    // wrong name shows as "–").
+    let meters = b.exec(
+        "return [...document.querySelectorAll('.usage-line')].map((l) => l.innerText).join('\\n')",
+        serde_json::json!([]),
+    );
+    let meters = meters.as_str().unwrap_or_default().to_string();
+    assert!(meters.contains("Data"), "no thin pool meter: {meters}");
+    assert!(!meters.contains('–'), "a meter without figures: {meters}");
     b.screenshot(&shots.join("dashboard.png"));
     b.set_size(390, 844);
     wait_view(&b, "dashboard");

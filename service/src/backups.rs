@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use strata_backup::prune::KeepRules;
 use strata_backup::restore::RestoreOptions;
 use strata_backup::{snapshot, BackupOptions, Changes, Datastore};
-use strata_storage::format::{self, ImageFormat};
+use strata_storage::format::ImageFormat;
 
 use super::catalog::{appliance_open_options, Origin};
 use super::jobs::{Job, JobContext};
@@ -218,7 +218,6 @@ impl Service {
             // image that looks whole: dropping the staging removes the hidden file.
             let reservation = self.reserve_space(&path, data)?;
             let staged = strata_storage::convert::Staged::new(&path, fmt)?;
-            format::create_image(staged.build_path(), fmt, manifest.size, &Default::default())?;
             let svc = self.clone();
             let image = image.to_string();
             return self.jobs.clone().spawn("restore", desc, move |ctx| {
@@ -333,11 +332,11 @@ fn restore_into_new(
     workers: usize,
     ctx: &JobContext,
 ) -> ServiceResult<serde_json::Value> {
-    let dev = format::open_image(path, &appliance_open_options(fmt, false))?;
-    let stats = strata_backup::restore::restore(
+    let stats = strata_backup::restore::restore_into_new_image(
         store,
         name,
-        dev,
+        path,
+        &appliance_open_options(fmt, false),
         RestoreOptions {
             workers,
             ..Default::default()

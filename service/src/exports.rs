@@ -418,7 +418,7 @@ impl Service {
                 .local("export the dirty bitmaps of")
                 .and_then(|g| g.bitmaps(lv))
                 .ok(),
-            Resolved::Image { .. } => None,
+            Resolved::Image { tracked, .. } => tracked.bitmaps().cloned(),
         };
         let description = match r.source.strip_prefix(LV_PREFIX) {
             Some(v) => format!("{LV_PREFIX}{v}"),

@@ -280,10 +280,7 @@ impl Service {
                 },
             )?;
             let fmt = img.format().to_string();
-            Ok::<_, ServiceError>(Resolved::Image {
-                device: img,
-                format: fmt,
-            })
+            Ok::<_, ServiceError>(Resolved::image_untracked(img, fmt))
         })();
         let source = checked.map_err(|e| upload_error(e, &uploaded))?;
         let req = ConvertRequest {

@@ -28,8 +28,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use strata_storage::bitmap::{sidecar_path, TrackedDevice};
-use strata_storage::{BlockDevice, StorageError};
+use strata_storage::bitmap::sidecar_path;
+use strata_storage::StorageError;
 pub use strata_vmm::control::ControlError;
 use strata_vmm::control::{ControlClient, Reply, Request, RunState};
 use strata_vmm::process::config::{
@@ -295,19 +295,6 @@ impl Runs {
     pub fn get(&self, name: &str) -> Option<Arc<Run>> {
         lock(&self.0).get(name).cloned()
     }
-}
-
-/// Wraps an image's device so that writes are tracked in its sidecar dirty bitmaps, when the
-/// image has a sidecar file and is opened writable (volumes are tracked by the storage layer).
-pub fn track_image_writes(
-    device: Arc<dyn BlockDevice>,
-    image: &Path,
-) -> Result<Arc<dyn BlockDevice>, StorageError> {
-    let sidecar = sidecar_path(image);
-    if !sidecar.exists() || device.read_only() {
-        return Ok(device);
-    }
-    Ok(Arc::new(TrackedDevice::open_image(device, image)?) as Arc<dyn BlockDevice>)
 }
 
 /// Refuses to start when this host has no usable KVM.
@@ -666,11 +653,9 @@ impl Service {
         }
         let holder = format!("VM {}", def.name);
         let resolved = self.resolve_source(&d.source, d.readonly, &holder)?;
-        let device = match d.source.strip_prefix(IMAGE_PREFIX) {
-            // Its dirty bitmaps are kept here, where the sidecar file can be rewritten.
-            Some(image) => track_image_writes(resolved.device(), &self.image_path(image)?)?,
-            None => resolved.device(),
-        };
+        // An image's writes are tracked in its dirty bitmaps here, where the sidecar file can
+        // be rewritten (resolve_source attaches them).
+        let device = resolved.device();
         let server = self.vms.disk_server.get(self.data().root().join("run"))?;
         let set = served.get_or_insert_with(|| ServedDisks::new(server));
         let description = format!("{} of VM {}", d.source, def.name);

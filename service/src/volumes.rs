@@ -443,8 +443,14 @@ impl Service {
                 )));
             }
             let (device, fmt) = self.open_appliance_image(name, read_only)?;
+            // Writes are tracked in the image's sidecar dirty bitmaps when it has them.
+            let tracked = strata_storage::bitmap::attach_image_bitmaps(
+                device.clone(),
+                &self.image_path(name)?,
+            )?;
             return Ok(Resolved::Image {
                 device,
+                tracked: Arc::new(tracked),
                 format: fmt.to_string(),
             });
         }
@@ -495,10 +501,7 @@ impl Service {
                 };
                 let img = strata_storage::format::open_image(&path, &opts)?;
                 let format = img.format().to_string();
-                Ok(Resolved::Image {
-                    device: img,
-                    format,
-                })
+                Ok(Resolved::image_untracked(img, format))
             }
             SourceSpec::Path(p) => Err(ServiceError::BadRequest(format!(
                 "Source {:?} must be lv:VG/NAME, image:NAME or an absolute path on the server",
@@ -515,6 +518,9 @@ pub enum Resolved {
     Image {
         /// The image.
         device: Arc<dyn strata_storage::format::Image>,
+        /// The image with its sidecar dirty bitmaps attached, when it has them: the device
+        /// to write through, so that writes are tracked.
+        tracked: Arc<strata_storage::bitmap::WithBitmaps>,
         /// Its format's name.
         format: String,
     },
@@ -532,10 +538,20 @@ pub enum Resolved {
 }
 
 impl Resolved {
-    /// The block device.
+    /// An image file whose writes are not tracked (a file outside the appliance's images).
+    pub fn image_untracked(device: Arc<dyn strata_storage::format::Image>, format: String) -> Self {
+        let tracked = strata_storage::bitmap::WithBitmaps::none(device.clone());
+        Resolved::Image {
+            device,
+            tracked: Arc::new(tracked),
+            format,
+        }
+    }
+
+    /// The block device (an image's writes tracked in its dirty bitmaps).
     pub fn device(&self) -> Arc<dyn BlockDevice> {
         match self {
-            Resolved::Image { device, .. } => device.clone(),
+            Resolved::Image { tracked, .. } => tracked.device().clone(),
             Resolved::Volume { device, .. } => device.clone(),
         }
     }

@@ -139,34 +139,44 @@ async fn serve_connection<I>(
     drop(watcher);
 }
 
+/// Why the server's TLS configuration could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsSetupError(String);
+
 /// A rustls server configuration for the PEM certificate chain and key in `files`.
 pub fn server_config(
     files: &strata_service::tls::CertificateFiles,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use anyhow::Context;
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let reading = |what: &std::path::Path| {
+        let what = what.display().to_string();
+        move |e: rustls_pki_types::pem::Error| TlsSetupError(format!("Reading {what}: {e}"))
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("Reading {}", files.cert.display()))?
+        .map_err(reading(&files.cert))?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("Reading {}", files.cert.display()))?;
+        .map_err(reading(&files.cert))?;
     if certs.is_empty() {
-        anyhow::bail!("{} holds no certificate", files.cert.display());
+        return Err(TlsSetupError(format!(
+            "{} holds no certificate",
+            files.cert.display()
+        )));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("Reading the private key {}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(reading(&files.key))?;
     let provider = strata_service::tls::crypto_provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
+        .map_err(|e| TlsSetupError(format!("TLS protocol versions: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a usable certificate and key",
+        .map_err(|e| {
+            TlsSetupError(format!(
+                "{} and {} do not make a usable certificate and key: {e}",
                 files.cert.display(),
                 files.key.display()
-            )
+            ))
         })?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))

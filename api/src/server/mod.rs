@@ -255,7 +255,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     transport: Transport,
     limits: HttpLimits,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, scheme = transport.scheme(), "serving the Strata API");
     println!(
@@ -288,8 +288,8 @@ pub async fn serve(
         // VMs outlive the server, except those whose disks it serves.
         svc2.release_vms(limits.shutdown_grace);
     })
-    .await?;
-    Ok(())
+    .await
+    .map_err(std::io::Error::other)
 }
 
 async fn shutdown_signal() {

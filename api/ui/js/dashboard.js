@@ -19,15 +19,15 @@ S.views.dashboard = {
       if (info.size !== undefined) {
         rows.push(S.meter('Allocated to volumes', info.size - info.free, info.size, estimateFor('vg:' + info.name)));
       } else {
-        rows.push(S.meter('Stored in pool ' + info.pool, info.used_bytes, info.quota_bytes || info.used_bytes, estimateFor('vg:' + info.name)));
+        rows.push(S.meter('Stored in pool ' + info.pool, info['used-bytes'], info['quota-bytes'] || info['used-bytes'], estimateFor('vg:' + info.name)));
       }
       for (const p of g.pools) {
         const u = p.usage;
         if (!u) continue;
         rows.push(S.h('h3', { style: 'margin-top:8px' }, 'Thin pool ' + p.name));
-        rows.push(S.meter('Data', u.used_bytes, u.pool_bytes, estimateFor('pool:' + p.vg + '/' + p.name)));
-        rows.push(S.meter('Metadata', u.used_metadata_blocks * 4096, u.metadata_blocks * 4096, estimateFor('pool-metadata:' + p.vg + '/' + p.name)));
-        rows.push(S.h('div.small.muted', u.devices + ' thin volumes · ' + S.fmt.bytes(u.virtual_bytes) + ' provisioned (' + u.overcommit.toFixed(2) + '× the pool)'));
+        rows.push(S.meter('Data', u['used-bytes'], u['pool-bytes'], estimateFor('pool:' + p.vg + '/' + p.name)));
+        rows.push(S.meter('Metadata', u['used-metadata-blocks'] * 4096, u['metadata-blocks'] * 4096, estimateFor('pool-metadata:' + p.vg + '/' + p.name)));
+        rows.push(S.h('div.small.muted', u.devices + ' thin volumes · ' + S.fmt.bytes(u['virtual-bytes']) + ' provisioned (' + u.overcommit.toFixed(2) + '× the pool)'));
       }
       const kind = info.size !== undefined ? 'local' : 'RBD';
       return S.card('Volume group ' + info.name, S.badge(kind), S.h('div.stack', rows));

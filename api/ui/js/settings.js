@@ -169,7 +169,7 @@ async function storageCard() {
           data: { vg: i.name },
           cells: [S.h('span.name', i.name), local ? 'local (' + i.pvs.length + ' PV)' : 'Ceph RBD pool ' + i.pool,
             local ? S.fmt.bytes(i.size) : i.quota_bytes ? S.fmt.bytes(i.quota_bytes) : 'no quota',
-            local ? S.fmt.bytes(i.free) + ' free' : S.fmt.bytes(i.used_bytes) + ' used', S.h('div.actions', actions)],
+            local ? S.fmt.bytes(i.free) + ' free' : S.fmt.bytes(i['used-bytes']) + ' used', S.h('div.actions', actions)],
         };
       }), { label: 'Storage backends' });
   });

@@ -43,7 +43,7 @@ function groupCard(g, volumes, errors, reload) {
     for (const c of (children.get(v.name) || []).sort((a, b) => a.name.localeCompare(b.name))) walk(c, depth + 1);
   };
   roots.sort((a, b) => a.name.localeCompare(b.name)).forEach((v) => walk(v, 0));
-  const pools = g.pools.map((p) => p.usage && S.meter('Pool ' + p.name, p.usage.used_bytes, p.usage.pool_bytes));
+  const pools = g.pools.map((p) => p.usage && S.meter('Pool ' + p.name, p.usage['used-bytes'], p.usage['pool-bytes']));
   const head = info.size !== undefined ? S.fmt.bytes(info.free) + ' free of ' + S.fmt.bytes(info.size) : 'RBD pool ' + info.pool;
   return S.h('section.card', { dataset: { vg: info.name } },
     S.h('header', S.h('h2', 'Volume group ' + info.name), S.h('span.small.muted', head)),

@@ -11,7 +11,7 @@ use strata_backup::pipeline::PipelineOptions;
 use strata_backup::prune::KeepRules;
 use strata_backup::restore::RestoreOptions;
 use strata_backup::{snapshot, BackupOptions, ChangeTracker, Changes, Datastore, Progress};
-use strata_storage::format::{self, ImageFormat, OpenOptions};
+use strata_storage::format::{ImageFormat, OpenOptions};
 use strata_storage::io::engine::EngineChoice;
 use strata_storage::io::file::CacheMode;
 use strata_storage::source::{open_source, Source};
@@ -380,7 +380,6 @@ fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let name = store.resolve(&a.snapshot)?;
-    let manifest = store.read_manifest(&name)?;
     let target_str = a.target.display().to_string();
     let fmt: ImageFormat = a.target_format.into();
     let bar = Bar::new(a.quiet || a.output == Output::Json);
@@ -399,27 +398,18 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         strata_backup::restore::restore(&store, &name, target.device(), opts, &bar)
             .with_context(|| format!("Restore failed; {target_str} is partly written"))
     } else {
-        format::create_image(&a.target, fmt, manifest.size, &Default::default())
-            .with_context(|| format!("Could not create {target_str}"))?;
-        let r = format::open_image(
-            &a.target,
-            &OpenOptions {
-                format: Some(fmt),
-                read_only: false,
-                cache: CacheMode::None,
-                engine: EngineChoice::Auto,
-                references: Default::default(),
-            },
+        let open = OpenOptions {
+            format: Some(fmt),
+            read_only: false,
+            cache: CacheMode::None,
+            engine: EngineChoice::Auto,
+            references: Default::default(),
+        };
+        let r = strata_backup::restore::restore_into_new_image(
+            &store, &name, &a.target, &open, opts, &bar,
         )
-        .with_context(|| format!("Could not open {target_str}"))
-        .and_then(|dev| {
-            strata_backup::restore::restore(&store, &name, dev, opts, &bar).map_err(Into::into)
-        });
-        if r.is_err() {
-            // Never leave a half-restored image that looks complete.
-            let _ = std::fs::remove_file(&a.target);
-        }
-        r.context("Restore failed; the new image was removed")
+        .with_context(|| format!("Could not restore into {target_str}"));
+        r
     };
     let stats = result?;
     match a.output {

@@ -62,7 +62,7 @@ impl Api {
     /// `method path` with an optional JSON body.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Response> {
         match self {
-            Api::Remote(c) => c.request(method, path, body),
+            Api::Remote(c) => Ok(c.request(method, path, body)?),
             Api::Local { router, rt } => {
                 let mut req = axum::http::Request::builder().method(method).uri(path);
                 let payload = match body {
@@ -76,7 +76,7 @@ impl Api {
                 rt.block_on(async {
                     let resp = router.clone().oneshot(req).await?;
                     let status = resp.status().as_u16();
-                    response_of(status, resp.into_body()).await
+                    Ok(response_of(status, resp.into_body()).await?)
                 })
             }
         }
@@ -136,7 +136,7 @@ impl Api {
         f: &mut dyn FnMut(&[u8]) -> anyhow::Result<bool>,
     ) -> anyhow::Result<()> {
         let r = match self {
-            Api::Remote(c) => c.stream_get(path, f)?,
+            Api::Remote(c) => c.stream_get(path, &mut |data| f(data).map_err(Into::into))?,
             Api::Local { router, rt } => {
                 let req = axum::http::Request::builder()
                     .uri(path)
@@ -146,7 +146,7 @@ impl Api {
                     let status = resp.status().as_u16();
                     let mut body = resp.into_body();
                     if status != 200 {
-                        return response_of(status, body).await;
+                        return Ok(response_of(status, body).await?);
                     }
                     while let Some(frame) = body.frame().await {
                         if let Ok(data) = frame?.into_data() {
@@ -155,7 +155,7 @@ impl Api {
                             }
                         }
                     }
-                    Ok(Response {
+                    Ok::<_, anyhow::Error>(Response {
                         status,
                         body: Value::Null,
                         raw: Vec::new(),
@@ -180,7 +180,7 @@ impl Api {
                     let status = resp.status().as_u16();
                     let mut body = resp.into_body();
                     if status != 200 {
-                        return response_of(status, body).await;
+                        return Ok(response_of(status, body).await?);
                     }
                     use std::io::Write;
                     let mut f = std::fs::File::create_new(out)
@@ -191,7 +191,7 @@ impl Api {
                         }
                     }
                     f.sync_all()?;
-                    Ok(Response {
+                    Ok::<_, anyhow::Error>(Response {
                         status,
                         body: Value::Null,
                         raw: Vec::new(),
