@@ -10,7 +10,12 @@
 //! - a new file, folder, rename or removal is durable once its parent folder has been fsync'd
 //!   (a rename needs both parents);
 //! - file data is durable once the file has been fsync'd (`write_new_synced` does it before
-//!   returning).
+//!   returning; a cut between its write and its sync leaves data that a power cut empties);
+//! - a modification time set by `touch` is never made durable by the datastore (nothing fsyncs
+//!   a chunk after touching it), so a power cut puts the old one back.
+//!
+//! `remove_dir_all` removes one entry at a time, each an operation of its own, the way
+//! `std::fs::remove_dir_all` does: a cut can leave a folder half removed.
 //!
 //! [`FaultFs::crash`] then leaves the folder as the disk would hold it after that event:
 //! [`Crash::Kill`] (`kill -9`: everything done stays), [`Crash::PowerLoss`] (everything not
@@ -25,6 +30,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use crate::storefs::{RealFs, StoreFs};
 
@@ -58,15 +64,21 @@ enum Effect {
     },
     /// `path` was removed; it waits in the stash at `stash`.
     Removed { path: PathBuf, stash: PathBuf },
+    /// The data of the file at `path` was written and not yet fsync'd.
+    Data { path: PathBuf },
+    /// The modification time of `path` was set; it was `old` before.
+    Touched { path: PathBuf, old: SystemTime },
 }
 
 impl Effect {
     /// Paths whose state this effect depends on or changes.
     fn paths(&self) -> Vec<&Path> {
         match self {
-            Effect::Made { path, .. } => vec![path],
             Effect::Renamed { from, to, .. } => vec![from, to],
-            Effect::Removed { path, .. } => vec![path],
+            Effect::Made { path, .. }
+            | Effect::Removed { path, .. }
+            | Effect::Data { path }
+            | Effect::Touched { path, .. } => vec![path],
         }
     }
 
@@ -81,7 +93,10 @@ impl Effect {
             }
         };
         match self {
-            Effect::Made { path, .. } | Effect::Removed { path, .. } => fix(path),
+            Effect::Made { path, .. }
+            | Effect::Removed { path, .. }
+            | Effect::Data { path }
+            | Effect::Touched { path, .. } => fix(path),
             Effect::Renamed { from, to, .. } => {
                 fix(from);
                 fix(to);
@@ -92,6 +107,15 @@ impl Effect {
 
 fn related(a: &Path, b: &Path) -> bool {
     a.starts_with(b) || b.starts_with(a)
+}
+
+/// Deletes a stashed copy nothing can bring back any more (best effort: it lies outside the
+/// datastore).
+fn discard(stash: &Path) {
+    let _ = match std::fs::symlink_metadata(stash) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(stash),
+        _ => std::fs::remove_file(stash),
+    };
 }
 
 fn parent(p: &Path) -> &Path {
@@ -174,12 +198,10 @@ impl FaultFs {
                     }
                     for j in i + 1..pending.len() {
                         if !lost[j]
-                            && pending[j].paths().iter().any(|pj| {
-                                pending[i]
-                                    .paths()
-                                    .iter()
-                                    .any(|pi| related(pi, pj))
-                            })
+                            && pending[j]
+                                .paths()
+                                .iter()
+                                .any(|pj| pending[i].paths().iter().any(|pi| related(pi, pj)))
                         {
                             lost[j] = true;
                         }
@@ -188,6 +210,10 @@ impl FaultFs {
                 lost
             }
         };
+        let mut rng = fastrand::Rng::with_seed(match how {
+            Crash::PowerLossSome { seed } => seed ^ 0x5eed,
+            _ => 0,
+        });
         let mut pending = pending;
         for i in (0..pending.len()).rev() {
             if !lost[i] {
@@ -214,6 +240,22 @@ impl FaultFs {
                     }
                 }
                 Effect::Removed { path, stash } => std::fs::rename(stash, path)?,
+                Effect::Data { path } => {
+                    // Unsynced data of a file whose name survived: some prefix of it, perhaps
+                    // none, reached the disk.
+                    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+                    let len = f.metadata()?.len();
+                    f.set_len(if how == Crash::PowerLoss {
+                        0
+                    } else {
+                        rng.u64(..=len)
+                    })?;
+                }
+                Effect::Touched { path, old } => match std::fs::File::open(path) {
+                    Ok(f) => f.set_modified(*old)?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                },
             }
         }
         s.cut_at = None;
@@ -250,6 +292,21 @@ impl FaultFs {
             stash,
         });
         Ok(())
+    }
+
+    /// Removes `path` and everything under it, one counted operation per entry, deepest first.
+    fn remove_tree(&self, s: &mut State, path: &Path) -> io::Result<()> {
+        if std::fs::symlink_metadata(path)?.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<io::Result<_>>()?;
+            entries.sort();
+            for e in entries {
+                self.remove_tree(s, &e)?;
+            }
+        }
+        Self::count(s)?;
+        self.remove(s, path)
     }
 }
 
@@ -294,11 +351,17 @@ impl StoreFs for FaultFs {
                 path: path.to_path_buf(),
                 dir: false,
             });
+            s.pending.push(Effect::Data {
+                path: path.to_path_buf(),
+            });
             f.write_all(data)?;
         }
         // The data's fdatasync: a second operation, so a cut can fall between the two.
         Self::count(&mut s)?;
-        std::fs::File::open(path)?.sync_data()
+        std::fs::File::open(path)?.sync_data()?;
+        s.pending
+            .retain(|e| !matches!(e, Effect::Data { path: p } if p == path));
+        Ok(())
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -354,27 +417,59 @@ impl StoreFs for FaultFs {
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
-        self.remove(&mut s, path)
+        self.remove_tree(&mut s, path)
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
         Self::count(&mut s)?;
         self.real.sync_dir(path)?;
-        s.pending.retain_mut(|e| match e {
-            Effect::Made { path: p, .. } | Effect::Removed { path: p, .. } => parent(p) != path,
-            Effect::Renamed {
-                from,
-                to,
-                from_synced,
-                to_synced,
-                ..
-            } => {
-                *from_synced |= parent(from) == path;
-                *to_synced |= parent(to) == path;
-                !(*from_synced && *to_synced)
+        let mut durable = vec![false; s.pending.len()];
+        for (i, e) in s.pending.iter_mut().enumerate() {
+            durable[i] = match e {
+                Effect::Made { path: p, .. } | Effect::Removed { path: p, .. } => parent(p) == path,
+                // File data and times are not made durable by syncing the folder.
+                Effect::Data { .. } | Effect::Touched { .. } => false,
+                Effect::Renamed {
+                    from,
+                    to,
+                    from_synced,
+                    to_synced,
+                    ..
+                } => {
+                    *from_synced |= parent(from) == path;
+                    *to_synced |= parent(to) == path;
+                    *from_synced && *to_synced
+                }
+            };
+        }
+        // What happened earlier inside a folder whose removal is now durable can never come
+        // back: the folder's entries went with it.
+        for i in 0..s.pending.len() {
+            if let (true, Effect::Removed { path: gone, .. }) = (durable[i], &s.pending[i]) {
+                let gone = gone.clone();
+                for (d, e) in durable.iter_mut().zip(&s.pending).take(i) {
+                    if e.paths().iter().any(|q| q.starts_with(&gone) && *q != gone) {
+                        *d = true;
+                    }
+                }
             }
+        }
+        let mut i = 0;
+        s.pending.retain(|e| {
+            let keep = !durable[i];
+            i += 1;
+            if !keep {
+                // Stashed copies are only needed to undo what is not durable.
+                match e {
+                    Effect::Removed { stash, .. } => discard(stash),
+                    Effect::Renamed {
+                        replaced: Some(r), ..
+                    } => discard(r),
+                    _ => {}
+                }
+            }
+            keep
         });
         Ok(())
     }
@@ -382,7 +477,19 @@ impl StoreFs for FaultFs {
     fn touch(&self, path: &Path) -> io::Result<bool> {
         let mut s = self.lock();
         Self::count(&mut s)?;
-        self.real.touch(path)
+        let old = match std::fs::symlink_metadata(path) {
+            Ok(m) => m.modified()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let touched = self.real.touch(path)?;
+        if touched {
+            s.pending.push(Effect::Touched {
+                path: path.to_path_buf(),
+                old,
+            });
+        }
+        Ok(touched)
     }
 }
 
@@ -471,5 +578,57 @@ mod tests {
         let e = f.write_new_synced(&root.join("a"), b"a").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         f.write_new_synced(&root.join("b"), b"b").unwrap();
+    }
+
+    #[test]
+    fn a_cut_can_leave_a_folder_half_removed() {
+        let (_t, f, root) = setup();
+        let d = root.join("d");
+        std::fs::create_dir(&d).unwrap();
+        for n in ["a", "b", "c"] {
+            std::fs::write(d.join(n), n).unwrap();
+        }
+        f.cut_at(3); // a and b go, c stays
+        f.remove_dir_all(&d).unwrap_err();
+        f.crash(Crash::Kill).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["c"]);
+        f.remove_dir_all(&d).unwrap();
+        f.crash(Crash::PowerLoss).unwrap();
+        assert_eq!(std::fs::read(d.join("c")).unwrap(), b"c");
+    }
+
+    #[test]
+    fn a_power_cut_forgets_touches_and_empties_unsynced_data() {
+        let (_t, f, root) = setup();
+        let p = root.join("chunk");
+        std::fs::write(&p, b"x").unwrap();
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(f.touch(&p).unwrap());
+        assert!(!f.touch(&root.join("missing")).unwrap());
+        assert!(std::fs::metadata(&p).unwrap().modified().unwrap() > old);
+        // The sync of the data fails; the folder sync after it makes the name durable.
+        f.fail_at(2, libc::EIO);
+        f.write_new_synced(&root.join("t"), b"data").unwrap_err();
+        f.sync_dir(&root).unwrap();
+        f.crash(Crash::PowerLoss).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), old);
+        assert_eq!(std::fs::read(root.join("t")).unwrap(), b"");
+        // A killed process loses neither.
+        assert!(f.touch(&p).unwrap());
+        f.cut_at(2);
+        f.write_new_synced(&root.join("u"), b"data").unwrap_err();
+        f.crash(Crash::Kill).unwrap();
+        assert_eq!(std::fs::read(root.join("u")).unwrap(), b"data");
+        assert!(std::fs::metadata(&p).unwrap().modified().unwrap() > old);
     }
 }

@@ -24,10 +24,16 @@ pub fn io_err(what: &str, path: &Path, e: io::Error) -> StorageError {
 /// A name for a temporary file next to `final_name`, unique to this process and call.
 pub fn temp_name(final_name: &str) -> String {
     format!(
-        ".tmp-{final_name}-{}-{:016x}",
+        "{}{}-{:016x}",
+        temp_name_prefix(final_name),
         std::process::id(),
         fastrand::u64(..)
     )
+}
+
+/// How the names of the temporary files for `final_name` begin.
+pub fn temp_name_prefix(final_name: &str) -> String {
+    format!(".tmp-{final_name}-")
 }
 
 /// Whether a directory entry is one of our temporary files.
@@ -171,8 +177,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), b"a").unwrap();
         std::fs::write(dir.path().join("b"), b"b").unwrap();
-        let e = rename_noreplace(&RealFs, &dir.path().join("a"), &dir.path().join("b"))
-            .unwrap_err();
+        let e =
+            rename_noreplace(&RealFs, &dir.path().join("a"), &dir.path().join("b")).unwrap_err();
         assert!(matches!(e, StorageError::AlreadyExists(_)));
         rename_noreplace(&RealFs, &dir.path().join("a"), &dir.path().join("c")).unwrap();
         assert_eq!(std::fs::read(dir.path().join("c")).unwrap(), b"a");

@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use strata_storage::{Result, StorageError};
 
 use crate::fsutil::{self, io_err, Flock};
-use crate::storefs::StoreFs;
 use crate::snapshot::SnapshotName;
 use crate::store::{Datastore, MANIFEST_FILE};
+use crate::storefs::StoreFs;
 
 /// A running backup's registration; removed when dropped.
 #[derive(Debug)]

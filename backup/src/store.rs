@@ -83,15 +83,15 @@ impl Datastore {
                 root.display()
             )));
         }
-        let non_empty = fs::read_dir(root)
-            .map_err(|e| io_err("Listing", root, e))?
-            .next()
-            .is_some();
-        if non_empty {
-            return Err(StorageError::InvalidInput(format!(
+        // What an interrupted creation left may be there; anything else is someone's data.
+        let temp_markers = creation_leftovers(root)?.ok_or_else(|| {
+            StorageError::InvalidInput(format!(
                 "{} is not empty and not a datastore",
                 root.display()
-            )));
+            ))
+        })?;
+        for t in temp_markers {
+            sfs.remove_file(&t).map_err(|e| io_err("Removing", &t, e))?;
         }
         let chunks = root.join("chunks");
         for i in 0..=255u8 {
@@ -393,6 +393,52 @@ impl Datastore {
         let i = self.read_index(name, &m)?;
         Ok((m, i))
     }
+}
+
+/// The temporary marker files in `root` if it holds nothing but what an interrupted
+/// [`Datastore::create_on`] leaves (its empty folders and temporary marker files); `None` if it
+/// holds anything else.
+fn creation_leftovers(root: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let entries = |dir: &Path| -> Result<Vec<fs::DirEntry>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(dir).map_err(|e| io_err("Listing", dir, e))? {
+            v.push(e.map_err(|e| io_err("Listing", dir, e))?);
+            if v.len() > 256 {
+                break;
+            }
+        }
+        Ok(v)
+    };
+    let is_dir = |e: &fs::DirEntry| e.file_type().is_ok_and(|t| t.is_dir());
+    let is_empty_dir =
+        |e: &fs::DirEntry| -> Result<bool> { Ok(is_dir(e) && entries(&e.path())?.is_empty()) };
+    let marker_temp = fsutil::temp_name_prefix(MARKER);
+    let mut temps = Vec::new();
+    for e in entries(root)? {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ok = match name.as_str() {
+            "snapshots" | "writers" => is_empty_dir(&e)?,
+            "chunks" if is_dir(&e) => {
+                let fan_out = entries(&e.path())?;
+                fan_out.len() <= 256
+                    && fan_out.iter().try_fold(true, |ok, f| -> Result<bool> {
+                        let n = f.file_name();
+                        let hex = n.len() == 2
+                            && n.to_string_lossy().bytes().all(|b| b.is_ascii_hexdigit());
+                        Ok(ok && hex && is_empty_dir(f)?)
+                    })?
+            }
+            n if n.starts_with(&marker_temp) && e.file_type().is_ok_and(|t| t.is_file()) => {
+                temps.push(e.path());
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            return Ok(None);
+        }
+    }
+    Ok(Some(temps))
 }
 
 /// Reads a whole file, refusing one larger than `max` bytes. The file is opened once and the

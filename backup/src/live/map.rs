@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 
 use strata_storage::{Result, StorageError};
 
-use crate::storefs::RealFs;
 use crate::fsutil::{self, io_err, Flock};
+use crate::storefs::RealFs;
 
 /// Magic of a map file.
 pub const MAP_MAGIC: [u8; 8] = *b"STRLRM01";

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use strata_storage::{Result, StorageError};
 
-use crate::storefs::RealFs;
 use crate::fsutil::{self, io_err};
 use crate::manifest::{frame_json, unframe_json};
+use crate::storefs::RealFs;
 
 /// The record's `format` field.
 pub const RECORD_FORMAT: &str = "strata-restore-record";
