@@ -469,6 +469,9 @@ fn to_device(
             }
             None => report.skipped += job.len,
             Some(b) => {
+                // The views below only go into writes (the target's queue reads them), `b` is
+                // only read meanwhile (`runs`), and it stays alive in `chunks` until every
+                // write of the job completed.
                 for (at, n, zero) in runs(b, opts.sparse_size) {
                     if zero && !opts.existing_target {
                         report.skipped += n;
@@ -479,7 +482,8 @@ fn to_device(
                             Request::write(
                                 tag,
                                 job.offset + at,
-                                IoBuf::view(b, at as usize, n as usize),
+                                // SAFETY: see above: a view only read, of a buffer only read.
+                                unsafe { IoBuf::view(b, at as usize, n as usize) },
                             )
                         });
                         report.zeroed += n;
@@ -487,7 +491,8 @@ fn to_device(
                         reqs.push(Request::write(
                             tag,
                             job.offset + at,
-                            IoBuf::view(b, at as usize, n as usize),
+                            // SAFETY: see above: a view only read, of a buffer only read.
+                            unsafe { IoBuf::view(b, at as usize, n as usize) },
                         ));
                         report.written += n;
                     }

@@ -471,11 +471,17 @@ impl<M: BlockMap> MappedQueue<M> {
             Ok(p) => p,
             Err(e) => return self.complete_now(tag, Err(e), Some(buf)),
         };
+        if !crate::io::buf::in_order_and_disjoint(pieces.iter().map(|p| (p.pos, p.len)), len) {
+            let e = StorageError::corrupt(self.map.name(), "a read mapped to overlapping pieces");
+            return self.complete_now(tag, Err(e), Some(buf));
+        }
         let id = self.new_pending(tag, len, true);
         let whole = Arc::new(buf);
         let parent_size = self.map.parent().map_or(0, |p| p.size());
         for p in pieces {
-            let mut view = IoBuf::view(&whole, p.pos as usize, p.len as usize);
+            // SAFETY: the pieces are disjoint (checked above), so no two views of `whole` overlap;
+            // `whole` itself is only unwrapped in `maybe_finish`, after every view's completion.
+            let mut view = unsafe { IoBuf::view(&whole, p.pos as usize, p.len as usize) };
             match p.target {
                 ReadTarget::Zero => view.fill_zero(0, p.len as usize),
                 ReadTarget::Host(host) => self.send(
@@ -495,7 +501,8 @@ impl<M: BlockMap> MappedQueue<M> {
                     }
                     drop(view);
                     if avail > 0 {
-                        let v = IoBuf::view(&whole, p.pos as usize, avail as usize);
+                        // SAFETY: the same piece's range again, after its first view was dropped.
+                        let v = unsafe { IoBuf::view(&whole, p.pos as usize, avail as usize) };
                         self.send(id, PARENT, Op::Read { offset: at, buf: v });
                     }
                 }
@@ -518,7 +525,9 @@ impl<M: BlockMap> MappedQueue<M> {
         for p in pieces {
             match p.target {
                 WriteTarget::Host(host) => {
-                    let view = IoBuf::view(&whole, p.pos as usize, p.len as usize);
+                    // SAFETY: a write's views are only read (by the host file's queue), and
+                    // `whole` is only unwrapped in `maybe_finish`, after every view's completion.
+                    let view = unsafe { IoBuf::view(&whole, p.pos as usize, p.len as usize) };
                     self.send(
                         id,
                         HOST,

@@ -21,6 +21,7 @@ pub mod file;
 mod sync_queue;
 pub mod threads;
 pub mod uring;
+pub mod volatile;
 
 #[cfg(feature = "test-utils")]
 pub mod fault;

@@ -239,6 +239,8 @@ struct Parent {
     result: Result<u64>,
     whole: Option<IoBuf>,
     shared: Option<Arc<IoBuf>>,
+    /// End of the last view handed out: views go out in order and never overlap.
+    handed: usize,
 }
 
 /// Requests in flight in a stacked queue. See the module documentation.
@@ -262,6 +264,7 @@ impl Parents {
             result: Ok(len),
             whole,
             shared,
+            handed: 0,
         };
         self.count += 1;
         match self.free.pop() {
@@ -282,7 +285,9 @@ impl Parents {
     }
 
     /// The buffer for the piece at `offset..offset+len` of request `id`: the whole buffer when
-    /// the request has one piece, else a view.
+    /// the request has one piece, else a view. Pieces are asked for in order; a range that
+    /// overlaps one handed out before gets an empty buffer (a bug of the caller, which the
+    /// piece then reports as a short transfer) rather than an aliasing view.
     pub(crate) fn piece_buf(&mut self, id: usize, offset: usize, len: usize) -> IoBuf {
         let Some(Some(p)) = self.slots.get_mut(id) else {
             return IoBuf::empty();
@@ -291,8 +296,17 @@ impl Parents {
             return b;
         }
         match &p.shared {
-            Some(s) => IoBuf::view(s, offset, len),
-            None => IoBuf::empty(),
+            Some(s) if offset >= p.handed => {
+                p.handed = offset.saturating_add(len);
+                // SAFETY: views of one request go out in increasing, non-overlapping order
+                // (checked just above), and the shared buffer is only unwrapped in `piece_done`
+                // after the last piece came back.
+                unsafe { IoBuf::view(s, offset, len) }
+            }
+            _ => {
+                debug_assert!(false, "piece {offset}+{len} overlaps an earlier one");
+                IoBuf::empty()
+            }
         }
     }
 

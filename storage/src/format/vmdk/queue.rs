@@ -244,10 +244,17 @@ impl VmdkQueue {
                 _ => {}
             }
         }
+        if !crate::io::buf::in_order_and_disjoint(pieces.iter().map(|p| (p.pos, p.len)), len) {
+            self.pending.remove(&id);
+            let e = StorageError::corrupt(&self.img.name, "a read mapped to overlapping pieces");
+            return self.complete_now(tag, Err(e), Some(buf));
+        }
         let whole = Arc::new(buf);
         let parent_size = self.img.parent.as_ref().map_or(0, |p| p.size());
         for p in pieces {
-            let mut view = IoBuf::view(&whole, p.pos as usize, p.len as usize);
+            // SAFETY: the pieces are disjoint (checked above), so no two views of `whole` overlap;
+            // `whole` is only unwrapped when the request's last piece has completed.
+            let mut view = unsafe { IoBuf::view(&whole, p.pos as usize, p.len as usize) };
             let r = match p.target {
                 ReadTarget::Zero => {
                     view.fill_zero(0, p.len as usize);
@@ -269,7 +276,8 @@ impl VmdkQueue {
                     }
                     if avail > 0 {
                         drop(view);
-                        let v = IoBuf::view(&whole, p.pos as usize, avail as usize);
+                        // SAFETY: the same piece again, after its first view was dropped.
+                        let v = unsafe { IoBuf::view(&whole, p.pos as usize, avail as usize) };
                         let slot = self.parent_slot();
                         self.send(id, slot, Op::Read { offset: at, buf: v })
                     } else {
@@ -375,7 +383,9 @@ impl VmdkQueue {
         for p in pieces {
             let r = match p.target {
                 WriteTarget::Host { file, offset: host } => {
-                    let view = IoBuf::view(&whole, p.pos as usize, p.len as usize);
+                    // SAFETY: a write's views are only read by the queues they go to; `whole` is
+                    // only unwrapped when the request's last piece has completed.
+                    let view = unsafe { IoBuf::view(&whole, p.pos as usize, p.len as usize) };
                     self.send(
                         id,
                         file,

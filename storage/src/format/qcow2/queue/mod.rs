@@ -244,9 +244,14 @@ impl Qcow2Queue {
         }
     }
 
+    /// A view of request `r`'s buffer.
     fn view(&self, r: usize, off: usize, len: usize) -> Option<IoBuf> {
         let parent = self.reqs.items.get(r)?.as_ref()?.buf.as_ref()?;
-        Some(IoBuf::view(parent, off, len))
+        // SAFETY: planning hands each byte of a read to one piece at a time (the walk advances
+        // past every extent it maps; a piece cut again is cut after its first view is dropped),
+        // and a write's views are only read. The buffer is taken back (`Arc::try_unwrap` in
+        // `finish`) only when no piece of the request is pending.
+        Some(unsafe { IoBuf::view(parent, off, len) })
     }
 
     fn submit_lower(&mut self, which: Lower, r: usize, what: SubWhat, op: Op) {

@@ -169,12 +169,16 @@ impl Qcow2Queue {
                     let bsize = self.img.backing_size;
                     if self.backing.is_some() && p.guest < bsize {
                         let inside = p.len.min(bsize - p.guest) as usize;
-                        let view = IoBuf::view(&part, 0, inside);
+                        // SAFETY: a copied-in part has one view at a time: this read's, until
+                        // `job_reads_done` (after every read of the job completed) cuts the
+                        // write's.
+                        let view = unsafe { IoBuf::view(&part, 0, inside) };
                         self.job_read(j, Lower::Backing, p.guest, view);
                     }
                 }
                 Mapping::Allocated(h) => {
-                    let view = IoBuf::view(&part, 0, p.len as usize);
+                    // SAFETY: as for the backing read above.
+                    let view = unsafe { IoBuf::view(&part, 0, p.len as usize) };
                     self.job_read(j, Lower::Host, h, view);
                 }
                 Mapping::Compressed {
@@ -184,7 +188,8 @@ impl Qcow2Queue {
                 } => {
                     let copied = self.decompressed(offset, len).map(|d| {
                         let w = within as usize;
-                        let mut v = IoBuf::view(&part, 0, p.len as usize);
+                        // SAFETY: the only view of this part, dropped at the end of the closure.
+                        let mut v = unsafe { IoBuf::view(&part, 0, p.len as usize) };
                         v.copy_from_slice(0, &d[w..w + p.len as usize]);
                     });
                     if let (Err(e), Some(job)) = (copied, self.jobs.get_mut(j)) {
@@ -234,7 +239,9 @@ impl Qcow2Queue {
                     pieces.push(d);
                 }
             }
-            pieces.push(IoBuf::view(buf, 0, p.len as usize));
+            // SAFETY: every read into the part completed (this runs after the job's last one);
+            // the write only reads this view.
+            pieces.push(unsafe { IoBuf::view(buf, 0, p.len as usize) });
         }
         if let Some(d) = data.take() {
             pieces.push(d);
