@@ -19,6 +19,10 @@
 pub mod chain;
 pub mod config;
 pub mod engine;
+#[cfg(test)]
+mod props;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod worker;
 
 pub use config::{BlkConfig, DiskOptions};
