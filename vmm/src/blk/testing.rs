@@ -373,11 +373,18 @@ impl Ring {
         out
     }
 
-    /// Every range a device-writable descriptor names: in the table, and in the indirect
-    /// tables its descriptors name. The device may write there and nowhere else but the used
-    /// ring.
-    pub fn writable_ranges(&self) -> Vec<(u64, u64)> {
+    /// Every range a device-writable descriptor names — in the table, and in the indirect
+    /// tables its descriptors name — where the device may write (besides the used ring, which
+    /// comes first); and whether one of them covers the descriptor table, the avail ring or an
+    /// indirect table. Then the guest has asked the device to rewrite the tables it reads, so
+    /// what the device may write next is decided by what it wrote: [`Ring::run_checked`] checks
+    /// such a run for what holds whatever the tables become, not byte for byte.
+    pub fn writable_ranges(&self) -> (Vec<(u64, u64)>, bool) {
         let mut out = vec![(USED, 0x1000)];
+        let mut tables = vec![
+            (DESC, 16 * u64::from(QSIZE)),
+            (AVAIL, 6 + 2 * u64::from(QSIZE)),
+        ];
         let read = |table: u64, i: u64| -> Option<(u64, u32, u16)> {
             let mut raw = [0u8; 16];
             self.mem
@@ -397,6 +404,7 @@ impl Ring {
                 out.push((addr, u64::from(len)));
             }
             if flags & F_INDIRECT != 0 {
+                tables.push((addr, u64::from(len)));
                 for j in 0..(u64::from(len) / 16).min(4096) {
                     if let Some((a, l, f)) = read(addr, j) {
                         if f & F_WRITE != 0 {
@@ -406,7 +414,13 @@ impl Ring {
                 }
             }
         }
-        out
+        let overlap = |(a, l): (u64, u64), (b, m): (u64, u64)| {
+            a < b.saturating_add(m) && b < a.saturating_add(l)
+        };
+        let self_modifying = out[1..]
+            .iter()
+            .any(|&w| tables.iter().any(|&t| overlap(w, t)));
+        (out, self_modifying)
     }
 
     /// A copy of guest memory (each region in order).
@@ -421,15 +435,17 @@ impl Ring {
             .collect()
     }
 
-    /// Runs the engine and checks that guest memory changed only where `allowed` says the
-    /// device may write, and that each used entry names a descriptor of the table.
+    /// Runs the engine and checks that guest memory changed only where the descriptor tables
+    /// say the device may write (see [`Ring::writable_ranges`]; not checked when the tables
+    /// name themselves as writable), and that each used entry names a descriptor of the table.
     ///
     /// # Panics
     /// On a broken invariant.
-    pub fn run_checked(&mut self, allowed: &[(u64, u64)]) -> Vec<(u32, u32)> {
-        let before = self.snapshot();
+    pub fn run_checked(&mut self) -> Vec<(u32, u32)> {
+        let (allowed, self_modifying) = self.writable_ranges();
+        let before = (!self_modifying).then(|| self.snapshot());
         self.run();
-        for ((start, old), (_, new)) in before.iter().zip(self.snapshot()) {
+        for ((start, old), (_, new)) in before.iter().flatten().zip(self.snapshot()) {
             for (page, (a, b)) in old.chunks(4096).zip(new.chunks(4096)).enumerate() {
                 if a == b {
                     continue;
@@ -437,7 +453,7 @@ impl Ring {
                 for (k, (x, y)) in a.iter().zip(b.iter()).enumerate() {
                     let at = start + (page * 4096 + k) as u64;
                     assert!(
-                        x == y || inside(allowed, at, 1),
+                        x == y || inside(&allowed, at, 1),
                         "the device wrote guest memory at {at:#x}, which no writable descriptor names"
                     );
                 }
@@ -497,8 +513,7 @@ pub fn replay_engine(data: &[u8]) -> Ring {
                 }
             }
             _ => {
-                let allowed = ring.writable_ranges();
-                used += ring.run_checked(&allowed).len() as u32;
+                used += ring.run_checked().len() as u32;
                 assert!(
                     used <= available,
                     "{used} used entries for {available} chains"
@@ -506,8 +521,7 @@ pub fn replay_engine(data: &[u8]) -> Ring {
             }
         }
     }
-    let allowed = ring.writable_ranges();
-    used += ring.run_checked(&allowed).len() as u32;
+    used += ring.run_checked().len() as u32;
     assert!(
         used <= available,
         "{used} used entries for {available} chains"
