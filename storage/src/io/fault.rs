@@ -34,6 +34,35 @@ pub enum LossMode {
     },
 }
 
+/// The kind of an operation the device saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// A read.
+    Read,
+    /// A write.
+    Write,
+    /// A flush (sync).
+    Flush,
+    /// A discard (hole punch).
+    Discard,
+    /// A write of zeroes.
+    WriteZeroes,
+    /// A change of length.
+    SetLen,
+}
+
+impl OpKind {
+    fn of(op: &Op) -> OpKind {
+        match op {
+            Op::Read { .. } => OpKind::Read,
+            Op::Write { .. } => OpKind::Write,
+            Op::Flush => OpKind::Flush,
+            Op::Discard { .. } => OpKind::Discard,
+            Op::WriteZeroes { .. } => OpKind::WriteZeroes,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Unflushed {
     Write { offset: u64, data: Vec<u8> },
@@ -48,6 +77,8 @@ struct State {
     ops: u64,
     flushes: u64,
     fail_op_at: Option<u64>,
+    /// What the injected failure hit, once it has.
+    injected: Option<OpKind>,
     crash_at_flush: Option<u64>,
     loss: LossMode,
     /// Set once power is lost: what survived.
@@ -66,16 +97,17 @@ impl Shared {
     }
 
     /// Counts an operation and decides whether it fails. Flushes may trigger power loss.
-    fn begin(&self, state: &mut State, is_flush: bool) -> Result<()> {
+    fn begin(&self, state: &mut State, kind: OpKind) -> Result<()> {
         if state.crashed.is_some() {
             return Err(StorageError::Unavailable("power was lost".into()));
         }
         state.ops += 1;
         if state.fail_op_at == Some(state.ops) {
             state.fail_op_at = None;
+            state.injected = Some(kind);
             return Err(StorageError::from_errno("Injected fault", libc::EIO));
         }
-        if is_flush {
+        if kind == OpKind::Flush {
             state.flushes += 1;
             if state.crash_at_flush == Some(state.flushes) {
                 Self::lose_power(state);
@@ -175,6 +207,7 @@ impl FaultDevice {
                 ops: 0,
                 flushes: 0,
                 fail_op_at: None,
+                injected: None,
                 crash_at_flush: None,
                 loss: LossMode::DropUnflushed,
                 crashed: None,
@@ -194,6 +227,12 @@ impl FaultController {
     pub fn fail_nth_op(&self, n: u64) {
         let mut s = self.shared.state();
         s.fail_op_at = Some(s.ops + n.max(1));
+    }
+
+    /// The kind of operation the failure [`FaultController::fail_nth_op`] asked for hit, once it
+    /// has.
+    pub fn injected(&self) -> Option<OpKind> {
+        self.shared.state().injected
     }
 
     /// Makes the `n`th flush from now (1 = the next) lose power instead of completing.
@@ -240,7 +279,7 @@ impl FaultController {
 impl Shared {
     fn run(&self, op: &mut Op) -> Result<u64> {
         let mut state = self.state();
-        self.begin(&mut state, matches!(op, Op::Flush))?;
+        self.begin(&mut state, OpKind::of(op))?;
         match op {
             Op::Flush => {
                 let log = std::mem::take(&mut state.log);
@@ -273,7 +312,7 @@ impl Shared {
 
     fn set_len(&self, len: u64) -> Result<()> {
         let mut state = self.state();
-        self.begin(&mut state, false)?;
+        self.begin(&mut state, OpKind::SetLen)?;
         state.log.push(Unflushed::SetLen(len));
         self.current
             .write()
@@ -353,7 +392,7 @@ impl HostFile for FaultDevice {
             ));
         }
         let mut state = self.shared.state();
-        self.shared.begin(&mut state, false)?;
+        self.shared.begin(&mut state, OpKind::Read)?;
         self.shared
             .current
             .read()

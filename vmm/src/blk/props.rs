@@ -527,7 +527,10 @@ impl Driver {
         // Every chain came back: clear the table, so that no stale descriptor names buffers
         // the next batch reuses.
         let zeros = vec![0u8; 16 * usize::from(QSIZE)];
-        self.ring.mem.write_slice(&zeros, GuestAddress(DESC)).unwrap();
+        self.ring
+            .mem
+            .write_slice(&zeros, GuestAddress(DESC))
+            .unwrap();
         self.free = (0..QSIZE).rev().collect();
         self.bump = DATA + 0x1000;
         Ok(())

@@ -181,6 +181,12 @@ impl Meta {
     /// clusters are fresh (never used since open, so they read as zeros).
     pub fn alloc_clusters(&mut self, n: u64) -> Result<(u64, bool)> {
         let start = self.find_free(n)?;
+        let cs = self.geo.cluster_size;
+        let off = start * cs;
+        let end = off + n * cs;
+        // The file grows first: a failure here leaves no refcount taken (a refcount taken
+        // before a failed extension would leak the clusters).
+        self.ensure_len(end)?;
         self.reserved.push((start, n));
         let mut done = 0;
         let r = (|| {
@@ -200,10 +206,6 @@ impl Meta {
         if n == 1 || start == self.free_hint {
             self.free_hint = start + n;
         }
-        let cs = self.geo.cluster_size;
-        let off = start * cs;
-        let end = off + n * cs;
-        self.ensure_len(end)?;
         let fresh = off >= self.hwm;
         self.hwm = self.hwm.max(end);
         self.unmark_allocated(off, n);
@@ -240,7 +242,14 @@ impl Meta {
             self.reserved.push((c, 1));
             let r = self.update_refcount(c, 1);
             self.reserved.pop();
-            r?;
+            if let Err(e) = r {
+                // Nothing may point at a block whose own refcount was not taken: a later
+                // allocation could hand its cluster out again.
+                self.reftable[ti] = 0;
+                self.rb.forget(off);
+                self.rebuild_metadata_map();
+                return Err(e);
+            }
         }
         Ok(off)
     }
@@ -324,10 +333,19 @@ impl Meta {
 
     /// Applies the pending decrements; clusters reaching zero are punched out of the file.
     pub(super) fn apply_pending_frees(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending_free);
+        let mut pending = std::mem::take(&mut self.pending_free).into_iter();
         let cs = self.geo.cluster_size;
-        for c in pending {
-            if self.update_refcount(c, -1)? == 0 {
+        while let Some(c) = pending.next() {
+            let left = match self.update_refcount(c, -1) {
+                Ok(n) => n,
+                Err(e) => {
+                    // What was not applied stays pending for the next write-back.
+                    self.pending_free.push(c);
+                    self.pending_free.extend(pending);
+                    return Err(e);
+                }
+            };
+            if left == 0 {
                 self.l2.forget(c * cs);
                 self.rb.forget(c * cs);
                 if c * cs < self.file_len {

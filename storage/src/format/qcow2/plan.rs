@@ -110,8 +110,10 @@ impl Meta {
         } else {
             None
         };
-        let (host, _) = self.alloc_clusters(1)?;
+        // Room in the cache first: an eviction that fails must not leave a new table's cluster
+        // allocated with nothing pointing at it.
         self.make_room_l2()?;
+        let (host, _) = self.alloc_clusters(1)?;
         let data = copy.unwrap_or_else(|| IoBuf::new(self.geo.cluster_size as usize));
         let slot = self.l2.insert(host, data, true);
         self.mark_metadata(host);

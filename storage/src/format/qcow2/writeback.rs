@@ -108,14 +108,17 @@ impl Meta {
             self.reftable_moved = false;
             self.reftable_dirty.clear();
         } else if !self.reftable_dirty.is_empty() {
-            let units: Vec<usize> = std::mem::take(&mut self.reftable_dirty)
-                .into_iter()
-                .collect();
+            // The units stay dirty until written and synced: a failed write-back is retried
+            // whole by the next one, never forgotten.
+            let units: Vec<usize> = self.reftable_dirty.iter().copied().collect();
             let table = std::mem::take(&mut self.reftable);
             let r = self.write_units(off, &table, &units, bytes);
             self.reftable = table;
             r?;
             self.file.sync_data()?;
+            for u in units {
+                self.reftable_dirty.remove(&u);
+            }
         }
         Ok(())
     }
@@ -173,12 +176,16 @@ impl Meta {
         }
         if !self.l1_dirty.is_empty() || self.header_dirty {
             self.file.sync_data()?;
-            let units: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+            // As for the refcount table: dirty until written (a failed write is retried).
+            let units: Vec<usize> = self.l1_dirty.iter().copied().collect();
             let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(self.geo.cluster_size);
             let l1 = std::mem::take(&mut self.l1);
             let r = self.write_units(self.header.l1_table_offset, &l1, &units, l1_bytes);
             self.l1 = l1;
             r?;
+            for u in units {
+                self.l1_dirty.remove(&u);
+            }
             if self.header_dirty {
                 self.write_header()?;
             }
