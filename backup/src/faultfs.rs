@@ -127,6 +127,8 @@ struct State {
     ops: u64,
     cut_at: Option<u64>,
     fail_at: Option<(u64, i32)>,
+    /// The operation [`FaultFs::fail_at`] failed, once it has: its name and path.
+    injected: Option<(&'static str, PathBuf)>,
     pending: Vec<Effect>,
     stashed: u64,
 }
@@ -172,6 +174,13 @@ impl FaultFs {
     pub fn fail_at(&self, n: u64, errno: i32) {
         let mut s = self.lock();
         s.fail_at = Some((s.ops + n, errno));
+    }
+
+    /// The operation the failure [`FaultFs::fail_at`] asked for hit, once it has: `create_dir`,
+    /// `write`, `sync_data`, `rename`, `remove`, `sync_dir` or `touch`, and its path (`from`
+    /// for a rename).
+    pub fn injected(&self) -> Option<(&'static str, PathBuf)> {
+        self.lock().injected.clone()
     }
 
     /// Whether the cut has been reached.
@@ -263,14 +272,15 @@ impl FaultFs {
         Ok(())
     }
 
-    /// Counts one operation; the error it must fail with, if any.
-    fn count(s: &mut State) -> io::Result<()> {
+    /// Counts one operation (`what` on `path`); the error it must fail with, if any.
+    fn count(s: &mut State, what: &'static str, path: &Path) -> io::Result<()> {
         s.ops += 1;
         if s.cut_at.is_some_and(|c| s.ops >= c) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         if let Some((n, errno)) = s.fail_at {
             if s.ops == n {
+                s.injected = Some((what, path.to_path_buf()));
                 return Err(io::Error::from_raw_os_error(errno));
             }
         }
@@ -305,7 +315,7 @@ impl FaultFs {
                 self.remove_tree(s, &e)?;
             }
         }
-        Self::count(s)?;
+        Self::count(s, "remove", path)?;
         self.remove(s, path)
     }
 }
@@ -313,7 +323,7 @@ impl FaultFs {
 impl StoreFs for FaultFs {
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
+        Self::count(&mut s, "create_dir", path)?;
         self.real.create_dir(path)?;
         s.pending.push(Effect::Made {
             path: path.to_path_buf(),
@@ -340,7 +350,7 @@ impl StoreFs for FaultFs {
 
     fn write_new_synced(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
+        Self::count(&mut s, "write", path)?;
         {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new()
@@ -357,7 +367,7 @@ impl StoreFs for FaultFs {
             f.write_all(data)?;
         }
         // The data's fdatasync: a second operation, so a cut can fall between the two.
-        Self::count(&mut s)?;
+        Self::count(&mut s, "sync_data", path)?;
         std::fs::File::open(path)?.sync_data()?;
         s.pending
             .retain(|e| !matches!(e, Effect::Data { path: p } if p == path));
@@ -366,7 +376,7 @@ impl StoreFs for FaultFs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
+        Self::count(&mut s, "rename", from)?;
         std::fs::symlink_metadata(from)?;
         let replaced = if std::fs::symlink_metadata(to).is_ok_and(|m| m.is_file()) {
             let stash = self.stash_path(&mut s);
@@ -391,7 +401,7 @@ impl StoreFs for FaultFs {
 
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
+        Self::count(&mut s, "rename", from)?;
         self.real.rename_noreplace(from, to)?;
         for earlier in &mut s.pending {
             earlier.rewrite(from, to);
@@ -408,7 +418,7 @@ impl StoreFs for FaultFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
+        Self::count(&mut s, "remove", path)?;
         if std::fs::symlink_metadata(path)?.is_dir() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
@@ -422,7 +432,7 @@ impl StoreFs for FaultFs {
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
+        Self::count(&mut s, "sync_dir", path)?;
         self.real.sync_dir(path)?;
         let mut durable = vec![false; s.pending.len()];
         for (i, e) in s.pending.iter_mut().enumerate() {
@@ -476,7 +486,7 @@ impl StoreFs for FaultFs {
 
     fn touch(&self, path: &Path) -> io::Result<bool> {
         let mut s = self.lock();
-        Self::count(&mut s)?;
+        Self::count(&mut s, "touch", path)?;
         let old = match std::fs::symlink_metadata(path) {
             Ok(m) => m.modified()?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),

@@ -120,14 +120,31 @@ fn keep_last(n: usize) -> KeepRules {
 
 /// A fresh copy of the base datastore in `work`.
 fn copy_base(base: &Base, work: &Path) -> PathBuf {
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(base.dir.path().join("store"))
-        .arg(work.join("store"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    copy_tree(&base.dir.path().join("store"), &work.join("store"));
     work.join("store")
+}
+
+/// Copies a folder, keeping modification times (gc reads them). In-process rather than `cp -a`:
+/// a child process forked while another test holds a lock would hold a copy of that lock until
+/// it execs, and a lock taken in that moment would fail as busy.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for ent in std::fs::read_dir(from).unwrap() {
+        let ent = ent.unwrap();
+        let (src, dst) = (ent.path(), to.join(ent.file_name()));
+        if ent.file_type().unwrap().is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+            let mtime = ent.metadata().unwrap().modified().unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&dst)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+        }
+    }
 }
 
 /// What an operation reported done: it must hold after any crash that follows.
@@ -137,14 +154,22 @@ struct Done {
     made: Option<String>,
     /// Snapshots prune reported removed.
     removed: Vec<String>,
+    /// The error the operation reported (for prune: for a snapshot it could not remove).
+    error: Option<String>,
 }
 
 /// Runs `op` on `store`.
 fn run_op(op: Op, store: &Datastore, base: &Base, work: &Path) -> Done {
     let src = source(work, "new.raw", &base.new_data);
-    let made = |r: strata_storage::Result<strata_backup::BackupOutcome>| Done {
-        made: r.ok().map(|o| o.snapshot.to_string()),
-        removed: Vec::new(),
+    let made = |r: strata_storage::Result<strata_backup::BackupOutcome>| match r {
+        Ok(o) => Done {
+            made: Some(o.snapshot.to_string()),
+            ..Done::default()
+        },
+        Err(e) => Done {
+            error: Some(e.to_string()),
+            ..Done::default()
+        },
     };
     match op {
         Op::FullBackup => made(backup(
@@ -164,21 +189,25 @@ fn run_op(op: Op, store: &Datastore, base: &Base, work: &Path) -> Done {
             };
             made(backup(store, open_ro(&src).unwrap(), "vm/a", changes))
         }
-        Op::Prune => Done {
-            made: None,
-            removed: prune(store, &["vm/a".into()], keep_last(1), false)
-                .map(|ds| {
-                    ds.into_iter()
-                        .filter(|d| !d.keep && d.skipped.is_none())
-                        .map(|d| d.snapshot)
-                        .collect()
-                })
-                .unwrap_or_default(),
+        Op::Prune => match prune(store, &["vm/a".into()], keep_last(1), false) {
+            Ok(ds) => Done {
+                made: None,
+                error: ds.iter().find_map(|d| d.skipped.clone()),
+                removed: ds
+                    .into_iter()
+                    .filter(|d| !d.keep && d.skipped.is_none())
+                    .map(|d| d.snapshot)
+                    .collect(),
+            },
+            Err(e) => Done {
+                error: Some(e.to_string()),
+                ..Done::default()
+            },
         },
-        Op::Gc => {
-            let _ = gc(store, 1, &NoProgress);
-            Done::default()
-        }
+        Op::Gc => Done {
+            error: gc(store, 1, &NoProgress).err().map(|e| e.to_string()),
+            ..Done::default()
+        },
         Op::Verify => {
             if let Ok(names) = store.list() {
                 let _ = verify(store, &names, 2, &NoProgress);
@@ -386,6 +415,122 @@ fn sweep(op: Op) -> u64 {
     }
     eprintln!("{op:?}: cut at each of {total} operations");
     total
+}
+
+/// Whether a failure of seam operation `what` on `path` may be absorbed: deleting leftovers
+/// (temporary files, staging folders, folders of removed snapshots) that gc deletes later.
+fn absorbed(what: &str, path: &Path) -> bool {
+    what == "remove"
+        && path.ancestors().any(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with(".tmp-") || n.to_string_lossy().starts_with(".del-")
+            })
+        })
+}
+
+/// Fails each operation of `op` in turn with EIO (the process goes on, nothing is lost): the
+/// error reaches the caller unless it only left garbage behind, and then the datastore passes
+/// the same checks as after a crash, with no restart in between. Returns the number of
+/// operations.
+fn eio_sweep(op: Op) -> u64 {
+    let base = base();
+    let total = {
+        let work = tempfile::tempdir().unwrap();
+        let root = copy_base(&base, work.path());
+        let sfs = Arc::new(FaultFs::new(&work.path().join("stash")).unwrap());
+        let store = Datastore::open_on(&root, sfs.clone()).unwrap();
+        run_op(op, &store, &base, work.path());
+        sfs.ops()
+    };
+    for k in 1..=total {
+        let work = tempfile::tempdir().unwrap();
+        let root = copy_base(&base, work.path());
+        let sfs = Arc::new(FaultFs::new(&work.path().join("stash")).unwrap());
+        let store = Datastore::open_on(&root, sfs.clone()).unwrap();
+        sfs.fail_at(k, libc::EIO);
+        let done = run_op(op, &store, &base, work.path());
+        let injected = sfs.injected();
+        let what = format!("{op:?}, EIO at operation {k} of {total} ({injected:?})");
+        if let Some((name, path)) = &injected {
+            if !absorbed(name, path) {
+                assert!(
+                    done.error.is_some(),
+                    "{what}: the error did not reach the caller"
+                );
+                assert!(done.made.is_none(), "{what}: the backup reported success");
+            }
+        }
+        drop(store);
+        // The seam works again (the failure was one operation): no crash, no restart.
+        sfs.crash(Crash::Kill).unwrap();
+        check_after_crash(op, &done, &root, &base, work.path(), &what);
+    }
+    eprintln!("{op:?}: EIO at each of {total} operations");
+    total
+}
+
+#[test]
+fn a_full_backup_with_eio_at_every_operation() {
+    assert!(eio_sweep(Op::FullBackup) > 20);
+}
+
+#[test]
+fn an_incremental_backup_with_eio_at_every_operation() {
+    assert!(eio_sweep(Op::IncrementalBackup) > 10);
+}
+
+#[test]
+fn prune_and_gc_with_eio_at_every_operation() {
+    assert!(eio_sweep(Op::Prune) >= 6);
+    assert!(eio_sweep(Op::Gc) >= 8);
+}
+
+/// The backup's source fails a read (EIO at each read in turn): the backup fails, nothing is
+/// committed, and the next backup works.
+#[test]
+fn a_failing_source_fails_the_backup_and_commits_nothing() {
+    use strata_storage::io::fault::FaultDevice;
+    use strata_storage::HostFile;
+    let base = base();
+    let work = tempfile::tempdir().unwrap();
+    let root = copy_base(&base, work.path());
+    let store = Datastore::open(&root).unwrap();
+    let before: Vec<String> = store
+        .list()
+        .unwrap()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let mut k = 1;
+    loop {
+        let (dev, ctl) = FaultDevice::new(base.new_data.len() as u64);
+        dev.write_all_at(0, &base.new_data).unwrap();
+        ctl.fail_nth_op(k);
+        let r = backup(&store, dev, "vm/new", Changes::Untracked);
+        if ctl.injected().is_none() {
+            // The backup needed fewer reads than k: every read was tried.
+            r.unwrap();
+            break;
+        }
+        assert!(r.is_err(), "read {k} failed and the backup succeeded");
+        let now: Vec<String> = store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(now, before, "read {k} failed and a snapshot appeared");
+        k += 1;
+    }
+    assert!(k > 4, "only {k} reads");
+    check_after_crash(
+        Op::FullBackup,
+        &Done::default(),
+        &root,
+        &base,
+        work.path(),
+        "source EIO",
+    );
 }
 
 #[test]
