@@ -109,7 +109,9 @@ sock=$dir/nbd.sock
 drop_caches
 t0=$(now)
 st backups restore --live --no-wait "$snap" lv:strata/dst -q >/dev/null
-st nbd serve lv:strata/dst --unix "$sock" >/dev/null 2>"$dir/nbd.log" &
+# Started directly (not through `st`): a background function is a subshell, and the SIGINT
+# below must reach the server itself.
+"$strata" --data "$data" nbd serve lv:strata/dst --unix "$sock" >/dev/null 2>"$dir/nbd.log" &
 nbd=$!
 while [ ! -S "$sock" ]; do sleep 0.005; done
 qemu-io -r -f raw -c "read 0 4k" "nbd+unix:///?socket=$sock" >/dev/null

@@ -268,6 +268,11 @@ EOF
     cat >> "$conf" <<EOF
 rgw frontends = beast endpoint=127.0.0.1:$port
 rgw enable lc threads = false
+# Per-bucket request counts (radosgw-admin usage show; benches/s3.sh counts PUTs), flushed
+# every second.
+rgw enable usage log = true
+rgw usage log tick interval = 1
+rgw usage log flush threshold = 1
 EOF
     ceph_ auth get-or-create client.rgw.strata mon 'allow rw' osd 'allow rwx' mgr 'allow rw' \
       -o "$DIR/rgw/keyring" >/dev/null 2>>"$DIR/log/setup.log"

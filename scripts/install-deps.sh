@@ -34,9 +34,14 @@ packages=(
   ceph-common                  # volume groups (the ceph and rbd tools, librados, librbd)
   librbd-dev librados-dev      # librbd.so/librados.so, which Strata loads at run time
   radosgw                      # scripts/ceph-cluster.sh --rgw: S3 for the datastore on S3
+  curl                         # cli/tests/s3_datastore.rs, benches/s3.sh: create buckets (SigV4)
+  restic                       # benches/s3.sh: the peer of the S3 datastore
   acpica-tools                 # vmm/src/boot/acpi.rs: iasl disassembles the DSDT (power button, GED)
   chromium chromium-driver     # cli/tests/ui_browser.rs: the web UI in a real headless browser (WebDriver)
   prometheus                   # cli/tests/metrics.rs: promtool check metrics on /api/metrics
+  iperf3                       # tests/tests/tier2_net_qemu.rs: iperf3 in the Linux guest (its
+                               # initramfs-net.gz) and the server in the peer namespace
+  iproute2                     # network tests: ip netns/link/addr, ss
   libvhdi-utils                # storage/tests/vhd_chains.rs: vhdiinfo and vhdimount (FUSE), an
                                # independent VHD/VHDX reader for differencing chains (unmounted with umount as root)
 )

@@ -1,6 +1,6 @@
 //! Builds the freestanding test guests (tests/guest/blkdrv: the virtio-blk driver test, and
 //! with -DTICKER the ticker, which writes a counter to its disk until the power button is
-//! pressed) into flat binaries with the host's gcc and objcopy, using the flags the PVM ring-0
+//! pressed; tests/guest/netdrv: the virtio-net driver test) into flat binaries with the host's gcc and objcopy, using the flags the PVM ring-0
 //! emulator needs (no SSE, no popcnt, no BMI), and refuses a build whose code uses an
 //! instruction that emulator cannot run.
 
@@ -48,22 +48,32 @@ const FORBIDDEN: &[&str] = &[
 ];
 
 fn main() {
-    for f in ["blkdrv.c", "entry.S", "link.ld"] {
-        println!("cargo:rerun-if-changed=guest/blkdrv/{f}");
+    for f in [
+        "blkdrv/blkdrv.c",
+        "blkdrv/entry.S",
+        "blkdrv/link.ld",
+        "netdrv/netdrv.c",
+    ] {
+        println!("cargo:rerun-if-changed=guest/{f}");
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let blkdrv = build(&out, "blkdrv", &[]);
+    let blkdrv = build(&out, "blkdrv", "blkdrv/blkdrv.c", &[]);
     println!("cargo:rustc-env=STRATA_BLKDRV_BIN={}", blkdrv.display());
     let ticker = build(
         &out,
         "ticker",
+        "blkdrv/blkdrv.c",
         &["-DTICKER", "-Wno-unused-function", "-Wno-unused-variable"],
     );
     println!("cargo:rustc-env=STRATA_TICKER_BIN={}", ticker.display());
+    // The virtio-net driver, with the ticker's interrupt stubs (LAPIC timer) from entry.S.
+    let netdrv = build(&out, "netdrv", "netdrv/netdrv.c", &["-DTICKER"]);
+    println!("cargo:rustc-env=STRATA_NETDRV_BIN={}", netdrv.display());
 }
 
-/// Builds guest `name` with `defines`; returns the flat binary's path.
-fn build(out: &std::path::Path, name: &str, defines: &[&str]) -> PathBuf {
+/// Builds guest `name` from `source` (under guest/) with blkdrv's entry and linker script and
+/// `defines`; returns the flat binary's path.
+fn build(out: &std::path::Path, name: &str, source: &str, defines: &[&str]) -> PathBuf {
     let src = PathBuf::from("guest/blkdrv");
     let elf = out.join(format!("{name}.elf"));
     let bin = out.join(format!("{name}.bin"));
@@ -75,7 +85,7 @@ fn build(out: &std::path::Path, name: &str, defines: &[&str]) -> PathBuf {
         .arg("-o")
         .arg(&elf)
         .arg(src.join("entry.S"))
-        .arg(src.join("blkdrv.c"))
+        .arg(PathBuf::from("guest").join(source))
         .status()
         .expect("running gcc to build the test guest (is gcc installed?)");
     assert!(

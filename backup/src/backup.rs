@@ -24,6 +24,7 @@ use crate::progress::Progress;
 use crate::snapshot::{check_id, SnapshotName};
 use crate::store::{Datastore, INDEX_FILE, MANIFEST_FILE};
 use crate::time;
+use crate::writer::ChunkWriter;
 
 /// What to back up and how.
 #[derive(Clone, Debug)]
@@ -65,7 +66,13 @@ pub fn create(
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
     check_id(&opts.id)?;
+    store.require_key()?;
     let started = Instant::now();
+    // A pack datastore's backups and garbage collection exclude each other (see remote.rs).
+    let _gc_excluded = match store.remote() {
+        Some(_) => Some(crate::lock::lock_gc_shared(store)?),
+        None => None,
+    };
     let writer = WriterRegistration::register(store)?;
     let (_group_lock, group_dir) = lock_group(store, &opts.id)?;
     let span = tracing::info_span!("backup", id = %opts.id);
@@ -83,10 +90,11 @@ pub fn create(
         .map(|&i| crate::index::chunk_range(size, chunk_size, i).1 as u64)
         .sum();
     progress.begin("backup", read_bytes);
-    let result = pipeline::run(store, &dev, &plan.to_read, opts.pipeline, progress);
+    let chunks = ChunkWriter::new(store)?;
+    let result = pipeline::run(store, &chunks, &dev, &plan.to_read, opts.pipeline, progress);
     progress.finish();
     let result = result?;
-    store.sync_chunk_dirs(result.new_dirs.iter().copied())?;
+    chunks.finish()?;
 
     let mut known = plan.known;
     let from_parent = known.iter().filter(|e| e.is_some()).count() as u64;
@@ -139,7 +147,14 @@ pub fn create(
         parent: plan.parent.map(|p| p.to_string()),
         change_tracking: plan.tracking,
         stats,
+        encryption: None,
+        index_mac: None,
+        signature: None,
     };
+    let mut manifest = manifest;
+    if let Some(key) = store.require_key()? {
+        manifest.sign(key, &index_bytes)?;
+    }
     commit(
         store,
         &group_dir,
@@ -252,7 +267,10 @@ fn dedup_ratio(index: &Index) -> Option<f64> {
     (stored > 0).then(|| index.size() as f64 / stored as f64)
 }
 
-fn commit(
+/// Commits a snapshot whose chunks are durable: in a pack datastore, index and then manifest
+/// (create-if-absent) go to the bucket first; then the local folder (the snapshot, or the
+/// pack datastore's copy of it) is built in staging and renamed into place.
+pub fn commit(
     store: &Datastore,
     group_dir: &std::path::Path,
     nonce: &str,
@@ -260,15 +278,25 @@ fn commit(
     index_bytes: &[u8],
     manifest: &Manifest,
 ) -> Result<()> {
+    let manifest_bytes = manifest.encode()?;
+    if let Some(r) = store.remote() {
+        r.commit_snapshot(name, index_bytes, &manifest_bytes)?;
+    }
     let staging = group_dir.join(format!(".tmp-{nonce}"));
     let sfs = store.fs();
     sfs.create_dir(&staging)
         .map_err(|e| io_err("Creating", &staging, e))?;
     let r = (|| {
         fsutil::atomic_write(sfs, &staging, INDEX_FILE, index_bytes)?;
-        fsutil::atomic_write(sfs, &staging, MANIFEST_FILE, &manifest.encode()?)?;
+        fsutil::atomic_write(sfs, &staging, MANIFEST_FILE, &manifest_bytes)?;
         let target = group_dir.join(time::format(name.time()));
-        fsutil::rename_noreplace(sfs, &staging, &target)?;
+        match fsutil::rename_noreplace(sfs, &staging, &target) {
+            // A pack datastore's copy made by another process's refresh meanwhile.
+            Err(StorageError::AlreadyExists(_)) if store.remote().is_some() => {
+                let _ = sfs.remove_dir_all(&staging);
+            }
+            r => r?,
+        }
         fsutil::fsync_dir(sfs, group_dir)
     })();
     if r.is_err() {

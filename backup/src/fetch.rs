@@ -35,11 +35,24 @@ pub trait ChunkFetcher: Send + Sync + fmt::Debug {
 
 impl ChunkFetcher for Datastore {
     fn fetch_into(&self, digest: &Digest, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<()> {
+        if let Some(r) = self.remote() {
+            let (bytes, cached) = r.read_blob(digest)?;
+            let first = decode_blob_into(self, digest, &bytes, out, scratch);
+            if first.is_err() && cached {
+                // A damaged cache entry: drop it and fetch the chunk again.
+                r.evict(digest);
+                let bytes = r.fetch_blob(digest)?;
+                return decode_blob_into(self, digest, &bytes, out, scratch);
+            }
+            return first;
+        }
         let what = format!("chunk {digest}");
+        let key = self.require_key()?;
         let (mut file, path) = self.open_blob(digest)?;
         let mut head = [0u8; BLOB_HEADER_LEN];
         file.read_exact(&mut head)
             .map_err(|e| short_or_io(&what, &path, e))?;
+        crate::store::check_sealed_as_store(&head, key.is_some(), &what)?;
         let header = blob::parse_header(&head, &what)?;
         let file_len = file
             .metadata()
@@ -62,7 +75,7 @@ impl ChunkFetcher for Datastore {
                     .map_err(|e| short_or_io(&what, &path, e))?;
                 check_payload_crc(&header, out, &what)?;
             }
-            Encoding::Zstd => {
+            Encoding::Zstd | Encoding::SealedPlain | Encoding::SealedZstd => {
                 scratch.clear();
                 let got = (&mut file)
                     .take(header.payload_len as u64)
@@ -75,25 +88,54 @@ impl ChunkFetcher for Datastore {
                     ));
                 }
                 check_payload_crc(&header, scratch, &what)?;
-                decompress(&header, scratch, out, &what)?;
+                blob::open_payload(&header, key, digest, scratch, &what)?;
+                inner_into(&header, scratch, out, &what)?;
             }
         }
-        check_digest(digest, out, &what)
+        check_digest(self, digest, out, &what)
     }
 }
 
-/// Checks a whole blob held in memory (a remote backend's download) and decodes it into `out`,
-/// then checks its digest: what [`ChunkFetcher::fetch_into`] guarantees.
-pub fn decode_blob_into(digest: &Digest, bytes: &[u8], out: &mut [u8]) -> Result<()> {
+/// Copies or decompresses an (opened) payload into `out`.
+fn inner_into(header: &BlobHeader, inner: &[u8], out: &mut [u8], what: &str) -> Result<()> {
+    if header.encoding.zstd() {
+        decompress(header, inner, out, what)
+    } else if inner.len() == out.len() {
+        out.copy_from_slice(inner);
+        Ok(())
+    } else {
+        Err(StorageError::corrupt(
+            what.to_string(),
+            "payload length differs from the chunk length",
+        ))
+    }
+}
+
+/// Checks a whole blob held in memory (a remote backend's download) and decodes it into `out`
+/// (with `store`'s key), then checks its digest: what [`ChunkFetcher::fetch_into`] guarantees.
+/// `scratch` is kept by the caller between calls.
+pub fn decode_blob_into(
+    store: &Datastore,
+    digest: &Digest,
+    bytes: &[u8],
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
     let what = format!("chunk {digest}");
+    let key = store.require_key()?;
+    crate::store::check_sealed_as_store(bytes, key.is_some(), &what)?;
     let header = blob::check(bytes, &what)?;
     check_expected_len(&header, out.len(), &what)?;
     let payload = &bytes[BLOB_HEADER_LEN..];
-    match header.encoding {
-        Encoding::Plain => out.copy_from_slice(payload),
-        Encoding::Zstd => decompress(&header, payload, out, &what)?,
+    if header.encoding.sealed() {
+        scratch.clear();
+        scratch.extend_from_slice(payload);
+        blob::open_payload(&header, key, digest, scratch, &what)?;
+        inner_into(&header, scratch, out, &what)?;
+    } else {
+        inner_into(&header, payload, out, &what)?;
     }
-    check_digest(digest, out, &what)
+    check_digest(store, digest, out, &what)
 }
 
 fn short_or_io(what: &str, path: &std::path::Path, e: std::io::Error) -> StorageError {
@@ -128,19 +170,11 @@ fn check_payload_crc(header: &BlobHeader, payload: &[u8], what: &str) -> Result<
 }
 
 fn decompress(header: &BlobHeader, payload: &[u8], out: &mut [u8], what: &str) -> Result<()> {
-    let n = zstd::bulk::decompress_to_buffer(payload, out)
-        .map_err(|e| StorageError::corrupt(what.to_string(), format!("zstd payload: {e}")))?;
-    if n != header.raw_len {
-        return Err(StorageError::corrupt(
-            what.to_string(),
-            format!("decompressed to {n} bytes, header says {}", header.raw_len),
-        ));
-    }
-    Ok(())
+    blob::decompress_exact(payload, out, header.raw_len, what)
 }
 
-fn check_digest(digest: &Digest, data: &[u8], what: &str) -> Result<()> {
-    if Digest::of(data) != *digest {
+fn check_digest(store: &Datastore, digest: &Digest, data: &[u8], what: &str) -> Result<()> {
+    if store.digest_of(data) != *digest {
         return Err(StorageError::corrupt(
             what.to_string(),
             "content does not match its digest",
@@ -174,7 +208,7 @@ mod tests {
             assert_eq!(&out, data);
             let blob = std::fs::read(s.chunk_path(&dg)).unwrap();
             let mut out2 = vec![0; data.len()];
-            decode_blob_into(&dg, &blob, &mut out2).unwrap();
+            decode_blob_into(&s, &dg, &blob, &mut out2, &mut Vec::new()).unwrap();
             assert_eq!(&out2, data);
         }
     }

@@ -158,6 +158,43 @@ impl Flock {
     }
 }
 
+/// Reads a whole file, refusing one larger than `max` bytes. The file is opened once and the
+/// read itself is capped, so a symlink to a device, a FIFO or a file growing meanwhile cannot
+/// make it allocate past `max`.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let file = File::open(path).map_err(|e| io_err("Reading", path, e))?;
+    read_bounded_file(file, path, max)
+}
+
+/// [`read_bounded`] on a file already open.
+pub fn read_bounded_file(file: File, path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let too_big = |len: u64| {
+        StorageError::corrupt(
+            path.display().to_string(),
+            format!("{len} bytes exceeds the limit of {max}"),
+        )
+    };
+    let meta = file.metadata().map_err(|e| io_err("Reading", path, e))?;
+    if !meta.is_file() {
+        return Err(StorageError::corrupt(
+            path.display().to_string(),
+            "not a regular file",
+        ));
+    }
+    if meta.len() > max {
+        return Err(too_big(meta.len()));
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| io_err("Reading", path, e))?;
+    if out.len() as u64 > max {
+        return Err(too_big(out.len() as u64));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

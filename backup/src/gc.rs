@@ -56,11 +56,33 @@ pub struct GcStats {
     pub chunks_rescued: u64,
     /// Temporary files, staging and deleted-snapshot folders removed.
     pub leftovers_removed: u64,
+    /// In a pack datastore: what happened to the packs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packs: Option<crate::pack_gc::PackGcStats>,
 }
 
 /// Runs garbage collection with the given grace period.
 pub fn gc(store: &Datastore, grace_secs: u64, progress: &dyn Progress) -> Result<GcStats> {
+    gc_with(
+        store,
+        grace_secs,
+        crate::remote::DEFAULT_REPACK_BELOW,
+        progress,
+    )
+}
+
+/// [`gc`]; in a pack datastore, packs whose live fraction is below `repack_below` are
+/// rewritten.
+pub fn gc_with(
+    store: &Datastore,
+    grace_secs: u64,
+    repack_below: f64,
+    progress: &dyn Progress,
+) -> Result<GcStats> {
     let _gc = lock_gc(store)?;
+    if let Some(remote) = store.remote() {
+        return gc_packs(store, remote, repack_below, progress);
+    }
     let mut stats = GcStats::default();
     let grace_ns = grace_secs.max(1) as i128 * 1_000_000_000;
     recover_set_aside(store)?;
@@ -100,6 +122,37 @@ pub fn gc(store: &Datastore, grace_secs: u64, progress: &dyn Progress) -> Result
         progress.advance(1);
     }
     progress.finish();
+    Ok(stats)
+}
+
+/// Garbage collection of a pack datastore: backups are excluded by the lock we hold, so marking
+/// every snapshot of the bucket (refreshed now) and collecting packs is safe. An unreadable
+/// index stops it before anything is deleted.
+fn gc_packs(
+    store: &Datastore,
+    remote: &std::sync::Arc<crate::remote::Remote>,
+    repack_below: f64,
+    progress: &dyn Progress,
+) -> Result<GcStats> {
+    let mut stats = GcStats::default();
+    let writers = scan_writers(store)?;
+    stats.leftovers_removed += remove_leftover_folders(store, &writers.nonces)?;
+    crate::mirror::refresh(store, remote)?;
+    let mut marked: HashSet<Digest> = HashSet::new();
+    for name in store.list()? {
+        let index = store.read_snapshot(&name).map_err(|e| {
+            StorageError::corrupt(
+                format!("snapshot {name}"),
+                format!("{e}; garbage collection removed nothing"),
+            )
+        })?;
+        stats.snapshots += 1;
+        marked.extend(index.1.entries().iter().filter_map(|e| e.digest()));
+    }
+    stats.chunks_referenced = marked.len() as u64;
+    let packs = crate::pack_gc::collect(remote, &marked, repack_below, progress)?;
+    stats.bytes_removed = packs.bytes_removed;
+    stats.packs = Some(packs);
     Ok(stats)
 }
 

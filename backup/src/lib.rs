@@ -29,13 +29,20 @@
 //! volume usable at once while it is restored, copied on read and in the background, resumable
 //! after a crash from its map of restored chunks.
 //!
+//! Any datastore may be encrypted ([`crypt`]: AES-256-GCM blobs, keyed chunk ids, signed
+//! manifests, key files). A *pack datastore* keeps its chunks in packs on an object store — an
+//! S3 bucket ([`s3`]) or a folder ([`objects`]) — with the folder above as its local cache and
+//! snapshot mirror ([`remote`], [`pack_writer`], [`chunk_cache`], [`mirror`], [`pack_gc`]);
+//! backups and syncs store chunks through [`writer::ChunkWriter`] either way, and [`sync`]
+//! copies snapshots between any two datastores.
+//!
 //! # Locking: who may run with whom
 //! | operation | holds | runs concurrently with |
 //! |---|---|---|
-//! | backup create | writer registration (exclusive, own file); group lock (exclusive) | everything except another create of the same group (that one gets `Busy`) |
+//! | backup create, sync into a datastore | writer registration (exclusive, own file); group lock (exclusive); in a pack datastore `.gc.lock` shared | everything except another create of the same group (that one gets `Busy`); in a pack datastore not gc (it waits for a running one) |
 //! | restore, verify | shared lock on each snapshot's manifest | everything; prune skips the snapshots they hold |
 //! | prune | exclusive lock on a snapshot's manifest, without waiting, while removing it | everything; skips snapshots being read |
-//! | gc | `.gc.lock` (exclusive, no waiting) | everything except another gc; safe with running backups through mtimes, see [`gc`] |
+//! | gc | `.gc.lock` (exclusive, no waiting) | everything except another gc; safe with running backups through mtimes, see [`gc`]; in a pack datastore not with backups (the lock excludes them) |
 //! | lazy snapshot device | shared lock on the snapshot's manifest while it lives | everything; prune skips it |
 //! | live restore | shared lock on the snapshot's manifest, exclusive `flock` on its map file, while open | everything; a second opener of the same restore gets `Busy` |
 //! | list, show | nothing | everything |
@@ -44,6 +51,8 @@ pub mod backup;
 pub mod bitmap_tracker;
 pub mod blob;
 pub mod changes;
+pub mod chunk_cache;
+pub mod crypt;
 pub mod digest;
 #[cfg(feature = "test-utils")]
 pub mod faultfs;
@@ -55,17 +64,26 @@ pub mod lazy;
 pub mod live;
 pub mod lock;
 pub mod manifest;
+pub mod mirror;
+pub mod objects;
+pub mod pack;
+pub mod pack_gc;
+pub mod pack_writer;
 pub mod pipeline;
 pub mod progress;
 pub mod prune;
 #[cfg(feature = "rbd")]
 pub mod rbd_tracker;
+pub mod remote;
 pub mod restore;
+pub mod s3;
 pub mod snapshot;
 pub mod store;
 pub mod storefs;
+pub mod sync;
 pub mod time;
 pub mod verify;
+pub mod writer;
 
 pub use backup::{create, create_tracked, BackupOptions, BackupOutcome};
 pub use changes::{ChangeTracker, Changes, TakenChanges};

@@ -178,6 +178,18 @@ pub fn lock_snapshot_exclusive(store: &Datastore, name: &SnapshotName) -> Result
     )
 }
 
+/// Holds off garbage collection of a pack datastore for a backup's run (waits for a running
+/// one to end).
+pub fn lock_gc_shared(store: &Datastore) -> Result<Flock> {
+    Flock::acquire(
+        &store.root().join(".gc.lock"),
+        false,
+        true,
+        true,
+        "Garbage collection lock",
+    )
+}
+
 /// Takes the garbage-collection lock without waiting.
 pub fn lock_gc(store: &Datastore) -> Result<Flock> {
     Flock::acquire(
@@ -185,7 +197,12 @@ pub fn lock_gc(store: &Datastore) -> Result<Flock> {
         true,
         false,
         true,
-        "Garbage collection (another one is running)",
+        if store.remote().is_some() {
+            // Backups of a pack datastore hold the lock shared.
+            "Garbage collection (a backup or another gc is running)"
+        } else {
+            "Garbage collection (another one is running)"
+        },
     )
 }
 

@@ -83,6 +83,25 @@ pub struct Manifest {
     pub change_tracking: ChangeTracking,
     /// Figures of the run.
     pub stats: BackupStats,
+    /// Set when the snapshot's chunks are encrypted: the cipher and the key's fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+    /// Keyed BLAKE3 (signature key) of the index file, in an encrypted datastore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_mac: Option<String>,
+    /// Keyed BLAKE3 (signature key) of this manifest encoded with `signature` absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// How a snapshot (or datastore) is encrypted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Encryption {
+    /// Always `aes-256-gcm`.
+    pub cipher: String,
+    /// The key's fingerprint (`ab:cd:…`).
+    pub key_fingerprint: String,
 }
 
 /// JSON plus a crc line.
@@ -116,6 +135,65 @@ pub fn unframe_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> R
 }
 
 impl Manifest {
+    /// Records `key` in the manifest and signs it together with `index_bytes` (the index it
+    /// describes).
+    pub fn sign(&mut self, key: &crate::crypt::CryptKey, index_bytes: &[u8]) -> Result<()> {
+        self.encryption = Some(Encryption {
+            cipher: crate::crypt::CIPHER.into(),
+            key_fingerprint: key.fingerprint().to_string(),
+        });
+        self.index_mac = Some(key.sign(index_bytes));
+        self.signature = Some(key.sign(&self.signed_text()?));
+        Ok(())
+    }
+
+    /// What the signature covers: every field that says what the snapshot is and which index
+    /// holds it (not the run's statistics, whose floats need not survive a JSON round trip
+    /// bit for bit), as canonical JSON.
+    fn signed_text(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(&serde_json::json!([
+            "strata-backup-manifest-signature-v1",
+            self.snapshot,
+            self.source,
+            self.source_format,
+            self.size,
+            self.chunk_size,
+            self.chunk_count,
+            self.index_len,
+            self.index_crc32,
+            self.index_mac,
+            self.parent,
+            self.change_tracking.mode,
+            self.encryption
+                .as_ref()
+                .map(|e| (&e.cipher, &e.key_fingerprint)),
+        ]))
+        .map_err(|e| StorageError::InvalidInput(format!("Serialising: {e}")))
+    }
+
+    /// Checks the signature made by [`Manifest::sign`] and the index's keyed hash.
+    pub fn check_signature(
+        &self,
+        key: &crate::crypt::CryptKey,
+        index_bytes: &[u8],
+        what: &str,
+    ) -> Result<()> {
+        let good = self.signature.as_deref() == Some(key.sign(&self.signed_text()?).as_str());
+        if !good {
+            return Err(StorageError::corrupt(
+                what.to_string(),
+                "manifest signature does not verify with this key (forged or damaged)",
+            ));
+        }
+        if self.index_mac.as_deref() != Some(key.sign(index_bytes).as_str()) {
+            return Err(StorageError::corrupt(
+                what.to_string(),
+                "index does not match the signed manifest",
+            ));
+        }
+        Ok(())
+    }
+
     /// Serialises the manifest.
     pub fn encode(&self) -> Result<Vec<u8>> {
         frame_json(self)
@@ -161,6 +239,9 @@ mod tests {
                 dirty_chunks: None,
             },
             stats: BackupStats::default(),
+            encryption: None,
+            index_mac: None,
+            signature: None,
         }
     }
 
@@ -174,6 +255,23 @@ mod tests {
         let mut b = bytes.clone();
         b[10] ^= 0x20;
         assert!(Manifest::decode(&b, "m").is_err());
+    }
+
+    #[test]
+    fn signed_manifests_detect_edits_and_other_indexes() {
+        let key = crate::crypt::CryptKey::from_master(&[5u8; 32]);
+        let mut m = sample();
+        m.stats.duration_secs = 0.1 + 0.2;
+        m.stats.throughput_mib_s = 1_234.567_890_123_456_7;
+        m.sign(&key, b"index bytes").unwrap();
+        let back = Manifest::decode(&m.encode().unwrap(), "m").unwrap();
+        back.check_signature(&key, b"index bytes", "m").unwrap();
+        assert!(back.check_signature(&key, b"other index", "m").is_err());
+        let mut edited = back.clone();
+        edited.source = "elsewhere".into();
+        assert!(edited.check_signature(&key, b"index bytes", "m").is_err());
+        let other = crate::crypt::CryptKey::from_master(&[6u8; 32]);
+        assert!(back.check_signature(&other, b"index bytes", "m").is_err());
     }
 
     proptest::proptest! {

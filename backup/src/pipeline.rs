@@ -20,6 +20,7 @@ use crate::digest::Digest;
 use crate::index::{chunk_range, Entry};
 use crate::progress::Progress;
 use crate::store::{Datastore, Stored};
+use crate::writer::ChunkWriter;
 
 /// How to run the pipeline.
 #[derive(Clone, Copy, Debug)]
@@ -82,6 +83,7 @@ enum Outcome {
 /// Reads, hashes and stores chunks `to_read` (ascending chunk indexes) of `dev`.
 pub fn run(
     store: &Datastore,
+    writer: &ChunkWriter,
     dev: &Arc<dyn BlockDevice>,
     to_read: &[u64],
     opts: PipelineOptions,
@@ -121,6 +123,7 @@ pub fn run(
             s.spawn(move || {
                 worker(
                     store,
+                    writer,
                     opts.compress_level,
                     &work_rx,
                     &pool_tx,
@@ -297,8 +300,10 @@ fn read_chunks(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn worker(
     store: &Datastore,
+    writer: &ChunkWriter,
     level: i32,
     work_rx: &Receiver<Job>,
     pool_tx: &Sender<IoBuf>,
@@ -311,7 +316,7 @@ fn worker(
             let _ = pool_tx.send(job.buf);
             continue;
         }
-        let outcome = process(store, level, &job, run_set);
+        let outcome = process(store, writer, level, &job, run_set);
         let _ = pool_tx.send(job.buf);
         let _ = res_tx.send(outcome);
     }
@@ -319,6 +324,7 @@ fn worker(
 
 fn process(
     store: &Datastore,
+    writer: &ChunkWriter,
     level: i32,
     job: &Job,
     run_set: &Mutex<HashMap<Digest, u32>>,
@@ -337,14 +343,14 @@ fn process(
             read: true,
         });
     }
-    let digest = Digest::of(data);
+    let digest = store.digest_of(data);
     let first_in_run = run_set
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(digest, 0)
         .is_none();
     let stored = if first_in_run {
-        let stored = store.insert_chunk(&digest, data, level)?;
+        let stored = writer.insert(&digest, data, level)?;
         let len = match stored {
             Stored::New(n) | Stored::Existing(n) => n,
         };

@@ -12,7 +12,6 @@ use std::collections::HashSet;
 use serde::Serialize;
 use strata_storage::{Result, StorageError};
 
-use crate::fsutil::{self, io_err};
 use crate::lock::lock_snapshot_exclusive;
 use crate::snapshot::SnapshotName;
 use crate::store::Datastore;
@@ -149,30 +148,14 @@ pub fn prune_protecting(
     Ok(out)
 }
 
-/// Removes one snapshot: hidden rename (atomic disappearance), fsync, then delete. Once the
-/// rename is durable the snapshot is removed; a failure to delete its files after that is
-/// logged, and garbage collection deletes the folder (`.del-…`).
+/// Removes one snapshot: hidden rename (atomic disappearance), fsync, then delete.
 pub fn remove_snapshot(store: &Datastore, name: &SnapshotName) -> Result<()> {
     let _excl = lock_snapshot_exclusive(store, name)?;
-    let dir = store.snapshot_dir(name);
-    let group = dir
-        .parent()
-        .ok_or_else(|| StorageError::InvalidInput(format!("Bad snapshot path for {name}")))?
-        .to_path_buf();
-    let hidden = group.join(format!(
-        ".del-{}-{:016x}",
-        time::format(name.time()),
-        fastrand::u64(..)
-    ));
-    let sfs = store.fs();
-    sfs.rename(&dir, &hidden)
-        .map_err(|e| io_err("Removing", &dir, e))?;
-    fsutil::fsync_dir(sfs, &group)?;
-    // The snapshot is gone for good now; its files are garbage that gc deletes if this fails.
-    if let Err(e) = sfs.remove_dir_all(&hidden) {
-        tracing::warn!(folder = %hidden.display(), error = %e, "deleting a removed snapshot's files failed; gc will");
+    if let Some(r) = store.remote() {
+        // The bucket first: the snapshot disappears with its manifest there.
+        r.remove_snapshot(name)?;
     }
-    Ok(())
+    crate::mirror::remove_local(store, name)
 }
 
 #[cfg(test)]

@@ -4,16 +4,20 @@
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use strata_storage::{Result, StorageError};
 
+use std::sync::Arc;
+
 use crate::blob;
+use crate::crypt::CryptKey;
 use crate::digest::Digest;
+pub use crate::fsutil::read_bounded;
 use crate::fsutil::{self, io_err};
 use crate::index::Index;
 use crate::manifest::{self, Manifest, MAX_MANIFEST_LEN};
+use crate::remote::{BucketMarker, Remote, RemoteSpec};
 use crate::snapshot::{self, SnapshotName};
 use crate::storefs::{self, StoreFs};
 
@@ -30,7 +34,7 @@ pub const INDEX_FILE: &str = "index";
 /// Manifest file name in a snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest";
 /// Largest chunk file read (a bigger one is damaged: refused before reading it into memory).
-const MAX_BLOB_FILE: u64 = (blob::BLOB_HEADER_LEN + blob::MAX_RAW_LEN) as u64;
+pub const MAX_BLOB_FILE: u64 = (blob::BLOB_HEADER_LEN + blob::MAX_PAYLOAD_LEN) as u64;
 /// Infix of a chunk that garbage collection has set aside before deleting it.
 pub const GC_INFIX: &str = ".gc-";
 
@@ -40,6 +44,37 @@ struct Marker {
     format: String,
     version: u32,
     chunk_size: u32,
+    /// Set in an encrypted datastore: its cipher and key fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encryption: Option<manifest::Encryption>,
+    /// Set in the local folder of a pack datastore: where its objects are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remote: Option<RemoteSpec>,
+    /// An unprotected key file that opening loads (datastores the appliance manages, so that
+    /// its jobs and resumed live restores run unattended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_file: Option<PathBuf>,
+}
+
+/// How to create a datastore.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Chunk size (a power of two from 64 KiB to 16 MiB).
+    pub chunk_size: u32,
+    /// Encrypt with this key (see [`crate::crypt`]); `None` stores plaintext.
+    pub key: Option<CryptKey>,
+    /// Record this (unprotected) key file in the marker: opening the datastore loads it.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            key: None,
+            key_file: None,
+        }
+    }
 }
 
 /// What storing a chunk did.
@@ -56,6 +91,13 @@ pub enum Stored {
 pub struct Datastore {
     root: PathBuf,
     chunk_size: u32,
+    /// The fingerprint of the datastore's key, when it is encrypted.
+    fingerprint: Option<String>,
+    /// The unlocked key, once given ([`Datastore::with_key`]).
+    key: Option<Arc<CryptKey>>,
+    /// For a pack datastore (S3): its objects. The folder is then its local cache.
+    remote: Option<Arc<Remote>>,
+    /// The seam through which the local folder is changed.
     fs: Arc<dyn StoreFs>,
 }
 
@@ -69,28 +111,32 @@ impl Datastore {
     /// Creates a datastore whose snapshots use chunks of `chunk_size` bytes (a power of two from
     /// 64 KiB to 16 MiB; 4 MiB suits block devices).
     pub fn create_with_chunk_size(root: &Path, chunk_size: u32) -> Result<Datastore> {
-        Datastore::create_on(root, chunk_size, storefs::real())
+        Datastore::create_with(
+            root,
+            &CreateOptions {
+                chunk_size,
+                ..Default::default()
+            },
+        )
     }
 
-    /// [`Datastore::create_with_chunk_size`], changing the disk through `sfs`.
-    pub fn create_on(root: &Path, chunk_size: u32, sfs: Arc<dyn StoreFs>) -> Result<Datastore> {
+    /// Creates a datastore with the given options; an encrypted one comes back with its key.
+    pub fn create_with(root: &Path, opts: &CreateOptions) -> Result<Datastore> {
+        Datastore::create_on(root, opts, storefs::real())
+    }
+
+    /// [`Datastore::create_with`], changing the disk through `sfs`.
+    pub fn create_on(
+        root: &Path,
+        opts: &CreateOptions,
+        sfs: Arc<dyn StoreFs>,
+    ) -> Result<Datastore> {
+        let chunk_size = opts.chunk_size;
         Index::new(0, chunk_size, Vec::new())?;
         sfs.create_dir_all(root)
             .map_err(|e| io_err("Creating", root, e))?;
-        if root.join(MARKER).exists() {
-            return Err(StorageError::AlreadyExists(format!(
-                "A datastore in {}",
-                root.display()
-            )));
-        }
-        // What an interrupted creation left may be there; anything else is someone's data.
-        let temp_markers = creation_leftovers(root)?.ok_or_else(|| {
-            StorageError::InvalidInput(format!(
-                "{} is not empty and not a datastore",
-                root.display()
-            ))
-        })?;
-        for t in temp_markers {
+        // What an interrupted creation left may be there (and goes); anything else is refused.
+        for t in require_new_folder(root)? {
             sfs.remove_file(&t).map_err(|e| io_err("Removing", &t, e))?;
         }
         let chunks = root.join("chunks");
@@ -109,10 +155,20 @@ impl Datastore {
             format: STORE_FORMAT.into(),
             version: STORE_VERSION,
             chunk_size,
+            encryption: opts.key.as_ref().map(|k| manifest::Encryption {
+                cipher: crate::crypt::CIPHER.into(),
+                key_fingerprint: k.fingerprint().to_string(),
+            }),
+            remote: None,
+            key_file: opts.key_file.clone(),
         })?;
         // The marker goes last: a datastore whose creation was interrupted has none.
         fsutil::atomic_write(sfs.as_ref(), root, MARKER, &marker)?;
-        Datastore::open_on(root, sfs)
+        let store = Datastore::open_on(root, sfs)?;
+        match &opts.key {
+            Some(k) => store.with_key(k.clone()),
+            None => Ok(store),
+        }
     }
 
     /// Opens the datastore in `root`.
@@ -150,16 +206,193 @@ impl Datastore {
         let chunk_size = marker.chunk_size;
         Index::new(0, chunk_size, Vec::new())
             .map_err(|e| StorageError::corrupt(path.display().to_string(), e.to_string()))?;
-        Ok(Datastore {
+        if let Some(e) = &marker.encryption {
+            if e.cipher != crate::crypt::CIPHER {
+                return Err(StorageError::Unsupported(format!(
+                    "cipher {} of datastore {}",
+                    e.cipher,
+                    root.display()
+                )));
+            }
+        }
+        let remote = match &marker.remote {
+            None => None,
+            Some(spec) => {
+                let r = Arc::new(Remote::open(root, spec)?);
+                r.refresh_packs()?;
+                Some(r)
+            }
+        };
+        let store = Datastore {
             root: root.to_path_buf(),
             chunk_size,
+            fingerprint: marker.encryption.map(|e| e.key_fingerprint),
+            key: None,
+            remote,
             fs: sfs,
-        })
+        };
+        if let Some(r) = &store.remote {
+            crate::mirror::refresh(&store, r)?;
+        }
+        match &marker.key_file {
+            Some(f) => {
+                let bytes = read_bounded(f, crate::crypt::MAX_KEY_FILE)?;
+                let key = crate::crypt::open_key_file(
+                    &bytes,
+                    None,
+                    &format!("key file {}", f.display()),
+                )?;
+                store.with_key(key)
+            }
+            None => Ok(store),
+        }
     }
 
-    /// The seam through which this datastore changes the disk.
-    pub fn fs(&self) -> &dyn StoreFs {
-        self.fs.as_ref()
+    /// Creates a pack datastore (S3): its objects per `spec`, its local cache folder in
+    /// `root`. A bucket that already holds a datastore is attached (its chunk size and
+    /// encryption are kept; the key must be its key). A new one is encrypted with `opts.key`;
+    /// without a key it is refused unless `insecure_plaintext`.
+    pub fn create_remote(
+        root: &Path,
+        spec: RemoteSpec,
+        opts: &CreateOptions,
+        insecure_plaintext: bool,
+    ) -> Result<Datastore> {
+        // Checked before the bucket is touched (and again once the folder exists).
+        require_new_folder(root)?;
+        let objects = spec.connect()?;
+        let existing = Remote::read_bucket_marker(objects.as_ref())?;
+        let bucket = match existing {
+            Some(m) => {
+                let want = opts.key.as_ref().map(|k| k.fingerprint());
+                let have = m.encryption.as_ref().map(|e| e.key_fingerprint.as_str());
+                if want != have {
+                    return Err(StorageError::InvalidInput(format!(
+                        "{} holds a datastore {}; the given key is {}",
+                        objects.describe(),
+                        have.map_or("without encryption".to_string(), |f| format!(
+                            "encrypted with key {f}"
+                        )),
+                        want.unwrap_or("none")
+                    )));
+                }
+                m
+            }
+            None => {
+                if opts.key.is_none() && !insecure_plaintext {
+                    return Err(StorageError::InvalidInput(
+                        "A datastore on S3 is encrypted: give a key file (--key; `strata backups key create` makes one), or --insecure-plaintext".into(),
+                    ));
+                }
+                Index::new(0, opts.chunk_size, Vec::new())?;
+                let m = BucketMarker {
+                    format: STORE_FORMAT.into(),
+                    version: STORE_VERSION,
+                    chunk_size: opts.chunk_size,
+                    pack_size: spec.pack_size,
+                    encryption: opts.key.as_ref().map(|k| manifest::Encryption {
+                        cipher: crate::crypt::CIPHER.into(),
+                        key_fingerprint: k.fingerprint().to_string(),
+                    }),
+                };
+                if !objects.put_new(crate::remote::BUCKET_MARKER, manifest::frame_json(&m)?)? {
+                    return Err(StorageError::Busy(format!(
+                        "{} (another datastore was created there just now)",
+                        objects.describe()
+                    )));
+                }
+                m
+            }
+        };
+        drop(objects);
+        let sfs = storefs::real();
+        sfs.create_dir_all(root)
+            .map_err(|e| io_err("Creating", root, e))?;
+        for t in require_new_folder(root)? {
+            sfs.remove_file(&t).map_err(|e| io_err("Removing", &t, e))?;
+        }
+        for d in ["snapshots", "writers", "packs", "cache"] {
+            sfs.create_dir_all(&root.join(d))
+                .map_err(|e| io_err("Creating", &root.join(d), e))?;
+        }
+        let marker = manifest::frame_json(&Marker {
+            format: STORE_FORMAT.into(),
+            version: STORE_VERSION,
+            chunk_size: bucket.chunk_size,
+            encryption: bucket.encryption,
+            remote: Some(spec),
+            key_file: opts.key_file.clone(),
+        })?;
+        fsutil::fsync_dir(sfs.as_ref(), root)?;
+        fsutil::atomic_write(sfs.as_ref(), root, MARKER, &marker)?;
+        let store = Datastore::open_on(root, sfs)?;
+        match (&opts.key, &store.key) {
+            (Some(k), None) => store.with_key(k.clone()),
+            _ => Ok(store),
+        }
+    }
+
+    /// The object side of a pack datastore, if this is one.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.remote.as_ref()
+    }
+
+    /// Where the datastore's data lives, for messages: its folder, or its bucket.
+    pub fn describe(&self) -> String {
+        match &self.remote {
+            Some(r) => format!("{} (cache {})", r.objects().describe(), self.root.display()),
+            None => self.root.display().to_string(),
+        }
+    }
+
+    /// This datastore with its key unlocked; refused if the datastore is not encrypted or
+    /// uses another key.
+    pub fn with_key(mut self, key: CryptKey) -> Result<Datastore> {
+        if let Some(k) = &self.key {
+            if k.fingerprint() == key.fingerprint() {
+                return Ok(self);
+            }
+        }
+        match &self.fingerprint {
+            None => Err(StorageError::InvalidInput(format!(
+                "Datastore {} is not encrypted; it needs no key",
+                self.root.display()
+            ))),
+            Some(fp) if fp != key.fingerprint() => Err(StorageError::InvalidInput(format!(
+                "Datastore {} is encrypted with key {fp}, not with the given key {}",
+                self.root.display(),
+                key.fingerprint()
+            ))),
+            Some(_) => {
+                self.key = Some(Arc::new(key));
+                Ok(self)
+            }
+        }
+    }
+
+    /// The fingerprint of the datastore's key, if it is encrypted.
+    pub fn encryption(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
+    }
+
+    /// The unlocked key; for an encrypted datastore opened without one, an error saying so.
+    pub fn require_key(&self) -> Result<Option<&CryptKey>> {
+        match (&self.fingerprint, &self.key) {
+            (None, _) => Ok(None),
+            (Some(_), Some(k)) => Ok(Some(k)),
+            (Some(fp), None) => Err(StorageError::InvalidInput(format!(
+                "Datastore {} is encrypted (key fingerprint {fp}); give its key file (--key)",
+                self.root.display()
+            ))),
+        }
+    }
+
+    /// The id of a chunk with bytes `data`: BLAKE3, keyed in an encrypted datastore.
+    pub fn digest_of(&self, data: &[u8]) -> Digest {
+        match &self.key {
+            Some(k) => k.chunk_id(data),
+            None => Digest::of(data),
+        }
     }
 
     /// Opens the datastore in `root`, creating it if the folder is missing or empty.
@@ -169,6 +402,11 @@ impl Datastore {
         } else {
             Datastore::create(root)
         }
+    }
+
+    /// The seam through which this datastore changes the disk.
+    pub fn fs(&self) -> &dyn StoreFs {
+        self.fs.as_ref()
     }
 
     /// The datastore folder.
@@ -209,6 +447,10 @@ impl Datastore {
     /// Refreshes a chunk's modification time, which tells garbage collection it is in use.
     /// `Ok(false)` when the chunk is not stored.
     pub fn touch_chunk(&self, d: &Digest) -> Result<bool> {
+        if let Some(r) = &self.remote {
+            // Backups and gc of a pack datastore exclude each other: no time to refresh.
+            return Ok(r.has(d));
+        }
         fsutil::touch(self.fs(), &self.chunk_path(d))
     }
 
@@ -216,6 +458,11 @@ impl Datastore {
     /// The caller makes the fan-out directory durable (see [`Datastore::sync_chunk_dirs`]) before
     /// anything refers to the chunk.
     pub fn insert_chunk(&self, d: &Digest, data: &[u8], level: i32) -> Result<Stored> {
+        if self.remote.is_some() {
+            return Err(StorageError::Unsupported(
+                "single-chunk inserts into a pack datastore (use a ChunkWriter)".into(),
+            ));
+        }
         if self.touch_chunk(d)? {
             let path = self.chunk_path(d);
             let len = fs::metadata(&path)
@@ -225,7 +472,7 @@ impl Datastore {
                 len.saturating_sub(blob::BLOB_HEADER_LEN as u64) as u32,
             ));
         }
-        let encoded = blob::encode(data, level)?;
+        let encoded = blob::encode_for(data, level, self.require_key()?, d)?;
         let dir = self.chunk_dir(d);
         let name = d.to_hex();
         let tmp = fsutil::write_temp(self.fs(), &dir, &name, &encoded)?;
@@ -248,6 +495,11 @@ impl Datastore {
     /// Opens a chunk's blob file. A chunk that garbage collection set aside at this moment
     /// (renamed with [`GC_INFIX`] while it re-checks the chunk's time) is opened there.
     pub fn open_blob(&self, d: &Digest) -> Result<(fs::File, PathBuf)> {
+        if self.remote.is_some() {
+            return Err(StorageError::Unsupported(
+                "chunk files in a pack datastore".into(),
+            ));
+        }
         let path = self.chunk_path(d);
         match fs::File::open(&path) {
             Ok(f) => return Ok((f, path)),
@@ -278,15 +530,64 @@ impl Datastore {
 
     /// Reads a chunk's blob (see [`Datastore::open_blob`]).
     pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
+        if let Some(r) = &self.remote {
+            return Ok(r.read_blob(d)?.0);
+        }
         let (file, path) = self.open_blob(d)?;
-        read_bounded_file(file, &path, MAX_BLOB_FILE)
+        fsutil::read_bounded_file(file, &path, MAX_BLOB_FILE)
     }
 
     /// Loads chunk `d` into `out`, checking its blob crc, its length and its digest.
     pub fn load_chunk(&self, d: &Digest, expected_len: usize, out: &mut Vec<u8>) -> Result<()> {
+        if let Some(r) = &self.remote {
+            let (bytes, cached) = r.read_blob(d)?;
+            let first = self.decode_checked(d, &bytes, expected_len, out);
+            if first.is_err() && cached {
+                // A damaged cache entry: drop it and fetch the chunk again.
+                r.evict(d);
+                let bytes = r.fetch_blob(d)?;
+                return self.decode_checked(d, &bytes, expected_len, out);
+            }
+            return first;
+        }
         let bytes = self.read_blob(d)?;
+        self.decode_checked(d, &bytes, expected_len, out)
+    }
+
+    /// [`Datastore::load_chunk`] for verification: in a pack datastore the chunk is read from
+    /// the bucket, never from the local cache (which is refreshed with what was read), so that
+    /// a verify checks what a restore on another machine would get.
+    pub fn load_chunk_from_source(
+        &self,
+        d: &Digest,
+        expected_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        match &self.remote {
+            Some(r) => {
+                let bytes = r.fetch_blob(d)?;
+                let checked = self.decode_checked(d, &bytes, expected_len, out);
+                if checked.is_err() {
+                    r.evict(d);
+                }
+                checked
+            }
+            None => self.load_chunk(d, expected_len, out),
+        }
+    }
+
+    /// Checks and decodes blob `bytes` of chunk `d` into `out`.
+    fn decode_checked(
+        &self,
+        d: &Digest,
+        bytes: &[u8],
+        expected_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let key = self.require_key()?;
         let what = format!("chunk {d}");
-        blob::decode_into(&bytes, &what, out)?;
+        check_sealed_as_store(bytes, key.is_some(), &what)?;
+        blob::decode_into_with(bytes, &what, out, key, d)?;
         if out.len() != expected_len {
             return Err(StorageError::corrupt(
                 what,
@@ -296,7 +597,7 @@ impl Datastore {
                 ),
             ));
         }
-        if Digest::of(out) != *d {
+        if self.digest_of(out) != *d {
             return Err(StorageError::corrupt(
                 what,
                 "content does not match its digest",
@@ -364,20 +665,35 @@ impl Datastore {
         Manifest::decode(&bytes, &format!("manifest of {name}"))
     }
 
-    /// Reads and checks a snapshot's index against its manifest.
+    /// Reads and checks a snapshot's index against its manifest (and, in an encrypted
+    /// datastore, the manifest's signature).
     pub fn read_index(&self, name: &SnapshotName, manifest: &Manifest) -> Result<Index> {
         let path = self.snapshot_dir(name).join(INDEX_FILE);
         let bytes = read_bounded(&path, crate::index::MAX_INDEX_LEN)?;
+        self.check_index_bytes(name, manifest, &bytes)
+    }
+
+    /// Checks a snapshot's index file against its manifest and decodes it.
+    pub fn check_index_bytes(
+        &self,
+        name: &SnapshotName,
+        manifest: &Manifest,
+        bytes: &[u8],
+    ) -> Result<Index> {
         let what = format!("index of {name}");
+        self.check_manifest_keying(name, manifest)?;
+        if let Some(key) = &self.key {
+            manifest.check_signature(key, bytes, &format!("manifest of {name}"))?;
+        }
         if bytes.len() as u64 != manifest.index_len
-            || crc32fast::hash(&bytes) != manifest.index_crc32
+            || crc32fast::hash(bytes) != manifest.index_crc32
         {
             return Err(StorageError::corrupt(
                 what,
                 "does not match the checksum and length in its manifest",
             ));
         }
-        let index = Index::decode(&bytes, &what)?;
+        let index = Index::decode(bytes, &what)?;
         if index.size() != manifest.size || index.chunk_size() != manifest.chunk_size {
             return Err(StorageError::corrupt(
                 what,
@@ -387,17 +703,96 @@ impl Datastore {
         Ok(index)
     }
 
+    /// Refuses a snapshot whose encryption does not match this datastore and its key: an
+    /// encrypted snapshot without the key (a clear error, not a decryption failure per chunk),
+    /// a plaintext snapshot in an encrypted datastore (which nobody signed).
+    pub fn check_manifest_keying(&self, name: &SnapshotName, manifest: &Manifest) -> Result<()> {
+        let snap_fp = manifest
+            .encryption
+            .as_ref()
+            .map(|e| e.key_fingerprint.as_str());
+        match (snap_fp, self.fingerprint.as_deref()) {
+            (None, None) => Ok(()),
+            (Some(s), Some(d)) if s == d => {
+                self.require_key()?;
+                Ok(())
+            }
+            (Some(s), _) => Err(StorageError::InvalidInput(format!(
+                "Snapshot {name} is encrypted with key {s}; {}",
+                match (&self.fingerprint, &self.key) {
+                    (Some(_), _) => "the datastore's key is another one".to_string(),
+                    (None, _) => "give its key file (--key)".to_string(),
+                }
+            ))),
+            (None, Some(_)) => Err(StorageError::corrupt(
+                format!("manifest of {name}"),
+                "an unencrypted, unsigned snapshot in an encrypted datastore",
+            )),
+        }
+    }
+
     /// Reads a snapshot's manifest and index.
     pub fn read_snapshot(&self, name: &SnapshotName) -> Result<(Manifest, Index)> {
         let m = self.read_manifest(name)?;
         let i = self.read_index(name, &m)?;
         Ok((m, i))
     }
+
+    /// [`Datastore::read_snapshot`] for verification: in a pack datastore, the manifest and
+    /// index objects in the bucket (which must equal the local copies), not the local copies.
+    pub fn read_snapshot_from_source(&self, name: &SnapshotName) -> Result<(Manifest, Index)> {
+        let Some(r) = &self.remote else {
+            return self.read_snapshot(name);
+        };
+        let (manifest_bytes, index_bytes) = r.read_snapshot_objects(name)?.ok_or_else(|| {
+            StorageError::corrupt(
+                format!("snapshot {name}"),
+                format!("its manifest is gone from {}", r.objects().describe()),
+            )
+        })?;
+        let m = Manifest::decode(
+            &manifest_bytes,
+            &format!("manifest of {name} in the bucket"),
+        )?;
+        let i = self.check_index_bytes(name, &m, &index_bytes)?;
+        let dir = self.snapshot_dir(name);
+        let local_index = read_bounded(&dir.join(INDEX_FILE), crate::index::MAX_INDEX_LEN)?;
+        let local_manifest = read_bounded(&dir.join(MANIFEST_FILE), MAX_MANIFEST_LEN)?;
+        if local_index != index_bytes || local_manifest != manifest_bytes {
+            return Err(StorageError::corrupt(
+                format!("snapshot {name}"),
+                "the local copy differs from the bucket's",
+            ));
+        }
+        Ok((m, i))
+    }
+}
+
+/// Refuses a folder that holds a datastore, or anything else: a new datastore goes into a
+/// missing or empty folder.
+/// Checks that `root` holds no datastore and nothing else but what an interrupted creation
+/// leaves; returns the temporary marker files of such a creation (to remove).
+fn require_new_folder(root: &Path) -> Result<Vec<PathBuf>> {
+    if root.join(MARKER).exists() {
+        return Err(StorageError::AlreadyExists(format!(
+            "A datastore in {}",
+            root.display()
+        )));
+    }
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    creation_leftovers(root)?.ok_or_else(|| {
+        StorageError::InvalidInput(format!(
+            "{} is not empty and not a datastore",
+            root.display()
+        ))
+    })
 }
 
 /// The temporary marker files in `root` if it holds nothing but what an interrupted
-/// [`Datastore::create_on`] leaves (its empty folders and temporary marker files); `None` if it
-/// holds anything else.
+/// [`Datastore::create_on`] (or [`Datastore::create_remote`]) leaves — its empty folders and
+/// temporary marker files; `None` if it holds anything else.
 fn creation_leftovers(root: &Path) -> Result<Option<Vec<PathBuf>>> {
     let entries = |dir: &Path| -> Result<Vec<fs::DirEntry>> {
         let mut v = Vec::new();
@@ -417,7 +812,7 @@ fn creation_leftovers(root: &Path) -> Result<Option<Vec<PathBuf>>> {
     for e in entries(root)? {
         let name = e.file_name().to_string_lossy().into_owned();
         let ok = match name.as_str() {
-            "snapshots" | "writers" => is_empty_dir(&e)?,
+            "snapshots" | "writers" | "packs" | "cache" => is_empty_dir(&e)?,
             "chunks" if is_dir(&e) => {
                 let fan_out = entries(&e.path())?;
                 fan_out.len() <= 256
@@ -441,41 +836,21 @@ fn creation_leftovers(root: &Path) -> Result<Option<Vec<PathBuf>>> {
     Ok(Some(temps))
 }
 
-/// Reads a whole file, refusing one larger than `max` bytes. The file is opened once and the
-/// read itself is capped, so a symlink to a device, a FIFO or a file growing meanwhile cannot
-/// make it allocate past `max`.
-pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let file = fs::File::open(path).map_err(|e| io_err("Reading", path, e))?;
-    read_bounded_file(file, path, max)
-}
-
-/// [`read_bounded`] on a file already open.
-fn read_bounded_file(file: fs::File, path: &Path, max: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let too_big = |len: u64| {
-        StorageError::corrupt(
-            path.display().to_string(),
-            format!("{len} bytes exceeds the limit of {max}"),
-        )
-    };
-    let meta = file.metadata().map_err(|e| io_err("Reading", path, e))?;
-    if !meta.is_file() {
+/// In an encrypted datastore every blob must be sealed (an unsealed one was not written by the
+/// key holder); in a plaintext one none is.
+pub fn check_sealed_as_store(bytes: &[u8], encrypted: bool, what: &str) -> Result<()> {
+    let header = blob::parse_header(bytes, what)?;
+    if header.encoding.sealed() != encrypted {
         return Err(StorageError::corrupt(
-            path.display().to_string(),
-            "not a regular file",
+            what.to_string(),
+            if encrypted {
+                "unencrypted blob in an encrypted datastore"
+            } else {
+                "encrypted blob in a datastore without encryption"
+            },
         ));
     }
-    if meta.len() > max {
-        return Err(too_big(meta.len()));
-    }
-    let mut out = Vec::with_capacity(meta.len() as usize);
-    file.take(max + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| io_err("Reading", path, e))?;
-    if out.len() as u64 > max {
-        return Err(too_big(out.len() as u64));
-    }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,11 @@
 //! lock files, writer registrations) are not part of the seam either: they live as long as the
 //! process, so a crash drops them whatever the disk kept.
 //!
-//! Every datastore holds one `Arc<dyn StoreFs>`; [`RealFs`] is the default.
+//! Every datastore holds one `Arc<dyn StoreFs>`; [`RealFs`] is the default. What goes through
+//! it is the local datastore's own structure (chunks, snapshot folders, the marker). A pack
+//! datastore's local cache (chunk cache, pack indexes) and folder-backed objects
+//! ([`crate::objects::DirObjects`]) write with [`RealFs`] directly: the bucket holds what must
+//! survive, and the cache is rebuilt from it.
 
 use std::ffi::CString;
 use std::fmt::Debug;

@@ -1,6 +1,7 @@
 //! `backup verify`: checks snapshots' manifests and indexes, then every chunk they reference
 //! (blob crc, length, digest), each distinct chunk once, on all cores. The report names every
-//! damaged chunk and every snapshot it affects.
+//! damaged chunk and every snapshot it affects. In a pack datastore (S3) every chunk is read
+//! from the bucket with a ranged GET, not from the local cache.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -121,7 +122,7 @@ fn verify_batch(
         };
         match lock_snapshot_shared(store, name).and_then(|h| {
             holds.push(h);
-            store.read_snapshot(name)
+            store.read_snapshot_from_source(name)
         }) {
             Ok((_, index)) => {
                 for (i, e) in index.entries().iter().enumerate() {
@@ -163,7 +164,7 @@ fn verify_batch(
                     let Some((digest, (len, _))) = list.get(i) else {
                         break;
                     };
-                    if let Err(e) = store.load_chunk(digest, *len, &mut buf) {
+                    if let Err(e) = store.load_chunk_from_source(digest, *len, &mut buf) {
                         bad.lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .push((i, e.to_string()));

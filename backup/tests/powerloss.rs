@@ -559,6 +559,13 @@ fn verify_changes_nothing_on_disk() {
     assert_eq!(sweep(Op::Verify), 0);
 }
 
+fn opts() -> strata_backup::store::CreateOptions {
+    strata_backup::store::CreateOptions {
+        chunk_size: CHUNK,
+        ..Default::default()
+    }
+}
+
 /// Creating a datastore cut at every operation but most of the 256 identical fan-out folder
 /// creations (the first eight, every eighth and the last sixteen operations are cut): afterwards
 /// the folder opens as a complete empty datastore, or holds no datastore and creating one there
@@ -568,7 +575,7 @@ fn creating_a_datastore_cut_at_every_kind_of_operation() {
     let total = {
         let work = tempfile::tempdir().unwrap();
         let sfs = Arc::new(FaultFs::new(&work.path().join("stash")).unwrap());
-        Datastore::create_on(&work.path().join("store"), CHUNK, sfs.clone()).unwrap();
+        Datastore::create_on(&work.path().join("store"), &opts(), sfs.clone()).unwrap();
         sfs.ops()
     };
     assert!(total > 256, "{total} operations");
@@ -587,7 +594,7 @@ fn creating_a_datastore_cut_at_every_kind_of_operation() {
             let sfs = Arc::new(FaultFs::new(&work.path().join("stash")).unwrap());
             sfs.cut_at(k);
             assert!(
-                Datastore::create_on(&root, CHUNK, sfs.clone()).is_err(),
+                Datastore::create_on(&root, &opts(), sfs.clone()).is_err(),
                 "{what}"
             );
             sfs.crash(mode).unwrap();

@@ -1,1 +1,5 @@
-//! Benchmarks live in scripts beside this crate; see benches/README.md.
+//! Benchmarks live in scripts beside this crate; their figures are in benches/RESULTS.md. The library holds what
+//! several bench binaries could share: [`qtest`], a virtio-pci driver for QEMU devices over
+//! QEMU's qtest protocol.
+
+pub mod qtest;

@@ -27,6 +27,9 @@ pub struct CreateBackup {
     pub source: String,
     /// Snapshot group, e.g. `volume/strata/vm-100-disk-0` (derived from the source if absent).
     pub id: Option<String>,
+    /// The datastore (default `local`; see `backups store add`).
+    #[serde(default)]
+    pub store: Option<String>,
 }
 
 /// A request to restore a snapshot.
@@ -48,6 +51,9 @@ pub struct RestoreBackup {
     pub copy: Option<bool>,
     /// Workers fetching, checking and writing chunks (default four per core, at most 256).
     pub workers: Option<usize>,
+    /// The datastore (default `local`).
+    #[serde(default)]
+    pub store: Option<String>,
 }
 
 /// What to verify.
@@ -55,6 +61,17 @@ pub struct RestoreBackup {
 pub struct VerifyBackups {
     /// One snapshot (name or group id); all snapshots when absent.
     pub snapshot: Option<String>,
+    /// The datastore (default `local`).
+    #[serde(default)]
+    pub store: Option<String>,
+}
+
+/// What to collect garbage in.
+#[derive(Debug, Default, Deserialize)]
+pub struct GcBackups {
+    /// The datastore (default `local`).
+    #[serde(default)]
+    pub store: Option<String>,
 }
 
 /// Retention rules.
@@ -78,6 +95,9 @@ pub struct PruneBackups {
     /// Only report what would be removed.
     #[serde(default)]
     pub dry_run: bool,
+    /// The datastore (default `local`).
+    #[serde(default)]
+    pub store: Option<String>,
 }
 
 /// A snapshot as listed.
@@ -104,12 +124,27 @@ impl Service {
 
     /// Snapshots, oldest first (of one group if given).
     pub fn list_backups(&self, id: Option<&str>) -> ServiceResult<Vec<BackupSummary>> {
-        let store = self.datastore()?;
+        self.list_backups_in(None, id)
+    }
+
+    /// Snapshots of datastore `store` (default `local`), oldest first (of one group if given).
+    pub fn list_backups_in(
+        &self,
+        store_name: Option<&str>,
+        id: Option<&str>,
+    ) -> ServiceResult<Vec<BackupSummary>> {
+        let is_local = store_name.is_none_or(|n| n == super::backup_stores::DEFAULT_STORE);
+        let store = self.datastore_named(store_name)?;
         let names = match id {
             Some(id) => store.list_group(id)?,
             None => store.list()?,
         };
-        let verified = self.backup_state.all_verified();
+        // Verification records are the local datastore's.
+        let verified = if is_local {
+            self.backup_state.all_verified()
+        } else {
+            Default::default()
+        };
         Ok(names
             .into_iter()
             .map(|n| BackupSummary {
@@ -125,7 +160,8 @@ impl Service {
 
     /// Starts a backup job.
     pub fn start_backup(self: &Arc<Self>, req: CreateBackup) -> ServiceResult<Arc<Job>> {
-        let store = self.datastore()?;
+        let store = self.datastore_named(req.store.as_deref())?;
+        store.require_key()?;
         let id = req
             .id
             .clone()
@@ -172,7 +208,7 @@ impl Service {
 
     /// Starts a restore job.
     pub fn start_restore(self: &Arc<Self>, req: RestoreBackup) -> ServiceResult<Arc<Job>> {
-        let store = self.datastore()?;
+        let store = self.datastore_named(req.store.as_deref())?;
         let name = store.resolve(&req.snapshot)?;
         let (manifest, index) = store.read_snapshot(&name)?;
         // What the restore writes: the chunks that hold data (zero chunks are skipped or
@@ -257,7 +293,12 @@ impl Service {
 
     /// Starts a verify job (one snapshot or all).
     pub fn start_verify(self: &Arc<Self>, req: VerifyBackups) -> ServiceResult<Arc<Job>> {
-        let store = self.datastore()?;
+        let store = self.datastore_named(req.store.as_deref())?;
+        store.require_key()?;
+        let record = req
+            .store
+            .as_deref()
+            .is_none_or(|n| n == super::backup_stores::DEFAULT_STORE);
         let names = match &req.snapshot {
             Some(s) => vec![store.resolve(s)?],
             None => store.list()?,
@@ -274,7 +315,9 @@ impl Service {
             let report =
                 strata_backup::verify::verify(&store, &names, workers, &JobProgress::new(ctx))?;
             let value = serde_json::to_value(&report).unwrap_or_default();
-            svc.record_verification(&report);
+            if record {
+                svc.record_verification(&report);
+            }
             if report.ok() {
                 Ok(value)
             } else {
@@ -293,7 +336,7 @@ impl Service {
         for id in &req.ids {
             snapshot::check_id(id)?;
         }
-        let store = self.datastore()?;
+        let store = self.datastore_named(req.store.as_deref())?;
         let rules = KeepRules {
             last: req.keep_last,
             daily: req.keep_daily,
@@ -312,13 +355,24 @@ impl Service {
 
     /// Starts garbage collection.
     pub fn start_gc(self: &Arc<Self>) -> ServiceResult<Arc<Job>> {
-        let store = self.datastore()?;
+        self.start_gc_in(GcBackups::default())
+    }
+
+    /// Starts garbage collection of one datastore.
+    pub fn start_gc_in(self: &Arc<Self>, req: GcBackups) -> ServiceResult<Arc<Job>> {
+        let store = self.datastore_named(req.store.as_deref())?;
+        let record = req
+            .store
+            .as_deref()
+            .is_none_or(|n| n == super::backup_stores::DEFAULT_STORE);
         let svc = self.clone();
         self.jobs
             .clone()
             .spawn("gc", "collect unreferenced chunks".into(), move |ctx| {
                 let outcome = strata_backup::gc::gc(&store, 300, &JobProgress::new(ctx));
-                svc.record_gc(&outcome);
+                if record {
+                    svc.record_gc(&outcome);
+                }
                 Ok(serde_json::to_value(&outcome?).unwrap_or_default())
             })
     }

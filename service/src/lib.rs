@@ -12,6 +12,7 @@
 //!   catalog/images/NAME.json  each image's recorded format (see [`catalog`])
 //!   jobs/         results of finished jobs, one JSON file each
 //!   vms/NAME/     a VM's definition, last run and console log (see [`vms`])
+//!   networks/NAME.json  a network: its bridge, VLAN awareness, uplink (see [`networks`])
 //!   restores/VG/NAME.json     a volume being restored, and NAME.restored, a live restore's
 //!                 map of restored chunks (see [`restores`])
 //!   users.json    local users of the web UI (Argon2id hashes, see [`users`])
@@ -31,6 +32,7 @@
 //! | usage history | a mutex in [`usage_history::UsageHistory`]; one sampler thread writes |
 
 pub mod backup_state;
+pub mod backup_stores;
 pub mod backups;
 pub mod bootstrap;
 pub mod catalog;
@@ -44,6 +46,7 @@ pub mod job_log;
 pub mod jobs;
 pub mod metrics;
 pub mod names;
+pub mod networks;
 pub mod progress;
 pub mod restores;
 pub mod server_paths;

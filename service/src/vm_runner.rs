@@ -33,9 +33,9 @@ use strata_storage::StorageError;
 pub use strata_vmm::control::ControlError;
 use strata_vmm::control::{ControlClient, Reply, Request, RunState};
 use strata_vmm::process::config::{
-    now_secs, BootSpec, ConsoleState, DiskConfig, DiskSource, EndState, RebootLimit, SandboxSpec,
-    CONFIG_FILE, CONSOLE_FILE, CONSOLE_STATE_FILE, EXIT_FILE, LOG_FILE, OLD_CONSOLE_FILE,
-    SOCKET_FILE,
+    now_secs, BootSpec, ConsoleState, DiskConfig, DiskSource, EndState, NicConfig, RebootLimit,
+    SandboxSpec, CONFIG_FILE, CONSOLE_FILE, CONSOLE_STATE_FILE, EXIT_FILE, LOG_FILE,
+    OLD_CONSOLE_FILE, SOCKET_FILE,
 };
 use strata_vmm::process::{ExitRecord, VmmConfig};
 
@@ -297,6 +297,15 @@ impl Runs {
     }
 }
 
+/// The tap of NIC `k` of VM `vm`: `st` and 8 hex digits of a hash of the VM's name, `n` and the
+/// index (at most 15 bytes, stable across runs, distinct between VMs but for hash collisions,
+/// which the tap's exclusive open then reports).
+pub fn tap_name(vm: &str, k: usize) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(vm.as_bytes());
+    format!("st{:02x}{:02x}{:02x}{:02x}n{k}", h[0], h[1], h[2], h[3])
+}
+
 /// Refuses to start when this host has no usable KVM.
 fn check_kvm(name: &str) -> ServiceResult<()> {
     std::fs::OpenOptions::new()
@@ -483,12 +492,12 @@ impl Service {
             .ok_or_else(|| ServiceError::Conflict("Every VMM uid slot is in use".into()))?;
         let boot = self.boot_spec(&def)?;
         let mut served = None;
-        let mut fds = Vec::new();
+        let mut fds: Vec<std::os::fd::OwnedFd> = Vec::new();
         let mut disks = Vec::new();
         for d in &def.disks {
             let (source, keep) = self.disk_source(&def, d, &mut served)?;
             if let Some(stream) = keep {
-                fds.push(stream);
+                fds.push(stream.into());
             }
             disks.push(DiskConfig {
                 name: d.source.clone(),
@@ -496,6 +505,27 @@ impl Service {
                 read_only: d.readonly,
                 serial: d.serial.clone(),
                 queues: 1,
+            });
+        }
+        let mut nics = Vec::new();
+        for (k, n) in def.nics.iter().enumerate() {
+            let tap = tap_name(name, k);
+            // One queue pair per vCPU.
+            let pairs = usize::from(def.vcpus)
+                .min(usize::from(strata_vmm::net::config::MAX_QUEUE_PAIRS))
+                .max(1);
+            let queues = self.open_nic(&n.network, &tap, pairs, n.vlan, Some(id))?;
+            let mut raw = Vec::new();
+            for q in queues {
+                let fd: std::os::fd::OwnedFd = q.into();
+                raw.push(fd.as_raw_fd());
+                fds.push(fd);
+            }
+            nics.push(NicConfig {
+                name: format!("{}/{tap}", n.network),
+                mac: n.mac.clone(),
+                fds: raw,
+                rate_bytes_per_sec: n.rate_bytes_per_sec,
             });
         }
         let run_id = random_id();
@@ -506,6 +536,7 @@ impl Service {
             vcpus: def.vcpus,
             boot,
             disks,
+            nics,
             dir: dir.clone(),
             sandbox: SandboxSpec {
                 uid_gid: Some((id, id)),
@@ -672,11 +703,7 @@ impl Service {
         ))
     }
 
-    fn spawn_vmm(
-        &self,
-        dir: &Path,
-        fds: &[std::os::unix::net::UnixStream],
-    ) -> ServiceResult<Child> {
+    fn spawn_vmm(&self, dir: &Path, fds: &[std::os::fd::OwnedFd]) -> ServiceResult<Child> {
         use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::process::CommandExt;
         let log_path = dir.join(LOG_FILE);

@@ -82,6 +82,38 @@ pub struct VmDisk {
     pub serial: String,
 }
 
+/// A NIC as a definition request gives it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// The network (see [`super::networks`]).
+    pub network: String,
+    /// The MAC address (`52:54:00:12:34:56`); generated, and then kept, when not given.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// A VLAN (1 to 4094) on a VLAN-aware network: the NIC's bridge port carries it untagged.
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// A rate limit in MB/s (10^6 bytes per second), each way.
+    #[serde(default)]
+    pub rate: Option<f64>,
+}
+
+/// A NIC of a VM as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNic {
+    /// The network.
+    pub network: String,
+    /// The MAC address.
+    pub mac: String,
+    /// The VLAN, if any.
+    pub vlan: Option<u16>,
+    /// The rate limit in bytes per second each way, if any.
+    pub rate_bytes_per_sec: Option<u64>,
+}
+
+/// Largest rate limit accepted, in MB/s.
+pub const MAX_RATE_MB: f64 = 100_000.0;
+
 /// A request to define a VM.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DefineVm {
@@ -107,6 +139,9 @@ pub struct DefineVm {
     /// Disks in order; the first is /dev/vda in Linux.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// NICs in order.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
 }
 
 fn default_memory() -> String {
@@ -136,6 +171,9 @@ pub struct VmDefinition {
     pub cmdline: String,
     /// Disks in order.
     pub disks: Vec<VmDisk>,
+    /// NICs in order.
+    #[serde(default)]
+    pub nics: Vec<VmNic>,
 }
 
 /// Where a VM is in its life.
@@ -414,6 +452,7 @@ impl Service {
                 serial: d.serial.clone(),
             });
         }
+        let nics = self.check_nics(&req.nics, disks.len())?;
         Ok(VmDefinition {
             name: req.name.clone(),
             memory,
@@ -423,7 +462,75 @@ impl Service {
             initrd: req.initrd.clone(),
             cmdline,
             disks,
+            nics,
         })
+    }
+
+    /// Checks NIC requests: the networks exist, MACs are unicast and distinct (generated when
+    /// not given), VLANs are in range on VLAN-aware networks, rates are positive.
+    fn check_nics(&self, nics: &[NicSpec], disks: usize) -> ServiceResult<Vec<VmNic>> {
+        use strata_vmm::net::config::{check_mac, format_mac, parse_mac};
+        use strata_vmm::vm::{MAX_DEVICES, MAX_NICS};
+        if nics.len() > MAX_NICS {
+            return Err(bad(format!("At most {MAX_NICS} NICs are supported")));
+        }
+        if nics.len() + disks > MAX_DEVICES {
+            return Err(bad(format!(
+                "At most {MAX_DEVICES} disks and NICs together are supported"
+            )));
+        }
+        let mut out: Vec<VmNic> = Vec::with_capacity(nics.len());
+        for n in nics {
+            let net = self.network_definition(&n.network)?;
+            let mac = match &n.mac {
+                Some(text) => {
+                    let mac = parse_mac(text).map_err(bad)?;
+                    check_mac(&mac).map_err(bad)?;
+                    mac
+                }
+                None => {
+                    // Locally administered, in QEMU's customary 52:54:00 prefix.
+                    let mut mac = [0x52, 0x54, 0x00, 0, 0, 0];
+                    for b in &mut mac[3..] {
+                        *b = fastrand::u8(..);
+                    }
+                    mac
+                }
+            };
+            let mac = format_mac(&mac);
+            if out.iter().any(|o| o.mac == mac) {
+                return Err(bad(format!("MAC {mac} is given twice")));
+            }
+            if let Some(v) = n.vlan {
+                if !(1..=4094).contains(&v) {
+                    return Err(bad(format!("VLAN {v} is out of range (1 to 4094)")));
+                }
+                if !net.vlan_aware {
+                    return Err(bad(format!(
+                        "Network {} is not VLAN-aware; a NIC on it cannot name a VLAN",
+                        n.network
+                    )));
+                }
+            }
+            let rate_bytes_per_sec = match n.rate {
+                None => None,
+                Some(r) if r.is_finite() && r > 0.0 && r <= MAX_RATE_MB => {
+                    Some(((r * 1e6) as u64).max(1))
+                }
+                Some(r) => {
+                    return Err(bad(format!(
+                        "Rate {r} MB/s is out of range (above 0, at most {MAX_RATE_MB})"
+                    )))
+                }
+            };
+            out.push(VmNic {
+                network: net.name,
+                mac,
+                vlan: n.vlan,
+                rate_bytes_per_sec,
+            });
+        }
+        Ok(out)
     }
 
     /// Defines a VM (409 if the name is taken).
@@ -511,7 +618,7 @@ impl Service {
 /// Writes `contents` to `path` only if `path` does not exist: temp file, fsync, `link` (which
 /// fails if the name is taken, also against other processes), fsync of the directory.
 /// Returns false if the name was taken.
-fn create_exclusively(path: &Path, contents: &[u8]) -> ServiceResult<bool> {
+pub(crate) fn create_exclusively(path: &Path, contents: &[u8]) -> ServiceResult<bool> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".new-{}-{}", std::process::id(), fastrand::u64(..)));
@@ -557,6 +664,7 @@ mod tests {
             initrd: None,
             cmdline: None,
             disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 

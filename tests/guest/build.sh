@@ -5,10 +5,12 @@
 #     there;
 #   - a busybox-static initramfs whose /init loads the virtio modules in dependency order (as
 #     `modprobe --show-depends` gives it), exercises the disks and reports on the serial console.
-#   - optionally (STRATA_GUEST_FIO=1) fio and the libraries ldd lists, for in-guest benchmarks.
+#   - optionally (STRATA_GUEST_FIO=1) fio and the libraries ldd lists, for in-guest benchmarks;
+#   - optionally (STRATA_GUEST_NET=1) iperf3 and the libraries ldd lists, for network tests.
 #
 # Usage: tests/guest/build.sh [OUT_DIR]   (default: build/guest in the repository)
-# Output: OUT_DIR/vmlinuz, OUT_DIR/initramfs.gz (OUT_DIR/initramfs-fio.gz with fio).
+# Output: OUT_DIR/vmlinuz, OUT_DIR/initramfs.gz (OUT_DIR/initramfs-fio.gz with fio,
+# OUT_DIR/initramfs-net.gz with iperf3).
 # Needs: apt-get (with lists: run `apt-get update` once), dpkg-deb, kmod (depmod, modprobe),
 # cpio, gzip. Re-running reuses downloaded packages.
 set -euo pipefail
@@ -57,22 +59,22 @@ if [ ! -x "$bb/bin/busybox" ]; then
     dpkg-deb -x "$(fetch busybox-static)" "$bb"
 fi
 
-make_initramfs() { # name, with_fio
+make_initramfs() { # name, then the host tools to copy in with their libraries
     local stage="$out/stage-$1"
     rm -rf "$stage"
     mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules}
     cp "$bb/bin/busybox" "$stage/bin/busybox"
     for applet in sh mount umount insmod dd sync poweroff reboot cat echo sha256sum md5sum \
         head tail yes blkdiscard sleep grep ls mkdir tr cut wc seq hexdump cmp awk sed uname \
-        date true false test [ printf; do
+        date true false test [ printf ip ping kill; do
         ln -sf busybox "$stage/bin/$applet"
     done
-    # virtio-pci for QEMU (tier 2), virtio-mmio for Strata's VMM (tier 3), virtio-blk for both;
-    # the ACPI button driver and evdev for the power-button test (built in on some kernels, in
-    # which case modprobe lists nothing to load).
+    # virtio-pci for QEMU (tier 2), virtio-mmio for Strata's VMM (tier 3), virtio-blk and
+    # virtio-net for both; the ACPI button driver and evdev for the power-button test (built in
+    # on some kernels, in which case modprobe lists nothing to load).
     : > "$stage/modules.order"
     # (one module per call: modprobe takes further words as module parameters)
-    for m in virtio_pci virtio_mmio virtio_blk button evdev; do
+    for m in virtio_pci virtio_mmio virtio_blk virtio_net button evdev; do
         modprobe -d "$root" -S "$kver" --show-depends "$m"
     done | awk '$1 == "insmod" {print $2}' | while read -r ko; do
             if ! grep -qxF "$(basename "$ko")" "$stage/modules.order"; then
@@ -82,20 +84,25 @@ make_initramfs() { # name, with_fio
         done
     cp "$here/init.sh" "$stage/init"
     chmod +x "$stage/init"
-    if [ "$2" = 1 ]; then
-        need fio fio
-        cp "$(command -v fio)" "$stage/bin/fio"
-        ldd "$(command -v fio)" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
+    local name="$1" tool
+    shift
+    for tool in "$@"; do
+        need "$tool" "$tool"
+        cp "$(command -v "$tool")" "$stage/bin/$tool"
+        ldd "$(command -v "$tool")" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
             mkdir -p "$stage$(dirname "$lib")"
             cp -L "$lib" "$stage$lib"
         done
-    fi
-    (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/$1.gz"
+    done
+    (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/$name.gz"
     rm -rf "$stage"
 }
 
-make_initramfs initramfs 0
+make_initramfs initramfs
 if [ "${STRATA_GUEST_FIO:-0}" = 1 ]; then
-    make_initramfs initramfs-fio 1
+    make_initramfs initramfs-fio fio
+fi
+if [ "${STRATA_GUEST_NET:-0}" = 1 ]; then
+    make_initramfs initramfs-net iperf3
 fi
 echo "build.sh: kernel $kver, guest in $out"

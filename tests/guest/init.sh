@@ -8,6 +8,9 @@
 #   strata.test=powerbutton  wait for the ACPI power button (the input device the kernel's
 #                     button driver makes for it, as acpid or systemd-logind would), then say
 #                     so and power off
+#   strata.test=net   (no disk) give eth0 the address strata.addr=A/N, ping strata.peer=P three
+#                     times, then run iperf3 to P (port 5201) and from P (-R, port 5202) for
+#                     strata.secs= seconds (3 when not given); needs initramfs-net.gz
 PATH=/bin
 echo "STRATA init"   # the first sign of /init, for boot-time benchmarks (benches/vmm_kvm.sh)
 mount -t proc proc /proc
@@ -17,13 +20,18 @@ for m in $(cat /modules.order); do
     insmod "/lib/modules/$m" || echo "STRATA insmod-failed $m"
 done
 test_name=$(sed -n 's/.*strata\.test=\([a-z]*\).*/\1/p' /proc/cmdline)
-n=0
-while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-if [ ! -b /dev/vda ]; then
-    echo "STRATA FAIL no /dev/vda"
-    poweroff -f
+arg() { # the value of strata.NAME= on the kernel command line
+    sed -n "s/.*strata\.$1=\([^ ]*\).*/\1/p" /proc/cmdline
+}
+if [ "$test_name" != net ]; then
+    n=0
+    while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    if [ ! -b /dev/vda ]; then
+        echo "STRATA FAIL no /dev/vda"
+        poweroff -f
+    fi
+    echo "STRATA disk $(cat /sys/block/vda/size) sectors, serial '$(cat /sys/block/vda/serial 2>/dev/null)'"
 fi
-echo "STRATA disk $(cat /sys/block/vda/size) sectors, serial '$(cat /sys/block/vda/serial 2>/dev/null)'"
 
 pattern() { # the guest's pattern: 1 MiB of a repeated line
     yes "strata guest pattern 0123456789abcdef" | head -c 1048576
@@ -70,6 +78,34 @@ fio)
             --rw=randread --bs=4k --runtime=10 --time_based --output-format=terse $opts \
             | cut -d';' -f8)"
     done
+    ;;
+net)
+    addr=$(arg addr)
+    peer=$(arg peer)
+    secs=$(arg secs)
+    [ -n "$secs" ] || secs=3
+    n=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    if [ ! -e /sys/class/net/eth0 ]; then
+        echo "STRATA FAIL no eth0"
+    else
+        ip link set lo up
+        ip addr add "$addr" dev eth0
+        ip link set eth0 up
+        echo "STRATA nic eth0 $(cat /sys/class/net/eth0/address) features $(cat /sys/class/net/eth0/device/features 2>/dev/null)"
+        echo "STRATA address $(ip -4 addr show dev eth0 | awk '/inet / {print $2}')"
+        got=$(ping -c 3 -W 5 "$peer" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+        echo "STRATA ping ${got:-0}/3"
+        for dir in send recv; do
+            if [ $dir = send ]; then flags="-p 5201"; else flags="-p 5202 -R"; fi
+            if iperf3 -c "$peer" $flags -t "$secs" -f m > /tmp/iperf 2>&1; then
+                echo "STRATA iperf3-$dir $(awk '/receiver/ {print $7, $8}' /tmp/iperf)"
+            else
+                echo "STRATA FAIL iperf3-$dir"
+                sed 's/^/STRATA iperf3: /' /tmp/iperf
+            fi
+        done
+    fi
     ;;
 *)
     echo "STRATA FAIL unknown test '$test_name'"

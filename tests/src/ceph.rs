@@ -25,6 +25,8 @@ pub struct TestCluster {
     pub pool: String,
     /// The S3 endpoint, when started with radosgw.
     pub rgw_endpoint: Option<String>,
+    /// radosgw's S3 access key and secret key, when started with radosgw.
+    pub s3_keys: Option<(String, String)>,
     /// Held open for the life of the process: its end of file stops the cluster.
     _lifeline: Mutex<Option<ChildStdin>>,
 }
@@ -58,11 +60,12 @@ fn parse(text: &str) -> anyhow::Result<TestCluster> {
         keyring: need("keyring")?.into(),
         pool: need("pool")?,
         rgw_endpoint: get("rgw_endpoint"),
+        s3_keys: get("s3_access_key").zip(get("s3_secret_key")),
         _lifeline: Mutex::new(None),
     })
 }
 
-fn start() -> anyhow::Result<TestCluster> {
+fn start(extra: &[&str]) -> anyhow::Result<TestCluster> {
     if let Some(dir) = std::env::var_os("STRATA_CEPH_DIR") {
         let out = Command::new(script()).arg("env").arg(&dir).output()?;
         anyhow::ensure!(out.status.success(), "ceph-cluster.sh env {dir:?} failed");
@@ -70,6 +73,7 @@ fn start() -> anyhow::Result<TestCluster> {
     }
     let mut child = Command::new(script())
         .args(["start", "--stop-on-eof"])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -95,13 +99,31 @@ fn start() -> anyhow::Result<TestCluster> {
 /// packages are there and the cluster does not start.
 pub fn cluster() -> &'static TestCluster {
     static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
-    let c = CLUSTER.get_or_init(|| {
+    cluster_in(&CLUSTER, &[])
+}
+
+/// [`cluster`] with radosgw (an S3 endpoint) too.
+pub fn rgw_cluster() -> &'static TestCluster {
+    static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+    let c = cluster_in(&CLUSTER, &["--rgw"]);
+    assert!(
+        c.rgw_endpoint.is_some() && c.s3_keys.is_some(),
+        "the test cluster has no radosgw (STRATA_CEPH_DIR without --rgw?)"
+    );
+    c
+}
+
+fn cluster_in<'a>(
+    cell: &'a OnceLock<Result<TestCluster, String>>,
+    extra: &[&str],
+) -> &'a TestCluster {
+    let c = cell.get_or_init(|| {
         if std::env::var_os("STRATA_CEPH_DIR").is_none() {
             if let Some(tool) = packages_missing() {
                 return Err(tool.to_string());
             }
         }
-        match start() {
+        match start(extra) {
             Ok(c) => Ok(c),
             Err(e) => panic!("the test Ceph cluster did not start: {e:#}"),
         }

@@ -9,10 +9,19 @@ use std::sync::{Arc, Mutex};
 pub mod ceph;
 pub mod linux_guest;
 pub mod live;
+pub mod netns;
+pub mod peer_net;
+pub mod s3proxy;
 
 /// The freestanding virtio-blk test guest, built by build.rs.
 pub fn blkdrv_image() -> anyhow::Result<Vec<u8>> {
     let path = env!("STRATA_BLKDRV_BIN");
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("reading the test guest {path}: {e}"))
+}
+
+/// The freestanding virtio-net test guest, built by build.rs (see tests/guest/netdrv/netdrv.c).
+pub fn netdrv_image() -> anyhow::Result<Vec<u8>> {
+    let path = env!("STRATA_NETDRV_BIN");
     std::fs::read(path).map_err(|e| anyhow::anyhow!("reading the test guest {path}: {e}"))
 }
 
@@ -37,6 +46,19 @@ pub fn ticker_counter(bytes: &[u8]) -> Option<u64> {
 }
 
 pub use strata_testkit::{have_kvm, is_pvm_host};
+
+/// Prints a skip notice that cannot be missed in CI logs (for one row of a test whose other
+/// rows run; a whole test that cannot run goes through `strata_testkit`).
+pub fn skip_loudly(what: &str, why: &str) {
+    let line = "!".repeat(78);
+    eprintln!("{line}\nSKIPPED: {what}\n  reason: {why}\n{line}");
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
 
 /// The `strata` binary built from this workspace (cargo builds it for the tests of the api
 /// crate; here we look in the shared target directory).

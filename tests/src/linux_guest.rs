@@ -68,19 +68,95 @@ pub fn guest_dir() -> Result<PathBuf> {
 /// once like [`guest_dir`].
 pub fn guest_dir_with_fio() -> Result<PathBuf> {
     static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let dir = guest_dir()?;
     let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    if !dir.join("initramfs-fio.gz").exists() {
+    guest_variant("initramfs-fio.gz", "STRATA_GUEST_FIO")
+}
+
+/// The test guest with iperf3 in its initramfs (`initramfs-net.gz`, for `strata.test=net`),
+/// built once like [`guest_dir`].
+pub fn guest_dir_with_net() -> Result<PathBuf> {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    guest_variant("initramfs-net.gz", "STRATA_GUEST_NET")
+}
+
+/// The guest folder with initramfs `file`, which build.sh makes when `env` is 1.
+fn guest_variant(file: &str, env: &str) -> Result<PathBuf> {
+    let dir = guest_dir()?;
+    if !dir.join(file).exists() {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let status = Command::new("bash")
             .arg(repo.join("tests/guest/build.sh"))
             .arg(&dir)
-            .env("STRATA_GUEST_FIO", "1")
+            .env(env, "1")
             .status()
-            .context("running tests/guest/build.sh with fio")?;
-        ensure!(status.success(), "tests/guest/build.sh (with fio) failed");
+            .with_context(|| format!("running tests/guest/build.sh for {file}"))?;
+        ensure!(status.success(), "tests/guest/build.sh ({file}) failed");
     }
     Ok(dir)
+}
+
+/// QEMU (TCG) booting the test guest in `guest` with initramfs `initramfs` and kernel command
+/// line `cmdline` on a q35 machine, console on stdout, no default devices, no reboot; the
+/// caller adds memory and devices.
+pub fn qemu_linux_command(guest: &Path, initramfs: &str, cmdline: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(guest.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(guest.join(initramfs))
+    .args(["-append", cmdline]);
+    cmd
+}
+
+/// Runs QEMU as `cmd` sets it up (its console on stdout), for at most `timeout`; returns the
+/// console output once QEMU exits successfully.
+pub fn run_qemu_console(mut cmd: Command, timeout: std::time::Duration) -> Result<String> {
+    use std::time::Instant;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    // Read the console on a thread so that a chatty guest cannot fill the pipe and stall.
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let console = reader.join().unwrap_or_default();
+            bail!(
+                "QEMU did not finish in {} s; console:\n{console}",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let console = reader.join().unwrap_or_default();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        bail!("QEMU failed ({status}): {err}\n{console}");
+    }
+    Ok(console)
 }
 
 /// A raw image with the host's pattern at 0 and non-zero bytes where the guest discards.

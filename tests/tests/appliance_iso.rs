@@ -17,6 +17,8 @@
 //!    pool are on the disk's PV partition, creates a thin volume and backs it up into the
 //!    installed backup datastore; the answers put the API on a port that is not the default,
 //!    so it answering there shows the installed system serves on the configured address;
+//!    the NIC is a port of the management bridge br0 (the answers' default), which carries
+//!    the address and is recorded as network br0;
 //! 5. boots the disk alone again by UEFI, checks the API once more and finds the volume and
 //!    its backup;
 //! 6. boots the ISO by BIOS over the installed disk, a 2 GiB disk and the stick: the
@@ -583,6 +585,16 @@ fn boot_installed(
             && body.contains("\"name\":\"data\"")
             && body.contains("/dev/vda4"),
         "{name}: no default group and pool on /dev/vda4: {body}"
+    );
+    // The management bridge (the installer's default `bridge = br0`): the NIC is its port,
+    // the API answered on the bridge's DHCP address, and it is recorded as network br0.
+    let (status, body) = http_get(port, "/api/networks/br0", Some(token))?;
+    ensure!(
+        status == 200
+            && body.contains("\"bridge\":\"br0\"")
+            && body.contains("\"present\":true")
+            && body.contains("\"ports\":[\""),
+        "{name}: no management bridge br0 with a port: {status}: {body}"
     );
     // A thin volume made and backed up into the installed datastore on the first boot is
     // there on the next, with its backup.

@@ -62,6 +62,7 @@ fn boot(disk: Arc<dyn BlockDevice>, name: &str) -> Result<(String, strata_vmm::v
                 ..DiskOptions::default()
             },
         }],
+        nets: Vec::new(),
         serial: Box::new(serial.clone()),
         timeout: Some(Duration::from_secs(300)),
         kvm: None,

@@ -11,15 +11,15 @@
 //! from a backup, its chunks fetched as the guest reads them.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_tests::linux_guest::{
     check_console, check_device, check_image, guest_dir, host_pattern, prepare_raw,
-    DISK_TEST_CMDLINE, MIB,
+    qemu_linux_command, run_qemu_console, DISK_TEST_CMDLINE, MIB,
 };
 use strata_tests::{thin_volume, write_device};
 use strata_vmm::blk::{BlkConfig, DiskOptions};
@@ -28,57 +28,13 @@ const SERIAL: &str = "strata-tier2";
 
 /// Runs QEMU (TCG) with our back-end on `socket`; returns the console output.
 fn run_qemu(guest: &Path, socket: &Path, cmdline: &str) -> Result<String> {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "q35,memory-backend=mem", "-m", "512M"])
+    let mut cmd = qemu_linux_command(guest, "initramfs.gz", cmdline);
+    cmd.args(["-M", "q35,memory-backend=mem", "-m", "512M"])
         .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs.gz"))
-        .args(["-append", cmdline])
         .arg("-chardev")
         .arg(format!("socket,id=vu0,path={}", socket.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    // Read the console on a thread so that a chatty guest cannot fill the pipe and stall.
-    let mut stdout = child.stdout.take().context("stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let console = reader.join().unwrap_or_default();
-            bail!("QEMU did not finish in 240 s; console:\n{console}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let console = reader.join().unwrap_or_default();
-    if !status.success() {
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        bail!("QEMU failed ({status}): {err}\n{console}");
-    }
-    Ok(console)
+        .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=2"]);
+    run_qemu_console(cmd, Duration::from_secs(240))
 }
 
 /// Serves `image` to a QEMU guest running the disk test and checks both sides.

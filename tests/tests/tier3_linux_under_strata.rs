@@ -6,6 +6,10 @@
 //! the guest waits for it on the button driver's input device, as acpid or systemd-logind
 //! would, and checks that the guest answers it and powers off.
 //!
+//! A third runs the network test: the guest's virtio-net (two queue pairs, one per vCPU) on a tap
+//! on a bridge Strata made, with a peer namespace across it ([`strata_tests::peer_net`]); the
+//! guest gives itself its address, pings the peer and runs iperf3 both ways.
+//!
 //! On a PVM host (/sys/module/kvm_pvm exists) an unmodified Linux kernel does not finish booting
 //! under KVM (ring 0 is emulated instruction by instruction and several instructions are not),
 //! so the tests show as ignored there, with that reason, under CI too (never as passed); on
@@ -17,13 +21,18 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_tests::linux_guest::{
-    check_console, check_image, guest_dir, prepare_raw, DISK_TEST_CMDLINE,
+    check_console, check_image, guest_dir, guest_dir_with_net, prepare_raw, DISK_TEST_CMDLINE,
 };
+use strata_tests::netns::netns_unavailable;
+use strata_tests::peer_net::{check_net_report, net_test_cmdline, PeerNet};
 use strata_tests::Capture;
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::devices::VmControl;
 use strata_vmm::kvm::VcpuExitReason;
-use strata_vmm::vm::{run, run_with_control, DiskSpec, Payload, VmConfig};
+use strata_vmm::net::config::format_mac;
+use strata_vmm::net::tap::TapIo;
+use strata_vmm::net::NetOptions;
+use strata_vmm::vm::{run, run_with_control, DiskSpec, NetSpec, Payload, VmConfig};
 
 const SERIAL: &str = "strata-tier3";
 
@@ -59,6 +68,7 @@ fn linux_guest_under_strata_vmm_on_a_raw_image() -> Result<()> {
                 ..DiskOptions::default()
             },
         }],
+        nets: Vec::new(),
         serial: Box::new(console.clone()),
         timeout: Some(Duration::from_secs(300)),
         kvm: None,
@@ -111,6 +121,7 @@ fn linux_guest_answers_the_acpi_power_button() -> Result<()> {
                 device: Arc::clone(&disk) as _,
                 options: DiskOptions::default(),
             }],
+            nets: Vec::new(),
             serial: Box::new(console.clone()),
             timeout: Some(Duration::from_secs(300)),
             kvm: None,
@@ -132,7 +143,58 @@ fn linux_guest_answers_the_acpi_power_button() -> Result<()> {
     Ok(())
 }
 
+fn linux_guest_under_strata_vmm_gets_an_address_and_runs_iperf3() -> Result<()> {
+    require_tier3_host();
+    strata_testkit::require_tool("iperf3", "iperf3");
+    if let Some(why) = netns_unavailable() {
+        strata_testkit::missing(&why);
+    }
+    let guest = guest_dir_with_net()?;
+    let mut net = PeerNet::new("t3", "sttap3", 2)?;
+    let mac = [0x52, 0x54, 0x00, 0x78, 0x00, 0x03];
+    let taps: Vec<Arc<dyn TapIo>> = net
+        .take_tap()
+        .into_iter()
+        .map(|q| Arc::new(q) as _)
+        .collect();
+    let console = Capture::default();
+    let report = run(VmConfig {
+        memory: 512 << 20,
+        cpus: 2,
+        payload: Payload::Linux {
+            kernel: guest.join("vmlinuz"),
+            initrd: Some(guest.join("initramfs-net.gz")),
+            cmdline: net_test_cmdline(5),
+        },
+        disks: Vec::new(),
+        nets: vec![NetSpec {
+            name: "sttap3".into(),
+            taps,
+            options: NetOptions {
+                mac,
+                queue_pairs: 2,
+                ..NetOptions::default()
+            },
+        }],
+        serial: Box::new(console.clone()),
+        timeout: Some(Duration::from_secs(300)),
+        kvm: None,
+    })?;
+    ensure!(
+        report.reason == VcpuExitReason::Shutdown,
+        "the guest did not power off ({:?}); console:\n{}",
+        report.reason,
+        console.text()
+    );
+    let figures = check_net_report(&mut net, &console.text(), &format_mac(&mac))?;
+    let stats = report.net_stats[0];
+    eprintln!("tier3 net: {figures}; device counters {stats:?}");
+    ensure!(stats.tx_errors == 0, "transmit errors: {stats:?}");
+    Ok(())
+}
+
 strata_testkit::main!(
     linux_guest_under_strata_vmm_on_a_raw_image,
     linux_guest_answers_the_acpi_power_button,
+    linux_guest_under_strata_vmm_gets_an_address_and_runs_iperf3,
 );

@@ -1,5 +1,5 @@
 //! Building and running a VM: memory, the in-kernel irqchip, legacy devices, one virtio-mmio
-//! block device per disk, the guest payload (a Linux kernel or a freestanding test image), and
+//! block device per disk and one network device per NIC, the guest payload (a Linux kernel or a freestanding test image), and
 //! the vCPU threads; then waiting for power-off, reset or a timeout.
 
 use std::io::Write;
@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::engine::QueueStats;
-use crate::blk::{BlkConfig, DiskOptions};
+use crate::blk::{BlkConfig, BlkDevice, DiskOptions};
 use crate::boot;
 use crate::bus::{Bus, SharedDevice};
 use crate::devices::{
@@ -28,13 +28,20 @@ use crate::ged::{Ged, GedDevice, GED_GSI, GED_PORT};
 use crate::kvm::vcpu::{install_kick_handler, kick_until_stopped, VcpuExitReason};
 use crate::kvm::{Vcpu, Vm};
 use crate::memory::{self, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::net::config::NetCountersSnapshot;
+use crate::net::tap::TapIo;
+use crate::net::{NetConfig, NetDevice, NetOptions};
 use crate::sandbox::{self, Role};
 use crate::transport::mmio::{VirtioMmio, QUEUE_NOTIFY};
 
 /// The first interrupt line given to virtio devices (0-4 are legacy; 4 is the serial port).
 pub const FIRST_VIRTIO_GSI: u32 = 5;
-/// Most disks per VM (I/O APIC pins 5 to 23).
-pub const MAX_DISKS: usize = 19;
+/// Most virtio devices (disks and NICs together) per VM (I/O APIC pins 5 to 23).
+pub const MAX_DEVICES: usize = 19;
+/// Most disks per VM (every device may be a disk).
+pub const MAX_DISKS: usize = MAX_DEVICES;
+/// Most NICs per VM.
+pub const MAX_NICS: usize = 8;
 
 /// What the VM runs.
 #[derive(Debug)]
@@ -81,6 +88,17 @@ pub struct DiskSpec {
     pub options: DiskOptions,
 }
 
+/// A NIC to attach.
+#[derive(Debug)]
+pub struct NetSpec {
+    /// A name for logs (the network or tap name).
+    pub name: String,
+    /// The tap's queues, one per queue pair.
+    pub taps: Vec<Arc<dyn TapIo>>,
+    /// How to present it.
+    pub options: NetOptions,
+}
+
 /// A VM to run.
 pub struct VmConfig {
     /// Guest memory in bytes.
@@ -91,6 +109,8 @@ pub struct VmConfig {
     pub payload: Payload,
     /// Disks, in order (the first is /dev/vda in Linux).
     pub disks: Vec<DiskSpec>,
+    /// NICs, in order (after the disks on the device windows).
+    pub nets: Vec<NetSpec>,
     /// Where the serial console goes.
     pub serial: Box<dyn Write + Send>,
     /// Give up after this long (the VM is stopped and the run reports a timeout).
@@ -106,6 +126,7 @@ impl std::fmt::Debug for VmConfig {
             .field("cpus", &self.cpus)
             .field("payload", &self.payload)
             .field("disks", &self.disks)
+            .field("nets", &self.nets)
             .finish()
     }
 }
@@ -117,6 +138,8 @@ pub struct RunReport {
     pub reason: VcpuExitReason,
     /// Per-queue counters of every disk, in order.
     pub queue_stats: Vec<Vec<QueueStats>>,
+    /// Counters of every NIC, in order.
+    pub net_stats: Vec<NetCountersSnapshot>,
     /// MMIO exits to user space.
     pub mmio_exits: u64,
     /// Port I/O exits to user space.
@@ -141,9 +164,14 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
             cfg.cpus
         )));
     }
-    if cfg.disks.len() > MAX_DISKS {
+    if cfg.nets.len() > MAX_NICS {
         return Err(VmmError::Config(format!(
-            "At most {MAX_DISKS} disks are supported"
+            "At most {MAX_NICS} NICs are supported"
+        )));
+    }
+    if cfg.disks.len() + cfg.nets.len() > MAX_DEVICES {
+        return Err(VmmError::Config(format!(
+            "At most {MAX_DEVICES} disks and NICs together are supported"
         )));
     }
     install_kick_handler()?;
@@ -195,15 +223,50 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
         }
         let irq = eventfd()?;
         vm.register_irqfd(&irq, gsi)?;
+        let name = format!("vd{}", (b'a' + i as u8) as char);
         let dev = Arc::new(Mutex::new(VirtioMmio::new(
-            format!("vd{}", (b'a' + i as u8) as char),
-            Arc::new(blk),
+            name.clone(),
+            BlkDevice::new(name, Arc::new(blk)),
             mem.clone(),
             kicks,
             irq,
         )));
         insert(&mut mmio, base, VIRTIO_MMIO_SIZE, dev.clone())?;
         devices.push((dev, disk.name));
+        mmio_windows.push((base, gsi));
+    }
+    let mut nics = Vec::new();
+    for (k, nic) in cfg.nets.into_iter().enumerate() {
+        let i = mmio_windows.len();
+        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let gsi = FIRST_VIRTIO_GSI + i as u32;
+        let ufo = nic
+            .taps
+            .first()
+            .is_some_and(|t| crate::net::tap::supports_ufo(t.as_ref()));
+        let net = NetConfig::new(&nic.options, ufo)
+            .map_err(|e| VmmError::Config(format!("NIC {}: {e}", nic.name)))?;
+        let mut kicks = Vec::new();
+        for q in 0..net.num_queues() {
+            let kick = eventfd()?;
+            vm.register_mmio_ioeventfd(&kick, base + QUEUE_NOTIFY, q as u32)?;
+            kicks.push(kick);
+        }
+        let irq = eventfd()?;
+        vm.register_irqfd(&irq, gsi)?;
+        let name = format!("net{k}");
+        let counters = net.counters().clone();
+        let device = NetDevice::new(name.clone(), Arc::new(net), nic.taps)
+            .map_err(|e| VmmError::Config(format!("NIC {}: {e}", nic.name)))?;
+        let dev = Arc::new(Mutex::new(VirtioMmio::new(
+            name,
+            device,
+            mem.clone(),
+            kicks,
+            irq,
+        )));
+        insert(&mut mmio, base, VIRTIO_MMIO_SIZE, dev.clone())?;
+        nics.push((dev, counters));
         mmio_windows.push((base, gsi));
     }
 
@@ -289,11 +352,17 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
     let mut queue_stats = Vec::new();
     for (dev, name) in &devices {
         let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
-        d.stop_workers();
-        queue_stats.push(d.stats().lock().unwrap_or_else(|p| p.into_inner()).clone());
-        if let Err(e) = d.flush_disk() {
+        d.stop();
+        let stats = d.device().stats();
+        queue_stats.push(stats.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        if let Err(e) = d.device().flush_disk() {
             warn!("flushing {name} at the end of the VM failed: {e}");
         }
+    }
+    let mut net_stats = Vec::new();
+    for (dev, counters) in &nics {
+        dev.lock().unwrap_or_else(|p| p.into_inner()).stop();
+        net_stats.push(counters.snapshot());
     }
     if let Some(e) = errors.lock().unwrap_or_else(|p| p.into_inner()).pop() {
         return Err(e);
@@ -304,6 +373,7 @@ pub fn run_with_control(cfg: VmConfig, control: Arc<VmControl>) -> Result<RunRep
     Ok(RunReport {
         reason,
         queue_stats,
+        net_stats,
         mmio_exits: counters.mmio.load(Ordering::Relaxed),
         pio_exits: counters.pio.load(Ordering::Relaxed),
         marks,

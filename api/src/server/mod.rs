@@ -13,6 +13,7 @@ mod images;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
+mod networks;
 pub mod openapi;
 pub mod schema;
 mod schema_ui;
@@ -210,6 +211,7 @@ fn resource_routes() -> Router<Arc<Service>> {
         .merge(backups::routes())
         .merge(transfer::routes())
         .merge(vms::routes())
+        .merge(networks::routes())
         .merge(exports::routes())
         .merge(users::routes())
         .merge(usage::routes())

@@ -4,7 +4,9 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{backups, exports, images, metrics, system, transfer, usage, users, vms, volumes};
+use super::{
+    backups, exports, images, metrics, networks, system, transfer, usage, users, vms, volumes,
+};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -20,11 +22,14 @@ use super::{backups, exports, images, metrics, system, transfer, usage, users, v
         volumes::remove_volume, volumes::resize_volume, volumes::snapshot_volume, volumes::clone_volume,
         transfer::convert, transfer::upload, transfer::download, transfer::download_volume,
         backups::list_backups, backups::create_backup, backups::restore_backup, backups::verify_backups,
-        backups::prune_backups, backups::gc,
+        backups::prune_backups, backups::gc, backups::sync_backups, backups::list_stores,
+        backups::add_store, backups::remove_store,
         vms::list_vms, vms::define_vm, vms::vm_info, vms::remove_vm, vms::start_vm, vms::stop_vm,
         exports::list_exports, exports::create_export, exports::export_info, exports::remove_export,
         vms::vm_status, vms::vm_console, vms::vm_console_stream, vms::pause_vm, vms::resume_vm,
         vms::power_button, vms::disk_stats,
+        networks::list_networks, networks::create_network, networks::network_info,
+        networks::remove_network,
         volumes::set_template, system::job_log,
         users::list_users, users::create_user, users::remove_user, users::set_password,
         usage::usage, metrics::serve,

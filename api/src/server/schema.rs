@@ -329,6 +329,8 @@ pub struct CreateBackup {
     pub source: String,
     /// Snapshot group, e.g. `volume/strata/vm-100-disk-0` (derived from the source if absent).
     pub id: Option<String>,
+    /// The datastore (default `local`; see `backups store add`).
+    pub store: Option<String>,
 }
 
 /// A request to restore a snapshot.
@@ -350,6 +352,8 @@ pub struct RestoreBackup {
     pub copy: Option<bool>,
     /// Workers fetching, checking and writing chunks (default four per core, at most 256).
     pub workers: Option<usize>,
+    /// The datastore (default `local`).
+    pub store: Option<String>,
 }
 
 /// What to verify.
@@ -357,6 +361,79 @@ pub struct RestoreBackup {
 pub struct VerifyBackups {
     /// One snapshot (name or group id); all snapshots when absent.
     pub snapshot: Option<String>,
+    /// The datastore (default `local`).
+    pub store: Option<String>,
+}
+
+/// What to collect garbage in.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GcBackups {
+    /// The datastore (default `local`).
+    pub store: Option<String>,
+}
+
+/// A request to add a backup datastore: a local folder (`path`) or an S3 bucket.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AddStore {
+    /// Its name.
+    pub name: String,
+    /// A local folder on the server.
+    pub path: Option<String>,
+    /// S3 endpoint URL.
+    pub s3: Option<String>,
+    /// Bucket.
+    pub bucket: Option<String>,
+    /// Key prefix in the bucket.
+    pub prefix: Option<String>,
+    /// Region (default us-east-1).
+    pub region: Option<String>,
+    /// Path-style requests.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Access key id.
+    pub access_key: Option<String>,
+    /// Secret access key (kept owner-only on the server, never returned).
+    pub secret_key: Option<String>,
+    /// The key file's contents (`strata backups key create`).
+    pub key: Option<String>,
+    /// The key file's passphrase, if it has one.
+    pub passphrase: Option<String>,
+    /// Allow an S3 datastore without encryption.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Chunk size of a new datastore.
+    pub chunk_size: Option<String>,
+    /// Pack size target (S3).
+    pub pack_size: Option<String>,
+    /// Bound of the local chunk cache (S3).
+    pub cache_size: Option<String>,
+}
+
+/// A backup datastore as listed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoreSummary {
+    /// Its name.
+    pub name: String,
+    /// `local` or `s3`.
+    pub kind: String,
+    /// Its folder, or its bucket and cache folder.
+    pub location: String,
+    /// The key fingerprint when encrypted.
+    pub encryption: Option<String>,
+    /// Snapshots in it.
+    pub snapshots: usize,
+}
+
+/// A request to copy snapshots between datastores.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SyncBackups {
+    /// Source datastore.
+    pub from: String,
+    /// Target datastore.
+    pub to: String,
+    /// Only these snapshots (`ID/TIME`, a group id, or a group prefix ending in `/`).
+    #[serde(default)]
+    pub snapshots: Vec<String>,
 }
 
 /// Retention rules.
@@ -380,6 +457,8 @@ pub struct PruneBackups {
     /// Only report what would be removed.
     #[serde(default)]
     pub dry_run: bool,
+    /// The datastore (default `local`).
+    pub store: Option<String>,
 }
 
 /// A snapshot as listed.
@@ -422,6 +501,78 @@ pub struct VmDisk {
     pub serial: String,
 }
 
+/// A NIC as a definition request gives it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NicSpec {
+    /// The network.
+    pub network: String,
+    /// The MAC address (`52:54:00:12:34:56`); generated, and then kept, when not given.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// A VLAN (1 to 4094) on a VLAN-aware network: the NIC's bridge port carries it untagged.
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// A rate limit in MB/s (10^6 bytes per second), each way.
+    #[serde(default)]
+    pub rate: Option<f64>,
+}
+
+/// A NIC of a VM as stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmNic {
+    /// The network.
+    pub network: String,
+    /// The MAC address.
+    pub mac: String,
+    /// The VLAN, if any.
+    pub vlan: Option<u16>,
+    /// The rate limit in bytes per second each way, if any.
+    pub rate_bytes_per_sec: Option<u64>,
+}
+
+/// A request to create a network.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreateNetwork {
+    /// Name of the network.
+    pub name: String,
+    /// The bridge (created if missing, adopted if it exists).
+    pub bridge: String,
+    /// Make a new bridge VLAN-aware (NICs may then name a VLAN).
+    #[serde(default)]
+    pub vlan_aware: bool,
+    /// An interface to make a port of the bridge (the physical uplink).
+    #[serde(default)]
+    pub uplink: Option<String>,
+}
+
+/// A network as stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NetworkDefinition {
+    /// Name of the network.
+    pub name: String,
+    /// The bridge.
+    pub bridge: String,
+    /// Whether the bridge is VLAN-aware.
+    pub vlan_aware: bool,
+    /// The uplink port, if any.
+    pub uplink: Option<String>,
+    /// Whether Strata created the bridge (and deletes it with the network).
+    pub managed: bool,
+}
+
+/// A network and its bridge's state now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NetworkInfo {
+    /// The definition.
+    pub definition: NetworkDefinition,
+    /// Whether the bridge exists now.
+    pub present: bool,
+    /// Whether it is up.
+    pub up: bool,
+    /// Its ports now (uplink and taps).
+    pub ports: Vec<String>,
+}
+
 /// A request to define a VM.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DefineVm {
@@ -447,6 +598,9 @@ pub struct DefineVm {
     /// Disks in order; the first is /dev/vda in Linux.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// NICs in order.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
 }
 
 /// A VM's definition as stored.
@@ -468,6 +622,8 @@ pub struct VmDefinition {
     pub cmdline: String,
     /// Disks in order.
     pub disks: Vec<VmDisk>,
+    /// NICs in order.
+    pub nics: Vec<VmNic>,
 }
 
 /// Where a VM is in its life.
@@ -590,17 +746,19 @@ mod drift {
     use super::*;
 
     mod svc {
+        pub use strata_service::backup_stores::{AddStore, StoreSummary, SyncBackups};
         pub use strata_service::backups::{
-            BackupSummary, CreateBackup, PruneBackups, RestoreBackup, VerifyBackups,
+            BackupSummary, CreateBackup, GcBackups, PruneBackups, RestoreBackup, VerifyBackups,
         };
         pub use strata_service::images::{CreateImage, ImageSummary};
         pub use strata_service::jobs::{JobState, JobStatus};
+        pub use strata_service::networks::{CreateNetwork, NetworkDefinition, NetworkInfo};
         pub use strata_service::restores::{RestoreInfo, RestoreMode};
         pub use strata_service::tokens::TokenInfo;
         pub use strata_service::transfer::ConvertRequest;
         pub use strata_service::vms::{
-            BootKind, ConsoleChunk, ConsoleQuery, DefineVm, VmDefinition, VmDisk, VmDiskStats,
-            VmInfo, VmState, VmStatus,
+            BootKind, ConsoleChunk, ConsoleQuery, DefineVm, NicSpec, VmDefinition, VmDisk,
+            VmDiskStats, VmInfo, VmNic, VmState, VmStatus,
         };
         pub use strata_service::volumes::{
             AdoptVolume, CreateRbdGroup, CreateVolume, GroupCheck, NewName, ResizeVolume,
@@ -939,10 +1097,11 @@ mod drift {
 
     impl From<&svc::CreateBackup> for CreateBackup {
         fn from(v: &svc::CreateBackup) -> Self {
-            let svc::CreateBackup { source, id } = v;
+            let svc::CreateBackup { source, id, store } = v;
             CreateBackup {
                 source: source.clone(),
                 id: id.clone(),
+                store: store.clone(),
             }
         }
     }
@@ -956,8 +1115,10 @@ mod drift {
                 live,
                 copy,
                 workers,
+                store,
             } = v;
             RestoreBackup {
+                store: store.clone(),
                 snapshot: snapshot.clone(),
                 target: target.clone(),
                 format: format.clone(),
@@ -970,9 +1131,92 @@ mod drift {
 
     impl From<&svc::VerifyBackups> for VerifyBackups {
         fn from(v: &svc::VerifyBackups) -> Self {
-            let svc::VerifyBackups { snapshot } = v;
+            let svc::VerifyBackups { snapshot, store } = v;
             VerifyBackups {
                 snapshot: snapshot.clone(),
+                store: store.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::GcBackups> for GcBackups {
+        fn from(v: &svc::GcBackups) -> Self {
+            let svc::GcBackups { store } = v;
+            GcBackups {
+                store: store.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::SyncBackups> for SyncBackups {
+        fn from(v: &svc::SyncBackups) -> Self {
+            let svc::SyncBackups {
+                from,
+                to,
+                snapshots,
+            } = v;
+            SyncBackups {
+                from: from.clone(),
+                to: to.clone(),
+                snapshots: snapshots.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::StoreSummary> for StoreSummary {
+        fn from(v: &svc::StoreSummary) -> Self {
+            let svc::StoreSummary {
+                name,
+                kind,
+                location,
+                encryption,
+                snapshots,
+            } = v;
+            StoreSummary {
+                name: name.clone(),
+                kind: kind.clone(),
+                location: location.clone(),
+                encryption: encryption.clone(),
+                snapshots: *snapshots,
+            }
+        }
+    }
+
+    impl From<&svc::AddStore> for AddStore {
+        fn from(v: &svc::AddStore) -> Self {
+            let svc::AddStore {
+                name,
+                path,
+                s3,
+                bucket,
+                prefix,
+                region,
+                path_style,
+                access_key,
+                secret_key,
+                key,
+                passphrase,
+                insecure_plaintext,
+                chunk_size,
+                pack_size,
+                cache_size,
+            } = v;
+            AddStore {
+                name: name.clone(),
+                path: path.clone(),
+                s3: s3.clone(),
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                region: region.clone(),
+                path_style: *path_style,
+                access_key: access_key.clone(),
+                secret_key: secret_key.clone(),
+                key: key.clone(),
+                passphrase: passphrase.clone(),
+                insecure_plaintext: *insecure_plaintext,
+                chunk_size: chunk_size.clone(),
+                pack_size: pack_size.clone(),
+                cache_size: cache_size.clone(),
             }
         }
     }
@@ -986,8 +1230,10 @@ mod drift {
                 keep_weekly,
                 keep_monthly,
                 dry_run,
+                store,
             } = v;
             PruneBackups {
+                store: store.clone(),
                 ids: ids.clone(),
                 keep_last: keep_last.clone(),
                 keep_daily: keep_daily.clone(),
@@ -1048,6 +1294,7 @@ mod drift {
                 initrd,
                 cmdline,
                 disks,
+                nics,
             } = v;
             DefineVm {
                 name: name.clone(),
@@ -1058,6 +1305,94 @@ mod drift {
                 initrd: initrd.clone(),
                 cmdline: cmdline.clone(),
                 disks: disks.iter().map(VmDisk::from).collect(),
+                nics: nics.iter().map(NicSpec::from).collect(),
+            }
+        }
+    }
+
+    impl From<&svc::NicSpec> for NicSpec {
+        fn from(v: &svc::NicSpec) -> Self {
+            let svc::NicSpec {
+                network,
+                mac,
+                vlan,
+                rate,
+            } = v;
+            NicSpec {
+                network: network.clone(),
+                mac: mac.clone(),
+                vlan: vlan.clone(),
+                rate: rate.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::VmNic> for VmNic {
+        fn from(v: &svc::VmNic) -> Self {
+            let svc::VmNic {
+                network,
+                mac,
+                vlan,
+                rate_bytes_per_sec,
+            } = v;
+            VmNic {
+                network: network.clone(),
+                mac: mac.clone(),
+                vlan: vlan.clone(),
+                rate_bytes_per_sec: rate_bytes_per_sec.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::CreateNetwork> for CreateNetwork {
+        fn from(v: &svc::CreateNetwork) -> Self {
+            let svc::CreateNetwork {
+                name,
+                bridge,
+                vlan_aware,
+                uplink,
+            } = v;
+            CreateNetwork {
+                name: name.clone(),
+                bridge: bridge.clone(),
+                vlan_aware: vlan_aware.clone(),
+                uplink: uplink.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::NetworkDefinition> for NetworkDefinition {
+        fn from(v: &svc::NetworkDefinition) -> Self {
+            let svc::NetworkDefinition {
+                name,
+                bridge,
+                vlan_aware,
+                uplink,
+                managed,
+            } = v;
+            NetworkDefinition {
+                name: name.clone(),
+                bridge: bridge.clone(),
+                vlan_aware: vlan_aware.clone(),
+                uplink: uplink.clone(),
+                managed: managed.clone(),
+            }
+        }
+    }
+
+    impl From<&svc::NetworkInfo> for NetworkInfo {
+        fn from(v: &svc::NetworkInfo) -> Self {
+            let svc::NetworkInfo {
+                definition,
+                present,
+                up,
+                ports,
+            } = v;
+            NetworkInfo {
+                definition: NetworkDefinition::from(definition),
+                present: present.clone(),
+                up: up.clone(),
+                ports: ports.clone(),
             }
         }
     }
@@ -1073,6 +1408,7 @@ mod drift {
                 initrd,
                 cmdline,
                 disks,
+                nics,
             } = v;
             VmDefinition {
                 name: name.clone(),
@@ -1083,6 +1419,7 @@ mod drift {
                 initrd: initrd.clone(),
                 cmdline: cmdline.clone(),
                 disks: disks.iter().map(VmDisk::from).collect(),
+                nics: nics.iter().map(VmNic::from).collect(),
             }
         }
     }
@@ -1254,6 +1591,7 @@ mod drift {
             .start_backup(svc::CreateBackup {
                 source: "lv:strata/v".into(),
                 id: None,
+                store: None,
             })
             .unwrap();
         let st = job.wait();
@@ -1265,6 +1603,9 @@ mod drift {
         same("job", &st, &JobStatus::from(&st));
         for b in svc.list_backups(None).unwrap() {
             same("backup", &b, &BackupSummary::from(&b));
+        }
+        for st in svc.list_stores().unwrap() {
+            same("store", &st, &StoreSummary::from(&st));
         }
         // A volume under restore lists its restore.
         let mut vol = svc.volume_info("strata", "v").unwrap();
@@ -1295,8 +1636,37 @@ mod drift {
                     readonly: true,
                     serial: "s".into(),
                 }],
+                nics: Vec::new(),
             })
             .unwrap();
         same("vm", &vm, &VmInfo::from(&vm));
+        // Networks need root and netlink; their values are built by hand here.
+        let net = svc::NetworkInfo {
+            definition: svc::NetworkDefinition {
+                name: "lan".into(),
+                bridge: "br0".into(),
+                vlan_aware: true,
+                uplink: Some("eth0".into()),
+                managed: false,
+            },
+            present: true,
+            up: false,
+            ports: vec!["eth0".into()],
+        };
+        same("network", &net, &NetworkInfo::from(&net));
+        let nic = svc::VmNic {
+            network: "lan".into(),
+            mac: "52:54:00:00:00:01".into(),
+            vlan: Some(5),
+            rate_bytes_per_sec: Some(1_000_000),
+        };
+        same("nic", &nic, &VmNic::from(&nic));
+        let spec = svc::NicSpec {
+            network: "lan".into(),
+            mac: None,
+            vlan: None,
+            rate: Some(12.5),
+        };
+        same("nic spec", &spec, &NicSpec::from(&spec));
     }
 }

@@ -45,6 +45,12 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "static IPv4 address with prefix length, e.g. 192.168.1.10/24",
     ),
     ("gateway", "", "static default gateway (IPv4)"),
+    (
+        "bridge",
+        "br0",
+        "bridge for VMs with the management interface as its port and the address (as Proxmox \
+         VE's vmbr0); with interface auto, the first Ethernet interface; none: no bridge",
+    ),
     ("dns", "", "static DNS servers, comma-separated"),
     (
         "root-size",
@@ -282,6 +288,10 @@ pub struct Answers {
     pub listen: SocketAddr,
     /// Network.
     pub network: Network,
+    /// The management bridge (its port the management interface, the address on it), which
+    /// the installed system makes at boot and records as the network of the same name; `None`
+    /// without a network or when the answer is `none`.
+    pub bridge: Option<String>,
     /// Root file system size; `None` for the default.
     pub root_size: Option<u64>,
     /// Name of the first token.
@@ -333,6 +343,21 @@ impl Answers {
             )
         })?;
         let network = parse_network(&get)?;
+        let bridge = match (get("bridge").as_str(), &network) {
+            ("none", _) | (_, Network::None) => None,
+            (b, _) if !valid_interface(b) => {
+                return Err(bad(
+                    "bridge",
+                    "expected none or an interface name such as br0 (1 to 15 characters)",
+                ))
+            }
+            (b, Network::Dhcp { interface } | Network::Static { interface, .. })
+                if b == interface =>
+            {
+                return Err(bad("bridge", "the bridge cannot be the interface itself"));
+            }
+            (b, _) => Some(b.to_string()),
+        };
         let root_size = match get("root-size").as_str() {
             "" => None,
             s => Some(parse_size(s).map_err(|e| bad("root-size", &e.to_string()))?),
@@ -380,6 +405,7 @@ impl Answers {
             hostname,
             listen,
             network,
+            bridge,
             root_size,
             token_name,
             token_to,
@@ -580,6 +606,7 @@ mod tests {
                 interface: "auto".into()
             }
         );
+        assert_eq!(a.bridge.as_deref(), Some("br0"));
         assert_eq!(a.token_to, TokenDelivery::Console);
         assert_eq!(a.console.kernel_args(), "console=tty0 console=ttyS0,115200");
         assert_eq!(a.console.serial_unit(), Some(0));
@@ -622,6 +649,17 @@ mod tests {
     }
 
     #[test]
+    fn the_bridge_can_be_renamed_or_left_out() {
+        assert_eq!(
+            answers("bridge = vmbr0\n").unwrap().bridge.as_deref(),
+            Some("vmbr0")
+        );
+        assert_eq!(answers("bridge = none\n").unwrap().bridge, None);
+        // Without a network there is no management interface to bridge.
+        assert_eq!(answers("network = none\n").unwrap().bridge, None);
+    }
+
+    #[test]
     fn bad_answers_are_refused_by_name() {
         for (text, key) in [
             ("disk = /dev/../sda", "disk"),
@@ -645,6 +683,9 @@ mod tests {
             ("root-password-hash = secret", "root-password-hash"),
             ("root-password-hash = $6$a:b", "root-password-hash"),
             ("after = dance", "after"),
+            ("bridge = br 0", "bridge"),
+            ("bridge = a-bridge-name-too-long", "bridge"),
+            ("interface = eth1\nbridge = eth1", "bridge"),
         ] {
             match answers(text) {
                 Err(InstallError::BadAnswer { key: k, .. }) => assert_eq!(k, key, "{text}"),

@@ -301,6 +301,10 @@ fn show_plan(plan: &Plan, out: &mut dyn Write) -> InstallResult<()> {
         ),
         Network::None => "none".into(),
     };
+    let network = match &a.bridge {
+        Some(b) => format!("{network}, on bridge {b} (the interface its port; VMs join it)"),
+        None => network,
+    };
     let token_to = match &a.token_to {
         TokenDelivery::Console => "printed on the console".to_string(),
         TokenDelivery::Vfat(label) => format!(

@@ -206,6 +206,7 @@ pub fn appliance_conf(a: &Answers, ids: &FsIds) -> String {
         ("ADDRESS", address),
         ("GATEWAY", gateway),
         ("DNS", dns),
+        ("BRIDGE", a.bridge.clone().unwrap_or_default()),
         ("CONSOLE_TTY", a.console.tty.clone()),
         (
             "CONSOLE_SPEED",
@@ -346,6 +347,7 @@ mod tests {
             "ADDRESS='10.0.0.5/24'",
             "GATEWAY='10.0.0.1'",
             "DNS='10.0.0.2,10.0.0.3'",
+            "BRIDGE='br0'",
             "CONSOLE_TTY='ttyS1'",
             "CONSOLE_SPEED='9600'",
             "BOOT_UUID='ABCD-0123'",
@@ -367,6 +369,8 @@ mod tests {
 
         let dhcp = appliance_conf(&answers(""), &ids());
         assert!(dhcp.contains("NETWORK='dhcp'") && dhcp.contains("INTERFACE='auto'"));
+        let unbridged = appliance_conf(&answers("bridge = none\n"), &ids());
+        assert!(unbridged.lines().any(|l| l == "BRIDGE=''"), "{unbridged}");
         write_config(dir.path(), &answers(""), &ids()).unwrap();
         let shadow = std::fs::read_to_string(dir.path().join("etc/shadow")).unwrap();
         assert!(

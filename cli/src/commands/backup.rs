@@ -23,7 +23,7 @@ use super::Output;
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
     /// Create an empty datastore folder (create also does this on first use).
-    Init(InitArgs),
+    Init(super::backup_stores::InitArgs),
     /// Back up an image or volume into a datastore: full the first time, then incremental.
     Create(CreateArgs),
     /// Restore a snapshot to a new image or onto an existing image or volume.
@@ -36,24 +36,34 @@ pub enum BackupCommand {
     Verify(VerifyArgs),
     /// Remove snapshots that no keep rule selects.
     Prune(PruneArgs),
-    /// Remove chunks no snapshot references (safe while backups run).
+    /// Remove chunks no snapshot references (safe while backups run); in an S3 datastore,
+    /// delete dead packs and rewrite sparse ones.
     Gc(GcArgs),
+    /// Encryption keys for datastores.
+    #[command(subcommand)]
+    Key(super::backup_stores::KeyCommand),
+    /// Copy snapshots from one datastore to another (local to S3, S3 to local), transferring
+    /// only the chunks the target lacks.
+    Sync(super::backup_stores::SyncArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArg {
+    /// Key file of an encrypted datastore (`strata backup key create`).
+    #[arg(long, value_name = "FILE")]
+    pub(super) key: Option<PathBuf>,
+    /// Passphrase of the key file (first line of this file).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub(super) passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct StoreArg {
-    /// The datastore folder.
+    /// The datastore folder (for an S3 datastore: its local cache folder).
     #[arg(long = "store", short = 's')]
-    store: PathBuf,
-}
-
-#[derive(Debug, Args)]
-pub struct InitArgs {
+    pub(super) store: PathBuf,
     #[command(flatten)]
-    store: StoreArg,
-    /// Chunk size, a power of two from 64K to 16M.
-    #[arg(long, default_value = "4M")]
-    chunk_size: String,
+    pub(super) key: KeyArg,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +205,9 @@ pub struct GcArgs {
     /// Seconds an unreferenced chunk must be older than the oldest running backup to be removed.
     #[arg(long, default_value_t = DEFAULT_GRACE_SECS)]
     grace: u64,
+    /// In an S3 datastore: rewrite packs whose live bytes are below this fraction.
+    #[arg(long, default_value_t = strata_backup::remote::DEFAULT_REPACK_BELOW)]
+    repack_below: f64,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -202,14 +215,9 @@ pub struct GcArgs {
 
 pub fn run(cmd: BackupCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        BackupCommand::Init(a) => {
-            let cs = strata_storage::util::parse_size(&a.chunk_size)?;
-            let cs =
-                u32::try_from(cs).map_err(|_| anyhow::anyhow!("Chunk size {cs} is too large"))?;
-            Datastore::create_with_chunk_size(&a.store.store, cs)?;
-            println!("Created datastore {}", a.store.store.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        BackupCommand::Init(a) => super::backup_stores::init(a),
+        BackupCommand::Key(k) => super::backup_stores::key_command(k),
+        BackupCommand::Sync(a) => super::backup_stores::sync(a),
         BackupCommand::Create(a) => create(a),
         BackupCommand::Restore(a) => restore(a),
         BackupCommand::List(a) => list(a),
@@ -221,11 +229,11 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// Progress on stderr with indicatif; hidden when stderr is not a terminal or output is JSON.
-struct Bar(ProgressBar);
+pub(super) struct Bar(ProgressBar);
 
 impl Bar {
     /// Also routes Ctrl-C to the operation (see [`super::interrupt`]).
-    fn new(hidden: bool) -> Bar {
+    pub(super) fn new(hidden: bool) -> Bar {
         super::interrupt::install();
         let pb = ProgressBar::with_draw_target(
             Some(0),
@@ -265,7 +273,18 @@ impl Progress for Bar {
 }
 
 fn open_store(a: &StoreArg) -> anyhow::Result<Datastore> {
-    Ok(Datastore::open(&a.store)?)
+    let store = Datastore::open(&a.store)?;
+    with_key(store, &a.key)
+}
+
+pub(super) fn with_key(store: Datastore, k: &KeyArg) -> anyhow::Result<Datastore> {
+    Ok(match &k.key {
+        Some(f) => store.with_key(super::backup_stores::load_key(
+            f,
+            k.passphrase_file.as_deref(),
+        )?)?,
+        None => store,
+    })
 }
 
 /// Opens a source or target by name (`FILE` or `lv:VG/NAME`).
@@ -304,6 +323,7 @@ fn tracker_for(
 
 fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     let store = Datastore::open_or_create(&a.store.store)?;
+    let store = with_key(store, &a.store.key)?;
     let source = open_named(&a.source, true, a.cache)?;
     let id =
         a.id.clone()
@@ -591,7 +611,10 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
 fn gc(a: GcArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let bar = Bar::new(a.output == Output::Json);
-    let stats = strata_backup::gc::gc(&store, a.grace, &bar)?;
+    if !(0.0..=1.0).contains(&a.repack_below) {
+        bail!("--repack-below is a fraction from 0 to 1");
+    }
+    let stats = strata_backup::gc::gc_with(&store, a.grace, a.repack_below, &bar)?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
         Output::Human => println!(
@@ -604,6 +627,12 @@ fn gc(a: GcArgs) -> anyhow::Result<ExitCode> {
             stats.chunks_rescued,
             stats.leftovers_removed
         ),
+    }
+    if let (Some(p), Output::Human) = (&stats.packs, a.output) {
+        println!(
+            "packs: {} before, {} removed, {} rewritten ({} chunks moved), {} orphan indexes removed",
+            p.packs, p.packs_removed, p.packs_repacked, p.chunks_moved, p.orphan_indexes_removed
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

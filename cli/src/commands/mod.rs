@@ -4,6 +4,7 @@
 
 mod appliance;
 mod backup;
+mod backup_stores;
 mod bench;
 mod bitmap;
 mod check;
@@ -126,6 +127,9 @@ enum Command {
     /// NBD exports of volumes, snapshots, images and backups (served by `strata serve`).
     #[command(subcommand)]
     Exports(appliance::ExportsCommand),
+    /// Networks: the bridges VMs' NICs join (local or --remote).
+    #[command(subcommand)]
+    Networks(appliance::NetworksCommand),
     /// Physical volumes: create, list, remove.
     #[command(subcommand)]
     Pv(pv::PvCommand),
@@ -247,7 +251,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Backups(_)
         | Command::Storage(_)
         | Command::Jobs(_)
-        | Command::Exports(_) => {}
+        | Command::Exports(_)
+        | Command::Networks(_) => {}
         Command::Image(_) => remote_only_for_appliance("image")?,
         Command::Backup(_) => remote_only_for_appliance("backup")?,
         Command::Vm(vm::VmCommand::Run(_)) => remote_only_for_appliance("vm run")?,
@@ -269,6 +274,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Storage(cmd) => appliance::storage(cmd, &api()?),
         Command::Jobs(cmd) => appliance::jobs(cmd, &api()?),
         Command::Exports(cmd) => appliance::exports(cmd, &api()?),
+        Command::Networks(cmd) => appliance::networks(cmd, &api()?),
         Command::Image(cmd) => image::run(cmd),
         Command::Backup(cmd) => backup::run(cmd),
         Command::Vm(cmd) => vm::run(cmd, &api),

@@ -213,6 +213,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
                     options: s.options.clone(),
                 })
                 .collect(),
+            nets: Vec::new(),
             serial,
             timeout: None,
             kvm: None,

@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use super::appliance::{encode, Api};
 use super::Output;
 use strata_service::vms::{
-    BootKind, ConsoleChunk, DefineVm, VmDisk, VmInfo, VmState, VmStatus, DEFAULT_CMDLINE,
+    BootKind, ConsoleChunk, DefineVm, NicSpec, VmDisk, VmInfo, VmState, VmStatus, DEFAULT_CMDLINE,
 };
 
 /// How often `start` and `console --follow` look for new output.
@@ -144,6 +144,10 @@ pub struct DefineArgs {
     /// Repeatable; the first is /dev/vda.
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// A NIC: network=NAME[,mac=52:54:00:..][,vlan=N][,rate=MB/s]. Repeatable. Without mac=
+    /// one is generated and kept in the definition.
+    #[arg(long = "net")]
+    nets: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -178,6 +182,34 @@ fn parse_vm_disk(text: &str) -> anyhow::Result<VmDisk> {
         }
     }
     Ok(disk)
+}
+
+/// Parses a defined VM's `--net network=NAME[,mac=M][,vlan=N][,rate=MB/s]`.
+fn parse_vm_nic(text: &str) -> anyhow::Result<NicSpec> {
+    let mut nic = NicSpec::default();
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("network", v)) if !v.is_empty() => nic.network = v.to_string(),
+            Some(("mac", v)) => nic.mac = Some(v.to_string()),
+            Some(("vlan", v)) => {
+                nic.vlan = Some(
+                    v.parse()
+                        .with_context(|| format!("vlan={v} is not a number"))?,
+                )
+            }
+            Some(("rate", v)) => {
+                nic.rate = Some(
+                    v.parse()
+                        .with_context(|| format!("rate={v} is not a number of MB/s"))?,
+                )
+            }
+            _ => bail!("--net option '{part}' is not network=NAME, mac=MAC, vlan=N or rate=MB/s"),
+        }
+    }
+    if nic.network.is_empty() {
+        bail!("--net needs network=NAME");
+    }
+    Ok(nic)
 }
 
 /// A path for the machine that runs the VM: made absolute when that is this one; sent as
@@ -228,6 +260,11 @@ pub fn run(cmd: ManageCommand, api: &Api) -> anyhow::Result<ExitCode> {
                     .disks
                     .iter()
                     .map(|d| parse_vm_disk(d))
+                    .collect::<Result<_, _>>()?,
+                nics: a
+                    .nets
+                    .iter()
+                    .map(|n| parse_vm_nic(n))
                     .collect::<Result<_, _>>()?,
             };
             let v = api.ok("POST", "/api/vms", Some(&serde_json::to_value(&req)?))?;
@@ -424,6 +461,14 @@ fn print_info(info: &VmInfo, output: Output) -> anyhow::Result<()> {
             format!(" serial {}", disk.serial)
         };
         println!("  disk {i}   {}{ro}{serial}", disk.source);
+    }
+    for (i, nic) in d.nics.iter().enumerate() {
+        let vlan = nic.vlan.map(|v| format!(" vlan {v}")).unwrap_or_default();
+        let rate = nic
+            .rate_bytes_per_sec
+            .map(|r| format!(" rate {} MB/s", r as f64 / 1e6))
+            .unwrap_or_default();
+        println!("  nic {i}    {} mac {}{vlan}{rate}", nic.network, nic.mac);
     }
     if let Some(u) = s.uptime_seconds {
         println!("  uptime   {u} s");

@@ -353,23 +353,9 @@ fn take_bytes(
 fn guest_buf(mem: &SharedMemory, pieces: &[Piece]) -> Result<IoBuf, &'static str> {
     let mut segs = Vec::with_capacity(pieces.len());
     for p in pieces {
-        let mut left = usize::try_from(p.len).map_err(|_| "descriptor too long")?;
-        let mut addr = p.addr;
-        // Bounded: each round ends at a region's end or the piece's, and regions are few.
-        while left > 0 {
-            let region = mem
-                .find_region(addr)
-                .ok_or("data buffer is outside guest memory")?;
-            let offset = addr.0 - region.start_addr().0;
-            let room = usize::try_from(region.len() - offset).unwrap_or(usize::MAX);
-            let n = left.min(room);
-            let slice = region
-                .get_slice(MemoryRegionAddress(offset), n)
-                .map_err(|_| "data buffer is outside guest memory")?;
-            segs.push((slice.ptr_guard_mut().as_ptr(), n));
-            left -= n;
-            addr = GuestAddress(addr.0 + n as u64);
-        }
+        let len = usize::try_from(p.len).map_err(|_| "descriptor too long")?;
+        host_segments(mem, p.addr, len, |ptr, n| segs.push((ptr, n)))
+            .map_err(|OutsideGuestMemory| "data buffer is outside guest memory")?;
     }
     // One segment (the common case) cannot overlap: no copy of the list for it.
     if segs.len() > 1 && overlapping(&mut segs.clone()) {
@@ -384,6 +370,38 @@ fn guest_buf(mem: &SharedMemory, pieces: &[Piece]) -> Result<IoBuf, &'static str
     // guest by design: the guest may race with the device on these bytes, which is the guest's
     // own data race and cannot violate the host's memory safety (the bytes are plain data).
     Ok(unsafe { IoBuf::from_raw_segments(&segs, keep_alive) })
+}
+
+/// A guest range that leaves guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutsideGuestMemory;
+
+/// Calls `f` with the host address and length of each piece of the guest range
+/// `addr..addr + len`, cut at memory-region ends (a range may run from one region into the next
+/// adjacent one, as a vhost-user front-end's table allows); `Err` when part of it lies outside
+/// guest memory (then `f` may have seen the pieces before the gap). Each address stays valid
+/// while `mem`'s mappings do.
+pub fn host_segments(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    mut f: impl FnMut(*mut u8, usize),
+) -> Result<(), OutsideGuestMemory> {
+    let (mut addr, mut left) = (addr, len);
+    // Bounded: each round ends at a region's end or the range's, and regions are few.
+    while left > 0 {
+        let region = mem.find_region(addr).ok_or(OutsideGuestMemory)?;
+        let offset = addr.0 - region.start_addr().0;
+        let room = usize::try_from(region.len() - offset).unwrap_or(usize::MAX);
+        let n = left.min(room);
+        let slice = region
+            .get_slice(MemoryRegionAddress(offset), n)
+            .map_err(|_| OutsideGuestMemory)?;
+        f(slice.ptr_guard_mut().as_ptr(), n);
+        left -= n;
+        addr = GuestAddress(addr.0.checked_add(n as u64).ok_or(OutsideGuestMemory)?);
+    }
+    Ok(())
 }
 
 /// Whether any two segments overlap (sorts its argument).

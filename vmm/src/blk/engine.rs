@@ -38,11 +38,7 @@ use crate::ratelimit::LogLimiter;
 /// one-at-a-time submission (which measured the same or 2–4% lower).
 const SUBMIT_BATCH: usize = 2;
 
-/// Interrupts the driver for a queue (an irqfd, a vhost-user call eventfd).
-pub trait Signal: Send + Sync {
-    /// Tells the driver that the used ring has new entries.
-    fn signal_used(&self);
-}
+pub use crate::transport::Signal;
 
 /// Counters for one queue, for benchmarks and the exit-per-request figure.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

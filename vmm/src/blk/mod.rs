@@ -18,6 +18,7 @@
 
 pub mod chain;
 pub mod config;
+pub mod device;
 pub mod engine;
 #[cfg(test)]
 mod props;
@@ -26,6 +27,7 @@ pub mod testing;
 pub mod worker;
 
 pub use config::{BlkConfig, DiskOptions};
+pub use device::BlkDevice;
 pub use engine::{QueueEngine, Signal};
 
 /// Bytes in a virtio-blk sector, the unit of request offsets and lengths.

@@ -91,6 +91,20 @@ pub struct DiskConfig {
     pub queues: u16,
 }
 
+/// One NIC: a tap the supervisor opened (and attached to its network's bridge), whose queue
+/// descriptors the VMM inherits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicConfig {
+    /// The network and tap, for logs (`NETWORK/TAP`).
+    pub name: String,
+    /// The guest's MAC address (`52:54:00:12:34:56`).
+    pub mac: String,
+    /// The tap's queue descriptors, one per queue pair.
+    pub fds: Vec<i32>,
+    /// A rate limit in bytes per second, each way.
+    pub rate_bytes_per_sec: Option<u64>,
+}
+
 /// How to confine the VMM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxSpec {
@@ -136,6 +150,9 @@ pub struct VmmConfig {
     pub boot: BootSpec,
     /// Disks in order.
     pub disks: Vec<DiskConfig>,
+    /// NICs in order.
+    #[serde(default)]
+    pub nics: Vec<NicConfig>,
     /// The VM's folder (console logs, exit record).
     pub dir: PathBuf,
     /// Confinement.

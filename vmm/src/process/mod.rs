@@ -101,7 +101,7 @@ pub fn run(config: &Path, socket: &Path) -> Result<(), ProcessError> {
     if threads > 1 {
         return Err(ProcessError::Threads(threads));
     }
-    let served: Vec<i32> = cfg
+    let mut inherited: Vec<i32> = cfg
         .disks
         .iter()
         .filter_map(|d| match d.source {
@@ -109,7 +109,8 @@ pub fn run(config: &Path, socket: &Path) -> Result<(), ProcessError> {
             config::DiskSource::Image { .. } => None,
         })
         .collect();
-    close_inherited(&served);
+    inherited.extend(cfg.nics.iter().flat_map(|n| n.fds.iter().copied()));
+    close_inherited(&inherited);
     let (console_r, console_w) = pipe()?;
     let (notes_r, notes_w) = pipe()?;
     // A roomy console pipe, so that a busy monitor seldom holds up a vCPU writing the console.

@@ -16,7 +16,7 @@ use strata_storage::format::{open_image, ImageFormat, OpenOptions, References};
 use strata_storage::BlockDevice;
 
 use super::config::{
-    BootSpec, DiskConfig, DiskSource, EndState, Outcome, VmmConfig, MAX_BOOT_FILE,
+    BootSpec, DiskConfig, DiskSource, EndState, NicConfig, Outcome, VmmConfig, MAX_BOOT_FILE,
 };
 use super::console::{ConsoleBuffer, ConsoleWriter};
 use super::served::ServedDisk;
@@ -29,8 +29,11 @@ use crate::control::{
 };
 use crate::devices::VmControl;
 use crate::kvm::VcpuExitReason;
+use crate::net::config::parse_mac;
+use crate::net::tap::{TapIo, TapQueue};
+use crate::net::NetOptions;
 use crate::sandbox::{self, jail, Role};
-use crate::vm::{DiskSpec, Payload, VmConfig};
+use crate::vm::{DiskSpec, NetSpec, Payload, VmConfig};
 
 /// The environment variable that makes threads of one role make a forbidden system call (the
 /// test of the seccomp filters; see [`sandbox::enable_seccomp`]).
@@ -175,6 +178,47 @@ fn open_disk(d: &DiskConfig) -> Result<Disk, String> {
             ..DiskOptions::default()
         },
         counters,
+    })
+}
+
+/// One NIC, its tap queues taken from the descriptors the supervisor passed.
+struct Nic {
+    name: String,
+    taps: Vec<Arc<dyn TapIo>>,
+    options: NetOptions,
+}
+
+fn open_nic(n: &NicConfig) -> Result<Nic, String> {
+    let mac = parse_mac(&n.mac).map_err(|e| format!("NIC {}: {e}", n.name))?;
+    let mut seen = Vec::new();
+    let mut taps: Vec<Arc<dyn TapIo>> = Vec::new();
+    for &fd in &n.fds {
+        if fd <= 2 || seen.contains(&fd) {
+            return Err(format!(
+                "NIC {}: descriptor {fd} is not a tap queue",
+                n.name
+            ));
+        }
+        seen.push(fd);
+        // SAFETY: the supervisor passed this descriptor to us for this NIC alone (checked
+        // above to be distinct and not a standard stream), and nothing else in the process
+        // owns it.
+        let q = TapQueue::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+        q.name()
+            .map_err(|e| format!("NIC {}: descriptor {fd} is not a tap queue: {e}", n.name))?;
+        taps.push(Arc::new(q));
+    }
+    let queue_pairs = u16::try_from(taps.len()).unwrap_or(u16::MAX);
+    Ok(Nic {
+        name: n.name.clone(),
+        taps,
+        options: NetOptions {
+            mac,
+            queue_pairs,
+            rate_bytes_per_sec: n.rate_bytes_per_sec,
+            counters: Some(Arc::default()),
+            ..NetOptions::default()
+        },
     })
 }
 
@@ -354,6 +398,17 @@ pub fn run_vmm(
             Err(e) => return fail(&mut notes, e),
         }
     }
+    if !cfg.nics.is_empty() {
+        // Looks at /dev/vhost-net once, now that files can still be seen.
+        crate::net::device::vhost_net_notice();
+    }
+    let mut nics = Vec::new();
+    for n in &cfg.nics {
+        match open_nic(n) {
+            Ok(nic) => nics.push(nic),
+            Err(e) => return fail(&mut notes, e),
+        }
+    }
     let _ = std::fs::remove_file(socket);
     let listener = match UnixListener::bind(socket) {
         Ok(l) => l,
@@ -449,7 +504,7 @@ pub fn run_vmm(
         return fail(&mut notes, format!("Starting the control server: {e}"));
     }
     sandbox::enter(Role::Vmm);
-    let outcome = boot_until_end(&cfg, &shared, &boot, &disks, &kvm);
+    let outcome = boot_until_end(&cfg, &shared, &boot, &disks, &nics, &kvm);
     // Close the disks (flushed when the last boot ended) before the monitor can report the end.
     drop(disks);
     console.finish();
@@ -472,6 +527,7 @@ fn boot_until_end(
     shared: &Shared,
     boot: &Boot,
     disks: &[Disk],
+    nics: &[Nic],
     kvm: &Arc<OwnedFd>,
 ) -> Outcome {
     let mut reboots: Vec<Instant> = Vec::new();
@@ -495,6 +551,14 @@ fn boot_until_end(
                     name: d.name.clone(),
                     device: d.device.clone(),
                     options: d.options.clone(),
+                })
+                .collect(),
+            nets: nics
+                .iter()
+                .map(|n| NetSpec {
+                    name: n.name.clone(),
+                    taps: n.taps.clone(),
+                    options: n.options.clone(),
                 })
                 .collect(),
             serial: Box::new(ConsoleWriter(shared.console.clone())),

@@ -92,10 +92,26 @@ static POLICY: OnceLock<Policy> = OnceLock::new();
 /// themselves; the process then dies with SIGSYS).
 pub fn enable_seccomp(probe: Option<Role>) -> Result<(), SeccompError> {
     let filters = seccomp::Filters::compile()?;
+    keep_malloc_out_of_files();
     sigsys::install_handler().map_err(SeccompError::Handler)?;
     POLICY
         .set(Policy { filters, probe })
         .map_err(|_| SeccompError::Handler(std::io::Error::other("seccomp is enabled already")))
+}
+
+/// glibc's malloc, the first time it trims a thread arena's heap in a process, opens
+/// /proc/sys/vm/overcommit_memory to decide whether it may (`check_may_shrink_heap`). No
+/// filter allows opening files, so a sandboxed thread freeing enough memory — a NIC's worker
+/// dropping its frame buffers when the device stops — died of SIGSYS. With the trim threshold
+/// above any arena heap's size (64 MiB) glibc does not shrink thread arenas' heaps and does not
+/// ask; freed memory stays for reuse. The VMM's large allocations (guest memory) are mappings
+/// of their own and unaffected. vmm/tests/seccomp_malloc.rs checks it.
+fn keep_malloc_out_of_files() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a malloc tunable; any value is valid for M_TRIM_THRESHOLD.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
 }
 
 /// Whether [`enable_seccomp`] was called.

@@ -159,6 +159,9 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_recvfrom,
 ];
 
+/// A NIC's worker: its rate-limit timer.
+const NET_TIMER: &[i64] = &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime];
+
 /// Opening I/O queues: io_uring setup on descriptors already open.
 const QUEUE_SETUP: &[i64] = &[libc::SYS_io_uring_setup, libc::SYS_io_uring_register];
 
@@ -193,6 +196,14 @@ fn ioctl_exactly(request: u64) -> Result<SeccompRule, seccompiler::BackendError>
     )?])
 }
 
+/// The tap ioctls a NIC's threads make: offloads and attaching or detaching a queue.
+fn tap_ioctls() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    crate::net::tap::WORKER_IOCTLS
+        .iter()
+        .map(|&r| ioctl_exactly(r))
+        .collect()
+}
+
 /// `FIONBIO`: setting a socket non-blocking, which the control server does on accepted sockets.
 fn fionbio() -> Result<SeccompRule, seccompiler::BackendError> {
     ioctl_exactly(libc::FIONBIO)
@@ -211,6 +222,8 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
             calls.extend_from_slice(QUEUE_SETUP);
             calls.push(libc::SYS_rt_sigaction);
             ioctl.push(ioctl_type(KVMIO)?);
+            // Probing a NIC's tap for UFO at each boot.
+            ioctl.extend(tap_ioctls()?);
         }
         Role::Vcpu => {
             // KVM_RUN; exits write the console pipe and eventfds (irqfd, worker stop), wait on
@@ -223,10 +236,16 @@ fn rules(role: Role) -> Result<Rules, seccompiler::BackendError> {
             calls.extend_from_slice(EVENTS);
             calls.extend_from_slice(BLOCK_IO);
             calls.extend_from_slice(QUEUE_SETUP);
+            // A NIC's start: its workers' timers, the tap's offloads and queues.
+            calls.push(libc::SYS_timerfd_create);
+            ioctl.extend(tap_ioctls()?);
         }
         Role::DeviceWorker => {
             calls.extend_from_slice(EVENTS);
             calls.extend_from_slice(BLOCK_IO);
+            calls.extend_from_slice(NET_TIMER);
+            // A NIC's worker attaches and detaches its tap queue.
+            ioctl.extend(tap_ioctls()?);
         }
         Role::Control => {
             calls.extend_from_slice(SPAWN);

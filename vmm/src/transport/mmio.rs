@@ -1,30 +1,30 @@
-//! The virtio-mmio transport (virtio spec 4.2, version 2) for a virtio-blk device.
+//! The virtio-mmio transport (virtio spec 4.2, version 2) for any [`VirtioDevice`].
 //!
 //! The register window is served on MMIO exits — configuration only: queue notifications are
 //! caught by one ioeventfd per queue (a write of the queue index to QueueNotify) and interrupts
 //! leave through an irqfd, so the data path never exits to user space except to read and
-//! acknowledge InterruptStatus. On DRIVER_OK each ready queue gets a worker thread with its own
-//! [`QueueEngine`]; a reset (status 0) stops the workers, draining their I/O.
+//! acknowledge InterruptStatus. On DRIVER_OK the ready queues are handed to the device
+//! ([`VirtioDevice::activate`]); a reset (status 0) stops it ([`VirtioDevice::reset`]).
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tracing::warn;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::{Activation, Signal, VirtioDevice};
 use crate::blk::chain::SharedMemory;
-use crate::blk::config::BlkConfig;
-use crate::blk::engine::{QueueEngine, QueueStats, Signal};
-use crate::blk::features;
-use crate::blk::worker::Worker;
 use crate::bus::{le_value, BusDevice};
 use crate::ratelimit::LogLimiter;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
-const DEVICE_ID_BLOCK: u32 = 2;
 const VENDOR_ID: u32 = 0x5354_5241; // "STRA"
+/// VIRTIO_F_VERSION_1.
+const VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_RING_EVENT_IDX.
+const RING_EVENT_IDX: u64 = 1 << 29;
 
 /// Offset of QueueNotify, where the ioeventfds listen.
 pub const QUEUE_NOTIFY: u64 = 0x50;
@@ -60,11 +60,11 @@ impl Signal for MmioInterrupt {
     }
 }
 
-/// A virtio-blk device on virtio-mmio.
+/// A virtio device on virtio-mmio.
 #[derive(Debug)]
-pub struct VirtioMmio {
+pub struct VirtioMmio<D: VirtioDevice> {
     name: String,
-    cfg: Arc<BlkConfig>,
+    device: D,
     mem: SharedMemory,
     kicks: Vec<EventFd>,
     interrupt: Arc<MmioInterrupt>,
@@ -74,26 +74,26 @@ pub struct VirtioMmio {
     queue_sel: u32,
     status: u32,
     queues: Vec<Queue>,
-    workers: Vec<Worker>,
-    stats: Arc<Mutex<Vec<QueueStats>>>,
+    running: bool,
     limiter: LogLimiter,
 }
 
-impl VirtioMmio {
-    /// A device for `cfg`. `kicks` are the per-queue ioeventfds (already registered with KVM at
-    /// this window's QueueNotify) and `irqfd` the registered interrupt eventfd.
+impl<D: VirtioDevice> VirtioMmio<D> {
+    /// A transport for `device`. `kicks` are the per-queue ioeventfds (already registered with
+    /// KVM at this window's QueueNotify) and `irqfd` the registered interrupt eventfd.
     pub fn new(
         name: String,
-        cfg: Arc<BlkConfig>,
+        device: D,
         mem: SharedMemory,
         kicks: Vec<EventFd>,
         irqfd: EventFd,
-    ) -> VirtioMmio {
-        let n = usize::from(cfg.num_queues());
+    ) -> VirtioMmio<D> {
+        let n = device.num_queues();
+        let size = device.queue_max_size();
         VirtioMmio {
             name,
-            queues: (0..n).map(|_| new_queue(&cfg)).collect(),
-            cfg,
+            queues: (0..n).map(|_| new_queue(size)).collect(),
+            device,
             mem,
             kicks,
             interrupt: Arc::new(MmioInterrupt::new(irqfd)),
@@ -102,41 +102,31 @@ impl VirtioMmio {
             driver_features: 0,
             queue_sel: 0,
             status: 0,
-            workers: Vec::new(),
-            stats: Arc::default(),
+            running: false,
             limiter: LogLimiter::for_guest_errors(),
         }
     }
 
-    /// Counters of every queue that has stopped so far (reset, or the VM's end).
-    pub fn stats(&self) -> Arc<Mutex<Vec<QueueStats>>> {
-        self.stats.clone()
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
     }
 
-    /// Flushes the disk (at the VM's end: the guest should have, a clean stop makes sure).
-    pub fn flush_disk(&self) -> strata_storage::Result<()> {
-        if self.cfg.read_only() {
-            return Ok(());
-        }
-        self.cfg.disk().flush()
+    /// The device, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
     }
 
-    /// Stops the workers, keeping their counters.
-    pub fn stop_workers(&mut self) {
-        let stats: Vec<QueueStats> = self.workers.drain(..).map(Worker::stop).collect();
-        if !stats.is_empty() {
-            self.stats
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(stats);
-        }
+    /// Stops the device (at the VM's end).
+    pub fn stop(&mut self) {
+        self.device.reset();
+        self.running = false;
     }
 
     fn reset(&mut self) {
-        self.stop_workers();
-        self.queues = (0..self.queues.len())
-            .map(|_| new_queue(&self.cfg))
-            .collect();
+        self.stop();
+        let size = self.device.queue_max_size();
+        self.queues = (0..self.queues.len()).map(|_| new_queue(size)).collect();
         self.driver_features = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -166,9 +156,8 @@ impl VirtioMmio {
         }
         let mut value = value;
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            let offered = self.cfg.features();
-            let ok = self.driver_features & !offered == 0
-                && self.driver_features & features::VERSION_1 != 0;
+            let offered = self.device.features();
+            let ok = self.driver_features & !offered == 0 && self.driver_features & VERSION_1 != 0;
             if !ok {
                 value &= !STATUS_FEATURES_OK; // The driver reads it back and gives up.
             }
@@ -178,18 +167,19 @@ impl VirtioMmio {
         if starting {
             if let Err(e) = self.activate() {
                 self.log(format_args!("cannot start the device: {e}"));
-                self.stop_workers();
+                self.stop();
                 self.status |= STATUS_NEEDS_RESET;
             }
         }
     }
 
     fn activate(&mut self) -> Result<(), String> {
-        if !self.workers.is_empty() {
+        if self.running {
             return Err("the device is running already".into());
         }
-        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
-        let mut jobs = Vec::new();
+        let event_idx = self.driver_features & RING_EVENT_IDX != 0;
+        let size = self.device.queue_max_size();
+        let mut queues = Vec::new();
         for (i, q) in self.queues.iter_mut().enumerate() {
             if !q.ready() {
                 continue;
@@ -198,29 +188,19 @@ impl VirtioMmio {
                 return Err(format!("queue {i} is not valid (size or ring addresses)"));
             }
             q.set_event_idx(event_idx);
-            let queue = std::mem::replace(q, new_queue(&self.cfg));
+            let queue = std::mem::replace(q, new_queue(size));
             let kick = self.kicks[i]
                 .try_clone()
                 .map_err(|e| format!("cloning an eventfd: {e}"))?;
-            jobs.push((format!("{}-q{i}", self.name), queue, kick));
+            queues.push((i, queue, kick));
         }
-        let (cfg, mem, interrupt) = (self.cfg.clone(), self.mem.clone(), self.interrupt.clone());
-        // Opening I/O queues and starting threads happen on the device thread (when the
-        // process has one), so that a vCPU's seccomp filter needs neither.
-        let start = move || -> Result<Vec<Worker>, String> {
-            let mut workers = Vec::new();
-            for (name, queue, kick) in jobs {
-                let engine = QueueEngine::new(name.clone(), cfg.clone())
-                    .map_err(|e| format!("opening an I/O queue: {e}"))?;
-                let worker =
-                    Worker::spawn(name, engine, queue, mem.clone(), kick, interrupt.clone())
-                        .map_err(|e| format!("starting a worker: {e}"))?;
-                workers.push(worker);
-            }
-            Ok(workers)
-        };
-        self.workers = crate::sandbox::on_device_thread(start)??;
-        Ok(())
+        self.running = true;
+        self.device.activate(Activation {
+            queues,
+            mem: self.mem.clone(),
+            interrupt: self.interrupt.clone(),
+            driver_features: self.driver_features,
+        })
     }
 
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
@@ -230,11 +210,11 @@ impl VirtioMmio {
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
-        let features = self.cfg.features();
+        let features = self.device.features();
         match offset {
             0x00 => MAGIC,
             0x04 => VERSION,
-            0x08 => DEVICE_ID_BLOCK,
+            0x08 => self.device.device_type(),
             0x0c => VENDOR_ID,
             0x10 => match self.device_features_sel {
                 0 => features as u32,
@@ -295,15 +275,16 @@ impl VirtioMmio {
     }
 }
 
-fn new_queue(cfg: &BlkConfig) -> Queue {
-    // The size is a power of two from 2 to 1024 (checked by BlkConfig), which Queue accepts.
-    Queue::new(cfg.queue_size()).unwrap_or_default()
+fn new_queue(size: u16) -> Queue {
+    // The size is a power of two from 2 to 1024 (checked by the device's configuration), which
+    // Queue accepts.
+    Queue::new(size).unwrap_or_default()
 }
 
-impl BusDevice for VirtioMmio {
+impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            self.cfg.read_config(offset - CONFIG_SPACE, data);
+            self.device.read_config(offset - CONFIG_SPACE, data);
         } else if data.len() == 4 {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
@@ -313,7 +294,9 @@ impl BusDevice for VirtioMmio {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            return; // virtio-blk's configuration is read-only here (no writeback toggle).
+            // The configuration spaces we offer are read-only for the driver (virtio-blk has
+            // no writeback toggle here; virtio-net's MAC is set through the control queue).
+            return;
         }
         if data.len() == 4 {
             self.write_reg(offset, le_value(data) as u32);
@@ -321,9 +304,9 @@ impl BusDevice for VirtioMmio {
     }
 }
 
-impl Drop for VirtioMmio {
+impl<D: VirtioDevice> Drop for VirtioMmio<D> {
     fn drop(&mut self) {
-        self.stop_workers();
+        self.stop();
     }
 }
 
@@ -333,33 +316,33 @@ mod tests {
     use strata_storage::io::memory::MemoryDevice;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-    use crate::blk::DiskOptions;
+    use crate::blk::{BlkConfig, BlkDevice, DiskOptions};
 
-    fn device() -> VirtioMmio {
+    fn device() -> VirtioMmio<BlkDevice> {
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let cfg = BlkConfig::new(MemoryDevice::new(1 << 20), &DiskOptions::default()).unwrap();
         VirtioMmio::new(
             "vdt".into(),
-            Arc::new(cfg),
+            BlkDevice::new("vdt".into(), Arc::new(cfg)),
             mem,
             vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         )
     }
 
-    fn r(d: &mut VirtioMmio, off: u64) -> u32 {
+    fn r(d: &mut VirtioMmio<BlkDevice>, off: u64) -> u32 {
         let mut b = [0u8; 4];
         d.read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn w(d: &mut VirtioMmio, off: u64, v: u32) {
+    fn w(d: &mut VirtioMmio<BlkDevice>, off: u64, v: u32) {
         d.write(off, &v.to_le_bytes());
     }
 
     /// A device the driver set up with VERSION_1 and queue 0 (16 entries, rings from `rings`
     /// on, a page each), then DRIVER_OK.
-    fn started(rings: u32) -> VirtioMmio {
+    fn started(rings: u32) -> VirtioMmio<BlkDevice> {
         let mut d = device();
         w(&mut d, 0x70, 1 | 2);
         w(&mut d, 0x24, 1);
@@ -412,13 +395,13 @@ mod tests {
         // Rings outside the 1 MiB of guest memory.
         let mut d = started(0x4000_0000);
         assert_ne!(r(&mut d, 0x70) & STATUS_NEEDS_RESET, 0);
-        assert!(d.workers.is_empty());
+        assert!(d.device().worker_count() == 0);
     }
 
     #[test]
     fn clearing_driver_ok_without_a_reset_neither_unlocks_nor_restarts_the_queue() {
         let mut d = started(0x1000);
-        assert_eq!(d.workers.len(), 1);
+        assert_eq!(d.device().worker_count(), 1);
         for _ in 0..20 {
             w(&mut d, 0x70, 1 | 2 | 8); // DRIVER_OK cleared: ignored
             assert_eq!(r(&mut d, 0x70), 1 | 2 | 8 | 4);
@@ -426,11 +409,11 @@ mod tests {
             w(&mut d, 0x70, 1 | 2 | 8 | 4);
         }
         assert_eq!(
-            d.workers.len(),
+            d.device().worker_count(),
             1,
             "one worker per queue, however often DRIVER_OK is written"
         );
         w(&mut d, 0x70, 0);
-        assert!(d.workers.is_empty());
+        assert!(d.device().worker_count() == 0);
     }
 }

@@ -6,8 +6,11 @@
 //! files you name; these plural ones work on the appliance's own volume groups, image folder
 //! and datastore, exactly as API clients see them.
 
+mod backup_stores;
+mod backups;
 mod client;
 mod exports;
+mod networks;
 mod print;
 
 use std::path::PathBuf;
@@ -17,8 +20,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
+pub use backups::{backups, BackupsCommand};
 pub use client::{encode, Api};
 pub use exports::{exports, ExportsCommand};
+pub use networks::{networks, NetworksCommand};
 use print::{print_list, print_object, Column};
 
 use super::Output;
@@ -264,84 +269,6 @@ pub enum ImagesCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BackupsCommand {
-    /// List snapshots in the appliance's datastore.
-    List {
-        /// Only this group, e.g. volume/strata/vm-100-disk-0.
-        #[arg(long)]
-        id: Option<String>,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// Back up a volume (lv:VG/NAME) or image (image:NAME) (a job).
-    Create {
-        /// Source.
-        source: String,
-        /// Snapshot group (default derived from the source).
-        #[arg(long)]
-        id: Option<String>,
-        #[command(flatten)]
-        job: JobArgs,
-    },
-    /// Restore a snapshot (or a group's latest) to a new image (image:NAME) or onto a volume
-    /// (lv:VG/NAME) (a job).
-    Restore {
-        /// Snapshot ID/TIME or group ID.
-        snapshot: String,
-        /// Target.
-        target: String,
-        /// Format of a new image (default raw).
-        #[arg(short = 'O', long)]
-        format: Option<String>,
-        /// Live restore onto a volume: usable at once (VMs, `strata vm run`, `strata nbd
-        /// serve`), chunks fetched as they are read and the rest copied in the background.
-        /// Without --remote, --no-wait only sets it up and the copy runs wherever the volume
-        /// is opened next.
-        #[arg(long)]
-        live: bool,
-        /// Workers fetching, checking and writing chunks (default four per core).
-        #[arg(long)]
-        workers: Option<usize>,
-        #[command(flatten)]
-        job: JobArgs,
-    },
-    /// Verify one snapshot, or all (a job).
-    Verify {
-        /// Snapshot or group; all when absent.
-        snapshot: Option<String>,
-        #[command(flatten)]
-        job: JobArgs,
-    },
-    /// Remove snapshots no keep rule selects.
-    Prune {
-        /// Groups to prune (all when none are given).
-        ids: Vec<String>,
-        /// Keep this many newest snapshots.
-        #[arg(long, default_value_t = 0)]
-        keep_last: usize,
-        /// Keep one per day for this many days.
-        #[arg(long, default_value_t = 0)]
-        keep_daily: usize,
-        /// Keep one per week for this many weeks.
-        #[arg(long, default_value_t = 0)]
-        keep_weekly: usize,
-        /// Keep one per month for this many months.
-        #[arg(long, default_value_t = 0)]
-        keep_monthly: usize,
-        /// Only say what would be removed.
-        #[arg(long)]
-        dry_run: bool,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// Remove chunks no snapshot references (a job).
-    Gc {
-        #[command(flatten)]
-        job: JobArgs,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// List jobs.
     List {
@@ -392,12 +319,6 @@ const JOB_COLUMNS: &[Column] = &[
     Column::percent("PROGRESS", "progress"),
     Column::text("WHAT", "description"),
 ];
-const BACKUP_COLUMNS: &[Column] = &[
-    Column::text("SNAPSHOT", "snapshot"),
-    Column::size("SIZE", "manifest.size"),
-    Column::text("SOURCE", "manifest.source"),
-];
-
 fn split_volume(v: &str) -> anyhow::Result<(String, String)> {
     let v = v.strip_prefix("lv:").unwrap_or(v);
     match v.split_once('/') {
@@ -682,86 +603,6 @@ fn probe_local_file(file: &std::path::Path) -> anyhow::Result<String> {
             anyhow::bail!("{}: {what} images are not supported", file.display())
         }
     }
-}
-
-/// Runs a `backups` command.
-pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
-    match cmd {
-        BackupsCommand::List { id, common } => {
-            let path = match id {
-                Some(id) => format!("/api/backups?id={}", encode(&id)),
-                None => "/api/backups".into(),
-            };
-            let v = api.ok("GET", &path, None)?;
-            print_list(
-                v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-                common.output,
-                BACKUP_COLUMNS,
-            );
-        }
-        BackupsCommand::Create { source, id, job } => {
-            return run_job(
-                api,
-                "/api/backups",
-                &json!({"source": source, "id": id}),
-                &job,
-            );
-        }
-        BackupsCommand::Restore {
-            snapshot,
-            target,
-            format,
-            live,
-            workers,
-            job,
-        } => {
-            let mut body = json!({"snapshot": snapshot, "target": target, "format": format,
-                                  "workers": workers});
-            if live {
-                body["live"] = true.into();
-                if job.no_wait && matches!(api, Api::Local { .. }) {
-                    // A job run here ends with this command: set the restore up only; the
-                    // volume's next opener runs the copy.
-                    body["copy"] = false.into();
-                    let started = api.ok("POST", "/api/backups/restore", Some(&body))?;
-                    let local = JobArgs {
-                        no_wait: false,
-                        quiet: true,
-                        common: Common {
-                            output: job.common.output,
-                        },
-                    };
-                    return finish_job(api, started, &local);
-                }
-            }
-            return run_job(api, "/api/backups/restore", &body, &job);
-        }
-        BackupsCommand::Verify { snapshot, job } => {
-            return run_job(
-                api,
-                "/api/backups/verify",
-                &json!({"snapshot": snapshot}),
-                &job,
-            );
-        }
-        BackupsCommand::Prune {
-            ids,
-            keep_last,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            dry_run,
-            common,
-        } => {
-            let body = json!({"ids": ids, "keep_last": keep_last, "keep_daily": keep_daily,
-                              "keep_weekly": keep_weekly, "keep_monthly": keep_monthly,
-                              "dry_run": dry_run});
-            let v = api.ok("POST", "/api/backups/prune", Some(&body))?;
-            print_object(&v, common.output, "");
-        }
-        BackupsCommand::Gc { job } => return run_job(api, "/api/backups/gc", &json!({}), &job),
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs a `jobs` command.
