@@ -1,7 +1,12 @@
 //! Crash safety: power loss at every flush point (every sync the engine issues, inside metadata
-//! write-back too) of a random workload on a fault-injecting device. After each crash the image
-//! reopens, our check finds at most leaked clusters, and everything a completed flush covered
-//! reads back. Some crashed images are also written to files for `qemu-img check`.
+//! write-back too) of a random workload on a fault-injecting device, with unflushed writes
+//! dropped or torn and replayed in any order. The same with the device's queues completing late
+//! and out of order (a request takes effect only when it completes), and with power lost at
+//! operations of any kind. After each crash the image reopens, our check finds at most leaked
+//! clusters, and everything a completed flush covered reads back. Some crashed images are also
+//! written to files for `qemu-img check`.
+//!
+//! The new fault modes run a fixed seed in CI; `STRATA_FAULT_SEEDS=N` runs N seeds each.
 
 mod qcow2_support;
 
@@ -41,7 +46,27 @@ struct Outcome {
     flushed: Vec<u8>,
     /// Ranges written (or discarded) after it: their contents are either old or new.
     touched: Vec<(u64, u64)>,
+    /// Of those, the writes: where and what. A sector only they touched holds the flushed
+    /// data, the backing data or one of theirs — never anything else.
+    written: Vec<(u64, Vec<u8>)>,
     completed_all: bool,
+}
+
+impl Outcome {
+    /// Records that `a` may have changed the disk since the last completed flush.
+    fn touch(&mut self, a: &Action) {
+        match *a {
+            Action::Write { offset, len, seed } => {
+                self.touched.push((offset, len));
+                self.written
+                    .push((offset, pattern(offset, len as usize, seed)));
+            }
+            Action::Discard { offset, len } | Action::Zero { offset, len, .. } => {
+                self.touched.push((offset, len));
+            }
+            Action::Flush => {}
+        }
+    }
 }
 
 /// Runs the workload until it finishes or the device dies.
@@ -51,20 +76,27 @@ fn run_workload(
     actions: &[Action],
     snapshots: bool,
     cache: Option<u64>,
+    early_flush: bool,
 ) -> Outcome {
     let opts = Qcow2Options {
         l2_cache_bytes: cache,
         rb_cache_bytes: cache,
         ..Qcow2Options::default()
     };
-    let img = qcow2::open(dev, &opts).unwrap();
     let mut model = base.to_vec();
     let mut out = Outcome {
         flushed: base.to_vec(),
         touched: Vec::new(),
+        written: Vec::new(),
         completed_all: false,
     };
-    let mut q = img.open_queue(&QueueOptions::with_depth(16)).unwrap();
+    // Power lost at any operation may hit the open itself (the device then fails everything).
+    let Ok(img) = qcow2::open(dev, &opts) else {
+        return out;
+    };
+    let Ok(mut q) = img.open_queue(&QueueOptions::with_depth(16)) else {
+        return out;
+    };
     let mut i = 0;
     let mut flushes = 0u32;
     let mut snaps: Vec<String> = Vec::new();
@@ -94,10 +126,32 @@ fn run_workload(
             };
             q.submit(req).unwrap();
         }
+        // With early flushes, a flush goes with the batch: it covers what completed before it
+        // was submitted (the previous batches), not the writes in flight beside it.
+        let covered = early_flush.then(|| model.clone());
+        if early_flush {
+            q.submit(Request::flush(98)).unwrap();
+        }
+        let want = batch.len() + usize::from(early_flush);
         let mut done = Vec::new();
-        while done.len() < batch.len() {
+        while done.len() < want {
             q.wait(Some(Duration::from_secs(30))).unwrap();
             q.reap(&mut done);
+        }
+        if let Some(pos) = done.iter().position(|c| c.tag == 98) {
+            let flush = done.remove(pos);
+            if flush.result.is_err() {
+                // The batch's writes were in flight: each may have landed or not.
+                for a in &batch {
+                    out.touch(a);
+                }
+                return out;
+            }
+            if let Some(m) = covered {
+                out.flushed = m;
+                out.touched.clear();
+                out.written.clear();
+            }
         }
         // Apply in submission order: batches are non-overlapping by construction below.
         done.sort_by_key(|c| c.tag);
@@ -110,7 +164,8 @@ fn run_workload(
                 | Action::Zero { offset, len, .. } => (offset, len),
                 Action::Flush => unreachable!(),
             };
-            out.touched.push((o, l));
+            out.touch(&a);
+            let _ = (o, l);
             if let Err(e) = &c.result {
                 eprintln!("{a:?} failed: {e}");
                 failed = true;
@@ -139,6 +194,7 @@ fn run_workload(
             }
             out.flushed = model.clone();
             out.touched.clear();
+            out.written.clear();
             flushes += 1;
             if snapshots && flushes % 4 == 2 {
                 let name = format!("s{flushes}");
@@ -164,6 +220,7 @@ fn run_workload(
     if done[0].result.is_ok() {
         out.flushed = model;
         out.touched.clear();
+        out.written.clear();
         out.completed_all = true;
     }
     out
@@ -216,7 +273,14 @@ fn crash_workload(seed: u64) -> Vec<Action> {
     out
 }
 
-fn verify(image: &DurableImage, outcome: &Outcome, what: &str, dir: &Path, qemu: bool) {
+fn verify(
+    image: &DurableImage,
+    outcome: &Outcome,
+    base: &[u8],
+    what: &str,
+    dir: &Path,
+    qemu: bool,
+) {
     let (dev, _) = FaultDevice::from_durable(image);
     let img = qcow2::open(dev.clone(), &Qcow2Options::default())
         .unwrap_or_else(|e| panic!("{what}: reopening after the crash failed: {e}"));
@@ -229,8 +293,27 @@ fn verify(image: &DurableImage, outcome: &Outcome, what: &str, dir: &Path, qemu:
     );
     let got = read_all(img.as_ref());
     let mut want = outcome.flushed.clone();
+    let zeroed: Vec<(u64, u64)> = outcome
+        .touched
+        .iter()
+        .copied()
+        .filter(|t| !outcome.written.iter().any(|(o, d)| (*o, d.len() as u64) == *t))
+        .collect();
     for &(o, l) in &outcome.touched {
-        want[o as usize..(o + l) as usize].copy_from_slice(&got[o as usize..(o + l) as usize]);
+        for at in (o..o + l).step_by(512) {
+            let r = at as usize..(at as usize + 512).min((o + l) as usize);
+            let g = &got[r.clone()];
+            // Discarded or zeroed since the last flush: anything it may read as is allowed.
+            let free = zeroed.iter().any(|&(zo, zl)| at >= zo && at < zo + zl);
+            let one_of_the_writes = outcome.written.iter().any(|(wo, d)| {
+                at >= *wo
+                    && at + (r.len() as u64) <= wo + d.len() as u64
+                    && d[(at - wo) as usize..(at - wo) as usize + r.len()] == *g
+            });
+            if free || one_of_the_writes || base[r.clone()] == *g {
+                want[r.clone()].copy_from_slice(g);
+            }
+        }
     }
     assert_same(
         &got,
@@ -250,8 +333,32 @@ fn verify(image: &DurableImage, outcome: &Outcome, what: &str, dir: &Path, qemu:
     }
 }
 
+/// Where power is lost, and how the device completes requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Faults {
+    /// At every flush (a sample when there are many); requests complete at submit.
+    Flushes,
+    /// At every flush; requests complete late and out of order (seeded).
+    FlushesAsync(u64),
+    /// At operations of any kind (a seeded sample of them); requests complete late and out of
+    /// order.
+    AnyOpAsync(u64),
+    /// At every flush; requests complete late and out of order, and a guest flush is submitted
+    /// with every batch, while its writes are in flight.
+    FlushesEarly(u64),
+}
+
+/// Seeds for the new fault modes: one fixed in CI, more with `STRATA_FAULT_SEEDS`.
+fn fault_seeds() -> Vec<u64> {
+    let n = std::env::var("STRATA_FAULT_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u64);
+    (0..n).map(|i| 0x5eed + i * 7919).collect()
+}
+
 fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64, snapshots: bool) {
-    crash_with_cache(name, opts, seed, snapshots, None);
+    crash_with_cache(name, opts, seed, snapshots, None, Faults::Flushes);
 }
 
 fn crash_with_cache(
@@ -260,6 +367,7 @@ fn crash_with_cache(
     seed: u64,
     snapshots: bool,
     cache: Option<u64>,
+    faults: Faults,
 ) {
     let qemu = strata_testkit::part_has_tool("qemu-img", "qemu-utils");
     let dir = tempdir();
@@ -270,23 +378,48 @@ fn crash_with_cache(
         let img = qcow2::open(dev, &Qcow2Options::default()).unwrap();
         read_all(img.as_ref())
     };
-    // Count the flushes of a run without a crash.
-    let (dev, ctl) = device_with(&bytes);
-    let before = ctl.flushes();
-    let full = run_workload(dev, &base, &actions, snapshots, cache);
+    let async_seed = match faults {
+        Faults::Flushes => None,
+        Faults::FlushesAsync(s) | Faults::AnyOpAsync(s) | Faults::FlushesEarly(s) => Some(s),
+    };
+    let early = matches!(faults, Faults::FlushesEarly(_));
+    let device = || {
+        let (dev, ctl) = device_with(&bytes);
+        if let Some(s) = async_seed {
+            ctl.async_completions(s);
+        }
+        (dev, ctl)
+    };
+    // Count the flushes (and operations) of a run without a crash.
+    let (dev, ctl) = device();
+    let (before, ops_before) = (ctl.flushes(), ctl.ops());
+    let full = run_workload(dev, &base, &actions, snapshots, cache, early);
     assert!(
         full.completed_all,
         "{name}: the workload failed without a crash"
     );
     let flushes = ctl.flushes() - before;
+    let ops = ctl.ops() - ops_before;
     assert!(flushes > 10, "{name}: only {flushes} flushes");
     let lazy = opts.iter().any(|(k, _)| *k == "lazy_refcounts");
-    // Every crash point when there are few; an even sample (always with the first and last)
-    // when eviction makes many.
-    let step = (flushes / 48).max(1) as usize;
-    let points: Vec<u64> = (1..=flushes).step_by(step).chain([flushes]).collect();
+    let points: Vec<u64> = match faults {
+        // Every crash point when there are few; an even sample (always with the first and
+        // last) when eviction makes many.
+        Faults::Flushes | Faults::FlushesAsync(_) | Faults::FlushesEarly(_) => {
+            let step = (flushes / 48).max(1) as usize;
+            (1..=flushes).step_by(step).chain([flushes]).collect()
+        }
+        // 48 operations of the run, chosen by the seed.
+        Faults::AnyOpAsync(s) => {
+            let mut rng = fastrand::Rng::with_seed(s);
+            let mut v: Vec<u64> = (0..48).map(|_| rng.u64(1..=ops)).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+    };
     eprintln!(
-        "{name}: {flushes} flush points, crashing at {}",
+        "{name}: {flushes} flush points, {ops} operations, crashing at {} ({faults:?})",
         points.len()
     );
     for k in points {
@@ -297,17 +430,27 @@ fn crash_with_cache(
         .into_iter()
         .enumerate()
         {
-            let (dev, ctl) = device_with(&bytes);
+            let (dev, ctl) = device();
             ctl.set_loss_mode(mode);
-            ctl.crash_at_flush(k);
-            let outcome = run_workload(dev, &base, &actions, snapshots, cache);
+            let at = match faults {
+                Faults::AnyOpAsync(_) => {
+                    ctl.crash_at_op(k);
+                    "operation"
+                }
+                _ => {
+                    ctl.crash_at_flush(k);
+                    "flush"
+                }
+            };
+            let outcome = run_workload(dev, &base, &actions, snapshots, cache, early);
             let image = ctl.durable_image().unwrap_or_else(|| ctl.power_loss());
             // qemu-img check on a sample of crash points (lazy images are repaired on open).
             let ask_qemu = qemu && !lazy && mi == 1 && k % 6 == 1;
             verify(
                 &image,
                 &outcome,
-                &format!("{name}: crash at flush {k} ({mode:?})"),
+                &base,
+                &format!("{name}: crash at {at} {k} ({mode:?}, {faults:?})"),
                 dir.path(),
                 ask_qemu,
             );
@@ -387,5 +530,105 @@ fn crash_at_every_flush_with_tiny_metadata_caches() {
         6,
         false,
         Some(2048),
+        Faults::Flushes,
     );
+}
+
+/// Late, out-of-order completions: allocating writes, copy-on-write from a backing file,
+/// snapshots, and metadata written back only after the data it points at completed.
+#[test]
+fn crash_at_every_flush_with_late_out_of_order_completions() {
+    let dir = tempdir();
+    let base = dir.path().join("base.raw");
+    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&base, &data).unwrap();
+    for s in fault_seeds() {
+        crash_with_cache(
+            "async_backing",
+            &[
+                ("backing_file", base.display().to_string()),
+                ("backing_fmt", "raw".into()),
+                ("cluster_size", "16384".into()),
+            ],
+            7,
+            true,
+            None,
+            Faults::FlushesAsync(s),
+        );
+    }
+}
+
+/// Guest flushes submitted while the batch's writes are in flight (late, out-of-order
+/// completions; copy-on-write from a backing file): a flush writes back the tables, and a table
+/// must never be written pointing at a cluster whose data has not completed.
+#[test]
+fn crash_at_every_flush_with_flushes_beside_writes_in_flight() {
+    let dir = tempdir();
+    let base = dir.path().join("base.raw");
+    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 239) as u8 | 1).collect();
+    std::fs::write(&base, &data).unwrap();
+    for s in fault_seeds() {
+        crash_with_cache(
+            "early_flush_backing",
+            &[
+                ("backing_file", base.display().to_string()),
+                ("backing_fmt", "raw".into()),
+                ("cluster_size", "16384".into()),
+            ],
+            11,
+            false,
+            None,
+            Faults::FlushesEarly(s),
+        );
+    }
+}
+
+/// Power lost at operations of any kind (not only flushes), with late, out-of-order
+/// completions: between flushes, in the middle of write-back, with requests in flight.
+#[test]
+fn power_loss_at_any_operation() {
+    for s in fault_seeds() {
+        crash_with_cache(
+            "any_op_4k",
+            &[("cluster_size", "4096".into())],
+            8,
+            true,
+            None,
+            Faults::AnyOpAsync(s),
+        );
+        crash_with_cache(
+            "any_op_tiny_cache",
+            &[("cluster_size", "512".into())],
+            9,
+            false,
+            Some(2048),
+            Faults::AnyOpAsync(s ^ 1),
+        );
+    }
+}
+
+/// Copy-on-write from a backing file with the smallest caches: a table is evicted (written
+/// back) while allocating writes of the same batch are still in flight, and the power goes at
+/// any operation. A table written back must never point at a cluster whose data (the guest's
+/// and the parts copied from the backing file) has not completed.
+#[test]
+fn power_loss_at_any_operation_with_copy_on_write_and_evictions() {
+    let dir = tempdir();
+    let base = dir.path().join("base.raw");
+    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 241) as u8 | 1).collect();
+    std::fs::write(&base, &data).unwrap();
+    for s in fault_seeds() {
+        crash_with_cache(
+            "any_op_backing_evictions",
+            &[
+                ("backing_file", base.display().to_string()),
+                ("backing_fmt", "raw".into()),
+                ("cluster_size", "4096".into()),
+            ],
+            10,
+            false,
+            Some(4096),
+            Faults::AnyOpAsync(s ^ 2),
+        );
+    }
 }

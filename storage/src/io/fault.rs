@@ -11,6 +11,19 @@
 //! Crash tests run a workload on a [`FaultDevice`], make it lose power (at the Nth flush, say),
 //! then open a new device on [`FaultController::durable_image`] and check the format or volume on
 //! it against a model of what was durable.
+//!
+//! The faults a test can ask for:
+//! - power loss at the Nth flush ([`FaultController::crash_at_flush`]) or at the Nth operation of
+//!   any kind ([`FaultController::crash_at_op`]), or now ([`FaultController::power_loss`]);
+//! - what survives it ([`LossMode`]): nothing unflushed, or a random subset of the unflushed log,
+//!   torn at sector granularity and replayed in any order (an older write may land over a newer
+//!   one: a disk's volatile cache keeps no order between flushes);
+//! - one failed operation: the Nth of any kind ([`FaultController::fail_nth_op`], EIO) or the Nth
+//!   of one kind with EIO, ENOSPC or a short transfer ([`FaultController::fail_nth`]);
+//! - completions that come late and out of order ([`FaultController::async_completions`]): queues
+//!   opened afterwards keep submitted requests in flight and run them — taking effect on the
+//!   device only then — in a seeded random order as the queue is reaped or waited on
+//!   (`fault_queue.rs`). Power lost meanwhile loses the requests still in flight.
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -21,13 +34,28 @@ use crate::io::sparse::SparseMem;
 use crate::io::sync_queue::{SyncExecutor, SyncQueue};
 use crate::io::{IoQueue, Op, QueueOptions};
 
+/// A failure [`FaultController::fail_nth`] injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The operation fails with EIO and does nothing.
+    Eio,
+    /// The operation fails with ENOSPC and does nothing.
+    NoSpace,
+    /// A read or write transfers only its first half (whole sectors; nothing if shorter than
+    /// two) and says so: its completion reports the bytes transferred. The device's own
+    /// `read_exact_at`/`write_all_at` go on with the rest, as a pread/pwrite loop does; other
+    /// kinds of operations ignore it.
+    Short,
+}
+
 /// What happens to unflushed writes at power loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossMode {
     /// Every write not covered by a completed flush is lost.
     DropUnflushed,
-    /// Each unflushed write independently survives or not (so they may land out of order), and a
-    /// surviving write may be torn: only some of its 512-byte sectors land. Seeded for replay.
+    /// Each unflushed write independently survives or not, the survivors land in a random order
+    /// (an older one over a newer one where they overlap; length changes keep their place), and
+    /// a surviving write may be torn: only some of its 512-byte sectors land. Seeded for replay.
     TearAndReorder {
         /// Seed for the random choices.
         seed: u64,
@@ -79,14 +107,23 @@ struct State {
     fail_op_at: Option<u64>,
     /// What the injected failure hit, once it has.
     injected: Option<OpKind>,
+    /// Operations seen so far, by kind.
+    kind_ops: [u64; 6],
+    /// The Nth operation of a kind fails with this fault.
+    fail_kind: Option<(OpKind, u64, Fault)>,
     crash_at_flush: Option<u64>,
+    crash_at_op: Option<u64>,
+    /// Seed of the completion order of queues opened from now on (None: synchronous).
+    async_seed: Option<u64>,
+    /// Queues opened in the asynchronous mode so far (each gets its own stream of choices).
+    async_queues: u64,
     loss: LossMode,
     /// Set once power is lost: what survived.
     crashed: Option<SparseMem>,
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     current: RwLock<SparseMem>,
     state: Mutex<State>,
 }
@@ -96,16 +133,37 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts an operation and decides whether it fails. Flushes may trigger power loss.
-    fn begin(&self, state: &mut State, kind: OpKind) -> Result<()> {
+    /// Counts an operation and decides whether it fails (`Ok(true)`: it transfers only part of
+    /// its data, see [`Fault::Short`]). Flushes, or any operation, may trigger power loss.
+    fn begin(&self, state: &mut State, kind: OpKind) -> Result<bool> {
         if state.crashed.is_some() {
             return Err(StorageError::Unavailable("power was lost".into()));
         }
         state.ops += 1;
+        if state.crash_at_op == Some(state.ops) {
+            Self::lose_power(state);
+            return Err(StorageError::Unavailable("power was lost".into()));
+        }
         if state.fail_op_at == Some(state.ops) {
             state.fail_op_at = None;
             state.injected = Some(kind);
             return Err(StorageError::from_errno("Injected fault", libc::EIO));
+        }
+        let k = kind as usize;
+        state.kind_ops[k] += 1;
+        if let Some((fk, n, fault)) = state.fail_kind {
+            if fk == kind && state.kind_ops[k] == n {
+                state.fail_kind = None;
+                state.injected = Some(kind);
+                match fault {
+                    Fault::Eio => return Err(StorageError::from_errno("Injected fault", libc::EIO)),
+                    Fault::NoSpace => {
+                        return Err(StorageError::from_errno("Injected fault", libc::ENOSPC))
+                    }
+                    Fault::Short if matches!(kind, OpKind::Read | OpKind::Write) => return Ok(true),
+                    Fault::Short => {}
+                }
+            }
         }
         if kind == OpKind::Flush {
             state.flushes += 1;
@@ -116,14 +174,19 @@ impl Shared {
                 ));
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     fn lose_power(state: &mut State) {
         let mut image = state.durable.clone();
         if let LossMode::TearAndReorder { seed } = state.loss {
             let mut rng = fastrand::Rng::with_seed(seed ^ state.flushes.wrapping_mul(0x9e37_79b9));
-            for entry in &state.log {
+            // Any order between length changes: shuffle each run of writes and zeroes.
+            let mut order: Vec<&Unflushed> = state.log.iter().collect();
+            for run in order.split_mut(|e| matches!(e, Unflushed::SetLen(_))) {
+                rng.shuffle(run);
+            }
+            for entry in order {
                 if !rng.bool() {
                     continue;
                 }
@@ -208,7 +271,12 @@ impl FaultDevice {
                 flushes: 0,
                 fail_op_at: None,
                 injected: None,
+                kind_ops: [0; 6],
+                fail_kind: None,
                 crash_at_flush: None,
+                crash_at_op: None,
+                async_seed: None,
+                async_queues: 0,
                 loss: LossMode::DropUnflushed,
                 crashed: None,
             }),
@@ -227,6 +295,32 @@ impl FaultController {
     pub fn fail_nth_op(&self, n: u64) {
         let mut s = self.shared.state();
         s.fail_op_at = Some(s.ops + n.max(1));
+    }
+
+    /// Makes the `n`th operation of kind `kind` from now (1 = the next) fail with `fault`; later
+    /// ones succeed.
+    pub fn fail_nth(&self, kind: OpKind, n: u64, fault: Fault) {
+        let mut s = self.shared.state();
+        let k = kind as usize;
+        s.fail_kind = Some((kind, s.kind_ops[k] + n.max(1), fault));
+    }
+
+    /// Operations of kind `kind` seen so far.
+    pub fn ops_of(&self, kind: OpKind) -> u64 {
+        self.shared.state().kind_ops[kind as usize]
+    }
+
+    /// Makes the `n`th operation of any kind from now (1 = the next) lose power instead of
+    /// running.
+    pub fn crash_at_op(&self, n: u64) {
+        let mut s = self.shared.state();
+        s.crash_at_op = Some(s.ops + n.max(1));
+    }
+
+    /// Queues opened from now on complete late and out of order, in an order chosen from
+    /// `seed` (see the module documentation).
+    pub fn async_completions(&self, seed: u64) {
+        self.shared.state().async_seed = Some(seed);
     }
 
     /// The kind of operation the failure [`FaultController::fail_nth_op`] asked for hit, once it
@@ -277,9 +371,11 @@ impl FaultController {
 }
 
 impl Shared {
-    fn run(&self, op: &mut Op) -> Result<u64> {
+    pub(crate) fn run(&self, op: &mut Op) -> Result<u64> {
         let mut state = self.state();
-        self.begin(&mut state, OpKind::of(op))?;
+        if self.begin(&mut state, OpKind::of(op))? {
+            return self.run_short(&mut state, op);
+        }
         match op {
             Op::Flush => {
                 let log = std::mem::take(&mut state.log);
@@ -306,13 +402,55 @@ impl Shared {
         }
     }
 
+    /// Runs the first half of a read or write (whole sectors); returns the bytes transferred.
+    fn run_short(&self, state: &mut State, op: &mut Op) -> Result<u64> {
+        let (offset, len) = op.range().unwrap_or((0, 0));
+        let n = (len / 2) / 512 * 512;
+        match op {
+            Op::Write { buf, .. } => {
+                let mut data = buf.to_vec();
+                data.truncate(n as usize);
+                self.current
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(offset, &data);
+                state.log.push(Unflushed::Write { offset, data });
+            }
+            Op::Read { buf, .. } => {
+                let mut tmp = vec![0u8; n as usize];
+                self.current
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(offset, &mut tmp);
+                buf.copy_from_slice(0, &tmp);
+            }
+            _ => {}
+        }
+        Ok(n)
+    }
+
+    /// Opens a queue in the mode the controller set.
+    fn queue(self: &Arc<Self>, opts: &QueueOptions) -> Box<dyn IoQueue> {
+        let seed = {
+            let mut st = self.state();
+            st.async_seed.map(|s| {
+                st.async_queues += 1;
+                s ^ st.async_queues.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            })
+        };
+        match seed {
+            None => Box::new(SyncQueue::new(self.clone(), opts)),
+            Some(seed) => Box::new(super::fault_queue::AsyncQueue::new(self.clone(), opts, seed)),
+        }
+    }
+
     fn len(&self) -> u64 {
         self.current.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
         let mut state = self.state();
-        self.begin(&mut state, OpKind::SetLen)?;
+        let _ = self.begin(&mut state, OpKind::SetLen)?;
         state.log.push(Unflushed::SetLen(len));
         self.current
             .write()
@@ -352,7 +490,7 @@ impl BlockDevice for FaultDevice {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(SyncQueue::new(self.shared.clone(), opts)))
+        Ok(self.shared.queue(opts))
     }
 
     fn flush(&self) -> Result<()> {
@@ -391,24 +529,39 @@ impl HostFile for FaultDevice {
                 format!("read at {offset} reaches past the end"),
             ));
         }
-        let mut state = self.shared.state();
-        self.shared.begin(&mut state, OpKind::Read)?;
-        self.shared
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .read(offset, buf);
+        // A short read goes on with the rest, as a pread loop does.
+        let mut done = 0;
+        while done < buf.len() {
+            let mut state = self.shared.state();
+            let short = self.shared.begin(&mut state, OpKind::Read)?;
+            let rest = &mut buf[done..];
+            let n = if short {
+                (rest.len() / 2) / 512 * 512
+            } else {
+                rest.len()
+            };
+            self.shared
+                .current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .read(offset + done as u64, &mut rest[..n]);
+            done += n;
+        }
         Ok(())
     }
 
     fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         crate::io::memory::check_end(offset, buf.len())?;
-        self.shared
-            .run(&mut Op::Write {
-                offset,
-                buf: crate::io::IoBuf::from_slice(buf),
-            })
-            .map(|_| ())
+        // A short write goes on with the rest, as a pwrite loop does.
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.shared.run(&mut Op::Write {
+                offset: offset + done as u64,
+                buf: crate::io::IoBuf::from_slice(&buf[done..]),
+            })?;
+            done += n as usize;
+        }
+        Ok(())
     }
 
     fn sync_data(&self) -> Result<()> {
@@ -461,6 +614,7 @@ impl HostFile for FaultDevice {
 mod tests {
     use super::*;
     use crate::io::blocking::BlockingQueue;
+    use crate::io::Completion;
 
     #[test]
     fn unflushed_writes_are_lost_and_flushed_ones_survive() {
@@ -525,5 +679,102 @@ mod tests {
             survivors > 0 && survivors < 64 * 8,
             "{survivors} sectors survived"
         );
+    }
+
+    #[test]
+    fn power_loss_at_any_operation_loses_what_no_flush_covered() {
+        let (dev, ctl) = FaultDevice::new(1 << 16);
+        dev.write_all_at(0, b"kept").unwrap();
+        dev.sync_data().unwrap();
+        ctl.crash_at_op(2);
+        dev.write_all_at(0, b"gone").unwrap();
+        assert!(dev.write_all_at(512, b"never").is_err());
+        assert!(ctl.crashed());
+        let image = ctl.durable_image().unwrap();
+        assert_eq!(image.read(0, 4), b"kept");
+        assert_eq!(image.read(512, 5), [0u8; 5]);
+    }
+
+    #[test]
+    fn reordered_replay_can_land_an_older_write_over_a_newer_one() {
+        let mut older_won = 0;
+        let mut newer_won = 0;
+        for seed in 0..64 {
+            let (dev, ctl) = FaultDevice::new(1 << 16);
+            ctl.set_loss_mode(LossMode::TearAndReorder { seed });
+            dev.write_all_at(0, &[1u8; 512]).unwrap();
+            dev.write_all_at(0, &[2u8; 512]).unwrap();
+            match ctl.power_loss().read(0, 1)[0] {
+                1 => older_won += 1,
+                2 => newer_won += 1,
+                _ => {}
+            }
+        }
+        assert!(older_won > 0 && newer_won > 0, "{older_won} {newer_won}");
+    }
+
+    #[test]
+    fn the_nth_operation_of_a_kind_fails_as_asked() {
+        let (dev, ctl) = FaultDevice::new(1 << 16);
+        ctl.fail_nth(OpKind::Write, 2, Fault::NoSpace);
+        dev.sync_data().unwrap();
+        dev.write_all_at(0, b"a").unwrap();
+        let e = dev.write_all_at(0, b"b").unwrap_err();
+        assert!(matches!(e, StorageError::OutOfSpace(_)), "{e}");
+        assert_eq!(ctl.injected(), Some(OpKind::Write));
+        // A short write through a queue says so; the device's own write_all_at goes on.
+        let mut q = BlockingQueue::open(dev.as_ref(), 4).unwrap();
+        ctl.fail_nth(OpKind::Write, 1, Fault::Short);
+        let c = q.run(Op::Write {
+            offset: 0,
+            buf: crate::io::IoBuf::from_slice(&[7u8; 4096]),
+        });
+        assert_eq!(c.result.unwrap(), 2048);
+        assert_eq!(q.read_at(0, 4096).unwrap()[2047..2049], [7, 0]);
+        ctl.fail_nth(OpKind::Write, 1, Fault::Short);
+        dev.write_all_at(0, &[9u8; 4096]).unwrap();
+        assert_eq!(q.read_at(0, 4096).unwrap(), vec![9u8; 4096]);
+    }
+
+    #[test]
+    fn asynchronous_queues_complete_out_of_order_and_act_only_then() {
+        let mut out_of_order = 0;
+        for seed in 0..16 {
+            let (dev, ctl) = FaultDevice::new(1 << 20);
+            ctl.async_completions(seed);
+            let mut q = dev.open_queue(&QueueOptions::with_depth(16)).unwrap();
+            for t in 0..8u64 {
+                q.submit(crate::io::Request::write(
+                    t,
+                    t * 4096,
+                    crate::io::IoBuf::from_slice(&[t as u8 + 1; 4096]),
+                ))
+                .unwrap();
+            }
+            q.commit().unwrap();
+            let mut done = Vec::new();
+            while done.len() < 8 {
+                // Until its completion, a write is not on the device.
+                let mut on_disk = [0u8; 1];
+                for t in 0..8u64 {
+                    dev.read_exact_at(t * 4096, &mut on_disk).unwrap();
+                    let completed = done.iter().any(|c: &Completion| c.tag == t);
+                    assert!(!completed || on_disk[0] == t as u8 + 1);
+                }
+                q.wait(None).unwrap();
+                q.reap(&mut done);
+            }
+            let tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+            if tags.windows(2).any(|w| w[0] > w[1]) {
+                out_of_order += 1;
+            }
+            // Power lost with requests in flight (the next one to complete) loses them.
+            ctl.crash_at_op(1);
+            q.submit(crate::io::Request::write(9, 0, crate::io::IoBuf::from_slice(&[0xee; 512])))
+                .unwrap();
+            drop(q);
+            assert_eq!(ctl.durable_image().unwrap().read(0, 1), [0]);
+        }
+        assert!(out_of_order > 8, "{out_of_order} of 16 runs completed out of order");
     }
 }

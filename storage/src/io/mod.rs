@@ -26,6 +26,8 @@ pub mod volatile;
 #[cfg(feature = "test-utils")]
 pub mod fault;
 #[cfg(feature = "test-utils")]
+mod fault_queue;
+#[cfg(feature = "test-utils")]
 pub mod memory;
 #[cfg(feature = "test-utils")]
 mod sparse;
