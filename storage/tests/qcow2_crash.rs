@@ -18,7 +18,7 @@ use std::time::Duration;
 use qcow2_support::*;
 use strata_storage::format::qcow2::{self, check::Repair, Qcow2Options};
 use strata_storage::format::{create_image, ImageFormat};
-use strata_storage::io::fault::{DurableImage, FaultDevice, LossMode};
+use strata_storage::io::fault::{DurableImage, Fault, FaultDevice, LossMode, OpKind};
 use strata_storage::io::{IoBuf, QueueOptions, Request};
 use strata_storage::{BlockDevice, HostFile, SharedFile};
 
@@ -297,7 +297,12 @@ fn verify(
         .touched
         .iter()
         .copied()
-        .filter(|t| !outcome.written.iter().any(|(o, d)| (*o, d.len() as u64) == *t))
+        .filter(|t| {
+            !outcome
+                .written
+                .iter()
+                .any(|(o, d)| (*o, d.len() as u64) == *t)
+        })
         .collect();
     for &(o, l) in &outcome.touched {
         for at in (o..o + l).step_by(512) {
@@ -346,15 +351,40 @@ enum Faults {
     /// At every flush; requests complete late and out of order, and a guest flush is submitted
     /// with every batch, while its writes are in flight.
     FlushesEarly(u64),
+    /// One injected failure — EIO, ENOSPC, or a short transfer whose rest never comes (power
+    /// lost there) — at the Nth operation of a kind (read, write, flush, discard), chosen by
+    /// the seed; the workload stops at the first error it sees and the power goes. Requests
+    /// complete late and out of order.
+    ErrorsAsync(u64),
 }
 
-/// Seeds for the new fault modes: one fixed in CI, more with `STRATA_FAULT_SEEDS`.
+/// The failure for crash point `k` of [`Faults::ErrorsAsync`]: kind, its Nth operation, fault.
+fn injected_fault(seed: u64, k: u64, counts: &[(OpKind, u64)]) -> (OpKind, u64, Fault) {
+    let mut rng = fastrand::Rng::with_seed(seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let kinds: Vec<(OpKind, u64)> = counts.iter().copied().filter(|&(_, n)| n > 0).collect();
+    let (kind, n) = kinds[rng.usize(..kinds.len())];
+    let fault = match kind {
+        OpKind::Read | OpKind::Write => {
+            [Fault::Eio, Fault::NoSpace, Fault::ShortThenPowerLoss][rng.usize(..3)]
+        }
+        _ => [Fault::Eio, Fault::NoSpace][rng.usize(..2)],
+    };
+    (kind, rng.u64(1..=n), fault)
+}
+
+/// Seeds for the new fault modes: one fixed in CI, more with `STRATA_FAULT_SEEDS=N` (then
+/// random ones, printed for replay, after the fixed one).
 fn fault_seeds() -> Vec<u64> {
-    let n = std::env::var("STRATA_FAULT_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1u64);
-    (0..n).map(|i| 0x5eed + i * 7919).collect()
+    strata_storage::io::fault::fault_seeds(&[0x5eed])
+}
+
+/// Crash points per run of a new fault mode: a sample in CI, more in a long run.
+fn fault_points() -> usize {
+    if std::env::var_os("STRATA_FAULT_SEEDS").is_some() {
+        48
+    } else {
+        12
+    }
 }
 
 fn crash_everywhere(name: &str, opts: &[(&str, String)], seed: u64, snapshots: bool) {
@@ -380,7 +410,10 @@ fn crash_with_cache(
     };
     let async_seed = match faults {
         Faults::Flushes => None,
-        Faults::FlushesAsync(s) | Faults::AnyOpAsync(s) | Faults::FlushesEarly(s) => Some(s),
+        Faults::FlushesAsync(s)
+        | Faults::AnyOpAsync(s)
+        | Faults::FlushesEarly(s)
+        | Faults::ErrorsAsync(s) => Some(s),
     };
     let early = matches!(faults, Faults::FlushesEarly(_));
     let device = || {
@@ -393,6 +426,8 @@ fn crash_with_cache(
     // Count the flushes (and operations) of a run without a crash.
     let (dev, ctl) = device();
     let (before, ops_before) = (ctl.flushes(), ctl.ops());
+    let kinds = [OpKind::Read, OpKind::Write, OpKind::Flush, OpKind::Discard];
+    let kinds_before: Vec<u64> = kinds.iter().map(|&k| ctl.ops_of(k)).collect();
     let full = run_workload(dev, &base, &actions, snapshots, cache, early);
     assert!(
         full.completed_all,
@@ -400,19 +435,33 @@ fn crash_with_cache(
     );
     let flushes = ctl.flushes() - before;
     let ops = ctl.ops() - ops_before;
+    let counts: Vec<(OpKind, u64)> = kinds
+        .iter()
+        .zip(&kinds_before)
+        .map(|(&k, b)| (k, ctl.ops_of(k) - b))
+        .collect();
     assert!(flushes > 10, "{name}: only {flushes} flushes");
     let lazy = opts.iter().any(|(k, _)| *k == "lazy_refcounts");
     let points: Vec<u64> = match faults {
         // Every crash point when there are few; an even sample (always with the first and
         // last) when eviction makes many.
-        Faults::Flushes | Faults::FlushesAsync(_) | Faults::FlushesEarly(_) => {
+        Faults::Flushes => {
             let step = (flushes / 48).max(1) as usize;
             (1..=flushes).step_by(step).chain([flushes]).collect()
         }
-        // 48 operations of the run, chosen by the seed.
-        Faults::AnyOpAsync(s) => {
+        // The new modes sample fewer points (more with STRATA_FAULT_SEEDS), offset by the seed.
+        Faults::FlushesAsync(s) | Faults::FlushesEarly(s) => {
+            let step = (flushes / fault_points() as u64).max(1);
+            let first = 1 + s % step;
+            let mut v: Vec<u64> = (first..=flushes).step_by(step as usize).collect();
+            v.push(flushes);
+            v.dedup();
+            v
+        }
+        // Operations of the run (or failures), chosen by the seed.
+        Faults::AnyOpAsync(s) | Faults::ErrorsAsync(s) => {
             let mut rng = fastrand::Rng::with_seed(s);
-            let mut v: Vec<u64> = (0..48).map(|_| rng.u64(1..=ops)).collect();
+            let mut v: Vec<u64> = (0..fault_points()).map(|_| rng.u64(1..=ops)).collect();
             v.sort_unstable();
             v.dedup();
             v
@@ -435,11 +484,16 @@ fn crash_with_cache(
             let at = match faults {
                 Faults::AnyOpAsync(_) => {
                     ctl.crash_at_op(k);
-                    "operation"
+                    "operation".to_string()
+                }
+                Faults::ErrorsAsync(s) => {
+                    let (kind, n, fault) = injected_fault(s, k, &counts);
+                    ctl.fail_nth(kind, n, fault);
+                    format!("{fault:?} at {kind:?} {n}, power lost after the first error")
                 }
                 _ => {
                     ctl.crash_at_flush(k);
-                    "flush"
+                    "flush".to_string()
                 }
             };
             let outcome = run_workload(dev, &base, &actions, snapshots, cache, early);
@@ -630,5 +684,90 @@ fn power_loss_at_any_operation_with_copy_on_write_and_evictions() {
             Some(4096),
             Faults::AnyOpAsync(s ^ 2),
         );
+    }
+}
+
+/// One injected failure (EIO, ENOSPC or a short transfer cut by power loss) at the Nth read,
+/// write, flush or discard, late and out-of-order completions, copy-on-write from a backing
+/// file and the smallest caches (so write-back runs between flushes); then the power goes.
+#[test]
+fn injected_errors_then_power_loss() {
+    let dir = tempdir();
+    let base = dir.path().join("base.raw");
+    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 233) as u8 | 1).collect();
+    std::fs::write(&base, &data).unwrap();
+    for s in fault_seeds() {
+        crash_with_cache(
+            "errors_backing_evictions",
+            &[
+                ("backing_file", base.display().to_string()),
+                ("backing_fmt", "raw".into()),
+                ("cluster_size", "4096".into()),
+            ],
+            12,
+            true,
+            Some(4096),
+            Faults::ErrorsAsync(s ^ 3),
+        );
+    }
+}
+
+/// Regression (found by `injected_errors_then_power_loss`): a read error while re-reading the
+/// metadata after a snapshot change was committed left the old metadata in memory, and closing
+/// the image trimmed the file under the new L1 table. Now every read of a snapshot create and
+/// delete fails once in turn; the image must then close without writing from stale metadata,
+/// reopen, and check clean.
+#[test]
+fn a_read_error_after_a_snapshot_commit_leaves_the_image_whole() {
+    let dir = tempdir();
+    let bytes = image_bytes(dir.path(), &[("cluster_size", "4096".into())]);
+    for op in ["create", "delete"] {
+        let mut n = 1;
+        loop {
+            let (dev, ctl) = device_with(&bytes);
+            let img = qcow2::open(dev.clone(), &Qcow2Options::default()).unwrap();
+            let mut q = img.open_queue(&QueueOptions::with_depth(4)).unwrap();
+            q.submit(Request::write(
+                1,
+                SIZE / 2,
+                IoBuf::from_slice(&[5u8; 65536]),
+            ))
+            .unwrap();
+            let mut done = Vec::new();
+            while done.is_empty() {
+                q.wait(None).unwrap();
+                q.reap(&mut done);
+            }
+            img.snapshot_create("a").unwrap();
+            ctl.fail_nth(OpKind::Read, n, Fault::Eio);
+            let r = match op {
+                "create" => img.snapshot_create("b"),
+                _ => img.snapshot_delete("a"),
+            };
+            let hit = ctl.injected().is_some();
+            drop(q);
+            drop(img);
+            let image = ctl.power_loss();
+            let (dev, _) = FaultDevice::from_durable(&image);
+            let img = qcow2::open(dev, &Qcow2Options::default()).unwrap_or_else(|e| {
+                panic!("snapshot {op}, read {n} failed ({r:?}): reopening failed: {e}")
+            });
+            let report = img.check(Repair::None).unwrap();
+            assert_eq!(
+                (report.corruptions, report.check_errors),
+                (0, 0),
+                "snapshot {op}, read {n} failed: {:?}",
+                report.messages
+            );
+            assert_eq!(
+                read_all(img.as_ref())[(SIZE / 2) as usize..][..65536],
+                [5u8; 65536]
+            );
+            if !hit {
+                break;
+            }
+            n += 1;
+        }
+        assert!(n > 3, "snapshot {op} read only {} times", n - 1);
     }
 }

@@ -42,10 +42,13 @@ pub enum Fault {
     /// The operation fails with ENOSPC and does nothing.
     NoSpace,
     /// A read or write transfers only its first half (whole sectors; nothing if shorter than
-    /// two) and says so: its completion reports the bytes transferred. The device's own
-    /// `read_exact_at`/`write_all_at` go on with the rest, as a pread/pwrite loop does; other
-    /// kinds of operations ignore it.
+    /// two), and the rest goes as a further operation of the same kind — as an engine
+    /// resubmits a short transfer or a pread/pwrite loop goes on — which may itself fail or lose
+    /// power, leaving the write landed in part. Other kinds of operations ignore it.
     Short,
+    /// A short transfer whose rest never comes: the power is lost at it (the part that landed
+    /// is unflushed, as any other write). Other kinds of operations ignore it.
+    ShortThenPowerLoss,
 }
 
 /// What happens to unflushed writes at power loss.
@@ -156,12 +159,21 @@ impl Shared {
                 state.fail_kind = None;
                 state.injected = Some(kind);
                 match fault {
-                    Fault::Eio => return Err(StorageError::from_errno("Injected fault", libc::EIO)),
+                    Fault::Eio => {
+                        return Err(StorageError::from_errno("Injected fault", libc::EIO))
+                    }
                     Fault::NoSpace => {
                         return Err(StorageError::from_errno("Injected fault", libc::ENOSPC))
                     }
-                    Fault::Short if matches!(kind, OpKind::Read | OpKind::Write) => return Ok(true),
-                    Fault::Short => {}
+                    Fault::Short | Fault::ShortThenPowerLoss
+                        if matches!(kind, OpKind::Read | OpKind::Write) =>
+                    {
+                        if fault == Fault::ShortThenPowerLoss {
+                            state.crash_at_op = Some(state.ops + 1);
+                        }
+                        return Ok(true);
+                    }
+                    Fault::Short | Fault::ShortThenPowerLoss => {}
                 }
             }
         }
@@ -213,6 +225,31 @@ fn replay(image: &mut SparseMem, entry: &Unflushed) {
         Unflushed::Zero { offset, len } => image.zero(*offset, *len),
         Unflushed::SetLen(len) => image.set_len(*len),
     }
+}
+
+/// The seeds a crash test runs its randomized fault modes with: `fixed` (the list CI runs), or
+/// with `STRATA_FAULT_SEEDS=N` that list and random seeds up to N in all (printed, so a failure
+/// can be replayed), or with `STRATA_FAULT_SEED=S` only the seed S.
+pub fn fault_seeds(fixed: &[u64]) -> Vec<u64> {
+    if let Some(one) = std::env::var("STRATA_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return vec![one];
+    }
+    let n = std::env::var("STRATA_FAULT_SEEDS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut seeds = fixed.to_vec();
+    let mut rng = fastrand::Rng::new();
+    while seeds.len() < n {
+        seeds.push(rng.u64(..));
+    }
+    if n > fixed.len() {
+        eprintln!("fault seeds (replay one with STRATA_FAULT_SEED=S): {seeds:?}");
+    }
+    seeds
 }
 
 /// A fault-injecting device. See the module documentation.
@@ -372,10 +409,12 @@ impl FaultController {
 
 impl Shared {
     pub(crate) fn run(&self, op: &mut Op) -> Result<u64> {
-        let mut state = self.state();
-        if self.begin(&mut state, OpKind::of(op))? {
-            return self.run_short(&mut state, op);
+        match op {
+            Op::Read { .. } | Op::Write { .. } => return self.transfer(op),
+            _ => {}
         }
+        let mut state = self.state();
+        self.begin(&mut state, OpKind::of(op))?;
         match op {
             Op::Flush => {
                 let log = std::mem::take(&mut state.log);
@@ -384,13 +423,6 @@ impl Shared {
                 }
                 Ok(0)
             }
-            Op::Write { offset, buf } => {
-                state.log.push(Unflushed::Write {
-                    offset: *offset,
-                    data: buf.to_vec(),
-                });
-                apply(&self.current, op)
-            }
             Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
                 state.log.push(Unflushed::Zero {
                     offset: *offset,
@@ -398,35 +430,50 @@ impl Shared {
                 });
                 apply(&self.current, op)
             }
-            Op::Read { .. } => apply(&self.current, op),
+            Op::Read { .. } | Op::Write { .. } => unreachable!("transfers are handled above"),
         }
     }
 
-    /// Runs the first half of a read or write (whole sectors); returns the bytes transferred.
-    fn run_short(&self, state: &mut State, op: &mut Op) -> Result<u64> {
+    /// Runs a read or write as the device would see it: one operation, or — after a short
+    /// transfer ([`Fault::Short`]) — the first part and then the rest as a further operation,
+    /// as an engine resubmits the remainder (io_uring) or a pread/pwrite loop goes on. Each part
+    /// is counted and may fail or lose power on its own, so a failed write may have landed in
+    /// part. Returns the bytes of the whole request.
+    fn transfer(&self, op: &mut Op) -> Result<u64> {
+        let kind = OpKind::of(op);
         let (offset, len) = op.range().unwrap_or((0, 0));
-        let n = (len / 2) / 512 * 512;
-        match op {
-            Op::Write { buf, .. } => {
-                let mut data = buf.to_vec();
-                data.truncate(n as usize);
-                self.current
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .write(offset, &data);
-                state.log.push(Unflushed::Write { offset, data });
+        let mut done = 0u64;
+        loop {
+            let mut state = self.state();
+            let short = self.begin(&mut state, kind)?;
+            let rest = len - done;
+            let n = if short { (rest / 2) / 512 * 512 } else { rest };
+            let at = offset + done;
+            match op {
+                Op::Write { buf, .. } => {
+                    let mut data = vec![0u8; n as usize];
+                    buf.copy_to_slice(done as usize, &mut data);
+                    self.current
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .write(at, &data);
+                    state.log.push(Unflushed::Write { offset: at, data });
+                }
+                Op::Read { buf, .. } => {
+                    let mut tmp = vec![0u8; n as usize];
+                    self.current
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .read(at, &mut tmp);
+                    buf.copy_from_slice(done as usize, &tmp);
+                }
+                _ => {}
             }
-            Op::Read { buf, .. } => {
-                let mut tmp = vec![0u8; n as usize];
-                self.current
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .read(offset, &mut tmp);
-                buf.copy_from_slice(0, &tmp);
+            done += n;
+            if done >= len {
+                return Ok(len);
             }
-            _ => {}
         }
-        Ok(n)
     }
 
     /// Opens a queue in the mode the controller set.
@@ -440,7 +487,11 @@ impl Shared {
         };
         match seed {
             None => Box::new(SyncQueue::new(self.clone(), opts)),
-            Some(seed) => Box::new(super::fault_queue::AsyncQueue::new(self.clone(), opts, seed)),
+            Some(seed) => Box::new(super::fault_queue::AsyncQueue::new(
+                self.clone(),
+                opts,
+                seed,
+            )),
         }
     }
 
@@ -529,39 +580,25 @@ impl HostFile for FaultDevice {
                 format!("read at {offset} reaches past the end"),
             ));
         }
-        // A short read goes on with the rest, as a pread loop does.
-        let mut done = 0;
-        while done < buf.len() {
-            let mut state = self.shared.state();
-            let short = self.shared.begin(&mut state, OpKind::Read)?;
-            let rest = &mut buf[done..];
-            let n = if short {
-                (rest.len() / 2) / 512 * 512
-            } else {
-                rest.len()
-            };
-            self.shared
-                .current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .read(offset + done as u64, &mut rest[..n]);
-            done += n;
+        let mut op = Op::Read {
+            offset,
+            buf: crate::io::IoBuf::new(buf.len()),
+        };
+        self.shared.run(&mut op)?;
+        if let Op::Read { buf: data, .. } = &op {
+            data.copy_to_slice(0, buf);
         }
         Ok(())
     }
 
     fn write_all_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         crate::io::memory::check_end(offset, buf.len())?;
-        // A short write goes on with the rest, as a pwrite loop does.
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self.shared.run(&mut Op::Write {
-                offset: offset + done as u64,
-                buf: crate::io::IoBuf::from_slice(&buf[done..]),
-            })?;
-            done += n as usize;
-        }
-        Ok(())
+        self.shared
+            .run(&mut Op::Write {
+                offset,
+                buf: crate::io::IoBuf::from_slice(buf),
+            })
+            .map(|_| ())
     }
 
     fn sync_data(&self) -> Result<()> {
@@ -722,18 +759,26 @@ mod tests {
         let e = dev.write_all_at(0, b"b").unwrap_err();
         assert!(matches!(e, StorageError::OutOfSpace(_)), "{e}");
         assert_eq!(ctl.injected(), Some(OpKind::Write));
-        // A short write through a queue says so; the device's own write_all_at goes on.
+        // A short write goes on with the rest as a second write.
         let mut q = BlockingQueue::open(dev.as_ref(), 4).unwrap();
         ctl.fail_nth(OpKind::Write, 1, Fault::Short);
+        let writes = ctl.ops_of(OpKind::Write);
         let c = q.run(Op::Write {
             offset: 0,
             buf: crate::io::IoBuf::from_slice(&[7u8; 4096]),
         });
-        assert_eq!(c.result.unwrap(), 2048);
-        assert_eq!(q.read_at(0, 4096).unwrap()[2047..2049], [7, 0]);
+        assert_eq!(c.result.unwrap(), 4096);
+        assert_eq!(ctl.ops_of(OpKind::Write), writes + 2);
+        assert_eq!(q.read_at(0, 4096).unwrap(), vec![7u8; 4096]);
+        ctl.fail_nth(OpKind::Read, 1, Fault::Short);
+        assert_eq!(q.read_at(0, 4096).unwrap(), vec![7u8; 4096]);
+        // An error on the rest leaves the write landed in part.
         ctl.fail_nth(OpKind::Write, 1, Fault::Short);
-        dev.write_all_at(0, &[9u8; 4096]).unwrap();
-        assert_eq!(q.read_at(0, 4096).unwrap(), vec![9u8; 4096]);
+        ctl.fail_nth_op(2);
+        assert!(dev.write_all_at(8192, &[9u8; 4096]).is_err());
+        let mut got = [0u8; 4096];
+        dev.read_exact_at(8192, &mut got).unwrap();
+        assert_eq!((got[2047], got[2048]), (9, 0));
     }
 
     #[test]
@@ -770,11 +815,18 @@ mod tests {
             }
             // Power lost with requests in flight (the next one to complete) loses them.
             ctl.crash_at_op(1);
-            q.submit(crate::io::Request::write(9, 0, crate::io::IoBuf::from_slice(&[0xee; 512])))
-                .unwrap();
+            q.submit(crate::io::Request::write(
+                9,
+                0,
+                crate::io::IoBuf::from_slice(&[0xee; 512]),
+            ))
+            .unwrap();
             drop(q);
             assert_eq!(ctl.durable_image().unwrap().read(0, 1), [0]);
         }
-        assert!(out_of_order > 8, "{out_of_order} of 16 runs completed out of order");
+        assert!(
+            out_of_order > 8,
+            "{out_of_order} of 16 runs completed out of order"
+        );
     }
 }

@@ -51,6 +51,10 @@ pub struct Meta {
     pub file: SharedFile,
     /// Opened for writing.
     pub writable: bool,
+    /// The metadata on disk was switched (a snapshot committed) but re-reading it failed: this
+    /// copy is out of date, and nothing may be written from it (a close would trim the file
+    /// under the new tables). Writes and flushes fail until the image is reopened.
+    pub(super) stale: bool,
     /// Whether the image has a backing file (unallocated clusters read from it).
     pub has_backing: bool,
     /// The active L1 table.
@@ -211,6 +215,7 @@ impl Meta {
             geo,
             file,
             writable: opts.writable,
+            stale: false,
             has_backing,
             l1,
             l1_dirty: BTreeSet::new(),

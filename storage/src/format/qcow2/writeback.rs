@@ -196,6 +196,7 @@ impl Meta {
 
     /// Writes every dirty table, refcounts included even with lazy refcounts, and syncs.
     pub(super) fn write_everything(&mut self) -> Result<()> {
+        self.check_fresh()?;
         self.writeback()?;
         self.write_refcount_blocks()?;
         self.file.sync_data()?;
@@ -210,7 +211,7 @@ impl Meta {
     /// Writes everything, refcounts included, clears the dirty bit we set, and trims the file
     /// back to what is allocated: a clean close.
     pub fn close(&mut self) -> Result<()> {
-        if !self.writable {
+        if !self.writable || self.stale {
             return Ok(());
         }
         self.write_everything()?;
