@@ -3,28 +3,16 @@
 //! with unflushed writes torn and reordered; the image must reopen, every write covered by a
 //! completed flush must be there, and every other sector must hold its old or its new data.
 
+mod fault_modes;
 mod vmdk_util;
 
+use fault_modes::{new_mode_seeds, Mode};
 use strata_storage::format::{open_image_on, ImageFormat};
 use strata_storage::io::blocking::BlockingQueue;
-use strata_storage::io::fault::{fault_seeds, Fault, FaultDevice, LossMode, OpKind};
+use strata_storage::io::fault::FaultDevice;
 use vmdk_util::sparse_on_fault_device;
 
 const SIZE: u64 = 8 << 20;
-
-/// Where a run cuts the power (the new modes also complete requests late and out of order).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// At a random flush; requests complete at submit.
-    Flush,
-    /// At a random flush; late, out-of-order completions.
-    FlushAsync,
-    /// At a random operation of any kind; late, out-of-order completions.
-    AnyOpAsync,
-    /// Right after an injected failure (EIO, ENOSPC, or a short transfer cut by power loss) at
-    /// the Nth read, write or flush; late, out-of-order completions.
-    ErrorAsync,
-}
 
 fn one_run(seed: u64, zeroed: bool) {
     run_mode(seed, zeroed, Mode::Flush);
@@ -33,32 +21,9 @@ fn one_run(seed: u64, zeroed: bool) {
 fn run_mode(seed: u64, zeroed: bool, mode: Mode) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let (dev, ctl) = sparse_on_fault_device(SIZE, zeroed);
-    ctl.set_loss_mode(if mode != Mode::Flush && seed % 2 == 0 {
-        LossMode::DropUnflushed
-    } else {
-        LossMode::TearAndReorder { seed }
-    });
     let img = open_image_on(dev, Some(ImageFormat::Vmdk)).unwrap();
     // Faults count from here: the image is open.
-    match mode {
-        Mode::Flush | Mode::FlushAsync => ctl.crash_at_flush(rng.u64(1..40)),
-        Mode::AnyOpAsync => ctl.crash_at_op(rng.u64(1..400)),
-        Mode::ErrorAsync => {
-            let (kind, n) = [
-                (OpKind::Read, 20),
-                (OpKind::Write, 200),
-                (OpKind::Flush, 40),
-            ][rng.usize(..3)];
-            let fault = match kind {
-                OpKind::Flush => [Fault::Eio, Fault::NoSpace][rng.usize(..2)],
-                _ => [Fault::Eio, Fault::NoSpace, Fault::ShortThenPowerLoss][rng.usize(..3)],
-            };
-            ctl.fail_nth(kind, rng.u64(1..n), fault);
-        }
-    }
-    if mode != Mode::Flush {
-        ctl.async_completions(seed);
-    }
+    fault_modes::arm(&ctl, mode, seed, &mut rng);
     let mut q = BlockingQueue::open(img.as_ref(), 8).unwrap();
     let mut durable = vec![0u8; SIZE as usize];
     let mut current = durable.clone();
@@ -106,10 +71,7 @@ fn run_mode(seed: u64, zeroed: bool, mode: Mode) {
     let got = vmdk_util::read_range(img.as_ref(), 0, SIZE);
     for s in 0..(SIZE / 512) as usize {
         let r = s * 512..(s + 1) * 512;
-        let at = (s * 512) as u64;
-        let theirs = failed.as_ref().is_some_and(|(o, d)| {
-            at >= *o && at < o + d.len() as u64 && got[r.clone()] == d[(at - o) as usize..][..512]
-        });
+        let theirs = fault_modes::from_failed_write(&failed, (s * 512) as u64, &got[r.clone()]);
         assert!(
             got[r.clone()] == durable[r.clone()] || got[r.clone()] == current[r.clone()] || theirs,
             "seed {seed} ({mode:?}): sector {s} holds neither its flushed nor its newest data"
@@ -123,11 +85,6 @@ fn power_loss_at_any_flush_keeps_flushed_writes() {
     for seed in 0..60 {
         one_run(seed, seed % 3 == 0);
     }
-}
-
-/// Seeds of the new modes: a fixed list in CI, more with `STRATA_FAULT_SEEDS`.
-fn new_mode_seeds() -> Vec<u64> {
-    fault_seeds(&(100..140).collect::<Vec<u64>>())
 }
 
 #[test]
