@@ -338,6 +338,18 @@ fn verify(
     }
 }
 
+/// Writes a raw backing file of recognisable data (every byte `i % modulus | 1`) and returns the
+/// image options that name it.
+fn raw_backing(dir: &Path, modulus: u32) -> [(&'static str, String); 2] {
+    let base = dir.join("base.raw");
+    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % modulus) as u8 | 1).collect();
+    std::fs::write(&base, &data).unwrap();
+    [
+        ("backing_file", base.display().to_string()),
+        ("backing_fmt", "raw".into()),
+    ]
+}
+
 /// Where power is lost, and how the device completes requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Faults {
@@ -559,14 +571,12 @@ fn crash_at_every_flush_lazy_refcounts() {
 #[test]
 fn crash_at_every_flush_with_copy_on_write_from_a_backing_file() {
     let dir = tempdir();
-    let base = dir.path().join("base.raw");
-    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 253) as u8 | 1).collect();
-    std::fs::write(&base, &data).unwrap();
+    let backing = raw_backing(dir.path(), 253);
     crash_everywhere(
         "crash_backing",
         &[
-            ("backing_file", base.display().to_string()),
-            ("backing_fmt", "raw".into()),
+            backing[0].clone(),
+            backing[1].clone(),
             ("cluster_size", "16384".into()),
         ],
         5,
@@ -593,15 +603,13 @@ fn crash_at_every_flush_with_tiny_metadata_caches() {
 #[test]
 fn crash_at_every_flush_with_late_out_of_order_completions() {
     let dir = tempdir();
-    let base = dir.path().join("base.raw");
-    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 251) as u8 | 1).collect();
-    std::fs::write(&base, &data).unwrap();
+    let backing = raw_backing(dir.path(), 251);
     for s in fault_seeds() {
         crash_with_cache(
             "async_backing",
             &[
-                ("backing_file", base.display().to_string()),
-                ("backing_fmt", "raw".into()),
+                backing[0].clone(),
+                backing[1].clone(),
                 ("cluster_size", "16384".into()),
             ],
             7,
@@ -618,15 +626,13 @@ fn crash_at_every_flush_with_late_out_of_order_completions() {
 #[test]
 fn crash_at_every_flush_with_flushes_beside_writes_in_flight() {
     let dir = tempdir();
-    let base = dir.path().join("base.raw");
-    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 239) as u8 | 1).collect();
-    std::fs::write(&base, &data).unwrap();
+    let backing = raw_backing(dir.path(), 239);
     for s in fault_seeds() {
         crash_with_cache(
             "early_flush_backing",
             &[
-                ("backing_file", base.display().to_string()),
-                ("backing_fmt", "raw".into()),
+                backing[0].clone(),
+                backing[1].clone(),
                 ("cluster_size", "16384".into()),
             ],
             11,
@@ -668,15 +674,13 @@ fn power_loss_at_any_operation() {
 #[test]
 fn power_loss_at_any_operation_with_copy_on_write_and_evictions() {
     let dir = tempdir();
-    let base = dir.path().join("base.raw");
-    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 241) as u8 | 1).collect();
-    std::fs::write(&base, &data).unwrap();
+    let backing = raw_backing(dir.path(), 241);
     for s in fault_seeds() {
         crash_with_cache(
             "any_op_backing_evictions",
             &[
-                ("backing_file", base.display().to_string()),
-                ("backing_fmt", "raw".into()),
+                backing[0].clone(),
+                backing[1].clone(),
                 ("cluster_size", "4096".into()),
             ],
             10,
@@ -693,15 +697,13 @@ fn power_loss_at_any_operation_with_copy_on_write_and_evictions() {
 #[test]
 fn injected_errors_then_power_loss() {
     let dir = tempdir();
-    let base = dir.path().join("base.raw");
-    let data: Vec<u8> = (0..SIZE as u32).map(|i| (i % 233) as u8 | 1).collect();
-    std::fs::write(&base, &data).unwrap();
+    let backing = raw_backing(dir.path(), 233);
     for s in fault_seeds() {
         crash_with_cache(
             "errors_backing_evictions",
             &[
-                ("backing_file", base.display().to_string()),
-                ("backing_fmt", "raw".into()),
+                backing[0].clone(),
+                backing[1].clone(),
                 ("cluster_size", "4096".into()),
             ],
             12,

@@ -720,22 +720,26 @@ fn run(
     (m, counts.flushes, image)
 }
 
+/// Opens the group on what survived a cut and checks it against the model.
+fn reopen_and_verify(image: &strata_storage::io::fault::DurableImage, m: &Model, context: &str) {
+    let (dev, _) = FaultDevice::from_durable(image);
+    let vg = Vg::open(
+        vec![PvHandle::new(dev as SharedFile)],
+        "vg",
+        VgOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{context}: reopen: {e}"));
+    verify(&vg, m, context);
+}
+
 fn crash_everywhere(cfg: Config, seed: u64, len: usize, loss: LossMode) {
     let actions = plan(seed, len);
     let (_, flushes, _) = run(cfg, &actions, 0, LossMode::DropUnflushed);
     assert!(flushes > 10, "seed {seed}: only {flushes} flush points");
     for k in 1..=flushes {
         let (m, _, image) = run(cfg, &actions, k, loss);
-        let image = image.expect("the power was cut");
-        let (dev, _) = FaultDevice::from_durable(&image);
         let context = format!("seed {seed}, crash at flush {k} of {flushes}");
-        let vg = Vg::open(
-            vec![PvHandle::new(dev as SharedFile)],
-            "vg",
-            VgOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("{context}: reopen: {e}"));
-        verify(&vg, &m, &context);
+        reopen_and_verify(&image.expect("the power was cut"), &m, &context);
     }
 }
 
@@ -809,36 +813,30 @@ fn crash_sampled(cfg: Config, plan_seed: u64, len: usize, seed: u64, mode: Mode)
         };
         let (m, c, image) = run_with(cfg, &actions, cut, loss, Some(seed ^ i));
         cut_short += u64::from(c.ops < counts.ops);
-        let image = image.expect("the power was cut");
-        let (dev, _) = FaultDevice::from_durable(&image);
         let context = format!("plan {plan_seed}, fault seed {seed}, {cut:?}, {loss:?}, async");
-        let vg = Vg::open(
-            vec![PvHandle::new(dev as SharedFile)],
-            "vg",
-            VgOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("{context}: reopen: {e}"));
-        verify(&vg, &m, &context);
+        reopen_and_verify(&image.expect("the power was cut"), &m, &context);
     }
     assert!(cut_short > 0, "no cut interrupted the workload");
+}
+
+/// Runs `mode` on a roomy and a tight pool (plans `plans`) for every fault seed.
+fn both_pools(mode: Mode, plans: [u64; 2]) {
+    for s in fault_seeds(&[0x5eed]) {
+        crash_sampled(ROOMY, plans[0], 45, s, mode);
+        crash_sampled(TIGHT, plans[1], 60, s ^ 1, mode);
+    }
 }
 
 /// Late, out-of-order completions on the PV, power cut at flushes.
 #[test]
 fn power_loss_at_flushes_with_late_out_of_order_completions() {
-    for s in fault_seeds(&[0x5eed]) {
-        crash_sampled(ROOMY, 41, 45, s, Mode::Flushes);
-        crash_sampled(TIGHT, 42, 60, s ^ 1, Mode::Flushes);
-    }
+    both_pools(Mode::Flushes, [41, 42]);
 }
 
 /// Power cut at operations of any kind, with late, out-of-order completions.
 #[test]
 fn power_loss_at_any_operation() {
-    for s in fault_seeds(&[0x5eed]) {
-        crash_sampled(ROOMY, 43, 45, s, Mode::AnyOp);
-        crash_sampled(TIGHT, 44, 60, s ^ 1, Mode::AnyOp);
-    }
+    both_pools(Mode::AnyOp, [43, 44]);
 }
 
 /// EIO, ENOSPC or a short transfer cut by power loss at the Nth read, write, flush or discard
@@ -846,10 +844,7 @@ fn power_loss_at_any_operation() {
 /// the interrupted action counts as done or not.
 #[test]
 fn injected_errors_then_power_loss() {
-    for s in fault_seeds(&[0x5eed]) {
-        crash_sampled(ROOMY, 45, 45, s, Mode::Errors);
-        crash_sampled(TIGHT, 46, 60, s ^ 1, Mode::Errors);
-    }
+    both_pools(Mode::Errors, [45, 46]);
 }
 
 #[test]
