@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Before and after one VMM process per VM (issue 16), in the same run:
+# Before and after one VMM process per VM, in the same run:
 #
 # 1. VM start latency: from the API request (`POST /api/vms/NAME/start`) to the guest's first
 #    serial byte (the console log growing), for a freestanding guest that prints at once.

@@ -6,6 +6,7 @@
 //! the decompressed bytes (checked by the caller against the chunk's name) detects everything
 //! else. Byte layout: docs/format-datastore.md.
 
+use strata_storage::bytes::le32;
 use strata_storage::{Result, StorageError};
 
 use crate::crypt::{CryptKey, SEAL_OVERHEAD};
@@ -176,12 +177,6 @@ pub struct BlobHeader {
     pub payload_crc: u32,
 }
 
-fn le32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
-}
-
 /// Parses and checks a blob header; `what` names the blob in errors.
 pub fn parse_header(bytes: &[u8], what: &str) -> Result<BlobHeader> {
     let corrupt = |detail: String| StorageError::corrupt(what.to_string(), detail);
@@ -194,7 +189,7 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<BlobHeader> {
     if bytes[0..8] != BLOB_MAGIC {
         return Err(corrupt("bad blob magic".into()));
     }
-    let header_crc = le32(&bytes[28..32]);
+    let header_crc = le32(bytes, 28);
     if crc32fast::hash(&bytes[..28]) != header_crc {
         return Err(corrupt("blob header checksum mismatch".into()));
     }
@@ -205,8 +200,8 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<BlobHeader> {
         3 => Encoding::SealedZstd,
         other => return Err(corrupt(format!("unknown blob encoding {other}"))),
     };
-    let raw_len = le32(&bytes[12..16]) as usize;
-    let payload_len = le32(&bytes[16..20]) as usize;
+    let raw_len = le32(bytes, 12) as usize;
+    let payload_len = le32(bytes, 16) as usize;
     if raw_len > MAX_RAW_LEN || payload_len > MAX_PAYLOAD_LEN {
         return Err(corrupt(format!(
             "blob lengths {raw_len}/{payload_len} exceed {MAX_RAW_LEN}"
@@ -222,7 +217,7 @@ pub fn parse_header(bytes: &[u8], what: &str) -> Result<BlobHeader> {
         encoding,
         raw_len,
         payload_len,
-        payload_crc: le32(&bytes[20..24]),
+        payload_crc: le32(bytes, 20),
     })
 }
 

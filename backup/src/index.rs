@@ -6,6 +6,7 @@
 //! matches the source size, and the trailer crc, so a truncated or damaged index is always
 //! reported, never half-used.
 
+use strata_storage::bytes::{le32, le64};
 use strata_storage::{Result, StorageError};
 
 use crate::digest::{Digest, DIGEST_LEN};
@@ -152,20 +153,20 @@ impl Index {
         if bytes[0..8] != INDEX_MAGIC {
             return Err(corrupt("bad index magic".into()));
         }
-        if crc32fast::hash(&bytes[..60]) != u32_at(bytes, 60) {
+        if crc32fast::hash(&bytes[..60]) != le32(bytes, 60) {
             return Err(corrupt("index header checksum mismatch".into()));
         }
-        let version = u32_at(bytes, 8);
+        let version = le32(bytes, 8);
         if version != INDEX_VERSION {
             return Err(StorageError::Unsupported(format!(
                 "index version {version} in {what}"
             )));
         }
-        let chunk_size = u32_at(bytes, 12);
+        let chunk_size = le32(bytes, 12);
         check_chunk_size(chunk_size).map_err(|e| corrupt(e.to_string()))?;
-        let size = u64_at(bytes, 16);
-        let count = u64_at(bytes, 24);
-        if u32_at(bytes, 32) as usize != INDEX_ENTRY_LEN {
+        let size = le64(bytes, 16);
+        let count = le64(bytes, 24);
+        if le32(bytes, 32) as usize != INDEX_ENTRY_LEN {
             return Err(corrupt("unexpected index entry size".into()));
         }
         if count != chunk_count(size, chunk_size) {
@@ -187,7 +188,7 @@ impl Index {
         if bytes[body_end + 4..] != INDEX_END_MAGIC {
             return Err(corrupt("missing index end marker".into()));
         }
-        if crc32fast::hash(&bytes[..body_end]) != u32_at(bytes, body_end) {
+        if crc32fast::hash(&bytes[..body_end]) != le32(bytes, body_end) {
             return Err(corrupt("index checksum mismatch".into()));
         }
         let mut entries = Vec::with_capacity(count as usize);
@@ -195,8 +196,8 @@ impl Index {
             .chunks_exact(INDEX_ENTRY_LEN)
             .enumerate()
         {
-            let stored_len = u32_at(raw, 32);
-            let flags = u32_at(raw, 36);
+            let stored_len = le32(raw, 32);
+            let flags = le32(raw, 36);
             entries.push(match flags {
                 0 => {
                     let mut d = [0u8; DIGEST_LEN];
@@ -231,18 +232,6 @@ fn check_chunk_size(chunk_size: u32) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

@@ -47,6 +47,9 @@
 //! | live restore | shared lock on the snapshot's manifest, exclusive `flock` on its map file, while open | everything; a second opener of the same restore gets `Busy` |
 //! | list, show | nothing | everything |
 
+// No unwrap or expect outside tests: every failure is an error the caller sees.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod backup;
 pub mod bitmap_tracker;
 pub mod blob;

@@ -8,6 +8,7 @@
 //! blobs are the datastore's usual blobs (sealed in an encrypted datastore); the index holds
 //! only chunk ids (keyed hashes there) and sizes.
 
+use strata_storage::bytes::{le32, le64};
 use strata_storage::{Result, StorageError};
 
 use crate::blob::{BLOB_HEADER_LEN, MAX_PAYLOAD_LEN, MAX_RAW_LEN};
@@ -110,12 +111,6 @@ pub fn encode_tail(entries: &[PackEntry]) -> Vec<u8> {
     out
 }
 
-fn le32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
-}
-
 /// Parses the trailer (the last [`TRAILER_LEN`] bytes of `tail`); returns the entry count.
 pub fn parse_trailer(tail: &[u8], what: &str) -> Result<u32> {
     let corrupt = |d: String| StorageError::corrupt(what.to_string(), d);
@@ -126,16 +121,16 @@ pub fn parse_trailer(tail: &[u8], what: &str) -> Result<u32> {
     if t[..8] != PACK_MAGIC {
         return Err(corrupt("no pack trailer magic".into()));
     }
-    if crc32fast::hash(&t[..20]) != le32(&t[20..24]) {
+    if crc32fast::hash(&t[..20]) != le32(t, 20) {
         return Err(corrupt("pack trailer checksum mismatch".into()));
     }
-    let version = le32(&t[8..12]);
+    let version = le32(t, 8);
     if version != PACK_VERSION {
         return Err(StorageError::Unsupported(format!(
             "pack version {version} in {what}"
         )));
     }
-    let count = le32(&t[12..16]);
+    let count = le32(t, 12);
     if count > MAX_ENTRIES {
         return Err(corrupt(format!("{count} entries exceed {MAX_ENTRIES}")));
     }
@@ -159,7 +154,7 @@ pub fn parse_tail(tail: &[u8], pack_size: u64, what: &str) -> Result<Vec<PackEnt
     }
     let idx = &tail[tail.len() - need as usize..tail.len() - TRAILER_LEN];
     let t = &tail[tail.len() - TRAILER_LEN..];
-    if crc32fast::hash(idx) != le32(&t[16..20]) {
+    if crc32fast::hash(idx) != le32(t, 16) {
         return Err(corrupt("pack index checksum mismatch".into()));
     }
     let blob_end = pack_size - need;
@@ -168,13 +163,11 @@ pub fn parse_tail(tail: &[u8], pack_size: u64, what: &str) -> Result<Vec<PackEnt
     for e in idx.chunks_exact(ENTRY_LEN) {
         let mut d = [0u8; DIGEST_LEN];
         d.copy_from_slice(&e[..DIGEST_LEN]);
-        let mut off = [0u8; 8];
-        off.copy_from_slice(&e[32..40]);
         let entry = PackEntry {
             digest: Digest(d),
-            offset: u64::from_le_bytes(off),
-            len: le32(&e[40..44]),
-            raw_len: le32(&e[44..48]),
+            offset: le64(e, 32),
+            len: le32(e, 40),
+            raw_len: le32(e, 44),
         };
         let end = entry.offset.checked_add(entry.len as u64);
         if entry.offset != next

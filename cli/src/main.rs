@@ -1,5 +1,6 @@
 //! The `strata` command. Parses the command line, runs the command, and turns any error into
 //! one line on stderr and a non-zero exit status.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::process::ExitCode;
 

@@ -216,11 +216,11 @@ impl<T: HandshakeIo> Session<'_, '_, T> {
     fn option(&mut self, no_zeroes: bool) -> Result<Option<Negotiated>, Ended> {
         let mut head = [0u8; proto::OPTION_HEADER_LEN];
         self.io.read_exact(&mut head)?;
-        if proto::be64(&head[0..8]) != proto::IHAVEOPT {
+        if proto::be64(&head, 0) != proto::IHAVEOPT {
             return Err(Ended::Refused("bad option magic".into()));
         }
-        let option = proto::be32(&head[8..12]);
-        let len = proto::be32(&head[12..16]);
+        let option = proto::be32(&head, 8);
+        let len = proto::be32(&head, 12);
         if len > MAX_OPTION_LEN {
             if len > MAX_DISCARD_LEN {
                 return Err(Ended::Refused(format!("option of {len} bytes")));
@@ -560,8 +560,8 @@ mod tests {
         let mut v = Vec::new();
         let mut at = 18;
         while at + 20 <= out.len() {
-            v.push(proto::be32(&out[at + 12..at + 16]));
-            at += 20 + proto::be32(&out[at + 16..at + 20]) as usize;
+            v.push(proto::be32(out, at + 12));
+            at += 20 + proto::be32(out, at + 16) as usize;
         }
         v
     }

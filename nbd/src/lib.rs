@@ -62,6 +62,7 @@
 //! | a connection's queue, buffers, replies | its own thread only | nothing (owned) |
 //!
 //! [`IoQueue`]: strata_storage::io::IoQueue
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod conn;
 pub mod error;

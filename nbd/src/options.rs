@@ -42,7 +42,7 @@ fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], OptionError> {
 }
 
 fn take_string<'a>(data: &mut &'a [u8]) -> Result<&'a str, OptionError> {
-    let len = be32(take(data, 4)?) as usize;
+    let len = be32(take(data, 4)?, 0) as usize;
     if len > MAX_STRING {
         return Err(OptionError::Invalid);
     }
@@ -61,7 +61,7 @@ pub struct InfoRequest<'a> {
 /// Decodes an `NBD_OPT_INFO`/`NBD_OPT_GO` payload.
 pub fn parse_info(mut data: &[u8]) -> Result<InfoRequest<'_>, OptionError> {
     let name = take_string(&mut data)?;
-    let n = be16(take(&mut data, 2)?) as usize;
+    let n = be16(take(&mut data, 2)?, 0) as usize;
     if n > MAX_INFO_REQUESTS {
         return Err(OptionError::TooBig);
     }
@@ -71,7 +71,7 @@ pub fn parse_info(mut data: &[u8]) -> Result<InfoRequest<'_>, OptionError> {
     }
     Ok(InfoRequest {
         name,
-        infos: list.chunks_exact(2).map(be16).collect(),
+        infos: list.chunks_exact(2).map(|c| be16(c, 0)).collect(),
     })
 }
 
@@ -87,7 +87,7 @@ pub struct MetaRequest<'a> {
 /// Decodes a metadata-context option payload.
 pub fn parse_meta(mut data: &[u8]) -> Result<MetaRequest<'_>, OptionError> {
     let name = take_string(&mut data)?;
-    let n = be32(take(&mut data, 4)?) as usize;
+    let n = be32(take(&mut data, 4)?, 0) as usize;
     if n > MAX_QUERIES {
         return Err(OptionError::TooBig);
     }

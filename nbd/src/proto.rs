@@ -210,15 +210,15 @@ pub struct RequestHeader {
 impl RequestHeader {
     /// Decodes a header; `None` if the magic is wrong (the stream is out of step: hang up).
     pub fn parse(b: &[u8; REQUEST_LEN]) -> Option<RequestHeader> {
-        if be32(&b[0..4]) != REQUEST_MAGIC {
+        if be32(b, 0) != REQUEST_MAGIC {
             return None;
         }
         Some(RequestHeader {
-            flags: be16(&b[4..6]),
-            kind: be16(&b[6..8]),
-            handle: be64(&b[8..16]),
-            offset: be64(&b[16..24]),
-            length: be32(&b[24..28]),
+            flags: be16(b, 4),
+            kind: be16(b, 6),
+            handle: be64(b, 8),
+            offset: be64(b, 16),
+            length: be32(b, 24),
         })
     }
 
@@ -287,22 +287,8 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Big-endian u16 of the first two bytes.
-pub fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-/// Big-endian u32 of the first four bytes.
-pub fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// Big-endian u64 of the first eight bytes.
-pub fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
+/// Big-endian fields at byte offsets (the block layer's readers: 0 past the end).
+pub use strata_storage::bytes::{be16, be32, be64};
 
 #[cfg(test)]
 mod tests {
@@ -328,11 +314,11 @@ mod tests {
     fn error_chunks_carry_a_bounded_message() {
         let mut out = Vec::new();
         error_chunk(&mut out, 7, errno::EIO, &"é".repeat(3000));
-        assert_eq!(be32(&out[0..4]), STRUCTURED_REPLY_MAGIC);
-        assert_eq!(be16(&out[4..6]), chunk::FLAG_DONE);
-        let len = be32(&out[16..20]) as usize;
+        assert_eq!(be32(&out, 0), STRUCTURED_REPLY_MAGIC);
+        assert_eq!(be16(&out, 4), chunk::FLAG_DONE);
+        let len = be32(&out, 16) as usize;
         assert_eq!(out.len(), 20 + len);
-        let msg_len = be16(&out[24..26]) as usize;
+        let msg_len = be16(&out, 24) as usize;
         assert!(msg_len <= MAX_STRING);
         assert!(std::str::from_utf8(&out[26..26 + msg_len]).is_ok());
     }

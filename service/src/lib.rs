@@ -30,6 +30,7 @@
 //! | users, backup state | a mutex each ([`watched_json::WatchedJson`]); files replaced atomically |
 //! | web UI sessions | a mutex in [`sessions::Sessions`] (memory only) |
 //! | usage history | a mutex in [`usage_history::UsageHistory`]; one sampler thread writes |
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backup_state;
 pub mod backup_stores;
@@ -64,8 +65,6 @@ pub mod vms;
 pub mod volumes;
 pub mod watched_json;
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -224,29 +223,11 @@ impl Service {
     }
 }
 
-/// Replaces `path` with `contents` atomically: temp file, fsync, rename, fsync of the directory.
+/// Replaces `path` with `contents` atomically (temp file, fsync, rename, fsync of the directory:
+/// [`strata_storage::durable::write_atomically`]). Owner-only: these are the server's records
+/// (token hashes, job results, VM definitions).
 pub fn write_atomically(path: &Path, contents: &[u8]) -> ServiceResult<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let ctx = |what: &str, e: std::io::Error| {
-        ServiceError::internal(format!("{what} {}: {e}", path.display()))
-    };
-    // Owner-only: these are the server's records (token hashes, job results, VM definitions).
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ctx("Creating a temporary file for", e))?;
-    f.write_all(contents).map_err(|e| ctx("Writing", e))?;
-    f.sync_all().map_err(|e| ctx("Syncing", e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| ctx("Replacing", e))?;
-    strata_storage::format::raw::sync_parent_dir(path)?;
-    Ok(())
+    use strata_storage::durable::{write_atomically, Create};
+    write_atomically(path, contents, 0o600, Create::OrReplace)
+        .map_err(|e| ServiceError::internal(format!("Replacing {}: {e}", path.display())))
 }

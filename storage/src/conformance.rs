@@ -8,7 +8,9 @@
 //!   takes, back-pressure at the queue depth, many requests in flight, eventfd notification.
 //!
 //! Failures panic with a message naming the case, as test helpers do.
-#![allow(clippy::expect_used)]
+
+// Test support (feature `test-utils`): a failed step panics the test, by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -15,6 +15,7 @@
 //!
 //! Nothing is written to any disk before the plan is complete and valid; the disk checks
 //! (too small, holds the installer, mounted, holds Strata data) run first.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod answers;
 pub mod bootloader;

@@ -19,6 +19,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use strata_storage::bytes::{le32, le64, put_le32, put_le64};
 use strata_storage::{Result, StorageError};
 
 use crate::fsutil::{self, io_err, Flock};
@@ -54,12 +55,12 @@ fn slot_len(count: u64) -> u64 {
 fn header(chunk_size: u32, count: u64, id: &[u8; 16]) -> [u8; HEADER_USED] {
     let mut h = [0u8; HEADER_USED];
     h[0..8].copy_from_slice(&MAP_MAGIC);
-    h[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&chunk_size.to_le_bytes());
-    h[16..24].copy_from_slice(&count.to_le_bytes());
+    put_le32(&mut h, 8, MAP_VERSION);
+    put_le32(&mut h, 12, chunk_size);
+    put_le64(&mut h, 16, count);
     h[24..40].copy_from_slice(id);
     let crc = crc32fast::hash(&h[..60]);
-    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    put_le32(&mut h, 60, crc);
     h
 }
 
@@ -122,9 +123,9 @@ impl RestoredMap {
             if f.read_exact_at(&mut slot, HEADER_LEN + k * len).is_err() {
                 continue;
             }
-            let seq = u64::from_le_bytes(slot[0..8].try_into().unwrap_or_default());
-            let stored_n = u32::from_le_bytes(slot[8..12].try_into().unwrap_or_default());
-            let crc = u32::from_le_bytes(slot[SLOT_HEAD + n..].try_into().unwrap_or_default());
+            let seq = le64(&slot, 0);
+            let stored_n = le32(&slot, 8);
+            let crc = le32(&slot, SLOT_HEAD + n);
             if seq == 0 || stored_n as usize != n || crc32fast::hash(&slot[..SLOT_HEAD + n]) != crc
             {
                 continue;
@@ -162,13 +163,13 @@ impl RestoredMap {
         let n = bytes_for(self.count);
         let mut slot = vec![0u8; SLOT_HEAD + n + 4];
         let seq = self.seq + 1;
-        slot[0..8].copy_from_slice(&seq.to_le_bytes());
-        slot[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+        put_le64(&mut slot, 0, seq);
+        put_le32(&mut slot, 8, n as u32);
         for i in 0..n {
             slot[SLOT_HEAD + i] = (words.get(i / 8).copied().unwrap_or(0) >> (8 * (i % 8))) as u8;
         }
         let crc = crc32fast::hash(&slot[..SLOT_HEAD + n]);
-        slot[SLOT_HEAD + n..].copy_from_slice(&crc.to_le_bytes());
+        put_le32(&mut slot, SLOT_HEAD + n, crc);
         let at = HEADER_LEN + (seq % 2) * self.slot_len;
         let f = self.lock.file();
         f.write_all_at(&slot, at)

@@ -317,20 +317,20 @@ mod tests {
         let mut r = Reply::structured_read(9, 4096, buf, false);
         let out = flatten(&mut r, 7);
         // data chunk (block 0), hole (blocks 1-3), data chunk (block 4)
-        assert_eq!(be16(&out[6..8]), chunk::OFFSET_DATA);
-        assert_eq!(be64(&out[20..28]), 4096);
+        assert_eq!(be16(&out, 6), chunk::OFFSET_DATA);
+        assert_eq!(be64(&out, 20), 4096);
         let second = 20 + 8 + 4096;
-        assert_eq!(be16(&out[second + 6..second + 8]), chunk::OFFSET_HOLE);
-        assert_eq!(be64(&out[second + 20..second + 28]), 8192);
-        assert_eq!(be32(&out[second + 28..second + 32]), 3 * 4096);
+        assert_eq!(be16(&out, second + 6), chunk::OFFSET_HOLE);
+        assert_eq!(be64(&out, second + 20), 8192);
+        assert_eq!(be32(&out, second + 28), 3 * 4096);
         let third = second + 32;
-        assert_eq!(be16(&out[third + 4..third + 6]), chunk::FLAG_DONE);
+        assert_eq!(be16(&out, third + 4), chunk::FLAG_DONE);
         assert_eq!(out.len(), third + 28 + 4096);
         assert_eq!(out[third + 28 + 5], 2);
 
         let mut df = Reply::structured_read(9, 4096, IoBuf::new(8192), true);
         let out = flatten(&mut df, 1000);
-        assert_eq!(be16(&out[6..8]), chunk::OFFSET_HOLE);
+        assert_eq!(be16(&out, 6), chunk::OFFSET_HOLE);
         let mut mixed = IoBuf::new(8192);
         mixed.copy_from_slice(0, &[1]);
         let out = flatten(&mut Reply::structured_read(1, 0, mixed, true), 1 << 20);

@@ -75,7 +75,7 @@ impl Bits {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, (u64, Vec<AtomicU64>)> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.inner)
     }
 
     /// Bytes per bit.
@@ -213,7 +213,7 @@ impl Bits {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         check_granularity(self.granularity, new_size)?;
         let old = {
-            let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let mut g = crate::sync::write(&self.inner);
             let old = g.0;
             g.1.resize_with(words_for(new_size, self.granularity), || AtomicU64::new(0));
             g.0 = new_size;

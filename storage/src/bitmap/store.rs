@@ -31,9 +31,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use serde::Serialize;
 
 use crate::bitmap::bits::{ranges, Bits};
+use crate::bytes::{le32, le64, put_le32, put_le64};
+use crate::durable::{write_atomically, Create};
 use crate::error::{Result, StorageError};
-use crate::volume::codec::{get_u32, get_u64, put_u32, put_u64, seal, sealed};
-use crate::volume::devices::write_atomically;
+use crate::volume::codec::{seal, sealed};
 use crate::volume::name::{check_name, NameKind};
 
 const MAGIC: &[u8; 8] = b"STRATABM";
@@ -161,7 +162,7 @@ impl BitmapSet {
     }
 
     fn writers(&self) -> MutexGuard<'_, usize> {
-        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.writers)
     }
 
     /// A writer starts tracking: the file is marked in use before this returns, so that a
@@ -194,11 +195,11 @@ impl BitmapSet {
     }
 
     fn list(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Bitmap>>> {
-        self.bitmaps.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.bitmaps)
     }
 
     fn size(&self) -> MutexGuard<'_, u64> {
-        self.size.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.size)
     }
 
     /// Whether there are any bitmaps.
@@ -267,7 +268,7 @@ impl BitmapSet {
         let size = *self.size();
         let bits = Bits::new(size, granularity)?;
         {
-            let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+            let mut list = crate::sync::write(&self.bitmaps);
             if list.iter().any(|b| b.name == name) {
                 return Err(StorageError::AlreadyExists(format!("bitmap {name}")));
             }
@@ -289,7 +290,7 @@ impl BitmapSet {
     /// Deletes a bitmap.
     pub fn remove(&self, name: &str) -> Result<()> {
         {
-            let mut list = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+            let mut list = crate::sync::write(&self.bitmaps);
             let before = list.len();
             list.retain(|b| b.name != name);
             self.count.store(list.len(), Ordering::Release);
@@ -378,7 +379,7 @@ impl BitmapSet {
     }
 
     fn write(&self, in_use: bool) -> Result<()> {
-        let _serial = self.save.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = crate::sync::lock(&self.save);
         let list: Vec<Arc<Bitmap>> = self.list().clone();
         if list.is_empty() && !self.path.exists() {
             return Ok(());
@@ -390,10 +391,10 @@ impl BitmapSet {
         let size = *self.size();
         let mut header = vec![0u8; HEADER];
         header[0..8].copy_from_slice(MAGIC);
-        put_u32(&mut header, 8, VERSION);
-        put_u64(&mut header, 16, if in_use { FLAG_IN_USE } else { 0 });
-        put_u64(&mut header, 24, size);
-        put_u32(&mut header, 32, list.len() as u32);
+        put_le32(&mut header, 8, VERSION);
+        put_le64(&mut header, 16, if in_use { FLAG_IN_USE } else { 0 });
+        put_le64(&mut header, 24, size);
+        put_le32(&mut header, 32, list.len() as u32);
         let mut body = Vec::new();
         for (i, b) in list.iter().enumerate() {
             let words = b.bits.words();
@@ -408,17 +409,17 @@ impl BitmapSet {
             } else {
                 0
             };
-            put_u32(&mut header, at + 68, crc32fast::hash(&bytes));
-            put_u64(&mut header, at + 72, b.bits.granularity());
-            put_u64(&mut header, at + 80, offset as u64);
-            put_u64(&mut header, at + 88, bytes.len() as u64);
-            put_u64(&mut header, at + 96, b.bits.count());
+            put_le32(&mut header, at + 68, crc32fast::hash(&bytes));
+            put_le64(&mut header, at + 72, b.bits.granularity());
+            put_le64(&mut header, at + 80, offset as u64);
+            put_le64(&mut header, at + 88, bytes.len() as u64);
+            put_le64(&mut header, at + 96, b.bits.count());
             body.extend_from_slice(&bytes);
             body.resize(body.len().div_ceil(4096) * 4096, 0);
         }
         seal(&mut header, 12);
         header.extend_from_slice(&body);
-        write_atomically(&self.path, &header)
+        write_atomically(&self.path, &header, 0o644, Create::OrReplace)
     }
 
     /// Deletes the file of a device's bitmaps (the device was removed).
@@ -439,16 +440,16 @@ fn decode(path: &Path, b: &[u8], size: u64) -> Result<(Vec<Bitmap>, bool)> {
     if !sealed(&b[..HEADER], 12) {
         return Err(corrupt(path, "header checksum mismatch"));
     }
-    let version = get_u32(b, 8);
+    let version = le32(b, 8);
     if version != VERSION {
         return Err(StorageError::Unsupported(format!(
             "bitmap file version {version} ({})",
             path.display()
         )));
     }
-    let in_use = get_u64(b, 16) & FLAG_IN_USE != 0;
-    let saved_size = get_u64(b, 24);
-    let n = get_u32(b, 32) as usize;
+    let in_use = le64(b, 16) & FLAG_IN_USE != 0;
+    let saved_size = le64(b, 24);
+    let n = le32(b, 32) as usize;
     if n > MAX_BITMAPS {
         return Err(corrupt(path, format!("{n} bitmaps")));
     }
@@ -460,16 +461,16 @@ fn decode(path: &Path, b: &[u8], size: u64) -> Result<(Vec<Bitmap>, bool)> {
             .map_err(|_| corrupt(path, format!("bitmap {i} has a name that is not UTF-8")))?
             .to_string();
         check_name(&name, NameKind::Bitmap).map_err(|e| corrupt(path, e.to_string()))?;
-        let granularity = get_u64(b, at + 72);
-        let (offset, bytes) = (get_u64(b, at + 80) as usize, get_u64(b, at + 88) as usize);
+        let granularity = le64(b, at + 72);
+        let (offset, bytes) = (le64(b, at + 80) as usize, le64(b, at + 88) as usize);
         let words = b
             .get(offset..offset.saturating_add(bytes))
             .filter(|w| w.len() % 8 == 0)
             .ok_or_else(|| corrupt(path, format!("bitmap {name} points outside the file")))?;
-        if crc32fast::hash(words) != get_u32(b, at + 68) {
+        if crc32fast::hash(words) != le32(b, at + 68) {
             return Err(corrupt(path, format!("bitmap {name}: checksum mismatch")));
         }
-        let words: Vec<u64> = words.chunks(8).map(|c| get_u64(c, 0)).collect();
+        let words: Vec<u64> = words.chunks(8).map(|c| le64(c, 0)).collect();
         let bits = Bits::from_words(saved_size, granularity, &words)
             .map_err(|e| corrupt(path, e.to_string()))?;
         if saved_size != size {

@@ -6,14 +6,12 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::bitmap::store::BitmapSet;
 use crate::device::{BlockDevice, Capabilities, Extent};
 use crate::error::Result;
-use crate::io::{Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
+use crate::io::stack::{Layer, Lower, Stack, StackedQueue};
+use crate::io::{Completion, IoQueue, Op, QueueOptions, Request};
 use crate::volume::lock::{try_lock_exclusive, FileLock};
 
 /// Keeps a bitmap set tracking (its file marked in use) while a device or queue on it exists.
@@ -136,13 +134,18 @@ impl BlockDevice for TrackedDevice {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(TrackedQueue {
-            inner: self.inner.open_queue(opts)?,
+        let inner = self.inner.clone();
+        let lower = Lower {
+            opener: Box::new(move |_, o| inner.open_queue(o)),
+            depth: opts.depth,
+            own_eventfd: false,
+        };
+        let layer = TrackedLayer {
             tracking: self.tracking.clone(),
-            slots: Vec::new(),
-            free: Vec::new(),
-            scratch: Vec::new(),
-        }))
+        };
+        let mut q = StackedQueue::new(layer, opts, lower)?;
+        q.open_lower(0)?;
+        Ok(Box::new(q))
     }
 
     fn flush(&self) -> Result<()> {
@@ -162,83 +165,35 @@ impl BlockDevice for TrackedDevice {
 /// A request in flight: the caller's tag and the range it changes, if any.
 type InFlight = (u64, Option<(u64, u64)>);
 
-/// A tracked queue: what each request in flight changes.
-struct TrackedQueue {
-    inner: Box<dyn IoQueue>,
+/// What a tracked queue does: passes each request down and marks what it changed when it
+/// completes. The stacked-queue mechanism (`crate::io::stack`) does the rest.
+struct TrackedLayer {
     tracking: Arc<Tracking>,
-    slots: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    scratch: Vec<Completion>,
 }
 
-impl fmt::Debug for TrackedQueue {
+impl fmt::Debug for TrackedLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TrackedQueue")
-            .field("inner", &self.inner)
+        f.debug_struct("TrackedLayer")
+            .field("bitmaps", &self.tracking.bitmaps.path())
             .finish()
     }
 }
 
-impl IoQueue for TrackedQueue {
-    fn depth(&self) -> usize {
-        self.inner.depth()
-    }
+impl Layer for TrackedLayer {
+    type Sub = InFlight;
 
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight()
-    }
-
-    fn submit(&mut self, mut req: Request) -> std::result::Result<(), QueueFull> {
+    fn start(&mut self, st: &mut Stack<InFlight>, req: Request) {
         let changes = match req.op {
             Op::Read { .. } | Op::Flush => None,
             _ => req.op.range(),
         };
-        let slot = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
-        self.slots[slot] = Some((req.tag, changes));
-        req.tag = slot as u64;
-        self.inner.submit(req).map_err(|QueueFull(mut back)| {
-            if let Some((tag, _)) = self.slots[slot].take() {
-                back.tag = tag;
-            }
-            self.free.push(slot);
-            QueueFull(back)
-        })
+        st.send(0, (req.tag, changes), req.op);
     }
 
-    fn commit(&mut self) -> Result<()> {
-        self.inner.commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        let mut done = std::mem::take(&mut self.scratch);
-        self.inner.reap(&mut done);
-        let n = done.len();
-        for mut c in done.drain(..) {
-            let slot = c.tag as usize;
-            if let Some((tag, changes)) = self.slots.get_mut(slot).and_then(Option::take) {
-                self.free.push(slot);
-                if let Some((offset, len)) = changes {
-                    self.tracking.bitmaps.mark(offset, len);
-                }
-                c.tag = tag;
-            }
-            out.push(c);
+    fn finished(&mut self, st: &mut Stack<InFlight>, (tag, changes): InFlight, c: Completion) {
+        if let Some((offset, len)) = changes {
+            self.tracking.bitmaps.mark(offset, len);
         }
-        self.scratch = done;
-        n
-    }
-
-    fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
-        self.inner.wait(timeout)
-    }
-
-    fn notifier(&self) -> Option<&Arc<EventFd>> {
-        self.inner.notifier()
+        st.complete(Completion { tag, ..c });
     }
 }

@@ -3,28 +3,24 @@
 //!
 //! The format implements [`BlockMap`]: under its own short lock it turns a request into pieces
 //! (host offset / zeros / parent for reads; host offset or "done synchronously" for writes and
-//! zeroing). [`MappedQueue`] runs host pieces on the host file's queue and parent pieces on the
-//! parent's queue, outside any lock, with [`IoBuf::view`]s of the caller's buffer, and completes
-//! the request when its last piece completes. Pieces that need no I/O, or that the format does
+//! zeroing). [`MappedLayer`] runs host pieces on the host file's queue and parent pieces on the
+//! parent's queue, outside any lock, with the caller's buffer (whole when the request is one
+//! host piece, else [`IoBuf::view`]s of it). Pieces that need no I/O, or that the format does
 //! synchronously (copy-on-write of sectors over a parent), finish in `submit`.
 //!
-//! This is deliberately the whole per-format plumbing: when the block layer grows one stacked-queue
-//! mechanism, formats keep their [`BlockMap`] and this file is what is replaced.
+//! The queue is a layer of the stacked-queue mechanism (`crate::io::stack`), which owns the
+//! lower queues and their backlogs, the fan-in of pieces, waiting on an eventfd and the drain on
+//! drop.
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Extent, ExtentKind, SharedFile};
 use crate::error::{Result, StorageError};
 use crate::format::Image;
-use crate::io::{
-    check_range, notify, Completion, IoBuf, IoQueue, Op, QueueFull, QueueOptions, Request,
-};
+use crate::io::buf::in_order_and_disjoint;
+use crate::io::stack::{Layer, Lower, ReqId, Stack, StackedQueue};
+use crate::io::{check_range, Completion, IoBuf, IoQueue, Op, QueueOptions, Request};
 
 /// Where a piece of a read comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +160,7 @@ pub(crate) fn block_table_status(
     len: u64,
     size: u64,
     block_size: u64,
-    class: impl Fn(u64) -> BlockClass,
+    class: impl Fn(u64) -> Result<BlockClass>,
     parent: Option<&Arc<dyn Image>>,
     host: &SharedFile,
 ) -> Result<Extent> {
@@ -173,7 +169,7 @@ pub(crate) fn block_table_status(
         return Err(StorageError::OutOfRange { offset, len, size });
     }
     let found = |kind, len| Ok(Extent { offset, len, kind });
-    let first = class(offset / block_size);
+    let first = class(offset / block_size)?;
     let in_block = (block_size - offset % block_size).min(end - offset);
     if let BlockClass::Data(Some(at)) = first {
         let pos = at + offset % block_size;
@@ -193,7 +189,7 @@ pub(crate) fn block_table_status(
     let mut scanned = 1;
     while offset + n < end
         && scanned < STATUS_SCAN_BLOCKS
-        && class((offset + n) / block_size) == first
+        && class((offset + n) / block_size)? == first
     {
         n = (n + block_size).min(end - offset);
         scanned += 1;
@@ -209,7 +205,7 @@ pub(crate) fn block_table_status(
     }
 }
 
-/// What a format gives [`MappedQueue`]. See the module documentation.
+/// What a format gives [`MappedLayer`]. See the module documentation.
 pub(crate) trait BlockMap: Send + Sync + fmt::Debug + 'static {
     /// The image's name, for messages.
     fn name(&self) -> &str;
@@ -237,7 +233,8 @@ pub(crate) trait BlockMap: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Implements [`crate::BlockDevice`] for an image type `$ty` whose field `inner` is an
-/// `Arc` of a [`BlockMap`]: queues are [`MappedQueue`]s, and resizing is refused naming `$what`.
+/// `Arc` of a [`BlockMap`]: queues are [`MappedLayer`]s over a stack, and resizing is refused
+/// naming `$what`.
 macro_rules! mapped_block_device {
     ($ty:ty, $what:literal) => {
         impl $crate::device::BlockDevice for $ty {
@@ -262,10 +259,7 @@ macro_rules! mapped_block_device {
                 &self,
                 opts: &$crate::io::QueueOptions,
             ) -> $crate::error::Result<Box<dyn $crate::io::IoQueue>> {
-                Ok(Box::new($crate::format::mapped::MappedQueue::new(
-                    self.inner.clone(),
-                    opts,
-                )?))
+                $crate::format::mapped::open_queue(self.inner.clone(), opts)
             }
 
             fn flush(&self) -> $crate::error::Result<()> {
@@ -291,200 +285,113 @@ macro_rules! mapped_block_device {
 }
 pub(crate) use mapped_block_device;
 
-struct Lower {
-    queue: Box<dyn IoQueue>,
-    backlog: VecDeque<Request>,
-}
-
-impl Lower {
-    fn busy(&self) -> bool {
-        self.queue.in_flight() > 0 || !self.backlog.is_empty()
-    }
-
-    fn push(&mut self, req: Request) {
-        if !self.backlog.is_empty() {
-            return self.backlog.push_back(req);
-        }
-        if let Err(QueueFull(r)) = self.queue.submit(req) {
-            self.backlog.push_back(r);
-        }
-    }
-
-    fn drain_backlog(&mut self) {
-        while let Some(r) = self.backlog.pop_front() {
-            if let Err(QueueFull(r)) = self.queue.submit(r) {
-                self.backlog.push_front(r);
-                break;
-            }
-        }
-    }
-}
-
-/// A request whose pieces are still running.
-struct Pending {
-    tag: u64,
-    remaining: usize,
-    error: Option<StorageError>,
-    len: u64,
-    /// The caller's buffer while views of it are in flight.
-    whole: Option<Arc<IoBuf>>,
-    has_buf: bool,
-}
-
+/// Lower queue of the host file.
 const HOST: usize = 0;
+/// Lower queue of the parent image.
 const PARENT: usize = 1;
 
-/// A queue over a [`BlockMap`]. See the module documentation.
-pub(crate) struct MappedQueue<M: BlockMap> {
+/// A piece in flight: its request, and whether it is a read (whose end past the end of a file
+/// reads as zeros).
+type Sub = (ReqId, bool);
+
+type St = Stack<Sub>;
+
+/// Opens a queue on a [`BlockMap`]: lower queue [`HOST`] is the host file's, [`PARENT`] the
+/// parent's (opened when a read first needs it).
+pub(crate) fn open_queue<M: BlockMap>(
     map: Arc<M>,
-    opts: QueueOptions,
-    lowers: [Option<Lower>; 2],
-    pending: HashMap<u64, Pending>,
-    next_id: u64,
-    accepted: usize,
-    ready: VecDeque<Completion>,
-    lower_efd: Arc<EventFd>,
-    scratch: Vec<Completion>,
+    opts: &QueueOptions,
+) -> Result<Box<dyn IoQueue>> {
+    let below = map.clone();
+    let lower = Lower {
+        opener: Box::new(move |slot, o| match (slot, below.parent()) {
+            (HOST, _) => below.host().open_queue(o),
+            (_, Some(p)) => p.open_queue(o),
+            (_, None) => Err(StorageError::corrupt(
+                below.name(),
+                "read from a parent that does not exist",
+            )),
+        }),
+        depth: opts.depth.max(32),
+        own_eventfd: true,
+    };
+    Ok(Box::new(StackedQueue::new(
+        MappedLayer { map },
+        opts,
+        lower,
+    )?))
 }
 
-impl<M: BlockMap> fmt::Debug for MappedQueue<M> {
+/// What a queue over a [`BlockMap`] does with requests. See the module documentation.
+pub(crate) struct MappedLayer<M: BlockMap> {
+    map: Arc<M>,
+}
+
+impl<M: BlockMap> fmt::Debug for MappedLayer<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MappedQueue")
+        f.debug_struct("MappedLayer")
             .field("image", &self.map.name())
-            .field("accepted", &self.accepted)
             .finish()
     }
 }
 
-impl<M: BlockMap> MappedQueue<M> {
-    pub(crate) fn new(map: Arc<M>, opts: &QueueOptions) -> Result<MappedQueue<M>> {
-        let lower_efd = match &opts.notifier {
-            Some(n) => n.clone(),
-            None => Arc::new(
-                EventFd::new(EFD_NONBLOCK)
-                    .map_err(|e| StorageError::io("Creating an eventfd", e))?,
-            ),
-        };
-        Ok(MappedQueue {
-            map,
-            opts: opts.clone(),
-            lowers: [None, None],
-            pending: HashMap::new(),
-            next_id: 1,
-            accepted: 0,
-            ready: VecDeque::new(),
-            lower_efd,
-            scratch: Vec::new(),
-        })
-    }
+/// Sends one piece of request `id` down to lower queue `slot`.
+fn send(st: &mut St, id: ReqId, slot: usize, op: Op) {
+    let read = matches!(op, Op::Read { .. });
+    st.hold(id);
+    st.send(slot, (id, read), op);
+}
 
-    fn lower(&mut self, slot: usize) -> Result<&mut Lower> {
-        if self.lowers[slot].is_none() {
-            let opts = QueueOptions {
-                depth: self.opts.depth.max(32),
-                notifier: Some(self.lower_efd.clone()),
-                submit_batch: self.opts.submit_batch,
-            };
-            let queue = if slot == PARENT {
-                match self.map.parent() {
-                    Some(p) => p.open_queue(&opts)?,
-                    None => {
-                        return Err(StorageError::corrupt(
-                            self.map.name(),
-                            "read from a parent that does not exist",
-                        ))
-                    }
-                }
-            } else {
-                self.map.host().open_queue(&opts)?
-            };
-            self.lowers[slot] = Some(Lower {
-                queue,
-                backlog: VecDeque::new(),
-            });
-        }
-        self.lowers[slot]
-            .as_mut()
-            .ok_or_else(|| StorageError::Unavailable("lower queue".into()))
+/// The buffer for one piece of request `id`: the whole buffer when the request is that one
+/// piece, else a view.
+///
+/// # Safety
+/// As for [`St::view`]: the pieces of a read are disjoint (the caller checked), and a piece's
+/// range is viewed again only after its earlier view was dropped.
+unsafe fn piece_buf(st: &mut St, id: ReqId, whole: bool, pos: u64, len: u64) -> Option<IoBuf> {
+    if whole {
+        st.lend(id)
+    } else {
+        // SAFETY: this function's contract.
+        unsafe { st.view(id, pos as usize, len as usize) }
     }
+}
 
-    fn complete_now(&mut self, tag: u64, result: Result<u64>, buf: Option<IoBuf>) {
-        self.ready.push_back(Completion { tag, result, buf });
-    }
-
-    fn start(&mut self, req: Request) {
-        let tag = req.tag;
-        if let Err(e) = check_range(&req.op, self.map.size()) {
-            self.ready.push_back(Completion::of(req, Err(e)));
-            return;
-        }
-        match req.op {
-            Op::Flush => {
-                let r = self.map.flush().map(|_| 0);
-                self.complete_now(tag, r, None);
-            }
-            Op::Read { offset, buf } => self.start_read(tag, offset, buf),
-            Op::Write { offset, buf } => self.start_write(tag, offset, buf),
-            Op::Discard { offset, len } => self.start_zero(tag, offset, len, true),
-            Op::WriteZeroes { offset, len, unmap } => self.start_zero(tag, offset, len, unmap),
-        }
-    }
-
-    fn new_pending(&mut self, tag: u64, len: u64, has_buf: bool) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.pending.insert(
-            id,
-            Pending {
-                tag,
-                remaining: 0,
-                error: None,
-                len,
-                whole: None,
-                has_buf,
-            },
-        );
-        id
-    }
-
-    fn send(&mut self, id: u64, slot: usize, op: Op) {
-        match self.lower(slot) {
-            Ok(lower) => {
-                lower.push(Request { tag: id, op });
-                if let Some(p) = self.pending.get_mut(&id) {
-                    p.remaining += 1;
-                }
-            }
-            Err(e) => self.fail(id, e),
-        }
-    }
-
-    fn fail(&mut self, id: u64, e: StorageError) {
-        if let Some(p) = self.pending.get_mut(&id) {
-            p.error.get_or_insert(e);
-        }
-    }
-
-    fn start_read(&mut self, tag: u64, offset: u64, buf: IoBuf) {
+impl<M: BlockMap> MappedLayer<M> {
+    fn start_read(&mut self, st: &mut St, tag: u64, offset: u64, mut buf: IoBuf) {
         let len = buf.len() as u64;
         let pieces = match self.map.map_read(offset, len) {
             Ok(p) => p,
-            Err(e) => return self.complete_now(tag, Err(e), Some(buf)),
+            Err(e) => return st.complete_now(tag, Some(buf), Err(e)),
         };
-        if !crate::io::buf::in_order_and_disjoint(pieces.iter().map(|p| (p.pos, p.len)), len) {
+        if !in_order_and_disjoint(pieces.iter().map(|p| (p.pos, p.len)), len) {
             let e = StorageError::corrupt(self.map.name(), "a read mapped to overlapping pieces");
-            return self.complete_now(tag, Err(e), Some(buf));
+            return st.complete_now(tag, Some(buf), Err(e));
         }
-        let id = self.new_pending(tag, len, true);
-        let whole = Arc::new(buf);
+        if let [Piece {
+            target: ReadTarget::Zero,
+            ..
+        }] = pieces.as_slice()
+        {
+            buf.fill_zero(0, len as usize);
+            return st.complete_now(tag, Some(buf), Ok(len));
+        }
+        let id = st.open(tag, Some(buf), len);
+        let whole = matches!(pieces.as_slice(), [p] if matches!(p.target, ReadTarget::Host(_)));
         let parent_size = self.map.parent().map_or(0, |p| p.size());
         for p in pieces {
-            // SAFETY: the pieces are disjoint (checked above), so no two views of `whole` overlap;
-            // `whole` itself is only unwrapped in `maybe_finish`, after every view's completion.
-            let mut view = unsafe { IoBuf::view(&whole, p.pos as usize, p.len as usize) };
+            // SAFETY: the pieces are disjoint (checked above), so no two views overlap.
+            let Some(mut view) = (unsafe { piece_buf(st, id, whole, p.pos, p.len) }) else {
+                st.fail(
+                    id,
+                    StorageError::Unavailable("a piece of a read's buffer".into()),
+                );
+                break;
+            };
             match p.target {
                 ReadTarget::Zero => view.fill_zero(0, p.len as usize),
-                ReadTarget::Host(host) => self.send(
+                ReadTarget::Host(host) => send(
+                    st,
                     id,
                     HOST,
                     Op::Read {
@@ -502,62 +409,61 @@ impl<M: BlockMap> MappedQueue<M> {
                     drop(view);
                     if avail > 0 {
                         // SAFETY: the same piece's range again, after its first view was dropped.
-                        let v = unsafe { IoBuf::view(&whole, p.pos as usize, avail as usize) };
-                        self.send(id, PARENT, Op::Read { offset: at, buf: v });
+                        if let Some(v) = unsafe { st.view(id, p.pos as usize, avail as usize) } {
+                            send(st, id, PARENT, Op::Read { offset: at, buf: v });
+                        }
                     }
                 }
             }
         }
-        if let Some(p) = self.pending.get_mut(&id) {
-            p.whole = Some(whole);
-        }
-        self.maybe_finish(id);
+        st.close(id);
     }
 
-    fn start_write(&mut self, tag: u64, offset: u64, buf: IoBuf) {
+    fn start_write(&mut self, st: &mut St, tag: u64, offset: u64, buf: IoBuf) {
         let len = buf.len() as u64;
         let pieces = match self.map.map_write(offset, len) {
             Ok(p) => p,
-            Err(e) => return self.complete_now(tag, Err(e), Some(buf)),
+            Err(e) => return st.complete_now(tag, Some(buf), Err(e)),
         };
-        let id = self.new_pending(tag, len, true);
-        let whole = Arc::new(buf);
+        let id = st.open(tag, Some(buf), len);
+        let whole = matches!(pieces.as_slice(), [p] if matches!(p.target, WriteTarget::Host(_)));
         for p in pieces {
+            // SAFETY: a write's views are only read by the queues they go to.
+            let Some(view) = (unsafe { piece_buf(st, id, whole, p.pos, p.len) }) else {
+                st.fail(
+                    id,
+                    StorageError::Unavailable("a piece of a write's buffer".into()),
+                );
+                break;
+            };
             match p.target {
-                WriteTarget::Host(host) => {
-                    // SAFETY: a write's views are only read (by the host file's queue), and
-                    // `whole` is only unwrapped in `maybe_finish`, after every view's completion.
-                    let view = unsafe { IoBuf::view(&whole, p.pos as usize, p.len as usize) };
-                    self.send(
-                        id,
-                        HOST,
-                        Op::Write {
-                            offset: host,
-                            buf: view,
-                        },
-                    );
-                }
+                WriteTarget::Host(host) => send(
+                    st,
+                    id,
+                    HOST,
+                    Op::Write {
+                        offset: host,
+                        buf: view,
+                    },
+                ),
                 WriteTarget::Sync => {
-                    let mut data = vec![0u8; p.len as usize];
-                    whole.copy_to_slice(p.pos as usize, &mut data);
+                    let data = view.to_vec();
+                    drop(view);
                     if let Err(e) = self.map.write_sync(offset + p.pos, &data) {
-                        self.fail(id, e);
+                        st.fail(id, e);
                     }
                 }
             }
         }
-        if let Some(p) = self.pending.get_mut(&id) {
-            p.whole = Some(whole);
-        }
-        self.maybe_finish(id);
+        st.close(id);
     }
 
-    fn start_zero(&mut self, tag: u64, offset: u64, len: u64, unmap: bool) {
+    fn start_zero(&mut self, st: &mut St, tag: u64, offset: u64, len: u64, unmap: bool) {
         let pieces = match self.map.map_zero(offset, len, unmap) {
             Ok(p) => p,
-            Err(e) => return self.complete_now(tag, Err(e), None),
+            Err(e) => return st.complete_now(tag, None, Err(e)),
         };
-        let id = self.new_pending(tag, 0, false);
+        let id = st.open(tag, None, 0);
         for p in pieces {
             match p.target {
                 ZeroTarget::Nothing => {}
@@ -577,169 +483,41 @@ impl<M: BlockMap> MappedQueue<M> {
                             unmap: false,
                         }
                     };
-                    self.send(id, HOST, op);
+                    send(st, id, HOST, op);
                 }
                 ZeroTarget::Sync => {
                     let zeros = vec![0u8; p.len as usize];
                     if let Err(e) = self.map.write_sync(offset + p.pos, &zeros) {
-                        self.fail(id, e);
+                        st.fail(id, e);
                     }
                 }
             }
         }
-        self.maybe_finish(id);
-    }
-
-    fn maybe_finish(&mut self, id: u64) {
-        if self.pending.get(&id).is_none_or(|p| p.remaining != 0) {
-            return;
-        }
-        let Some(mut p) = self.pending.remove(&id) else {
-            return;
-        };
-        let buf = match p.whole.take().map(Arc::try_unwrap) {
-            Some(Ok(b)) => Some(b),
-            Some(Err(_)) => {
-                p.error.get_or_insert(StorageError::Unavailable(
-                    "a view of a request buffer outlived its piece".into(),
-                ));
-                None
-            }
-            None => None,
-        };
-        let result = match p.error {
-            Some(e) => Err(e),
-            None => Ok(p.len),
-        };
-        self.ready.push_back(Completion {
-            tag: p.tag,
-            result,
-            buf: if p.has_buf { buf } else { None },
-        });
-    }
-
-    /// Reaps every lower queue, accounts the completions to their requests and drains backlogs.
-    fn pump(&mut self) {
-        let mut finished = Vec::new();
-        for slot in [HOST, PARENT] {
-            let Some(lower) = self.lowers[slot].as_mut() else {
-                continue;
-            };
-            let mut out = std::mem::take(&mut self.scratch);
-            lower.queue.reap(&mut out);
-            lower.drain_backlog();
-            for mut c in out.drain(..) {
-                let Some(p) = self.pending.get_mut(&c.tag) else {
-                    continue;
-                };
-                p.remaining = p.remaining.saturating_sub(1);
-                match c.result {
-                    Err(e) => {
-                        p.error.get_or_insert(e);
-                    }
-                    Ok(n) => {
-                        // A read that ended early at the end of a file reads zeros beyond.
-                        if let Some(b) = c.buf.as_mut() {
-                            if (n as usize) < b.len() && p.has_buf {
-                                let l = b.len();
-                                b.fill_zero(n as usize, l - n as usize);
-                            }
-                        }
-                    }
-                }
-                drop(c.buf.take());
-                if p.remaining == 0 {
-                    finished.push(c.tag);
-                }
-            }
-            self.scratch = out;
-        }
-        for id in finished {
-            self.maybe_finish(id);
-        }
+        st.close(id);
     }
 }
 
-impl<M: BlockMap> IoQueue for MappedQueue<M> {
-    fn depth(&self) -> usize {
-        self.opts.depth
-    }
+impl<M: BlockMap> Layer for MappedLayer<M> {
+    type Sub = Sub;
 
-    fn in_flight(&self) -> usize {
-        self.accepted
-    }
-
-    fn submit(&mut self, req: Request) -> std::result::Result<(), QueueFull> {
-        if self.accepted >= self.opts.depth {
-            return Err(QueueFull(req));
+    fn start(&mut self, st: &mut St, req: Request) {
+        let tag = req.tag;
+        if let Err(e) = check_range(&req.op, self.map.size()) {
+            return st.complete(Completion::of(req, Err(e)));
         }
-        self.accepted += 1;
-        let before = self.ready.len();
-        self.start(req);
-        if self.ready.len() > before {
-            // Finished without lower I/O: nothing below will signal an eventfd consumer.
-            notify(self.opts.notifier.as_ref());
-        }
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        for l in self.lowers.iter_mut().flatten() {
-            l.queue.commit()?;
-        }
-        Ok(())
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        self.pump();
-        let n = self.ready.len();
-        self.accepted -= n.min(self.accepted);
-        out.extend(self.ready.drain(..));
-        n
-    }
-
-    fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
-        self.commit()?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            self.pump();
-            if !self.ready.is_empty() {
-                return Ok(());
+        match req.op {
+            Op::Flush => {
+                let r = self.map.flush().map(|_| 0);
+                st.complete_now(tag, None, r);
             }
-            let busy: Vec<usize> = (0..2)
-                .filter(|&i| self.lowers[i].as_ref().is_some_and(Lower::busy))
-                .collect();
-            if busy.is_empty() {
-                return Ok(());
-            }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => Some(l),
-                    _ => return Ok(()),
-                },
-                None => None,
-            };
-            if let [one] = busy.as_slice() {
-                if let Some(l) = self.lowers[*one].as_mut() {
-                    l.queue.wait(left)?;
-                }
-                continue;
-            }
-            let ms = left.map_or(100, |l| l.as_millis().clamp(1, 100) as i32);
-            let mut fds = [libc::pollfd {
-                fd: self.lower_efd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
-            if r > 0 {
-                let _ = self.lower_efd.read();
-            }
+            Op::Read { offset, buf } => self.start_read(st, tag, offset, buf),
+            Op::Write { offset, buf } => self.start_write(st, tag, offset, buf),
+            Op::Discard { offset, len } => self.start_zero(st, tag, offset, len, true),
+            Op::WriteZeroes { offset, len, unmap } => self.start_zero(st, tag, offset, len, unmap),
         }
     }
 
-    fn notifier(&self) -> Option<&Arc<EventFd>> {
-        self.opts.notifier.as_ref()
+    fn finished(&mut self, st: &mut St, (id, read): Sub, c: Completion) {
+        st.release_piece(id, read, c);
     }
 }

@@ -187,17 +187,7 @@ fn write_zeros(
     Ok(())
 }
 
-/// fsyncs the directory holding `path`, so that a new entry in it is durable.
-pub fn sync_parent_dir(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let f = std::fs::File::open(dir)
-        .map_err(|e| StorageError::io(format!("Opening {}", dir.display()), e))?;
-    f.sync_all()
-        .map_err(|e| StorageError::io(format!("Syncing directory {}", dir.display()), e))
-}
+pub use crate::durable::sync_parent_dir;
 
 /// An open raw image. See the module documentation.
 #[derive(Debug)]

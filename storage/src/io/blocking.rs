@@ -1,6 +1,7 @@
-//! Blocking helpers over a queue, for control-plane callers and tests: one request at a time,
-//! submit and wait.
+//! Blocking helpers over a queue, for control-plane callers, metadata workers and tests: one
+//! request at a time, or a batch of writes, submitted and waited for.
 
+use std::collections::VecDeque;
 use std::fmt;
 
 use crate::device::BlockDevice;
@@ -101,6 +102,50 @@ impl BlockingQueue {
         c.result?;
         c.buf
             .ok_or_else(|| StorageError::Unavailable("the queue lost a write buffer".into()))
+    }
+
+    /// Writes every `(offset, buf)` of `writes`, as many at once as the queue takes, and waits
+    /// for all of them; the first error, if any, after all have ended.
+    pub fn write_all(&mut self, writes: Vec<(u64, IoBuf)>) -> Result<()> {
+        self.collect();
+        let first = self.next_tag;
+        self.next_tag += writes.len() as u64;
+        let mut pending: VecDeque<Request> = writes
+            .into_iter()
+            .zip(first..)
+            .map(|((offset, buf), tag)| Request::write(tag, offset, buf))
+            .collect();
+        let mut left = 0usize;
+        let mut error: Option<StorageError> = None;
+        loop {
+            while let Some(req) = pending.pop_front() {
+                if let Err(full) = self.queue.submit(req) {
+                    pending.push_front(full.0);
+                    break;
+                }
+                left += 1;
+            }
+            if left == 0 && pending.is_empty() {
+                return error.map_or(Ok(()), Err);
+            }
+            self.queue.commit()?;
+            if let Err(e) = self.queue.wait(None) {
+                // What is in flight is drained when the queue is dropped.
+                return Err(error.unwrap_or(e));
+            }
+            self.collect();
+            let before = self.done.len();
+            self.done.retain(|c| {
+                if c.tag < first {
+                    return true;
+                }
+                if let Err(e) = &c.result {
+                    error.get_or_insert_with(|| e.duplicate());
+                }
+                false
+            });
+            left = left.saturating_sub(before - self.done.len());
+        }
     }
 
     /// Flushes.

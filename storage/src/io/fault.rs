@@ -133,7 +133,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Counts an operation and decides whether it fails (`Ok(true)`: it transfers only part of
@@ -453,18 +453,12 @@ impl Shared {
                 Op::Write { buf, .. } => {
                     let mut data = vec![0u8; n as usize];
                     buf.copy_to_slice(done as usize, &mut data);
-                    self.current
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .write(at, &data);
+                    crate::sync::write(&self.current).write(at, &data);
                     state.log.push(Unflushed::Write { offset: at, data });
                 }
                 Op::Read { buf, .. } => {
                     let mut tmp = vec![0u8; n as usize];
-                    self.current
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .read(at, &mut tmp);
+                    crate::sync::read(&self.current).read(at, &mut tmp);
                     buf.copy_from_slice(done as usize, &tmp);
                 }
                 _ => {}
@@ -496,17 +490,14 @@ impl Shared {
     }
 
     fn len(&self) -> u64 {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::read(&self.current).len()
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
         let mut state = self.state();
         let _ = self.begin(&mut state, OpKind::SetLen)?;
         state.log.push(Unflushed::SetLen(len));
-        self.current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_len(len);
+        crate::sync::write(&self.current).set_len(len);
         Ok(())
     }
 }
@@ -553,15 +544,7 @@ impl BlockDevice for FaultDevice {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        sparse_status(
-            &self
-                .shared
-                .current
-                .read()
-                .unwrap_or_else(|p| p.into_inner()),
-            offset,
-            len,
-        )
+        sparse_status(&crate::sync::read(&self.shared.current), offset, len)
     }
 }
 
@@ -638,12 +621,7 @@ impl HostFile for FaultDevice {
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
-        Ok(self
-            .shared
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .allocated_bytes())
+        Ok(crate::sync::read(&self.shared.current).allocated_bytes())
     }
 }
 

@@ -50,11 +50,11 @@ impl MemoryDevice {
 
 impl Inner {
     fn mem(&self) -> RwLockReadGuard<'_, SparseMem> {
-        self.mem.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.mem)
     }
 
     fn mem_mut(&self) -> RwLockWriteGuard<'_, SparseMem> {
-        self.mem.write().unwrap_or_else(|p| p.into_inner())
+        crate::sync::write(&self.mem)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -71,24 +71,18 @@ pub(crate) fn apply(mem: &RwLock<SparseMem>, op: &mut Op) -> Result<u64> {
     match op {
         Op::Read { offset, buf } => {
             let mut tmp = vec![0u8; buf.len()];
-            mem.read()
-                .unwrap_or_else(|p| p.into_inner())
-                .read(*offset, &mut tmp);
+            crate::sync::read(mem).read(*offset, &mut tmp);
             buf.copy_from_slice(0, &tmp);
             Ok(buf.len() as u64)
         }
         Op::Write { offset, buf } => {
             let data = buf.to_vec();
-            mem.write()
-                .unwrap_or_else(|p| p.into_inner())
-                .write(*offset, &data);
+            crate::sync::write(mem).write(*offset, &data);
             Ok(buf.len() as u64)
         }
         Op::Flush => Ok(0),
         Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
-            mem.write()
-                .unwrap_or_else(|p| p.into_inner())
-                .zero(*offset, *len);
+            crate::sync::write(mem).zero(*offset, *len);
             Ok(0)
         }
     }

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,10 +52,7 @@ struct Shared {
     queued: AtomicUsize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A worker never panics while holding these locks; recover the data if one somehow did.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 /// A queue on the thread-pool engine. See the module documentation.
 pub struct ThreadQueue {
@@ -138,7 +135,7 @@ fn worker(s: &Shared) {
                     return;
                 }
                 jobs.idle += 1;
-                jobs = s.job_ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+                jobs = crate::sync::wait(&s.job_ready, jobs);
                 jobs.idle -= 1;
             }
         };
@@ -226,24 +223,13 @@ impl IoQueue for ThreadQueue {
         done.waiting = true;
         while done.list.is_empty() && self.in_flight > self.staged.len() {
             match deadline {
-                None => {
-                    done = self
-                        .shared
-                        .done_ready
-                        .wait(done)
-                        .unwrap_or_else(|p| p.into_inner())
-                }
+                None => done = crate::sync::wait(&self.shared.done_ready, done),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         break;
                     }
-                    done = self
-                        .shared
-                        .done_ready
-                        .wait_timeout(done, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    done = crate::sync::wait_timeout(&self.shared.done_ready, done, d - now);
                 }
             }
         }

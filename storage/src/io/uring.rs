@@ -140,13 +140,11 @@ impl UringQueue {
         notify(self.notifier.as_ref());
     }
 
-    /// Builds the submission entry for the slot's remaining work.
-    fn entry(&mut self, idx: u32) -> squeue::Entry {
+    /// Builds the submission entry for the slot's remaining work (`None` for an empty slot).
+    fn entry(&mut self, idx: u32) -> Option<squeue::Entry> {
         let fixed = self.fixed_file;
         let raw = self.file.raw_fd();
-        let slot = self.slots[idx as usize]
-            .as_mut()
-            .expect("entry for a busy slot");
+        let slot = self.slots.get_mut(idx as usize)?.as_mut()?;
         macro_rules! with_fd {
             ($make:expr) => {
                 if fixed {
@@ -219,12 +217,16 @@ impl UringQueue {
                     .build()
             }),
         };
-        e.user_data(idx as u64)
+        Some(e.user_data(idx as u64))
     }
 
     /// Pushes the slot's entry, submitting first if the submission ring is full.
     fn push(&mut self, idx: u32) -> Result<()> {
-        let entry = self.entry(idx);
+        let Some(entry) = self.entry(idx) else {
+            return Err(StorageError::Unavailable(format!(
+                "io_uring slot {idx} has no request to submit"
+            )));
+        };
         loop {
             // SAFETY: the entry points at memory owned by slot `idx` (its buffer and iovec array),
             // which stays in place and alive until the completion for `idx` is reaped or the

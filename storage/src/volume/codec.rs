@@ -1,32 +1,8 @@
-//! Little-endian field access and checksums for the on-disk structures we define (PV labels,
-//! metadata areas, thin pool metadata, bitmap files).
+//! Checksums for the on-disk structures we define (PV labels, metadata areas, thin pool
+//! metadata, bitmap files); their little-endian fields are read with `crate::bytes`.
 //!
 //! Every structure stores a crc32 (crc32fast, the IEEE polynomial) of its bytes with the
 //! checksum field itself zeroed, so a structure is checked by recomputing the same sum.
-
-/// Reads a little-endian `u64` at `at`.
-pub(crate) fn get_u64(buf: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&buf[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
-/// Reads a little-endian `u32` at `at`.
-pub(crate) fn get_u32(buf: &[u8], at: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&buf[at..at + 4]);
-    u32::from_le_bytes(b)
-}
-
-/// Writes a little-endian `u64` at `at`.
-pub(crate) fn put_u64(buf: &mut [u8], at: usize, v: u64) {
-    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-/// Writes a little-endian `u32` at `at`.
-pub(crate) fn put_u32(buf: &mut [u8], at: usize, v: u32) {
-    buf[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
 
 /// crc32 of `buf` as if the four bytes at `crc_at` were zero.
 pub(crate) fn crc_without(buf: &[u8], crc_at: usize) -> u32 {
@@ -40,12 +16,12 @@ pub(crate) fn crc_without(buf: &[u8], crc_at: usize) -> u32 {
 /// Stores the checksum of `buf` at `crc_at`.
 pub(crate) fn seal(buf: &mut [u8], crc_at: usize) {
     let c = crc_without(buf, crc_at);
-    put_u32(buf, crc_at, c);
+    crate::bytes::put_le32(buf, crc_at, c);
 }
 
 /// Whether the checksum stored at `crc_at` matches.
 pub(crate) fn sealed(buf: &[u8], crc_at: usize) -> bool {
-    get_u32(buf, crc_at) == crc_without(buf, crc_at)
+    crate::bytes::le32(buf, crc_at) == crc_without(buf, crc_at)
 }
 
 /// 16 raw bytes of a 32-hex-digit identifier (zeros if it is malformed, which callers refuse

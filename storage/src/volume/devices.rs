@@ -6,12 +6,11 @@
 //! (`listfile.rs`): replaced atomically under an exclusive lock on `DATA/devices.lock`, so
 //! concurrent `pv create`s don't lose each other's entries.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, StorageError};
+use crate::error::Result;
 use crate::volume::listfile::ListFile;
 
 const FILE_NAME: &str = "devices.json";
@@ -63,29 +62,10 @@ impl DevicesFile {
     }
 }
 
-/// Replaces `path` with `data`: temporary file, fsync, rename, fsync of the directory.
-pub fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let ctx = |what: &str| format!("{what} {}", tmp.display());
-    let mut f = std::fs::File::create(&tmp).map_err(|e| StorageError::io(ctx("Creating"), e))?;
-    f.write_all(data)
-        .map_err(|e| StorageError::io(ctx("Writing"), e))?;
-    f.sync_all()
-        .map_err(|e| StorageError::io(ctx("Syncing"), e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        StorageError::io(
-            format!("Renaming {} to {}", tmp.display(), path.display()),
-            e,
-        )
-    })?;
-    crate::format::raw::sync_parent_dir(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::StorageError;
 
     #[test]
     fn entries_persist_and_bad_files_are_refused() {

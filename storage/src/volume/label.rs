@@ -20,11 +20,10 @@
 //! Labels are written once, by `pv create`; a damaged copy is reported and rewritten from the
 //! other by a repair.
 
+use crate::bytes::{le32, le64, put_le32, put_le64};
 use crate::device::HostFile;
 use crate::error::{Result, StorageError};
-use crate::volume::codec::{
-    get_u32, get_u64, put_u32, put_u64, seal, sealed, uuid_bytes, uuid_string,
-};
+use crate::volume::codec::{seal, sealed, uuid_bytes, uuid_string};
 
 /// Label magic.
 pub const LABEL_MAGIC: &[u8; 8] = b"STRATAPV";
@@ -85,14 +84,14 @@ impl Label {
     fn encode(&self, copy: u32) -> Vec<u8> {
         let mut b = vec![0u8; LABEL_SIZE];
         b[0..8].copy_from_slice(LABEL_MAGIC);
-        put_u32(&mut b, 8, LABEL_VERSION);
+        put_le32(&mut b, 8, LABEL_VERSION);
         b[16..32].copy_from_slice(&uuid_bytes(&self.uuid));
-        put_u64(&mut b, 32, self.size);
-        put_u64(&mut b, 40, self.mda_offset);
-        put_u64(&mut b, 48, self.mda_slot_size);
-        put_u64(&mut b, 56, self.pe_start);
-        put_u64(&mut b, 64, self.created);
-        put_u32(&mut b, 72, copy);
+        put_le64(&mut b, 32, self.size);
+        put_le64(&mut b, 40, self.mda_offset);
+        put_le64(&mut b, 48, self.mda_slot_size);
+        put_le64(&mut b, 56, self.pe_start);
+        put_le64(&mut b, 64, self.created);
+        put_le32(&mut b, 72, copy);
         seal(&mut b, CRC_AT);
         b
     }
@@ -106,7 +105,7 @@ impl Label {
         if !sealed(b, CRC_AT) {
             return Err(corrupt("checksum mismatch".into()));
         }
-        let version = get_u32(b, 8);
+        let version = le32(b, 8);
         if version != LABEL_VERSION {
             return Err(StorageError::Unsupported(format!(
                 "PV label version {version} on {name} (this build reads version {LABEL_VERSION})"
@@ -114,11 +113,11 @@ impl Label {
         }
         let label = Label {
             uuid: uuid_string(&b[16..32]),
-            size: get_u64(b, 32),
-            mda_offset: get_u64(b, 40),
-            mda_slot_size: get_u64(b, 48),
-            pe_start: get_u64(b, 56),
-            created: get_u64(b, 64),
+            size: le64(b, 32),
+            mda_offset: le64(b, 40),
+            mda_slot_size: le64(b, 48),
+            pe_start: le64(b, 56),
+            created: le64(b, 64),
         };
         let slot_ok = (64 << 10..=64 << 20).contains(&label.mda_slot_size);
         let area_end = label

@@ -6,18 +6,16 @@
 //! so they free or zero the host file's space.
 
 use std::any::Any;
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
-
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind};
 use crate::error::{Result, StorageError};
-use crate::io::{check_range, notify, Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
+use crate::io::stack::{Layer, Lower, ReqId, Stack, StackedQueue};
+use crate::io::{check_range, Completion, IoBuf, IoQueue, Op, QueueOptions, Request};
+use crate::sync::read_meta;
 use crate::volume::extents::ExtentMap;
-use crate::volume::stack::{pv_alignment, remaining, Lowers, Parents, PvSet};
+use crate::volume::pvs::{pv_alignment, pv_opener, PvSet};
 
 /// Something that resizes a volume through its volume group (allocation lives there).
 pub(crate) type Resizer = Arc<dyn Fn(u64) -> Result<()> + Send + Sync>;
@@ -70,7 +68,7 @@ impl LinearDevice {
     }
 
     fn map(&self) -> std::sync::RwLockReadGuard<'_, ExtentMap> {
-        self.map.read().unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.map)
     }
 }
 
@@ -96,22 +94,22 @@ impl BlockDevice for LinearDevice {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(LinearQueue {
+        let layer = LinearLayer {
             name: self.name.clone(),
             map: self.map.clone(),
             read_only: self.read_only,
-            lowers: Lowers::new(self.pvs.clone(), opts)?,
-            parents: Parents::default(),
-            ready: VecDeque::new(),
-            scratch: Vec::new(),
-            depth: opts.depth.max(1),
-            notifier: opts.notifier.clone(),
             _guard: self.guard.clone(),
-        }))
+        };
+        let lower = Lower {
+            opener: pv_opener(self.pvs.clone()),
+            depth: opts.depth.max(1),
+            own_eventfd: true,
+        };
+        Ok(Box::new(StackedQueue::new(layer, opts, lower)?))
     }
 
     fn flush(&self) -> Result<()> {
-        let pvs = self.pvs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let pvs = read_meta(&self.pvs, &self.name)?.clone();
         for i in self.map().pvs() {
             if let Some(f) = pvs.get(i) {
                 f.sync_data()?;
@@ -140,25 +138,19 @@ impl BlockDevice for LinearDevice {
     }
 }
 
-/// A queue on a linear volume. See the module documentation.
-pub struct LinearQueue {
+/// What a linear volume's queue does with requests (see the module documentation); the
+/// stacked-queue mechanism (`io/stack`) does the rest.
+struct LinearLayer {
     name: String,
     map: Arc<RwLock<ExtentMap>>,
     read_only: bool,
-    lowers: Lowers,
-    parents: Parents,
-    ready: VecDeque<Completion>,
-    scratch: Vec<Completion>,
-    depth: usize,
-    notifier: Option<Arc<EventFd>>,
     _guard: Arc<dyn Any + Send + Sync>,
 }
 
-impl fmt::Debug for LinearQueue {
+impl fmt::Debug for LinearLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LinearQueue")
+        f.debug_struct("LinearLayer")
             .field("name", &self.name)
-            .field("in_flight", &self.in_flight())
             .finish()
     }
 }
@@ -166,73 +158,68 @@ impl fmt::Debug for LinearQueue {
 /// One piece: PV, offset on it, offset within the request, length.
 type Piece = (usize, u64, u64, u64);
 
-impl LinearQueue {
-    fn complete_now(&mut self, req: Request, result: Result<u64>) {
-        self.ready.push_back(Completion::of(req, result));
-        notify(Some(self.lowers.efd()));
+fn plan(map: &ExtentMap, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        let m = map.map(offset + at).ok_or(StorageError::OutOfRange {
+            offset,
+            len,
+            size: map.size(),
+        })?;
+        let n = m.len.min(len - at);
+        pieces.push((m.pv, m.pv_offset, at, n));
+        at += n;
     }
+    Ok(pieces)
+}
 
-    fn plan(map: &ExtentMap, offset: u64, len: u64) -> Result<Vec<Piece>> {
-        let mut pieces = Vec::new();
-        let mut at = 0u64;
-        while at < len {
-            let m = map.map(offset + at).ok_or(StorageError::OutOfRange {
-                offset,
-                len,
-                size: map.size(),
-            })?;
-            let n = m.len.min(len - at);
-            pieces.push((m.pv, m.pv_offset, at, n));
-            at += n;
-        }
-        Ok(pieces)
-    }
+impl Layer for LinearLayer {
+    type Sub = ReqId;
 
-    fn dispatch(&mut self, mut req: Request) {
+    fn start(&mut self, st: &mut Stack<ReqId>, mut req: Request) {
         let writes = !matches!(req.op, Op::Read { .. } | Op::Flush);
         if writes && self.read_only {
             let e = StorageError::ReadOnly(self.name.clone());
-            return self.complete_now(req, Err(e));
+            return st.complete(Completion::of(req, Err(e)));
         }
-        let planned = {
-            let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let planned = read_meta(&self.map, &self.name).and_then(|map| {
             check_range(&req.op, map.size()).and_then(|()| match req.op.range() {
                 None => Ok(map.pvs().into_iter().map(|pv| (pv, 0, 0, 0)).collect()),
-                Some((offset, len)) => Self::plan(&map, offset, len),
+                Some((offset, len)) => plan(&map, offset, len),
             })
-        };
+        });
         let pieces = match planned {
             Ok(p) => p,
-            Err(e) => return self.complete_now(req, Err(e)),
+            Err(e) => return st.complete(Completion::of(req, Err(e))),
         };
-        if let Op::Flush = req.op {
-            if pieces.is_empty() {
-                return self.complete_now(req, Ok(0));
-            }
-            let id = self.parents.start(req.tag, None, 0, pieces.len() as u32);
-            for (pv, ..) in pieces {
-                self.lowers.submit(pv, Request::flush(id as u64));
-            }
-            return;
-        }
         let len = req.op.range().map_or(0, |r| r.1);
-        if len == 0 {
-            return self.complete_now(req, Ok(0));
+        if pieces.is_empty() || (len == 0 && !matches!(req.op, Op::Flush)) {
+            return st.complete(Completion::of(req, Ok(0)));
         }
         let buf = req.op.take_buf();
         let result_len = if buf.is_some() { len } else { 0 };
-        let id = self
-            .parents
-            .start(req.tag, buf, result_len, pieces.len() as u32);
+        let id = st.open(req.tag, buf, result_len);
+        let whole = pieces.len() == 1;
         for (pv, pv_offset, within, n) in pieces {
+            let mut piece_buf = || {
+                if whole {
+                    st.lend(id)
+                } else {
+                    // SAFETY: `plan` walks the request once in order (`at += n`), so the pieces'
+                    // views are disjoint.
+                    unsafe { st.view(id, within as usize, n as usize) }
+                }
+                .unwrap_or_else(IoBuf::empty)
+            };
             let op = match &req.op {
                 Op::Read { .. } => Op::Read {
                     offset: pv_offset,
-                    buf: self.parents.piece_buf(id, within as usize, n as usize),
+                    buf: piece_buf(),
                 },
                 Op::Write { .. } => Op::Write {
                     offset: pv_offset,
-                    buf: self.parents.piece_buf(id, within as usize, n as usize),
+                    buf: piece_buf(),
                 },
                 Op::Discard { .. } => Op::Discard {
                     offset: pv_offset,
@@ -245,67 +232,13 @@ impl LinearQueue {
                 },
                 Op::Flush => Op::Flush,
             };
-            self.lowers.submit(pv, Request { tag: id as u64, op });
+            st.hold(id);
+            st.send(pv, id, op);
         }
+        st.close(id);
     }
 
-    fn pull(&mut self) {
-        let mut done = std::mem::take(&mut self.scratch);
-        self.lowers.reap(&mut done);
-        for c in done.drain(..) {
-            let r = c.result.map(|_| ());
-            if let Some(parent) = self.parents.piece_done(c.tag as usize, r, c.buf) {
-                self.ready.push_back(parent);
-            }
-        }
-        self.scratch = done;
-    }
-}
-
-impl IoQueue for LinearQueue {
-    fn depth(&self) -> usize {
-        self.depth
-    }
-
-    fn in_flight(&self) -> usize {
-        self.parents.len() + self.ready.len()
-    }
-
-    fn submit(&mut self, req: Request) -> std::result::Result<(), QueueFull> {
-        if self.in_flight() >= self.depth {
-            return Err(QueueFull(req));
-        }
-        self.dispatch(req);
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        self.lowers.commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        self.pull();
-        let n = self.ready.len();
-        out.extend(self.ready.drain(..));
-        n
-    }
-
-    fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
-        self.lowers.commit()?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            self.pull();
-            if !self.ready.is_empty() || self.parents.len() == 0 {
-                return Ok(());
-            }
-            let Some(left) = remaining(deadline) else {
-                return Ok(());
-            };
-            self.lowers.wait(left)?;
-        }
-    }
-
-    fn notifier(&self) -> Option<&Arc<EventFd>> {
-        self.notifier.as_ref()
+    fn finished(&mut self, st: &mut Stack<ReqId>, id: ReqId, c: Completion) {
+        st.release(id, c.result.map(|_| ()), c.buf);
     }
 }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::durable::{write_atomically, Create};
 use crate::error::{Result, StorageError};
-use crate::volume::devices::write_atomically;
 use crate::volume::lock::lock_exclusive_wait;
 
 const LOCK_NAME: &str = "devices.lock";
@@ -83,7 +83,7 @@ impl ListFile {
         );
         let text = serde_json::to_vec_pretty(&doc)
             .map_err(|e| StorageError::InvalidInput(format!("Encoding the {}: {e}", self.what)))?;
-        write_atomically(&self.path(), &text)?;
+        write_atomically(&self.path(), &text, 0o644, Create::OrReplace)?;
         Ok(out)
     }
 }

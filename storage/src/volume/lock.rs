@@ -66,6 +66,8 @@ pub fn try_lock(path: &Path, what: &str, exclusive: bool) -> Result<FileLock> {
     for _ in 0..BUSY_RETRIES {
         match &result {
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                // Control path (opening a group), not a data path: flock has no wake-up for
+                // "released", and the retries are bounded.
                 std::thread::sleep(BUSY_RETRY_PAUSE);
                 result = flock(&file, mode | libc::LOCK_NB);
             }

@@ -23,11 +23,10 @@
 //!
 //! An all-zero header means the slot is empty (a PV in no volume group).
 
+use crate::bytes::{le32, le64, put_le32, put_le64};
 use crate::device::HostFile;
 use crate::error::{Result, StorageError};
-use crate::volume::codec::{
-    get_u32, get_u64, put_u32, put_u64, seal, sealed, uuid_bytes, uuid_string,
-};
+use crate::volume::codec::{seal, sealed, uuid_bytes, uuid_string};
 use crate::volume::label::Label;
 
 /// Slot magic.
@@ -70,11 +69,11 @@ fn encode(seq: u64, vg_uuid: &str, payload: &[u8], slot: usize) -> Vec<u8> {
     let len = (HEADER_SIZE + payload.len()).div_ceil(4096) * 4096;
     let mut b = vec![0u8; len];
     b[0..8].copy_from_slice(MDA_MAGIC);
-    put_u32(&mut b, 8, MDA_VERSION);
-    put_u64(&mut b, 16, seq);
-    put_u64(&mut b, 24, payload.len() as u64);
-    put_u32(&mut b, 32, crc32fast::hash(payload));
-    put_u32(&mut b, 36, slot as u32);
+    put_le32(&mut b, 8, MDA_VERSION);
+    put_le64(&mut b, 16, seq);
+    put_le64(&mut b, 24, payload.len() as u64);
+    put_le32(&mut b, 32, crc32fast::hash(payload));
+    put_le32(&mut b, 36, slot as u32);
     b[40..56].copy_from_slice(&uuid_bytes(vg_uuid));
     seal(&mut b[..HEADER_SIZE], HEADER_CRC_AT);
     b[HEADER_SIZE..HEADER_SIZE + payload.len()].copy_from_slice(payload);
@@ -95,15 +94,15 @@ pub fn read_slot(file: &dyn HostFile, label: &Label, slot: usize) -> Result<Slot
     if !sealed(&h, HEADER_CRC_AT) {
         return Ok(Slot::Damaged("header checksum mismatch".into()));
     }
-    let version = get_u32(&h, 8);
+    let version = le32(&h, 8);
     if version != MDA_VERSION {
         return Err(StorageError::Unsupported(format!(
             "volume group metadata version {version} on {} (this build reads {MDA_VERSION})",
             file.name()
         )));
     }
-    let seq = get_u64(&h, 16);
-    let len = get_u64(&h, 24);
+    let seq = le64(&h, 16);
+    let len = le64(&h, 24);
     if seq == 0 || len > capacity(label) as u64 {
         return Ok(Slot::Damaged(format!(
             "impossible header (sequence {seq}, length {len})"
@@ -111,7 +110,7 @@ pub fn read_slot(file: &dyn HostFile, label: &Label, slot: usize) -> Result<Slot
     }
     let mut payload = vec![0u8; len as usize];
     file.read_exact_at(at + HEADER_SIZE as u64, &mut payload)?;
-    if crc32fast::hash(&payload) != get_u32(&h, 32) {
+    if crc32fast::hash(&payload) != le32(&h, 32) {
         return Ok(Slot::Damaged("payload checksum mismatch".into()));
     }
     Ok(Slot::Valid {

@@ -8,7 +8,8 @@
 //!   lists PVs and volumes and is committed to every PV at once. Groups are found through the
 //!   devices file of the data directory (`devices.rs`, `store.rs`).
 //! - A **linear volume** (`linear.rs`) is a run of extents, possibly on several PVs; its queue
-//!   maps and forwards to the PVs' own queues (`stack.rs`, `extents.rs`).
+//!   maps and forwards to the PVs' own queues through the stacked-queue mechanism of
+//!   `crate::io` (`extents.rs`, `pvs.rs`).
 //! - A **thin pool** (`thin/`) is two hidden linear volumes (data and metadata) plus a record;
 //!   thin volumes, snapshots and clones live in its copy-on-write metadata.
 //!
@@ -40,11 +41,11 @@ mod lvbitmap;
 pub mod mda;
 pub mod meta;
 pub mod name;
+pub(crate) mod pvs;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 pub mod rbd_groups;
 pub mod region;
-pub(crate) mod stack;
 pub mod store;
 pub mod thin;
 pub mod vg;

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::error::{Result, StorageError};
 use crate::volume::extents::ExtentMap;
-use crate::volume::stack::PvSet;
+use crate::volume::pvs::PvSet;
 
 /// A linear volume seen as bytes. See the module documentation.
 #[derive(Clone, Debug)]
@@ -24,7 +24,7 @@ impl Region {
 
     /// Bytes in the volume.
     pub fn size(&self) -> u64 {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).size()
+        crate::sync::read(&self.map).size()
     }
 
     /// The name used in messages.
@@ -34,7 +34,7 @@ impl Region {
 
     /// PV indexes the volume uses.
     pub fn pv_indexes(&self) -> Vec<usize> {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).pvs()
+        crate::sync::read(&self.map).pvs()
     }
 
     fn each_piece(
@@ -43,7 +43,7 @@ impl Region {
         len: usize,
         mut f: impl FnMut(usize, u64, usize, usize) -> Result<()>,
     ) -> Result<()> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let map = crate::sync::read(&self.map).clone();
         let mut at = 0usize;
         while at < len {
             let m = map
@@ -61,14 +61,9 @@ impl Region {
     }
 
     fn pv(&self, i: usize) -> Result<crate::SharedFile> {
-        self.pvs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(i)
-            .cloned()
-            .ok_or_else(|| {
-                StorageError::Unavailable(format!("PV #{i} of {} is not open", self.name))
-            })
+        crate::sync::read(&self.pvs).get(i).cloned().ok_or_else(|| {
+            StorageError::Unavailable(format!("PV #{i} of {} is not open", self.name))
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset`.

@@ -16,7 +16,7 @@ use crate::volume::lock::FileLock;
 use crate::volume::mda::{self, Slot};
 use crate::volume::meta::{LvKind, PvMeta, VgMeta, DEFAULT_EXTENT_SIZE, MAX_PVS, META_FORMAT};
 use crate::volume::name::{check_name, new_uuid, now_secs, NameKind};
-use crate::volume::stack::PvSet;
+use crate::volume::pvs::PvSet;
 use crate::volume::thin::ThinPool;
 
 /// A device offered to a volume group: an open file, where it came from, and its lock.
@@ -164,8 +164,13 @@ fn survey(candidates: Vec<PvHandle>, skipped: &mut Vec<String>) -> Vec<Found> {
     out
 }
 
+/// Locks the group's state. A poisoned lock (a thread panicked while changing it) marks the
+/// group failed: it refuses further commits until it is reopened (see `crate::sync`).
 pub(crate) fn lock_state(inner: &VgInner) -> MutexGuard<'_, VgState> {
-    inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    crate::sync::lock_or_mark(&inner.state, |st| {
+        st.failed
+            .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
+    })
 }
 
 impl Vg {
@@ -385,11 +390,7 @@ impl Vg {
     }
 
     pub(crate) fn files(&self) -> Vec<SharedFile> {
-        self.inner
-            .pvs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::read(&self.inner.pvs).clone()
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, VgState> {
@@ -510,7 +511,7 @@ impl Vg {
         // The new PVs join the set first so that the commit writes to them too.
         let old_len = st.labels.len();
         {
-            let mut files = self.inner.pvs.write().unwrap_or_else(|p| p.into_inner());
+            let mut files = crate::sync::write(&self.inner.pvs);
             for f in &found {
                 files.push(f.handle.file.clone());
             }
@@ -522,11 +523,7 @@ impl Vg {
             st.locks.push(f.handle.lock);
         }
         if let Err(e) = self.commit(&mut st, meta) {
-            self.inner
-                .pvs
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .truncate(old_len);
+            crate::sync::write(&self.inner.pvs).truncate(old_len);
             st.labels.truncate(old_len);
             st.names.truncate(old_len);
             st.problems.truncate(old_len);
@@ -583,22 +580,13 @@ impl Vg {
                 }
             }
         }
-        let file = self
-            .inner
-            .pvs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(idx);
+        let file = crate::sync::write(&self.inner.pvs).remove(idx);
         let label = st.labels.remove(idx);
         let name = st.names.remove(idx);
         let problems = st.problems.remove(idx);
         let lock = st.locks.remove(idx);
         if let Err(e) = self.commit(&mut st, meta) {
-            self.inner
-                .pvs
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(idx, file);
+            crate::sync::write(&self.inner.pvs).insert(idx, file);
             st.labels.insert(idx, label);
             st.names.insert(idx, name);
             st.problems.insert(idx, problems);
@@ -714,7 +702,7 @@ pub(crate) fn refresh_maps(st: &mut VgState) {
             let m = ExtentMap::new(segments, extent_size, &pe_starts);
             keep.insert(lv.uuid.clone());
             match st.maps.get(&lv.uuid) {
-                Some(existing) => *existing.write().unwrap_or_else(|p| p.into_inner()) = m,
+                Some(existing) => *crate::sync::write(existing) = m,
                 None => {
                     st.maps.insert(lv.uuid.clone(), Arc::new(RwLock::new(m)));
                 }

@@ -6,6 +6,8 @@
 //! feature, offsets inside the frame), and the header the tap gets is rebuilt from the checked
 //! fields rather than copied.
 
+use strata_storage::bytes::le16;
+
 use super::{features, HDR_LEN};
 
 /// `flags`: the checksum from `csum_start` on is to be filled in.
@@ -32,10 +34,6 @@ pub struct TxHeader {
     gso_size: u16,
     csum_start: u16,
     csum_offset: u16,
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
 }
 
 impl TxHeader {

@@ -300,38 +300,11 @@ impl ConsoleState {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the folder.
+/// Writes `bytes` to `path` atomically, readable by its owner only (a temporary file, fsync,
+/// rename, fsync of the folder: [`strata_storage::durable::write_atomically`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode_0600()
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
-    }
+    use strata_storage::durable::{write_atomically, Create};
+    write_atomically(path, bytes, 0o600, Create::OrReplace).map_err(std::io::Error::other)
 }
 
 /// Seconds since the epoch.

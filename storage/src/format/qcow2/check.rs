@@ -16,7 +16,9 @@ use crate::error::{Result, StorageError};
 
 use super::entry::{L2Entry, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO};
 use super::header::{autoclear, ext, incompat};
-use super::meta::{be64, l1_entry_offset, read_u64_table, Meta};
+use crate::bytes::{be16, be32, be64};
+
+use super::meta::{l1_entry_offset, read_u64_table, Meta};
 
 /// Most clusters a check counts (4 GiB of reference counters at most).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 30;
@@ -192,7 +194,7 @@ impl Meta {
             total_clusters: self.header.size.div_ceil(cs),
             ..CheckReport::default()
         };
-        let nb = self.file_len.max(self.hwm).div_ceil(cs);
+        let nb = self.file_len().max(self.refs.hwm()).div_ceil(cs);
         if nb > MAX_CHECK_CLUSTERS {
             r.check_errors += 1;
             r.messages.push(format!(
@@ -208,7 +210,7 @@ impl Meta {
             bad_blocks: HashSet::new(),
         };
         c.add(&mut r, 0, cs, "header");
-        let l1 = self.l1.clone();
+        let l1 = self.l1.entries().to_vec();
         let l1_off = self.header.l1_table_offset;
         // L2 tables by how many L1 entries reach them: each is read once however often it is
         // referenced, so the work is bounded by the file's size.
@@ -218,7 +220,7 @@ impl Meta {
         // Snapshot L1 tables are read once per offset, and all of them (with the bitmap
         // tables) within a budget tied to the file's size, so a crafted snapshot table cannot
         // make the check read terabytes.
-        let mut budget = self.file_len.saturating_mul(4).saturating_add(64 << 20);
+        let mut budget = self.file_len().saturating_mul(4).saturating_add(64 << 20);
         let mut seen_l1 = HashSet::new();
         for s in self.snapshots.clone() {
             let bytes = u64::from(s.l1_size) * 8;
@@ -244,7 +246,7 @@ impl Meta {
             if unaligned
                 || s.l1_offset
                     .checked_add(bytes)
-                    .is_none_or(|e| e > self.file_len)
+                    .is_none_or(|e| e > self.file_len())
             {
                 // What the table references is unknown: count the clusters it touches.
                 if unaligned {
@@ -335,7 +337,7 @@ impl Meta {
                 ));
                 c.count(r, off, cs, 1, "L2 table");
                 c.unread_tables += 1;
-            } else if off.checked_add(cs).is_none_or(|end| end > self.file_len) {
+            } else if off.checked_add(cs).is_none_or(|end| end > self.file_len()) {
                 c.count(r, off, cs, 1, "L2 table");
                 c.unread_tables += 1;
             } else {
@@ -356,7 +358,7 @@ impl Meta {
         order.sort_unstable();
         for (l2_off, n) in order {
             c.add_n(r, l2_off, cs, n, "L2 table");
-            let slot = match self.l2_slot(l2_off) {
+            let slot = match self.l2_slot_blocking(l2_off) {
                 Ok(s) => s,
                 Err(err) => {
                     r.check_errors += 1;
@@ -453,7 +455,7 @@ impl Meta {
             } else {
                 (ZERO, 0)
             };
-            let slot = self.l2_slot(l2_off)?;
+            let slot = self.l2_slot_blocking(l2_off)?;
             self.set_l2_raw(slot, j, zero_raw, zero_bitmap);
             r.corruptions_fixed += 1;
             r.messages.push(format!(
@@ -476,13 +478,15 @@ impl Meta {
         let mut seen = HashSet::new();
         let mut prev: Option<u64> = None;
         for &e in l1 {
-            let Ok(t) = l1_entry_offset(e, &self.geo, self.file_len) else {
+            let Ok(t) = l1_entry_offset(e, &self.geo, self.file_len()) else {
                 continue;
             };
             if t == 0 || !seen.insert(t) {
                 continue;
             }
-            let Ok(slot) = self.l2_slot(t) else { continue };
+            let Ok(slot) = self.l2_slot_blocking(t) else {
+                continue;
+            };
             for j in 0..self.geo.l2_entries as usize {
                 let (raw, bitmap) = self.l2_raw(slot, j);
                 match self.geo.decode(raw, bitmap) {
@@ -517,13 +521,13 @@ impl Meta {
                 .push("ERROR the bitmaps extension is truncated".into());
             return;
         }
-        let nb = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+        let nb = be32(&data, 0);
         let dir_size = be64(&data, 8);
         let dir_off = be64(&data, 16);
         if dir_size > 64 << 20
             || dir_off
                 .checked_add(dir_size)
-                .is_none_or(|e| e > self.file_len)
+                .is_none_or(|e| e > self.file_len())
         {
             r.corruptions += 1;
             r.messages
@@ -542,11 +546,9 @@ impl Meta {
                 break;
             }
             let table_off = be64(&dir, at);
-            let table_size =
-                u32::from_be_bytes([dir[at + 8], dir[at + 9], dir[at + 10], dir[at + 11]]);
-            let name_size = u16::from_be_bytes([dir[at + 18], dir[at + 19]]) as usize;
-            let extra = u32::from_be_bytes([dir[at + 20], dir[at + 21], dir[at + 22], dir[at + 23]])
-                as usize;
+            let table_size = be32(&dir, at + 8);
+            let name_size = be16(&dir, at + 18) as usize;
+            let extra = be32(&dir, at + 20) as usize;
             c.add(r, table_off, u64::from(table_size) * 8, "bitmap table");
             let bytes = u64::from(table_size) * 8;
             if bytes > budget {
@@ -576,8 +578,8 @@ impl Meta {
         let foreign = self.non_l2_metadata_clusters();
         let mut seen = HashSet::new();
         for i in 0..self.l1.len() {
-            let e = self.l1[i];
-            let Ok(l2_off) = l1_entry_offset(e, &self.geo, self.file_len) else {
+            let e = self.l1.get(i);
+            let Ok(l2_off) = l1_entry_offset(e, &self.geo, self.file_len()) else {
                 continue;
             };
             if l2_off == 0 {
@@ -612,7 +614,7 @@ impl Meta {
                     r.corruptions += 1;
                 }
             }
-            let Ok(slot) = self.l2_slot(l2_off) else {
+            let Ok(slot) = self.l2_slot_blocking(l2_off) else {
                 continue;
             };
             for j in 0..self.geo.l2_entries as usize {
@@ -638,7 +640,7 @@ impl Meta {
                     ));
                     if fix {
                         // Look the table up again: refcount lookups may have moved cache slots.
-                        let slot = self.l2_slot(l2_off)?;
+                        let slot = self.l2_slot_blocking(l2_off)?;
                         self.set_l2_raw(
                             slot,
                             j,
@@ -661,7 +663,7 @@ impl Meta {
         let cs = self.geo.cluster_size;
         let mut set = HashSet::from([0u64]);
         let mut range = |off: u64, len: u64| {
-            if len > 0 && off.checked_add(len).is_some_and(|end| end <= self.file_len) {
+            if len > 0 && off.checked_add(len).is_some_and(|end| end <= self.file_len()) {
                 set.extend(off / cs..=(off + len - 1) / cs);
             }
         };
@@ -677,7 +679,7 @@ impl Meta {
         for s in &self.snapshots {
             range(s.l1_offset, u64::from(s.l1_size) * 8);
         }
-        for &e in &self.reftable {
+        for &e in self.refs.table() {
             range(e & !RT_RESERVED, cs);
         }
         set

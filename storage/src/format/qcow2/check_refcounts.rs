@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use crate::error::Result;
 
 use super::check::{CheckReport, Counter, Repair, RT_RESERVED};
-use super::meta::Meta;
+use super::meta::{read_table, Meta};
 
 impl Meta {
     /// Counts the refcount blocks. An entry with reserved bits set, or whose block is unaligned
@@ -22,8 +22,8 @@ impl Meta {
         let cs = self.geo.cluster_size;
         let fix = repair == Repair::All;
         let mut blocks = HashSet::new();
-        for i in 0..self.reftable.len() {
-            let e = self.reftable[i];
+        for i in 0..self.refs.table().len() {
+            let e = self.refs.table()[i];
             if e & RT_RESERVED != 0 {
                 r.messages.push(format!(
                     "{} refcount table entry {i} has reserved bits set",
@@ -41,7 +41,7 @@ impl Meta {
                 continue;
             }
             let unaligned = off % cs != 0;
-            if unaligned || off.checked_add(cs).is_none_or(|end| end > self.file_len) {
+            if unaligned || off.checked_add(cs).is_none_or(|end| end > self.file_len()) {
                 r.messages.push(format!(
                     "{} refcount block {i} at {off:#x} {}",
                     if fix { "Repairing" } else { "ERROR" },
@@ -93,9 +93,10 @@ impl Meta {
                 if fix { "Repairing" } else { "ERROR" }
             ));
             if fix {
-                self.exclude = Some(c.refs.iter().map(|&n| n > 0).collect());
-                let moved = self.alloc_clusters(rt_clusters);
-                self.exclude = None;
+                self.refs
+                    .set_exclude(Some(c.refs.iter().map(|&n| n > 0).collect()));
+                let moved = self.alloc_clusters_blocking(rt_clusters);
+                self.refs.set_exclude(None);
                 let (new, _) = moved?;
                 for k in 0..rt_clusters {
                     if let Some(n) = c.refs.get_mut((rt_off / cs + k) as usize) {
@@ -104,7 +105,7 @@ impl Meta {
                     c.count_new(new + k * cs);
                 }
                 self.header.refcount_table_offset = new;
-                self.reftable_moved = true;
+                self.refs.relocate_table(new);
                 self.header_dirty = true;
                 self.rebuild_metadata_map();
                 r.corruptions_fixed += 1;
@@ -112,8 +113,8 @@ impl Meta {
                 r.corruptions += 1;
             }
         }
-        for i in 0..self.reftable.len() {
-            let old = self.reftable[i] & !RT_RESERVED;
+        for i in 0..self.refs.table().len() {
+            let old = self.refs.table()[i] & !RT_RESERVED;
             if old == 0 || c.bad_blocks.contains(&i) {
                 continue;
             }
@@ -129,9 +130,10 @@ impl Meta {
                 r.corruptions += 1;
                 continue;
             }
-            self.exclude = Some(c.refs.iter().map(|&n| n > 0).collect());
+            self.refs
+                .set_exclude(Some(c.refs.iter().map(|&n| n > 0).collect()));
             let moved = self.move_refcount_block(i, old);
-            self.exclude = None;
+            self.refs.set_exclude(None);
             let new = moved?;
             if let Some(n) = c.refs.get_mut((old / cs) as usize) {
                 *n -= 1;
@@ -145,30 +147,23 @@ impl Meta {
     /// Copies refcount block `i` from `old` to a newly allocated cluster and points the
     /// refcount table at the copy; the cluster at `old` is left to its other users.
     pub(super) fn move_refcount_block(&mut self, i: usize, old: u64) -> Result<u64> {
-        let (new, _) = self.alloc_clusters(1)?;
+        let (new, _) = self.alloc_clusters_blocking(1)?;
         // The allocation may have counted itself in this very block: copy after it.
-        let slot = match self.rb.lookup(old) {
-            Some(s) => s,
-            None => {
-                self.make_room_rb()?;
-                let mut buf = crate::io::IoBuf::new(self.geo.cluster_size as usize);
-                self.file
-                    .read_exact_at(old, buf.as_mut_slice().unwrap_or(&mut []))?;
-                self.rb.insert(old, buf, false)
-            }
+        let data = match self.refs.blocks_mut().lookup(old) {
+            Some(s) => crate::io::IoBuf::from_slice(self.refs.blocks().bytes(s)),
+            None => read_table(self.file.as_ref(), old, self.geo.cluster_size)?,
         };
-        let (_, data, _) = self.rb.remove(slot);
-        self.make_room_rb()?;
-        self.rb.insert(new, data, true);
-        self.set_reftable_entry(i, new);
+        // The cluster at `old` belongs to its other users now: no write-back may go there.
+        self.refs.blocks_mut().forget(old);
+        self.refs.blocks_mut().insert_new(new, data);
+        self.refs.set_table_entry(i, new);
         self.rebuild_metadata_map();
         Ok(new)
     }
 
     /// Sets refcount table entry `i` (which becomes dirty).
     pub(super) fn set_reftable_entry(&mut self, i: usize, value: u64) {
-        self.reftable[i] = value;
-        self.reftable_dirty.insert(i * 8 / self.unit);
+        self.refs.set_table_entry(i, value);
     }
 
     /// The stored refcount of `cl`; zero where its refcount block is unusable.
@@ -178,7 +173,7 @@ impl Meta {
         {
             return Ok(0);
         }
-        self.refcount(cl)
+        self.refcount_blocking(cl)
     }
 
     pub(super) fn compare_refcounts(
@@ -187,7 +182,7 @@ impl Meta {
         r: &mut CheckReport,
         repair: Repair,
     ) -> Result<()> {
-        let covered = self.reftable.len() as u64 * self.geo.rb_entries;
+        let covered = self.refs.table().len() as u64 * self.geo.rb_entries;
         let end = covered.max(c.refs.len() as u64);
         let mut fixes: Vec<(u64, u64, bool)> = Vec::new();
         let mut cl = 0u64;
@@ -196,7 +191,7 @@ impl Meta {
             // Past the end of the file, only refcount blocks that exist (each once) can hold
             // anything; all-zero ones hold nothing.
             let ti = (cl / self.geo.rb_entries) as usize;
-            let block = self.reftable.get(ti).map_or(0, |&e| e & !RT_RESERVED);
+            let block = self.refs.table().get(ti).map_or(0, |&e| e & !RT_RESERVED);
             let has_block = block != 0 && !c.bad_blocks.contains(&ti);
             if cl >= c.refs.len() as u64 && cl % self.geo.rb_entries == 0 {
                 let skip = !has_block
@@ -208,7 +203,7 @@ impl Meta {
                 }
             }
             let stored = if has_block {
-                match self.refcount(cl) {
+                match self.refcount_blocking(cl) {
                     Ok(v) => v,
                     Err(e) => {
                         r.check_errors += 1;
@@ -236,7 +231,7 @@ impl Meta {
             cl += 1;
         }
         let exclude: Vec<bool> = c.refs.iter().map(|&n| n > 0).collect();
-        self.exclude = Some(exclude);
+        self.refs.set_exclude(Some(exclude));
         let mut result = Ok(());
         for (cl, refs, leak) in fixes {
             let fix = match repair {
@@ -247,7 +242,7 @@ impl Meta {
             // A table the check could not read may use a cluster that looks leaked.
             let fix = fix && !(leak && c.unread_tables > 0);
             if fix {
-                if let Err(e) = self.set_refcount(cl, refs) {
+                if let Err(e) = self.set_refcount_blocking(cl, refs) {
                     result = Err(e);
                     break;
                 }
@@ -259,14 +254,14 @@ impl Meta {
                 (false, false) => r.corruptions += 1,
             }
         }
-        self.exclude = None;
+        self.refs.set_exclude(None);
         result
     }
 
     pub(super) fn block_is_zero(&self, offset: u64) -> Result<bool> {
         if offset
             .checked_add(self.geo.cluster_size)
-            .is_none_or(|e| e > self.file_len)
+            .is_none_or(|e| e > self.file_len())
         {
             return Ok(false);
         }

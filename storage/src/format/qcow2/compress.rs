@@ -97,7 +97,7 @@ impl Qcow2CompressedWriter {
     /// Places `len` compressed bytes; returns their host offset, with the references taken.
     fn place(&mut self, len: u64) -> Result<u64> {
         let cs = self.cs;
-        let mut m = self.img.lock();
+        let (_wb, mut m) = self.img.control()?;
         let room = if self.tail == 0 {
             0
         } else {
@@ -105,23 +105,23 @@ impl Qcow2CompressedWriter {
         };
         if self.tail != 0 && self.tail % cs != 0 && len <= room {
             let at = self.tail;
-            m.update_refcount(at / cs, 1)?;
+            m.update_refcount_blocking(at / cs, 1)?;
             self.tail = at + len;
             return Ok(at);
         }
         if self.tail != 0 && self.tail % cs != 0 {
             // Spill into the next cluster if it comes out adjacent.
-            let (next, _) = m.alloc_clusters(1)?;
+            let (next, _) = m.alloc_clusters_blocking(1)?;
             if next == self.tail.next_multiple_of(cs) {
                 let at = self.tail;
-                m.update_refcount(at / cs, 1)?;
+                m.update_refcount_blocking(at / cs, 1)?;
                 self.tail = at + len;
                 return Ok(at);
             }
             self.tail = next + len;
             return Ok(next);
         }
-        let (next, _) = m.alloc_clusters(1)?;
+        let (next, _) = m.alloc_clusters_blocking(1)?;
         self.tail = next + len;
         Ok(next)
     }
@@ -165,7 +165,7 @@ impl CompressedWriter for Qcow2CompressedWriter {
                 )
             }
             None => {
-                let (host, _) = self.img.lock().alloc_clusters(1)?;
+                let (host, _) = self.img.control()?.1.alloc_clusters_blocking(1)?;
                 self.write_buffer()?;
                 self.img.file().write_all_at(host, &cluster)?;
                 (host | COPIED, None)
@@ -174,9 +174,9 @@ impl CompressedWriter for Qcow2CompressedWriter {
         if let Some((at, c)) = host_bytes {
             self.append(at, &c)?;
         }
-        let mut m = self.img.lock();
+        let (_wb, mut m) = self.img.control()?;
         let (l1i, l2i) = m.geo.indices(offset);
-        let slot = m.writable_l2(l1i)?;
+        let slot = m.writable_l2_blocking(l1i)?;
         // Uncompressed clusters in extended L2 entries: every subcluster allocated.
         let bitmap = if m.geo.extended && entry & COMPRESSED == 0 {
             u64::from(u32::MAX)
@@ -190,7 +190,7 @@ impl CompressedWriter for Qcow2CompressedWriter {
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.write_buffer()?;
         self.img.flush()?;
-        let mut m = self.img.lock();
+        let (_wb, mut m) = self.img.control()?;
         m.write_everything()
     }
 }

@@ -5,6 +5,7 @@
 //! not implement with an error naming the feature; [`Header::serialize`] writes the header back
 //! with every extension we do not interpret kept byte for byte.
 
+use crate::bytes::{be32, be64};
 use crate::error::{Result, StorageError};
 
 /// `QFI\xfb`.
@@ -138,16 +139,6 @@ pub struct Header {
     pub extensions: Vec<Extension>,
     /// Backing file name.
     pub backing_file: Option<String>,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn corrupt(detail: impl Into<String>) -> StorageError {

@@ -1,23 +1,38 @@
-//! The metadata of an open qcow2 image: header, active L1 table, refcount table, the bounded
-//! caches of L2 tables and refcount blocks, and the bookkeeping of allocations in flight.
+//! The metadata of an open qcow2 image, in memory, made of owned parts:
+//! - the header (and whether it changed, and whether its dirty bit is on disk);
+//! - the active L1 table ([`L1Table`], `l1.rs`);
+//! - the cache of L2 tables ([`TableCache`], `cache.rs`);
+//! - refcounts with allocation, the file's extent and the metadata map ([`Refcounts`],
+//!   `refcounts.rs`);
+//! - allocating writes in flight ([`Allocations`], `inflight.rs`);
+//! - the internal snapshots.
 //!
-//! One [`Meta`] per image lives behind a mutex shared by every queue. Lookups ([`Meta::map`])
-//! hold it only to walk L1 → L2 (loading an L2 table on a miss); data I/O runs outside it.
-//! Refcounts and allocation are in `alloc.rs`, write planning in `plan.rs`, and the ordered
-//! write-back of dirty tables in `writeback.rs`.
+//! One [`Meta`] per image lives behind a mutex shared by every queue and the image's metadata
+//! worker. Nothing a data path does under that mutex makes a system call: an operation that needs
+//! a table that is not in memory, a longer file or room in a full cache stops with a [`Stall`]
+//! (changing nothing), the queue reads the table on its host queue or asks the worker
+//! (`worker.rs`), parks the piece and retries when woken. Control-plane operations that run with
+//! the image idle (snapshots, resize, check and repair, close) do their I/O inline instead
+//! (`*_blocking` methods).
+//!
+//! Write planning is in `plan.rs`, the ordered write-back of dirty tables in `writeback.rs`.
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::SharedFile;
+use crate::bytes::be64;
+use crate::device::{HostFile, SharedFile};
 use crate::error::{Result, StorageError};
+use crate::io::stack::wake::Waiters;
 use crate::io::IoBuf;
 
 use super::cache::TableCache;
 use super::entry::{subcluster_mapping, Geometry, L2Entry, Mapping, L1_RESERVED, OFFSET_MASK};
 use super::header::{autoclear, Header, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+use super::inflight::Allocations;
+use super::l1::L1Table;
+use super::refcounts::Refcounts;
 use super::snapshot_table::{self, Snapshot};
 
 /// Default cap on the L2 cache (QEMU's default on Linux).
@@ -40,6 +55,68 @@ pub struct MetaOptions {
     pub for_check: bool,
 }
 
+/// A metadata table, by its host offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// An L2 table.
+    L2(u64),
+    /// A refcount block.
+    Refblock(u64),
+}
+
+impl Table {
+    /// Host offset of the table.
+    pub fn offset(self) -> u64 {
+        match self {
+            Table::L2(o) | Table::Refblock(o) => o,
+        }
+    }
+}
+
+/// Work for the image's metadata worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// Write back dirty tables so that the caches can shrink.
+    Room,
+    /// Grow the file to at least this many bytes.
+    Grow(u64),
+}
+
+/// Why a metadata operation stopped without changing anything. See the module documentation.
+#[derive(Debug)]
+pub enum Stall {
+    /// A table must be read first.
+    Load(Table),
+    /// An allocation of the same cluster is in flight (the caller's eventfd was registered).
+    Busy,
+    /// The metadata worker must do this first.
+    Worker(Job),
+    /// The operation failed.
+    Failed(StorageError),
+}
+
+impl From<StorageError> for Stall {
+    fn from(e: StorageError) -> Self {
+        Stall::Failed(e)
+    }
+}
+
+/// The outcome of a metadata step.
+pub type Step<T> = std::result::Result<T, Stall>;
+
+/// What a queue does about a [`Stall`], decided under the lock by [`Meta::wait_for`].
+#[derive(Debug)]
+pub enum Await {
+    /// Read this table on the host queue and hand it to [`Meta::finish_load`]; then retry.
+    Read(Table),
+    /// Someone else works on it; retry when woken.
+    Wait,
+    /// Post this job to the worker; retry when woken.
+    Post(Job),
+    /// Give up with this error.
+    Fail(StorageError),
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Meta {
@@ -47,6 +124,10 @@ pub struct Meta {
     pub geo: Geometry,
     /// The header as last written (or to be written).
     pub header: Header,
+    /// The header changed.
+    pub(super) header_dirty: bool,
+    /// The dirty bit is set in the header on disk.
+    pub(super) dirty_on_disk: bool,
     /// The image file.
     pub file: SharedFile,
     /// Opened for writing.
@@ -58,37 +139,13 @@ pub struct Meta {
     /// Whether the image has a backing file (unallocated clusters read from it).
     pub has_backing: bool,
     /// The active L1 table.
-    pub(super) l1: Vec<u64>,
-    /// Units of the L1 table to write back.
-    pub(super) l1_dirty: BTreeSet<usize>,
+    pub(super) l1: L1Table,
     /// Cached L2 tables.
     pub(super) l2: TableCache,
-    /// Cached refcount blocks.
-    pub(super) rb: TableCache,
-    /// The refcount table.
-    pub(super) reftable: Vec<u64>,
-    /// Units of the refcount table to write back.
-    pub(super) reftable_dirty: BTreeSet<usize>,
-    /// The refcount table moved: write it whole, then the header.
-    pub(super) reftable_moved: bool,
-    /// The header changed.
-    pub(super) header_dirty: bool,
-    /// Search for free clusters starts here (cluster index).
-    pub(super) free_hint: u64,
-    /// Clusters at or beyond this byte offset were never handed out since open: they read zeros.
-    pub(super) hwm: u64,
-    /// Current length of the file (we extend it ahead of allocations).
-    pub(super) file_len: u64,
-    /// Length at open, so close can trim only what we added.
-    pub(super) orig_len: u64,
-    /// Host clusters whose refcount drops once the metadata that stopped using them is durable.
-    pub(super) pending_free: Vec<u64>,
-    /// Clusters being allocated right now, which free-space searches skip.
-    pub(super) reserved: Vec<(u64, u64)>,
-    /// Clusters that must never be handed out (a repair in progress: every referenced cluster).
-    pub(super) exclude: Option<Vec<bool>>,
-    /// Guest clusters with an allocating write in flight, and the notifiers of queues waiting.
-    pub inflight: HashMap<u64, Vec<Option<Arc<EventFd>>>>,
+    /// Refcounts, allocation, the file's extent and the metadata map.
+    pub(super) refs: Refcounts,
+    /// Allocating writes in flight.
+    pub(super) allocs: Allocations,
     /// Internal snapshots.
     pub snapshots: Vec<Snapshot>,
     /// Length of the snapshot table on disk.
@@ -97,37 +154,75 @@ pub struct Meta {
     pub(super) opts: MetaOptions,
     /// Metadata write unit: whole sectors, or the file's direct I/O alignment.
     pub(super) unit: usize,
-    /// The dirty bit is set in the header on disk.
-    pub(super) dirty_on_disk: bool,
-    /// Host clusters holding metadata (`overlap.rs`).
-    pub(super) metadata: super::overlap::MetadataMap,
-}
-
-pub(super) fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
+    /// A write-back has copied dirty state and not finished: a flush must wait for it.
+    pub(super) writeback_running: bool,
+    /// Queues waiting for the worker's next job to end.
+    pub(super) worker_waiters: Waiters,
+    /// The worker's last write-back failed with this (cleared by one that succeeds).
+    pub(super) worker_error: Option<StorageError>,
+    /// The worker's last growth of the file failed with this (cleared by one that succeeds).
+    pub(super) grow_error: Option<StorageError>,
+    /// Table reads that failed, and how many waiters are still to be told.
+    pub(super) failed_loads: Vec<(Table, StorageError, usize)>,
+    /// A cache is well above its capacity with nothing it may drop: a write-back would help.
+    pub(super) room_wanted: bool,
+    /// The refcount table moves the header's fields reflect.
+    pub(super) table_moves_seen: u64,
 }
 
 pub(super) fn corrupt(what: &str, detail: impl Into<String>) -> StorageError {
     StorageError::corrupt(what, detail)
 }
 
+/// `(byte offset in the table, bytes)` of the write units `units` of a table of big-endian
+/// u64s, never reaching past `limit_bytes`.
+pub(super) fn encode_units(
+    table: &[u64],
+    units: &[usize],
+    unit: usize,
+    limit_bytes: u64,
+) -> Vec<(u64, Vec<u8>)> {
+    let per_unit = unit / 8;
+    let mut out = Vec::with_capacity(units.len());
+    for &u in units {
+        let start = (u * unit) as u64;
+        if start >= limit_bytes {
+            continue;
+        }
+        let n = ((u + 1) * unit) as u64;
+        let mut bytes = vec![0u8; (n.min(limit_bytes) - start) as usize];
+        for (i, chunk) in bytes.chunks_exact_mut(8).enumerate() {
+            if let Some(v) = table.get(u * per_unit + i) {
+                chunk.copy_from_slice(&v.to_be_bytes());
+            }
+        }
+        out.push((start, bytes));
+    }
+    out
+}
+
 /// Reads the header cluster of `file` and parses it.
-pub fn read_header(file: &dyn crate::device::HostFile) -> Result<Header> {
+pub fn read_header(file: &dyn HostFile) -> Result<Header> {
     let len = file.len();
     let mut first = vec![0u8; len.min(512) as usize];
     file.read_exact_at(0, &mut first)?;
     if first.len() < 24 {
         return Header::parse(&first);
     }
-    let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+    let bits = crate::bytes::be32(&first, 20);
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
         return Header::parse(&first);
     }
     let mut cluster = vec![0u8; len.min(1 << bits) as usize];
     file.read_exact_at(0, &mut cluster)?;
     Header::parse(&cluster)
+}
+
+/// Reads one cluster-sized table at `offset` into an aligned buffer (for the cache).
+pub(super) fn read_table(file: &dyn HostFile, offset: u64, cluster_size: u64) -> Result<IoBuf> {
+    let mut buf = IoBuf::new(cluster_size as usize);
+    file.read_exact_at(offset, buf.as_mut_slice().unwrap_or(&mut []))?;
+    Ok(buf)
 }
 
 impl Meta {
@@ -209,37 +304,39 @@ impl Meta {
         let rb_bytes = opts.rb_cache_bytes.unwrap_or(DEFAULT_RB_CACHE_BYTES);
         let cap = |bytes: u64| ((bytes / cs) as usize).clamp(4, 65536);
         let unit = (file.alignment().max(512) as u64).min(cs) as usize;
-        let dirty_on_disk = header.dirty();
-        let has_backing = header.backing_file.is_some();
+        let refs = Refcounts::new(
+            geo,
+            name.clone(),
+            reftable,
+            (header.refcount_table_offset, header.refcount_table_clusters),
+            cap(rb_bytes),
+            unit,
+            file_len,
+        );
         let mut meta = Meta {
             geo,
+            header_dirty: false,
+            dirty_on_disk: header.dirty(),
+            has_backing: header.backing_file.is_some(),
+            header,
             file,
             writable: opts.writable,
             stale: false,
-            has_backing,
-            l1,
-            l1_dirty: BTreeSet::new(),
+            l1: L1Table::new(l1, unit),
             l2: TableCache::new(cap(l2_bytes)),
-            rb: TableCache::new(cap(rb_bytes)),
-            reftable,
-            reftable_dirty: BTreeSet::new(),
-            reftable_moved: false,
-            header_dirty: false,
-            free_hint: 1,
-            hwm: file_len.next_multiple_of(cs),
-            file_len,
-            orig_len: file_len,
-            pending_free: Vec::new(),
-            reserved: Vec::new(),
-            exclude: None,
-            inflight: HashMap::new(),
+            refs,
+            allocs: Allocations::default(),
             snapshots,
             snapshot_table_bytes,
             opts,
             unit,
-            dirty_on_disk,
-            header,
-            metadata: Default::default(),
+            writeback_running: false,
+            worker_waiters: Waiters::default(),
+            worker_error: None,
+            grow_error: None,
+            failed_loads: Vec::new(),
+            room_wanted: false,
+            table_moves_seen: 0,
         };
         meta.rebuild_metadata_map();
         if opts.writable && meta.header.autoclear_features & autoclear::NOT_MAINTAINED != 0 {
@@ -259,34 +356,43 @@ impl Meta {
 
     /// The active L1 table.
     pub fn l1_table(&self) -> &[u64] {
-        &self.l1
+        self.l1.entries()
+    }
+
+    /// Length of the file as the metadata knows it.
+    pub fn file_len(&self) -> u64 {
+        self.refs.file_len()
     }
 
     /// Host offset of the L2 table for L1 index `i`, validated (0 when there is none).
     pub fn l2_offset(&self, i: usize) -> Result<u64> {
-        let Some(&e) = self.l1.get(i) else {
+        if i >= self.l1.len() {
             return Ok(0);
-        };
-        l1_entry_offset(e, &self.geo, self.file_len)
+        }
+        l1_entry_offset(self.l1.get(i), &self.geo, self.refs.file_len())
     }
 
-    /// The cache slot holding the L2 table at `offset`, loading it on a miss.
-    pub(super) fn l2_slot(&mut self, offset: u64) -> Result<usize> {
-        if let Some(s) = self.l2.lookup(offset) {
-            return Ok(s);
-        }
+    fn check_table(&self, offset: u64) -> Result<()> {
         let cs = self.geo.cluster_size;
-        if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
+        if offset
+            .checked_add(cs)
+            .is_none_or(|e| e > self.refs.file_len())
+        {
             return Err(corrupt(
                 self.file.name(),
                 format!("L2 table at {offset:#x} lies beyond the end of the file"),
             ));
         }
-        self.make_room_l2()?;
-        let mut buf = IoBuf::new(cs as usize);
-        self.file
-            .read_exact_at(offset, buf.as_mut_slice().unwrap_or(&mut []))?;
-        Ok(self.l2.insert(offset, buf, false))
+        Ok(())
+    }
+
+    /// The cache slot holding the L2 table at `offset`, or a stall to read it.
+    pub(super) fn l2_lookup(&mut self, offset: u64) -> Step<usize> {
+        if let Some(s) = self.l2.lookup(offset) {
+            return Ok(s);
+        }
+        self.check_table(offset)?;
+        Err(Stall::Load(Table::L2(offset)))
     }
 
     /// Raw entry (and bitmap when extended) `index` of the cached table in `slot`.
@@ -305,27 +411,26 @@ impl Meta {
     pub(super) fn set_l2_raw(&mut self, slot: usize, index: usize, raw: u64, bitmap: u64) {
         let at = self.geo.l2_entry_offset(index);
         let extended = self.geo.extended;
-        let b = self.l2.bytes_mut(slot);
-        b[at..at + 8].copy_from_slice(&raw.to_be_bytes());
+        let b = self.l2.bytes_mut(slot, at, if extended { 16 } else { 8 });
+        crate::bytes::put_be64(b, at, raw);
         if extended {
-            b[at + 8..at + 16].copy_from_slice(&bitmap.to_be_bytes());
+            crate::bytes::put_be64(b, at + 8, bitmap);
         }
     }
 
     /// Sets L1 entry `i`.
     pub(super) fn set_l1(&mut self, i: usize, value: u64) {
-        self.l1[i] = value;
-        self.l1_dirty.insert(i * 8 / self.unit);
+        self.l1.set(i, value);
     }
 
     /// The decoded L2 entry for guest offset `g`, with its table slot (None if no L2 table).
-    pub(super) fn entry_at(&mut self, g: u64) -> Result<(L2Entry, Option<(usize, usize)>)> {
+    pub(super) fn entry_at(&mut self, g: u64) -> Step<(L2Entry, Option<(usize, usize)>)> {
         let (l1i, l2i) = self.geo.indices(g);
         let l2_off = self.l2_offset(l1i)?;
         if l2_off == 0 {
             return Ok((L2Entry::Unallocated, None));
         }
-        let slot = self.l2_slot(l2_off)?;
+        let slot = self.l2_lookup(l2_off)?;
         let (raw, bitmap) = self.l2_raw(slot, l2i);
         let e = self.geo.decode(raw, bitmap).map_err(|e| match e {
             StorageError::Corrupt { detail, .. } => corrupt(
@@ -339,7 +444,7 @@ impl Meta {
 
     /// How the bytes from guest offset `g` on are stored: a mapping and the length of the run it
     /// covers (at most `len`, never past the end of the cluster).
-    pub fn map(&mut self, g: u64, len: u64) -> Result<(Mapping, u64)> {
+    pub fn map(&mut self, g: u64, len: u64) -> Step<(Mapping, u64)> {
         let cs = self.geo.cluster_size;
         let within = g & (cs - 1);
         let max_run = len.min(cs - within);
@@ -380,8 +485,208 @@ impl Meta {
     /// Every host cluster a compressed descriptor touches.
     pub fn compressed_clusters(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
         let cs = self.geo.cluster_size;
-        let last = (offset + len.max(1) - 1).min(self.file_len.max(offset + 1) - 1);
+        let file_len = self.refs.file_len();
+        let last = (offset + len.max(1) - 1).min(file_len.max(offset + 1) - 1);
         (offset / cs)..=(last / cs)
+    }
+
+    /// Stops an operation before it changes anything when a cache holds twice its capacity in
+    /// tables it cannot drop: a write-back must come first.
+    pub(super) fn check_room(&self) -> Step<()> {
+        if self.l2.over_limit() || self.refs.blocks().over_limit() {
+            return Err(Stall::Worker(Job::Room));
+        }
+        Ok(())
+    }
+
+    /// Ends a data-path operation: drops clean tables beyond the caches' capacity.
+    pub(super) fn end_op(&mut self) {
+        self.l2.trim();
+        let rb = self.refs.trim();
+        if rb || self.l2.wants_writeback() {
+            self.room_wanted = true;
+        }
+    }
+
+    /// Work to ask of the worker ahead of need (each once): a file length to grow to, and
+    /// whether a write-back would let a full cache shrink.
+    /// Growth is asked for while a write-back runs too (the worker grows the file on a thread
+    /// of its own); room is not (the write-back running makes it).
+    pub(crate) fn take_hints(&mut self) -> (Option<u64>, bool) {
+        if self.worker_failed().is_some() {
+            return (None, false);
+        }
+        let room = !self.writeback_running && std::mem::take(&mut self.room_wanted);
+        (self.refs.take_grow_hint(), room)
+    }
+
+    /// The error of the worker's last write-back or growth, if it failed.
+    fn worker_failed(&self) -> Option<&StorageError> {
+        self.worker_error.as_ref().or(self.grow_error.as_ref())
+    }
+
+    /// Decides, under the lock that saw it, what a queue does about `stall`, registering
+    /// `waker` with whatever will end it.
+    pub(crate) fn wait_for(&mut self, stall: Stall, waker: Option<&Arc<EventFd>>) -> Await {
+        match stall {
+            Stall::Failed(e) => Await::Fail(e),
+            Stall::Busy => Await::Wait,
+            Stall::Load(t) => {
+                if let Some(i) = self.failed_loads.iter().position(|f| f.0 == t) {
+                    let e = self.failed_loads[i].1.duplicate();
+                    self.failed_loads[i].2 -= 1;
+                    if self.failed_loads[i].2 == 0 {
+                        self.failed_loads.swap_remove(i);
+                    }
+                    return Await::Fail(e);
+                }
+                if self.check_room().is_err() {
+                    return self.wait_for(Stall::Worker(Job::Room), waker);
+                }
+                let cache = match t {
+                    Table::L2(_) => &mut self.l2,
+                    Table::Refblock(_) => self.refs.blocks_mut(),
+                };
+                if cache.begin_load(t.offset(), waker) {
+                    Await::Read(t)
+                } else {
+                    Await::Wait
+                }
+            }
+            Stall::Worker(job) => {
+                // A failed job fails the first piece waiting for it that meets the failure, once:
+                // the next one asks again (a transient error must not stop the image; a failed
+                // write-back left everything it copied dirty, so retrying is safe).
+                let failed = match job {
+                    Job::Grow(_) => self.grow_error.take(),
+                    Job::Room => self.worker_error.take(),
+                };
+                if let Some(e) = failed {
+                    return Await::Fail(e);
+                }
+                if let Some(w) = waker {
+                    self.worker_waiters.add(w);
+                }
+                Await::Post(job)
+            }
+        }
+    }
+
+    /// Ends a read started for [`Await::Read`]: `data` is the table, or the read's error.
+    /// Returns whom to wake.
+    pub(crate) fn finish_load(&mut self, t: Table, data: Result<IoBuf>) -> Waiters {
+        let (buf, err) = match data {
+            Ok(b) => (Some(b), None),
+            Err(e) => (None, Some(e)),
+        };
+        let cache = match t {
+            Table::L2(_) => &mut self.l2,
+            Table::Refblock(_) => self.refs.blocks_mut(),
+        };
+        let waiters = cache.finish_load(t.offset(), buf);
+        if let Some(e) = err {
+            self.failed_loads.push((t, e, waiters.len().max(1)));
+        }
+        self.end_op();
+        waiters
+    }
+
+    /// Inserts a table read outside the lock (by the worker or a control-plane caller), unless
+    /// it is in memory already.
+    pub(crate) fn insert_loaded(&mut self, t: Table, data: IoBuf) {
+        match t {
+            Table::L2(o) => self.l2.insert_loaded(o, data),
+            Table::Refblock(o) => self.refs.blocks_mut().insert_loaded(o, data),
+        };
+    }
+
+    /// Reads table `t` now, under the lock: for control-plane operations that run with the
+    /// image idle.
+    pub(super) fn load_blocking(&mut self, t: Table) -> Result<()> {
+        let cache = match t {
+            Table::L2(_) => &mut self.l2,
+            Table::Refblock(_) => self.refs.blocks_mut(),
+        };
+        // Keep the cache bounded while a long operation walks many tables.
+        cache.trim();
+        let data = read_table(self.file.as_ref(), t.offset(), self.geo.cluster_size)?;
+        self.insert_loaded(t, data);
+        Ok(())
+    }
+
+    /// Grows the file to `len` now, under the lock (control plane; the worker grows it for the
+    /// data path).
+    pub(super) fn grow_blocking(&mut self, len: u64) -> Result<()> {
+        if len > self.refs.file_len() {
+            self.file.set_len(len)?;
+            self.refs.set_file_len(len);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` until it does not stall, doing the I/O it stalls on inline (under the lock):
+    /// for control-plane operations that run with the image idle.
+    pub(super) fn blocking<T>(&mut self, mut f: impl FnMut(&mut Meta) -> Step<T>) -> Result<T> {
+        loop {
+            match f(self) {
+                Ok(v) => return Ok(v),
+                Err(Stall::Failed(e)) => return Err(e),
+                Err(Stall::Load(t)) => self.load_blocking(t)?,
+                Err(Stall::Worker(Job::Grow(len))) => self.grow_blocking(len)?,
+                Err(Stall::Worker(Job::Room)) => {
+                    self.writeback_blocking()?;
+                    self.end_op();
+                    if self.check_room().is_err() {
+                        return Err(StorageError::Busy(format!(
+                            "{} (its metadata caches are full of tables in use)",
+                            self.file.name()
+                        )));
+                    }
+                }
+                Err(Stall::Busy) => {
+                    return Err(StorageError::Busy(format!(
+                        "{} (writes in flight)",
+                        self.file.name()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The cache slot of the L2 table at `offset`, reading it if needed (control plane).
+    pub(super) fn l2_slot_blocking(&mut self, offset: u64) -> Result<usize> {
+        self.blocking(|m| m.l2_lookup(offset))
+    }
+
+    /// [`Meta::map`] for control-plane callers.
+    pub fn map_blocking(&mut self, g: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.blocking(|m| m.map(g, len))
+    }
+
+    /// The refcount of host cluster `cluster` (control plane).
+    pub fn refcount_blocking(&mut self, cluster: u64) -> Result<u64> {
+        self.blocking(|m| m.refs.get(cluster))
+    }
+
+    /// Adds `delta` to the refcount of `cluster` (control plane).
+    pub fn update_refcount_blocking(&mut self, cluster: u64, delta: i64) -> Result<u64> {
+        self.blocking(|m| m.refs.update(cluster, delta))
+    }
+
+    /// Sets the refcount of `cluster` (repair).
+    pub fn set_refcount_blocking(&mut self, cluster: u64, value: u64) -> Result<()> {
+        self.blocking(|m| m.refs.set(cluster, value))
+    }
+
+    /// Allocates `n` contiguous clusters (control plane): host offset, and whether they are
+    /// fresh.
+    pub fn alloc_clusters_blocking(&mut self, n: u64) -> Result<(u64, bool)> {
+        self.blocking(|m| m.refs.alloc(n))
+    }
+
+    /// Makes the L2 table for L1 index `i` exist and be unshared (control plane).
+    pub(super) fn writable_l2_blocking(&mut self, i: usize) -> Result<usize> {
+        self.blocking(|m| m.writable_l2(i))
     }
 }
 
@@ -413,11 +718,7 @@ pub fn l1_entry_offset(e: u64, geo: &Geometry, file_len: u64) -> Result<u64> {
 }
 
 /// Reads `count` big-endian u64s at `offset` (count bounded by the caller).
-pub fn read_u64_table(
-    file: &dyn crate::device::HostFile,
-    offset: u64,
-    count: usize,
-) -> Result<Vec<u64>> {
+pub fn read_u64_table(file: &dyn HostFile, offset: u64, count: usize) -> Result<Vec<u64>> {
     if count == 0 {
         return Ok(Vec::new());
     }

@@ -2,9 +2,9 @@
 //!
 //! Two planes, as everywhere in the block layer. [`Qcow2Image`] is the control plane (size,
 //! flush, resize, snapshots, check, info) and owns the image's metadata ([`meta::Meta`]: header,
-//! L1 table, refcount table, bounded caches of L2 tables and refcount blocks) behind one mutex.
-//! Its queues ([`queue::Qcow2Queue`]) map each request under that mutex — a short lookup that
-//! returns zero / allocated at a host offset / compressed / unallocated per cluster or
+//! L1 table, refcounts with allocation, a bounded cache of L2 tables, allocations in flight)
+//! behind one mutex. Its queues (`queue/`) map each request under that mutex — a short lookup in
+//! memory that returns zero / allocated at a host offset / compressed / unallocated per cluster or
 //! subcluster run — and run the data I/O on the host file's own queues (and the backing image's)
 //! outside it, many requests in flight.
 //!
@@ -15,19 +15,26 @@
 //! Unsupported features (external data files, encryption, unknown incompatible bits) are refused
 //! at open with an error naming them.
 //!
+//! No data path makes a system call under the metadata mutex. A table missing from the cache is
+//! read on the queue's host queue; write-backs (for guest flushes, or to make room in full caches)
+//! and growing the file run on the image's metadata worker (`worker.rs`, a thread for each),
+//! which holds the mutex only to copy dirty state and to record the outcome. One queue's flush
+//! therefore never stalls another queue's mapping, nor its allocations waiting for the file to
+//! grow.
+//!
 //! # Locking
 //! | what | shared by | guarded by |
 //! |---|---|---|
-//! | [`meta::Meta`] (tables, caches, allocations in flight) | the image and all its queues | one mutex, held for lookups, planning and write-back, never across data I/O |
+//! | [`meta::Meta`] (tables, caches, allocations in flight) | the image, its queues, its worker | one mutex, held for lookups, planning and copying dirty state — never across I/O on a data path; a poisoned one fails the image |
+//! | write-backs | the worker, control-plane flushes and rewrites | the write-back lock (worker and control plane only), taken before the mutex |
+//! | file growth | the worker, control-plane rewrites | the growth lock (worker and control plane only), taken after the write-back lock and before the mutex |
+//! | control-plane rewrites (snapshots, resize, check and repair, rebase) | nothing else: they refuse while requests are in flight | all three locks, with their I/O done under them |
 //! | the host file and the backing images | every queue | their own engines |
-//! | a [`queue::Qcow2Queue`] | one consumer thread | `&mut self` |
+//! | a qcow2 queue | one consumer thread | `&mut self` |
 //!
-//! Two writes to one unallocated cluster never allocate twice: the second waits (in its queue)
-//! until the first has pointed the L2 entry at its cluster. Control-plane operations that rewrite
-//! metadata wholesale (snapshots, resize) take the mutex and refuse to run while allocations are
-//! in flight.
+//! Two writes to one unallocated cluster never allocate twice: the second waits (parked in its
+//! queue) until the first has pointed the L2 entry at its cluster.
 
-mod alloc;
 pub mod backing;
 pub mod cache;
 pub mod check;
@@ -37,23 +44,27 @@ pub mod compress;
 pub mod create;
 pub mod entry;
 pub mod header;
+mod inflight;
+mod l1;
 pub mod meta;
 mod ops;
 pub mod overlap;
 pub mod plan;
-pub mod queue;
+mod queue;
 pub mod refcount;
+mod refcounts;
 mod snapshot;
 pub mod snapshot_table;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 pub mod tools;
+mod worker;
 mod writeback;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 
 use serde_json::json;
 
@@ -67,8 +78,9 @@ use crate::io::{IoQueue, QueueOptions};
 use backing::Backing;
 use entry::{Geometry, Mapping};
 use header::CompressionType;
-use meta::{Meta, MetaOptions};
+use meta::{Meta, MetaOptions, Stall};
 pub use ops::MapEntry;
+use worker::{ControlGuard, Core, Worker};
 
 /// How to open a qcow2 image.
 #[derive(Clone, Copy, Debug, Default)]
@@ -97,15 +109,15 @@ pub struct Qcow2Options {
 /// State shared by an image and its queues.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub meta: Mutex<Meta>,
+    /// The metadata, the file and what the worker shares.
+    pub core: Arc<Core>,
+    pub worker: Worker,
     pub file: SharedFile,
     pub geo: Geometry,
     pub backing: Option<Arc<dyn Image>>,
     pub backing_size: u64,
     pub size: AtomicU64,
-    /// Bumped whenever an allocation in flight completes, so waiting pieces retry.
-    pub alloc_gen: AtomicU64,
-    /// Guest requests accepted by queues and not yet completed.
+    /// Guest requests accepted by queues and not yet reaped.
     pub active: AtomicUsize,
     pub read_only: bool,
     pub codec: CompressionType,
@@ -118,9 +130,16 @@ pub(crate) struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let meta = self.meta.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = meta.close() {
-            tracing::error!(image = %self.name, error = %e, "closing the qcow2 image failed");
+        self.worker.stop();
+        match self.core.meta() {
+            Ok(mut meta) => {
+                if let Err(e) = meta.close() {
+                    tracing::error!(image = %self.name, error = %e, "closing the qcow2 image failed");
+                }
+            }
+            Err(e) => {
+                tracing::error!(image = %self.name, error = %e, "the qcow2 image is not closed cleanly")
+            }
         }
     }
 }
@@ -179,19 +198,21 @@ pub(crate) fn open_in_chain(
     let geo = meta.geo;
     let size = meta.size();
     let codec = meta.header.compression_type();
+    let name = file.name().to_string();
+    let core = Arc::new(Core::new(meta, file.clone(), name.clone()));
     let shared = Arc::new(Shared {
         geo,
         backing_size: backing.as_ref().map_or(0, |b| b.image.size()),
         backing: backing.as_ref().map(|b| b.image.clone()),
         size: AtomicU64::new(size),
-        alloc_gen: AtomicU64::new(0),
         active: AtomicUsize::new(0),
         read_only: !writable,
         codec,
-        name: file.name().to_string(),
         merge: geo.cluster_size >= PAGE || file.alignment() <= 1,
+        worker: Worker::new(core.clone()),
+        core,
+        name,
         file,
-        meta: Mutex::new(meta),
     });
     let img = Qcow2Image { shared, backing };
     img.repair_if_dirty()?;
@@ -230,8 +251,41 @@ fn buffered_for_small_clusters(
 }
 
 impl Qcow2Image {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
-        self.shared.meta.lock().unwrap_or_else(|p| p.into_inner())
+    /// The metadata, for reading in-memory state.
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        self.shared.core.meta()
+    }
+
+    /// The write-back and growth locks and the metadata, for control-plane operations that do
+    /// metadata I/O (see the module's locking table).
+    pub(crate) fn control(&self) -> Result<(ControlGuard<'_>, MutexGuard<'_, Meta>)> {
+        self.shared.core.control()
+    }
+
+    /// Runs `f` on the metadata until it no longer needs a table read, reading tables with the
+    /// lock released: for control-plane lookups that run beside the data path.
+    fn with_tables<T>(&self, mut f: impl FnMut(&mut Meta) -> meta::Step<T>) -> Result<T> {
+        loop {
+            let t = match f(&mut *self.lock()?) {
+                Ok(v) => return Ok(v),
+                Err(Stall::Load(t)) => t,
+                Err(Stall::Failed(e)) => return Err(e),
+                Err(other) => {
+                    return Err(StorageError::Busy(format!(
+                        "{} ({other:?})",
+                        self.shared.name
+                    )))
+                }
+            };
+            let data = meta::read_table(
+                self.shared.file.as_ref(),
+                t.offset(),
+                self.shared.geo.cluster_size,
+            )?;
+            let mut m = self.lock()?;
+            m.insert_loaded(t, data);
+            m.end_op();
+        }
     }
 
     /// The backing image, if any.
@@ -249,24 +303,24 @@ impl Qcow2Image {
         self.shared.geo.cluster_size
     }
 
-    /// The header as it stands.
+    /// The header as it stands (for display: read even from an image that failed).
     pub fn header(&self) -> header::Header {
-        self.lock().header.clone()
+        crate::sync::lock(&self.shared.core.meta).header.clone()
     }
 
     /// How the bytes from `offset` on are stored in this layer (at most `len`, at most one
     /// cluster or subcluster run).
     pub fn mapping(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
-        self.lock().map(offset, len)
+        self.with_tables(|m| m.map(offset, len))
     }
 
     fn repair_if_dirty(&self) -> Result<()> {
         let dirty = {
-            let m = self.lock();
+            let m = self.lock()?;
             m.writable && m.header.dirty()
         };
         if dirty {
-            let report = self.lock().repair_dirty()?;
+            let report = self.control()?.1.repair_dirty()?;
             tracing::warn!(
                 image = %self.shared.name,
                 leaks_fixed = report.leaks_fixed,
@@ -280,8 +334,8 @@ impl Qcow2Image {
     /// Checks the image (see [`check`]); repairs need the image open for writing and no
     /// requests in flight.
     pub fn check(&self, repair: check::Repair) -> Result<check::CheckReport> {
-        let mut m = self.lock();
-        if repair != check::Repair::None && !m.inflight.is_empty() {
+        let (_wb, mut m) = self.control()?;
+        if repair != check::Repair::None && !m.allocs.is_empty() {
             return Err(StorageError::Busy(format!(
                 "{} (writes in flight)",
                 self.shared.name
@@ -293,8 +347,8 @@ impl Qcow2Image {
     /// Runs a control-plane operation that rewrites metadata wholesale, refusing while any
     /// request is in flight.
     fn exclusive<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
-        let mut m = self.lock();
-        if self.shared.active.load(Ordering::Acquire) > 0 || !m.inflight.is_empty() {
+        let (_wb, mut m) = self.control()?;
+        if self.shared.active.load(Ordering::Acquire) > 0 || !m.allocs.is_empty() {
             return Err(StorageError::Busy(format!(
                 "{} (requests are in flight)",
                 self.shared.name
@@ -307,7 +361,7 @@ impl Qcow2Image {
 
     /// The internal snapshots.
     pub fn snapshots(&self) -> Vec<snapshot_table::Snapshot> {
-        self.lock().snapshots.clone()
+        crate::sync::lock(&self.shared.core.meta).snapshots.clone()
     }
 
     /// Creates an internal snapshot of the current contents.
@@ -326,8 +380,8 @@ impl Qcow2Image {
     }
 
     /// Facts for `info` that are specific to qcow2.
-    fn format_specific(&self) -> BTreeMap<String, serde_json::Value> {
-        let m = self.lock();
+    fn format_specific(&self) -> Result<BTreeMap<String, serde_json::Value>> {
+        let m = self.lock()?;
         let h = &m.header;
         let mut f = BTreeMap::new();
         f.insert(
@@ -383,7 +437,7 @@ impl Qcow2Image {
             f.insert("full-backing-filename".into(), first["filename"].clone());
             f.insert("backing-chain".into(), json!(chain));
         }
-        f
+        Ok(f)
     }
 }
 
@@ -411,16 +465,14 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(queue::Qcow2Queue::new(self.shared.clone(), opts)?))
+        queue::open_queue(self.shared.clone(), opts)
     }
 
     fn flush(&self) -> Result<()> {
         if self.shared.read_only {
             return Ok(());
         }
-        let mut m = self.lock();
-        m.writeback()?;
-        m.file.sync_data()
+        self.shared.core.flush()
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
@@ -441,20 +493,21 @@ impl BlockDevice for Qcow2Image {
             Mapping::Unallocated => ExtentKind::Unallocated,
             Mapping::Allocated(_) | Mapping::Compressed { .. } => ExtentKind::Data,
         };
-        let mut m = self.lock();
-        let (first, run) = m.map(offset, end - offset)?;
-        let kind = kind_of(first);
-        let mut at = offset + run;
-        let mut steps = 0;
-        while at < end && steps < 4096 {
-            let (next, run) = m.map(at, end - at)?;
-            if kind_of(next) != kind {
-                break;
+        let (kind, at) = self.with_tables(|m| {
+            let (first, run) = m.map(offset, end - offset)?;
+            let kind = kind_of(first);
+            let mut at = offset + run;
+            let mut steps = 0;
+            while at < end && steps < 4096 {
+                let (next, run) = m.map(at, end - at)?;
+                if kind_of(next) != kind {
+                    break;
+                }
+                at += run;
+                steps += 1;
             }
-            at += run;
-            steps += 1;
-        }
-        drop(m);
+            Ok((kind, at))
+        })?;
         // Clusters this layer does not hold read from the backing file: report what the backing
         // chain has there (as vmdk does for its parent), so that callers skipping non-data
         // ranges (conversion, space estimates) do not skip the backing file's data.
@@ -492,7 +545,7 @@ impl Image for Qcow2Image {
             format: ImageFormat::Qcow2,
             virtual_size: self.size(),
             actual_size: self.shared.file.allocated_bytes()?,
-            format_specific: self.format_specific(),
+            format_specific: self.format_specific()?,
         })
     }
 }

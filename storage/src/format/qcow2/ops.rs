@@ -81,8 +81,8 @@ impl Meta {
         if needed as usize > self.l1.len() {
             let cs = self.geo.cluster_size;
             let clusters = (needed * 8).div_ceil(cs);
-            let (off, _) = self.alloc_clusters(clusters)?;
-            let mut table = self.l1.clone();
+            let (off, _) = self.alloc_clusters_blocking(clusters)?;
+            let mut table = self.l1.entries().to_vec();
             table.resize((clusters * cs / 8) as usize, 0);
             let mut bytes = vec![0u8; (clusters * cs) as usize];
             for (i, e) in table.iter().enumerate() {
@@ -101,11 +101,10 @@ impl Meta {
             self.write_header()?;
             self.file.sync_data()?;
             table.truncate(needed as usize);
-            self.l1 = table;
-            self.l1_dirty.clear();
+            self.l1.replace(table);
             self.rebuild_metadata_map();
             if old_off != 0 {
-                self.free_later(old_off, old_clusters);
+                self.refs.free_later(old_off, old_clusters);
             }
             return self.write_everything();
         }
@@ -117,15 +116,10 @@ impl Meta {
     /// Makes the guest cluster at `g` unallocated (reads fall through to the backing file).
     pub fn unallocate_cluster(&mut self, g: u64) -> Result<()> {
         let (l1i, l2i) = self.geo.indices(g);
-        if l1_entry_offset(
-            self.l1.get(l1i).copied().unwrap_or(0),
-            &self.geo,
-            self.file_len,
-        )? == 0
-        {
+        if l1_entry_offset(self.l1.get(l1i), &self.geo, self.file_len())? == 0 {
             return Ok(());
         }
-        let (entry, _) = self.entry_at(g)?;
+        let (entry, _) = self.blocking(|m| m.entry_at(g))?;
         if entry == L2Entry::Unallocated
             || matches!(
                 entry,
@@ -139,10 +133,13 @@ impl Meta {
         {
             return Ok(());
         }
-        let slot = self.writable_l2(l1i)?;
+        let slot = self.writable_l2_blocking(l1i)?;
         self.set_l2_raw(slot, l2i, 0, 0);
         match entry {
-            L2Entry::Compressed { offset, len } => self.free_compressed_later(offset, len),
+            L2Entry::Compressed { offset, len } => {
+                let range = self.compressed_clusters(offset, len);
+                self.refs.free_clusters_later(range);
+            }
             other => {
                 if let Some(h) = other.host_cluster() {
                     self.free_data_later(h);
@@ -176,7 +173,7 @@ impl Meta {
 
     /// Whether every active L1 entry with a table has its copied flag (used by tests).
     pub fn active_tables_unshared(&self) -> bool {
-        self.l1.iter().all(|&e| e == 0 || e & COPIED != 0)
+        self.l1.entries().iter().all(|&e| e == 0 || e & COPIED != 0)
     }
 }
 

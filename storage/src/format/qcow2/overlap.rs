@@ -53,6 +53,19 @@ impl MetadataMap {
         }
     }
 
+    /// Marks a new metadata cluster; `limit` is the current end of tracking (in clusters).
+    pub fn mark_new(&mut self, cluster: u64, limit: u64) {
+        self.limit = self.limit.max(limit);
+        self.mark(cluster);
+    }
+
+    /// Forgets marks on `n` clusters from `first` (they are being allocated as data).
+    pub fn clear_range(&mut self, first: u64, n: u64) {
+        for c in first..first + n {
+            self.clear(c);
+        }
+    }
+
     /// Whether `cluster` holds metadata.
     pub fn contains(&self, cluster: u64) -> bool {
         self.words
@@ -67,53 +80,32 @@ impl Meta {
         let cs = self.geo.cluster_size;
         let mut map = MetadataMap {
             words: Vec::new(),
-            limit: self.file_len.max(self.hwm).div_ceil(cs) + 1,
+            limit: self.refs.file_len().max(self.refs.hwm()).div_ceil(cs) + 1,
         };
         map.mark(0);
         let h = &self.header;
         map.mark_range(h.l1_table_offset, u64::from(h.l1_size) * 8, cs);
-        map.mark_range(
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-            cs,
-        );
+        let (rt_off, rt_clusters) = self.refs.table_at();
+        map.mark_range(rt_off, u64::from(rt_clusters) * cs, cs);
         if h.nb_snapshots > 0 {
             map.mark_range(h.snapshots_offset, self.snapshot_table_bytes, cs);
         }
         for s in &self.snapshots {
             map.mark_range(s.l1_offset, u64::from(s.l1_size) * 8, cs);
         }
-        for &e in self.reftable.iter().chain(self.l1.iter()) {
+        for &e in self.refs.table().iter().chain(self.l1.entries().iter()) {
             let off = e & TABLE_OFFSET_MASK;
             if off != 0 {
                 map.mark(off / cs);
             }
         }
-        self.metadata = map;
-    }
-
-    /// Marks a new metadata cluster (an L2 table, a refcount block).
-    pub(super) fn mark_metadata(&mut self, offset: u64) {
-        let cs = self.geo.cluster_size;
-        self.metadata.limit = self
-            .metadata
-            .limit
-            .max(self.file_len.max(self.hwm).div_ceil(cs) + 1);
-        self.metadata.mark(offset / cs);
-    }
-
-    /// Forgets marks on `n` clusters being allocated from host offset `offset`.
-    pub(super) fn unmark_allocated(&mut self, offset: u64, n: u64) {
-        let first = offset / self.geo.cluster_size;
-        for c in first..first + n {
-            self.metadata.clear(c);
-        }
+        self.refs.set_metadata(map);
     }
 
     /// Drops the reference an L2 entry held to data cluster `host` once durable — unless the
     /// entry (corrupt) named a metadata cluster, which is then left alone.
     pub(super) fn free_data_later(&mut self, host: u64) {
-        if self.metadata.contains(host / self.geo.cluster_size) {
+        if self.refs.holds_metadata(host / self.geo.cluster_size) {
             tracing::warn!(
                 file = self.file.name(),
                 cluster = host,
@@ -121,13 +113,13 @@ impl Meta {
             );
             return;
         }
-        self.free_later(host, 1);
+        self.refs.free_later(host, 1);
     }
 
     /// Refuses a data cluster (from an L2 entry) that holds metadata.
     pub(super) fn refuse_metadata(&self, host: u64, what: &str) -> Result<()> {
         let cs = self.geo.cluster_size;
-        if self.metadata.contains(host / cs) {
+        if self.refs.holds_metadata(host / cs) {
             return Err(corrupt(
                 self.file.name(),
                 format!(

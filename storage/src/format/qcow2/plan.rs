@@ -1,18 +1,27 @@
 //! Planning writes, discards and write-zeroes against the metadata, under the metadata lock.
 //!
 //! A write to one guest cluster is either [`WritePlan::Direct`] (the cluster, or every touched
-//! subcluster, is allocated with refcount one), [`WritePlan::Wait`] (another allocating write to
-//! the cluster is in flight), or [`WritePlan::Alloc`]: the target host cluster is chosen (and its
-//! refcount taken) now, the caller copies the untouched parts of the cluster (or subclusters)
-//! from the old contents — backing file, old cluster, compressed data or zeros — together with
-//! the guest data, and only after that write completes does [`Meta::commit_alloc`] point the L2
-//! entry at it. Clusters the old entry held are released once that L2 entry is durable.
+//! subcluster, is allocated with refcount one) or [`WritePlan::Alloc`]: the target host cluster
+//! is chosen (and its refcount taken) now, the caller copies the untouched parts of the cluster
+//! (or subclusters) from the old contents — backing file, old cluster, compressed data or zeros —
+//! together with the guest data, and only after that write completes does
+//! [`Meta::commit_alloc`] point the L2 entry at it. Clusters the old entry held are released once
+//! that L2 entry is durable. A write to a cluster whose allocation is in flight stalls
+//! ([`Stall::Busy`]) until it ends; so does one that needs a table read or the worker first.
+//!
+//! Every plan either stalls before it changes anything, or completes steps that each leave the
+//! metadata whole (a new L2 table, an allocation), so a stalled plan is simply run again.
 
-use crate::error::Result;
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Result, StorageError};
+use crate::io::stack::wake::Waiters;
 use crate::io::IoBuf;
 
 use super::entry::{L2Entry, Mapping, COPIED, OFFSET_MASK, ZERO};
-use super::meta::{l1_entry_offset, Meta};
+use super::meta::{l1_entry_offset, Meta, Stall, Step};
 
 /// A reference an L2 entry held before it was replaced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,8 +74,6 @@ pub struct AllocPlan {
 pub enum WritePlan {
     /// Write at this host offset.
     Direct(u64),
-    /// Retry once the allocation in flight on this cluster completes.
-    Wait,
     /// Allocate. See [`AllocPlan`].
     Alloc(AllocPlan),
 }
@@ -82,14 +89,9 @@ pub enum ZeroMode {
     Keep,
 }
 
-/// What a discard or write-zeroes of one cluster needs.
-#[derive(Debug)]
-pub enum ZeroPlan {
-    /// Retry once the allocation in flight on this cluster completes.
-    Wait,
-    /// Metadata is updated; these guest ranges still need zeros written as data.
-    Done(Vec<(u64, u64)>),
-}
+/// What a discard or write-zeroes of one cluster needs once its metadata is updated: guest
+/// ranges that still need zeros written as data.
+pub type ZeroPlan = Vec<(u64, u64)>;
 
 fn bits(first: u32, last: u32) -> u32 {
     let n = last - first + 1;
@@ -98,37 +100,32 @@ fn bits(first: u32, last: u32) -> u32 {
 
 impl Meta {
     /// Makes sure the L2 table for L1 index `i` exists and is not shared (refcount one).
-    pub(super) fn writable_l2(&mut self, i: usize) -> Result<usize> {
+    pub(super) fn writable_l2(&mut self, i: usize) -> Step<usize> {
         self.check_fresh()?;
-        let e = self.l1[i];
-        let off = l1_entry_offset(e, &self.geo, self.file_len)?;
+        let e = self.l1.get(i);
+        let off = l1_entry_offset(e, &self.geo, self.refs.file_len())?;
         if off != 0 && e & COPIED != 0 {
-            return self.l2_slot(off);
+            return self.l2_lookup(off);
         }
         let copy = if off != 0 {
-            let slot = self.l2_slot(off)?;
+            let slot = self.l2_lookup(off)?;
             Some(IoBuf::from_slice(self.l2.bytes(slot)))
         } else {
             None
         };
-        // Room in the cache first: an eviction that fails must not leave a new table's cluster
-        // allocated with nothing pointing at it.
-        self.make_room_l2()?;
-        let (host, _) = self.alloc_clusters(1)?;
+        let (host, _) = self.refs.alloc(1)?;
         let data = copy.unwrap_or_else(|| IoBuf::new(self.geo.cluster_size as usize));
-        let slot = self.l2.insert(host, data, true);
-        self.mark_metadata(host);
+        let slot = self.l2.insert_new(host, data);
+        self.refs.mark_metadata(host);
         self.set_l1(i, host | COPIED);
         if off != 0 {
-            self.free_later(off, 1);
+            self.refs.free_later(off, 1);
         }
-        // Inserting may have moved slots around; look the new table up again.
-        let _ = slot;
-        self.l2_slot(host)
+        Ok(slot)
     }
 
     /// The parts of `[from, to)` (guest offsets inside one cluster) as the old mapping has them.
-    fn cow_parts(&mut self, from: u64, to: u64, out: &mut Vec<CowPart>) -> Result<()> {
+    fn cow_parts(&mut self, from: u64, to: u64, out: &mut Vec<CowPart>) -> Step<()> {
         let mut at = from;
         while at < to {
             let (m, run) = self.map(at, to - at)?;
@@ -142,20 +139,20 @@ impl Meta {
         Ok(())
     }
 
-    /// Plans a write of `len` bytes at guest offset `g`, all inside one cluster. A `Wait` plan
-    /// records `waiter` to be signalled when the cluster's allocation completes.
+    /// Plans a write of `len` bytes at guest offset `g`, all inside one cluster. A
+    /// [`Stall::Busy`] registers `waker` to be woken when the cluster's allocation ends.
     pub fn plan_write(
         &mut self,
         g: u64,
         len: u64,
-        waiter: Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>>,
-    ) -> Result<WritePlan> {
+        waker: Option<&Arc<EventFd>>,
+    ) -> Step<WritePlan> {
         let cs = self.geo.cluster_size;
         let gc = g / cs;
-        if let Some(w) = self.inflight.get_mut(&gc) {
-            w.push(waiter);
-            return Ok(WritePlan::Wait);
+        if self.allocs.wait_for(gc, waker) {
+            return Err(Stall::Busy);
         }
+        self.check_room()?;
         let within = g % cs;
         let end = within + len;
         let base = gc * cs;
@@ -191,7 +188,8 @@ impl Meta {
         }
         // Everything below allocates or changes the entry.
         let (l1i, _) = self.geo.indices(g);
-        self.writable_l2(l1i)?;
+        let l2_slot = self.writable_l2(l1i)?;
+        let l2_off = self.l2.offset(l2_slot);
         let mut reuse = None;
         let mut old = OldRef::None;
         let mut whole = true; // copy the whole cluster around the data
@@ -256,7 +254,7 @@ impl Meta {
         let (host, new_cluster, fresh) = match reuse {
             Some(h) => (h, false, false),
             None => {
-                let (h, fresh) = self.alloc_clusters(1)?;
+                let (h, fresh) = self.refs.alloc(1)?;
                 (h, true, fresh)
             }
         };
@@ -281,7 +279,8 @@ impl Meta {
             }
         }
         let write_start = cow.first().filter(|p| p.guest < g).map_or(g, |p| p.guest);
-        self.inflight.insert(gc, Vec::new());
+        self.allocs.begin(gc, l2_off);
+        self.l2.pin(l2_off);
         Ok(WritePlan::Alloc(AllocPlan {
             guest_cluster: gc,
             host,
@@ -295,51 +294,60 @@ impl Meta {
 
     /// Points the L2 entry at the plan's cluster after its data is written; returns the queues to
     /// wake.
-    pub fn commit_alloc(
-        &mut self,
-        plan: &AllocPlan,
-    ) -> Result<Vec<Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>>>> {
+    pub(crate) fn commit_alloc(&mut self, plan: &AllocPlan) -> (Result<()>, Waiters) {
         let cs = self.geo.cluster_size;
         let g = plan.guest_cluster * cs;
-        let r = (|| {
-            let (l1i, l2i) = self.geo.indices(g);
-            let slot = self.writable_l2(l1i)?;
-            let (_, bitmap) = self.l2_raw(slot, l2i);
-            let new_bitmap = if self.geo.extended {
-                let alloc = (bitmap as u32) | plan.set_bits;
-                let zero = ((bitmap >> 32) as u32) & !plan.set_bits;
-                u64::from(alloc) | (u64::from(zero) << 32)
-            } else {
-                0
-            };
-            self.set_l2_raw(slot, l2i, plan.host | COPIED, new_bitmap);
-            match plan.old {
-                OldRef::None => {}
-                OldRef::Cluster(h) => self.free_later(h, 1),
-                OldRef::Compressed { offset, len } => self.free_compressed_later(offset, len),
+        let (l1i, l2i) = self.geo.indices(g);
+        // The table is pinned since the plan made it writable: no stall can happen here.
+        let r = match self.writable_l2(l1i) {
+            Ok(slot) => {
+                let (_, bitmap) = self.l2_raw(slot, l2i);
+                let new_bitmap = if self.geo.extended {
+                    let alloc = (bitmap as u32) | plan.set_bits;
+                    let zero = ((bitmap >> 32) as u32) & !plan.set_bits;
+                    u64::from(alloc) | (u64::from(zero) << 32)
+                } else {
+                    0
+                };
+                self.set_l2_raw(slot, l2i, plan.host | COPIED, new_bitmap);
+                match plan.old {
+                    OldRef::None => {}
+                    OldRef::Cluster(h) => self.refs.free_later(h, 1),
+                    OldRef::Compressed { offset, len } => {
+                        let range = self.compressed_clusters(offset, len);
+                        self.refs.free_clusters_later(range);
+                    }
+                }
+                Ok(())
             }
-            Ok(())
-        })();
-        let waiters = self
-            .inflight
-            .remove(&plan.guest_cluster)
-            .unwrap_or_default();
-        r.map(|()| waiters)
+            Err(Stall::Failed(e)) => Err(e),
+            Err(other) => Err(StorageError::Unavailable(format!(
+                "{}: the L2 table of an allocation in flight left memory ({other:?})",
+                self.file.name()
+            ))),
+        };
+        (r, self.end_alloc(plan.guest_cluster))
     }
 
-    /// Gives up an allocation whose write failed; returns the queues to wake.
-    pub fn abort_alloc(
-        &mut self,
-        plan: &AllocPlan,
-    ) -> Vec<Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>>> {
+    /// Gives up an allocation whose write failed; returns the queues to wake. The cluster it
+    /// took is released at the next write-back (nothing points at it).
+    pub(crate) fn abort_alloc(&mut self, plan: &AllocPlan) -> Waiters {
         if plan.new_cluster {
-            if let Err(e) = self.free_now(plan.host, 1) {
-                tracing::warn!(error = %e, "releasing a failed allocation");
-            }
+            self.refs.free_later(plan.host, 1);
         }
-        self.inflight
-            .remove(&plan.guest_cluster)
-            .unwrap_or_default()
+        self.end_alloc(plan.guest_cluster)
+    }
+
+    fn end_alloc(&mut self, gc: u64) -> Waiters {
+        let waiters = match self.allocs.end(gc) {
+            Some((l2, w)) => {
+                self.l2.unpin(l2);
+                w
+            }
+            None => Waiters::default(),
+        };
+        self.end_op();
+        waiters
     }
 
     /// Plans making `len` bytes at guest offset `g` (inside one cluster) read as zeros.
@@ -348,14 +356,14 @@ impl Meta {
         g: u64,
         len: u64,
         mode: ZeroMode,
-        waiter: Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>>,
-    ) -> Result<ZeroPlan> {
+        waker: Option<&Arc<EventFd>>,
+    ) -> Step<ZeroPlan> {
         let cs = self.geo.cluster_size;
         let gc = g / cs;
-        if let Some(w) = self.inflight.get_mut(&gc) {
-            w.push(waiter);
-            return Ok(ZeroPlan::Wait);
+        if self.allocs.wait_for(gc, waker) {
+            return Err(Stall::Busy);
         }
+        self.check_room()?;
         let within = g % cs;
         let (entry, _) = self.entry_at(g)?;
         let hb = self.has_backing;
@@ -370,12 +378,12 @@ impl Meta {
             _ => false,
         };
         if reads_zero {
-            return Ok(ZeroPlan::Done(Vec::new()));
+            return Ok(Vec::new());
         }
         let (l1i, l2i) = self.geo.indices(g);
         if !self.geo.extended {
             if len < cs {
-                return Ok(ZeroPlan::Done(vec![(g, len)]));
+                return Ok(vec![(g, len)]);
             }
             let keep = match entry {
                 _ if mode != ZeroMode::Keep || !self.geo.v3 => None,
@@ -391,12 +399,12 @@ impl Meta {
                 _ if !hb => 0,
                 _ if self.geo.v3 => ZERO,
                 // Version 2 with a backing file cannot say "zeros" without data.
-                _ => return Ok(ZeroPlan::Done(vec![(g, len)])),
+                _ => return Ok(vec![(g, len)]),
             };
             let slot = self.writable_l2(l1i)?;
             self.set_l2_raw(slot, l2i, new_raw, 0);
             self.release(entry, keep);
-            return Ok(ZeroPlan::Done(Vec::new()));
+            return Ok(Vec::new());
         }
         // Extended L2: whole subclusters change state; partial ones get zeros written.
         let scs = self.geo.subcluster_size();
@@ -404,7 +412,7 @@ impl Meta {
         let end_full = (within + len) / scs;
         let mut writes = Vec::new();
         if first_full >= end_full || matches!(entry, L2Entry::Compressed { .. }) && len < cs {
-            return Ok(ZeroPlan::Done(vec![(g, len)]));
+            return Ok(vec![(g, len)]);
         }
         let base = gc * cs;
         if within < first_full * scs {
@@ -439,13 +447,16 @@ impl Meta {
             new_raw,
             u64::from(alloc) | (u64::from(zero) << 32),
         );
-        Ok(ZeroPlan::Done(writes))
+        Ok(writes)
     }
 
     /// Releases what `entry` referenced, except a cluster kept in place.
     fn release(&mut self, entry: L2Entry, keep: Option<u64>) {
         match entry {
-            L2Entry::Compressed { offset, len } => self.free_compressed_later(offset, len),
+            L2Entry::Compressed { offset, len } => {
+                let range = self.compressed_clusters(offset, len);
+                self.refs.free_clusters_later(range);
+            }
             other => {
                 if let Some(h) = other.host_cluster() {
                     if keep != Some(h) {

@@ -1,6 +1,8 @@
 //! Refcount block entries of every width from 1 to 64 bits (docs/interop/qcow2.rst, "Host
 //! cluster management"). Sub-byte widths count bits from the least significant one.
 
+use crate::bytes::{be16, be32, be64, put_be16, put_be32, put_be64};
+
 /// Reads entry `index` of a refcount block of width `1 << order` bits.
 pub fn get(block: &[u8], order: u32, index: usize) -> u64 {
     match order {
@@ -12,17 +14,16 @@ pub fn get(block: &[u8], order: u32, index: usize) -> u64 {
             u64::from((byte >> shift) & ((1u16 << bits) - 1) as u8)
         }
         3 => u64::from(block[index]),
-        4 => u64::from(u16::from_be_bytes([block[index * 2], block[index * 2 + 1]])),
-        5 => {
-            let b = &block[index * 4..index * 4 + 4];
-            u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-        }
-        _ => {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&block[index * 8..index * 8 + 8]);
-            u64::from_be_bytes(a)
-        }
+        4 => u64::from(be16(block, index * 2)),
+        5 => u64::from(be32(block, index * 4)),
+        _ => be64(block, index * 8),
     }
+}
+
+/// The bytes entry `index` of width `1 << order` bits lies in: offset and length.
+pub fn span(order: u32, index: usize) -> (usize, usize) {
+    let bits = 1usize << order.min(6);
+    (index * bits / 8, bits.div_ceil(8))
 }
 
 /// Writes `value` (which must fit the width) into entry `index`.
@@ -37,9 +38,9 @@ pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) {
             *b = (*b & !mask) | (((value as u8) << shift) & mask);
         }
         3 => block[index] = value as u8,
-        4 => block[index * 2..index * 2 + 2].copy_from_slice(&(value as u16).to_be_bytes()),
-        5 => block[index * 4..index * 4 + 4].copy_from_slice(&(value as u32).to_be_bytes()),
-        _ => block[index * 8..index * 8 + 8].copy_from_slice(&value.to_be_bytes()),
+        4 => put_be16(block, index * 2, value as u16),
+        5 => put_be32(block, index * 4, value as u32),
+        _ => put_be64(block, index * 8, value),
     }
 }
 
@@ -72,6 +73,25 @@ mod tests {
             assert_eq!(get(&block, order, 5), max);
             assert_eq!(get(&block, order, 4), (4 * 7 + 1) & max);
             assert_eq!(get(&block, order, 6), (6 * 7 + 1) & max);
+        }
+    }
+
+    #[test]
+    fn an_entry_changes_only_the_bytes_of_its_span() {
+        for order in 0..=6u32 {
+            let n = (512 * 8) >> order;
+            for i in [0, 1, 7, n / 2 + 3, n - 1] {
+                let mut block = vec![0u8; 512];
+                set(&mut block, order, i, 1);
+                let (at, len) = span(order, i);
+                assert!(at + len <= 512);
+                for (b, &v) in block.iter().enumerate() {
+                    assert!(
+                        v == 0 || (at..at + len).contains(&b),
+                        "order {order} index {i}"
+                    );
+                }
+            }
         }
     }
 

@@ -20,7 +20,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::error::{Result, StorageError};
 
 use super::entry::{L2Entry, COPIED};
-use super::meta::{be64, l1_entry_offset, read_u64_table, Meta};
+use crate::bytes::be64;
+
+use super::meta::{l1_entry_offset, read_u64_table, Meta};
 use super::refcount;
 use super::snapshot_table::{self, Snapshot};
 
@@ -74,7 +76,7 @@ impl Meta {
         if !self.writable {
             return Err(StorageError::ReadOnly(self.file.name().to_string()));
         }
-        if !self.inflight.is_empty() {
+        if !self.allocs.is_empty() {
             return Err(StorageError::Busy(format!(
                 "{} (writes in flight)",
                 self.file.name()
@@ -85,7 +87,7 @@ impl Meta {
         let cs = self.geo.cluster_size;
         Ok(Shadow {
             deltas: HashMap::new(),
-            next: self.file_len.max(self.hwm).div_ceil(cs),
+            next: self.file_len().max(self.refs.hwm()).div_ceil(cs),
             writes: BTreeMap::new(),
         })
     }
@@ -95,7 +97,7 @@ impl Meta {
     fn count_path(&mut self, sh: &mut Shadow, l1: &[u64], d: i64) -> Result<()> {
         let cs = self.geo.cluster_size;
         for &e in l1 {
-            let t = l1_entry_offset(e, &self.geo, self.file_len)?;
+            let t = l1_entry_offset(e, &self.geo, self.file_len())?;
             if t == 0 {
                 continue;
             }
@@ -107,7 +109,7 @@ impl Meta {
 
     fn count_table_data(&mut self, sh: &mut Shadow, t: u64, d: i64) -> Result<()> {
         let cs = self.geo.cluster_size;
-        let slot = self.l2_slot(t)?;
+        let slot = self.l2_slot_blocking(t)?;
         let bytes = self.l2.bytes(slot).to_vec();
         let step = if self.geo.extended { 16 } else { 8 };
         for at in (0..bytes.len()).step_by(step) {
@@ -134,7 +136,7 @@ impl Meta {
     }
 
     fn final_refcount(&mut self, sh: &Shadow, c: u64) -> Result<u64> {
-        let cur = self.refcount(c)?;
+        let cur = self.refcount_blocking(c)?;
         let d = sh.deltas.get(&c).copied().unwrap_or(0);
         cur.checked_add_signed(d).ok_or_else(|| {
             StorageError::corrupt(
@@ -150,7 +152,7 @@ impl Meta {
         let cs = self.geo.cluster_size;
         let mut out = Vec::with_capacity(source.len());
         for &e in source {
-            let t = l1_entry_offset(e, &self.geo, self.file_len)?;
+            let t = l1_entry_offset(e, &self.geo, self.file_len())?;
             if t == 0 {
                 out.push((0, None));
                 continue;
@@ -177,7 +179,7 @@ impl Meta {
         let step = if self.geo.extended { 16 } else { 8 };
         for (i, &(copy, src)) in path.iter().enumerate().take(l1_entries) {
             let Some(src) = src else { continue };
-            let slot = self.l2_slot(src)?;
+            let slot = self.l2_slot_blocking(src)?;
             let mut bytes = self.l2.bytes(slot).to_vec();
             for at in (0..bytes.len()).step_by(step) {
                 let raw = be64(&bytes, at);
@@ -235,7 +237,7 @@ impl Meta {
         let old_table_clusters = u64::from(self.header.refcount_table_clusters);
         self.free_range(sh, old_table_off, old_table_clusters * cs);
         let mut relocated: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut table_len = self.reftable.len() as u64;
+        let mut table_len = self.refs.table().len() as u64;
         let mut table: Option<(u64, u64)> = None;
         loop {
             let mut changed = false;
@@ -250,7 +252,7 @@ impl Meta {
                     continue;
                 }
                 let loc = sh.alloc(1);
-                if let Some(&e) = self.reftable.get(ti as usize) {
+                if let Some(&e) = self.refs.table().get(ti as usize) {
                     if e & !0x1ff != 0 {
                         sh.add((e & !0x1ff) / cs, -1);
                     }
@@ -259,10 +261,10 @@ impl Meta {
                 changed = true;
             }
             let need_blocks = relocated.keys().next_back().map_or(0, |&t| t + 1);
-            let need = need_blocks.max(self.reftable.len() as u64);
+            let need = need_blocks.max(self.refs.table().len() as u64);
             let fits = table.is_some_and(|(_, n)| n * cs / 8 >= need);
             if !fits {
-                table_len = if need_blocks > self.reftable.len() as u64 {
+                table_len = if need_blocks > self.refs.table().len() as u64 {
                     table_len.max(need_blocks * 2)
                 } else {
                     table_len.max(need)
@@ -295,11 +297,15 @@ impl Meta {
         let order = self.geo.refcount_order;
         let max = self.geo.max_refcount();
         let mut new_table = vec![0u8; (table_clusters * cs) as usize];
-        for (ti, &e) in self.reftable.iter().enumerate() {
+        for (ti, &e) in self.refs.table().iter().enumerate() {
             new_table[ti * 8..ti * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
         for (&ti, &loc) in &relocated {
-            let old = self.reftable.get(ti as usize).map_or(0, |&e| e & !0x1ff);
+            let old = self
+                .refs
+                .table()
+                .get(ti as usize)
+                .map_or(0, |&e| e & !0x1ff);
             let mut block = if old != 0 {
                 let mut b = vec![0u8; cs as usize];
                 self.file.read_exact_at(old, &mut b)?;
@@ -348,7 +354,7 @@ impl Meta {
                 freed.push(c);
             }
         }
-        self.ensure_len(sh.next * cs)?;
+        self.grow_blocking(sh.next * cs)?;
         for (off, bytes) in &sh.writes {
             let mut b = bytes.clone();
             b.resize(
@@ -375,7 +381,7 @@ impl Meta {
             return Err(e);
         }
         for c in freed {
-            if c * cs < self.file_len {
+            if c * cs < self.file_len() {
                 let _ = self.file.punch_hole(c * cs, cs);
             }
         }
@@ -397,10 +403,10 @@ impl Meta {
     fn reload(&mut self) -> Result<()> {
         let opts = self.opts;
         let file = self.file.clone();
-        let hwm = self.hwm.max(self.file_len);
+        let hwm = self.refs.hwm().max(self.file_len());
         let mut fresh = Meta::open(file, opts)?;
-        fresh.hwm = fresh.hwm.max(hwm);
-        fresh.orig_len = self.orig_len;
+        fresh.refs.raise_hwm(hwm);
+        fresh.refs.keep_orig_len(self.refs.orig_len());
         *self = fresh;
         Ok(())
     }
@@ -421,7 +427,7 @@ impl Meta {
             ));
         }
         let mut sh = self.begin_shadow()?;
-        let active = self.l1.clone();
+        let active = self.l1.entries().to_vec();
         // The old active L1 becomes the snapshot's: its path stays counted as it is.
         let path = self.copy_path(&mut sh, &active)?;
         let l1_off = self.finish_path(&mut sh, &path, active.len())?;
@@ -456,7 +462,7 @@ impl Meta {
         let i = self.find_snapshot(key)?;
         let s = self.snapshots[i].clone();
         let mut sh = self.begin_shadow()?;
-        let old = self.l1.clone();
+        let old = self.l1.entries().to_vec();
         self.count_path(&mut sh, &old, -1)?;
         let l1_bytes = u64::from(self.header.l1_size) * 8;
         self.free_range(&mut sh, self.header.l1_table_offset, l1_bytes);
@@ -487,7 +493,7 @@ impl Meta {
         self.count_path(&mut sh, &table, -1)?;
         self.free_range(&mut sh, s.l1_offset, u64::from(s.l1_size) * 8);
         // Rebuild the active path so its flags match the lowered refcounts.
-        let old = self.l1.clone();
+        let old = self.l1.entries().to_vec();
         self.count_path(&mut sh, &old, -1)?;
         self.free_range(
             &mut sh,

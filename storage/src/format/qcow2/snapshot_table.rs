@@ -1,6 +1,7 @@
 //! The internal snapshot table (docs/interop/qcow2.rst, "Snapshots"): parsing with every size
 //! bounded, and serialization with unknown extra data kept.
 
+use crate::bytes::{be16, be32, be64};
 use crate::device::HostFile;
 use crate::error::{Result, StorageError};
 
@@ -38,16 +39,6 @@ pub struct Snapshot {
     pub icount: Option<u64>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
 fn corrupt(detail: impl Into<String>) -> StorageError {
     StorageError::corrupt("qcow2 snapshot table", detail)
 }
@@ -68,8 +59,8 @@ pub fn read_table(file: &dyn HostFile, offset: u64, count: u32) -> Result<(Vec<S
         }
         let mut head = [0u8; 40];
         file.read_exact_at(at, &mut head)?;
-        let id_len = u16::from_be_bytes([head[12], head[13]]) as usize;
-        let name_len = u16::from_be_bytes([head[14], head[15]]) as usize;
+        let id_len = be16(&head, 12) as usize;
+        let name_len = be16(&head, 14) as usize;
         let extra_len = be32(&head, 36);
         if extra_len > MAX_EXTRA {
             return Err(corrupt(format!(

@@ -1,5 +1,8 @@
 //! Helpers for tests (feature `test-utils`): damaging images on purpose.
 
+// Test support (feature `test-utils`): a failed step panics the test, by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use crate::format::{open_host_file, OpenOptions};
@@ -21,7 +24,7 @@ pub fn bump_refcount(path: &Path, cluster: u64, delta: i64) {
         },
     )
     .expect("open the metadata");
-    m.update_refcount(cluster, delta)
+    m.update_refcount_blocking(cluster, delta)
         .expect("change the refcount");
     m.close().expect("write the refcount back");
 }

@@ -50,7 +50,7 @@ pub fn rebase(
         };
         copy_differences(&img, new.as_deref())?;
     }
-    let mut m = img.lock();
+    let (_wb, mut m) = img.control()?;
     m.set_backing(new_backing.map(str::to_string), fmt_name)
 }
 

@@ -12,12 +12,124 @@
 //!
 //! With lazy refcounts, steps 1 and 3 are skipped while the dirty bit is set on disk (set, and
 //! synced, before the first table write); a clean close writes the refcounts and clears it.
+//!
+//! Each step's writes go to the file together, through a queue ([`write_tables`]), and of each
+//! table only the granules that changed (`cache.rs`).
+//!
+//! A write-back runs in three phases so that no system call happens under the metadata lock:
+//! [`Meta::begin_writeback`] copies everything dirty at one instant (under the lock), the copy
+//! is written in the order above without the lock ([`Writeback::run`]), and
+//! [`Meta::end_writeback`] marks clean what was written — only the versions copied, so a table
+//! changed meanwhile stays dirty — or, if a write failed, makes everything dirty again. Every L2
+//! entry copied points at data whose write completed before the copy, and every refcount it
+//! relies on is in the same copy, so the order above covers it. Write-backs of one image never
+//! overlap: the metadata worker and control-plane flushes run them under the image's write-back
+//! lock ([`writeback_unlocked`]).
 
-use crate::error::Result;
+use std::sync::Mutex;
+
+use crate::device::HostFile;
+use crate::error::{Result, StorageError};
+use crate::io::blocking::BlockingQueue;
 use crate::io::IoBuf;
+use crate::sync::lock_meta;
 
+use super::cache::DirtyTable;
 use super::header::incompat;
-use super::meta::Meta;
+use super::meta::{read_table, Meta, Table};
+use super::refcounts::TableWrite;
+
+/// What one write-back writes, copied under the metadata lock. See the module documentation.
+#[derive(Debug)]
+pub struct Writeback {
+    lazy: bool,
+    /// The header with the dirty bit set, to write and sync first (lazy refcounts).
+    dirty_bit: Option<IoBuf>,
+    blocks: Vec<DirtyTable>,
+    table: TableWrite,
+    /// The header to write after a moved refcount table.
+    moved_header: Option<IoBuf>,
+    l2: Vec<DirtyTable>,
+    /// L1 units: offset within the table and bytes.
+    l1: Vec<(u64, Vec<u8>)>,
+    l1_offset: u64,
+    header: Option<IoBuf>,
+    frees: Vec<u64>,
+}
+
+fn write_aligned(file: &dyn HostFile, offset: u64, bytes: &[u8]) -> Result<()> {
+    let buf = IoBuf::from_slice(bytes);
+    file.write_all_at(offset, buf.as_slice().unwrap_or(&[]))
+}
+
+/// Most writes of one step a write-back has in flight at once.
+const WRITE_DEPTH: usize = 32;
+
+/// Writes the changed parts of `tables` (taken out of them), all at once through a queue on
+/// the file: one step of the order in the module documentation.
+pub(super) fn write_tables(file: &dyn HostFile, tables: &mut [DirtyTable]) -> Result<()> {
+    let mut pieces: Vec<(u64, IoBuf)> = tables
+        .iter_mut()
+        .flat_map(|t| std::mem::take(&mut t.pieces))
+        .collect();
+    match pieces.len() {
+        0 => Ok(()),
+        1 => {
+            let (offset, buf) = pieces.remove(0);
+            file.write_all_at(offset, buf.as_slice().unwrap_or(&[]))
+        }
+        n => BlockingQueue::open(file, n.min(WRITE_DEPTH))?.write_all(pieces),
+    }
+}
+
+impl Writeback {
+    /// Writes the copy in the order of the module documentation. No lock is held.
+    pub fn run(&mut self, file: &dyn HostFile) -> Result<()> {
+        if let Some(h) = &self.dirty_bit {
+            write_aligned(file, 0, h.as_slice().unwrap_or(&[]))?;
+            file.sync_data()?;
+        }
+        if !self.lazy {
+            write_tables(file, &mut self.blocks)?;
+            file.sync_data()?;
+            write_table(file, &self.table, self.moved_header.as_ref())?;
+        } else {
+            file.sync_data()?;
+        }
+        write_tables(file, &mut self.l2)?;
+        if !self.l1.is_empty() || self.header.is_some() {
+            file.sync_data()?;
+            for (at, bytes) in &self.l1 {
+                write_aligned(file, self.l1_offset + at, bytes)?;
+            }
+            if let Some(h) = &self.header {
+                write_aligned(file, 0, h.as_slice().unwrap_or(&[]))?;
+            }
+        }
+        file.sync_data()
+    }
+}
+
+/// Writes the refcount table as `w` says (step 3), with the header after a move.
+fn write_table(file: &dyn HostFile, w: &TableWrite, moved_header: Option<&IoBuf>) -> Result<()> {
+    match w {
+        TableWrite::Nothing => Ok(()),
+        TableWrite::Units(table, units) => {
+            for (at, bytes) in units {
+                write_aligned(file, table + at, bytes)?;
+            }
+            file.sync_data()
+        }
+        TableWrite::Moved { offset, bytes, .. } => {
+            write_aligned(file, *offset, bytes)?;
+            file.sync_data()?;
+            if let Some(h) = moved_header {
+                write_aligned(file, 0, h.as_slice().unwrap_or(&[]))?;
+            }
+            file.sync_data()
+        }
+    }
+}
 
 impl Meta {
     /// Whether lazy refcounts are in effect.
@@ -25,182 +137,219 @@ impl Meta {
         self.writable && self.header.lazy_refcounts()
     }
 
-    /// Whether a flush has metadata to write.
+    /// Whether a flush has metadata to write (or must wait for a write-back in progress).
     pub fn needs_writeback(&self) -> bool {
-        self.l2.any_dirty()
-            || !self.l1_dirty.is_empty()
+        self.writeback_running
+            || self.l2.any_dirty()
+            || self.l1.is_dirty()
             || self.header_dirty
-            || !self.pending_free.is_empty()
-            || (!self.lazy()
-                && (self.rb.any_dirty() || !self.reftable_dirty.is_empty() || self.reftable_moved))
+            || self.refs.frees_pending()
+            || (!self.lazy() && self.refs.is_dirty())
     }
 
-    /// Writes `bytes` (one cluster) at `offset` from an aligned buffer.
-    pub(super) fn write_cluster(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.write_aligned(offset, bytes)
-    }
-
-    fn write_aligned(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        let buf = IoBuf::from_slice(bytes);
-        self.file
-            .write_all_at(offset, buf.as_slice().unwrap_or(&[]))
-    }
-
-    /// Writes the units of a u64 table at `offset` named in `units`.
-    fn write_units(
-        &self,
-        offset: u64,
-        table: &[u64],
-        units: &[usize],
-        limit_bytes: u64,
-    ) -> Result<()> {
-        let per_unit = self.unit / 8;
-        for &u in units {
-            let first = u * per_unit;
-            let end_byte = ((u + 1) * self.unit) as u64;
-            // Never write past the clusters the table occupies.
-            let n_bytes = end_byte.min(limit_bytes) - (u * self.unit) as u64;
-            let mut bytes = vec![0u8; n_bytes as usize];
-            for (i, chunk) in bytes.chunks_exact_mut(8).enumerate() {
-                if let Some(v) = table.get(first + i) {
-                    chunk.copy_from_slice(&v.to_be_bytes());
-                }
-            }
-            self.write_aligned(offset + (u * self.unit) as u64, &bytes)?;
+    /// The header as it must be written now (the refcount table may have moved), padded to
+    /// whole write units.
+    fn header_bytes(&mut self) -> Result<IoBuf> {
+        if self.refs.moves() != self.table_moves_seen {
+            // Allocation moved the refcount table: the header follows. (Control-plane rewrites
+            // set the header's fields themselves and leave this alone.)
+            let (off, clusters) = self.refs.table_at();
+            self.header.refcount_table_offset = off;
+            self.header.refcount_table_clusters = clusters;
+            self.table_moves_seen = self.refs.moves();
         }
-        Ok(())
-    }
-
-    /// Writes the header (and its extensions and backing name), padded to whole units.
-    pub fn write_header(&mut self) -> Result<()> {
         let mut bytes = self.header.serialize()?;
         let padded = (bytes.len() as u64)
             .next_multiple_of(self.unit as u64)
             .min(self.geo.cluster_size);
         bytes.resize(padded as usize, 0);
-        self.write_aligned(0, &bytes)?;
+        Ok(IoBuf::from_slice(&bytes))
+    }
+
+    /// Writes the header now (control plane, or at open).
+    pub fn write_header(&mut self) -> Result<()> {
+        let bytes = self.header_bytes()?;
+        write_aligned(self.file.as_ref(), 0, bytes.as_slice().unwrap_or(&[]))?;
         self.header_dirty = false;
         Ok(())
     }
 
-    fn write_refcount_blocks(&mut self) -> Result<()> {
-        for slot in self.rb.dirty_slots() {
-            let off = self.rb.offset(slot);
-            self.write_cluster(off, self.rb.bytes(slot))?;
-            self.rb.mark_clean(slot);
-        }
-        Ok(())
+    /// Writes `bytes` (one cluster) at `offset` now (control plane).
+    pub(super) fn write_cluster(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        write_aligned(self.file.as_ref(), offset, bytes)
     }
 
-    /// Writes the refcount table after its blocks are durable (step 3).
-    fn write_reftable(&mut self) -> Result<()> {
-        let bytes = u64::from(self.header.refcount_table_clusters) * self.geo.cluster_size;
-        let off = self.header.refcount_table_offset;
-        if self.reftable_moved {
-            let all: Vec<usize> = (0..(bytes as usize).div_ceil(self.unit)).collect();
-            let table = std::mem::take(&mut self.reftable);
-            let r = self.write_units(off, &table, &all, bytes);
-            self.reftable = table;
-            r?;
-            self.file.sync_data()?;
-            self.write_header()?;
-            self.file.sync_data()?;
-            self.reftable_moved = false;
-            self.reftable_dirty.clear();
-        } else if !self.reftable_dirty.is_empty() {
-            // The units stay dirty until written and synced: a failed write-back is retried
-            // whole by the next one, never forgotten.
-            let units: Vec<usize> = self.reftable_dirty.iter().copied().collect();
-            let table = std::mem::take(&mut self.reftable);
-            let r = self.write_units(off, &table, &units, bytes);
-            self.reftable = table;
-            r?;
-            self.file.sync_data()?;
-            for u in units {
-                self.reftable_dirty.remove(&u);
-            }
+    /// Phase one: copies everything dirty (see the module documentation). `None` if nothing is.
+    pub fn begin_writeback(&mut self) -> Result<Option<Writeback>> {
+        self.check_fresh()?;
+        if self.writeback_running || !self.needs_writeback() {
+            return Ok(None);
         }
-        Ok(())
-    }
-
-    /// Sets the dirty bit on disk before lazily counted tables are written.
-    fn ensure_dirty_bit(&mut self) -> Result<()> {
-        if !self.dirty_on_disk {
+        let lazy = self.lazy();
+        let dirty_bit = if lazy && !self.dirty_on_disk {
             self.header.incompatible_features |= incompat::DIRTY;
-            self.write_header()?;
-            self.file.sync_data()?;
+            Some(self.header_bytes()?)
+        } else {
+            None
+        };
+        let (blocks, table, moved_header) = if lazy {
+            (Vec::new(), TableWrite::Nothing, None)
+        } else {
+            let blocks = self.refs.dirty_blocks();
+            let table = self.refs.take_table_write();
+            let moved_header = match &table {
+                TableWrite::Moved { .. } => match self.header_bytes() {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        self.refs.table_written(&table, false);
+                        return Err(e);
+                    }
+                },
+                _ => None,
+            };
+            (blocks, table, moved_header)
+        };
+        let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(self.geo.cluster_size);
+        let l1 = self.l1.take_dirty(l1_bytes);
+        let header = if self.header_dirty {
+            match self.header_bytes() {
+                Ok(h) => {
+                    self.header_dirty = false;
+                    Some(h)
+                }
+                Err(e) => {
+                    self.l1.redirty(l1.iter().map(|u| u.0));
+                    self.refs.table_written(&table, false);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        self.writeback_running = true;
+        Ok(Some(Writeback {
+            lazy,
+            dirty_bit,
+            blocks,
+            table,
+            moved_header,
+            l2: self.l2.dirty_tables(),
+            l1,
+            l1_offset: self.header.l1_table_offset,
+            header,
+            frees: self.refs.take_frees(),
+        }))
+    }
+
+    /// Phase three: records the outcome of `wb`. Returns the decrements that are due now that
+    /// the metadata is durable (none if the write-back failed).
+    pub fn end_writeback(&mut self, wb: Writeback, ok: bool) -> Vec<u64> {
+        self.writeback_running = false;
+        self.l2.unprotect();
+        self.refs.blocks_mut().unprotect();
+        if !ok {
+            self.l1.redirty(wb.l1.iter().map(|u| u.0));
+            if wb.header.is_some() {
+                self.header_dirty = true;
+            }
+            self.refs.table_written(&wb.table, false);
+            self.refs.restore_frees(wb.frees);
+            return Vec::new();
+        }
+        if wb.dirty_bit.is_some() {
             self.dirty_on_disk = true;
         }
-        Ok(())
-    }
-
-    /// Refcount structures before the pointers that depend on them, with a sync after: what an
-    /// evicted L2 table or a full write-back needs first.
-    pub(super) fn write_refcounts_and_sync(&mut self) -> Result<()> {
-        if self.lazy() {
-            self.ensure_dirty_bit()?;
-            return self.file.sync_data();
+        self.refs.blocks_written(&wb.blocks);
+        self.refs.table_written(&wb.table, true);
+        for t in &wb.l2 {
+            self.l2.mark_clean(t.offset, t.gen);
         }
-        self.write_refcount_blocks()?;
-        self.file.sync_data()?;
-        self.write_reftable()
+        wb.frees
     }
 
-    /// Writes back (if dirty) and drops the least recently used L2 table when the cache is full.
-    pub(super) fn make_room_l2(&mut self) -> Result<()> {
-        if !self.l2.is_full() {
+    /// Applies due decrements. Clusters that reach zero are dropped from the caches and held
+    /// back from allocation until their hole is punched (`punch`). Stops when a refcount block
+    /// must be read first, returning it.
+    pub fn apply_frees(
+        &mut self,
+        frees: &mut Vec<u64>,
+        punch: &mut Vec<u64>,
+    ) -> Result<Option<Table>> {
+        let cs = self.geo.cluster_size;
+        while let Some(&c) = frees.last() {
+            match self.refs.update(c, -1) {
+                Ok(0) => {
+                    frees.pop();
+                    self.l2.forget(c * cs);
+                    self.refs.blocks_mut().forget(c * cs);
+                    if c * cs < self.refs.file_len() {
+                        self.refs.hold_for_punch(c);
+                        punch.push(c);
+                    }
+                }
+                Ok(_) => {
+                    frees.pop();
+                }
+                Err(super::meta::Stall::Load(t)) => return Ok(Some(t)),
+                Err(super::meta::Stall::Failed(e)) => {
+                    frees.pop();
+                    return Err(e);
+                }
+                Err(other) => {
+                    frees.pop();
+                    return Err(StorageError::Unavailable(format!(
+                        "{}: releasing cluster {c} stalled ({other:?})",
+                        self.file.name()
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A whole write-back with its I/O done under the lock: for control-plane operations that
+    /// run with the image idle.
+    pub fn writeback_blocking(&mut self) -> Result<()> {
+        let Some(mut wb) = self.begin_writeback()? else {
             return Ok(());
-        }
-        if let Some(v) = self.l2.victim() {
-            if self.l2.is_dirty(v) {
-                self.write_refcounts_and_sync()?;
-                let off = self.l2.offset(v);
-                self.write_cluster(off, self.l2.bytes(v))?;
+        };
+        let r = wb.run(self.file.as_ref());
+        let mut frees = self.end_writeback(wb, r.is_ok());
+        r?;
+        let mut punch = Vec::new();
+        let result = loop {
+            match self.apply_frees(&mut frees, &mut punch) {
+                Ok(None) => break Ok(()),
+                Ok(Some(t)) => {
+                    if let Err(e) = self.load_blocking(t) {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
             }
-            self.l2.remove(v);
-        }
-        Ok(())
-    }
-
-    /// Writes every dirty table in the order of the module documentation and syncs. Completed
-    /// data writes are durable afterwards too.
-    pub fn writeback(&mut self) -> Result<()> {
-        if !self.needs_writeback() {
-            return Ok(());
-        }
-        self.write_refcounts_and_sync()?;
-        for slot in self.l2.dirty_slots() {
-            let off = self.l2.offset(slot);
-            self.write_cluster(off, self.l2.bytes(slot))?;
-            self.l2.mark_clean(slot);
-        }
-        if !self.l1_dirty.is_empty() || self.header_dirty {
-            self.file.sync_data()?;
-            // As for the refcount table: dirty until written (a failed write is retried).
-            let units: Vec<usize> = self.l1_dirty.iter().copied().collect();
-            let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(self.geo.cluster_size);
-            let l1 = std::mem::take(&mut self.l1);
-            let r = self.write_units(self.header.l1_table_offset, &l1, &units, l1_bytes);
-            self.l1 = l1;
-            r?;
-            for u in units {
-                self.l1_dirty.remove(&u);
-            }
-            if self.header_dirty {
-                self.write_header()?;
-            }
-        }
-        self.file.sync_data()?;
-        self.apply_pending_frees()
+        };
+        self.refs.restore_frees(frees);
+        punch_holes(self.file.as_ref(), &punch, self.geo.cluster_size);
+        self.refs.punched(&punch);
+        result
     }
 
     /// Writes every dirty table, refcounts included even with lazy refcounts, and syncs.
     pub(super) fn write_everything(&mut self) -> Result<()> {
         self.check_fresh()?;
-        self.writeback()?;
-        self.write_refcount_blocks()?;
+        self.writeback_blocking()?;
+        let mut blocks = self.refs.dirty_blocks();
+        write_tables(self.file.as_ref(), &mut blocks)?;
         self.file.sync_data()?;
-        self.write_reftable()?;
+        self.refs.blocks_written(&blocks);
+        let table = self.refs.take_table_write();
+        let moved_header = match &table {
+            TableWrite::Moved { .. } => Some(self.header_bytes()?),
+            _ => None,
+        };
+        let r = write_table(self.file.as_ref(), &table, moved_header.as_ref());
+        self.refs.table_written(&table, r.is_ok());
+        r?;
         if self.header_dirty {
             self.write_header()?;
             self.file.sync_data()?;
@@ -221,12 +370,66 @@ impl Meta {
             self.file.sync_data()?;
             self.dirty_on_disk = false;
         }
-        let keep = self.orig_len.max(self.hwm);
-        if self.file_len > keep {
+        let keep = self.refs.orig_len().max(self.refs.hwm());
+        if self.refs.file_len() > keep {
             self.file.set_len(keep)?;
-            self.file_len = keep;
+            self.refs.set_file_len(keep);
             self.file.sync_data()?;
         }
         Ok(())
     }
+}
+
+/// Punches the holes of freed clusters (failures only cost space).
+fn punch_holes(file: &dyn HostFile, clusters: &[u64], cs: u64) {
+    for &c in clusters {
+        if let Err(e) = file.punch_hole(c * cs, cs) {
+            tracing::debug!(error = %e, "punching a freed cluster failed");
+        }
+    }
+}
+
+/// A whole write-back of the image whose metadata is `meta`, without holding the metadata lock
+/// across any I/O. The caller holds the image's write-back lock. Returns whether there was
+/// anything to write.
+pub(crate) fn writeback_unlocked(
+    meta: &Mutex<Meta>,
+    file: &dyn HostFile,
+    name: &str,
+) -> Result<bool> {
+    let wb = {
+        let mut m = lock_meta(meta, name)?;
+        let wb = m.begin_writeback()?;
+        if wb.is_none() {
+            m.end_op();
+        }
+        wb
+    };
+    let Some(mut wb) = wb else {
+        return Ok(false);
+    };
+    let r = wb.run(file);
+    let mut frees = lock_meta(meta, name)?.end_writeback(wb, r.is_ok());
+    r?;
+    let cs = lock_meta(meta, name)?.geo.cluster_size;
+    let mut punch = Vec::new();
+    let result = loop {
+        let step = lock_meta(meta, name)?.apply_frees(&mut frees, &mut punch);
+        match step {
+            Ok(None) => break Ok(()),
+            Ok(Some(t)) => match read_table(file, t.offset(), cs) {
+                Ok(data) => lock_meta(meta, name)?.insert_loaded(t, data),
+                Err(e) => break Err(e),
+            },
+            Err(e) => break Err(e),
+        }
+    };
+    {
+        let mut m = lock_meta(meta, name)?;
+        m.refs.restore_frees(frees);
+        m.end_op();
+    }
+    punch_holes(file, &punch, cs);
+    lock_meta(meta, name)?.refs.punched(&punch);
+    result.map(|()| true)
 }

@@ -59,7 +59,7 @@ impl VhdImage {
         let mut last: Option<u64> = None;
         let mut image_end = 0;
         for b in 0..blocks {
-            if let BlockState::At(at) = t.lookup(b) {
+            if let BlockState::At(at) = t.lookup(b)? {
                 r.allocated_clusters += 1;
                 if last.is_some_and(|l| l + span != at) {
                     r.fragmented_clusters += 1;

@@ -1,6 +1,7 @@
 //! The dynamic disk header (1,024 bytes, big-endian) of dynamic and differencing VHDs: where the
 //! BAT is, the block size, and for differencing disks the parent's identity and locators.
 
+use crate::bytes::{be32, be64};
 use crate::error::{Result, StorageError};
 use crate::format::vhd::footer::{checksum, SECTOR};
 
@@ -68,14 +69,6 @@ pub struct DynamicHeader {
     pub parent_name: String,
     /// Parent locators.
     pub locators: [LocatorEntry; LOCATORS],
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    (be32(b, at) as u64) << 32 | be32(b, at + 4) as u64
 }
 
 impl DynamicHeader {

@@ -7,6 +7,7 @@
 //! read the creator application to choose, and use `current_size` whenever the geometry is the
 //! largest one CHS can express (so images over about 127 GiB are never truncated).
 
+use crate::bytes::{be32, be64};
 use crate::error::{Result, StorageError};
 
 /// Footer and sector size.
@@ -157,14 +158,6 @@ pub struct Footer {
     pub unique_id: [u8; 16],
     /// Saved-state flag.
     pub saved_state: u8,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    (be32(b, at) as u64) << 32 | be32(b, at + 4) as u64
 }
 
 /// One's complement of the byte sum, skipping the 4-byte checksum field at `skip`.

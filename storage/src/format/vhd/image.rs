@@ -58,10 +58,12 @@ impl Vhd {
             });
         };
         // A differencing block's absent sectors come from the parent: no host-hole shortcut.
-        let class = |b| match t.lookup(b) {
-            BlockState::At(_) if t.differencing() => BlockClass::Data(None),
-            BlockState::At(at) => BlockClass::Data(Some(at + t.bitmap_bytes())),
-            BlockState::Unallocated => BlockClass::Absent,
+        let class = |b| {
+            Ok(match t.lookup(b)? {
+                BlockState::At(_) if t.differencing() => BlockClass::Data(None),
+                BlockState::At(at) => BlockClass::Data(Some(at + t.bitmap_bytes())),
+                BlockState::Unallocated => BlockClass::Absent,
+            })
         };
         block_table_status(
             offset,
@@ -160,7 +162,7 @@ impl Image for VhdImage {
         fs.insert("unique-id".into(), json!(hex(&f.unique_id)));
         if let (Some(t), Some(h)) = (&v.table, &v.dynamic) {
             fs.insert("cluster-size".into(), json!(t.block_size()));
-            fs.insert("allocated-blocks".into(), json!(t.allocated_blocks()));
+            fs.insert("allocated-blocks".into(), json!(t.allocated_blocks()?));
             fs.insert("bat-entries".into(), json!(h.max_table_entries));
             if f.disk_type == crate::format::vhd::footer::DiskType::Differencing {
                 fs.insert(

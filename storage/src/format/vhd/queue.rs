@@ -108,7 +108,7 @@ impl BlockMap for Vhd {
         };
         t.blocks_of(offset, len, |b, within, n| {
             let pos = b * t.block_size() + within - offset;
-            match t.lookup(b) {
+            match t.lookup(b)? {
                 BlockState::Unallocated => push_piece(
                     &mut out,
                     Piece {
@@ -170,7 +170,7 @@ impl BlockMap for Vhd {
             let target = if !t.differencing() {
                 WriteTarget::Host(t.allocate(b)? + t.bitmap_bytes() + within)
             } else {
-                match t.lookup(b) {
+                match t.lookup(b)? {
                     BlockState::At(at) if Self::all_present(t, b, within, n)? => {
                         WriteTarget::Host(at + t.bitmap_bytes() + within)
                     }
@@ -205,7 +205,7 @@ impl BlockMap for Vhd {
         };
         t.blocks_of(offset, len, |b, within, n| {
             let pos = b * t.block_size() + within - offset;
-            let target = match t.lookup(b) {
+            let target = match t.lookup(b)? {
                 BlockState::Unallocated if !t.differencing() => ZeroTarget::Nothing,
                 BlockState::At(at) if !t.differencing() || Self::all_present(t, b, within, n)? => {
                     // A discarded range of an allocated block is punched in the file: it reads
@@ -239,7 +239,7 @@ impl BlockMap for Vhd {
         let Some(t) = &self.table else {
             return self.file.write_all_at(offset, data);
         };
-        let mut guard = self.cow.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::sync::lock(&self.cow);
         let mut done = 0usize;
         t.blocks_of(offset, data.len() as u64, |b, within, n| {
             let at = t.allocate(b)?;

@@ -165,8 +165,9 @@ impl Table {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks the table; a poisoned lock fails the image (`crate::sync`).
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        crate::sync::lock_meta(&self.state, format_args!("VHD image {}", self.name))
     }
 
     /// Bytes per block.
@@ -180,8 +181,9 @@ impl Table {
     }
 
     /// Where block `b` is.
-    pub fn lookup(&self, b: u64) -> BlockState {
-        Self::state_of(&self.lock(), b)
+    pub fn lookup(&self, b: u64) -> Result<BlockState> {
+        let st = self.lock()?;
+        Ok(Self::state_of(&st, b))
     }
 
     fn state_of(st: &State, b: u64) -> BlockState {
@@ -192,12 +194,13 @@ impl Table {
     }
 
     /// Number of allocated blocks.
-    pub fn allocated_blocks(&self) -> u64 {
-        self.lock()
+    pub fn allocated_blocks(&self) -> Result<u64> {
+        Ok(self
+            .lock()?
             .bat
             .iter()
             .filter(|&&e| e != UNALLOCATED)
-            .count() as u64
+            .count() as u64)
     }
 
     /// For block `b` at `at`, calls `f(first sector, sectors, present)` for each run of sectors
@@ -209,7 +212,7 @@ impl Table {
         count: u64,
         mut f: impl FnMut(u64, u64, bool),
     ) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let BlockState::At(at) = Self::state_of(&st, b) else {
             f(first, count, false);
             return Ok(());
@@ -248,7 +251,7 @@ impl Table {
     /// Marks sectors `first..first + count` of allocated block `b` present (differencing disks);
     /// written at the next flush.
     pub fn set_present(&self, b: u64, first: u64, count: u64) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let BlockState::At(at) = Self::state_of(&st, b) else {
             return Err(StorageError::corrupt(
                 &self.name,
@@ -270,7 +273,7 @@ impl Table {
     /// Allocates block `b` if it is not, returning where it is. A dynamic disk's new block has
     /// every bitmap bit set; a differencing disk's none.
     pub fn allocate(&self, b: u64) -> Result<u64> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         if let BlockState::At(at) = Self::state_of(&st, b) {
             return Ok(at);
         }
@@ -313,7 +316,7 @@ impl Table {
     /// interrupted allocation: no BAT entry points there), then syncs. Used when the footer at
     /// the end was found damaged.
     pub fn repair_end(&self) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         st.footer_dirty = true;
         self.write_back_locked(&mut st)?;
         let end = st.next_free + SECTOR;
@@ -326,7 +329,7 @@ impl Table {
 
     /// Syncs the data, then writes dirty bitmaps, BAT sectors and the footer, and syncs again.
     pub fn write_back(&self) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         self.write_back_locked(&mut st)
     }
 

@@ -186,8 +186,9 @@ impl Bat {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks the BAT; a poisoned lock fails the image (`crate::sync`).
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        crate::sync::lock_meta(&self.state, format_args!("VHDX image {}", self.name))
     }
 
     fn index(&self, b: u64) -> usize {
@@ -210,9 +211,11 @@ impl Bat {
     }
 
     /// The state of payload block `b`.
-    pub fn lookup(&self, b: u64) -> Payload {
-        let st = self.lock();
-        Self::decode(st.entries.get(self.index(b)).copied().unwrap_or(0))
+    pub fn lookup(&self, b: u64) -> Result<Payload> {
+        let st = self.lock()?;
+        Ok(Self::decode(
+            st.entries.get(self.index(b)).copied().unwrap_or(0),
+        ))
     }
 
     fn decode(e: u64) -> Payload {
@@ -236,7 +239,7 @@ impl Bat {
         n: u64,
         mut f: impl FnMut(u64, u64, bool),
     ) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         if !st.bitmaps.contains_key(&b) {
             let chunk = b / self.chunk_ratio;
             let bi = (chunk * (self.chunk_ratio + 1) + self.chunk_ratio) as usize;
@@ -279,7 +282,7 @@ impl Bat {
 
     /// Allocates payload block `b` (fully present) if it is not, returning its file offset.
     pub fn allocate(&self, b: u64) -> Result<u64> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let i = self.index(b);
         if let Some(&e) = st.entries.get(i) {
             if let Payload::Full(off) = Self::decode(e) {
@@ -300,11 +303,11 @@ impl Bat {
     }
 
     /// Takes the dirty BAT pages: (file offset, 4 KiB of entries) each.
-    pub fn take_dirty(&self) -> Vec<(u64, Vec<u8>)> {
-        let mut st = self.lock();
+    pub fn take_dirty(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut st = self.lock()?;
         let pages = std::mem::take(&mut st.dirty_pages);
         let per = (PAGE / 8) as usize;
-        pages
+        Ok(pages
             .into_iter()
             .map(|p| {
                 let first = p as usize * per;
@@ -322,14 +325,18 @@ impl Bat {
                 }
                 (self.region.offset + p * PAGE, page)
             })
-            .collect()
+            .collect())
     }
 
     /// Number of payload blocks with data in this file.
-    pub fn allocated_blocks(&self) -> u64 {
-        (0..self.data_blocks)
-            .filter(|&b| matches!(self.lookup(b), Payload::Full(_) | Payload::Partial(_)))
-            .count() as u64
+    pub fn allocated_blocks(&self) -> Result<u64> {
+        let st = self.lock()?;
+        Ok((0..self.data_blocks)
+            .filter(|&b| {
+                let e = st.entries.get(self.index(b)).copied().unwrap_or(0);
+                matches!(Self::decode(e), Payload::Full(_) | Payload::Partial(_))
+            })
+            .count() as u64)
     }
 
     /// Whether the disk is a differencing disk.

@@ -82,7 +82,7 @@ pub fn check_file(path: &Path, repair: Repair) -> Result<CheckReport> {
     r.total_clusters = bat.data_blocks();
     let mut last: Option<u64> = None;
     for b in 0..bat.data_blocks() {
-        if let Payload::Full(at) | Payload::Partial(at) = bat.lookup(b) {
+        if let Payload::Full(at) | Payload::Partial(at) = bat.lookup(b)? {
             r.allocated_clusters += 1;
             if last.is_some_and(|l| l + bat.block_size() != at) {
                 r.fragmented_clusters += 1;

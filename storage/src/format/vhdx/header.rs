@@ -51,20 +51,7 @@ pub fn sealed(bytes: &[u8], at: usize) -> bool {
     le32(bytes, at) == crc_with_zeroed(bytes, at)
 }
 
-/// Reads a little-endian u32.
-pub fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// Reads a little-endian u64.
-pub fn le64(b: &[u8], at: usize) -> u64 {
-    le32(b, at) as u64 | (le32(b, at + 4) as u64) << 32
-}
-
-/// Reads a little-endian u16.
-pub fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
+pub use crate::bytes::{le16, le32, le64};
 
 /// A VHDX header.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -49,13 +49,14 @@ pub(crate) struct Vhdx {
 }
 
 impl Vhdx {
-    fn session(&self) -> MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks the header and log; a poisoned lock fails the image (`crate::sync`).
+    fn session(&self) -> Result<MutexGuard<'_, Session>> {
+        crate::sync::lock_meta(&self.session, format_args!("VHDX image {}", self.name))
     }
 
     /// Starts a writing session on the first change (see the module documentation).
     pub fn touch(&self) -> Result<()> {
-        let mut s = self.session();
+        let mut s = self.session()?;
         if s.touched {
             return Ok(());
         }
@@ -75,9 +76,9 @@ impl Vhdx {
         if !self.writable {
             return Ok(());
         }
-        let mut s = self.session();
+        let mut s = self.session()?;
         self.file.sync_data()?;
-        let pages = self.bat.take_dirty();
+        let pages = self.bat.take_dirty()?;
         if pages.is_empty() {
             return Ok(());
         }
@@ -96,7 +97,7 @@ impl Vhdx {
     /// Ends a writing session: flushes and clears the log GUID.
     fn close(&self) -> Result<()> {
         self.flush_metadata()?;
-        let mut s = self.session();
+        let mut s = self.session()?;
         if !s.touched {
             return Ok(());
         }
@@ -116,12 +117,14 @@ impl Vhdx {
         let v = self;
         let bat = &v.bat;
         let diff = bat.differencing();
-        let class = |b| match bat.lookup(b) {
-            Payload::Full(at) => BlockClass::Data(Some(at)),
-            Payload::Partial(_) => BlockClass::Data(None),
-            Payload::Zero | Payload::Unmapped => BlockClass::Zero,
-            Payload::Undefined if !diff => BlockClass::Zero,
-            Payload::NotPresent | Payload::Undefined => BlockClass::Absent,
+        let class = |b| {
+            Ok(match bat.lookup(b)? {
+                Payload::Full(at) => BlockClass::Data(Some(at)),
+                Payload::Partial(_) => BlockClass::Data(None),
+                Payload::Zero | Payload::Unmapped => BlockClass::Zero,
+                Payload::Undefined if !diff => BlockClass::Zero,
+                Payload::NotPresent | Payload::Undefined => BlockClass::Absent,
+            })
         };
         block_table_status(
             offset,
@@ -148,8 +151,8 @@ impl VhdxImage {
     }
 
     /// The current header.
-    pub fn header(&self) -> Header {
-        self.inner.session().header.clone()
+    pub fn header(&self) -> Result<Header> {
+        Ok(self.inner.session()?.header.clone())
     }
 
     /// The parent of a differencing disk.
@@ -183,7 +186,7 @@ impl Image for VhdxImage {
     fn info(&self) -> Result<ImageInfo> {
         let v = &self.inner;
         let m = &v.meta;
-        let h = v.session().header.clone();
+        let h = v.session()?.header.clone();
         let mut fs = BTreeMap::new();
         let sub = if m.has_parent {
             "differencing"
@@ -197,7 +200,7 @@ impl Image for VhdxImage {
         fs.insert("logical-sector-size".into(), json!(m.logical_sector));
         fs.insert("physical-sector-size".into(), json!(m.physical_sector));
         fs.insert("log-size".into(), json!(h.log_length));
-        fs.insert("allocated-blocks".into(), json!(v.bat.allocated_blocks()));
+        fs.insert("allocated-blocks".into(), json!(v.bat.allocated_blocks()?));
         fs.insert("disk-id".into(), json!(m.page83.to_string()));
         fs.insert(
             "data-write-guid".into(),

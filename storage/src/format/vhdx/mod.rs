@@ -196,7 +196,7 @@ fn open_parent(
             )));
         }
         let parent = open_at_depth(pfile, Some(cand), &popts, depth + 1)?;
-        let got = parent.header().data_write_guid;
+        let got = parent.header()?.data_write_guid;
         if !linkage.contains(&got) {
             return Err(StorageError::corrupt(
                 name,

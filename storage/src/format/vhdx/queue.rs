@@ -57,7 +57,7 @@ impl BlockMap for Vhdx {
                     },
                 )
             };
-            match bat.lookup(b) {
+            match bat.lookup(b)? {
                 Payload::Full(at) => put(0, n, ReadTarget::Host(at + within)),
                 Payload::NotPresent | Payload::Undefined => put(0, n, absent),
                 Payload::Zero | Payload::Unmapped => put(0, n, ReadTarget::Zero),
@@ -105,7 +105,7 @@ impl BlockMap for Vhdx {
         let mut out = Vec::new();
         let sector = self.meta.logical_sector as u64;
         bat.blocks_of(offset, len, |b, within, n| {
-            let target = match bat.lookup(b) {
+            let target = match bat.lookup(b)? {
                 // A discarded range of a present block is punched in the file: it reads as
                 // zeros and frees the space; the block stays present.
                 Payload::Full(at) => ZeroTarget::Host {

@@ -166,7 +166,7 @@ fn check_sparse(ext: &SparseExtent, repair: Repair, r: &mut CheckReport) -> Resu
         let at = h.rgd_offset * SECTOR;
         regions.push((at, at + gd_bytes, Kind::RedundantDirectory));
     }
-    let (gd, rgd) = ext.directories();
+    let (gd, rgd) = ext.directories()?;
     let mut truncated = false;
     for (i, &sector) in gd.iter().enumerate() {
         let pair = check_pair(ext, &mut out, i, sector, rgd.get(i).copied(), fix)?;
@@ -346,7 +346,7 @@ fn check_pair(
                     out.fixed(format!(
                         "grain table {i} was damaged; restored from its redundant copy"
                     ));
-                    primary = Some((table_at(ext, false, i), rt.clone()));
+                    primary = Some((table_at(ext, false, i)?, rt.clone()));
                 } else {
                     out.corrupt(format!(
                         "grain table {i} is damaged and differs from its sound redundant copy"
@@ -368,14 +368,14 @@ fn check_pair(
                 out.fixed(format!(
                     "redundant grain table {i} written from the primary"
                 ));
-                redundant = Some((table_at(ext, true, i), t.clone()));
+                redundant = Some((table_at(ext, true, i)?, t.clone()));
             }
         }
         (None, Some((_, rt))) if primary_bad && fix && redundant_sound => {
             ext.repair_table_appended(false, i, rt)?;
             out.r.corruptions -= 1;
             out.fixed(format!("grain table {i} restored from its redundant copy"));
-            primary = Some((table_at(ext, false, i), rt.clone()));
+            primary = Some((table_at(ext, false, i)?, rt.clone()));
         }
         (None, Some(_)) if primary_bad => {}
         (None, Some(_)) => out.corrupt(format!(
@@ -387,10 +387,10 @@ fn check_pair(
 }
 
 /// Where directory entry `i` of the primary (or redundant) directory now points.
-fn table_at(ext: &SparseExtent, redundant: bool, i: usize) -> u64 {
-    let (gd, rgd) = ext.directories();
+fn table_at(ext: &SparseExtent, redundant: bool, i: usize) -> Result<u64> {
+    let (gd, rgd) = ext.directories()?;
     let dir = if redundant { rgd } else { gd };
-    dir.get(i).map_or(0, |&s| u64::from(s) * SECTOR)
+    Ok(dir.get(i).map_or(0, |&s| u64::from(s) * SECTOR))
 }
 
 /// Reports every region that starts inside an earlier one.

@@ -18,6 +18,7 @@
 //! | 73 | 4 | newline detection bytes `\n`, ` `, `\r`, `\n` |
 //! | 77 | 2 | compression algorithm (0 none, 1 deflate) |
 
+use crate::bytes::{le16, le32, le64};
 use crate::error::{Result, StorageError};
 
 /// Bytes in a sector, the unit of every offset in a vmdk.
@@ -90,22 +91,6 @@ pub struct SparseHeader {
     pub compress_algorithm: u16,
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
 impl SparseHeader {
     /// Parses and validates a header from the first 512 bytes of an extent. `what` names the
     /// file for error messages. Checks that do not need the file's length are done here; the
@@ -119,18 +104,18 @@ impl SparseHeader {
             return Err(bad("no KDMV magic at the start of the sparse extent".into()));
         }
         let h = SparseHeader {
-            version: u32_at(bytes, 4),
-            flags: u32_at(bytes, 8),
-            capacity: u64_at(bytes, 12),
-            grain_sectors: u64_at(bytes, 20),
-            descriptor_offset: u64_at(bytes, 28),
-            descriptor_size: u64_at(bytes, 36),
-            gtes_per_gt: u32_at(bytes, 44),
-            rgd_offset: u64_at(bytes, 48),
-            gd_offset: u64_at(bytes, 56),
-            overhead: u64_at(bytes, 64),
+            version: le32(bytes, 4),
+            flags: le32(bytes, 8),
+            capacity: le64(bytes, 12),
+            grain_sectors: le64(bytes, 20),
+            descriptor_offset: le64(bytes, 28),
+            descriptor_size: le64(bytes, 36),
+            gtes_per_gt: le32(bytes, 44),
+            rgd_offset: le64(bytes, 48),
+            gd_offset: le64(bytes, 56),
+            overhead: le64(bytes, 64),
             unclean_shutdown: bytes[72] != 0,
-            compress_algorithm: u16_at(bytes, 77),
+            compress_algorithm: le16(bytes, 77),
         };
         h.validate(what)?;
         Ok(h)
@@ -318,15 +303,15 @@ pub fn marker(val: u64, kind: u32) -> [u8; SECTOR as usize] {
 
 /// Reads a metadata marker: `(val, type)` if the sector is one (its `size` is 0).
 pub fn parse_marker(sector: &[u8]) -> Option<(u64, u32)> {
-    if sector.len() < 16 || u32_at(sector, 8) != 0 {
+    if sector.len() < 16 || le32(sector, 8) != 0 {
         return None;
     }
-    Some((u64_at(sector, 0), u32_at(sector, 12)))
+    Some((le64(sector, 0), le32(sector, 12)))
 }
 
 /// The head of a compressed grain: its LBA in sectors and the compressed length.
 pub fn parse_grain_marker(bytes: &[u8]) -> (u64, u32) {
-    (u64_at(bytes, 0), u32_at(bytes, 8))
+    (le64(bytes, 0), le32(bytes, 8))
 }
 
 /// Bytes of a grain marker's head (LBA and size) before the compressed data.

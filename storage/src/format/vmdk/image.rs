@@ -10,7 +10,6 @@ use serde_json::json;
 use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind, SharedFile};
 use crate::error::{Result, StorageError};
 use crate::format::vmdk::descriptor::{Descriptor, ExtentType, NO_PARENT_CID};
-use crate::format::vmdk::queue::VmdkQueue;
 use crate::format::vmdk::sparse::{GrainMap, SparseExtent};
 use crate::format::{Image, ImageFormat, ImageInfo};
 use crate::io::{IoQueue, QueueOptions};
@@ -402,7 +401,7 @@ impl Inner {
                             GrainMap::Unallocated if !has_parent => ZeroTarget::Nothing,
                             GrainMap::Unallocated if whole => {
                                 // A fresh grain reads as zeros and hides the parent's data.
-                                let _guard = self.cow.lock().unwrap_or_else(|p| p.into_inner());
+                                let _guard = crate::sync::lock(&self.cow);
                                 ext.allocate(grain)?;
                                 ZeroTarget::Nothing
                             }
@@ -618,7 +617,7 @@ impl BlockDevice for VmdkImage {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(VmdkQueue::new(self.inner.clone(), opts)?))
+        crate::format::vmdk::queue::open_queue(self.inner.clone(), opts)
     }
 
     fn flush(&self) -> Result<()> {

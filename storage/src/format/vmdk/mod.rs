@@ -23,7 +23,7 @@
 //! |---|---|---|
 //! | a sparse extent's directory, table cache and end of file | every queue of the image | one mutex per extent, held for lookups, allocations and write-back |
 //! | copy-on-write of a grain over a parent | every queue of the image | one mutex per image, held while the grain is filled and mapped |
-//! | a [`queue::VmdkQueue`]'s pending requests | one thread | `&mut self` |
+//! | a vmdk queue's pending requests | one thread | `&mut self` |
 
 pub mod check;
 pub mod create;

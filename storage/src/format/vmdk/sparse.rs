@@ -74,7 +74,7 @@ pub(crate) fn read_u32s(file: &SharedFile, offset: u64, count: u64) -> Result<Ve
     file.read_exact_at(offset, &mut bytes)?;
     Ok(bytes
         .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .map(|c| crate::bytes::le32(c, 0))
         .collect())
 }
 
@@ -130,8 +130,9 @@ impl SparseExtent {
         })
     }
 
-    fn meta(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    /// The grain directory and tables; a poisoned lock fails the image (see `crate::sync`).
+    fn meta(&self) -> Result<MutexGuard<'_, Meta>> {
+        crate::sync::lock_meta(&self.meta, format_args!("vmdk extent {}", self.file.name()))
     }
 
     fn corrupt(&self, detail: String) -> StorageError {
@@ -233,7 +234,7 @@ impl SparseExtent {
     /// Where grain `grain_index` is.
     pub fn lookup(&self, grain_index: u64) -> Result<GrainMap> {
         let (gt, i) = self.split(grain_index);
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         let entry = match self.table(&mut meta, gt)? {
             Some(t) => t.entries[i],
             None => 0,
@@ -247,7 +248,7 @@ impl SparseExtent {
     pub fn allocate(&self, grain_index: u64) -> Result<(u64, bool)> {
         self.check_writable()?;
         let (gt, i) = self.split(grain_index);
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         let entry = match self.table(&mut meta, gt)? {
             Some(t) => t.entries[i],
             None => {
@@ -289,7 +290,7 @@ impl SparseExtent {
     pub fn deallocate(&self, grain_index: u64, zeroed: bool) -> Result<Option<u64>> {
         self.check_writable()?;
         let (gt, i) = self.split(grain_index);
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         let new = u32::from(zeroed && self.header.zeroed_grain());
         if self.table(&mut meta, gt)?.is_none() {
             if new == 0 {
@@ -324,7 +325,7 @@ impl SparseExtent {
     /// it with the parent's data first, then [`SparseExtent::publish`]es it.
     pub fn reserve_grain(&self) -> Result<u64> {
         self.check_writable()?;
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         self.reserve(&mut meta, self.grain())
     }
 
@@ -332,7 +333,7 @@ impl SparseExtent {
     pub fn publish(&self, grain_index: u64, offset: u64) -> Result<()> {
         self.check_writable()?;
         let (gt, i) = self.split(grain_index);
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         if self.table(&mut meta, gt)?.is_none() {
             self.add_table(&mut meta, gt)?;
         }
@@ -388,9 +389,9 @@ impl SparseExtent {
     }
 
     /// The grain directory and its redundant copy (empty without one), as stored.
-    pub(crate) fn directories(&self) -> (Vec<u32>, Vec<u32>) {
-        let meta = self.meta();
-        (meta.gd.clone(), meta.rgd.clone())
+    pub(crate) fn directories(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let meta = self.meta()?;
+        Ok((meta.gd.clone(), meta.rgd.clone()))
     }
 
     /// For `check -r all`: writes `entries` over the grain table at byte `offset`, synced.
@@ -400,7 +401,7 @@ impl SparseExtent {
         self.file
             .write_all_at(offset, &u32s_to_bytes(entries, pad))?;
         self.file.sync_data()?;
-        self.meta().tables.clear();
+        self.meta()?.tables.clear();
         Ok(())
     }
 
@@ -413,7 +414,7 @@ impl SparseExtent {
         entries: &[u32],
     ) -> Result<()> {
         self.check_writable()?;
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         if i >= meta.gd.len() || (redundant && i >= meta.rgd.len()) {
             return Err(self.corrupt(format!("grain directory entry {i} does not exist")));
         }
@@ -445,7 +446,7 @@ impl SparseExtent {
         if !self.writable {
             return Ok(());
         }
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         self.write_back_locked(&mut meta)
     }
 
@@ -502,7 +503,11 @@ impl SparseExtent {
 
     /// Every grain table sector in the primary directory, for checks and `info`.
     pub fn allocated_tables(&self) -> usize {
-        self.meta().gd.iter().filter(|&&s| s != 0).count()
+        crate::sync::lock(&self.meta)
+            .gd
+            .iter()
+            .filter(|&&s| s != 0)
+            .count()
     }
 }
 
@@ -581,7 +586,7 @@ mod tests {
     fn entries_pointing_into_metadata_or_past_the_end_are_corrupt() {
         let (dev, ext) = extent(64 << 20);
         let gd0 = {
-            let m = ext.meta();
+            let m = ext.meta().unwrap();
             m.gd[0] as u64
         };
         dev.write_all_at(gd0 * SECTOR, &3u32.to_le_bytes()).unwrap();

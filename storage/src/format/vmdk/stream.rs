@@ -323,7 +323,7 @@ impl Compressors {
                 std::thread::spawn(move || {
                     let mut padded = Vec::new();
                     loop {
-                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let job = crate::sync::lock(&rx).recv();
                         let Ok((seq, offset, data)) = job else { break };
                         let mut out = Vec::with_capacity(grain / 2);
                         let r =

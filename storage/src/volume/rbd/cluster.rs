@@ -62,7 +62,7 @@ impl Cluster {
     /// The connection for `spec`: an existing one of this process, or a new one.
     pub fn connect(spec: &ClusterSpec) -> Result<Arc<Cluster>> {
         static OPEN: Mutex<Option<HashMap<ClusterSpec, Weak<Cluster>>>> = Mutex::new(None);
-        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::sync::lock(&OPEN);
         let map = open.get_or_insert_with(HashMap::new);
         map.retain(|_, w| w.strong_count() > 0);
         if let Some(c) = map.get(spec).and_then(Weak::upgrade) {

@@ -125,7 +125,7 @@ impl Hub {
     }
 
     fn lock_inboxes(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Inbox>>> {
-        self.inboxes.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inboxes)
     }
 
     /// Collects every finished completion: those of queue `own` go to `mine`, the others to
@@ -173,11 +173,7 @@ impl Hub {
             let q = run[0].0;
             match inboxes.get(&q) {
                 Some(inbox) => {
-                    inbox
-                        .done
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(run.iter().map(|(_, d)| *d));
+                    crate::sync::lock(&inbox.done).extend(run.iter().map(|(_, d)| *d));
                     let _ = inbox.wake.write(1);
                 }
                 // Cannot happen: a queue leaves only after its last completion.
@@ -189,7 +185,7 @@ impl Hub {
 
     /// Starts the pump thread if it is not running.
     pub fn ensure_pump(self: &Arc<Hub>) -> Result<()> {
-        let mut pump = self.pump.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pump = crate::sync::lock(&self.pump);
         if pump.is_some() {
             return Ok(());
         }

@@ -285,7 +285,7 @@ impl RbdQueue {
     fn collect(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut mine = std::mem::take(&mut self.mine);
         {
-            let mut inbox = self.inbox.done.lock().unwrap_or_else(|p| p.into_inner());
+            let mut inbox = crate::sync::lock(&self.inbox.done);
             mine.append(&mut inbox);
         }
         if !self.external && self.busy > mine.len() {
@@ -422,6 +422,9 @@ impl Drop for RbdQueue {
             }
             let mut sink = Vec::new();
             if self.wait(Some(Duration::from_secs(1))).is_err() {
+                // Not a poll for completions (those wake `wait` through the hub's eventfd):
+                // `poll` itself failed, so back off briefly instead of spinning on the error
+                // while the bounded drain gives librbd time to finish.
                 std::thread::sleep(Duration::from_millis(10));
             }
             self.reap(&mut sink);

@@ -130,6 +130,7 @@ impl PoolState {
     /// Maps `vblock` to `new` once its data is written.
     pub(crate) fn finish_provision(&mut self, dev: u32, vblock: u64, new: u64) -> Result<()> {
         self.provisioning.remove(&(dev, vblock));
+        self.events.fire();
         let tag = self.epochs.retire();
         let birth = self.seq + 1;
         let root = match self.dev(dev) {
@@ -162,6 +163,7 @@ impl PoolState {
     /// Gives up a provisioning whose data write failed.
     pub(crate) fn abort_provision(&mut self, dev: u32, vblock: u64, new: u64) {
         self.provisioning.remove(&(dev, vblock));
+        self.events.fire();
         let tag = self.epochs.retire();
         self.forest.data.dec(new, tag);
     }
@@ -201,6 +203,7 @@ impl PoolState {
             if let Ok(d) = self.dev_mut(dev) {
                 d.writes_in_flight = d.writes_in_flight.saturating_sub(writes);
             }
+            self.events.fire();
         }
         if self.forest.data.has_draining() {
             self.forest.data.release(&self.epochs);

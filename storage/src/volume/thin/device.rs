@@ -8,7 +8,6 @@ use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind};
 use crate::error::{Result, StorageError};
 use crate::io::{IoQueue, QueueOptions};
 use crate::volume::thin::pool::ThinPool;
-use crate::volume::thin::queue::ThinQueue;
 
 /// Longest extent one `block_status` call reports, in blocks (callers ask again for the rest).
 const STATUS_MAX_BLOCKS: u64 = 16384;
@@ -62,7 +61,7 @@ impl fmt::Debug for ThinDevice {
 
 impl ThinDevice {
     pub(crate) fn new(name: String, read_only: bool, open: OpenThin) -> ThinDevice {
-        let alignment = crate::volume::stack::pv_alignment(&open.pool.pvs);
+        let alignment = crate::volume::pvs::pv_alignment(&open.pool.pvs);
         ThinDevice {
             name,
             read_only,
@@ -110,12 +109,12 @@ impl BlockDevice for ThinDevice {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(ThinQueue::new(
+        crate::volume::thin::queue::open_queue(
             self.name.clone(),
             self.read_only,
             self.open.clone(),
             opts,
-        )?))
+        )
     }
 
     fn flush(&self) -> Result<()> {

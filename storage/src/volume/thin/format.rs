@@ -3,10 +3,9 @@
 //! and the transaction that wrote it, so a misdirected or stale block is recognised. The byte
 //! layout is documented in docs/format-thin.md; this file is its implementation.
 
+use crate::bytes::{le32, le64, put_le32, put_le64};
 use crate::error::{Result, StorageError};
-use crate::volume::codec::{
-    get_u32, get_u64, put_u32, put_u64, seal, sealed, uuid_bytes, uuid_string,
-};
+use crate::volume::codec::{seal, sealed, uuid_bytes, uuid_string};
 
 /// Size of every metadata block.
 pub const META_BLOCK: usize = 4096;
@@ -98,22 +97,22 @@ impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK];
         b[0..8].copy_from_slice(SB_MAGIC);
-        put_u32(&mut b, 8, THIN_VERSION);
-        put_u64(&mut b, 16, self.seq);
+        put_le32(&mut b, 8, THIN_VERSION);
+        put_le64(&mut b, 16, self.seq);
         b[24..40].copy_from_slice(&uuid_bytes(&self.pool_uuid));
-        put_u32(&mut b, 40, self.block_size);
-        put_u32(&mut b, 44, META_BLOCK as u32);
-        put_u64(&mut b, 48, self.data_blocks);
-        put_u64(&mut b, 56, self.meta_blocks);
-        put_u64(&mut b, 64, self.used_data);
-        put_u64(&mut b, 72, self.used_meta);
-        put_u32(&mut b, 80, self.device_count);
-        put_u32(&mut b, 84, self.next_id);
-        put_u32(&mut b, 88, self.chunks.len() as u32);
-        put_u64(&mut b, 96, self.seq % 2);
-        put_u64(&mut b, 104, self.zero_from);
+        put_le32(&mut b, 40, self.block_size);
+        put_le32(&mut b, 44, META_BLOCK as u32);
+        put_le64(&mut b, 48, self.data_blocks);
+        put_le64(&mut b, 56, self.meta_blocks);
+        put_le64(&mut b, 64, self.used_data);
+        put_le64(&mut b, 72, self.used_meta);
+        put_le32(&mut b, 80, self.device_count);
+        put_le32(&mut b, 84, self.next_id);
+        put_le32(&mut b, 88, self.chunks.len() as u32);
+        put_le64(&mut b, 96, self.seq % 2);
+        put_le64(&mut b, 104, self.zero_from);
         for (i, c) in self.chunks.iter().enumerate() {
-            put_u64(&mut b, SB_CHUNKS_AT + i * 8, *c);
+            put_le64(&mut b, SB_CHUNKS_AT + i * 8, *c);
         }
         seal(&mut b, SB_CRC_AT);
         b
@@ -136,30 +135,30 @@ impl Superblock {
         if !sealed(b, SB_CRC_AT) {
             return bad("checksum mismatch");
         }
-        let version = get_u32(b, 8);
+        let version = le32(b, 8);
         if version != THIN_VERSION {
             return Err(StorageError::Unsupported(format!(
                 "thin pool metadata version {version} ({what})"
             )));
         }
         let sb = Superblock {
-            seq: get_u64(b, 16),
+            seq: le64(b, 16),
             pool_uuid: uuid_string(&b[24..40]),
-            block_size: get_u32(b, 40),
-            data_blocks: get_u64(b, 48),
-            meta_blocks: get_u64(b, 56),
-            used_data: get_u64(b, 64),
-            used_meta: get_u64(b, 72),
-            device_count: get_u32(b, 80),
-            next_id: get_u32(b, 84),
-            zero_from: get_u64(b, 104),
+            block_size: le32(b, 40),
+            data_blocks: le64(b, 48),
+            meta_blocks: le64(b, 56),
+            used_data: le64(b, 64),
+            used_meta: le64(b, 72),
+            device_count: le32(b, 80),
+            next_id: le32(b, 84),
+            zero_from: le64(b, 104),
             chunks: Vec::new(),
         };
-        let nchunks = get_u32(b, 88) as usize;
-        if get_u32(b, 44) as usize != META_BLOCK
+        let nchunks = le32(b, 88) as usize;
+        if le32(b, 44) as usize != META_BLOCK
             || sb.seq == 0
             || sb.seq % 2 != slot
-            || get_u64(b, 96) != slot
+            || le64(b, 96) != slot
             || nchunks > MAX_TABLE_CHUNKS
             || sb.data_blocks >= 1 << BLOCK_BITS
             || sb.used_data > sb.data_blocks
@@ -170,7 +169,7 @@ impl Superblock {
             return bad("impossible field values");
         }
         let chunks = (0..nchunks)
-            .map(|i| get_u64(b, SB_CHUNKS_AT + i * 8))
+            .map(|i| le64(b, SB_CHUNKS_AT + i * 8))
             .collect::<Vec<_>>();
         if chunks.iter().any(|&c| c < 2 || c >= sb.meta_blocks) {
             return bad("device table block out of range");
@@ -204,18 +203,18 @@ pub struct DevEntry {
 pub fn encode_table(entries: &[DevEntry], block: u64, seq: u64) -> Vec<u8> {
     let mut b = vec![0u8; META_BLOCK];
     b[0..4].copy_from_slice(TABLE_MAGIC);
-    put_u64(&mut b, 8, block);
-    put_u64(&mut b, 16, seq);
-    put_u32(&mut b, 24, entries.len() as u32);
+    put_le64(&mut b, 8, block);
+    put_le64(&mut b, 16, seq);
+    put_le32(&mut b, 24, entries.len() as u32);
     for (i, e) in entries.iter().enumerate() {
         let at = 32 + i * ENTRY_SIZE;
-        put_u32(&mut b, at, e.id);
-        put_u32(&mut b, at + 4, e.flags);
-        put_u64(&mut b, at + 8, e.size);
-        put_u64(&mut b, at + 16, e.root);
-        put_u64(&mut b, at + 24, e.mapped);
-        put_u64(&mut b, at + 32, e.created);
-        put_u32(&mut b, at + 40, e.origin.unwrap_or(NO_ORIGIN));
+        put_le32(&mut b, at, e.id);
+        put_le32(&mut b, at + 4, e.flags);
+        put_le64(&mut b, at + 8, e.size);
+        put_le64(&mut b, at + 16, e.root);
+        put_le64(&mut b, at + 24, e.mapped);
+        put_le64(&mut b, at + 32, e.created);
+        put_le32(&mut b, at + 40, e.origin.unwrap_or(NO_ORIGIN));
         let name = e.name.as_bytes();
         let n = name.len().min(ENTRY_NAME_MAX);
         b[at + 44] = n as u8;
@@ -239,13 +238,10 @@ fn check_header(
     if !sealed(b, BLOCK_CRC_AT) {
         return Err("checksum mismatch".into());
     }
-    if get_u64(b, 8) != block {
-        return Err(format!(
-            "holds block {} (misdirected write?)",
-            get_u64(b, 8)
-        ));
+    if le64(b, 8) != block {
+        return Err(format!("holds block {} (misdirected write?)", le64(b, 8)));
     }
-    let seq = get_u64(b, 16);
+    let seq = le64(b, 16);
     if seq > max_seq {
         return Err(format!(
             "written by transaction {seq}, after the superblock's {max_seq}"
@@ -258,7 +254,7 @@ fn check_header(
 pub fn decode_table(b: &[u8], block: u64, max_seq: u64, what: &str) -> Result<Vec<DevEntry>> {
     let bad = |d: String| StorageError::corrupt(what, format!("device table block {block}: {d}"));
     check_header(b, TABLE_MAGIC, block, max_seq).map_err(bad)?;
-    let count = get_u32(b, 24) as usize;
+    let count = le32(b, 24) as usize;
     if count > TABLE_ENTRIES {
         return Err(bad(format!("{count} entries")));
     }
@@ -272,14 +268,14 @@ pub fn decode_table(b: &[u8], block: u64, max_seq: u64, what: &str) -> Result<Ve
         let name = std::str::from_utf8(&b[at + 48..at + 48 + n])
             .map_err(|_| bad(format!("entry {i} has a name that is not UTF-8")))?
             .to_string();
-        let origin = get_u32(b, at + 40);
+        let origin = le32(b, at + 40);
         out.push(DevEntry {
-            id: get_u32(b, at),
-            flags: get_u32(b, at + 4),
-            size: get_u64(b, at + 8),
-            root: get_u64(b, at + 16),
-            mapped: get_u64(b, at + 24),
-            created: get_u64(b, at + 32),
+            id: le32(b, at),
+            flags: le32(b, at + 4),
+            size: le64(b, at + 8),
+            root: le64(b, at + 16),
+            mapped: le64(b, at + 24),
+            created: le64(b, at + 32),
             origin: (origin != NO_ORIGIN).then_some(origin),
             name,
         });
@@ -318,13 +314,13 @@ impl Node {
     pub fn encode(&self, block: u64, seq: u64) -> Vec<u8> {
         let mut b = vec![0u8; META_BLOCK];
         b[0..4].copy_from_slice(NODE_MAGIC);
-        put_u64(&mut b, 8, block);
-        put_u64(&mut b, 16, seq);
+        put_le64(&mut b, 8, block);
+        put_le64(&mut b, 16, seq);
         b[24] = self.level;
-        put_u32(&mut b, 28, self.keys.len() as u32);
+        put_le32(&mut b, 28, self.keys.len() as u32);
         for (i, (k, v)) in self.keys.iter().zip(&self.vals).enumerate() {
-            put_u64(&mut b, KEYS_AT + i * 8, *k);
-            put_u64(&mut b, VALS_AT + i * 8, *v);
+            put_le64(&mut b, KEYS_AT + i * 8, *k);
+            put_le64(&mut b, VALS_AT + i * 8, *v);
         }
         seal(&mut b, BLOCK_CRC_AT);
         b
@@ -335,18 +331,18 @@ impl Node {
         let bad = |d: String| StorageError::corrupt(what, format!("node {block}: {d}"));
         check_header(b, NODE_MAGIC, block, max_seq).map_err(bad)?;
         let level = b[24];
-        let count = get_u32(b, 28) as usize;
+        let count = le32(b, 28) as usize;
         if level > MAX_LEVEL || count == 0 || count > NODE_CAPACITY {
             return Err(bad(format!("level {level} with {count} entries")));
         }
         let mut n = Node::new(level);
         for i in 0..count {
-            let k = get_u64(b, KEYS_AT + i * 8);
+            let k = le64(b, KEYS_AT + i * 8);
             if n.keys.last().is_some_and(|&last| last >= k) {
                 return Err(bad("keys out of order".into()));
             }
             n.keys.push(k);
-            n.vals.push(get_u64(b, VALS_AT + i * 8));
+            n.vals.push(le64(b, VALS_AT + i * 8));
         }
         Ok(n)
     }

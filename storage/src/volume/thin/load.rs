@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock};
 use crate::error::{Result, StorageError};
 use crate::volume::extents::ExtentMap;
 use crate::volume::name::{check_name, NameKind};
+use crate::volume::pvs::PvSet;
 use crate::volume::region::Region;
-use crate::volume::stack::PvSet;
 use crate::volume::thin::btree::Forest;
 use crate::volume::thin::format::{block_of, decode_table, Node, Superblock, META_BLOCK};
 use crate::volume::thin::pool::{Dev, PoolState, ThinPool};
@@ -234,7 +234,7 @@ pub fn open(
             sb.meta_blocks
         )));
     }
-    let data_lv_blocks = data_map.read().unwrap_or_else(|p| p.into_inner()).size() / block_size;
+    let data_lv_blocks = crate::sync::read(&data_map).size() / block_size;
     if sb.data_blocks > data_lv_blocks {
         return Err(bad(format!(
             "{} data blocks on a data volume of {data_lv_blocks}",
@@ -360,6 +360,7 @@ pub fn open(
         zero_from,
         zero_from_durable: sb.zero_from,
         known_zero,
+        events: Default::default(),
     };
     let pool = ThinPool::from_parts(
         name.to_string(),

@@ -37,10 +37,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{Result, StorageError};
+use crate::io::stack::wake::{new_eventfd, wait_eventfd, Events};
 use crate::volume::extents::{ExtentMap, Mapped};
 use crate::volume::name::{check_name, now_secs, NameKind};
+use crate::volume::pvs::PvSet;
 use crate::volume::region::Region;
-use crate::volume::stack::PvSet;
 use crate::volume::thin::btree::Forest;
 use crate::volume::thin::format::{
     encode_table, DevEntry, Superblock, BLOCK_BITS, FLAG_READ_ONLY, MAX_TABLE_CHUNKS, META_BLOCK,
@@ -89,6 +90,9 @@ pub(crate) struct PoolState {
     /// Data blocks known to hold zeros (never written): a partial first write to one need not
     /// write the rest of the block.
     pub(crate) known_zero: crate::volume::thin::space::BitSet,
+    /// Fired when a provisioning ends, writes in flight end, or a device thaws: what deferred
+    /// pieces of the queues and a snapshot waiting for in-place writes wait for.
+    pub(crate) events: Events,
 }
 
 /// Space use of a pool.
@@ -165,8 +169,12 @@ impl std::fmt::Debug for ThinPool {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Lets writes to device `id` proceed again after a snapshot of it.
+fn thaw(st: &mut PoolState, id: u32) {
+    if let Ok(d) = st.dev_mut(id) {
+        d.frozen = false;
+    }
+    st.events.fire();
 }
 
 fn failed_error(name: &str, why: &str) -> StorageError {
@@ -228,15 +236,18 @@ impl ThinPool {
         self.block_size
     }
 
+    /// Locks the pool's state. A poisoned lock (a thread panicked while changing it) marks the
+    /// pool failed: it refuses I/O until it is reopened (see `crate::sync`).
     pub(crate) fn lock_state(&self) -> MutexGuard<'_, PoolState> {
-        lock(&self.state)
+        crate::sync::lock_or_mark(&self.state, |st| {
+            st.failed
+                .get_or_insert_with(|| crate::sync::failed("its metadata").to_string());
+        })
     }
 
     /// Where data block `block` lives.
     pub(crate) fn data_location(&self, block: u64) -> Result<Mapped> {
-        self.data_map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::read(&self.data_map)
             .map(block * self.block_size)
             .ok_or_else(|| {
                 StorageError::corrupt(
@@ -421,6 +432,7 @@ impl ThinPool {
             st.dev_mut(origin)?.frozen = true;
         }
         let deadline = Instant::now() + FREEZE_TIMEOUT;
+        let efd = new_eventfd()?;
         let id = loop {
             let mut st = self.lock_state();
             let busy = st
@@ -434,22 +446,21 @@ impl ThinPool {
                     .and_then(|(size, root, mapped)| {
                         self.add_device(&mut st, name, size, root, mapped, Some(origin), flags)
                     });
-                if let Ok(d) = st.dev_mut(origin) {
-                    d.frozen = false;
-                }
+                thaw(&mut st, origin);
                 break result?;
             }
-            if Instant::now() > deadline {
-                if let Ok(d) = st.dev_mut(origin) {
-                    d.frozen = false;
-                }
+            let now = Instant::now();
+            if now > deadline {
+                thaw(&mut st, origin);
                 return Err(StorageError::Busy(format!(
                     "the origin (its writes in flight did not finish within {} s)",
                     FREEZE_TIMEOUT.as_secs()
                 )));
             }
+            // The end of in-place writes fires the pool's events.
+            st.events.wait(&efd);
             drop(st);
-            std::thread::sleep(Duration::from_micros(50));
+            wait_eventfd(&efd, Some(deadline - now))?;
         };
         self.commit()?;
         Ok(id)
@@ -624,15 +635,11 @@ impl ThinPool {
     }
 
     fn sync_pvs(&self) -> Result<()> {
-        let mut pvs = self
-            .data_map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .pvs();
+        let mut pvs = crate::sync::read(&self.data_map).pvs();
         pvs.extend(self.meta.pv_indexes());
         pvs.sort_unstable();
         pvs.dedup();
-        let files = self.pvs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let files = crate::sync::read(&self.pvs).clone();
         for i in pvs {
             if let Some(f) = files.get(i) {
                 f.sync_data()?;
@@ -644,7 +651,7 @@ impl ThinPool {
     /// Makes every completed write to every device of the pool durable, and commits the
     /// metadata if it changed (see the module documentation for the order).
     pub fn commit(&self) -> Result<()> {
-        let _serial = lock(&self.commit_lock);
+        let _serial = crate::sync::lock(&self.commit_lock);
         let txn = {
             let mut st = self.lock_state();
             if let Some(f) = &st.failed {

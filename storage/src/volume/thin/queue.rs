@@ -12,25 +12,22 @@
 //! - flush commits the pool (`pool.rs`).
 //!
 //! A piece that meets a block being provisioned by another request, or a device frozen for a
-//! snapshot, is deferred and retried at the next reap or wait.
+//! snapshot, is parked; the pool's events (a provisioning or in-place write ending, a device
+//! thawing) wake the queue through its eventfd and the piece is retried.
+//!
+//! The queue is a layer of the stacked-queue mechanism (`crate::io::stack`), which owns the PV
+//! queues, the fan-in of pieces and the waiting.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Result, StorageError};
-use crate::io::{
-    check_range, notify, Completion, IoBuf, IoQueue, Op, QueueFull, QueueOptions, Request,
-};
-use crate::volume::stack::{remaining, Lowers, Parents};
+use crate::io::stack::wake::{Generation, Parked};
+use crate::io::stack::{Layer, Lower, ReqId, Stack, StackedQueue};
+use crate::io::{check_range, notify, Completion, IoBuf, IoQueue, Op, QueueOptions, Request};
+use crate::volume::pvs::pv_opener;
 use crate::volume::thin::datapath::WritePlan;
 use crate::volume::thin::device::OpenThin;
-
-/// How long `wait` sleeps between retries of deferred pieces when nothing else is in flight.
-const DEFER_SLEEP: Duration = Duration::from_micros(50);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -84,94 +81,82 @@ enum Sub {
     },
 }
 
-/// A queue on a thin device. See the module documentation.
-pub struct ThinQueue {
+/// What a thin device's queue does with requests. See the module documentation.
+struct ThinLayer {
     name: String,
     read_only: bool,
     open: Arc<OpenThin>,
     bs: u64,
-    lowers: Lowers,
-    parents: Parents,
-    subs: Vec<Option<Sub>>,
-    free_subs: Vec<usize>,
-    deferred: VecDeque<Piece>,
-    ready: VecDeque<Completion>,
-    scratch: Vec<Completion>,
+    deferred: Parked<Piece>,
+    gen: Arc<Generation>,
     ended: Vec<u64>,
     writes_ended: u64,
-    depth: usize,
-    notifier: Option<Arc<EventFd>>,
 }
 
-impl fmt::Debug for ThinQueue {
+impl fmt::Debug for ThinLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ThinQueue")
+        f.debug_struct("ThinLayer")
             .field("name", &self.name)
-            .field("in_flight", &self.parents.len())
             .field("deferred", &self.deferred.len())
             .finish()
     }
 }
 
-impl ThinQueue {
-    pub(crate) fn new(
-        name: String,
-        read_only: bool,
-        open: Arc<OpenThin>,
-        opts: &QueueOptions,
-    ) -> Result<ThinQueue> {
-        let bs = open.pool.block_size();
-        let lowers = Lowers::new(open.pool.pvs.clone(), opts)?;
-        Ok(ThinQueue {
-            name,
-            read_only,
-            open,
-            bs,
-            lowers,
-            parents: Parents::default(),
-            subs: Vec::new(),
-            free_subs: Vec::new(),
-            deferred: VecDeque::new(),
-            ready: VecDeque::new(),
-            scratch: Vec::new(),
-            ended: Vec::new(),
-            writes_ended: 0,
-            depth: opts.depth.max(1),
-            notifier: opts.notifier.clone(),
-        })
-    }
+/// Opens a queue on a thin device.
+pub(crate) fn open_queue(
+    name: String,
+    read_only: bool,
+    open: Arc<OpenThin>,
+    opts: &QueueOptions,
+) -> Result<Box<dyn IoQueue>> {
+    let bs = open.pool.block_size();
+    let gen = open.pool.lock_state().events.generation();
+    let lower = Lower {
+        opener: pv_opener(open.pool.pvs.clone()),
+        depth: opts.depth.max(1),
+        own_eventfd: true,
+    };
+    let layer = ThinLayer {
+        name,
+        read_only,
+        open,
+        bs,
+        deferred: Parked::default(),
+        gen,
+        ended: Vec::new(),
+        writes_ended: 0,
+    };
+    Ok(Box::new(StackedQueue::new(layer, opts, lower)?))
+}
 
+type St = Stack<Sub>;
+
+impl ThinLayer {
     fn id(&self) -> u32 {
         self.open.id
     }
 
-    fn complete_now(&mut self, req: Request, result: Result<u64>) {
-        self.ready.push_back(Completion::of(req, result));
-        notify(Some(self.lowers.efd()));
-    }
-
     fn piece_done(
         &mut self,
-        parent: usize,
+        st: &mut St,
+        parent: ReqId,
         result: Result<()>,
         buf: Option<IoBuf>,
         synthetic: bool,
     ) {
         let buf = if synthetic { None } else { buf };
-        if let Some(c) = self.parents.piece_done(parent, result, buf) {
-            self.ready.push_back(c);
-        }
+        st.release(parent, result, buf);
     }
 
-    fn add_sub(&mut self, sub: Sub) -> u64 {
-        match self.free_subs.pop() {
-            Some(i) => {
-                self.subs[i] = Some(sub);
-                i as u64
-            }
-            None => {
-                self.subs.push(Some(sub));
-                (self.subs.len() - 1) as u64
+    /// Parks piece `p`, which met a provisioning in flight or a frozen device when the pool's
+    /// events were at generation `seen`.
+    fn defer(&mut self, st: &mut St, p: Piece, seen: u64) {
+        self.deferred.park(p);
+        if let Some(efd) = st.waker() {
+            self.open.pool.lock_state().events.wait(efd);
+            if self.gen.get() != seen {
+                // The event came before we registered: nobody will signal, so do it ourselves.
+                notify(Some(efd));
             }
         }
     }
@@ -180,6 +165,7 @@ impl ThinQueue {
     #[allow(clippy::result_large_err)]
     fn lower(
         &mut self,
+        st: &mut St,
         block: u64,
         within: u64,
         sub: Sub,
@@ -189,34 +175,27 @@ impl ThinQueue {
             Ok(l) => l,
             Err(e) => return Err((sub, e)),
         };
-        let tag = self.add_sub(sub);
-        self.lowers.submit(
-            loc.pv,
-            Request {
-                tag,
-                op: make(loc.pv_offset + within),
-            },
-        );
+        st.send(loc.pv, sub, make(loc.pv_offset + within));
         Ok(())
     }
 
     /// Splits a request into pieces and starts them.
-    fn dispatch(&mut self, mut req: Request) {
+    fn dispatch(&mut self, st: &mut St, mut req: Request) {
         let size = self.open.pool.device_size(self.id());
         if let Err(e) = check_range(&req.op, size) {
-            return self.complete_now(req, Err(e));
+            return st.complete(Completion::of(req, Err(e)));
         }
         let writes = !matches!(req.op, Op::Read { .. } | Op::Flush);
         if writes && self.read_only {
             let e = StorageError::ReadOnly(self.name.clone());
-            return self.complete_now(req, Err(e));
+            return st.complete(Completion::of(req, Err(e)));
         }
         let Some((offset, len)) = req.op.range() else {
             let r = self.open.pool.commit().map(|()| 0);
-            return self.complete_now(req, r);
+            return st.complete(Completion::of(req, r));
         };
         if len == 0 {
-            return self.complete_now(req, Ok(0));
+            return st.complete(Completion::of(req, Ok(0)));
         }
         let bs = self.bs;
         let mut plan: Vec<(Kind, u64, u64, u64, u64)> = Vec::new(); // kind, vblock, within, len, offset in request
@@ -273,14 +252,16 @@ impl ThinQueue {
         }
         let buf = req.op.take_buf();
         let result_len = if buf.is_some() { len } else { 0 };
-        let id = self
-            .parents
-            .start(req.tag, buf, result_len, plan.len() as u32);
+        let id = st.open(req.tag, buf, result_len);
+        let whole = plan.len() == 1;
+        let seen = self.gen.get();
         for (kind, vblock, within, n, at) in plan {
+            st.hold(id);
             let buf = match kind {
-                Kind::Read | Kind::Write => {
-                    Some(self.parents.piece_buf(id, at as usize, n as usize))
-                }
+                Kind::Read | Kind::Write if whole => st.lend(id),
+                // SAFETY: reads and writes are planned by one walk over the request in order
+                // (`at += n`), so the pieces' views are disjoint.
+                Kind::Read | Kind::Write => unsafe { st.view(id, at as usize, n as usize) },
                 _ => None,
             };
             let piece = Piece {
@@ -292,25 +273,26 @@ impl ThinQueue {
                 buf,
                 synthetic: false,
             };
-            if let Err(p) = self.start(piece) {
-                self.deferred.push_back(p);
+            if let Err(p) = self.start_piece(st, piece) {
+                self.defer(st, p, seen);
             }
         }
+        st.close(id);
     }
 
     /// Starts one piece; gives it back if it must wait.
-    fn start(&mut self, mut p: Piece) -> std::result::Result<(), Piece> {
+    fn start_piece(&mut self, st: &mut St, mut p: Piece) -> std::result::Result<(), Piece> {
         let id = self.id();
         match p.kind {
             Kind::Read => {
                 let found = self.open.pool.lock_state().lookup_read(id, p.vblock);
                 match found {
-                    Err(e) => self.piece_done(p.parent, Err(e), p.buf, false),
+                    Err(e) => self.piece_done(st, p.parent, Err(e), p.buf, false),
                     Ok(None) => {
                         let mut buf = p.buf.unwrap_or_else(IoBuf::empty);
                         let n = buf.len();
                         buf.fill_zero(0, n);
-                        self.piece_done(p.parent, Ok(()), Some(buf), false);
+                        self.piece_done(st, p.parent, Ok(()), Some(buf), false);
                     }
                     Ok(Some((block, epoch))) => {
                         let buf = p.buf.unwrap_or_else(IoBuf::empty);
@@ -320,18 +302,18 @@ impl ThinQueue {
                         };
                         let within = p.within;
                         let mut slot = Some(buf);
-                        if let Err((_, e)) = self.lower(block, within, sub, |o| Op::Read {
+                        if let Err((_, e)) = self.lower(st, block, within, sub, |o| Op::Read {
                             offset: o,
                             buf: slot.take().unwrap_or_else(IoBuf::empty),
                         }) {
                             self.ended.push(epoch);
-                            self.piece_done(p.parent, Err(e), slot, false);
+                            self.piece_done(st, p.parent, Err(e), slot, false);
                         }
                     }
                 }
                 Ok(())
             }
-            Kind::Write => self.start_write(p, true),
+            Kind::Write => self.start_write(st, p, true),
             Kind::ZeroPartial => {
                 let looked = {
                     let mut st = self.open.pool.lock_state();
@@ -354,8 +336,8 @@ impl ThinQueue {
                     }
                 };
                 match looked {
-                    Err(e) => self.piece_done(p.parent, Err(e), None, true),
-                    Ok(None) => self.piece_done(p.parent, Ok(()), None, true),
+                    Err(e) => self.piece_done(st, p.parent, Err(e), None, true),
+                    Ok(None) => self.piece_done(st, p.parent, Ok(()), None, true),
                     Ok(Some((block, true, epoch))) => {
                         let (within, len) = (p.within, p.len);
                         let sub = Sub::InPlace {
@@ -363,14 +345,16 @@ impl ThinQueue {
                             epoch,
                             synthetic: true,
                         };
-                        if let Err((_, e)) = self.lower(block, within, sub, |o| Op::WriteZeroes {
-                            offset: o,
-                            len,
-                            unmap: false,
-                        }) {
+                        if let Err((_, e)) =
+                            self.lower(st, block, within, sub, |o| Op::WriteZeroes {
+                                offset: o,
+                                len,
+                                unmap: false,
+                            })
+                        {
                             self.ended.push(epoch);
                             self.writes_ended += 1;
-                            self.piece_done(p.parent, Err(e), None, true);
+                            self.piece_done(st, p.parent, Err(e), None, true);
                         }
                     }
                     Ok(Some((_, false, _))) => {
@@ -378,7 +362,7 @@ impl ThinQueue {
                         p.kind = Kind::Write;
                         p.buf = Some(IoBuf::new(p.len as usize));
                         p.synthetic = true;
-                        return self.start_write(p, true);
+                        return self.start_write(st, p, true);
                     }
                 }
                 Ok(())
@@ -387,21 +371,26 @@ impl ThinQueue {
                 let r = self.open.pool.lock_state().unmap(id, p.vblock, hi);
                 match r {
                     Ok(None) => return Err(p),
-                    Ok(Some(_)) => self.piece_done(p.parent, Ok(()), None, true),
-                    Err(e) => self.piece_done(p.parent, Err(e), None, true),
+                    Ok(Some(_)) => self.piece_done(st, p.parent, Ok(()), None, true),
+                    Err(e) => self.piece_done(st, p.parent, Err(e), None, true),
                 }
                 Ok(())
             }
         }
     }
 
-    fn start_write(&mut self, p: Piece, may_commit: bool) -> std::result::Result<(), Piece> {
+    fn start_write(
+        &mut self,
+        st: &mut St,
+        p: Piece,
+        may_commit: bool,
+    ) -> std::result::Result<(), Piece> {
         let id = self.id();
         let plan = self.open.pool.lock_state().prepare_write(id, p.vblock);
         let plan = match plan {
             Ok(plan) => plan,
             Err(e) => {
-                self.piece_done(p.parent, Err(e), p.buf, p.synthetic);
+                self.piece_done(st, p.parent, Err(e), p.buf, p.synthetic);
                 return Ok(());
             }
         };
@@ -435,13 +424,13 @@ impl ThinQueue {
                     synthetic,
                 };
                 let mut slot = Some(data);
-                if let Err((_, e)) = self.lower(block, within, sub, |o| Op::Write {
+                if let Err((_, e)) = self.lower(st, block, within, sub, |o| Op::Write {
                     offset: o,
                     buf: slot.take().unwrap_or_else(IoBuf::empty),
                 }) {
                     self.ended.push(epoch);
                     self.writes_ended += 1;
-                    self.piece_done(parent, Err(e), slot, synthetic);
+                    self.piece_done(st, parent, Err(e), slot, synthetic);
                 }
             }
             WritePlan::Provision {
@@ -455,7 +444,7 @@ impl ThinQueue {
                     // frontier on disk first, so that a crash never takes it for zeros.
                     if let Err(e) = self.open.pool.commit() {
                         self.open.pool.lock_state().abort_provision(id, vblock, new);
-                        self.piece_done(parent, Err(e), Some(data), synthetic);
+                        self.piece_done(st, parent, Err(e), Some(data), synthetic);
                         return Ok(());
                     }
                 }
@@ -470,7 +459,7 @@ impl ThinQueue {
                         synthetic,
                     };
                     let mut slot = Some(data);
-                    self.lower(new, within, sub, |o| Op::Write {
+                    self.lower(st, new, within, sub, |o| Op::Write {
                         offset: o,
                         buf: slot.take().unwrap_or_else(IoBuf::empty),
                     })
@@ -484,7 +473,7 @@ impl ThinQueue {
                         data,
                         synthetic,
                     };
-                    self.lower(old, 0, sub, |o| Op::Read {
+                    self.lower(st, old, 0, sub, |o| Op::Read {
                         offset: o,
                         buf: IoBuf::new(bs as usize),
                     })
@@ -502,7 +491,7 @@ impl ThinQueue {
                         data: Some(data),
                         synthetic,
                     };
-                    self.lower(new, 0, sub, |o| Op::Write {
+                    self.lower(st, new, 0, sub, |o| Op::Write {
                         offset: o,
                         buf: block,
                     })
@@ -513,14 +502,14 @@ impl ThinQueue {
                 };
                 if let Err((e, data)) = outcome {
                     self.open.pool.lock_state().abort_provision(id, vblock, new);
-                    self.piece_done(parent, Err(e), data, synthetic);
+                    self.piece_done(st, parent, Err(e), data, synthetic);
                 }
             }
             WritePlan::NoSpace { commit_may_help } => {
                 if commit_may_help && may_commit {
                     // Blocks freed since the last commit become reusable once it is durable.
                     if let Err(e) = self.open.pool.commit() {
-                        self.piece_done(parent, Err(e), Some(data), synthetic);
+                        self.piece_done(st, parent, Err(e), Some(data), synthetic);
                         return Ok(());
                     }
                     let p = Piece {
@@ -532,29 +521,24 @@ impl ThinQueue {
                         buf: Some(data),
                         synthetic,
                     };
-                    return self.start_write(p, false);
+                    return self.start_write(st, p, false);
                 }
                 let e = StorageError::OutOfSpace(format!(
                     "thin pool {} is full",
                     self.open.pool.name()
                 ));
-                self.piece_done(parent, Err(e), Some(data), synthetic);
+                self.piece_done(st, parent, Err(e), Some(data), synthetic);
             }
         }
         Ok(())
     }
 
-    fn on_lower(&mut self, c: Completion) {
-        let idx = c.tag as usize;
-        let Some(sub) = self.subs.get_mut(idx).and_then(Option::take) else {
-            return;
-        };
-        self.free_subs.push(idx);
+    fn on_lower(&mut self, st: &mut St, sub: Sub, c: Completion) {
         let result = c.result.map(|_| ());
         match sub {
             Sub::Read { parent, epoch } => {
                 self.ended.push(epoch);
-                self.piece_done(parent, result, c.buf, false);
+                self.piece_done(st, parent, result, c.buf, false);
             }
             Sub::InPlace {
                 parent,
@@ -563,7 +547,7 @@ impl ThinQueue {
             } => {
                 self.ended.push(epoch);
                 self.writes_ended += 1;
-                self.piece_done(parent, result, c.buf, synthetic);
+                self.piece_done(st, parent, result, c.buf, synthetic);
             }
             Sub::CowRead {
                 parent,
@@ -582,7 +566,7 @@ impl ThinQueue {
                     let e = result.err().unwrap_or_else(|| {
                         StorageError::Unavailable("a copy lost its buffer".into())
                     });
-                    return self.piece_done(parent, Err(e), Some(data), synthetic);
+                    return self.piece_done(st, parent, Err(e), Some(data), synthetic);
                 };
                 copy_into(&data, &mut block, within);
                 let sub = Sub::Provision {
@@ -592,7 +576,7 @@ impl ThinQueue {
                     data: Some(data),
                     synthetic,
                 };
-                if let Err((sub, e)) = self.lower(new, 0, sub, |o| Op::Write {
+                if let Err((sub, e)) = self.lower(st, new, 0, sub, |o| Op::Write {
                     offset: o,
                     buf: block,
                 }) {
@@ -604,7 +588,7 @@ impl ThinQueue {
                         Sub::Provision { data, .. } => data,
                         _ => None,
                     };
-                    self.piece_done(parent, Err(e), data, synthetic);
+                    self.piece_done(st, parent, Err(e), data, synthetic);
                 }
             }
             Sub::Provision {
@@ -628,38 +612,50 @@ impl ThinQueue {
                 };
                 // A whole-block write carried the request's own buffer.
                 let buf = data.or(c.buf);
-                self.piece_done(parent, r, buf, synthetic);
+                self.piece_done(st, parent, r, buf, synthetic);
             }
         }
     }
 
-    /// Processes lower completions and retries deferred pieces.
-    fn pull(&mut self) {
-        let mut done = std::mem::take(&mut self.scratch);
-        self.lowers.reap(&mut done);
-        for c in done.drain(..) {
-            self.on_lower(c);
-        }
-        self.scratch = done;
+    /// Ends the I/O epochs and in-place writes that completed.
+    fn end_io(&mut self) {
         if !self.ended.is_empty() || self.writes_ended > 0 {
-            let ended = std::mem::take(&mut self.ended);
             self.open
                 .pool
                 .lock_state()
-                .end_io(self.id(), &ended, self.writes_ended);
-            self.ended = ended;
+                .end_io(self.open.id, &self.ended, self.writes_ended);
             self.ended.clear();
             self.writes_ended = 0;
         }
-        let n = self.deferred.len();
-        for _ in 0..n {
-            let Some(p) = self.deferred.pop_front() else {
-                break;
-            };
-            if let Err(p) = self.start(p) {
-                self.deferred.push_back(p);
+    }
+}
+
+impl Layer for ThinLayer {
+    type Sub = Sub;
+
+    fn start(&mut self, st: &mut St, req: Request) {
+        self.dispatch(st, req);
+    }
+
+    fn finished(&mut self, st: &mut St, sub: Sub, c: Completion) {
+        self.on_lower(st, sub, c);
+    }
+
+    fn advance(&mut self, st: &mut St) -> bool {
+        self.end_io();
+        let seen = self.gen.get();
+        for p in self.deferred.due(&self.gen) {
+            if let Err(p) = self.start_piece(st, p) {
+                self.defer(st, p, seen);
             }
         }
+        !self.deferred.is_empty()
+    }
+
+    fn close(&mut self, _st: &mut St) {
+        // Pieces still deferred never started: their blocks hold nothing of ours. Give back
+        // the epochs and in-place writes that ended so the pool stays usable.
+        self.end_io();
     }
 }
 
@@ -668,94 +664,5 @@ fn copy_into(data: &IoBuf, block: &mut IoBuf, within: u64) {
     if let Some(dst) = block.as_mut_slice() {
         let w = within as usize;
         data.copy_to_slice(0, &mut dst[w..w + data.len()]);
-    }
-}
-
-impl IoQueue for ThinQueue {
-    fn depth(&self) -> usize {
-        self.depth
-    }
-
-    fn in_flight(&self) -> usize {
-        self.parents.len() + self.ready.len()
-    }
-
-    fn submit(&mut self, req: Request) -> std::result::Result<(), QueueFull> {
-        if self.in_flight() >= self.depth {
-            return Err(QueueFull(req));
-        }
-        let before = self.ready.len();
-        self.dispatch(req);
-        if self.ready.len() > before {
-            // Completed without I/O below (zeros of an unmapped block, an unmap, an error):
-            // nothing else will wake an eventfd-driven consumer.
-            notify(Some(self.lowers.efd()));
-        }
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        self.lowers.commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        self.pull();
-        if !self.deferred.is_empty() && self.lowers.in_flight() == 0 {
-            // Nothing below will signal: wake an eventfd-driven consumer to retry.
-            notify(Some(self.lowers.efd()));
-        }
-        let n = self.ready.len();
-        out.extend(self.ready.drain(..));
-        n
-    }
-
-    fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
-        self.lowers.commit()?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            self.pull();
-            if !self.ready.is_empty() || self.parents.len() == 0 {
-                return Ok(());
-            }
-            let Some(left) = remaining(deadline) else {
-                return Ok(());
-            };
-            if self.lowers.in_flight() == 0 {
-                std::thread::sleep(left.map_or(DEFER_SLEEP, |l| l.min(DEFER_SLEEP)));
-                continue;
-            }
-            let left = if self.deferred.is_empty() {
-                left
-            } else {
-                Some(left.map_or(DEFER_SLEEP, |l| l.min(DEFER_SLEEP)))
-            };
-            self.lowers.wait(left)?;
-        }
-    }
-
-    fn notifier(&self) -> Option<&Arc<EventFd>> {
-        self.notifier.as_ref()
-    }
-}
-
-impl Drop for ThinQueue {
-    fn drop(&mut self) {
-        // Pieces still deferred never started: their blocks hold nothing of ours. Lower queues
-        // drain themselves; give back their epochs and provisioning so the pool stays usable.
-        let mut done = Vec::new();
-        while self.lowers.in_flight() > 0 {
-            if self.lowers.wait(Some(Duration::from_secs(1))).is_err() {
-                break;
-            }
-            self.lowers.reap(&mut done);
-            for c in done.drain(..) {
-                self.on_lower(c);
-            }
-        }
-        let ended = std::mem::take(&mut self.ended);
-        self.open
-            .pool
-            .lock_state()
-            .end_io(self.id(), &ended, self.writes_ended);
     }
 }

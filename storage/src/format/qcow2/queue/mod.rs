@@ -1,106 +1,55 @@
-//! The qcow2 data plane: one [`Qcow2Queue`] per consumer thread.
+//! The qcow2 data plane: one queue per consumer thread, a layer of the stacked-queue mechanism
+//! (`crate::io::stack`) over the host file's queue (lower queue 0) and the backing image's
+//! (lower queue 1).
 //!
 //! Each guest request is split at cluster (or subcluster-run) boundaries. Under the image's
-//! metadata lock, held only for the lookup, each piece is mapped: zeros are filled at once,
-//! compressed clusters are decompressed (with a one-cluster cache), and everything else becomes a
-//! request on the host file's own queue or on the backing image's queue, carrying an
-//! [`IoBuf::view`] of the guest buffer. Allocating writes first read what they copy in (backing
-//! file or old cluster), then write copy and data in one vectored request, and point the L2 entry
-//! at the new cluster only when that write completed. Pieces that hit a cluster whose allocation
-//! is in flight (from this queue or another) wait and are re-planned when it completes; the queue
-//! that completed it signals the waiting queue's eventfd.
+//! metadata lock, held only for a lookup in memory, each piece is mapped: zeros are filled at
+//! once, compressed clusters are decompressed (with a one-cluster cache), and everything else
+//! becomes a request on the host file's queue or the backing image's, carrying the whole guest
+//! buffer when the request maps to one extent, else an [`IoBuf::view`] of it. Allocating writes
+//! first read what they copy in (backing file or old cluster), then write copy and data in one
+//! vectored request, and point the L2 entry at the new cluster only when that write completed.
 //!
-//! The lower queues are opened with this queue's eventfd (the consumer's, or one of our own), so
-//! one descriptor wakes the consumer for everything below.
+//! A piece that cannot be planned yet is parked and retried when the image's generation moves:
+//! one that hits a cluster whose allocation is in flight (from this queue or another), one whose
+//! L2 table or refcount block must be read first (the read goes to the host queue, and its
+//! completion wakes everyone waiting for that table), and one that needs the metadata worker
+//! (a full cache, a file to grow). A flush with metadata to write goes to the worker, which
+//! completes it through the queue's mailbox; without metadata to write it is a host flush.
 //!
 //! | file | job |
 //! |---|---|
-//! | `mod.rs` | the queue's state, its bookkeeping of guest requests, and routing of lower completions |
+//! | `mod.rs` | the layer's state, accepting requests, flushes, routing lower completions, parking |
 //! | `read.rs` | the read path: mapping, zero-fill, backing and host reads, compressed clusters |
 //! | `write.rs` | the write path: direct writes, write-zeroes and discards, allocating writes |
-//! | `io_queue.rs` | the [`IoQueue`] implementation: accepting, flushing, reaping, waiting, draining |
 
-mod io_queue;
 mod read;
 mod write;
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
 use crate::error::{Result, StorageError};
-use crate::io::{notify, Completion, IoBuf, IoQueue, Op, QueueFull, QueueOptions, Request};
+use crate::format::qcow2::meta::{Await, Job as MetaJob, Table};
+use crate::format::qcow2::plan::{AllocPlan, ZeroMode};
+use crate::format::qcow2::worker::{Mailbox, Post, Reply};
+use crate::format::qcow2::Shared;
+use crate::io::stack::wake::{Parked, Waiters};
+use crate::io::stack::{Layer, Lower, ReqId, Slab, Stack, StackedQueue};
+use crate::io::{check_range, Completion, IoBuf, IoQueue, Op, QueueOptions, Request};
 
 use super::entry::Mapping;
-use super::plan::{AllocPlan, ZeroMode};
-use super::Shared;
 
-struct Slab<T> {
-    items: Vec<Option<T>>,
-    free: Vec<usize>,
-}
+/// Lower queue of the host file.
+const HOST: usize = 0;
+/// Lower queue of the backing image.
+const BACKING: usize = 1;
 
-impl<T> Slab<T> {
-    fn new() -> Self {
-        Slab {
-            items: Vec::new(),
-            free: Vec::new(),
-        }
-    }
+type St = Stack<Sub>;
 
-    fn insert(&mut self, t: T) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.items[i] = Some(t);
-                i
-            }
-            None => {
-                self.items.push(Some(t));
-                self.items.len() - 1
-            }
-        }
-    }
-
-    fn remove(&mut self, i: usize) -> Option<T> {
-        let t = self.items.get_mut(i)?.take();
-        if t.is_some() {
-            self.free.push(i);
-        }
-        t
-    }
-
-    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
-        self.items.get_mut(i)?.as_mut()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.items.len() == self.free.len()
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Read,
-    Write,
-    Other,
-}
-
-struct GuestReq {
-    tag: u64,
-    kind: Kind,
-    buf: Option<Arc<IoBuf>>,
-    len: u64,
-    /// Pieces not finished (lower requests, allocation jobs, waiting pieces).
-    pending: usize,
-    /// Still being split: don't complete yet.
-    planning: bool,
-    error: Option<StorageError>,
-}
-
-#[derive(Clone, Copy)]
+/// Where the bytes of a write come from.
+#[derive(Clone, Copy, Debug)]
 enum Src {
     /// The guest buffer from this byte on.
     Guest(usize),
@@ -108,23 +57,23 @@ enum Src {
     Zeros,
 }
 
-#[derive(Clone, Copy)]
-enum SubWhat {
+/// What a lower request is for.
+#[derive(Debug)]
+enum Sub {
     /// A plain piece of a guest request.
-    Piece,
+    Piece(ReqId),
     /// A read of data an allocating write copies in.
     CowRead(usize),
     /// The write of an allocating job.
     JobWrite(usize),
+    /// A metadata table read for the cache.
+    Load(Table),
 }
 
-struct Sub {
-    req: usize,
-    what: SubWhat,
-}
-
+/// An allocating write in flight.
+#[derive(Debug)]
 struct Job {
-    req: usize,
+    req: ReqId,
     /// One plan, or several for consecutive whole clusters that are contiguous on the host and
     /// copy nothing in (written with one request).
     plans: Vec<AllocPlan>,
@@ -136,239 +85,245 @@ struct Job {
     error: Option<StorageError>,
 }
 
-struct Blocked {
-    req: usize,
-    g: u64,
-    len: u64,
+/// Whole-cluster allocations planned and not yet written, contiguous in the guest and on the
+/// host: they go out as one host write.
+#[derive(Debug)]
+struct Group {
+    plans: Vec<AllocPlan>,
+    /// Guest offset of the first cluster.
+    at: u64,
+    /// Where its data comes from.
     src: Src,
-    zero: Option<ZeroMode>,
 }
 
-#[derive(Clone, Copy)]
-enum Lower {
-    Host,
-    Backing,
+/// A piece waiting to be planned again.
+#[derive(Debug)]
+enum Blocked {
+    /// A read of guest `[g, g+len)` into request `req`, whose buffer starts at guest `base`.
+    Read {
+        req: ReqId,
+        base: u64,
+        g: u64,
+        len: u64,
+    },
+    /// A write of guest `[g, g+len)` from `src`, after the allocations of `group` (planned
+    /// already, to be written with what follows).
+    Write {
+        req: ReqId,
+        g: u64,
+        len: u64,
+        src: Src,
+        group: Option<Group>,
+    },
+    /// A discard or write-zeroes of guest `[g, g+len)` inside one cluster.
+    Zero {
+        req: ReqId,
+        g: u64,
+        len: u64,
+        mode: ZeroMode,
+    },
 }
 
 /// See the module documentation.
-pub struct Qcow2Queue {
+struct Qcow2Layer {
     img: Arc<Shared>,
-    host: Box<dyn IoQueue>,
-    backing: Option<Box<dyn IoQueue>>,
-    /// The eventfd the lower queues signal: the consumer's, or one of our own when a backing
-    /// queue has to be waited on together with the host queue; none otherwise (then `wait`
-    /// blocks in the host queue itself, one system call per wake-up).
-    notifier: Option<Arc<EventFd>>,
-    external: Option<Arc<EventFd>>,
-    depth: usize,
-    accepted: usize,
-    reqs: Slab<GuestReq>,
-    subs: Slab<Sub>,
     jobs: Slab<Job>,
-    blocked: Vec<Blocked>,
-    host_backlog: VecDeque<Request>,
-    backing_backlog: VecDeque<Request>,
-    ready: VecDeque<Completion>,
-    seen_gen: u64,
+    parked: Parked<Blocked>,
+    mailbox: Arc<Mailbox>,
+    /// Requests accepted and not yet reaped (counted in the image's `active`).
+    accepted: usize,
     zcache: Option<(u64, Vec<u8>)>,
-    scratch: Vec<Completion>,
     extents: Vec<(u64, u64, Mapping)>,
-    /// Inside `reap`/`wait`: completions go straight to the caller, no eventfd signal needed.
-    reaping: bool,
 }
 
-impl fmt::Debug for Qcow2Queue {
+impl fmt::Debug for Qcow2Layer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Qcow2Queue")
+        f.debug_struct("Qcow2Layer")
             .field("image", &self.img.name)
-            .field("depth", &self.depth)
-            .field("in_flight", &self.accepted)
+            .field("jobs", &self.jobs.len())
+            .field("parked", &self.parked.len())
             .finish()
     }
 }
 
-impl Qcow2Queue {
-    pub(super) fn new(img: Arc<Shared>, opts: &QueueOptions) -> Result<Qcow2Queue> {
-        let notifier = match &opts.notifier {
-            Some(n) => Some(n.clone()),
-            None if img.backing.is_some() => Some(Arc::new(
-                EventFd::new(EFD_NONBLOCK)
-                    .map_err(|e| StorageError::io("Creating an eventfd", e))?,
-            )),
-            None => None,
-        };
-        let depth = opts.depth.max(1);
-        let mut lower = QueueOptions::with_depth(depth * 2 + 32).batch(opts.submit_batch);
-        if let Some(n) = &notifier {
-            lower = lower.notify(n.clone());
-        }
-        let host = img.file.open_queue(&lower)?;
-        let backing = match &img.backing {
-            Some(b) => Some(b.open_queue(&lower)?),
-            None => None,
-        };
-        Ok(Qcow2Queue {
-            seen_gen: img.alloc_gen.load(Ordering::Acquire),
-            img,
-            host,
-            backing,
-            notifier,
-            external: opts.notifier.clone(),
-            depth,
-            accepted: 0,
-            reqs: Slab::new(),
-            subs: Slab::new(),
-            jobs: Slab::new(),
-            blocked: Vec::new(),
-            host_backlog: VecDeque::new(),
-            backing_backlog: VecDeque::new(),
-            ready: VecDeque::new(),
-            zcache: None,
-            scratch: Vec::new(),
-            extents: Vec::new(),
-            reaping: false,
-        })
+/// Opens a queue on the image.
+pub(crate) fn open_queue(img: Arc<Shared>, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
+    let file = img.file.clone();
+    let backing = img.backing.clone();
+    let has_backing = backing.is_some();
+    let lower = Lower {
+        opener: Box::new(move |i, o| match (i, &backing) {
+            (HOST, _) => file.open_queue(o),
+            (_, Some(b)) => b.open_queue(o),
+            (_, None) => Err(StorageError::Unavailable("no backing image".into())),
+        }),
+        depth: opts.depth.max(1) * 2 + 32,
+        own_eventfd: true,
+    };
+    let layer = Qcow2Layer {
+        img,
+        jobs: Slab::default(),
+        parked: Parked::default(),
+        mailbox: Arc::new(Mailbox::new(None)),
+        accepted: 0,
+        zcache: None,
+        extents: Vec::new(),
+    };
+    let mut q = StackedQueue::new(layer, opts, lower)?;
+    q.open_lower(HOST)?;
+    if has_backing {
+        q.open_lower(BACKING)?;
     }
+    let waker = q.waker().cloned();
+    q.layer_mut().mailbox = Arc::new(Mailbox::new(waker));
+    Ok(Box::new(q))
+}
 
-    fn complete_now(&mut self, tag: u64, buf: Option<IoBuf>, result: Result<u64>) {
-        self.img.active.fetch_sub(1, Ordering::AcqRel);
-        self.ready.push_back(Completion { tag, result, buf });
-        if !self.reaping {
-            notify(self.notifier.as_ref());
-        }
-    }
-
-    fn fail(&mut self, r: usize, e: StorageError) {
-        if let Some(req) = self.reqs.get_mut(r) {
-            req.error.get_or_insert(e);
-        }
-    }
-
-    /// A view of request `r`'s buffer.
-    fn view(&self, r: usize, off: usize, len: usize) -> Option<IoBuf> {
-        let parent = self.reqs.items.get(r)?.as_ref()?.buf.as_ref()?;
-        // SAFETY: planning hands each byte of a read to one piece at a time (the walk advances
-        // past every extent it maps; a piece cut again is cut after its first view is dropped),
-        // and a write's views are only read. The buffer is taken back (`Arc::try_unwrap` in
-        // `finish`) only when no piece of the request is pending.
-        Some(unsafe { IoBuf::view(parent, off, len) })
-    }
-
-    fn submit_lower(&mut self, which: Lower, r: usize, what: SubWhat, op: Op) {
-        let tag = self.subs.insert(Sub { req: r, what }) as u64;
-        if let SubWhat::Piece = what {
-            if let Some(req) = self.reqs.get_mut(r) {
-                req.pending += 1;
+impl Qcow2Layer {
+    /// Acts on a stall decided under the lock (see [`Await`]); returns whether the piece must
+    /// be parked.
+    fn after_stall(&mut self, st: &mut St, r: ReqId, aw: Await) -> bool {
+        match aw {
+            Await::Read(t) => {
+                let buf = IoBuf::new(self.img.geo.cluster_size as usize);
+                st.send(
+                    HOST,
+                    Sub::Load(t),
+                    Op::Read {
+                        offset: t.offset(),
+                        buf,
+                    },
+                );
+                true
             }
-        }
-        let req = Request { tag, op };
-        let (q, backlog) = match which {
-            Lower::Host => (Some(&mut self.host), &mut self.host_backlog),
-            Lower::Backing => (self.backing.as_mut(), &mut self.backing_backlog),
-        };
-        let Some(q) = q else {
-            // No backing queue: cannot happen, reads of unallocated data without a backing file
-            // are zero-filled before getting here.
-            let mut req = req;
-            drop(req.op.take_buf());
-            self.handle_lower(Completion {
-                tag,
-                result: Err(StorageError::Unavailable("no backing image".into())),
-                buf: None,
-            });
-            return;
-        };
-        if !backlog.is_empty() {
-            backlog.push_back(req);
-            return;
-        }
-        if let Err(QueueFull(req)) = q.submit(req) {
-            backlog.push_back(req);
-        }
-    }
-
-    fn retry_backlogs(&mut self) {
-        while let Some(req) = self.host_backlog.pop_front() {
-            if let Err(QueueFull(req)) = self.host.submit(req) {
-                self.host_backlog.push_front(req);
-                break;
+            Await::Wait => true,
+            Await::Post(job) => {
+                self.post(job);
+                true
             }
-        }
-        if let Some(b) = self.backing.as_mut() {
-            while let Some(req) = self.backing_backlog.pop_front() {
-                if let Err(QueueFull(req)) = b.submit(req) {
-                    self.backing_backlog.push_front(req);
-                    break;
-                }
+            Await::Fail(e) => {
+                st.fail(r, e);
+                false
             }
         }
     }
 
-    fn new_req(&mut self, tag: u64, kind: Kind, buf: Option<Arc<IoBuf>>, len: u64) -> usize {
-        self.reqs.insert(GuestReq {
-            tag,
-            kind,
-            buf,
-            len,
-            pending: 0,
-            planning: true,
-            error: None,
-        })
-    }
-
-    fn maybe_finish(&mut self, r: usize) {
-        let done = self
-            .reqs
-            .get_mut(r)
-            .is_some_and(|q| q.pending == 0 && !q.planning);
-        if !done {
-            return;
-        }
-        let Some(req) = self.reqs.remove(r) else {
-            return;
-        };
-        let buf = req.buf.map(|b| {
-            Arc::try_unwrap(b).unwrap_or_else(|_| {
-                tracing::error!("a qcow2 request's buffer was still shared at completion");
-                IoBuf::empty()
-            })
+    fn post(&self, job: MetaJob) {
+        self.img.worker.post(match job {
+            MetaJob::Room => Post::Writeback,
+            MetaJob::Grow(len) => Post::Grow(len),
         });
-        let result = match req.error {
-            Some(e) => Err(e),
-            None if req.kind == Kind::Other => Ok(0),
-            None => Ok(req.len),
-        };
-        self.complete_now(req.tag, buf, result);
     }
 
-    fn end_planning(&mut self, r: usize) {
-        if let Some(q) = self.reqs.get_mut(r) {
-            q.planning = false;
+    /// Posts what the metadata asked of the worker ahead of need.
+    fn post_hints(&self, (grow, room): (Option<u64>, bool)) {
+        if let Some(len) = grow {
+            self.img.worker.post(Post::Grow(len));
         }
-        self.maybe_finish(r);
+        if room {
+            self.img.worker.post(Post::Writeback);
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, super::meta::Meta> {
-        self.img.meta.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn handle_lower(&mut self, c: Completion) {
-        drop(c.buf);
-        let Some(sub) = self.subs.remove(c.tag as usize) else {
-            tracing::error!(tag = c.tag, "completion for an unknown qcow2 sub-request");
-            return;
-        };
-        match sub.what {
-            SubWhat::Piece => {
-                if let Err(e) = c.result {
-                    self.fail(sub.req, e);
-                }
-                if let Some(q) = self.reqs.get_mut(sub.req) {
-                    q.pending -= 1;
-                }
-                self.maybe_finish(sub.req);
+    /// Parks a piece of request `r` (which stays open until the piece is retried).
+    fn park(&mut self, st: &mut St, b: Blocked) {
+        let r = match &b {
+            Blocked::Read { req, .. } | Blocked::Write { req, .. } | Blocked::Zero { req, .. } => {
+                *req
             }
-            SubWhat::CowRead(j) => {
+        };
+        st.hold(r);
+        self.parked.park(b);
+    }
+
+    /// Wakes the queues in `waiters` (not this one) after an event of this queue.
+    fn announce(&self, st: &St, mut waiters: Waiters) {
+        self.img.core.gen.bump();
+        waiters.wake(st.waker());
+    }
+
+    fn start_flush(&mut self, st: &mut St, tag: u64) {
+        let needs = match self.img.core.meta() {
+            Ok(m) => m.needs_writeback(),
+            Err(e) => return st.complete_now(tag, None, Err(e)),
+        };
+        if needs {
+            self.img
+                .worker
+                .post(Post::Flush(Reply::new(&self.mailbox, tag)));
+            return;
+        }
+        let r = st.open(tag, None, 0);
+        st.hold(r);
+        st.send(HOST, Sub::Piece(r), Op::Flush);
+        st.close(r);
+    }
+
+    fn load_done(&mut self, st: &mut St, t: Table, c: Completion) {
+        let cs = self.img.geo.cluster_size;
+        let data = match (c.result, c.buf) {
+            (Ok(n), Some(b)) if n == cs => Ok(b),
+            (Ok(n), _) => Err(StorageError::corrupt(
+                &self.img.name,
+                format!(
+                    "metadata table at {:#x}: short read of {n} bytes",
+                    t.offset()
+                ),
+            )),
+            (Err(e), _) => Err(e),
+        };
+        let waiters = match self.img.core.meta() {
+            Ok(mut m) => m.finish_load(t, data),
+            Err(_) => Waiters::default(),
+        };
+        self.announce(st, waiters);
+    }
+}
+
+impl Layer for Qcow2Layer {
+    type Sub = Sub;
+
+    fn start(&mut self, st: &mut St, req: Request) {
+        self.accepted += 1;
+        self.img.active.fetch_add(1, Ordering::AcqRel);
+        let Request { tag, mut op } = req;
+        let size = self.img.size.load(Ordering::Acquire);
+        if let Err(e) = check_range(&op, size) {
+            let buf = op.take_buf();
+            return st.complete_now(tag, buf, Err(e));
+        }
+        let writes = !matches!(op, Op::Read { .. } | Op::Flush);
+        if writes && self.img.read_only {
+            let buf = op.take_buf();
+            return st.complete_now(tag, buf, Err(StorageError::ReadOnly(self.img.name.clone())));
+        }
+        match op {
+            Op::Read { buf, .. } | Op::Write { buf, .. } if buf.is_empty() => {
+                st.complete_now(tag, Some(buf), Ok(0))
+            }
+            Op::Read { offset, buf } => self.start_read(st, tag, offset, buf),
+            Op::Write { offset, buf } => self.start_write(st, tag, offset, buf),
+            Op::Flush => self.start_flush(st, tag),
+            Op::Discard { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => {
+                st.complete_now(tag, None, Ok(0))
+            }
+            Op::Discard { offset, len } => self.start_zero(st, tag, offset, len, ZeroMode::Discard),
+            Op::WriteZeroes { offset, len, unmap } => {
+                let mode = if unmap {
+                    ZeroMode::Unmap
+                } else {
+                    ZeroMode::Keep
+                };
+                self.start_zero(st, tag, offset, len, mode)
+            }
+        }
+    }
+
+    fn finished(&mut self, st: &mut St, sub: Sub, c: Completion) {
+        match sub {
+            Sub::Piece(r) => st.release(r, c.result.map(|_| ()), c.buf),
+            Sub::CowRead(j) => {
+                drop(c.buf);
                 let last = match self.jobs.get_mut(j) {
                     Some(job) => {
                         if let Err(e) = c.result {
@@ -380,56 +335,76 @@ impl Qcow2Queue {
                     None => false,
                 };
                 if last {
-                    self.job_reads_done(j);
+                    self.job_reads_done(st, j);
                 }
             }
-            SubWhat::JobWrite(j) => self.end_job(j, c.result.map(|_| ())),
+            Sub::JobWrite(j) => {
+                drop(c.buf);
+                self.end_job(st, j, c.result.map(|_| ()));
+            }
+            Sub::Load(t) => self.load_done(st, t, c),
         }
     }
 
-    fn retry_blocked(&mut self) {
-        let gen = self.img.alloc_gen.load(Ordering::Acquire);
-        if gen == self.seen_gen || self.blocked.is_empty() {
-            self.seen_gen = gen;
-            return;
-        }
-        self.seen_gen = gen;
-        let blocked = std::mem::take(&mut self.blocked);
-        for b in blocked {
-            if let Some(q) = self.reqs.get_mut(b.req) {
-                q.pending -= 1;
-                q.planning = true;
+    fn advance(&mut self, st: &mut St) -> bool {
+        if self.mailbox.pending() > 0 {
+            for (tag, r) in self.mailbox.take() {
+                st.complete_now(tag, None, r.map(|()| 0));
             }
-            match b.zero {
-                Some(mode) => self.zero_piece(b.req, b.g, b.len, mode),
-                None => self.write_range(b.req, b.g, b.len, b.src),
-            }
-            self.end_planning(b.req);
         }
+        for b in self.parked.due(&self.img.core.gen) {
+            let r = match b {
+                Blocked::Read { req, base, g, len } => {
+                    self.read_range(st, req, base, g, len);
+                    req
+                }
+                Blocked::Write {
+                    req,
+                    g,
+                    len,
+                    src,
+                    group,
+                } => {
+                    self.write_range(st, req, g, len, src, group);
+                    req
+                }
+                Blocked::Zero { req, g, len, mode } => {
+                    self.zero_piece(st, req, g, len, mode);
+                    req
+                }
+            };
+            st.release(r, Ok(()), None);
+        }
+        !self.parked.is_empty() || self.mailbox.pending() > 0
     }
 
-    /// Reaps the lower queues and advances everything that can advance.
-    fn process(&mut self) {
-        loop {
-            let mut got = 0;
-            let mut scratch = std::mem::take(&mut self.scratch);
-            got += self.host.reap(&mut scratch);
-            if let Some(b) = self.backing.as_mut() {
-                got += b.reap(&mut scratch);
-            }
-            for c in scratch.drain(..) {
-                self.handle_lower(c);
-            }
-            self.scratch = scratch;
-            self.retry_backlogs();
-            self.retry_blocked();
-            if got == 0 {
-                break;
-            }
-        }
+    fn reaped(&mut self, n: usize) {
+        self.accepted -= n.min(self.accepted);
+        self.img.active.fetch_sub(n, Ordering::AcqRel);
     }
 
-    fn lower_busy(&self) -> bool {
-        !self.subs.is_empty()
+    fn close(&mut self, st: &mut St) {
+        // Allocations in flight must be committed or rolled back, or other queues would wait on
+        // their clusters forever (after the drain none should be left).
+        for j in self.jobs.ids() {
+            self.end_job(st, j, Err(StorageError::Unavailable("queue closed".into())));
+        }
+        // Allocations planned for a parked write: release them the same way.
+        let mut waiters = Waiters::default();
+        for b in self.parked.take_all() {
+            if let Blocked::Write {
+                group: Some(group), ..
+            } = b
+            {
+                if let Ok(mut m) = self.img.core.meta() {
+                    for p in &group.plans {
+                        waiters.extend(m.abort_alloc(p));
+                    }
+                }
+            }
+        }
+        self.announce(st, waiters);
+        self.img.active.fetch_sub(self.accepted, Ordering::AcqRel);
+        self.accepted = 0;
     }
 }

@@ -1,18 +1,18 @@
-//! The read path of a [`Qcow2Queue`]: maps a guest read under the metadata lock, fills zeros,
+//! The read path of a qcow2 queue: maps a guest read under the metadata lock, fills zeros,
 //! sends allocated and unallocated pieces to the host or backing queue, and decompresses
 //! compressed clusters (with a one-cluster cache, also used by allocating writes that copy a
-//! compressed cluster in).
-
-use std::sync::Arc;
+//! compressed cluster in). A read whose L2 table is not in memory parks from that cluster on
+//! until the table is read.
 
 use crate::error::{Result, StorageError};
 use crate::format::qcow2::codec;
 use crate::format::qcow2::entry::Mapping;
+use crate::io::stack::ReqId;
 use crate::io::{IoBuf, Op};
 
-use super::{Kind, Lower, Qcow2Queue, SubWhat};
+use super::{Blocked, Qcow2Layer, St, Sub, BACKING, HOST};
 
-impl Qcow2Queue {
+impl Qcow2Layer {
     /// The decompressed cluster whose compressed data is at `offset`.
     pub(super) fn decompressed(&mut self, offset: u64, len: u64) -> Result<&[u8]> {
         if self.zcache.as_ref().is_none_or(|(o, _)| *o != offset) {
@@ -43,50 +43,87 @@ impl Qcow2Queue {
             .unwrap_or(&[]))
     }
 
-    pub(super) fn start_read(&mut self, tag: u64, offset: u64, buf: IoBuf) {
+    pub(super) fn start_read(&mut self, st: &mut St, tag: u64, offset: u64, buf: IoBuf) {
         let len = buf.len() as u64;
-        let r = self.new_req(tag, Kind::Read, Some(Arc::new(buf)), len);
+        let r = st.open(tag, Some(buf), len);
+        self.read_range(st, r, offset, offset, len);
+        st.close(r);
+    }
+
+    /// Reads guest `[g, g+len)` into request `r`, whose buffer starts at guest offset `base`.
+    pub(super) fn read_range(&mut self, st: &mut St, r: ReqId, base: u64, g: u64, len: u64) {
         let mut extents = std::mem::take(&mut self.extents);
         extents.clear();
-        let mapped = {
-            let mut m = self.lock();
-            let mut at = offset;
-            let end = offset + len;
-            let mut res = Ok(());
-            while at < end {
-                match m.map(at, end - at) {
-                    Ok((mapping, run)) => {
-                        push_extent(&mut extents, at, run, mapping, self.img.merge);
-                        at += run;
-                    }
-                    Err(e) => {
-                        res = Err(e);
-                        break;
+        let end = g + len;
+        let mut at = g;
+        let waker = st.waker().cloned();
+        let stalled = match self.img.core.meta() {
+            Err(e) => {
+                st.fail(r, e);
+                extents.clear();
+                at = end;
+                None
+            }
+            Ok(mut m) => {
+                let mut out = None;
+                while at < end {
+                    match m.map(at, end - at) {
+                        Ok((mapping, run)) => {
+                            push_extent(&mut extents, at, run, mapping, self.img.merge);
+                            at += run;
+                        }
+                        Err(stall) => {
+                            out = Some(m.wait_for(stall, waker.as_ref()));
+                            break;
+                        }
                     }
                 }
+                m.end_op();
+                out
             }
-            res
         };
-        if let Err(e) = mapped {
-            self.fail(r, e);
-        } else {
-            for &(g, n, mapping) in &extents {
-                self.read_extent(r, (g - offset) as usize, g, n, mapping);
+        match extents.as_slice() {
+            // The whole request in one piece on the host: its buffer goes down as it is.
+            [(eg, n, Mapping::Allocated(h))] if *eg == base && *n == len && g == base => {
+                if let Some(buf) = st.lend(r) {
+                    st.hold(r);
+                    st.send(HOST, Sub::Piece(r), Op::Read { offset: *h, buf });
+                }
+            }
+            _ => {
+                for &(eg, n, mapping) in &extents {
+                    self.read_extent(st, r, (eg - base) as usize, eg, n, mapping);
+                }
             }
         }
         self.extents = extents;
-        self.end_planning(r);
+        if let Some(aw) = stalled {
+            if self.after_stall(st, r, aw) {
+                self.park(
+                    st,
+                    Blocked::Read {
+                        req: r,
+                        base,
+                        g: at,
+                        len: end - at,
+                    },
+                );
+            }
+        }
     }
 
-    fn read_extent(&mut self, r: usize, off: usize, g: u64, n: u64, mapping: Mapping) {
-        let Some(mut view) = self.view(r, off, n as usize) else {
+    fn read_extent(&mut self, st: &mut St, r: ReqId, off: usize, g: u64, n: u64, mapping: Mapping) {
+        // SAFETY: planning hands each byte of a read to one extent at a time (the walk advances
+        // past every extent it maps), and this extent's range is viewed again below only after
+        // this view was dropped.
+        let Some(mut view) = (unsafe { st.view(r, off, n as usize) }) else {
             return;
         };
         match mapping {
             Mapping::Zero => view.fill_zero(0, n as usize),
             Mapping::Unallocated => {
                 let bsize = self.img.backing_size;
-                if self.backing.is_none() || g >= bsize {
+                if self.img.backing.is_none() || g >= bsize {
                     view.fill_zero(0, n as usize);
                     return;
                 }
@@ -95,13 +132,14 @@ impl Qcow2Queue {
                     view.fill_zero(inside as usize, (n - inside) as usize);
                 }
                 drop(view);
-                let Some(part) = self.view(r, off, inside as usize) else {
+                // SAFETY: the same extent's range again, after its first view was dropped.
+                let Some(part) = (unsafe { st.view(r, off, inside as usize) }) else {
                     return;
                 };
-                self.submit_lower(
-                    Lower::Backing,
-                    r,
-                    SubWhat::Piece,
+                st.hold(r);
+                st.send(
+                    BACKING,
+                    Sub::Piece(r),
                     Op::Read {
                         offset: g,
                         buf: part,
@@ -109,10 +147,10 @@ impl Qcow2Queue {
                 );
             }
             Mapping::Allocated(h) => {
-                self.submit_lower(
-                    Lower::Host,
-                    r,
-                    SubWhat::Piece,
+                st.hold(r);
+                st.send(
+                    HOST,
+                    Sub::Piece(r),
                     Op::Read {
                         offset: h,
                         buf: view,
@@ -130,7 +168,7 @@ impl Qcow2Queue {
                 }
                 Err(e) => {
                     drop(view);
-                    self.fail(r, e);
+                    st.fail(r, e);
                 }
             },
         }

@@ -1,59 +1,95 @@
-//! The write path of a [`Qcow2Queue`]: splits writes, write-zeroes and discards at cluster
+//! The write path of a qcow2 queue: splits writes, write-zeroes and discards at cluster
 //! boundaries, merges direct writes that are contiguous on the host, parks pieces that hit an
-//! allocation in flight, and runs allocating writes as jobs: read what is copied in, write copy
-//! and data in one request, then commit (or roll back) the L2 update and wake the waiters.
+//! allocation in flight or need a table read or the metadata worker first, and runs allocating
+//! writes as jobs: read what is copied in, write copy and data in one request, then commit (or
+//! roll back) the L2 update and wake the waiters.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Result, StorageError};
 use crate::format::qcow2::entry::Mapping;
-use crate::format::qcow2::plan::{AllocPlan, WritePlan, ZeroMode, ZeroPlan};
+use crate::format::qcow2::meta::{Await, Stall};
+use crate::format::qcow2::plan::{AllocPlan, WritePlan, ZeroMode};
+use crate::io::stack::wake::Waiters;
+use crate::io::stack::ReqId;
 use crate::io::{IoBuf, Op};
 
-use super::{Blocked, Job, Kind, Lower, Qcow2Queue, Src, SubWhat};
+use super::{Blocked, Group, Job, Qcow2Layer, Src, St, Sub, BACKING, HOST};
 
 /// The most clusters one allocating host write covers.
 const MAX_GROUP_CLUSTERS: usize = 512;
 
-impl Qcow2Queue {
-    pub(super) fn start_write(&mut self, tag: u64, offset: u64, buf: IoBuf) {
+impl Qcow2Layer {
+    pub(super) fn start_write(&mut self, st: &mut St, tag: u64, offset: u64, buf: IoBuf) {
         let len = buf.len() as u64;
-        let r = self.new_req(tag, Kind::Write, Some(Arc::new(buf)), len);
-        self.write_range(r, offset, len, Src::Guest(0));
-        self.end_planning(r);
+        let r = st.open(tag, Some(buf), len);
+        self.write_range(st, r, offset, len, Src::Guest(0), None);
+        st.close(r);
+    }
+
+    /// Plans a write of one cluster piece under the lock; a stall is decided there too.
+    fn plan(&mut self, st: &St, at: u64, n: u64) -> std::result::Result<WritePlan, (bool, Await)> {
+        let waker = st.waker();
+        let (plan, hint) = match self.img.core.meta() {
+            Err(e) => return Err((false, Await::Fail(e))),
+            Ok(mut m) => {
+                let p = match m.plan_write(at, n, waker) {
+                    Ok(p) => Ok(p),
+                    Err(stall) => {
+                        let busy = matches!(stall, Stall::Busy);
+                        Err((busy, m.wait_for(stall, waker)))
+                    }
+                };
+                m.end_op();
+                (p, m.take_hints())
+            }
+        };
+        self.post_hints(hint);
+        plan
     }
 
     /// Splits `[g, g+len)` at cluster boundaries and writes each piece, merging direct writes
     /// that are contiguous on the host, and allocating writes of whole clusters that are
     /// contiguous on the host and copy nothing in (one host write for the group; each L2 entry
     /// still changes only after that write completed).
-    pub(super) fn write_range(&mut self, r: usize, g: u64, len: u64, src: Src) {
+    pub(super) fn write_range(
+        &mut self,
+        st: &mut St,
+        r: ReqId,
+        g: u64,
+        len: u64,
+        src: Src,
+        carried: Option<Group>,
+    ) {
         let cs = self.img.geo.cluster_size;
         let mut at = g;
         let end = g + len;
         // A run of direct writes: host offset, guest offset, length.
         let mut run: Option<(u64, u64, u64)> = None;
-        // A group of whole-cluster allocations and the guest offset of its first cluster.
-        let mut group: Vec<AllocPlan> = Vec::new();
-        let mut group_at = 0;
+        // A group of whole-cluster allocations not yet written (see `Group`).
+        let mut group = carried.unwrap_or(Group {
+            plans: Vec::new(),
+            at: 0,
+            src,
+        });
         while at < end {
             let n = (cs - at % cs).min(end - at);
-            let plan = self.lock().plan_write(at, n, self.notifier.clone());
+            let plan = self.plan(st, at, n);
             let continues = match &plan {
                 Ok(WritePlan::Alloc(p)) => {
                     self.groupable(n, p)
-                        && group.len() < MAX_GROUP_CLUSTERS
-                        && group.last().is_none_or(|last| {
+                        && group.plans.len() < MAX_GROUP_CLUSTERS
+                        && group.plans.last().is_none_or(|last| {
                             last.host + cs == p.host && last.guest_cluster + 1 == p.guest_cluster
                         })
                 }
                 _ => false,
             };
-            if !continues && !group.is_empty() {
-                let plans = std::mem::take(&mut group);
-                let glen = plans.len() as u64 * cs;
-                self.start_job(r, plans, group_at, glen, src_at(src, group_at - g));
+            // The rest of the range waits (for a table read or the worker): a group planned so
+            // far waits with it, so that it still goes out as one host write.
+            let carry = matches!(&plan, Err((false, aw)) if !matches!(aw, Await::Fail(_)));
+            if !continues && !carry && !group.plans.is_empty() {
+                self.start_group(st, r, &mut group);
             }
             match plan {
                 Ok(WritePlan::Direct(h)) => match run {
@@ -62,40 +98,79 @@ impl Qcow2Queue {
                     }
                     _ => {
                         if let Some((rh, rg, rn)) = run.take() {
-                            self.direct_write(r, rh, rg, rn, src, g);
+                            self.direct_write(st, r, rh, rg, rn, src, g);
                         }
                         run = Some((h, at, n));
                     }
                 },
                 other => {
                     if let Some((rh, rg, rn)) = run.take() {
-                        self.direct_write(r, rh, rg, rn, src, g);
+                        self.direct_write(st, r, rh, rg, rn, src, g);
                     }
                     match other {
-                        Ok(WritePlan::Wait) => self.block(r, at, n, src_at(src, at - g), None),
                         Ok(WritePlan::Alloc(plan)) if self.groupable(n, &plan) => {
-                            if group.is_empty() {
-                                group_at = at;
+                            if group.plans.is_empty() {
+                                group.at = at;
+                                group.src = src_at(src, at - g);
                             }
-                            group.push(plan);
+                            group.plans.push(plan);
                         }
                         Ok(WritePlan::Alloc(plan)) => {
-                            self.start_job(r, vec![plan], at, n, src_at(src, at - g))
+                            self.start_job(st, r, vec![plan], at, n, src_at(src, at - g))
                         }
                         Ok(WritePlan::Direct(_)) => {}
-                        Err(e) => self.fail(r, e),
+                        // Another allocation of this cluster is in flight: park this cluster,
+                        // go on with the next.
+                        Err((true, _)) => {
+                            let b = Blocked::Write {
+                                req: r,
+                                g: at,
+                                len: n,
+                                src: src_at(src, at - g),
+                                group: None,
+                            };
+                            self.park(st, b);
+                        }
+                        // A table read, the worker, or a failure: the rest waits (or fails).
+                        Err((false, aw)) => {
+                            if self.after_stall(st, r, aw) {
+                                let waiting = std::mem::replace(
+                                    &mut group,
+                                    Group {
+                                        plans: Vec::new(),
+                                        at: 0,
+                                        src,
+                                    },
+                                );
+                                let b = Blocked::Write {
+                                    req: r,
+                                    g: at,
+                                    len: end - at,
+                                    src: src_at(src, at - g),
+                                    group: (!waiting.plans.is_empty()).then_some(waiting),
+                                };
+                                self.park(st, b);
+                            }
+                            break;
+                        }
                     }
                 }
             }
             at += n;
         }
         if let Some((rh, rg, rn)) = run {
-            self.direct_write(r, rh, rg, rn, src, g);
+            self.direct_write(st, r, rh, rg, rn, src, g);
         }
-        if !group.is_empty() {
-            let glen = group.len() as u64 * cs;
-            self.start_job(r, group, group_at, glen, src_at(src, group_at - g));
+        if !group.plans.is_empty() {
+            self.start_group(st, r, &mut group);
         }
+    }
+
+    /// Starts the allocating write of a group (emptying it).
+    fn start_group(&mut self, st: &mut St, r: ReqId, group: &mut Group) {
+        let plans = std::mem::take(&mut group.plans);
+        let glen = plans.len() as u64 * self.img.geo.cluster_size;
+        self.start_job(st, r, plans, group.at, glen, group.src);
     }
 
     /// Whether an allocating write of `n` bytes may join a group (see [`Self::write_range`]).
@@ -103,9 +178,11 @@ impl Qcow2Queue {
         n == self.img.geo.cluster_size && plan.cow.is_empty() && self.img.merge
     }
 
-    fn direct_write(&mut self, r: usize, h: u64, at: u64, n: u64, src: Src, g: u64) {
+    #[allow(clippy::too_many_arguments)]
+    fn direct_write(&mut self, st: &mut St, r: ReqId, h: u64, at: u64, n: u64, src: Src, g: u64) {
         let op = match src_at(src, at - g) {
-            Src::Guest(off) => match self.view(r, off, n as usize) {
+            // SAFETY: a write's views are only read (by the host file's queue).
+            Src::Guest(off) => match unsafe { st.view(r, off, n as usize) } {
                 Some(v) => Op::Write { offset: h, buf: v },
                 None => return,
             },
@@ -115,29 +192,36 @@ impl Qcow2Queue {
                 unmap: false,
             },
         };
-        self.submit_lower(Lower::Host, r, SubWhat::Piece, op);
-    }
-
-    fn block(&mut self, r: usize, g: u64, len: u64, src: Src, zero: Option<ZeroMode>) {
-        if let Some(q) = self.reqs.get_mut(r) {
-            q.pending += 1;
-        }
-        self.blocked.push(Blocked {
-            req: r,
-            g,
-            len,
-            src,
-            zero,
-        });
+        st.hold(r);
+        st.send(HOST, Sub::Piece(r), op);
     }
 
     /// Starts an allocating write of `plans` (one, or a group without copied-in parts) with the
     /// `n` bytes of data at guest offset `g`.
-    fn start_job(&mut self, r: usize, plans: Vec<AllocPlan>, g: u64, n: u64, src: Src) {
+    fn start_job(
+        &mut self,
+        st: &mut St,
+        r: ReqId,
+        plans: Vec<AllocPlan>,
+        g: u64,
+        n: u64,
+        src: Src,
+    ) {
         let data = match src {
-            Src::Guest(off) => match self.view(r, off, n as usize) {
+            // SAFETY: the write's data is only read (copied into the job's write).
+            Src::Guest(off) => match unsafe { st.view(r, off, n as usize) } {
                 Some(v) => v,
-                None => return,
+                None => {
+                    // Cannot happen (the range lies in the buffer); release what was taken.
+                    let mut waiters = Waiters::default();
+                    if let Ok(mut m) = self.img.core.meta() {
+                        for p in &plans {
+                            waiters.extend(m.abort_alloc(p));
+                        }
+                    }
+                    self.announce(st, waiters);
+                    return st.fail(r, StorageError::Unavailable("request buffer".into()));
+                }
             },
             Src::Zeros => IoBuf::new(n as usize),
         };
@@ -146,9 +230,7 @@ impl Qcow2Queue {
             .iter()
             .map(|p| Arc::new(IoBuf::new(p.len as usize)))
             .collect();
-        if let Some(q) = self.reqs.get_mut(r) {
-            q.pending += 1;
-        }
+        st.hold(r);
         let j = self.jobs.insert(Job {
             req: r,
             plans,
@@ -167,19 +249,19 @@ impl Qcow2Queue {
                 Mapping::Zero => {}
                 Mapping::Unallocated => {
                     let bsize = self.img.backing_size;
-                    if self.backing.is_some() && p.guest < bsize {
+                    if self.img.backing.is_some() && p.guest < bsize {
                         let inside = p.len.min(bsize - p.guest) as usize;
                         // SAFETY: a copied-in part has one view at a time: this read's, until
                         // `job_reads_done` (after every read of the job completed) cuts the
                         // write's.
                         let view = unsafe { IoBuf::view(&part, 0, inside) };
-                        self.job_read(j, Lower::Backing, p.guest, view);
+                        self.job_read(st, j, BACKING, p.guest, view);
                     }
                 }
                 Mapping::Allocated(h) => {
                     // SAFETY: as for the backing read above.
                     let view = unsafe { IoBuf::view(&part, 0, p.len as usize) };
-                    self.job_read(j, Lower::Host, h, view);
+                    self.job_read(st, j, HOST, h, view);
                 }
                 Mapping::Compressed {
                     offset,
@@ -199,30 +281,22 @@ impl Qcow2Queue {
             }
         }
         if self.jobs.get_mut(j).is_some_and(|job| job.reads == 0) {
-            self.job_reads_done(j);
+            self.job_reads_done(st, j);
         }
     }
 
-    fn job_read(&mut self, j: usize, which: Lower, offset: u64, view: IoBuf) {
-        let r = match self.jobs.get_mut(j) {
-            Some(job) => {
-                job.reads += 1;
-                job.req
-            }
+    fn job_read(&mut self, st: &mut St, j: usize, which: usize, offset: u64, view: IoBuf) {
+        match self.jobs.get_mut(j) {
+            Some(job) => job.reads += 1,
             None => return,
-        };
-        self.submit_lower(
-            which,
-            r,
-            SubWhat::CowRead(j),
-            Op::Read { offset, buf: view },
-        );
+        }
+        st.send(which, Sub::CowRead(j), Op::Read { offset, buf: view });
     }
 
-    pub(super) fn job_reads_done(&mut self, j: usize) {
+    pub(super) fn job_reads_done(&mut self, st: &mut St, j: usize) {
         let failed = self.jobs.get_mut(j).and_then(|job| job.error.take());
         if let Some(e) = failed {
-            self.end_job(j, Err(e));
+            self.end_job(st, j, Err(e));
             return;
         }
         let Some(job) = self.jobs.get_mut(j) else {
@@ -248,77 +322,92 @@ impl Qcow2Queue {
         }
         let cs = self.img.geo.cluster_size;
         let offset = first.host + (first.write_start - first.guest_cluster * cs);
-        let r = job.req;
         let buf = IoBuf::chain(pieces);
-        self.submit_lower(
-            Lower::Host,
-            r,
-            SubWhat::JobWrite(j),
-            Op::Write { offset, buf },
-        );
+        st.send(HOST, Sub::JobWrite(j), Op::Write { offset, buf });
     }
 
     /// Commits (or on failure rolls back) an allocating write and wakes the pieces waiting on it.
-    pub(super) fn end_job(&mut self, j: usize, result: Result<()>) {
+    pub(super) fn end_job(&mut self, st: &mut St, j: usize, result: Result<()>) {
         let Some(job) = self.jobs.remove(j) else {
             return;
         };
         let mut err = result.err();
-        let mut waiters = Vec::new();
-        {
-            let mut m = self.lock();
-            for plan in &job.plans {
-                if err.is_some() {
-                    waiters.extend(m.abort_alloc(plan));
-                    continue;
-                }
-                match m.commit_alloc(plan) {
-                    Ok(ws) => waiters.extend(ws),
-                    Err(e) => {
+        let mut waiters = Waiters::default();
+        match self.img.core.meta() {
+            Ok(mut m) => {
+                for plan in &job.plans {
+                    if err.is_some() {
+                        waiters.extend(m.abort_alloc(plan));
+                        continue;
+                    }
+                    let (r, w) = m.commit_alloc(plan);
+                    waiters.extend(w);
+                    if let Err(e) = r {
                         err.get_or_insert(e);
                     }
                 }
             }
-        }
-        self.img.alloc_gen.fetch_add(1, Ordering::AcqRel);
-        for w in waiters.into_iter().flatten() {
-            if !self.notifier.as_ref().is_some_and(|n| Arc::ptr_eq(&w, n)) {
-                let _ = w.write(1);
+            Err(e) => {
+                err.get_or_insert(e);
             }
         }
+        self.announce(st, waiters);
         drop(job.parts);
         drop(job.data);
-        if let Some(e) = err {
-            self.fail(job.req, e);
-        }
-        if let Some(q) = self.reqs.get_mut(job.req) {
-            q.pending -= 1;
-        }
-        self.maybe_finish(job.req);
+        st.release(job.req, err.map_or(Ok(()), Err), None);
     }
 
-    pub(super) fn start_zero(&mut self, tag: u64, offset: u64, len: u64, mode: ZeroMode) {
-        let r = self.new_req(tag, Kind::Other, None, len);
+    pub(super) fn start_zero(
+        &mut self,
+        st: &mut St,
+        tag: u64,
+        offset: u64,
+        len: u64,
+        mode: ZeroMode,
+    ) {
+        let r = st.open(tag, None, 0);
         let cs = self.img.geo.cluster_size;
         let mut at = offset;
         while at < offset + len {
             let n = (cs - at % cs).min(offset + len - at);
-            self.zero_piece(r, at, n, mode);
+            self.zero_piece(st, r, at, n, mode);
             at += n;
         }
-        self.end_planning(r);
+        st.close(r);
     }
 
-    pub(super) fn zero_piece(&mut self, r: usize, g: u64, n: u64, mode: ZeroMode) {
-        let plan = self.lock().plan_zero(g, n, mode, self.notifier.clone());
-        match plan {
-            Ok(ZeroPlan::Wait) => self.block(r, g, n, Src::Zeros, Some(mode)),
-            Ok(ZeroPlan::Done(writes)) => {
+    pub(super) fn zero_piece(&mut self, st: &mut St, r: ReqId, g: u64, n: u64, mode: ZeroMode) {
+        let waker = st.waker();
+        let (planned, hints) = match self.img.core.meta() {
+            Err(e) => (Err(Await::Fail(e)), (None, false)),
+            Ok(mut m) => {
+                let p = m
+                    .plan_zero(g, n, mode, waker)
+                    .map_err(|s| m.wait_for(s, waker));
+                m.end_op();
+                (p, m.take_hints())
+            }
+        };
+        self.post_hints(hints);
+        match planned {
+            Ok(writes) => {
                 for (wg, wn) in writes {
-                    self.write_range(r, wg, wn, Src::Zeros);
+                    self.write_range(st, r, wg, wn, Src::Zeros, None);
                 }
             }
-            Err(e) => self.fail(r, e),
+            Err(aw) => {
+                if self.after_stall(st, r, aw) {
+                    self.park(
+                        st,
+                        Blocked::Zero {
+                            req: r,
+                            g,
+                            len: n,
+                            mode,
+                        },
+                    );
+                }
+            }
         }
     }
 }
