@@ -217,6 +217,8 @@ impl Objects for DirObjects {
 /// prefix with sizes, idempotent delete, key checks. `big` is the size of one object that must
 /// round-trip (past [`crate::s3::MULTIPART_THRESHOLD`] it tests multipart uploads on S3).
 #[cfg(any(test, feature = "test-utils"))]
+// A test helper: it panics on a difference by design.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub fn check_conformance(o: &dyn Objects, big: usize) {
     o.put("a/b/c", b"hello".to_vec()).unwrap();
     assert!(o.put_new("a/b/d", b"x".to_vec()).unwrap());
