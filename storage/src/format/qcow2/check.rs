@@ -663,7 +663,11 @@ impl Meta {
         let cs = self.geo.cluster_size;
         let mut set = HashSet::from([0u64]);
         let mut range = |off: u64, len: u64| {
-            if len > 0 && off.checked_add(len).is_some_and(|end| end <= self.file_len()) {
+            if len > 0
+                && off
+                    .checked_add(len)
+                    .is_some_and(|end| end <= self.file_len())
+            {
                 set.extend(off / cs..=(off + len - 1) / cs);
             }
         };

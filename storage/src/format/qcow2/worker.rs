@@ -288,7 +288,10 @@ impl Core {
         // `Meta::wait_for`), and so does the next flush or piece if nobody was told. A later
         // success does not clear it: someone must hear of every failure.
         self.wake(|m| {
-            if let Some(e) = flushed.err().filter(|_| !told || !m.worker_waiters.is_empty()) {
+            if let Some(e) = flushed
+                .err()
+                .filter(|_| !told || !m.worker_waiters.is_empty())
+            {
                 m.worker_error = Some(e);
             }
         });
