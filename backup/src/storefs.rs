@@ -85,22 +85,7 @@ impl StoreFs for RealFs {
     }
 
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let (f, t) = (cpath(from)?, cpath(to)?);
-        // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-        let r = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                f.as_ptr(),
-                libc::AT_FDCWD,
-                t.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        strata_storage::durable::rename_noreplace_io(from, to)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
