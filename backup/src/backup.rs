@@ -283,22 +283,24 @@ pub fn commit(
         r.commit_snapshot(name, index_bytes, &manifest_bytes)?;
     }
     let staging = group_dir.join(format!(".tmp-{nonce}"));
-    std::fs::create_dir(&staging).map_err(|e| io_err("Creating", &staging, e))?;
+    let sfs = store.fs();
+    sfs.create_dir(&staging)
+        .map_err(|e| io_err("Creating", &staging, e))?;
     let r = (|| {
-        fsutil::atomic_write(&staging, INDEX_FILE, index_bytes)?;
-        fsutil::atomic_write(&staging, MANIFEST_FILE, &manifest_bytes)?;
+        fsutil::atomic_write(sfs, &staging, INDEX_FILE, index_bytes)?;
+        fsutil::atomic_write(sfs, &staging, MANIFEST_FILE, &manifest_bytes)?;
         let target = group_dir.join(time::format(name.time()));
-        match fsutil::rename_noreplace(&staging, &target) {
+        match fsutil::rename_noreplace(sfs, &staging, &target) {
             // A pack datastore's copy made by another process's refresh meanwhile.
             Err(StorageError::AlreadyExists(_)) if store.remote().is_some() => {
-                let _ = std::fs::remove_dir_all(&staging);
+                let _ = sfs.remove_dir_all(&staging);
             }
             r => r?,
         }
-        fsutil::fsync_dir(group_dir)
+        fsutil::fsync_dir(sfs, group_dir)
     })();
     if r.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = sfs.remove_dir_all(&staging);
     }
     r
 }

@@ -114,7 +114,7 @@ impl ChunkCache {
             Ok(b) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 // The order survives a restart through the file times.
-                let _ = fsutil::touch(&path);
+                let _ = fsutil::touch(&crate::storefs::RealFs, &path);
                 Some(b)
             }
             Err(_) => {

@@ -1,16 +1,16 @@
 //! File-system primitives the datastore is built from: atomic file replacement (temp file, fsync,
-//! rename, fsync directory), no-replace renames, explicit mtime updates, and advisory locks.
+//! rename, fsync directory), no-replace renames, explicit mtime updates (each through the
+//! datastore's [`StoreFs`] seam), and advisory locks.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use strata_storage::durable;
 use strata_storage::{Result, StorageError};
+
+use crate::storefs::StoreFs;
 
 /// Wraps an `io::Error` about `path`: ENOENT becomes [`StorageError::NotFound`], ENOSPC
 /// [`StorageError::OutOfSpace`].
@@ -24,10 +24,16 @@ pub fn io_err(what: &str, path: &Path, e: io::Error) -> StorageError {
 /// A name for a temporary file next to `final_name`, unique to this process and call.
 pub fn temp_name(final_name: &str) -> String {
     format!(
-        ".tmp-{final_name}-{}-{:016x}",
+        "{}{}-{:016x}",
+        temp_name_prefix(final_name),
         std::process::id(),
         fastrand::u64(..)
     )
+}
+
+/// How the names of the temporary files for `final_name` begin.
+pub fn temp_name_prefix(final_name: &str) -> String {
+    format!(".tmp-{final_name}-")
 }
 
 /// Whether a directory entry is one of our temporary files.
@@ -37,68 +43,48 @@ pub fn is_temp_name(name: &str) -> bool {
 
 /// Writes `data` into a new temporary file in `dir` and fsyncs it; returns its path.
 /// On failure the temporary file is removed.
-pub fn write_temp(dir: &Path, final_name: &str, data: &[u8]) -> Result<PathBuf> {
+pub fn write_temp(fs: &dyn StoreFs, dir: &Path, final_name: &str, data: &[u8]) -> Result<PathBuf> {
     let tmp = dir.join(temp_name(final_name));
-    let result = (|| -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_data()
-    })();
-    match result {
+    match fs.write_new_synced(&tmp, data) {
         Ok(()) => Ok(tmp),
         Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = fs.remove_file(&tmp);
             Err(io_err("Writing", &tmp, e))
         }
     }
 }
 
-/// Replaces (or creates) `dir/name` atomically with `data`: temp file, fsync, rename, fsync dir
-/// (the block layer's one helper for it, [`strata_storage::durable::write_atomically`]).
-pub fn atomic_write(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
-    durable::write_atomically(&dir.join(name), data, 0o644, durable::Create::OrReplace)
+/// Replaces (or creates) `dir/name` atomically with `data`: temp file, fsync, rename, fsync dir.
+pub fn atomic_write(fs: &dyn StoreFs, dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    let tmp = write_temp(fs, dir, name, data)?;
+    let target = dir.join(name);
+    if let Err(e) = fs.rename(&tmp, &target) {
+        let _ = fs.remove_file(&tmp);
+        return Err(io_err("Renaming into", &target, e));
+    }
+    fsync_dir(fs, dir)
 }
 
 /// Makes a directory's entries durable.
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    durable::sync_dir(dir)
-}
-
-fn cpath(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+pub fn fsync_dir(fs: &dyn StoreFs, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir)
+        .map_err(|e| io_err("Syncing directory", dir, e))
 }
 
 /// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing `to`.
-pub use strata_storage::durable::rename_noreplace;
+pub fn rename_noreplace(fs: &dyn StoreFs, from: &Path, to: &Path) -> Result<()> {
+    match fs.rename_noreplace(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            Err(StorageError::AlreadyExists(to.display().to_string()))
+        }
+        Err(e) => Err(io_err("Renaming", from, e)),
+    }
+}
 
 /// Sets a file's modification time to now. `Ok(false)` when the file does not exist.
-pub fn touch(path: &Path) -> Result<bool> {
-    let c = cpath(path).map_err(|e| io_err("Touching", path, e))?;
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-    ];
-    // SAFETY: `c` is a valid NUL-terminated path and `times` points at two timespecs.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        return Ok(false);
-    }
-    Err(io_err("Touching", path, e))
+pub fn touch(fs: &dyn StoreFs, path: &Path) -> Result<bool> {
+    fs.touch(path).map_err(|e| io_err("Touching", path, e))
 }
 
 /// Modification time in nanoseconds since the epoch.
@@ -212,12 +198,13 @@ pub fn read_bounded_file(file: File, path: &Path, max: u64) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storefs::RealFs;
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
-        atomic_write(dir.path(), "a", b"one").unwrap();
-        atomic_write(dir.path(), "a", b"two").unwrap();
+        atomic_write(&RealFs, dir.path(), "a", b"one").unwrap();
+        atomic_write(&RealFs, dir.path(), "a", b"two").unwrap();
         assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -227,9 +214,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), b"a").unwrap();
         std::fs::write(dir.path().join("b"), b"b").unwrap();
-        let e = rename_noreplace(&dir.path().join("a"), &dir.path().join("b")).unwrap_err();
+        let e =
+            rename_noreplace(&RealFs, &dir.path().join("a"), &dir.path().join("b")).unwrap_err();
         assert!(matches!(e, StorageError::AlreadyExists(_)));
-        rename_noreplace(&dir.path().join("a"), &dir.path().join("c")).unwrap();
+        rename_noreplace(&RealFs, &dir.path().join("a"), &dir.path().join("c")).unwrap();
         assert_eq!(std::fs::read(dir.path().join("c")).unwrap(), b"a");
     }
 
@@ -237,7 +225,7 @@ mod tests {
     fn touch_reports_missing_files_and_moves_mtime() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        assert!(!touch(&p).unwrap());
+        assert!(!touch(&RealFs, &p).unwrap());
         std::fs::write(&p, b"x").unwrap();
         let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
         File::options()
@@ -246,7 +234,7 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
-        assert!(touch(&p).unwrap());
+        assert!(touch(&RealFs, &p).unwrap());
         let m = mtime_ns(&std::fs::metadata(&p).unwrap());
         assert!(m > 1_000_000_000_000_000_000);
     }

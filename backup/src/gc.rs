@@ -33,6 +33,7 @@ use crate::fsutil::{self, io_err, is_temp_name};
 use crate::lock::{lock_gc, scan_writers, writer_alive};
 use crate::progress::Progress;
 use crate::store::{Datastore, GC_INFIX};
+use crate::storefs::StoreFs;
 
 /// Default grace period in seconds.
 pub const DEFAULT_GRACE_SECS: u64 = 300;
@@ -117,7 +118,7 @@ pub fn gc_with(
             // Sweeping is per chunk and safe to stop anywhere.
             return Err(StorageError::Cancelled);
         }
-        sweep_dir(&dir, &marked, cutoff, pid, &mut stats)?;
+        sweep_dir(store.fs(), &dir, &marked, cutoff, pid, &mut stats)?;
         progress.advance(1);
     }
     progress.finish();
@@ -156,6 +157,7 @@ fn gc_packs(
 }
 
 fn sweep_dir(
+    sfs: &dyn StoreFs,
     dir: &Path,
     marked: &HashSet<Digest>,
     cutoff: i128,
@@ -171,7 +173,7 @@ fn sweep_dir(
             continue;
         };
         if is_temp_name(&name) {
-            if fsutil::mtime_ns(&meta) < cutoff && fs::remove_file(&path).is_ok() {
+            if fsutil::mtime_ns(&meta) < cutoff && sfs.remove_file(&path).is_ok() {
                 stats.leftovers_removed += 1;
             }
             continue;
@@ -187,18 +189,19 @@ fn sweep_dir(
             continue;
         }
         let aside = dir.join(format!("{name}{GC_INFIX}{pid}"));
-        match fs::rename(&path, &aside) {
+        match sfs.rename(&path, &aside) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err("Setting aside", &path, e)),
         }
         let again = fs::symlink_metadata(&aside).map_err(|e| io_err("Inspecting", &aside, e))?;
         if fsutil::mtime_ns(&again) >= cutoff {
-            put_back(&aside, &path)?;
+            put_back(sfs, &aside, &path)?;
             stats.chunks_rescued += 1;
             continue;
         }
-        fs::remove_file(&aside).map_err(|e| io_err("Removing", &aside, e))?;
+        sfs.remove_file(&aside)
+            .map_err(|e| io_err("Removing", &aside, e))?;
         stats.chunks_removed += 1;
         stats.bytes_removed += again.len();
     }
@@ -207,12 +210,12 @@ fn sweep_dir(
 
 /// Puts a set-aside chunk back; if a backup stored the same chunk again meanwhile, ours is a
 /// duplicate and goes.
-fn put_back(aside: &Path, path: &Path) -> Result<()> {
-    match fsutil::rename_noreplace(aside, path) {
+fn put_back(sfs: &dyn StoreFs, aside: &Path, path: &Path) -> Result<()> {
+    match fsutil::rename_noreplace(sfs, aside, path) {
         Ok(()) => Ok(()),
-        Err(StorageError::AlreadyExists(_)) => {
-            fs::remove_file(aside).map_err(|e| io_err("Removing", aside, e))
-        }
+        Err(StorageError::AlreadyExists(_)) => sfs
+            .remove_file(aside)
+            .map_err(|e| io_err("Removing", aside, e)),
         Err(e) => Err(e),
     }
 }
@@ -225,7 +228,7 @@ fn recover_set_aside(store: &Datastore) -> Result<()> {
         for ent in rd.flatten() {
             let name = ent.file_name().to_string_lossy().into_owned();
             if let Some((digest, _)) = name.split_once(GC_INFIX) {
-                put_back(&ent.path(), &dir.join(digest))?;
+                put_back(store.fs(), &ent.path(), &dir.join(digest))?;
             }
         }
     }
@@ -252,7 +255,7 @@ fn remove_leftover_folders(store: &Datastore, live: &HashSet<String>) -> Result<
                 name.starts_with(".del-")
             };
             if stale {
-                if fs::remove_dir_all(ent.path()).is_ok() {
+                if store.fs().remove_dir_all(&ent.path()).is_ok() {
                     removed += 1;
                 }
             } else if !name.starts_with('.') && crate::time::parse(&name).is_err() {

@@ -57,6 +57,8 @@ pub mod changes;
 pub mod chunk_cache;
 pub mod crypt;
 pub mod digest;
+#[cfg(feature = "test-utils")]
+pub mod faultfs;
 pub mod fetch;
 pub mod fsutil;
 pub mod gc;
@@ -80,6 +82,7 @@ pub mod restore;
 pub mod s3;
 pub mod snapshot;
 pub mod store;
+pub mod storefs;
 pub mod sync;
 pub mod time;
 pub mod verify;

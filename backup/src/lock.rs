@@ -20,6 +20,7 @@ use strata_storage::{Result, StorageError};
 use crate::fsutil::{self, io_err, Flock};
 use crate::snapshot::SnapshotName;
 use crate::store::{Datastore, MANIFEST_FILE};
+use crate::storefs::StoreFs;
 
 /// A running backup's registration; removed when dropped.
 #[derive(Debug)]
@@ -128,7 +129,7 @@ pub fn writer_alive(store: &Datastore, nonce: &str) -> bool {
 /// Takes the exclusive lock of a snapshot group, creating the group folder.
 pub fn lock_group(store: &Datastore, id: &str) -> Result<(Flock, PathBuf)> {
     let dir = store.snapshots_dir().join(id);
-    create_dirs_durably(&store.snapshots_dir(), Path::new(id))?;
+    create_dirs_durably(store.fs(), &store.snapshots_dir(), Path::new(id))?;
     let lock = Flock::acquire(
         &dir.join(".lock"),
         true,
@@ -140,12 +141,12 @@ pub fn lock_group(store: &Datastore, id: &str) -> Result<(Flock, PathBuf)> {
 }
 
 /// Creates `base/rel` one component at a time, fsyncing each parent that gained an entry.
-pub fn create_dirs_durably(base: &Path, rel: &Path) -> Result<()> {
+pub fn create_dirs_durably(sfs: &dyn StoreFs, base: &Path, rel: &Path) -> Result<()> {
     let mut cur = base.to_path_buf();
     for comp in rel.components() {
         let next = cur.join(comp);
-        match fs::create_dir(&next) {
-            Ok(()) => fsutil::fsync_dir(&cur)?,
+        match sfs.create_dir(&next) {
+            Ok(()) => fsutil::fsync_dir(sfs, &cur)?,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("Creating", &next, e)),
         }

@@ -5,7 +5,6 @@
 //! elsewhere) are removed locally, unless a reader holds them.
 
 use std::collections::HashSet;
-use std::fs;
 
 use strata_storage::{Result, StorageError};
 
@@ -44,26 +43,32 @@ fn download(store: &Datastore, remote: &Remote, name: &SnapshotName) -> Result<(
         return Ok(());
     };
     let group = store.snapshots_dir().join(name.id());
-    create_dirs_durably(&store.snapshots_dir(), std::path::Path::new(name.id()))?;
+    let sfs = store.fs();
+    create_dirs_durably(sfs, &store.snapshots_dir(), std::path::Path::new(name.id()))?;
     let staging = group.join(format!(".tmp-mirror-{:016x}", fastrand::u64(..)));
-    fs::create_dir(&staging).map_err(|e| io_err("Creating", &staging, e))?;
+    sfs.create_dir(&staging)
+        .map_err(|e| io_err("Creating", &staging, e))?;
     let r = (|| {
-        fsutil::atomic_write(&staging, INDEX_FILE, &index)?;
-        fsutil::atomic_write(&staging, MANIFEST_FILE, &manifest)?;
+        fsutil::atomic_write(sfs, &staging, INDEX_FILE, &index)?;
+        fsutil::atomic_write(sfs, &staging, MANIFEST_FILE, &manifest)?;
         let target = store.snapshot_dir(name);
-        match fsutil::rename_noreplace(&staging, &target) {
+        match fsutil::rename_noreplace(sfs, &staging, &target) {
             // Another process mirrored it meanwhile.
             Err(StorageError::AlreadyExists(_)) => Ok(()),
             r => r,
         }?;
-        fsutil::fsync_dir(&group)
+        fsutil::fsync_dir(sfs, &group)
     })();
-    let _ = fs::remove_dir_all(&staging);
+    if staging.exists() {
+        let _ = sfs.remove_dir_all(&staging);
+    }
     r
 }
 
 /// Removes a snapshot's local folder (the caller holds its exclusive lock): hidden rename (an
-/// atomic disappearance), fsync of the group folder, then delete.
+/// atomic disappearance), fsync of the group folder, then delete. Once the rename is durable
+/// the snapshot is removed; a failure to delete its files after that is logged, and garbage
+/// collection deletes the folder (`.del-…`).
 pub fn remove_local(store: &Datastore, name: &SnapshotName) -> Result<()> {
     let dir = store.snapshot_dir(name);
     let group = dir
@@ -75,7 +80,13 @@ pub fn remove_local(store: &Datastore, name: &SnapshotName) -> Result<()> {
         crate::time::format(name.time()),
         fastrand::u64(..)
     ));
-    fs::rename(&dir, &hidden).map_err(|e| io_err("Removing", &dir, e))?;
-    fsutil::fsync_dir(&group)?;
-    fs::remove_dir_all(&hidden).map_err(|e| io_err("Deleting", &hidden, e))
+    let sfs = store.fs();
+    sfs.rename(&dir, &hidden)
+        .map_err(|e| io_err("Removing", &dir, e))?;
+    fsutil::fsync_dir(sfs, &group)?;
+    // The snapshot is gone for good now; its files are garbage that gc deletes if this fails.
+    if let Err(e) = sfs.remove_dir_all(&hidden) {
+        tracing::warn!(folder = %hidden.display(), error = %e, "deleting a removed snapshot's files failed; gc will");
+    }
+    Ok(())
 }

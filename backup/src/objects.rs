@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use strata_storage::{Result, StorageError};
 
 use crate::fsutil::{self, io_err};
+use crate::storefs::RealFs;
 
 /// An object's key and size, as listed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,7 +92,7 @@ impl DirObjects {
     fn make_parent(&self, path: &Path) -> Result<()> {
         let dir = Self::parent_of(path)?;
         let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
-        crate::lock::create_dirs_durably(&self.root, rel)
+        crate::lock::create_dirs_durably(&RealFs, &self.root, rel)
     }
 }
 
@@ -107,7 +108,7 @@ impl Objects for DirObjects {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        fsutil::atomic_write(Self::parent_of(&path)?, &name, &data)
+        fsutil::atomic_write(&RealFs, Self::parent_of(&path)?, &name, &data)
     }
 
     fn put_new(&self, key: &str, data: Vec<u8>) -> Result<bool> {
@@ -118,10 +119,10 @@ impl Objects for DirObjects {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = fsutil::write_temp(dir, &name, &data)?;
-        match fsutil::rename_noreplace(&tmp, &path) {
+        let tmp = fsutil::write_temp(&RealFs, dir, &name, &data)?;
+        match fsutil::rename_noreplace(&RealFs, &tmp, &path) {
             Ok(()) => {
-                fsutil::fsync_dir(dir)?;
+                fsutil::fsync_dir(&RealFs, dir)?;
                 Ok(true)
             }
             Err(StorageError::AlreadyExists(_)) => {
@@ -204,7 +205,7 @@ impl Objects for DirObjects {
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
         match fs::remove_file(&path) {
-            Ok(()) => fsutil::fsync_dir(Self::parent_of(&path)?),
+            Ok(()) => fsutil::fsync_dir(&RealFs, Self::parent_of(&path)?),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("Removing", &path, e)),
         }

@@ -301,7 +301,7 @@ impl Remote {
         fs::create_dir_all(&dir).map_err(|e| io_err("Creating", &dir, e))?;
         let mut bytes = size.to_le_bytes().to_vec();
         bytes.extend_from_slice(tail);
-        fsutil::atomic_write(&dir, &format!("{id}.idx"), &bytes)
+        fsutil::atomic_write(&crate::storefs::RealFs, &dir, &format!("{id}.idx"), &bytes)
     }
 
     pub(crate) fn add_to_catalog(&self, id: &str, entries: &[PackEntry]) {

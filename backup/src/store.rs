@@ -19,6 +19,7 @@ use crate::index::Index;
 use crate::manifest::{self, Manifest, MAX_MANIFEST_LEN};
 use crate::remote::{BucketMarker, Remote, RemoteSpec};
 use crate::snapshot::{self, SnapshotName};
+use crate::storefs::{self, StoreFs};
 
 /// Name of the marker file that identifies a datastore.
 pub const MARKER: &str = ".strata-datastore";
@@ -96,6 +97,8 @@ pub struct Datastore {
     key: Option<Arc<CryptKey>>,
     /// For a pack datastore (S3): its objects. The folder is then its local cache.
     remote: Option<Arc<Remote>>,
+    /// The seam through which the local folder is changed.
+    fs: Arc<dyn StoreFs>,
 }
 
 impl Datastore {
@@ -119,19 +122,35 @@ impl Datastore {
 
     /// Creates a datastore with the given options; an encrypted one comes back with its key.
     pub fn create_with(root: &Path, opts: &CreateOptions) -> Result<Datastore> {
+        Datastore::create_on(root, opts, storefs::real())
+    }
+
+    /// [`Datastore::create_with`], changing the disk through `sfs`.
+    pub fn create_on(
+        root: &Path,
+        opts: &CreateOptions,
+        sfs: Arc<dyn StoreFs>,
+    ) -> Result<Datastore> {
         let chunk_size = opts.chunk_size;
         Index::new(0, chunk_size, Vec::new())?;
-        fs::create_dir_all(root).map_err(|e| io_err("Creating", root, e))?;
-        require_new_folder(root)?;
+        sfs.create_dir_all(root)
+            .map_err(|e| io_err("Creating", root, e))?;
+        // What an interrupted creation left may be there (and goes); anything else is refused.
+        for t in require_new_folder(root)? {
+            sfs.remove_file(&t).map_err(|e| io_err("Removing", &t, e))?;
+        }
         let chunks = root.join("chunks");
         for i in 0..=255u8 {
             let d = chunks.join(format!("{i:02x}"));
-            fs::create_dir_all(&d).map_err(|e| io_err("Creating", &d, e))?;
+            sfs.create_dir_all(&d)
+                .map_err(|e| io_err("Creating", &d, e))?;
         }
         for d in ["snapshots", "writers"] {
-            fs::create_dir_all(root.join(d)).map_err(|e| io_err("Creating", &root.join(d), e))?;
+            sfs.create_dir_all(&root.join(d))
+                .map_err(|e| io_err("Creating", &root.join(d), e))?;
         }
-        fsutil::fsync_dir(&chunks)?;
+        fsutil::fsync_dir(sfs.as_ref(), &chunks)?;
+        fsutil::fsync_dir(sfs.as_ref(), root)?;
         let marker = manifest::frame_json(&Marker {
             format: STORE_FORMAT.into(),
             version: STORE_VERSION,
@@ -144,8 +163,8 @@ impl Datastore {
             key_file: opts.key_file.clone(),
         })?;
         // The marker goes last: a datastore whose creation was interrupted has none.
-        fsutil::atomic_write(root, MARKER, &marker)?;
-        let store = Datastore::open(root)?;
+        fsutil::atomic_write(sfs.as_ref(), root, MARKER, &marker)?;
+        let store = Datastore::open_on(root, sfs)?;
         match &opts.key {
             Some(k) => store.with_key(k.clone()),
             None => Ok(store),
@@ -154,6 +173,11 @@ impl Datastore {
 
     /// Opens the datastore in `root`.
     pub fn open(root: &Path) -> Result<Datastore> {
+        Datastore::open_on(root, storefs::real())
+    }
+
+    /// [`Datastore::open`], changing the disk through `sfs`.
+    pub fn open_on(root: &Path, sfs: Arc<dyn StoreFs>) -> Result<Datastore> {
         let path = root.join(MARKER);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -205,6 +229,7 @@ impl Datastore {
             fingerprint: marker.encryption.map(|e| e.key_fingerprint),
             key: None,
             remote,
+            fs: sfs,
         };
         if let Some(r) = &store.remote {
             crate::mirror::refresh(&store, r)?;
@@ -280,10 +305,15 @@ impl Datastore {
             }
         };
         drop(objects);
-        fs::create_dir_all(root).map_err(|e| io_err("Creating", root, e))?;
-        require_new_folder(root)?;
+        let sfs = storefs::real();
+        sfs.create_dir_all(root)
+            .map_err(|e| io_err("Creating", root, e))?;
+        for t in require_new_folder(root)? {
+            sfs.remove_file(&t).map_err(|e| io_err("Removing", &t, e))?;
+        }
         for d in ["snapshots", "writers", "packs", "cache"] {
-            fs::create_dir_all(root.join(d)).map_err(|e| io_err("Creating", &root.join(d), e))?;
+            sfs.create_dir_all(&root.join(d))
+                .map_err(|e| io_err("Creating", &root.join(d), e))?;
         }
         let marker = manifest::frame_json(&Marker {
             format: STORE_FORMAT.into(),
@@ -293,8 +323,9 @@ impl Datastore {
             remote: Some(spec),
             key_file: opts.key_file.clone(),
         })?;
-        fsutil::atomic_write(root, MARKER, &marker)?;
-        let store = Datastore::open(root)?;
+        fsutil::fsync_dir(sfs.as_ref(), root)?;
+        fsutil::atomic_write(sfs.as_ref(), root, MARKER, &marker)?;
+        let store = Datastore::open_on(root, sfs)?;
         match (&opts.key, &store.key) {
             (Some(k), None) => store.with_key(k.clone()),
             _ => Ok(store),
@@ -373,6 +404,11 @@ impl Datastore {
         }
     }
 
+    /// The seam through which this datastore changes the disk.
+    pub fn fs(&self) -> &dyn StoreFs {
+        self.fs.as_ref()
+    }
+
     /// The datastore folder.
     pub fn root(&self) -> &Path {
         &self.root
@@ -415,7 +451,7 @@ impl Datastore {
             // Backups and gc of a pack datastore exclude each other: no time to refresh.
             return Ok(r.has(d));
         }
-        fsutil::touch(&self.chunk_path(d))
+        fsutil::touch(self.fs(), &self.chunk_path(d))
     }
 
     /// Stores `data` under `d` unless it is already there: blob, temp file, fdatasync, rename.
@@ -439,10 +475,10 @@ impl Datastore {
         let encoded = blob::encode_for(data, level, self.require_key()?, d)?;
         let dir = self.chunk_dir(d);
         let name = d.to_hex();
-        let tmp = fsutil::write_temp(&dir, &name, &encoded)?;
+        let tmp = fsutil::write_temp(self.fs(), &dir, &name, &encoded)?;
         let target = dir.join(&name);
-        if let Err(e) = fs::rename(&tmp, &target) {
-            let _ = fs::remove_file(&tmp);
+        if let Err(e) = self.fs.rename(&tmp, &target) {
+            let _ = self.fs.remove_file(&tmp);
             return Err(io_err("Renaming into", &target, e));
         }
         Ok(Stored::New((encoded.len() - blob::BLOB_HEADER_LEN) as u32))
@@ -451,7 +487,7 @@ impl Datastore {
     /// fsyncs the fan-out directories with the given first digest bytes.
     pub fn sync_chunk_dirs(&self, first_bytes: impl IntoIterator<Item = u8>) -> Result<()> {
         for b in first_bytes {
-            fsutil::fsync_dir(&self.chunks_dir().join(format!("{b:02x}")))?;
+            fsutil::fsync_dir(self.fs(), &self.chunks_dir().join(format!("{b:02x}")))?;
         }
         Ok(())
     }
@@ -734,25 +770,70 @@ impl Datastore {
 
 /// Refuses a folder that holds a datastore, or anything else: a new datastore goes into a
 /// missing or empty folder.
-fn require_new_folder(root: &Path) -> Result<()> {
+/// Checks that `root` holds no datastore and nothing else but what an interrupted creation
+/// leaves; returns the temporary marker files of such a creation (to remove).
+fn require_new_folder(root: &Path) -> Result<Vec<PathBuf>> {
     if root.join(MARKER).exists() {
         return Err(StorageError::AlreadyExists(format!(
             "A datastore in {}",
             root.display()
         )));
     }
-    let non_empty = match fs::read_dir(root) {
-        Ok(mut rd) => rd.next().is_some(),
-        Err(e) if e.kind() == ErrorKind::NotFound => false,
-        Err(e) => return Err(io_err("Listing", root, e)),
-    };
-    if non_empty {
-        return Err(StorageError::InvalidInput(format!(
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    creation_leftovers(root)?.ok_or_else(|| {
+        StorageError::InvalidInput(format!(
             "{} is not empty and not a datastore",
             root.display()
-        )));
+        ))
+    })
+}
+
+/// The temporary marker files in `root` if it holds nothing but what an interrupted
+/// [`Datastore::create_on`] (or [`Datastore::create_remote`]) leaves — its empty folders and
+/// temporary marker files; `None` if it holds anything else.
+fn creation_leftovers(root: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let entries = |dir: &Path| -> Result<Vec<fs::DirEntry>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(dir).map_err(|e| io_err("Listing", dir, e))? {
+            v.push(e.map_err(|e| io_err("Listing", dir, e))?);
+            if v.len() > 256 {
+                break;
+            }
+        }
+        Ok(v)
+    };
+    let is_dir = |e: &fs::DirEntry| e.file_type().is_ok_and(|t| t.is_dir());
+    let is_empty_dir =
+        |e: &fs::DirEntry| -> Result<bool> { Ok(is_dir(e) && entries(&e.path())?.is_empty()) };
+    let marker_temp = fsutil::temp_name_prefix(MARKER);
+    let mut temps = Vec::new();
+    for e in entries(root)? {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ok = match name.as_str() {
+            "snapshots" | "writers" | "packs" | "cache" => is_empty_dir(&e)?,
+            "chunks" if is_dir(&e) => {
+                let fan_out = entries(&e.path())?;
+                fan_out.len() <= 256
+                    && fan_out.iter().try_fold(true, |ok, f| -> Result<bool> {
+                        let n = f.file_name();
+                        let hex = n.len() == 2
+                            && n.to_string_lossy().bytes().all(|b| b.is_ascii_hexdigit());
+                        Ok(ok && hex && is_empty_dir(f)?)
+                    })?
+            }
+            n if n.starts_with(&marker_temp) && e.file_type().is_ok_and(|t| t.is_file()) => {
+                temps.push(e.path());
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            return Ok(None);
+        }
     }
-    Ok(())
+    Ok(Some(temps))
 }
 
 /// In an encrypted datastore every blob must be sealed (an unsealed one was not written by the

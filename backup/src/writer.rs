@@ -93,10 +93,11 @@ impl ChunkWriter {
                 }
                 let dir = self.store.chunk_dir(d);
                 let name = d.to_hex();
-                let tmp = crate::fsutil::write_temp(&dir, &name, encoded)?;
+                let sfs = self.store.fs();
+                let tmp = crate::fsutil::write_temp(sfs, &dir, &name, encoded)?;
                 let target = dir.join(&name);
-                if let Err(e) = std::fs::rename(&tmp, &target) {
-                    let _ = std::fs::remove_file(&tmp);
+                if let Err(e) = sfs.rename(&tmp, &target) {
+                    let _ = sfs.remove_file(&tmp);
                     return Err(crate::fsutil::io_err("Renaming into", &target, e));
                 }
                 dirs.lock()

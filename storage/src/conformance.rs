@@ -303,7 +303,8 @@ pub fn unaligned_requests_round_trip(make: Factory<'_>) {
         let mut parent = IoBuf::new(len + shift);
         parent.copy_from_slice(shift, &data);
         let parent = Arc::new(parent);
-        let view = IoBuf::view(&parent, shift, len);
+        // SAFETY: the only view of `parent`, which is not touched until the write completed.
+        let view = unsafe { IoBuf::view(&parent, shift, len) };
         let c = q.run(Op::Write { offset, buf: view });
         c.result.as_ref().unwrap_or_else(|e| {
             panic!("conformance: unaligned write ({offset}, {len}, +{shift}) failed: {e}")
@@ -312,7 +313,8 @@ pub fn unaligned_requests_round_trip(make: Factory<'_>) {
         let back = Arc::new(IoBuf::new(len + shift));
         let c = q.run(Op::Read {
             offset,
-            buf: IoBuf::view(&back, shift, len),
+            // SAFETY: the only view of `back`, unwrapped after the read completed.
+            buf: unsafe { IoBuf::view(&back, shift, len) },
         });
         c.result
             .as_ref()

@@ -98,9 +98,35 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32, create: Create) -> 
 /// Renames `from` to `to`, failing with [`StorageError::AlreadyExists`] instead of replacing it
 /// (and with [`StorageError::NotFound`] if `from` does not exist).
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    let e = match rename_noreplace_io(from, to) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    match e.raw_os_error() {
+        Some(libc::EEXIST) => return Err(StorageError::AlreadyExists(to.display().to_string())),
+        Some(libc::ENOENT) => return Err(StorageError::NotFound(from.to_path_buf())),
+        _ => {}
+    }
+    if e.kind() == std::io::ErrorKind::InvalidInput {
+        return Err(StorageError::InvalidInput(format!(
+            "{} or {} contains a NUL byte",
+            from.display(),
+            to.display()
+        )));
+    }
+    Err(StorageError::io(
+        format!("Renaming {} to {}", from.display(), to.display()),
+        e,
+    ))
+}
+
+/// [`rename_noreplace`] with the system's error as it is (`EEXIST` when `to` exists), for
+/// callers that keep `std::io` errors (the datastore's file-system seam).
+pub fn rename_noreplace_io(from: &Path, to: &Path) -> std::io::Result<()> {
     let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| StorageError::InvalidInput(format!("{} contains a NUL byte", p.display())))
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
+        })
     };
     let (f, t) = (c(from)?, c(to)?);
     // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
@@ -114,18 +140,10 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
         )
     };
     if r == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EEXIST) => return Err(StorageError::AlreadyExists(to.display().to_string())),
-        Some(libc::ENOENT) => return Err(StorageError::NotFound(from.to_path_buf())),
-        _ => {}
-    }
-    Err(StorageError::io(
-        format!("Renaming {} to {}", from.display(), to.display()),
-        e,
-    ))
 }
 
 #[cfg(test)]

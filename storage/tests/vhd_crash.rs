@@ -4,11 +4,14 @@
 //! replaying its log), every write covered by a completed flush must be there, and every other
 //! sector must hold its old or its new data.
 
+mod fault_modes;
+
 use std::sync::Arc;
 
+use fault_modes::{new_mode_seeds, Mode};
 use strata_storage::format::{self, open_image_on, ImageFormat};
 use strata_storage::io::blocking::BlockingQueue;
-use strata_storage::io::fault::{FaultController, FaultDevice, LossMode};
+use strata_storage::io::fault::{FaultController, FaultDevice};
 use strata_storage::{BlockDevice, HostFile};
 
 const SIZE: u64 = 8 << 20;
@@ -30,14 +33,20 @@ fn read(img: &dyn BlockDevice) -> Vec<u8> {
 }
 
 fn one_run(f: ImageFormat, opts: &str, seed: u64) {
+    run_mode(f, opts, seed, Mode::Flush);
+}
+
+fn run_mode(f: ImageFormat, opts: &str, seed: u64, mode: Mode) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let (dev, ctl) = on_fault_device(f, opts);
-    ctl.set_loss_mode(LossMode::TearAndReorder { seed });
-    ctl.crash_at_flush(rng.u64(1..40));
     let img = open_image_on(dev, Some(f)).unwrap();
+    // Faults count from here: the image is open.
+    fault_modes::arm(&ctl, mode, seed, &mut rng);
     let mut q = BlockingQueue::open(img.as_ref(), 8).unwrap();
     let mut durable = vec![0u8; SIZE as usize];
     let mut current = durable.clone();
+    // A write that failed: its sectors may hold their old data or its own.
+    let mut failed: Option<(u64, Vec<u8>)> = None;
     'work: for _round in 0..30 {
         let mut used: Vec<(u64, u64)> = Vec::new();
         for _ in 0..rng.usize(1..6) {
@@ -47,16 +56,19 @@ fn one_run(f: ImageFormat, opts: &str, seed: u64) {
                 continue;
             }
             used.push((off, len));
-            let r = if rng.u8(..5) == 0 {
-                q.write_zeroes(off, len, rng.bool())
-                    .map(|_| vec![0u8; len as usize])
+            let (r, data) = if rng.u8(..5) == 0 {
+                let r = q.write_zeroes(off, len, rng.bool());
+                (r, vec![0u8; len as usize])
             } else {
                 let data: Vec<u8> = (0..len).map(|_| rng.u8(1..)).collect();
-                q.write_at(off, &data).map(|_| data)
+                (q.write_at(off, &data), data)
             };
             match r {
-                Ok(data) => current[off as usize..(off + len) as usize].copy_from_slice(&data),
-                Err(_) => break 'work,
+                Ok(()) => current[off as usize..(off + len) as usize].copy_from_slice(&data),
+                Err(_) => {
+                    failed = Some((off, data));
+                    break 'work;
+                }
             }
         }
         match q.flush() {
@@ -78,9 +90,10 @@ fn one_run(f: ImageFormat, opts: &str, seed: u64) {
     let got = read(img.as_ref());
     for s in 0..(SIZE / 512) as usize {
         let r = s * 512..(s + 1) * 512;
+        let theirs = fault_modes::from_failed_write(&failed, (s * 512) as u64, &got[r.clone()]);
         assert!(
-            got[r.clone()] == durable[r.clone()] || got[r.clone()] == current[r.clone()],
-            "{f} {opts} seed {seed}: sector {s} holds neither its flushed nor its newest data"
+            got[r.clone()] == durable[r.clone()] || got[r.clone()] == current[r.clone()] || theirs,
+            "{f} {opts} seed {seed} ({mode:?}): sector {s} holds neither its flushed nor its newest data"
         );
     }
 }
@@ -113,4 +126,32 @@ fn vhdx_power_loss_at_any_flush_keeps_flushed_writes() {
             seed,
         );
     }
+}
+
+/// The new fault modes on VHD and VHDX (alternately, by seed).
+fn new_modes(mode: Mode) {
+    for seed in new_mode_seeds() {
+        let (f, opts) = match seed % 4 {
+            0 => (ImageFormat::Vhd, "force_size=on"),
+            1 => (ImageFormat::Vhd, "force_size=on,block_size=64K"),
+            2 => (ImageFormat::Vhdx, "block_size=1M"),
+            _ => (ImageFormat::Vhdx, "block_size=1M,block_state_zero=on"),
+        };
+        run_mode(f, opts, seed, mode);
+    }
+}
+
+#[test]
+fn power_loss_at_any_flush_with_late_out_of_order_completions() {
+    new_modes(Mode::FlushAsync);
+}
+
+#[test]
+fn power_loss_at_any_operation() {
+    new_modes(Mode::AnyOpAsync);
+}
+
+#[test]
+fn injected_errors_then_power_loss() {
+    new_modes(Mode::ErrorAsync);
 }

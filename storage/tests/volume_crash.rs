@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use strata_storage::io::blocking::BlockingQueue;
-use strata_storage::io::fault::{FaultController, FaultDevice, LossMode};
+use strata_storage::io::fault::{
+    fault_seeds, Fault, FaultController, FaultDevice, LossMode, OpKind,
+};
 use strata_storage::volume::label::PE_START;
 use strata_storage::volume::thin::AllocPolicy;
 use strata_storage::volume::vg::format_pv;
@@ -296,6 +298,11 @@ impl Run {
         match r {
             Ok(_) => Outcome::Done,
             Err(_) if self.ctl.crashed() => Outcome::Crashed,
+            // An injected failure: the power goes at once, and the action counts as cut.
+            Err(_) if self.ctl.injected().is_some() => {
+                self.ctl.power_loss();
+                Outcome::Crashed
+            }
             Err(StorageError::OutOfSpace(_)) => Outcome::Refused,
             Err(e) => panic!("an operation failed without a power cut: {e}"),
         }
@@ -600,20 +607,65 @@ fn verify(vg: &Vg, m: &Model, context: &str) {
     }
 }
 
-/// Runs `actions`, cutting the power at flush `crash_at` (0: never); returns the model, the
-/// number of flushes seen, and what survived. Without a cut, the live pool is checked too.
-fn run(
+/// Where the power is cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    Never,
+    /// At the Nth flush.
+    Flush(u64),
+    /// At the Nth operation of any kind.
+    Op(u64),
+    /// Right after the first error the workload sees, with this failure injected at the Nth
+    /// operation of a kind.
+    Error(OpKind, u64, Fault),
+}
+
+/// What the device counted in a run: flushes, operations, and operations of each kind.
+struct Counts {
+    flushes: u64,
+    ops: u64,
+    kinds: Vec<(OpKind, u64)>,
+}
+
+const KINDS: [OpKind; 4] = [OpKind::Read, OpKind::Write, OpKind::Flush, OpKind::Discard];
+
+/// Runs `actions`, cutting the power as `cut` says, with the device's queues completing late and
+/// out of order if `async_seed` is set; returns the model, what the device counted, and what
+/// survived. Without a cut, the live pool is checked too.
+fn run_with(
     cfg: Config,
     actions: &[Action],
-    crash_at: u64,
+    cut: Cut,
     loss: LossMode,
-) -> (Model, u64, Option<strata_storage::io::fault::DurableImage>) {
+    async_seed: Option<u64>,
+) -> (
+    Model,
+    Counts,
+    Option<strata_storage::io::fault::DurableImage>,
+) {
     let (vg, _dev, ctl) = new_group(cfg);
     ctl.set_loss_mode(loss);
-    let start = ctl.flushes();
-    if crash_at > 0 {
-        ctl.crash_at_flush(crash_at);
+    if let Some(s) = async_seed {
+        ctl.async_completions(s);
     }
+    let start = ctl.flushes();
+    let ops_start = ctl.ops();
+    let kinds_start: Vec<u64> = KINDS.iter().map(|&k| ctl.ops_of(k)).collect();
+    let crash_at = match cut {
+        Cut::Never => 0,
+        Cut::Flush(k) => {
+            ctl.crash_at_flush(k);
+            k
+        }
+        Cut::Op(k) => {
+            ctl.crash_at_op(k);
+            k
+        }
+        Cut::Error(kind, n, fault) => {
+            ctl.fail_nth(kind, n, fault);
+            n
+        }
+    };
     let mut r = Run {
         vg,
         ctl: ctl.clone(),
@@ -636,9 +688,48 @@ fn run(
         );
         let _ = refused;
     }
-    let flushes = ctl.flushes() - start;
-    let image = ctl.durable_image();
-    (m, flushes, image)
+    let counts = Counts {
+        flushes: ctl.flushes() - start,
+        ops: ctl.ops() - ops_start,
+        kinds: KINDS
+            .iter()
+            .zip(&kinds_start)
+            .map(|(&k, b)| (k, ctl.ops_of(k) - b))
+            .collect(),
+    };
+    // A cut that came after the end (or an injected failure nobody saw): cut now.
+    let image = match cut {
+        Cut::Never => ctl.durable_image(),
+        _ => Some(ctl.durable_image().unwrap_or_else(|| ctl.power_loss())),
+    };
+    (m, counts, image)
+}
+
+fn run(
+    cfg: Config,
+    actions: &[Action],
+    crash_at: u64,
+    loss: LossMode,
+) -> (Model, u64, Option<strata_storage::io::fault::DurableImage>) {
+    let cut = if crash_at == 0 {
+        Cut::Never
+    } else {
+        Cut::Flush(crash_at)
+    };
+    let (m, counts, image) = run_with(cfg, actions, cut, loss, None);
+    (m, counts.flushes, image)
+}
+
+/// Opens the group on what survived a cut and checks it against the model.
+fn reopen_and_verify(image: &strata_storage::io::fault::DurableImage, m: &Model, context: &str) {
+    let (dev, _) = FaultDevice::from_durable(image);
+    let vg = Vg::open(
+        vec![PvHandle::new(dev as SharedFile)],
+        "vg",
+        VgOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{context}: reopen: {e}"));
+    verify(&vg, m, context);
 }
 
 fn crash_everywhere(cfg: Config, seed: u64, len: usize, loss: LossMode) {
@@ -647,17 +738,113 @@ fn crash_everywhere(cfg: Config, seed: u64, len: usize, loss: LossMode) {
     assert!(flushes > 10, "seed {seed}: only {flushes} flush points");
     for k in 1..=flushes {
         let (m, _, image) = run(cfg, &actions, k, loss);
-        let image = image.expect("the power was cut");
-        let (dev, _) = FaultDevice::from_durable(&image);
         let context = format!("seed {seed}, crash at flush {k} of {flushes}");
-        let vg = Vg::open(
-            vec![PvHandle::new(dev as SharedFile)],
-            "vg",
-            VgOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("{context}: reopen: {e}"));
-        verify(&vg, &m, &context);
+        reopen_and_verify(&image.expect("the power was cut"), &m, &context);
     }
+}
+
+/// Where the new fault modes cut a run.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// At a sample of flushes.
+    Flushes,
+    /// At a sample of operations of any kind.
+    AnyOp,
+    /// After an injected failure at the Nth operation of a kind.
+    Errors,
+}
+
+/// Crash points per run of a new fault mode: a sample in CI, more in a long run.
+fn fault_points() -> u64 {
+    if std::env::var_os("STRATA_FAULT_SEEDS").is_some() {
+        160
+    } else {
+        40
+    }
+}
+
+/// The new fault modes: the device's queues complete late and out of order (seeded), and the
+/// power is cut at a seeded sample of points of `mode`, in both loss modes.
+fn crash_sampled(cfg: Config, plan_seed: u64, len: usize, seed: u64, mode: Mode) {
+    let actions = plan(plan_seed, len);
+    let (_, counts, _) = run_with(
+        cfg,
+        &actions,
+        Cut::Never,
+        LossMode::DropUnflushed,
+        Some(seed),
+    );
+    assert!(
+        counts.flushes > 10,
+        "seed {plan_seed}: only {} flush points",
+        counts.flushes
+    );
+    eprintln!(
+        "plan {plan_seed}: {} flushes, {} operations {:?} ({mode:?}, seed {seed})",
+        counts.flushes, counts.ops, counts.kinds
+    );
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut cut_short = 0;
+    for i in 0..fault_points() {
+        let cut = match mode {
+            Mode::Flushes => Cut::Flush(rng.u64(1..=counts.flushes)),
+            Mode::AnyOp => Cut::Op(rng.u64(1..=counts.ops)),
+            Mode::Errors => {
+                let kinds: Vec<(OpKind, u64)> = counts
+                    .kinds
+                    .iter()
+                    .copied()
+                    .filter(|&(_, n)| n > 0)
+                    .collect();
+                let (kind, n) = kinds[rng.usize(..kinds.len())];
+                let fault = match kind {
+                    OpKind::Read | OpKind::Write => {
+                        [Fault::Eio, Fault::NoSpace, Fault::ShortThenPowerLoss][rng.usize(..3)]
+                    }
+                    _ => [Fault::Eio, Fault::NoSpace][rng.usize(..2)],
+                };
+                Cut::Error(kind, rng.u64(1..=n), fault)
+            }
+        };
+        let loss = if i % 2 == 0 {
+            LossMode::DropUnflushed
+        } else {
+            LossMode::TearAndReorder { seed: seed ^ i }
+        };
+        let (m, c, image) = run_with(cfg, &actions, cut, loss, Some(seed ^ i));
+        cut_short += u64::from(c.ops < counts.ops);
+        let context = format!("plan {plan_seed}, fault seed {seed}, {cut:?}, {loss:?}, async");
+        reopen_and_verify(&image.expect("the power was cut"), &m, &context);
+    }
+    assert!(cut_short > 0, "no cut interrupted the workload");
+}
+
+/// Runs `mode` on a roomy and a tight pool (plans `plans`) for every fault seed.
+fn both_pools(mode: Mode, plans: [u64; 2]) {
+    for s in fault_seeds(&[0x5eed]) {
+        crash_sampled(ROOMY, plans[0], 45, s, mode);
+        crash_sampled(TIGHT, plans[1], 60, s ^ 1, mode);
+    }
+}
+
+/// Late, out-of-order completions on the PV, power cut at flushes.
+#[test]
+fn power_loss_at_flushes_with_late_out_of_order_completions() {
+    both_pools(Mode::Flushes, [41, 42]);
+}
+
+/// Power cut at operations of any kind, with late, out-of-order completions.
+#[test]
+fn power_loss_at_any_operation() {
+    both_pools(Mode::AnyOp, [43, 44]);
+}
+
+/// EIO, ENOSPC or a short transfer cut by power loss at the Nth read, write, flush or discard
+/// (the pool and group metadata included), then the power goes: the group reopens clean and
+/// the interrupted action counts as done or not.
+#[test]
+fn injected_errors_then_power_loss() {
+    both_pools(Mode::Errors, [45, 46]);
 }
 
 #[test]

@@ -23,6 +23,7 @@ use strata_storage::bytes::{le32, le64, put_le32, put_le64};
 use strata_storage::{Result, StorageError};
 
 use crate::fsutil::{self, io_err, Flock};
+use crate::storefs::RealFs;
 
 /// Magic of a map file.
 pub const MAP_MAGIC: [u8; 8] = *b"STRLRM01";
@@ -86,7 +87,7 @@ impl RestoredMap {
             seq: 0,
         };
         map.write(&vec![0u64; words_for(count)])?;
-        fsutil::fsync_dir(dir)?;
+        fsutil::fsync_dir(&RealFs, dir)?;
         Ok(map)
     }
 

@@ -16,6 +16,7 @@ use strata_storage::{Result, StorageError};
 
 use crate::fsutil::{self, io_err};
 use crate::manifest::{frame_json, unframe_json};
+use crate::storefs::RealFs;
 
 /// The record's `format` field.
 pub const RECORD_FORMAT: &str = "strata-restore-record";
@@ -140,17 +141,17 @@ impl RestorePaths {
     pub fn write(&self, rec: &RestoreRecord) -> Result<()> {
         fs::create_dir_all(&self.dir).map_err(|e| io_err("Creating", &self.dir, e))?;
         if let Some(parent) = self.dir.parent() {
-            fsutil::fsync_dir(parent)?;
+            fsutil::fsync_dir(&RealFs, parent)?;
         }
         let name = format!("{}.json", self.name);
-        fsutil::atomic_write(&self.dir, &name, &frame_json(rec)?)
+        fsutil::atomic_write(&RealFs, &self.dir, &name, &frame_json(rec)?)
     }
 
     /// Removes the record, then the map: the volume is an ordinary volume again.
     pub fn remove(&self) -> Result<()> {
         for path in [self.record(), self.map()] {
             match fs::remove_file(&path) {
-                Ok(()) => fsutil::fsync_dir(&self.dir)?,
+                Ok(()) => fsutil::fsync_dir(&RealFs, &self.dir)?,
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("Removing", &path, e)),
             }

@@ -6,10 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use strata_storage::format::qcow2::check::{CheckReport, Repair};
-use strata_storage::format::qcow2::Qcow2Options;
-use strata_storage::format::{self, vhd, vhdx, ImageFormat, OpenOptions, Probed};
+use strata_storage::format::{self, ImageFormat};
 
-use super::qcow2_util::open_qcow2_with;
 use super::Output;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -31,7 +29,7 @@ pub struct CheckArgs {
     /// Image format (probed when omitted; a fixed VHD needs `-f vhd`).
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<super::image::FormatArg>,
-    /// The image (qcow2, vhd or vhdx).
+    /// The image (qcow2, vmdk, vhd or vhdx).
     file: PathBuf,
 }
 
@@ -56,46 +54,13 @@ pub fn run(a: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(report.exit_code()))
 }
 
-/// Checks a qcow2, VHD or VHDX image; other formats have nothing to check.
+/// Checks a qcow2, vmdk, VHD or VHDX image; raw images have nothing to check.
 fn check_any(
     file: &std::path::Path,
     format: Option<ImageFormat>,
     repair: Repair,
 ) -> anyhow::Result<CheckReport> {
-    let format = match format {
-        Some(f) => f,
-        None => {
-            let opts = OpenOptions {
-                read_only: true,
-                ..OpenOptions::default()
-            };
-            let host = format::open_host_file(file, &opts)?;
-            match format::probe(host.as_ref())? {
-                Probed::Known(f) => f,
-                Probed::Foreign(name) => anyhow::bail!("Unsupported: checking {name} images"),
-            }
-        }
-    };
-    match format {
-        ImageFormat::Qcow2 => {
-            let opts = Qcow2Options {
-                allow_corrupt: repair == Repair::All,
-                ..Qcow2Options::default()
-            };
-            Ok(open_qcow2_with(file, repair != Repair::None, opts)?.check(repair)?)
-        }
-        ImageFormat::Vhd => {
-            let opts = OpenOptions {
-                format: Some(ImageFormat::Vhd),
-                read_only: repair != Repair::All,
-                ..OpenOptions::default()
-            };
-            let img = vhd::open(format::open_host_file(file, &opts)?, Some(file), &opts)?;
-            Ok(img.check(repair)?)
-        }
-        ImageFormat::Vhdx => Ok(vhdx::check::check_file(file, repair)?),
-        other => anyhow::bail!("This image format ({other}) does not support checks"),
-    }
+    Ok(format::check::check_file(file, format, repair)?)
 }
 
 fn print_human(r: &CheckReport) {
@@ -131,5 +96,7 @@ fn print_human(r: &CheckReport) {
             r.compressed_clusters as f64 * 100.0 / r.allocated_clusters.max(1) as f64
         );
     }
-    println!("Image end offset: {}", r.image_end_offset);
+    if r.format != "vmdk" {
+        println!("Image end offset: {}", r.image_end_offset);
+    }
 }

@@ -270,7 +270,10 @@ impl Reader<'_> {
                 Some(job) if job.data => {
                     let mut done = std::mem::take(&mut self.completions);
                     let buf = self.pool.take();
-                    let view = IoBuf::view(&buf, 0, job.len as usize);
+                    // SAFETY: the pool hands out a buffer no write from it still reads, this
+                    // read's view is its only view, and the parent is kept in `reading`
+                    // untouched until the read's completion is absorbed.
+                    let view = unsafe { IoBuf::view(&buf, 0, job.len as usize) };
                     let r = submit(
                         self.q.as_mut(),
                         Request::read(job.offset, job.offset, view),
@@ -532,6 +535,9 @@ fn to_device(
             }
             None => report.skipped += job.len,
             Some((b, len)) => {
+                // The views below only go into writes (the target's queue reads them), `b` is
+                // only read meanwhile (`runs`), and it stays alive in `chunks` until every
+                // write of the job completed.
                 for (at, n, zero) in runs(b, *len, opts.sparse_size) {
                     if zero && !opts.existing_target {
                         report.skipped += n;
@@ -542,7 +548,8 @@ fn to_device(
                             Request::write(
                                 tag,
                                 job.offset + at,
-                                IoBuf::view(b, at as usize, n as usize),
+                                // SAFETY: see above: a view only read, of a buffer only read.
+                                unsafe { IoBuf::view(b, at as usize, n as usize) },
                             )
                         });
                         report.zeroed += n;
@@ -550,7 +557,8 @@ fn to_device(
                         reqs.push(Request::write(
                             tag,
                             job.offset + at,
-                            IoBuf::view(b, at as usize, n as usize),
+                            // SAFETY: see above: a view only read, of a buffer only read.
+                            unsafe { IoBuf::view(b, at as usize, n as usize) },
                         ));
                         report.written += n;
                     }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::device::{Extent, ExtentKind, SharedFile};
 use crate::error::{Result, StorageError};
 use crate::format::Image;
+use crate::io::buf::in_order_and_disjoint;
 use crate::io::stack::{Layer, Lower, ReqId, Stack, StackedQueue};
 use crate::io::{check_range, Completion, IoBuf, IoQueue, Op, QueueOptions, Request};
 
@@ -343,11 +344,16 @@ fn send(st: &mut St, id: ReqId, slot: usize, op: Op) {
 
 /// The buffer for one piece of request `id`: the whole buffer when the request is that one
 /// piece, else a view.
-fn piece_buf(st: &mut St, id: ReqId, whole: bool, pos: u64, len: u64) -> Option<IoBuf> {
+///
+/// # Safety
+/// As for [`St::view`]: the pieces of a read are disjoint (the caller checked), and a piece's
+/// range is viewed again only after its earlier view was dropped.
+unsafe fn piece_buf(st: &mut St, id: ReqId, whole: bool, pos: u64, len: u64) -> Option<IoBuf> {
     if whole {
         st.lend(id)
     } else {
-        st.view(id, pos as usize, len as usize)
+        // SAFETY: this function's contract.
+        unsafe { st.view(id, pos as usize, len as usize) }
     }
 }
 
@@ -358,6 +364,10 @@ impl<M: BlockMap> MappedLayer<M> {
             Ok(p) => p,
             Err(e) => return st.complete_now(tag, Some(buf), Err(e)),
         };
+        if !in_order_and_disjoint(pieces.iter().map(|p| (p.pos, p.len)), len) {
+            let e = StorageError::corrupt(self.map.name(), "a read mapped to overlapping pieces");
+            return st.complete_now(tag, Some(buf), Err(e));
+        }
         if let [Piece {
             target: ReadTarget::Zero,
             ..
@@ -370,7 +380,8 @@ impl<M: BlockMap> MappedLayer<M> {
         let whole = matches!(pieces.as_slice(), [p] if matches!(p.target, ReadTarget::Host(_)));
         let parent_size = self.map.parent().map_or(0, |p| p.size());
         for p in pieces {
-            let Some(mut view) = piece_buf(st, id, whole, p.pos, p.len) else {
+            // SAFETY: the pieces are disjoint (checked above), so no two views overlap.
+            let Some(mut view) = (unsafe { piece_buf(st, id, whole, p.pos, p.len) }) else {
                 st.fail(
                     id,
                     StorageError::Unavailable("a piece of a read's buffer".into()),
@@ -397,7 +408,8 @@ impl<M: BlockMap> MappedLayer<M> {
                     }
                     drop(view);
                     if avail > 0 {
-                        if let Some(v) = st.view(id, p.pos as usize, avail as usize) {
+                        // SAFETY: the same piece's range again, after its first view was dropped.
+                        if let Some(v) = unsafe { st.view(id, p.pos as usize, avail as usize) } {
                             send(st, id, PARENT, Op::Read { offset: at, buf: v });
                         }
                     }
@@ -416,7 +428,8 @@ impl<M: BlockMap> MappedLayer<M> {
         let id = st.open(tag, Some(buf), len);
         let whole = matches!(pieces.as_slice(), [p] if matches!(p.target, WriteTarget::Host(_)));
         for p in pieces {
-            let Some(view) = piece_buf(st, id, whole, p.pos, p.len) else {
+            // SAFETY: a write's views are only read by the queues they go to.
+            let Some(view) = (unsafe { piece_buf(st, id, whole, p.pos, p.len) }) else {
                 st.fail(
                     id,
                     StorageError::Unavailable("a piece of a write's buffer".into()),

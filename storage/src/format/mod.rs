@@ -6,6 +6,7 @@
 //! file's first bytes unless the caller names it; a format we recognise but do not implement is
 //! refused with an error naming it.
 
+pub mod check;
 pub mod compare;
 #[cfg(feature = "test-utils")]
 pub mod fuzzing;

@@ -7,8 +7,14 @@
 //! the queue holds it.
 //!
 //! Formats split one request over several extents with [`IoBuf::view`]: a view keeps its parent
-//! alive through an `Arc` and covers a sub-range of it. All of this crate's raw-pointer handling of
-//! I/O memory lives in this file and in the engines.
+//! alive through an `Arc` and covers a sub-range of it. Views alias their parent's memory, so
+//! making one is `unsafe`: the caller keeps views that are written (reads in flight) apart from
+//! every other view and from the parent (see its `# Safety`). All of this crate's raw-pointer
+//! handling of I/O memory lives in this file and in the engines.
+//!
+//! Memory from outside ([`IoBuf::from_raw_segments`]: a guest's memory, which its vCPUs may write
+//! at any moment) is *external*: the buffer's own copies in and out of it, and its zero checks,
+//! use volatile accesses ([`super::volatile`]) and never form a `&[u8]` over it.
 
 use std::alloc::{self, Layout};
 use std::any::Any;
@@ -70,6 +76,8 @@ pub struct IoBuf {
     segments: Segments,
     len: usize,
     owner: Owner,
+    /// The memory may change under us (guest memory): accessed only with volatile copies.
+    external: bool,
 }
 
 enum Segments {
@@ -117,6 +125,7 @@ impl IoBuf {
             }),
             len,
             owner: Owner::Aligned { ptr, layout },
+            external: false,
         }
     }
 
@@ -133,10 +142,12 @@ impl IoBuf {
             segments: Segments::Many(Box::new([])),
             len: 0,
             owner: Owner::Empty,
+            external: false,
         }
     }
 
-    /// A buffer over external memory, such as a VMM's guest memory.
+    /// A buffer over external memory, such as a VMM's guest memory, which another party may
+    /// change at any moment: the buffer's own accesses to it are volatile copies.
     ///
     /// # Safety
     /// Each `(ptr, len)` segment must be valid for reads and writes for as long as `keep_alive`
@@ -159,16 +170,22 @@ impl IoBuf {
             },
             len,
             owner: Owner::Shared(keep_alive),
+            external: true,
         }
     }
 
-    /// A buffer covering `len` bytes at `offset` of `parent`, keeping the parent alive.
+    /// A buffer covering `len` bytes at `offset` of `parent` (less if the parent is shorter),
+    /// keeping the parent alive. Formats use views to split one request over several extents.
     ///
-    /// Formats use views to split one request over several extents. Views of one parent must not
-    /// overlap while any of them is in flight for a read, and the parent itself must not be
-    /// accessed until every view is dropped (the parent is inside an `Arc`, so it cannot be
-    /// mutated; the rule is that it is not read either).
-    pub(crate) fn view(parent: &Arc<IoBuf>, offset: usize, len: usize) -> IoBuf {
+    /// # Safety
+    /// A view aliases its parent's memory, and a view moved into an I/O queue for a read is
+    /// written by the kernel (or an engine thread) while the caller goes on. So for as long as
+    /// a view can be written — in flight for a read, or used with `copy_from_slice` or
+    /// `fill_zero` — no other view of an overlapping range, and not the parent, may be read or
+    /// written. Views that are only read (in flight for writes) may overlap each other and be
+    /// read alongside the parent. The parent is in an `Arc`; whoever unwraps it does so after
+    /// every view was dropped (completions reaped), or `Arc::try_unwrap` says it cannot.
+    pub(crate) unsafe fn view(parent: &Arc<IoBuf>, offset: usize, len: usize) -> IoBuf {
         debug_assert!(offset + len <= parent.len);
         let mut segs = Vec::new();
         let mut skip = offset;
@@ -199,6 +216,7 @@ impl IoBuf {
             },
             len: len - want,
             owner: Owner::Shared(keep),
+            external: parent.external,
         }
     }
 
@@ -214,6 +232,7 @@ impl IoBuf {
             .filter(|s| s.len > 0)
             .collect();
         let len = segs.iter().map(|s| s.len).sum();
+        let external = parts.iter().any(|p| p.external);
         let keep: Arc<dyn Any + Send + Sync> = Arc::new(parts);
         IoBuf {
             segments: if segs.len() == 1 {
@@ -223,6 +242,7 @@ impl IoBuf {
             },
             len,
             owner: Owner::Shared(keep),
+            external,
         }
     }
 
@@ -273,45 +293,82 @@ impl IoBuf {
         }
     }
 
+    /// Whether the memory is external (see the module documentation).
+    pub fn is_external(&self) -> bool {
+        self.external
+    }
+
     /// Copies `dst.len()` bytes starting at `offset` out of the buffer.
     ///
     /// Panics if the range exceeds the buffer: callers size `dst` from the buffer itself.
     pub fn copy_to_slice(&self, offset: usize, dst: &mut [u8]) {
         assert!(offset + dst.len() <= self.len, "copy beyond IoBuf");
+        let external = self.external;
         self.walk(offset, dst.len(), |seg_ptr, pos, n| {
             // SAFETY: `walk` yields in-bounds sub-ranges of valid segments; `dst` is a distinct
-            // Rust allocation, so the ranges cannot overlap.
-            unsafe { std::ptr::copy_nonoverlapping(seg_ptr, dst.as_mut_ptr().add(pos), n) };
+            // Rust allocation, so the ranges cannot overlap. External memory is read with
+            // volatile copies.
+            unsafe {
+                if external {
+                    super::volatile::read_into(seg_ptr, dst.as_mut_ptr().add(pos), n);
+                } else {
+                    std::ptr::copy_nonoverlapping(seg_ptr, dst.as_mut_ptr().add(pos), n);
+                }
+            }
         });
     }
 
     /// Copies `src` into the buffer starting at `offset`.
     pub fn copy_from_slice(&mut self, offset: usize, src: &[u8]) {
         assert!(offset + src.len() <= self.len, "copy beyond IoBuf");
+        let external = self.external;
         self.walk(offset, src.len(), |seg_ptr, pos, n| {
             // SAFETY: as in `copy_to_slice`, with `&mut self` giving exclusive access.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(pos), seg_ptr, n) };
+            unsafe {
+                if external {
+                    super::volatile::write_from(src.as_ptr().add(pos), seg_ptr, n);
+                } else {
+                    std::ptr::copy_nonoverlapping(src.as_ptr().add(pos), seg_ptr, n);
+                }
+            }
         });
     }
 
     /// Fills `len` bytes at `offset` with zeros.
     pub fn fill_zero(&mut self, offset: usize, len: usize) {
         assert!(offset + len <= self.len, "fill beyond IoBuf");
+        let external = self.external;
         self.walk(offset, len, |seg_ptr, _pos, n| {
-            // SAFETY: `walk` yields in-bounds sub-ranges of valid segments; `&mut self` is exclusive.
-            unsafe { std::ptr::write_bytes(seg_ptr, 0, n) };
+            // SAFETY: `walk` yields in-bounds sub-ranges of valid segments; `&mut self` is
+            // exclusive.
+            unsafe {
+                if external {
+                    super::volatile::fill_zero(seg_ptr, n);
+                } else {
+                    std::ptr::write_bytes(seg_ptr, 0, n);
+                }
+            }
         });
     }
 
-    /// Whether every byte in `offset..offset+len` is zero.
+    /// Whether every byte in `offset..offset+len` is zero (for external memory: was zero when
+    /// read).
     pub fn is_zero_range(&self, offset: usize, len: usize) -> bool {
         let mut all_zero = true;
+        let external = self.external;
         self.walk(offset, len, |seg_ptr, _pos, n| {
-            if all_zero {
-                // SAFETY: in-bounds range of a valid segment, read-only under `&self`.
-                let s = unsafe { std::slice::from_raw_parts(seg_ptr, n) };
-                all_zero = crate::util::is_zero(s);
+            if !all_zero {
+                return;
             }
+            all_zero = if external {
+                // SAFETY: in-bounds range of a valid segment; read with volatile accesses, no
+                // reference to memory the guest may be changing.
+                unsafe { super::volatile::is_zero(seg_ptr, n) }
+            } else {
+                // SAFETY: in-bounds range of a valid segment of our own, read-only under
+                // `&self`.
+                crate::util::is_zero(unsafe { std::slice::from_raw_parts(seg_ptr, n) })
+            };
         });
         all_zero
     }
@@ -341,6 +398,20 @@ impl IoBuf {
             skip = 0;
         }
     }
+}
+
+/// Whether the `(position, length)` ranges are in order, disjoint and inside `0..len`: what makes
+/// views cut for them (one each, of a buffer of `len` bytes) alias nothing but their own range.
+pub(crate) fn in_order_and_disjoint(
+    ranges: impl IntoIterator<Item = (u64, u64)>,
+    len: u64,
+) -> bool {
+    let mut end = 0u64;
+    ranges.into_iter().all(|(pos, n)| {
+        let ok = pos >= end && pos.checked_add(n).is_some_and(|e| e <= len);
+        end = pos.saturating_add(n);
+        ok
+    })
 }
 
 impl Drop for IoBuf {
@@ -377,10 +448,11 @@ mod tests {
         let mut parent = IoBuf::new(16);
         parent.copy_from_slice(0, &(0u8..16).collect::<Vec<_>>());
         let parent = Arc::new(parent);
-        let v = IoBuf::view(&parent, 4, 8);
+        // SAFETY: the two views do not overlap, and the parent is not touched until both are
+        // dropped.
+        let (v, mut w) = unsafe { (IoBuf::view(&parent, 4, 8), IoBuf::view(&parent, 12, 4)) };
         assert_eq!(v.len(), 8);
         assert_eq!(v.to_vec(), (4u8..12).collect::<Vec<_>>());
-        let mut w = IoBuf::view(&parent, 12, 4);
         w.fill_zero(0, 4);
         drop((v, w));
         let parent = Arc::try_unwrap(parent).unwrap();
@@ -406,11 +478,17 @@ mod tests {
         let mut b = unsafe {
             IoBuf::from_raw_segments(&[(base, 3), (base.wrapping_add(5), 5)], backing.clone())
         };
+        assert!(b.is_external());
         b.copy_from_slice(1, &[1, 2, 3, 4]);
         let mut out = [0u8; 8];
         b.copy_to_slice(0, &mut out);
         assert_eq!(out, [0, 1, 2, 3, 4, 0, 0, 0]);
-        drop(b);
+        assert!(!b.is_zero_range(0, 8) && b.is_zero_range(5, 3));
+        // SAFETY: the view is the only buffer used until it is dropped.
+        let mut v = unsafe { IoBuf::view(&Arc::new(b), 6, 2) };
+        assert!(v.is_external(), "a view of external memory is external");
+        v.fill_zero(0, 2);
+        drop(v);
         assert_eq!(*backing.lock().unwrap(), vec![0, 1, 2, 0, 0, 3, 4, 0, 0, 0]);
     }
 }

@@ -22,9 +22,12 @@ pub(crate) mod stack;
 mod sync_queue;
 pub mod threads;
 pub mod uring;
+pub mod volatile;
 
 #[cfg(feature = "test-utils")]
 pub mod fault;
+#[cfg(feature = "test-utils")]
+mod fault_queue;
 #[cfg(feature = "test-utils")]
 pub mod memory;
 #[cfg(feature = "test-utils")]

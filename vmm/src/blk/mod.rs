@@ -20,6 +20,10 @@ pub mod chain;
 pub mod config;
 pub mod device;
 pub mod engine;
+#[cfg(test)]
+mod props;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod worker;
 
 pub use config::{BlkConfig, DiskOptions};

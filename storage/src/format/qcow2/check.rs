@@ -8,13 +8,13 @@
 //! references (leaks only, or everything) and fixes copied flags; new refcount blocks that repair
 //! needs never land on a referenced cluster.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
 use crate::error::{Result, StorageError};
 
-use super::entry::{L2Entry, COPIED, OFFSET_MASK};
+use super::entry::{L2Entry, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO};
 use super::header::{autoclear, ext, incompat};
 use crate::bytes::{be16, be32, be64};
 
@@ -22,6 +22,10 @@ use super::meta::{l1_entry_offset, read_u64_table, Meta};
 
 /// Most clusters a check counts (4 GiB of reference counters at most).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 30;
+/// Most distinct clusters past the end of the file whose references a check remembers.
+const MAX_BEYOND_CLUSTERS: usize = 1 << 16;
+/// Reserved bits of a refcount table entry.
+pub(super) const RT_RESERVED: u64 = 0x1ff;
 
 /// What to repair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,17 +86,33 @@ impl CheckReport {
     }
 }
 
-struct Counter {
-    refs: Vec<u32>,
-    cs: u64,
+pub(super) struct Counter {
+    pub(super) refs: Vec<u32>,
+    pub(super) cs: u64,
+    /// References to clusters past the end of the file (each also reported as a corruption),
+    /// so that the refcounts that still count them are not taken for leaks.
+    pub(super) beyond: BTreeMap<u64, u32>,
+    /// Tables that entries point at but the check could not follow (unaligned, or past the end
+    /// of the file): what they reference is unknown, so leaks are reported and never freed.
+    pub(super) unread_tables: u64,
+    /// Refcount table entries whose block is unusable (unaligned, past the end of the file):
+    /// the refcounts they would hold read as zero.
+    pub(super) bad_blocks: HashSet<usize>,
 }
 
 impl Counter {
-    fn add(&mut self, r: &mut CheckReport, offset: u64, len: u64, what: &str) {
+    pub(super) fn add(&mut self, r: &mut CheckReport, offset: u64, len: u64, what: &str) {
         self.add_n(r, offset, len, 1, what);
     }
 
-    fn add_n(&mut self, r: &mut CheckReport, offset: u64, len: u64, times: u32, what: &str) {
+    pub(super) fn add_n(
+        &mut self,
+        r: &mut CheckReport,
+        offset: u64,
+        len: u64,
+        times: u32,
+        what: &str,
+    ) {
         if len == 0 {
             return;
         }
@@ -102,19 +122,57 @@ impl Counter {
                 "ERROR {what} at {offset:#x} is not cluster aligned"
             ));
         }
+        self.count(r, offset, len, times, what);
+    }
+
+    /// Counts `times` references to every cluster `[offset, offset + len)` touches; a range
+    /// reaching past the end of the file is a corruption.
+    pub(super) fn count(
+        &mut self,
+        r: &mut CheckReport,
+        offset: u64,
+        len: u64,
+        times: u32,
+        what: &str,
+    ) {
+        if len == 0 {
+            return;
+        }
         let first = offset / self.cs;
         let last = offset.saturating_add(len - 1) / self.cs;
+        if last >= self.refs.len() as u64 {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "ERROR {what} at {offset:#x} lies beyond the end of the image file"
+            ));
+        }
         for c in first..=last {
             match self.refs.get_mut(c as usize) {
                 Some(n) => *n = n.saturating_add(times),
-                None => {
-                    r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR {what} at {offset:#x} lies beyond the end of the image file"
-                    ));
-                    return;
+                None if self.beyond.len() < MAX_BEYOND_CLUSTERS || self.beyond.contains_key(&c) => {
+                    let n = self.beyond.entry(c).or_insert(0);
+                    *n = n.saturating_add(times);
                 }
+                None => return,
             }
+        }
+    }
+
+    /// Counts the reference to the cluster at `offset` that a repair just allocated (perhaps
+    /// past the old end of the file).
+    pub(super) fn count_new(&mut self, offset: u64) {
+        let at = (offset / self.cs) as usize;
+        if at >= self.refs.len() {
+            self.refs.resize(at + 1, 0);
+        }
+        self.refs[at] += 1;
+    }
+
+    /// References counted to cluster `cl`.
+    pub(super) fn refs_of(&self, cl: u64) -> u64 {
+        match self.refs.get(cl as usize) {
+            Some(&n) => u64::from(n),
+            None => u64::from(self.beyond.get(&cl).copied().unwrap_or(0)),
         }
     }
 }
@@ -147,6 +205,9 @@ impl Meta {
         let mut c = Counter {
             refs: vec![0u32; nb as usize],
             cs,
+            beyond: BTreeMap::new(),
+            unread_tables: 0,
+            bad_blocks: HashSet::new(),
         };
         c.add(&mut r, 0, cs, "header");
         let l1 = self.l1.entries().to_vec();
@@ -181,6 +242,24 @@ impl Meta {
                 continue;
             }
             budget -= bytes;
+            let unaligned = s.l1_offset % cs != 0;
+            if unaligned
+                || s.l1_offset
+                    .checked_add(bytes)
+                    .is_none_or(|e| e > self.file_len())
+            {
+                // What the table references is unknown: count the clusters it touches.
+                if unaligned {
+                    r.corruptions += 1;
+                    r.messages.push(format!(
+                        "ERROR snapshot '{}' l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                        s.name, s.l1_offset
+                    ));
+                }
+                c.count(&mut r, s.l1_offset, bytes, 1, "snapshot L1 table");
+                c.unread_tables += 1;
+                continue;
+            }
             match read_u64_table(self.file.as_ref(), s.l1_offset, s.l1_size as usize) {
                 Ok(table) => self.count_l1(&mut c, &mut r, s.l1_offset, &table, &mut tables),
                 Err(e) => {
@@ -192,7 +271,7 @@ impl Meta {
                 }
             }
         }
-        self.count_tables(&mut c, &mut r, &tables);
+        self.count_tables(&mut c, &mut r, &tables, repair)?;
         let rt_off = self.header.refcount_table_offset;
         c.add(
             &mut r,
@@ -200,19 +279,7 @@ impl Meta {
             u64::from(self.header.refcount_table_clusters) * cs,
             "refcount table",
         );
-        let mut blocks = HashSet::new();
-        for (i, &e) in self.refs.table().to_vec().iter().enumerate() {
-            let off = e & !0x1ff;
-            if off != 0 {
-                c.add(&mut r, off, cs, &format!("refcount block {i}"));
-                if !blocks.insert(off) {
-                    r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR refcount block {i} at {off:#x} is also another block"
-                    ));
-                }
-            }
-        }
+        self.count_refcount_blocks(&mut c, &mut r, repair);
         if self.header.nb_snapshots > 0 {
             c.add(
                 &mut r,
@@ -222,13 +289,14 @@ impl Meta {
             );
         }
         self.count_bitmaps(&mut c, &mut r, budget);
+        self.unshare_refcount_structures(&mut c, &mut r, repair)?;
         r.image_end_offset = c
             .refs
             .iter()
             .rposition(|&n| n > 0)
             .map_or(0, |i| (i as u64 + 1) * cs);
         self.compare_refcounts(&c, &mut r, repair)?;
-        self.check_copied(&mut r, repair)?;
+        self.check_copied(&c, &mut r, repair)?;
         if repair != Repair::None {
             if r.corruptions == 0 && r.check_errors == 0 {
                 self.header.incompatible_features &= !incompat::CORRUPT;
@@ -247,20 +315,44 @@ impl Meta {
         l1: &[u64],
         tables: &mut HashMap<u64, u32>,
     ) {
+        let cs = self.geo.cluster_size;
         c.add(r, l1_off, l1.len() as u64 * 8, "L1 table");
         for (i, &e) in l1.iter().enumerate() {
-            match l1_entry_offset(e, &self.geo, self.file_len()) {
-                Ok(0) => {}
-                Ok(o) => *tables.entry(o).or_insert(0) += 1,
-                Err(err) => {
-                    r.corruptions += 1;
-                    r.messages.push(format!("ERROR L1 entry {i}: {err}"));
-                }
+            if e & L1_RESERVED != 0 {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR found L1 entry {i} with reserved bits set: {e:x}"
+                ));
+            }
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 {
+                // What it points at is not a table; the clusters it touches stay counted so a
+                // repair frees none of them.
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry {i} corrupted"
+                ));
+                c.count(r, off, cs, 1, "L2 table");
+                c.unread_tables += 1;
+            } else if off.checked_add(cs).is_none_or(|end| end > self.file_len()) {
+                c.count(r, off, cs, 1, "L2 table");
+                c.unread_tables += 1;
+            } else {
+                *tables.entry(off).or_insert(0) += 1;
             }
         }
     }
 
-    fn count_tables(&mut self, c: &mut Counter, r: &mut CheckReport, tables: &HashMap<u64, u32>) {
+    fn count_tables(
+        &mut self,
+        c: &mut Counter,
+        r: &mut CheckReport,
+        tables: &HashMap<u64, u32>,
+        repair: Repair,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size;
         let mut order: Vec<(u64, u32)> = tables.iter().map(|(&t, &n)| (t, n)).collect();
         order.sort_unstable();
@@ -272,6 +364,7 @@ impl Meta {
                     r.check_errors += 1;
                     r.messages
                         .push(format!("ERROR reading L2 table at {l2_off:#x}: {err}"));
+                    c.unread_tables += 1;
                     continue;
                 }
             };
@@ -280,7 +373,12 @@ impl Meta {
                 if raw == 0 && bitmap == 0 {
                     continue;
                 }
-                match self.geo.decode(raw, bitmap) {
+                if raw & COMPRESSED == 0
+                    && self.standard_entry_is_bad(c, r, l2_off, j, raw, bitmap, n, repair)?
+                {
+                    continue;
+                }
+                match self.geo.decode(raw & !self.l2_reserved(raw), bitmap) {
                     Ok(L2Entry::Compressed { offset, len }) => {
                         let range = self.compressed_clusters(offset, len);
                         let (first, last) = (*range.start(), *range.end());
@@ -307,6 +405,76 @@ impl Meta {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Reserved bits of L2 entry `raw` (compressed descriptors have none). Like qemu-img, bit 0
+    /// (the zero flag of version 3) is not counted as reserved.
+    fn l2_reserved(&self, raw: u64) -> u64 {
+        if raw & COMPRESSED != 0 {
+            0
+        } else {
+            L2_RESERVED
+        }
+    }
+
+    /// Reports reserved bits and an unaligned host offset in the uncompressed L2 entry `j` of
+    /// the table at `l2_off` (referenced `n` times). An unaligned offset of a cluster without
+    /// data (preallocated zeros) is repaired by making the entry a plain zero cluster, as
+    /// qemu-img does; one with data stays a corruption and the clusters it touches stay counted.
+    /// True when the entry needs no further counting.
+    #[allow(clippy::too_many_arguments)]
+    fn standard_entry_is_bad(
+        &mut self,
+        c: &mut Counter,
+        r: &mut CheckReport,
+        l2_off: u64,
+        j: usize,
+        raw: u64,
+        bitmap: u64,
+        n: u32,
+        repair: Repair,
+    ) -> Result<bool> {
+        let cs = self.geo.cluster_size;
+        if raw & self.l2_reserved(raw) != 0 {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "ERROR found L2 entry with reserved bits set: {raw:x} (L2 table at {l2_off:#x}, entry {j})"
+            ));
+        }
+        let host = raw & OFFSET_MASK;
+        if host % cs == 0 {
+            return Ok(false);
+        }
+        let has_data = if self.geo.extended {
+            bitmap as u32 != 0
+        } else {
+            !(self.geo.v3 && raw & ZERO != 0)
+        };
+        if !has_data && repair == Repair::All {
+            let (zero_raw, zero_bitmap) = if self.geo.extended {
+                (0, u64::from(u32::MAX) << 32)
+            } else {
+                (ZERO, 0)
+            };
+            let slot = self.l2_slot_blocking(l2_off)?;
+            self.set_l2_raw(slot, j, zero_raw, zero_bitmap);
+            r.corruptions_fixed += 1;
+            r.messages.push(format!(
+                "Repairing offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+            ));
+            return Ok(true);
+        }
+        r.corruptions += 1;
+        r.messages.push(format!(
+            "ERROR offset={host:x}: {} cluster is not properly aligned; L2 entry corrupted.",
+            if has_data { "Data" } else { "Preallocated" }
+        ));
+        // Clusters in an external data file are not refcounted.
+        if !self.geo.external {
+            c.count(r, host, cs, n, "data cluster");
+        }
+        Ok(true)
     }
 
     /// Allocation statistics of the active tables (each distinct table once).
@@ -408,100 +576,11 @@ impl Meta {
         }
     }
 
-    fn compare_refcounts(
-        &mut self,
-        c: &Counter,
-        r: &mut CheckReport,
-        repair: Repair,
-    ) -> Result<()> {
-        let covered = self.refs.table().len() as u64 * self.geo.rb_entries;
-        let end = covered.max(c.refs.len() as u64);
-        let mut fixes: Vec<(u64, u64, bool)> = Vec::new();
-        let mut cl = 0u64;
-        let mut seen_blocks = HashSet::new();
-        while cl < end {
-            // Past the end of the file, only refcount blocks that exist (each once) can hold
-            // anything; all-zero ones hold nothing.
-            let ti = (cl / self.geo.rb_entries) as usize;
-            let block = self.refs.table().get(ti).map_or(0, |&e| e & !0x1ff);
-            let has_block = block != 0;
-            if cl >= c.refs.len() as u64 && cl % self.geo.rb_entries == 0 {
-                let skip = !has_block
-                    || !seen_blocks.insert(block)
-                    || self.block_is_zero(block).unwrap_or(false);
-                if skip {
-                    cl = (ti as u64 + 1) * self.geo.rb_entries;
-                    continue;
-                }
-            }
-            let stored = if has_block {
-                match self.refcount_blocking(cl) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        r.check_errors += 1;
-                        r.messages
-                            .push(format!("ERROR reading the refcount of cluster {cl}: {e}"));
-                        cl = (ti as u64 + 1) * self.geo.rb_entries;
-                        continue;
-                    }
-                }
-            } else {
-                0
-            };
-            let refs = u64::from(c.refs.get(cl as usize).copied().unwrap_or(0));
-            if stored > refs {
-                r.messages.push(format!(
-                    "Leaked cluster {cl} refcount={stored} reference={refs}"
-                ));
-                fixes.push((cl, refs, true));
-            } else if stored < refs {
-                r.messages.push(format!(
-                    "ERROR cluster {cl} refcount={stored} reference={refs}"
-                ));
-                fixes.push((cl, refs, false));
-            }
-            cl += 1;
-        }
-        let exclude: Vec<bool> = c.refs.iter().map(|&n| n > 0).collect();
-        self.refs.set_exclude(Some(exclude));
-        let mut result = Ok(());
-        for (cl, refs, leak) in fixes {
-            let fix = match repair {
-                Repair::None => false,
-                Repair::Leaks => leak,
-                Repair::All => true,
-            };
-            if fix {
-                if let Err(e) = self.set_refcount_blocking(cl, refs) {
-                    result = Err(e);
-                    break;
-                }
-            }
-            match (leak, fix) {
-                (true, true) => r.leaks_fixed += 1,
-                (true, false) => r.leaks += 1,
-                (false, true) => r.corruptions_fixed += 1,
-                (false, false) => r.corruptions += 1,
-            }
-        }
-        self.refs.set_exclude(None);
-        result
-    }
-
-    fn block_is_zero(&self, offset: u64) -> Result<bool> {
-        if offset
-            .checked_add(self.geo.cluster_size)
-            .is_none_or(|e| e > self.file_len())
-        {
-            return Ok(false);
-        }
-        let mut b = vec![0u8; self.geo.cluster_size as usize];
-        self.file.read_exact_at(offset, &mut b)?;
-        Ok(crate::util::is_zero(&b))
-    }
-
-    fn check_copied(&mut self, r: &mut CheckReport, repair: Repair) -> Result<()> {
-        let fix = repair == Repair::All;
+    /// The copied flags of the active tables. Like qemu-img, any repair mode fixes them (they
+    /// follow from the refcounts, which it runs after).
+    fn check_copied(&mut self, c: &Counter, r: &mut CheckReport, repair: Repair) -> Result<()> {
+        let repairing = repair != Repair::None;
+        let foreign = self.non_l2_metadata_clusters();
         let mut seen = HashSet::new();
         for i in 0..self.l1.len() {
             let e = self.l1.get(i);
@@ -518,7 +597,9 @@ impl Meta {
                 ));
                 continue;
             }
-            let one = match self.refcount_blocking(l2_off / self.geo.cluster_size) {
+            // A fix written into an "L2 table" that is really another table would damage that.
+            let fix = repairing && !foreign.contains(&(l2_off / self.geo.cluster_size));
+            let one = match self.stored_refcount(c, l2_off / self.geo.cluster_size) {
                 Ok(n) => n == 1,
                 Err(err) => {
                     r.check_errors += 1;
@@ -529,9 +610,9 @@ impl Meta {
             if one != (e & COPIED != 0) {
                 r.messages.push(format!(
                     "{} OFLAG_COPIED L2 cluster: l1_index={i}",
-                    if fix { "Repairing" } else { "ERROR" }
+                    if repairing { "Repairing" } else { "ERROR" }
                 ));
-                if fix {
+                if repairing {
                     self.set_l1(i, if one { e | COPIED } else { e & !COPIED });
                     r.corruptions_fixed += 1;
                 } else {
@@ -553,7 +634,7 @@ impl Meta {
                 let count = if self.geo.external {
                     Ok(1)
                 } else {
-                    self.refcount_blocking(h / self.geo.cluster_size)
+                    self.stored_refcount(c, h / self.geo.cluster_size)
                 };
                 let one = match count {
                     Ok(n) => n == 1,
@@ -585,6 +666,38 @@ impl Meta {
             }
         }
         Ok(())
+    }
+
+    /// Clusters that hold metadata other than L2 tables: the header, the L1 and refcount
+    /// tables, refcount blocks, the snapshot table and snapshot L1 tables.
+    fn non_l2_metadata_clusters(&self) -> HashSet<u64> {
+        let cs = self.geo.cluster_size;
+        let mut set = HashSet::from([0u64]);
+        let mut range = |off: u64, len: u64| {
+            if len > 0
+                && off
+                    .checked_add(len)
+                    .is_some_and(|end| end <= self.file_len())
+            {
+                set.extend(off / cs..=(off + len - 1) / cs);
+            }
+        };
+        let h = &self.header;
+        range(h.l1_table_offset, u64::from(h.l1_size) * 8);
+        range(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        );
+        if h.nb_snapshots > 0 {
+            range(h.snapshots_offset, self.snapshot_table_bytes);
+        }
+        for s in &self.snapshots {
+            range(s.l1_offset, u64::from(s.l1_size) * 8);
+        }
+        for &e in self.refs.table() {
+            range(e & !RT_RESERVED, cs);
+        }
+        set
     }
 
     /// Rebuilds refcounts after a crash with the dirty bit set, then clears the bit.

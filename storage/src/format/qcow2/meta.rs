@@ -51,6 +51,8 @@ pub struct MetaOptions {
     pub rb_cache_bytes: Option<u64>,
     /// Open for writing even with the corrupt bit set (repair).
     pub allow_corrupt: bool,
+    /// Keep snapshots with unusable L1 tables for `check` to report.
+    pub for_check: bool,
 }
 
 /// A metadata table, by its host offset.
@@ -133,6 +135,10 @@ pub struct Meta {
     pub data_file: Option<SharedFile>,
     /// Opened for writing.
     pub writable: bool,
+    /// The metadata on disk was switched (a snapshot committed) but re-reading it failed: this
+    /// copy is out of date, and nothing may be written from it (a close would trim the file
+    /// under the new tables). Writes and flushes fail until the image is reopened.
+    pub(super) stale: bool,
     /// Whether the image has a backing file (unallocated clusters read from it).
     pub has_backing: bool,
     /// The active L1 table.
@@ -262,13 +268,22 @@ impl Meta {
             (Vec::new(), 0)
         };
         for s in &snapshots {
-            if s.l1_offset % cs != 0 || u64::from(s.l1_size) * 8 > super::header::MAX_L1_BYTES {
+            let l1_bytes = u64::from(s.l1_size) * 8;
+            if l1_bytes > super::header::MAX_L1_BYTES {
                 return Err(corrupt(
                     &name,
                     format!("snapshot '{}' has an invalid L1 table", s.name),
                 ));
             }
-            within(s.l1_offset, u64::from(s.l1_size) * 8, "snapshot L1 table")?;
+            if !opts.for_check {
+                if s.l1_offset % cs != 0 {
+                    return Err(corrupt(
+                        &name,
+                        format!("snapshot '{}' has an invalid L1 table", s.name),
+                    ));
+                }
+                within(s.l1_offset, l1_bytes, "snapshot L1 table")?;
+            }
             // Applying the snapshot sizes the active L1 table from its disk size.
             if let Some(size) = s.disk_size {
                 let fits =
@@ -313,6 +328,7 @@ impl Meta {
             file,
             data_file: None,
             writable: opts.writable,
+            stale: false,
             l1: L1Table::new(l1, unit),
             l2: TableCache::new(cap(l2_bytes)),
             refs,
@@ -607,8 +623,15 @@ impl Meta {
                 }
             }
             Stall::Worker(job) => {
-                if let Some(e) = self.worker_failed() {
-                    return Await::Fail(e.duplicate());
+                // A failed job fails the first piece waiting for it that meets the failure, once:
+                // the next one asks again (a transient error must not stop the image; a failed
+                // write-back left everything it copied dirty, so retrying is safe).
+                let failed = match job {
+                    Job::Grow(_) => self.grow_error.take(),
+                    Job::Room => self.worker_error.take(),
+                };
+                if let Some(e) = failed {
+                    return Await::Fail(e);
                 }
                 if let Some(w) = waker {
                     self.worker_waiters.add(w);

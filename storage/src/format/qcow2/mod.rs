@@ -48,6 +48,7 @@ mod bitmap_track;
 pub mod bitmaps;
 pub mod cache;
 pub mod check;
+mod check_refcounts;
 pub mod codec;
 pub mod compress;
 pub mod create;
@@ -111,6 +112,9 @@ pub struct Qcow2Options {
     /// Refuse an image that names another file — a backing file or an external data file —
     /// without opening it (appliance images, whose bytes an untrusted party may have written).
     pub refuse_references: bool,
+    /// Open for `check`: an internal snapshot with an unusable L1 table is kept for the check to
+    /// report, instead of refusing the image.
+    pub for_check: bool,
 }
 
 /// State shared by an image and its queues.
@@ -184,6 +188,7 @@ pub(crate) fn open_in_chain(
             l2_cache_bytes: opts.l2_cache_bytes,
             rb_cache_bytes: opts.rb_cache_bytes,
             allow_corrupt: opts.allow_corrupt,
+            for_check: opts.for_check,
         },
     )?;
     let backing = match &meta.header.backing_file {

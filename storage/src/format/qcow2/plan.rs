@@ -101,6 +101,7 @@ fn bits(first: u32, last: u32) -> u32 {
 impl Meta {
     /// Makes sure the L2 table for L1 index `i` exists and is not shared (refcount one).
     pub(super) fn writable_l2(&mut self, i: usize) -> Step<usize> {
+        self.check_fresh()?;
         let e = self.l1.get(i);
         let off = l1_entry_offset(e, &self.geo, self.refs.file_len())?;
         if off != 0 && e & COPIED != 0 {

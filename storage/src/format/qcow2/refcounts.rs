@@ -255,6 +255,22 @@ impl Refcounts {
         self.metadata.contains(cluster)
     }
 
+    /// Sets refcount table entry `i` (repair); its unit becomes dirty.
+    pub fn set_table_entry(&mut self, i: usize, value: u64) {
+        if let Some(e) = self.table.get_mut(i) {
+            *e = value;
+            self.table_dirty.insert(i * 8 / self.unit);
+        }
+    }
+
+    /// Points the refcount table at `offset` (repair copied it there, its size unchanged): it
+    /// is written whole at its new place, and the header follows.
+    pub fn relocate_table(&mut self, offset: u64) {
+        self.table_at.0 = offset;
+        self.moved = true;
+        self.move_gen += 1;
+    }
+
     /// Sets (or clears) the clusters a repair must never hand out.
     pub fn set_exclude(&mut self, exclude: Option<Vec<bool>>) {
         self.exclude = exclude;

@@ -375,11 +375,26 @@ impl Meta {
         self.header = h;
         self.write_header()?;
         self.file.sync_data()?;
-        self.reload()?;
+        // The new metadata is durable; this copy describes the old until the reload succeeds.
+        if let Err(e) = self.reload() {
+            self.stale = true;
+            return Err(e);
+        }
         for c in freed {
             if c * cs < self.file_len() {
                 let _ = self.file.punch_hole(c * cs, cs);
             }
+        }
+        Ok(())
+    }
+
+    /// Fails if this copy of the metadata is out of date (see `Meta::stale`).
+    pub(super) fn check_fresh(&self) -> Result<()> {
+        if self.stale {
+            return Err(StorageError::Unavailable(format!(
+                "{}: the metadata could not be re-read after a snapshot change; reopen the image",
+                self.file.name()
+            )));
         }
         Ok(())
     }

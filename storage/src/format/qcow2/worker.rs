@@ -244,7 +244,14 @@ impl Core {
             if let Some(e) = &failure {
                 tracing::warn!(image = %self.name, error = %e, "growing the qcow2 file failed");
             }
-            self.wake(|m| m.grow_error = failure);
+            // The next piece that needs the growth hears of its failure, once (see
+            // `Meta::wait_for`); the one after asks for it again.
+            // A later success does not clear it: someone must hear of every failure.
+            self.wake(|m| {
+                if failure.is_some() {
+                    m.grow_error = failure;
+                }
+            });
         }
         if jobs.writeback || !jobs.replies.is_empty() {
             self.run_writeback(jobs.replies);
@@ -271,14 +278,35 @@ impl Core {
         if let Err(e) = &flushed {
             tracing::warn!(image = %self.name, error = %e, "writing qcow2 metadata back failed");
         }
+        let told = !replies.is_empty();
+        // A failure of the worker's that nobody has heard of yet (a growth asked ahead of
+        // need, a write-back for room) is reported by the next flush, as a failed background
+        // write-back is by fsync.
+        let pending = match (&flushed, told) {
+            (Ok(()), true) => self
+                .meta()
+                .map(|mut m| m.grow_error.take().or_else(|| m.worker_error.take()))
+                .unwrap_or_else(Some),
+            _ => None,
+        };
         for r in replies {
-            let result = match &flushed {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e.duplicate()),
+            let result = match (&flushed, &pending) {
+                (Err(e), _) | (Ok(()), Some(e)) => Err(e.duplicate()),
+                (Ok(()), None) => Ok(()),
             };
             r.mailbox.deliver(r.tag, result);
         }
-        self.wake(|m| m.worker_error = flushed.err());
+        // The flushes got the error. A piece waiting for room hears of it too, once (see
+        // `Meta::wait_for`), and so does the next flush or piece if nobody was told. A later
+        // success does not clear it: someone must hear of every failure.
+        self.wake(|m| {
+            if let Some(e) = flushed
+                .err()
+                .filter(|_| !told || !m.worker_waiters.is_empty())
+            {
+                m.worker_error = Some(e);
+            }
+        });
     }
 
     /// Records a lane's outcome in the metadata and wakes the queues waiting for the worker.

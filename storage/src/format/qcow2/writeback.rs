@@ -188,6 +188,7 @@ impl Meta {
 
     /// Phase one: copies everything dirty (see the module documentation). `None` if nothing is.
     pub fn begin_writeback(&mut self) -> Result<Option<Writeback>> {
+        self.check_fresh()?;
         if self.writeback_running || !self.needs_writeback() {
             return Ok(None);
         }
@@ -343,6 +344,7 @@ impl Meta {
 
     /// Writes every dirty table, refcounts included even with lazy refcounts, and syncs.
     pub(super) fn write_everything(&mut self) -> Result<()> {
+        self.check_fresh()?;
         self.writeback_blocking()?;
         let mut blocks = self.refs.dirty_blocks();
         write_tables(self.file.as_ref(), &mut blocks)?;
@@ -366,7 +368,7 @@ impl Meta {
     /// Writes everything, refcounts included, clears the dirty bit we set, and trims the file
     /// back to what is allocated: a clean close.
     pub fn close(&mut self) -> Result<()> {
-        if !self.writable {
+        if !self.writable || self.stale {
             return Ok(());
         }
         self.write_everything()?;

@@ -25,6 +25,7 @@
 //! | copy-on-write of a grain over a parent | every queue of the image | one mutex per image, held while the grain is filled and mapped |
 //! | a vmdk queue's pending requests | one thread | `&mut self` |
 
+pub mod check;
 pub mod create;
 pub mod descriptor;
 #[cfg(feature = "test-utils")]

@@ -15,6 +15,7 @@ use crate::error::{Result, StorageError};
 use crate::format::vmdk::header::{parse_grain_marker, GRAIN_MARKER_HEAD};
 use crate::format::vmdk::image::{Inner, ReadTarget, WriteTarget, ZeroTarget};
 use crate::io::blocking::BlockingQueue;
+use crate::io::buf::in_order_and_disjoint;
 use crate::io::stack::{Layer, Lower, ReqId, Stack, StackedQueue};
 use crate::io::{check_range, Completion, IoBuf, IoQueue, Op, QueueOptions, Request};
 
@@ -95,6 +96,10 @@ impl VmdkLayer {
             Ok(p) => p,
             Err(e) => return st.complete_now(tag, Some(buf), Err(e)),
         };
+        if !in_order_and_disjoint(pieces.iter().map(|p| (p.pos, p.len)), len) {
+            let e = StorageError::corrupt(&self.img.name, "a read mapped to overlapping pieces");
+            return st.complete_now(tag, Some(buf), Err(e));
+        }
         if let [p] = pieces.as_slice() {
             if let ReadTarget::Zero = p.target {
                 buf.fill_zero(0, len as usize);
@@ -109,7 +114,8 @@ impl VmdkLayer {
             let piece = if whole {
                 st.lend(id)
             } else {
-                st.view(id, p.pos as usize, p.len as usize)
+                // SAFETY: the pieces are disjoint (checked above), so no two views overlap.
+                unsafe { st.view(id, p.pos as usize, p.len as usize) }
             };
             let Some(mut view) = piece else {
                 break;
@@ -139,7 +145,8 @@ impl VmdkLayer {
                     }
                     drop(view);
                     if avail > 0 {
-                        if let Some(v) = st.view(id, p.pos as usize, avail as usize) {
+                        // SAFETY: the same piece's range again, after its first view was dropped.
+                        if let Some(v) = unsafe { st.view(id, p.pos as usize, avail as usize) } {
                             let slot = self.parent_slot();
                             self.send(st, id, slot, Op::Read { offset: at, buf: v });
                         }
@@ -236,7 +243,8 @@ impl VmdkLayer {
             let piece = if whole {
                 st.lend(id)
             } else {
-                st.view(id, p.pos as usize, p.len as usize)
+                // SAFETY: a write's views are only read by the queues they go to.
+                unsafe { st.view(id, p.pos as usize, p.len as usize) }
             };
             let Some(view) = piece else {
                 break;

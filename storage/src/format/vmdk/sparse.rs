@@ -69,7 +69,7 @@ pub struct SparseExtent {
     meta: Mutex<Meta>,
 }
 
-fn read_u32s(file: &SharedFile, offset: u64, count: u64) -> Result<Vec<u32>> {
+pub(crate) fn read_u32s(file: &SharedFile, offset: u64, count: u64) -> Result<Vec<u32>> {
     let mut bytes = vec![0u8; (count * 4) as usize];
     file.read_exact_at(offset, &mut bytes)?;
     Ok(bytes
@@ -385,6 +385,58 @@ impl SparseExtent {
                 dirty: true,
             },
         );
+        Ok(())
+    }
+
+    /// The grain directory and its redundant copy (empty without one), as stored.
+    pub(crate) fn directories(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let meta = self.meta()?;
+        Ok((meta.gd.clone(), meta.rgd.clone()))
+    }
+
+    /// For `check -r all`: writes `entries` over the grain table at byte `offset`, synced.
+    pub(crate) fn repair_table_in_place(&self, offset: u64, entries: &[u32]) -> Result<()> {
+        self.check_writable()?;
+        let pad = self.header.gt_sectors() * SECTOR;
+        self.file
+            .write_all_at(offset, &u32s_to_bytes(entries, pad))?;
+        self.file.sync_data()?;
+        self.meta()?.tables.clear();
+        Ok(())
+    }
+
+    /// For `check -r all`: writes `entries` as a new grain table at the end of the file, then
+    /// points entry `i` of the primary (or the redundant) directory at it, each step synced.
+    pub(crate) fn repair_table_appended(
+        &self,
+        redundant: bool,
+        i: usize,
+        entries: &[u32],
+    ) -> Result<()> {
+        self.check_writable()?;
+        let mut meta = self.meta()?;
+        if i >= meta.gd.len() || (redundant && i >= meta.rgd.len()) {
+            return Err(self.corrupt(format!("grain directory entry {i} does not exist")));
+        }
+        let pad = self.header.gt_sectors() * SECTOR;
+        let at = self.reserve(&mut meta, pad)?;
+        let sector = self.sector_of(at)?;
+        self.file.write_all_at(at, &u32s_to_bytes(entries, pad))?;
+        self.file.sync_data()?;
+        let dir = if redundant {
+            self.header.rgd_offset
+        } else {
+            self.header.gd_offset
+        };
+        self.file
+            .write_all_at(dir * SECTOR + 4 * i as u64, &sector.to_le_bytes())?;
+        self.file.sync_data()?;
+        if redundant {
+            meta.rgd[i] = sector;
+        } else {
+            meta.gd[i] = sector;
+        }
+        meta.tables.clear();
         Ok(())
     }
 

@@ -84,7 +84,12 @@ impl Fanin {
     }
 
     /// A view of `len` bytes at `offset` of request `id`'s buffer (which becomes shared).
-    pub(crate) fn view(&mut self, id: ReqId, offset: usize, len: usize) -> Option<IoBuf> {
+    ///
+    /// # Safety
+    /// The contract of [`IoBuf::view`]: while this view can be written (a read's piece, or
+    /// filled here), no other live view of request `id` may overlap it. The shared buffer is
+    /// only unwrapped by [`Fanin::release`] once every piece came back.
+    pub(crate) unsafe fn view(&mut self, id: ReqId, offset: usize, len: usize) -> Option<IoBuf> {
         let p = self.slab.get_mut(id)?;
         if let Held::Owned(_) = p.buf {
             if let Held::Owned(b) = std::mem::replace(&mut p.buf, Held::None) {
@@ -92,7 +97,11 @@ impl Fanin {
             }
         }
         match &p.buf {
-            Held::Shared(s) if offset + len <= s.len() => Some(IoBuf::view(s, offset, len)),
+            Held::Shared(s) if offset.checked_add(len).is_some_and(|e| e <= s.len()) => {
+                // SAFETY: the caller keeps writable views of this request disjoint (this
+                // function's contract); the buffer is unwrapped only after every hold is released.
+                Some(unsafe { IoBuf::view(s, offset, len) })
+            }
             _ => None,
         }
     }
@@ -167,8 +176,10 @@ mod tests {
         let id = f.open(9, Some(IoBuf::from_slice(&[1, 2, 3, 4, 5, 6, 7, 8])), 8);
         f.hold(id);
         f.hold(id);
-        let mut a = f.view(id, 0, 4).unwrap();
-        let c = f.view(id, 4, 4).unwrap();
+        // SAFETY: the two views are disjoint.
+        let mut a = unsafe { f.view(id, 0, 4) }.unwrap();
+        // SAFETY: as above.
+        let c = unsafe { f.view(id, 4, 4) }.unwrap();
         a.fill_zero(0, 2);
         assert!(f.release(id, Ok(()), Some(a)).is_none());
         assert!(f.release(id, Ok(()), Some(c)).is_none());
@@ -185,7 +196,8 @@ mod tests {
         let id = f.open(1, Some(IoBuf::new(4)), 4);
         f.hold(id);
         let b = f.lend(id).unwrap();
-        assert!(f.view(id, 0, 1).is_none());
+        // SAFETY: no other view of the request exists.
+        assert!(unsafe { f.view(id, 0, 1) }.is_none());
         assert!(f.release(id, Ok(()), None).is_none());
         let done = f.release(id, Ok(()), Some(b)).unwrap();
         assert_eq!(done.buf.unwrap().len(), 4);

@@ -143,8 +143,12 @@ impl<S> Stack<S> {
     }
 
     /// A view of request `id`'s buffer.
-    pub(crate) fn view(&mut self, id: ReqId, offset: usize, len: usize) -> Option<IoBuf> {
-        self.reqs.view(id, offset, len)
+    ///
+    /// # Safety
+    /// As for [`Fanin::view`]: no live view of request `id` that can be written overlaps another.
+    pub(crate) unsafe fn view(&mut self, id: ReqId, offset: usize, len: usize) -> Option<IoBuf> {
+        // SAFETY: this function's contract is the same as `Fanin::view`'s.
+        unsafe { self.reqs.view(id, offset, len) }
     }
 
     /// Records an error for request `id`.

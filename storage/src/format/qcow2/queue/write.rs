@@ -181,7 +181,8 @@ impl Qcow2Layer {
     #[allow(clippy::too_many_arguments)]
     fn direct_write(&mut self, st: &mut St, r: ReqId, h: u64, at: u64, n: u64, src: Src, g: u64) {
         let op = match src_at(src, at - g) {
-            Src::Guest(off) => match st.view(r, off, n as usize) {
+            // SAFETY: a write's views are only read (by the host file's queue).
+            Src::Guest(off) => match unsafe { st.view(r, off, n as usize) } {
                 Some(v) => Op::Write { offset: h, buf: v },
                 None => return,
             },
@@ -207,7 +208,8 @@ impl Qcow2Layer {
         src: Src,
     ) {
         let data = match src {
-            Src::Guest(off) => match st.view(r, off, n as usize) {
+            // SAFETY: the write's data is only read (copied into the job's write).
+            Src::Guest(off) => match unsafe { st.view(r, off, n as usize) } {
                 Some(v) => v,
                 None => {
                     // Cannot happen (the range lies in the buffer); release what was taken.
@@ -249,12 +251,16 @@ impl Qcow2Layer {
                     let bsize = self.img.backing_size;
                     if self.img.backing.is_some() && p.guest < bsize {
                         let inside = p.len.min(bsize - p.guest) as usize;
-                        let view = IoBuf::view(&part, 0, inside);
+                        // SAFETY: a copied-in part has one view at a time: this read's, until
+                        // `job_reads_done` (after every read of the job completed) cuts the
+                        // write's.
+                        let view = unsafe { IoBuf::view(&part, 0, inside) };
                         self.job_read(st, j, BACKING, p.guest, view);
                     }
                 }
                 Mapping::Allocated(h) => {
-                    let view = IoBuf::view(&part, 0, p.len as usize);
+                    // SAFETY: as for the backing read above.
+                    let view = unsafe { IoBuf::view(&part, 0, p.len as usize) };
                     let lower = self.data_lower();
                     self.job_read(st, j, lower, h, view);
                 }
@@ -265,7 +271,8 @@ impl Qcow2Layer {
                 } => {
                     let copied = self.decompressed(offset, len).map(|d| {
                         let w = within as usize;
-                        let mut v = IoBuf::view(&part, 0, p.len as usize);
+                        // SAFETY: the only view of this part, dropped at the end of the closure.
+                        let mut v = unsafe { IoBuf::view(&part, 0, p.len as usize) };
                         v.copy_from_slice(0, &d[w..w + p.len as usize]);
                     });
                     if let (Err(e), Some(job)) = (copied, self.jobs.get_mut(j)) {
@@ -307,7 +314,9 @@ impl Qcow2Layer {
                     pieces.push(d);
                 }
             }
-            pieces.push(IoBuf::view(buf, 0, p.len as usize));
+            // SAFETY: every read into the part completed (this runs after the job's last one);
+            // the write only reads this view.
+            pieces.push(unsafe { IoBuf::view(buf, 0, p.len as usize) });
         }
         if let Some(d) = data.take() {
             pieces.push(d);
