@@ -3,7 +3,7 @@
 # image, in the same run, and Strata's live restore. Rows:
 #   strata, 1 worker           the snapshot to a new raw file, one fetch/decode/write worker
 #   strata, default pool       the same with the default pool (four workers per core)
-#   strata, ... copied chunks  the same two through the path before issue 18 (blob read into a
+#   strata, ... copied chunks  the same two through the old copying path (blob read into a
 #                              vector, decoded into another, copied into the write buffer), for
 #                              the CPU seconds per GiB before and after the copy removal
 #   restic restore, borg extract   the same data from their own repositories
