@@ -31,7 +31,7 @@ pub enum ChunkPath {
     /// Read and decoded straight into a reused I/O buffer ([`ChunkFetcher::fetch_into`]).
     #[default]
     Direct,
-    /// The path before issue 18, kept for the benchmark's before/after figure: the blob read
+    /// The old copying path, kept for the benchmark's before/after figure: the blob read
     /// into a new vector, decoded into another, copied into a new I/O buffer.
     Copied,
 }

@@ -1,4 +1,4 @@
-//! qemu-img parity of `strata image convert` (issue 23): `-o subformat=streamOptimized` without
+//! qemu-img parity of `strata image convert`: `-o subformat=streamOptimized` without
 //! `-c`, `-t unsafe` accepted, `-l snapshot.name=`/`snapshot.id=` reading an internal snapshot
 //! without applying it, and errors that name the target rather than the hidden staging path.
 
