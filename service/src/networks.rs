@@ -418,7 +418,8 @@ mod tests {
     /// Runs `f` with a fresh service on a thread in a fresh network namespace (root only).
     fn in_netns(f: impl FnOnce(&Service) + Send + 'static) {
         if !strata_vmm::sandbox::jail::is_root() {
-            eprintln!("SKIPPED: network tests need root");
+            // Fails under CI=1, where the tests run as root.
+            strata_testkit::partial_skip("network tests need root");
             return;
         }
         std::thread::spawn(move || {

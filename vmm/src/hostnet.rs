@@ -305,7 +305,8 @@ mod tests {
     /// Runs `f` on a thread in a fresh network namespace (root only; None otherwise).
     fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         if !crate::sandbox::jail::is_root() {
-            eprintln!("SKIPPED: host network tests need root");
+            // Fails under CI=1, where the tests run as root.
+            strata_testkit::partial_skip("host network tests need root");
             return None;
         }
         std::thread::spawn(move || {
