@@ -220,14 +220,7 @@ impl BlkConfig {
     /// Reads `data.len()` bytes of configuration space at `offset`; bytes past the end read as
     /// zero.
     pub fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let space = self.config_space();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| space.get(at).copied())
-                .unwrap_or(0);
-        }
+        crate::transport::read_config_space(&self.config_space(), offset, data);
     }
 }
 

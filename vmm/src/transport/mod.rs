@@ -16,6 +16,18 @@ use crate::blk::chain::SharedMemory;
 
 pub use mmio::{MmioInterrupt, VirtioMmio};
 
+/// Copies `data.len()` bytes of a device's configuration space `space` from `offset`; bytes past
+/// its end (or an offset the driver made up) read as zero.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| space.get(at).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// Interrupts the driver for a queue (an irqfd, a vhost-user call eventfd).
 pub trait Signal: Send + Sync {
     /// Tells the driver that the used ring has new entries.
