@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::print::{print_list, print_object, Column};
+use super::print::{print_array, print_object, Column};
 use super::{run_job, Api, Common, JobArgs};
 use crate::commands::backup_stores::read_first_line;
 
@@ -146,11 +146,7 @@ pub fn store(cmd: StoreCommand, api: &Api) -> anyhow::Result<ExitCode> {
         }
         StoreCommand::List { common } => {
             let v = api.ok("GET", "/api/backups/stores", None)?;
-            print_list(
-                v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-                common.output,
-                STORE_COLUMNS,
-            );
+            print_array(&v, common.output, STORE_COLUMNS);
         }
         StoreCommand::Remove { name } => {
             api.ok(

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::backup_stores;
-use super::print::{print_list, print_object, Column};
+use super::print::{print_array, print_object, Column};
 use super::{encode, finish_job, run_job, Api, Common, JobArgs};
 
 #[derive(Debug, Subcommand)]
@@ -151,11 +151,7 @@ pub fn backups(cmd: BackupsCommand, api: &Api) -> anyhow::Result<ExitCode> {
                 format!("/api/backups?{}", q.join("&"))
             };
             let v = api.ok("GET", &path, None)?;
-            print_list(
-                v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-                common.output,
-                BACKUP_COLUMNS,
-            );
+            print_array(&v, common.output, BACKUP_COLUMNS);
         }
         BackupsCommand::Create {
             source,

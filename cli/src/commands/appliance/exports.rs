@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::print::{print_list, print_object, Column};
+use super::print::{print_array, print_object, Column};
 use super::{encode, Api, Common};
 
 #[derive(Debug, Subcommand)]
@@ -63,11 +63,7 @@ pub fn exports(cmd: ExportsCommand, api: &Api) -> anyhow::Result<ExitCode> {
     match cmd {
         ExportsCommand::List { common } => {
             let v = api.ok("GET", "/api/exports", None)?;
-            print_list(
-                v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-                common.output,
-                EXPORT_COLUMNS,
-            );
+            print_array(&v, common.output, EXPORT_COLUMNS);
         }
         ExportsCommand::Show { id, common } => {
             let v = api.ok("GET", &format!("/api/exports/{}", encode(&id)), None)?;

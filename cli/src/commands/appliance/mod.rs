@@ -24,7 +24,7 @@ pub use backups::{backups, BackupsCommand};
 pub use client::{encode, Api};
 pub use exports::{exports, ExportsCommand};
 pub use networks::{networks, NetworksCommand};
-use print::{print_list, print_object, Column};
+use print::{print_array, print_list, print_object, Column};
 
 use super::Output;
 
@@ -504,11 +504,7 @@ pub fn images(cmd: ImagesCommand, api: &Api) -> anyhow::Result<ExitCode> {
     match cmd {
         ImagesCommand::List { common } => {
             let v = api.ok("GET", "/api/images", None)?;
-            print_list(
-                v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-                common.output,
-                IMAGE_COLUMNS,
-            );
+            print_array(&v, common.output, IMAGE_COLUMNS);
         }
         ImagesCommand::Show { name, common } => {
             let v = api.ok("GET", &format!("/api/images/{}", encode(&name)), None)?;
@@ -610,11 +606,7 @@ pub fn jobs(cmd: JobsCommand, api: &Api) -> anyhow::Result<ExitCode> {
     match cmd {
         JobsCommand::List { common } => {
             let v = api.ok("GET", "/api/jobs", None)?;
-            print_list(
-                v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-                common.output,
-                JOB_COLUMNS,
-            );
+            print_array(&v, common.output, JOB_COLUMNS);
         }
         JobsCommand::Show { id, common } => {
             let v = api.ok("GET", &format!("/api/jobs/{}", encode(&id)), None)?;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::json;
 
-use super::print::{print_list, print_object, Column};
+use super::print::{print_array, print_object, Column};
 use super::{encode, Api, Common};
 
 #[derive(Debug, Subcommand)]
@@ -60,11 +60,7 @@ pub fn networks(cmd: NetworksCommand, api: &Api) -> anyhow::Result<ExitCode> {
     match cmd {
         NetworksCommand::List { common } => {
             let v = api.ok("GET", "/api/networks", None)?;
-            print_list(
-                v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-                common.output,
-                NETWORK_COLUMNS,
-            );
+            print_array(&v, common.output, NETWORK_COLUMNS);
         }
         NetworksCommand::Show { name, common } => {
             let v = api.ok("GET", &format!("/api/networks/{}", encode(&name)), None)?;

@@ -119,6 +119,11 @@ pub fn table(rows: &[Value], cols: &[Column]) -> String {
     out
 }
 
+/// Prints a list the API answered with (an array; anything else prints as no rows).
+pub fn print_array(v: &Value, output: Output, cols: &[Column]) {
+    print_list(v.as_array().map(Vec::as_slice).unwrap_or(&[]), output, cols);
+}
+
 /// Prints a list.
 pub fn print_list(rows: &[Value], output: Output, cols: &[Column]) {
     match output {
