@@ -25,7 +25,7 @@ SECS=${SECONDS_PER_RUN:-5}
 BACKUP_GIB=${BACKUP_GIB:-10}
 DIR=${BENCH_DIR:-/var/tmp/strata-bench-rbd}
 if [[ -z "${STRATA:-}" ]]; then
-    cargo build --release -j2 -p strata-api >&2
+    cargo build --release -j2 -p strata-cli >&2
     STRATA="${CARGO_TARGET_DIR:-target}/release/strata"
 fi
 command -v fio >/dev/null || { echo "fio is missing (scripts/install-deps.sh)" >&2; exit 1; }
