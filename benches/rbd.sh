@@ -48,7 +48,7 @@ export STRATA_DATA="$DIR/data" CEPH_CONF="$CONF"
 S() { "$STRATA" "$@"; }
 
 median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.4f", a / b}'; }
 
 S vg create-rbd ceph --conf "$CONF" --id admin --pool "$POOL" >/dev/null
 S lv create ceph/bench --size 1G >/dev/null
@@ -61,7 +61,8 @@ fio_ops() { # rw bs depth
         --rw="$1" --bs="$2" --iodepth="$3" --time_based --runtime="$SECS" --output-format=json |
         jq -r '[.jobs[0].read.iops, .jobs[0].write.iops] | add | floor'
 }
-ROWS=(rr1 rr32 rw1 rw32 sr ws)
+# ROWS="rr32 sr" runs only those rows; BACKUP_GIB=0 skips the backup part.
+read -r -a ROWS <<<"${ROWS:-rr1 rr32 rw1 rw32 sr ws}"
 declare -A LABEL=([rr1]="4k random read QD1" [rr32]="4k random read QD32"
     [rw1]="4k random write QD1" [rw32]="4k random write QD32"
     [sr]="1M sequential read QD8" [ws]="1M sequential write QD8")
@@ -89,6 +90,7 @@ pmed() { paste -d' ' <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | gre
     awk '{printf "%.4f\n", $1 / $2}' | median; }
 
 # Incremental backup of a BACKUP_GIB GiB volume with 1% changed, against a full backup.
+if (( BACKUP_GIB > 0 )); then
 echo "# backup: writing a ${BACKUP_GIB} GiB volume" >&2
 S lv create ceph/big --size "${BACKUP_GIB}G" >/dev/null
 S image bench -w -s 4M -d 8 -c $((BACKUP_GIB * 256)) lv:ceph/big >/dev/null
@@ -105,6 +107,7 @@ inc_read=$(jq -r '.stats."bytes-read"' <<<"$inc")
 inc_mode=$(jq -r '."change-tracking".mode' <<<"$inc")
 inc_chunks=$(jq -r '."change-tracking"."dirty-chunks"' <<<"$inc")
 objects=$((BACKUP_GIB * 256))
+fi
 
 cat <<EOF
 
@@ -112,7 +115,7 @@ cat <<EOF
 
 Run $(date -u +%Y-%m-%d), $ROUNDS alternating rounds of ${SECS} s, medians; one 1 GiB image on a
 single-node test cluster (scripts/ceph-cluster.sh, bluestore OSD on a sparse file on the same
-disk), librbd cache off on both sides. The machine was shared with other builds and tests.
+disk), librbd cache off on both sides.
 Host load average (1, 5, 15 min) at the start: $load_start; at the end: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs.
 
 | row | strata ops/s | fio ops/s | strata / fio (median of round ratios) |
@@ -126,6 +129,7 @@ echo
 for row in "${ROWS[@]}"; do
     echo "Per-round ${LABEL[$row]}: strata ${S_[$row]% }; fio ${F_[$row]% }."
 done
+(( BACKUP_GIB > 0 )) || exit 0
 cat <<EOF
 
 | backup of a ${BACKUP_GIB} GiB RBD volume | bytes read | seconds | chunks read |
