@@ -153,6 +153,22 @@ fn run_once(file: &Path, size: u64, secs: u64, flushing: bool) -> Result<()> {
     Ok(())
 }
 
+/// Lets the file system finish with the previous run's image (writes out what it deferred, then
+/// a pause) so that no run pays for the one before it.
+fn settle(file: &Path) -> Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let status = Command::new("sync")
+        .arg("-f")
+        .arg(dir)
+        .status()
+        .context("running sync -f")?;
+    if !status.success() {
+        bail!("sync -f {} failed", dir.display());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
+}
+
 /// Runs `bin --run MODE` and returns its JSON.
 fn child(
     bin: &Path,
@@ -217,8 +233,16 @@ fn main() -> Result<()> {
     let mut results = vec![[Vec::new(), Vec::new()]; sides.len()];
     let mut flushes = vec![Vec::new(); sides.len()];
     for r in 0..rounds {
+        // Odd rounds run the peer first: the first run of a round follows the last round's
+        // flushing run, whose freed image the file system may still be cleaning up.
+        let mut order: Vec<usize> = (0..sides.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
         for flushing in [false, true] {
-            for (i, (name, bin)) in sides.iter().enumerate() {
+            for &i in &order {
+                let (name, bin) = &sides[i];
+                settle(&file)?;
                 let v = child(bin, &file, size, secs, flushing)?;
                 let w = v["others_writes_per_s"].as_f64().unwrap_or(0.0);
                 eprintln!(
@@ -236,7 +260,7 @@ fn main() -> Result<()> {
     }
     println!(
         "4 queues x QD8, 4 KiB random writes into unallocated 64 KiB clusters, {secs} s runs, \
-         {rounds} rounds alternating; medians"
+         {rounds} rounds alternating (the peer first in odd rounds), the file system synced and left 2 s between runs; medians"
     );
     println!("| version | other 3 queues, writes/s | same, queue 0 flushing every 10 ms | flushes/s | ratio |");
     println!("|---|---|---|---|---|");

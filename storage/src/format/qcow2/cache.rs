@@ -27,6 +27,12 @@
 //! the whole 64 KiB table back for it made flushes write sixteen times the data they covered.
 //! Each entry lies within one granule, so on disk every entry is either old or new, as with
 //! whole-table writes.
+//!
+//! The granules a write-back copied move out of the changed set at the copy
+//! ([`TableCache::dirty_tables`]): a table that keeps changing while write-backs run (every
+//! table of an image taking random writes does) is written next time for its new changes only,
+//! not for everything since it was last wholly clean, which grew every such table to whole-table
+//! writes. A failed write-back puts them back ([`TableCache::copy_failed`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,8 +48,10 @@ struct Slot {
     data: IoBuf,
     /// The generation of the last change not yet written back.
     dirty: Option<u64>,
-    /// Granules changed since the table was last written back (bit *i*: granule *i*).
+    /// Granules changed since the last write-back copy (bit *i*: granule *i*).
     granules: u64,
+    /// Granules in the copy of a write-back not finished yet.
+    copied: u64,
     last_used: u64,
     pins: u32,
     /// Read for a waiting operation and not looked up since: kept until it is.
@@ -204,6 +212,7 @@ impl TableCache {
             data,
             fresh: dirty.is_none(),
             granules: if dirty.is_some() { u64::MAX } else { 0 },
+            copied: 0,
             dirty,
             last_used: self.clock,
             pins: 0,
@@ -315,15 +324,19 @@ impl TableCache {
         self.slots.iter().any(|s| s.dirty.is_some())
     }
 
-    /// Copies of the dirty tables, in offset order, for a write-back.
-    pub fn dirty_tables(&self) -> Vec<DirtyTable> {
+    /// Copies of the dirty tables, in offset order, for a write-back. Their changed granules
+    /// count as copied from now on: [`TableCache::mark_clean`] forgets them once written,
+    /// [`TableCache::copy_failed`] makes them changed again.
+    pub fn dirty_tables(&mut self) -> Vec<DirtyTable> {
         let mut v: Vec<DirtyTable> = self
             .slots
-            .iter()
+            .iter_mut()
             .filter_map(|s| {
-                s.dirty.map(|gen| DirtyTable {
+                let gen = s.dirty?;
+                s.copied |= std::mem::take(&mut s.granules);
+                Some(DirtyTable {
                     offset: s.offset,
-                    pieces: dirty_runs(s.offset, s.data.as_slice().unwrap_or(&[]), s.granules),
+                    pieces: dirty_runs(s.offset, s.data.as_slice().unwrap_or(&[]), s.copied),
                     gen,
                 })
             })
@@ -332,15 +345,23 @@ impl TableCache {
         v
     }
 
-    /// Marks the table at `offset` clean if its last change is the one of generation `gen`
-    /// (its write-back copy is on disk).
+    /// Records that the write-back copy of the table at `offset`, made at generation `gen`, is
+    /// on disk: the table is clean if nothing changed since, else dirty for what changed since.
     pub fn mark_clean(&mut self, offset: u64, gen: u64) {
         if let Some(&slot) = self.index.get(&offset) {
             let s = &mut self.slots[slot];
+            s.copied = 0;
             if s.dirty == Some(gen) {
                 s.dirty = None;
                 s.granules = 0;
             }
+        }
+    }
+
+    /// A write-back failed (or was not started): what it copied is changed again.
+    pub fn copy_failed(&mut self) {
+        for s in &mut self.slots {
+            s.granules |= std::mem::take(&mut s.copied);
         }
     }
 
@@ -491,6 +512,50 @@ mod tests {
             .map(|t| t.pieces.iter().map(|p| p.1.len()).sum())
             .collect();
         assert_eq!(lens, vec![64 << 10, 2048]);
+    }
+
+    fn copied_lens(c: &mut TableCache) -> Vec<(u64, usize)> {
+        c.dirty_tables()[0]
+            .pieces
+            .iter()
+            .map(|(o, b)| (*o, b.len()))
+            .collect()
+    }
+
+    #[test]
+    fn a_table_changed_during_its_write_back_writes_only_the_new_changes_next_time() {
+        let base = 1u64 << 20;
+        let mut c = TableCache::new(4);
+        let s = c.insert_loaded(base, IoBuf::new(64 << 10));
+        c.bytes_mut(s, 0, 8);
+        let first = c.dirty_tables();
+        // Changed while the copy is being written: stays dirty.
+        c.bytes_mut(s, 4096 * 7, 8);
+        c.mark_clean(base, first[0].gen);
+        assert!(
+            c.any_dirty(),
+            "a change made during the write-back was forgotten"
+        );
+        assert_eq!(
+            copied_lens(&mut c),
+            vec![(base + 7 * 4096, 4096)],
+            "granule 0 was written already and must not be written again"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_back_leaves_every_granule_it_copied_to_write_again() {
+        let base = 1u64 << 20;
+        let mut c = TableCache::new(4);
+        let s = c.insert_loaded(base, IoBuf::new(64 << 10));
+        c.bytes_mut(s, 0, 8);
+        let _lost = c.dirty_tables();
+        c.bytes_mut(s, 4096 * 2, 8);
+        c.copy_failed();
+        assert_eq!(
+            copied_lens(&mut c),
+            vec![(base, 4096), (base + 2 * 4096, 4096)]
+        );
     }
 
     #[test]

@@ -647,7 +647,7 @@ impl Refcounts {
     }
 
     /// Copies of the dirty refcount blocks, for a write-back.
-    pub fn dirty_blocks(&self) -> Vec<DirtyTable> {
+    pub fn dirty_blocks(&mut self) -> Vec<DirtyTable> {
         self.blocks.dirty_tables()
     }
 

@@ -209,6 +209,7 @@ impl Meta {
                     Ok(h) => Some(h),
                     Err(e) => {
                         self.refs.table_written(&table, false);
+                        self.refs.blocks_mut().copy_failed();
                         return Err(e);
                     }
                 },
@@ -227,6 +228,7 @@ impl Meta {
                 Err(e) => {
                     self.l1.redirty(l1.iter().map(|u| u.0));
                     self.refs.table_written(&table, false);
+                    self.refs.blocks_mut().copy_failed();
                     return Err(e);
                 }
             }
@@ -256,6 +258,8 @@ impl Meta {
         self.l2.unprotect();
         self.refs.blocks_mut().unprotect();
         if !ok {
+            self.l2.copy_failed();
+            self.refs.blocks_mut().copy_failed();
             self.l1.redirty(wb.l1.iter().map(|u| u.0));
             if wb.header.is_some() {
                 self.header_dirty = true;
