@@ -9,6 +9,7 @@
 //!
 //! Usage: vmm_datapath [--file PATH] [--seconds S] [--rounds N] [--size BYTES] [--stats]
 //!        [--only-strata-depth D]   (one run of our device alone, for profiling)
+//!        [--only-qcow2]   (with --only-strata-depth: on the qcow2 copy instead of the raw file)
 //!        [--seccomp]   (the worker runs under the VMM's device-worker seccomp filter, as in a
 //!                       sandboxed VMM process; benches/vmm_process.sh compares with and without)
 //! Prints each run, the medians and the ratio.
@@ -235,6 +236,7 @@ fn main() -> Result<()> {
     let mut file: Option<PathBuf> = None;
     let (mut secs, mut rounds, mut size) = (5u64, 3usize, 1u64 << 30);
     let mut only: Option<u16> = None;
+    let mut only_qcow2 = false;
     while let Some(a) = args.next() {
         let mut val = || args.next().context("missing value");
         match a.as_str() {
@@ -246,6 +248,7 @@ fn main() -> Result<()> {
             "--seccomp" => strata_vmm::sandbox::enable_seccomp(None)?,
             // Profiling aid: only our device at one depth, no peer, no table.
             "--only-strata-depth" => only = Some(val()?.parse()?),
+            "--only-qcow2" => only_qcow2 = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -276,8 +279,16 @@ fn main() -> Result<()> {
         }
     }
     if let Some(depth) = only {
-        let s = strata_run(&file, depth, secs)?;
-        println!("strata QD{depth}: {s:.0} IOPS (no peer run)");
+        let (image, what) = if only_qcow2 {
+            (qcow2_copy(&file)?, "qcow2")
+        } else {
+            (file.clone(), "raw")
+        };
+        let s = strata_run(&image, depth, secs);
+        if only_qcow2 {
+            let _ = std::fs::remove_file(&image);
+        }
+        println!("strata {what} QD{depth}: {:.0} IOPS (no peer run)", s?);
         return Ok(());
     }
     println!(
@@ -296,22 +307,31 @@ fn main() -> Result<()> {
             rounds,
         )?;
     }
-    let qcow2 = file.with_extension("qcow2");
-    let made = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&file)
-        .arg(&qcow2)
-        .status();
-    match (made, open_image(&qcow2, &OpenOptions::default())) {
-        (Ok(st), Ok(_)) if st.success() => {
+    match qcow2_copy(&file) {
+        Ok(qcow2) => {
             for depth in [1u16, 32] {
                 let label = format!("qcow2 4k randread QD{depth} (fio on the raw file)");
                 row(&label, &qcow2, &file, depth, secs, rounds)?;
             }
+            let _ = std::fs::remove_file(&qcow2);
         }
-        (_, Err(e)) => println!("| qcow2 rows | SKIPPED: {e} | | |"),
-        _ => println!("| qcow2 rows | SKIPPED: qemu-img could not make the image | | |"),
+        Err(e) => println!("| qcow2 rows | SKIPPED: {e:#} | | |"),
     }
-    let _ = std::fs::remove_file(&qcow2);
     Ok(())
+}
+
+/// A qcow2 copy of the raw `file` made by qemu-img, next to it.
+fn qcow2_copy(file: &Path) -> Result<PathBuf> {
+    let qcow2 = file.with_extension("qcow2");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(file)
+        .arg(&qcow2)
+        .status()
+        .context("running qemu-img convert")?;
+    if !st.success() {
+        bail!("qemu-img could not make the qcow2 copy");
+    }
+    open_image(&qcow2, &OpenOptions::default())?;
+    Ok(qcow2)
 }
