@@ -62,6 +62,9 @@ pub(crate) struct Lowers {
     opts: QueueOptions,
     /// Completions made here: sub-requests whose lower queue could not be opened.
     failed: Vec<Completion>,
+    /// Sub-requests were handed to a lower queue since its last commit (a queue may hold them
+    /// until then: io_uring's submission batch).
+    uncommitted: bool,
 }
 
 impl fmt::Debug for Lowers {
@@ -81,6 +84,7 @@ impl Lowers {
             opener,
             opts,
             failed: Vec::new(),
+            uncommitted: false,
         }
     }
 
@@ -111,7 +115,10 @@ impl Lowers {
     /// Sends `req` to lower queue `i` (or its backlog).
     pub(crate) fn submit(&mut self, i: usize, req: Request) {
         match self.queue(i) {
-            Ok(l) => l.push(req),
+            Ok(l) => {
+                l.push(req);
+                self.uncommitted = true;
+            }
             Err(e) => {
                 self.failed.push(Completion::of(req, Err(e)));
                 notify(self.opts.notifier.as_ref());
@@ -121,6 +128,7 @@ impl Lowers {
 
     /// Hands backlogs and queued requests to the engines.
     pub(crate) fn commit(&mut self) -> Result<()> {
+        self.uncommitted = false;
         for l in self.slots.iter_mut().flatten() {
             l.drain_backlog();
             l.queue.commit()?;
@@ -136,9 +144,19 @@ impl Lowers {
             l.queue.reap(out);
             if !l.backlog.is_empty() {
                 l.drain_backlog();
+                self.uncommitted = true;
             }
         }
         out.len() - before
+    }
+
+    /// Commits the lower queues if sub-requests went to them since the last commit.
+    pub(crate) fn commit_sent(&mut self) -> Result<()> {
+        if self.uncommitted {
+            self.commit()
+        } else {
+            Ok(())
+        }
     }
 
     /// Sub-requests not yet reaped (backlogs included).

@@ -29,6 +29,9 @@ mod lowers;
 mod slab;
 pub(crate) mod wake;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
@@ -277,6 +280,12 @@ impl<L: Layer> StackedQueue<L> {
             if got == 0 {
                 break;
             }
+        }
+        // What the layer sent on (follow-up pieces, parked work that could go, backlogs) goes
+        // to the engines now: the consumer may not commit again before it has heard of the
+        // request, and a woken parked request has no completion to come back for it.
+        if let Err(e) = self.st.lowers.commit_sent() {
+            tracing::warn!(error = %e, "handing sub-requests to a lower queue failed");
         }
     }
 
