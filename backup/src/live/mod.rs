@@ -570,7 +570,7 @@ impl BlockDevice for LiveRestore {
     }
 
     fn open_queue(&self, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
-        Ok(Box::new(queue::LiveQueue::open(self.inner.clone(), opts)?))
+        queue::open(self.inner.clone(), opts)
     }
 
     fn flush(&self) -> Result<()> {

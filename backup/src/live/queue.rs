@@ -8,26 +8,24 @@
 //! at once; a request touching a lost chunk completes with an I/O error. A flush records, when
 //! it completes, every chunk that was on the volume when it was submitted.
 //!
-//! The volume's queue is opened with this queue's eventfd (the consumer's, or one of our own),
-//! so a consumer waits on one descriptor for completions and for parked requests.
+//! The queue is a layer of storage's stacked queues ([`strata_storage::io::stack`]), which keep
+//! the volume's queue and its backlog, and wait on one eventfd (the consumer's, or one of their
+//! own) that both the volume's completions and the chunk table signal.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use strata_storage::io::{check_range, Completion, IoQueue, Op, QueueFull, QueueOptions, Request};
+use strata_storage::io::stack::{Layer, Lower, Stack, StackedQueue};
+use strata_storage::io::{check_range, Completion, IoQueue, Op, QueueOptions, Request};
 use strata_storage::{Result, StorageError};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chunks::Plan;
 use super::{Inner, Shared};
 
-/// The longest a [`IoQueue::wait`] with parked requests sleeps before looking again.
-const PARKED_WAIT_CAP: Duration = Duration::from_secs(1);
-
-/// A request handed to the volume's queue, by its tag there.
+/// A request handed to the volume's queue.
 #[derive(Debug)]
-struct Slot {
+pub(crate) struct Sent {
     /// The caller's tag.
     tag: u64,
     /// Chunks a whole-chunk write claimed.
@@ -36,57 +34,44 @@ struct Slot {
     flush: Option<Vec<u64>>,
 }
 
-/// A queue of a [`super::LiveRestore`]. See the module documentation.
-#[derive(Debug)]
-pub(crate) struct LiveQueue {
-    dev: Arc<Inner>,
-    inner: Box<dyn IoQueue>,
-    waker: Arc<EventFd>,
-    consumer: Option<Arc<EventFd>>,
-    depth: usize,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
-    parked: VecDeque<Request>,
-    ready: VecDeque<Completion>,
-    reaped: Vec<Completion>,
+/// Opens a queue of a [`super::LiveRestore`]. See the module documentation.
+pub(crate) fn open(dev: Arc<Inner>, opts: &QueueOptions) -> Result<Box<dyn IoQueue>> {
+    let target = dev.shared.target.clone();
+    let lower = Lower {
+        opener: Box::new(move |_, o| target.open_queue(o)),
+        depth: opts.depth.max(1),
+        own_eventfd: true,
+    };
+    let layer = LiveLayer {
+        dev,
+        parked: VecDeque::new(),
+    };
+    let mut q = StackedQueue::new(layer, opts, lower)?;
+    q.open_lower(0)?;
+    Ok(Box::new(q))
 }
 
-impl LiveQueue {
-    pub(crate) fn open(dev: Arc<Inner>, opts: &QueueOptions) -> Result<LiveQueue> {
-        let waker = match &opts.notifier {
-            Some(n) => n.clone(),
-            None => Arc::new(
-                EventFd::new(libc::EFD_NONBLOCK)
-                    .map_err(|e| StorageError::io("Creating an eventfd", e))?,
-            ),
-        };
-        let depth = opts.depth.max(1);
-        let inner_opts = QueueOptions {
-            depth,
-            notifier: Some(waker.clone()),
-            submit_batch: opts.submit_batch,
-        };
-        let inner = dev.shared.target.open_queue(&inner_opts)?;
-        Ok(LiveQueue {
-            dev,
-            inner,
-            waker,
-            consumer: opts.notifier.clone(),
-            depth,
-            slots: Vec::new(),
-            free: Vec::new(),
-            parked: VecDeque::new(),
-            ready: VecDeque::new(),
-            reaped: Vec::new(),
-        })
-    }
+/// What a live-restore queue does with requests. See the module documentation.
+struct LiveLayer {
+    dev: Arc<Inner>,
+    parked: VecDeque<Request>,
+}
 
+impl fmt::Debug for LiveLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveLayer")
+            .field("parked", &self.parked.len())
+            .finish()
+    }
+}
+
+impl LiveLayer {
     fn shared(&self) -> &Shared {
         &self.dev.shared
     }
 
     /// Sends `req` down, parks it, or fails it.
-    fn dispatch(&mut self, req: Request) {
+    fn dispatch(&mut self, st: &mut Stack<Sent>, req: Request) {
         let plan = match &req.op {
             Op::Flush => {
                 let captured = if self.shared().chunks.finished() {
@@ -94,27 +79,33 @@ impl LiveQueue {
                 } else {
                     Some(self.shared().chunks.capture())
                 };
-                return self.down(req, Vec::new(), captured);
+                return down(st, req, Vec::new(), captured);
             }
             op => {
                 let s = self.shared();
                 let Some((off, len)) = op.range() else {
-                    return self.down(req, Vec::new(), None);
+                    return down(st, req, Vec::new(), None);
                 };
                 if len == 0 || s.chunks.all_done() {
-                    return self.down(req, Vec::new(), None);
+                    return down(st, req, Vec::new(), None);
                 }
                 if let Err(e) = check_range(op, s.index.size()) {
-                    self.ready.push_back(Completion::of(req, Err(e)));
-                    return;
+                    return st.complete(Completion::of(req, Err(e)));
                 }
                 let cs = u64::from(s.index.chunk_size());
                 let (first, last) = (off / cs, (off + len - 1) / cs);
                 if (first..=last).all(|i| s.chunks.is_done(i)) {
-                    return self.down(req, Vec::new(), None);
+                    return down(st, req, Vec::new(), None);
                 }
+                let Some(waker) = st.waker() else {
+                    // Not reached: the queue is opened with an eventfd of its own.
+                    let e = StorageError::Unavailable(
+                        "a live-restore queue has no eventfd to wait for chunks on".into(),
+                    );
+                    return st.complete(Completion::of(req, Err(e)));
+                };
                 match op {
-                    Op::Read { .. } => s.chunks.plan_read(first, last, &self.waker),
+                    Op::Read { .. } => s.chunks.plan_read(first, last, waker),
                     _ => s.chunks.plan_write(
                         first,
                         last,
@@ -122,148 +113,60 @@ impl LiveQueue {
                             let (start, clen) = s.index.chunk_range(i);
                             off <= start && off + len >= start + clen as u64
                         },
-                        &self.waker,
+                        waker,
                     ),
                 }
             }
         };
         match plan {
-            Plan::Go(claimed) => self.down(req, claimed, None),
+            Plan::Go(claimed) => down(st, req, claimed, None),
             Plan::Park => self.parked.push_back(req),
-            Plan::Fail(e) => self.ready.push_back(Completion::of(req, Err(e))),
+            Plan::Fail(e) => st.complete(Completion::of(req, Err(e))),
         }
-    }
-
-    /// Hands `req` to the volume's queue.
-    fn down(&mut self, mut req: Request, claimed: Vec<u64>, flush: Option<Vec<u64>>) {
-        let idx = self.free.pop().unwrap_or_else(|| {
-            self.slots.push(None);
-            self.slots.len() - 1
-        });
-        let tag = req.tag;
-        req.tag = idx as u64;
-        match self.inner.submit(req) {
-            Ok(()) => {
-                self.slots[idx] = Some(Slot {
-                    tag,
-                    claimed,
-                    flush,
-                })
-            }
-            Err(QueueFull(mut back)) => {
-                // Not expected (the volume's queue is as deep as this one): try again later.
-                back.tag = tag;
-                self.free.push(idx);
-                self.shared().chunks.guest_done(&claimed, false);
-                self.parked.push_back(back);
-            }
-        }
-    }
-
-    fn retry_parked(&mut self) {
-        for _ in 0..self.parked.len() {
-            if let Some(r) = self.parked.pop_front() {
-                self.dispatch(r);
-            }
-        }
-    }
-
-    fn busy_slots(&self) -> usize {
-        self.slots.len() - self.free.len()
     }
 }
 
-impl IoQueue for LiveQueue {
-    fn depth(&self) -> usize {
-        self.depth
+/// Hands `req` to the volume's queue (the stack keeps it in the backlog while that is full).
+fn down(st: &mut Stack<Sent>, req: Request, claimed: Vec<u64>, flush: Option<Vec<u64>>) {
+    let sent = Sent {
+        tag: req.tag,
+        claimed,
+        flush,
+    };
+    st.send(0, sent, req.op);
+}
+
+impl Layer for LiveLayer {
+    type Sub = Sent;
+
+    fn start(&mut self, st: &mut Stack<Sent>, req: Request) {
+        self.dispatch(st, req);
     }
 
-    fn in_flight(&self) -> usize {
-        self.busy_slots() + self.parked.len() + self.ready.len()
-    }
-
-    fn submit(&mut self, req: Request) -> std::result::Result<(), QueueFull> {
-        if self.in_flight() >= self.depth {
-            return Err(QueueFull(req));
-        }
-        self.retry_parked();
-        self.dispatch(req);
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        self.retry_parked();
-        self.inner.commit()
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
-        let before = out.len();
-        self.retry_parked();
-        self.reaped.clear();
-        self.inner.reap(&mut self.reaped);
-        let mut reaped = std::mem::take(&mut self.reaped);
-        for c in reaped.drain(..) {
-            let idx = c.tag as usize;
-            let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
-                continue;
-            };
-            self.free.push(idx);
-            let s = &self.dev.shared;
-            s.chunks.guest_done(&slot.claimed, c.result.is_ok());
-            let mut result = c.result;
-            if let (Some(captured), true) = (slot.flush, result.is_ok()) {
-                if let Err(e) = s.persist_flushed(captured) {
-                    result = Err(e);
-                }
-            }
-            out.push(Completion {
-                tag: slot.tag,
-                result,
-                buf: c.buf,
-            });
-        }
-        self.reaped = reaped;
-        // Whole-chunk writes that completed may have released parked requests.
-        self.retry_parked();
-        out.extend(self.ready.drain(..));
-        out.len() - before
-    }
-
-    fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
-        self.retry_parked();
-        self.inner.commit()?;
-        if !self.ready.is_empty() || self.in_flight() == 0 {
-            return Ok(());
-        }
-        if self.parked.is_empty() {
-            return self.inner.wait(timeout);
-        }
-        // Parked requests: sleep until a chunk arrives or the volume completes something (both
-        // signal the eventfd).
-        let cap = timeout.map_or(PARKED_WAIT_CAP, |t| t.min(PARKED_WAIT_CAP));
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(self.waker.as_ref()),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, cap.as_millis() as libc::c_int) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(StorageError::io("Waiting for a live-restore chunk", e));
+    fn finished(&mut self, st: &mut Stack<Sent>, sent: Sent, c: Completion) {
+        let s = self.shared();
+        s.chunks.guest_done(&sent.claimed, c.result.is_ok());
+        let mut result = c.result;
+        if let (Some(captured), true) = (sent.flush, result.is_ok()) {
+            if let Err(e) = s.persist_flushed(captured) {
+                result = Err(e);
             }
         }
-        if r > 0 && pfd.revents & libc::POLLIN != 0 {
-            // The caller reaps next, so the signal is spent here. (Read only when signalled:
-            // a consumer's eventfd may be blocking.)
-            let _ = self.waker.read();
-        }
-        self.retry_parked();
-        Ok(())
+        st.complete(Completion {
+            tag: sent.tag,
+            result,
+            buf: c.buf,
+        });
     }
 
-    fn notifier(&self) -> Option<&Arc<EventFd>> {
-        self.consumer.as_ref()
+    fn advance(&mut self, st: &mut Stack<Sent>) -> bool {
+        // Parked requests go round once: those whose chunks arrived go down, the rest park
+        // again (registering the eventfd with the table once more).
+        for _ in 0..self.parked.len() {
+            if let Some(r) = self.parked.pop_front() {
+                self.dispatch(st, r);
+            }
+        }
+        !self.parked.is_empty()
     }
 }

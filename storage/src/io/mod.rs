@@ -18,7 +18,7 @@ pub mod buf;
 pub mod counted;
 pub mod engine;
 pub mod file;
-pub(crate) mod stack;
+pub mod stack;
 mod sync_queue;
 pub mod threads;
 pub mod uring;

@@ -15,8 +15,8 @@ use crate::io::{Completion, IoBuf};
 
 use super::slab::Slab;
 
-/// A request in flight, by its slot in the [`Fanin`].
-pub(crate) type ReqId = usize;
+/// A request in flight, by the number [`super::Stack::open`] gave it.
+pub type ReqId = usize;
 
 #[derive(Debug)]
 enum Held {

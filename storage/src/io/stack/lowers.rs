@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::io::{notify, Completion, IoQueue, QueueFull, QueueOptions, Request};
 
 /// Opens lower queue `index` with the given options.
-pub(crate) type Opener = Box<dyn FnMut(usize, &QueueOptions) -> Result<Box<dyn IoQueue>> + Send>;
+pub type Opener = Box<dyn FnMut(usize, &QueueOptions) -> Result<Box<dyn IoQueue>> + Send>;
 
 struct Lower {
     queue: Box<dyn IoQueue>,

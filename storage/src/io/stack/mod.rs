@@ -1,5 +1,7 @@
 //! Stacked queues: the one mechanism by which every format and volume serves its queue on the
 //! queues of the devices below it (host files, PVs, backing images, the device a bitmap tracks).
+//! It is public so that devices built above this crate do the same (the backup crate's live
+//! restore serves its queues on the target volume's).
 //!
 //! A [`StackedQueue`] is a [`Layer`] — the format's or volume's own logic: how a request maps onto
 //! the devices below — over a [`Stack`], which does the rest:
@@ -39,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub(crate) use fanin::ReqId;
-pub(crate) use lowers::Opener;
+pub use fanin::ReqId;
+pub use lowers::Opener;
 pub(crate) use slab::Slab;
 
 use crate::error::Result;
@@ -54,7 +56,7 @@ use wake::{new_eventfd, wait_eventfd};
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// What a format or volume does with requests. See the module documentation.
-pub(crate) trait Layer: Send + fmt::Debug + 'static {
+pub trait Layer: Send + fmt::Debug + 'static {
     /// What the layer keeps per sub-request, handed back with its completion.
     type Sub: Send;
 
@@ -80,7 +82,7 @@ pub(crate) trait Layer: Send + fmt::Debug + 'static {
 }
 
 /// Everything of a stacked queue but its layer. See the module documentation.
-pub(crate) struct Stack<S> {
+pub struct Stack<S> {
     lowers: Lowers,
     subs: Slab<S>,
     reqs: Fanin,
@@ -106,18 +108,18 @@ impl<S> fmt::Debug for Stack<S> {
 
 impl<S> Stack<S> {
     /// The eventfd that wakes this queue, to register with whatever parked work waits for.
-    pub(crate) fn waker(&self) -> Option<&Arc<EventFd>> {
+    pub fn waker(&self) -> Option<&Arc<EventFd>> {
         self.efd.as_ref()
     }
 
     /// Sends `op` to lower queue `lower`; `sub` comes back with its completion.
-    pub(crate) fn send(&mut self, lower: usize, sub: S, op: Op) {
+    pub fn send(&mut self, lower: usize, sub: S, op: Op) {
         let tag = self.subs.insert(sub) as u64;
         self.lowers.submit(lower, Request { tag, op });
     }
 
     /// Hands a completion to the consumer.
-    pub(crate) fn complete(&mut self, c: Completion) {
+    pub fn complete(&mut self, c: Completion) {
         self.ready.push_back(c);
         if !self.reaping {
             notify(self.external.as_ref());
@@ -125,23 +127,23 @@ impl<S> Stack<S> {
     }
 
     /// Completes `tag` at once.
-    pub(crate) fn complete_now(&mut self, tag: u64, buf: Option<IoBuf>, result: Result<u64>) {
+    pub fn complete_now(&mut self, tag: u64, buf: Option<IoBuf>, result: Result<u64>) {
         self.complete(Completion { tag, result, buf });
     }
 
     /// Opens a request for fan-in (see `fanin.rs`): it completes with `len` once every hold is
     /// released, the opening hold by [`Stack::close`].
-    pub(crate) fn open(&mut self, tag: u64, buf: Option<IoBuf>, len: u64) -> ReqId {
+    pub fn open(&mut self, tag: u64, buf: Option<IoBuf>, len: u64) -> ReqId {
         self.reqs.open(tag, buf, len)
     }
 
     /// One more piece of request `id` is outstanding.
-    pub(crate) fn hold(&mut self, id: ReqId) {
+    pub fn hold(&mut self, id: ReqId) {
         self.reqs.hold(id)
     }
 
     /// The whole buffer of request `id`, for its only piece.
-    pub(crate) fn lend(&mut self, id: ReqId) -> Option<IoBuf> {
+    pub fn lend(&mut self, id: ReqId) -> Option<IoBuf> {
         self.reqs.lend(id)
     }
 
@@ -155,12 +157,12 @@ impl<S> Stack<S> {
     }
 
     /// Records an error for request `id`.
-    pub(crate) fn fail(&mut self, id: ReqId, e: crate::StorageError) {
+    pub fn fail(&mut self, id: ReqId, e: crate::StorageError) {
         self.reqs.fail(id, e)
     }
 
     /// A piece of request `id` finished (see [`Fanin::release`]).
-    pub(crate) fn release(&mut self, id: ReqId, result: Result<()>, buf: Option<IoBuf>) {
+    pub fn release(&mut self, id: ReqId, result: Result<()>, buf: Option<IoBuf>) {
         if let Some(c) = self.reqs.release(id, result, buf) {
             self.complete(c);
         }
@@ -168,7 +170,7 @@ impl<S> Stack<S> {
 
     /// A piece of request `id` finished with completion `c`. A read piece (`read`) that ended
     /// early, at the end of a host file, reads zeros beyond.
-    pub(crate) fn release_piece(&mut self, id: ReqId, read: bool, c: Completion) {
+    pub fn release_piece(&mut self, id: ReqId, read: bool, c: Completion) {
         let mut buf = c.buf;
         let result = c.result.map(|n| {
             if let Some(b) = buf.as_mut().filter(|_| read) {
@@ -182,13 +184,13 @@ impl<S> Stack<S> {
     }
 
     /// Request `id` is fully split: drops its opening hold.
-    pub(crate) fn close(&mut self, id: ReqId) {
+    pub fn close(&mut self, id: ReqId) {
         self.release(id, Ok(()), None)
     }
 }
 
 /// A queue made of a [`Layer`] over a [`Stack`]. See the module documentation.
-pub(crate) struct StackedQueue<L: Layer> {
+pub struct StackedQueue<L: Layer> {
     layer: L,
     st: Stack<L::Sub>,
     depth: usize,
@@ -208,7 +210,7 @@ impl<L: Layer> fmt::Debug for StackedQueue<L> {
 }
 
 /// How a stacked queue opens its lower queues.
-pub(crate) struct Lower {
+pub struct Lower {
     /// Opens lower queue `index`.
     pub opener: Opener,
     /// Depth of each lower queue.
@@ -219,9 +221,18 @@ pub(crate) struct Lower {
     pub own_eventfd: bool,
 }
 
+impl fmt::Debug for Lower {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lower")
+            .field("depth", &self.depth)
+            .field("own_eventfd", &self.own_eventfd)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<L: Layer> StackedQueue<L> {
     /// A queue of `opts.depth` running `layer` over lower queues opened as `lower` says.
-    pub(crate) fn new(layer: L, opts: &QueueOptions, lower: Lower) -> Result<StackedQueue<L>> {
+    pub fn new(layer: L, opts: &QueueOptions, lower: Lower) -> Result<StackedQueue<L>> {
         let efd = match &opts.notifier {
             Some(n) => Some(n.clone()),
             None if lower.own_eventfd => Some(new_eventfd()?),
@@ -250,17 +261,17 @@ impl<L: Layer> StackedQueue<L> {
     }
 
     /// The layer, to finish setting it up.
-    pub(crate) fn layer_mut(&mut self) -> &mut L {
+    pub fn layer_mut(&mut self) -> &mut L {
         &mut self.layer
     }
 
     /// The eventfd that wakes this queue (see [`Stack::waker`]).
-    pub(crate) fn waker(&self) -> Option<&Arc<EventFd>> {
+    pub fn waker(&self) -> Option<&Arc<EventFd>> {
         self.st.waker()
     }
 
     /// Opens lower queue `i` now (so that the stacked queue's open fails if it cannot).
-    pub(crate) fn open_lower(&mut self, i: usize) -> Result<()> {
+    pub fn open_lower(&mut self, i: usize) -> Result<()> {
         self.st.lowers.open(i)
     }
 
