@@ -4,10 +4,11 @@
 //!
 //! The file is rewritten whole and replaced atomically (temporary file, fsync, rename, fsync of
 //! the directory), through a [`FileSystem`] seam: the host's, or in crash tests one that loses
-//! power together with the device (see `crate::durable`). While the device is open for writing, the file carries an *in use* flag,
-//! written before the first write is accepted; a clean close saves the bits and clears it. A
-//! file found with the flag set was not closed cleanly, so every bitmap in it may be missing
-//! changes: all are marked invalid, and a backup from one falls back to reading everything.
+//! power together with the device (see `crate::durable`). While the device is open for
+//! writing, the file carries an *in use* flag, written before the first write is accepted; a
+//! clean close saves the bits and clears it. A file found with the flag set was not closed
+//! cleanly, so every bitmap in it may be missing changes: all are marked invalid, and a backup
+//! from one falls back to reading everything.
 //!
 //! Layout (little-endian; see docs/format-volume.md):
 //!

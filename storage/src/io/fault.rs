@@ -287,7 +287,7 @@ pub struct FaultController {
 #[derive(Clone, Debug, Default)]
 pub struct DurableImage {
     disk: SparseMem,
-    pub(super) files: Files,
+    files: Files,
 }
 
 impl DurableImage {
