@@ -420,7 +420,8 @@ impl BitmapSet {
     }
 
     /// Takes a bitmap for a backup: returns its bits and validity and restarts it empty and
-    /// valid, atomically with respect to writes completing meanwhile. Take it *before*
+    /// valid, atomically with respect to writes completing meanwhile. If saving the restarted
+    /// bitmap fails, the bits stay in it and the error is returned. Take it *before*
     /// snapshotting the device for the backup, so that a write between the two is in the next
     /// bitmap (copied twice at worst), never in neither.
     pub fn take(&self, name: &str) -> Result<TakenBitmap> {
@@ -428,7 +429,15 @@ impl BitmapSet {
         let size = b.bits.size();
         let valid = b.valid.swap(true, Ordering::AcqRel);
         let words = b.bits.take();
-        self.save()?;
+        if let Err(e) = self.save() {
+            // Not taken after all: the caller gets no bits, so they go back into the live
+            // bitmap (else the next backup through it would miss these changes).
+            b.bits.or_words(&words);
+            if !valid {
+                b.valid.store(false, Ordering::Release);
+            }
+            return Err(e);
+        }
         Ok(TakenBitmap {
             name: name.to_string(),
             granularity: b.bits.granularity(),
@@ -668,6 +677,25 @@ mod tests {
         assert!(s.info("b0").unwrap().valid);
         s.restore(&t).unwrap();
         assert!(!s.info("b0").unwrap().valid);
+    }
+
+    #[test]
+    fn a_take_whose_save_fails_keeps_the_bits() {
+        use crate::io::fault::{Fault, FaultDevice, OpKind};
+        let (_, ctl) = FaultDevice::new(0);
+        let s = BitmapSet::open_with(ctl.files(), Path::new("/d/x.bitmaps"), 1 << 20).unwrap();
+        s.add("b0", 65536).unwrap();
+        s.begin_tracking().unwrap();
+        s.mark(70_000, 10);
+        ctl.fail_nth(OpKind::File, 2, Fault::Eio);
+        assert!(s.take("b0").is_err());
+        assert_eq!(
+            s.dirty_ranges("b0").unwrap(),
+            (vec![(65536, 65536)], true),
+            "a failed take hands out nothing, so it must keep the bits"
+        );
+        let t = s.take("b0").unwrap();
+        assert_eq!(t.dirty_ranges(), vec![(65536, 65536)]);
     }
 
     #[test]

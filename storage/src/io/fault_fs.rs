@@ -247,6 +247,7 @@ impl FileSystem for FaultFs {
 mod tests {
     use super::*;
     use crate::durable::{write_atomically_on, Create};
+    use crate::device::HostFile;
     use crate::io::fault::{Fault, FaultDevice};
 
     #[test]
