@@ -246,8 +246,8 @@ impl FileSystem for FaultFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::durable::{write_atomically_on, Create};
     use crate::device::HostFile;
+    use crate::durable::{write_atomically_on, Create};
     use crate::io::fault::{Fault, FaultDevice};
 
     #[test]
