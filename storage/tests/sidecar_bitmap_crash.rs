@@ -20,6 +20,7 @@
 //!
 //! Fixed seeds in CI; `STRATA_FAULT_SEEDS=N` runs N seeds, `STRATA_FAULT_SEED=S` only S.
 
+mod fault_modes;
 mod qcow2_support;
 mod tracked_session;
 
@@ -36,7 +37,7 @@ use strata_storage::io::QueueOptions;
 use strata_storage::volume::label::PE_START;
 use strata_storage::volume::vg::format_pv;
 use strata_storage::volume::{PvHandle, Vg, VgOptions};
-use strata_storage::{BlockDevice, HostFile, SharedFile, StorageError};
+use strata_storage::{BlockDevice, SharedFile, StorageError};
 use tracked_session::{
     check_covers, check_data, granules, write_batches, writes, Outcome, G, SIZE,
 };
@@ -93,13 +94,7 @@ fn vg_options(ctl: &FaultController) -> VgOptions {
 fn fresh(target: Target) -> DurableImage {
     match target.image() {
         Some((f, opts)) => {
-            let dir = tempdir();
-            let p = dir.path().join("img");
-            format::create_image(&p, f, SIZE, &format::parse_options(opts).unwrap()).unwrap();
-            let bytes = std::fs::read(&p).unwrap();
-            let (dev, ctl) = FaultDevice::new(0);
-            dev.write_all_at(0, &bytes).unwrap();
-            dev.sync_data().unwrap();
+            let (_, ctl) = fault_modes::image_on_fault_device(f, opts, SIZE);
             let set =
                 BitmapSet::open_with(ctl.files(), &sidecar_path(Path::new(IMAGE)), SIZE).unwrap();
             set.add(NAME, G).unwrap();
