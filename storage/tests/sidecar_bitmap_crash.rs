@@ -8,8 +8,13 @@
 //! tracked device in batches, flushing after each, takes the bitmap halfway (as an incremental
 //! backup does), and closes cleanly, which saves the bits and clears the flag. Power is lost at
 //! every flush, at a seeded sample of operations of any kind, at every operation of the close
-//! and at every operation on the sidecar (late, out-of-order completions), and EIO is injected at a seeded sample of writes and
-//! flushes and at every operation on the sidecar (then the session closes and the power goes).
+//! and at every operation on the sidecar (late, out-of-order completions), and EIO is injected
+//! at a seeded sample of writes and flushes and at every operation on the sidecar (then the
+//! session closes and the power goes). Each cut runs under both loss modes.
+//!
+//! The image targets build their `TrackedDevice` as `TrackedDevice::open` does, with the
+//! sidecar on the machine's file system and without the image file's `flock` (there is no host
+//! file); the thin volume is opened tracked by its group (`VgOptions::bitmap_fs`), as in use.
 //!
 //! After each crash: the image (or group) reopens; data a completed flush covered reads back,
 //! other written sectors hold their old or new data, the rest is untouched; the sidecar is there
