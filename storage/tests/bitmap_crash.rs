@@ -158,7 +158,7 @@ fn crash_sessions(seed: u64, faults: Faults) {
     let qemu = strata_testkit::part_has_tool("qemu-img", "qemu-utils");
     let dir = tempdir();
     let bytes = image_bytes(dir.path());
-    let batches = writes(seed);
+    let batches = writes(seed, 6);
     let base = {
         let (dev, _) = device_with(&bytes);
         read_all(qcow2::open(dev, &Qcow2Options::default()).unwrap().as_ref())

@@ -6,7 +6,9 @@
 //! A session opens the image (or the volume group) on a fault-injecting device with an enabled
 //! sidecar bitmap — the open flags the file in use before the first write — writes through the
 //! tracked device in batches, flushing after each, takes the bitmap halfway (as an incremental
-//! backup does), and closes cleanly, which saves the bits and clears the flag. Power is lost at
+//! backup does), writes a last batch without a flush, and closes cleanly, which saves the bits
+//! and clears the flag (without a flush of the device: the bits cover every write that
+//! completed, durable or not). Power is lost at
 //! every flush, at a seeded sample of operations of any kind, at every operation of the close
 //! and at every operation on the sidecar (late, out-of-order completions), and EIO is injected
 //! at a seeded sample of writes and flushes and at every operation on the sidecar (then the
@@ -44,7 +46,7 @@ use strata_storage::volume::vg::format_pv;
 use strata_storage::volume::{PvHandle, Vg, VgOptions};
 use strata_storage::{BlockDevice, SharedFile, StorageError};
 use tracked_session::{
-    check_covers, check_data, granules, write_batches, writes, Outcome, G, SIZE,
+    check_covers, check_data, granules, write_batches, write_unflushed, writes, Outcome, G, SIZE,
 };
 
 const MIB: u64 = 1 << 20;
@@ -53,6 +55,8 @@ const NAME: &str = "backup";
 const IMAGE: &str = "/images/disk";
 /// The batch after which the bitmap is taken.
 const TAKE_AFTER: usize = 3;
+/// Batches written: each flushed but the last, which is still unflushed at the close.
+const BATCHES: usize = 7;
 
 /// What holds the tracked data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,7 +172,8 @@ fn open_tracked(
 }
 
 /// One session: open, track, write and flush the batches (taking the bitmap after batch
-/// [`TAKE_AFTER`]), close. Stops at the first I/O error; a failed take does not stop it.
+/// [`TAKE_AFTER`]), write the last one without a flush, close. Stops at the first I/O error; a
+/// failed take does not stop it.
 fn session(
     target: Target,
     dev: Arc<FaultDevice>,
@@ -181,7 +186,8 @@ fn session(
         return out;
     };
     if let Ok(mut q) = opened.device.open_queue(&QueueOptions::with_depth(8)) {
-        write_batches(&mut q, batches, &mut out, |b, out| {
+        let (flushed, last) = batches.split_at(batches.len() - 1);
+        let mut ran = write_batches(&mut q, flushed, &mut out, |b, out| {
             if b + 1 == TAKE_AFTER {
                 match opened.set.take(NAME) {
                     Ok(t) => out.taken = Some((t.dirty_ranges(), t.valid)),
@@ -189,6 +195,8 @@ fn session(
                 }
             }
         });
+        ran = ran && write_unflushed(&mut q, &last[0], &mut out);
+        out.finished = ran;
     }
     // The clean close: the queue and the tracked device go (the bits are saved and the in-use
     // flag cleared), then the image or the group.
@@ -282,7 +290,7 @@ enum Faults {
 fn crash_sessions(target: Target, seed: u64, faults: Faults) {
     let start = std::time::Instant::now();
     let fresh = fresh(target);
-    let batches = writes(seed);
+    let batches = writes(seed, BATCHES);
     let (base, _) = inspect(target, &fresh, "before the session");
     let async_seed = match faults {
         Faults::Flushes => None,
@@ -300,7 +308,7 @@ fn crash_sessions(target: Target, seed: u64, faults: Faults) {
     let mut close_at = 0;
     let full = session(target, dev, &ctl, &batches, &mut close_at);
     assert!(
-        full.finished && full.touched.is_empty() && !full.take_failed,
+        full.finished && full.touched.len() == 4 && !full.take_failed,
         "{target:?}: the session failed without a crash"
     );
     let (flushes, ops, close_from) = (ctl.flushes(), ctl.ops(), close_at + 1);
@@ -318,6 +326,7 @@ fn crash_sessions(target: Target, seed: u64, faults: Faults) {
             .collect();
         let after: Vec<(u64, u64)> = full.flushed[TAKE_AFTER * 4..]
             .iter()
+            .chain(&full.touched)
             .map(|(o, d)| (*o, d.len() as u64))
             .collect();
         let taken = full.taken.as_ref().unwrap();

@@ -15,12 +15,12 @@ pub const SIZE: u64 = 4 << 20;
 /// The bitmap's granularity, and the slot each write stays inside (writes never overlap).
 pub const G: u64 = 64 << 10;
 
-/// Disjoint writes (each inside its own granule-sized slot), in batches of four.
-pub fn writes(seed: u64) -> Vec<Vec<(u64, Vec<u8>)>> {
+/// `batches` batches of four disjoint writes (each inside its own granule-sized slot).
+pub fn writes(seed: u64, batches: usize) -> Vec<Vec<(u64, Vec<u8>)>> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut slots: Vec<u64> = (0..SIZE / G).collect();
     rng.shuffle(&mut slots);
-    let all: Vec<(u64, Vec<u8>)> = slots[..24]
+    let all: Vec<(u64, Vec<u8>)> = slots[..4 * batches]
         .iter()
         .map(|&s| {
             let sectors = G / 512;
@@ -67,18 +67,7 @@ pub fn write_batches(
     mut after: impl FnMut(usize, &mut Outcome),
 ) -> bool {
     for (b, batch) in batches.iter().enumerate() {
-        for (t, (offset, data)) in batch.iter().enumerate() {
-            out.touched.push((*offset, data.clone()));
-            if q.submit(Request::write(t as u64, *offset, IoBuf::from_slice(data)))
-                .is_err()
-            {
-                return false;
-            }
-        }
-        let Some(done) = wait_all(q, batch.len()) else {
-            return false;
-        };
-        if done.iter().any(|c| c.result.is_err()) || q.submit(Request::flush(99)).is_err() {
+        if !write_unflushed(q, batch, out) || q.submit(Request::flush(99)).is_err() {
             return false;
         }
         match wait_all(q, 1) {
@@ -89,6 +78,24 @@ pub fn write_batches(
     }
     out.finished = true;
     true
+}
+
+/// Writes `batch` through `q` without a flush (the writes stay in `out.touched`); false at the
+/// first error.
+pub fn write_unflushed(
+    q: &mut Box<dyn IoQueue>,
+    batch: &[(u64, Vec<u8>)],
+    out: &mut Outcome,
+) -> bool {
+    for (t, (offset, data)) in batch.iter().enumerate() {
+        out.touched.push((*offset, data.clone()));
+        if q.submit(Request::write(t as u64, *offset, IoBuf::from_slice(data)))
+            .is_err()
+        {
+            return false;
+        }
+    }
+    wait_all(q, batch.len()).is_some_and(|done| done.iter().all(|c| c.result.is_ok()))
 }
 
 /// Checks the data a crash left: flushed writes exact; later ones old or new, sector by
