@@ -5,13 +5,23 @@
 //! mode the caller asks for), fsyncs it, renames it over the target — or, with
 //! [`Create::New`], onto a name that must not exist yet — and fsyncs the directory so that the
 //! rename itself is durable. On failure the temporary file is removed.
+//!
+//! The file operations go through a seam, [`FileSystem`]: [`HostFs`] (the real one, which every
+//! caller gets by default) or, in crash tests, the fault-injecting engine's file system
+//! (`crate::io::fault_fs`, feature `test-utils`), which shares its operation count and its
+//! power cut with a fault-injecting block device. It exists so that a test can cut the power
+//! between a device's writes and the writes of the sidecar file of its dirty bitmaps
+//! (`crate::bitmap::store`), which must stay in the right order with them. It holds only what a
+//! small, wholly rewritten file needs: read it, write a new file and fsync it, rename, remove,
+//! fsync a directory.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Result, StorageError};
 
@@ -24,13 +34,89 @@ pub enum Create {
     New,
 }
 
-/// fsyncs the directory holding `path`, so that a new entry in it is durable.
-pub fn sync_parent_dir(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
+/// The file operations of a small file that is rewritten whole (see the module
+/// documentation): the seam a crash test cuts.
+pub trait FileSystem: Send + Sync + std::fmt::Debug {
+    /// The whole contents of a file (`NotFound` if it does not exist).
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Whether a file exists.
+    fn exists(&self, path: &Path) -> io::Result<bool>;
+    /// Creates a directory and its missing parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Creates `path`, which must not exist, with permission bits `mode` (before the umask),
+    /// writes `data` and fsyncs the file. Its directory entry is durable only after
+    /// [`FileSystem::sync_dir`] of its directory.
+    fn write_new_synced(&self, path: &Path, data: &[u8], mode: u32) -> io::Result<()>;
+    /// Renames `from` to `to`, replacing a file at `to`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Renames `from` to `to`; `EEXIST` instead of replacing a file at `to`.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes the entries of directory `dir` durable (fsync of the directory).
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The host's file system, through `std::fs`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostFs;
+
+/// The host's file system as a shared seam (the default everywhere).
+pub fn host_fs() -> Arc<dyn FileSystem> {
+    Arc::new(HostFs)
+}
+
+impl FileSystem for HostFs {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
+    }
+
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn write_new_synced(&self, path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)?;
+        f.write_all(data)?;
+        f.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        rename_noreplace_io(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
-    sync_dir(dir)
+    }
+}
+
+/// fsyncs the directory holding `path`, so that a new entry in it is durable.
+pub fn sync_parent_dir(path: &Path) -> Result<()> {
+    sync_dir(parent_dir(path))
 }
 
 /// fsyncs directory `dir`, so that its entries are durable.
@@ -65,68 +151,74 @@ fn temp_path(path: &Path) -> PathBuf {
 /// Replaces (or creates) `path` with `data`, durably and atomically; the file gets permission
 /// bits `mode` (before the umask). See the module documentation.
 pub fn write_atomically(path: &Path, data: &[u8], mode: u32, create: Create) -> Result<()> {
+    write_atomically_on(&HostFs, path, data, mode, create)
+}
+
+/// [`write_atomically`] through the file system `fs`.
+pub fn write_atomically_on(
+    fs: &dyn FileSystem,
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    create: Create,
+) -> Result<()> {
     let tmp = temp_path(path);
-    let written = (|| -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = fs.write_new_synced(&tmp, data, mode) {
+        let _ = fs.remove_file(&tmp);
         return Err(StorageError::io(format!("Writing {}", tmp.display()), e));
     }
     let renamed = match create {
-        Create::OrReplace => std::fs::rename(&tmp, path).map_err(|e| {
+        Create::OrReplace => fs.rename(&tmp, path).map_err(|e| {
             StorageError::io(
                 format!("Renaming {} to {}", tmp.display(), path.display()),
                 e,
             )
         }),
-        Create::New => rename_noreplace(&tmp, path),
+        Create::New => fs
+            .rename_noreplace(&tmp, path)
+            .map_err(|e| rename_noreplace_error(e, &tmp, path)),
     };
     if let Err(e) = renamed {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = fs.remove_file(&tmp);
         return Err(e);
     }
-    sync_parent_dir(path)
+    let dir = parent_dir(path);
+    fs.sync_dir(dir)
+        .map_err(|e| StorageError::io(format!("Syncing directory {}", dir.display()), e))
 }
 
 /// Renames `from` to `to`, failing with [`StorageError::AlreadyExists`] instead of replacing it
 /// (and with [`StorageError::NotFound`] if `from` does not exist).
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
-    let e = match rename_noreplace_io(from, to) {
-        Ok(()) => return Ok(()),
-        Err(e) => e,
-    };
+    rename_noreplace_io(from, to).map_err(|e| rename_noreplace_error(e, from, to))
+}
+
+/// What a failed no-replace rename of `from` to `to` means.
+fn rename_noreplace_error(e: io::Error, from: &Path, to: &Path) -> StorageError {
     match e.raw_os_error() {
-        Some(libc::EEXIST) => return Err(StorageError::AlreadyExists(to.display().to_string())),
-        Some(libc::ENOENT) => return Err(StorageError::NotFound(from.to_path_buf())),
+        Some(libc::EEXIST) => return StorageError::AlreadyExists(to.display().to_string()),
+        Some(libc::ENOENT) => return StorageError::NotFound(from.to_path_buf()),
         _ => {}
     }
-    if e.kind() == std::io::ErrorKind::InvalidInput {
-        return Err(StorageError::InvalidInput(format!(
+    if e.kind() == io::ErrorKind::InvalidInput {
+        return StorageError::InvalidInput(format!(
             "{} or {} contains a NUL byte",
             from.display(),
             to.display()
-        )));
+        ));
     }
-    Err(StorageError::io(
+    StorageError::io(
         format!("Renaming {} to {}", from.display(), to.display()),
         e,
-    ))
+    )
 }
 
 /// [`rename_noreplace`] with the system's error as it is (`EEXIST` when `to` exists), for
 /// callers that keep `std::io` errors (the datastore's file-system seam).
-pub fn rename_noreplace_io(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn rename_noreplace_io(from: &Path, to: &Path) -> io::Result<()> {
     let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
-        })
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
     };
     let (f, t) = (c(from)?, c(to)?);
     // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
@@ -142,7 +234,7 @@ pub fn rename_noreplace_io(from: &Path, to: &Path) -> std::io::Result<()> {
     if r == 0 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error())
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -12,11 +12,11 @@
 //! Fixed seeds in CI; `STRATA_FAULT_SEEDS=N` runs N seeds.
 
 mod qcow2_support;
+mod tracked_session;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use qcow2_support::*;
 use strata_storage::bitmap::bits::ranges;
@@ -26,12 +26,10 @@ use strata_storage::format::{create_image, open_host_file, ImageFormat, OpenOpti
 use strata_storage::io::fault::{
     DurableImage, Fault, FaultController, FaultDevice, LossMode, OpKind,
 };
-use strata_storage::io::{IoBuf, QueueOptions, Request};
+use strata_storage::io::QueueOptions;
 use strata_storage::{BlockDevice, HostFile};
+use tracked_session::{check_covers, check_data, write_batches, writes, Outcome, G, SIZE};
 
-const SIZE: u64 = 4 << 20;
-/// The bitmap's granularity, and the slot each write stays inside (writes never overlap).
-const G: u64 = 64 << 10;
 const NAME: &str = "backup";
 
 /// A fresh qcow2 v3 image (4 KiB clusters) with an enabled, empty in-image bitmap.
@@ -52,51 +50,11 @@ fn image_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(&path).unwrap()
 }
 
-/// Disjoint writes (each inside its own granule-sized slot), in batches of four.
-fn writes(seed: u64) -> Vec<Vec<(u64, Vec<u8>)>> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut slots: Vec<u64> = (0..SIZE / G).collect();
-    rng.shuffle(&mut slots);
-    let all: Vec<(u64, Vec<u8>)> = slots[..24]
-        .iter()
-        .map(|&s| {
-            let sectors = G / 512;
-            let len = rng.u64(1..=sectors / 2);
-            let start = rng.u64(0..=sectors - len);
-            let offset = s * G + start * 512;
-            (offset, pattern(offset, (len * 512) as usize, rng.u8(1..)))
-        })
-        .collect();
-    all.chunks(4).map(<[_]>::to_vec).collect()
-}
-
-#[derive(Default)]
-struct Outcome {
-    /// Writes a completed flush covered.
-    flushed: Vec<(u64, Vec<u8>)>,
-    /// Writes submitted since: each sector holds the old data or theirs.
-    touched: Vec<(u64, Vec<u8>)>,
-    /// The session ran to its end (the close itself may still have failed).
-    finished: bool,
-}
-
 fn device_with(bytes: &[u8]) -> (Arc<FaultDevice>, FaultController) {
     let (dev, ctl) = FaultDevice::new(bytes.len() as u64);
     dev.write_all_at(0, bytes).unwrap();
     dev.sync_data().unwrap();
     (dev, ctl)
-}
-
-fn wait_all(
-    q: &mut Box<dyn strata_storage::io::IoQueue>,
-    want: usize,
-) -> Option<Vec<strata_storage::io::Completion>> {
-    let mut done = Vec::new();
-    while done.len() < want {
-        q.wait(Some(Duration::from_secs(30))).ok()?;
-        q.reap(&mut done);
-    }
-    Some(done)
 }
 
 /// One session: open, track, write and flush the batches, close. Stops at the first error.
@@ -117,47 +75,14 @@ fn session(
     let Ok(tracked) = TrackedDevice::with_set(img, Arc::new(set)) else {
         return out;
     };
-    'run: {
-        let Ok(mut q) = tracked.open_queue(&QueueOptions::with_depth(8)) else {
-            break 'run;
-        };
-        for batch in batches {
-            for (t, (offset, data)) in batch.iter().enumerate() {
-                out.touched.push((*offset, data.clone()));
-                if q.submit(Request::write(t as u64, *offset, IoBuf::from_slice(data)))
-                    .is_err()
-                {
-                    break 'run;
-                }
-            }
-            let Some(done) = wait_all(&mut q, batch.len()) else {
-                break 'run;
-            };
-            if done.iter().any(|c| c.result.is_err()) {
-                break 'run;
-            }
-            if q.submit(Request::flush(99)).is_err() {
-                break 'run;
-            }
-            match wait_all(&mut q, 1) {
-                Some(d) if d[0].result.is_ok() => {
-                    out.flushed.append(&mut out.touched);
-                }
-                _ => break 'run,
-            }
-        }
-        out.finished = true;
+    if let Ok(mut q) = tracked.open_queue(&QueueOptions::with_depth(8)) {
+        write_batches(&mut q, batches, &mut out, |_, _| {});
     }
     // The clean close: the last queue and the tracked device go, the bits are written back and
     // the in-use flag cleared, then the image closes.
     *close_at = ctl.ops();
     drop(tracked);
     out
-}
-
-fn in_granules(words: &[u64], offset: u64, len: u64) -> bool {
-    (offset / G..(offset + len).div_ceil(G))
-        .all(|g| words[(g / 64) as usize] & (1 << (g % 64)) != 0)
 }
 
 /// Checks the image a crash left; returns whether its bitmap is consistent (trusted).
@@ -209,40 +134,11 @@ fn verify(
         report.messages
     );
     let got = read_all(img.as_ref());
-    // Data: flushed writes exact; later ones old or new, sector by sector; the rest untouched.
-    let mut want = base.to_vec();
-    for (o, d) in &outcome.flushed {
-        want[*o as usize..][..d.len()].copy_from_slice(d);
-    }
-    for (o, d) in &outcome.touched {
-        for s in (0..d.len()).step_by(512) {
-            let r = *o as usize + s..*o as usize + s + 512;
-            if got[r.clone()] == d[s..s + 512] {
-                want[r].copy_from_slice(&d[s..s + 512]);
-            }
-        }
-    }
-    assert_same(&got, &want, &format!("{what}: data"));
+    check_data(&got, base, outcome, what);
     let Some(words) = bitmap else {
         return false;
     };
-    // A consistent bitmap: every flushed write, and every sector that changed, is dirty.
-    for (o, d) in &outcome.flushed {
-        assert!(
-            in_granules(&words, *o, d.len() as u64),
-            "{what}: consistent bitmap misses the flushed write at {o}+{}: dirty {:?}",
-            d.len(),
-            ranges(&words, G, SIZE)
-        );
-    }
-    for s in (0..SIZE).step_by(512) {
-        let r = s as usize..s as usize + 512;
-        assert!(
-            got[r.clone()] == base[r] || in_granules(&words, s, 512),
-            "{what}: sector {s} changed but the consistent bitmap misses it: dirty {:?}",
-            ranges(&words, G, SIZE)
-        );
-    }
+    check_covers(&ranges(&words, G, SIZE), &got, base, outcome, what);
     true
 }
 
@@ -262,7 +158,7 @@ fn crash_sessions(seed: u64, faults: Faults) {
     let qemu = strata_testkit::part_has_tool("qemu-img", "qemu-utils");
     let dir = tempdir();
     let bytes = image_bytes(dir.path());
-    let batches = writes(seed);
+    let batches = writes(seed, 6);
     let base = {
         let (dev, _) = device_with(&bytes);
         read_all(qcow2::open(dev, &Qcow2Options::default()).unwrap().as_ref())

@@ -9,22 +9,15 @@ mod fault_modes;
 use std::sync::Arc;
 
 use fault_modes::{new_mode_seeds, Mode};
-use strata_storage::format::{self, open_image_on, ImageFormat};
+use strata_storage::format::{open_image_on, ImageFormat};
 use strata_storage::io::blocking::BlockingQueue;
 use strata_storage::io::fault::{FaultController, FaultDevice};
-use strata_storage::{BlockDevice, HostFile};
+use strata_storage::BlockDevice;
 
 const SIZE: u64 = 8 << 20;
 
 fn on_fault_device(f: ImageFormat, opts: &str) -> (Arc<FaultDevice>, FaultController) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("img");
-    format::create_image(&p, f, SIZE, &format::parse_options(opts).unwrap()).unwrap();
-    let bytes = std::fs::read(&p).unwrap();
-    let (dev, ctl) = FaultDevice::new(0);
-    dev.write_all_at(0, &bytes).unwrap();
-    dev.sync_data().unwrap();
-    (dev, ctl)
+    fault_modes::image_on_fault_device(f, opts, SIZE)
 }
 
 fn read(img: &dyn BlockDevice) -> Vec<u8> {

@@ -3,10 +3,12 @@
 //! [`BitmapSet::open_in_image`] and `crate::bitmap::persistent`).
 //!
 //! The file is rewritten whole and replaced atomically (temporary file, fsync, rename, fsync of
-//! the directory). While the device is open for writing, the file carries an *in use* flag,
-//! written before the first write is accepted; a clean close saves the bits and clears it. A
-//! file found with the flag set was not closed cleanly, so every bitmap in it may be missing
-//! changes: all are marked invalid, and a backup from one falls back to reading everything.
+//! the directory), through a [`FileSystem`] seam: the host's, or in crash tests one that loses
+//! power together with the device (see `crate::durable`). While the device is open for
+//! writing, the file carries an *in use* flag, written before the first write is accepted; a
+//! clean close saves the bits and clears it. A file found with the flag set was not closed
+//! cleanly, so every bitmap in it may be missing changes: all are marked invalid, and a backup
+//! from one falls back to reading everything.
 //!
 //! Layout (little-endian; see docs/format-volume.md):
 //!
@@ -36,7 +38,7 @@ use crate::bitmap::bits::{ranges, Bits};
 use crate::bitmap::persistent::{BitmapBits, PersistentBitmaps};
 use crate::bytes::{le32, le64, put_le32, put_le64};
 use crate::device::BlockDevice;
-use crate::durable::{write_atomically, Create};
+use crate::durable::{host_fs, write_atomically_on, Create, FileSystem};
 use crate::error::{Result, StorageError};
 use crate::volume::codec::{seal, sealed};
 use crate::volume::name::{check_name, NameKind};
@@ -122,6 +124,8 @@ impl Bitmap {
 #[derive(Debug)]
 pub struct BitmapSet {
     path: PathBuf,
+    /// Where the sidecar file lives.
+    fs: Arc<dyn FileSystem>,
     bitmaps: RwLock<Vec<Arc<Bitmap>>>,
     /// Number of bitmaps, readable without the lock (the write path checks it first).
     count: std::sync::atomic::AtomicUsize,
@@ -158,7 +162,12 @@ impl BitmapSet {
     /// Opens the bitmaps of a device of `size` bytes stored at `path` (none if the file does
     /// not exist).
     pub fn open(path: &Path, size: u64) -> Result<BitmapSet> {
-        let (bitmaps, was_in_use) = match std::fs::read(path) {
+        BitmapSet::open_with(host_fs(), path, size)
+    }
+
+    /// [`BitmapSet::open`] with the file at `path` in `fs`.
+    pub fn open_with(fs: Arc<dyn FileSystem>, path: &Path, size: u64) -> Result<BitmapSet> {
+        let (bitmaps, was_in_use) = match fs.read(path) {
             Ok(bytes) => decode(path, &bytes, size)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), false),
             Err(e) => return Err(StorageError::io(format!("Reading {}", path.display()), e)),
@@ -171,6 +180,7 @@ impl BitmapSet {
         }
         let set = BitmapSet {
             path: path.to_path_buf(),
+            fs,
             count: std::sync::atomic::AtomicUsize::new(bitmaps.len()),
             bitmaps: RwLock::new(bitmaps.into_iter().map(Arc::new).collect()),
             writers: Mutex::new(0),
@@ -214,6 +224,7 @@ impl BitmapSet {
         }
         Ok(BitmapSet {
             path: path.to_path_buf(),
+            fs: host_fs(),
             count: std::sync::atomic::AtomicUsize::new(bitmaps.len()),
             bitmaps: RwLock::new(bitmaps),
             writers: Mutex::new(0),
@@ -409,7 +420,8 @@ impl BitmapSet {
     }
 
     /// Takes a bitmap for a backup: returns its bits and validity and restarts it empty and
-    /// valid, atomically with respect to writes completing meanwhile. Take it *before*
+    /// valid, atomically with respect to writes completing meanwhile. If saving the restarted
+    /// bitmap fails, the bits stay in it and the error is returned. Take it *before*
     /// snapshotting the device for the backup, so that a write between the two is in the next
     /// bitmap (copied twice at worst), never in neither.
     pub fn take(&self, name: &str) -> Result<TakenBitmap> {
@@ -417,7 +429,15 @@ impl BitmapSet {
         let size = b.bits.size();
         let valid = b.valid.swap(true, Ordering::AcqRel);
         let words = b.bits.take();
-        self.save()?;
+        if let Err(e) = self.save() {
+            // Not taken after all: the caller gets no bits, so they go back into the live
+            // bitmap (else the next backup through it would miss these changes).
+            b.bits.or_words(&words);
+            if !valid {
+                b.valid.store(false, Ordering::Release);
+            }
+            return Err(e);
+        }
         Ok(TakenBitmap {
             name: name.to_string(),
             granularity: b.bits.granularity(),
@@ -464,11 +484,12 @@ impl BitmapSet {
         if let Some(img) = &self.image {
             return write_in_image(img, &list, in_use);
         }
-        if list.is_empty() && !self.path.exists() {
+        if list.is_empty() && !self.file_exists()? {
             return Ok(());
         }
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)
+            self.fs
+                .create_dir_all(dir)
                 .map_err(|e| StorageError::io(format!("Creating {}", dir.display()), e))?;
         }
         let size = *self.size();
@@ -502,12 +523,24 @@ impl BitmapSet {
         }
         seal(&mut header, 12);
         header.extend_from_slice(&body);
-        write_atomically(&self.path, &header, 0o644, Create::OrReplace)
+        write_atomically_on(
+            self.fs.as_ref(),
+            &self.path,
+            &header,
+            0o644,
+            Create::OrReplace,
+        )
+    }
+
+    fn file_exists(&self) -> Result<bool> {
+        self.fs
+            .exists(&self.path)
+            .map_err(|e| StorageError::io(format!("Looking for {}", self.path.display()), e))
     }
 
     /// Deletes the file of a device's bitmaps (the device was removed).
-    pub fn delete_file(path: &Path) -> Result<()> {
-        match std::fs::remove_file(path) {
+    pub fn delete_file(fs: &dyn FileSystem, path: &Path) -> Result<()> {
+        match fs.remove_file(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StorageError::io(format!("Removing {}", path.display()), e)),
@@ -644,6 +677,25 @@ mod tests {
         assert!(s.info("b0").unwrap().valid);
         s.restore(&t).unwrap();
         assert!(!s.info("b0").unwrap().valid);
+    }
+
+    #[test]
+    fn a_take_whose_save_fails_keeps_the_bits() {
+        use crate::io::fault::{Fault, FaultDevice, OpKind};
+        let (_, ctl) = FaultDevice::new(0);
+        let s = BitmapSet::open_with(ctl.files(), Path::new("/d/x.bitmaps"), 1 << 20).unwrap();
+        s.add("b0", 65536).unwrap();
+        s.begin_tracking().unwrap();
+        s.mark(70_000, 10);
+        ctl.fail_nth(OpKind::File, 2, Fault::Eio);
+        assert!(s.take("b0").is_err());
+        assert_eq!(
+            s.dirty_ranges("b0").unwrap(),
+            (vec![(65536, 65536)], true),
+            "a failed take hands out nothing, so it must keep the bits"
+        );
+        let t = s.take("b0").unwrap();
+        assert_eq!(t.dirty_ranges(), vec![(65536, 65536)]);
     }
 
     #[test]

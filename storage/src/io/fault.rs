@@ -23,12 +23,19 @@
 //! - completions that come late and out of order ([`FaultController::async_completions`]): queues
 //!   opened afterwards keep submitted requests in flight and run them — taking effect on the
 //!   device only then — in a seeded random order as the queue is reaped or waited on
-//!   (`fault_queue.rs`). Power lost meanwhile loses the requests still in flight.
+//!   (`fault_queue.rs`). Power lost meanwhile loses the requests still in flight;
+//! - small files beside the device ([`FaultController::files`], `fault_fs.rs`): a
+//!   [`crate::durable::FileSystem`] whose operations count as operations of this device (kind
+//!   [`OpKind::File`]) and lose power with it, so that a test cuts between a device's writes and
+//!   a sidecar file's. A [`DurableImage`] holds both what survived on the device and the files.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::device::{BlockDevice, Capabilities, Extent, HostFile};
 use crate::error::{Result, StorageError};
+pub use crate::io::fault_fs::FaultFs;
+use crate::io::fault_fs::Files;
 use crate::io::memory::{apply, sparse_status};
 use crate::io::sparse::SparseMem;
 use crate::io::sync_queue::{SyncExecutor, SyncQueue};
@@ -49,6 +56,8 @@ pub enum Fault {
     /// A short transfer whose rest never comes: the power is lost at it (the part that landed
     /// is unflushed, as any other write). Other kinds of operations ignore it.
     ShortThenPowerLoss,
+    /// The power is lost at the operation, which does not run (any kind).
+    PowerLoss,
 }
 
 /// What happens to unflushed writes at power loss.
@@ -80,6 +89,8 @@ pub enum OpKind {
     WriteZeroes,
     /// A change of length.
     SetLen,
+    /// An operation on a small file beside the device ([`FaultController::files`]).
+    File,
 }
 
 impl OpKind {
@@ -102,7 +113,7 @@ enum Unflushed {
 }
 
 #[derive(Debug)]
-struct State {
+pub(super) struct State {
     durable: SparseMem,
     log: Vec<Unflushed>,
     ops: u64,
@@ -111,7 +122,7 @@ struct State {
     /// What the injected failure hit, once it has.
     injected: Option<OpKind>,
     /// Operations seen so far, by kind.
-    kind_ops: [u64; 6],
+    kind_ops: [u64; 7],
     /// The Nth operation of a kind fails with this fault.
     fail_kind: Option<(OpKind, u64, Fault)>,
     crash_at_flush: Option<u64>,
@@ -121,8 +132,10 @@ struct State {
     /// Queues opened in the asynchronous mode so far (each gets its own stream of choices).
     async_queues: u64,
     loss: LossMode,
+    /// The small files beside the device.
+    pub(super) files: Files,
     /// Set once power is lost: what survived.
-    crashed: Option<SparseMem>,
+    crashed: Option<DurableImage>,
 }
 
 #[derive(Debug)]
@@ -132,13 +145,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> MutexGuard<'_, State> {
         crate::sync::lock(&self.state)
     }
 
     /// Counts an operation and decides whether it fails (`Ok(true)`: it transfers only part of
     /// its data, see [`Fault::Short`]). Flushes, or any operation, may trigger power loss.
-    fn begin(&self, state: &mut State, kind: OpKind) -> Result<bool> {
+    pub(super) fn begin(&self, state: &mut State, kind: OpKind) -> Result<bool> {
         if state.crashed.is_some() {
             return Err(StorageError::Unavailable("power was lost".into()));
         }
@@ -164,6 +177,10 @@ impl Shared {
                     }
                     Fault::NoSpace => {
                         return Err(StorageError::from_errno("Injected fault", libc::ENOSPC))
+                    }
+                    Fault::PowerLoss => {
+                        Self::lose_power(state);
+                        return Err(StorageError::Unavailable("power was lost".into()));
                     }
                     Fault::Short | Fault::ShortThenPowerLoss
                         if matches!(kind, OpKind::Read | OpKind::Write) =>
@@ -191,6 +208,7 @@ impl Shared {
 
     fn lose_power(state: &mut State) {
         let mut image = state.durable.clone();
+        let files = state.files.after_power_loss(state.loss, state.ops);
         if let LossMode::TearAndReorder { seed } = state.loss {
             let mut rng = fastrand::Rng::with_seed(seed ^ state.flushes.wrapping_mul(0x9e37_79b9));
             // Any order between length changes: shuffle each run of writes and zeroes.
@@ -215,7 +233,7 @@ impl Shared {
             }
         }
         state.log.clear();
-        state.crashed = Some(image);
+        state.crashed = Some(DurableImage { disk: image, files });
     }
 }
 
@@ -264,41 +282,56 @@ pub struct FaultController {
     shared: Arc<Shared>,
 }
 
-/// The bytes that survived a power loss, from which a new device can be opened.
-#[derive(Clone, Debug)]
-pub struct DurableImage(SparseMem);
+/// The bytes that survived a power loss, from which a new device can be opened: the device's,
+/// and the small files beside it ([`FaultController::files`]).
+#[derive(Clone, Debug, Default)]
+pub struct DurableImage {
+    disk: SparseMem,
+    files: Files,
+}
 
 impl DurableImage {
     /// Length in bytes.
     pub fn len(&self) -> u64 {
-        self.0.len()
+        self.disk.len()
     }
 
     /// Whether the image is empty.
     pub fn is_empty(&self) -> bool {
-        self.0.len() == 0
+        self.disk.len() == 0
     }
 
     /// Reads `len` bytes at `offset` (zeros past the end).
     pub fn read(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        self.0.read(offset, &mut v);
+        self.disk.read(offset, &mut v);
         v
+    }
+
+    /// The contents of the small file at `path`, if it survived.
+    pub fn file(&self, path: &Path) -> Option<Vec<u8>> {
+        self.files.contents(path)
+    }
+
+    /// The paths of the small files that survived.
+    pub fn file_names(&self) -> Vec<PathBuf> {
+        self.files.names()
     }
 }
 
 impl FaultDevice {
     /// A zero-filled device of `size` bytes, everything durable.
     pub fn new(size: u64) -> (Arc<FaultDevice>, FaultController) {
-        Self::from_mem(SparseMem::with_len(size))
+        Self::from_mem(SparseMem::with_len(size), Files::default())
     }
 
-    /// A device whose current and durable contents are `image` (a power-cycled disk).
+    /// A device whose current and durable contents are `image`, with its small files (a
+    /// power-cycled machine).
     pub fn from_durable(image: &DurableImage) -> (Arc<FaultDevice>, FaultController) {
-        Self::from_mem(image.0.clone())
+        Self::from_mem(image.disk.clone(), image.files.clone())
     }
 
-    fn from_mem(mem: SparseMem) -> (Arc<FaultDevice>, FaultController) {
+    fn from_mem(mem: SparseMem, files: Files) -> (Arc<FaultDevice>, FaultController) {
         let shared = Arc::new(Shared {
             current: RwLock::new(mem.clone()),
             state: Mutex::new(State {
@@ -308,13 +341,14 @@ impl FaultDevice {
                 flushes: 0,
                 fail_op_at: None,
                 injected: None,
-                kind_ops: [0; 6],
+                kind_ops: [0; 7],
                 fail_kind: None,
                 crash_at_flush: None,
                 crash_at_op: None,
                 async_seed: None,
                 async_queues: 0,
                 loss: LossMode::DropUnflushed,
+                files,
                 crashed: None,
             }),
         });
@@ -383,12 +417,18 @@ impl FaultController {
         if s.crashed.is_none() {
             Shared::lose_power(&mut s);
         }
-        DurableImage(s.crashed.clone().unwrap_or_default())
+        s.crashed.clone().unwrap_or_default()
     }
 
     /// What survived, if power was lost.
     pub fn durable_image(&self) -> Option<DurableImage> {
-        self.shared.state().crashed.clone().map(DurableImage)
+        self.shared.state().crashed.clone()
+    }
+
+    /// The small files beside the device: a file system whose operations count as operations
+    /// of the device (kind [`OpKind::File`]) and lose power with it (see `fault_fs.rs`).
+    pub fn files(&self) -> Arc<FaultFs> {
+        Arc::new(FaultFs::new(self.shared.clone()))
     }
 
     /// Whether power was lost.

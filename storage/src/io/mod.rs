@@ -11,7 +11,8 @@
 //! - [`threads`]: a pool of threads doing positional system calls (where io_uring is missing, or
 //!   chosen explicitly);
 //! - `memory` and `fault` (feature `test-utils`): in-memory devices for tests, the second of which
-//!   injects failures and simulates power loss.
+//!   injects failures and simulates power loss — of the device and of the small files beside it
+//!   (`fault_fs`, the fault-injecting side of `crate::durable::FileSystem`).
 
 pub mod blocking;
 pub mod buf;
@@ -26,6 +27,8 @@ pub mod volatile;
 
 #[cfg(feature = "test-utils")]
 pub mod fault;
+#[cfg(feature = "test-utils")]
+mod fault_fs;
 #[cfg(feature = "test-utils")]
 mod fault_queue;
 #[cfg(feature = "test-utils")]

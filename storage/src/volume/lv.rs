@@ -440,7 +440,7 @@ impl Vg {
         let bitmaps = self.bitmap_file_of(&mut st, name);
         self.remove_located(&mut st, name)?;
         if let Some(p) = bitmaps {
-            crate::bitmap::BitmapSet::delete_file(&p)?;
+            crate::bitmap::BitmapSet::delete_file(self.bitmap_fs().as_ref(), &p)?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Weak};
 
 use crate::bitmap::{BitmapSet, TrackedDevice};
 use crate::device::BlockDevice;
+use crate::durable::{host_fs, FileSystem};
 use crate::error::{Result, StorageError};
 use crate::volume::lv::Located;
 use crate::volume::vg::{Vg, VgState};
@@ -40,7 +41,8 @@ impl Vg {
         if let Some(live) = st.tracked.get(&key).and_then(Weak::upgrade) {
             return Ok(live);
         }
-        let set = Arc::new(BitmapSet::open(&self.bitmap_file(st, &key)?, size)?);
+        let file = self.bitmap_file(st, &key)?;
+        let set = Arc::new(BitmapSet::open_with(self.bitmap_fs(), &file, size)?);
         st.tracked.retain(|_, w| w.strong_count() > 0);
         st.tracked.insert(key, Arc::downgrade(&set));
         Ok(set)
@@ -78,6 +80,11 @@ impl Vg {
             live.resize(size)?;
         }
         Ok(())
+    }
+
+    /// The file system the bitmap files live in.
+    pub(crate) fn bitmap_fs(&self) -> Arc<dyn FileSystem> {
+        self.inner.opts.bitmap_fs.clone().unwrap_or_else(host_fs)
     }
 
     /// The key of `name`'s bitmaps, to delete them once the volume is gone.

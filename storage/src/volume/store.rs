@@ -132,6 +132,7 @@ impl VolumeStore {
         VgOptions {
             read_only,
             bitmap_dir: Some(self.data_dir.join("bitmaps")),
+            bitmap_fs: None,
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use serde::Serialize;
 
 use crate::device::SharedFile;
+use crate::durable::FileSystem;
 use crate::error::{Result, StorageError};
 use crate::volume::extents::ExtentMap;
 use crate::volume::label::{read_label, Label};
@@ -62,6 +63,9 @@ pub struct VgOptions {
     pub read_only: bool,
     /// Where dirty bitmaps of the group's volumes are kept (`DATA/bitmaps`); none disables them.
     pub bitmap_dir: Option<PathBuf>,
+    /// The file system the bitmap files are written through (none: the host's; a crash test
+    /// gives the fault-injecting engine's, see `crate::durable`).
+    pub bitmap_fs: Option<Arc<dyn FileSystem>>,
 }
 
 /// One member PV, for listings.

@@ -1,7 +1,32 @@
 //! The fault modes the image crash tests (vmdk, vhd, vhdx) run a random workload under: where
-//! the power goes and how the device completes requests. See docs/testing.md.
+//! the power goes and how the device completes requests; and a fresh image laid out on a
+//! fault-injecting device. See docs/testing.md.
+#![allow(dead_code)]
 
-use strata_storage::io::fault::{fault_seeds, Fault, FaultController, LossMode, OpKind};
+use std::sync::Arc;
+
+use strata_storage::format::{self, ImageFormat};
+use strata_storage::io::fault::{
+    fault_seeds, Fault, FaultController, FaultDevice, LossMode, OpKind,
+};
+use strata_storage::HostFile;
+
+/// A fresh image of `format` and `size` bytes (`opts` as `-o` pairs) on a fault-injecting
+/// device, all of it durable.
+pub fn image_on_fault_device(
+    f: ImageFormat,
+    opts: &str,
+    size: u64,
+) -> (Arc<FaultDevice>, FaultController) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("img");
+    format::create_image(&p, f, size, &format::parse_options(opts).unwrap()).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let (dev, ctl) = FaultDevice::new(0);
+    dev.write_all_at(0, &bytes).unwrap();
+    dev.sync_data().unwrap();
+    (dev, ctl)
+}
 
 /// Where a run cuts the power (the new modes also complete requests late and out of order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
