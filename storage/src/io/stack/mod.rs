@@ -14,6 +14,9 @@
 //!   so does whatever wakes work the layer parked (another queue's allocation, a metadata worker:
 //!   `wake.rs`). [`IoQueue::wait`] blocks on that eventfd — or, with one lower queue busy and
 //!   nothing parked, in that queue itself (one system call per wake-up) — and never sleep-polls;
+//! - **committing**: what the layer sends on while the queue reaps (parked work a wake-up
+//!   released, follow-up pieces, backlog refills) is committed before the reap returns — a
+//!   consumer that only reaps after a wake-up commits again only for requests of its own;
 //! - **drain on drop**: dropping the queue waits for every sub-request in flight (for at most a
 //!   minute) before the layer settles what is left ([`Layer::close`]) — no buffer is freed and no
 //!   allocation left half-done while a lower queue still works on it.
