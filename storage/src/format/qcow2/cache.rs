@@ -522,12 +522,19 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_table_changed_during_its_write_back_writes_only_the_new_changes_next_time() {
-        let base = 1u64 << 20;
+    /// A cache holding one 64 KiB table at `base` with its first granule changed, and that
+    /// table's slot.
+    fn one_changed_table(base: u64) -> (TableCache, usize) {
         let mut c = TableCache::new(4);
         let s = c.insert_loaded(base, IoBuf::new(64 << 10));
         c.bytes_mut(s, 0, 8);
+        (c, s)
+    }
+
+    #[test]
+    fn a_table_changed_during_its_write_back_writes_only_the_new_changes_next_time() {
+        let base = 1u64 << 20;
+        let (mut c, s) = one_changed_table(base);
         let first = c.dirty_tables();
         // Changed while the copy is being written: stays dirty.
         c.bytes_mut(s, 4096 * 7, 8);
@@ -546,9 +553,7 @@ mod tests {
     #[test]
     fn a_failed_write_back_leaves_every_granule_it_copied_to_write_again() {
         let base = 1u64 << 20;
-        let mut c = TableCache::new(4);
-        let s = c.insert_loaded(base, IoBuf::new(64 << 10));
-        c.bytes_mut(s, 0, 8);
+        let (mut c, s) = one_changed_table(base);
         let _lost = c.dirty_tables();
         c.bytes_mut(s, 4096 * 2, 8);
         c.copy_failed();
