@@ -27,7 +27,7 @@ use strata_storage::io::fault::{
     DurableImage, Fault, FaultController, FaultDevice, LossMode, OpKind,
 };
 use strata_storage::io::QueueOptions;
-use strata_storage::{BlockDevice, HostFile};
+use strata_storage::BlockDevice;
 use tracked_session::{check_covers, check_data, write_batches, writes, Outcome, G, SIZE};
 
 const NAME: &str = "backup";
@@ -48,13 +48,6 @@ fn image_bytes(dir: &Path) -> Vec<u8> {
         set.save().unwrap();
     }
     std::fs::read(&path).unwrap()
-}
-
-fn device_with(bytes: &[u8]) -> (Arc<FaultDevice>, FaultController) {
-    let (dev, ctl) = FaultDevice::new(bytes.len() as u64);
-    dev.write_all_at(0, bytes).unwrap();
-    dev.sync_data().unwrap();
-    (dev, ctl)
 }
 
 /// One session: open, track, write and flush the batches, close. Stops at the first error.

@@ -12,7 +12,6 @@ mod qcow2_support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use qcow2_support::*;
@@ -20,7 +19,7 @@ use strata_storage::format::qcow2::{self, check::Repair, Qcow2Options};
 use strata_storage::format::{create_image, ImageFormat};
 use strata_storage::io::fault::{DurableImage, Fault, FaultDevice, LossMode, OpKind};
 use strata_storage::io::{IoBuf, QueueOptions, Request};
-use strata_storage::{BlockDevice, HostFile, SharedFile};
+use strata_storage::{BlockDevice, SharedFile};
 
 const SIZE: u64 = 4 << 20;
 
@@ -32,13 +31,6 @@ fn image_bytes(dir: &Path, opts: &[(&str, String)]) -> Vec<u8> {
         .collect();
     create_image(&p, ImageFormat::Qcow2, SIZE, &map).unwrap();
     std::fs::read(&p).unwrap()
-}
-
-fn device_with(bytes: &[u8]) -> (Arc<FaultDevice>, strata_storage::io::fault::FaultController) {
-    let (dev, ctl) = FaultDevice::new(bytes.len() as u64);
-    dev.write_all_at(0, bytes).unwrap();
-    dev.sync_data().unwrap();
-    (dev, ctl)
 }
 
 struct Outcome {

@@ -18,7 +18,7 @@ use qcow2_support::*;
 use strata_storage::format::qcow2::{self, check::Repair, Qcow2Options};
 use strata_storage::format::{create_image, ImageFormat};
 use strata_storage::io::blocking::BlockingQueue;
-use strata_storage::io::fault::{FaultController, FaultDevice, OpKind};
+use strata_storage::io::fault::{FaultDevice, OpKind};
 use strata_storage::HostFile;
 
 const SIZE: u64 = 16 << 20;
@@ -108,13 +108,6 @@ fn base_image(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(&p).unwrap()
 }
 
-fn device(bytes: &[u8]) -> (Arc<FaultDevice>, FaultController) {
-    let (dev, ctl) = FaultDevice::new(bytes.len() as u64);
-    dev.write_all_at(0, bytes).unwrap();
-    dev.sync_data().unwrap();
-    (dev, ctl)
-}
-
 fn open(dev: Arc<FaultDevice>, cache: Option<u64>) -> Arc<qcow2::Qcow2Image> {
     let opts = Qcow2Options {
         l2_cache_bytes: cache,
@@ -196,7 +189,7 @@ fn sweep(cache: Option<u64>, qemu_every: u64) {
     let base = base_image(dir.path());
     let steps = workload();
     // A clean run counts the operations the workload makes.
-    let (dev, ctl) = device(&base);
+    let (dev, ctl) = device_with(&base);
     let img = open(dev, cache);
     let start = ctl.ops();
     let mut q = BlockingQueue::open(img.as_ref(), 8).unwrap();
@@ -210,7 +203,7 @@ fn sweep(cache: Option<u64>, qemu_every: u64) {
     let only: Option<u64> = std::env::var("EIO_AT").ok().and_then(|v| v.parse().ok());
     for n in (1..=total).filter(|n| only.is_none_or(|o| o == *n)) {
         let mut what = format!("EIO at operation {n} of {total}");
-        let (dev, ctl) = device(&base);
+        let (dev, ctl) = device_with(&base);
         let img = open(dev.clone(), cache);
         let mut q = BlockingQueue::open(img.as_ref(), 8).unwrap();
         ctl.fail_nth_op(n);
@@ -256,7 +249,7 @@ fn sweep(cache: Option<u64>, qemu_every: u64) {
         // Consistent after closing: our check, and qemu-img for a sample.
         let mut bytes = vec![0u8; HostFile::len(dev.as_ref()) as usize];
         dev.read_exact_at(0, &mut bytes).unwrap();
-        let (dev2, _) = device(&bytes);
+        let (dev2, _) = device_with(&bytes);
         let report = open(dev2, None).check(Repair::None).unwrap();
         let first: Vec<&String> = report.messages.iter().take(6).collect();
         assert_eq!(

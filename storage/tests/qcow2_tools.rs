@@ -4,26 +4,13 @@
 mod qcow2_support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use qcow2_support::*;
 use strata_storage::format::qcow2::check::Repair;
-use strata_storage::format::qcow2::{self, tools, Qcow2Options};
-use strata_storage::format::{create_compressed, open_host_file, ImageFormat, OpenOptions};
+use strata_storage::format::qcow2::tools;
+use strata_storage::format::{create_compressed, ImageFormat};
 
 const SIZE: u64 = 8 << 20;
-
-fn open_q(path: &Path, writable: bool) -> std::sync::Arc<qcow2::Qcow2Image> {
-    let f = open_host_file(
-        path,
-        &OpenOptions {
-            read_only: !writable,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
-    qcow2::open(f, &Qcow2Options::default()).unwrap()
-}
 
 fn mixed_data(size: usize, seed: u64) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);

@@ -329,3 +329,34 @@ pub fn write_and_verify(path: &Path, dir: &Path, seed: u64, what: &str) -> Vec<u
     );
     model
 }
+
+/// The qcow2 image at `path`, opened by the driver itself (writable or not).
+pub fn open_q(path: &Path, writable: bool) -> Arc<strata_storage::format::qcow2::Qcow2Image> {
+    let file = strata_storage::format::open_host_file(
+        path,
+        &OpenOptions {
+            read_only: !writable,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    strata_storage::format::qcow2::open(
+        file,
+        &strata_storage::format::qcow2::Qcow2Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("opening {} as qcow2: {e}", path.display()))
+}
+
+/// A fault-injecting device holding `bytes`, all of them durable.
+pub fn device_with(
+    bytes: &[u8],
+) -> (
+    Arc<strata_storage::io::fault::FaultDevice>,
+    strata_storage::io::fault::FaultController,
+) {
+    use strata_storage::HostFile;
+    let (dev, ctl) = strata_storage::io::fault::FaultDevice::new(bytes.len() as u64);
+    dev.write_all_at(0, bytes).unwrap();
+    dev.sync_data().unwrap();
+    (dev, ctl)
+}
