@@ -15,23 +15,10 @@ use std::sync::Arc;
 use qcow2_support::*;
 use strata_storage::bitmap::bits::ranges;
 use strata_storage::format::qcow2::bitmap_store::NewBitmap;
-use strata_storage::format::qcow2::{self, Qcow2Image, Qcow2Options};
-use strata_storage::format::{open_host_file, OpenOptions};
+use strata_storage::format::OpenOptions;
 use strata_storage::io::blocking::BlockingQueue;
 
 const SIZE: u64 = 64 << 20;
-
-fn open_q(path: &Path, writable: bool) -> Arc<Qcow2Image> {
-    let file = open_host_file(
-        path,
-        &OpenOptions {
-            read_only: !writable,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
-    qcow2::open(file, &Qcow2Options::default()).unwrap()
-}
 
 fn make(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("a.qcow2");
@@ -425,6 +412,38 @@ fn a_killed_strata_writer_leaves_its_bitmap_untrusted() {
     assert_qemu_check_clean(&path);
 }
 
+/// A bitmap table is untrusted: one whose entry names the image's L1 table is removed without
+/// releasing that cluster (qemu-img check finds at most the leaked data cluster, not an L1
+/// table with refcount 0 that the next allocation would overwrite).
+fn removing_a_bitmap_whose_table_names_the_l1_table_frees_no_metadata() {
+    strata_testkit::require_qemu_utils();
+    let dir = tempdir();
+    let path = make(dir.path());
+    let b0 = open_q(&path, false)
+        .bitmaps()
+        .unwrap()
+        .into_iter()
+        .find(|b| b.name == "b0")
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1 = strata_storage::bytes::be64(&bytes, 40);
+    let at = b0.table_offset as usize;
+    bytes[at..at + 8].copy_from_slice(&l1.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+
+    open_q(&path, true).bitmap_remove("b0").unwrap();
+    let (code, out) = run_status("qemu-img", &["check", path.to_str().unwrap()]);
+    assert!(
+        code == 0 || code == 3,
+        "qemu-img check after removing the bitmap (exit {code}):\n{out}"
+    );
+    let (code, out) = run_status(
+        "qemu-io",
+        &["-c", "read -P 0xcd 0 1M", path.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "the guest data is gone:\n{out}");
+}
+
 strata_testkit::main!(
     strata_tracks_writes_in_its_own_qcow2_bitmap,
     qemus_enabled_bitmap_stays_valid_across_a_strata_session,
@@ -433,4 +452,5 @@ strata_testkit::main!(
     bitmaps_qemu_made_read_back,
     a_bitmap_left_in_use_is_not_trusted,
     strata_writes_flag_enabled_bitmaps_in_use,
+    removing_a_bitmap_whose_table_names_the_l1_table_frees_no_metadata,
 );

@@ -161,17 +161,34 @@ impl Meta {
         Ok((self.write_new(&table)?, entries))
     }
 
-    /// The host clusters of bitmap `b`: its table's and its data's.
+    /// The host clusters of bitmap `b`: its table's and its data's, each once. The table comes
+    /// from the image, so its entries are checked as for reading the bits, and an entry naming a
+    /// cluster of the image's own tables is left out (with a warning): releasing it would free
+    /// metadata still in use.
     fn bitmap_clusters(&self, b: &Qcow2Bitmap) -> Result<Vec<u64>> {
         let cs = self.geo.cluster_size;
+        let file_len = self.file.len();
         let table = read_u64_table(self.file.as_ref(), b.table_offset, b.table_size as usize)?;
-        let mut out: Vec<u64> = table
-            .iter()
-            .map(|e| e & super::entry::OFFSET_MASK)
-            .filter(|&o| o != 0)
-            .collect();
+        let mut out = Vec::with_capacity(table.len());
+        for (i, &e) in table.iter().enumerate() {
+            out.extend(bitmaps::table_entry_cluster(b, i, e, cs, 1, file_len)?);
+        }
         let table_clusters = (u64::from(b.table_size) * 8).div_ceil(cs);
         out.extend((0..table_clusters).map(|k| b.table_offset + k * cs));
+        out.sort_unstable();
+        out.dedup();
+        out.retain(|&off| {
+            let metadata = self.refs.holds_metadata(off / cs);
+            if metadata {
+                tracing::warn!(
+                    file = self.file.name(),
+                    cluster = off,
+                    "bitmap '{}' named a cluster of the image's own tables; it is not released",
+                    b.name
+                );
+            }
+            !metadata
+        });
         Ok(out)
     }
 

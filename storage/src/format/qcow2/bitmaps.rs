@@ -96,6 +96,37 @@ impl Qcow2Bitmap {
     }
 }
 
+/// The data cluster entry `i` (`e`) of bitmap `b`'s table names (`None`: an all-zero or
+/// all-one cluster with no data), checked: no reserved bits, on a cluster boundary, and `len`
+/// bytes of it inside a file of `file_len` bytes. The table comes from the image: unchecked, an
+/// entry could name any cluster to read, or to release when the bitmap goes.
+pub(super) fn table_entry_cluster(
+    b: &Qcow2Bitmap,
+    i: usize,
+    e: u64,
+    cluster_size: u64,
+    len: u64,
+    file_len: u64,
+) -> Result<Option<u64>> {
+    if e & TABLE_RESERVED != 0 {
+        return Err(corrupt(format!(
+            "bitmap '{}': table entry {i} ({e:#x}) has reserved bits set",
+            b.name
+        )));
+    }
+    let off = e & OFFSET_MASK;
+    if off == 0 {
+        return Ok(None);
+    }
+    if off % cluster_size != 0 || off.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(corrupt(format!(
+            "bitmap '{}': data cluster {off:#x} lies outside the file",
+            b.name
+        )));
+    }
+    Ok(Some(off))
+}
+
 fn corrupt(detail: impl Into<String>) -> StorageError {
     StorageError::corrupt("qcow2 bitmaps", detail)
 }
@@ -294,26 +325,11 @@ pub fn read_words(
         }
         let n = cluster_size.min(bytes - start) as usize;
         let dst = &mut data[start as usize..start as usize + n];
-        if e & TABLE_RESERVED != 0 {
-            return Err(corrupt(format!(
-                "bitmap '{}': table entry {i} ({e:#x}) has reserved bits set",
-                b.name
-            )));
+        match table_entry_cluster(b, i, e, cluster_size, n as u64, file_len)? {
+            Some(off) => file.read_exact_at(off, dst)?,
+            None if e & 1 != 0 => dst.fill(0xff),
+            None => {}
         }
-        let off = e & OFFSET_MASK;
-        if off == 0 {
-            if e & 1 != 0 {
-                dst.fill(0xff);
-            }
-            continue;
-        }
-        if off % cluster_size != 0 || off.checked_add(n as u64).is_none_or(|end| end > file_len) {
-            return Err(corrupt(format!(
-                "bitmap '{}': data cluster {off:#x} lies outside the file",
-                b.name
-            )));
-        }
-        file.read_exact_at(off, dst)?;
     }
     // Bits past the end of the disk are not part of the bitmap.
     let mut words: Vec<u64> = data
