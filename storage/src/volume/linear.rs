@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use crate::device::{BlockDevice, Capabilities, Extent, ExtentKind};
 use crate::error::{Result, StorageError};
 use crate::io::stack::{Layer, Lower, ReqId, Stack, StackedQueue};
-use crate::io::{check_range, Completion, IoBuf, IoQueue, Op, QueueOptions, Request};
+use crate::io::{check_range, Completion, IoQueue, Op, QueueOptions, Request};
 use crate::sync::read_meta;
 use crate::volume::extents::ExtentMap;
 use crate::volume::pvs::{pv_alignment, pv_opener, PvSet};
@@ -210,17 +210,29 @@ impl Layer for LinearLayer {
                     // views are disjoint.
                     unsafe { st.view(id, within as usize, n as usize) }
                 }
-                .unwrap_or_else(IoBuf::empty)
             };
             let op = match &req.op {
-                Op::Read { .. } => Op::Read {
-                    offset: pv_offset,
-                    buf: piece_buf(),
-                },
-                Op::Write { .. } => Op::Write {
-                    offset: pv_offset,
-                    buf: piece_buf(),
-                },
+                Op::Read { .. } | Op::Write { .. } => {
+                    let Some(buf) = piece_buf() else {
+                        // Not reached: the pieces lie inside the buffer. Never send less.
+                        st.fail(
+                            id,
+                            StorageError::Unavailable("a piece of a request's buffer".into()),
+                        );
+                        continue;
+                    };
+                    if matches!(req.op, Op::Read { .. }) {
+                        Op::Read {
+                            offset: pv_offset,
+                            buf,
+                        }
+                    } else {
+                        Op::Write {
+                            offset: pv_offset,
+                            buf,
+                        }
+                    }
+                }
                 Op::Discard { .. } => Op::Discard {
                     offset: pv_offset,
                     len: n,

@@ -194,6 +194,8 @@ pub fn parse_directory(
     cluster_size: u64,
 ) -> Result<Vec<Qcow2Bitmap>> {
     let mut out: Vec<Qcow2Bitmap> = Vec::with_capacity(nb.min(1024) as usize);
+    // Names seen so far: a directory may hold 65535 entries, too many to compare pairwise.
+    let mut names = std::collections::HashSet::new();
     let mut at = 0usize;
     for i in 0..nb {
         if at + 24 > dir.len() {
@@ -256,7 +258,7 @@ pub fn parse_directory(
                 "the bitmap table at {table_offset:#x} lies outside the file or off a cluster boundary"
             )));
         }
-        if out.iter().any(|b| b.name == name) {
+        if !names.insert(name.clone()) {
             return Err(entry(format!("the name '{name}' appears twice")));
         }
         out.push(Qcow2Bitmap {

@@ -199,7 +199,10 @@ impl Core {
     /// lock: a flush that does not stop the queues.
     pub(crate) fn flush(&self) -> Result<()> {
         let _wb = lock(&self.writeback);
-        writeback_unlocked(&self.meta, self.file.as_ref(), &self.name)?;
+        if writeback_unlocked(&self.meta, self.file.as_ref(), &self.name)? {
+            // The write-back synced the data file first and the image file last.
+            return Ok(());
+        }
         self.sync_data_file()?;
         self.file.sync_data()
     }

@@ -36,7 +36,6 @@ struct Parent {
     holds: u32,
     result: Result<u64>,
     buf: Held,
-    had_buf: bool,
 }
 
 /// Requests in flight. See the module documentation.
@@ -48,13 +47,11 @@ pub(crate) struct Fanin {
 impl Fanin {
     /// Opens a request that succeeds with `len`, holding it open until [`Fanin::release`].
     pub(crate) fn open(&mut self, tag: u64, buf: Option<IoBuf>, len: u64) -> ReqId {
-        let had_buf = buf.is_some();
         self.slab.insert(Parent {
             tag,
             holds: 1,
             result: Ok(len),
             buf: buf.map_or(Held::None, Held::Owned),
-            had_buf,
         })
     }
 
@@ -151,7 +148,8 @@ impl Fanin {
             Held::Lent => (None, true),
             Held::None => (None, false),
         };
-        let result = match (p.result, lost && p.had_buf) {
+        // Only a request opened with a buffer can have lent or shared it.
+        let result = match (p.result, lost) {
             (Err(e), _) => Err(e),
             (Ok(_), true) => Err(StorageError::Unavailable(
                 "a piece of the request did not give its buffer back".into(),
