@@ -12,6 +12,7 @@
 //! at worst with leaked clusters.
 
 use crate::bitmap::BitmapBits;
+use crate::bytes::{put_be32, put_be64};
 use crate::error::{Result, StorageError};
 
 use super::bitmaps::{self, Qcow2Bitmap, MAX_BITMAPS, MAX_NAME_BYTES};
@@ -224,9 +225,9 @@ impl Meta {
             if in_use {
                 flags |= bitmaps::FLAG_IN_USE;
             }
-            dir[at..at + 8].copy_from_slice(&table_at.to_be_bytes());
-            dir[at + 8..at + 12].copy_from_slice(&(entries as u32).to_be_bytes());
-            dir[at + 12..at + 16].copy_from_slice(&flags.to_be_bytes());
+            put_be64(&mut dir, at, table_at);
+            put_be32(&mut dir, at + 8, entries as u32);
+            put_be32(&mut dir, at + 12, flags);
         }
         self.switch_directory(list.len(), &dir, release)
     }

@@ -284,7 +284,7 @@ pub fn mark_enabled_in_use(dir: &mut [u8], list: &[Qcow2Bitmap]) -> Vec<String> 
     for b in list.iter().filter(|b| b.auto && !b.in_use) {
         let at = b.entry_at + 12;
         let flags = be32(dir, at) | FLAG_IN_USE;
-        dir[at..at + 4].copy_from_slice(&flags.to_be_bytes());
+        crate::bytes::put_be32(dir, at, flags);
         flagged.push(b.name.clone());
     }
     flagged
@@ -336,7 +336,7 @@ pub fn read_words(
     // Bits past the end of the disk are not part of the bitmap.
     let mut words: Vec<u64> = data
         .chunks_exact(8)
-        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .map(|c| crate::bytes::le64(c, 0))
         .collect();
     let tail = bits % 64;
     if tail != 0 {
