@@ -229,10 +229,6 @@ impl Meta {
                 }
             }
         }
-        if self.geo.external {
-            // Data file clusters are not refcounted: nothing to release.
-            old = OldRef::None;
-        }
         let mut cow = Vec::new();
         let (head_from, tail_to) = if whole {
             (base, base + cs)
@@ -318,7 +314,8 @@ impl Meta {
                 self.set_l2_raw(slot, l2i, plan.host | COPIED, new_bitmap);
                 match plan.old {
                     OldRef::None => {}
-                    OldRef::Cluster(h) => self.refs.free_later(h, 1),
+                    // Skips clusters of an external data file (not refcounted).
+                    OldRef::Cluster(h) => self.free_data_later(h),
                     OldRef::Compressed { offset, len } => {
                         let range = self.compressed_clusters(offset, len);
                         self.refs.free_clusters_later(range);
