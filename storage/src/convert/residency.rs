@@ -78,10 +78,9 @@ fn page_size() -> u64 {
 }
 
 fn seek(fd: i32, offset: u64, whence: i32) -> Option<u64> {
-    let offset = i64::try_from(offset).ok()?;
-    // SAFETY: lseek on a descriptor we own; no memory is passed.
-    let r = unsafe { libc::lseek(fd, offset, whence) };
-    u64::try_from(r).ok()
+    crate::io::file::seek_data_or_hole(fd, offset, whence)
+        .ok()
+        .flatten()
 }
 
 /// Bytes looked at and bytes resident in `[offset, offset+len)` (offset page-aligned).

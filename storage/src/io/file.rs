@@ -350,19 +350,7 @@ impl FileHandle {
             });
         }
         let fd = self.main.as_raw_fd();
-        let seek = |whence: i32| -> io::Result<Option<u64>> {
-            // SAFETY: lseek on a descriptor we own; no memory is passed.
-            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                return if e.raw_os_error() == Some(libc::ENXIO) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                };
-            }
-            Ok(Some(r as u64))
-        };
+        let seek = |whence: i32| seek_data_or_hole(fd, offset, whence);
         let ctx = |e| StorageError::io(format!("Mapping {}", self.name), e);
         match seek(libc::SEEK_DATA).map_err(ctx)? {
             Some(data) if data == offset => {
@@ -561,6 +549,24 @@ fn block_device_size(file: &File) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(size)
+}
+
+/// `lseek(fd, offset, whence)` for `SEEK_DATA`/`SEEK_HOLE`: the offset found, or `None` where
+/// there is none past `offset` (ENXIO).
+pub(crate) fn seek_data_or_hole(fd: i32, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: lseek on a descriptor the caller owns; no memory is passed.
+    let r = unsafe { libc::lseek(fd, offset, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(r as u64))
 }
 
 #[cfg(test)]
