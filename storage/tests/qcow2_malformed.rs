@@ -467,3 +467,60 @@ fn l2_entries_naming_metadata_fail_writes_and_leave_the_tables_intact() {
         );
     }
 }
+
+/// A data cluster that the end of the file cuts short: a read of its bytes on disk returns
+/// them, a read reaching past the end fails with an error naming the range (never whatever the
+/// guest buffer held).
+#[test]
+fn a_data_cluster_cut_short_by_the_end_of_the_file_fails_reads_past_the_end() {
+    use strata_storage::io::{IoBuf, QueueOptions, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short.qcow2");
+    strata_storage::format::create_image(&path, ImageFormat::Qcow2, 64 << 20, &Default::default())
+        .unwrap();
+    let opts = strata_storage::format::OpenOptions::default();
+    {
+        let img = strata_storage::format::open_image(&path, &opts).unwrap();
+        write_at_zero(&img, &[0x5a; 4096]).unwrap();
+        img.flush().unwrap();
+    }
+    let b = std::fs::read(&path).unwrap();
+    let h = Header::parse(&b).unwrap();
+    let l1 = h.l1_table_offset as usize;
+    let l2 =
+        (u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let host = u64::from_be_bytes(b[l2..l2 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    assert!(host != 0 && host + 4096 <= b.len() as u64);
+    // The file ends half-way into the first 4 KiB of the data cluster.
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(host + 2048)
+        .unwrap();
+    let ro = strata_storage::format::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let img = strata_storage::format::open_image(&path, &ro).unwrap();
+    let mut q = img.open_queue(&QueueOptions::with_depth(1)).unwrap();
+    let mut read = |len: usize| {
+        let _ = q.submit(Request::read(1, 0, IoBuf::from_slice(&vec![0xee; len])));
+        let mut done = Vec::new();
+        let began = Instant::now();
+        while done.is_empty() {
+            q.wait(Some(Duration::from_secs(1))).unwrap();
+            q.reap(&mut done);
+            assert!(began.elapsed() < Duration::from_secs(60), "the read hangs");
+        }
+        done.pop().unwrap()
+    };
+    let c = read(2048);
+    assert_eq!(c.result.unwrap(), 2048);
+    assert!(c.buf.unwrap().to_vec().iter().all(|&x| x == 0x5a));
+    let e = read(4096).result.unwrap_err();
+    assert!(
+        matches!(e, strata_storage::StorageError::OutOfRange { .. }),
+        "{e}"
+    );
+}

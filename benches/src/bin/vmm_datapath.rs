@@ -10,6 +10,7 @@
 //! Usage: vmm_datapath [--file PATH] [--seconds S] [--rounds N] [--size BYTES] [--stats]
 //!        [--only-strata-depth D]   (one run of our device alone, for profiling)
 //!        [--only-qcow2]   (with --only-strata-depth: on the qcow2 copy instead of the raw file)
+//!        [--rows raw1,raw32,qcow2-1,qcow2-32]   (the table's rows to run; default all four)
 //!        [--seccomp]   (the worker runs under the VMM's device-worker seccomp filter, as in a
 //!                       sandboxed VMM process; benches/vmm_process.sh compares with and without)
 //! Prints each run, the medians and the ratio.
@@ -237,6 +238,9 @@ fn main() -> Result<()> {
     let (mut secs, mut rounds, mut size) = (5u64, 3usize, 1u64 << 30);
     let mut only: Option<u16> = None;
     let mut only_qcow2 = false;
+    let mut rows: Vec<String> = ["raw1", "raw32", "qcow2-1", "qcow2-32"]
+        .map(String::from)
+        .to_vec();
     while let Some(a) = args.next() {
         let mut val = || args.next().context("missing value");
         match a.as_str() {
@@ -249,6 +253,7 @@ fn main() -> Result<()> {
             // Profiling aid: only our device at one depth, no peer, no table.
             "--only-strata-depth" => only = Some(val()?.parse()?),
             "--only-qcow2" => only_qcow2 = true,
+            "--rows" => rows = val()?.split(',').map(String::from).collect(),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -297,7 +302,16 @@ fn main() -> Result<()> {
     );
     println!("| row | strata device IOPS | fio IOPS | ratio |");
     println!("|---|---|---|---|");
+    if let Some(bad) = rows
+        .iter()
+        .find(|r| !["raw1", "raw32", "qcow2-1", "qcow2-32"].contains(&r.as_str()))
+    {
+        bail!("unknown row {bad} (rows: raw1, raw32, qcow2-1, qcow2-32)");
+    }
     for depth in [1u16, 32] {
+        if !rows.contains(&format!("raw{depth}")) {
+            continue;
+        }
         row(
             &format!("raw 4k randread QD{depth}"),
             &file,
@@ -307,9 +321,15 @@ fn main() -> Result<()> {
             rounds,
         )?;
     }
+    if !rows.iter().any(|r| r.starts_with("qcow2")) {
+        return Ok(());
+    }
     match qcow2_copy(&file) {
         Ok(qcow2) => {
             for depth in [1u16, 32] {
+                if !rows.contains(&format!("qcow2-{depth}")) {
+                    continue;
+                }
                 let label = format!("qcow2 4k randread QD{depth} (fio on the raw file)");
                 row(&label, &qcow2, &file, depth, secs, rounds)?;
             }

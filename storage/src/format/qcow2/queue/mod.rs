@@ -64,6 +64,8 @@ enum Src {
 enum Sub {
     /// A plain piece of a guest request.
     Piece(ReqId),
+    /// A guest read sent down whole, with its own buffer: completes the request with this tag.
+    Whole(u64),
     /// A read of data an allocating write copies in.
     CowRead(usize),
     /// The write of an allocating job.
@@ -343,6 +345,7 @@ impl Layer for Qcow2Layer {
     fn finished(&mut self, st: &mut St, sub: Sub, c: Completion) {
         match sub {
             Sub::Piece(r) => st.release(r, c.result.map(|_| ()), c.buf),
+            Sub::Whole(tag) => Self::whole_read_done(st, tag, c),
             Sub::CowRead(j) => {
                 drop(c.buf);
                 let last = match self.jobs.get_mut(j) {

@@ -4,13 +4,28 @@
 //! compressed cluster in). A read whose L2 table is not in memory parks from that cluster on
 //! until the table is read.
 
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::error::{Result, StorageError};
 use crate::format::qcow2::codec;
 use crate::format::qcow2::entry::Mapping;
+use crate::format::qcow2::meta::Await;
 use crate::io::stack::ReqId;
-use crate::io::{IoBuf, Op};
+use crate::io::{Completion, IoBuf, Op};
 
 use super::{Blocked, Qcow2Layer, St, Sub, BACKING};
+
+/// How far [`Qcow2Layer::map_range`] got.
+enum Mapped {
+    /// Every byte is in the extents.
+    Done,
+    /// Mapping stopped at this guest offset; what to do about it, decided under the lock.
+    Stalled(u64, Await),
+    /// The metadata is unusable.
+    Failed(StorageError),
+}
 
 impl Qcow2Layer {
     /// The decompressed cluster whose compressed data is at `offset`.
@@ -43,48 +58,79 @@ impl Qcow2Layer {
             .unwrap_or(&[]))
     }
 
+    /// Starts a guest read. A read that maps to one allocated extent — the common case, a read
+    /// inside one cluster — goes down with its buffer and its own tag ([`Sub::Whole`]), without
+    /// the fan-in bookkeeping of a split request.
     pub(super) fn start_read(&mut self, st: &mut St, tag: u64, offset: u64, buf: IoBuf) {
         let len = buf.len() as u64;
+        let end = offset + len;
+        let mapped = self.map_range(st.waker(), offset, end);
+        if let Mapped::Done = mapped {
+            if let [(_, n, Mapping::Allocated(h))] = self.extents[..] {
+                if n == len {
+                    st.send(
+                        self.data_lower(),
+                        Sub::Whole(tag),
+                        Op::Read { offset: h, buf },
+                    );
+                    return;
+                }
+            }
+        }
         let r = st.open(tag, Some(buf), len);
-        self.read_range(st, r, offset, offset, len);
+        self.read_mapped(st, r, offset, offset, end, mapped);
         st.close(r);
     }
 
     /// Reads guest `[g, g+len)` into request `r`, whose buffer starts at guest offset `base`.
     pub(super) fn read_range(&mut self, st: &mut St, r: ReqId, base: u64, g: u64, len: u64) {
-        let mut extents = std::mem::take(&mut self.extents);
-        extents.clear();
         let end = g + len;
+        let mapped = self.map_range(st.waker(), g, end);
+        self.read_mapped(st, r, base, g, end, mapped);
+    }
+
+    /// Maps guest `[g, end)` into `self.extents` under the metadata lock, as far as the tables in
+    /// memory allow.
+    fn map_range(&mut self, waker: Option<&Arc<EventFd>>, g: u64, end: u64) -> Mapped {
+        self.extents.clear();
+        let mut m = match self.img.core.meta() {
+            Ok(m) => m,
+            Err(e) => return Mapped::Failed(e),
+        };
         let mut at = g;
-        let waker = st.waker().cloned();
-        let stalled = match self.img.core.meta() {
-            Err(e) => {
-                st.fail(r, e);
-                extents.clear();
-                at = end;
-                None
-            }
-            Ok(mut m) => {
-                let mut out = None;
-                while at < end {
-                    match m.map(at, end - at) {
-                        Ok((mapping, run)) => {
-                            push_extent(&mut extents, at, run, mapping, self.img.merge);
-                            at += run;
-                        }
-                        Err(stall) => {
-                            out = Some(m.wait_for(stall, waker.as_ref()));
-                            break;
-                        }
-                    }
+        let mut out = Mapped::Done;
+        while at < end {
+            match m.map(at, end - at) {
+                Ok((mapping, run)) => {
+                    push_extent(&mut self.extents, at, run, mapping, self.img.merge);
+                    at += run;
                 }
-                m.end_op();
-                out
+                Err(stall) => {
+                    out = Mapped::Stalled(at, m.wait_for(stall, waker));
+                    break;
+                }
+            }
+        }
+        m.end_op();
+        out
+    }
+
+    /// Sends the extents [`Self::map_range`] mapped for request `r` (whose buffer starts at guest
+    /// `base`; the mapping started at guest `g` and was to reach `end`), and parks or fails what
+    /// it could not map.
+    fn read_mapped(&mut self, st: &mut St, r: ReqId, base: u64, g: u64, end: u64, mapped: Mapped) {
+        let stalled = match mapped {
+            Mapped::Done => None,
+            Mapped::Stalled(at, aw) => Some((at, aw)),
+            Mapped::Failed(e) => {
+                st.fail(r, e);
+                return;
             }
         };
+        let extents = std::mem::take(&mut self.extents);
         match extents.as_slice() {
             // The whole request in one piece on the host: its buffer goes down as it is.
-            [(eg, n, Mapping::Allocated(h))] if *eg == base && *n == len && g == base => {
+            [(eg, n, Mapping::Allocated(h))] if *eg == base && *n == end - base && g == base => {
                 if let Some(buf) = st.lend(r) {
                     st.hold(r);
                     st.send(
@@ -101,7 +147,7 @@ impl Qcow2Layer {
             }
         }
         self.extents = extents;
-        if let Some(aw) = stalled {
+        if let Some((at, aw)) = stalled {
             if self.after_stall(st, r, aw) {
                 self.park(
                     st,
@@ -114,6 +160,28 @@ impl Qcow2Layer {
                 );
             }
         }
+    }
+
+    /// A read sent whole with [`Sub::Whole`] finished: it completes as it is, reading zeros past
+    /// a short read at the end of the host file (as a piece does).
+    pub(super) fn whole_read_done(st: &mut St, tag: u64, c: Completion) {
+        let Completion {
+            result, mut buf, ..
+        } = c;
+        let result = match (result, buf.as_mut()) {
+            (Ok(n), Some(b)) => {
+                let l = b.len();
+                if (n as usize) < l {
+                    b.fill_zero(n as usize, l - n as usize);
+                }
+                Ok(l as u64)
+            }
+            (Ok(_), None) => Err(StorageError::Unavailable(
+                "the host read did not give its buffer back".into(),
+            )),
+            (Err(e), _) => Err(e),
+        };
+        st.complete(Completion { tag, result, buf });
     }
 
     fn read_extent(&mut self, st: &mut St, r: ReqId, off: usize, g: u64, n: u64, mapping: Mapping) {
