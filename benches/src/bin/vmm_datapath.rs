@@ -212,18 +212,30 @@ fn fio_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
         .context("fio's JSON has no read IOPS")
 }
 
-/// One table row: `rounds` alternating runs of our device on `ours` and fio on `peer`, medians.
+/// One table row: `rounds` paired runs of our device on `ours` and fio on `peer` (which side goes
+/// first alternates by round, so that neither always runs on a disk the other just warmed or
+/// tired); medians, and the median of the rounds' ratios.
 fn row(label: &str, ours: &Path, peer: &Path, depth: u16, secs: u64, rounds: usize) -> Result<()> {
-    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    let (mut mine, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        let s = strata_run(ours, depth, secs)?;
-        let f = fio_run(peer, depth, secs)?;
+        let (s, f) = if r % 2 == 0 {
+            let s = strata_run(ours, depth, secs)?;
+            (s, fio_run(peer, depth, secs)?)
+        } else {
+            let f = fio_run(peer, depth, secs)?;
+            (strata_run(ours, depth, secs)?, f)
+        };
         eprintln!("{label} round {r}: strata {s:.0}, fio {f:.0}");
         mine.push(s);
         theirs.push(f);
+        ratios.push(s / f);
     }
     let (s, f) = (median(mine), median(theirs));
-    println!("| {label} | {s:.0} | {f:.0} | {:.2}x |", s / f);
+    println!(
+        "| {label} | {s:.0} | {f:.0} | {:.4}x | {:.4}x |",
+        s / f,
+        median(ratios)
+    );
     Ok(())
 }
 
@@ -300,8 +312,8 @@ fn main() -> Result<()> {
         "4k random read, {secs} s runs, {rounds} rounds alternating, file {}",
         file.display()
     );
-    println!("| row | strata device IOPS | fio IOPS | ratio |");
-    println!("|---|---|---|---|");
+    println!("| row | strata device IOPS | fio IOPS | ratio of medians | median of round ratios |");
+    println!("|---|---|---|---|---|");
     if let Some(bad) = rows
         .iter()
         .find(|r| !["raw1", "raw32", "qcow2-1", "qcow2-32"].contains(&r.as_str()))
@@ -335,7 +347,7 @@ fn main() -> Result<()> {
             }
             let _ = std::fs::remove_file(&qcow2);
         }
-        Err(e) => println!("| qcow2 rows | SKIPPED: {e:#} | | |"),
+        Err(e) => println!("| qcow2 rows | SKIPPED: {e:#} | | | |"),
     }
     Ok(())
 }
@@ -352,6 +364,13 @@ fn qcow2_copy(file: &Path) -> Result<PathBuf> {
     if !st.success() {
         bail!("qemu-img could not make the qcow2 copy");
     }
+    // qemu-img leaves the copy's gigabyte in the page cache, dirty: written back while the first
+    // rounds run (and flushed by their first direct reads), it would slow whichever row comes
+    // first. Sync it and give the disk a moment before measuring.
+    std::fs::File::open(&qcow2)
+        .and_then(|f| f.sync_all())
+        .context("syncing the qcow2 copy")?;
+    std::thread::sleep(Duration::from_secs(2));
     open_image(&qcow2, &OpenOptions::default())?;
     Ok(qcow2)
 }
