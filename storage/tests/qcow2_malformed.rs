@@ -388,20 +388,30 @@ fn refcounts_claiming_clusters_far_past_the_end_fail_an_allocation_fast() {
     let img =
         strata_storage::format::open_image(&path, &strata_storage::format::OpenOptions::default())
             .unwrap();
-    let began = Instant::now();
     let mut q = img.open_queue(&QueueOptions::with_depth(1)).unwrap();
-    let _ = q.submit(Request::write(1, 0, IoBuf::from_slice(&[7u8; 4096])));
+    let write = Request::write(1, 0, IoBuf::from_slice(&[7u8; 4096]));
+    let e = run_one(q.as_mut(), write, "the allocation is still scanning")
+        .result
+        .unwrap_err();
+    assert!(e.to_string().contains("beyond the end of the file"), "{e}");
+}
+
+/// Runs `req` alone on queue `q` and returns its completion, failing the test with `stuck` if
+/// it takes a minute.
+fn run_one(
+    q: &mut dyn strata_storage::io::IoQueue,
+    req: strata_storage::io::Request,
+    stuck: &str,
+) -> strata_storage::io::Completion {
+    let _ = q.submit(req);
     let mut done = Vec::new();
+    let began = Instant::now();
     while done.is_empty() {
         q.wait(Some(Duration::from_secs(1))).unwrap();
         q.reap(&mut done);
-        assert!(
-            began.elapsed() < Duration::from_secs(60),
-            "the allocation is still scanning"
-        );
+        assert!(began.elapsed() < Duration::from_secs(60), "{stuck}");
     }
-    let e = done.pop().unwrap().result.unwrap_err();
-    assert!(e.to_string().contains("beyond the end of the file"), "{e}");
+    done.pop().unwrap()
 }
 
 /// Writes `data` at guest offset 0 through a queue; returns the completion's result.
@@ -411,15 +421,18 @@ fn write_at_zero(
 ) -> strata_storage::Result<u64> {
     use strata_storage::io::{IoBuf, QueueOptions, Request};
     let mut q = img.open_queue(&QueueOptions::with_depth(1)).unwrap();
-    let _ = q.submit(Request::write(1, 0, IoBuf::from_slice(data)));
-    let mut done = Vec::new();
-    let began = Instant::now();
-    while done.is_empty() {
-        q.wait(Some(Duration::from_secs(1))).unwrap();
-        q.reap(&mut done);
-        assert!(began.elapsed() < Duration::from_secs(60), "the write hangs");
-    }
-    done.pop().unwrap().result
+    run_one(
+        q.as_mut(),
+        Request::write(1, 0, IoBuf::from_slice(data)),
+        "the write hangs",
+    )
+    .result
+}
+
+/// The offset of the L2 table that the first L1 entry of the image in `bytes` names.
+fn first_l2_table(bytes: &[u8]) -> usize {
+    let l1 = Header::parse(bytes).unwrap().l1_table_offset as usize;
+    (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize
 }
 
 /// An L2 entry that names a metadata cluster — the refcount table with the COPIED flag (a
@@ -441,8 +454,7 @@ fn l2_entries_naming_metadata_fail_writes_and_leave_the_tables_intact() {
     let h = Header::parse(&clean).unwrap();
     let cs = 1u64 << h.cluster_bits;
     let l1 = h.l1_table_offset as usize;
-    let l2 = (u64::from_be_bytes(clean[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
-        as usize;
+    let l2 = first_l2_table(&clean);
     assert!(l2 != 0);
     let rt = h.refcount_table_offset as usize;
     for (entry, table, name) in [
@@ -485,10 +497,7 @@ fn a_data_cluster_cut_short_by_the_end_of_the_file_fails_reads_past_the_end() {
         img.flush().unwrap();
     }
     let b = std::fs::read(&path).unwrap();
-    let h = Header::parse(&b).unwrap();
-    let l1 = h.l1_table_offset as usize;
-    let l2 =
-        (u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let l2 = first_l2_table(&b);
     let host = u64::from_be_bytes(b[l2..l2 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
     assert!(host != 0 && host + 4096 <= b.len() as u64);
     // The file ends half-way into the first 4 KiB of the data cluster.
@@ -505,15 +514,8 @@ fn a_data_cluster_cut_short_by_the_end_of_the_file_fails_reads_past_the_end() {
     let img = strata_storage::format::open_image(&path, &ro).unwrap();
     let mut q = img.open_queue(&QueueOptions::with_depth(1)).unwrap();
     let mut read = |len: usize| {
-        let _ = q.submit(Request::read(1, 0, IoBuf::from_slice(&vec![0xee; len])));
-        let mut done = Vec::new();
-        let began = Instant::now();
-        while done.is_empty() {
-            q.wait(Some(Duration::from_secs(1))).unwrap();
-            q.reap(&mut done);
-            assert!(began.elapsed() < Duration::from_secs(60), "the read hangs");
-        }
-        done.pop().unwrap()
+        let buf = IoBuf::from_slice(&vec![0xee; len]);
+        run_one(q.as_mut(), Request::read(1, 0, buf), "the read hangs")
     };
     let c = read(2048);
     assert_eq!(c.result.unwrap(), 2048);

@@ -40,6 +40,8 @@ const HDRS: u64 = 0x3_0000;
 const STATUS: u64 = 0x4_0000;
 const DATA: u64 = 0x10_0000;
 const BS: u64 = 4096;
+/// The table's rows, as `--rows` names them.
+const ROWS: [&str; 4] = ["raw1", "raw32", "qcow2-1", "qcow2-32"];
 
 /// The interrupt: an eventfd the driver thread blocks on.
 struct Irq(EventFd);
@@ -250,9 +252,7 @@ fn main() -> Result<()> {
     let (mut secs, mut rounds, mut size) = (5u64, 3usize, 1u64 << 30);
     let mut only: Option<u16> = None;
     let mut only_qcow2 = false;
-    let mut rows: Vec<String> = ["raw1", "raw32", "qcow2-1", "qcow2-32"]
-        .map(String::from)
-        .to_vec();
+    let mut rows: Vec<String> = ROWS.map(String::from).to_vec();
     while let Some(a) = args.next() {
         let mut val = || args.next().context("missing value");
         match a.as_str() {
@@ -314,11 +314,8 @@ fn main() -> Result<()> {
     );
     println!("| row | strata device IOPS | fio IOPS | ratio of medians | median of round ratios |");
     println!("|---|---|---|---|---|");
-    if let Some(bad) = rows
-        .iter()
-        .find(|r| !["raw1", "raw32", "qcow2-1", "qcow2-32"].contains(&r.as_str()))
-    {
-        bail!("unknown row {bad} (rows: raw1, raw32, qcow2-1, qcow2-32)");
+    if let Some(bad) = rows.iter().find(|r| !ROWS.contains(&r.as_str())) {
+        bail!("unknown row {bad} (rows: {})", ROWS.join(", "));
     }
     for depth in [1u16, 32] {
         if !rows.contains(&format!("raw{depth}")) {

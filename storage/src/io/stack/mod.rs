@@ -176,19 +176,47 @@ impl<S> Stack<S> {
     pub fn release_piece(&mut self, id: ReqId, read: bool, c: Completion) {
         let mut buf = c.buf;
         let result = c.result.map(|n| {
-            if let Some(b) = buf.as_mut().filter(|_| read) {
-                let l = b.len();
-                if (n as usize) < l {
-                    b.fill_zero(n as usize, l - n as usize);
-                }
+            if read {
+                zero_past_short_read(buf.as_mut(), n);
             }
         });
         self.release(id, result, buf)
     }
 
+    /// Completes request `tag`, which went down as one read carrying its whole buffer (no
+    /// fan-in): zeros past a read that ended early at the end of a host file, as
+    /// [`Stack::release_piece`] does, and an error if the buffer did not come back.
+    pub fn complete_whole_read(&mut self, tag: u64, c: Completion) {
+        let Completion {
+            result, mut buf, ..
+        } = c;
+        let result = match (result, buf.as_mut()) {
+            (Ok(n), Some(b)) => {
+                let len = b.len() as u64;
+                zero_past_short_read(Some(b), n);
+                Ok(len)
+            }
+            (Ok(_), None) => Err(crate::StorageError::Unavailable(
+                "the read did not give its buffer back".into(),
+            )),
+            (Err(e), _) => Err(e),
+        };
+        self.complete(Completion { tag, result, buf });
+    }
+
     /// Request `id` is fully split: drops its opening hold.
     pub fn close(&mut self, id: ReqId) {
         self.release(id, Ok(()), None)
+    }
+}
+
+/// Fills `buf` with zeros from byte `n` on: a read that ended early, at the end of a host file.
+fn zero_past_short_read(buf: Option<&mut IoBuf>, n: u64) {
+    if let Some(b) = buf {
+        let l = b.len();
+        if (n as usize) < l {
+            b.fill_zero(n as usize, l - n as usize);
+        }
     }
 }
 

@@ -345,7 +345,7 @@ impl Layer for Qcow2Layer {
     fn finished(&mut self, st: &mut St, sub: Sub, c: Completion) {
         match sub {
             Sub::Piece(r) => st.release(r, c.result.map(|_| ()), c.buf),
-            Sub::Whole(tag) => Self::whole_read_done(st, tag, c),
+            Sub::Whole(tag) => st.complete_whole_read(tag, c),
             Sub::CowRead(j) => {
                 drop(c.buf);
                 let last = match self.jobs.get_mut(j) {

@@ -13,7 +13,7 @@ use crate::format::qcow2::codec;
 use crate::format::qcow2::entry::Mapping;
 use crate::format::qcow2::meta::Await;
 use crate::io::stack::ReqId;
-use crate::io::{Completion, IoBuf, Op};
+use crate::io::{IoBuf, Op};
 
 use super::{Blocked, Qcow2Layer, St, Sub, BACKING};
 
@@ -160,28 +160,6 @@ impl Qcow2Layer {
                 );
             }
         }
-    }
-
-    /// A read sent whole with [`Sub::Whole`] finished: it completes as it is, reading zeros past
-    /// a short read at the end of the host file (as a piece does).
-    pub(super) fn whole_read_done(st: &mut St, tag: u64, c: Completion) {
-        let Completion {
-            result, mut buf, ..
-        } = c;
-        let result = match (result, buf.as_mut()) {
-            (Ok(n), Some(b)) => {
-                let l = b.len();
-                if (n as usize) < l {
-                    b.fill_zero(n as usize, l - n as usize);
-                }
-                Ok(l as u64)
-            }
-            (Ok(_), None) => Err(StorageError::Unavailable(
-                "the host read did not give its buffer back".into(),
-            )),
-            (Err(e), _) => Err(e),
-        };
-        st.complete(Completion { tag, result, buf });
     }
 
     fn read_extent(&mut self, st: &mut St, r: ReqId, off: usize, g: u64, n: u64, mapping: Mapping) {
