@@ -391,21 +391,50 @@ impl TableCache {
 
     /// Drops clean, unpinned tables, least recently used first, until at most `capacity` are
     /// held. Returns whether that was reached.
+    ///
+    /// One pass over the slots whatever the excess: after a write-back cleans hundreds of tables
+    /// at once, picking victims one scan each would cost the excess times the cache's size under
+    /// the metadata lock.
     pub fn trim(&mut self) -> bool {
-        while self.slots.len() > self.capacity {
+        let excess = self.slots.len().saturating_sub(self.capacity);
+        if excess == 0 {
+            return true;
+        }
+        let droppable = |s: &Slot| s.dirty.is_none() && s.pins == 0 && !s.fresh;
+        if excess == 1 {
+            // The steady state (one table read, one dropped): no list to build.
             let victim = self
                 .slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.dirty.is_none() && s.pins == 0 && !s.fresh)
+                .filter(|(_, s)| droppable(s))
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(i, _)| i);
-            match victim {
-                Some(v) => self.remove(v),
-                None => return false,
+            return match victim {
+                Some(v) => {
+                    self.remove(v);
+                    true
+                }
+                None => false,
+            };
+        }
+        // (last use, offset): offsets, because removing a slot moves another into its place.
+        let mut victims: Vec<(u64, u64)> = self
+            .slots
+            .iter()
+            .filter(|s| droppable(s))
+            .map(|s| (s.last_used, s.offset))
+            .collect();
+        if victims.len() > excess {
+            victims.select_nth_unstable(excess - 1);
+            victims.truncate(excess);
+        }
+        for (_, offset) in victims {
+            if let Some(&slot) = self.index.get(&offset) {
+                self.remove(slot);
             }
         }
-        true
+        self.slots.len() <= self.capacity
     }
 
     /// Lets tables read for waiting operations be dropped again (a write-back ran since: their
@@ -454,6 +483,34 @@ mod tests {
         c.unpin(100);
         assert!(c.trim());
         assert!(!c.contains(100));
+    }
+
+    #[test]
+    fn one_trim_drops_a_large_excess_least_recently_used_first() {
+        let mut c = TableCache::new(4);
+        for off in 0..40u64 {
+            c.insert_loaded(off * 512, IoBuf::new(512));
+        }
+        // Used in a scrambled order; offsets 7 * 512 and 21 * 512 are dirtied and 9 * 512
+        // pinned, so none of the three may go however old.
+        for i in 0..40u64 {
+            c.lookup((i * 17 % 40) * 512);
+        }
+        for off in [7u64, 21] {
+            let s = c.lookup(off * 512).unwrap();
+            c.bytes_mut(s, 0, 1)[0] = 1;
+        }
+        c.pin(9 * 512);
+        for off in [3u64, 5, 11, 13] {
+            c.lookup(off * 512);
+        }
+        assert!(c.trim());
+        let kept: Vec<u64> = (0..40u64).filter(|o| c.contains(o * 512)).collect();
+        assert_eq!(
+            kept,
+            vec![7, 9, 13, 21],
+            "the three it may not drop, and the most recently used of the rest"
+        );
     }
 
     #[test]
