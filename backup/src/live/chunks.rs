@@ -82,6 +82,9 @@ pub(crate) struct Chunks {
     changed: Condvar,
     done: Vec<AtomicU64>,
     all_done: AtomicBool,
+    /// Bumped, under the table's lock, by every change that may let a parked request go: a
+    /// chunk done, lost, or missing again.
+    changes: AtomicU64,
     count: u64,
 }
 
@@ -123,6 +126,7 @@ impl Chunks {
             work: Condvar::new(),
             changed: Condvar::new(),
             done,
+            changes: AtomicU64::new(0),
             count,
         }
     }
@@ -142,6 +146,13 @@ impl Chunks {
         self.done
             .get((i / 64) as usize)
             .is_some_and(|w| w.load(Ordering::Acquire) >> (i % 64) & 1 == 1)
+    }
+
+    /// How many changes that may let a parked request go have happened: a queue whose parked
+    /// requests were planned at this count need not plan them again until it moves. Every
+    /// change moves it before it signals the wakers registered by parking.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// The done bits now.
@@ -280,6 +291,7 @@ impl Chunks {
     }
 
     fn after_change(&self, mut t: MutexGuard<'_, Table>) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
         if t.counts.done == self.count {
             self.all_done.store(true, Ordering::Release);
             if !t.finished {
@@ -391,7 +403,9 @@ mod tests {
         assert_eq!(c.next_job(), Job::Chunk(5));
         // A whole-chunk write of the busy chunk parks too.
         assert!(matches!(c.plan_write(5, 5, |_| true, &w), Plan::Park));
+        assert_eq!(c.changes(), 0, "parking and taking a job let nothing go");
         c.complete(5, None);
+        assert_eq!(c.changes(), 1);
         assert_eq!(w.read().unwrap(), 1);
         assert!(c.is_done(5));
         assert!(matches!(c.plan_read(5, 5, &w), Plan::Go(v) if v.is_empty()));
@@ -401,6 +415,7 @@ mod tests {
         assert_eq!(c.next_job(), Job::Chunk(3));
         c.guest_done(&[2], true);
         assert!(c.is_done(2));
+        assert_eq!(c.changes(), 2);
         // A lost chunk fails reads and partial writes; a whole write replaces it.
         c.complete(3, Some("bad".into()));
         assert!(matches!(c.plan_read(3, 3, &w), Plan::Fail(_)));

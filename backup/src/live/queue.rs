@@ -45,6 +45,7 @@ pub(crate) fn open(dev: Arc<Inner>, opts: &QueueOptions) -> Result<Box<dyn IoQue
     let layer = LiveLayer {
         dev,
         parked: VecDeque::new(),
+        planned_at: 0,
     };
     let mut q = StackedQueue::new(layer, opts, lower)?;
     q.open_lower(0)?;
@@ -55,6 +56,9 @@ pub(crate) fn open(dev: Arc<Inner>, opts: &QueueOptions) -> Result<Box<dyn IoQue
 struct LiveLayer {
     dev: Arc<Inner>,
     parked: VecDeque<Request>,
+    /// The chunk table's change count ([`super::chunks::Chunks::changes`]) when the parked
+    /// requests last went round.
+    planned_at: u64,
 }
 
 impl fmt::Debug for LiveLayer {
@@ -160,8 +164,18 @@ impl Layer for LiveLayer {
     }
 
     fn advance(&mut self, st: &mut Stack<Sent>) -> bool {
-        // Parked requests go round once: those whose chunks arrived go down, the rest park
-        // again (registering the eventfd with the table once more).
+        // The stack calls this on every reap. Parked requests go round only when the chunk
+        // table changed since they last did (a request parked since was planned against a
+        // table at least that new): going round takes the table's lock and wakes its workers.
+        // The count is read before planning, so a change made while they go round brings them
+        // round again; each change signals the eventfd they registered on parking.
+        let changes = self.shared().chunks.changes();
+        if self.parked.is_empty() || changes == self.planned_at {
+            return !self.parked.is_empty();
+        }
+        self.planned_at = changes;
+        // Those whose chunks arrived go down, the rest park again (registering the eventfd
+        // with the table once more).
         for _ in 0..self.parked.len() {
             if let Some(r) = self.parked.pop_front() {
                 self.dispatch(st, r);
