@@ -53,14 +53,14 @@ impl Meta {
                 at: None,
             });
         };
-        let cs = self.geo.cluster_size;
-        let file_len = self.file.len();
-        let e = bitmaps::parse_extension(data, file_len, cs)?;
-        let mut dir = vec![0u8; e.directory_size as usize];
-        self.file.read_exact_at(e.directory_offset, &mut dir)?;
-        let list = bitmaps::parse_directory(&dir, e.nb_bitmaps, self.header.size, file_len, cs)?;
+        let (e, bytes, list) = bitmaps::read_directory(
+            self.file.as_ref(),
+            data,
+            self.header.size,
+            self.geo.cluster_size,
+        )?;
         Ok(Directory {
-            bytes: dir,
+            bytes,
             list,
             at: Some((e.directory_offset, e.directory_size)),
         })

@@ -275,6 +275,24 @@ pub fn parse_directory(
     Ok(out)
 }
 
+/// The bitmap directory named by the bitmaps extension `data`, read from `file` and parsed
+/// against an image of `disk_size` bytes: the extension's fields, the directory's bytes and its
+/// entries, every one validated (see [`parse_extension`], [`parse_directory`]).
+pub fn read_directory(
+    file: &dyn HostFile,
+    data: &[u8],
+    disk_size: u64,
+    cluster_size: u64,
+) -> Result<(Extension, Vec<u8>, Vec<Qcow2Bitmap>)> {
+    let file_len = file.len();
+    let ext = parse_extension(data, file_len, cluster_size)?;
+    // Bounded: parse_extension checked the size against MAX_DIRECTORY_BYTES and the file.
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    file.read_exact_at(ext.directory_offset, &mut dir)?;
+    let list = parse_directory(&dir, ext.nb_bitmaps, disk_size, file_len, cluster_size)?;
+    Ok((ext, dir, list))
+}
+
 /// Sets the in-use flag of every enabled (`auto`) bitmap in the directory `dir` (parsed into
 /// `list`); returns the names of those it flagged (they were consistent until now). A writer
 /// that does not record its writes in those bitmaps leaves them flagged: QEMU and Strata then

@@ -432,11 +432,9 @@ impl Qcow2Image {
                 _ => return Ok(Vec::new()),
             }
         };
-        let file = self.shared.file.as_ref();
-        let ext = bitmaps::parse_extension(&data, file.len(), cs)?;
-        let mut dir = vec![0u8; ext.directory_size as usize];
-        file.read_exact_at(ext.directory_offset, &mut dir)?;
-        bitmaps::parse_directory(&dir, ext.nb_bitmaps, self.size(), file.len(), cs)
+        let (_, _, list) =
+            bitmaps::read_directory(self.shared.file.as_ref(), &data, self.size(), cs)?;
+        Ok(list)
     }
 
     /// The bitmap `name` and its bits (see [`bitmaps::read_words`]); one flagged in use is an
