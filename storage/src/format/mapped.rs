@@ -342,21 +342,6 @@ fn send(st: &mut St, id: ReqId, slot: usize, op: Op) {
     st.send(slot, (id, read), op);
 }
 
-/// The buffer for one piece of request `id`: the whole buffer when the request is that one
-/// piece, else a view.
-///
-/// # Safety
-/// As for [`St::view`]: the pieces of a read are disjoint (the caller checked), and a piece's
-/// range is viewed again only after its earlier view was dropped.
-unsafe fn piece_buf(st: &mut St, id: ReqId, whole: bool, pos: u64, len: u64) -> Option<IoBuf> {
-    if whole {
-        st.lend(id)
-    } else {
-        // SAFETY: this function's contract.
-        unsafe { st.view(id, pos as usize, len as usize) }
-    }
-}
-
 impl<M: BlockMap> MappedLayer<M> {
     fn start_read(&mut self, st: &mut St, tag: u64, offset: u64, mut buf: IoBuf) {
         let len = buf.len() as u64;
@@ -381,12 +366,8 @@ impl<M: BlockMap> MappedLayer<M> {
         let parent_size = self.map.parent().map_or(0, |p| p.size());
         for p in pieces {
             // SAFETY: the pieces are disjoint (checked above), so no two views overlap.
-            let Some(mut view) = (unsafe { piece_buf(st, id, whole, p.pos, p.len) }) else {
-                st.fail(
-                    id,
-                    StorageError::Unavailable("a piece of a read's buffer".into()),
-                );
-                break;
+            let Some(mut view) = (unsafe { st.piece(id, whole, p.pos, p.len) }) else {
+                break; // The request failed (`Stack::piece`).
             };
             match p.target {
                 ReadTarget::Zero => view.fill_zero(0, p.len as usize),
@@ -409,7 +390,7 @@ impl<M: BlockMap> MappedLayer<M> {
                     drop(view);
                     if avail > 0 {
                         // SAFETY: the same piece's range again, after its first view was dropped.
-                        if let Some(v) = unsafe { st.view(id, p.pos as usize, avail as usize) } {
+                        if let Some(v) = unsafe { st.piece(id, false, p.pos, avail) } {
                             send(st, id, PARENT, Op::Read { offset: at, buf: v });
                         }
                     }
@@ -429,12 +410,8 @@ impl<M: BlockMap> MappedLayer<M> {
         let whole = matches!(pieces.as_slice(), [p] if matches!(p.target, WriteTarget::Host(_)));
         for p in pieces {
             // SAFETY: a write's views are only read by the queues they go to.
-            let Some(view) = (unsafe { piece_buf(st, id, whole, p.pos, p.len) }) else {
-                st.fail(
-                    id,
-                    StorageError::Unavailable("a piece of a write's buffer".into()),
-                );
-                break;
+            let Some(view) = (unsafe { st.piece(id, whole, p.pos, p.len) }) else {
+                break; // The request failed (`Stack::piece`).
             };
             match p.target {
                 WriteTarget::Host(host) => send(

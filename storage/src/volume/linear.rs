@@ -202,23 +202,13 @@ impl Layer for LinearLayer {
         let id = st.open(req.tag, buf, result_len);
         let whole = pieces.len() == 1;
         for (pv, pv_offset, within, n) in pieces {
-            let mut piece_buf = || {
-                if whole {
-                    st.lend(id)
-                } else {
-                    // SAFETY: `plan` walks the request once in order (`at += n`), so the pieces'
-                    // views are disjoint.
-                    unsafe { st.view(id, within as usize, n as usize) }
-                }
-            };
             let op = match &req.op {
                 Op::Read { .. } | Op::Write { .. } => {
-                    let Some(buf) = piece_buf() else {
-                        // Not reached: the pieces lie inside the buffer. Never send less.
-                        st.fail(
-                            id,
-                            StorageError::Unavailable("a piece of a request's buffer".into()),
-                        );
+                    // SAFETY: `plan` walks the request once in order (`at += n`), so the pieces'
+                    // views are disjoint.
+                    let Some(buf) = (unsafe { st.piece(id, whole, within, n) }) else {
+                        // Not reached: the pieces lie inside the buffer. The request failed
+                        // (`Stack::piece`); never send less.
                         continue;
                     };
                     if matches!(req.op, Op::Read { .. }) {

@@ -111,14 +111,9 @@ impl VmdkLayer {
         let whole = matches!(pieces.as_slice(), [p] if matches!(p.target, ReadTarget::Host { .. }));
         let parent_size = self.img.parent.as_ref().map_or(0, |p| p.size());
         for p in pieces {
-            let piece = if whole {
-                st.lend(id)
-            } else {
-                // SAFETY: the pieces are disjoint (checked above), so no two views overlap.
-                unsafe { st.view(id, p.pos as usize, p.len as usize) }
-            };
-            let Some(mut view) = piece else {
-                break;
+            // SAFETY: the pieces are disjoint (checked above), so no two views overlap.
+            let Some(mut view) = (unsafe { st.piece(id, whole, p.pos, p.len) }) else {
+                break; // The request failed (`Stack::piece`).
             };
             let r = match p.target {
                 ReadTarget::Zero => {
@@ -146,7 +141,7 @@ impl VmdkLayer {
                     drop(view);
                     if avail > 0 {
                         // SAFETY: the same piece's range again, after its first view was dropped.
-                        if let Some(v) = unsafe { st.view(id, p.pos as usize, avail as usize) } {
+                        if let Some(v) = unsafe { st.piece(id, false, p.pos, avail) } {
                             let slot = self.parent_slot();
                             self.send(st, id, slot, Op::Read { offset: at, buf: v });
                         }
@@ -240,14 +235,9 @@ impl VmdkLayer {
         let whole =
             matches!(pieces.as_slice(), [p] if matches!(p.target, WriteTarget::Host { .. }));
         for p in pieces {
-            let piece = if whole {
-                st.lend(id)
-            } else {
-                // SAFETY: a write's views are only read by the queues they go to.
-                unsafe { st.view(id, p.pos as usize, p.len as usize) }
-            };
-            let Some(view) = piece else {
-                break;
+            // SAFETY: a write's views are only read by the queues they go to.
+            let Some(view) = (unsafe { st.piece(id, whole, p.pos, p.len) }) else {
+                break; // The request failed (`Stack::piece`).
             };
             let r = match p.target {
                 WriteTarget::Host { file, offset: host } => {

@@ -103,6 +103,47 @@ impl Fanin {
         }
     }
 
+    /// The buffer for one piece of request `id`: the whole buffer ([`Fanin::lend`]) when the
+    /// piece is the request's only one (`whole`), else a view of `len` bytes at `offset`
+    /// ([`Fanin::view`]). When neither can be had, the request is failed here, so that it can
+    /// never complete as if the piece had been read or written; the caller sends nothing for
+    /// the piece.
+    ///
+    /// # Safety
+    /// As for [`Fanin::view`].
+    pub(crate) unsafe fn piece(
+        &mut self,
+        id: ReqId,
+        whole: bool,
+        offset: u64,
+        len: u64,
+    ) -> Option<IoBuf> {
+        let buf = if whole {
+            self.lend(id)
+        } else {
+            let (Ok(at), Ok(n)) = (usize::try_from(offset), usize::try_from(len)) else {
+                return self.piece_missing(id, offset, len);
+            };
+            // SAFETY: this function's contract is `view`'s.
+            unsafe { self.view(id, at, n) }
+        };
+        match buf {
+            Some(b) => Some(b),
+            None => self.piece_missing(id, offset, len),
+        }
+    }
+
+    fn piece_missing(&mut self, id: ReqId, offset: u64, len: u64) -> Option<IoBuf> {
+        self.fail(
+            id,
+            StorageError::Unavailable(format!(
+                "bytes {offset}..{} of a request's buffer for one of its pieces",
+                offset.saturating_add(len)
+            )),
+        );
+        None
+    }
+
     /// Records an error for request `id` (the first one wins).
     pub(crate) fn fail(&mut self, id: ReqId, e: StorageError) {
         if let Some(p) = self.slab.get_mut(id) {
@@ -200,6 +241,37 @@ mod tests {
         let done = f.release(id, Ok(()), Some(b)).unwrap();
         assert_eq!(done.buf.unwrap().len(), 4);
         assert_eq!(done.result.unwrap(), 4);
+    }
+
+    #[test]
+    fn a_piece_outside_the_buffer_fails_its_request() {
+        let mut f = Fanin::default();
+        let id = f.open(3, Some(IoBuf::new(8)), 8);
+        f.hold(id);
+        // SAFETY: the two views are disjoint.
+        let a = unsafe { f.piece(id, false, 0, 4) }.unwrap();
+        assert_eq!(a.len(), 4);
+        // SAFETY: as above; this one lies past the end and is refused.
+        assert!(unsafe { f.piece(id, false, 6, 4) }.is_none());
+        assert!(f.release(id, Ok(()), Some(a)).is_none());
+        let c = f.release(id, Ok(()), None).unwrap();
+        assert!(
+            matches!(&c.result, Err(StorageError::Unavailable(m)) if m.contains("6..10")),
+            "{:?}",
+            c.result
+        );
+        assert_eq!(c.buf.unwrap().len(), 8, "the buffer still goes back");
+
+        // A second whole piece cannot have the buffer lent twice.
+        let id = f.open(4, Some(IoBuf::new(8)), 8);
+        f.hold(id);
+        // SAFETY: whole pieces take no views.
+        let b = unsafe { f.piece(id, true, 0, 8) }.unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { f.piece(id, true, 0, 8) }.is_none());
+        assert!(f.release(id, Ok(()), Some(b)).is_none());
+        let c = f.release(id, Ok(()), None).unwrap();
+        assert!(matches!(c.result, Err(StorageError::Unavailable(_))));
     }
 
     #[test]

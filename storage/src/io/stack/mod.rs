@@ -145,18 +145,21 @@ impl<S> Stack<S> {
         self.reqs.hold(id)
     }
 
-    /// The whole buffer of request `id`, for its only piece.
-    pub fn lend(&mut self, id: ReqId) -> Option<IoBuf> {
-        self.reqs.lend(id)
-    }
-
-    /// A view of request `id`'s buffer.
+    /// The buffer for one piece of request `id`: its whole buffer when the piece is the only
+    /// one (`whole`), else a view of `len` bytes at `offset`; `None`, with the request failed,
+    /// when neither can be had (see [`Fanin::piece`]).
     ///
     /// # Safety
     /// As for [`Fanin::view`]: no live view of request `id` that can be written overlaps another.
-    pub(crate) unsafe fn view(&mut self, id: ReqId, offset: usize, len: usize) -> Option<IoBuf> {
-        // SAFETY: this function's contract is the same as `Fanin::view`'s.
-        unsafe { self.reqs.view(id, offset, len) }
+    pub(crate) unsafe fn piece(
+        &mut self,
+        id: ReqId,
+        whole: bool,
+        offset: u64,
+        len: u64,
+    ) -> Option<IoBuf> {
+        // SAFETY: this function's contract is the same as `Fanin::piece`'s.
+        unsafe { self.reqs.piece(id, whole, offset, len) }
     }
 
     /// Records an error for request `id`.

@@ -258,10 +258,10 @@ impl ThinLayer {
         for (kind, vblock, within, n, at) in plan {
             st.hold(id);
             let buf = match kind {
-                Kind::Read | Kind::Write if whole => st.lend(id),
                 // SAFETY: reads and writes are planned by one walk over the request in order
-                // (`at += n`), so the pieces' views are disjoint.
-                Kind::Read | Kind::Write => unsafe { st.view(id, at as usize, n as usize) },
+                // (`at += n`), so the pieces' views are disjoint. Without a buffer the request
+                // has failed (`Stack::piece`), whatever its piece does.
+                Kind::Read | Kind::Write => unsafe { st.piece(id, whole, at, n) },
                 _ => None,
             };
             let piece = Piece {

@@ -131,7 +131,8 @@ impl Qcow2Layer {
         match extents.as_slice() {
             // The whole request in one piece on the host: its buffer goes down as it is.
             [(eg, n, Mapping::Allocated(h))] if *eg == base && *n == end - base && g == base => {
-                if let Some(buf) = st.lend(r) {
+                // SAFETY: a whole piece takes no view.
+                if let Some(buf) = unsafe { st.piece(r, true, 0, *n) } {
                     st.hold(r);
                     st.send(
                         self.data_lower(),
@@ -166,8 +167,8 @@ impl Qcow2Layer {
         // SAFETY: planning hands each byte of a read to one extent at a time (the walk advances
         // past every extent it maps), and this extent's range is viewed again below only after
         // this view was dropped.
-        let Some(mut view) = (unsafe { st.view(r, off, n as usize) }) else {
-            return;
+        let Some(mut view) = (unsafe { st.piece(r, false, off as u64, n) }) else {
+            return; // The request failed (`Stack::piece`).
         };
         match mapping {
             Mapping::Zero => view.fill_zero(0, n as usize),
@@ -183,7 +184,7 @@ impl Qcow2Layer {
                 }
                 drop(view);
                 // SAFETY: the same extent's range again, after its first view was dropped.
-                let Some(part) = (unsafe { st.view(r, off, inside as usize) }) else {
+                let Some(part) = (unsafe { st.piece(r, false, off as u64, inside) }) else {
                     return;
                 };
                 st.hold(r);

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{Result, StorageError};
+use crate::error::Result;
 use crate::format::qcow2::entry::Mapping;
 use crate::format::qcow2::meta::{Await, Stall};
 use crate::format::qcow2::plan::{AllocPlan, WritePlan, ZeroMode};
@@ -182,9 +182,9 @@ impl Qcow2Layer {
     fn direct_write(&mut self, st: &mut St, r: ReqId, h: u64, at: u64, n: u64, src: Src, g: u64) {
         let op = match src_at(src, at - g) {
             // SAFETY: a write's views are only read (by the host file's queue).
-            Src::Guest(off) => match unsafe { st.view(r, off, n as usize) } {
+            Src::Guest(off) => match unsafe { st.piece(r, false, off as u64, n) } {
                 Some(v) => Op::Write { offset: h, buf: v },
-                None => return,
+                None => return, // The request failed (`Stack::piece`).
             },
             Src::Zeros => Op::WriteZeroes {
                 offset: h,
@@ -209,18 +209,18 @@ impl Qcow2Layer {
     ) {
         let data = match src {
             // SAFETY: the write's data is only read (copied into the job's write).
-            Src::Guest(off) => match unsafe { st.view(r, off, n as usize) } {
+            Src::Guest(off) => match unsafe { st.piece(r, false, off as u64, n) } {
                 Some(v) => v,
                 None => {
-                    // Cannot happen (the range lies in the buffer); release what was taken.
+                    // Cannot happen (the range lies in the buffer), and the request failed
+                    // (`Stack::piece`); release what was taken.
                     let mut waiters = Waiters::default();
                     if let Ok(mut m) = self.img.core.meta() {
                         for p in &plans {
                             waiters.extend(m.abort_alloc(p));
                         }
                     }
-                    self.announce(st, waiters);
-                    return st.fail(r, StorageError::Unavailable("request buffer".into()));
+                    return self.announce(st, waiters);
                 }
             },
             Src::Zeros => IoBuf::new(n as usize),
