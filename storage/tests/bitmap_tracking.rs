@@ -7,7 +7,7 @@ mod volume_util;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use strata_storage::bitmap::{sidecar_path, BitmapSet, TrackedDevice};
+use strata_storage::bitmap::{sidecar_path, BitmapSet, ImageBitmaps, TrackedDevice};
 use strata_storage::conformance::run_all;
 use strata_storage::format::{open_image, raw, OpenOptions};
 use strata_storage::io::blocking::BlockingQueue;
@@ -67,6 +67,41 @@ fn image_writes_are_tracked_and_persist_across_a_clean_close() {
     assert!(!taken.valid);
     assert!(set.info("backup").unwrap().valid);
     assert_eq!(set.info("backup").unwrap().dirty_bytes, 0);
+}
+
+#[test]
+fn opening_an_image_s_bitmaps_removes_temporaries_a_cut_short_save_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _img) = image(dir.path());
+    {
+        let held = ImageBitmaps::open(&p, 16 * MIB).unwrap();
+        held.set.add("backup", G).unwrap();
+    }
+    let sidecar = std::fs::read(sidecar_path(&p)).unwrap();
+    // What a save killed between writing its temporary file and renaming it leaves, and files
+    // that are not temporaries of this sidecar.
+    let stale = dir
+        .path()
+        .join(".tmp-disk.raw.bitmaps-4242-0-00000000deadbeef");
+    let others = [
+        dir.path().join(".tmp-disk.raw-4242-0-00000000deadbeef"),
+        dir.path()
+            .join(".tmp-other.raw.bitmaps-4242-0-00000000deadbeef"),
+        dir.path().join("disk.raw.bitmaps.tmp"),
+    ];
+    std::fs::write(&stale, b"half a save").unwrap();
+    for o in &others {
+        std::fs::write(o, b"keep").unwrap();
+    }
+    let held = ImageBitmaps::open(&p, 16 * MIB).unwrap();
+    assert!(!stale.exists(), "the stale temporary was left");
+    for o in &others {
+        assert!(o.exists(), "{} was removed", o.display());
+    }
+    assert_eq!(std::fs::read(sidecar_path(&p)).unwrap(), sidecar);
+    assert_eq!(held.set.info("backup").unwrap().name, "backup");
+    // While the bitmaps are held, nobody else may open them, and so remove temporaries.
+    assert!(ImageBitmaps::open(&p, 16 * MIB).is_err());
 }
 
 #[test]
