@@ -23,12 +23,13 @@ use strata_storage::bitmap::bits::ranges;
 use strata_storage::bitmap::{BitmapSet, TrackedDevice};
 use strata_storage::format::qcow2::{self, check::Repair, Qcow2Options};
 use strata_storage::format::{create_image, open_host_file, ImageFormat, OpenOptions};
-use strata_storage::io::fault::{
-    DurableImage, Fault, FaultController, FaultDevice, LossMode, OpKind,
-};
+use strata_storage::io::fault::{DurableImage, Fault, FaultController, FaultDevice, OpKind};
 use strata_storage::io::QueueOptions;
 use strata_storage::BlockDevice;
-use tracked_session::{check_covers, check_data, write_batches, writes, Outcome, G, SIZE};
+use tracked_session::{
+    at_every_cut, check_covers, check_data, write_batches, writes, Cut, Faults, Outcome, Tally, G,
+    SIZE,
+};
 
 const NAME: &str = "backup";
 
@@ -135,18 +136,6 @@ fn verify(
     true
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Faults {
-    /// At every flush; requests complete at submit.
-    Flushes,
-    /// At a seeded sample of operations and every operation of the close; late, out-of-order
-    /// completions.
-    AnyOpAsync(u64),
-    /// EIO at the Nth write or flush (a seeded sample), then the session stops, closes, and the
-    /// power goes; late, out-of-order completions.
-    EioAsync(u64),
-}
-
 fn crash_sessions(seed: u64, faults: Faults) {
     let qemu = strata_testkit::part_has_tool("qemu-img", "qemu-utils");
     let dir = tempdir();
@@ -156,10 +145,7 @@ fn crash_sessions(seed: u64, faults: Faults) {
         let (dev, _) = device_with(&bytes);
         read_all(qcow2::open(dev, &Qcow2Options::default()).unwrap().as_ref())
     };
-    let async_seed = match faults {
-        Faults::Flushes => None,
-        Faults::AnyOpAsync(s) | Faults::EioAsync(s) => Some(s),
-    };
+    let async_seed = faults.async_seed();
     let device = || {
         let (dev, ctl) = device_with(&bytes);
         if let Some(s) = async_seed {
@@ -196,67 +182,60 @@ fn crash_sessions(seed: u64, faults: Faults) {
         assert!(valid, "a clean close left the bitmap untrusted");
         assert_eq!(dirty, want, "the bitmap after a clean close");
     }
-    let points: Vec<u64> = match faults {
-        Faults::Flushes => (1..=flushes).collect(),
+    let cuts: Vec<Cut> = match faults {
+        Faults::Flushes => (1..=flushes).map(Cut::Flush).collect(),
         Faults::AnyOpAsync(s) => {
             let mut rng = fastrand::Rng::with_seed(s);
             let mut v: Vec<u64> = (0..12).map(|_| rng.u64(1..=ops)).collect();
             v.extend(close_from..=ops);
             v.sort_unstable();
             v.dedup();
-            v
+            v.into_iter().map(Cut::Op).collect()
         }
         Faults::EioAsync(s) => {
             let mut rng = fastrand::Rng::with_seed(s);
-            (0..16).map(|_| rng.u64(1..=writes + flushes)).collect()
+            (0..16)
+                .map(|_| match rng.u64(1..=writes + flushes) {
+                    k if k <= writes => Cut::Nth(OpKind::Write, k, Fault::Eio),
+                    k => Cut::Nth(OpKind::Flush, k - writes, Fault::Eio),
+                })
+                .collect()
         }
     };
     eprintln!(
         "{flushes} flushes, {ops} operations (the close from {close_from}), {writes} writes; crashing at {} ({faults:?})",
-        points.len()
+        cuts.len()
     );
-    let (mut trusted, mut trusted_with_writes, mut untrusted) = (0, 0, 0);
-    for k in points {
-        for (mi, mode) in [
-            LossMode::DropUnflushed,
-            LossMode::TearAndReorder { seed: seed ^ k },
-        ]
-        .into_iter()
-        .enumerate()
-        {
+    // The torn mode's seed: the cut's number among the flushes, operations, or writes and
+    // flushes counted together.
+    let point = |cut: Cut| match cut {
+        Cut::Flush(k) | Cut::Op(k) | Cut::Nth(OpKind::Write, k, _) => k,
+        Cut::Nth(_, n, _) => writes + n,
+    };
+    let Tally {
+        trusted,
+        trusted_with_writes,
+        untrusted,
+    } = at_every_cut(
+        &cuts,
+        |_, cut| seed ^ point(cut),
+        |cut, mi, mode| {
             let (dev, ctl) = device();
             ctl.set_loss_mode(mode);
-            let at = match faults {
-                Faults::Flushes => {
-                    ctl.crash_at_flush(k);
-                    format!("flush {k}")
-                }
-                Faults::AnyOpAsync(_) => {
-                    ctl.crash_at_op(k);
-                    format!("operation {k}")
-                }
-                Faults::EioAsync(_) => {
-                    let (kind, n) = if k <= writes {
-                        (OpKind::Write, k)
-                    } else {
-                        (OpKind::Flush, k - writes)
-                    };
-                    ctl.fail_nth(kind, n, Fault::Eio);
-                    format!("EIO at {kind:?} {n}, power lost after the close")
-                }
-            };
+            cut.arm(&ctl);
             let outcome = session(dev, &batches, &mut close_at, &ctl);
             let image = ctl.durable_image().unwrap_or_else(|| ctl.power_loss());
-            let what = format!("crash at {at} ({mode:?}, {faults:?})");
-            let ask_qemu = qemu && (mi == 1 || matches!(faults, Faults::EioAsync(_)));
-            if verify(&image, &outcome, &base, &what, dir.path(), ask_qemu) {
-                trusted += 1;
-                trusted_with_writes += u64::from(!outcome.flushed.is_empty());
+            let after = if matches!(cut, Cut::Nth(..)) {
+                ", power lost after the close"
             } else {
-                untrusted += 1;
-            }
-        }
-    }
+                ""
+            };
+            let what = format!("crash at {cut:?}{after} ({mode:?}, {faults:?})");
+            let ask_qemu = qemu && (mi == 1 || matches!(faults, Faults::EioAsync(_)));
+            let trusted = verify(&image, &outcome, &base, &what, dir.path(), ask_qemu);
+            (trusted, !outcome.flushed.is_empty())
+        },
+    );
     eprintln!(
         "{faults:?}: bitmap consistent after {trusted} crashes ({trusted_with_writes} with flushed writes), in use after {untrusted}"
     );

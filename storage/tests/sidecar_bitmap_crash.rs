@@ -38,7 +38,7 @@ use qcow2_support::{read_all, tempdir};
 use strata_storage::bitmap::{attach_image_bitmaps, sidecar_path, BitmapSet, TrackedDevice};
 use strata_storage::format::{self, open_image, open_image_on, ImageFormat, OpenOptions};
 use strata_storage::io::fault::{
-    fault_seeds, DurableImage, Fault, FaultController, FaultDevice, LossMode, OpKind,
+    fault_seeds, DurableImage, Fault, FaultController, FaultDevice, OpKind,
 };
 use strata_storage::io::QueueOptions;
 use strata_storage::volume::label::PE_START;
@@ -46,7 +46,8 @@ use strata_storage::volume::vg::format_pv;
 use strata_storage::volume::{PvHandle, Vg, VgOptions};
 use strata_storage::{BlockDevice, SharedFile, StorageError};
 use tracked_session::{
-    check_covers, check_data, granules, write_batches, write_unflushed, writes, Outcome, G, SIZE,
+    at_every_cut, check_covers, check_data, granules, write_batches, write_unflushed, writes, Cut,
+    Faults, Outcome, Tally, G, SIZE,
 };
 
 const MIB: u64 = 1 << 20;
@@ -264,38 +265,12 @@ fn verify(target: Target, image: &DurableImage, out: &Outcome, base: &[u8], what
     true
 }
 
-/// Where a run cuts the power or fails an operation.
-#[derive(Clone, Copy, Debug)]
-enum Cut {
-    /// Power lost at the Nth flush of the device.
-    Flush(u64),
-    /// Power lost at the Nth operation of any kind.
-    Op(u64),
-    /// `Fault` at the Nth operation of a kind (for EIO, the power goes after the close).
-    Nth(OpKind, u64, Fault),
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Faults {
-    /// At every flush; requests complete at submit.
-    Flushes,
-    /// At a seeded sample of operations, every operation of the close and every sidecar
-    /// operation; late, out-of-order completions.
-    AnyOpAsync(u64),
-    /// EIO at a seeded sample of writes and flushes and at every sidecar operation, then the
-    /// session closes and the power goes; late, out-of-order completions.
-    EioAsync(u64),
-}
-
 fn crash_sessions(target: Target, seed: u64, faults: Faults) {
     let start = std::time::Instant::now();
     let fresh = fresh(target);
     let batches = writes(seed, BATCHES);
     let (base, _) = inspect(target, &fresh, "before the session");
-    let async_seed = match faults {
-        Faults::Flushes => None,
-        Faults::AnyOpAsync(s) | Faults::EioAsync(s) => Some(s),
-    };
+    let async_seed = faults.async_seed();
     let machine = || {
         let (dev, ctl) = FaultDevice::from_durable(&fresh);
         if let Some(s) = async_seed {
@@ -363,33 +338,27 @@ fn crash_sessions(target: Target, seed: u64, faults: Faults) {
             cuts.extend((1..=file_ops).map(|n| Cut::Nth(OpKind::File, n, Fault::Eio)))
         }
     }
-    let (mut trusted, mut trusted_with_writes, mut untrusted, mut failed_takes) = (0, 0, 0, 0);
-    for (i, &cut) in cuts.iter().enumerate() {
-        for mode in [
-            LossMode::DropUnflushed,
-            LossMode::TearAndReorder {
-                seed: seed ^ i as u64,
-            },
-        ] {
+    let mut failed_takes = 0;
+    let tally = at_every_cut(
+        &cuts,
+        |i, _| seed ^ i as u64,
+        |cut, _, mode| {
             let (dev, ctl) = machine();
             ctl.set_loss_mode(mode);
-            match cut {
-                Cut::Flush(k) => ctl.crash_at_flush(k),
-                Cut::Op(k) => ctl.crash_at_op(k),
-                Cut::Nth(kind, n, fault) => ctl.fail_nth(kind, n, fault),
-            }
+            cut.arm(&ctl);
             let outcome = session(target, dev, &ctl, &batches, &mut close_at);
             let image = ctl.durable_image().unwrap_or_else(|| ctl.power_loss());
             let what = format!("{target:?}: cut at {cut:?} ({mode:?}, {faults:?}, seed {seed})");
             failed_takes += u64::from(outcome.take_failed);
-            if verify(target, &image, &outcome, &base, &what) {
-                trusted += 1;
-                trusted_with_writes += u64::from(!outcome.flushed.is_empty());
-            } else {
-                untrusted += 1;
-            }
-        }
-    }
+            let trusted = verify(target, &image, &outcome, &base, &what);
+            (trusted, !outcome.flushed.is_empty())
+        },
+    );
+    let Tally {
+        trusted,
+        trusted_with_writes,
+        untrusted,
+    } = tally;
     eprintln!(
         "{target:?} {faults:?}: {flushes} flushes, {ops} operations ({file_ops} on the sidecar, the close from {close_from}), {writes} writes; {} cuts × 2 loss modes: bitmap consistent after {trusted} ({trusted_with_writes} with flushed writes), untrusted after {untrusted}; {failed_takes} failed takes; {:.1} s",
         cuts.len(),

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use strata_storage::io::fault::{Fault, FaultController, LossMode, OpKind};
 use strata_storage::io::{Completion, IoBuf, IoQueue, Request};
 
 use crate::qcow2_support::{assert_same, pattern};
@@ -155,4 +156,88 @@ pub fn check_covers(dirty: &[(u64, u64)], got: &[u8], base: &[u8], out: &Outcome
             out.taken
         );
     }
+}
+
+/// The faults a crash test of tracking injects.
+#[derive(Clone, Copy, Debug)]
+pub enum Faults {
+    /// At every flush; requests complete at submit.
+    Flushes,
+    /// At a seeded sample of operations and every operation of the close (and, for a sidecar,
+    /// every sidecar operation); late, out-of-order completions.
+    AnyOpAsync(u64),
+    /// EIO at a seeded sample of writes and flushes (and every sidecar operation), then the
+    /// session stops, closes, and the power goes; late, out-of-order completions.
+    EioAsync(u64),
+}
+
+impl Faults {
+    /// The seed of late, out-of-order completions, if they are on.
+    pub fn async_seed(self) -> Option<u64> {
+        match self {
+            Faults::Flushes => None,
+            Faults::AnyOpAsync(s) | Faults::EioAsync(s) => Some(s),
+        }
+    }
+}
+
+/// Where a crash run is cut.
+#[derive(Clone, Copy, Debug)]
+pub enum Cut {
+    /// Power lost at the Nth flush of the device.
+    Flush(u64),
+    /// Power lost at the Nth operation of any kind.
+    Op(u64),
+    /// `Fault` at the Nth operation of a kind (for EIO, the power goes after the close).
+    Nth(OpKind, u64, Fault),
+}
+
+impl Cut {
+    /// Sets `ctl` to cut there.
+    pub fn arm(self, ctl: &FaultController) {
+        match self {
+            Cut::Flush(k) => ctl.crash_at_flush(k),
+            Cut::Op(k) => ctl.crash_at_op(k),
+            Cut::Nth(kind, n, fault) => ctl.fail_nth(kind, n, fault),
+        }
+    }
+}
+
+/// What the crash runs left the bitmap: consistent (with flushed writes, or none yet), or
+/// untrusted.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub trusted: u64,
+    pub trusted_with_writes: u64,
+    pub untrusted: u64,
+}
+
+/// Runs `run(cut, mode index, mode)` for every cut in both loss modes — unflushed writes
+/// dropped, and written torn and reordered with the seed `tear_seed(index of the cut, cut)` —
+/// and tallies what it returns: whether the bitmap came back consistent, and whether the
+/// session had flushed writes.
+pub fn at_every_cut(
+    cuts: &[Cut],
+    tear_seed: impl Fn(usize, Cut) -> u64,
+    mut run: impl FnMut(Cut, usize, LossMode) -> (bool, bool),
+) -> Tally {
+    let mut tally = Tally::default();
+    for (i, &cut) in cuts.iter().enumerate() {
+        let modes = [
+            LossMode::DropUnflushed,
+            LossMode::TearAndReorder {
+                seed: tear_seed(i, cut),
+            },
+        ];
+        for (mi, mode) in modes.into_iter().enumerate() {
+            match run(cut, mi, mode) {
+                (true, with_writes) => {
+                    tally.trusted += 1;
+                    tally.trusted_with_writes += u64::from(with_writes);
+                }
+                (false, _) => tally.untrusted += 1,
+            }
+        }
+    }
+    tally
 }
