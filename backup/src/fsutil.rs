@@ -8,6 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+/// How the names of the temporary files for a file begin: the storage crate's convention, which
+/// its atomic writes use too.
+pub use strata_storage::durable::temp_name_prefix;
 use strata_storage::{Result, StorageError};
 
 use crate::storefs::StoreFs;
@@ -29,11 +32,6 @@ pub fn temp_name(final_name: &str) -> String {
         std::process::id(),
         fastrand::u64(..)
     )
-}
-
-/// How the names of the temporary files for `final_name` begin.
-pub fn temp_name_prefix(final_name: &str) -> String {
-    format!(".tmp-{final_name}-")
 }
 
 /// Whether a directory entry is one of our temporary files.

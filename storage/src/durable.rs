@@ -127,6 +127,49 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| StorageError::io(format!("Syncing directory {}", dir.display()), e))
 }
 
+/// How the names of the temporary files for a file named `final_name` begin, here and in the
+/// datastore.
+pub fn temp_name_prefix(final_name: &str) -> String {
+    format!(".tmp-{final_name}-")
+}
+
+/// Removes the temporary files that updates of `path` ([`write_atomically`]) left beside it
+/// when a crash cut them short. Only for a caller that holds what every writer of `path` holds
+/// (a lock), so that none of them is an update in progress. Best effort: a directory that
+/// cannot be listed or a file that cannot be removed is logged and left as it was.
+pub fn remove_leftover_temporaries(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = temp_name_prefix(&name.to_string_lossy());
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the directory for leftover temporary files");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let leftover = entry.path();
+        match std::fs::remove_file(&leftover) {
+            Ok(()) => {
+                tracing::info!(file = %leftover.display(), "removed a temporary file a cut-short update left")
+            }
+            Err(e) => {
+                tracing::warn!(file = %leftover.display(), error = %e, "cannot remove a leftover temporary file")
+            }
+        }
+    }
+}
+
 /// A temporary name next to `path` (`.tmp-` first, as the datastore's cleaning expects of
 /// temporary files): unique within this process by a counter, and across processes by the pid
 /// and the time — a process that is its pid namespace's init (the VMM) always has pid 1, and a
@@ -140,7 +183,8 @@ fn temp_path(path: &Path) -> PathBuf {
         .unwrap_or_default();
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     path.with_file_name(format!(
-        ".tmp-{name}-{}-{n:x}-{:016x}",
+        "{}{}-{n:x}-{:016x}",
+        temp_name_prefix(&name),
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -429,6 +429,19 @@ fn write_at_zero(
     .result
 }
 
+/// A new 64 MiB qcow2 image `name` in `dir` whose first 4 KiB were written with `byte` and
+/// flushed.
+fn qcow2_written_at_zero(dir: &std::path::Path, name: &str, byte: u8) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let opts = strata_storage::format::OpenOptions::default();
+    strata_storage::format::create_image(&path, ImageFormat::Qcow2, 64 << 20, &Default::default())
+        .unwrap();
+    let img = strata_storage::format::open_image(&path, &opts).unwrap();
+    write_at_zero(&img, &[byte; 4096]).unwrap();
+    img.flush().unwrap();
+    path
+}
+
 /// The offset of the L2 table that the first L1 entry of the image in `bytes` names.
 fn first_l2_table(bytes: &[u8]) -> usize {
     let l1 = Header::parse(bytes).unwrap().l1_table_offset as usize;
@@ -441,15 +454,8 @@ fn first_l2_table(bytes: &[u8]) -> usize {
 #[test]
 fn l2_entries_naming_metadata_fail_writes_and_leave_the_tables_intact() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("overlap.qcow2");
-    strata_storage::format::create_image(&path, ImageFormat::Qcow2, 64 << 20, &Default::default())
-        .unwrap();
+    let path = qcow2_written_at_zero(dir.path(), "overlap.qcow2", 1);
     let opts = strata_storage::format::OpenOptions::default();
-    {
-        let img = strata_storage::format::open_image(&path, &opts).unwrap();
-        write_at_zero(&img, &[1u8; 4096]).unwrap();
-        img.flush().unwrap();
-    }
     let clean = std::fs::read(&path).unwrap();
     let h = Header::parse(&clean).unwrap();
     let cs = 1u64 << h.cluster_bits;
@@ -487,15 +493,7 @@ fn l2_entries_naming_metadata_fail_writes_and_leave_the_tables_intact() {
 fn a_data_cluster_cut_short_by_the_end_of_the_file_fails_reads_past_the_end() {
     use strata_storage::io::{IoBuf, QueueOptions, Request};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("short.qcow2");
-    strata_storage::format::create_image(&path, ImageFormat::Qcow2, 64 << 20, &Default::default())
-        .unwrap();
-    let opts = strata_storage::format::OpenOptions::default();
-    {
-        let img = strata_storage::format::open_image(&path, &opts).unwrap();
-        write_at_zero(&img, &[0x5a; 4096]).unwrap();
-        img.flush().unwrap();
-    }
+    let path = qcow2_written_at_zero(dir.path(), "short.qcow2", 0x5a);
     let b = std::fs::read(&path).unwrap();
     let l2 = first_l2_table(&b);
     let host = u64::from_be_bytes(b[l2..l2 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;

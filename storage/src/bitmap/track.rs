@@ -78,7 +78,7 @@ impl ImageBitmaps {
     pub fn open(image: &Path, size: u64) -> Result<ImageBitmaps> {
         let lock = lock_image(image)?;
         let sidecar = sidecar_path(image);
-        remove_stale_temporaries(&sidecar);
+        crate::durable::remove_leftover_temporaries(&sidecar);
         let set = Arc::new(BitmapSet::open(&sidecar, size)?);
         Ok(ImageBitmaps { set, lock })
     }
@@ -96,43 +96,6 @@ impl ImageBitmaps {
         }
         let set = Arc::new(BitmapSet::open_in_image(device.clone(), image)?);
         Ok(ImageBitmaps { set, lock })
-    }
-}
-
-/// Removes the temporary files that saves of `file` (`crate::durable::write_atomically`) left
-/// beside it when they were cut short. Best effort: a file that cannot be listed or removed is
-/// logged and left, as it was.
-fn remove_stale_temporaries(file: &Path) {
-    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
-        return;
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let prefix = format!(".tmp-{}-", name.to_string_lossy());
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the directory for stale temporary files");
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let stale = entry.file_name();
-        if !stale.to_string_lossy().starts_with(&prefix) {
-            continue;
-        }
-        let path = entry.path();
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                tracing::info!(file = %path.display(), "removed a temporary file a cut-short save left")
-            }
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot remove a stale temporary file")
-            }
-        }
     }
 }
 
