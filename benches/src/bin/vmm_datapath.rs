@@ -11,6 +11,7 @@
 //!        [--only-strata-depth D]   (one run of our device alone, for profiling)
 //!        [--only-qcow2]   (with --only-strata-depth: on the qcow2 copy instead of the raw file)
 //!        [--rows raw1,raw32,qcow2-1,qcow2-32]   (the table's rows to run; default all four)
+//!        [--poll-us N]   (the device's polling window before it sleeps; default 256, 0: off)
 //!        [--seccomp]   (the worker runs under the VMM's device-worker seccomp filter, as in a
 //!                       sandboxed VMM process; benches/vmm_process.sh compares with and without)
 //! Prints each run, the medians and the ratio.
@@ -90,6 +91,7 @@ fn strata_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
     let blocks = disk.size() / BS;
     let opts = DiskOptions {
         queue_size: QSIZE,
+        poll_max: poll_max()?,
         ..DiskOptions::default()
     };
     let cfg = Arc::new(BlkConfig::new(disk, &opts).map_err(anyhow::Error::msg)?);
@@ -190,6 +192,22 @@ fn show_stats() -> bool {
     std::env::args().any(|a| a == "--stats")
 }
 
+/// `--poll-us N`: the device's polling window before it sleeps (`DiskOptions::poll_max`);
+/// without it, the default.
+fn poll_max() -> Result<Duration> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--poll-us") {
+        Some(i) => {
+            let us = args
+                .get(i + 1)
+                .context("--poll-us needs a value")?
+                .parse()?;
+            Ok(Duration::from_micros(us))
+        }
+        None => Ok(DiskOptions::default().poll_max),
+    }
+}
+
 fn fio_run(image: &Path, depth: u16, secs: u64) -> Result<f64> {
     let out = Command::new("fio")
         .args([
@@ -261,6 +279,7 @@ fn main() -> Result<()> {
             "--rounds" => rounds = val()?.parse()?,
             "--size" => size = val()?.parse()?,
             "--stats" => {}
+            "--poll-us" => drop(val()?),
             "--seccomp" => strata_vmm::sandbox::enable_seccomp(None)?,
             // Profiling aid: only our device at one depth, no peer, no table.
             "--only-strata-depth" => only = Some(val()?.parse()?),

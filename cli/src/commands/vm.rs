@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -53,8 +54,10 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
-    /// A disk: SOURCE[,format=raw|qcow2|vmdk|vhd|vhdx][,readonly=on][,queues=N][,serial=ID], where
-    /// SOURCE is an image file or a volume `lv:VG/NAME`. Repeatable; the first is /dev/vda.
+    /// A disk: SOURCE[,format=raw|qcow2|vmdk|vhd|vhdx][,readonly=on][,queues=N][,serial=ID]
+    /// [,poll-max-us=N], where SOURCE is an image file or a volume `lv:VG/NAME`. Repeatable; the
+    /// first is /dev/vda. `poll-max-us` is the longest a queue's worker polls before it sleeps
+    /// (default 256, 0 never polls, at most 1000).
     #[arg(long = "disk")]
     disks: Vec<String>,
     /// Write the serial console here instead of stdout.
@@ -75,6 +78,8 @@ pub struct DiskArg {
     pub queues: u16,
     /// GET_ID string.
     pub serial: String,
+    /// The longest a queue's worker polls before it sleeps.
+    pub poll_max: Duration,
 }
 
 impl DiskArg {
@@ -91,6 +96,7 @@ impl DiskArg {
             read_only: false,
             queues: 1,
             serial: String::new(),
+            poll_max: DiskOptions::default().poll_max,
         };
         for part in parts {
             let (k, v) = part
@@ -105,7 +111,15 @@ impl DiskArg {
                         .with_context(|| format!("queues={v} is not a number"))?
                 }
                 "serial" => arg.serial = v.to_string(),
-                _ => bail!("unknown --disk option '{k}' (format, readonly, queues, serial)"),
+                "poll-max-us" => {
+                    let us = v
+                        .parse()
+                        .with_context(|| format!("poll-max-us={v} is not a number"))?;
+                    arg.poll_max = Duration::from_micros(us);
+                }
+                _ => bail!(
+                    "unknown --disk option '{k}' (format, readonly, queues, serial, poll-max-us)"
+                ),
             }
         }
         Ok(arg)
@@ -134,6 +148,7 @@ impl DiskArg {
                 read_only: self.read_only,
                 num_queues: self.queues,
                 serial: self.serial.clone(),
+                poll_max: self.poll_max,
                 ..DiskOptions::default()
             },
         };
@@ -242,5 +257,20 @@ mod tests {
         assert!(DiskArg::parse("/x,bogus=1").is_err());
         assert!(DiskArg::parse("/x,readonly=maybe").is_err());
         assert!(DiskArg::parse("/x,queues=many").is_err());
+    }
+
+    #[test]
+    fn a_disk_s_polling_window_is_set_in_microseconds_and_defaults_to_the_device_s() {
+        let d = DiskArg::parse("/x,poll-max-us=0").unwrap();
+        assert_eq!(d.poll_max, Duration::ZERO);
+        let d = DiskArg::parse("/x,poll-max-us=250").unwrap();
+        assert_eq!(d.poll_max, Duration::from_micros(250));
+        let d = DiskArg::parse("/x").unwrap();
+        assert_eq!(d.poll_max, DiskOptions::default().poll_max);
+        let e = DiskArg::parse("/x,poll-max-us=-1").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("poll-max-us=-1 is not a number"),
+            "{e:#}"
+        );
     }
 }

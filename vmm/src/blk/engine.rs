@@ -76,6 +76,8 @@ pub struct QueueEngine {
     stats: QueueStats,
     /// `process_avail` left chains in the ring with notifications off.
     stalled: bool,
+    /// Requests that were in flight when the last completion run found something to reap.
+    depth_at_completion: usize,
 }
 
 impl QueueEngine {
@@ -107,6 +109,7 @@ impl QueueEngine {
             limiter: LogLimiter::for_guest_errors(),
             stats: QueueStats::default(),
             stalled: false,
+            depth_at_completion: 0,
         })
     }
 
@@ -145,6 +148,17 @@ impl QueueEngine {
             }
         }
         self.stalled = false;
+    }
+
+    /// The longest its worker polls before it sleeps.
+    pub fn poll_max(&self) -> std::time::Duration {
+        self.cfg.poll_max()
+    }
+
+    /// How many requests the queue works on at a time: the requests in flight now, or when the
+    /// last completion run began, whichever is more.
+    pub fn working_depth(&self) -> usize {
+        self.in_flight().max(self.depth_at_completion)
     }
 
     /// Requests in flight in the block layer.
@@ -226,6 +240,9 @@ impl QueueEngine {
         let mut done = std::mem::take(&mut self.completions);
         self.io.reap(&mut done);
         let used_any = !done.is_empty();
+        if used_any {
+            self.depth_at_completion = self.in_flight();
+        }
         for c in done.drain(..) {
             let Some(slot) = usize::try_from(c.tag)
                 .ok()

@@ -20,6 +20,7 @@ pub mod chain;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod poll;
 #[cfg(test)]
 mod props;
 #[cfg(any(test, feature = "test-utils"))]

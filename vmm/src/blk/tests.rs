@@ -287,6 +287,29 @@ fn several_requests_in_flight_complete_with_their_own_heads() {
     assert_eq!(h.engine.stats().requests, 5);
 }
 
+#[test]
+fn the_working_depth_is_what_was_in_flight_when_completions_came() {
+    let (mut h, _disk) = harness();
+    assert_eq!(h.engine.working_depth(), 0);
+    for i in 0..5u64 {
+        h.request(req_type::IN, i * 8, &[(DATA + i * 4096, 4096, true)]);
+    }
+    h.run();
+    assert_eq!(h.engine.in_flight(), 0);
+    assert_eq!(
+        h.engine.working_depth(),
+        5,
+        "five were in flight when they completed: the worker may poll"
+    );
+    h.request(req_type::IN, 0, &[(DATA, 4096, true)]);
+    h.run();
+    assert_eq!(
+        h.engine.working_depth(),
+        1,
+        "one at a time now: the worker sleeps without polling"
+    );
+}
+
 /// A chain that must fail with `want` without touching the disk.
 fn expect_status(h: &mut Harness, st: u64, want: u8) {
     let before = h.used_idx();

@@ -1,6 +1,7 @@
 //! The VMM's worker thread for one virtqueue: waits with epoll on the queue's ioeventfd (the
 //! driver's kick, caught by KVM without leaving the kernel), the I/O queue's completion eventfd
-//! and a stop eventfd, and runs the [`QueueEngine`].
+//! and a stop eventfd, and runs the [`QueueEngine`]. A worker whose queue has work in hand polls
+//! those events for a while before it sleeps ([`super::poll`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -13,10 +14,18 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::SharedMemory;
 use super::engine::{QueueEngine, QueueStats, Signal};
+use super::poll::AdaptivePoll;
 
 const KICK: u64 = 0;
 const COMPLETION: u64 = 1;
 const STOP: u64 = 2;
+
+/// A queue that works on fewer requests at a time than this never polls (see
+/// [`super::poll`]). A worker that polls keeps its CPU, so the guest's vCPU, woken by the
+/// interrupt, runs on another CPU and wakes that one from idle instead: at depth 1 that is one
+/// such wake-up per request, and `vmm_datapath` measured 10–13% fewer IOPS with polling at QD1,
+/// against 10%, 15%, 23% and 5–20% more at QD2, QD8, QD16 and QD32 (2026-12-08).
+const POLL_FROM_DEPTH: usize = 2;
 
 /// A running worker.
 #[derive(Debug)]
@@ -106,11 +115,19 @@ fn serve(
         signal.signal_used();
     }
     let mut events = [EpollEvent::default(); 3];
+    let mut poll = AdaptivePoll::new(engine.poll_max());
     loop {
         // Chains the engine left in the ring (it ran out of room, or hit its pass limit) are
         // taken again as soon as no event is pending: no kick will come for them.
         let rerun = engine.wants_rerun();
-        let n = match epoll.wait(if rerun { 0 } else { -1 }, &mut events) {
+        let waited = if rerun {
+            epoll.wait(0, &mut events)
+        } else if engine.working_depth() >= POLL_FROM_DEPTH {
+            poll.wait(|timeout| epoll.wait(timeout, &mut events))
+        } else {
+            epoll.wait(-1, &mut events)
+        };
+        let n = match waited {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
