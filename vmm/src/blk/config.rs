@@ -38,8 +38,9 @@ pub struct DiskOptions {
 /// The default [`DiskOptions::poll_max`]. QEMU's IOThreads default to 32 µs; that measured no
 /// gain here, where the guest's round trip after an interrupt (the wake-up of an idle CPU, then
 /// its refill and kick) takes 32–64 µs and a wait for the disk longer, so a 32 µs window keeps
-/// closing. At QD32 (`vmm_datapath`, one settled copy of each file, 2026-12-08), against no
-/// polling: 128 µs gained 0–3% on raw and 3% on qcow2, 256 µs 9–12% on raw and 9–15% on qcow2.
+/// closing. At QD32 (`vmm_datapath --only-strata-depth 32`, 2026-12-08, benches/RESULTS.md),
+/// against no polling: 128 µs gained -1% to 20% on raw and 3% on qcow2, 256 µs 9–17% on raw and
+/// 9–22% on qcow2.
 pub const DEFAULT_POLL: Duration = Duration::from_micros(256);
 
 /// The largest [`DiskOptions::poll_max`] accepted: no wait polls longer than this.
