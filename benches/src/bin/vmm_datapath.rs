@@ -8,6 +8,8 @@
 //! The peer is `fio --ioengine=io_uring --direct=1` on the same file, alternating run by run.
 //!
 //! Usage: vmm_datapath [--file PATH] [--seconds S] [--rounds N] [--size BYTES] [--stats]
+//!        (a PATH that does not exist is made, --size bytes of random data; one that exists must
+//!        be --size bytes long, and is never overwritten)
 //!        [--only-strata-depth D]   (one run of our device alone, for profiling)
 //!        [--only-qcow2]   (with --only-strata-depth: on the qcow2 copy instead of the raw file)
 //!        [--rows raw1,raw32,qcow2-1,qcow2-32]   (the table's rows to run; default all four)
@@ -288,7 +290,17 @@ fn main() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
+    let default_file = file.is_none();
     let file = file.unwrap_or_else(|| PathBuf::from("benches/work/vmm-datapath.raw"));
+    if file.exists() && !default_file && std::fs::metadata(&file)?.len() != size {
+        // A file the caller named is never overwritten: it may be an image they want to keep.
+        bail!(
+            "{} is {} bytes, not --size {size}: give its size with --size, or name a file that \
+             does not exist yet (it is filled with random data)",
+            file.display(),
+            std::fs::metadata(&file)?.len()
+        );
+    }
     if !file.exists() || std::fs::metadata(&file)?.len() != size {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
@@ -368,9 +380,16 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A qcow2 copy of the raw `file` made by qemu-img, next to it.
+/// A qcow2 copy of the raw `file` made by qemu-img, next to it, under a name of the benchmark's
+/// own (`FILE.vmm-datapath-copy.qcow2`, removed after its rows), never a name a user's image
+/// may have.
 fn qcow2_copy(file: &Path) -> Result<PathBuf> {
-    let qcow2 = file.with_extension("qcow2");
+    let mut name = file
+        .file_name()
+        .context("--file names no file")?
+        .to_os_string();
+    name.push(".vmm-datapath-copy.qcow2");
+    let qcow2 = file.with_file_name(name);
     let st = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(file)
