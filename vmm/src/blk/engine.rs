@@ -28,15 +28,28 @@ use super::config::BlkConfig;
 use super::status;
 use crate::ratelimit::LogLimiter;
 
-/// Requests go down to the I/O queue in pairs (the rest of a burst at the end of
-/// `process_avail`). Submitting a whole burst in one `io_uring_enter` measured 20–25% slower at
-/// depth 32 than this (65–70k vs 81–88k IOPS, `vmm_datapath`, 2026-11-27): the kernel plugs a
-/// submission of more than two entries, so the disk sees none of the burst until all of it has
-/// been through the block layer (~100 µs for 32 requests here), and the queue falls into
-/// lock-step — the whole depth completes at once, then idles while the driver refills it.
-/// Pairs keep the disk busy from the first request while halving the system calls of
-/// one-at-a-time submission (which measured the same or 2–4% lower).
-const SUBMIT_BATCH: usize = 2;
+/// A queue that works on more requests at a time than [`DEEP_FROM`] hands them to the I/O queue
+/// in fours (the rest of a burst at the end of `process_avail`); a shallower one in pairs.
+///
+/// A submission of more than two entries is plugged, so the host's disk is notified once for
+/// four requests rather than once a request. In November, whole bursts in one `io_uring_enter`
+/// measured 20–25% slower at depth 32 than pairs, because the disk saw none of the burst until
+/// all of it had been through the block layer, and pairs were chosen.
+///
+/// Since the worker polls before it sleeps (`super::poll`), fours measured faster than pairs at
+/// depth 32 and slower below it. These are `vmm_datapath` figures from 2026-12-08, in
+/// benches/RESULTS.md.
+/// - Depth 32, our device alone: raw 156–175k IOPS in fours against 137–148k in pairs, qcow2
+///   151–178k against 105–125k.
+/// - Depth 32, full runs against fio: qcow2 1.11× and 1.24× in fours against 0.87× in pairs.
+/// - Depths 4, 8 and 16: 7%, 10% and 5% slower in fours.
+const SUBMIT_BATCH: usize = 4;
+
+/// The submission batch of a queue working on at most [`DEEP_FROM`] requests at a time.
+const SHALLOW_SUBMIT_BATCH: usize = 2;
+
+/// Above this working depth, requests go down in [`SUBMIT_BATCH`]es.
+const DEEP_FROM: usize = 16;
 
 pub use crate::transport::Signal;
 
@@ -179,6 +192,7 @@ impl QueueEngine {
         // Bounded: each pass takes at most `slots.len()` chains, and another pass only happens
         // when the driver added chains while we were re-enabling notifications. Leaving after
         // the last pass keeps `stalled` set, and the caller comes back (see `wants_rerun`).
+        let mut taken = 0usize;
         for _pass in 0..4 {
             if queue.event_idx_enabled() {
                 let _ = queue.disable_notification(mem.as_ref());
@@ -196,6 +210,12 @@ impl QueueEngine {
                 self.cfg.counters().requests.fetch_add(1, Ordering::Relaxed);
                 let parsed = chain::parse(chain, mem, &self.cfg);
                 used_any |= self.start(queue, mem, head, parsed, tag);
+                taken += 1;
+                if taken % SHALLOW_SUBMIT_BATCH == 0 && self.working_depth() <= DEEP_FROM {
+                    if let Err(e) = self.io.commit() {
+                        self.log(format_args!("committing I/O failed: {e}"));
+                    }
+                }
             }
             if self.free.is_empty() || !self.deferred.is_empty() {
                 break; // Completions will bring us back.
