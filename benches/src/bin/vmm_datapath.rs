@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use strata_storage::format::{open_image, OpenOptions};
 use strata_vmm::blk::chain::SharedMemory;
+use strata_vmm::blk::config::DEFAULT_POLL;
 use strata_vmm::blk::engine::Signal;
 use strata_vmm::blk::worker::Worker;
 use strata_vmm::blk::{BlkConfig, DiskOptions, QueueEngine};
@@ -206,7 +207,7 @@ fn poll_max() -> Result<Duration> {
                 .parse()?;
             Ok(Duration::from_micros(us))
         }
-        None => Ok(DiskOptions::default().poll_max),
+        None => Ok(DEFAULT_POLL),
     }
 }
 

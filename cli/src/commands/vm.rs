@@ -15,6 +15,7 @@ use clap::{Args, Subcommand};
 use strata_storage::format::{ImageFormat, OpenOptions};
 use strata_storage::source::{open_source, Source};
 use strata_storage::util::parse_size;
+use strata_vmm::blk::config::DEFAULT_POLL;
 use strata_vmm::blk::DiskOptions;
 use strata_vmm::kvm::VcpuExitReason;
 use strata_vmm::vm::{DiskSpec, Payload, VmConfig};
@@ -96,7 +97,7 @@ impl DiskArg {
             read_only: false,
             queues: 1,
             serial: String::new(),
-            poll_max: DiskOptions::default().poll_max,
+            poll_max: DEFAULT_POLL,
         };
         for part in parts {
             let (k, v) = part

@@ -212,9 +212,7 @@ impl QueueEngine {
                 used_any |= self.start(queue, mem, head, parsed, tag);
                 taken += 1;
                 if taken % SHALLOW_SUBMIT_BATCH == 0 && self.working_depth() <= DEEP_FROM {
-                    if let Err(e) = self.io.commit() {
-                        self.log(format_args!("committing I/O failed: {e}"));
-                    }
+                    self.commit();
                 }
             }
             if self.free.is_empty() || !self.deferred.is_empty() {
@@ -234,9 +232,7 @@ impl QueueEngine {
                 }
             }
         }
-        if let Err(e) = self.io.commit() {
-            self.log(format_args!("committing I/O failed: {e}"));
-        }
+        self.commit();
         let mut interrupt = used_any && self.needs_interrupt(queue, mem);
         // Requests a device completes while they are submitted (without I/O below it) may not
         // signal the completion eventfd; take them now rather than wait for a signal.
@@ -244,6 +240,13 @@ impl QueueEngine {
             interrupt |= self.complete_ready(queue, mem, false);
         }
         interrupt
+    }
+
+    /// Hands what was submitted to the I/O queue's engine now.
+    fn commit(&mut self) {
+        if let Err(e) = self.io.commit() {
+            self.log(format_args!("committing I/O failed: {e}"));
+        }
     }
 
     /// Reaps finished I/O, writes statuses and used entries, then takes more chains if room was

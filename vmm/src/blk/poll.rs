@@ -1,6 +1,6 @@
 //! Adaptive polling before a virtqueue worker sleeps.
 //!
-//! A worker with requests in flight expects an event soon: a completion from the disk, or the
+//! A worker whose queue is busy expects an event soon: a completion from the disk, or the
 //! driver's next kick. Sleeping for it costs a context switch and, when the CPU goes idle, the
 //! host's wake-up of that CPU (about 27 µs on this project's PVM host, more than the device's
 //! whole completion run). So before it sleeps, the worker polls its events without blocking for
@@ -9,8 +9,7 @@
 //! - an event that came after the window, but within the longest window allowed, doubles it
 //!   (starting from [`FIRST_WINDOW`]): a longer poll would have caught it;
 //! - an event that took longer than that halves it, down to nothing: polling would only burn
-//!   the CPU. An idle disk therefore stops polling after a few waits, and a worker with nothing
-//!   in flight never polls.
+//!   the CPU. An idle disk therefore stops polling after a few waits.
 //!
 //! This is the idea behind QEMU's IOThread polling (`poll-max-ns`).
 //! [`crate::blk::DiskOptions::poll_max`] sets the longest window per disk
